@@ -1,0 +1,1884 @@
+#!/usr/bin/env python3
+# haproxy-azure-discovery, Copyright the haproxy-azure-discovery authors. Apache-2.0.
+"""Keep HAProxy server slots in sync with tagged Azure VMs and scale-set instances.
+
+Every cycle the program lists the Azure VMs and scale-set instances tagged
+HAProxy:Service:Name / HAProxy:Service:Port, filters them by tag rules, groups
+them into services (name, port, region) and keeps one HAProxy backend per
+service in step through the Data Plane API: backend azure-NAME-PORT-REGION with
+server slots srv1..srvN, live ones pointing at instances and parked ones at
+127.0.0.1:80 in maintenance. Backends are created, never deleted.
+
+Usage:
+    haproxy-azure-discovery [-c FILE] [--once | --dry-run | --validate]
+                            [--log-level LEVEL] [--version]
+
+    --validate   check the configuration only (no network, no Azure SDK)
+    --once       run one full cycle and exit
+    --dry-run    discover, read HAProxy, print the plan; change nothing
+    (no mode)    run as a daemon: SIGTERM/SIGINT stop, SIGHUP reloads the config
+
+Configuration: JSON (or TOML on Python 3.11+), default
+/etc/haproxy-azure-discovery/config.json, then config.toml. Strings may use
+${VAR} and ${VAR:-default}. See README.md for every key.
+
+Exit codes: 0 ok, 1 cycle failed or unexpected error, 2 usage,
+69 Azure SDK not importable, 78 configuration invalid.
+"""
+from __future__ import annotations
+
+# === Imports (stdlib only) ===
+import argparse
+import base64
+import concurrent.futures
+import dataclasses
+import hashlib
+import http.client
+import http.server
+import ipaddress
+import json
+import logging
+import math
+import os
+import random
+import re
+import signal
+import socket
+import ssl
+import sys
+import threading
+import time
+import typing
+import urllib.error
+import urllib.parse
+import urllib.request
+from dataclasses import dataclass, field
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:  # pragma: no cover
+    from azure.core.credentials import TokenCredential
+
+# === Constants and version ===
+__version__ = "0.1.0"
+
+EX_OK, EX_FAIL, EX_USAGE, EX_UNAVAILABLE, EX_CONFIG = 0, 1, 2, 69, 78
+
+DEFAULT_CONFIG_PATHS = ("/etc/haproxy-azure-discovery/config.json",
+                        "/etc/haproxy-azure-discovery/config.toml")
+SDK_PACKAGES = ("azure-identity", "azure-mgmt-compute", "azure-mgmt-network", "azure-core")
+
+# A parked slot points here, in maintenance (SPEC §6; dataplaneapi's AWS discovery does the same).
+PARK_ADDRESS, PARK_PORT = "127.0.0.1", 80
+SLOT_RE = re.compile(r"^srv([1-9][0-9]{0,5})$")
+# Names end up in haproxy.cfg: the Data Plane API's own backend-name pattern, and a length
+# bound so that a 10 kB tag value cannot become a 10 kB backend name.
+NAME_RE = re.compile(r"^[A-Za-z0-9_.:-]{1,64}$")
+REGION_RE = re.compile(r"^[a-z0-9]{1,40}$")
+GUID_RE = re.compile(r"^[0-9a-fA-F]{8}-([0-9a-fA-F]{4}-){3}[0-9a-fA-F]{12}$")
+RESOURCE_GROUP_RE = re.compile(r"^[-\w.()]{1,90}$")
+
+BALANCE_ALGORITHMS = ("roundrobin", "static-rr", "leastconn", "first", "source", "uri",
+                      "url_param", "hdr", "random", "rdp-cookie", "hash")
+# Scalar backend and server fields that both the v2 and the v3 specification define; the
+# test suite checks these lists against ../shared/spec. Fields the program owns are absent.
+BACKEND_PARAMS = frozenset("""
+    abortonclose accept_invalid_http_response adv_check allbackups check_timeout checkcache
+    compression connect_timeout cookie default_server description disabled dynamic_cookie_key
+    email_alert enabled error_files errorfiles_from_http_errors errorloc302 errorloc303
+    external_check external_check_command external_check_path force_persist forwardfor from
+    fullconn h1_case_adjust_bogus_server hash_balance_factor hash_type http-buffer-request
+    http-no-delay http_connection_mode http_keep_alive_timeout http_pretend_keepalive
+    http_proxy http_request_timeout http_restrict_req_hdr_names http_reuse
+    http_send_name_header httpchk_params id ignore_persist independent_streams
+    load_server_state_from_file log_health_checks log_tag max_keep_alive_queue
+    mysql_check_params nolinger originalto persist persist_rule pgsql_check_params
+    prefer_last_server queue_timeout redispatch retries retry_on server_fin_timeout
+    server_state_file_name server_timeout smtpchk_params source splice_auto splice_request
+    splice_response spop_check srvtcpka srvtcpka_cnt srvtcpka_idle srvtcpka_intvl
+    stats_options stick_table tarpit_timeout tcp_smart_connect tcpka transparent
+    tunnel_timeout use_fcgi_app""".split())
+SERVER_PARAMS = frozenset("""
+    agent-addr agent-check agent-inter agent-port agent-send allow_0rtt alpn backup check
+    check-send-proxy check-sni check-ssl check_alpn check_proto check_via_socks4 ciphers
+    ciphersuites client_sigalgs cookie crl_file curves downinter error_limit fall fastinter
+    health_check_address health_check_port init-addr inter log-bufsize log_proto max_reuse
+    maxconn maxqueue minconn namespace no_verifyhost npn observe on-error on-marked-down
+    on-marked-up pool_low_conn pool_max_conn pool_purge_delay proto proxy-v2-options redir
+    resolve-net resolve-prefer resolve_opts resolvers rise send-proxy send-proxy-v2
+    send_proxy_v2_ssl send_proxy_v2_ssl_cn shard sigalgs slowstart sni socks4 source ssl
+    ssl_cafile ssl_certificate ssl_max_ver ssl_min_ver ssl_reuse stick tcp_ut tfo track
+    verify verifyhost weight ws""".split())
+# Server fields dataplaneapi applies through HAProxy's runtime API without a reload when a
+# plain PUT changes only them (client-native/dataplaneapi changeThroughRuntimeAPI).
+RUNTIME_FIELDS = frozenset({"address", "port", "maintenance", "weight", "agent-check",
+                            "agent-addr", "agent-send", "health_check_port"})
+
+# (Resource Manager endpoint, login authority) per azure.cloud.
+CLOUDS = {
+    "public": ("https://management.azure.com", "login.microsoftonline.com"),
+    "china": ("https://management.chinacloudapi.cn", "login.chinacloudapi.cn"),
+    "usgovernment": ("https://management.usgovcloudapi.net", "login.microsoftonline.us"),
+}
+
+log = logging.getLogger("haproxy_azure_discovery")
+
+
+# === Errors ===
+class DiscoveryError(Exception):
+    """Base of every error the program expects; main() maps it to exit_code."""
+    exit_code = EX_FAIL
+
+
+class ConfigError(DiscoveryError):
+    """The configuration is invalid; carries every problem found, each with its key path."""
+    exit_code = EX_CONFIG
+
+    def __init__(self, problems: Sequence[str]):
+        self.problems = tuple(problems)
+        super().__init__("invalid configuration: " + "; ".join(self.problems))
+
+
+class DependencyError(DiscoveryError):
+    exit_code = EX_UNAVAILABLE
+
+
+class AzureError(DiscoveryError):
+    """A listing failed after the SDK's own retries: the whole discovery is void."""
+
+
+class DataPlaneError(DiscoveryError):
+    """A Data Plane API request failed; the message names method, path, status and reason."""
+
+    def __init__(self, msg: str, status: int | None = None, body: str = ""):
+        super().__init__(msg)
+        self.status, self.body = status, body
+
+
+class TransactionConflict(DataPlaneError):
+    """The configuration version moved (409) or the transaction is outdated (406): re-plan."""
+
+
+class Aborted(DiscoveryError):
+    """Shutdown was requested in the middle of a cycle."""
+
+
+# === Domain model ===
+@dataclass(frozen=True)
+class Instance:
+    """One Azure VM or scale-set instance, as discovery saw it."""
+    id: str                      # lower-cased ARM resource id: the identity
+    name: str
+    region: str
+    tags: Mapping[str, str]
+    address: str | None          # chosen per azure.address / azure.ip_version; None = none found
+    power_state: str = "unknown"  # "running", "stopped", "deallocated", ... or "unknown"
+    kind: str = "vm"             # "vm", "flexible" (Flexible scale-set member) or "uniform"
+
+
+@dataclass(frozen=True)
+class Skip:
+    """Why an instance is not served: reported as data, logged by the loop."""
+    instance: str
+    reason: str
+
+
+@dataclass(frozen=True)
+class Discovery:
+    instances: tuple[Instance, ...]
+    skipped: tuple[Skip, ...] = ()
+    requests: int = 0
+
+
+@dataclass(frozen=True, order=True)
+class ServiceKey:
+    name: str
+    port: int
+    region: str
+
+
+@dataclass(frozen=True)
+class Member:
+    """An instance selected to serve a service, at the address and port it serves on."""
+    instance: str                # instance id
+    label: str                   # instance name, for people
+    address: str
+    port: int
+
+
+@dataclass(frozen=True)
+class Slot:
+    """A desired server slot; instance None means parked."""
+    name: str
+    instance: str | None = None
+    label: str = ""
+    address: str = PARK_ADDRESS
+    port: int = PARK_PORT
+
+
+@dataclass(frozen=True)
+class BackendState:
+    """A backend as the Data Plane API holds it: its fields and every server, by name."""
+    name: str
+    fields: Mapping[str, Any]
+    servers: Mapping[str, Mapping[str, Any]]
+
+
+@dataclass(frozen=True)
+class ServerChange:
+    action: str                          # "add", "update" or "delete"
+    name: str
+    body: Mapping[str, Any] | None       # what to send (None for delete)
+    before: Mapping[str, Any] | None     # what HAProxy holds (None for add)
+    label: str = ""                      # the instance, for people
+
+    @property
+    def runtime_only(self) -> bool:
+        """True when dataplaneapi can apply this change without reloading HAProxy."""
+        if self.action != "update" or self.before is None or self.body is None:
+            return False
+        keys = set(self.body) | set(self.before)
+        changed = {k for k in keys if not _same_value(self.body.get(k), self.before.get(k))}
+        return changed <= RUNTIME_FIELDS
+
+
+@dataclass(frozen=True)
+class BackendPlan:
+    """The changes one backend needs; `fields` and `servers` are its complete desired state."""
+    name: str
+    create: bool
+    fields_changed: bool
+    fields: Mapping[str, Any]
+    servers: Mapping[str, Mapping[str, Any]]
+    changes: tuple[ServerChange, ...]
+    slots: int
+    live: int
+
+    @property
+    def structural(self) -> bool:
+        """Anything beyond re-pointing existing slots: needs a transaction (and a reload)."""
+        return (self.create or self.fields_changed
+                or any(c.action != "update" for c in self.changes))
+
+
+@dataclass(frozen=True)
+class Plan:
+    backends: tuple[BackendPlan, ...] = ()
+    skipped: tuple[Skip, ...] = ()
+    held: tuple[str, ...] = ()           # "backend/server" slots whose parking is held back
+    live: int = 0
+    services: int = 0
+
+    @property
+    def empty(self) -> bool:
+        return not self.backends
+
+    @property
+    def runtime_only(self) -> bool:
+        return all(not b.structural and all(c.runtime_only for c in b.changes)
+                   for b in self.backends)
+
+
+@dataclass
+class State:
+    """What the daemon remembers between cycles; SIGHUP replaces it with a fresh one."""
+    version: int | None = None            # configuration version after our last cycle
+    fingerprint: str | None = None        # of the discovery our last cycle applied
+    assignments: dict[str, dict[str, str]] = field(default_factory=dict)  # backend -> instance -> slot
+    drain_fingerprint: str | None = None  # discovery seen behind a mass drain ...
+    drain_streak: int = 0                 # ... and in how many cycles in a row
+    skipped: frozenset[str] = frozenset()  # skip reasons already logged as warnings
+
+
+# === Configuration ===
+@dataclass(frozen=True)
+class AzureConfig:
+    subscription_id: str = ""
+    subscription_ids: tuple[str, ...] = ()
+    resource_groups: tuple[str, ...] = ()
+    credential_type: str = "default"
+    managed_identity_client_id: str = ""
+    cloud: str = "public"
+    resource_manager_url: str = ""
+    address: str = "private"
+    ip_version: str = "ipv4"
+    running_only: bool = True
+    timeout: float = 30.0
+    retries: int = 3
+    workers: int = 8
+
+    @property
+    def subscriptions(self) -> tuple[str, ...]:
+        subs = ((self.subscription_id,) if self.subscription_id else ()) + self.subscription_ids
+        return tuple(dict.fromkeys(s.lower() for s in subs))
+
+
+@dataclass(frozen=True)
+class TagsConfig:
+    service_name_tag: str = "HAProxy:Service:Name"
+    service_port_tag: str = "HAProxy:Service:Port"
+    instance_port_tag: str = "HAProxy:Instance:Port"
+    allowlist: Mapping[str, str] = field(default_factory=dict)
+    denylist: Mapping[str, str] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class BackendConfig:
+    name_prefix: str = "azure"
+    name_separator: str = "-"
+    balance: str = "roundrobin"
+    mode: str = "http"
+    params: Mapping[str, Any] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class ServerConfig:
+    params: Mapping[str, Any] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class SlotsConfig:
+    base: int = 10
+    growth_factor: float = 1.5
+    growth_type: str = "linear"
+
+
+@dataclass(frozen=True)
+class HAProxyConfig:
+    base_url: str = "http://localhost:5555"
+    api_version: str = "auto"
+    username: str = "admin"
+    password: str = ""
+    timeout: float = 10.0
+    verify_ssl: bool = True
+    ca_file: str = ""
+    apply_mode: str = "transaction"
+    backend: BackendConfig = BackendConfig()
+    server: ServerConfig = ServerConfig()
+    server_slots: SlotsConfig = SlotsConfig()
+
+
+@dataclass(frozen=True)
+class PollingConfig:
+    interval_seconds: float = 30.0
+    jitter_seconds: float = 5.0
+    backoff_base_seconds: float = 5.0
+    max_backoff_seconds: float = 300.0
+
+
+@dataclass(frozen=True)
+class SafetyConfig:
+    max_drain_percent: float = 50.0
+    drain_confirm_cycles: int = 2
+
+
+@dataclass(frozen=True)
+class LoggingConfig:
+    level: str = "INFO"
+    format: str = "json"
+
+
+@dataclass(frozen=True)
+class MetricsConfig:
+    listen: str = ""
+
+
+@dataclass(frozen=True)
+class Config:
+    azure: AzureConfig = AzureConfig()
+    tags: TagsConfig = TagsConfig()
+    haproxy: HAProxyConfig = HAProxyConfig()
+    polling: PollingConfig = PollingConfig()
+    safety: SafetyConfig = SafetyConfig()
+    logging: LoggingConfig = LoggingConfig()
+    metrics: MetricsConfig = MetricsConfig()
+
+
+def _one_of(*choices: str) -> Callable[[Any], str | None]:
+    return lambda v: None if v in choices else (
+        "must be " + " or ".join(f'"{c}"' for c in choices) + f", got {json.dumps(v)}")
+
+
+def _positive(v: float) -> str | None:
+    return None if v > 0 else f"must be greater than 0, got {v}"
+
+
+def _not_negative(v: float) -> str | None:
+    return None if v >= 0 else f"must be 0 or more, got {v}"
+
+
+def _matches(regex: re.Pattern, what: str) -> Callable[[str], str | None]:
+    return lambda v: None if regex.match(v) else f"{what}, got {json.dumps(v)}"
+
+
+def _http_url(v: str) -> str | None:
+    u = urllib.parse.urlsplit(v)
+    return None if u.scheme in ("http", "https") and u.hostname else f"must be an http(s) URL, got {json.dumps(v)}"
+
+
+def _optional_https_url(v: str) -> str | None:
+    u = urllib.parse.urlsplit(v)
+    return None if not v or (u.scheme == "https" and u.hostname) else f"must be an https URL, got {json.dumps(v)}"
+
+
+def _listen_address(v: str) -> str | None:
+    host, _, port = v.rpartition(":")
+    ok = not v or (host and port.isdigit() and 0 < int(port) < 65536)
+    return None if ok else f'must be "HOST:PORT" (e.g. "127.0.0.1:9777"), got {json.dumps(v)}'
+
+
+def _params(allowed: frozenset[str], owned: str) -> Callable[[Mapping], str | None]:
+    def check(v: Mapping) -> str | None:
+        bad = sorted(k for k in v if k not in allowed)
+        if not bad:
+            return None
+        owned_keys = [k for k in bad if k in owned.split()]
+        if owned_keys:
+            return f"may not set {', '.join(owned_keys)} (the program sets it)"
+        return f"unknown field(s) {', '.join(bad)} (not in the Data Plane API model)"
+    return check
+
+
+# Per-key checks beyond the type; the type comes from the dataclass annotation.
+CHECKS: dict[str, Callable[[Any], str | None]] = {
+    "azure.subscription_id": lambda v: None if not v or GUID_RE.match(v) else f"must be a subscription GUID, got {json.dumps(v)}",
+    "azure.credential_type": _one_of("default", "managed_identity", "workload_identity", "client_secret", "azure_cli"),
+    "azure.cloud": _one_of(*CLOUDS),
+    "azure.resource_manager_url": _optional_https_url,
+    "azure.address": _one_of("private", "public"),
+    "azure.ip_version": _one_of("ipv4", "ipv6"),
+    "azure.timeout": _positive,
+    "azure.retries": _not_negative,
+    "azure.workers": _positive,
+    "haproxy.base_url": _http_url,
+    "haproxy.api_version": _one_of("auto", "v2", "v3"),
+    "haproxy.username": lambda v: None if v else "must not be empty",
+    "haproxy.password": lambda v: None if v else "is required",
+    "haproxy.timeout": _positive,
+    "haproxy.apply_mode": _one_of("transaction", "hybrid"),
+    "haproxy.backend.name_prefix": _matches(re.compile(r"^[A-Za-z0-9_.:-]{1,32}$"), "must be 1-32 of A-Z a-z 0-9 _ . : -"),
+    "haproxy.backend.name_separator": _matches(re.compile(r"^[_.:-]{1,3}$"), "must be 1-3 of _ . : -"),
+    "haproxy.backend.balance": _one_of(*BALANCE_ALGORITHMS),
+    "haproxy.backend.mode": _one_of("http", "tcp"),
+    "haproxy.backend.params": _params(BACKEND_PARAMS, "name mode balance servers"),
+    "haproxy.server.params": _params(SERVER_PARAMS, "name address port maintenance"),
+    "haproxy.server_slots.base": lambda v: None if 1 <= v <= 10000 else f"must be between 1 and 10000, got {v}",
+    "haproxy.server_slots.growth_factor": _positive,
+    "haproxy.server_slots.growth_type": _one_of("linear", "exponential"),
+    "polling.interval_seconds": _positive,
+    "polling.jitter_seconds": _not_negative,
+    "polling.backoff_base_seconds": _positive,
+    "polling.max_backoff_seconds": _positive,
+    "safety.max_drain_percent": lambda v: None if 0 <= v <= 100 else f"must be between 0 and 100, got {v}",
+    "safety.drain_confirm_cycles": lambda v: None if v >= 1 else f"must be 1 or more, got {v}",
+    "logging.level": _one_of("DEBUG", "INFO", "WARNING", "ERROR"),
+    "logging.format": _one_of("json", "text"),
+    "metrics.listen": _listen_address,
+}
+_VAR_RE = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)(?::-([^}]*))?\}")
+
+
+def interpolate(value: str, env: Mapping[str, str], path: str, problems: list[str]) -> str:
+    """Replace ${VAR} and ${VAR:-default}; an unset VAR without default is a problem."""
+    def sub(m: re.Match) -> str:
+        name, default = m.group(1), m.group(2)
+        if name in env:
+            return env[name]
+        if default is not None:
+            return default
+        problems.append(f"{path}: environment variable {name} is not set")
+        return ""
+    return _VAR_RE.sub(sub, value)
+
+
+def _coerce(value: Any, hint: Any, path: str, problems: list[str]) -> Any:
+    """Check one value against its annotation; numbers and booleans may come as strings."""
+    origin, args = typing.get_origin(hint), typing.get_args(hint)
+    if hint is bool:
+        if isinstance(value, str) and value.lower() in ("true", "false"):
+            return value.lower() == "true"
+        if isinstance(value, bool):
+            return value
+        problems.append(f"{path}: must be true or false, got {json.dumps(value)}")
+    elif hint in (int, float):
+        if isinstance(value, str):
+            try:
+                value = float(value) if hint is float else int(value)
+            except ValueError:
+                pass
+        if isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value):
+            if hint is float or value == int(value):
+                return hint(value)
+        problems.append(f"{path}: must be {'a number' if hint is float else 'an integer'}, got {json.dumps(value)}")
+    elif hint is str:
+        if isinstance(value, str):
+            return value
+        problems.append(f"{path}: must be a string, got {json.dumps(value)}")
+    elif origin is tuple:
+        if isinstance(value, list) and all(isinstance(v, str) and v for v in value):
+            return tuple(value)
+        problems.append(f"{path}: must be a list of non-empty strings")
+    elif origin in (Mapping, dict):
+        want_str = args and args[1] is str
+        if isinstance(value, dict) and all(isinstance(v, str) or not want_str for v in value.values()):
+            return {k: v for k, v in value.items() if not k.startswith("_")}
+        problems.append(f"{path}: must be an object" + (" of strings" if want_str else ""))
+    return None
+
+
+def _interpolate_all(value: Any, env: Mapping[str, str], path: str, problems: list[str]) -> Any:
+    if isinstance(value, str):
+        return interpolate(value, env, path, problems)
+    if isinstance(value, list):
+        return [_interpolate_all(v, env, f"{path}[{i}]", problems) for i, v in enumerate(value)]
+    if isinstance(value, dict):
+        return {k: _interpolate_all(v, env, f"{path}.{k}", problems) for k, v in value.items()}
+    return value
+
+
+def _build(cls: type, raw: Any, env: Mapping[str, str], path: str, problems: list[str]) -> Any:
+    """Build dataclass `cls` from `raw`, appending every problem (with its key path)."""
+    if not isinstance(raw, dict):
+        problems.append(f"{path or 'configuration'}: must be an object")
+        return cls()
+    hints = typing.get_type_hints(cls)
+    names = {f.name for f in dataclasses.fields(cls)}
+    for key in raw:
+        if not key.startswith("_") and key not in names:
+            problems.append(f"{path + '.' if path else ''}{key}: unknown key")
+    kwargs = {}
+    for name in names:
+        if name not in raw:
+            continue
+        key = f"{path}.{name}" if path else name
+        if dataclasses.is_dataclass(hints[name]):
+            kwargs[name] = _build(hints[name], raw[name], env, key, problems)
+            continue
+        before = len(problems)
+        value = _coerce(_interpolate_all(raw[name], env, key, problems), hints[name], key, problems)
+        if len(problems) == before:
+            problem = CHECKS.get(key, lambda v: None)(value)
+            if problem:
+                problems.append(f"{key}: {problem}")
+            else:
+                kwargs[name] = value
+    return cls(**kwargs)
+
+
+def parse_config(raw: Any, env: Mapping[str, str]) -> Config:
+    """Turn the loaded file into a Config, or raise ConfigError listing every problem."""
+    problems: list[str] = []
+    cfg = _build(Config, raw, env, "", problems)
+    if not problems:
+        problems += _cross_checks(cfg)
+    if problems:
+        raise ConfigError(problems)
+    return cfg
+
+
+def _cross_checks(cfg: Config) -> list[str]:
+    """Rules that involve more than one key."""
+    problems = []
+    if not cfg.azure.subscriptions:
+        problems.append("azure.subscription_id: required (or azure.subscription_ids)")
+    for i, sub in enumerate(cfg.azure.subscription_ids):
+        if not GUID_RE.match(sub):
+            problems.append(f"azure.subscription_ids[{i}]: must be a subscription GUID, got {json.dumps(sub)}")
+    for i, rg in enumerate(cfg.azure.resource_groups):
+        if not RESOURCE_GROUP_RE.match(rg):
+            problems.append(f"azure.resource_groups[{i}]: not a resource group name: {json.dumps(rg)}")
+    slots = cfg.haproxy.server_slots
+    if slots.growth_type == "exponential" and slots.growth_factor <= 1:
+        problems.append(f"haproxy.server_slots.growth_factor: must be greater than 1 for exponential growth, got {slots.growth_factor}")
+    polling = cfg.polling
+    if polling.max_backoff_seconds < polling.backoff_base_seconds:
+        problems.append("polling.max_backoff_seconds: must be at least polling.backoff_base_seconds "
+                        f"({polling.max_backoff_seconds} < {polling.backoff_base_seconds})")
+    if cfg.haproxy.ca_file and not cfg.haproxy.verify_ssl:
+        problems.append("haproxy.ca_file: set, but haproxy.verify_ssl is false")
+    return problems
+
+
+def config_warnings(cfg: Config) -> list[str]:
+    """Legal but risky settings, logged at start-up."""
+    warnings = []
+    if cfg.polling.interval_seconds < 10:
+        warnings.append(f"polling.interval_seconds is {cfg.polling.interval_seconds}: below 10 s, "
+                        "large estates may exhaust Azure Resource Manager read quotas")
+    if not cfg.haproxy.verify_ssl:
+        warnings.append("haproxy.verify_ssl is false: the Data Plane API certificate is not checked")
+    return warnings
+
+
+def load_config(path: str, env: Mapping[str, str]) -> Config:
+    """Read JSON (or TOML by extension) from `path` and parse it."""
+    try:
+        with open(path, "rb") as f:
+            data = f.read()
+    except OSError as exc:
+        raise ConfigError([f"{path}: cannot read: {exc.strerror}"]) from None
+    return parse_config(decode_config(data, path), env)
+
+
+def decode_config(data: bytes, path: str) -> Any:
+    if path.endswith(".toml"):
+        try:
+            import tomllib
+        except ImportError:  # pragma: no cover - Python 3.10
+            raise ConfigError([f"{path}: TOML needs Python 3.11 or newer; use JSON"]) from None
+        try:
+            return tomllib.loads(data.decode("utf-8"))
+        except (tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
+            raise ConfigError([f"{path}: not valid TOML: {exc}"]) from None
+    try:
+        return json.loads(data)
+    except (ValueError, UnicodeDecodeError) as exc:
+        raise ConfigError([f"{path}: not valid JSON: {exc}"]) from None
+
+
+def find_config(path: str | None) -> str:
+    if path:
+        return path
+    for candidate in DEFAULT_CONFIG_PATHS:
+        if os.path.exists(candidate):
+            return candidate
+    return DEFAULT_CONFIG_PATHS[0]
+
+
+# === Discovery: filter and group ===
+def _port(value: str | None) -> int | None:
+    if value is None or not re.fullmatch(r"[0-9]{1,5}", value.strip()):
+        return None
+    port = int(value)
+    return port if 1 <= port <= 65535 else None
+
+
+def service_of(inst: Instance, cfg: Config) -> tuple[ServiceKey, int] | Skip:
+    """The service an instance belongs to and the port it serves on, or why it cannot."""
+    t = cfg.tags
+    name, port_tag = inst.tags.get(t.service_name_tag), inst.tags.get(t.service_port_tag)
+    if name is None or not NAME_RE.match(name):
+        return Skip(inst.name, f"tag {t.service_name_tag} {_shown(name)} is not a service name "
+                               "(1-64 of A-Z a-z 0-9 _ . : -)")
+    port = _port(port_tag)
+    if port is None:
+        return Skip(inst.name, f"tag {t.service_port_tag} {_shown(port_tag)} is not a port (1-65535)")
+    serve_port = port
+    if t.instance_port_tag in inst.tags:
+        serve_port = _port(inst.tags[t.instance_port_tag])
+        if serve_port is None:
+            return Skip(inst.name, f"tag {t.instance_port_tag} {_shown(inst.tags[t.instance_port_tag])} "
+                                   "is not a port (1-65535)")
+    if not REGION_RE.match(inst.region):
+        return Skip(inst.name, f"location {_shown(inst.region)} is not a region name")
+    return ServiceKey(name, port, inst.region), serve_port
+
+
+def _shown(value: str | None) -> str:
+    """A tag value quoted for a log line: bounded, control characters escaped."""
+    if value is None:
+        return "(missing)"
+    return json.dumps(value[:40] + ("..." if len(value) > 40 else ""))
+
+
+def tags_match(tags: Mapping[str, str], cfg: TagsConfig) -> bool:
+    """Allowlist: every pair must be present; denylist: any present pair excludes."""
+    return (all(tags.get(k) == v for k, v in cfg.allowlist.items())
+            and not any(tags.get(k) == v for k, v in cfg.denylist.items()))
+
+
+def select_instances(instances: Iterable[Instance], cfg: Config
+                     ) -> tuple[dict[ServiceKey, list[Member]], list[Skip]]:
+    """Group the instances that may serve into services; the rest become Skips.
+
+    Instances filtered out on purpose (denylist, not running) are not Skips: only
+    instances that carry the service tags but cannot be served are reported.
+    """
+    groups: dict[ServiceKey, list[Member]] = {}
+    skipped: list[Skip] = []
+    seen: set[str] = set()
+    for inst in sorted(instances, key=lambda i: i.id):
+        if inst.id in seen or not tags_match(inst.tags, cfg.tags):
+            continue
+        seen.add(inst.id)
+        if cfg.azure.running_only and inst.power_state != "running":
+            continue
+        found = service_of(inst, cfg)
+        if isinstance(found, Skip):
+            skipped.append(found)
+        elif inst.address is None:
+            skipped.append(Skip(inst.name, f"no {cfg.azure.address} {cfg.azure.ip_version} address "
+                                           "on its primary network interface"))
+        else:
+            key, port = found
+            groups.setdefault(key, []).append(Member(inst.id, inst.name, inst.address, port))
+    return groups, skipped
+
+
+def backend_name(key: ServiceKey, cfg: BackendConfig) -> str:
+    sep = cfg.name_separator
+    return f"{cfg.name_prefix}{sep}{key.name}{sep}{key.port}{sep}{key.region}"
+
+
+def fingerprint(groups: Mapping[ServiceKey, list[Member]]) -> str:
+    """A stable digest of a discovery result: equal results, equal fingerprints."""
+    text = json.dumps(sorted((dataclasses.astuple(k), sorted(dataclasses.astuple(m) for m in ms))
+                             for k, ms in groups.items()))
+    return hashlib.sha256(text.encode()).hexdigest()[:16]
+
+
+# === Slots and diff ===
+def _ceil(x: float) -> int:
+    # Round first so that 10 * 1.1 (11.000000000000002) gives 11, not 12.
+    return math.ceil(round(x, 9))
+
+
+def slot_target(n: int, cfg: SlotsConfig) -> int:
+    """Slots wanted for n live instances: never below base, always at least n."""
+    if n <= cfg.base:
+        return cfg.base
+    if cfg.growth_type == "linear":
+        return cfg.base + _ceil((n - cfg.base) * cfg.growth_factor)
+    k = 1
+    while _ceil(cfg.base * cfg.growth_factor ** k) < n:
+        k += 1
+    return _ceil(cfg.base * cfg.growth_factor ** k)
+
+
+def slot_count(n: int, current: int, highest_live: int, cfg: SlotsConfig) -> int:
+    """The slot count after this cycle: growth is immediate; shrinking only when the
+    target is at most half the current count, and never below base or a live slot."""
+    target = slot_target(n, cfg)
+    if target >= current:
+        return target
+    if target * 2 <= current:
+        return max(target, highest_live)
+    return current
+
+
+def slot_index(name: str) -> int | None:
+    m = SLOT_RE.match(name)
+    return int(m.group(1)) if m else None
+
+
+def _is_live(server: Mapping[str, Any]) -> bool:
+    return server.get("maintenance") != "enabled"
+
+
+def assign_slots(members: Sequence[Member], actual: Mapping[str, Mapping[str, Any]],
+                 previous: Mapping[str, str], cfg: SlotsConfig) -> list[Slot]:
+    """Desired slots srv1..srvN for a backend.
+
+    An instance keeps its slot while it lives (remembered in `previous`, else found by
+    address:port among live servers after a restart); new instances take the lowest
+    free slots; live servers never move.
+    """
+    ours = {i: s for name, s in actual.items() if (i := slot_index(name))}
+    by_endpoint: dict[tuple[str, int], list[int]] = {}
+    for i in sorted(ours):
+        if _is_live(ours[i]):
+            by_endpoint.setdefault((ours[i].get("address"), ours[i].get("port")), []).append(i)
+    taken: dict[int, Member] = {}
+    fresh: list[Member] = []
+    for m in members:
+        i = slot_index(previous.get(m.instance, ""))
+        if i is None or i in taken:
+            free = [j for j in by_endpoint.get((m.address, m.port), []) if j not in taken]
+            i = free[0] if free else None
+        if i is None:
+            fresh.append(m)
+        else:
+            taken[i] = m
+    # A slot that is live in HAProxy but not ours this cycle is being parked now; it stays
+    # in place for this cycle so that shrinking only ever removes parked slots.
+    highest = max([*taken, *(i for i, s in ours.items() if _is_live(s))], default=0)
+    count = slot_count(len(members), max(ours, default=0), highest, cfg)
+    free_slots = (j for j in range(1, count + 1) if j not in taken)
+    for m in fresh:
+        taken[next(free_slots)] = m
+    return [Slot(f"srv{j}", m.instance, m.label, m.address, m.port) if (m := taken.get(j))
+            else Slot(f"srv{j}") for j in range(1, count + 1)]
+
+
+def server_body(slot: Slot, cfg: HAProxyConfig) -> dict[str, Any]:
+    """The Data Plane server object for a slot (SPEC §6: live and parked servers)."""
+    if slot.instance is None:
+        body = {"name": slot.name, "address": PARK_ADDRESS, "port": PARK_PORT,
+                "maintenance": "enabled", "check": "disabled"}
+        if cfg.apply_mode == "hybrid":
+            # Parking and filling must differ only in runtime-capable fields.
+            body = {**body, "check": "enabled", **cfg.server.params, "maintenance": "enabled"}
+        return body
+    return {"name": slot.name, "address": slot.address, "port": slot.port,
+            "check": "enabled", **cfg.server.params, "maintenance": "disabled"}
+
+
+def backend_fields(name: str, cfg: BackendConfig) -> dict[str, Any]:
+    return {"name": name, "mode": cfg.mode, "balance": {"algorithm": cfg.balance}, **cfg.params}
+
+
+def _same_value(want: Any, have: Any) -> bool:
+    # The API omits switches that are off: an absent "check" equals "disabled".
+    if want == have:
+        return True
+    if want in ("disabled", None) and have in ("disabled", None, ""):
+        return True
+    if isinstance(want, Mapping) and isinstance(have, Mapping):
+        return all(_same_value(v, have.get(k)) for k, v in want.items())
+    return False
+
+
+def _differs(want: Mapping[str, Any], have: Mapping[str, Any]) -> bool:
+    """Only the keys we set count: fields HAProxy or others add are left alone."""
+    return any(not _same_value(v, have.get(k)) for k, v in want.items())
+
+
+def plan_backend(name: str, slots: Sequence[Slot], actual: BackendState | None,
+                 cfg: HAProxyConfig) -> BackendPlan | None:
+    """The changes that turn `actual` into `slots`; None when there are none.
+
+    Never deletes a backend; deletes only our trailing slots beyond the slot count,
+    which assign_slots guarantees are parked.
+    """
+    want_fields = backend_fields(name, cfg.backend)
+    have_servers = actual.servers if actual else {}
+    servers = {n: s for n, s in have_servers.items() if slot_index(n) is None}  # not ours: kept
+    changes = []
+    for slot in slots:
+        body = server_body(slot, cfg)
+        servers[slot.name] = body
+        have = have_servers.get(slot.name)
+        if have is None:
+            changes.append(ServerChange("add", slot.name, body, None, slot.label))
+        elif _differs(body, have):
+            changes.append(ServerChange("update", slot.name, body, have, slot.label))
+    wanted = {s.name for s in slots}
+    for n in sorted((n for n in have_servers if slot_index(n) and n not in wanted), key=slot_index):
+        changes.append(ServerChange("delete", n, None, have_servers[n]))
+    fields_changed = actual is not None and _differs(want_fields, actual.fields)
+    if actual is not None:
+        want_fields = {**actual.fields, **want_fields}
+    if actual is not None and not changes and not fields_changed:
+        return None
+    return BackendPlan(name, actual is None, fields_changed, want_fields, servers, tuple(changes),
+                       len(slots), sum(1 for s in slots if s.instance))
+
+
+def _drains(slots: Sequence[Slot], actual: BackendState | None) -> list[str]:
+    """Our servers live in HAProxy that these slots would park or point elsewhere."""
+    have = actual.servers if actual else {}
+    return [s.name for s in slots if s.name in have and _is_live(h := have[s.name])
+            and (s.instance is None or (s.address, s.port) != (h.get("address"), h.get("port")))]
+
+
+@dataclass(frozen=True)
+class Decision:
+    """What one planning pass decided; the loop stores it in State once it is applied."""
+    plan: Plan
+    assignments: dict[str, dict[str, str]]
+    drain_fingerprint: str | None
+    drain_streak: int
+
+
+def plan_cycle(groups: Mapping[ServiceKey, list[Member]], skipped: Sequence[Skip],
+               actual: Mapping[str, BackendState], state: State, cfg: Config) -> Decision:
+    """Desired vs actual for every discovered service and every backend of ours.
+
+    A vanished service parks all its slots; no backend is ever deleted. A mass drain
+    is held back (its servers stay live) until the mass-drain guard lets it through.
+    """
+    desired = {backend_name(k, cfg.haproxy.backend): ms for k, ms in groups.items()}
+    prefix = cfg.haproxy.backend.name_prefix + cfg.haproxy.backend.name_separator
+    names = sorted(set(desired) | {n for n in actual if n.startswith(prefix)})
+    slot_cfg = cfg.haproxy.server_slots
+
+    def assign(n: str, extra: Sequence[Member] = ()) -> list[Slot]:
+        have = actual[n].servers if n in actual else {}
+        return assign_slots([*desired.get(n, []), *extra], have, state.assignments.get(n, {}), slot_cfg)
+
+    slots = {n: assign(n) for n in names}
+    drains = {n: d for n in names if (d := _drains(slots[n], actual.get(n)))}
+    live_now = sum(_is_live(s) for n in names if n in actual
+                   for name, s in actual[n].servers.items() if slot_index(name))
+    fp = fingerprint(groups)
+    held, streak = drain_held(sum(map(len, drains.values())), live_now,
+                              state.drain_streak if state.drain_fingerprint == fp else 0, cfg.safety)
+    if held:
+        # Serve the drained servers as if they were still discovered: they keep their
+        # slots, and new instances still get slots of their own.
+        for n, names_drained in drains.items():
+            slots[n] = assign(n, _held_members(names_drained, actual[n], state.assignments.get(n, {})))
+    plans = [p for n in names if (p := plan_backend(n, slots[n], actual.get(n), cfg.haproxy))]
+    plan = Plan(tuple(plans), tuple(skipped),
+                tuple(f"{n}/{s}" for n, d in drains.items() for s in d) if held else (),
+                sum(len(ms) for ms in desired.values()), len(desired))
+    assignments = {n: {s.instance: s.name for s in slots[n] if s.instance} for n in names}
+    return Decision(plan, assignments, fp if streak else None, streak)
+
+
+def drain_held(drains: int, live: int, streak: int, cfg: SafetyConfig) -> tuple[bool, int]:
+    """Whether a drain must wait, and the new streak of identical discoveries behind it.
+
+    A drain of more than one server and more than max_drain_percent of all live
+    servers waits until the same discovery has been seen drain_confirm_cycles times
+    in a row (`streak` counts the earlier ones).
+    """
+    if drains <= 1 or drains * 100 <= cfg.max_drain_percent * live:
+        return False, 0
+    return streak + 1 < cfg.drain_confirm_cycles, streak + 1
+
+
+def _held_members(names: Sequence[str], actual: BackendState | None,
+                  previous: Mapping[str, str]) -> list[Member]:
+    """Members that keep these live servers as HAProxy holds them, owned by the instance
+    that held each slot, so that instance keeps it if it comes back."""
+    owner = {slot: inst for inst, slot in previous.items()}
+    have = actual.servers if actual else {}
+    return [Member(owner.get(n, f"held:{n}"), "held", have[n].get("address", PARK_ADDRESS),
+                   have[n].get("port") or PARK_PORT) for n in names]
+
+
+def format_plan(plan: Plan) -> str:
+    """The plan as stable text: what --dry-run prints and the tests compare."""
+    lines = []
+    for b in plan.backends:
+        head = "create, " if b.create else ""
+        lines.append(f"backend {b.name} ({head}{b.slots} slots, {b.live} live)")
+        if b.fields_changed:
+            lines.append("  ~ backend settings")
+        if b.create:
+            lines += [f"  + {n} {_endpoint(s)}" for n, s in b.servers.items()]
+            continue
+        for c in b.changes:
+            if c.action == "add":
+                lines.append(f"  + {c.name} {_endpoint(c.body)}{_label(c)}")
+            elif c.action == "delete":
+                lines.append(f"  - {c.name} {_endpoint(c.before)}")
+            else:
+                lines.append(f"  ~ {c.name} {_endpoint(c.before)} -> {_endpoint(c.body)}{_label(c)}")
+    for h in plan.held:
+        lines.append(f"held: {h} stays live (mass-drain guard)")
+    for s in plan.skipped:
+        lines.append(f"skipped: {s.instance}: {s.reason}")
+    lines.append(f"{plan.services} services, {plan.live} live servers, "
+                 f"{len(plan.backends)} backends to change" if plan.backends
+                 else f"{plan.services} services, {plan.live} live servers, no changes")
+    return "\n".join(lines) + "\n"
+
+
+def _endpoint(server: Mapping[str, Any] | None) -> str:
+    if server is None:
+        return "?"
+    if server.get("maintenance") == "enabled":
+        return "parked"
+    return f"{server.get('address')}:{server.get('port')}"
+
+
+def _label(change: ServerChange) -> str:
+    return f" ({change.label})" if change.label and change.body and _is_live(change.body) else ""
+
+
+def next_delay(failures: int, cfg: PollingConfig, rand: float) -> float:
+    """Seconds to sleep: the interval plus jitter after a success, else exponential
+    backoff from backoff_base_seconds, capped at max_backoff_seconds (rand in [0, 1))."""
+    if failures == 0:
+        return cfg.interval_seconds + rand * cfg.jitter_seconds
+    return min(cfg.max_backoff_seconds, cfg.backoff_base_seconds * 2 ** min(failures - 1, 30)) \
+        * (1 + 0.1 * rand)
+
+
+# === Azure adapter ===
+def _azure_sdk() -> tuple[Any, Any, Any, Any]:
+    """Import the Azure SDK on first use; DependencyError (exit 69) if absent."""
+    try:
+        import azure.core.exceptions
+        import azure.identity
+        from azure.mgmt.compute import ComputeManagementClient
+        from azure.mgmt.network import NetworkManagementClient
+    except ImportError as exc:
+        raise DependencyError(
+            f"Azure SDK not importable ({exc}); install azure-identity, azure-mgmt-compute and "
+            "azure-mgmt-network into the interpreter that runs this program "
+            "(or use the haproxy-azure-discovery.pyz, which carries them)") from exc
+    return azure.identity, ComputeManagementClient, NetworkManagementClient, azure.core.exceptions
+
+
+@dataclass
+class AzureListing:
+    """Everything one discovery listed, as Resource Manager JSON (REST shapes)."""
+    vms: list[Mapping] = field(default_factory=list)          # standalone and Flexible members
+    statuses: list[Mapping] = field(default_factory=list)     # VMs with an instance view
+    nics: list[Mapping] = field(default_factory=list)         # every NIC, Uniform sets' included
+    public_ips: list[Mapping] = field(default_factory=list)
+    scale_sets: list[Mapping] = field(default_factory=list)
+    set_instances: list[Mapping] = field(default_factory=list)  # Uniform scale-set instances
+
+
+def _id(value: Any) -> str:
+    return value.lower() if isinstance(value, str) else ""
+
+
+def _props(raw: Mapping) -> Mapping:
+    return raw.get("properties") or {}
+
+
+def _ref(raw: Mapping, key: str) -> str:
+    """The lower-cased id of a sub-resource reference under properties."""
+    return _id((_props(raw).get(key) or {}).get("id"))
+
+
+def power_state(raw: Mapping) -> str | None:
+    """'running', 'stopped', 'deallocated', ... from an instance view; None without one."""
+    statuses = (_props(raw).get("instanceView") or {}).get("statuses")
+    for status in statuses or ():
+        code = status.get("code") or ""
+        if code.startswith("PowerState/"):
+            return code.split("/", 1)[1].lower()
+    return None
+
+
+def _primary(items: Sequence[Mapping]) -> Mapping | None:
+    """The one marked primary, or the only one (Azure omits `primary` for a single item)."""
+    if len(items) == 1:
+        return items[0]
+    marked = [i for i in items if _props(i).get("primary")]
+    return marked[0] if len(marked) == 1 else None
+
+
+def nic_address(nic: Mapping, public_ips: Mapping[str, Mapping], cfg: AzureConfig) -> str | None:
+    """The address to serve on: the primary IP configuration for IPv4, the first IPv6
+    configuration for IPv6 (Azure requires the primary one to be IPv4)."""
+    configs = _props(nic).get("ipConfigurations") or []
+    family = "IPv6" if cfg.ip_version == "ipv6" else "IPv4"
+    if family == "IPv4":
+        chosen = _primary(configs)
+    else:
+        chosen = next((c for c in configs if _props(c).get("privateIPAddressVersion") == "IPv6"), None)
+    if chosen is None:
+        return None
+    if cfg.address == "private":
+        address = _props(chosen).get("privateIPAddress")
+    else:
+        address = _props(public_ips.get(_ref(chosen, "publicIPAddress"), {})).get("ipAddress")
+    return _valid_ip(address, 6 if family == "IPv6" else 4)
+
+
+def _valid_ip(address: Any, version: int) -> str | None:
+    try:
+        ip = ipaddress.ip_address(address)
+    except ValueError:
+        return None
+    return str(ip) if ip.version == version else None
+
+
+def _scale_set_of(instance_id: str) -> str:
+    """…/virtualmachinescalesets/NAME/virtualmachines/N -> …/virtualmachinescalesets/NAME."""
+    return instance_id.rsplit("/virtualmachines/", 1)[0]
+
+
+def instances_from_azure(listing: AzureListing, cfg: AzureConfig) -> tuple[list[Instance], list[Skip]]:
+    """Join the listings into instances: NICs by their lower-cased virtualMachine id,
+    power states and scale sets by lower-cased id. An instance whose NIC or address
+    is missing still comes back (address None); a second sighting counts once."""
+    nics: dict[str, list[Mapping]] = {}
+    seen_nics: set[str] = set()
+    for nic in listing.nics:
+        if _id(nic.get("id")) not in seen_nics:
+            seen_nics.add(_id(nic.get("id")))
+            nics.setdefault(_ref(nic, "virtualMachine"), []).append(nic)
+    pips = {_id(p.get("id")): p for p in listing.public_ips}
+    powers = {_id(v.get("id")): p for v in listing.statuses if (p := power_state(v))}
+    sets = {_id(s.get("id")): s for s in listing.scale_sets}
+    out: dict[str, Instance] = {}
+    skipped: list[Skip] = []
+    for raw, kind in [*((v, "vm") for v in listing.vms), *((v, "uniform") for v in listing.set_instances)]:
+        vid = _id(raw.get("id"))
+        if not vid or vid in out:
+            continue
+        set_id = _scale_set_of(vid) if kind == "uniform" else _ref(raw, "virtualMachineScaleSet")
+        tags = dict(raw.get("tags") or {})
+        if set_id:
+            tags = {**(sets.get(set_id, {}).get("tags") or {}), **tags}
+            kind = "uniform" if kind == "uniform" else "flexible"
+        nic = _primary(nics.get(vid, []))
+        address = nic_address(nic, pips, cfg) if nic else None
+        state = power_state(raw) or powers.get(vid, "unknown")
+        name = raw.get("name") or vid.rsplit("/", 1)[-1]
+        if kind == "uniform" and raw.get("instanceId") is not None:
+            name = f"{set_id.rsplit('/', 1)[-1]}_{raw['instanceId']}"
+        out[vid] = Instance(vid, name, (raw.get("location") or "").replace(" ", "").lower(),
+                            {str(k): str(v) for k, v in tags.items()}, address, state, kind)
+        if nic is None and nics.get(vid):
+            skipped.append(Skip(name, "several network interfaces, none marked primary"))
+    return list(out.values()), skipped
+
+
+def scale_sets_to_list(scale_sets: Iterable[Mapping], cfg: Config) -> list[Mapping]:
+    """Uniform scale sets whose own tags can make their instances match: they carry the
+    service-name tag. (Flexible members are ordinary VMs in the VM listing.)"""
+    return [s for s in scale_sets
+            if (_props(s).get("orchestrationMode") or "Uniform").lower() == "uniform"
+            and cfg.tags.service_name_tag in (s.get("tags") or {})]
+
+
+def _resource_group(resource_id: str) -> str:
+    parts = resource_id.split("/")
+    return parts[parts.index("resourcegroups") + 1] if "resourcegroups" in parts else ""
+
+
+class AzureSource:
+    """Lists VMs, scale sets, NICs and public IPs with the Azure SDK: requests grow with
+    pages, never with instances (SPEC §5). Independent listings run concurrently."""
+
+    def __init__(self, cfg: Config, env: Mapping[str, str] | None = None):
+        identity, compute, network, self._errors = _azure_sdk()
+        self.cfg = cfg
+        self._lock = threading.Lock()
+        self.requests = 0
+        endpoint, authority = CLOUDS[cfg.azure.cloud]
+        credential = _credential(cfg.azure, identity, authority, os.environ if env is None else env)
+        options = dict(base_url=cfg.azure.resource_manager_url or endpoint,
+                       credential_scopes=[endpoint + "/.default"], retry_total=cfg.azure.retries,
+                       connection_timeout=min(10.0, cfg.azure.timeout), read_timeout=cfg.azure.timeout,
+                       raw_request_hook=self._count, logging_enable=False)
+        self._clients = {sub: (compute(credential, sub, **options), network(credential, sub, **options))
+                         for sub in cfg.azure.subscriptions}
+
+    def _count(self, _request: Any) -> None:
+        with self._lock:
+            self.requests += 1
+
+    def discover(self) -> Discovery:
+        before = self.requests
+        listing = AzureListing()
+        with concurrent.futures.ThreadPoolExecutor(self.cfg.azure.workers) as pool:
+            try:
+                self._list_all(pool, listing)
+            except BaseException:
+                pool.shutdown(cancel_futures=True)
+                raise
+        instances, skipped = instances_from_azure(listing, self.cfg.azure)
+        return Discovery(tuple(instances), tuple(skipped), self.requests - before)
+
+    def _list_all(self, pool: concurrent.futures.Executor, listing: AzureListing) -> None:
+        """Phase one lists per subscription (or resource group); phase two lists each
+        Uniform scale set that can match. Any failure fails the whole discovery."""
+        rgs: Sequence[str | None] = self.cfg.azure.resource_groups or [None]
+        public = self.cfg.azure.address == "public"
+        jobs: list[tuple[list, concurrent.futures.Future]] = []
+
+        def submit(into: list, what: str, call: Callable, *args: Any, **kwargs: Any) -> None:
+            jobs.append((into, pool.submit(self._pages, what, call, *args, **kwargs)))
+
+        set_jobs = []
+        for sub, (compute, network) in self._clients.items():
+            for rg in rgs:
+                where = f"subscription {sub}" + (f" resource group {rg}" if rg else "")
+                if rg is None:
+                    submit(listing.vms, f"VMs of {where}", compute.virtual_machines.list_all)
+                    submit(listing.statuses, f"VM power states of {where}",
+                           compute.virtual_machines.list_all, status_only="true")
+                else:  # one listing gives a resource group's VMs with their power state
+                    submit(listing.vms, f"VMs of {where}", compute.virtual_machines.list, rg,
+                           expand="instanceView")
+                submit(listing.nics, f"network interfaces of {where}",
+                       *((network.network_interfaces.list, rg) if rg else (network.network_interfaces.list_all,)))
+                if public:
+                    submit(listing.public_ips, f"public IPs of {where}",
+                           *((network.public_ip_addresses.list, rg) if rg else (network.public_ip_addresses.list_all,)))
+                set_jobs.append((sub, pool.submit(
+                    self._pages, f"scale sets of {where}",
+                    *((compute.virtual_machine_scale_sets.list, rg) if rg else
+                      (compute.virtual_machine_scale_sets.list_all,)))))
+        for sub, job in set_jobs:
+            sets = job.result()
+            listing.scale_sets += sets
+            compute, network = self._clients[sub]
+            for s in scale_sets_to_list(sets, self.cfg):
+                rg, name = _resource_group(_id(s.get("id"))), s.get("name")
+                submit(listing.set_instances, f"instances of scale set {name}",
+                       compute.virtual_machine_scale_set_vms.list, rg, name, expand="instanceView")
+                submit(listing.nics, f"network interfaces of scale set {name}",
+                       network.network_interfaces.list_virtual_machine_scale_set_network_interfaces, rg, name)
+                if public:
+                    submit(listing.public_ips, f"public IPs of scale set {name}",
+                           network.public_ip_addresses.list_virtual_machine_scale_set_public_ip_addresses,
+                           rg, name)
+        for into, job in jobs:
+            into += job.result()
+
+    def _pages(self, what: str, call: Callable, *args: Any, **kwargs: Any) -> list[Mapping]:
+        """Every item of one paged listing as REST JSON; AzureError if any page fails."""
+        try:
+            return [_raw(item) for item in call(*args, **kwargs)]
+        except self._errors.AzureError as exc:
+            raise AzureError(f"listing {what} failed: {_sdk_message(exc)}") from None
+        except (ValueError, TypeError, AttributeError, KeyError) as exc:  # a malformed page
+            raise AzureError(f"listing {what} failed: malformed response ({type(exc).__name__}: "
+                             f"{str(exc)[:200]})") from None
+
+
+def _raw(item: Any) -> Mapping:
+    """REST JSON of an SDK model: current models are mappings over it, older ones serialize."""
+    return item if isinstance(item, Mapping) else item.serialize(keep_readonly=True)
+
+
+def _sdk_message(exc: Exception) -> str:
+    status = getattr(exc, "status_code", None)
+    text = " ".join(str(getattr(exc, "message", None) or exc).split())
+    return (f"HTTP {status}: " if status else "") + f"{type(exc).__name__}: {text[:300]}"
+
+
+def _credential(cfg: AzureConfig, identity: Any, authority: str, env: Mapping[str, str]) -> TokenCredential:
+    """The credential of azure.credential_type, for the cloud's login authority."""
+    client_id = cfg.managed_identity_client_id or None
+    kind = cfg.credential_type
+    try:
+        if kind == "managed_identity":
+            return identity.ManagedIdentityCredential(client_id=client_id)
+        if kind == "workload_identity":
+            return identity.WorkloadIdentityCredential(authority=authority)
+        if kind == "azure_cli":
+            return identity.AzureCliCredential()
+        if kind == "client_secret":
+            names = ("AZURE_TENANT_ID", "AZURE_CLIENT_ID", "AZURE_CLIENT_SECRET")
+            missing = [n for n in names if not env.get(n)]
+            if missing:
+                raise ConfigError([f"azure.credential_type: client_secret needs {', '.join(missing)} "
+                                   "in the environment"])
+            return identity.ClientSecretCredential(*(env[n] for n in names), authority=authority)
+        return identity.DefaultAzureCredential(authority=authority, managed_identity_client_id=client_id)
+    except ValueError as exc:  # e.g. workload identity without its environment variables
+        raise ConfigError([f"azure.credential_type: {kind}: {exc}"]) from None
+
+
+# === Data Plane adapter ===
+class DataPlane:
+    """The HAProxy Data Plane API over urllib: v2 (wrapped bodies, ?backend=) or v3 (bare
+    bodies, nested servers, full sections). Counts its requests."""
+
+    def __init__(self, cfg: HAProxyConfig):
+        self.cfg = cfg
+        self.api = None if cfg.api_version == "auto" else cfg.api_version
+        self.requests = 0
+        token = base64.b64encode(f"{cfg.username}:{cfg.password}".encode()).decode()
+        self._headers = {"Authorization": f"Basic {token}", "Accept": "application/json",
+                         "User-Agent": f"haproxy-azure-discovery/{__version__}"}
+        context = ssl.create_default_context(cafile=cfg.ca_file or None)
+        if not cfg.verify_ssl:
+            context.check_hostname, context.verify_mode = False, ssl.CERT_NONE
+        # The Data Plane API is local to HAProxy: no proxy from the environment applies.
+        self._opener = urllib.request.build_opener(urllib.request.ProxyHandler({}),
+                                                   urllib.request.HTTPSHandler(context=context))
+
+    def request(self, method: str, path: str, query: Mapping[str, Any] | None = None,
+                body: Any = None, api: str | None = None) -> tuple[int, Any, Mapping[str, str]]:
+        """One request; DataPlaneError (TransactionConflict for 406/409) on failure."""
+        api = api or self.api or self.probe()
+        url = f"{self.cfg.base_url.rstrip('/')}/{api}{path}"
+        if query:
+            url += "?" + urllib.parse.urlencode({k: v for k, v in query.items() if v is not None})
+        data = None if body is None else json.dumps(body).encode()
+        headers = {**self._headers, **({"Content-Type": "application/json"} if data else {})}
+        self.requests += 1
+        try:
+            with self._opener.open(urllib.request.Request(url, data, headers, method=method),
+                                   timeout=self.cfg.timeout) as resp:
+                status, raw, got = resp.status, resp.read(), resp.headers
+        except urllib.error.HTTPError as exc:
+            status, raw, got = exc.code, exc.read(), exc.headers
+        except (urllib.error.URLError, OSError, http.client.HTTPException) as exc:
+            reason = getattr(exc, "reason", None) or exc
+            raise DataPlaneError(f"{method} /{api}{path}: {reason}") from None
+        try:
+            payload = json.loads(raw) if raw.strip() else None
+        except ValueError:
+            payload = raw.decode("utf-8", "replace")
+        if status >= 400:
+            message = payload.get("message", "") if isinstance(payload, dict) else str(payload or "")
+            error = TransactionConflict if status in (406, 409) else DataPlaneError
+            raise error(f"{method} /{api}{path}: HTTP {status} {' '.join(message.split())[:300]}",
+                        status, message)
+        return status, payload, got
+
+    def probe(self) -> str:
+        """api_version auto: /v3/info, then /v2/info."""
+        for api in ("v3", "v2"):
+            try:
+                self.request("GET", "/info", api=api)
+            except DataPlaneError as exc:
+                if exc.status in (404, 405):
+                    continue
+                raise
+            self.api = api
+            return api
+        raise DataPlaneError(f"{self.cfg.base_url}: neither /v3/info nor /v2/info answers: "
+                             "is this a Data Plane API?")
+
+    def _data(self, payload: Any) -> Any:
+        return payload.get("data") if self.api == "v2" and isinstance(payload, dict) else payload
+
+    def version(self) -> int:
+        _, payload, _ = self.request("GET", "/services/haproxy/configuration/version")
+        return int(self._data(payload))
+
+    def read_backends(self, prefix: str) -> tuple[int, dict[str, BackendState]]:
+        """The configuration version and every backend whose name starts with prefix."""
+        conf = "/services/haproxy/configuration"
+        if (self.api or self.probe()) == "v3":
+            _, payload, headers = self.request("GET", f"{conf}/backends", {"full_section": "true"})
+            version = int(headers.get("Configuration-Version") or self.version())
+            return version, {b["name"]: BackendState(b["name"], {k: v for k, v in b.items() if k != "servers"},
+                                                     b.get("servers") or {})
+                             for b in payload or [] if b.get("name", "").startswith(prefix)}
+        _, payload, _ = self.request("GET", f"{conf}/backends")
+        version = int(payload.get("_version"))
+        found = {}
+        for b in self._data(payload) or []:
+            if b.get("name", "").startswith(prefix):
+                _, servers, _ = self.request("GET", f"{conf}/servers", {"backend": b["name"]})
+                found[b["name"]] = BackendState(b["name"], b, {s["name"]: s for s in self._data(servers) or []})
+        return version, found
+
+    def writes(self, b: BackendPlan) -> list[tuple[str, str, dict[str, Any], Any]]:
+        """The requests (method, path, query, body) that apply one backend's plan inside a
+        transaction: in v3 one full-section write for a new or resized backend."""
+        conf = "/services/haproxy/configuration"
+        if self.api == "v3":
+            if b.create:
+                return [("POST", f"{conf}/backends", {"full_section": "true"}, {**b.fields, "servers": b.servers})]
+            if b.structural:
+                return [("PUT", f"{conf}/backends/{_q(b.name)}", {"full_section": "true"},
+                         {**b.fields, "servers": b.servers})]
+            return [("PUT", f"{conf}/backends/{_q(b.name)}/servers/{c.name}", {}, c.body) for c in b.changes]
+        out = []
+        if b.create:
+            out.append(("POST", f"{conf}/backends", {}, b.fields))
+        elif b.fields_changed:
+            out.append(("PUT", f"{conf}/backends/{_q(b.name)}", {}, b.fields))
+        servers = b.servers.items() if b.create else [(c.name, c) for c in b.changes]
+        for name, c in servers:
+            if b.create or c.action == "add":
+                out.append(("POST", f"{conf}/servers", {"backend": b.name}, c if b.create else c.body))
+            elif c.action == "update":
+                out.append(("PUT", f"{conf}/servers/{name}", {"backend": b.name}, c.body))
+            else:
+                out.append(("DELETE", f"{conf}/servers/{name}", {"backend": b.name}, None))
+        return out
+
+    def server_path(self, backend: str, server: str) -> tuple[str, dict[str, str]]:
+        conf = "/services/haproxy/configuration"
+        if self.api == "v3":
+            return f"{conf}/backends/{_q(backend)}/servers/{server}", {}
+        return f"{conf}/servers/{server}", {"backend": backend}
+
+    def start_transaction(self, version: int) -> str:
+        _, payload, _ = self.request("POST", "/services/haproxy/transactions", {"version": version})
+        return payload["id"]
+
+    def commit(self, txn: str) -> int | None:
+        _, _, headers = self.request("PUT", f"/services/haproxy/transactions/{txn}")
+        value = headers.get("Configuration-Version")
+        return int(value) if value and value.isdigit() else None
+
+    def delete_transaction(self, txn: str) -> None:
+        """Delete a transaction; one that is already gone is fine."""
+        try:
+            self.request("DELETE", f"/services/haproxy/transactions/{txn}")
+        except DataPlaneError as exc:
+            if exc.status != 404:
+                raise
+
+
+def _q(name: str) -> str:
+    return urllib.parse.quote(name, safe="")
+
+
+# === Apply ===
+MAX_ATTEMPTS = 3
+
+
+def apply_transaction(plan: Plan, dp: DataPlane, version: int, stop: threading.Event) -> int | None:
+    """Every write of the plan in one transaction started at `version`, then commit.
+    Whatever happens before the commit, the transaction is deleted."""
+    txn = dp.start_transaction(version)
+    committed = False
+    try:
+        for b in plan.backends:
+            for method, path, query, body in dp.writes(b):
+                if stop.is_set():
+                    raise Aborted("shutdown requested: transaction abandoned")
+                dp.request(method, path, {**query, "transaction_id": txn}, body)
+        new_version = dp.commit(txn)
+        committed = True
+        return new_version
+    finally:
+        if not committed:
+            try:
+                dp.delete_transaction(txn)
+            except DataPlaneError as exc:
+                log.error("could not delete transaction %s: %s", txn, exc,
+                          extra={"event": "transaction_leak", "transaction": txn})
+
+
+def apply_runtime(plan: Plan, dp: DataPlane, version: int, stop: threading.Event) -> int | None:
+    """Hybrid mode: each change a plain versioned server PUT that dataplaneapi applies
+    through HAProxy's runtime API, without a reload."""
+    for b in plan.backends:
+        for c in b.changes:
+            if stop.is_set():
+                raise Aborted("shutdown requested")
+            path, query = dp.server_path(b.name, c.name)
+            _, _, headers = dp.request("PUT", path, {**query, "version": version}, c.body)
+            value = headers.get("Configuration-Version")
+            version = int(value) if value and value.isdigit() else version + 1
+    return version
+
+
+@dataclass
+class CycleReport:
+    """What a cycle did, for logs, metrics and the exit code."""
+    result: str = "failed"        # "steady", "unchanged", "applied", "held" or "failed"
+    plan: Plan | None = None
+    instances: int = 0
+    skipped: int = 0
+    azure_requests: int = 0
+    dataplane_requests: int = 0
+    transactions: dict[str, int] = field(default_factory=dict)   # "committed", "conflict", ...
+    reload_commits: int = 0
+    duration: float = 0.0
+    error: str = ""
+
+
+def run_cycle(cfg: Config, source: Any, dp: DataPlane, state: State, stop: threading.Event,
+              report: CycleReport, dry_run: bool = False) -> Plan | None:
+    """Discover, plan against what HAProxy holds, apply; re-plan on a conflict.
+
+    Steady state costs one Data Plane request: the configuration version, when it and
+    the discovery are what the last cycle left. Fills `report` as it goes.
+    """
+    discovery = source.discover()
+    report.azure_requests = discovery.requests
+    groups, skipped = select_instances(discovery.instances, cfg)
+    skipped = [*discovery.skipped, *skipped]
+    report.instances, report.skipped = sum(map(len, groups.values())), len(skipped)
+    fp = fingerprint(groups)
+    if stop.is_set():
+        raise Aborted("shutdown requested")
+    if not dry_run and state.fingerprint == fp and dp.version() == state.version:
+        report.result = "steady"
+        return None
+    prefix = cfg.haproxy.backend.name_prefix + cfg.haproxy.backend.name_separator
+    for attempt in range(1, MAX_ATTEMPTS + 1):
+        version, actual = dp.read_backends(prefix)
+        decision = plan_cycle(groups, skipped, actual, state, cfg)
+        plan = decision.plan
+        if dry_run:
+            return plan
+        try:
+            new_version = _apply(plan, dp, version, stop, cfg, report)
+        except TransactionConflict as exc:
+            report.transactions["conflict"] = report.transactions.get("conflict", 0) + 1
+            log.warning("configuration changed under us (attempt %d of %d): %s", attempt, MAX_ATTEMPTS,
+                        exc, extra={"event": "conflict", "attempt": attempt})
+            continue
+        state.version, state.assignments = new_version, decision.assignments
+        state.drain_fingerprint, state.drain_streak = decision.drain_fingerprint, decision.drain_streak
+        state.fingerprint = None if plan.held else fp   # a held drain is re-planned next cycle
+        report.plan = plan
+        report.result = "held" if plan.held else ("applied" if not plan.empty else "unchanged")
+        return plan
+    raise DataPlaneError(f"gave up after {MAX_ATTEMPTS} attempts: the configuration kept changing")
+
+
+def _apply(plan: Plan, dp: DataPlane, version: int, stop: threading.Event, cfg: Config,
+           report: CycleReport) -> int | None:
+    if plan.empty:
+        return version     # an empty transaction would still reload HAProxy: send none
+    if cfg.haproxy.apply_mode == "hybrid" and plan.runtime_only:
+        return apply_runtime(plan, dp, version, stop)
+    try:
+        new_version = apply_transaction(plan, dp, version, stop)
+    except TransactionConflict:
+        raise
+    except DiscoveryError:
+        report.transactions["failed"] = report.transactions.get("failed", 0) + 1
+        raise
+    report.transactions["committed"] = report.transactions.get("committed", 0) + 1
+    report.reload_commits += 1
+    return new_version
+
+
+# === Logging ===
+_REDACT_RE = re.compile(
+    r"(?i)(authorization[\"']?\s*[:=]\s*[\"']?(?:basic|bearer)?\s*|bearer\s+|"
+    r"(?:password|passwd|secret|token|access_token|client_secret)[\"']?\s*[:=]\s*[\"']?)"
+    r"[^\s\"',;}&]+")
+_LOG_RESERVED = frozenset(vars(logging.LogRecord("", 0, "", 0, "", (), None))) | {"message", "asctime"}
+
+
+class _Redacting(logging.Formatter):
+    """Keeps passwords, tokens and Authorization headers out of every line, including
+    tracebacks: known secret values and anything shaped like a credential are masked."""
+
+    def __init__(self, secrets: Iterable[str] = ()):
+        super().__init__()
+        self.secrets = sorted({s for s in secrets if s and len(s) >= 4}, key=len, reverse=True)
+
+    def redact(self, text: str) -> str:
+        for secret in self.secrets:
+            text = text.replace(secret, "***")
+        return _REDACT_RE.sub(lambda m: m.group(1) + "***", text)
+
+    def format(self, record: logging.LogRecord) -> str:
+        return self.redact(self.render(record))
+
+    def render(self, record: logging.LogRecord) -> str:
+        raise NotImplementedError
+
+
+class JsonFormatter(_Redacting):
+    """One JSON object per line: ts (UTC RFC 3339, ms), level, msg, event, then fields."""
+
+    def render(self, record: logging.LogRecord) -> str:
+        ts = time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(record.created)) + f".{int(record.msecs):03d}Z"
+        out = {"ts": ts, "level": record.levelname.lower(), "msg": record.getMessage(),
+               "event": getattr(record, "event", "log")}
+        out.update((k, v) for k, v in vars(record).items() if k not in _LOG_RESERVED and k != "event")
+        if record.exc_info:
+            out["exception"] = self.formatException(record.exc_info)
+        return json.dumps(out, default=str, ensure_ascii=False)
+
+
+class TextFormatter(_Redacting):
+    """For people; no timestamp under journald, which adds its own."""
+
+    def __init__(self, secrets: Iterable[str] = (), timestamps: bool = True):
+        super().__init__(secrets)
+        self.timestamps = timestamps
+
+    def render(self, record: logging.LogRecord) -> str:
+        fields = " ".join(f"{k}={v}" for k, v in vars(record).items() if k not in _LOG_RESERVED)
+        line = f"{record.levelname.lower()}: {record.getMessage()}" + (f" [{fields}]" if fields else "")
+        if self.timestamps:
+            line = time.strftime("%Y-%m-%d %H:%M:%S ", time.localtime(record.created)) + line
+        if record.exc_info:
+            line += "\n" + self.formatException(record.exc_info)
+        return line
+
+
+def setup_logging(level: str, fmt: str, secrets: Iterable[str], stream: Any = None) -> None:
+    handler = logging.StreamHandler(stream or sys.stderr)
+    handler.setFormatter(JsonFormatter(secrets) if fmt == "json"
+                         else TextFormatter(secrets, timestamps="JOURNAL_STREAM" not in os.environ))
+    root = logging.getLogger()
+    for old in root.handlers[:]:
+        root.removeHandler(old)
+    root.addHandler(handler)
+    root.setLevel(logging.WARNING)             # the SDK's loggers stay quiet ...
+    log.setLevel(getattr(logging, level))      # ... ours speaks at the configured level
+
+
+def secrets_of(cfg: Config, env: Mapping[str, str]) -> list[str]:
+    return [cfg.haproxy.password, *(env.get(n, "") for n in ("AZURE_CLIENT_SECRET", "IDENTITY_HEADER"))]
+
+
+# === Daemon loop ===
+def sd_notify(message: str, env: Mapping[str, str] | None = None) -> bool:
+    """Send a systemd notification (READY=1, WATCHDOG=1, STATUS=...); no-op without
+    NOTIFY_SOCKET. Never raises: the daemon must not fail because systemd went away."""
+    address = (os.environ if env is None else env).get("NOTIFY_SOCKET", "")
+    if not address.startswith(("/", "@")):
+        return False
+    if address.startswith("@"):
+        address = "\0" + address[1:]             # abstract socket namespace
+    try:
+        with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM | socket.SOCK_CLOEXEC) as sock:
+            sock.connect(address)
+            sock.sendall(message.encode())
+        return True
+    except OSError:
+        return False
+
+
+class Metrics:
+    """Counters and gauges in the Prometheus text format; updated by the loop only."""
+
+    def __init__(self, interval: float):
+        self.interval = interval
+        self._lock = threading.Lock()
+        self.counters: dict[tuple[str, str], float] = {}
+        self.gauges: dict[str, float] = {}
+        self.last_success = 0.0
+
+    def record(self, report: CycleReport, now: float) -> None:
+        with self._lock:
+            def inc(name: str, label: str = "", by: float = 1) -> None:
+                self.counters[(name, label)] = self.counters.get((name, label), 0) + by
+            inc("cycles_total", f'result="{report.result}"')
+            inc("cycle_duration_seconds_sum", by=report.duration)
+            inc("azure_requests_total", by=report.azure_requests)
+            inc("dataplane_requests_total", by=report.dataplane_requests)
+            inc("reload_commits_total", by=report.reload_commits)
+            for result, n in report.transactions.items():
+                inc("transactions_total", f'result="{result}"', n)
+            if report.plan is not None:
+                inc("held_drains_total", by=len(report.plan.held))
+                self.gauges["backends"] = report.plan.services
+            self.gauges["instances_discovered"] = report.instances
+            self.gauges["instances_skipped"] = report.skipped
+            if report.result != "failed":
+                self.last_success = now
+                self.gauges["last_success_timestamp_seconds"] = now
+
+    def set_servers(self, live: int, parked: int) -> None:
+        with self._lock:
+            self.gauges["servers_live"], self.gauges["servers_parked"] = live, parked
+
+    def healthy(self, now: float) -> bool:
+        return now - self.last_success < 3 * self.interval
+
+    def render(self) -> str:
+        with self._lock:
+            lines = [f"haproxy_azure_discovery_{n}{{{lbl}}} {v:g}" if lbl else f"haproxy_azure_discovery_{n} {v:g}"
+                     for (n, lbl), v in sorted(self.counters.items())]
+            lines += [f"haproxy_azure_discovery_{n} {v:g}" for n, v in sorted(self.gauges.items())]
+        return "\n".join(lines) + "\n"
+
+
+def serve_metrics(listen: str, metrics: Metrics) -> http.server.ThreadingHTTPServer:
+    """/metrics and /healthz from a daemon thread that never blocks the loop."""
+    host, _, port = listen.rpartition(":")
+
+    class Handler(http.server.BaseHTTPRequestHandler):
+        def do_GET(self) -> None:  # noqa: N802 - the stdlib's name
+            if self.path == "/metrics":
+                status, body = 200, metrics.render()
+            elif self.path == "/healthz":
+                ok = metrics.healthy(time.time())
+                status, body = (200, "ok\n") if ok else (503, "no successful cycle recently\n")
+            else:
+                status, body = 404, "not found\n"
+            data = body.encode()
+            self.send_response(status)
+            self.send_header("Content-Type", "text/plain; version=0.0.4; charset=utf-8")
+            self.send_header("Content-Length", str(len(data)))
+            self.end_headers()
+            self.wfile.write(data)
+
+        def log_message(self, *args: Any) -> None:
+            pass
+
+    server = http.server.ThreadingHTTPServer((host.strip("[]"), int(port)), Handler)
+    server.daemon_threads = True
+    threading.Thread(target=server.serve_forever, name="metrics", daemon=True).start()
+    return server
+
+
+class Signals:
+    """SIGTERM/SIGINT set `stop`, SIGHUP sets `reload`; both wake the loop's sleep."""
+
+    def __init__(self) -> None:
+        self.stop, self.reload, self.wake = threading.Event(), threading.Event(), threading.Event()
+
+    def install(self) -> None:
+        signal.signal(signal.SIGTERM, lambda *_: self._set(self.stop))
+        signal.signal(signal.SIGINT, lambda *_: self._set(self.stop))
+        signal.signal(signal.SIGHUP, lambda *_: self._set(self.reload))
+
+    def _set(self, event: threading.Event) -> None:
+        event.set()
+        self.wake.set()
+
+    def sleep(self, seconds: float) -> None:
+        self.wake.wait(seconds)
+        self.wake.clear()
+
+
+def one_cycle(cfg: Config, source: Any, dp: DataPlane, state: State, stop: threading.Event,
+              now: Callable[[], float] = time.monotonic) -> CycleReport:
+    """run_cycle with its report filled in and logged, whatever happens."""
+    report = CycleReport()
+    started, dp_before = now(), dp.requests
+    try:
+        run_cycle(cfg, source, dp, state, stop, report)
+    finally:
+        report.duration = now() - started
+        report.dataplane_requests = dp.requests - dp_before
+    _log_report(report, state)
+    return report
+
+
+def _log_report(report: CycleReport, state: State) -> None:
+    plan = report.plan
+    if plan is not None:
+        reasons = {f"{s.instance}: {s.reason}" for s in plan.skipped}
+        for reason in sorted(reasons - state.skipped):    # each skip is warned about once
+            log.warning("instance skipped: %s", reason, extra={"event": "skip"})
+        state.skipped = frozenset(reasons)
+        for held in plan.held:
+            log.warning("mass-drain guard holds %s live", held, extra={"event": "drain_held", "server": held})
+        for b in plan.backends:
+            log.info("backend %s: %d changes", b.name, len(b.changes),
+                     extra={"event": "backend_changed", "backend": b.name, "count": len(b.changes),
+                            "slots": b.slots, "live": b.live})
+    log.info("cycle %s", report.result,
+             extra={"event": "cycle", "result": report.result, "instances": report.instances,
+                    "skipped": report.skipped, "azure_requests": report.azure_requests,
+                    "dataplane_requests": report.dataplane_requests,
+                    "duration_ms": round(report.duration * 1000)})
+
+
+def run_forever(load: Callable[[], Config], make_source: Callable[[Config], Any],
+                make_dataplane: Callable[[Config], DataPlane], signals: Signals,
+                max_cycles: int | None = None, rand: Callable[[], float] = random.random) -> int:
+    """The daemon: a cycle, then sleep (interval + jitter, or backoff after failures),
+    until `signals.stop`. SIGHUP re-reads the configuration (keeping the old one if the
+    new one is invalid) and forgets all state. Returns the exit code."""
+    cfg = load()
+    source, dp, state = make_source(cfg), make_dataplane(cfg), State()
+    metrics = Metrics(cfg.polling.interval_seconds)
+    server = serve_metrics(cfg.metrics.listen, metrics) if cfg.metrics.listen else None
+    failures, cycles, ready = 0, 0, False
+    try:
+        while not signals.stop.is_set() and (max_cycles is None or cycles < max_cycles):
+            if signals.reload.is_set():
+                signals.reload.clear()
+                cfg, source, dp, state = _reload(load, cfg, source, dp, make_source, make_dataplane)
+                metrics.interval = cfg.polling.interval_seconds
+            report = CycleReport()
+            try:
+                report = one_cycle(cfg, source, dp, state, signals.stop)
+                failures = 0
+            except Aborted:
+                log.info("cycle aborted for shutdown", extra={"event": "shutdown"})
+                break
+            except DiscoveryError as exc:
+                failures += 1
+                report.error = str(exc)
+                log.warning("cycle failed: %s", exc, extra={"event": "cycle_failed", "failures": failures})
+            except Exception:  # noqa: BLE001 - the daemon outlives bugs; they are logged whole
+                failures += 1
+                report.error = "unexpected error"
+                log.exception("cycle failed unexpectedly", extra={"event": "cycle_failed", "failures": failures})
+            cycles += 1
+            metrics.record(report, time.time())
+            _notify(report, ready := ready or report.result != "failed", failures)
+            if max_cycles is None or cycles < max_cycles:
+                signals.sleep(next_delay(failures, cfg.polling, rand()))
+    finally:
+        if server is not None:
+            server.shutdown()
+            server.server_close()
+    log.info("stopped", extra={"event": "stopped", "cycles": cycles})
+    return EX_OK
+
+
+def _notify(report: CycleReport, ready: bool, failures: int) -> None:
+    status = (f"last cycle {report.result}: {report.instances} instances" if report.result != "failed"
+              else f"last cycle failed ({failures} in a row): {report.error}"[:200])
+    sd_notify(("READY=1\n" if ready else "") + f"WATCHDOG=1\nSTATUS={status}")
+
+
+def _reload(load: Callable[[], Config], cfg: Config, source: Any, dp: DataPlane,
+            make_source: Callable, make_dataplane: Callable) -> tuple[Config, Any, DataPlane, State]:
+    try:
+        new = load()
+        result = new, make_source(new), make_dataplane(new), State()
+    except DiscoveryError as exc:
+        log.error("configuration reload failed, keeping the old one: %s", exc,
+                  extra={"event": "reload_failed"})
+        return cfg, source, dp, State()
+    log.info("configuration reloaded; next cycle reconciles everything", extra={"event": "reloaded"})
+    return result
+
+
+# === CLI ===
+class _VersionAction(argparse.Action):
+    """--version: this program, and the Azure SDK packages found (read from their
+    metadata, never imported)."""
+
+    def __init__(self, option_strings: Sequence[str], dest: str, **kwargs: Any):
+        super().__init__(option_strings, dest, nargs=0, help="print versions and exit")
+
+    def __call__(self, parser: argparse.ArgumentParser, *_: Any) -> None:
+        from importlib import metadata
+        lines = [f"haproxy-azure-discovery {__version__} (python {sys.version.split()[0]})"]
+        for package in SDK_PACKAGES:
+            try:
+                lines.append(f"{package} {metadata.version(package)}")
+            except metadata.PackageNotFoundError:
+                lines.append(f"{package} not installed")
+        print("\n".join(lines))
+        parser.exit(0)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="haproxy-azure-discovery",
+        description="Keep HAProxy backends in sync with tagged Azure VMs and scale-set instances.",
+        epilog="Exit codes: 0 ok, 1 cycle failed, 2 usage, 69 Azure SDK missing, 78 bad configuration. "
+               "Environment: NOTIFY_SOCKET (systemd), JOURNAL_STREAM (no timestamps in text logs), "
+               "the Azure SDK's credential variables, and any ${VAR} the configuration names.")
+    parser.add_argument("-c", "--config", metavar="FILE",
+                        help=f"configuration file (default {DEFAULT_CONFIG_PATHS[0]}, then .toml)")
+    mode = parser.add_mutually_exclusive_group()
+    mode.add_argument("--once", action="store_true", help="run one cycle and exit")
+    mode.add_argument("--dry-run", action="store_true", help="print the plan; change nothing")
+    mode.add_argument("--validate", action="store_true", help="check the configuration and exit")
+    parser.add_argument("--log-level", choices=("DEBUG", "INFO", "WARNING", "ERROR"), type=str.upper,
+                        help="override logging.level")
+    parser.add_argument("--version", action=_VersionAction)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    try:
+        args = build_parser().parse_args(argv)
+    except SystemExit as exc:     # --help, --version, usage errors: argparse has printed
+        return exc.code if isinstance(exc.code, int) else EX_USAGE
+    env = dict(os.environ)
+    path = find_config(args.config)
+    try:
+        cfg = load_config(path, env)
+        if args.validate:
+            for warning in config_warnings(cfg):
+                print(f"warning: {warning}", file=sys.stderr)
+            print(f"{path}: configuration ok")
+            return EX_OK
+        setup_logging(args.log_level or cfg.logging.level, cfg.logging.format, secrets_of(cfg, env))
+        for warning in config_warnings(cfg):
+            log.warning(warning, extra={"event": "config_warning"})
+        if args.dry_run or args.once:
+            return _run_one(cfg, env, dry_run=args.dry_run)
+        signals = Signals()
+        signals.install()
+        return run_forever(lambda: load_config(path, dict(os.environ)),
+                           lambda c: AzureSource(c, env), lambda c: DataPlane(c.haproxy), signals)
+    except ConfigError as exc:
+        for problem in exc.problems:
+            print(f"error: {path}: {problem}" if not problem.startswith(path) else f"error: {problem}",
+                  file=sys.stderr)
+        return exc.exit_code
+    except DiscoveryError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return exc.exit_code
+    except Exception as exc:  # noqa: BLE001 - last resort: one line, and the traceback in the log
+        log.debug("unexpected error", exc_info=True)
+        print(f"error: unexpected {type(exc).__name__}: {exc}", file=sys.stderr)
+        return EX_FAIL
+
+
+def _run_one(cfg: Config, env: Mapping[str, str], dry_run: bool) -> int:
+    """--once and --dry-run: one cycle; the plan (dry run) on stdout."""
+    source, dp, state = AzureSource(cfg, env), DataPlane(cfg.haproxy), State()
+    if dry_run:
+        plan = run_cycle(cfg, source, dp, state, threading.Event(), CycleReport(), dry_run=True)
+        sys.stdout.write(format_plan(plan))
+        return EX_OK
+    report = one_cycle(cfg, source, dp, state, threading.Event())
+    return EX_OK if report.result != "failed" else EX_FAIL
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())
