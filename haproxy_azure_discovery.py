@@ -771,7 +771,7 @@ def assign_slots(members: Sequence[Member], actual: Mapping[str, Mapping[str, An
 
     An instance keeps its slot while it lives (remembered in `previous`, else found by
     address:port among live servers after a restart); new instances take the lowest
-    free slots; live servers never move.
+    parked slot; live servers never move.
     """
     ours = {i: s for name, s in actual.items() if (i := slot_index(name))}
     by_endpoint: dict[tuple[str, int], list[int]] = {}
@@ -793,9 +793,12 @@ def assign_slots(members: Sequence[Member], actual: Mapping[str, Mapping[str, An
     # in place for this cycle so that shrinking only ever removes parked slots.
     highest = max([*taken, *(i for i, s in ours.items() if _is_live(s))], default=0)
     count = slot_count(len(members), max(ours, default=0), highest, cfg)
-    free_slots = (j for j in range(1, count + 1) if j not in taken)
-    for m in fresh:
-        taken[next(free_slots)] = m
+    # Parked (or new) slots first; a slot whose instance just left only when none is left,
+    # rather than growing the backend.
+    free = sorted((j for j in range(1, count + 1) if j not in taken),
+                  key=lambda j: (j in ours and _is_live(ours[j]), j))
+    for m, j in zip(fresh, free):
+        taken[j] = m
     return [Slot(f"srv{j}", m.instance, m.label, m.address, m.port) if (m := taken.get(j))
             else Slot(f"srv{j}") for j in range(1, count + 1)]
 

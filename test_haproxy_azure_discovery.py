@@ -1,0 +1,712 @@
+"""Tests of haproxy_azure_discovery, in the order of the module's sections.
+
+The pure core is tested with plain values; the adapters against the test bed in
+testing/ (a local HTTPS fake of Azure Resource Manager, a Data Plane API emulator).
+"""
+from __future__ import annotations
+
+import io
+import json
+import logging
+import os
+import random
+import signal
+import subprocess
+import sys
+import textwrap
+import threading
+import time
+
+import pytest
+
+import haproxy_azure_discovery as m
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+SUB = "00000000-0000-0000-0000-000000000001"
+EXAMPLE_ENV = {"AZURE_SUBSCRIPTION_ID": SUB, "DATAPLANE_PASSWORD": "s3cret-pass"}
+
+
+# --- helpers -------------------------------------------------------------------------
+def make_config(**sections) -> m.Config:
+    """A valid Config; keyword arguments are sections merged over the minimum."""
+    raw = {"azure": {"subscription_id": SUB}, "haproxy": {"password": "pw"}}
+    for name, values in sections.items():
+        raw.setdefault(name, {}).update(values)
+    return m.parse_config(raw, {})
+
+
+def make_instance(n: int, service="web", port="8080", region="eastus", state="running", **kw) -> m.Instance:
+    tags = {"HAProxy:Service:Name": service, "HAProxy:Service:Port": port, **kw.pop("tags", {})}
+    return m.Instance(id=kw.pop("id", f"/subscriptions/{SUB}/resourcegroups/rg/providers/microsoft.compute/"
+                                      f"virtualmachines/vm{n}"),
+                      name=kw.pop("name", f"vm{n}"), region=region, tags=tags,
+                      address=kw.pop("address", f"10.0.{n // 250}.{n % 250 + 4}"), power_state=state, **kw)
+
+
+def run_plan(instances, actual=None, state=None, cfg=None):
+    cfg = cfg or make_config()
+    groups, skipped = m.select_instances(instances, cfg)
+    return m.plan_cycle(groups, skipped, actual or {}, state or m.State(), cfg)
+
+
+def apply_to(actual: dict, plan: m.Plan) -> dict:
+    """What HAProxy holds after a plan: the test's stand-in for a commit."""
+    out = dict(actual)
+    for b in plan.backends:
+        out[b.name] = m.BackendState(b.name, dict(b.fields), {n: dict(s) for n, s in b.servers.items()})
+    return out
+
+
+def assert_slots(backend: m.BackendState, expected: dict):
+    """expected: slot name -> "addr:port" or "parked"."""
+    got = {n: ("parked" if s["maintenance"] == "enabled" else f"{s['address']}:{s['port']}")
+           for n, s in backend.servers.items()}
+    assert got == expected
+
+
+def run_py(code: str, env=None) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-c", code], cwd=HERE, capture_output=True, text=True,
+                          timeout=60, env={**os.environ, **(env or {})})
+
+
+def write_config(tmp_path, raw, name="config.json") -> str:
+    path = tmp_path / name
+    path.write_text(raw if isinstance(raw, str) else json.dumps(raw))
+    return str(path)
+
+
+# --- Configuration -------------------------------------------------------------------
+class TestConfig:
+    def test_defaults_fill_every_key(self):
+        cfg = make_config()
+        assert cfg.haproxy.server_slots == m.SlotsConfig(10, 1.5, "linear")
+        assert cfg.haproxy.base_url == "http://localhost:5555"
+        assert cfg.polling.interval_seconds == 30 and cfg.safety.drain_confirm_cycles == 2
+        assert cfg.azure.subscriptions == (SUB,)
+
+    def test_example_file_is_complete_and_valid(self):
+        """config.example.json shows every key of the Config dataclasses."""
+        with open(os.path.join(HERE, "config.example.json")) as f:
+            raw = json.load(f)
+        cfg = m.parse_config(raw, EXAMPLE_ENV)
+        assert cfg.haproxy.password == "s3cret-pass"
+
+        def keys(obj, prefix=""):
+            for f in m.dataclasses.fields(obj):
+                value = getattr(obj, f.name)
+                if m.dataclasses.is_dataclass(value):
+                    yield from keys(value, f"{prefix}{f.name}.")
+                else:
+                    yield prefix + f.name
+
+        def present(raw, path):
+            for part in path.split("."):
+                if part not in raw:
+                    return False
+                raw = raw[part]
+            return True
+        assert [k for k in keys(cfg) if not present(raw, k)] == []
+
+    @pytest.mark.parametrize("raw, problem", [
+        ({"azure": {"subscription_id": SUB, "colour": 1}}, "azure.colour: unknown key"),
+        ({"polling": {"interval_seconds": "soon"}}, "polling.interval_seconds: must be a number"),
+        ({"haproxy": {"server_slots": {"base": 2.5}}}, "haproxy.server_slots.base: must be an integer"),
+        ({"haproxy": {"server_slots": {"growth_type": "expo"}}},
+         'haproxy.server_slots.growth_type: must be "linear" or "exponential", got "expo"'),
+        ({"haproxy": {"verify_ssl": "yes"}}, "haproxy.verify_ssl: must be true or false"),
+        ({"haproxy": {"timeout": 0}}, "haproxy.timeout: must be greater than 0"),
+        ({"polling": {"jitter_seconds": -1}}, "polling.jitter_seconds: must be 0 or more"),
+        ({"haproxy": {"password": ""}}, "haproxy.password: is required"),
+        ({"azure": {"subscription_id": ""}}, "azure.subscription_id: required"),
+        ({"azure": {"subscription_id": "prod"}}, "azure.subscription_id: must be a subscription GUID"),
+        ({"azure": {"subscription_ids": [SUB, 5]}}, "azure.subscription_ids: must be a list of non-empty strings"),
+        ({"azure": {"resource_groups": ["ok", "bad/rg"]}}, "azure.resource_groups[1]: not a resource group name"),
+        ({"tags": {"allowlist": {"env": 1}}}, "tags.allowlist: must be an object of strings"),
+        ({"haproxy": {"base_url": "localhost:5555"}}, "haproxy.base_url: must be an http(s) URL"),
+        ({"azure": {"resource_manager_url": "http://arm"}}, "azure.resource_manager_url: must be an https URL"),
+        ({"metrics": {"listen": "9777"}}, 'metrics.listen: must be "HOST:PORT"'),
+        ({"haproxy": {"server": {"params": {"address": "x"}}}},
+         "haproxy.server.params: may not set address (the program sets it)"),
+        ({"haproxy": {"server": {"params": {"colour": "red"}}}},
+         "haproxy.server.params: unknown field(s) colour"),
+        ({"haproxy": {"backend": {"params": {"name": "x"}}}}, "haproxy.backend.params: may not set name"),
+        ({"haproxy": {"backend": {"balance": "fastest"}}}, "haproxy.backend.balance: must be"),
+        ({"haproxy": {"server_slots": {"growth_type": "exponential", "growth_factor": 1}}},
+         "haproxy.server_slots.growth_factor: must be greater than 1 for exponential growth"),
+        ({"polling": {"backoff_base_seconds": 10, "max_backoff_seconds": 5}},
+         "polling.max_backoff_seconds: must be at least polling.backoff_base_seconds"),
+        ({"safety": {"max_drain_percent": 150}}, "safety.max_drain_percent: must be between 0 and 100"),
+        ({"logging": {"format": "xml"}}, 'logging.format: must be "json" or "text"'),
+        ({"haproxy": "none"}, "haproxy: must be an object"),
+        ({"haproxy": {"password": "${NOPE}"}}, "haproxy.password: environment variable NOPE is not set"),
+    ])
+    def test_each_error_names_its_key(self, raw, problem):
+        base = {"azure": {"subscription_id": SUB}, "haproxy": {"password": "pw"}}
+        for section, values in raw.items():
+            base[section] = {**base.get(section, {}), **values} if isinstance(values, dict) else values
+        with pytest.raises(m.ConfigError) as err:
+            m.parse_config(base, {})
+        assert any(p.startswith(problem) for p in err.value.problems), err.value.problems
+
+    def test_every_problem_is_reported_at_once(self, tmp_path, capsys):
+        path = write_config(tmp_path, {
+            "azure": {"subscription_id": "x", "cloud": "mars"},
+            "haproxy": {"password": "p", "timeout": -1, "server_slots": {"growth_type": "expo"}},
+            "polling": {"intervall": 3}})
+        assert m.main(["--validate", "-c", path]) == 78
+        err = capsys.readouterr().err
+        for key in ("azure.subscription_id", "azure.cloud", "haproxy.timeout",
+                    "haproxy.server_slots.growth_type", "polling.intervall"):
+            assert f"error: {path}: {key}:" in err
+        assert len(err.splitlines()) == 5
+
+    def test_interpolation(self):
+        env = {"PW": "hunter2", "PORT": "7000"}
+        cfg = m.parse_config({"azure": {"subscription_id": "${SUB:-" + SUB + "}"},
+                              "haproxy": {"password": "${PW}", "base_url": "http://h:${PORT}",
+                                          "timeout": "${TIMEOUT:-3}", "verify_ssl": "${V:-false}"},
+                              "tags": {"allowlist": {"env": "${ENV:-prod}"}}}, env)
+        assert cfg.azure.subscription_id == SUB and cfg.haproxy.password == "hunter2"
+        assert cfg.haproxy.base_url == "http://h:7000" and cfg.haproxy.timeout == 3.0
+        assert cfg.haproxy.verify_ssl is False and cfg.tags.allowlist == {"env": "prod"}
+
+    def test_underscore_keys_are_comments(self):
+        cfg = m.parse_config({"_comment": "x", "azure": {"_note": 1, "subscription_id": SUB},
+                              "haproxy": {"password": "p", "server": {"params": {"_why": "x", "inter": 2000}}}}, {})
+        assert cfg.haproxy.server.params == {"inter": 2000}
+
+    @pytest.mark.parametrize("name, text, problem", [
+        ("c.json", "{not json", "not valid JSON"),
+        ("c.toml", "[azure\n", "not valid TOML"),
+        ("c.json", "[1, 2]", "configuration: must be an object"),
+    ])
+    def test_unreadable_files(self, tmp_path, name, text, problem):
+        path = write_config(tmp_path, text, name)
+        with pytest.raises(m.ConfigError, match=problem):
+            m.load_config(path, {})
+
+    def test_missing_file(self, tmp_path):
+        with pytest.raises(m.ConfigError, match="cannot read"):
+            m.load_config(str(tmp_path / "absent.json"), {})
+
+    @pytest.mark.skipif(sys.version_info < (3, 11), reason="tomllib is 3.11+")
+    def test_toml(self, tmp_path):
+        path = write_config(tmp_path, textwrap.dedent(f"""
+            [azure]
+            subscription_id = "{SUB}"
+            [haproxy]
+            password = "${{PW}}"
+            [haproxy.server_slots]
+            growth_type = "exponential"
+            growth_factor = 2
+            """), "c.toml")
+        cfg = m.load_config(path, {"PW": "x"})
+        assert cfg.haproxy.server_slots.growth_type == "exponential" and cfg.haproxy.password == "x"
+
+    def test_param_lists_exist_in_both_specifications(self):
+        yaml = pytest.importorskip("yaml")
+        for spec in ("dataplaneapi-v2.yaml", "dataplaneapi-v3.yaml"):
+            with open(os.path.join(HERE, "..", "shared", "spec", spec)) as f:
+                defs = yaml.safe_load(f)["definitions"]
+
+            def props(name):
+                out = {}
+                for part in defs[name].get("allOf", [defs[name]]):
+                    if "$ref" in part:
+                        out.update(props(part["$ref"].split("/")[-1]))
+                    out.update(part.get("properties", {}))
+                return out
+            assert m.BACKEND_PARAMS <= set(props("backend")), spec
+            assert m.SERVER_PARAMS <= set(props("server")), spec
+            assert set(m.BALANCE_ALGORITHMS) == set(defs["balance"]["properties"]["algorithm"]["enum"])
+
+    def test_short_interval_warns_but_is_accepted(self):
+        cfg = make_config(polling={"interval_seconds": 2})
+        assert any("Azure Resource Manager read quotas" in w for w in m.config_warnings(cfg))
+
+
+# --- Discovery: filter and group ---------------------------------------------------
+HOSTILE = ["web\nbackend evil", "web app", "web#1", "w" * 10_000, "wéb", "", "web;x", "a/b"]
+
+
+class TestSelect:
+    def test_allowlist_is_and_denylist_is_or(self):
+        cfg = make_config(tags={"allowlist": {"env": "prod", "team": "a"}, "denylist": {"drain": "yes", "x": "1"}})
+        cases = {1: {"env": "prod", "team": "a"}, 2: {"env": "prod"}, 3: {"env": "prod", "team": "a", "drain": "yes"},
+                 4: {"env": "prod", "team": "a", "x": "1"}, 5: {"env": "prod", "team": "a", "drain": "no"}}
+        groups, skipped = m.select_instances([make_instance(n, tags=t) for n, t in cases.items()], cfg)
+        assert [mb.label for mb in groups[m.ServiceKey("web", 8080, "eastus")]] == ["vm1", "vm5"]
+        assert skipped == []
+
+    @pytest.mark.parametrize("running_only, served", [(True, ["vm1"]), (False, ["vm1", "vm2", "vm3", "vm4"])])
+    def test_power_state(self, running_only, served):
+        cfg = make_config(azure={"running_only": running_only})
+        states = ["running", "stopped", "deallocated", "unknown"]
+        groups, _ = m.select_instances([make_instance(i + 1, state=s) for i, s in enumerate(states)], cfg)
+        assert sorted(mb.label for ms in groups.values() for mb in ms) == served
+
+    def test_grouping_by_name_port_region_and_instance_port(self):
+        insts = [make_instance(1), make_instance(2, tags={"HAProxy:Instance:Port": "9090"}),
+                 make_instance(3, port="8081"), make_instance(4, region="westeurope"),
+                 make_instance(5, service="api")]
+        groups, _ = m.select_instances(insts, make_config())
+        names = {m.backend_name(k, make_config().haproxy.backend): [(x.label, x.port) for x in v]
+                 for k, v in groups.items()}
+        assert names == {"azure-web-8080-eastus": [("vm1", 8080), ("vm2", 9090)],
+                         "azure-web-8081-eastus": [("vm3", 8081)],
+                         "azure-web-8080-westeurope": [("vm4", 8080)],
+                         "azure-api-8080-eastus": [("vm5", 8080)]}
+
+    def test_backend_name_uses_prefix_and_separator(self):
+        cfg = make_config(haproxy={"password": "p", "backend": {"name_prefix": "az", "name_separator": "_"}})
+        assert m.backend_name(m.ServiceKey("web", 80, "eastus"), cfg.haproxy.backend) == "az_web_80_eastus"
+
+    @pytest.mark.parametrize("value", HOSTILE)
+    @pytest.mark.parametrize("tag", ["HAProxy:Service:Name", "HAProxy:Service:Port", "HAProxy:Instance:Port"])
+    def test_hostile_tags_are_skipped_not_served(self, tag, value):
+        inst = make_instance(1, tags={tag: value})
+        decision = run_plan([inst, make_instance(2)])
+        assert [s.instance for s in decision.plan.skipped] == ["vm1"]
+        assert tag in decision.plan.skipped[0].reason
+        assert len(decision.plan.skipped[0].reason) < 200 and "\n" not in decision.plan.skipped[0].reason
+        for b in decision.plan.backends:
+            assert m.NAME_RE.match(b.name) and all(m.SLOT_RE.match(n) for n in b.servers)
+            assert value not in b.name or value in ("", "a")
+
+    def test_hostile_region_is_skipped(self):
+        decision = run_plan([make_instance(1, region="east us\n")])
+        assert "location" in decision.plan.skipped[0].reason and decision.plan.empty
+
+    def test_missing_address_is_a_skip(self):
+        decision = run_plan([make_instance(1, address=None)])
+        assert decision.plan.skipped == (m.Skip("vm1", "no private ipv4 address on its primary network interface"),)
+
+    def test_duplicates_count_once(self):
+        groups, _ = m.select_instances([make_instance(1), make_instance(1)], make_config())
+        assert len(groups[m.ServiceKey("web", 8080, "eastus")]) == 1
+
+
+# --- Slots and diff ------------------------------------------------------------------
+LINEAR = m.SlotsConfig(10, 1.5, "linear")
+EXPONENTIAL = m.SlotsConfig(10, 1.5, "exponential")
+
+
+class TestSlots:
+    @pytest.mark.parametrize("cfg, n, want", [
+        (LINEAR, 0, 10), (LINEAR, 1, 10), (LINEAR, 10, 10), (LINEAR, 11, 12), (LINEAR, 30, 40),
+        (LINEAR, 1000, 1495), (EXPONENTIAL, 0, 10), (EXPONENTIAL, 1, 10), (EXPONENTIAL, 10, 10),
+        (EXPONENTIAL, 11, 15), (EXPONENTIAL, 30, 34), (EXPONENTIAL, 1000, 1298),
+        (m.SlotsConfig(10, 1.1, "linear"), 20, 21), (m.SlotsConfig(10, 1.1, "exponential"), 11, 11),
+        (m.SlotsConfig(3, 2, "exponential"), 13, 24),
+    ])
+    def test_target(self, cfg, n, want):
+        assert m.slot_target(n, cfg) == want
+        assert m.slot_target(n, cfg) >= max(n, cfg.base)
+
+    @pytest.mark.parametrize("n, current, highest_live, want", [
+        (11, 10, 10, 12),    # growth is immediate
+        (10, 12, 10, 12),    # target 10 > 12/2: no shrink (no flapping at the boundary)
+        (5, 40, 5, 10),      # target 10 <= 40/2: shrink to the target
+        (5, 40, 33, 33),     # ... but never below a live slot
+        (0, 20, 0, 10),      # 10 <= 20/2: shrink, never below base
+        (0, 19, 0, 19),
+    ])
+    def test_count_hysteresis(self, n, current, highest_live, want):
+        assert m.slot_count(n, current, highest_live, LINEAR) == want
+
+    def test_fifty_cycle_churn_never_moves_a_live_server(self):
+        rng = random.Random(7)
+        cfg = make_config(safety={"max_drain_percent": 100})
+        alive = {i: make_instance(i) for i in range(1, 9)}
+        actual, state, next_id = {}, m.State(), 9
+        backend = "azure-web-8080-eastus"
+        for cycle in range(50):
+            for _ in range(rng.randint(0, 4)):
+                if alive and rng.random() < 0.5:
+                    alive.pop(rng.choice(sorted(alive)))
+                else:
+                    alive[next_id] = make_instance(next_id)
+                    next_id += 1
+            before = {s["address"]: n for n, s in actual[backend].servers.items()
+                      if s["maintenance"] == "disabled"} if backend in actual else {}
+            decision = run_plan(list(alive.values()), actual, state, cfg)
+            actual = apply_to(actual, decision.plan)
+            state.assignments = decision.assignments
+            after = {s["address"]: n for n, s in actual[backend].servers.items() if s["maintenance"] == "disabled"}
+            assert sorted(after) == sorted(i.address for i in alive.values()), cycle
+            for address, slot in before.items():
+                if address in after:
+                    assert after[address] == slot, f"cycle {cycle}: {address} moved"
+            assert run_plan(list(alive.values()), actual, state, cfg).plan.empty, cycle
+            assert len(actual[backend].servers) == m.slot_count(
+                len(alive), len(actual[backend].servers), 0, cfg.haproxy.server_slots) or \
+                len(actual[backend].servers) >= len(alive)
+
+    def test_new_instance_takes_lowest_parked_slot(self):
+        cfg = make_config()
+        d1 = run_plan([make_instance(i) for i in (1, 2, 3)], cfg=cfg)
+        actual = apply_to({}, d1.plan)
+        d2 = run_plan([make_instance(i) for i in (1, 3)], actual, m.State(assignments=d1.assignments), cfg)
+        actual = apply_to(actual, d2.plan)
+        d3 = run_plan([make_instance(i) for i in (1, 3, 4, 5)], actual, m.State(assignments=d2.assignments), cfg)
+        actual = apply_to(actual, d3.plan)
+        b = actual["azure-web-8080-eastus"]
+        assert_slots(b, {"srv1": "10.0.0.5:8080", "srv2": "10.0.0.8:8080", "srv3": "10.0.0.7:8080",
+                         "srv4": "10.0.0.9:8080", **{f"srv{i}": "parked" for i in range(5, 11)}})
+
+    def test_restart_matches_by_address_and_port(self):
+        """After a restart (no memory) an unchanged estate produces an empty plan, even
+        when HAProxy's slot order differs from what a first sync would choose."""
+        cfg = make_config()
+        servers = {f"srv{i}": m.server_body(m.Slot(f"srv{i}"), cfg.haproxy) for i in range(1, 11)}
+        for slot, n in (("srv7", 1), ("srv2", 2), ("srv9", 3)):
+            inst = make_instance(n)
+            servers[slot] = m.server_body(m.Slot(slot, inst.id, inst.name, inst.address, 8080), cfg.haproxy)
+        backend = m.BackendState("azure-web-8080-eastus", m.backend_fields("azure-web-8080-eastus",
+                                                                           cfg.haproxy.backend), servers)
+        decision = run_plan([make_instance(n) for n in (1, 2, 3)], {backend.name: backend}, cfg=cfg)
+        assert decision.plan.empty
+        assert decision.assignments[backend.name] == {make_instance(1).id: "srv7", make_instance(2).id: "srv2",
+                                                      make_instance(3).id: "srv9"}
+
+    def test_foreign_servers_are_left_alone(self):
+        cfg = make_config()
+        d1 = run_plan([make_instance(1)], cfg=cfg)
+        actual = apply_to({}, d1.plan)
+        b = actual["azure-web-8080-eastus"]
+        servers = {**b.servers, "manual": {"name": "manual", "address": "10.9.9.9", "port": 1}}
+        actual = {b.name: m.BackendState(b.name, b.fields, servers)}
+        d2 = run_plan([make_instance(1), make_instance(2)], actual, m.State(assignments=d1.assignments), cfg)
+        assert [c.name for bp in d2.plan.backends for c in bp.changes] == ["srv2"]
+        assert d2.plan.backends[0].servers["manual"] == servers["manual"]
+
+    def test_shrink_removes_only_trailing_parked_slots(self):
+        cfg = make_config()
+        many = [make_instance(i) for i in range(1, 41)]
+        actual = apply_to({}, run_plan(many, cfg=cfg).plan)
+        assert len(actual["azure-web-8080-eastus"].servers) == 55
+        keep = [many[0], many[30]]           # vm31 lives in srv31
+        state = m.State(assignments=run_plan(many, actual, cfg=cfg).assignments)
+        d = run_plan(keep, actual, state, make_config(safety={"max_drain_percent": 100}))
+        # the 38 drained servers are parked; only slots parked already are deleted
+        changes = d.plan.backends[0].changes
+        assert sum(c.action == "update" and c.body["maintenance"] == "enabled" for c in changes) == 38
+        assert [c.name for c in changes if c.action == "delete"] == [f"srv{i}" for i in range(41, 56)]
+        assert all(c.before["maintenance"] == "enabled" for c in changes if c.action == "delete")
+        actual = apply_to(actual, d.plan)
+        d = run_plan(keep, actual, m.State(assignments=d.assignments), cfg)
+        changes = d.plan.backends[0].changes
+        top = m.slot_index(d.assignments["azure-web-8080-eastus"][many[30].id])
+        assert top > 10 and [c.name for c in changes] == [f"srv{i}" for i in range(top + 1, 41)]
+        assert {c.action for c in changes} == {"delete"}
+        assert all(c.before["maintenance"] == "enabled" for c in changes)
+        actual = apply_to(actual, d.plan)
+        assert run_plan(keep, actual, m.State(assignments=d.assignments), cfg).plan.empty   # 31: no flapping
+
+    def test_hybrid_parked_slots_differ_only_in_runtime_fields(self):
+        cfg = make_config(haproxy={"password": "p", "apply_mode": "hybrid",
+                                   "server": {"params": {"inter": 2000, "weight": 50}}})
+        live = m.server_body(m.Slot("srv1", "id", "vm", "10.0.0.4", 8080), cfg.haproxy)
+        parked = m.server_body(m.Slot("srv1"), cfg.haproxy)
+        assert {k for k in live if live[k] != parked.get(k)} == {"address", "port", "maintenance"}
+        assert m.ServerChange("update", "srv1", live, parked).runtime_only
+        transaction = make_config(haproxy={"password": "p", "server": {"params": {"inter": 2000}}}).haproxy
+        assert parked["check"] == "enabled" and m.server_body(m.Slot("srv1"), transaction) == {
+            "name": "srv1", "address": "127.0.0.1", "port": 80, "maintenance": "enabled", "check": "disabled"}
+
+
+# --- Plan ----------------------------------------------------------------------------
+class TestPlan:
+    def synced(self, instances, cfg=None):
+        cfg = cfg or make_config()
+        d = run_plan(instances, cfg=cfg)
+        return apply_to({}, d.plan), m.State(assignments=d.assignments)
+
+    def test_first_sync_golden(self):
+        d = run_plan([make_instance(1), make_instance(2, address="10.0.0.9")], cfg=make_config(
+            haproxy={"password": "p", "server_slots": {"base": 3}}))
+        assert m.format_plan(d.plan) == textwrap.dedent("""\
+            backend azure-web-8080-eastus (create, 3 slots, 2 live)
+              + srv1 10.0.0.5:8080
+              + srv2 10.0.0.9:8080
+              + srv3 parked
+            1 services, 2 live servers, 1 backends to change
+            """)
+        b = d.plan.backends[0]
+        assert b.fields == {"name": "azure-web-8080-eastus", "mode": "http", "balance": {"algorithm": "roundrobin"}}
+        assert b.servers["srv1"] == {"name": "srv1", "address": "10.0.0.5", "port": 8080, "check": "enabled",
+                                     "maintenance": "disabled"}
+
+    def test_add_remove_golden(self):
+        actual, state = self.synced([make_instance(1), make_instance(2)])
+        d = run_plan([make_instance(1), make_instance(3), make_instance(4, tags={"HAProxy:Service:Port": "x"})],
+                     actual, state)
+        assert m.format_plan(d.plan) == textwrap.dedent("""\
+            backend azure-web-8080-eastus (10 slots, 2 live)
+              ~ srv2 10.0.0.6:8080 -> parked
+              ~ srv3 parked -> 10.0.0.7:8080 (vm3)
+            skipped: vm4: tag HAProxy:Service:Port "x" is not a port (1-65535)
+            1 services, 2 live servers, 1 backends to change
+            """)
+
+    def test_vanished_service_parks_every_slot_and_keeps_the_backend(self):
+        actual, state = self.synced([make_instance(1), make_instance(2, service="api")])
+        d = run_plan([make_instance(2, service="api")], actual, state)
+        assert m.format_plan(d.plan) == textwrap.dedent("""\
+            backend azure-web-8080-eastus (10 slots, 0 live)
+              ~ srv1 10.0.0.5:8080 -> parked
+            1 services, 1 live servers, 1 backends to change
+            """)
+        assert not any(c.action == "delete" for b in d.plan.backends for c in b.changes)
+
+    def test_no_op_golden(self):
+        actual, state = self.synced([make_instance(1)])
+        d = run_plan([make_instance(1)], actual, state)
+        assert d.plan.empty and m.format_plan(d.plan) == "1 services, 1 live servers, no changes\n"
+
+    def test_growth_golden(self):
+        cfg = make_config(haproxy={"password": "p", "server_slots": {"base": 2, "growth_factor": 1}})
+        actual, state = self.synced([make_instance(1), make_instance(2)], cfg)
+        d = run_plan([make_instance(i) for i in (1, 2, 3)], actual, state, cfg)
+        assert m.format_plan(d.plan) == textwrap.dedent("""\
+            backend azure-web-8080-eastus (3 slots, 3 live)
+              + srv3 10.0.0.7:8080 (vm3)
+            1 services, 3 live servers, 1 backends to change
+            """)
+        assert d.plan.backends[0].structural and not d.plan.runtime_only
+
+    def test_drift_is_repaired(self):
+        actual, state = self.synced([make_instance(1)])
+        b = actual["azure-web-8080-eastus"]
+        servers = {**b.servers, "srv1": {**b.servers["srv1"], "address": "10.6.6.6"},
+                   "srv2": {**b.servers["srv2"], "check": "enabled"}}
+        fields = {**b.fields, "balance": {"algorithm": "leastconn"}}
+        d = run_plan([make_instance(1)], {b.name: m.BackendState(b.name, fields, servers)}, state)
+        assert m.format_plan(d.plan).splitlines()[:4] == [
+            "backend azure-web-8080-eastus (10 slots, 1 live)", "  ~ backend settings",
+            "  ~ srv1 10.6.6.6:8080 -> 10.0.0.5:8080 (vm1)", "  ~ srv2 parked -> parked"]
+
+    def test_absent_switches_equal_disabled(self):
+        """The API leaves out switches that are off; that is no drift."""
+        actual, state = self.synced([make_instance(1)])
+        b = actual["azure-web-8080-eastus"]
+        servers = {n: {k: v for k, v in s.items() if v != "disabled"} for n, s in b.servers.items()}
+        assert run_plan([make_instance(1)], {b.name: m.BackendState(b.name, b.fields, servers)}, state).plan.empty
+
+    def test_mass_drain_is_held_until_confirmed(self):
+        cfg = make_config()
+        everyone = [make_instance(i) for i in range(1, 11)]
+        actual, state = self.synced(everyone, cfg)
+        partial = everyone[:2] + [make_instance(11)]
+        d1 = run_plan(partial, actual, state, cfg)
+        assert len(d1.plan.held) == 8
+        assert [(c.name, c.action) for c in d1.plan.backends[0].changes] == [
+            ("srv11", "add"), ("srv12", "add")]   # grows to 12 slots: nothing parked
+        assert d1.assignments == state.assignments | {"azure-web-8080-eastus": {
+            **state.assignments["azure-web-8080-eastus"], make_instance(11).id: "srv11"}}
+        state = m.State(assignments=state.assignments, drain_fingerprint=d1.drain_fingerprint,
+                        drain_streak=d1.drain_streak)
+        d2 = run_plan(partial, actual, state, cfg)
+        assert d2.plan.held == ()
+        after = apply_to(actual, d2.plan)["azure-web-8080-eastus"].servers.values()
+        assert sorted(s["address"] for s in after if s["maintenance"] == "disabled") == sorted(
+            i.address for i in partial)
+
+    def test_small_scale_in_is_never_held(self):
+        everyone = [make_instance(i) for i in range(1, 11)]
+        actual, state = self.synced(everyone)
+        d = run_plan(everyone[:7], actual, state)
+        assert d.plan.held == () and len(d.plan.backends[0].changes) == 3
+
+    @pytest.mark.parametrize("drains, live, streak, confirm, want", [
+        (1, 1, 0, 2, (False, 0)), (5, 10, 0, 2, (False, 0)), (6, 10, 0, 2, (True, 1)),
+        (6, 10, 1, 2, (False, 2)), (6, 10, 1, 3, (True, 2)), (6, 10, 0, 1, (False, 1)),
+    ])
+    def test_drain_held(self, drains, live, streak, confirm, want):
+        assert m.drain_held(drains, live, streak, m.SafetyConfig(50, confirm)) == want
+
+
+class TestDelay:
+    @pytest.mark.parametrize("failures, rand, want", [
+        (0, 0.0, 30), (0, 0.5, 32.5), (1, 0.0, 5), (2, 0.0, 10), (3, 0.0, 20), (7, 0.0, 300), (60, 0.0, 300),
+    ])
+    def test_next_delay(self, failures, rand, want):
+        assert m.next_delay(failures, m.PollingConfig(), rand) == want
+
+
+# --- Logging -------------------------------------------------------------------------
+class TestLogging:
+    def capture(self, fmt="json", secrets=("hunter2-secret",)):
+        stream = io.StringIO()
+        m.setup_logging("DEBUG", fmt, secrets, stream)
+        return stream
+
+    def test_json_lines_have_stable_keys(self):
+        stream = self.capture()
+        m.log.info("cycle %s", "applied", extra={"event": "cycle", "backend": "b", "count": 3})
+        record = json.loads(stream.getvalue())
+        assert list(record)[:4] == ["ts", "level", "msg", "event"]
+        assert record["msg"] == "cycle applied" and record["count"] == 3 and record["level"] == "info"
+        assert m.re.match(r"^\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{3}Z$", record["ts"])
+
+    @pytest.mark.parametrize("fmt", ["json", "text"])
+    def test_secrets_never_reach_a_line(self, fmt):
+        stream = self.capture(fmt)
+        m.log.warning("password is hunter2-secret")
+        m.log.error("headers {'Authorization': 'Basic YWRtaW46aHVudGVy'} and Bearer eyJ0eXAi.abc.def")
+        try:
+            raise m.DataPlaneError("token=abcdef123 failed")
+        except m.DataPlaneError:
+            m.log.exception("boom", extra={"event": "x", "detail": "client_secret=zzz999"})
+        out = stream.getvalue()
+        for secret in ("hunter2-secret", "YWRtaW46aHVudGVy", "eyJ0eXAi", "abcdef123", "zzz999"):
+            assert secret not in out
+        if fmt == "json":
+            assert all(json.loads(line) for line in out.splitlines() if line.startswith("{"))
+
+
+# --- Daemon loop ---------------------------------------------------------------------
+class ScriptedSource:
+    """Discovery results (or exceptions) in order; the last repeats."""
+    def __init__(self, *results):
+        self.results = list(results)
+
+    def discover(self):
+        result = self.results.pop(0) if len(self.results) > 1 else self.results[0]
+        if isinstance(result, Exception):
+            raise result
+        return result
+
+
+class EmptyDataPlane:
+    """Holds no backends and takes no writes: enough for loops over empty estates."""
+    requests = 0
+
+    def version(self):
+        self.requests += 1
+        return 1
+
+    def read_backends(self, prefix):
+        self.requests += 1
+        return 1, {}
+
+
+class RecordingSignals(m.Signals):
+    def __init__(self):
+        super().__init__()
+        self.sleeps = []
+
+    def sleep(self, seconds):
+        self.sleeps.append(seconds)
+
+
+class TestLoop:
+    def test_backoff_grows_and_resets(self):
+        ok = m.Discovery(())
+        fail = m.AzureError("listing failed")
+        source = ScriptedSource(fail, fail, fail, ok, fail, ok)
+        signals = RecordingSignals()
+        cfg = make_config(polling={"jitter_seconds": 0})
+        assert m.run_forever(lambda: cfg, lambda c: source, lambda c: EmptyDataPlane(), signals,
+                             max_cycles=7, rand=lambda: 0.0) == 0
+        assert signals.sleeps == [5, 10, 20, 30, 5, 30]
+
+    def test_unexpected_errors_are_logged_and_the_loop_goes_on(self, caplog):
+        source = ScriptedSource(KeyError("bug"), m.Discovery(()))
+        signals = RecordingSignals()
+        m.run_forever(make_config, lambda c: source, lambda c: EmptyDataPlane(), signals, max_cycles=2,
+                      rand=lambda: 0.0)
+        assert signals.sleeps == [5]
+        assert any(r.exc_info and "cycle failed unexpectedly" in r.getMessage() for r in caplog.records)
+
+    def test_sighup_keeps_the_old_config_when_the_new_one_is_invalid(self):
+        configs = [make_config(polling={"interval_seconds": 60, "jitter_seconds": 0}),
+                   m.ConfigError(["x: bad"]), make_config(polling={"interval_seconds": 90, "jitter_seconds": 0})]
+
+        def load():
+            c = configs.pop(0)
+            if isinstance(c, Exception):
+                raise c
+            return c
+        signals = RecordingSignals()
+        sources = []
+
+        def make_source(c):
+            sources.append(c)
+            return ScriptedSource(m.Discovery(()))
+        original_sleep = signals.sleep
+
+        def sleep(seconds):
+            original_sleep(seconds)
+            signals.reload.set()
+        signals.sleep = sleep
+        m.run_forever(load, make_source, lambda c: EmptyDataPlane(), signals, max_cycles=3, rand=lambda: 0.0)
+        assert signals.sleeps == [60, 60]        # the invalid config changed nothing ...
+        assert [c.polling.interval_seconds for c in sources] == [60, 90]   # ... the valid one did
+
+    def test_stop_interrupts_the_sleep(self):
+        signals = m.Signals()
+        threading.Timer(0.2, lambda: signals._set(signals.stop)).start()
+        started = time.monotonic()
+        m.run_forever(lambda: make_config(polling={"interval_seconds": 600}),
+                      lambda c: ScriptedSource(m.Discovery(())), lambda c: EmptyDataPlane(), signals)
+        assert time.monotonic() - started < 5
+
+
+# --- CLI -----------------------------------------------------------------------------
+BLOCK_SDK = "import sys; sys.modules['azure'] = None\nimport haproxy_azure_discovery as m\n"
+
+
+class TestCli:
+    def example(self):
+        return os.path.join(HERE, "config.example.json")
+
+    def test_validate_imports_no_azure_module(self):
+        r = run_py("import sys\nimport haproxy_azure_discovery as m\n"
+                   f"rc = m.main(['--validate', '-c', {self.example()!r}])\n"
+                   "assert not [k for k in sys.modules if k.startswith('azure')], 'azure imported'\n"
+                   "sys.exit(rc)", EXAMPLE_ENV)
+        assert r.returncode == 0, r.stderr
+        assert "configuration ok" in r.stdout
+
+    @pytest.mark.parametrize("args", [["--help"], ["--version"]])
+    def test_help_and_version_without_sdk(self, args):
+        r = run_py(BLOCK_SDK + f"raise SystemExit(m.main({args!r}))")
+        assert r.returncode == 0, r.stderr
+        assert ("usage:" in r.stdout) if args == ["--help"] else r.stdout.startswith(
+            f"haproxy-azure-discovery {m.__version__}")
+
+    def test_missing_sdk_exits_69_with_install_hint(self):
+        r = run_py(BLOCK_SDK + f"raise SystemExit(m.main(['--once', '-c', {self.example()!r}]))", EXAMPLE_ENV)
+        assert r.returncode == 69
+        assert r.stderr.startswith("error: Azure SDK not importable") and "azure-mgmt-compute" in r.stderr
+
+    def test_missing_variable_names_key_and_variable(self, capsys):
+        env = {k: v for k, v in os.environ.items() if k != "DATAPLANE_PASSWORD"}
+        os.environ.pop("DATAPLANE_PASSWORD", None)
+        os.environ["AZURE_SUBSCRIPTION_ID"] = SUB
+        try:
+            assert m.main(["--validate", "-c", self.example()]) == 78
+        finally:
+            os.environ.clear()
+            os.environ.update(env)
+        assert "haproxy.password: environment variable DATAPLANE_PASSWORD is not set" in capsys.readouterr().err
+
+    def test_usage_error_is_2(self):
+        assert m.main(["--once", "--validate"]) == 2
+
+    @pytest.mark.parametrize("how", [["haproxy_azure_discovery.py"], ["-m", "haproxy_azure_discovery"]])
+    def test_runs_as_script_and_module(self, how):
+        r = subprocess.run([sys.executable, *how, "--validate", "-c", self.example()], cwd=HERE,
+                           capture_output=True, text=True, timeout=60, env={**os.environ, **EXAMPLE_ENV})
+        assert r.returncode == 0, r.stderr
+        r = subprocess.run([sys.executable, *how, "-c", "/nonexistent.json", "--validate"], cwd=HERE,
+                           capture_output=True, text=True, timeout=60)
+        assert r.returncode == 78 and r.stderr.startswith("error: /nonexistent.json: cannot read")
+
+    def test_import_has_no_side_effects(self):
+        r = run_py("import logging, signal, sys\nh = signal.getsignal(signal.SIGTERM)\n"
+                   "import haproxy_azure_discovery\n"
+                   "assert signal.getsignal(signal.SIGTERM) is h\n"
+                   "assert not logging.getLogger().handlers and not logging.getLogger('haproxy_azure_discovery').handlers\n")
+        assert r.returncode == 0, r.stderr

@@ -1,0 +1,960 @@
+#!/usr/bin/env python3
+"""A local HTTPS fake of Azure Resource Manager for the haproxy-azure-discovery test bed.
+
+The real Azure SDK talks to it: `DefaultAzureCredential` gets its token from the fake's App Service
+managed-identity endpoint, and `ComputeManagementClient` / `NetworkManagementClient` list the estate
+through the same list endpoints as in Azure, in the shapes of Azure's own examples
+(`shared/azure-examples/`), with paging. Runs on the standard library plus `trustme`.
+
+In tests::
+
+    estate = make_estate(vms=3, uniform_sets=1, flexible_sets=1, per_set=2)
+    with FakeArm(estate, page_size=2) as fake:
+        for key, value in fake.env().items():
+            monkeypatch.setenv(key, value)        # and clear every AZURE_* variable
+        compute = ComputeManagementClient(DefaultAzureCredential(), DEFAULT_SUBSCRIPTION,
+                                          base_url=fake.url, credential_scopes=[ARM_SCOPE])
+        fake.estate.update("vm-0001", power_state="deallocated")   # served from the next request on
+        fake.add_fault("429", endpoint="nics", retry_after=1)
+        assert fake.counts["nics"] == 2
+
+Standalone (until SIGTERM or SIGINT; prints one line of shell `export` statements)::
+
+    python3 testing/fake_arm.py --port 8443 --estate estate.json [--page-size N] [--state-dir DIR]
+    python3 testing/fake_arm.py --generate vms=100,uniform=2,flexible=1,per_set=5 [--estate estate.json]
+
+`--generate` takes `make_estate` keywords with scalar values (`uniform`/`flexible` are short for
+`uniform_sets`/`flexible_sets`); with `--estate` as well, the generated estate is written to that file.
+The estate file is re-read whenever it changes (write it to a temporary name and rename it over).
+
+Endpoints (GET; `api-version` required; paths match case-insensitively) and their counter keys:
+
+    vms         /subscriptions/S/providers/Microsoft.Compute/virtualMachines   virtual_machines.list_all()
+    vms_status  the same with statusOnly=true             virtual_machines.list_all(status_only="true")
+    vms_rg      .../resourceGroups/R/providers/Microsoft.Compute/virtualMachines  virtual_machines.list(R)
+    vmss        .../providers/Microsoft.Compute/virtualMachineScaleSets    virtual_machine_scale_sets.list_all()
+    vmss_rg     the same under resourceGroups/R                            virtual_machine_scale_sets.list(R)
+    vmss_vms    .../virtualMachineScaleSets/V/virtualMachines          virtual_machine_scale_set_vms.list(R, V)
+    nics        .../providers/Microsoft.Network/networkInterfaces          network_interfaces.list_all()
+    nics_rg     the same under resourceGroups/R                            network_interfaces.list(R)
+    vmss_nics   .../virtualMachineScaleSets/V/networkInterfaces
+                                network_interfaces.list_virtual_machine_scale_set_network_interfaces(R, V)
+    pips        .../providers/Microsoft.Network/publicIPAddresses          public_ip_addresses.list_all()
+    pips_rg     the same under resourceGroups/R                            public_ip_addresses.list(R)
+    vmss_pips   .../virtualMachineScaleSets/V/publicipaddresses
+                        public_ip_addresses.list_virtual_machine_scale_set_public_ip_addresses(R, V)
+    token       /msi/token (App Service managed identity; X-IDENTITY-HEADER checked)
+    openid      /{tenant}/v2.0/.well-known/openid-configuration   } for ClientSecretCredential(...,
+    aad_token   POST /{tenant}/oauth2/v2.0/token                  } authority=fake.url, disable_instance_discovery=True)
+
+`counts` also has `total` (every request, unknown paths included). ARM endpoints need the
+`Authorization: Bearer {fake.token}` header (401 otherwise); unknown paths get 404. Errors are ARM-shaped:
+`{"error": {"code": ..., "message": ...}}`.
+
+What is served:
+
+- Standalone VMs and Flexible members come from the VM and NIC lists; Uniform instances, their NICs and
+  public IPs only from the scale-set lists. The status-only list has ids, names, locations and instance
+  views, no tags and no network profile. `$expand=instanceView` (vms_rg, vmss_vms) adds instance views; on
+  `vms` it is refused without `$filter`, as in Azure. A Flexible set's `vmss_vms` members have no network
+  profile, and their `instanceId` is the VM name.
+- Tags are omitted when empty. A Uniform instance carries only its own tags; its set's tags are on the set.
+- Casing: a resource's own `id` spells the resource group as stored (`/resourceGroups/rg-app-0/`); every
+  id that points at another resource (VM -> NIC, NIC -> VM, NIC -> public IP, public IP -> IP
+  configuration, Flexible VM -> scale set) and every id in the status-only list spells it
+  `/resourcegroups/RG-APP-0/`. Join ids case-insensitively.
+- A missing NIC (`has_nic=False`) is still referenced by its VM but absent from every NIC and public IP list.
+- Paging: `value` plus `nextLink` (back to the fake, query kept, `$skiptoken` added) while items remain.
+  A listing is a snapshot taken at its first page, like a server cursor, so scaling mid-listing shows in
+  the next listing; field changes (power state, tags) show on every page rendered after them.
+
+Faults (`add_fault`): kind "429" (with `Retry-After`), "500" or any other status >= 400, "slow" (waits
+`delay` seconds, then answers normally; `stop()` cuts the wait short), "bad_json" (200 with a truncated
+body) or "no_value" (200 with `{}`); aimed by `endpoint` (a counter key), `path` (regex searched in the
+request path, case-insensitively) and `page` (1-based); fires `times` times (`None`: every time).
+"""
+# === Imports (stdlib + trustme) ===
+from __future__ import annotations
+
+import argparse
+import base64
+import collections
+import dataclasses
+import ipaddress
+import itertools
+import json
+import random
+import re
+import secrets
+import shlex
+import shutil
+import signal
+import ssl
+import sys
+import tempfile
+import threading
+import time
+import uuid
+from dataclasses import dataclass, field
+from functools import partial
+from http import HTTPStatus
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+from typing import Callable, Iterator, NamedTuple
+from urllib.parse import parse_qsl, unquote, urlencode, urlsplit
+
+import trustme
+
+# === Constants ===
+ARM_SCOPE = "https://management.azure.com/.default"
+DEFAULT_SUBSCRIPTION = "00000000-0000-0000-0000-000000000001"
+DEFAULT_RESOURCE_GROUP = "rg-app-0"
+DEFAULT_LOCATION = "eastus"
+DEFAULT_IP_BASE = "10.0.0.4"          # Azure keeps .0 to .3 of every subnet for itself
+SERVICE_NAME_TAG = "HAProxy:Service:Name"
+SERVICE_PORT_TAG = "HAProxy:Service:Port"
+UNIFORM, FLEXIBLE = "Uniform", "Flexible"
+VM_SIZE = "Standard_D2s_v5"
+TOKEN_LIFETIME = 3600                 # seconds; a fresh token per credential is plenty for any test
+IDLE_TIMEOUT = 30                     # seconds a keep-alive connection may idle before its thread quits
+MAX_CURSORS = 256                     # listings remembered between pages; older ones are recomputed
+RELOAD_INTERVAL = 0.5                 # seconds between checks of the standalone estate file
+FAULT_ACTIONS = ("slow", "bad_json", "no_value")
+
+
+# === Estate model ===
+@dataclass(kw_only=True)
+class Instance:
+    """One machine as its NIC and instance view describe it; a scale-set member as it is."""
+    name: str
+    private_ip: str
+    tags: dict[str, str] = field(default_factory=dict)
+    power_state: str = "running"      # running, stopped, deallocated, starting, ...: PowerState/{it}
+    private_ipv6: str | None = None   # a second, non-primary IP configuration on the same NIC
+    public_ip: str | None = None      # attached to the primary IP configuration
+    has_nic: bool = True              # False: the VM names a NIC that no NIC list returns
+
+
+@dataclass(kw_only=True)
+class Vm(Instance):
+    """A standalone VM: an instance with its own place in the estate."""
+    subscription: str = DEFAULT_SUBSCRIPTION
+    resource_group: str = DEFAULT_RESOURCE_GROUP
+    location: str = DEFAULT_LOCATION
+
+
+@dataclass(kw_only=True)
+class ScaleSet:
+    """A VM scale set; its instances share its subscription, resource group and location.
+
+    Instance names are `{set}_{index}` (a Uniform instance's id is its index); `next_index` only grows,
+    so an index is never reused, as in Azure.
+    """
+    name: str
+    orchestration: str = UNIFORM
+    subscription: str = DEFAULT_SUBSCRIPTION
+    resource_group: str = DEFAULT_RESOURCE_GROUP
+    location: str = DEFAULT_LOCATION
+    tags: dict[str, str] = field(default_factory=dict)
+    instances: list[Instance] = field(default_factory=list)
+    next_index: int = 0
+
+    def __post_init__(self):
+        if self.orchestration not in (UNIFORM, FLEXIBLE):
+            raise ValueError(f"scale set {self.name}: orchestration must be {UNIFORM!r} or {FLEXIBLE!r}")
+        used = [int(index) + 1 for index in map(_index_of, self.instances) if index.isdigit()]
+        self.next_index = max([self.next_index, *used])
+
+
+def _index_of(inst: Instance) -> str:
+    return inst.name.rpartition("_")[2]
+
+
+def _group_id(place: Vm | ScaleSet) -> str:
+    return f"/subscriptions/{place.subscription}/resourceGroups/{place.resource_group}"
+
+
+def scale_set_id(ss: ScaleSet) -> str:
+    return f"{_group_id(ss)}/providers/Microsoft.Compute/virtualMachineScaleSets/{ss.name}"
+
+
+class Placed(NamedTuple):
+    """An instance with its scale set (None for a standalone VM), which together fix its ids."""
+    inst: Instance
+    ss: ScaleSet | None
+
+    @property
+    def home(self) -> Vm | ScaleSet:
+        """Whichever carries the subscription, resource group and location."""
+        return self.ss or self.inst
+
+    @property
+    def uniform(self) -> bool:
+        return self.ss is not None and self.ss.orchestration == UNIFORM
+
+    @property
+    def vm_id(self) -> str:
+        if self.uniform:
+            return f"{scale_set_id(self.ss)}/virtualMachines/{_index_of(self.inst)}"
+        return f"{_group_id(self.home)}/providers/Microsoft.Compute/virtualMachines/{self.inst.name}"
+
+    @property
+    def nic_id(self) -> str:
+        if self.uniform:
+            return f"{self.vm_id}/networkInterfaces/{self.ss.name}-nic"
+        return f"{_group_id(self.home)}/providers/Microsoft.Network/networkInterfaces/{self.inst.name}-nic"
+
+    @property
+    def ip_config_id(self) -> str:
+        """The primary (IPv4) IP configuration of the NIC."""
+        return f"{self.nic_id}/ipConfigurations/ipconfig1"
+
+    @property
+    def public_ip_id(self) -> str:
+        if self.uniform:
+            return f"{self.ip_config_id}/publicIPAddresses/{self.ss.name}-pip"
+        return f"{_group_id(self.home)}/providers/Microsoft.Network/publicIPAddresses/{self.inst.name}-pip"
+
+
+@dataclass
+class Estate:
+    """Everything the fake serves. Public methods hold `lock`; the fake renders under it too.
+
+    Names are unique across the estate (VMs, instances and scale sets), and methods find things by name.
+    """
+    vms: list[Vm] = field(default_factory=list)
+    scale_sets: list[ScaleSet] = field(default_factory=list)
+
+    def __post_init__(self):
+        self.lock = threading.RLock()   # not a field, so asdict() and the JSON leave it out
+
+    def machines(self) -> Iterator[Placed]:
+        for vm in self.vms:
+            yield Placed(vm, None)
+        for ss in self.scale_sets:
+            for inst in ss.instances:
+                yield Placed(inst, ss)
+
+    def find(self, name: str) -> Instance | ScaleSet:
+        """The VM, scale-set instance or scale set called `name`."""
+        found = self._locate(name)
+        return found.inst if isinstance(found, Placed) else found
+
+    def resource_id(self, name: str) -> str:
+        """The canonical ARM id of a VM, instance or scale set, as its own listing spells it."""
+        found = self._locate(name)
+        return found.vm_id if isinstance(found, Placed) else scale_set_id(found)
+
+    def add_vm(self, vm: Vm) -> None:
+        with self.lock:
+            if self._named(vm.name):
+                raise ValueError(f"the estate already has something called {vm.name!r}")
+            self.vms.append(vm)
+
+    def remove(self, name: str) -> None:
+        """Delete a VM, a scale-set instance or a whole scale set."""
+        with self.lock:
+            found = self._locate(name)
+            if isinstance(found, ScaleSet):
+                self.scale_sets.remove(found)
+            elif found.ss is None:
+                self.vms.remove(found.inst)
+            else:
+                found.ss.instances.remove(found.inst)
+
+    def update(self, name: str, **changes) -> None:
+        """Set fields of a VM, instance or scale set: power_state="stopped", tags={...}, has_nic=False."""
+        with self.lock:
+            target = self.find(name)
+            unknown = set(changes) - {f.name for f in dataclasses.fields(target)}
+            if unknown:
+                raise TypeError(f"{name}: no field(s) {', '.join(sorted(unknown))}")
+            for key, value in changes.items():
+                setattr(target, key, value)
+
+    def scale(self, name: str, capacity: int) -> None:
+        """Scale a set in (highest indexes go first, as Azure's default policy) or out.
+
+        New instances get the next private IPv4 address after the highest one in the estate, and an
+        IPv6 or public address the same way when the set's last instance has one; no own tags.
+        """
+        with self.lock:
+            ss = self.find(name)
+            if not isinstance(ss, ScaleSet):
+                raise KeyError(f"{name!r} is not a scale set")
+            del ss.instances[capacity:]
+            while len(ss.instances) < capacity:
+                ss.instances.append(self._new_instance(ss))
+
+    def to_json(self) -> str:
+        with self.lock:
+            return json.dumps(dataclasses.asdict(self), indent=1)
+
+    @classmethod
+    def from_json(cls, text: str) -> Estate:
+        raw = json.loads(text)
+        return cls(vms=[Vm(**vm) for vm in raw.get("vms", [])],
+                   scale_sets=[ScaleSet(**{**ss, "instances": [Instance(**i) for i in ss.get("instances", [])]})
+                               for ss in raw.get("scale_sets", [])])
+
+    def _named(self, name: str) -> list[Placed | ScaleSet]:
+        return ([p for p in self.machines() if p.inst.name == name]
+                + [ss for ss in self.scale_sets if ss.name == name])
+
+    def _locate(self, name: str) -> Placed | ScaleSet:
+        with self.lock:
+            hits = self._named(name)
+        if len(hits) != 1:
+            raise KeyError(f"{len(hits)} things in the estate are called {name!r}")
+        return hits[0]
+
+    def _new_instance(self, ss: ScaleSet) -> Instance:
+        last = ss.instances[-1] if ss.instances else None
+        inst = Instance(name=f"{ss.name}_{ss.next_index}", private_ip=self._next_address("private_ip"))
+        for attr in ("private_ipv6", "public_ip"):
+            if last is not None and getattr(last, attr):
+                setattr(inst, attr, self._next_address(attr))
+        ss.next_index += 1
+        return inst
+
+    def _next_address(self, attr: str) -> str:
+        used = [ipaddress.ip_address(value) for p in self.machines() if (value := getattr(p.inst, attr))]
+        return str(max(used) + 1) if used else DEFAULT_IP_BASE
+
+
+# === Estate generator ===
+def service_tags(name: str, port: int) -> dict[str, str]:
+    """The two tags that make an instance part of a service."""
+    return {SERVICE_NAME_TAG: name, SERVICE_PORT_TAG: str(port)}
+
+
+def make_estate(*, vms: int = 0, uniform_sets: int = 0, flexible_sets: int = 0, per_set: int = 2,
+                subscriptions=(DEFAULT_SUBSCRIPTION,), resource_groups=(DEFAULT_RESOURCE_GROUP,),
+                regions=(DEFAULT_LOCATION,), services=(("web", 8080),),
+                ip_base: str = DEFAULT_IP_BASE, ipv6_base: str | None = None,
+                public_ip_base: str | None = None, not_running: float = 0.0, seed: int = 0,
+                overrides: dict[str, dict] | None = None) -> Estate:
+    """Build an estate deterministically.
+
+    Names: VMs `vm-0000`..., Uniform sets `uvmss-00`..., Flexible sets `fvmss-00`..., instances
+    `{set}_{n}`. The i-th VM (and j-th set of each mode) takes services[i % len], then regions cycling
+    once per round of services (so every service reaches every region), and (subscription, resource
+    group) pairs cycling on their own. VMs carry the service tags; scale sets carry them on the set and
+    their instances none. Addresses count up from `ip_base` (and `ipv6_base`, `public_ip_base` when
+    given) in the order VMs, Uniform instances, Flexible instances. A `not_running` share of machines,
+    drawn with `seed`, is stopped or deallocated. `overrides` maps names to `Estate.update` changes.
+    """
+    places = list(itertools.product(subscriptions, resource_groups))
+    rng = random.Random(seed)
+    counter = itertools.count()
+
+    def spread(i: int) -> tuple[dict, dict[str, str]]:
+        subscription, resource_group = places[i % len(places)]
+        region = regions[(i // len(services)) % len(regions)]
+        return (dict(subscription=subscription, resource_group=resource_group, location=region),
+                service_tags(*services[i % len(services)]))
+
+    def machine(cls: type[Instance], name: str, **fields) -> Instance:
+        k = next(counter)
+        power = rng.choice(("stopped", "deallocated")) if rng.random() < not_running else "running"
+        return cls(name=name, private_ip=_address(ip_base, k), private_ipv6=_address(ipv6_base, k),
+                   public_ip=_address(public_ip_base, k), power_state=power, **fields)
+
+    estate = Estate()
+    for i in range(vms):
+        place, tags = spread(i)
+        estate.vms.append(machine(Vm, f"vm-{i:04d}", tags=tags, **place))
+    for mode, count, prefix in ((UNIFORM, uniform_sets, "uvmss"), (FLEXIBLE, flexible_sets, "fvmss")):
+        for j in range(count):
+            place, tags = spread(j)
+            name = f"{prefix}-{j:02d}"
+            instances = [machine(Instance, f"{name}_{n}") for n in range(per_set)]
+            estate.scale_sets.append(ScaleSet(name=name, orchestration=mode, tags=tags,
+                                              instances=instances, **place))
+    for name, changes in (overrides or {}).items():
+        estate.update(name, **changes)
+    return estate
+
+
+def _address(base: str | None, offset: int) -> str | None:
+    return None if base is None else str(ipaddress.ip_address(base) + offset)
+
+
+# === Rendering: ARM JSON shapes (shared/azure-examples) ===
+_RESOURCE_GROUP_SEGMENT = re.compile(r"/resourceGroups/([^/]+)", re.IGNORECASE)
+
+
+def _shout(arm_id: str) -> str:
+    """How Azure often spells a reference to another resource: `/resourcegroups/RG-NAME/`."""
+    return _RESOURCE_GROUP_SEGMENT.sub(lambda m: f"/resourcegroups/{m[1].upper()}", arm_id, count=1)
+
+
+def _guid(arm_id: str) -> str:
+    return str(uuid.uuid5(uuid.NAMESPACE_URL, arm_id.lower()))
+
+
+def _resource(arm_id: str, rtype: str, location: str | None, tags: dict | None, properties: dict) -> dict:
+    item = {"name": arm_id.rpartition("/")[2], "id": arm_id, "type": rtype}
+    if location:
+        item["location"] = location
+    if tags:
+        item["tags"] = dict(tags)
+    item["properties"] = properties
+    return item
+
+
+def _instance_view(inst: Instance) -> dict:
+    return {"statuses": [
+        {"code": "ProvisioningState/succeeded", "level": "Info", "displayStatus": "Provisioning succeeded"},
+        {"code": f"PowerState/{inst.power_state}", "level": "Info", "displayStatus": f"VM {inst.power_state}"},
+    ]}
+
+
+def _nic_reference(p: Placed) -> dict:
+    reference = {"id": _shout(p.nic_id)}
+    if p.ss is not None:   # a standalone VM with a single NIC leaves `primary` out
+        reference["properties"] = {"primary": True, "deleteOption": "Delete"}
+    return reference
+
+
+def _vm_json(p: Placed, *, instance_view: bool = False) -> dict:
+    properties = {"vmId": _guid(p.vm_id), "hardwareProfile": {"vmSize": VM_SIZE},
+                  "networkProfile": {"networkInterfaces": [_nic_reference(p)]},
+                  "provisioningState": "Succeeded"}
+    if p.ss is not None:
+        properties["virtualMachineScaleSet"] = {"id": _shout(scale_set_id(p.ss))}
+    if instance_view:
+        properties["instanceView"] = _instance_view(p.inst)
+    return _resource(p.vm_id, "Microsoft.Compute/virtualMachines", p.home.location, p.inst.tags, properties)
+
+
+def _vm_status_json(p: Placed) -> dict:
+    return _resource(_shout(p.vm_id), "Microsoft.Compute/virtualMachines", p.home.location, None,
+                     {"instanceView": _instance_view(p.inst)})
+
+
+def _scale_set_json(ss: ScaleSet) -> dict:
+    item = _resource(scale_set_id(ss), "Microsoft.Compute/virtualMachineScaleSets", ss.location, ss.tags,
+                     {"orchestrationMode": ss.orchestration, "provisioningState": "Succeeded",
+                      "uniqueId": _guid(scale_set_id(ss))})
+    item["sku"] = {"name": VM_SIZE, "tier": "Standard", "capacity": len(ss.instances)}
+    return item
+
+
+def _scale_set_vm_json(p: Placed, *, instance_view: bool) -> dict:
+    properties = {"latestModelApplied": True, "vmId": _guid(p.vm_id), "hardwareProfile": {"vmSize": VM_SIZE},
+                  "provisioningState": "Succeeded"}
+    if p.uniform:   # Azure gives a Flexible member's network profile only in the VM list
+        properties["networkProfile"] = {"networkInterfaces": [_nic_reference(p)]}
+    if instance_view:
+        properties["instanceView"] = _instance_view(p.inst)
+    item = _resource(p.vm_id, "Microsoft.Compute/virtualMachines", p.ss.location, p.inst.tags, properties)
+    item["instanceId"] = _index_of(p.inst) if p.uniform else p.inst.name
+    return item
+
+
+def _ip_config_json(p: Placed, config_id: str, address: str, version: str, public: bool) -> dict:
+    home = p.home
+    subnet = (f"{_group_id(home)}/providers/Microsoft.Network/virtualNetworks/"
+              f"{home.resource_group}-vnet/subnets/default")
+    properties = {"provisioningState": "Succeeded", "privateIPAddress": address,
+                  "privateIPAllocationMethod": "Dynamic", "privateIPAddressVersion": version,
+                  "primary": version == "IPv4", "subnet": {"id": subnet}}
+    if public:
+        properties["publicIPAddress"] = {"id": _shout(p.public_ip_id)}
+    return {"name": config_id.rpartition("/")[2], "id": config_id,
+            "type": "Microsoft.Network/networkInterfaces/ipConfigurations", "properties": properties}
+
+
+def _nic_json(p: Placed) -> dict:
+    configs = [_ip_config_json(p, p.ip_config_id, p.inst.private_ip, "IPv4", bool(p.inst.public_ip))]
+    if p.inst.private_ipv6:
+        configs.append(_ip_config_json(p, f"{p.nic_id}/ipConfigurations/ipconfig-v6",
+                                       p.inst.private_ipv6, "IPv6", False))
+    properties = {"provisioningState": "Succeeded", "ipConfigurations": configs, "primary": True,
+                  "enableAcceleratedNetworking": False, "enableIPForwarding": False,
+                  "virtualMachine": {"id": _shout(p.vm_id)}}
+    # Uniform scale-set NICs and public IPs have no location (VmssNetworkInterfaceList.json).
+    location = None if p.uniform else p.home.location
+    return _resource(p.nic_id, "Microsoft.Network/networkInterfaces", location, None, properties)
+
+
+def _public_ip_json(p: Placed) -> dict:
+    properties = {"provisioningState": "Succeeded", "ipAddress": p.inst.public_ip,
+                  "publicIPAddressVersion": "IPv4", "publicIPAllocationMethod": "Static",
+                  "idleTimeoutInMinutes": 4, "ipConfiguration": {"id": _shout(p.ip_config_id)}}
+    location = None if p.uniform else p.home.location
+    return _resource(p.public_ip_id, "Microsoft.Network/publicIPAddresses", location, None, properties)
+
+
+def _in_scope(place: Vm | ScaleSet, subscription: str, resource_group: str | None) -> bool:
+    return (place.subscription.lower() == subscription.lower()
+            and (resource_group is None or place.resource_group.lower() == resource_group.lower()))
+
+
+Listing = tuple[list, Callable[[object], dict]]
+
+
+def _listing(estate: Estate, endpoint: str, groups: dict, params: dict) -> Listing | None:
+    """What an ARM list endpoint returns, unrendered, and how to render one item; None: no such set."""
+    subscription, resource_group = groups["sub"], groups.get("rg")
+    instance_view = params.get("$expand", "").lower() == "instanceview"
+    if endpoint in ("vmss", "vmss_rg"):
+        return [ss for ss in estate.scale_sets if _in_scope(ss, subscription, resource_group)], _scale_set_json
+    if "vmss" in groups:
+        wanted = groups["vmss"].lower()
+        ss = next((ss for ss in estate.scale_sets
+                   if ss.name.lower() == wanted and _in_scope(ss, subscription, resource_group)), None)
+        if ss is None:
+            return None
+        members = [Placed(inst, ss) for inst in ss.instances]
+        if endpoint == "vmss_vms":
+            return members, partial(_scale_set_vm_json, instance_view=instance_view)
+        machines = members if ss.orchestration == UNIFORM else []   # Flexible NICs are ordinary NICs
+    else:
+        machines = [p for p in estate.machines()
+                    if not p.uniform and _in_scope(p.home, subscription, resource_group)]
+    if endpoint == "vms_status":
+        return machines, _vm_status_json
+    if endpoint in ("vms", "vms_rg"):
+        return machines, partial(_vm_json, instance_view=instance_view)
+    with_nic = [p for p in machines if p.inst.has_nic]
+    if endpoint in ("nics", "nics_rg", "vmss_nics"):
+        return with_nic, _nic_json
+    return [p for p in with_nic if p.inst.public_ip], _public_ip_json
+
+
+# === Routes ===
+_SUB = r"/subscriptions/(?P<sub>[^/]+)"
+_RG = r"/resourcegroups/(?P<rg>[^/]+)"
+_COMPUTE = r"/providers/microsoft\.compute"
+_NETWORK = r"/providers/microsoft\.network"
+_VMSS = _SUB + _RG + _COMPUTE + r"/virtualmachinescalesets/(?P<vmss>[^/]+)"
+_ROUTES = [(endpoint, method, re.compile(pattern, re.IGNORECASE)) for endpoint, method, pattern in (
+    ("vms", "GET", _SUB + _COMPUTE + "/virtualmachines"),
+    ("vms_rg", "GET", _SUB + _RG + _COMPUTE + "/virtualmachines"),
+    ("vmss", "GET", _SUB + _COMPUTE + "/virtualmachinescalesets"),
+    ("vmss_rg", "GET", _SUB + _RG + _COMPUTE + "/virtualmachinescalesets"),
+    ("vmss_vms", "GET", _VMSS + "/virtualmachines"),
+    ("nics", "GET", _SUB + _NETWORK + "/networkinterfaces"),
+    ("nics_rg", "GET", _SUB + _RG + _NETWORK + "/networkinterfaces"),
+    ("vmss_nics", "GET", _VMSS + "/networkinterfaces"),
+    ("pips", "GET", _SUB + _NETWORK + "/publicipaddresses"),
+    ("pips_rg", "GET", _SUB + _RG + _NETWORK + "/publicipaddresses"),
+    ("vmss_pips", "GET", _VMSS + "/publicipaddresses"),
+    ("token", "GET", "/msi/token"),
+    ("openid", "GET", r"/(?P<tenant>[^/]+)/v2\.0/\.well-known/openid-configuration"),
+    ("aad_token", "POST", r"/(?P<tenant>[^/]+)/oauth2/v2\.0/token"),
+)]
+ENDPOINTS = ("vms_status",) + tuple(endpoint for endpoint, _, _ in _ROUTES)
+_IDENTITY_ENDPOINTS = ("token", "openid", "aad_token")
+
+
+def _route(method: str, path: str, params: dict) -> tuple[str | None, dict]:
+    """The endpoint (counter key) a request is for, with the path's named parts."""
+    for endpoint, route_method, pattern in _ROUTES:
+        match = pattern.fullmatch(path)
+        if match and method == route_method:
+            if endpoint == "vms" and params.get("statusonly", "").lower() == "true":
+                endpoint = "vms_status"
+            return endpoint, {k: v for k, v in match.groupdict().items() if v is not None}
+    return None, {}
+
+
+# === Faults ===
+@dataclass
+class Fault:
+    """One injected failure; see the module docstring. `fired` counts how often it has fired."""
+    kind: str
+    endpoint: str | None = None
+    path: str | None = None
+    page: int | None = None
+    times: int | None = 1
+    retry_after: int = 1
+    delay: float = 1.0
+    fired: int = 0
+
+    def __post_init__(self):
+        if self.kind not in FAULT_ACTIONS and not (self.kind.isdigit() and int(self.kind) >= 400):
+            raise ValueError(f"fault kind {self.kind!r}: want an HTTP status >= 400 or one of {FAULT_ACTIONS}")
+        if self.endpoint not in (None, *ENDPOINTS):
+            raise ValueError(f"fault endpoint {self.endpoint!r}: want one of {ENDPOINTS}")
+
+    def applies(self, endpoint: str, path: str, page: int) -> bool:
+        return ((self.times is None or self.fired < self.times)
+                and self.endpoint in (None, endpoint)
+                and (self.path is None or re.search(self.path, path, re.IGNORECASE) is not None)
+                and self.page in (None, page))
+
+
+# === HTTP plumbing ===
+class Reply(NamedTuple):
+    status: int
+    body: bytes
+    headers: tuple[tuple[str, str], ...] = ()
+
+
+def _json_reply(document: dict, status: int = 200) -> Reply:
+    return Reply(status, json.dumps(document).encode())
+
+
+def _arm_error(status: int, code: str, message: str, headers: tuple = ()) -> Reply:
+    return Reply(status, json.dumps({"error": {"code": code, "message": message}}).encode(), headers)
+
+
+def _fault_reply(fault: Fault) -> Reply:
+    if fault.kind == "bad_json":
+        return Reply(200, b'{"value": [{"name": "truncated", "id": "/subscr')
+    if fault.kind == "no_value":
+        return Reply(200, b"{}")
+    status = HTTPStatus(int(fault.kind))
+    headers = (("Retry-After", str(fault.retry_after)),) if status in (429, 503) else ()
+    return _arm_error(status, status.phrase.replace(" ", ""), f"Injected fault: {status.phrase}.", headers)
+
+
+class RequestRecord(NamedTuple):
+    method: str
+    path: str                 # unquoted, as sent
+    query: dict[str, str]
+    endpoint: str | None      # a counter key; None for unknown paths
+
+
+class _TlsServer(ThreadingHTTPServer):
+    """A ThreadingHTTPServer that does each TLS handshake in its connection's thread."""
+    daemon_threads = True
+
+    def __init__(self, address: tuple[str, int], context: ssl.SSLContext, fake: FakeArm):
+        self.context, self.fake = context, fake
+        super().__init__(address, _Handler)
+
+    def finish_request(self, request, client_address):
+        # Wrapping the listening socket instead would handshake in the accept loop, where one stalled
+        # client holds up every other.
+        request.settimeout(IDLE_TIMEOUT)
+        with self.context.wrap_socket(request, server_side=True) as tls:
+            self.RequestHandlerClass(tls, client_address, self)
+
+    def handle_error(self, request, client_address):
+        # Clients that hang up (read timeouts, refused certificates) are part of the tests.
+        if not isinstance(sys.exc_info()[1], OSError):
+            super().handle_error(request, client_address)
+
+
+class _Handler(BaseHTTPRequestHandler):
+    protocol_version = "HTTP/1.1"   # keep-alive, as the SDK's connection pool expects
+    server_version = "FakeARM"
+
+    def do_GET(self):
+        self.server.fake._serve(self)
+
+    do_POST = do_GET
+
+    def log_message(self, format, *args):
+        pass   # FakeArm.requests is the log
+
+
+# === The fake ===
+class FakeArm:
+    """The HTTPS fake of Resource Manager on 127.0.0.1; see the module docstring.
+
+    `estate` may be mutated (through its methods) or replaced at any time. `token` is what every ARM
+    request must carry; `identity_header` what the managed-identity endpoint wants; `client_id` and
+    `client_secret` what the AAD token endpoint wants. `url`, `ca_pem_path` and `env()` exist once started.
+    """
+
+    def __init__(self, estate: Estate | None = None, *, page_size: int = 100, port: int = 0,
+                 state_dir: str | None = None):
+        self.estate = estate if estate is not None else Estate()
+        self.page_size = page_size
+        self.token = secrets.token_urlsafe(24)
+        self.identity_header = secrets.token_urlsafe(16)
+        self.client_id = str(uuid.uuid4())
+        self.client_secret = secrets.token_urlsafe(16)
+        self._port, self._state_dir = port, state_dir
+        self._lock = threading.Lock()
+        self._counts: collections.Counter[str] = collections.Counter()
+        self._log: list[RequestRecord] = []
+        self._faults: list[Fault] = []
+        self._cursors: collections.OrderedDict[str, Listing] = collections.OrderedDict()
+        self._cursor_ids = itertools.count()
+        self._stopping = threading.Event()
+        self._server: _TlsServer | None = None
+        self._thread: threading.Thread | None = None
+        self._owns_state_dir = False
+
+    # --- lifecycle ---
+    def start(self) -> FakeArm:
+        """Write the CA certificate, bind 127.0.0.1 and serve in a daemon thread."""
+        ca = trustme.CA()
+        context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+        ca.issue_cert("127.0.0.1", "localhost").configure_cert(context)
+        self._owns_state_dir = self._state_dir is None
+        state_dir = Path(self._state_dir or tempfile.mkdtemp(prefix="fake-arm-"))
+        state_dir.mkdir(parents=True, exist_ok=True)
+        self.state_dir = state_dir
+        self.ca_pem_path = str(state_dir / "ca.pem")
+        ca.cert_pem.write_to_path(self.ca_pem_path)
+        self._server = _TlsServer(("127.0.0.1", self._port), context, self)
+        self.url = f"https://127.0.0.1:{self._server.server_address[1]}"
+        self._thread = threading.Thread(target=self._server.serve_forever, kwargs={"poll_interval": 0.05},
+                                        name="fake-arm", daemon=True)
+        self._thread.start()
+        return self
+
+    def stop(self) -> None:
+        """Stop serving: requests in flight (also slow ones) and later ones get the connection closed."""
+        if self._server is None:
+            return
+        self._stopping.set()
+        self._server.shutdown()
+        self._server.server_close()
+        self._thread.join()
+        self._server = None
+        if self._owns_state_dir:
+            shutil.rmtree(self.state_dir, ignore_errors=True)
+
+    def __enter__(self) -> FakeArm:
+        return self.start()
+
+    def __exit__(self, *exc_info) -> None:
+        self.stop()
+
+    def env(self) -> dict[str, str]:
+        """Environment for the SDK: trust the CA, take tokens from the fake's managed identity."""
+        return {"REQUESTS_CA_BUNDLE": self.ca_pem_path, "SSL_CERT_FILE": self.ca_pem_path,
+                "IDENTITY_ENDPOINT": f"{self.url}/msi/token", "IDENTITY_HEADER": self.identity_header,
+                "FAKE_ARM_URL": self.url}
+
+    # --- observation and faults ---
+    @property
+    def counts(self) -> dict[str, int]:
+        """Requests per endpoint (every key of ENDPOINTS, zero included) and `total`."""
+        with self._lock:
+            return {**dict.fromkeys(ENDPOINTS, 0), "total": 0, **self._counts}
+
+    @property
+    def requests(self) -> list[RequestRecord]:
+        with self._lock:
+            return list(self._log)
+
+    def reset_counts(self) -> None:
+        """Forget counts and the request log."""
+        with self._lock:
+            self._counts.clear()
+            self._log.clear()
+
+    def add_fault(self, kind: str, *, endpoint: str | None = None, path: str | None = None,
+                  page: int | None = None, times: int | None = 1, retry_after: int = 1,
+                  delay: float = 1.0) -> Fault:
+        """Inject a fault; faults are tried in the order added, and one fires per request at most."""
+        fault = Fault(kind, endpoint, path, page, times, retry_after, delay)
+        with self._lock:
+            self._faults.append(fault)
+        return fault
+
+    def clear_faults(self) -> None:
+        with self._lock:
+            self._faults.clear()
+
+    # --- serving ---
+    def _serve(self, handler: _Handler) -> None:
+        split = urlsplit(handler.path)
+        path = unquote(split.path)
+        query = dict(parse_qsl(split.query, keep_blank_values=True))
+        params = {key.lower(): value for key, value in query.items()}
+        body = handler.rfile.read(int(handler.headers.get("Content-Length") or 0))
+        endpoint, groups = _route(handler.command, path, params)
+        with self._lock:
+            self._counts["total"] += 1
+            if endpoint is not None:
+                self._counts[endpoint] += 1
+            self._log.append(RequestRecord(handler.command, path, query, endpoint))
+        if endpoint is None:
+            reply = _arm_error(404, "NotFound", f"The fake has no {handler.command} {path}.")
+        elif endpoint in _IDENTITY_ENDPOINTS:
+            reply = self._fault(endpoint, path, 1) or self._identity(endpoint, groups, handler, params, body)
+        else:
+            reply = self._arm(endpoint, groups, handler, split.path, query, params)
+        if self._stopping.is_set():
+            handler.close_connection = True   # a stopped fake answers nothing
+            return
+        handler.send_response(reply.status)
+        handler.send_header("Content-Type", "application/json; charset=utf-8")
+        handler.send_header("Content-Length", str(len(reply.body)))
+        for name, value in reply.headers:
+            handler.send_header(name, value)
+        handler.end_headers()
+        handler.wfile.write(reply.body)
+
+    def _fault(self, endpoint: str, path: str, page: int) -> Reply | None:
+        """Fire the first matching fault: its reply, or None (after the delay, for "slow")."""
+        with self._lock:
+            fault = next((f for f in self._faults if f.applies(endpoint, path, page)), None)
+            if fault is None:
+                return None
+            fault.fired += 1
+        if fault.kind != "slow":
+            return _fault_reply(fault)
+        self._stopping.wait(fault.delay)
+        return None
+
+    def _identity(self, endpoint: str, groups: dict, handler: _Handler, params: dict, body: bytes) -> Reply:
+        if endpoint == "token":
+            if handler.headers.get("X-IDENTITY-HEADER") != self.identity_header:
+                return _arm_error(401, "Unauthorized", "The X-IDENTITY-HEADER header is missing or wrong.")
+            if not params.get("resource"):
+                return _arm_error(400, "BadRequest", "The resource query parameter is required.")
+            return _json_reply({"access_token": self.token, "expires_on": str(int(time.time()) + TOKEN_LIFETIME),
+                                "resource": params["resource"], "token_type": "Bearer"})
+        tenant_url = f"{self.url}/{groups['tenant']}"
+        if endpoint == "openid":
+            return _json_reply({"issuer": f"{tenant_url}/v2.0",
+                                "authorization_endpoint": f"{tenant_url}/oauth2/v2.0/authorize",
+                                "token_endpoint": f"{tenant_url}/oauth2/v2.0/token"})
+        form = dict(parse_qsl(body.decode()))
+        if (form.get("client_id"), form.get("client_secret")) != (self.client_id, self.client_secret):
+            return _json_reply({"error": "invalid_client",
+                                "error_description": "AADSTS7000215: Invalid client secret provided."}, 401)
+        return _json_reply({"token_type": "Bearer", "expires_in": TOKEN_LIFETIME,
+                            "ext_expires_in": TOKEN_LIFETIME, "access_token": self.token})
+
+    def _arm(self, endpoint: str, groups: dict, handler: _Handler, raw_path: str, query: dict,
+             params: dict) -> Reply:
+        authorization = handler.headers.get("Authorization")
+        if authorization is None:
+            return _arm_error(401, "AuthenticationFailed",
+                              "Authentication failed. The 'Authorization' header is missing.")
+        if authorization != f"Bearer {self.token}":
+            return _arm_error(401, "InvalidAuthenticationToken", "The access token is invalid.")
+        if "api-version" not in params:
+            return _arm_error(400, "MissingApiVersionParameter",
+                              "The api-version query parameter (?api-version=) is required for all requests.")
+        if endpoint == "vms" and "$expand" in params and "$filter" not in params:
+            return _arm_error(400, "InvalidParameter",
+                              "$expand=instanceView on a subscription-wide VM list needs a scale-set $filter.")
+        try:
+            cursor, offset = _read_skiptoken(params.get("$skiptoken"))
+        except ValueError:
+            return _arm_error(400, "InvalidSkipToken", "The $skiptoken is not one this server issued.")
+        page_size = self.page_size
+        fault = self._fault(endpoint, unquote(raw_path), offset // page_size + 1)
+        if fault is not None:
+            return fault
+        estate = self.estate
+        with estate.lock:
+            listing = self._recall(cursor) or _listing(estate, endpoint, groups, params)
+            if listing is None:
+                return _arm_error(404, "ResourceNotFound",
+                                  f"The Resource 'Microsoft.Compute/virtualMachineScaleSets/{groups['vmss']}' "
+                                  f"under resource group '{groups['rg']}' was not found.")
+            items, render = listing
+            document = {"value": [render(item) for item in items[offset:offset + page_size]]}
+        if offset + page_size < len(items):
+            cursor = cursor or self._remember(listing)
+            pairs = [(k, v) for k, v in query.items() if k.lower() != "$skiptoken"]
+            pairs.append(("$skiptoken", _write_skiptoken(cursor, offset + page_size)))
+            document["nextLink"] = f"{self.url}{raw_path}?{urlencode(pairs, safe='$')}"
+        elif cursor:
+            with self._lock:
+                self._cursors.pop(cursor, None)
+        return _json_reply(document)
+
+    def _remember(self, listing: Listing) -> str:
+        cursor = str(next(self._cursor_ids))
+        with self._lock:
+            self._cursors[cursor] = listing
+            while len(self._cursors) > MAX_CURSORS:
+                self._cursors.popitem(last=False)
+        return cursor
+
+    def _recall(self, cursor: str | None) -> Listing | None:
+        """The snapshot a listing's first page took; None if unknown or forgotten (then recomputed)."""
+        with self._lock:
+            return self._cursors.get(cursor) if cursor else None
+
+
+def _write_skiptoken(cursor: str, offset: int) -> str:
+    return base64.urlsafe_b64encode(f"{cursor}:{offset}".encode()).decode()
+
+
+def _read_skiptoken(token: str | None) -> tuple[str | None, int]:
+    """(cursor, offset) of a `$skiptoken`; (None, 0) for a listing's first page. ValueError if bad."""
+    if token is None:
+        return None, 0
+    cursor, _, offset = base64.urlsafe_b64decode(token.encode()).decode().partition(":")
+    return cursor, int(offset)
+
+
+# === Standalone ===
+_GENERATE_ALIASES = {"uniform": "uniform_sets", "flexible": "flexible_sets"}
+
+
+def _generate_arguments(spec: str) -> dict:
+    """`vms=100,uniform=2,ip_base=127.0.0.2` -> make_estate keywords (ints and floats converted)."""
+    arguments = {}
+    for part in spec.split(","):
+        key, _, text = part.partition("=")
+        key = key.strip()
+        for convert in (int, float, str):
+            try:
+                arguments[_GENERATE_ALIASES.get(key, key)] = convert(text.strip())
+                break
+            except ValueError:
+                continue
+    return arguments
+
+
+def _file_stamp(path: str | None) -> tuple[int, int] | None:
+    """(mtime, size) of the estate file; None when there is none."""
+    if not path:
+        return None
+    try:
+        stat = Path(path).stat()
+    except OSError:
+        return None
+    return stat.st_mtime_ns, stat.st_size
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(description="HTTPS fake of Azure Resource Manager (see the docstring).")
+    parser.add_argument("--port", type=int, default=0, help="port on 127.0.0.1 (default: any free one)")
+    parser.add_argument("--estate", help="estate JSON; re-read whenever it changes")
+    parser.add_argument("--generate", metavar="K=V,...",
+                        help="generate an estate with make_estate keywords (written to --estate if given)")
+    parser.add_argument("--page-size", type=int, default=100)
+    parser.add_argument("--state-dir", help="where ca.pem goes (default: a temporary directory)")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        if args.generate:
+            estate = make_estate(**_generate_arguments(args.generate))
+            if args.estate:
+                Path(args.estate).write_text(estate.to_json())
+        else:
+            estate = Estate.from_json(Path(args.estate).read_text()) if args.estate else Estate()
+    except (OSError, TypeError, ValueError) as exc:
+        parser.error(str(exc))
+    stop = threading.Event()
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(signum, lambda *_: stop.set())
+    with FakeArm(estate, page_size=args.page_size, port=args.port, state_dir=args.state_dir) as fake:
+        print("export " + " ".join(f"{k}={shlex.quote(v)}" for k, v in fake.env().items()), flush=True)
+        seen = _file_stamp(args.estate)
+        while not stop.wait(RELOAD_INTERVAL):
+            stamp = _file_stamp(args.estate)
+            if stamp == seen:
+                continue
+            seen = stamp
+            try:
+                fake.estate = Estate.from_json(Path(args.estate).read_text())
+            except (OSError, TypeError, ValueError) as exc:
+                print(f"fake_arm: keeping the previous estate: {exc}", file=sys.stderr, flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
