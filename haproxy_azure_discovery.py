@@ -722,7 +722,8 @@ def backend_name(key: ServiceKey, cfg: BackendConfig) -> str:
 
 def fingerprint(groups: Mapping[ServiceKey, list[Member]]) -> str:
     """A stable digest of a discovery result: equal results, equal fingerprints."""
-    text = json.dumps(sorted((dataclasses.astuple(k), sorted(dataclasses.astuple(m) for m in ms))
+    text = json.dumps(sorted(((k.name, k.port, k.region),
+                              sorted((m.instance, m.address, m.port) for m in ms))
                              for k, ms in groups.items()))
     return hashlib.sha256(text.encode()).hexdigest()[:16]
 
@@ -757,8 +758,11 @@ def slot_count(n: int, current: int, highest_live: int, cfg: SlotsConfig) -> int
 
 
 def slot_index(name: str) -> int | None:
-    m = SLOT_RE.match(name)
-    return int(m.group(1)) if m else None
+    """N for our slot names srvN, None for any other server."""
+    digits = name[3:]
+    if name[:3] == "srv" and digits.isdigit() and digits.isascii() and digits[0] != "0" and len(digits) < 7:
+        return int(digits)
+    return None
 
 
 def _is_live(server: Mapping[str, Any]) -> bool:

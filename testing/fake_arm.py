@@ -89,6 +89,7 @@ import secrets
 import shlex
 import shutil
 import signal
+import socket
 import ssl
 import sys
 import tempfile
@@ -631,6 +632,9 @@ class _TlsServer(ThreadingHTTPServer):
         # Wrapping the listening socket instead would handshake in the accept loop, where one stalled
         # client holds up every other.
         request.settimeout(IDLE_TIMEOUT)
+        # http.server writes headers and body separately; with Nagle's algorithm the body then waits
+        # for the client's delayed ACK, 40 ms a page.
+        request.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         with self.context.wrap_socket(request, server_side=True) as tls:
             self.RequestHandlerClass(tls, client_address, self)
 
