@@ -707,8 +707,8 @@ def select_instances(instances: Iterable[Instance], cfg: Config
         if isinstance(found, Skip):
             skipped.append(found)
         elif inst.address is None:
-            skipped.append(Skip(inst.name, f"no {cfg.azure.address} {cfg.azure.ip_version} address "
-                                           "on its primary network interface"))
+            skipped.append(Skip(inst.name, f"no {cfg.azure.address} {cfg.azure.ip_version} address: "
+                                           "primary network interface or IP configuration missing"))
         else:
             key, port = found
             groups.setdefault(key, []).append(Member(inst.id, inst.name, inst.address, port))
@@ -1083,7 +1083,7 @@ def _scale_set_of(instance_id: str) -> str:
     return instance_id.rsplit("/virtualmachines/", 1)[0]
 
 
-def instances_from_azure(listing: AzureListing, cfg: AzureConfig) -> tuple[list[Instance], list[Skip]]:
+def instances_from_azure(listing: AzureListing, cfg: AzureConfig) -> list[Instance]:
     """Join the listings into instances: NICs by their lower-cased virtualMachine id,
     power states and scale sets by lower-cased id. An instance whose NIC or address
     is missing still comes back (address None); a second sighting counts once."""
@@ -1097,15 +1097,14 @@ def instances_from_azure(listing: AzureListing, cfg: AzureConfig) -> tuple[list[
     powers = {_id(v.get("id")): p for v in listing.statuses if (p := power_state(v))}
     sets = {_id(s.get("id")): s for s in listing.scale_sets}
     out: dict[str, Instance] = {}
-    skipped: list[Skip] = []
     for raw, kind in [*((v, "vm") for v in listing.vms), *((v, "uniform") for v in listing.set_instances)]:
         vid = _id(raw.get("id"))
         if not vid or vid in out:
             continue
         set_id = _scale_set_of(vid) if kind == "uniform" else _ref(raw, "virtualMachineScaleSet")
-        tags = dict(raw.get("tags") or {})
+        tags = _tags(raw)
         if set_id:
-            tags = {**(sets.get(set_id, {}).get("tags") or {}), **tags}
+            tags = {**_tags(sets.get(set_id, {})), **tags}
             kind = "uniform" if kind == "uniform" else "flexible"
         nic = _primary(nics.get(vid, []))
         address = nic_address(nic, pips, cfg) if nic else None
@@ -1113,11 +1112,14 @@ def instances_from_azure(listing: AzureListing, cfg: AzureConfig) -> tuple[list[
         name = raw.get("name") or vid.rsplit("/", 1)[-1]
         if kind == "uniform" and raw.get("instanceId") is not None:
             name = f"{set_id.rsplit('/', 1)[-1]}_{raw['instanceId']}"
-        out[vid] = Instance(vid, name, (raw.get("location") or "").replace(" ", "").lower(),
-                            {str(k): str(v) for k, v in tags.items()}, address, state, kind)
-        if nic is None and nics.get(vid):
-            skipped.append(Skip(name, "several network interfaces, none marked primary"))
-    return list(out.values()), skipped
+        out[vid] = Instance(vid, name, str(raw.get("location") or "").replace(" ", "").lower(),
+                            tags, address, state, kind)
+    return list(out.values())
+
+
+def _tags(raw: Mapping) -> dict[str, str]:
+    tags = raw.get("tags")
+    return {str(k): str(v) for k, v in tags.items()} if isinstance(tags, Mapping) else {}
 
 
 def scale_sets_to_list(scale_sets: Iterable[Mapping], cfg: Config) -> list[Mapping]:
@@ -1147,7 +1149,7 @@ class AzureSource:
         options = dict(base_url=cfg.azure.resource_manager_url or endpoint,
                        credential_scopes=[endpoint + "/.default"], retry_total=cfg.azure.retries,
                        connection_timeout=min(10.0, cfg.azure.timeout), read_timeout=cfg.azure.timeout,
-                       raw_request_hook=self._count, logging_enable=False)
+                       raw_request_hook=self._count, raw_response_hook=_check_page, logging_enable=False)
         self._clients = {sub: (compute(credential, sub, **options), network(credential, sub, **options))
                          for sub in cfg.azure.subscriptions}
 
@@ -1164,8 +1166,8 @@ class AzureSource:
             except BaseException:
                 pool.shutdown(cancel_futures=True)
                 raise
-        instances, skipped = instances_from_azure(listing, self.cfg.azure)
-        return Discovery(tuple(instances), tuple(skipped), self.requests - before)
+        instances = instances_from_azure(listing, self.cfg.azure)
+        return Discovery(tuple(instances), (), self.requests - before)
 
     def _list_all(self, pool: concurrent.futures.Executor, listing: AzureListing) -> None:
         """Phase one lists per subscription (or resource group); phase two lists each
@@ -1223,6 +1225,14 @@ class AzureSource:
         except (ValueError, TypeError, AttributeError, KeyError) as exc:  # a malformed page
             raise AzureError(f"listing {what} failed: malformed response ({type(exc).__name__}: "
                              f"{str(exc)[:200]})") from None
+
+
+def _check_page(response: Any) -> None:
+    """A 200 list page without a "value" list would read as an empty estate and park
+    everything: treat it as the malformed response it is."""
+    http = response.http_response
+    if http.status_code == 200 and http.request.method == "GET" and b'"value"' not in http.body():
+        raise ValueError('the page has no "value" list')
 
 
 def _raw(item: Any) -> Mapping:

@@ -279,7 +279,7 @@ class TestSelect:
 
     def test_missing_address_is_a_skip(self):
         decision = run_plan([make_instance(1, address=None)])
-        assert decision.plan.skipped == (m.Skip("vm1", "no private ipv4 address on its primary network interface"),)
+        assert decision.plan.skipped == (m.Skip("vm1", "no private ipv4 address: primary network interface or IP configuration missing"),)
 
     def test_duplicates_count_once(self):
         groups, _ = m.select_instances([make_instance(1), make_instance(1)], make_config())
@@ -710,3 +710,209 @@ class TestCli:
                    "assert signal.getsignal(signal.SIGTERM) is h\n"
                    "assert not logging.getLogger().handlers and not logging.getLogger('haproxy_azure_discovery').handlers\n")
         assert r.returncode == 0, r.stderr
+
+
+# --- Azure adapter -------------------------------------------------------------------
+EXAMPLES = os.path.join(HERE, "..", "shared", "azure-examples")
+
+
+def example(name):
+    with open(os.path.join(EXAMPLES, name)) as f:
+        return json.load(f)["responses"]["200"]["body"]["value"]
+
+
+class TestAzureParsing:
+    """The pure join over the shapes of Azure's own example responses."""
+
+    def test_vm_joined_to_its_nic_by_case_insensitive_id(self):
+        nic = example("NetworkInterfaceListAll.json")[0]
+        vm = {**example("VirtualMachine_ListAll_MaximumSet_Gen.json")[0],
+              "id": nic["properties"]["virtualMachine"]["id"].upper(), "name": "vm1",
+              "tags": {"HAProxy:Service:Name": "web", "HAProxy:Service:Port": "80"}}
+        status = {"id": vm["id"].lower(), "properties": {"instanceView": {"statuses": [
+            {"code": "ProvisioningState/succeeded"}, {"code": "PowerState/running"}]}}}
+        [inst] = m.instances_from_azure(m.AzureListing(vms=[vm], statuses=[status], nics=[nic]),
+                                        make_config().azure)
+        assert (inst.id, inst.address, inst.power_state) == (vm["id"].lower(), "172.20.2.4", "running")
+        assert inst.tags["HAProxy:Service:Name"] == "web" and inst.region == vm["location"]
+
+    def test_scale_set_instance_overlays_its_sets_tags(self):
+        vmss_vm = example("VirtualMachineScaleSetVM_List_MaximumSet_Gen.json")[0]
+        nic = example("VmssNetworkInterfaceList.json")[0]
+        vid = nic["properties"]["virtualMachine"]["id"]
+        set_id = vid.rsplit("/virtualMachines/", 1)[0]
+        scale_set = {"id": set_id, "name": "vmss1", "tags": {"HAProxy:Service:Name": "web",
+                                                             "HAProxy:Service:Port": "80", "env": "prod"}}
+        raw = {**vmss_vm, "id": vid, "tags": {"env": "canary"}, "properties": {
+            **vmss_vm["properties"], "instanceView": {"statuses": [{"code": "PowerState/deallocated"}]}}}
+        [inst] = m.instances_from_azure(m.AzureListing(set_instances=[raw], scale_sets=[scale_set], nics=[nic]),
+                                        make_config().azure)
+        assert inst.tags == {**scale_set["tags"], "env": "canary"}
+        assert (inst.kind, inst.address, inst.power_state) == ("uniform", "10.0.0.4", "deallocated")
+
+    def test_public_address_comes_from_the_public_ip_list(self):
+        nic = example("VmssNetworkInterfaceList.json")[0]
+        pip = example("VmssPublicIpListAll.json")[0]
+        config_id = nic["properties"]["ipConfigurations"][0]["id"]
+        pip = {**pip, "id": nic["properties"]["ipConfigurations"][0]["properties"]["publicIPAddress"]["id"].lower(),
+               "properties": {**pip["properties"], "ipConfiguration": {"id": config_id}}}
+        raw = {"id": nic["properties"]["virtualMachine"]["id"], "instanceId": "0", "location": "eastus"}
+        cfg = make_config(azure={"address": "public"}).azure
+        [inst] = m.instances_from_azure(m.AzureListing(set_instances=[raw], nics=[nic], public_ips=[pip]), cfg)
+        assert inst.address == "13.67.119.72" and inst.name == "vmss1_0"
+        [inst] = m.instances_from_azure(m.AzureListing(set_instances=[raw], nics=[nic]), cfg)
+        assert inst.address is None
+
+    def test_example_shapes_never_crash_the_join(self):
+        """Placeholders everywhere (string tags, availability-set ids, odd status codes)."""
+        listing = m.AzureListing(
+            vms=example("VirtualMachine_ListAll_MaximumSet_Gen.json"),
+            statuses=example("VirtualMachine_ListAll_MaximumSet_Gen.json"),
+            nics=example("NetworkInterfaceListAll.json") + example("VmssNetworkInterfaceList.json"),
+            public_ips=example("PublicIpAddressListAll.json") + example("VmssPublicIpListAll.json"),
+            set_instances=example("VirtualMachineScaleSetVM_List_MaximumSet_Gen.json"))
+        for address in ("private", "public"):
+            instances = m.instances_from_azure(listing, make_config(azure={"address": address}).azure)
+            assert instances and all(i.power_state == "unknown" and i.address is None for i in instances)
+            assert run_plan(instances).plan.empty
+
+    @pytest.mark.parametrize("configs, version, want", [
+        ([("IPv4", True, "10.0.0.4"), ("IPv6", False, "fd00::4")], "ipv4", "10.0.0.4"),
+        ([("IPv4", True, "10.0.0.4"), ("IPv6", False, "fd00::4")], "ipv6", "fd00::4"),
+        ([("IPv4", False, "10.0.0.4"), ("IPv4", True, "10.0.0.5")], "ipv4", "10.0.0.5"),
+        ([("IPv4", True, "not-an-ip")], "ipv4", None),
+        ([("IPv4", True, "fd00::4")], "ipv4", None),
+        ([], "ipv4", None),
+    ])
+    def test_address_choice(self, configs, version, want):
+        nic = {"properties": {"ipConfigurations": [
+            {"id": f"c{i}", "properties": {"privateIPAddressVersion": v, "primary": p, "privateIPAddress": a}}
+            for i, (v, p, a) in enumerate(configs)]}}
+        assert m.nic_address(nic, {}, make_config(azure={"ip_version": version}).azure) == want
+
+    def test_only_uniform_sets_with_the_name_tag_are_listed(self):
+        sets = [{"name": "a", "tags": {"HAProxy:Service:Name": "web"}, "properties": {"orchestrationMode": "Uniform"}},
+                {"name": "b", "tags": {}, "properties": {"orchestrationMode": "Uniform"}},
+                {"name": "c", "tags": {"HAProxy:Service:Name": "web"}, "properties": {"orchestrationMode": "Flexible"}},
+                {"name": "d", "tags": {"HAProxy:Service:Name": "web"}}]
+        assert [s["name"] for s in m.scale_sets_to_list(sets, make_config())] == ["a", "d"]
+
+
+def arm_config(fake, **azure):
+    return make_config(azure={"resource_manager_url": fake.url, "retries": 1, "timeout": 5, **azure})
+
+
+def discovered(fake, **azure):
+    cfg = arm_config(fake, **azure)
+    discovery = m.AzureSource(cfg).discover()
+    return discovery, {i.name: i for i in discovery.instances}, cfg
+
+
+class TestAzure:
+    """The real SDK and DefaultAzureCredential against the HTTPS fake of Resource Manager."""
+
+    def test_every_kind_of_instance(self, arm):
+        from fake_arm import make_estate
+        arm.estate = make_estate(vms=3, uniform_sets=1, flexible_sets=1, per_set=2,
+                                 regions=("eastus", "westeurope"), services=(("web", 8080), ("api", 9000)),
+                                 overrides={"vm-0001": {"power_state": "deallocated"}})
+        arm.estate.update("uvmss-00_1", tags={"HAProxy:Instance:Port": "9443"})
+        discovery, found, cfg = discovered(arm)
+        expected = {p.inst.name: p for p in arm.estate.machines()}
+        assert sorted(found) == sorted(expected)
+        for name, p in expected.items():
+            inst = found[name]
+            assert inst.id == p.vm_id.lower() and inst.address == p.inst.private_ip
+            assert inst.power_state == p.inst.power_state and inst.region == p.home.location
+        assert (found["uvmss-00_0"].kind, found["fvmss-00_0"].kind, found["vm-0000"].kind) == (
+            "uniform", "flexible", "vm")
+        groups, skipped = m.select_instances(discovery.instances, cfg)
+        served = {mb.label: (k.name, k.port, k.region, mb.port) for k, ms in groups.items() for mb in ms}
+        assert "vm-0001" not in served and skipped == []
+        assert served["uvmss-00_1"][3] == 9443 and served["uvmss-00_0"][3] == served["uvmss-00_0"][1]
+        assert served["vm-0000"] == ("web", 8080, "eastus", 8080)
+        assert served["vm-0001" if "vm-0001" in served else "vm-0002"][2] == "westeurope"
+
+    def test_running_only_off_serves_stopped_instances(self, arm):
+        from fake_arm import make_estate
+        arm.estate = make_estate(vms=4, overrides={"vm-0000": {"power_state": "stopped"}})
+        discovery, found, cfg = discovered(arm, running_only=False)
+        assert found["vm-0000"].power_state == "stopped"
+        groups, _ = m.select_instances(discovery.instances, cfg)
+        assert sum(map(len, groups.values())) == 4
+
+    def test_resource_groups_and_subscriptions(self, arm):
+        from fake_arm import make_estate
+        subs = ("00000000-0000-0000-0000-00000000000a", "00000000-0000-0000-0000-00000000000b")
+        arm.estate = make_estate(vms=8, uniform_sets=2, per_set=2, subscriptions=subs,
+                                 resource_groups=("rg-a", "rg-b"))
+        everything = {p.inst.name for p in arm.estate.machines()}
+        _, found, _ = discovered(arm, subscription_id=subs[0], subscription_ids=[subs[1]])
+        assert set(found) == everything
+        arm.reset_counts()
+        _, found, _ = discovered(arm, subscription_id=subs[0], subscription_ids=[subs[1]], resource_groups=["RG-A"])
+        assert set(found) == {p.inst.name for p in arm.estate.machines() if p.home.resource_group == "rg-a"}
+        assert arm.counts["vms"] == 0 and arm.counts["vms_rg"] == 2 and arm.counts["vms_status"] == 0
+
+    def test_public_and_ipv6_addresses(self, arm):
+        from fake_arm import make_estate
+        arm.estate = make_estate(vms=2, uniform_sets=1, per_set=2, ipv6_base="fd00::10", public_ip_base="20.0.0.1")
+        _, found, _ = discovered(arm, address="public")
+        assert {n: i.address for n, i in found.items()} == {p.inst.name: p.inst.public_ip
+                                                          for p in arm.estate.machines()}
+        assert arm.counts["pips"] == 1 and arm.counts["vmss_pips"] == 1
+        _, found, _ = discovered(arm, ip_version="ipv6")
+        assert {n: i.address for n, i in found.items()} == {p.inst.name: p.inst.private_ipv6
+                                                          for p in arm.estate.machines()}
+
+    def test_missing_nic_skips_one_instance(self, arm):
+        from fake_arm import make_estate
+        arm.estate = make_estate(vms=3, overrides={"vm-0001": {"has_nic": False}})
+        discovery, found, cfg = discovered(arm)
+        groups, skipped = m.select_instances(discovery.instances, cfg)
+        assert [s.instance for s in skipped] == ["vm-0001"] and "network interface" in skipped[0].reason
+        assert sorted(mb.label for ms in groups.values() for mb in ms) == ["vm-0000", "vm-0002"]
+
+    @pytest.mark.parametrize("fault, outcome", [
+        (dict(kind="429", endpoint="nics", retry_after=1), "ok"),
+        (dict(kind="500", endpoint="nics", times=1), "ok"),                 # the SDK's retry absorbs one
+        (dict(kind="500", endpoint="vms", times=None), "failed"),
+        (dict(kind="500", endpoint="vms_status", page=2, times=None), "failed"),   # a page mid-listing
+        (dict(kind="slow", endpoint="vmss", delay=4, times=None), "failed"),
+        (dict(kind="bad_json", endpoint="nics", times=None), "failed"),
+        (dict(kind="no_value", endpoint="vms", times=None), "failed"),
+        (dict(kind="403", endpoint="vmss_vms", times=None), "failed"),
+    ])
+    def test_faults(self, arm, fault, outcome):
+        from fake_arm import make_estate
+        arm.estate = make_estate(vms=150, uniform_sets=1, per_set=3)
+        arm.add_fault(**fault)
+        if outcome == "ok":
+            discovery, found, _ = discovered(arm, timeout=2)
+            assert len(found) == 153
+        else:
+            with pytest.raises(m.AzureError, match="listing .* failed"):
+                discovered(arm, timeout=2)
+
+    def test_requests_grow_with_pages_not_instances(self, arm):
+        """Subscription scope, private addresses: with P(n) = ceil(n / page) pages (at least 1),
+        requests = 2 P(VMs incl. Flexible members) [full + status-only] + P(NICs) + P(scale sets)
+                   + sum over tagged Uniform sets of 2 P(instances) [instances + their NICs]."""
+        from fake_arm import make_estate
+        page = 100
+
+        def pages(n):
+            return max(1, -(-n // page))
+
+        def formula(vms, sets, per_set):
+            return 2 * pages(vms) + pages(vms) + pages(sets) + sets * 2 * pages(per_set)
+        results = []
+        for vms in (2000, 4000):
+            arm.estate = make_estate(vms=vms, uniform_sets=20, per_set=50)
+            arm.reset_counts()
+            discovery, found, _ = discovered(arm)
+            assert len(found) == vms + 1000
+            azure = arm.counts["total"] - arm.counts["token"]
+            assert azure == discovery.requests == formula(vms, 20, 50)
+            results.append(azure)
+        assert results == [2 * 20 + 20 + 1 + 40, 2 * 40 + 40 + 1 + 40]   # 101, then 161: pages only
