@@ -1368,19 +1368,17 @@ class DataPlane:
                 return [("PUT", f"{conf}/backends/{_q(b.name)}", {"full_section": "true"},
                          {**b.fields, "servers": b.servers})]
             return [("PUT", f"{conf}/backends/{_q(b.name)}/servers/{c.name}", {}, c.body) for c in b.changes]
-        out = []
         if b.create:
-            out.append(("POST", f"{conf}/backends", {}, b.fields))
-        elif b.fields_changed:
-            out.append(("PUT", f"{conf}/backends/{_q(b.name)}", {}, b.fields))
-        servers = b.servers.items() if b.create else [(c.name, c) for c in b.changes]
-        for name, c in servers:
-            if b.create or c.action == "add":
-                out.append(("POST", f"{conf}/servers", {"backend": b.name}, c if b.create else c.body))
+            return [("POST", f"{conf}/backends", {}, b.fields),
+                    *(("POST", f"{conf}/servers", {"backend": b.name}, body) for body in b.servers.values())]
+        out = [("PUT", f"{conf}/backends/{_q(b.name)}", {}, b.fields)] if b.fields_changed else []
+        for c in b.changes:
+            if c.action == "add":
+                out.append(("POST", f"{conf}/servers", {"backend": b.name}, c.body))
             elif c.action == "update":
-                out.append(("PUT", f"{conf}/servers/{name}", {"backend": b.name}, c.body))
+                out.append(("PUT", f"{conf}/servers/{c.name}", {"backend": b.name}, c.body))
             else:
-                out.append(("DELETE", f"{conf}/servers/{name}", {"backend": b.name}, None))
+                out.append(("DELETE", f"{conf}/servers/{c.name}", {"backend": b.name}, None))
         return out
 
     def server_path(self, backend: str, server: str) -> tuple[str, dict[str, str]]:

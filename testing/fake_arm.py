@@ -14,9 +14,24 @@ In tests::
             monkeypatch.setenv(key, value)        # and clear every AZURE_* variable
         compute = ComputeManagementClient(DefaultAzureCredential(), DEFAULT_SUBSCRIPTION,
                                           base_url=fake.url, credential_scopes=[ARM_SCOPE])
+        network = NetworkManagementClient(...the same arguments...)
         fake.estate.update("vm-0001", power_state="deallocated")   # served from the next request on
         fake.add_fault("429", endpoint="nics", retry_after=1)
-        assert fake.counts["nics"] == 2
+        list(network.network_interfaces.list_all())                # the SDK waits 1 s and retries
+        assert fake.counts["nics"] == 1 + 1                        # one page, one retry
+
+Public API:
+
+    make_estate(*, vms, uniform_sets, flexible_sets, per_set, subscriptions, resource_groups, regions,
+                services, ip_base, ipv6_base, public_ip_base, not_running, seed, overrides) -> Estate
+    service_tags(name, port) -> {SERVICE_NAME_TAG: name, SERVICE_PORT_TAG: str(port)}
+    Estate(vms=[Vm], scale_sets=[ScaleSet(instances=[Instance])]): machines(), find(name),
+        resource_id(name), add_vm(vm), remove(name), update(name, **fields), scale(name, capacity),
+        to_json(), Estate.from_json(text)
+    FakeArm(estate=None, *, page_size=100, port=0, state_dir=None): start(), stop(), context manager;
+        url, ca_pem_path, env(), token, identity_header, client_id, client_secret, estate, page_size;
+        counts, requests (RequestRecord: method, path, query, endpoint), reset_counts();
+        add_fault(kind, *, endpoint, path, page, times=1, retry_after=1, delay=1.0) -> Fault, clear_faults()
 
 Standalone (until SIGTERM or SIGINT; prints one line of shell `export` statements)::
 
@@ -126,7 +141,7 @@ FAULT_ACTIONS = ("slow", "bad_json", "no_value")
 # === Estate model ===
 @dataclass(kw_only=True)
 class Instance:
-    """One machine as its NIC and instance view describe it; a scale-set member as it is."""
+    """A machine as its NIC and instance view describe it: a scale-set instance, or the base of a Vm."""
     name: str
     private_ip: str
     tags: dict[str, str] = field(default_factory=dict)
@@ -142,6 +157,11 @@ class Vm(Instance):
     subscription: str = DEFAULT_SUBSCRIPTION
     resource_group: str = DEFAULT_RESOURCE_GROUP
     location: str = DEFAULT_LOCATION
+
+
+def _index_of(inst: Instance) -> str:
+    """A scale-set instance's index: what follows the last `_` of its name."""
+    return inst.name.rpartition("_")[2]
 
 
 @dataclass(kw_only=True)
@@ -165,10 +185,6 @@ class ScaleSet:
             raise ValueError(f"scale set {self.name}: orchestration must be {UNIFORM!r} or {FLEXIBLE!r}")
         used = [int(index) + 1 for index in map(_index_of, self.instances) if index.isdigit()]
         self.next_index = max([self.next_index, *used])
-
-
-def _index_of(inst: Instance) -> str:
-    return inst.name.rpartition("_")[2]
 
 
 def _group_id(place: Vm | ScaleSet) -> str:
@@ -230,6 +246,7 @@ class Estate:
         self.lock = threading.RLock()   # not a field, so asdict() and the JSON leave it out
 
     def machines(self) -> Iterator[Placed]:
+        """Every VM and scale-set instance: VMs first, then each set's instances, in order."""
         for vm in self.vms:
             yield Placed(vm, None)
         for ss in self.scale_sets:
@@ -394,8 +411,10 @@ def _guid(arm_id: str) -> str:
     return str(uuid.uuid5(uuid.NAMESPACE_URL, arm_id.lower()))
 
 
-def _resource(arm_id: str, rtype: str, location: str | None, tags: dict | None, properties: dict) -> dict:
-    item = {"name": arm_id.rpartition("/")[2], "id": arm_id, "type": rtype}
+def _resource(arm_id: str, rtype: str, location: str | None, tags: dict | None, properties: dict,
+              name: str | None = None) -> dict:
+    """The envelope every ARM resource shares; `name` defaults to the id's last segment."""
+    item = {"name": name or arm_id.rpartition("/")[2], "id": arm_id, "type": rtype}
     if location:
         item["location"] = location
     if tags:
@@ -449,7 +468,8 @@ def _scale_set_vm_json(p: Placed, *, instance_view: bool) -> dict:
         properties["networkProfile"] = {"networkInterfaces": [_nic_reference(p)]}
     if instance_view:
         properties["instanceView"] = _instance_view(p.inst)
-    item = _resource(p.vm_id, "Microsoft.Compute/virtualMachines", p.ss.location, p.inst.tags, properties)
+    item = _resource(p.vm_id, "Microsoft.Compute/virtualMachines", p.ss.location, p.inst.tags, properties,
+                     name=p.inst.name)   # a Uniform instance's id ends in its index, not its name
     item["instanceId"] = _index_of(p.inst) if p.uniform else p.inst.name
     return item
 
@@ -589,25 +609,25 @@ class Fault:
 
 
 # === HTTP plumbing ===
-class Reply(NamedTuple):
+class _Reply(NamedTuple):
     status: int
     body: bytes
     headers: tuple[tuple[str, str], ...] = ()
 
 
-def _json_reply(document: dict, status: int = 200) -> Reply:
-    return Reply(status, json.dumps(document).encode())
+def _json_reply(document: dict, status: int = 200) -> _Reply:
+    return _Reply(status, json.dumps(document).encode())
 
 
-def _arm_error(status: int, code: str, message: str, headers: tuple = ()) -> Reply:
-    return Reply(status, json.dumps({"error": {"code": code, "message": message}}).encode(), headers)
+def _arm_error(status: int, code: str, message: str, headers: tuple = ()) -> _Reply:
+    return _Reply(status, json.dumps({"error": {"code": code, "message": message}}).encode(), headers)
 
 
-def _fault_reply(fault: Fault) -> Reply:
+def _fault_reply(fault: Fault) -> _Reply:
     if fault.kind == "bad_json":
-        return Reply(200, b'{"value": [{"name": "truncated", "id": "/subscr')
+        return _Reply(200, b'{"value": [{"name": "truncated", "id": "/subscr')
     if fault.kind == "no_value":
-        return Reply(200, b"{}")
+        return _Reply(200, b"{}")
     status = HTTPStatus(int(fault.kind))
     headers = (("Retry-After", str(fault.retry_after)),) if status in (429, 503) else ()
     return _arm_error(status, status.phrase.replace(" ", ""), f"Injected fault: {status.phrase}.", headers)
@@ -693,7 +713,7 @@ class FakeArm:
         context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
         ca.issue_cert("127.0.0.1", "localhost").configure_cert(context)
         self._owns_state_dir = self._state_dir is None
-        state_dir = Path(self._state_dir or tempfile.mkdtemp(prefix="fake-arm-"))
+        state_dir = Path(self._state_dir or tempfile.mkdtemp(prefix="fake-arm-")).absolute()
         state_dir.mkdir(parents=True, exist_ok=True)
         self.state_dir = state_dir
         self.ca_pem_path = str(state_dir / "ca.pem")
@@ -790,7 +810,7 @@ class FakeArm:
         handler.end_headers()
         handler.wfile.write(reply.body)
 
-    def _fault(self, endpoint: str, path: str, page: int) -> Reply | None:
+    def _fault(self, endpoint: str, path: str, page: int) -> _Reply | None:
         """Fire the first matching fault: its reply, or None (after the delay, for "slow")."""
         with self._lock:
             fault = next((f for f in self._faults if f.applies(endpoint, path, page)), None)
@@ -802,7 +822,7 @@ class FakeArm:
         self._stopping.wait(fault.delay)
         return None
 
-    def _identity(self, endpoint: str, groups: dict, handler: _Handler, params: dict, body: bytes) -> Reply:
+    def _identity(self, endpoint: str, groups: dict, handler: _Handler, params: dict, body: bytes) -> _Reply:
         if endpoint == "token":
             if handler.headers.get("X-IDENTITY-HEADER") != self.identity_header:
                 return _arm_error(401, "Unauthorized", "The X-IDENTITY-HEADER header is missing or wrong.")
@@ -823,7 +843,7 @@ class FakeArm:
                             "ext_expires_in": TOKEN_LIFETIME, "access_token": self.token})
 
     def _arm(self, endpoint: str, groups: dict, handler: _Handler, raw_path: str, query: dict,
-             params: dict) -> Reply:
+             params: dict) -> _Reply:
         authorization = handler.headers.get("Authorization")
         if authorization is None:
             return _arm_error(401, "AuthenticationFailed",
@@ -920,7 +940,9 @@ def _file_stamp(path: str | None) -> tuple[int, int] | None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(description="HTTPS fake of Azure Resource Manager (see the docstring).")
+    parser = argparse.ArgumentParser(
+        description="HTTPS fake of Azure Resource Manager: prints one line of shell export statements, "
+                    "serves until SIGTERM or SIGINT, and re-reads --estate whenever the file changes.")
     parser.add_argument("--port", type=int, default=0, help="port on 127.0.0.1 (default: any free one)")
     parser.add_argument("--estate", help="estate JSON; re-read whenever it changes")
     parser.add_argument("--generate", metavar="K=V,...",

@@ -1,0 +1,439 @@
+"""Tests of the Resource Manager fake, driven by the real Azure SDK (azure-identity, azure-mgmt-*)."""
+import json
+import math
+import os
+import select
+import shlex
+import ssl
+import subprocess
+import sys
+import threading
+import time
+import urllib.error
+import urllib.request
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+
+import pytest
+from azure.core.exceptions import (ClientAuthenticationError, DecodeError, HttpResponseError,
+                                   ResourceNotFoundError, ServiceResponseTimeoutError)
+from azure.identity import ClientSecretCredential, DefaultAzureCredential
+from azure.mgmt.compute import ComputeManagementClient
+from azure.mgmt.network import NetworkManagementClient
+
+from fake_arm import (ARM_SCOPE, DEFAULT_SUBSCRIPTION, ENDPOINTS, FLEXIBLE, SERVICE_NAME_TAG,
+                      SERVICE_PORT_TAG, UNIFORM, Estate, FakeArm, Vm, make_estate, service_tags)
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+SUB = DEFAULT_SUBSCRIPTION
+
+
+# --- helpers and fixtures ---
+def small_estate(**kwargs) -> Estate:
+    """3 VMs (rg-a, rg-b, rg-a), a Uniform and a Flexible set of 3 (rg-a), public IPs everywhere.
+
+    vm-0001 is deallocated, vm-0002 has lost its NIC, uvmss-00_1 has an own port tag.
+    """
+    return make_estate(vms=3, uniform_sets=1, flexible_sets=1, per_set=3, resource_groups=("rg-a", "rg-b"),
+                       public_ip_base="20.0.0.4",
+                       overrides={"vm-0001": {"power_state": "deallocated"}, "vm-0002": {"has_nic": False},
+                                  "uvmss-00_1": {"tags": {SERVICE_PORT_TAG: "9090"}}},
+                       **kwargs)
+
+
+@pytest.fixture
+def sdk_env(monkeypatch):
+    """Clears every variable that could steer DefaultAzureCredential; returns a setter for a fake's env."""
+    for key in list(os.environ):
+        if key.startswith(("AZURE_", "IDENTITY_", "MSI_", "IMDS_")):
+            monkeypatch.delenv(key)
+
+    def use(fake: FakeArm) -> None:
+        for key, value in fake.env().items():
+            monkeypatch.setenv(key, value)
+    return use
+
+
+@pytest.fixture
+def fake(sdk_env):
+    with FakeArm(small_estate(), page_size=2) as fake:
+        sdk_env(fake)
+        yield fake
+
+
+def clients(fake: FakeArm, **overrides):
+    """Real SDK clients against the fake: fast retries and bounded timeouts unless overridden."""
+    options = {"base_url": fake.url, "credential_scopes": [ARM_SCOPE], "retry_total": 1,
+               "retry_backoff_factor": 0.01, "connection_timeout": 5, "read_timeout": 10, **overrides}
+    credential = DefaultAzureCredential()
+    return (ComputeManagementClient(credential, SUB, **options),
+            NetworkManagementClient(credential, SUB, **options))
+
+
+def raw_get(fake: FakeArm, path: str, headers: dict | None = None) -> tuple[int, dict]:
+    """A GET with urllib that trusts the fake's CA: (status, JSON body)."""
+    request = urllib.request.Request(fake.url + path, headers=headers or {})
+    context = ssl.create_default_context(cafile=fake.ca_pem_path)
+    try:
+        with urllib.request.urlopen(request, context=context, timeout=5) as response:
+            return response.status, json.loads(response.read())
+    except urllib.error.HTTPError as error:
+        return error.code, json.loads(error.read())
+
+
+def names(items) -> list[str]:
+    return [item.name for item in items]
+
+
+def power_state(instance_view) -> str:
+    return next(s.code for s in instance_view.statuses if s.code.startswith("PowerState/"))
+
+
+# --- listings through the SDK ---
+class TestListings:
+    def test_vm_list_follows_next_links_one_request_per_page(self, fake):
+        compute, _ = clients(fake)
+        vms = list(compute.virtual_machines.list_all())
+        assert names(vms) == ["vm-0000", "vm-0001", "vm-0002", "fvmss-00_0", "fvmss-00_1", "fvmss-00_2"]
+        assert fake.counts["vms"] == math.ceil(6 / 2)
+        pages = [r for r in fake.requests if r.endpoint == "vms"]
+        assert all(r.query["api-version"] for r in pages)
+        assert ["$skiptoken" in r.query for r in pages] == [False, True, True]
+        assert vms[0].tags == service_tags("web", 8080)
+        assert vms[0].location == "eastus"
+        assert vms[3].virtual_machine_scale_set.id.lower() == fake.estate.resource_id("fvmss-00").lower()
+
+    def test_status_only_list_has_power_states_and_nothing_else(self, fake):
+        compute, _ = clients(fake)
+        vms = list(compute.virtual_machines.list_all(status_only="true"))
+        assert {vm.name: power_state(vm.instance_view) for vm in vms}["vm-0001"] == "PowerState/deallocated"
+        assert all(vm.tags is None and vm.network_profile is None for vm in vms)
+        assert fake.counts["vms_status"] == 3 and fake.counts["vms"] == 0
+
+    def test_resource_group_list_expands_instance_views_and_ignores_path_case(self, fake):
+        compute, _ = clients(fake)
+        [vm] = compute.virtual_machines.list("RG-B", expand="instanceView")
+        assert vm.name == "vm-0001" and power_state(vm.instance_view) == "PowerState/deallocated"
+        assert [vm.instance_view for vm in compute.virtual_machines.list("rg-a")] == [None] * 5
+        assert fake.counts["vms_rg"] == 1 + 3
+
+    def test_subscription_list_refuses_instance_view_expansion(self, fake):
+        compute, _ = clients(fake)
+        with pytest.raises(HttpResponseError) as caught:
+            list(compute.virtual_machines.list_all(expand="instanceView"))
+        assert caught.value.status_code == 400
+
+    def test_scale_sets(self, fake):
+        compute, _ = clients(fake)
+        sets = {ss.name: ss for ss in compute.virtual_machine_scale_sets.list_all()}
+        assert {name: (ss.orchestration_mode, ss.sku.capacity) for name, ss in sets.items()} == {
+            "uvmss-00": (UNIFORM, 3), "fvmss-00": (FLEXIBLE, 3)}
+        assert sets["uvmss-00"].tags == service_tags("web", 8080)
+        assert list(compute.virtual_machine_scale_sets.list("rg-b")) == []
+        assert fake.counts["vmss"] == 1 and fake.counts["vmss_rg"] == 1
+
+    def test_uniform_instances_with_own_tags_and_instance_views(self, fake):
+        compute, _ = clients(fake)
+        fake.estate.update("uvmss-00_2", power_state="stopped")
+        instances = list(compute.virtual_machine_scale_set_vms.list("rg-a", "uvmss-00", expand="instanceView"))
+        assert [i.instance_id for i in instances] == ["0", "1", "2"]
+        assert names(instances) == ["uvmss-00_0", "uvmss-00_1", "uvmss-00_2"]
+        assert instances[0].id == fake.estate.resource_id("uvmss-00_0")
+        assert instances[0].id.endswith("/virtualMachineScaleSets/uvmss-00/virtualMachines/0")
+        assert [i.tags for i in instances] == [None, {SERVICE_PORT_TAG: "9090"}, None]
+        assert [power_state(i.instance_view) for i in instances][2] == "PowerState/stopped"
+        assert fake.counts["vmss_vms"] == 2
+
+    def test_uniform_nics_and_public_ips_join_case_insensitively(self, fake):
+        compute, network = clients(fake)
+        [instance, *_] = compute.virtual_machine_scale_set_vms.list("rg-a", "uvmss-00")
+        nics = list(network.network_interfaces.list_virtual_machine_scale_set_network_interfaces("rg-a", "uvmss-00"))
+        pips = list(network.public_ip_addresses.list_virtual_machine_scale_set_public_ip_addresses("rg-a", "uvmss-00"))
+        nic_reference = instance.network_profile.network_interfaces[0]
+        assert nic_reference.primary is True
+        assert nic_reference.id != nics[0].id and nic_reference.id.lower() == nics[0].id.lower()
+        assert nics[0].virtual_machine.id != instance.id
+        assert nics[0].virtual_machine.id.lower() == instance.id.lower()
+        assert "/virtualMachines/0/networkInterfaces/" in nics[0].id
+        assert [n.ip_configurations[0].private_ip_address for n in nics] == ["10.0.0.7", "10.0.0.8", "10.0.0.9"]
+        assert pips[0].ip_configuration.id.lower() == nics[0].ip_configurations[0].id.lower()
+        assert pips[0].ip_address == "20.0.0.7"
+        assert (fake.counts["vmss_nics"], fake.counts["vmss_pips"]) == (2, 2)
+
+    def test_flexible_members_are_ordinary_vms_with_ordinary_nics(self, fake):
+        compute, network = clients(fake)
+        members = list(compute.virtual_machine_scale_set_vms.list("rg-a", "fvmss-00"))
+        assert [(m.instance_id, m.network_profile) for m in members] == [
+            ("fvmss-00_0", None), ("fvmss-00_1", None), ("fvmss-00_2", None)]
+        assert members[0].id == fake.estate.resource_id("fvmss-00_0")
+        assert list(network.network_interfaces.list_virtual_machine_scale_set_network_interfaces(
+            "rg-a", "fvmss-00")) == []
+        assert "fvmss-00_0-nic" in names(network.network_interfaces.list_all())
+
+    def test_standalone_nics_public_ips_and_a_missing_nic(self, fake):
+        compute, network = clients(fake)
+        vms = {vm.name: vm for vm in compute.virtual_machines.list_all()}
+        nics = {nic.id.lower(): nic for nic in network.network_interfaces.list_all()}
+        pips = {pip.id.lower(): pip for pip in network.public_ip_addresses.list_all()}
+        assert len(nics) == 5 and len(pips) == 5 and fake.counts["nics"] == 3
+        reference = vms["vm-0000"].network_profile.network_interfaces[0]
+        assert reference.primary is None   # one NIC: Azure leaves `primary` out
+        nic = nics[reference.id.lower()]
+        assert nic.virtual_machine.id.lower() == vms["vm-0000"].id.lower() != nic.virtual_machine.id
+        [config] = nic.ip_configurations
+        assert (config.primary, config.private_ip_address, config.private_ip_address_version) == (
+            True, "10.0.0.4", "IPv4")
+        pip = pips[config.public_ip_address.id.lower()]
+        assert pip.ip_address == "20.0.0.4" and pip.ip_configuration.id.lower() == config.id.lower()
+        missing = vms["vm-0002"].network_profile.network_interfaces[0].id.lower()
+        assert missing not in nics
+        assert names(network.network_interfaces.list("rg-b")) == ["vm-0001-nic"]
+        assert names(network.public_ip_addresses.list("rg-b")) == ["vm-0001-pip"]
+
+    def test_ipv6_is_a_second_ip_configuration(self, sdk_env):
+        with FakeArm(make_estate(vms=1, ipv6_base="fd00::4")) as fake:
+            sdk_env(fake)
+            _, network = clients(fake)
+            [nic] = network.network_interfaces.list_all()
+        assert [(c.private_ip_address, c.private_ip_address_version, c.primary) for c in nic.ip_configurations] == [
+            ("10.0.0.4", "IPv4", True), ("fd00::4", "IPv6", False)]
+
+    def test_unknown_scale_set_is_not_found(self, fake):
+        compute, _ = clients(fake)
+        with pytest.raises(ResourceNotFoundError):
+            list(compute.virtual_machine_scale_set_vms.list("rg-a", "nope"))
+
+    def test_changes_are_served_from_the_next_request(self, fake):
+        compute, _ = clients(fake)
+        fake.estate.scale("uvmss-00", 1)
+        fake.estate.scale("uvmss-00", 3)
+        fake.estate.remove("vm-0000")
+        fake.estate.add_vm(Vm(name="vm-new", private_ip="10.9.9.9", tags=service_tags("api", 9000)))
+        fake.estate.update("vm-0001", power_state="running", tags={})
+        instances = compute.virtual_machine_scale_set_vms.list("rg-a", "uvmss-00")
+        assert [i.instance_id for i in instances] == ["0", "3", "4"]   # indexes are never reused
+        vms = {vm.name: vm for vm in compute.virtual_machines.list_all()}
+        assert "vm-0000" not in vms and vms["vm-new"].tags == service_tags("api", 9000)
+        assert vms["vm-0001"].tags is None
+
+    def test_a_listing_is_a_snapshot_taken_at_its_first_page(self, fake):
+        compute, _ = clients(fake)
+        pages = compute.virtual_machines.list_all().by_page()
+        first = names(next(pages))
+        fake.estate.remove("vm-0000")
+        rest = [name for page in pages for name in names(page)]
+        assert first + rest == ["vm-0000", "vm-0001", "vm-0002", "fvmss-00_0", "fvmss-00_1", "fvmss-00_2"]
+        assert "vm-0000" not in names(compute.virtual_machines.list_all())
+
+
+# --- tokens and authentication ---
+class TestIdentity:
+    def test_default_credential_takes_the_managed_identity_token(self, fake):
+        token = DefaultAzureCredential().get_token(ARM_SCOPE)
+        assert token.token == fake.token and token.expires_on > time.time() + 3000
+        [request] = fake.requests
+        assert request.path == "/msi/token" and request.endpoint == "token"
+        assert request.query == {"api-version": "2019-08-01", "resource": "https://management.azure.com"}
+
+    def test_managed_identity_endpoint_checks_its_header(self, fake):
+        status, _ = raw_get(fake, "/msi/token?api-version=2019-08-01&resource=x",
+                            {"X-IDENTITY-HEADER": "wrong"})
+        assert status == 401
+
+    @pytest.mark.parametrize("authorization, code", [
+        (None, "AuthenticationFailed"), ("Bearer forged", "InvalidAuthenticationToken")])
+    def test_resource_manager_wants_the_bearer_token(self, fake, authorization, code):
+        headers = {"Authorization": authorization} if authorization else {}
+        status, body = raw_get(fake, f"/subscriptions/{SUB}/providers/Microsoft.Network/networkInterfaces"
+                                     "?api-version=2026-03-01", headers)
+        assert (status, body["error"]["code"]) == (401, code)
+
+    def test_api_version_is_required_and_unknown_paths_are_404(self, fake):
+        authorization = {"Authorization": f"Bearer {fake.token}"}
+        status, body = raw_get(fake, f"/subscriptions/{SUB}/providers/Microsoft.Network/networkInterfaces",
+                               authorization)
+        assert (status, body["error"]["code"]) == (400, "MissingApiVersionParameter")
+        status, body = raw_get(fake, f"/subscriptions/{SUB}/providers/Microsoft.Web/sites?api-version=1",
+                               authorization)
+        assert status == 404 and set(body["error"]) == {"code", "message"}
+        assert fake.counts["total"] == 2 and fake.requests[-1].endpoint is None
+
+    def test_client_secret_credential_against_the_fake_authority(self, fake):
+        credential = ClientSecretCredential("tenant-1", fake.client_id, fake.client_secret,
+                                            authority=fake.url, disable_instance_discovery=True)
+        assert credential.get_token(ARM_SCOPE).token == fake.token
+        wrong = ClientSecretCredential("tenant-1", fake.client_id, "wrong",
+                                       authority=fake.url, disable_instance_discovery=True)
+        with pytest.raises(ClientAuthenticationError):
+            wrong.get_token(ARM_SCOPE)
+        assert fake.counts["openid"] == 2 and fake.counts["aad_token"] == 2
+
+
+# --- faults ---
+class TestFaults:
+    def test_429_is_retried_after_retry_after(self, fake):
+        _, network = clients(fake)
+        fault = fake.add_fault("429", endpoint="nics", retry_after=1)
+        started = time.monotonic()
+        assert len(list(network.network_interfaces.list_all())) == 5
+        assert time.monotonic() - started >= 0.9
+        assert fault.fired == 1 and fake.counts["nics"] == 3 + 1
+
+    def test_persistent_500_fails_after_the_sdk_retries(self, fake):
+        _, network = clients(fake)
+        fake.add_fault("500", endpoint="nics", times=None)
+        with pytest.raises(HttpResponseError) as caught:
+            list(network.network_interfaces.list_all())
+        assert caught.value.status_code == 500
+        assert caught.value.error.code == "InternalServerError"
+        assert fake.counts["nics"] == 2   # retry_total=1
+
+    def test_a_later_page_can_fail(self, fake):
+        compute, _ = clients(fake)
+        fake.add_fault("503", endpoint="vms", page=2, times=None, retry_after=0)
+        pages = compute.virtual_machines.list_all().by_page()
+        assert names(next(pages)) == ["vm-0000", "vm-0001"]
+        with pytest.raises(HttpResponseError):
+            next(pages)
+        assert fake.counts["vms"] == 3
+
+    def test_slow_response_hits_the_read_timeout(self, fake):
+        compute, _ = clients(fake, read_timeout=0.3)
+        fake.add_fault("slow", endpoint="vmss", delay=5, times=None)
+        started = time.monotonic()
+        with pytest.raises(ServiceResponseTimeoutError):
+            list(compute.virtual_machine_scale_sets.list_all())
+        assert time.monotonic() - started < 3 and fake.counts["vmss"] == 2
+
+    def test_one_slow_response_is_retried(self, fake):
+        compute, _ = clients(fake, read_timeout=0.3)
+        fake.add_fault("slow", endpoint="vmss", delay=1)
+        assert len(list(compute.virtual_machine_scale_sets.list_all())) == 2
+
+    def test_invalid_json_is_a_decode_error_and_not_retried(self, fake):
+        _, network = clients(fake)
+        fake.add_fault("bad_json", endpoint="pips")
+        with pytest.raises(DecodeError):
+            list(network.public_ip_addresses.list_all())
+        assert fake.counts["pips"] == 1
+
+    def test_a_page_without_value_silently_ends_the_listing(self, fake):
+        """The SDK reads `value` with .get(): the caller cannot tell this from a short listing."""
+        _, network = clients(fake)
+        fake.add_fault("no_value", endpoint="nics", page=2)
+        assert names(network.network_interfaces.list_all()) == ["vm-0000-nic", "vm-0001-nic"]
+
+    def test_path_regex_aims_at_one_scale_set(self, fake):
+        compute, network = clients(fake)
+        fake.add_fault("500", path="/virtualMachineScaleSets/UVMSS-00/", times=None)
+        assert len(list(compute.virtual_machine_scale_set_vms.list("rg-a", "fvmss-00"))) == 3
+        with pytest.raises(HttpResponseError):
+            list(network.network_interfaces.list_virtual_machine_scale_set_network_interfaces("rg-a", "uvmss-00"))
+
+    def test_faults_are_validated(self, fake):
+        with pytest.raises(ValueError):
+            fake.add_fault("explode")
+        with pytest.raises(ValueError):
+            fake.add_fault("500", endpoint="nic")
+
+    def test_stop_cuts_a_slow_response_short(self):
+        fake = FakeArm(small_estate()).start()
+        fake.add_fault("slow", endpoint="vmss", delay=30)
+        outcome = []
+        path = f"/subscriptions/{SUB}/providers/Microsoft.Compute/virtualMachineScaleSets?api-version=1"
+        caller = threading.Thread(target=lambda: outcome.append(self._try_get(fake, path)))
+        caller.start()
+        while fake.counts["vmss"] == 0:
+            time.sleep(0.01)
+        started = time.monotonic()
+        fake.stop()
+        caller.join(timeout=5)
+        assert time.monotonic() - started < 2
+        assert outcome and isinstance(outcome[0], OSError)   # closed without an answer
+
+    @staticmethod
+    def _try_get(fake, path):
+        try:
+            return raw_get(fake, path, {"Authorization": f"Bearer {fake.token}"})
+        except OSError as error:
+            return error
+
+
+# --- estate generator and JSON ---
+class TestEstate:
+    def test_generator_spreads_services_over_regions_with_unique_addresses(self):
+        estate = make_estate(vms=4, uniform_sets=2, flexible_sets=1, per_set=2,
+                             services=[("web", 80), ("api", 81)], regions=["eastus", "westus"],
+                             subscriptions=["s1", "s2"], ip_base="127.0.0.2")
+        placed = [(vm.tags[SERVICE_NAME_TAG], vm.location) for vm in estate.vms]
+        assert placed == [("web", "eastus"), ("api", "eastus"), ("web", "westus"), ("api", "westus")]
+        assert [vm.subscription for vm in estate.vms] == ["s1", "s2", "s1", "s2"]
+        addresses = [p.inst.private_ip for p in estate.machines()]
+        assert addresses[:2] == ["127.0.0.2", "127.0.0.3"] and len(set(addresses)) == len(addresses) == 10
+        assert [ss.tags[SERVICE_NAME_TAG] for ss in estate.scale_sets] == ["web", "api", "web"]
+        assert all(inst.tags == {} for ss in estate.scale_sets for inst in ss.instances)
+
+    def test_power_states_are_drawn_from_the_seed(self):
+        def states(seed):
+            return [vm.power_state for vm in make_estate(vms=50, not_running=0.3, seed=seed).vms]
+        assert states(1) == states(1) != states(2)
+        assert set(states(1)) == {"running", "stopped", "deallocated"}
+
+    def test_scaling_out_takes_the_next_free_addresses(self):
+        estate = make_estate(vms=1, uniform_sets=1, per_set=1, public_ip_base="20.0.0.4")
+        estate.scale("uvmss-00", 2)
+        new = estate.find("uvmss-00_1")
+        assert (new.private_ip, new.public_ip, new.private_ipv6) == ("10.0.0.6", "20.0.0.6", None)
+
+    def test_names_must_exist_and_be_unique(self):
+        with pytest.raises(KeyError):
+            make_estate(vms=1, overrides={"vm-9999": {"power_state": "stopped"}})
+        estate = make_estate(vms=1)
+        with pytest.raises(ValueError):
+            estate.add_vm(Vm(name="vm-0000", private_ip="10.1.1.1"))
+        with pytest.raises(TypeError):
+            estate.update("vm-0000", colour="blue")
+
+    def test_json_round_trip(self):
+        estate = small_estate(ipv6_base="fd00::4")
+        estate.scale("uvmss-00", 1)
+        again = Estate.from_json(estate.to_json())
+        assert again == estate
+        assert again.scale_sets[0].next_index == 3
+
+
+# --- standalone mode ---
+def test_standalone_serves_and_reloads_its_estate_file(tmp_path, sdk_env, monkeypatch):
+    estate_file = tmp_path / "estate.json"
+    process = subprocess.Popen(
+        [sys.executable, os.path.join(HERE, "fake_arm.py"), "--generate", "vms=3,uniform=1,per_set=2",
+         "--estate", str(estate_file), "--state-dir", str(tmp_path), "--page-size", "2"],
+        stdout=subprocess.PIPE, text=True)
+    try:
+        ready, _, _ = select.select([process.stdout], [], [], 20)
+        assert ready, "no export line within 20 s"
+        line = process.stdout.readline()
+        assert line.startswith("export ")
+        env = dict(word.split("=", 1) for word in shlex.split(line)[1:])
+        assert set(env) >= {"REQUESTS_CA_BUNDLE", "IDENTITY_ENDPOINT", "IDENTITY_HEADER"}
+        assert env["REQUESTS_CA_BUNDLE"] == str(tmp_path / "ca.pem")
+        for key, value in env.items():
+            monkeypatch.setenv(key, value)
+        compute = ComputeManagementClient(DefaultAzureCredential(), SUB, base_url=env["FAKE_ARM_URL"],
+                                          credential_scopes=[ARM_SCOPE], connection_timeout=5, read_timeout=10)
+        assert len(list(compute.virtual_machines.list_all())) == 3
+
+        (tmp_path / "next.json").write_text(make_estate(vms=5).to_json())
+        (tmp_path / "next.json").replace(estate_file)
+        deadline = time.monotonic() + 10
+        while len(list(compute.virtual_machines.list_all())) != 5:
+            assert time.monotonic() < deadline, "estate file not re-read within 10 s"
+            time.sleep(0.1)
+    finally:
+        process.terminate()
+        assert process.wait(timeout=10) == 0
+
+
+def test_endpoint_names_are_the_documented_counter_keys():
+    assert set(ENDPOINTS) == {"vms", "vms_status", "vms_rg", "vmss", "vmss_rg", "vmss_vms", "nics", "nics_rg",
+                              "vmss_nics", "pips", "pips_rg", "vmss_pips", "token", "openid", "aad_token"}
