@@ -266,8 +266,10 @@ class Plan:
     backends: tuple[BackendPlan, ...] = ()
     skipped: tuple[Skip, ...] = ()
     held: tuple[str, ...] = ()           # "backend/server" slots whose parking is held back
-    live: int = 0
-    services: int = 0
+    live: int = 0                        # live servers once applied
+    services: int = 0                    # services discovered
+    slots: int = 0                       # slots in all our backends once applied
+    our_backends: int = 0
 
     @property
     def empty(self) -> bool:
@@ -918,7 +920,8 @@ def plan_cycle(groups: Mapping[ServiceKey, list[Member]], skipped: Sequence[Skip
     plans = [p for n in names if (p := plan_backend(n, slots[n], actual.get(n), cfg.haproxy))]
     plan = Plan(tuple(plans), tuple(skipped),
                 tuple(f"{n}/{s}" for n, d in drains.items() for s in d) if held else (),
-                sum(len(ms) for ms in desired.values()), len(desired))
+                sum(len(ms) for ms in desired.values()), len(desired),
+                sum(map(len, slots.values())), len(names))
     assignments = {n: {s.instance: s.name for s in slots[n] if s.instance} for n in names}
     return Decision(plan, assignments, fp if streak else None, streak)
 
@@ -1638,17 +1641,15 @@ class Metrics:
             for result, n in report.transactions.items():
                 inc("transactions_total", f'result="{result}"', n)
             if report.plan is not None:
-                inc("held_drains_total", by=len(report.plan.held))
-                self.gauges["backends"] = report.plan.services
+                plan = report.plan
+                inc("held_drains_total", by=len(plan.held))
+                self.gauges.update(backends=plan.our_backends, services=plan.services,
+                                   servers_live=plan.live, servers_parked=plan.slots - plan.live)
             self.gauges["instances_discovered"] = report.instances
             self.gauges["instances_skipped"] = report.skipped
             if report.result != "failed":
                 self.last_success = now
                 self.gauges["last_success_timestamp_seconds"] = now
-
-    def set_servers(self, live: int, parked: int) -> None:
-        with self._lock:
-            self.gauges["servers_live"], self.gauges["servers_parked"] = live, parked
 
     def healthy(self, now: float) -> bool:
         return now - self.last_success < 3 * self.interval
@@ -1705,8 +1706,15 @@ class Signals:
         event.set()
         self.wake.set()
 
-    def sleep(self, seconds: float) -> None:
-        self.wake.wait(seconds)
+    def sleep(self, seconds: float, watchdog: float | None = None) -> None:
+        """Sleep until woken by a signal or `seconds` pass, pinging systemd's watchdog
+        every `watchdog` seconds meanwhile."""
+        deadline = time.monotonic() + seconds
+        while (left := deadline - time.monotonic()) > 0:
+            if self.wake.wait(min(left, watchdog or left)):
+                break
+            if watchdog and deadline - time.monotonic() > 0:
+                sd_notify("WATCHDOG=1")
         self.wake.clear()
 
 
@@ -1754,7 +1762,10 @@ def run_forever(load: Callable[[], Config], make_source: Callable[[Config], Any]
     source, dp, state = make_source(cfg), make_dataplane(cfg), State()
     metrics = Metrics(cfg.polling.interval_seconds)
     server = serve_metrics(cfg.metrics.listen, metrics) if cfg.metrics.listen else None
-    failures, cycles, ready = 0, 0, False
+    failures, cycles = 0, 0
+    # Under WatchdogSec= systemd wants WATCHDOG=1 at least every WATCHDOG_USEC: the sleep
+    # pings at half that, so only a hung cycle (not a long backoff) trips the watchdog.
+    watchdog = int(os.environ.get("WATCHDOG_USEC", "0") or 0) / 2e6 or None
     try:
         while not signals.stop.is_set() and (max_cycles is None or cycles < max_cycles):
             if signals.reload.is_set():
@@ -1778,9 +1789,9 @@ def run_forever(load: Callable[[], Config], make_source: Callable[[Config], Any]
                 log.exception("cycle failed unexpectedly", extra={"event": "cycle_failed", "failures": failures})
             cycles += 1
             metrics.record(report, time.time())
-            _notify(report, ready := ready or report.result != "failed", failures)
+            sd_notify(("READY=1\n" if cycles == 1 else "") + "WATCHDOG=1\nSTATUS=" + _status(report, failures))
             if max_cycles is None or cycles < max_cycles:
-                signals.sleep(next_delay(failures, cfg.polling, rand()))
+                signals.sleep(next_delay(failures, cfg.polling, rand()), watchdog)
     finally:
         if server is not None:
             server.shutdown()
@@ -1789,10 +1800,10 @@ def run_forever(load: Callable[[], Config], make_source: Callable[[Config], Any]
     return EX_OK
 
 
-def _notify(report: CycleReport, ready: bool, failures: int) -> None:
-    status = (f"last cycle {report.result}: {report.instances} instances" if report.result != "failed"
-              else f"last cycle failed ({failures} in a row): {report.error}"[:200])
-    sd_notify(("READY=1\n" if ready else "") + f"WATCHDOG=1\nSTATUS={status}")
+def _status(report: CycleReport, failures: int) -> str:
+    if report.result == "failed":
+        return f"last cycle failed ({failures} in a row): {report.error}"[:200]
+    return f"last cycle {report.result}: {report.instances} instances, {report.skipped} skipped"
 
 
 def _reload(load: Callable[[], Config], cfg: Config, source: Any, dp: DataPlane,

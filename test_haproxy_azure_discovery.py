@@ -596,7 +596,7 @@ class RecordingSignals(m.Signals):
         super().__init__()
         self.sleeps = []
 
-    def sleep(self, seconds):
+    def sleep(self, seconds, watchdog=None):
         self.sleeps.append(seconds)
 
 
@@ -636,7 +636,7 @@ class TestLoop:
             return ScriptedSource(m.Discovery(()))
         original_sleep = signals.sleep
 
-        def sleep(seconds):
+        def sleep(seconds, watchdog=None):
             original_sleep(seconds)
             signals.reload.set()
         signals.sleep = sleep
@@ -916,3 +916,110 @@ class TestAzure:
             assert azure == discovery.requests == formula(vms, 20, 50)
             results.append(azure)
         assert results == [2 * 20 + 20 + 1 + 40, 2 * 40 + 40 + 1 + 40]   # 101, then 161: pages only
+
+
+# --- Operations: systemd notifications, metrics, health ------------------------------
+def free_port() -> int:
+    import socket
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture
+def notify_socket(tmp_path, monkeypatch):
+    """A real datagram socket standing in for systemd's NOTIFY_SOCKET."""
+    import socket
+    path = str(tmp_path / "notify")
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+    sock.bind(path)
+    sock.settimeout(5)
+    monkeypatch.setenv("NOTIFY_SOCKET", path)
+    yield sock
+    sock.close()
+
+
+def received(sock) -> list[str]:
+    messages = []
+    sock.setblocking(False)
+    try:
+        while True:
+            messages.append(sock.recv(4096).decode())
+    except BlockingIOError:
+        return messages
+
+
+class TestOperations:
+    def test_sd_notify_without_socket_is_a_no_op(self):
+        assert m.sd_notify("READY=1", env={}) is False
+        assert m.sd_notify("READY=1", env={"NOTIFY_SOCKET": "/nonexistent/socket"}) is False
+
+    def test_ready_once_then_watchdog_and_status_each_cycle(self, notify_socket):
+        source = ScriptedSource(m.Discovery(()), m.AzureError("listing VMs failed: HTTP 500"), m.Discovery(()))
+        m.run_forever(make_config, lambda c: source, lambda c: EmptyDataPlane(), RecordingSignals(),
+                      max_cycles=3, rand=lambda: 0.0)
+        messages = received(notify_socket)
+        assert messages == [
+            "READY=1\nWATCHDOG=1\nSTATUS=last cycle unchanged: 0 instances, 0 skipped",
+            "WATCHDOG=1\nSTATUS=last cycle failed (1 in a row): listing VMs failed: HTTP 500",
+            "WATCHDOG=1\nSTATUS=last cycle steady: 0 instances, 0 skipped"]
+
+    def test_watchdog_is_pinged_during_a_long_sleep(self, notify_socket):
+        signals = m.Signals()
+        threading.Timer(0.35, signals.wake.set).start()
+        signals.sleep(10, watchdog=0.1)
+        assert 2 <= received(notify_socket).count("WATCHDOG=1") <= 4
+
+    def test_abstract_socket_address(self):
+        import socket
+        name = f"had-test-{os.getpid()}"
+        with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as sock:
+            sock.bind("\0" + name)
+            assert m.sd_notify("STATUS=x", env={"NOTIFY_SOCKET": "@" + name})
+            assert sock.recv(100) == b"STATUS=x"
+
+    def test_metrics_and_health_over_http(self):
+        import urllib.error
+        import urllib.request
+        port = free_port()
+        cfg = make_config(metrics={"listen": f"127.0.0.1:{port}"}, polling={"interval_seconds": 0.2})
+        inst = make_instance(1)
+        results = [m.Discovery((inst,), requests=4), m.AzureError("down"), m.AzureError("down"),
+                   m.AzureError("down"), m.AzureError("down")]
+        pages = {}
+
+        class Probing(RecordingSignals):
+            def sleep(self, seconds, watchdog=None):
+                super().sleep(seconds)
+                url = f"http://127.0.0.1:{port}"
+                with urllib.request.urlopen(url + "/metrics", timeout=5) as r:
+                    pages[len(self.sleeps)] = r.read().decode()
+                try:
+                    with urllib.request.urlopen(url + "/healthz", timeout=5) as r:
+                        pages[f"health{len(self.sleeps)}"] = r.status
+                except urllib.error.HTTPError as e:
+                    pages[f"health{len(self.sleeps)}"] = e.code
+                time.sleep(0.25)
+
+        class OneBackend(EmptyDataPlane):
+            def start_transaction(self, version):
+                return "t1"
+
+            def writes(self, b):
+                return []
+
+            def commit(self, txn):
+                return 2
+
+        m.run_forever(lambda: cfg, lambda c: ScriptedSource(*results), lambda c: OneBackend(), Probing(),
+                      max_cycles=5, rand=lambda: 0.0)
+        first, last = pages[1], pages[4]
+        assert 'haproxy_azure_discovery_cycles_total{result="applied"} 1' in first
+        assert "haproxy_azure_discovery_servers_live 1\n" in first
+        assert "haproxy_azure_discovery_servers_parked 9\n" in first
+        assert "haproxy_azure_discovery_azure_requests_total 4\n" in first
+        assert 'haproxy_azure_discovery_transactions_total{result="committed"} 1' in first
+        assert 'haproxy_azure_discovery_cycles_total{result="failed"} 3' in last
+        assert pages["health1"] == 200 and pages["health4"] == 503   # no success for 3 intervals
+        with pytest.raises(OSError):     # the server is gone with the loop
+            urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=2)
