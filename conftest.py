@@ -20,3 +20,15 @@ def arm(monkeypatch):
         for key, value in fake.env().items():
             monkeypatch.setenv(key, value)
         yield fake
+
+
+@pytest.fixture(params=["v2", "v3"])
+def dataplane(request):
+    """A Data Plane API emulator (v2 and v3) that checks every body against the official
+    specification and every committed configuration with the real `haproxy -c`."""
+    from fake_dataplane import FakeDataPlane
+    with FakeDataPlane(api=request.param) as fake:
+        yield fake
+        assert fake.violations == [], fake.violations
+        assert fake.errors == [], fake.errors
+        assert fake.check_failures == 0, fake.last_check_output

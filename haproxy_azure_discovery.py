@@ -926,6 +926,11 @@ def plan_cycle(groups: Mapping[ServiceKey, list[Member]], skipped: Sequence[Skip
     return Decision(plan, assignments, fp if streak else None, streak)
 
 
+def applied(actual: Mapping[str, BackendState], plan: Plan) -> dict[str, BackendState]:
+    """What HAProxy holds once `plan` is applied to `actual`."""
+    return {**actual, **{b.name: BackendState(b.name, b.fields, b.servers) for b in plan.backends}}
+
+
 def drain_held(drains: int, live: int, streak: int, cfg: SafetyConfig) -> tuple[bool, int]:
     """Whether a drain must wait, and the new streak of identical discoveries behind it.
 
@@ -1502,7 +1507,11 @@ def run_cycle(cfg: Config, source: Any, dp: DataPlane, state: State, stop: threa
             continue
         state.version, state.assignments = new_version, decision.assignments
         state.drain_fingerprint, state.drain_streak = decision.drain_fingerprint, decision.drain_streak
-        state.fingerprint = None if plan.held else fp   # a held drain is re-planned next cycle
+        # The shortcut is only taken from a fixpoint: a held drain, or slots parked now that
+        # a later shrink may remove, need the next cycle to plan again.
+        settled = not plan.held and (plan.empty or plan_cycle(
+            groups, skipped, applied(actual, plan), state, cfg).plan.empty)
+        state.fingerprint = fp if settled else None
         report.plan = plan
         report.result = "held" if plan.held else ("applied" if not plan.empty else "unchanged")
         return plan

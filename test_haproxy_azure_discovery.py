@@ -1023,3 +1023,197 @@ class TestOperations:
         assert pages["health1"] == 200 and pages["health4"] == 503   # no success for 3 intervals
         with pytest.raises(OSError):     # the server is gone with the loop
             urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=2)
+
+
+# --- Data Plane adapter and apply ------------------------------------------------------
+def dp_config(fake, **sections):
+    haproxy = {"base_url": fake.url, "username": fake.username, "password": fake.password, "timeout": 3,
+               **sections.pop("haproxy", {})}
+    return make_config(haproxy=haproxy, **sections)
+
+
+class Harness:
+    """The real DataPlane client and run_cycle against the emulator, with a scripted estate."""
+
+    def __init__(self, fake, **sections):
+        self.fake, self.cfg = fake, dp_config(fake, **sections)
+        self.dp, self.state, self.stop = m.DataPlane(self.cfg.haproxy), m.State(), threading.Event()
+
+    def cycle(self, instances, **kw) -> m.CycleReport:
+        self.fake.reset_requests()
+        return m.one_cycle(self.cfg, ScriptedSource(m.Discovery(tuple(instances))), self.dp, self.state,
+                           self.stop, **kw)
+
+    def writes(self):
+        return [(r.method, r.path) for r in self.fake.requests if r.method != "GET"]
+
+    def servers(self, backend):
+        return {n: ("parked" if s.get("maintenance") == "enabled" else f"{s['address']}:{s['port']}")
+                for n, s in self.fake.backends[backend]["servers"].items()}
+
+
+WEB = "azure-web-8080-eastus"
+
+
+class TestDataPlane:
+    def test_first_sync_then_steady_state(self, dataplane):
+        h = Harness(dataplane, haproxy={"backend": {"balance": "leastconn", "params": {"retries": 2}},
+                                        "server": {"params": {"inter": 2000, "rise": 2, "fall": 3}}})
+        report = h.cycle([make_instance(1), make_instance(2), make_instance(3, service="api", port="9000")])
+        assert report.result == "applied" and report.transactions == {"committed": 1}
+        backends = dataplane.backends
+        assert sorted(backends) == ["azure-api-9000-eastus", WEB]
+        web = backends[WEB]
+        assert (web["mode"], web["balance"]["algorithm"], web["retries"]) == ("http", "leastconn", 2)
+        assert web["servers"]["srv1"] == {"name": "srv1", "address": "10.0.0.5", "port": 8080, "check": "enabled",
+                                          "inter": 2000, "rise": 2, "fall": 3, "maintenance": "disabled"}
+        parked = {k: v for k, v in web["servers"]["srv10"].items() if v is not None}
+        assert parked == {"name": "srv10", "address": "127.0.0.1", "port": 80, "maintenance": "enabled",
+                          "check": "disabled"}
+        assert len(web["servers"]) == 10 and dataplane.checks >= 1 and dataplane.open_transactions() == []
+        config = dataplane.render()
+        line = next(x.split() for x in config.splitlines() if x.strip().startswith("server srv1 10.0.0.5:8080"))
+        assert "check" in line and line[line.index("inter") + 1] == "2000"
+        if dataplane.api == "v3":   # one full-section write per new backend
+            assert h.writes() == [("POST", "/v3/services/haproxy/transactions"),
+                                  ("POST", "/v3/services/haproxy/configuration/backends"),
+                                  ("POST", "/v3/services/haproxy/configuration/backends"),
+                                  ("PUT", f"/v3/services/haproxy/transactions/{dataplane.requests[-1].path.rsplit('/', 1)[1]}")]
+        # nothing changed: one request
+        report = h.cycle([make_instance(1), make_instance(2), make_instance(3, service="api", port="9000")])
+        assert report.result == "steady" and len(dataplane.requests) == 1
+        assert dataplane.requests[0].path.endswith("/services/haproxy/configuration/version")
+
+    def test_one_new_instance_is_one_write(self, dataplane):
+        h = Harness(dataplane)
+        h.cycle([make_instance(1)])
+        reloads = dataplane.reloads
+        report = h.cycle([make_instance(1), make_instance(2)])
+        writes = h.writes()
+        assert writes[0][1].endswith("/transactions") and writes[-1][0] == "PUT" and len(writes) == 3
+        assert writes[1][0] == "PUT" and writes[1][1].endswith("/servers/srv2")
+        assert h.servers(WEB)["srv2"] == "10.0.0.6:8080" and report.reload_commits == 1
+        assert dataplane.reloads == reloads + 1
+
+    def test_vanished_service_is_parked_never_deleted(self, dataplane):
+        h = Harness(dataplane)
+        h.cycle([make_instance(1), make_instance(2, service="api")])
+        h.cycle([make_instance(2, service="api")])
+        assert set(h.servers(WEB).values()) == {"parked"} and len(dataplane.backends) == 2
+        assert not any(method == "DELETE" and "transactions" not in path for method, path in h.writes())
+
+    def test_drift_is_repaired_next_cycle(self, dataplane):
+        h = Harness(dataplane)
+        estate = [make_instance(i) for i in (1, 2, 3)]
+        h.cycle(estate)
+        dataplane.edit_server(WEB, "srv1", address="10.9.9.9")
+        dataplane.edit_server(WEB, "srv5", maintenance="disabled", address="10.9.9.8", port=80)
+        h.cycle(estate)
+        assert h.servers(WEB)["srv1"] == "10.0.0.5:8080" and h.servers(WEB)["srv5"] == "parked"
+
+    def test_foreign_backends_and_servers_are_left_alone(self, dataplane):
+        dataplane.seed({"be_static": {"mode": "http", "servers": {"s1": {"address": "10.1.1.1", "port": 80}}}})
+        h = Harness(dataplane)
+        h.cycle([make_instance(1)])
+        dataplane.edit_server(WEB, "srv1", {})    # bump the version only
+        backends = dataplane.backends
+        backends[WEB]["servers"]["manual"] = {"name": "manual", "address": "10.2.2.2", "port": 81}
+        dataplane.seed({n: b for n, b in backends.items()})
+        h.cycle([make_instance(1), make_instance(2)])
+        after = dataplane.backends
+        assert after["be_static"]["servers"]["s1"]["address"] == "10.1.1.1"
+        assert after[WEB]["servers"]["manual"]["address"] == "10.2.2.2" and h.servers(WEB)["srv2"] == "10.0.0.6:8080"
+
+    def test_growth_and_shrink(self, dataplane):
+        h = Harness(dataplane, haproxy={"server_slots": {"base": 2, "growth_factor": 1}},
+                    safety={"max_drain_percent": 100})
+        h.cycle([make_instance(i) for i in range(1, 6)])
+        assert len(h.servers(WEB)) == 5
+        h.cycle([make_instance(1)])
+        assert sum(v != "parked" for v in h.servers(WEB).values()) == 1 and len(h.servers(WEB)) == 5
+        assert h.cycle([make_instance(1)]).result == "applied"     # not steady: a shrink is due
+        live_slot = next(n for n, v in h.servers(WEB).items() if v != "parked")
+        assert len(h.servers(WEB)) == max(2, m.slot_index(live_slot))
+        assert h.cycle([make_instance(1)]).result == "steady"
+
+    def test_restart_against_a_synced_haproxy_writes_nothing(self, dataplane):
+        estate = [make_instance(i) for i in range(1, 8)]
+        Harness(dataplane).cycle(estate)
+        h = Harness(dataplane)                  # a new process: no memory
+        report = h.cycle(list(reversed(estate)))
+        assert report.result == "unchanged" and h.writes() == []
+
+    def test_conflict_on_commit_is_retried(self, dataplane):
+        from fake_dataplane import PATH_TRANSACTION
+        h = Harness(dataplane)
+        dataplane.add_fault("PUT", PATH_TRANSACTION, status=409, message="version mismatch", times=1)
+        report = h.cycle([make_instance(1)])
+        assert report.result == "applied" and report.transactions == {"conflict": 1, "committed": 1}
+        assert dataplane.open_transactions() == [] and h.servers(WEB)["srv1"] == "10.0.0.5:8080"
+
+    @pytest.mark.parametrize("status", [406, 409])
+    def test_persistent_conflict_fails_after_three_attempts(self, dataplane, status):
+        from fake_dataplane import PATH_TRANSACTION
+        h = Harness(dataplane)
+        version = dataplane.version
+        dataplane.add_fault("PUT", PATH_TRANSACTION, status=status, message="outdated", times=4)
+        with pytest.raises(m.DataPlaneError, match="gave up after 3 attempts"):
+            h.cycle([make_instance(1)])
+        assert dataplane.count_requests("PUT", r"/transactions/") == 3
+        assert dataplane.open_transactions() == [] and dataplane.backends == {} and dataplane.version == version
+        assert h.cycle([make_instance(1)]).result == "applied"     # the next healthy cycle converges
+
+    @pytest.mark.parametrize("fault, error", [
+        (dict(method="PUT", path=r"/transactions/[^/]+$", status=500, message="reload failed"), "HTTP 500"),
+        (dict(method="POST", path=r"/transactions$", status=429, message="too many open transactions"), "HTTP 429"),
+        (dict(method="*", path=r"/servers", status=500), "HTTP 500"),
+        (dict(method="*", path=r"/backends", status=500), "HTTP 500"),
+        (dict(method="PUT", path=r"/transactions/[^/]+$", delay=5), "timed out"),
+        (dict(method="PUT", path=r"/transactions/[^/]+$", drop=True), "Remote end closed"),
+    ])
+    def test_failures_leave_no_transaction_and_no_half_cycle(self, dataplane, fault, error):
+        h = Harness(dataplane)
+        h.cycle([make_instance(1)])
+        before, version = dataplane.backends, dataplane.version
+        dataplane.add_fault(times=1, **fault)
+        estate = [make_instance(1), make_instance(2), make_instance(3, service="api")]
+        with pytest.raises(m.DataPlaneError, match=error):
+            h.cycle(estate)
+        dataplane.clear_faults()
+        time.sleep(0.1 if not fault.get("delay") else 2.5)
+        assert dataplane.open_transactions() == []
+        if not fault.get("delay"):
+            assert dataplane.backends == before and dataplane.version == version
+        h.cycle(estate)
+        assert sorted(dataplane.backends) == ["azure-api-8080-eastus", WEB] and h.servers(WEB)["srv2"] != "parked"
+
+    def test_shutdown_mid_transaction_deletes_it(self, dataplane):
+        h = Harness(dataplane)
+        original = h.dp.request
+
+        def request(method, path, query=None, body=None, api=None):
+            result = original(method, path, query, body, api)
+            if query and "transaction_id" in query:
+                h.stop.set()             # SIGTERM arrives after the first write
+            return result
+        h.dp.request = request
+        with pytest.raises(m.Aborted):
+            h.cycle([make_instance(1), make_instance(2, service="api")])
+        assert dataplane.open_transactions() == [] and dataplane.backends == {}
+        assert dataplane.count_requests("DELETE", r"/transactions/") == 1
+
+    def test_wrong_password_never_shows_the_password(self, dataplane):
+        cfg = dp_config(dataplane, haproxy={"password": "wrong-secret-123"})
+        with pytest.raises(m.DataPlaneError) as err:
+            m.DataPlane(cfg.haproxy).version()
+        assert "401" in str(err.value) and "wrong-secret-123" not in str(err.value)
+
+    def test_api_version_is_probed(self, dataplane):
+        dp = m.DataPlane(dp_config(dataplane).haproxy)
+        assert dp.version() == dataplane.version and dp.api == dataplane.api
+        assert dataplane.requests[0].path == "/v3/info"
+
+    def test_unreachable(self):
+        cfg = make_config(haproxy={"password": "p", "base_url": f"http://127.0.0.1:{free_port()}", "timeout": 2})
+        with pytest.raises(m.DataPlaneError, match="Connection refused"):
+            m.DataPlane(cfg.haproxy).version()
