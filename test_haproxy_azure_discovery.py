@@ -206,7 +206,7 @@ class TestConfig:
     def test_param_lists_exist_in_both_specifications(self):
         yaml = pytest.importorskip("yaml")
         for spec in ("dataplaneapi-v2.yaml", "dataplaneapi-v3.yaml"):
-            with open(os.path.join(HERE, "..", "shared", "spec", spec)) as f:
+            with open(os.path.join(HERE, "testing", "spec", spec)) as f:
                 defs = yaml.safe_load(f)["definitions"]
 
             def props(name):

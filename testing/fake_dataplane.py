@@ -1,0 +1,1934 @@
+#!/usr/bin/env python3
+"""An emulator of the HAProxy Data Plane API (v2 or v3) for the test bed.
+
+There is no dataplaneapi binary in the test bed; this file stands in for it.
+It keeps an in-memory configuration of backends and servers, speaks the v2 or
+v3 REST dialect, validates every request body against the official
+specification in ``spec/``, renders a complete ``haproxy.cfg`` and checks
+every change with the real ``haproxy -c``. Optionally it drives a real HAProxy
+(master-worker) so tests can send real traffic through it.
+
+Usage in tests::
+
+    from fake_dataplane import FakeDataPlane, frontend_config
+
+    with FakeDataPlane(api="v3") as fake:          # v2 or v3, one per instance
+        ... point the client at fake.url, user fake.username / fake.password ...
+        assert fake.violations == []               # end every test with this
+
+End every test with ``assert fake.violations == [] and fake.errors == []``:
+violations are client bugs (invalid bodies...), errors are emulator crashes.
+
+Introspection: ``version``, ``backends`` (deep copy), ``server(b, s)``,
+``open_transactions()``, ``transactions()``, ``requests`` (``reset_requests()``,
+``count_requests()``), ``reloads``, ``runtime_changes``, ``commits``, ``checks``,
+``check_failures``, ``last_check_output``, ``unrendered``, ``render()``.
+Faults: ``add_fault(method, PATH_..., status=, message=, delay=, drop=, times=,
+after=)``. Changes behind the client's back: ``seed()``, ``edit_server()``,
+``remove_server()``, ``remove_backend()``. A real HAProxy: ``live=True`` or
+``live=LiveHAProxy(...)`` (``fake.live.reload_count()`` is HAProxy's own count).
+
+Standalone, until SIGTERM or Ctrl-C::
+
+    python3 testing/fake_dataplane.py --port 5555 --api v3 \\
+        [--user admin --password adminpwd] [--base-config FILE] [--seed FILE.json] \\
+        [--no-check] [--live] [--haproxy /usr/sbin/haproxy]
+
+What it does the way dataplaneapi does (read in haproxytech/dataplaneapi
+handlers/transaction.go, handlers/server.go, handlers/runtime.go, misc/misc.go,
+rate/, adapters/adapters.go, handlers/configuration/*/ for 3.4; and
+haproxytech/client-native configuration/transaction.go, server.go,
+configuration.go, structured_backends.go, errors.go):
+
+* every write takes exactly one of ``transaction_id`` or ``version``; a plain
+  (versioned) write is an implicit transaction committed at once, so it is
+  checked with ``haproxy -c`` and bumps the version by one, changed or not;
+* a commit bumps the version by one (even when empty), counts one reload and
+  marks every other open transaction outdated; at most ``max_open_transactions``
+  (20) may be in progress;
+* a plain server PUT whose difference from the server on disk is limited to
+  weight, address, port, maintenance, agent-check, agent-addr, agent-send and
+  health_check_port is applied with runtime commands and answers 200 without a
+  reload (``changeThroughRuntimeAPI``); any other plain write reloads;
+* a plain server POST is added at runtime (201, no reload) when neither the
+  backend nor the defaults carry a ``default_server`` and the server has no
+  ``id``; dataplaneapi 2.9.x never does this (it converts into a nil pointer),
+  so the v2 emulator, which serves the 2.9 specification, reloads by default
+  (``runtime_add_server`` overrides either way).
+
+Where it is deliberately stricter than dataplaneapi, so that client bugs fail
+loudly (all of these are recorded in ``fake.violations``):
+
+* request bodies must match the specification; ``null`` is accepted only where
+  the model is nullable (Go would quietly read ``null`` as "unset");
+* an unknown field is dropped silently by both go-swagger (v2, 3.0-3.2) and the
+  3.4 handlers, which decode into Go structs; the emulator records it, and the
+  v3 emulator also answers 422 because the published v3.4 OpenAPI models say
+  ``additionalProperties: false``;
+* a v3 backend POST/PUT that carries ``servers`` without ``full_section=true``
+  is recorded (dataplaneapi ignores those servers).
+
+Status codes of schema violations are those of the real servers: 422 for
+bodies (go-swagger and the 3.4 validator both use it), 400 for malformed JSON.
+"""
+from __future__ import annotations
+
+import argparse
+import base64
+import copy
+import datetime
+import hashlib
+import json
+import os
+import re
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+import uuid
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from urllib.parse import parse_qs, unquote, urlsplit
+
+import jsonschema
+
+# === Constants ===
+
+HAPROXY_BIN = os.environ.get("FAKE_DATAPLANE_HAPROXY", "/usr/sbin/haproxy")
+DEFAULT_USERNAME = "admin"
+DEFAULT_PASSWORD = "adminpwd"
+MAX_OPEN_TRANSACTIONS = 20      # dataplaneapi's --max-open-transactions default
+MAX_FAULT_DELAY = 60.0          # an injected hang never lasts longer than this
+CHECK_TIMEOUT = 60.0            # seconds allowed for one `haproxy -c`
+
+SPEC_FILES = {
+    "v2": "dataplaneapi-v2.yaml",                   # client-native v5.1 (dataplaneapi 2.9)
+    "v3": "dataplaneapi-v3.yaml",                   # client-native v6.2 (dataplaneapi 3.2)
+    "v3.4": "dataplaneapi-v3.4-openapi3.yaml",      # dataplaneapi 3.4, OpenAPI 3
+}
+API_RELEASE = {"v2": "v2.9.9", "v3": "v3.4.2"}      # what /info claims to be
+
+IN_PROGRESS, SUCCESS, FAILED, OUTDATED = "in_progress", "success", "failed", "outdated"
+
+# Fields dataplaneapi can change on a running HAProxy without a reload, in the
+# order it visits them (the order of the Go struct fields of models.Server).
+RUNTIME_SERVER_FIELDS = ("agent-addr", "agent-check", "agent-send", "health_check_port",
+                         "maintenance", "weight", "address", "port")
+
+# Path patterns for fault injection. They are matched (re.search) against the
+# request path without its /v2 or /v3 prefix, so one pattern serves both APIs.
+PATH_INFO = r"^/info$"
+PATH_VERSION = r"^/services/haproxy/configuration/version$"
+PATH_TRANSACTIONS = r"^/services/haproxy/transactions$"            # POST = start
+PATH_TRANSACTION = r"^/services/haproxy/transactions/[^/]+$"       # PUT = commit
+PATH_BACKENDS = r"^/services/haproxy/configuration/backends(/[^/]+)?$"
+PATH_SERVERS = r"/servers(/[^/]+)?$"
+
+
+# === Errors ===
+
+class ApiError(Exception):
+    """An error answer: HTTP status plus the ``{"code", "message"}`` body."""
+
+    def __init__(self, status: int, message: str, code: int | None = None):
+        super().__init__(message)
+        self.status = status
+        self.message = message
+        self.code = status if code is None else code
+
+
+class SeedError(ValueError):
+    """A seed() or edit_*() call describes an invalid configuration (a test bug)."""
+
+
+# === Specification models ===
+#
+# The request bodies are checked with `jsonschema` against the models of the
+# official specifications. Swagger 2.0 and OpenAPI 3.0 schemas are close to
+# JSON Schema; the differences handled here are `$ref` targets, nullability
+# (`x-nullable` / `nullable`) and `additionalProperties: false` next to
+# `allOf`, which in JSON Schema would reject every property declared in the
+# allOf parts. Unknown fields are therefore found by a separate walk that
+# merges allOf parts, the way the Go structs do.
+
+_SPEC_CACHE: dict[str, "SpecModels"] = {}
+_SPEC_LOCK = threading.Lock()
+
+
+def default_spec_dir() -> str:
+    """Where the specification files are: $FAKE_DATAPLANE_SPEC_DIR, or near this file."""
+    here = os.path.dirname(os.path.abspath(__file__))
+    candidates = [os.environ.get("FAKE_DATAPLANE_SPEC_DIR"), os.path.join(here, "spec"),
+                  os.path.join(here, "..", "spec"), os.path.join(here, "..", "..", "shared", "spec")]
+    for candidate in candidates:
+        if candidate and os.path.isfile(os.path.join(candidate, SPEC_FILES["v2"])):
+            return os.path.normpath(candidate)
+    raise FileNotFoundError("Data Plane API specifications not found; set FAKE_DATAPLANE_SPEC_DIR")
+
+
+def load_models(path: str) -> "SpecModels":
+    """The models of one specification file, parsed once per process."""
+    with _SPEC_LOCK:
+        if path not in _SPEC_CACHE:
+            _SPEC_CACHE[path] = SpecModels(_read_spec_schemas(path), os.path.basename(path))
+        return _SPEC_CACHE[path]
+
+
+def _read_spec_schemas(path: str) -> dict:
+    """The spec's model definitions (Swagger `definitions` or OpenAPI `components.schemas`).
+
+    Parsing the large YAML files takes about a second each, so the models are
+    cached as JSON in the temp directory, keyed by a hash of the file.
+    """
+    with open(path, "rb") as f:
+        raw = f.read()
+    cache = os.path.join(tempfile.gettempdir(),
+                         f"fake_dataplane-{hashlib.sha256(raw).hexdigest()[:20]}.json")
+    try:
+        with open(cache, encoding="utf-8") as f:
+            return json.load(f)
+    except (OSError, ValueError):
+        pass
+    import yaml  # only needed when the cache is cold
+    doc = yaml.load(raw, Loader=getattr(yaml, "CSafeLoader", yaml.SafeLoader))
+    schemas = doc.get("definitions") or doc["components"]["schemas"]
+    text = json.dumps(schemas, default=str)      # YAML dates in examples become strings
+    tmp = f"{cache}.{os.getpid()}.tmp"
+    try:
+        with open(tmp, "w", encoding="utf-8") as f:
+            f.write(text)
+        os.replace(tmp, cache)
+    except OSError:
+        pass
+    return json.loads(text)
+
+
+def _is_nullable(node: dict) -> bool:
+    return node.get("x-nullable") is True or node.get("nullable") is True
+
+
+def _to_json_schema(node):
+    """Convert one Swagger 2.0 / OpenAPI 3.0 schema node to JSON Schema 2020-12."""
+    if isinstance(node, list):
+        return [_to_json_schema(item) for item in node]
+    if not isinstance(node, dict):
+        return node
+    if "$ref" in node:                       # siblings of $ref are ignored by both formats
+        out = {"$ref": "#/$defs/" + node["$ref"].rsplit("/", 1)[1]}
+    else:
+        out = {}
+        for key, value in node.items():
+            if key.startswith("x-") or key in ("example", "nullable", "discriminator", "readOnly"):
+                continue
+            if key == "additionalProperties" and value is False:
+                continue                     # see SpecModels.unknown_fields
+            if key == "properties":
+                out[key] = {name: _to_json_schema(sub) for name, sub in value.items()}
+            elif key in ("items", "additionalProperties", "not", "allOf", "anyOf", "oneOf"):
+                out[key] = _to_json_schema(value)
+            else:
+                out[key] = value
+    if not _is_nullable(node):
+        return out
+    if isinstance(out.get("type"), str) and "$ref" not in out:
+        out["type"] = [out["type"], "null"]
+        if "enum" in out:
+            out["enum"] = list(out["enum"]) + [None]
+        return out
+    return {"anyOf": [out, {"type": "null"}]}
+
+
+def _go_message(error) -> tuple[int, str]:
+    """A go-swagger style (code, message) for one jsonschema error."""
+    where = ".".join(str(p) for p in error.absolute_path)
+    path = where or "body"
+    kind, expected = error.validator, error.validator_value
+    if kind == "required":
+        missing = [p for p in expected if isinstance(error.instance, dict) and p not in error.instance]
+        name = ".".join(p for p in (where, missing[0] if missing else "") if p)
+        return 602, f"{name} in body is required"
+    if kind == "enum":
+        values = " ".join(json.dumps(v) if not isinstance(v, str) else v
+                          for v in expected if v is not None)
+        return 606, f"{path} in body should be one of [{values}]"
+    if kind == "pattern":
+        return 605, f"{path} in body should match '{expected}'"
+    if kind == "maximum":
+        return 608, f"{path} in body should be less than or equal to {expected}"
+    if kind == "minimum":
+        return 609, f"{path} in body should be greater than or equal to {expected}"
+    if kind == "type":
+        wanted = expected if isinstance(expected, str) else expected[0]
+        return 601, f"{path} in body must be of type {wanted}: {json.dumps(error.instance)[:80]}"
+    return 601, f"{path} in body: {error.message}"
+
+
+def _leaf_errors(error) -> list:
+    """Errors from anyOf (nullable refs) carry their causes in .context."""
+    if not error.context:
+        return [error]
+    return _leaf_errors(jsonschema.exceptions.best_match(error.context))
+
+
+class SpecModels:
+    """The models of one specification file: validation, unknown fields, Go round trip."""
+
+    def __init__(self, schemas: dict, label: str):
+        self.label = label
+        self.raw = schemas
+        self._defs = {name: _to_json_schema(schema) for name, schema in schemas.items()}
+        self._validators: dict[str, jsonschema.Draft202012Validator] = {}
+
+    def schema_errors(self, model: str, instance) -> list[tuple[int, str]]:
+        """Every (go-swagger code, message) for `instance` against `model`, path-sorted."""
+        if model not in self._validators:
+            schema = {"$defs": self._defs, "$ref": f"#/$defs/{model}"}
+            self._validators[model] = jsonschema.Draft202012Validator(schema)
+        errors = [leaf for error in self._validators[model].iter_errors(instance)
+                  for leaf in _leaf_errors(error)]
+        errors.sort(key=lambda e: [str(p) for p in e.absolute_path])
+        return [_go_message(e) for e in errors]
+
+    def unknown_fields(self, model: str, instance) -> list[str]:
+        """Dotted paths of fields the model does not declare (Go would drop them)."""
+        return self._unknown(self.raw[model], instance, "")
+
+    def normalize(self, model: str, instance, keep_null: bool = False):
+        """What dataplaneapi gives back after decoding into Go structs and encoding again:
+        unknown fields dropped, and unset values (omitempty) left out.
+
+        keep_null keeps explicit nulls, for validation: go-swagger never validates
+        a zero value of an optional field, but the emulator rejects misplaced nulls.
+        """
+        return self._normalize(self.raw[model], instance, keep_null)
+
+    def _resolve(self, node: dict) -> dict:
+        while isinstance(node, dict) and "$ref" in node:
+            node = self.raw[node["$ref"].rsplit("/", 1)[1]]
+        return node
+
+    def _parts(self, node: dict):
+        node = self._resolve(node)
+        yield node
+        for part in node.get("allOf", ()):
+            yield from self._parts(part)
+
+    def _shape(self, node: dict):
+        """(declared properties or None for a free-form object, map value schema, required)."""
+        props, additional, declared, required = {}, None, False, set()
+        for part in self._parts(node):
+            if "properties" in part:
+                props.update(part["properties"])
+                declared = True
+            extra = part.get("additionalProperties")
+            if isinstance(extra, dict) or extra is True:
+                additional = extra if isinstance(extra, dict) else {}
+                declared = True
+            required.update(part.get("required", ()))
+        return (props if declared else None), additional, required
+
+    def _unknown(self, node: dict, value, path: str) -> list[str]:
+        if isinstance(value, dict):
+            props, additional, _ = self._shape(node)
+            if props is None:
+                return []
+            found = []
+            for key, item in value.items():
+                where = f"{path}.{key}" if path else key
+                sub = props.get(key, additional)
+                if sub is None:
+                    found.append(where)
+                else:
+                    found += self._unknown(sub, item, where)
+            return found
+        items = self._resolve(node).get("items")
+        if isinstance(value, list) and isinstance(items, dict):
+            return [f for i, item in enumerate(value) for f in self._unknown(items, item, f"{path}.{i}")]
+        return []
+
+    def _normalize(self, node: dict, value, keep_null: bool):
+        if isinstance(value, dict):
+            props, additional, required = self._shape(node)
+            if props is None:
+                return value
+            out = {}
+            for key, item in value.items():
+                sub = props.get(key, additional)
+                if sub is None:
+                    continue
+                item = self._normalize(sub, item, keep_null)
+                if key in required or (keep_null and item is None) or not self._go_empty(sub, item):
+                    out[key] = item
+            return out
+        items = self._resolve(node).get("items")
+        if isinstance(value, list) and isinstance(items, dict):
+            return [self._normalize(items, item, keep_null) for item in value]
+        return value
+
+    def _go_empty(self, node: dict, value) -> bool:
+        """Would Go's `omitempty` leave this value out?"""
+        if value is None:
+            return True
+        if _is_nullable(node):               # a pointer: only nil is empty
+            return False
+        if isinstance(value, bool):
+            return value is False
+        if isinstance(value, (int, float)):
+            return value == 0
+        if isinstance(value, str):
+            return value == ""
+        if isinstance(value, list):
+            return not value
+        if isinstance(value, dict) and not value:   # an empty map is empty, an empty struct is not
+            return self._shape(node)[0] == {}
+        return False
+
+
+# === Configuration model ===
+
+class _Backend:
+    """One backend: its fields (the spec's backend model) and its servers in file order.
+
+    Server dicts are never mutated in place, only replaced, so copies can share them.
+    """
+    __slots__ = ("fields", "servers")
+
+    def __init__(self, fields: dict, servers: dict | None = None):
+        self.fields = fields
+        self.servers = servers if servers is not None else {}
+
+    def copy(self) -> "_Backend":
+        return _Backend(dict(self.fields), dict(self.servers))
+
+
+class _Config:
+    """All backends in file order, copy-on-write.
+
+    fork() costs one dict copy; a backend is copied the first time the fork
+    writes to it. A committed _Config is never written to again.
+    """
+
+    def __init__(self, backends: dict | None = None):
+        self.backends: dict[str, _Backend] = backends if backends is not None else {}
+        self._owned: set[str] = set()
+
+    def fork(self) -> "_Config":
+        return _Config(dict(self.backends))
+
+    def writable(self, name: str) -> _Backend:
+        if name not in self._owned:
+            self.backends[name] = self.backends[name].copy()
+            self._owned.add(name)
+        return self.backends[name]
+
+    def put(self, name: str, backend: _Backend) -> None:
+        self.backends[name] = backend
+        self._owned.add(name)
+
+    def delete(self, name: str) -> None:
+        del self.backends[name]
+        self._owned.discard(name)
+
+
+def _replace_key(mapping: dict, old: str, new: str, value) -> dict:
+    """A copy of `mapping` with `old` replaced by `new` at the same position."""
+    return {(new if key == old else key): (value if key == old else item)
+            for key, item in mapping.items()}
+
+
+class _Transaction:
+    __slots__ = ("id", "version", "status", "config")
+
+    def __init__(self, version: int, config: _Config):
+        self.id = str(uuid.uuid4())
+        self.version = version
+        self.status = IN_PROGRESS
+        self.config = config
+
+    def as_json(self) -> dict:
+        return {"_version": self.version, "id": self.id, "status": self.status}
+
+
+# === Rendering haproxy.cfg ===
+#
+# Keyword names follow client-native's serializers: a field `foo_bar` with
+# "enabled"/"disabled" becomes `option foo-bar` / `no option foo-bar` in a
+# backend and `foo-bar` / `no-foo-bar` on a server line; the exceptions are in
+# the tables below. Backend fields without a rendering are listed in
+# fake.unrendered instead of being silently lost.
+
+_SERVER_WORDS = {   # field: (keyword for "enabled", keyword for "disabled")
+    "maintenance": ("disabled", "enabled"),
+    "stick": ("stick", "non-stick"),
+    "check_via_socks4": ("check-via-socks4", None),
+    "no_verifyhost": ("no-verifyhost", None),
+    **{f"{p}{v}": (f"force-{v}", f"no-{v}")
+       for p in ("", "force_") for v in ("sslv3", "tlsv10", "tlsv11", "tlsv12", "tlsv13")},
+    **{f"no_{v}": (f"no-{v}", None) for v in ("sslv3", "tlsv10", "tlsv11", "tlsv12", "tlsv13")},
+}
+_SERVER_KEYWORDS = {"ssl_cafile": "ca-file", "ssl_certificate": "crt",
+                    "health_check_address": "addr", "health_check_port": "port"}
+_SERVER_SKIP = frozenset({"name", "address", "port", "metadata"})
+
+_BACKEND_TIMEOUTS = {"check_timeout": "check", "connect_timeout": "connect", "queue_timeout": "queue",
+                     "server_timeout": "server", "server_fin_timeout": "server-fin",
+                     "tarpit_timeout": "tarpit", "tunnel_timeout": "tunnel",
+                     "http_keep_alive_timeout": "http-keep-alive",
+                     "http_request_timeout": "http-request"}
+_BACKEND_VALUES = {"retries": "retries", "fullconn": "fullconn", "id": "id", "guid": "guid",
+                   "description": "description", "log_tag": "log-tag", "http_reuse": "http-reuse",
+                   "hash_balance_factor": "hash-balance-factor", "retry_on": "retry-on",
+                   "max_keep_alive_queue": "max-keep-alive-queue",
+                   "http_send_name_header": "http-send-name-header",
+                   "dynamic_cookie_key": "dynamic-cookie-key",
+                   "server_state_file_name": "server-state-file-name",
+                   "load_server_state_from_file": "load-server-state-from-file",
+                   "hash_preserve_affinity": "hash-preserve-affinity",
+                   "http_restrict_req_hdr_names": "option http-restrict-req-hdr-names",
+                   "srvtcpka_cnt": "srvtcpka-cnt", "srvtcpka_idle": "srvtcpka-idle",
+                   "srvtcpka_intvl": "srvtcpka-intvl"}
+_BACKEND_OPTION_NAMES = {"http_proxy": "http_proxy"}    # the one option spelled with "_"
+
+
+def _quote(value) -> str:
+    """One haproxy.cfg word: bare when safe, otherwise double-quoted."""
+    text = str(value)
+    if text and re.fullmatch(r"[^\s#'\"\\]+", text):
+        return text
+    return '"' + text.replace("\\", "\\\\").replace('"', '\\"') + '"'
+
+
+def server_params(params: dict, unrendered: list | None = None, where: str = "") -> list[str]:
+    """The keywords after `server NAME ADDR:PORT` (or `default-server`) for server params:
+    flag words first, then keyword-value pairs, each group sorted by field name."""
+    words, pairs = [], []
+    for key in sorted(params):
+        value = params[key]
+        if key in _SERVER_SKIP or value is None or value is False:
+            continue
+        keyword = _SERVER_KEYWORDS.get(key, key.replace("_", "-"))
+        if value in ("enabled", "disabled") and key not in _SERVER_KEYWORDS:
+            on, off = _SERVER_WORDS.get(key, (keyword, f"no-{keyword}"))
+            word = on if value == "enabled" else off
+            if word:
+                words.append(word)
+        elif value is True:
+            words.append(keyword)
+        elif isinstance(value, list):
+            pairs.append(f"{keyword} {','.join(str(v) for v in value)}")
+        elif isinstance(value, dict):
+            if key == "set-proxy-v2-tlv-fmt" and "id" in value:
+                pairs.append(f"set-proxy-v2-tlv-fmt({value['id']}) {_quote(value.get('value', ''))}")
+            elif unrendered is not None:
+                unrendered.append(f"{where}: {key}")
+        else:
+            pairs.append(f"{keyword} {_quote(value)}")
+    return words + pairs
+
+
+def server_address(server: dict) -> str:
+    """ADDR or ADDR:PORT, with IPv6 literals bracketed."""
+    address = server.get("address", "")
+    if ":" in address and not address.startswith("["):
+        address = f"[{address}]"
+    port = server.get("port")
+    return f"{address}:{port}" if port is not None else address
+
+
+def render_server(server: dict, unrendered: list | None = None, backend: str = "") -> str:
+    """`server NAME ADDR:PORT params...`"""
+    words = server_params(server, unrendered, f"backend {backend} server {server.get('name')}")
+    return " ".join(["server", server["name"], server_address(server)] + words)
+
+
+def _render_balance(balance: dict) -> str:
+    algorithm = balance.get("algorithm", "roundrobin")
+    words = [algorithm]
+    if algorithm == "hdr":
+        words = [f"hdr({balance.get('hdr_name', '')})"]
+        if balance.get("hdr_use_domain_only"):
+            words.append("use_domain_only")
+    elif algorithm == "url_param":
+        words.append(balance.get("url_param", ""))
+        if balance.get("url_param_check_post"):
+            words += ["check_post", str(balance["url_param_check_post"])]
+        if balance.get("url_param_max_wait"):
+            words += ["max_wait", str(balance["url_param_max_wait"])]
+    elif algorithm == "uri":
+        for flag, word in (("uri_whole", "whole"), ("uri_path_only", "path-only")):
+            if balance.get(flag):
+                words.append(word)
+        for field, word in (("uri_len", "len"), ("uri_depth", "depth")):
+            if balance.get(field):
+                words += [word, str(balance[field])]
+    elif algorithm == "random" and balance.get("random_draws"):
+        words = [f"random({balance['random_draws']})"]
+    elif algorithm == "rdp-cookie" and balance.get("rdp_cookie_name"):
+        words = [f"rdp-cookie({balance['rdp_cookie_name']})"]
+    elif algorithm == "hash":
+        words.append(balance.get("hash_expression", ""))
+    return "balance " + " ".join(w for w in words if w)
+
+
+def _render_cookie(cookie: dict) -> str:
+    words = ["cookie", cookie["name"]]
+    if cookie.get("type"):
+        words.append(cookie["type"])
+    words += [flag for flag in ("indirect", "nocache", "postonly", "preserve", "httponly",
+                                "secure", "dynamic") if cookie.get(flag)]
+    for field in ("maxidle", "maxlife"):
+        if cookie.get(field):
+            words += [field, str(cookie[field])]
+    words += [w for d in cookie.get("domain", ()) for w in ("domain", d["value"])]
+    words += [w for a in cookie.get("attr", ()) for w in ("attr", _quote(a["value"]))]
+    return " ".join(words)
+
+
+def _render_stick_table(table: dict) -> str:
+    words = ["stick-table", "type", table.get("type", "ip")]
+    if table.get("keylen"):
+        words += ["len", str(table["keylen"])]
+    for field in ("size", "expire", "peers", "store"):
+        if table.get(field) not in (None, ""):
+            words += [field, str(table[field])]
+    if table.get("nopurge"):
+        words.append("nopurge")
+    return " ".join(words)
+
+
+def _render_backend_field(key: str, value, fields: dict) -> list[str] | None:
+    """haproxy.cfg lines for one backend field; None when the emulator cannot render it."""
+    if key in _BACKEND_TIMEOUTS:
+        return [f"timeout {_BACKEND_TIMEOUTS[key]} {value}"]
+    if key in _BACKEND_VALUES:
+        return [f"{_BACKEND_VALUES[key]} {_quote(value)}"]
+    if value in ("enabled", "disabled") and key not in ("forwardfor", "redispatch"):
+        option = "option " + _BACKEND_OPTION_NAMES.get(key, key.replace("_", "-"))
+        return [option if value == "enabled" else f"no {option}"]
+    if key == "http_connection_mode":
+        return [f"option {value}"]
+    if key == "adv_check":
+        if value != "httpchk":
+            return [f"option {value}"]
+        params = fields.get("httpchk_params") or {}
+        words = [params[k] for k in ("method", "uri", "version") if params.get(k)]
+        lines = [" ".join(["option httpchk"] + words)]
+        if params.get("host"):
+            lines.append(f"http-check send hdr Host {_quote(params['host'])}")
+        return lines
+    if key == "httpchk_params":
+        return [] if fields.get("adv_check") == "httpchk" else None
+    if key == "forwardfor":
+        words = ["option forwardfor"]
+        words += [f"{k} {value[k]}" for k in ("except", "header") if value.get(k)]
+        return [" ".join(words + (["if-none"] if value.get("ifnone") else []))]
+    if key == "redispatch":
+        if value.get("enabled") == "disabled":
+            return ["no option redispatch"]
+        return [" ".join(["option redispatch"] + ([str(value["interval"])] if value.get("interval") else []))]
+    if key == "hash_type":
+        return [" ".join(["hash-type"] + [value[k] for k in ("method", "function", "modifier") if value.get(k)])]
+    if key in ("disabled", "enabled"):
+        return [key] if value is True else []
+    if key == "cookie":
+        return [_render_cookie(value)]
+    if key == "stick_table":
+        return [_render_stick_table(value)]
+    return None
+
+
+def render_backend(name: str, backend: _Backend, unrendered: list | None = None) -> list[str]:
+    """The lines of one `backend` section, servers last in stored order."""
+    fields = backend.fields
+    header = f"backend {name}" + (f" from {fields['from']}" if fields.get("from") else "")
+    lines = [header]
+    if fields.get("mode"):
+        lines.append(f"    mode {fields['mode']}")
+    if fields.get("balance"):
+        lines.append("    " + _render_balance(fields["balance"]))
+    for key in sorted(fields):
+        if key in ("name", "from", "mode", "balance", "default_server", "servers", "metadata"):
+            continue
+        rendered = _render_backend_field(key, fields[key], fields)
+        if rendered is None:
+            if unrendered is not None:
+                unrendered.append(f"backend {name}: {key}")
+            continue
+        lines += ["    " + line for line in rendered]
+    if fields.get("default_server"):
+        words = server_params(fields["default_server"], unrendered, f"backend {name} default_server")
+        lines.append("    " + " ".join(["default-server"] + words))
+    lines += ["    " + render_server(s, unrendered, name) for s in backend.servers.values()]
+    return lines
+
+
+def frontend_config(port: int, default_backend: str | None = None, use_backends=(),
+                    name: str = "fe_main", mode: str = "http", address: str = "127.0.0.1") -> str:
+    """A `frontend` section for base_config: bind address:port, then routing.
+
+    use_backends: (backend, condition) pairs, e.g. ("be_api", "{ path_beg /api }").
+    """
+    lines = [f"frontend {name}", f"    mode {mode}", f"    bind {address}:{port}"]
+    lines += [f"    use_backend {backend} if {condition}" for backend, condition in use_backends]
+    if default_backend:
+        lines.append(f"    default_backend {default_backend}")
+    return "\n".join(lines) + "\n"
+
+
+def render_haproxy_cfg(backends: dict, *, version: int, base_config: str,
+                       global_lines=(), unrendered: list | None = None) -> str:
+    """A complete haproxy.cfg: version comment, global, defaults, base part, backends."""
+    lines = [f"# _version={version}",
+             "# Rendered by testing/fake_dataplane.py (HAProxy Data Plane API emulator)",
+             "global", "    maxconn 4096"]
+    lines += ["    " + line for line in global_lines]
+    lines += ["", "defaults", "    mode http", "    timeout connect 5s",
+              "    timeout client 30s", "    timeout server 30s", ""]
+    lines += base_config.rstrip("\n").splitlines() + [""]
+    for name, backend in backends.items():
+        lines += render_backend(name, backend, unrendered) + [""]
+    return "\n".join(lines)
+
+
+# === HAProxy check ===
+
+def haproxy_check(haproxy_bin: str, text: str, workdir: str) -> tuple[int, str]:
+    """Run `haproxy -c -f FILE` on `text`: (exit status, combined output)."""
+    path = os.path.join(workdir, "check.cfg")
+    with open(path, "w", encoding="utf-8") as f:
+        f.write(text)
+    try:
+        done = subprocess.run([haproxy_bin, "-c", "-f", path], capture_output=True, text=True,
+                              timeout=CHECK_TIMEOUT, stdin=subprocess.DEVNULL)
+    except subprocess.TimeoutExpired:
+        return 124, f"haproxy -c timed out after {CHECK_TIMEOUT} s"
+    return done.returncode, done.stdout + done.stderr
+
+
+def check_error_message(status: int, output: str, transaction_id: str) -> str:
+    """The message client-native builds from a failed check: one `line=N msg="..."` per alert."""
+    parts = [f"exit status {status}: err transactionId={transaction_id} "]
+    for line in output.splitlines():
+        line = line.strip()
+        if not line.startswith("[ALERT]") or "Fatal errors found" in line or "rror(s) found in" in line:
+            continue
+        located = re.search(r"\[[^\]\s]*:(\d+)\]\s*:\s*(.*)$", line)
+        if located:
+            parts.append(f'line={located.group(1)} msg="{located.group(2).strip()}"')
+        else:
+            parts.append(f'msg="{line.split(" : ", 1)[-1].strip()}"')
+    if len(parts) == 1 and output.strip():
+        parts.append(f'msg="{output.strip().splitlines()[-1]}"')
+    return "\n".join(parts)
+
+
+# === Live HAProxy ===
+
+def _unix_command(path: str, command: str, timeout: float = 5.0) -> str:
+    """Send one command to an HAProxy CLI socket and return the whole answer."""
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
+        sock.settimeout(timeout)
+        sock.connect(path)
+        sock.sendall(command.encode() + b"\n")
+        chunks = []
+        while True:
+            chunk = sock.recv(65536)
+            if not chunk:
+                break
+            chunks.append(chunk)
+    return b"".join(chunks).decode(errors="replace")
+
+
+_RUNTIME_OK = re.compile(r"^$|changed from|no need to change|New server registered", re.S)
+
+
+class LiveHAProxy:
+    """A real HAProxy in master-worker mode, driven the way dataplaneapi drives it.
+
+    The emulator writes each new configuration to `cfg_path`, reloads through
+    the master CLI (`reload`) and applies runtime-capable server changes on the
+    stats socket. Everything lives in `workdir` (unix sockets, pid file, log).
+    """
+
+    def __init__(self, workdir: str | None = None, haproxy_bin: str = HAPROXY_BIN,
+                 timeout: float = 10.0):
+        self._own_workdir = workdir is None
+        self.workdir = workdir or tempfile.mkdtemp(prefix="fdp-live-")
+        self.haproxy_bin = haproxy_bin
+        self.timeout = timeout
+        self.cfg_path = os.path.join(self.workdir, "haproxy.cfg")
+        self.master_socket = os.path.join(self.workdir, "master.sock")
+        self.stats_socket = os.path.join(self.workdir, "stats.sock")
+        self.pid_file = os.path.join(self.workdir, "haproxy.pid")
+        self.log_path = os.path.join(self.workdir, "haproxy.log")
+        self._proc: subprocess.Popen | None = None
+
+    @property
+    def running(self) -> bool:
+        return self._proc is not None and self._proc.poll() is None
+
+    def global_lines(self) -> list[str]:
+        """Lines for the global section: the admin stats socket that also hands over listeners."""
+        return [f"stats socket {self.stats_socket} mode 600 level admin expose-fd listeners",
+                "stats timeout 30s"]
+
+    def write_config(self, text: str) -> None:
+        tmp = self.cfg_path + ".tmp"
+        with open(tmp, "w", encoding="utf-8") as f:
+            f.write(text)
+        os.replace(tmp, self.cfg_path)
+
+    def start(self, text: str) -> None:
+        """Write `text` and start `haproxy -W -S master.sock -f cfg -p pidfile`."""
+        self.write_config(text)
+        with open(self.log_path, "ab") as log:
+            self._proc = subprocess.Popen(
+                [self.haproxy_bin, "-W", "-S", self.master_socket, "-f", self.cfg_path,
+                 "-p", self.pid_file],
+                stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,
+                start_new_session=True)     # its own process group: stop() kills master and workers
+        try:
+            self._wait_for(lambda: self._worker_pid_if_ready(None) and self._master_answers(),
+                           "HAProxy to start")
+        except Exception:
+            self.stop()
+            raise
+
+    def reload(self) -> tuple[bool, str]:
+        """Reload through the master CLI and wait for the new worker: (succeeded, message)."""
+        before = self.show_proc()
+        try:
+            _unix_command(self.master_socket, "reload", timeout=self.timeout)
+        except OSError:
+            pass                             # the master closes the CLI while it re-executes
+        state = self._wait_for(lambda: self._reload_settled(before), "HAProxy to reload")
+        if state["failed"] > before["failed"]:
+            return False, "reload failed: " + self.log_tail(4)
+        self._wait_for(lambda: self._worker_pid_if_ready(state["workers"][0]), "the new worker")
+        return True, ""
+
+    def runtime(self, command: str) -> tuple[bool, str]:
+        """Run a stats-socket command: (looks successful, answer)."""
+        try:
+            answer = _unix_command(self.stats_socket, command, timeout=self.timeout).strip()
+        except OSError as exc:
+            return False, str(exc)
+        return bool(_RUNTIME_OK.search(answer)), answer
+
+    def master(self, command: str) -> str:
+        """Run a master CLI command (the master keeps the connection open, hence `; quit`)."""
+        return _unix_command(self.master_socket, f"{command}; quit", timeout=self.timeout)
+
+    def show_proc(self) -> dict:
+        """Parse `show proc`: {"reloads": N, "failed": N, "workers": [current worker pids]}."""
+        text = self.master("show proc")
+        head = re.search(r"^\d+\s+master\s+(\d+)\s+\[failed:\s*(\d+)\]", text, re.M)
+        if not head:
+            raise RuntimeError(f"unexpected `show proc` answer: {text!r}")
+        section = text.split("# workers", 1)[1].split("#", 1)[0] if "# workers" in text else ""
+        workers = [int(line.split()[0]) for line in section.splitlines() if line.strip()]
+        return {"reloads": int(head.group(1)), "failed": int(head.group(2)), "workers": workers}
+
+    def reload_count(self) -> int:
+        """Reloads HAProxy's master reports in `show proc` (it counts failed ones too)."""
+        return self.show_proc()["reloads"]
+
+    def log_tail(self, lines: int = 20) -> str:
+        try:
+            with open(self.log_path, encoding="utf-8", errors="replace") as f:
+                return "".join(f.readlines()[-lines:])
+        except OSError:
+            return ""
+
+    def stop(self) -> None:
+        """Stop the master and every worker (their process group), then reap them."""
+        proc, self._proc = self._proc, None
+        if proc is None:
+            return
+        for sig, wait in ((signal.SIGTERM, 5.0), (signal.SIGKILL, 5.0)):
+            try:
+                os.killpg(proc.pid, sig)
+            except ProcessLookupError:
+                break
+            try:
+                proc.wait(timeout=wait)
+                break
+            except subprocess.TimeoutExpired:
+                continue
+        try:                                   # workers orphaned by the master's death
+            os.killpg(proc.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+
+    def cleanup(self) -> None:
+        """Stop, and remove the work directory if this object created it."""
+        self.stop()
+        if self._own_workdir:
+            shutil.rmtree(self.workdir, ignore_errors=True)
+
+    def _worker_pid_if_ready(self, wanted: int | None):
+        """The pid answering on the stats socket, once it is `wanted` (or any, if None)."""
+        if self._proc is None or self._proc.poll() is not None:
+            raise RuntimeError("HAProxy exited:\n" + self.log_tail())
+        try:
+            info = _unix_command(self.stats_socket, "show info", timeout=1.0)
+        except OSError:
+            return None
+        pid = re.search(r"^Pid: (\d+)", info, re.M)
+        if pid and (wanted is None or int(pid.group(1)) == wanted):
+            return int(pid.group(1))
+        return None
+
+    def _master_answers(self) -> bool:
+        """The master CLI listens a moment after the first worker is up."""
+        try:
+            self.show_proc()
+        except (OSError, RuntimeError):
+            return False
+        return True
+
+    def _reload_settled(self, before: dict):
+        try:
+            state = self.show_proc()
+        except (OSError, RuntimeError):
+            return None
+        if state["failed"] > before["failed"]:
+            return state
+        if state["reloads"] > before["reloads"] and state["workers"] \
+                and state["workers"][0] not in before["workers"]:
+            return state
+        return None
+
+    def _wait_for(self, probe, what: str):
+        deadline = time.monotonic() + self.timeout
+        while time.monotonic() < deadline:
+            result = probe()
+            if result:
+                return result
+            time.sleep(0.02)
+        raise TimeoutError(f"timed out waiting for {what}:\n{self.log_tail()}")
+
+
+# === Faults and recorded requests ===
+
+class Fault:
+    """One injected fault: see FakeDataPlane.add_fault()."""
+
+    def __init__(self, method: str, path: str, status: int | None, message: str | None,
+                 delay: float, drop: bool, times: int | None, after: bool):
+        self.method = method.upper()
+        self.path = re.compile(path)
+        self.status = status
+        self.message = message or f"injected fault ({status})"
+        self.delay = min(max(delay, 0.0), MAX_FAULT_DELAY)
+        self.drop = drop
+        self.remaining = times
+        self.after = after
+        self.hits = 0
+
+    def matches(self, method: str, path: str) -> bool:
+        return (self.remaining is None or self.remaining > 0) \
+            and self.method in ("*", method) and bool(self.path.search(path))
+
+    def __repr__(self):
+        return (f"Fault({self.method} {self.path.pattern} status={self.status} delay={self.delay} "
+                f"drop={self.drop} hits={self.hits} remaining={self.remaining})")
+
+
+class RecordedRequest(tuple):
+    """(method, path, query) of one request; also .body (parsed JSON or None) and .status."""
+
+    def __new__(cls, method: str, path: str, query: dict, body=None):
+        self = super().__new__(cls, (method, path, query))
+        self.body = body
+        self.status = None
+        return self
+
+    method = property(lambda self: self[0])
+    path = property(lambda self: self[1])
+    query = property(lambda self: self[2])
+
+
+class _Request:
+    """One parsed API request, as the endpoint handlers see it."""
+
+    def __init__(self, method, path, rel, query, headers, body, params):
+        self.method, self.path, self.rel = method, path, rel
+        self.query, self.headers, self.raw_body, self.params = query, headers, body, params
+
+
+class _Response:
+    def __init__(self, status: int, body=None, headers: dict | None = None):
+        self.status = status
+        self.body = body          # JSON-able, or str for text/plain, or None for no body
+        self.headers = headers or {}
+
+
+# === The emulator ===
+
+class FakeDataPlane:
+    """An HAProxy Data Plane API emulator (one API version per instance).
+
+    Constructor arguments:
+      api                   "v2" or "v3"
+      port                  TCP port on 127.0.0.1; 0 picks a free one
+      username, password    basic auth; password=None disables auth
+      base_config           text placed after `defaults` (frontends...); default:
+                            frontend_config(self.frontend_port) with no backend
+      check_config          run `haproxy -c` on every change (False for big benchmarks)
+      haproxy_bin           the haproxy binary used for checks and live mode
+      max_open_transactions 429 beyond this many transactions in progress
+      runtime_add_server    plain server POST may use runtime `add server`
+                            (default: True for v3, False for v2 = dataplaneapi 2.9)
+      reject_unknown_fields answer 422 for unknown body fields (default: v3 only)
+      live                  None, True, or a LiveHAProxy: drive a real HAProxy
+      spec_dir              where the specification files are
+    """
+
+    def __init__(self, api: str = "v3", *, port: int = 0, username: str = DEFAULT_USERNAME,
+                 password: str | None = DEFAULT_PASSWORD, base_config: str | None = None,
+                 check_config: bool = True, haproxy_bin: str = HAPROXY_BIN,
+                 max_open_transactions: int = MAX_OPEN_TRANSACTIONS,
+                 runtime_add_server: bool | None = None, reject_unknown_fields: bool | None = None,
+                 live: "LiveHAProxy | bool | None" = None, spec_dir: str | None = None):
+        if api not in ("v2", "v3"):
+            raise ValueError(f"api must be 'v2' or 'v3', got {api!r}")
+        if check_config and not os.access(haproxy_bin, os.X_OK):
+            raise FileNotFoundError(f"haproxy binary not found: {haproxy_bin}")
+        self.api = api
+        self.base = "/" + api
+        self.username, self.password = username, password
+        self.check_config = check_config
+        self.haproxy_bin = haproxy_bin
+        self.max_open_transactions = max_open_transactions
+        self.runtime_add_server = api == "v3" if runtime_add_server is None else runtime_add_server
+        self.reject_unknown_fields = api == "v3" if reject_unknown_fields is None else reject_unknown_fields
+        self.live = LiveHAProxy(haproxy_bin=haproxy_bin) if live is True else (live or None)
+        self.frontend_port = _free_port()
+        self.base_config = base_config if base_config is not None else frontend_config(self.frontend_port)
+        spec_dir = spec_dir or default_spec_dir()
+        self._models = load_models(os.path.join(spec_dir, SPEC_FILES[api]))
+        self._strict_models = load_models(os.path.join(spec_dir, SPEC_FILES["v3.4"])) \
+            if api == "v3" else self._models
+
+        self._lock = threading.RLock()
+        self._config = _Config()
+        self._version = 1
+        self._transactions: dict[str, _Transaction] = {}
+        self._faults: list[Fault] = []
+        self._reload_log: dict[str, dict] = {}
+        self._routes = self._build_routes()
+        self._tmpdir: str | None = None         # for `haproxy -c` files, made on first use
+        self._stopping = threading.Event()
+        self._server: ThreadingHTTPServer | None = None
+        self._thread: threading.Thread | None = None
+        self._requested_port = port
+
+        # Introspection for tests (read them; reset_requests() clears requests).
+        self.requests: list[RecordedRequest] = []
+        self.violations: list[str] = []       # client bugs: assert fake.violations == []
+        self.errors: list[str] = []           # emulator crashes (answered 500)
+        self.runtime_changes: list[str] = []  # runtime commands dataplaneapi would issue
+        self.reloads = 0                      # reloads dataplaneapi would perform
+        self.external_reloads = 0             # live reloads caused by seed()/edit_*()
+        self.commits = 0
+        self.checks = 0
+        self.check_failures = 0
+        self.last_check_output = ""
+        self.unrendered: list[str] = []       # fields the renderer could not express
+
+    # --- lifecycle ---
+
+    def start(self) -> "FakeDataPlane":
+        """Listen on 127.0.0.1 (and start the live HAProxy, if any)."""
+        self._stopping.clear()
+        if self.live is not None and not self.live.running:
+            with self._lock:
+                self._check(self._config, "start", version=self._version, error=SeedError)
+                self.live.start(self._render(self._config, self._version))
+        self._server = ThreadingHTTPServer(("127.0.0.1", self._requested_port), _Handler)
+        self._server.daemon_threads = True
+        self._server.block_on_close = False
+        self._server.fake = self
+        self._thread = threading.Thread(target=self._server.serve_forever, kwargs={"poll_interval": 0.05},
+                                        name=f"fake-dataplane-{self.api}", daemon=True)
+        self._thread.start()
+        return self
+
+    def stop(self) -> None:
+        """Stop serving (interrupting injected hangs) and stop the live HAProxy."""
+        self._stopping.set()
+        if self._server is not None:
+            self._server.shutdown()
+            self._server.server_close()
+            self._server = None
+        if self._thread is not None:
+            self._thread.join(timeout=5)
+            self._thread = None
+        if self.live is not None:
+            self.live.cleanup()
+        if self._tmpdir is not None:
+            shutil.rmtree(self._tmpdir, ignore_errors=True)
+            self._tmpdir = None
+
+    def __enter__(self) -> "FakeDataPlane":
+        return self.start()
+
+    def __exit__(self, *exc) -> None:
+        self.stop()
+
+    @property
+    def port(self) -> int:
+        return self._server.server_address[1] if self._server else self._requested_port
+
+    @property
+    def url(self) -> str:
+        """Base URL for the client (without /v2 or /v3)."""
+        return f"http://127.0.0.1:{self.port}"
+
+    @property
+    def api_url(self) -> str:
+        return self.url + self.base
+
+    # --- introspection ---
+
+    @property
+    def version(self) -> int:
+        with self._lock:
+            return self._version
+
+    @property
+    def backends(self) -> dict:
+        """A deep copy of the committed configuration: {name: {fields..., "servers": {name: server}}}."""
+        with self._lock:
+            return {name: {**copy.deepcopy(b.fields), "servers": copy.deepcopy(b.servers)}
+                    for name, b in self._config.backends.items()}
+
+    def server(self, backend: str, name: str) -> dict | None:
+        """A copy of one committed server, or None."""
+        with self._lock:
+            b = self._config.backends.get(backend)
+            return copy.deepcopy(b.servers.get(name)) if b else None
+
+    def open_transactions(self) -> list[str]:
+        """Ids of the transactions in progress."""
+        with self._lock:
+            return [t.id for t in self._transactions.values() if t.status == IN_PROGRESS]
+
+    def transactions(self) -> dict[str, str]:
+        """{id: status} of every transaction not yet committed or deleted."""
+        with self._lock:
+            return {t.id: t.status for t in self._transactions.values()}
+
+    def reset_requests(self) -> None:
+        with self._lock:
+            self.requests.clear()
+
+    def count_requests(self, method: str | None = None, path: str | None = None) -> int:
+        """How many recorded requests match `method` and the regex `path` (searched in the full path)."""
+        with self._lock:
+            return sum(1 for r in self.requests
+                       if (method is None or r.method == method) and (path is None or re.search(path, r.path)))
+
+    def render(self) -> str:
+        """The haproxy.cfg of the committed configuration."""
+        with self._lock:
+            return self._render(self._config, self._version)
+
+    # --- fault injection ---
+
+    def add_fault(self, method: str, path: str, *, status: int | None = None, message: str | None = None,
+                  delay: float = 0.0, drop: bool = False, times: int | None = 1,
+                  after: bool = False) -> Fault:
+        """Inject a fault into requests matching `method` ("*" = any) and the regex `path`.
+
+        The path is matched without its /v2|/v3 prefix (see the PATH_* constants).
+        delay: wait this long first (capped at MAX_FAULT_DELAY; stop() interrupts);
+        status: answer {"code": status, "message": message} instead of handling;
+        drop: close the connection without an answer;
+        after: handle the request normally first, then replace the answer (a lost answer);
+        times: how many requests it hits (None = until removed). Returns the Fault (.hits).
+        """
+        fault = Fault(method, path, status, message, delay, drop, times, after)
+        with self._lock:
+            self._faults.append(fault)
+        return fault
+
+    def remove_fault(self, fault: Fault) -> None:
+        with self._lock:
+            if fault in self._faults:
+                self._faults.remove(fault)
+
+    def clear_faults(self) -> None:
+        with self._lock:
+            self._faults.clear()
+
+    # --- edits behind the client's back ---
+
+    def seed(self, backends: dict, *, replace: bool = True, bump: bool = True) -> None:
+        """Install `backends` as if another party changed the configuration.
+
+        backends: {name: backend body, optionally with "servers" as a list or a
+        {name: server} map}; bodies are validated like API requests (SeedError).
+        replace: drop backends not listed; bump: increment the version.
+        """
+        with self._lock:
+            config = _Config() if replace else self._config.fork()
+            for name, body in backends.items():
+                body = dict(body)
+                servers = body.pop("servers", None) or {}
+                if isinstance(servers, dict):
+                    servers = [dict(s, name=s.get("name", key)) for key, s in servers.items()]
+                fields = self._seed_body("backend", {"name": name, **body})
+                config.put(name, _Backend(fields, {s["name"]: self._seed_body("server", s) for s in servers}))
+            self._install_external(config, bump)
+
+    def edit_server(self, backend: str, name: str, changes: dict | None = None, **fields) -> None:
+        """Change some fields of a committed server (None removes a field); bumps the version."""
+        changes = {**(changes or {}), **fields}
+        with self._lock:
+            config = self._config.fork()
+            if name not in config.backends.get(backend, _Backend({})).servers:
+                raise SeedError(f"no server {name} in backend {backend}")
+            target = config.writable(backend)
+            merged = {k: v for k, v in {**target.servers[name], **changes}.items() if v is not None}
+            merged = self._seed_body("server", merged)
+            target.servers = _replace_key(target.servers, name, merged["name"], merged)
+            self._install_external(config, True)
+
+    def remove_server(self, backend: str, name: str) -> None:
+        """Delete a committed server behind the client's back; bumps the version."""
+        with self._lock:
+            config = self._config.fork()
+            if name not in config.backends.get(backend, _Backend({})).servers:
+                raise SeedError(f"no server {name} in backend {backend}")
+            del config.writable(backend).servers[name]
+            self._install_external(config, True)
+
+    def remove_backend(self, name: str) -> None:
+        """Delete a committed backend behind the client's back; bumps the version."""
+        with self._lock:
+            config = self._config.fork()
+            if name not in config.backends:
+                raise SeedError(f"no backend {name}")
+            config.delete(name)
+            self._install_external(config, True)
+
+    def _seed_body(self, model: str, body: dict) -> dict:
+        problems = self._models.schema_errors(model, self._models.normalize(model, body, keep_null=True)) + [
+            (616, f"{path} is an unknown field") for path in self._strict_models.unknown_fields(model, body)]
+        if problems:
+            raise SeedError(f"invalid {model} {body.get('name')!r}: " + "; ".join(m for _, m in problems))
+        return self._models.normalize(model, body)
+
+    def _install_external(self, config: _Config, bump: bool) -> None:
+        self._check(config, "seed", version=self._version + bump, error=SeedError)
+        self._config = config
+        self._version += bump
+        if self.live is not None and self.live.running:
+            self.live.write_config(self._render(config, self._version))
+            self.live.reload()
+            self.external_reloads += 1
+
+    # --- state transitions shared by the endpoints ---
+
+    def _render(self, config: _Config, version: int) -> str:
+        unrendered: list[str] = []
+        text = render_haproxy_cfg(config.backends, version=version, base_config=self.base_config,
+                                  global_lines=self.live.global_lines() if self.live else (),
+                                  unrendered=unrendered)
+        for item in unrendered:
+            if item not in self.unrendered:
+                self.unrendered.append(item)
+        return text
+
+    def _check(self, config: _Config, transaction_id: str, *, version: int, error=ApiError) -> None:
+        """`haproxy -c` on the configuration; raises 400 "validation error" (or `error`)."""
+        if not self.check_config:
+            return
+        self.checks += 1
+        self._tmpdir = self._tmpdir or tempfile.mkdtemp(prefix="fdp-")
+        status, output = haproxy_check(self.haproxy_bin, self._render(config, version), self._tmpdir)
+        self.last_check_output = output
+        if status != 0:
+            self.check_failures += 1
+            message = "validation error: " + check_error_message(status, output, transaction_id)
+            raise error(400, message) if error is ApiError else error(message)
+
+    def _install(self, config: _Config) -> None:
+        """Make a checked configuration current; the version moves on by one."""
+        self._config = config
+        self._version += 1
+        if self.live is not None and self.live.running:
+            self.live.write_config(self._render(config, self._version))
+
+    def _reload(self) -> str:
+        """Count one reload (performing it on the live HAProxy) and return its id."""
+        self.reloads += 1
+        reload_id = f"{datetime.date.today():%Y-%m-%d}-{self.reloads}"
+        entry = {"id": reload_id, "status": "succeeded", "reload_timestamp": int(time.time())}
+        if self.live is not None and self.live.running:
+            ok, message = self.live.reload()
+            if not ok:
+                entry.update(status="failed", response=message)
+        self._reload_log[reload_id] = entry
+        return reload_id
+
+    def _commit_implicit(self, config: _Config) -> None:
+        """A plain write is client-native's implicit transaction: check, then install."""
+        self._check(config, str(uuid.uuid4()), version=self._version + 1)
+        self._install(config)
+
+    def _runtime(self, commands: list[str]) -> bool:
+        """Issue runtime commands (on the live HAProxy, if any); False if one failed."""
+        for command in commands:
+            self.runtime_changes.append(command)
+            if self.live is not None and self.live.running:
+                ok, answer = self.live.runtime(command)
+                if not ok:
+                    self.runtime_changes.append(f"# failed: {answer}")
+                    return False
+        return True
+
+    def _reloading_answer(self, force: bool, forced_status: int, payload) -> _Response:
+        """The answer of a plain write that needs a reload: 202 + Reload-ID, or forced."""
+        reload_id = self._reload()
+        if force:
+            return _Response(forced_status, payload)
+        return _Response(202, payload, {"Reload-ID": reload_id})
+
+    # --- request plumbing ---
+
+    def _violation(self, req: _Request, message: str) -> None:
+        self.violations.append(f"{req.method} {req.path}: {message}")
+
+    def _flag(self, req: _Request, name: str) -> bool:
+        value = req.query.get(name)
+        if value is None or value.lower() in ("", "false", "0"):
+            return False
+        if value.lower() in ("true", "1"):
+            return True
+        raise self._param_error(name, "bool", value)
+
+    def _int_param(self, req: _Request, name: str, required: bool = False) -> int:
+        value = req.query.get(name)
+        if value is None or value == "":
+            if required:
+                if self.api == "v2":
+                    raise ApiError(422, f"{name} in query is required", 602)
+                raise ApiError(400, f"{name} in query: value is required but missing")
+            return 0
+        try:
+            return int(value)
+        except ValueError:
+            raise self._param_error(name, "int64", value) from None
+
+    def _param_error(self, name: str, kind: str, value: str) -> ApiError:
+        if self.api == "v2":    # go-swagger: validation errors are 422 with a 6xx body code
+            return ApiError(422, f'{name} in query must be of type {kind}: "{value}"', 601)
+        return ApiError(400, f"{name} in query: value {value} is not a valid {kind}")
+
+    def _write_params(self, req: _Request) -> tuple[str, int, bool]:
+        """(transaction id, version, force_reload) of a write, with dataplaneapi's checks."""
+        tid = req.query.get("transaction_id", "")
+        version = self._int_param(req, "version")
+        force = self._flag(req, "force_reload")
+        if tid and force:
+            raise ApiError(400, "Both force_reload and transaction specified, specify only one")
+        if tid and version:
+            raise ApiError(400, "both version and transaction specified, specify only one")
+        if not tid and not version:
+            raise ApiError(400, "version or transaction not specified: "
+                                "version or transaction not specified, specify only one")
+        return tid, version, force
+
+    def _target(self, tid: str, version: int) -> _Config:
+        """The configuration a write changes: the transaction's, or a fork for a plain write."""
+        if tid:
+            tx = self._transactions.get(tid)
+            if tx is None or tx.status != IN_PROGRESS:
+                raise ApiError(400, f"transaction does not exist: {tid}")
+            return tx.config
+        if version != self._version:
+            raise ApiError(409, f"version mismatch: version in configuration file is {self._version}, "
+                                f"given version is {version}")
+        return self._config.fork()
+
+    def _read_config(self, req: _Request) -> tuple[_Config, int]:
+        """The configuration (and version) a read sees: committed, or the transaction's."""
+        tid = req.query.get("transaction_id", "")
+        if not tid:
+            return self._config, self._version
+        tx = self._transactions.get(tid)
+        if tx is None or tx.status != IN_PROGRESS:
+            raise ApiError(400, f"transaction does not exist: {tid}")
+        return tx.config, tx.version
+
+    def _body(self, req: _Request, model: str) -> dict:
+        """The request body validated against `model`, normalized the way Go echoes it."""
+        content_type = req.headers.get("Content-Type", "")
+        if not content_type.lower().startswith("application/json"):
+            message = f'unsupported media type "{content_type}", only [application/json] are allowed'
+            self._violation(req, message)
+            raise ApiError(415, message)
+        try:
+            data = json.loads(req.raw_body or b"")
+        except ValueError as exc:
+            self._violation(req, f"body is not JSON: {exc}")
+            raise ApiError(400, f"parsing data body failed: {exc}") from None
+        if not isinstance(data, dict):
+            self._violation(req, "body is not a JSON object")
+            raise ApiError(422, "data in body must be of type object", 601)
+        checked = self._models.normalize(model, data, keep_null=True)
+        problems = self._models.schema_errors(model, checked)
+        if self._strict_models is not self._models:     # one complaint per field is enough
+            reported = {message.split(" in body")[0] for _, message in problems}
+            problems += [(code, message) for code, message in self._strict_models.schema_errors(model, checked)
+                         if message.split(" in body")[0] not in reported]
+        unknown = self._strict_models.unknown_fields(model, data)
+        for path in unknown:
+            self._violation(req, f"{path} is not a field of the {model} model "
+                                 f"({'rejected' if self.reject_unknown_fields else 'dropped by dataplaneapi'})")
+        if self.reject_unknown_fields:
+            problems += [(616, f"{path} in body is a forbidden property") for path in unknown]
+        if problems:
+            for _, message in problems:
+                if "forbidden property" not in message:
+                    self._violation(req, message)
+            if self.api == "v2":
+                raise ApiError(422, problems[0][1], problems[0][0])
+            raise ApiError(422, "\n".join(m for _, m in problems))
+        return self._models.normalize(model, data)
+
+    def _full_section(self, req: _Request) -> bool:
+        return self.api == "v3" and self._flag(req, "full_section")
+
+    def _wrap(self, version: int, data):
+        """v2 wraps GET answers in {"_version", "data"}; v3 answers bare."""
+        return {"_version": version, "data": data} if self.api == "v2" else data
+
+    def _parent(self, req: _Request) -> str:
+        """The backend a server request addresses (v3 path; v2 query parameters)."""
+        if self.api == "v3":
+            return req.params["parent"]
+        if req.query.get("backend"):
+            return req.query["backend"]
+        parent_type, parent_name = req.query.get("parent_type", ""), req.query.get("parent_name", "")
+        if not parent_type:
+            raise ApiError(500, "parentType empty")
+        if not parent_name:
+            raise ApiError(500, "parentName empty")
+        if parent_type != "backend":
+            raise ApiError(501, f"fake_dataplane emulates backend servers only, not {parent_type}")
+        return parent_name
+
+    # --- routing ---
+
+    def _build_routes(self) -> list:
+        backends = "/services/haproxy/configuration/backends"
+        servers = "/services/haproxy/configuration/servers" if self.api == "v2" \
+            else backends + "/(?P<parent>[^/]+)/servers"
+        table = [
+            ("GET", "/info", self._get_info),
+            ("GET", "/services/haproxy/configuration/version", self._get_version),
+            ("GET", "/services/haproxy/configuration/raw", self._get_raw),
+            ("GET", "/services/haproxy/transactions", self._list_transactions),
+            ("POST", "/services/haproxy/transactions", self._start_transaction),
+            ("GET", "/services/haproxy/transactions/(?P<id>[^/]+)", self._get_transaction),
+            ("PUT", "/services/haproxy/transactions/(?P<id>[^/]+)", self._commit_transaction),
+            ("DELETE", "/services/haproxy/transactions/(?P<id>[^/]+)", self._delete_transaction),
+            ("GET", "/services/haproxy/reloads", self._list_reloads),
+            ("GET", "/services/haproxy/reloads/(?P<id>[^/]+)", self._get_reload),
+            ("GET", backends, self._list_backends),
+            ("POST", backends, self._create_backend),
+            ("GET", backends + "/(?P<name>[^/]+)", self._get_backend),
+            ("PUT", backends + "/(?P<name>[^/]+)", self._replace_backend),
+            ("DELETE", backends + "/(?P<name>[^/]+)", self._delete_backend),
+            ("GET", servers, self._list_servers),
+            ("POST", servers, self._create_server),
+            ("GET", servers + "/(?P<name>[^/]+)", self._get_server),
+            ("PUT", servers + "/(?P<name>[^/]+)", self._replace_server),
+            ("DELETE", servers + "/(?P<name>[^/]+)", self._delete_server),
+        ]
+        return [(method, re.compile(pattern), handler) for method, pattern, handler in table]
+
+    def handle(self, method: str, target: str, headers, body: bytes) -> _Response | None:
+        """Answer one HTTP request; None means: drop the connection without an answer."""
+        parts = urlsplit(target)
+        query = {k: v[-1] for k, v in parse_qs(parts.query, keep_blank_values=True).items()}
+        rel = re.sub(r"^/v[23](?=/|$)", "", parts.path)
+        try:
+            parsed_body = json.loads(body) if body else None
+        except ValueError:
+            parsed_body = None
+        record = RecordedRequest(method, parts.path, query, parsed_body)
+        with self._lock:
+            self.requests.append(record)
+            fault = next((f for f in self._faults if f.matches(method, rel)), None)
+            if fault is not None:
+                fault.hits += 1
+                if fault.remaining is not None:
+                    fault.remaining -= 1
+        if fault is not None and fault.delay and self._stopping.wait(fault.delay):
+            return None                         # stopping: abandon the hung request
+        if fault is not None and not fault.after and (fault.drop or fault.status):
+            response = None if fault.drop else \
+                _Response(fault.status, {"code": fault.status, "message": fault.message})
+        else:
+            with self._lock:
+                response = self._dispatch(method, parts.path, query, headers, body)
+            if fault is not None and fault.after and (fault.drop or fault.status):
+                response = None if fault.drop else \
+                    _Response(fault.status, {"code": fault.status, "message": fault.message})
+        if response is not None:
+            with self._lock:
+                response.headers.setdefault("Configuration-Version", str(self._header_version(query)))
+            record.status = response.status
+        return response
+
+    def _header_version(self, query: dict) -> int:
+        """The Configuration-Version header: the transaction's version when one is named
+        (0 when it is not in progress, as dataplaneapi's middleware does)."""
+        tid = query.get("transaction_id")
+        if not tid:
+            return self._version
+        tx = self._transactions.get(tid)
+        return tx.version if tx is not None and tx.status == IN_PROGRESS else 0
+
+    def _dispatch(self, method, path, query, headers, body) -> _Response:
+        if path != self.base and not path.startswith(self.base + "/"):
+            return _Response(404, {"code": 404, "message": f"path {path} was not found"})
+        rel = path[len(self.base):]
+        allowed = []
+        for route_method, pattern, handler in self._routes:
+            match = pattern.fullmatch(rel)
+            if match is None:
+                continue
+            if route_method != method:
+                allowed.append(route_method)
+                continue
+            if not self._authorized(headers):
+                return _Response(401, {"code": 401, "message": "unauthenticated for invalid credentials"},
+                                 {"WWW-Authenticate": 'Basic realm="API"'})
+            params = {k: unquote(v) for k, v in match.groupdict().items()}
+            req = _Request(method, path, rel, query, headers, body, params)
+            try:
+                return handler(req)
+            except ApiError as exc:
+                return _Response(exc.status, {"code": exc.code, "message": exc.message})
+            except Exception as exc:             # an emulator bug: make it visible to tests
+                self.errors.append(f"{method} {path}: {exc!r}")
+                return _Response(500, {"code": 500, "message": f"fake_dataplane internal error: {exc!r}"})
+        if allowed:
+            return _Response(405, {"code": 405, "message": f"method {method} is not allowed for path {path}"},
+                             {"Allow": ", ".join(allowed)})
+        return _Response(404, {"code": 404, "message": f"path {path} was not found"})
+
+    def _authorized(self, headers) -> bool:
+        if self.password is None:
+            return True
+        expected = base64.b64encode(f"{self.username}:{self.password}".encode()).decode()
+        return headers.get("Authorization", "") == f"Basic {expected}"
+
+    # --- endpoints: info, version, raw ---
+
+    def _get_info(self, req: _Request) -> _Response:
+        return _Response(200, {"api": {"version": f"{API_RELEASE[self.api]} fake_dataplane",
+                                       "build_date": "2025-01-01T00:00:00.000Z"},
+                               "system": {"hostname": socket.gethostname(),
+                                          "time": int(time.time() * 1000)}})
+
+    def _get_version(self, req: _Request) -> _Response:
+        tid = req.query.get("transaction_id", "")
+        if not tid:
+            return _Response(200, self._version)
+        tx = self._transactions.get(tid)
+        if tx is None or tx.status != IN_PROGRESS:
+            raise ApiError(404, f"transaction does not exist: transaction {tid} does not exist")
+        return _Response(200, tx.version)
+
+    def _get_raw(self, req: _Request) -> _Response:
+        config, version = self._read_config(req)
+        text = self._render(config, version)
+        return _Response(200, self._wrap(version, text) if self.api == "v2" else text)
+
+    # --- endpoints: transactions ---
+
+    def _tx_or_404(self, tid: str) -> _Transaction:
+        tx = self._transactions.get(tid)
+        if tx is None:
+            raise ApiError(404, f"transaction does not exist: transaction {tid} does not exist")
+        return tx
+
+    def _list_transactions(self, req: _Request) -> _Response:
+        status = req.query.get("status", "")
+        return _Response(200, [t.as_json() for t in self._transactions.values()
+                               if not status or t.status == status])
+
+    def _start_transaction(self, req: _Request) -> _Response:
+        version = self._int_param(req, "version", required=True)
+        in_progress = sum(1 for t in self._transactions.values() if t.status == IN_PROGRESS)
+        if in_progress >= self.max_open_transactions:
+            raise ApiError(429, "cannot start a new transaction, reached the maximum amount of "
+                                f"{self.max_open_transactions} active transactions available")
+        if version != self._version:
+            raise ApiError(409, f"version mismatch: version in configuration file is {self._version}, "
+                                f"given version is {version}")
+        tx = _Transaction(version, self._config.fork())
+        self._transactions[tx.id] = tx
+        return _Response(201, tx.as_json())
+
+    def _get_transaction(self, req: _Request) -> _Response:
+        return _Response(200, self._tx_or_404(req.params["id"]).as_json())
+
+    def _delete_transaction(self, req: _Request) -> _Response:
+        tx = self._tx_or_404(req.params["id"])
+        del self._transactions[tx.id]
+        return _Response(204)
+
+    def _commit_transaction(self, req: _Request) -> _Response:
+        force = self._flag(req, "force_reload")
+        tx = self._tx_or_404(req.params["id"])
+        if tx.status in (OUTDATED, FAILED):
+            raise ApiError(406, f"transaction {tx.id} is {tx.status} and cannot be committed")
+        if tx.version != self._version:
+            tx.status = OUTDATED
+            raise ApiError(409, f"version mismatch: version mismatch, transaction version: {tx.version}, "
+                                f"configured version: {self._version}")
+        try:
+            self._check(tx.config, tx.id, version=self._version + 1)
+        except ApiError:
+            tx.status = FAILED
+            raise
+        self._install(tx.config)
+        self.commits += 1
+        del self._transactions[tx.id]
+        for other in self._transactions.values():    # their base version is gone
+            if other.status == IN_PROGRESS and other.version < self._version:
+                other.status = OUTDATED
+        payload = {"_version": tx.version, "id": tx.id, "status": SUCCESS}
+        return self._reloading_answer(force, 200, payload)
+
+    # --- endpoints: reloads ---
+
+    def _list_reloads(self, req: _Request) -> _Response:
+        return _Response(200, list(self._reload_log.values()))
+
+    def _get_reload(self, req: _Request) -> _Response:
+        entry = self._reload_log.get(req.params["id"])
+        if entry is None:
+            raise ApiError(404, f"Reload with ID {req.params['id']} does not exist")
+        return _Response(200, entry)
+
+    # --- endpoints: backends ---
+
+    def _backend_json(self, name: str, backend: _Backend, full: bool) -> dict:
+        data = dict(backend.fields, name=name)
+        if full and backend.servers:               # omitempty: no "servers" key when there are none
+            data["servers"] = dict(backend.servers)
+        return data
+
+    def _list_backends(self, req: _Request) -> _Response:
+        config, version = self._read_config(req)
+        full = self._full_section(req)
+        return _Response(200, self._wrap(version, [self._backend_json(n, b, full)
+                                                   for n, b in config.backends.items()]))
+
+    def _get_backend(self, req: _Request) -> _Response:
+        config, version = self._read_config(req)
+        name = req.params["name"]
+        if name not in config.backends:
+            raise ApiError(404, f"missing object: Backend {name} does not exist")
+        return _Response(200, self._wrap(version, self._backend_json(name, config.backends[name],
+                                                                     self._full_section(req))))
+
+    def _split_backend_body(self, req: _Request, data: dict, full: bool) -> tuple[dict, dict]:
+        """(backend fields, servers sorted by name as client-native writes them)."""
+        servers = data.pop("servers", None) or {}
+        if servers and not full:
+            self._violation(req, "servers sent without full_section=true are ignored by dataplaneapi")
+            return data, {}
+        return data, {s["name"]: s for _, s in sorted(servers.items())}
+
+    def _create_backend(self, req: _Request) -> _Response:
+        tid, version, force = self._write_params(req)
+        full = self._full_section(req)
+        payload = self._body(req, "backend")
+        fields, servers = self._split_backend_body(req, dict(payload), full)
+        name = fields["name"]
+        config = self._target(tid, version)
+        if name in config.backends:
+            if full:    # client-native's structured create reports this as a missing object
+                raise ApiError(404, f"missing object: backend {name} already exist")
+            raise ApiError(409, f"object already exists: backend {name} already exists")
+        config.put(name, _Backend(fields, servers))
+        if tid:
+            return _Response(202, payload)
+        self._commit_implicit(config)
+        return self._reloading_answer(force, 201, payload)
+
+    def _replace_backend(self, req: _Request) -> _Response:
+        tid, version, force = self._write_params(req)
+        full = self._full_section(req)
+        payload = self._body(req, "backend")
+        fields, servers = self._split_backend_body(req, dict(payload), full)
+        name = req.params["name"]
+        config = self._target(tid, version)
+        if name not in config.backends:
+            raise ApiError(404, f"missing object: backend {name} does not exist")
+        if full:        # the section is deleted and written again (at the end of the file)
+            config.delete(name)
+            config.put(fields["name"], _Backend(fields, servers))
+        else:           # fields replaced, servers and other children kept
+            config.writable(name).fields = dict(fields, name=name)
+        if tid:
+            return _Response(202, payload)
+        self._commit_implicit(config)
+        return self._reloading_answer(force, 200, payload)
+
+    def _delete_backend(self, req: _Request) -> _Response:
+        tid, version, force = self._write_params(req)
+        name = req.params["name"]
+        config = self._target(tid, version)
+        if name not in config.backends:
+            raise ApiError(404, f"missing object: backend {name} does not exist")
+        config.delete(name)
+        if tid:
+            return _Response(202)
+        self._commit_implicit(config)
+        return self._reloading_answer(force, 204, None)
+
+    # --- endpoints: servers ---
+
+    def _list_servers(self, req: _Request) -> _Response:
+        parent = self._parent(req)
+        config, version = self._read_config(req)
+        backend = config.backends.get(parent)       # a missing parent lists as empty
+        return _Response(200, self._wrap(version, list(backend.servers.values()) if backend else []))
+
+    def _get_server(self, req: _Request) -> _Response:
+        parent, name = self._parent(req), req.params["name"]
+        config, version = self._read_config(req)
+        server = config.backends.get(parent, _Backend({})).servers.get(name)
+        if server is None:
+            raise ApiError(404, f"missing object: server {name} does not exist in {parent} backend")
+        return _Response(200, self._wrap(version, server))
+
+    def _create_server(self, req: _Request) -> _Response:
+        tid, version, force = self._write_params(req)
+        parent = self._parent(req)
+        server = self._body(req, "server")
+        config = self._target(tid, version)
+        if parent not in config.backends:
+            raise ApiError(400, f"missing parent: backend {parent} does not exist")
+        if server["name"] in config.backends[parent].servers:
+            raise ApiError(409, f"object already exists: server {server['name']} already exists "
+                                f"in {parent} backend")
+        config.writable(parent).servers[server["name"]] = server
+        if tid:
+            return _Response(202, server)
+        self._commit_implicit(config)
+        if force:
+            return self._reloading_answer(True, 201, server)
+        if self._runtime_add_possible(config.backends[parent], server) \
+                and self._runtime(runtime_add_commands(parent, server)):
+            return _Response(201, server)
+        return self._reloading_answer(False, 201, server)
+
+    def _runtime_add_possible(self, backend: _Backend, server: dict) -> bool:
+        """dataplaneapi adds at runtime when no default_server applies and the server
+        converts to its runtime model (a numeric `id` does not)."""
+        return self.runtime_add_server and not backend.fields.get("default_server") and "id" not in server
+
+    def _replace_server(self, req: _Request) -> _Response:
+        tid, version, force = self._write_params(req)
+        parent, name = self._parent(req), req.params["name"]
+        server = self._body(req, "server")
+        config = self._target(tid, version)
+        ondisk = config.backends.get(parent, _Backend({})).servers.get(name)
+        if ondisk is None:
+            raise ApiError(404, f"missing object: server {name} does not exist in {parent} backend")
+        if server["name"] != name and server["name"] in config.backends[parent].servers:
+            raise ApiError(409, f"object already exists: server {server['name']} already exists "
+                                f"in {parent} backend")
+        target = config.writable(parent)
+        target.servers = _replace_key(target.servers, name, server["name"], server)
+        if tid:
+            return _Response(202, server)
+        self._commit_implicit(config)
+        commands, reload_needed = runtime_plan(parent, server, ondisk)
+        if not reload_needed and self._runtime(commands):
+            return _Response(200, server)
+        return self._reloading_answer(force, 200, server)
+
+    def _delete_server(self, req: _Request) -> _Response:
+        tid, version, force = self._write_params(req)
+        parent, name = self._parent(req), req.params["name"]
+        config = self._target(tid, version)
+        if name not in config.backends.get(parent, _Backend({})).servers:
+            raise ApiError(404, f"missing object: server {name} does not exist in {parent} backend")
+        del config.writable(parent).servers[name]
+        if tid:
+            return _Response(202)
+        self._commit_implicit(config)
+        return self._reloading_answer(force, 204, None)
+
+
+# === Runtime rules (dataplaneapi's changeThroughRuntimeAPI) ===
+
+def changed_server_fields(new: dict, old: dict) -> set[str]:
+    """Fields whose values differ, compared the way dataplaneapi's reflection does:
+    lists and maps (metadata, proxy-v2-options) are not compared; a difference
+    inside a nested object counts as that object's (non-runtime) field."""
+    changed = set()
+    for key in set(new) | set(old):
+        a, b = new.get(key), old.get(key)
+        if isinstance(a, list) or isinstance(b, list) or key == "metadata":
+            continue
+        if a != b:
+            changed.add(key if not (isinstance(a, dict) or isinstance(b, dict)) else f"{key}.*")
+    return changed
+
+
+def runtime_plan(backend: str, new: dict, old: dict) -> tuple[list[str], bool]:
+    """(runtime commands, reload needed) for a plain server PUT replacing `old` by `new`.
+
+    No difference: no command, no reload. A difference outside
+    RUNTIME_SERVER_FIELDS: reload. A runtime field set to null makes
+    dataplaneapi dereference a nil pointer, recover and reload, keeping the
+    commands it already issued.
+    """
+    changed = changed_server_fields(new, old)
+    if not changed:
+        return [], False
+    if not changed <= set(RUNTIME_SERVER_FIELDS):
+        return [], True
+    target = f"{backend}/{new['name']}"
+    commands: list[str] = []
+    address_done = False
+    for field in RUNTIME_SERVER_FIELDS:
+        if field not in changed:
+            continue
+        value = new.get(field)
+        if field in ("address", "port"):
+            if address_done:
+                continue
+            if new.get("port") is None:
+                return commands, True
+            commands.append(f"set server {target} addr {new.get('address', '')} port {new['port']}")
+            address_done = True
+        elif field in ("weight", "health_check_port"):
+            if value is None:
+                return commands, True
+            keyword = "weight" if field == "weight" else "check-port"
+            commands.append(f"set server {target} {keyword} {value}")
+        elif field == "maintenance":
+            commands.append(f"set server {target} state {'maint' if value == 'enabled' else 'ready'}")
+        elif field == "agent-check" and value in ("enabled", "disabled"):
+            commands.append(f"{'enable' if value == 'enabled' else 'disable'} agent {target}")
+        elif field in ("agent-addr", "agent-send"):
+            commands.append(f"set server {target} {field} {value or ''}".rstrip())
+    return commands, False
+
+
+def runtime_add_commands(backend: str, server: dict) -> list[str]:
+    """`add server` for a new server; HAProxy before 3.0 adds it in maintenance, so an
+    `enable server` follows unless the server is meant to be in maintenance."""
+    words = ["add server", f"{backend}/{server['name']}", server_address(server)]
+    words += [w for w in server_params(server) if w not in ("enabled", "disabled")]
+    commands = [" ".join(words)]
+    if server.get("maintenance") != "enabled":
+        commands.append(f"enable server {backend}/{server['name']}")
+    return commands
+
+
+# === HTTP transport ===
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+class _Handler(BaseHTTPRequestHandler):
+    """Hands each request to FakeDataPlane.handle() and writes its answer."""
+    protocol_version = "HTTP/1.1"
+    server_version = "fake-dataplaneapi"
+    sys_version = ""
+    timeout = 30                              # idle keep-alive connections end
+
+    def _serve(self) -> None:
+        length = int(self.headers.get("Content-Length") or 0)
+        body = self.rfile.read(length) if length else b""
+        response = self.server.fake.handle(self.command, self.path, self.headers, body)
+        if response is None:                  # injected drop (or stopping during a hang)
+            self.close_connection = True
+            return
+        if response.body is None:
+            payload, content_type = b"", None
+        elif isinstance(response.body, str):
+            payload, content_type = response.body.encode(), "text/plain"
+        else:
+            payload, content_type = (json.dumps(response.body) + "\n").encode(), "application/json"
+        self.send_response(response.status)
+        for key, value in response.headers.items():
+            self.send_header(key, value)
+        if content_type:
+            self.send_header("Content-Type", content_type)
+        self.send_header("Content-Length", str(len(payload)))
+        self.end_headers()
+        self.wfile.write(payload)
+
+    do_GET = do_POST = do_PUT = do_DELETE = do_PATCH = _serve
+
+    def log_message(self, format, *args) -> None:   # quiet: tests read fake.requests instead
+        pass
+
+
+# === CLI ===
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(description="HAProxy Data Plane API emulator (test bed).")
+    parser.add_argument("--port", type=int, default=5555, help="port on 127.0.0.1 (0 = any free port)")
+    parser.add_argument("--api", choices=("v2", "v3"), default="v3")
+    parser.add_argument("--user", default=DEFAULT_USERNAME)
+    parser.add_argument("--password", default=DEFAULT_PASSWORD)
+    parser.add_argument("--no-auth", action="store_true", help="accept requests without credentials")
+    parser.add_argument("--base-config", metavar="FILE", help="haproxy.cfg text placed after defaults")
+    parser.add_argument("--seed", metavar="FILE", help="JSON {backend: body with servers} to start from")
+    parser.add_argument("--no-check", action="store_true", help="skip `haproxy -c`")
+    parser.add_argument("--live", action="store_true", help="run and reload a real HAProxy")
+    parser.add_argument("--haproxy", default=HAPROXY_BIN, help="haproxy binary")
+    return parser
+
+
+def main(argv=None) -> int:
+    args = build_parser().parse_args(argv)
+    base_config = None
+    if args.base_config:
+        with open(args.base_config, encoding="utf-8") as f:
+            base_config = f.read()
+    fake = FakeDataPlane(args.api, port=args.port, username=args.user,
+                         password=None if args.no_auth else args.password, base_config=base_config,
+                         check_config=not args.no_check, haproxy_bin=args.haproxy, live=args.live or None)
+    if args.seed:
+        with open(args.seed, encoding="utf-8") as f:
+            fake.seed(json.load(f), bump=False)
+    stop = threading.Event()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, lambda *_: stop.set())
+    fake.start()
+    print(f"fake dataplaneapi {args.api} listening on {fake.url}{fake.base}", flush=True)
+    try:
+        while not stop.wait(0.5):
+            pass
+    finally:
+        fake.stop()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,648 @@
+"""Tests of the Data Plane API emulator, driven over HTTP with urllib like a client.
+
+Run: python -m pytest testing/test_fake_dataplane.py
+"""
+import base64
+import http.client
+import json
+import os
+import re
+import signal
+import subprocess
+import sys
+import threading
+import time
+import urllib.error
+import urllib.request
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from urllib.parse import urlencode
+
+import pytest
+
+sys.path.insert(0, os.path.dirname(__file__))
+import fake_dataplane as fdp  # noqa: E402
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+CFG = "/services/haproxy/configuration"
+TX = "/services/haproxy/transactions"
+HAVE_HAPROXY = os.access(fdp.HAPROXY_BIN, os.X_OK)
+pytestmark = pytest.mark.skipif(not HAVE_HAPROXY, reason="haproxy binary not installed")
+
+
+# --- helpers ---
+
+class Api:
+    """A minimal urllib client for one emulator."""
+
+    def __init__(self, fake, user=fdp.DEFAULT_USERNAME, password=fdp.DEFAULT_PASSWORD):
+        self.fake = fake
+        self.auth = "Basic " + base64.b64encode(f"{user}:{password}".encode()).decode()
+
+    def call(self, method, path, body=None, *, auth=True, base=None, timeout=10, content_type=True):
+        """(status, headers, decoded body) of one request; path is relative to /v2 or /v3."""
+        url = self.fake.url + (self.fake.base if base is None else base) + path
+        data = None if body is None else json.dumps(body).encode()
+        request = urllib.request.Request(url, method=method, data=data)
+        if body is not None and content_type:
+            request.add_header("Content-Type", "application/json")
+        if auth:
+            request.add_header("Authorization", self.auth)
+        try:
+            with urllib.request.urlopen(request, timeout=timeout) as resp:
+                status, headers, raw = resp.status, resp.headers, resp.read()
+        except urllib.error.HTTPError as exc:
+            status, headers, raw = exc.code, exc.headers, exc.read()
+        text = raw.decode()
+        try:
+            payload = json.loads(text) if text else None
+        except ValueError:
+            payload = text
+        return status, headers, payload
+
+    def data(self, method, path, body=None):
+        """The answer body, unwrapped from v2's {"_version", "data"}."""
+        status, _, payload = self.call(method, path, body)
+        assert status == 200, payload
+        return payload["data"] if self.fake.api == "v2" else payload
+
+    def start(self):
+        status, _, payload = self.call("POST", f"{TX}?version={self.fake.version}")
+        assert status == 201, payload
+        return payload["id"]
+
+    def commit(self, tid):
+        return self.call("PUT", f"{TX}/{tid}")
+
+
+def q(path, **params):
+    """Append query parameters to a path that may already have some."""
+    return path + ("&" if "?" in path else "?") + urlencode(params)
+
+
+def servers_path(api, backend, name=None):
+    if api == "v2":
+        return f"{CFG}/servers" + (f"/{name}" if name else "") + f"?backend={backend}"
+    return f"{CFG}/backends/{backend}/servers" + (f"/{name}" if name else "")
+
+
+def backend_body(name="be_app", **extra):
+    return {"name": name, "mode": "http", "balance": {"algorithm": "roundrobin"}, **extra}
+
+
+def server_body(name="srv1", address="10.0.0.4", port=8080, **extra):
+    return {"name": name, "address": address, "port": port, **extra}
+
+
+PARKED = {"address": "127.0.0.1", "port": 80, "maintenance": "enabled", "check": "disabled"}
+
+
+@pytest.fixture(params=["v2", "v3"])
+def fake(request):
+    with fdp.FakeDataPlane(request.param) as emulator:
+        yield emulator
+        assert emulator.errors == []
+
+
+@pytest.fixture
+def api(fake):
+    return Api(fake)
+
+
+def seed_app(fake, *servers):
+    fake.seed({"be_app": backend_body(servers=list(servers) or [server_body()])})
+
+
+# --- info, auth, versions ---
+
+def test_info_answers_only_under_its_own_base(fake, api):
+    status, _, info = api.call("GET", "/info")
+    assert status == 200 and "fake_dataplane" in info["api"]["version"]
+    other = "/v3" if fake.api == "v2" else "/v2"
+    status, _, error = api.call("GET", "/info", base=other)
+    assert status == 404 and error["code"] == 404
+
+
+def test_basic_auth_is_required(fake, api):
+    status, headers, _ = api.call("GET", "/info", auth=False)
+    assert status == 401 and "Basic" in headers["WWW-Authenticate"]
+    assert Api(fake, password="wrong").call("GET", "/info")[0] == 401
+    assert api.call("GET", "/info")[0] == 200
+
+
+def test_version_endpoint_and_header(fake, api):
+    status, headers, version = api.call("GET", f"{CFG}/version")
+    assert (status, version, headers["Configuration-Version"]) == (200, 1, "1")
+    status, headers, _ = api.call("POST", q(f"{CFG}/backends", version=1), backend_body())
+    assert status == 202 and headers["Configuration-Version"] == "2" and "Reload-ID" in headers
+    assert api.call("GET", f"{CFG}/version")[2] == 2 == fake.version
+
+
+def test_v2_wraps_get_answers_and_v3_does_not(fake, api):
+    seed_app(fake)
+    status, _, payload = api.call("GET", f"{CFG}/backends")
+    if fake.api == "v2":
+        assert payload["_version"] == 2 and payload["data"][0]["name"] == "be_app"
+    else:
+        assert isinstance(payload, list) and payload[0]["name"] == "be_app"
+    assert api.data("GET", servers_path(fake.api, "be_app", "srv1"))["address"] == "10.0.0.4"
+
+
+# --- transactions ---
+
+def test_transaction_lifecycle(fake, api):
+    status, _, error = api.call("POST", f"{TX}?version=7")
+    assert status == 409
+    assert error["message"] == "version mismatch: version in configuration file is 1, given version is 7"
+    tid = api.start()
+    assert api.call("GET", f"{TX}/{tid}")[2] == {"_version": 1, "id": tid, "status": "in_progress"}
+    assert fake.open_transactions() == [tid]
+
+    status, headers, _ = api.call("POST", q(f"{CFG}/backends", transaction_id=tid), backend_body())
+    assert status == 202 and headers["Configuration-Version"] == "1" and "Reload-ID" not in headers
+    status, _, _ = api.call("POST", q(servers_path(fake.api, "be_app"), transaction_id=tid), server_body())
+    assert status == 202
+    assert [b["name"] for b in api.data("GET", q(f"{CFG}/backends", transaction_id=tid))] == ["be_app"]
+    assert api.data("GET", f"{CFG}/backends") == []           # not committed yet
+    assert api.call("GET", q(f"{CFG}/version", transaction_id=tid))[2] == 1
+
+    status, headers, result = api.commit(tid)
+    assert status == 202 and result == {"_version": 1, "id": tid, "status": "success"}
+    assert re.fullmatch(r"\d{4}-\d{2}-\d{2}-1", headers["Reload-ID"])
+    assert (fake.version, fake.reloads, fake.commits) == (2, 1, 1)
+    assert fake.backends["be_app"]["servers"]["srv1"] == server_body()
+    assert api.call("GET", f"/services/haproxy/reloads/{headers['Reload-ID']}")[2]["status"] == "succeeded"
+    assert api.call("GET", f"{TX}/{tid}")[0] == 404                # committed: gone
+    assert api.call("DELETE", f"{TX}/{tid}")[0] == 404
+    assert fake.open_transactions() == [] and fake.violations == []
+
+
+def test_empty_commit_still_reloads_and_bumps_version(fake, api):
+    status, _, _ = api.commit(api.start())
+    assert status == 202 and fake.version == 2 and fake.reloads == 1
+
+
+def test_delete_transaction(fake, api):
+    tid = api.start()
+    assert api.call("DELETE", f"{TX}/{tid}")[0] == 204
+    assert api.call("GET", f"{TX}/{tid}")[0] == 404
+    status, _, error = api.call("DELETE", f"{TX}/nope")
+    assert status == 404 and error["message"] == "transaction does not exist: transaction nope does not exist"
+
+
+def test_commit_outdates_the_other_open_transactions(fake, api):
+    first, second = api.start(), api.start()
+    assert api.commit(first)[0] == 202
+    assert api.call("GET", f"{TX}/{second}")[2]["status"] == "outdated"
+    status, _, error = api.commit(second)
+    assert status == 406 and error["message"] == f"transaction {second} is outdated and cannot be committed"
+    assert api.call("DELETE", f"{TX}/{second}")[0] == 204
+    assert fake.version == 2 and fake.open_transactions() == []
+
+
+def test_concurrent_commits_one_wins(fake, api):
+    tids = [api.start() for _ in range(4)]
+    statuses = []
+    threads = [threading.Thread(target=lambda t=t: statuses.append(api.commit(t)[0])) for t in tids]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(timeout=20)
+    assert sorted(statuses) == [202, 406, 406, 406]
+    assert fake.version == 2 and fake.reloads == 1 and sorted(fake.transactions().values()) == ["outdated"] * 3
+
+
+def test_commit_after_a_plain_write_is_a_version_mismatch(fake, api):
+    tid = api.start()
+    assert api.call("POST", q(f"{CFG}/backends", version=1), backend_body())[0] == 202
+    status, _, error = api.commit(tid)
+    assert status == 409
+    assert error["message"] == "version mismatch: version mismatch, transaction version: 1, configured version: 2"
+    assert fake.transactions() == {tid: "outdated"}
+    assert api.commit(tid)[0] == 406
+
+
+def test_more_than_twenty_open_transactions_is_429(fake, api):
+    tids = [api.start() for _ in range(20)]
+    status, _, error = api.call("POST", f"{TX}?version=1")
+    assert status == 429 and "maximum amount of 20 active transactions" in error["message"]
+    api.call("DELETE", f"{TX}/{tids[0]}")
+    assert api.call("POST", f"{TX}?version=1")[0] == 201
+
+
+def test_write_parameter_rules(fake, api):
+    seed_app(fake)                                      # version 2
+    backends = f"{CFG}/backends"
+    tid = api.start()
+    cases = [
+        (q(backends, version=2, transaction_id=tid), 400, "both version and transaction specified"),
+        (backends, 400, "version or transaction not specified"),
+        (q(backends, version=1), 409, "version mismatch: version in configuration file is 2, given version is 1"),
+        (q(backends, transaction_id=tid, force_reload="true"), 400, "Both force_reload and transaction"),
+        (q(backends, transaction_id="nope"), 400, "transaction does not exist: nope"),
+    ]
+    for path, status, message in cases:
+        answer = api.call("POST", path, backend_body("be_new"))
+        assert answer[0] == status and message in answer[2]["message"], (path, answer)
+    status, _, error = api.call("POST", q(backends, version=2), backend_body())
+    assert status == 409 and error["message"] == "object already exists: backend be_app already exists"
+    assert api.call("GET", f"{backends}/nope")[0] == 404
+    assert api.call("PUT", q(f"{backends}/nope", version=2), backend_body("nope"))[0] == 404
+    assert api.call("DELETE", q(f"{backends}/nope", version=2))[0] == 404
+    srv = servers_path(fake.api, "be_app", "nope")
+    assert api.call("GET", srv)[0] == 404
+    status, _, error = api.call("PUT", q(srv, version=2), server_body("nope"))
+    assert status == 404 and error["message"] == "missing object: server nope does not exist in be_app backend"
+    assert api.call("DELETE", q(srv, version=2))[0] == 404
+    status, _, error = api.call("POST", q(servers_path(fake.api, "be_app"), version=2), server_body())
+    assert status == 409 and "server srv1 already exists in be_app backend" in error["message"]
+    status, _, error = api.call("POST", q(servers_path(fake.api, "be_gone"), version=2), server_body())
+    assert status == 400 and error["message"] == "missing parent: backend be_gone does not exist"
+    assert fake.version == 2 and fake.reloads == 0 and fake.violations == []
+
+
+def test_list_servers_of_a_missing_backend_is_empty(fake, api):
+    assert api.data("GET", servers_path(fake.api, "be_gone")) == []
+
+
+def test_v2_server_parent_parameters():
+    with fdp.FakeDataPlane("v2") as fake:
+        api = Api(fake)
+        seed_app(fake)
+        path = f"{CFG}/servers?parent_type=backend&parent_name=be_app"
+        assert [s["name"] for s in api.data("GET", path)] == ["srv1"]
+        status, _, error = api.call("GET", f"{CFG}/servers")
+        assert status == 500 and error["message"] == "parentType empty"
+
+
+# --- haproxy -c ---
+
+def test_commit_of_an_invalid_configuration_is_refused(fake, api):
+    seed_app(fake)
+    checks = fake.checks
+    tid = api.start()
+    bad = server_body("srv9", address="bad..address")
+    assert api.call("POST", q(servers_path(fake.api, "be_app"), transaction_id=tid), bad)[0] == 202
+    status, _, error = api.commit(tid)
+    assert status == 400 and error["message"].startswith("validation error: exit status 1: err transactionId=")
+    assert "srv9" in error["message"]
+    assert fake.transactions() == {tid: "failed"}
+    assert fake.checks == checks + 1 and fake.check_failures == 1
+    assert fake.version == 2 and fake.reloads == 0 and "srv9" not in fake.backends["be_app"]["servers"]
+    status, _, error = api.commit(tid)
+    assert status == 406 and error["message"] == f"transaction {tid} is failed and cannot be committed"
+    # a plain write is checked the same way and changes nothing
+    assert api.call("POST", q(servers_path(fake.api, "be_app"), version=2), bad)[0] == 400
+    assert fake.version == 2 and fake.reloads == 0
+
+
+def test_rendered_configuration_passes_haproxy_check(fake, api):
+    params = {"forwardfor": {"enabled": "enabled"}, "redispatch": {"enabled": "enabled"},
+              "connect_timeout": 3000, "server_timeout": 20000, "retries": 3,
+              "adv_check": "httpchk", "httpchk_params": {"method": "GET", "uri": "/health"},
+              "default_server": {"inter": 2000, "rise": 2, "fall": 3}, "http_connection_mode": "http-server-close",
+              "abortonclose": "enabled", "log_health_checks": "disabled"}
+    live = server_body(check="enabled", maintenance="disabled", inter=2000, rise=2, fall=3, weight=100)
+    parked = dict(PARKED, name="srv2")
+    tid = api.start()
+    assert api.call("POST", q(f"{CFG}/backends", transaction_id=tid), backend_body(**params))[0] == 202
+    for server in (live, parked):
+        assert api.call("POST", q(servers_path(fake.api, "be_app"), transaction_id=tid), server)[0] == 202
+    assert api.commit(tid)[0] == 202
+    text = fake.render()
+    for line in ("backend be_app", "    balance roundrobin", "    option forwardfor", "    option redispatch",
+                 "    timeout connect 3000", "    option httpchk GET /health", "    no option log-health-checks",
+                 "    default-server fall 3 inter 2000 rise 2",
+                 "    server srv1 10.0.0.4:8080 check enabled fall 3 inter 2000 rise 2 weight 100",
+                 "    server srv2 127.0.0.1:80 no-check disabled"):
+        assert line in text.splitlines(), line
+    assert text.startswith("# _version=2\n")
+    assert fake.check_failures == 0 and fake.unrendered == [] and fake.violations == []
+
+
+# --- body validation ---
+
+def test_invalid_bodies_are_refused_and_recorded(fake, api):
+    backends = q(f"{CFG}/backends", version=1)
+    status, _, error = api.call("POST", backends, backend_body(balance={"algorithm": "fastest"}))
+    assert status == 422 and "balance.algorithm in body should be one of [" in error["message"]
+    assert any("balance.algorithm" in v for v in fake.violations)
+    seed_app(fake)
+    srv = q(servers_path(fake.api, "be_app"), version=2)
+    for body, field in ((server_body("s2", port=70000), "port"), (server_body("s2", address="a b"), "address"),
+                        (server_body("s2", check="sometimes"), "check"), (server_body("s2", check=None), "check"),
+                        ({"name": "s2"}, "address")):
+        fake.violations.clear()
+        status, _, error = api.call("POST", srv, body)
+        assert status == 422 and field in error["message"], (body, error)
+        assert fake.violations and field in fake.violations[0]
+    fake.violations.clear()
+    assert api.call("POST", srv, server_body("s2", weight=None))[0] in (201, 202)   # nullable
+    assert fake.version == 3 and fake.violations == []
+
+
+def test_unknown_fields(fake, api):
+    seed_app(fake)
+    status, _, answer = api.call("POST", q(servers_path(fake.api, "be_app"), version=2),
+                                 server_body("s2", colour="blue"))
+    assert any("colour is not a field of the server model" in v for v in fake.violations)
+    if fake.api == "v3":        # the v3.4 OpenAPI models forbid unknown fields
+        assert status == 422 and answer["message"] == "colour in body is a forbidden property"
+        assert fake.version == 2
+    else:                       # go-swagger drops them silently
+        assert status == 202 and "colour" not in answer
+        assert "colour" not in fake.backends["be_app"]["servers"]["s2"]
+
+
+def test_body_needs_a_json_content_type(fake, api):
+    status, _, _ = api.call("POST", q(f"{CFG}/backends", version=1), backend_body(), content_type=False)
+    assert status == 415 and fake.violations
+
+
+def test_get_returns_what_go_would_echo(fake, api):
+    seed_app(fake)
+    body = server_body("s2", weight=0, inter=None, backup="", allow_0rtt=False)
+    status, _, echoed = api.call("POST", q(servers_path(fake.api, "be_app"), version=2), body)
+    assert echoed == server_body("s2", weight=0)             # unset values left out, nullable 0 kept
+    assert api.data("GET", servers_path(fake.api, "be_app", "s2")) == server_body("s2", weight=0)
+
+
+# --- reload counting ---
+
+def test_runtime_capable_server_put_does_not_reload(fake, api):
+    seed_app(fake, server_body(check="disabled", maintenance="disabled", weight=100))
+    srv1 = servers_path(fake.api, "be_app", "srv1")
+    parked = server_body(address="127.0.0.1", port=80, check="disabled", maintenance="enabled", weight=100)
+    status, headers, _ = api.call("PUT", q(srv1, version=2), parked)
+    assert status == 200 and "Reload-ID" not in headers
+    assert fake.reloads == 0 and fake.version == 3
+    assert fake.runtime_changes == ["set server be_app/srv1 state maint",
+                                    "set server be_app/srv1 addr 127.0.0.1 port 80"]
+    assert "    server srv1 127.0.0.1:80 no-check disabled weight 100" in fake.render().splitlines()
+
+    fake.runtime_changes.clear()
+    status, _, _ = api.call("PUT", q(srv1, version=3), dict(parked, weight=50))
+    assert status == 200 and fake.runtime_changes == ["set server be_app/srv1 weight 50"]
+    status, _, _ = api.call("PUT", q(srv1, version=4), dict(parked, weight=50))      # identical
+    assert status == 200 and fake.version == 5 and fake.reloads == 0
+
+    status, headers, _ = api.call("PUT", q(srv1, version=5), dict(parked, weight=50, inter=3000))
+    assert status == 202 and "Reload-ID" in headers and fake.reloads == 1
+    status, _, _ = api.call("PUT", q(srv1, version=6, force_reload="true"), dict(parked, weight=50))
+    assert status == 200 and fake.reloads == 2
+    assert fake.violations == []
+
+
+def test_plain_server_post_and_delete(fake, api):
+    seed_app(fake)
+    status, headers, _ = api.call("POST", q(servers_path(fake.api, "be_app"), version=2), server_body("srv2"))
+    if fake.api == "v3":        # runtime `add server`: no reload
+        assert status == 201 and fake.reloads == 0
+        assert fake.runtime_changes == ["add server be_app/srv2 10.0.0.4:8080", "enable server be_app/srv2"]
+    else:                       # dataplaneapi 2.9 always reloads here
+        assert status == 202 and "Reload-ID" in headers and fake.reloads == 1
+    reloads = fake.reloads
+    status, headers, _ = api.call("DELETE", q(servers_path(fake.api, "be_app", "srv2"), version=3))
+    assert status == 202 and "Reload-ID" in headers and fake.reloads == reloads + 1
+    status, _, _ = api.call("DELETE", q(servers_path(fake.api, "be_app", "srv1"), version=4, force_reload="true"))
+    assert status == 204 and fake.reloads == reloads + 2 and fake.backends["be_app"]["servers"] == {}
+
+
+def test_runtime_add_is_not_used_with_a_default_server():
+    with fdp.FakeDataPlane("v3") as fake:
+        fake.seed({"be_app": backend_body(default_server={"inter": 2000})})
+        status, _, _ = Api(fake).call("POST", q(servers_path("v3", "be_app"), version=2), server_body())
+        assert status == 202 and fake.reloads == 1 and fake.runtime_changes == []
+
+
+def test_runtime_plan_follows_change_through_runtime_api():
+    old = server_body(weight=10, maintenance="disabled")
+    assert fdp.runtime_plan("b", old, old) == ([], False)
+    assert fdp.runtime_plan("b", dict(old, port=81), old) == (["set server b/srv1 addr 10.0.0.4 port 81"], False)
+    assert fdp.runtime_plan("b", dict(old, rise=3), old) == ([], True)
+    assert fdp.runtime_plan("b", dict(old, name="srv9"), old) == ([], True)
+    assert fdp.runtime_plan("b", {k: v for k, v in old.items() if k != "weight"}, old) == ([], True)
+    assert fdp.runtime_plan("b", dict(old, **{"agent-check": "enabled"}), old) == (["enable agent b/srv1"], False)
+
+
+# --- faults ---
+
+def test_fault_injection(fake, api):
+    failing = fake.add_fault("PUT", fdp.PATH_TRANSACTION, status=500, message="boom")
+    tid = api.start()
+    assert api.commit(tid)[:3:2] == (500, {"code": 500, "message": "boom"})
+    assert failing.hits == 1 and fake.transactions() == {tid: "in_progress"}
+    assert api.commit(tid)[0] == 202                           # the fault was used up
+
+    storm = fake.add_fault("POST", fdp.PATH_TRANSACTIONS, status=409, times=3)
+    assert [api.call("POST", f"{TX}?version=2")[0] for _ in range(4)] == [409, 409, 409, 201]
+    assert storm.hits == 3
+
+    fake.add_fault("GET", fdp.PATH_VERSION, delay=0.3)
+    started = time.monotonic()
+    assert api.call("GET", f"{CFG}/version")[0] == 200 and time.monotonic() - started >= 0.3
+
+    fake.add_fault("*", fdp.PATH_INFO, drop=True)
+    with pytest.raises((http.client.HTTPException, ConnectionError, urllib.error.URLError)):
+        api.call("GET", "/info")
+    assert api.call("GET", "/info")[0] == 200
+
+    fake.add_fault("PUT", fdp.PATH_TRANSACTION, status=500, after=True)   # the answer is lost
+    version = fake.version
+    assert api.commit(fake.open_transactions()[0])[0] == 500
+    assert fake.version == version + 1
+
+
+def test_stop_does_not_wait_for_a_hung_request():
+    fake = fdp.FakeDataPlane("v2").start()
+    fake.add_fault("GET", fdp.PATH_INFO, delay=30)
+    outcome = []
+    thread = threading.Thread(target=lambda: outcome.append(_swallow(lambda: Api(fake).call("GET", "/info"))))
+    thread.start()
+    time.sleep(0.2)
+    started = time.monotonic()
+    fake.stop()
+    thread.join(timeout=5)
+    assert time.monotonic() - started < 3 and not thread.is_alive()
+
+
+def _swallow(call):
+    try:
+        return call()
+    except Exception as exc:
+        return exc
+
+
+# --- v3 full sections ---
+
+def test_v3_full_section():
+    with fdp.FakeDataPlane("v3") as fake:
+        api = Api(fake)
+        backends = f"{CFG}/backends"
+        servers = {name: server_body(name, port=8000 + i) for i, name in enumerate(("srv2", "srv10", "srv1"))}
+        status, _, _ = api.call("POST", q(backends, version=1, full_section="true"), backend_body(servers=servers))
+        assert status == 202
+        assert list(fake.backends["be_app"]["servers"]) == ["srv1", "srv10", "srv2"]    # client-native sorts
+        full = api.data("GET", q(backends, full_section="true"))[0]
+        assert full["servers"]["srv10"] == servers["srv10"]
+        assert "servers" not in api.data("GET", f"{backends}/be_app")
+
+        del servers["srv10"]
+        status, _, _ = api.call("PUT", q(f"{backends}/be_app", version=2, full_section="true"),
+                                backend_body(servers=servers))
+        assert status == 202 and list(fake.backends["be_app"]["servers"]) == ["srv1", "srv2"]
+        status, _, _ = api.call("PUT", q(f"{backends}/be_app", version=3), backend_body(retries=2))
+        assert status == 202 and list(fake.backends["be_app"]["servers"]) == ["srv1", "srv2"]   # kept
+
+        status, _, error = api.call("POST", q(backends, version=4, full_section="true"), backend_body())
+        assert status == 404 and error["message"] == "missing object: backend be_app already exist"
+        assert fake.violations == []
+
+        api.call("POST", q(backends, version=4), backend_body("be_other", servers=servers))
+        assert fake.backends["be_other"]["servers"] == {}
+        assert fake.violations and "without full_section" in fake.violations[0]
+
+
+def test_v3_full_section_validates_the_servers_inside():
+    with fdp.FakeDataPlane("v3") as fake:
+        body = backend_body(servers={"srv1": server_body(port=0)})
+        status, _, error = Api(fake).call("POST", q(f"{CFG}/backends", version=1, full_section="true"), body)
+        assert status == 422 and "servers.srv1.port" in error["message"]
+
+
+# --- edits behind the client's back, introspection ---
+
+def test_seed_and_edit_server_move_the_version(fake, api):
+    seed_app(fake)
+    assert fake.version == 2
+    tid = api.start()
+    fake.edit_server("be_app", "srv1", maintenance="enabled", weight=5)
+    assert fake.version == 3 and fake.server("be_app", "srv1")["maintenance"] == "enabled"
+    assert api.commit(tid)[0] == 409
+    snapshot = fake.backends
+    snapshot["be_app"]["servers"]["srv1"]["address"] = "changed"
+    assert fake.server("be_app", "srv1")["address"] == "10.0.0.4"
+    with pytest.raises(fdp.SeedError):
+        fake.edit_server("be_app", "srv1", port=0)
+    fake.remove_server("be_app", "srv1")
+    fake.remove_backend("be_app")
+    assert fake.backends == {} and fake.version == 5
+
+
+def test_requests_are_recorded(fake, api):
+    api.call("GET", f"{CFG}/version")
+    api.call("POST", q(f"{CFG}/backends", version=1), backend_body())
+    method, path, query = fake.requests[-1]
+    assert (method, path, query) == ("POST", f"{fake.base}{CFG}/backends", {"version": "1"})
+    assert fake.requests[-1].status == 202 and fake.requests[-1].body["name"] == "be_app"
+    assert fake.count_requests("GET", r"/configuration/version$") == 1
+    fake.reset_requests()
+    assert fake.requests == []
+
+
+def test_standalone_command_line(tmp_path):
+    seed = tmp_path / "seed.json"
+    seed.write_text(json.dumps({"be_app": backend_body(servers=[server_body()])}))
+    proc = subprocess.Popen([sys.executable, os.path.join(HERE, "fake_dataplane.py"), "--port", "0",
+                             "--api", "v2", "--password", "s3cret", "--seed", str(seed)],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        line = proc.stdout.readline()
+        url = re.search(r"(http://127\.0\.0\.1:\d+)/v2", line).group(1)
+        request = urllib.request.Request(url + "/v2" + CFG + "/servers?backend=be_app")
+        request.add_header("Authorization", "Basic " + base64.b64encode(b"admin:s3cret").decode())
+        with urllib.request.urlopen(request, timeout=10) as resp:
+            assert json.load(resp)["data"][0]["name"] == "srv1"
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(timeout=10) == 0
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait(timeout=5)
+        proc.stdout.close()
+        proc.stderr.close()
+
+
+# --- phase 2: a real HAProxy ---
+
+class NamedServer:
+    """A tiny HTTP server on a loopback address that answers with its name."""
+
+    def __init__(self, address, name):
+        class Handler(BaseHTTPRequestHandler):
+            def do_GET(self):
+                body = name.encode()
+                self.send_response(200)
+                self.send_header("Content-Length", str(len(body)))
+                self.send_header("Connection", "close")
+                self.end_headers()
+                self.wfile.write(body)
+
+            def log_message(self, *args):
+                pass
+
+        self.httpd = ThreadingHTTPServer((address, 0), Handler)
+        self.port = self.httpd.server_address[1]
+        threading.Thread(target=self.httpd.serve_forever, daemon=True).start()
+
+    def close(self):
+        self.httpd.shutdown()
+        self.httpd.server_close()
+
+
+def who_answers(port, count=6):
+    """The set of server names that answer `count` requests through HAProxy."""
+    names = set()
+    for _ in range(count):
+        conn = http.client.HTTPConnection("127.0.0.1", port, timeout=5)
+        conn.request("GET", "/", headers={"Connection": "close"})
+        names.add(conn.getresponse().read().decode())
+        conn.close()
+    return names
+
+
+def _alive(pid):
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().split(")")[-1].split()[0] != "Z"
+    except OSError:
+        return False
+
+
+def test_live_haproxy_reloads_on_commit_and_applies_runtime_changes():
+    alpha, beta = NamedServer("127.0.0.2", "alpha"), NamedServer("127.0.0.3", "beta")
+    frontend_port = fdp._free_port()
+    fake = fdp.FakeDataPlane("v3", base_config=fdp.frontend_config(frontend_port, default_backend="be_app"),
+                             live=True)
+    fake.seed({"be_app": backend_body(servers=[server_body("srv1", "127.0.0.2", alpha.port)])}, bump=False)
+    api = Api(fake)
+    try:
+        fake.start()
+        live = fake.live
+        master, workers = live._proc.pid, live.show_proc()["workers"]
+        assert who_answers(frontend_port) == {"alpha"}
+
+        tid = api.start()
+        srv2 = server_body("srv2", "127.0.0.3", beta.port)
+        assert api.call("POST", q(servers_path("v3", "be_app"), transaction_id=tid), srv2)[0] == 202
+        assert api.commit(tid)[0] == 202
+        assert fake.reloads == 1 == live.reload_count()
+        assert who_answers(frontend_port) == {"alpha", "beta"}
+
+        parked = server_body("srv1", "127.0.0.2", alpha.port, maintenance="enabled")
+        status, _, _ = api.call("PUT", q(servers_path("v3", "be_app", "srv1"), version=2), parked)
+        assert status == 200 and fake.runtime_changes == ["set server be_app/srv1 state maint"]
+        assert fake.reloads == 1 == live.reload_count()
+        assert who_answers(frontend_port) == {"beta"}
+        with open(live.cfg_path) as f:                          # written for the next reload
+            assert f"    server srv1 127.0.0.2:{alpha.port} disabled" in f.read().splitlines()
+
+        status, _, _ = api.call("PUT", q(servers_path("v3", "be_app", "srv2"), version=3), dict(srv2, inter=3000))
+        assert status == 202 and fake.reloads == 2 == live.reload_count()
+        assert who_answers(frontend_port) == {"beta"}           # srv1 stays in maintenance
+        assert fake.violations == [] and fake.errors == []
+        workers += live.show_proc()["workers"]
+    finally:
+        fake.stop()
+        alpha.close()
+        beta.close()
+    assert not any(_alive(pid) for pid in [master] + workers)
