@@ -1217,3 +1217,63 @@ class TestDataPlane:
         cfg = make_config(haproxy={"password": "p", "base_url": f"http://127.0.0.1:{free_port()}", "timeout": 2})
         with pytest.raises(m.DataPlaneError, match="Connection refused"):
             m.DataPlane(cfg.haproxy).version()
+
+
+class TestOnce:
+    """The CLI's --once and --dry-run against the fake Resource Manager and the emulator."""
+
+    def config(self, tmp_path, arm, dataplane, **extra):
+        raw = {"azure": {"subscription_id": SUB, "resource_manager_url": "${FAKE_ARM_URL}", "retries": 1},
+               "haproxy": {"base_url": dataplane.url, "password": "${DP_PASSWORD}", "timeout": 5,
+                           "server_slots": {"base": 4}},
+               "logging": {"format": "json"}, **extra}
+        return write_config(tmp_path, raw)
+
+    def test_once_syncs_the_estate(self, tmp_path, arm, dataplane, monkeypatch, capsys):
+        from fake_arm import make_estate
+        arm.estate = make_estate(vms=3, uniform_sets=1, flexible_sets=1, per_set=2,
+                                 services=(("web", 8080), ("api", 9000)),
+                                 overrides={"vm-0002": {"power_state": "stopped"}})
+        monkeypatch.setenv("DP_PASSWORD", dataplane.password)
+        assert m.main(["--once", "-c", self.config(tmp_path, arm, dataplane)]) == 0
+        expected = {}
+        for p in arm.estate.machines():
+            if p.inst.power_state == "running":
+                tags = {**(p.ss.tags if p.ss else {}), **p.inst.tags}
+                name = f"azure-{tags['HAProxy:Service:Name']}-{tags['HAProxy:Service:Port']}-{p.home.location}"
+                expected.setdefault(name, set()).add(f"{p.inst.private_ip}:{tags['HAProxy:Service:Port']}")
+        got = {name: {f"{s['address']}:{s['port']}" for s in b["servers"].values() if s.get("maintenance") != "enabled"}
+               for name, b in dataplane.backends.items()}
+        assert got == expected and sum(map(len, got.values())) == 6
+        slots = m.SlotsConfig(4, 1.5, "linear")
+        assert {n: len(b["servers"]) for n, b in dataplane.backends.items()} == {
+            n: m.slot_target(len(e), slots) for n, e in expected.items()}
+        err = capsys.readouterr().err
+        lines = [json.loads(line) for line in err.splitlines()]
+        assert lines[-1]["event"] == "cycle" and lines[-1]["result"] == "applied"
+        assert dataplane.password not in err and arm.token not in err
+
+    def test_dry_run_prints_the_plan_and_changes_nothing(self, tmp_path, arm, dataplane, monkeypatch, capsys):
+        from fake_arm import make_estate
+        arm.estate = make_estate(vms=2)
+        monkeypatch.setenv("DP_PASSWORD", dataplane.password)
+        version = dataplane.version
+        assert m.main(["--dry-run", "-c", self.config(tmp_path, arm, dataplane)]) == 0
+        assert capsys.readouterr().out == textwrap.dedent("""\
+            backend azure-web-8080-eastus (create, 4 slots, 2 live)
+              + srv1 10.0.0.4:8080
+              + srv2 10.0.0.5:8080
+              + srv3 parked
+              + srv4 parked
+            1 services, 2 live servers, 1 backends to change
+            """)
+        assert dataplane.version == version and dataplane.backends == {}
+        assert not [r for r in dataplane.requests if r.method != "GET"]
+
+    def test_once_fails_with_exit_1_and_one_error_line(self, tmp_path, arm, dataplane, monkeypatch, capsys):
+        monkeypatch.setenv("DP_PASSWORD", dataplane.password)
+        arm.add_fault("500", endpoint="nics", times=None)
+        assert m.main(["--once", "-c", self.config(tmp_path, arm, dataplane)]) == 1
+        err = capsys.readouterr().err.splitlines()
+        assert err[-1].startswith("error: listing network interfaces of subscription") and "HTTP 500" in err[-1]
+        assert dataplane.backends == {}
