@@ -72,12 +72,12 @@ class Instances:
         self.close()
 
 
-def hits(url: str, count: int, timeout: float = 2.0) -> collections.Counter:
+def hits(url: str, count: int, headers: dict | None = None, timeout: float = 2.0) -> collections.Counter:
     """Send `count` requests; count the answers by body ("<status>" for errors)."""
     answers: collections.Counter = collections.Counter()
     for _ in range(count):
         try:
-            with urllib.request.urlopen(url, timeout=timeout) as resp:
+            with urllib.request.urlopen(urllib.request.Request(url, headers=headers or {}), timeout=timeout) as resp:
                 answers[resp.read().decode()] += 1
         except urllib.error.HTTPError as exc:
             answers[f"<{exc.code}>"] += 1
