@@ -244,7 +244,8 @@ def test_scenarios(bed):
 
     # SIGTERM while a transaction is open: a server write hangs, the daemon is told to stop
     before, version = bed.dp.backends, bed.dp.version
-    bed.dp.add_fault("*", PATH_SERVERS + "|/backends/[^/]+$", delay=20, times=None)
+    for method in ("POST", "PUT"):
+        bed.dp.add_fault(method, PATH_SERVERS + "|/backends(/[^/]+)?$", delay=20, times=None)
     bed.add_vm("vm-late", "127.0.0.21")
     wait_for(lambda: bed.dp.open_transactions(), 20, "a transaction to open")
     wait_for(lambda: bed.dp.count_requests(None, "/servers|/backends/azure"), 20, "a write in the transaction")
