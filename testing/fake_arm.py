@@ -4,7 +4,8 @@
 The real Azure SDK talks to it: `DefaultAzureCredential` gets its token from the fake's App Service
 managed-identity endpoint, and `ComputeManagementClient` / `NetworkManagementClient` list the estate
 through the same list endpoints as in Azure, in the shapes of Azure's own examples
-(`shared/azure-examples/`), with paging. Runs on the standard library plus `trustme`.
+(`shared/azure-examples/`), with paging; the single-resource GETs of a per-VM-lookup strategy (one NIC
+and one instance view per VM) are served too, for comparison. Runs on the standard library plus `trustme`.
 
 In tests::
 
@@ -58,13 +59,23 @@ Endpoints (GET; `api-version` required; paths match case-insensitively) and thei
     pips_rg     the same under resourceGroups/R                            public_ip_addresses.list(R)
     vmss_pips   .../virtualMachineScaleSets/V/publicipaddresses
                         public_ip_addresses.list_virtual_machine_scale_set_public_ip_addresses(R, V)
+  single resources (no paging):
+    nic_get     .../resourceGroups/R/providers/Microsoft.Network/networkInterfaces/N
+                                                                        network_interfaces.get(R, N)
+    vmss_nic_get  .../virtualMachineScaleSets/V/virtualMachines/I/networkInterfaces/N
+                        network_interfaces.get_virtual_machine_scale_set_network_interface(R, V, I, N)
+    vm_instance_view  .../resourceGroups/R/providers/Microsoft.Compute/virtualMachines/M/instanceView
+                                                                        virtual_machines.instance_view(R, M)
+    vmss_vm_instance_view  .../virtualMachineScaleSets/V/virtualMachines/I/instanceView
+                                                  virtual_machine_scale_set_vms.get_instance_view(R, V, I)
     token       /msi/token (App Service managed identity; X-IDENTITY-HEADER checked)
     openid      /{tenant}/v2.0/.well-known/openid-configuration   } for ClientSecretCredential(...,
     aad_token   POST /{tenant}/oauth2/v2.0/token                  } authority=fake.url, disable_instance_discovery=True)
 
 `counts` also has `total` (every request, unknown paths included). ARM endpoints need the
 `Authorization: Bearer {fake.token}` header (401 otherwise); unknown paths get 404. Errors are ARM-shaped:
-`{"error": {"code": ..., "message": ...}}`.
+`{"error": {"code": ..., "message": ...}}`. `GET /_counts` (no token needed; neither counted nor logged)
+returns `counts` as JSON, for a standalone fake's client.
 
 What is served:
 
@@ -78,7 +89,13 @@ What is served:
   id that points at another resource (VM -> NIC, NIC -> VM, NIC -> public IP, public IP -> IP
   configuration, Flexible VM -> scale set) and every id in the status-only list spells it
   `/resourcegroups/RG-APP-0/`. Join ids case-insensitively.
-- A missing NIC (`has_nic=False`) is still referenced by its VM but absent from every NIC and public IP list.
+- A missing NIC (`has_nic=False`) is still referenced by its VM but absent from every NIC and public IP list
+  (its GET is a 404).
+- Single GETs return what the matching list item shows: a NIC as in the NIC lists, an instance view as in
+  `$expand=instanceView` (statuses only). Uniform NICs are found only under their scale set, standalone and
+  Flexible NICs only under `Microsoft.Network/networkInterfaces`; a Flexible member's instance view under
+  `virtualMachines/{name}`, and under its set's `virtualMachines/{instanceId}` as well. Anything else: 404
+  `ResourceNotFound`. Faults aim at them with `page=1` (or no page).
 - Paging: `value` plus `nextLink` (back to the fake, query kept, `$skiptoken` added) while items remain.
   A listing is a snapshot taken at its first page, like a server cursor, so scaling mid-listing shows in
   the next listing; field changes (power state, tags) show on every page rendered after them.
@@ -244,6 +261,7 @@ class Estate:
 
     def __post_init__(self):
         self.lock = threading.RLock()   # not a field, so asdict() and the JSON leave it out
+        self.generation = 0             # bumped by every change through a method (the fake's lookups)
 
     def machines(self) -> Iterator[Placed]:
         """Every VM and scale-set instance: VMs first, then each set's instances, in order."""
@@ -268,6 +286,7 @@ class Estate:
             if self._named(vm.name):
                 raise ValueError(f"the estate already has something called {vm.name!r}")
             self.vms.append(vm)
+            self.generation += 1
 
     def remove(self, name: str) -> None:
         """Delete a VM, a scale-set instance or a whole scale set."""
@@ -279,6 +298,7 @@ class Estate:
                 self.vms.remove(found.inst)
             else:
                 found.ss.instances.remove(found.inst)
+            self.generation += 1
 
     def update(self, name: str, **changes) -> None:
         """Set fields of a VM, instance or scale set: power_state="stopped", tags={...}, has_nic=False."""
@@ -289,6 +309,7 @@ class Estate:
                 raise TypeError(f"{name}: no field(s) {', '.join(sorted(unknown))}")
             for key, value in changes.items():
                 setattr(target, key, value)
+            self.generation += 1
 
     def scale(self, name: str, capacity: int) -> None:
         """Scale a set in (highest indexes go first, as Azure's default policy) or out.
@@ -303,6 +324,7 @@ class Estate:
             del ss.instances[capacity:]
             while len(ss.instances) < capacity:
                 ss.instances.append(self._new_instance(ss))
+            self.generation += 1
 
     def to_json(self) -> str:
         with self.lock:
@@ -545,6 +567,47 @@ def _listing(estate: Estate, endpoint: str, groups: dict, params: dict) -> Listi
     return [p for p in with_nic if p.inst.public_ip], _public_ip_json
 
 
+class _Lookup(NamedTuple):
+    """Machines by the lower-cased path of their single GETs: VMs (instance views) and NICs."""
+    vms: dict[str, Placed]
+    nics: dict[str, Placed]
+
+
+def _build_lookup(estate: Estate) -> _Lookup:
+    vms, nics = {}, {}
+    for p in estate.machines():
+        vms[p.vm_id.lower()] = p
+        if p.ss is not None and not p.uniform:   # a Flexible member also under its set, by instanceId
+            vms[f"{scale_set_id(p.ss)}/virtualMachines/{p.inst.name}".lower()] = p
+        nics[p.nic_id.lower()] = p
+    return _Lookup(vms, nics)
+
+
+def _lookup_stamp(estate: Estate) -> tuple:
+    """Changes whenever a lookup built earlier may be stale (also after direct list edits)."""
+    return estate.generation, len(estate.vms), tuple(len(ss.instances) for ss in estate.scale_sets)
+
+
+def _single(lookup: _Lookup, endpoint: str, path: str) -> dict | None:
+    """What a single-resource GET returns; None: not found."""
+    key = path.lower()
+    if endpoint in ("nic_get", "vmss_nic_get"):
+        p = lookup.nics.get(key)
+        return _nic_json(p) if p is not None and p.inst.has_nic else None
+    p = lookup.vms.get(key.removesuffix("/instanceview"))
+    return _instance_view(p.inst) if p is not None else None
+
+
+def _not_found(endpoint: str, groups: dict) -> str:
+    resource = {"nic_get": "Microsoft.Network/networkInterfaces/{nic}",
+                "vmss_nic_get": "Microsoft.Compute/virtualMachineScaleSets/{vmss}/virtualMachines/{index}/"
+                                "networkInterfaces/{nic}",
+                "vm_instance_view": "Microsoft.Compute/virtualMachines/{vm}",
+                "vmss_vm_instance_view": "Microsoft.Compute/virtualMachineScaleSets/{vmss}/virtualMachines/{index}",
+                }.get(endpoint, "Microsoft.Compute/virtualMachineScaleSets/{vmss}").format_map(groups)
+    return f"The Resource '{resource}' under resource group '{groups['rg']}' was not found."
+
+
 # === Routes ===
 _SUB = r"/subscriptions/(?P<sub>[^/]+)"
 _RG = r"/resourcegroups/(?P<rg>[^/]+)"
@@ -563,12 +626,18 @@ _ROUTES = [(endpoint, method, re.compile(pattern, re.IGNORECASE)) for endpoint, 
     ("pips", "GET", _SUB + _NETWORK + "/publicipaddresses"),
     ("pips_rg", "GET", _SUB + _RG + _NETWORK + "/publicipaddresses"),
     ("vmss_pips", "GET", _VMSS + "/publicipaddresses"),
+    ("nic_get", "GET", _SUB + _RG + _NETWORK + "/networkinterfaces/(?P<nic>[^/]+)"),
+    ("vmss_nic_get", "GET", _VMSS + "/virtualmachines/(?P<index>[^/]+)/networkinterfaces/(?P<nic>[^/]+)"),
+    ("vm_instance_view", "GET", _SUB + _RG + _COMPUTE + "/virtualmachines/(?P<vm>[^/]+)/instanceview"),
+    ("vmss_vm_instance_view", "GET", _VMSS + "/virtualmachines/(?P<index>[^/]+)/instanceview"),
     ("token", "GET", "/msi/token"),
     ("openid", "GET", r"/(?P<tenant>[^/]+)/v2\.0/\.well-known/openid-configuration"),
     ("aad_token", "POST", r"/(?P<tenant>[^/]+)/oauth2/v2\.0/token"),
 )]
 ENDPOINTS = ("vms_status",) + tuple(endpoint for endpoint, _, _ in _ROUTES)
 _IDENTITY_ENDPOINTS = ("token", "openid", "aad_token")
+_SINGLE_ENDPOINTS = ("nic_get", "vmss_nic_get", "vm_instance_view", "vmss_vm_instance_view")
+COUNTS_PATH = "/_counts"
 
 
 def _route(method: str, path: str, params: dict) -> tuple[str | None, dict]:
@@ -701,6 +770,7 @@ class FakeArm:
         self._faults: list[Fault] = []
         self._cursors: collections.OrderedDict[str, Listing] = collections.OrderedDict()
         self._cursor_ids = itertools.count()
+        self._lookup: tuple[Estate, tuple, _Lookup] | None = None   # (estate, its stamp, lookup)
         self._stopping = threading.Event()
         self._server: _TlsServer | None = None
         self._thread: threading.Thread | None = None
@@ -787,6 +857,9 @@ class FakeArm:
         query = dict(parse_qsl(split.query, keep_blank_values=True))
         params = {key.lower(): value for key, value in query.items()}
         body = handler.rfile.read(int(handler.headers.get("Content-Length") or 0))
+        if handler.command == "GET" and path == COUNTS_PATH:
+            self._send(handler, _json_reply(self.counts))
+            return
         endpoint, groups = _route(handler.command, path, params)
         with self._lock:
             self._counts["total"] += 1
@@ -799,6 +872,9 @@ class FakeArm:
             reply = self._fault(endpoint, path, 1) or self._identity(endpoint, groups, handler, params, body)
         else:
             reply = self._arm(endpoint, groups, handler, split.path, query, params)
+        self._send(handler, reply)
+
+    def _send(self, handler: _Handler, reply: _Reply) -> None:
         if self._stopping.is_set():
             handler.close_connection = True   # a stopped fake answers nothing
             return
@@ -856,6 +932,8 @@ class FakeArm:
         if endpoint == "vms" and "$expand" in params and "$filter" not in params:
             return _arm_error(400, "InvalidParameter",
                               "$expand=instanceView on a subscription-wide VM list needs a scale-set $filter.")
+        if endpoint in _SINGLE_ENDPOINTS:
+            return self._fault(endpoint, unquote(raw_path), 1) or self._get_one(endpoint, groups, unquote(raw_path))
         try:
             cursor, offset = _read_skiptoken(params.get("$skiptoken"))
         except ValueError:
@@ -868,9 +946,7 @@ class FakeArm:
         with estate.lock:
             listing = self._recall(cursor) or _listing(estate, endpoint, groups, params)
             if listing is None:
-                return _arm_error(404, "ResourceNotFound",
-                                  f"The Resource 'Microsoft.Compute/virtualMachineScaleSets/{groups['vmss']}' "
-                                  f"under resource group '{groups['rg']}' was not found.")
+                return _arm_error(404, "ResourceNotFound", _not_found(endpoint, groups))
             items, render = listing
             document = {"value": [render(item) for item in items[offset:offset + page_size]]}
         if offset + page_size < len(items):
@@ -881,6 +957,17 @@ class FakeArm:
         elif cursor:
             with self._lock:
                 self._cursors.pop(cursor, None)
+        return _json_reply(document)
+
+    def _get_one(self, endpoint: str, groups: dict, path: str) -> _Reply:
+        estate = self.estate
+        with estate.lock:
+            stamp = _lookup_stamp(estate)
+            if self._lookup is None or self._lookup[0] is not estate or self._lookup[1] != stamp:
+                self._lookup = (estate, stamp, _build_lookup(estate))
+            document = _single(self._lookup[2], endpoint, path)
+        if document is None:
+            return _arm_error(404, "ResourceNotFound", _not_found(endpoint, groups))
         return _json_reply(document)
 
     def _remember(self, listing: Listing) -> str:

@@ -226,6 +226,65 @@ class TestListings:
         assert "vm-0000" not in names(compute.virtual_machines.list_all())
 
 
+# --- single-resource GETs (a per-VM-lookup strategy) ---
+class TestSingleGets:
+    def test_nic_gets_match_the_list_items_and_a_missing_nic_is_404(self, fake):
+        _, network = clients(fake)
+        listed = {nic.name: nic for nic in network.network_interfaces.list_all()}
+        nic = network.network_interfaces.get("RG-A", "vm-0000-nic")
+        assert nic.as_dict() == listed["vm-0000-nic"].as_dict()
+        assert network.network_interfaces.get("rg-a", "fvmss-00_1-nic").ip_configurations[0].private_ip_address \
+            == "10.0.0.11"
+        for rg, name in [("rg-a", "vm-0002-nic"),    # lost its NIC
+                         ("rg-b", "vm-0000-nic"),    # wrong resource group
+                         ("rg-a", "uvmss-00-nic")]:  # Uniform NICs live under their scale set
+            with pytest.raises(ResourceNotFoundError) as caught:
+                network.network_interfaces.get(rg, name)
+            assert caught.value.error.code == "ResourceNotFound"
+        uniform = network.network_interfaces.get_virtual_machine_scale_set_network_interface(
+            "rg-a", "uvmss-00", "1", "uvmss-00-nic")
+        assert uniform.ip_configurations[0].private_ip_address == "10.0.0.8"
+        assert uniform.virtual_machine.id.lower() == fake.estate.resource_id("uvmss-00_1").lower()
+        with pytest.raises(ResourceNotFoundError):
+            network.network_interfaces.get_virtual_machine_scale_set_network_interface(
+                "rg-a", "uvmss-00", "7", "uvmss-00-nic")
+        assert (fake.counts["nic_get"], fake.counts["vmss_nic_get"], fake.counts["nics"]) == (5, 2, 3)
+
+    def test_instance_views_follow_the_estate(self, fake):
+        compute, _ = clients(fake)
+        assert power_state(compute.virtual_machines.instance_view("rg-b", "vm-0001")) == "PowerState/deallocated"
+        fake.estate.update("vm-0001", power_state="running")
+        assert power_state(compute.virtual_machines.instance_view("rg-b", "vm-0001")) == "PowerState/running"
+        assert power_state(compute.virtual_machines.instance_view("rg-a", "fvmss-00_0")) == "PowerState/running"
+        scale_set_vms = compute.virtual_machine_scale_set_vms
+        assert power_state(scale_set_vms.get_instance_view("rg-a", "fvmss-00", "fvmss-00_0")) == \
+            "PowerState/running"
+        fake.estate.update("uvmss-00_2", power_state="stopped")
+        assert power_state(scale_set_vms.get_instance_view("rg-a", "uvmss-00", "2")) == "PowerState/stopped"
+        fake.estate.scale("uvmss-00", 1)
+        fake.estate.scale("uvmss-00", 3)   # same size, instances 0, 3, 4
+        with pytest.raises(ResourceNotFoundError):
+            scale_set_vms.get_instance_view("rg-a", "uvmss-00", "1")
+        assert power_state(scale_set_vms.get_instance_view("rg-a", "uvmss-00", "4")) == "PowerState/running"
+        with pytest.raises(ResourceNotFoundError):
+            compute.virtual_machines.instance_view("rg-a", "vm-9999")
+        assert (fake.counts["vm_instance_view"], fake.counts["vmss_vm_instance_view"]) == (4, 4)
+
+    def test_faults_aim_at_single_gets(self, fake):
+        compute, _ = clients(fake, retry_backoff_factor=0)
+        fake.add_fault("500", endpoint="vm_instance_view", page=1)
+        assert power_state(compute.virtual_machines.instance_view("rg-a", "vm-0000")) == "PowerState/running"
+        assert fake.counts["vm_instance_view"] == 2
+
+    def test_counts_endpoint_needs_no_token_and_is_not_counted(self, fake):
+        compute, _ = clients(fake)
+        list(compute.virtual_machine_scale_sets.list_all())
+        status, counts = raw_get(fake, "/_counts")
+        assert status == 200 and counts == fake.counts
+        assert (counts["vmss"], counts["token"], counts["total"]) == (1, 1, 2)
+        assert fake.counts["total"] == 2 and len(fake.requests) == 2
+
+
 # --- tokens and authentication ---
 class TestIdentity:
     def test_default_credential_takes_the_managed_identity_token(self, fake):
@@ -436,4 +495,5 @@ def test_standalone_serves_and_reloads_its_estate_file(tmp_path, sdk_env, monkey
 
 def test_endpoint_names_are_the_documented_counter_keys():
     assert set(ENDPOINTS) == {"vms", "vms_status", "vms_rg", "vmss", "vmss_rg", "vmss_vms", "nics", "nics_rg",
-                              "vmss_nics", "pips", "pips_rg", "vmss_pips", "token", "openid", "aad_token"}
+                              "vmss_nics", "pips", "pips_rg", "vmss_pips", "nic_get", "vmss_nic_get",
+                              "vm_instance_view", "vmss_vm_instance_view", "token", "openid", "aad_token"}
