@@ -1775,7 +1775,7 @@ def _log_report(report: CycleReport, state: State) -> None:
         for held in plan.held:
             log.warning("mass-drain guard holds %s live", held, extra={"event": "drain_held", "server": held})
         for b in plan.backends:
-            log.info("backend %s: %d changes", b.name, len(b.changes),
+            log.info("backend %s changed: %d servers", b.name, len(b.changes),
                      extra={"event": "backend_changed", "backend": b.name, "count": len(b.changes),
                             "slots": b.slots, "live": b.live})
     log.info("cycle %s", report.result,

@@ -9,9 +9,10 @@ In tests::
         ...
         answers = hits("http://127.0.0.1:FRONTEND/", 40)   # Counter of names
 
-Standalone (until SIGTERM/SIGINT)::
+Standalone::
 
-    python3 testing/instances.py --port 18080 vm-0000=127.0.0.2 vm-0001=127.0.0.3
+    python3 testing/instances.py --port 18080 vm-0000=127.0.0.2 vm-0001=127.0.0.3   # until SIGTERM
+    python3 testing/instances.py --hits http://127.0.0.1:18000/ 12                   # who answers
 """
 from __future__ import annotations
 
@@ -89,8 +90,13 @@ def hits(url: str, count: int, headers: dict | None = None, timeout: float = 2.0
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--port", type=int, default=18080)
-    parser.add_argument("instances", nargs="+", metavar="NAME=ADDRESS")
+    parser.add_argument("--hits", nargs=2, metavar=("URL", "COUNT"), help="send COUNT requests, print who answered")
+    parser.add_argument("instances", nargs="*", metavar="NAME=ADDRESS")
     args = parser.parse_args(argv)
+    if args.hits:
+        for name, count in sorted(hits(args.hits[0], int(args.hits[1])).items()):
+            print(f"    {name:<12} {count:3d} {'#' * count}")
+        return 0
     stop = threading.Event()
     signal.signal(signal.SIGTERM, lambda *_: stop.set())
     signal.signal(signal.SIGINT, lambda *_: stop.set())

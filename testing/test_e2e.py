@@ -257,3 +257,15 @@ def test_scenarios(bed):
     assert not any(r.method == "DELETE" and "/backends/" in r.path and "/servers" not in r.path
                    for r in bed.dp.requests)
     assert check_logs(bed) > 20
+
+
+def test_demo(tmp_path):
+    """The newcomer's demo runs to the end and shows traffic following the estate."""
+    done = subprocess.run(["bash", os.path.join(HERE, "demo.sh")], cwd=ROOT, capture_output=True, text=True,
+                          timeout=240)
+    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
+    out = done.stdout
+    assert out.count("-- plan (haproxy-azure-discovery --dry-run):") == 3
+    assert "mass-drain guard holds" in out and '"dataplane_requests": 1' in out
+    last = out.rsplit("-- 12 requests through HAProxy answered by:", 1)[1]
+    assert "vm-0000        6" in last and "vm-0001        6" in last and "<503>" not in out
