@@ -415,12 +415,14 @@ def _matches(regex: re.Pattern, what: str) -> Callable[[str], str | None]:
 
 def _http_url(v: str) -> str | None:
     u = urllib.parse.urlsplit(v)
-    return None if u.scheme in ("http", "https") and u.hostname else f"must be an http(s) URL, got {json.dumps(v)}"
+    ok = u.scheme in ("http", "https") and u.hostname
+    return None if ok else f"must be an http(s) URL, got {json.dumps(v)}"
 
 
 def _optional_https_url(v: str) -> str | None:
     u = urllib.parse.urlsplit(v)
-    return None if not v or (u.scheme == "https" and u.hostname) else f"must be an https URL, got {json.dumps(v)}"
+    ok = not v or (u.scheme == "https" and u.hostname)
+    return None if ok else f"must be an https URL, got {json.dumps(v)}"
 
 
 def _listen_address(v: str) -> str | None:
@@ -443,7 +445,8 @@ def _params(allowed: frozenset[str], owned: str) -> Callable[[Mapping], str | No
 
 # Per-key checks beyond the type; the type comes from the dataclass annotation.
 CHECKS: dict[str, Callable[[Any], str | None]] = {
-    "azure.subscription_id": lambda v: None if not v or GUID_RE.match(v) else f"must be a subscription GUID, got {json.dumps(v)}",
+    "azure.subscription_id": lambda v: None if not v or GUID_RE.match(v) else (
+        f"must be a subscription GUID, got {json.dumps(v)}"),
     "azure.credential_type": _one_of("default", "managed_identity", "workload_identity", "client_secret", "azure_cli"),
     "azure.cloud": _one_of(*CLOUDS),
     "azure.resource_manager_url": _optional_https_url,
@@ -458,7 +461,8 @@ CHECKS: dict[str, Callable[[Any], str | None]] = {
     "haproxy.password": lambda v: None if v else "is required",
     "haproxy.timeout": _positive,
     "haproxy.apply_mode": _one_of("transaction", "hybrid"),
-    "haproxy.backend.name_prefix": _matches(re.compile(r"^[A-Za-z0-9_.:-]{1,32}$"), "must be 1-32 of A-Z a-z 0-9 _ . : -"),
+    "haproxy.backend.name_prefix": _matches(re.compile(r"^[A-Za-z0-9_.:-]{1,32}$"),
+                                            "must be 1-32 of A-Z a-z 0-9 _ . : -"),
     "haproxy.backend.name_separator": _matches(re.compile(r"^[_.:-]{1,3}$"), "must be 1-3 of _ . : -"),
     "haproxy.backend.balance": _one_of(*BALANCE_ALGORITHMS),
     "haproxy.backend.mode": _one_of("http", "tcp"),
@@ -511,7 +515,8 @@ def _coerce(value: Any, hint: Any, path: str, problems: list[str]) -> Any:
         if isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value):
             if hint is float or value == int(value):
                 return hint(value)
-        problems.append(f"{path}: must be {'a number' if hint is float else 'an integer'}, got {json.dumps(value)}")
+        kind = "a number" if hint is float else "an integer"
+        problems.append(f"{path}: must be {kind}, got {json.dumps(value)}")
     elif hint is str:
         if isinstance(value, str):
             return value
@@ -571,8 +576,8 @@ def parse_config(raw: Any, env: Mapping[str, str]) -> Config:
     """Turn the loaded file into a Config, or raise ConfigError listing every problem."""
     problems: list[str] = []
     cfg = _build(Config, raw, env, "", problems)
-    if not problems:
-        problems += _cross_checks(cfg)
+    reported = {p.split(":", 1)[0] for p in problems}
+    problems += [p for p in _cross_checks(cfg) if p.split(":", 1)[0] not in reported]
     if problems:
         raise ConfigError(problems)
     return cfg
@@ -585,13 +590,15 @@ def _cross_checks(cfg: Config) -> list[str]:
         problems.append("azure.subscription_id: required (or azure.subscription_ids)")
     for i, sub in enumerate(cfg.azure.subscription_ids):
         if not GUID_RE.match(sub):
-            problems.append(f"azure.subscription_ids[{i}]: must be a subscription GUID, got {json.dumps(sub)}")
+            problems.append(f"azure.subscription_ids[{i}]: must be a subscription GUID, "
+                            f"got {json.dumps(sub)}")
     for i, rg in enumerate(cfg.azure.resource_groups):
         if not RESOURCE_GROUP_RE.match(rg):
             problems.append(f"azure.resource_groups[{i}]: not a resource group name: {json.dumps(rg)}")
     slots = cfg.haproxy.server_slots
     if slots.growth_type == "exponential" and slots.growth_factor <= 1:
-        problems.append(f"haproxy.server_slots.growth_factor: must be greater than 1 for exponential growth, got {slots.growth_factor}")
+        problems.append("haproxy.server_slots.growth_factor: must be greater than 1 for exponential "
+                        f"growth, got {slots.growth_factor}")
     polling = cfg.polling
     if polling.max_backoff_seconds < polling.backoff_base_seconds:
         problems.append("polling.max_backoff_seconds: must be at least polling.backoff_base_seconds "
@@ -803,7 +810,7 @@ def assign_slots(members: Sequence[Member], actual: Mapping[str, Mapping[str, An
     # rather than growing the backend.
     free = sorted((j for j in range(1, count + 1) if j not in taken),
                   key=lambda j: (j in ours and _is_live(ours[j]), j))
-    for m, j in zip(fresh, free):
+    for m, j in zip(fresh, free, strict=False):   # free has room for every fresh member
         taken[j] = m
     return [Slot(f"srv{j}", m.instance, m.label, m.address, m.port) if (m := taken.get(j))
             else Slot(f"srv{j}") for j in range(1, count + 1)]
@@ -1377,9 +1384,8 @@ class DataPlane:
         if (self.api or self.probe()) == "v3":
             _, payload, headers = self.request("GET", f"{conf}/backends", {"full_section": "true"})
             version = int(headers.get("Configuration-Version") or self.version())
-            return version, {b["name"]: BackendState(b["name"], {k: v for k, v in b.items() if k != "servers"},
-                                                     b.get("servers") or {})
-                             for b in payload or [] if b.get("name", "").startswith(prefix)}
+            return version, {b["name"]: _backend_state(b) for b in payload or []
+                             if b.get("name", "").startswith(prefix)}
         _, payload, _ = self.request("GET", f"{conf}/backends")
         version = int(payload.get("_version"))
         found = {}
@@ -1435,6 +1441,12 @@ class DataPlane:
         except DataPlaneError as exc:
             if exc.status != 404:
                 raise
+
+
+def _backend_state(full: Mapping[str, Any]) -> BackendState:
+    """A v3 full-section backend: its servers apart, every other field and child list kept."""
+    return BackendState(full["name"], {k: v for k, v in full.items() if k != "servers"},
+                        full.get("servers") or {})
 
 
 def _q(name: str) -> str:
@@ -1798,7 +1810,9 @@ def run_forever(load: Callable[[], Config], make_source: Callable[[Config], Any]
     failures, cycles = 0, 0
     # Under WatchdogSec= systemd wants WATCHDOG=1 at least every WATCHDOG_USEC: the sleep
     # pings at half that, so only a hung cycle (not a long backoff) trips the watchdog.
-    watchdog = int(os.environ.get("WATCHDOG_USEC", "0") or 0) / 2e6 or None
+    watchdog = None
+    if os.environ.get("WATCHDOG_PID", str(os.getpid())) == str(os.getpid()):
+        watchdog = int(os.environ.get("WATCHDOG_USEC", "0") or 0) / 2e6 or None
     try:
         while not signals.stop.is_set() and (max_cycles is None or cycles < max_cycles):
             if signals.reload.is_set():

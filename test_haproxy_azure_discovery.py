@@ -7,10 +7,8 @@ from __future__ import annotations
 
 import io
 import json
-import logging
 import os
 import random
-import signal
 import subprocess
 import sys
 import textwrap
@@ -159,6 +157,13 @@ class TestConfig:
                     "haproxy.server_slots.growth_type", "polling.intervall"):
             assert f"error: {path}: {key}:" in err
         assert len(err.splitlines()) == 5
+
+    def test_cross_key_problems_come_with_the_others(self):
+        with pytest.raises(m.ConfigError) as err:
+            m.parse_config({"azure": {"cloud": "mars"}, "haproxy": {"password": "p"},
+                            "polling": {"backoff_base_seconds": 10, "max_backoff_seconds": 5}}, {})
+        assert [p.split(":")[0] for p in err.value.problems] == [
+            "azure.cloud", "azure.subscription_id", "polling.max_backoff_seconds"]
 
     def test_interpolation(self):
         env = {"PW": "hunter2", "PORT": "7000"}

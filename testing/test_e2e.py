@@ -22,7 +22,6 @@ ROOT = os.path.dirname(HERE)
 sys.path.insert(0, HERE)
 sys.path.insert(0, ROOT)
 
-import haproxy_azure_discovery as m  # noqa: E402
 from fake_arm import DEFAULT_SUBSCRIPTION, FakeArm, Vm, make_estate, service_tags  # noqa: E402
 from fake_dataplane import PATH_SERVERS, FakeDataPlane, LiveHAProxy  # noqa: E402
 from instances import Instances, hits  # noqa: E402
