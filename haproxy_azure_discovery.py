@@ -596,6 +596,9 @@ def _cross_checks(cfg: Config) -> list[str]:
         if not RESOURCE_GROUP_RE.match(rg):
             problems.append(f"azure.resource_groups[{i}]: not a resource group name: {json.dumps(rg)}")
     slots = cfg.haproxy.server_slots
+    if slots.growth_type == "linear" and slots.growth_factor < 1:
+        problems.append("haproxy.server_slots.growth_factor: must be at least 1 for linear growth "
+                        f"(fewer slots than instances otherwise), got {slots.growth_factor}")
     if slots.growth_type == "exponential" and slots.growth_factor <= 1:
         problems.append("haproxy.server_slots.growth_factor: must be greater than 1 for exponential "
                         f"growth, got {slots.growth_factor}")
@@ -749,7 +752,8 @@ def slot_target(n: int, cfg: SlotsConfig) -> int:
         return cfg.base
     if cfg.growth_type == "linear":
         return cfg.base + _ceil((n - cfg.base) * cfg.growth_factor)
-    k = 1
+    # The smallest k with ceil(base * f^k) >= n: start just below the logarithm's answer.
+    k = max(1, math.floor(math.log(n / cfg.base, cfg.growth_factor)) - 1)
     while _ceil(cfg.base * cfg.growth_factor ** k) < n:
         k += 1
     return _ceil(cfg.base * cfg.growth_factor ** k)

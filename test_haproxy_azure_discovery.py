@@ -131,6 +131,8 @@ class TestConfig:
         ({"haproxy": {"backend": {"balance": "fastest"}}}, "haproxy.backend.balance: must be"),
         ({"haproxy": {"server_slots": {"growth_type": "exponential", "growth_factor": 1}}},
          "haproxy.server_slots.growth_factor: must be greater than 1 for exponential growth"),
+        ({"haproxy": {"server_slots": {"growth_factor": 0.5}}},
+         "haproxy.server_slots.growth_factor: must be at least 1 for linear growth"),
         ({"polling": {"backoff_base_seconds": 10, "max_backoff_seconds": 5}},
          "polling.max_backoff_seconds: must be at least polling.backoff_base_seconds"),
         ({"safety": {"max_drain_percent": 150}}, "safety.max_drain_percent: must be between 0 and 100"),
@@ -302,7 +304,9 @@ class TestSlots:
         (LINEAR, 1000, 1495), (EXPONENTIAL, 0, 10), (EXPONENTIAL, 1, 10), (EXPONENTIAL, 10, 10),
         (EXPONENTIAL, 11, 15), (EXPONENTIAL, 30, 34), (EXPONENTIAL, 1000, 1298),
         (m.SlotsConfig(10, 1.1, "linear"), 20, 21), (m.SlotsConfig(10, 1.1, "exponential"), 11, 11),
-        (m.SlotsConfig(3, 2, "exponential"), 13, 24),
+        (m.SlotsConfig(3, 2, "exponential"), 13, 24), (m.SlotsConfig(10, 1.0001, "exponential"), 1000, 1000),
+        (m.SlotsConfig(1, 2, "exponential"), 2, 2), (m.SlotsConfig(1, 2, "exponential"), 3, 4),
+        (m.SlotsConfig(10, 1, "linear"), 37, 37),
     ])
     def test_target(self, cfg, n, want):
         assert m.slot_target(n, cfg) == want
