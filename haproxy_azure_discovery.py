@@ -81,7 +81,7 @@ RESOURCE_GROUP_RE = re.compile(r"^[-\w.()]{1,90}$")
 BALANCE_ALGORITHMS = ("roundrobin", "static-rr", "leastconn", "first", "source", "uri",
                       "url_param", "hdr", "random", "rdp-cookie", "hash")
 # Scalar backend and server fields that both the v2 and the v3 specification define; the
-# test suite checks these lists against ../shared/spec. Fields the program owns are absent.
+# test suite checks these lists against testing/spec. Fields the program owns are absent.
 BACKEND_PARAMS = frozenset("""
     abortonclose accept_invalid_http_response adv_check allbackups check_timeout checkcache
     compression connect_timeout cookie default_server description disabled dynamic_cookie_key

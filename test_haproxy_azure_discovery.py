@@ -722,7 +722,7 @@ class TestCli:
 
 
 # --- Azure adapter -------------------------------------------------------------------
-EXAMPLES = os.path.join(HERE, "..", "shared", "azure-examples")
+EXAMPLES = os.path.join(HERE, "testing", "azure-examples")
 
 
 def example(name):

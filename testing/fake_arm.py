@@ -4,7 +4,7 @@
 The real Azure SDK talks to it: `DefaultAzureCredential` gets its token from the fake's App Service
 managed-identity endpoint, and `ComputeManagementClient` / `NetworkManagementClient` list the estate
 through the same list endpoints as in Azure, in the shapes of Azure's own examples
-(`shared/azure-examples/`), with paging; the single-resource GETs of a per-VM-lookup strategy (one NIC
+(`testing/azure-examples/`), with paging; the single-resource GETs of a per-VM-lookup strategy (one NIC
 and one instance view per VM) are served too, for comparison. Runs on the standard library plus `trustme`.
 
 In tests::
@@ -420,7 +420,7 @@ def _address(base: str | None, offset: int) -> str | None:
     return None if base is None else str(ipaddress.ip_address(base) + offset)
 
 
-# === Rendering: ARM JSON shapes (shared/azure-examples) ===
+# === Rendering: ARM JSON shapes (testing/azure-examples) ===
 _RESOURCE_GROUP_SEGMENT = re.compile(r"/resourceGroups/([^/]+)", re.IGNORECASE)
 
 
