@@ -32,3 +32,16 @@ def dataplane(request):
         assert fake.violations == [], fake.violations
         assert fake.errors == [], fake.errors
         assert fake.check_failures == 0, fake.last_check_output
+
+
+@pytest.fixture(scope="session")
+def pyz(tmp_path_factory):
+    """haproxy-azure-discovery.pyz, built once per test session by build_pyz.sh."""
+    import time
+    from pathlib import Path
+    from test_packaging import PYZ_NAME, build
+    out = Path(tmp_path_factory.mktemp("build")) / PYZ_NAME
+    started = time.monotonic()
+    result = build(out)
+    print(f"\nbuild_pyz.sh: {time.monotonic() - started:.1f} s; {result.stdout.strip().splitlines()[-1]}")
+    return out

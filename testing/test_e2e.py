@@ -174,14 +174,6 @@ def check_logs(bed: Bed) -> int:
     return len(lines)
 
 
-@pytest.fixture(scope="session")
-def pyz(tmp_path_factory):
-    out = tmp_path_factory.mktemp("pyz") / "haproxy-azure-discovery.pyz"
-    subprocess.run(["bash", os.path.join(ROOT, "build_pyz.sh"), str(out)], check=True, cwd=ROOT,
-                   stdout=subprocess.DEVNULL, timeout=900)
-    return str(out)
-
-
 FLAVOURS = [("module", "v3"), ("module", "v2"), ("pyz", "v3")]
 
 
@@ -189,7 +181,7 @@ FLAVOURS = [("module", "v3"), ("module", "v2"), ("pyz", "v3")]
 def bed(request, tmp_path):
     flavour, api = request.param
     command = [sys.executable, os.path.join(ROOT, "haproxy_azure_discovery.py")] if flavour == "module" \
-        else ["python3", request.getfixturevalue("pyz")]
+        else ["python3", str(request.getfixturevalue("pyz"))]
     bed = Bed(tmp_path, api, command)
     yield bed
     bed.close()

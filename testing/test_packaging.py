@@ -143,13 +143,7 @@ def need_systemd_analyze() -> str:
 
 # --- fixtures ------------------------------------------------------------------------------------------
 
-@pytest.fixture(scope="module")
-def pyz(tmp_path_factory) -> Path:
-    out = tmp_path_factory.mktemp("build") / PYZ_NAME
-    started = time.monotonic()
-    result = build(out)
-    print(f"\nbuild_pyz.sh: {time.monotonic() - started:.1f} s; {result.stdout.strip().splitlines()[-1]}")
-    return out
+# `pyz` (the .pyz built once per session with build() below) comes from ../conftest.py.
 
 
 @dataclass
