@@ -1747,9 +1747,14 @@ class Signals:
         self.stop, self.reload, self.wake = threading.Event(), threading.Event(), threading.Event()
 
     def install(self) -> None:
-        signal.signal(signal.SIGTERM, lambda *_: self._set(self.stop))
-        signal.signal(signal.SIGINT, lambda *_: self._set(self.stop))
-        signal.signal(signal.SIGHUP, lambda *_: self._set(self.reload))
+        self._previous = {sig: signal.signal(sig, handler) for sig, handler in (
+            (signal.SIGTERM, lambda *_: self._set(self.stop)), (signal.SIGINT, lambda *_: self._set(self.stop)),
+            (signal.SIGHUP, lambda *_: self._set(self.reload)))}
+
+    def restore(self) -> None:
+        """Put back the handlers install() replaced (main() may run inside another program)."""
+        for sig, handler in getattr(self, "_previous", {}).items():
+            signal.signal(sig, handler)
 
     def _set(self, event: threading.Event) -> None:
         event.set()
@@ -1916,6 +1921,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         return exc.code if isinstance(exc.code, int) else EX_USAGE
     env = dict(os.environ)
     path = find_config(args.config)
+    signals = Signals()
     try:
         cfg = load_config(path, env)
         if args.validate:
@@ -1926,10 +1932,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         setup_logging(args.log_level or cfg.logging.level, cfg.logging.format, secrets_of(cfg, env))
         for warning in config_warnings(cfg):
             log.warning(warning, extra={"event": "config_warning"})
-        if args.dry_run or args.once:
-            return _run_one(cfg, env, dry_run=args.dry_run)
-        signals = Signals()
         signals.install()
+        if args.dry_run or args.once:
+            return _run_one(cfg, env, args.dry_run, signals.stop)
         return run_forever(lambda: load_config(path, dict(os.environ)),
                            lambda c: AzureSource(c, env), lambda c: DataPlane(c.haproxy), signals)
     except ConfigError as exc:
@@ -1938,23 +1943,28 @@ def main(argv: Sequence[str] | None = None) -> int:
                   file=sys.stderr)
         return exc.exit_code
     except DiscoveryError as exc:
+        if signals.stop.is_set():     # SIGTERM/SIGINT during --once: nothing is left half done
+            print(f"stopped: {exc}", file=sys.stderr)
+            return EX_OK
         print(f"error: {exc}", file=sys.stderr)
         return exc.exit_code
     except Exception as exc:  # noqa: BLE001 - last resort: one line, and the traceback in the log
         log.debug("unexpected error", exc_info=True)
         print(f"error: unexpected {type(exc).__name__}: {exc}", file=sys.stderr)
         return EX_FAIL
+    finally:
+        signals.restore()
 
 
-def _run_one(cfg: Config, env: Mapping[str, str], dry_run: bool) -> int:
-    """--once and --dry-run: one cycle; the plan (dry run) on stdout."""
+def _run_one(cfg: Config, env: Mapping[str, str], dry_run: bool, stop: threading.Event) -> int:
+    """--once and --dry-run: one cycle; the plan (dry run) on stdout. A failure raises."""
     source, dp, state = AzureSource(cfg, env), DataPlane(cfg.haproxy), State()
     if dry_run:
-        plan = run_cycle(cfg, source, dp, state, threading.Event(), CycleReport(), dry_run=True)
+        plan = run_cycle(cfg, source, dp, state, stop, CycleReport(), dry_run=True)
         sys.stdout.write(format_plan(plan))
-        return EX_OK
-    report = one_cycle(cfg, source, dp, state, threading.Event())
-    return EX_OK if report.result != "failed" else EX_FAIL
+    else:
+        one_cycle(cfg, source, dp, state, stop)
+    return EX_OK
 
 
 if __name__ == "__main__":  # pragma: no cover

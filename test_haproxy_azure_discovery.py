@@ -9,6 +9,7 @@ import io
 import json
 import os
 import random
+import signal
 import subprocess
 import sys
 import textwrap
@@ -1286,3 +1287,20 @@ class TestOnce:
         err = capsys.readouterr().err.splitlines()
         assert err[-1].startswith("error: listing network interfaces of subscription") and "HTTP 500" in err[-1]
         assert dataplane.backends == {}
+
+    def test_sigterm_during_once_leaves_no_transaction(self, tmp_path, arm, dataplane):
+        from fake_arm import make_estate
+        arm.estate = make_estate(vms=2)
+        dataplane.add_fault("POST", r"/backends$", delay=10, times=None)
+        env = {**os.environ, "DP_PASSWORD": dataplane.password}
+        proc = subprocess.Popen([sys.executable, "haproxy_azure_discovery.py", "--once", "-c",
+                                 self.config(tmp_path, arm, dataplane, haproxy={
+                                     "base_url": dataplane.url, "password": "${DP_PASSWORD}", "timeout": 3})],
+                                cwd=HERE, env=env, stderr=subprocess.PIPE, text=True)
+        deadline = time.monotonic() + 30
+        while not dataplane.count_requests("POST", "/backends$") and time.monotonic() < deadline:
+            time.sleep(0.05)
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(timeout=10) == 0, proc.stderr.read()
+        dataplane.clear_faults()
+        assert dataplane.open_transactions() == [] and dataplane.backends == {}
