@@ -760,11 +760,14 @@ def slot_target(n: int, cfg: SlotsConfig) -> int:
 
 
 def slot_count(n: int, current: int, highest_live: int, cfg: SlotsConfig) -> int:
-    """The slot count after this cycle: growth is immediate; shrinking only when the
-    target is at most half the current count, and never below base or a live slot."""
+    """The slot count after this cycle. Growth is immediate once the instances outgrow
+    the slots (or the backend has fewer than base), and goes to the target for n, so
+    that the next instances find parked slots: filling one needs no reload. Shrinking
+    happens only when the target is at most half the current count, and never below
+    base or a live slot."""
     target = slot_target(n, cfg)
-    if target >= current:
-        return target
+    if n > current or current < cfg.base:
+        return max(target, current)
     if target * 2 <= current:
         return max(target, highest_live)
     return current

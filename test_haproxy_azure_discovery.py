@@ -314,7 +314,11 @@ class TestSlots:
         assert m.slot_target(n, cfg) >= max(n, cfg.base)
 
     @pytest.mark.parametrize("n, current, highest_live, want", [
-        (11, 10, 10, 12),    # growth is immediate
+        (11, 10, 10, 12),    # growth is immediate, to the target for n
+        (12, 12, 12, 12),    # the slots fit: no growth ...
+        (13, 12, 12, 15),    # ... until they are outgrown
+        (51, 70, 50, 70),    # a parked slot is free: filling it needs no growth (and no reload)
+        (0, 0, 0, 10), (3, 0, 0, 10), (3, 4, 3, 10),   # a new or short backend gets at least base
         (10, 12, 10, 12),    # target 10 > 12/2: no shrink (no flapping at the boundary)
         (5, 40, 5, 10),      # target 10 <= 40/2: shrink to the target
         (5, 40, 33, 33),     # ... but never below a live slot
