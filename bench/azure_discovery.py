@@ -1,7 +1,8 @@
 #!/usr/bin/env python3
 """Azure half of the benchmark (SPEC §10): what one discovery cycle costs against Resource Manager.
 
-Usage: python bench/azure_discovery.py [--sizes 1000,5000,10000,20000] [--page-size 100] [--out bench/azure-results.md]
+Usage: python bench/azure_discovery.py [--sizes 1000,5000,10000,20000] [--page-size 100]
+(bench/bench.py runs it with the other parts and writes bench/RESULTS.md; alone it prints its section.)
 
 For each estate size N (instances in total) the script writes an estate with `testing/fake_arm.py`'s
 `make_estate` and serves it with the fake run as a subprocess (standalone mode, `--estate FILE`). Every
@@ -12,10 +13,9 @@ ours     `haproxy_azure_discovery.AzureSource(cfg).discover()` with `azure.resou
          the fake. One discovery first (token, connections, lazy imports), then one measured cycle: its
          requests (`Discovery.requests`, the SDK's own request hook), wall time and CPU time
          (`time.process_time`, all threads). Then the same listing again through the private
-         `AzureSource._list_all`, kept in memory, and the CPU time of the pure join alone
-         (`instances_from_azure` on it, best of 3); for reference also on the same JSON as plain dicts
-         (the listing holds the SDK's models, whose mapping access is slower). Peak RSS (`ru_maxrss`) is
-         read after the measured cycle, before that extra listing.
+         `AzureSource._list_all` (the pages as plain JSON), kept in memory, and the CPU time of the pure
+         join alone (`instances_from_azure` on it, best of 3). Peak RSS (`ru_maxrss`) is read after the
+         measured cycle, before that extra listing.
 per-VM   the peer approach (Prometheus's Azure SD, dataplaneapi-style lookups) with the same SDK clients
          options, the same credential (DefaultAzureCredential through the fake's managed identity) and a
          thread pool of the same size (8): list VMs and scale sets, list each tagged Uniform set's
@@ -41,12 +41,9 @@ The fake runs on the same machine as the measured process, so wall times include
 """
 import argparse
 import concurrent.futures
-import datetime
 import hashlib
-import importlib.metadata
 import json
 import os
-import platform
 import resource
 import shlex
 import ssl
@@ -61,8 +58,6 @@ from pathlib import Path
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
 FAKE_ARM = ROOT / "testing" / "fake_arm.py"
-# This file is called azure.py: its own directory must not shadow the Azure SDK's `azure` package.
-sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != HERE]
 sys.path[:0] = [str(ROOT), str(ROOT / "testing")]
 
 SUBSCRIPTION = "00000000-0000-0000-0000-000000000001"
@@ -166,17 +161,9 @@ def child_ours() -> dict:
     with concurrent.futures.ThreadPoolExecutor(cfg.azure.workers) as pool:
         source._list_all(pool, listing)
     joins = [join_cpu(m, listing, cfg) for _ in range(3)]
-    plain = m.AzureListing(**{key: [plain_json(item) for item in items] for key, items in vars(listing).items()})
-    plain_joins = [join_cpu(m, plain, cfg) for _ in range(3)]
     return dict(requests=found.requests, served=by_endpoint, wall_s=wall, cpu_s=cpu, join_cpu_s=min(joins),
-                plain_join_cpu_s=min(plain_joins),
                 rss_mb=rss, own_rss_mb=own_rss, rss_idle_mb=rss_idle, instances=len(found.instances),
                 digest=digest((i.id, i.address, i.power_state) for i in found.instances))
-
-
-def plain_json(item):
-    """An SDK model's REST JSON as plain dicts and lists."""
-    return json.loads(json.dumps(item.as_dict() if hasattr(item, "as_dict") else item))
 
 
 def join_cpu(m, listing, cfg) -> float:
@@ -322,55 +309,66 @@ def breakdown(rows: list[dict]) -> list[str]:
     return lines
 
 
-def join_note(rows: list[dict]) -> list[str]:
-    pairs = ", ".join(f"{r['n']:,}: {r['ours']['join_cpu_s'] * 1000:.0f} vs {r['ours']['plain_join_cpu_s'] * 1000:.0f}"
-                      for r in rows)
-    return ["The join runs on the SDK's model objects (mappings over the JSON). The same join on the same JSON "
-            f"as plain dicts, CPU ms (models vs dicts): {pairs}."]
-
-
-def header(args, rows: list[dict], runtime_s: float) -> list[str]:
-    versions = ", ".join(f"{p} {importlib.metadata.version(p)}" for p in
-                         ("azure-core", "azure-identity", "azure-mgmt-compute", "azure-mgmt-network"))
+def notes(rows: list[dict], page_size: int) -> list[str]:
     shapes = "; ".join(f"{r['n']:,}: {r['shape']['vms']:,} VMs + {r['shape']['flexible_sets']}×{PER_SET} Flexible "
                        f"+ {r['shape']['uniform_sets']}×{PER_SET} Uniform" for r in rows)
     return [
-        "## Azure: requests and cost of one discovery cycle (bench/azure.py)",
-        "",
-        f"{datetime.date.today().isoformat()}; {os.cpu_count()} CPUs ({platform.machine()}), "
-        f"Python {platform.python_version()}, {versions}. Script run time {runtime_s / 60:.1f} min.",
-        "",
-        f"Estate (testing/fake_arm.py `make_estate`): {STANDALONE_SHARE:.0%} standalone VMs, {FLEXIBLE_SETS} "
-        f"Flexible scale sets, the rest in Uniform scale sets, {PER_SET} instances a set; all tagged, "
-        f"{len(SERVICES)} services over {len(REGIONS)} regions, {len(RESOURCE_GROUPS)} resource groups, one "
-        f"subscription, {NOT_RUNNING:.0%} stopped or deallocated. Sizes: {shapes}.",
-        f"Every list answers {args.page_size} items a page. Azure documents no page size for these lists; "
-        "users report 50 a page for the subscription-wide VM list (azure-xplat-cli#2961, apache/libcloud#1824), "
-        "which would double our two VM-list counts (about 1.5× our requests in all at these shapes) and "
-        "hardly change the per-VM strategy's.",
+        f"Estate (testing/fake_arm.py `make_estate`, served over HTTPS by the fake): {STANDALONE_SHARE:.0%} "
+        f"standalone VMs, {FLEXIBLE_SETS} Flexible scale sets, the rest in Uniform scale sets of {PER_SET}; all "
+        f"tagged, {len(SERVICES)} services over {len(REGIONS)} regions, {len(RESOURCE_GROUPS)} resource groups, "
+        f"one subscription, {NOT_RUNNING:.0%} stopped or deallocated; {page_size} items a page. Sizes: {shapes}.",
         "",
         "ours = `AzureSource.discover()` (list VMs, status-only VMs, NICs, scale sets; per Uniform set its "
-        "instances and NICs). per-VM = list VMs and scale sets and each Uniform set's instances, then per VM "
-        "one NIC GET and one instance-view GET, per Uniform instance one NIC GET (what Prometheus's Azure SD "
-        f"and dataplaneapi-style lookups do). Both: the Azure SDK, DefaultAzureCredential, {WORKERS} threads, "
-        "against the HTTPS fake on the same machine. Requests counted by the client and checked against the "
-        "fake's counters. CPU = `time.process_time()` of the measuring process (all its threads), the fake's "
-        "excluded; wall time includes the fake's serving on the same cores. Join = `instances_from_azure` "
-        "alone on the listed JSON. Peak RSS = `ru_maxrss` of a fresh process per measurement (idle: after "
-        "imports and client construction; checked against /proc VmHWM). Min cycle under throttling = "
-        f"max(0, (requests − {READ_BURST}) / {READ_REFILL}) s: the Resource Manager read bucket per principal, "
-        "subscription and "
-        "region (computed, not measured). Same result = both strategies found the same (id, address, power "
-        "state) for every instance.",
+        "instances and NICs). per-VM = list VMs, scale sets and each Uniform set's instances, then per VM one NIC "
+        "GET and one instance-view GET, per Uniform instance one NIC GET (Prometheus's Azure SD, dataplaneapi-style "
+        f"lookups). Both: the real Azure SDK, DefaultAzureCredential, {WORKERS} threads, one measured cycle after a "
+        "warm-up, in a fresh process each. Requests are counted by the client and checked against the fake's "
+        "counters; same result = both found the same (id, address, power state) for every instance.",
+        "",
+        "CPU = `time.process_time()` of the measuring process (the fake's excluded); wall time includes the fake's "
+        "serving on the same 2 cores. Join = `instances_from_azure` alone on the listed JSON, best of 3. Peak "
+        "RSS = `ru_maxrss` of that process, checked against /proc VmHWM (idle: after imports and client "
+        "construction). Min cycle under throttling = "
+        f"max(0, (requests − {READ_BURST}) / {READ_REFILL}) s, Resource Manager's read bucket per principal, "
+        "subscription and region: computed, not measured (the fake does not throttle). Azure documents no page "
+        "size; users report 50 a page for the subscription-wide VM list (azure-xplat-cli#2961, "
+        "apache/libcloud#1824), which would make our requests about 1.5× these and hardly change the per-VM ones.",
         "",
     ]
+
+
+def run(sizes: list[int], page_size: int = 100) -> list[dict]:
+    """Both strategies against one fake per size; progress on stderr."""
+    started = time.monotonic()
+    rows = []
+    with tempfile.TemporaryDirectory(prefix="bench-azure-") as tmp:
+        for n in sizes:
+            estate_file = Path(tmp) / f"estate-{n}.json"
+            writer = [sys.executable, __file__, "--write-estate", str(n), str(estate_file)]
+            counts = json.loads(subprocess.run(writer, check=True, capture_output=True, text=True).stdout)
+            fake = Fake(estate_file, Path(tmp) / f"fake-{n}", page_size)
+            try:
+                ours = measure("ours", fake.env)
+                print(f"azure {n:>6}: ours {ours['requests']} requests in {ours['wall_s']:.1f} s", file=sys.stderr)
+                per_vm = measure("per-vm", fake.env)
+                print(f"azure {n:>6}: per-VM {per_vm['requests']} requests in {per_vm['wall_s']:.1f} s "
+                      f"({time.monotonic() - started:.0f} s so far)", file=sys.stderr)
+            finally:
+                fake.stop()
+            rows.append(dict(n=n, shape=counts, ours=ours, per_vm=per_vm))
+    return rows
+
+
+def report(rows: list[dict], page_size: int = 100) -> list[str]:
+    """The markdown section of bench/RESULTS.md."""
+    return ["## 1. Azure: requests and cost of one discovery cycle (bench/azure_discovery.py)", "",
+            *notes(rows, page_size), *table(rows), "", *breakdown(rows), ""]
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--sizes", default="1000,5000,10000,20000", help="estate sizes (instances in total)")
     parser.add_argument("--page-size", type=int, default=100, help="items a list page (default 100)")
-    parser.add_argument("--out", default=str(HERE / "azure-results.md"))
     parser.add_argument("--child", choices=CHILDREN, help=argparse.SUPPRESS)
     parser.add_argument("--write-estate", nargs=2, metavar=("N", "FILE"), help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -380,29 +378,8 @@ def main() -> None:
     if args.write_estate:   # in a subprocess of its own: the parent must stay smaller than any child
         print(json.dumps(write_estate(int(args.write_estate[0]), Path(args.write_estate[1]))))
         return
-
-    started = time.monotonic()
-    rows = []
-    with tempfile.TemporaryDirectory(prefix="bench-azure-") as tmp:
-        for n in (int(s) for s in args.sizes.split(",")):
-            estate_file = Path(tmp) / f"estate-{n}.json"
-            writer = [sys.executable, __file__, "--write-estate", str(n), str(estate_file)]
-            counts = json.loads(subprocess.run(writer, check=True, capture_output=True, text=True).stdout)
-            fake = Fake(estate_file, Path(tmp) / f"fake-{n}", args.page_size)
-            try:
-                ours = measure("ours", fake.env)
-                print(f"{n:>6}: ours {ours['requests']} requests in {ours['wall_s']:.1f} s", file=sys.stderr)
-                per_vm = measure("per-vm", fake.env)
-                print(f"{n:>6}: per-VM {per_vm['requests']} requests in {per_vm['wall_s']:.1f} s "
-                      f"({time.monotonic() - started:.0f} s so far)", file=sys.stderr)
-            finally:
-                fake.stop()
-            rows.append(dict(n=n, shape=counts, ours=ours, per_vm=per_vm))
-    sections = [header(args, rows, time.monotonic() - started), table(rows), [""], join_note(rows), [""],
-                breakdown(rows)]
-    report = "\n".join(line for section in sections for line in section) + "\n"
-    print(report)
-    Path(args.out).write_text(report)
+    rows = run([int(s) for s in args.sizes.split(",")], args.page_size)
+    print("\n".join(report(rows, args.page_size)))
 
 
 if __name__ == "__main__":
