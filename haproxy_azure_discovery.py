@@ -68,7 +68,7 @@ DEFAULT_CONFIG_PATHS = ("/etc/haproxy-azure-discovery/config.json",
                         "/etc/haproxy-azure-discovery/config.toml")
 SDK_PACKAGES = ("azure-identity", "azure-mgmt-compute", "azure-core")
 
-# A parked slot points here, in maintenance (SPEC §6; dataplaneapi's AWS discovery does the same).
+# A parked slot points here, in maintenance (as the Data Plane API's own AWS discovery does).
 PARK_ADDRESS, PARK_PORT = "127.0.0.1", 80
 SLOT_RE = re.compile(r"^srv([1-9][0-9]{0,5})$")
 # Names end up in haproxy.cfg: the Data Plane API's own backend-name pattern, and a length
@@ -824,7 +824,7 @@ def assign_slots(members: Sequence[Member], actual: Mapping[str, Mapping[str, An
 
 
 def server_body(slot: Slot, cfg: HAProxyConfig) -> dict[str, Any]:
-    """The Data Plane server object for a slot (SPEC §6: live and parked servers)."""
+    """The Data Plane server object for a slot, live or parked."""
     if slot.instance is None:
         body = {"name": slot.name, "address": PARK_ADDRESS, "port": PARK_PORT,
                 "maintenance": "enabled", "check": "disabled"}
@@ -1157,7 +1157,7 @@ def _resource_group(resource_id: str) -> str:
     return parts[parts.index("resourcegroups") + 1] if "resourcegroups" in parts else ""
 
 
-# The listings (SPEC §5): path under /subscriptions/{sub}[/resourceGroups/{rg}], provider API
+# The listings: path under /subscriptions/{sub}[/resourceGroups/{rg}], provider API
 # version, and extra query. The Microsoft.Compute endpoints for a scale set's NICs and public
 # IPs only exist in an old network API version.
 COMPUTE_API, NETWORK_API, VMSS_NETWORK_API = "2024-07-01", "2024-05-01", "2018-10-01"
@@ -1180,7 +1180,7 @@ LISTINGS = {
 
 class AzureSource:
     """Lists VMs, scale sets, NICs and public IPs through the Azure SDK: requests grow with
-    pages, never with instances (SPEC §5). Independent listings run concurrently.
+    pages, never with instances. Independent listings run concurrently.
 
     Pages go through the SDK client's pipeline (credential, retries honouring Retry-After,
     timeouts) with send_request and stay JSON: the SDK's model objects would cost 35 times

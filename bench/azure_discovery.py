@@ -1,5 +1,5 @@
 #!/usr/bin/env python3
-"""Azure half of the benchmark (SPEC §10): what one discovery cycle costs against Resource Manager.
+"""Azure half of the benchmark: what one discovery cycle costs against Resource Manager.
 
 Usage: python bench/azure_discovery.py [--sizes 1000,5000,10000,20000] [--page-size 100]
 (bench/bench.py runs it with the other parts and writes bench/RESULTS.md; alone it prints its section.)
@@ -32,7 +32,7 @@ if they differ. Both strategies must find the same (id, address, power state) fo
 table says whether they did.
 
 Throttling: Resource Manager reads are a token bucket per principal, subscription and region: 250 burst,
-refilled at 25/s (shared/NOTES-azure.md). A cycle of R requests in one subscription therefore needs at
+refilled at 25/s. A cycle of R requests in one subscription therefore needs at
 least max(0, (R - 250) / 25) seconds to run without a 429, starting from a full bucket. That is computed,
 not measured: the fake does not throttle.
 

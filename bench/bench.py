@@ -1,5 +1,5 @@
 #!/usr/bin/env python3
-"""The benchmark of SPEC §10 in one command: prints the tables and writes bench/RESULTS.md.
+"""The whole benchmark in one command: prints the tables and writes bench/RESULTS.md.
 
 Usage: python bench/bench.py [--sizes 1000,5000,10000,20000] [--quick] [--repeats N] [--out FILE]
 

@@ -1,5 +1,5 @@
 #!/usr/bin/env python3
-"""Data Plane half of the benchmark (SPEC §10): what keeping HAProxy in sync costs.
+"""Data Plane half of the benchmark: what keeping HAProxy in sync costs.
 
 Usage: python bench/dataplane.py [--sizes 1000,5000,10000,20000] [--repeats 3]
 (bench/bench.py runs it with the other parts and writes bench/RESULTS.md; alone it prints its sections.)
