@@ -355,6 +355,7 @@ class HAProxyConfig:
     verify_ssl: bool = True
     ca_file: str = ""
     apply_mode: str = "transaction"
+    hybrid_max_writes: int = 25
     backend: BackendConfig = BackendConfig()
     server: ServerConfig = ServerConfig()
     server_slots: SlotsConfig = SlotsConfig()
@@ -461,6 +462,7 @@ CHECKS: dict[str, Callable[[Any], str | None]] = {
     "haproxy.password": lambda v: None if v else "is required",
     "haproxy.timeout": _positive,
     "haproxy.apply_mode": _one_of("transaction", "hybrid"),
+    "haproxy.hybrid_max_writes": lambda v: None if v >= 1 else f"must be 1 or more, got {v}",
     "haproxy.backend.name_prefix": _matches(re.compile(r"^[A-Za-z0-9_.:-]{1,32}$"),
                                             "must be 1-32 of A-Z a-z 0-9 _ . : -"),
     "haproxy.backend.name_separator": _matches(re.compile(r"^[_.:-]{1,3}$"), "must be 1-3 of _ . : -"),
@@ -1565,7 +1567,11 @@ def _apply(plan: Plan, dp: DataPlane, version: int, stop: threading.Event, cfg: 
            report: CycleReport) -> int | None:
     if plan.empty:
         return version     # an empty transaction would still reload HAProxy: send none
-    if cfg.haproxy.apply_mode == "hybrid" and plan.runtime_only:
+    # Hybrid: runtime writes need no reload, but the Data Plane API checks the whole
+    # configuration with `haproxy -c` for each of them; past hybrid_max_writes one
+    # transaction (one check, one reload) is quicker.
+    writes = sum(len(b.changes) for b in plan.backends)
+    if cfg.haproxy.apply_mode == "hybrid" and plan.runtime_only and writes <= cfg.haproxy.hybrid_max_writes:
         return apply_runtime(plan, dp, version, stop)
     try:
         new_version = apply_transaction(plan, dp, version, stop)

@@ -1308,3 +1308,15 @@ class TestOnce:
         assert proc.wait(timeout=10) == 0, proc.stderr.read()
         dataplane.clear_faults()
         assert dataplane.open_transactions() == [] and dataplane.backends == {}
+
+
+class TestHybrid:
+    @pytest.mark.parametrize("limit, added, transactions", [(25, 3, 0), (2, 3, 1)])
+    def test_runtime_writes_up_to_the_limit(self, dataplane, limit, added, transactions):
+        h = Harness(dataplane, haproxy={"apply_mode": "hybrid", "hybrid_max_writes": limit})
+        h.cycle([make_instance(1)])
+        reloads = dataplane.reloads
+        report = h.cycle([make_instance(i) for i in range(1, 2 + added)])
+        assert report.transactions.get("committed", 0) == transactions
+        assert dataplane.reloads - reloads == transactions
+        assert sum(v != "parked" for v in h.servers(WEB).values()) == 1 + added
