@@ -908,6 +908,45 @@ class TestAzure:
             with pytest.raises(m.AzureError, match="listing .* failed"):
                 discovered(arm, timeout=2)
 
+    @pytest.mark.parametrize("cloud, resource", [("public", "https://management.azure.com"),
+                                                  ("china", "https://management.chinacloudapi.cn"),
+                                                  ("usgovernment", "https://management.usgovcloudapi.net")])
+    def test_token_scope_follows_the_cloud(self, arm, cloud, resource):
+        from fake_arm import make_estate
+        arm.estate = make_estate(vms=1)
+        _, found, _ = discovered(arm, cloud=cloud)
+        assert list(found) == ["vm-0000"]
+        tokens = [r for r in arm.requests if r.endpoint == "token"]
+        assert tokens and {str(t.query.get("resource")).rstrip("/") for t in tokens} == {resource}
+
+    @pytest.mark.parametrize("kind, env, expected", [
+        ("default", {}, "DefaultAzureCredential"),
+        ("managed_identity", {}, "ManagedIdentityCredential"),
+        ("azure_cli", {}, "AzureCliCredential"),
+        ("client_secret", {"AZURE_TENANT_ID": "tenant", "AZURE_CLIENT_ID": "client",
+                           "AZURE_CLIENT_SECRET": "s3cret-value"}, "ClientSecretCredential"),
+    ])
+    def test_credential_types(self, monkeypatch, kind, env, expected):
+        import azure.identity
+        for key in list(os.environ):
+            if key.startswith("AZURE_"):
+                monkeypatch.delenv(key)
+        cfg = make_config(azure={"credential_type": kind}).azure
+        assert type(m._credential(cfg, azure.identity, "login.microsoftonline.com", env)).__name__ == expected
+
+    @pytest.mark.parametrize("kind, problem", [
+        ("client_secret", "client_secret needs AZURE_TENANT_ID, AZURE_CLIENT_ID, AZURE_CLIENT_SECRET"),
+        ("workload_identity", "azure.credential_type: workload_identity:"),
+    ])
+    def test_credential_without_its_environment_is_a_config_error(self, monkeypatch, kind, problem):
+        import azure.identity
+        for key in list(os.environ):
+            if key.startswith("AZURE_"):
+                monkeypatch.delenv(key)
+        with pytest.raises(m.ConfigError, match=problem):
+            m._credential(make_config(azure={"credential_type": kind}).azure, azure.identity,
+                          "login.microsoftonline.com", {})
+
     def test_requests_grow_with_pages_not_instances(self, arm):
         """Subscription scope, private addresses: with P(n) = ceil(n / page) pages (at least 1),
         requests = 2 P(VMs incl. Flexible members) [full + status-only] + P(NICs) + P(scale sets)

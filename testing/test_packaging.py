@@ -235,6 +235,35 @@ def test_run(target, args, extra_env, code, must, must_not):
         assert not re.search(pattern, result.stderr), f"{pattern!r} in:\n{result.stderr[-3000:]}"
 
 
+@pytest.fixture
+def fakes():
+    """The fake Resource Manager (3 VMs) and the Data Plane emulator, for a real --once."""
+    from fake_arm import FakeArm, make_estate
+    from fake_dataplane import FakeDataPlane
+    with FakeArm(make_estate(vms=3)) as arm, FakeDataPlane(api="v3") as dp:
+        yield arm, dp
+        assert dp.violations == [] and dp.errors == []
+
+
+def test_once_against_the_fakes(target, fakes, tmp_path):
+    """The .pyz alone, in a clean environment, runs a whole cycle: the real SDK carried inside
+    gets its token from the fake's managed identity and lists the estate; the emulator ends
+    up holding it."""
+    arm, dp = fakes
+    config = tmp_path / "once.json"
+    config.write_text(json.dumps({
+        "azure": {"subscription_id": "00000000-0000-0000-0000-000000000001",
+                  "resource_manager_url": arm.url, "retries": 1},
+        "haproxy": {"base_url": dp.url, "password": "${DP_PASSWORD}"}}))
+    env = {k: v for k, v in arm.env().items() if k != "FAKE_ARM_URL"}
+    result = target.run(["--once", "-c", str(config)], DP_PASSWORD=dp.password, **env)
+    assert result.returncode == 0, result.stderr[-3000:]
+    servers = dp.backends["azure-web-8080-eastus"]["servers"]
+    assert sorted(s["address"] for s in servers.values() if s["maintenance"] == "disabled") == [
+        "10.0.0.4", "10.0.0.5", "10.0.0.6"]
+    assert dp.password not in result.stderr and arm.token not in result.stderr
+
+
 def test_sdk_imports_from_the_pex(target):
     result = target.run(["-c", IMPORT_CHECK], PEX_INTERPRETER="1")
     assert result.returncode == 0, result.stderr[-3000:]
