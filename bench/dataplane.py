@@ -345,13 +345,14 @@ def report(results: dict) -> list[str]:
         "Per size: backends and slots after the first sync; the client's peak RSS (VmHWM of the fresh process "
         "that ran the sequence; idle = after imports); `haproxy -c` of the configuration after the first sync "
         "(wall, best of 3, median over runs): dataplaneapi runs it on every commit and on every plain write, "
-        "each an implicit transaction (client-native `commitTransaction`), so hybrid mode's 10% churn, one plain "
-        "server PUT per change, costs dataplaneapi writes × that in checks where transaction mode pays one check "
-        "and one reload; and the v2 API in transaction mode (one run): no full-section reads or writes, so a first "
+        "each an implicit transaction (client-native `commitTransaction`), so a 10% churn sent as one plain "
+        "server PUT per change would cost dataplaneapi writes × that in checks where one transaction pays one "
+        "check and one reload (hence haproxy.hybrid_max_writes, past which hybrid mode uses a transaction); "
+        "and the v2 API in transaction mode (one run): no full-section reads or writes, so a first "
         "sync writes every server and every cycle that reads reads each backend's servers.",
         "",
         "| instances | backends | slots | peak RSS MB transaction / hybrid (idle) | haproxy -c ms transaction / "
-        "hybrid | hybrid 10% churn: writes × haproxy -c, s | v2 first sync requests | v2 first sync cycle CPU ms "
+        "hybrid | 10% churn as plain PUTs: writes × haproxy -c, s | v2 first sync requests | v2 first sync cycle CPU ms "
         "| v2 one instance added requests | v2 10% churn requests |",
         "|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
