@@ -62,7 +62,6 @@ MATRIX = [
     ("dataplane connection refused", refused, "FFF"),
     ("dataplane hang past the timeout", dataplane("GET", ".", delay=2.5, times=None), "FFF"),
 ]
-OUTCOMES: dict[str, str] = {}
 
 
 class Signals(m.Signals):
@@ -157,14 +156,7 @@ def test_fault_matrix(bed, name, fault, outcome):
             assert seen[k - 1][0] == after, f"cycle {k} did not converge"
     assert signals.sleeps == [INTERVAL, *expected_sleeps]   # growth 1, 2, 4 s; reset after success
     assert live(dp) == after and dp.open_transactions() == []
-    OUTCOMES[name] = outcome
-
-
-def test_fault_matrix_summary():
-    """Counts for the record (run after the matrix; prints with -s)."""
-    failed = sum(o.count("F") for o in OUTCOMES.values())
-    print(f"\nfault matrix: {len(OUTCOMES)} faults, {failed} failed cycles, "
-          f"{sum(o.count('O') for o in OUTCOMES.values())} ok cycles, all converged")
+    print(f"\n{name}: cycles 2-4 {outcome}, sleeps {signals.sleeps}")
 
 
 def rss_kb() -> int:
