@@ -159,6 +159,11 @@ class TransactionConflict(DataPlaneError):
     """The configuration version moved (409) or the transaction is outdated (406): re-plan."""
 
 
+# The Data Plane API's answers to a write it refuses: a body its model rejects (422) or a
+# change client-native cannot make (400). They concern that one backend's writes only.
+REFUSED_STATUSES = (400, 422)
+
+
 class Aborted(DiscoveryError):
     """Shutdown was requested in the middle of a cycle."""
 
@@ -1443,6 +1448,16 @@ class DataPlane:
         value = headers.get("Configuration-Version")
         return int(value) if value and value.isdigit() else None
 
+    def transaction_open(self, txn: str) -> bool:
+        """Whether transaction `txn` is still in progress (a peer's commit ends it)."""
+        try:
+            _, payload, _ = self.request("GET", f"/services/haproxy/transactions/{txn}")
+        except DataPlaneError as exc:
+            if exc.status == 404:
+                return False
+            raise
+        return isinstance(payload, dict) and payload.get("status") == "in_progress"
+
     def delete_transaction(self, txn: str) -> None:
         """Delete a transaction; one that is already gone is fine."""
         try:
@@ -1466,38 +1481,79 @@ def _q(name: str) -> str:
 MAX_ATTEMPTS = 3
 
 
-def apply_transaction(plan: Plan, dp: DataPlane, version: int, stop: threading.Event) -> int | None:
+def apply_transaction(plan: Plan, dp: DataPlane, version: int, stop: threading.Event,
+                      refused: dict[str, str] | None = None) -> int | None:
     """Every write of the plan in one transaction started at `version`, then commit.
-    Whatever happens before the commit, the transaction is deleted."""
-    txn = dp.start_transaction(version)
-    committed = False
-    try:
-        for b in plan.backends:
+
+    A backend whose write the API refuses (400/422) is left out and named in `refused`;
+    the others then go in a fresh transaction. The refused transaction cannot be
+    committed as it is: client-native keeps an explicit transaction open after a failed
+    write, holding whatever that write changed before it failed (configuration/
+    transaction.go HandleError; structured_backends.go EditStructuredBackend deletes the
+    section before rebuilding it). Whatever happens before a commit, the transaction is
+    deleted. Returns the new version, or `version` when every backend was refused.
+    """
+    refused = {} if refused is None else refused
+    for _ in range(len(plan.backends) + 1):     # each pass refuses one more backend, or commits
+        backends = [b for b in plan.backends if b.name not in refused]
+        if not backends:
+            return version
+        txn = dp.start_transaction(version)
+        committed = False
+        try:
+            if _write_backends(backends, dp, txn, stop, refused):
+                new_version = dp.commit(txn)
+                committed = True
+                return new_version
+        finally:
+            if not committed:
+                try:
+                    dp.delete_transaction(txn)
+                except DataPlaneError as exc:
+                    log.error("could not delete transaction %s: %s", txn, exc,
+                              extra={"event": "transaction_leak", "transaction": txn})
+    raise DataPlaneError("the Data Plane API kept refusing backends")  # pragma: no cover
+
+
+def _write_backends(backends: Sequence[BackendPlan], dp: DataPlane, txn: str, stop: threading.Event,
+                    refused: dict[str, str]) -> bool:
+    """Send each backend's writes in transaction `txn`; False when one was refused."""
+    clean = True
+    for b in backends:
+        try:
             for method, path, query, body in dp.writes(b):
                 if stop.is_set():
                     raise Aborted("shutdown requested: transaction abandoned")
                 dp.request(method, path, {**query, "transaction_id": txn}, body)
-        new_version = dp.commit(txn)
-        committed = True
-        return new_version
-    finally:
-        if not committed:
-            try:
-                dp.delete_transaction(txn)
-            except DataPlaneError as exc:
-                log.error("could not delete transaction %s: %s", txn, exc,
-                          extra={"event": "transaction_leak", "transaction": txn})
+        except DataPlaneError as exc:
+            if exc.status not in REFUSED_STATUSES or isinstance(exc, TransactionConflict):
+                raise
+            # A peer's commit drops our transaction, and the next write gets 400 "transaction
+            # does not exist" (dataplaneapi handlers/transaction.go): that is a conflict.
+            if not dp.transaction_open(txn):
+                raise TransactionConflict(f"transaction {txn} ended under us: {exc}", 409) from None
+            refused[b.name], clean = str(exc), False
+    return clean
 
 
-def apply_runtime(plan: Plan, dp: DataPlane, version: int, stop: threading.Event) -> int | None:
+def apply_runtime(plan: Plan, dp: DataPlane, version: int, stop: threading.Event,
+                  refused: dict[str, str] | None = None) -> int | None:
     """Hybrid mode: each change a plain versioned server PUT that dataplaneapi applies
-    through HAProxy's runtime API, without a reload."""
+    through HAProxy's runtime API, without a reload. A backend with a refused PUT
+    (400/422: nothing written) is named in `refused` and its other changes wait."""
+    refused = {} if refused is None else refused
     for b in plan.backends:
         for c in b.changes:
             if stop.is_set():
                 raise Aborted("shutdown requested")
             path, query = dp.server_path(b.name, c.name)
-            _, _, headers = dp.request("PUT", path, {**query, "version": version}, c.body)
+            try:
+                _, _, headers = dp.request("PUT", path, {**query, "version": version}, c.body)
+            except DataPlaneError as exc:
+                if exc.status not in REFUSED_STATUSES:
+                    raise
+                refused[b.name] = str(exc)
+                break
             value = headers.get("Configuration-Version")
             version = int(value) if value and value.isdigit() else version + 1
     return version
@@ -1506,7 +1562,7 @@ def apply_runtime(plan: Plan, dp: DataPlane, version: int, stop: threading.Event
 @dataclass
 class CycleReport:
     """What a cycle did, for logs, metrics and the exit code."""
-    result: str = "failed"        # "steady", "unchanged", "applied", "held" or "failed"
+    result: str = "failed"        # "steady", "unchanged", "applied", "held", "partial" or "failed"
     plan: Plan | None = None
     instances: int = 0
     skipped: int = 0
@@ -1516,6 +1572,7 @@ class CycleReport:
     reload_commits: int = 0
     duration: float = 0.0
     error: str = ""
+    refused: dict[str, str] = field(default_factory=dict)        # backend -> the API's refusal
 
 
 def run_cycle(cfg: Config, source: Any, dp: DataPlane, state: State, stop: threading.Event,
@@ -1543,6 +1600,7 @@ def run_cycle(cfg: Config, source: Any, dp: DataPlane, state: State, stop: threa
         plan = decision.plan
         if dry_run:
             return plan
+        report.refused = {}
         try:
             new_version = _apply(plan, dp, version, stop, cfg, report)
         except TransactionConflict as exc:
@@ -1550,15 +1608,20 @@ def run_cycle(cfg: Config, source: Any, dp: DataPlane, state: State, stop: threa
             log.warning("configuration changed under us (attempt %d of %d): %s", attempt, MAX_ATTEMPTS,
                         exc, extra={"event": "conflict", "attempt": attempt})
             continue
-        state.version, state.assignments = new_version, decision.assignments
+        # A refused backend keeps the slots HAProxy holds: the next cycle plans it afresh.
+        assignments = {**decision.assignments,
+                       **{n: state.assignments.get(n, {}) for n in report.refused}}
+        state.version, state.assignments = new_version, assignments
         state.drain_fingerprint, state.drain_streak = decision.drain_fingerprint, decision.drain_streak
-        # The shortcut is only taken from a fixpoint: a held drain, or slots parked now that
-        # a later shrink may remove, need the next cycle to plan again.
-        settled = not plan.held and (plan.empty or plan_cycle(
+        # The shortcut is only taken from a fixpoint: a held drain, a refused backend, or
+        # slots parked now that a later shrink may remove, need the next cycle to plan again.
+        settled = not plan.held and not report.refused and (plan.empty or plan_cycle(
             groups, skipped, applied(actual, plan), state, cfg).plan.empty)
         state.fingerprint = fp if settled else None
         report.plan = plan
-        report.result = "held" if plan.held else ("applied" if not plan.empty else "unchanged")
+        report.result = ("partial" if report.refused else "held" if plan.held
+                         else "applied" if not plan.empty else "unchanged")
+        _log_refused(report.refused, groups, cfg)
         return plan
     raise DataPlaneError(f"gave up after {MAX_ATTEMPTS} attempts: the configuration kept changing")
 
@@ -1572,17 +1635,28 @@ def _apply(plan: Plan, dp: DataPlane, version: int, stop: threading.Event, cfg: 
     # transaction (one check, one reload) is quicker.
     writes = sum(len(b.changes) for b in plan.backends)
     if cfg.haproxy.apply_mode == "hybrid" and plan.runtime_only and writes <= cfg.haproxy.hybrid_max_writes:
-        return apply_runtime(plan, dp, version, stop)
+        return apply_runtime(plan, dp, version, stop, report.refused)
     try:
-        new_version = apply_transaction(plan, dp, version, stop)
+        new_version = apply_transaction(plan, dp, version, stop, report.refused)
     except TransactionConflict:
         raise
     except DiscoveryError:
         report.transactions["failed"] = report.transactions.get("failed", 0) + 1
         raise
-    report.transactions["committed"] = report.transactions.get("committed", 0) + 1
-    report.reload_commits += 1
+    if len(report.refused) < len(plan.backends):
+        report.transactions["committed"] = report.transactions.get("committed", 0) + 1
+        report.reload_commits += 1
     return new_version
+
+
+def _log_refused(refused: Mapping[str, str], groups: Mapping[ServiceKey, list[Member]], cfg: Config) -> None:
+    """One error line per refused backend, naming the instances that wait for it."""
+    members = {backend_name(k, cfg.haproxy.backend): ms for k, ms in groups.items()}
+    for name, error in sorted(refused.items()):
+        served = ", ".join(f"{m.label} ({m.address}:{m.port})" for m in members.get(name, [])) or "none"
+        log.error("backend %s refused by the Data Plane API, its writes are left out of this cycle "
+                  "(retried next cycle): %s; instances: %s", name, error, served,
+                  extra={"event": "backend_refused", "backend": name, "count": len(members.get(name, []))})
 
 
 # === Logging ===
@@ -1696,6 +1770,7 @@ class Metrics:
             inc("azure_requests_total", by=report.azure_requests)
             inc("dataplane_requests_total", by=report.dataplane_requests)
             inc("reload_commits_total", by=report.reload_commits)
+            inc("backends_refused_total", by=len(report.refused))
             for result, n in report.transactions.items():
                 inc("transactions_total", f'result="{result}"', n)
             if report.plan is not None:
@@ -1972,7 +2047,11 @@ def _run_one(cfg: Config, env: Mapping[str, str], dry_run: bool, stop: threading
         plan = run_cycle(cfg, source, dp, state, stop, CycleReport(), dry_run=True)
         sys.stdout.write(format_plan(plan))
     else:
-        one_cycle(cfg, source, dp, state, stop)
+        report = one_cycle(cfg, source, dp, state, stop)
+        if report.refused:      # the rest applied; the refused backends are in the log
+            print(f"error: the Data Plane API refused backend(s) {', '.join(sorted(report.refused))}; "
+                  "the rest of the cycle applied", file=sys.stderr)
+            return EX_FAIL
     return EX_OK
 
 

@@ -1271,6 +1271,60 @@ class TestDataPlane:
         with pytest.raises(m.DataPlaneError, match="Connection refused"):
             m.DataPlane(cfg.haproxy).version()
 
+    @pytest.mark.parametrize("after", [False, True], ids=["refused", "refused-after-writing"])
+    def test_a_refused_backend_is_left_out_and_the_rest_commits(self, dataplane, caplog, after):
+        # The first backend written (azure-api-…, sorted first) is refused with 422; with
+        # `after` the emulator has already written it into the transaction, as client-native
+        # may have before it failed: committing that transaction would create it anyway.
+        h = Harness(dataplane)
+        estate = [make_instance(1), make_instance(2, service="db"), make_instance(3, service="api")]
+        dataplane.add_fault("POST", r"/backends$", status=422, message="invalid backend", after=after)
+        with caplog.at_level("ERROR", logger="haproxy_azure_discovery"):
+            report = h.cycle(estate)
+        api = "azure-api-8080-eastus"
+        assert report.result == "partial" and list(report.refused) == [api]
+        assert sorted(dataplane.backends) == ["azure-db-8080-eastus", WEB]
+        assert dataplane.open_transactions() == [] and report.transactions == {"committed": 1}
+        errors = [r.getMessage() for r in caplog.records if r.levelname == "ERROR"]
+        assert len(errors) == 1 and api in errors[0] and "vm3 (10.0.0.7:8080)" in errors[0], errors
+        assert "HTTP 422 invalid backend" in errors[0]
+        metrics = m.Metrics(30)
+        metrics.record(report, 0)
+        assert 'cycles_total{result="partial"} 1' in metrics.render()
+        assert "backends_refused_total 1" in metrics.render()
+        # The next cycle tries it again (no steady-state shortcut) and the rest stays as it is.
+        report = h.cycle(estate)
+        assert report.result == "applied" and [b.name for b in report.plan.backends] == [api]
+        assert sorted(dataplane.backends) == [api, "azure-db-8080-eastus", WEB]
+        assert h.cycle(estate).result == "steady"
+
+    def test_every_backend_refused_sends_no_commit(self, dataplane):
+        h = Harness(dataplane)
+        version = dataplane.version
+        dataplane.add_fault("POST", r"/backends$", status=400, message="refused", times=None)
+        report = h.cycle([make_instance(1), make_instance(2, service="api")])
+        assert report.result == "partial" and len(report.refused) == 2 and report.transactions == {}
+        assert dataplane.count_requests("PUT", r"/transactions/") == 0
+        assert dataplane.open_transactions() == [] and dataplane.version == version
+
+    def test_a_transaction_dropped_by_a_peer_commit_is_a_conflict_not_a_refusal(self, dataplane):
+        h = Harness(dataplane)
+        peer = m.DataPlane(h.cfg.haproxy)
+        original, done = h.dp.request, []
+
+        def request(method, path, query=None, body=None, api=None):
+            result = original(method, path, query, body, api)
+            if query and "transaction_id" in query and not done:
+                done.append(1)      # another client commits: ours is outdated and dropped
+                peer.commit(peer.start_transaction(peer.version()))
+            return result
+        h.dp.request = request
+        report = h.cycle([make_instance(1), make_instance(2, service="api")])
+        assert report.result == "applied" and report.refused == {}
+        assert report.transactions == {"conflict": 1, "committed": 1}
+        assert sorted(dataplane.backends) == ["azure-api-8080-eastus", WEB]
+        assert dataplane.open_transactions() == []
+
 
 class TestOnce:
     """The CLI's --once and --dry-run against the fake Resource Manager and the emulator."""
@@ -1359,3 +1413,16 @@ class TestHybrid:
         assert report.transactions.get("committed", 0) == transactions
         assert dataplane.reloads - reloads == transactions
         assert sum(v != "parked" for v in h.servers(WEB).values()) == 1 + added
+
+    def test_a_refused_runtime_write_leaves_only_its_backend_out(self, dataplane):
+        h = Harness(dataplane, haproxy={"apply_mode": "hybrid"})
+        h.cycle([make_instance(1), make_instance(2, service="api")])
+        # The first runtime PUT is azure-api-…'s (backends go in name order).
+        dataplane.add_fault("PUT", r"/servers/srv1$", status=422, message="refused")
+        moved = [make_instance(1, address="10.9.0.1"), make_instance(2, service="api", address="10.9.0.2")]
+        report = h.cycle(moved)
+        assert report.result == "partial" and list(report.refused) == ["azure-api-8080-eastus"]
+        assert h.servers(WEB)["srv1"] == "10.9.0.1:8080"
+        assert h.servers("azure-api-8080-eastus")["srv1"] == "10.0.0.6:8080"
+        assert h.cycle(moved).result == "applied"
+        assert h.servers("azure-api-8080-eastus")["srv1"] == "10.9.0.2:8080"
