@@ -70,13 +70,15 @@ SDK_PACKAGES = ("azure-identity", "azure-mgmt-compute", "azure-core")
 
 # A parked slot points here, in maintenance (as the Data Plane API's own AWS discovery does).
 PARK_ADDRESS, PARK_PORT = "127.0.0.1", 80
-SLOT_RE = re.compile(r"^srv([1-9][0-9]{0,5})$")
+# Every pattern is used with fullmatch: a `$` anchor lets a trailing newline through
+# ("web\n"), and a newline in a name would end a line of haproxy.cfg.
+SLOT_RE = re.compile(r"srv([1-9][0-9]{0,5})")
 # Names end up in haproxy.cfg: the Data Plane API's own backend-name pattern, and a length
 # bound so that a 10 kB tag value cannot become a 10 kB backend name.
-NAME_RE = re.compile(r"^[A-Za-z0-9_.:-]{1,64}$")
-REGION_RE = re.compile(r"^[a-z0-9]{1,40}$")
-GUID_RE = re.compile(r"^[0-9a-fA-F]{8}-([0-9a-fA-F]{4}-){3}[0-9a-fA-F]{12}$")
-RESOURCE_GROUP_RE = re.compile(r"^[-\w.()]{1,90}$")
+NAME_RE = re.compile(r"[A-Za-z0-9_.:-]{1,64}")
+REGION_RE = re.compile(r"[a-z0-9]{1,40}")
+GUID_RE = re.compile(r"[0-9a-fA-F]{8}-([0-9a-fA-F]{4}-){3}[0-9a-fA-F]{12}")
+RESOURCE_GROUP_RE = re.compile(r"[-\w.()]{0,89}[-\w()]")     # Azure: no trailing period
 
 BALANCE_ALGORITHMS = ("roundrobin", "static-rr", "leastconn", "first", "source", "uri",
                       "url_param", "hdr", "random", "rdp-cookie", "hash")
@@ -186,6 +188,7 @@ class Skip:
     """Why an instance is not served: reported as data, logged by the loop."""
     instance: str
     reason: str
+    id: str = ""                 # the resource id, for the operator who must find it
 
 
 @dataclass(frozen=True)
@@ -416,7 +419,7 @@ def _not_negative(v: float) -> str | None:
 
 
 def _matches(regex: re.Pattern, what: str) -> Callable[[str], str | None]:
-    return lambda v: None if regex.match(v) else f"{what}, got {json.dumps(v)}"
+    return lambda v: None if regex.fullmatch(v) else f"{what}, got {json.dumps(v)}"
 
 
 def _http_url(v: str) -> str | None:
@@ -451,7 +454,7 @@ def _params(allowed: frozenset[str], owned: str) -> Callable[[Mapping], str | No
 
 # Per-key checks beyond the type; the type comes from the dataclass annotation.
 CHECKS: dict[str, Callable[[Any], str | None]] = {
-    "azure.subscription_id": lambda v: None if not v or GUID_RE.match(v) else (
+    "azure.subscription_id": lambda v: None if not v or GUID_RE.fullmatch(v) else (
         f"must be a subscription GUID, got {json.dumps(v)}"),
     "azure.credential_type": _one_of("default", "managed_identity", "workload_identity", "client_secret", "azure_cli"),
     "azure.cloud": _one_of(*CLOUDS),
@@ -468,9 +471,9 @@ CHECKS: dict[str, Callable[[Any], str | None]] = {
     "haproxy.timeout": _positive,
     "haproxy.apply_mode": _one_of("transaction", "hybrid"),
     "haproxy.hybrid_max_writes": lambda v: None if v >= 1 else f"must be 1 or more, got {v}",
-    "haproxy.backend.name_prefix": _matches(re.compile(r"^[A-Za-z0-9_.:-]{1,32}$"),
+    "haproxy.backend.name_prefix": _matches(re.compile(r"[A-Za-z0-9_.:-]{1,32}"),
                                             "must be 1-32 of A-Z a-z 0-9 _ . : -"),
-    "haproxy.backend.name_separator": _matches(re.compile(r"^[_.:-]{1,3}$"), "must be 1-3 of _ . : -"),
+    "haproxy.backend.name_separator": _matches(re.compile(r"[_.:-]{1,3}"), "must be 1-3 of _ . : -"),
     "haproxy.backend.balance": _one_of(*BALANCE_ALGORITHMS),
     "haproxy.backend.mode": _one_of("http", "tcp"),
     "haproxy.backend.params": _params(BACKEND_PARAMS, "name mode balance servers"),
@@ -596,11 +599,11 @@ def _cross_checks(cfg: Config) -> list[str]:
     if not cfg.azure.subscriptions:
         problems.append("azure.subscription_id: required (or azure.subscription_ids)")
     for i, sub in enumerate(cfg.azure.subscription_ids):
-        if not GUID_RE.match(sub):
+        if not GUID_RE.fullmatch(sub):
             problems.append(f"azure.subscription_ids[{i}]: must be a subscription GUID, "
                             f"got {json.dumps(sub)}")
     for i, rg in enumerate(cfg.azure.resource_groups):
-        if not RESOURCE_GROUP_RE.match(rg):
+        if not RESOURCE_GROUP_RE.fullmatch(rg):
             problems.append(f"azure.resource_groups[{i}]: not a resource group name: {json.dumps(rg)}")
     slots = cfg.haproxy.server_slots
     if slots.growth_type == "linear" and slots.growth_factor < 1:
@@ -672,25 +675,48 @@ def _port(value: str | None) -> int | None:
     return port if 1 <= port <= 65535 else None
 
 
-def service_of(inst: Instance, cfg: Config) -> tuple[ServiceKey, int] | Skip:
-    """The service an instance belongs to and the port it serves on, or why it cannot."""
-    t = cfg.tags
-    name, port_tag = inst.tags.get(t.service_name_tag), inst.tags.get(t.service_port_tag)
-    if name is None or not NAME_RE.match(name):
-        return Skip(inst.name, f"tag {t.service_name_tag} {_shown(name)} is not a service name "
-                               "(1-64 of A-Z a-z 0-9 _ . : -)")
+def service_of(inst: Instance, cfg: Config) -> tuple[ServiceKey, int] | Skip | None:
+    """The service an instance belongs to and the port it serves on, why it cannot
+    serve, or None when it carries no service-name tag (it is not ours)."""
+    t, tags = cfg.tags, folded(inst.tags)
+    name = tags.get(t.service_name_tag.lower())
+    if name is None:
+        return None
+    port_tag = tags.get(t.service_port_tag.lower())
+    if not NAME_RE.fullmatch(name):
+        return _skip(inst, f"tag {t.service_name_tag} {_shown(name)} is not a service name "
+                           "(1-64 of A-Z a-z 0-9 _ . : -)")
     port = _port(port_tag)
     if port is None:
-        return Skip(inst.name, f"tag {t.service_port_tag} {_shown(port_tag)} is not a port (1-65535)")
+        return _skip(inst, f"tag {t.service_port_tag} {_shown(port_tag)} is not a port (1-65535)")
     serve_port = port
-    if t.instance_port_tag in inst.tags:
-        serve_port = _port(inst.tags[t.instance_port_tag])
+    if (own := tags.get(t.instance_port_tag.lower())) is not None:
+        serve_port = _port(own)
         if serve_port is None:
-            return Skip(inst.name, f"tag {t.instance_port_tag} {_shown(inst.tags[t.instance_port_tag])} "
-                                   "is not a port (1-65535)")
-    if not REGION_RE.match(inst.region):
-        return Skip(inst.name, f"location {_shown(inst.region)} is not a region name")
+            return _skip(inst, f"tag {t.instance_port_tag} {_shown(own)} is not a port (1-65535)")
+    if not REGION_RE.fullmatch(inst.region):
+        return _skip(inst, f"location {_shown(inst.region)} is not a region name")
     return ServiceKey(name, port, inst.region), serve_port
+
+
+def folded(tags: Mapping[str, str]) -> dict[str, str]:
+    """Tags keyed by lower-cased name: Azure treats tag names case-insensitively (values
+    are exact). Of two names that differ only in case, the first in sorted order wins."""
+    out: dict[str, str] = {}
+    for key in sorted(tags):
+        out.setdefault(key.lower(), tags[key])
+    return out
+
+
+def _skip(inst: Instance, reason: str) -> Skip:
+    return Skip(_printable(inst.name), reason, _printable(inst.id))
+
+
+def _printable(text: str) -> str:
+    """A name from outside, safe for one log line: control characters escaped, bounded."""
+    if text.isprintable() and len(text) <= 200:
+        return text
+    return json.dumps(text[:200], ensure_ascii=False)[1:-1]
 
 
 def _shown(value: str | None) -> str:
@@ -701,17 +727,19 @@ def _shown(value: str | None) -> str:
 
 
 def tags_match(tags: Mapping[str, str], cfg: TagsConfig) -> bool:
-    """Allowlist: every pair must be present; denylist: any present pair excludes."""
-    return (all(tags.get(k) == v for k, v in cfg.allowlist.items())
-            and not any(tags.get(k) == v for k, v in cfg.denylist.items()))
+    """Allowlist: every pair must be present; denylist: any present pair excludes.
+    Tag names compare case-insensitively, values exactly."""
+    tags = folded(tags)
+    return (all(tags.get(k.lower()) == v for k, v in cfg.allowlist.items())
+            and not any(tags.get(k.lower()) == v for k, v in cfg.denylist.items()))
 
 
 def select_instances(instances: Iterable[Instance], cfg: Config
                      ) -> tuple[dict[ServiceKey, list[Member]], list[Skip]]:
     """Group the instances that may serve into services; the rest become Skips.
 
-    Instances filtered out on purpose (denylist, not running) are not Skips: only
-    instances that carry the service tags but cannot be served are reported.
+    Instances filtered out on purpose (no service-name tag, denylist, not running) are
+    not Skips: only instances that carry the service tags but cannot be served are.
     """
     groups: dict[ServiceKey, list[Member]] = {}
     skipped: list[Skip] = []
@@ -723,14 +751,16 @@ def select_instances(instances: Iterable[Instance], cfg: Config
         if cfg.azure.running_only and inst.power_state != "running":
             continue
         found = service_of(inst, cfg)
+        if found is None:
+            continue
         if isinstance(found, Skip):
             skipped.append(found)
         elif inst.address is None:
-            skipped.append(Skip(inst.name, f"no {cfg.azure.address} {cfg.azure.ip_version} address: "
-                                           "primary network interface or IP configuration missing"))
+            skipped.append(_skip(inst, f"no {cfg.azure.address} {cfg.azure.ip_version} address: "
+                                       "primary network interface or IP configuration missing"))
         else:
             key, port = found
-            groups.setdefault(key, []).append(Member(inst.id, inst.name, inst.address, port))
+            groups.setdefault(key, []).append(Member(inst.id, _printable(inst.name), inst.address, port))
     return groups, skipped
 
 
@@ -1156,7 +1186,7 @@ def scale_sets_to_list(scale_sets: Iterable[Mapping], cfg: Config) -> list[Mappi
     service-name tag. (Flexible members are ordinary VMs in the VM listing.)"""
     return [s for s in scale_sets
             if (_props(s).get("orchestrationMode") or "Uniform").lower() == "uniform"
-            and cfg.tags.service_name_tag in (s.get("tags") or {})]
+            and cfg.tags.service_name_tag.lower() in folded(_tags(s))]
 
 
 def _resource_group(resource_id: str) -> str:
@@ -1873,7 +1903,7 @@ def one_cycle(cfg: Config, source: Any, dp: DataPlane, state: State, stop: threa
 def _log_report(report: CycleReport, state: State) -> None:
     plan = report.plan
     if plan is not None:
-        reasons = {f"{s.instance}: {s.reason}" for s in plan.skipped}
+        reasons = {f"{s.instance}" + (f" ({s.id})" if s.id else "") + f": {s.reason}" for s in plan.skipped}
         for reason in sorted(reasons - state.skipped):    # each skip is warned about once
             log.warning("instance skipped: %s", reason, extra={"event": "skip"})
         state.skipped = frozenset(reasons)

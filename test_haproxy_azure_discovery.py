@@ -5,10 +5,12 @@ testing/ (a local HTTPS fake of Azure Resource Manager, a Data Plane API emulato
 """
 from __future__ import annotations
 
+import functools
 import io
 import json
 import os
 import random
+import re
 import signal
 import subprocess
 import sys
@@ -278,7 +280,7 @@ class TestSelect:
         assert tag in decision.plan.skipped[0].reason
         assert len(decision.plan.skipped[0].reason) < 200 and "\n" not in decision.plan.skipped[0].reason
         for b in decision.plan.backends:
-            assert m.NAME_RE.match(b.name) and all(m.SLOT_RE.match(n) for n in b.servers)
+            assert m.NAME_RE.fullmatch(b.name) and all(m.SLOT_RE.fullmatch(n) for n in b.servers)
             assert value not in b.name or value in ("", "a")
 
     def test_hostile_region_is_skipped(self):
@@ -287,11 +289,110 @@ class TestSelect:
 
     def test_missing_address_is_a_skip(self):
         decision = run_plan([make_instance(1, address=None)])
-        assert decision.plan.skipped == (m.Skip("vm1", "no private ipv4 address: primary network interface or IP configuration missing"),)
+        assert decision.plan.skipped == (m.Skip("vm1", "no private ipv4 address: primary network interface or "
+                                                "IP configuration missing", make_instance(1).id),)
 
     def test_duplicates_count_once(self):
         groups, _ = m.select_instances([make_instance(1), make_instance(1)], make_config())
         assert len(groups[m.ServiceKey("web", 8080, "eastus")]) == 1
+
+    @pytest.mark.parametrize("regex, text", [
+        (m.NAME_RE, "web\n"), (m.REGION_RE, "eastus\n"), (m.GUID_RE, SUB + "\n"),
+        (m.RESOURCE_GROUP_RE, "rg\n"), (m.SLOT_RE, "srv1\n"), (m.RESOURCE_GROUP_RE, "rg.")])
+    def test_patterns_hold_at_both_ends(self, regex, text):
+        assert regex.fullmatch(text.rstrip("\n.")) and not regex.fullmatch(text)
+
+    @pytest.mark.parametrize("section, value, key", [
+        ("azure", {"subscription_id": SUB + "\n"}, "azure.subscription_id"),
+        ("azure", {"subscription_ids": [SUB + "\n"]}, "azure.subscription_ids[0]"),
+        ("azure", {"resource_groups": ["rg\n"]}, "azure.resource_groups[0]"),
+        ("haproxy", {"password": "p", "backend": {"name_prefix": "azure\n"}}, "haproxy.backend.name_prefix"),
+        ("haproxy", {"password": "p", "backend": {"name_separator": "-\n"}}, "haproxy.backend.name_separator"),
+    ])
+    def test_configured_names_with_a_trailing_newline_are_refused(self, section, value, key):
+        with pytest.raises(m.ConfigError) as err:
+            make_config(**{section: value})
+        assert [p for p in err.value.problems if p.startswith(key + ":")], err.value.problems
+
+    def test_web_newline_is_one_skip_and_the_other_services_are_served(self):
+        bad = make_instance(1, tags={"HAProxy:Service:Name": "web\n"})
+        decision = run_plan([bad, make_instance(2), make_instance(3, service="api")])
+        assert decision.plan.skipped == (m.Skip("vm1", 'tag HAProxy:Service:Name "web\\n" is not a service name '
+                                                "(1-64 of A-Z a-z 0-9 _ . : -)", bad.id),)
+        assert sorted(b.name for b in decision.plan.backends) == ["azure-api-8080-eastus", "azure-web-8080-eastus"]
+
+    def test_untagged_instances_are_not_ours_and_not_skips(self):
+        untagged = [m.Instance(f"/subscriptions/{SUB}/x/vm{n}", f"vm{n}", "eastus", {"env": "prod"}, None)
+                    for n in range(10)]
+        port_only = m.Instance(f"/subscriptions/{SUB}/x/p", "p", "eastus", {"HAProxy:Service:Port": "x"}, None)
+        groups, skipped = m.select_instances([*untagged, port_only, make_instance(1)], make_config())
+        assert skipped == [] and sum(map(len, groups.values())) == 1
+
+    def test_tag_names_compare_case_insensitively_and_values_exactly(self):
+        cfg = make_config(tags={"allowlist": {"Env": "prod"}, "denylist": {"TIER": "old"}})
+        lower = make_instance(1, tags={"env": "prod"})
+        lower = m.dataclasses.replace(lower, tags={k.lower(): v for k, v in lower.tags.items()})
+        upper = make_instance(2, tags={"ENV": "prod"})
+        wrong_case_value = make_instance(3, tags={"env": "Prod"})
+        denied = make_instance(4, tags={"env": "prod", "tier": "old"})
+        groups, skipped = m.select_instances([lower, upper, wrong_case_value, denied], cfg)
+        assert sorted(mb.label for ms in groups.values() for mb in ms) == ["vm1", "vm2"] and skipped == []
+        assert m.scale_sets_to_list([{"tags": {"haproxy:service:name": "web"}}], cfg) != []
+
+    def test_skip_names_the_instance_and_its_id_escaped(self):
+        inst = make_instance(1, name="vm\x1b[31m\nfake", address=None)
+        (skip,) = run_plan([inst]).plan.skipped
+        assert skip.instance == "vm\\u001b[31m\\nfake" and skip.id == inst.id
+
+
+# Names as the Data Plane API's own specification allows them (Go's `$` ends the text).
+@functools.lru_cache(maxsize=None)
+def spec_pattern(model: str, field: str) -> re.Pattern:
+    import yaml
+    with open(os.path.join(HERE, "testing", "spec", "dataplaneapi-v2.yaml")) as f:
+        node = yaml.safe_load(f)["definitions"][model]
+    props = node.get("properties") or next(p["properties"] for p in node["allOf"] if "properties" in p)
+    return re.compile(props[field]["pattern"].removeprefix("^").removesuffix("$"))
+
+
+class TestHostileNames:
+    """Property tests: arbitrary tag values, locations and prefixes never produce a name the
+    Data Plane API would refuse; every instance that is not served is a skip."""
+    from hypothesis import given, settings, strategies as st, HealthCheck
+    SETTINGS = settings(max_examples=150, deadline=None, derandomize=True,
+                        suppress_health_check=[HealthCheck.too_slow])
+    text = st.text(st.characters(codec="utf-8"), max_size=80) | st.sampled_from(
+        ["web", "web\n", "8080", "8080\n", " 80", "eastus", "east us", "eastus\n", "", "a b", "x" * 65])
+
+    @SETTINGS
+    @given(names=st.lists(text, min_size=1, max_size=6), ports=st.lists(text, min_size=1, max_size=6),
+           regions=st.lists(text, min_size=1, max_size=6), key_case=st.sampled_from([str, str.lower, str.upper]))
+    def test_planner_names_match_the_specification(self, names, ports, regions, key_case):
+        backend_re, server_re = spec_pattern("backend", "name"), spec_pattern("server", "name")
+        instances = [m.Instance(f"/subscriptions/{SUB}/x/vm{i}", f"vm{i}", region,
+                                {key_case("HAProxy:Service:Name"): name, key_case("HAProxy:Service:Port"): port},
+                                f"10.0.0.{i + 4}", "running")
+                     for i, (name, port, region) in enumerate(zip(names, ports, regions))]
+        decision = run_plan(instances)
+        for b in decision.plan.backends:
+            assert backend_re.fullmatch(b.name), b.name
+            assert all(server_re.fullmatch(n) and server_re.fullmatch(s["address"]) for n, s in b.servers.items())
+        assert decision.plan.live + len(decision.plan.skipped) == len(instances)
+        for skip in decision.plan.skipped:
+            assert "\n" not in skip.reason and len(skip.reason) < 200
+
+    @SETTINGS
+    @given(prefix=text, separator=text)
+    def test_accepted_prefixes_make_valid_names(self, prefix, separator):
+        try:
+            cfg = make_config(haproxy={"password": "p", "backend": {"name_prefix": prefix,
+                                                                    "name_separator": separator}})
+        except m.ConfigError as exc:
+            assert all(p.startswith("haproxy.backend.name_") for p in exc.problems)
+            return
+        decision = run_plan([make_instance(1)], cfg=cfg)
+        assert [spec_pattern("backend", "name").fullmatch(b.name) is not None
+                for b in decision.plan.backends] == [True]
 
 
 # --- Slots and diff ------------------------------------------------------------------
@@ -1401,6 +1502,28 @@ class TestOnce:
         assert proc.wait(timeout=10) == 0, proc.stderr.read()
         dataplane.clear_faults()
         assert dataplane.open_transactions() == [] and dataplane.backends == {}
+
+    def test_one_hostile_vm_among_healthy_services(self, tmp_path, arm, dataplane, monkeypatch, capsys):
+        """A VM tagged "web\\n", ten untagged VMs, one with lower-case tag names: exit 0,
+        every healthy service applied, one warning naming the hostile VM, nothing else skipped."""
+        from fake_arm import make_estate
+        untagged = {f"vm-{i:04d}": {"tags": {"owner": "team-b"}} for i in range(4, 14)}
+        arm.estate = make_estate(vms=14, services=(("web", 8080), ("api", 9000)), overrides={
+            "vm-0000": {"tags": {"HAProxy:Service:Name": "web\n", "HAProxy:Service:Port": "8080"}},
+            "vm-0001": {"tags": {"haproxy:service:name": "api", "HAPROXY:SERVICE:PORT": "9000"}},
+            **untagged})
+        monkeypatch.setenv("DP_PASSWORD", dataplane.password)
+        assert m.main(["--once", "-c", self.config(tmp_path, arm, dataplane)]) == 0
+        live = {n: sorted(s["address"] for s in b["servers"].values() if s.get("maintenance") != "enabled")
+                for n, b in dataplane.backends.items()}
+        assert live == {"azure-api-9000-eastus": ["10.0.0.5", "10.0.0.7"],
+                        "azure-web-8080-eastus": ["10.0.0.6"]}
+        lines = [json.loads(line) for line in capsys.readouterr().err.splitlines()]
+        warnings = [r for r in lines if r["level"] == "warning"]
+        assert len(warnings) == 1 and warnings[0]["event"] == "skip", warnings
+        assert "vm-0000 (/subscriptions/" in warnings[0]["msg"] and "/virtualmachines/vm-0000)" in warnings[0]["msg"]
+        assert '"web\\n" is not a service name' in warnings[0]["msg"]
+        assert lines[-1]["event"] == "cycle" and lines[-1]["skipped"] == 1 and lines[-1]["instances"] == 3
 
 
 class TestHybrid:
