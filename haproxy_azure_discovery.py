@@ -32,6 +32,7 @@ import argparse
 import base64
 import concurrent.futures
 import dataclasses
+import functools
 import hashlib
 import http.client
 import http.server
@@ -168,6 +169,29 @@ REFUSED_STATUSES = (400, 422)
 
 class Aborted(DiscoveryError):
     """Shutdown was requested in the middle of a cycle."""
+
+
+# Anything shaped like a credential, whoever wrote it: Authorization values, bearer tokens,
+# the managed-identity header, and key=value pairs with a secret-sounding key.
+_REDACT_RE = re.compile(
+    r"(?i)(authorization[\"']?\s*[:=]\s*[\"']?(?:basic|bearer)?\s*|bearer\s+|x-identity-header[\"']?\s*[:=]\s*|"
+    r"(?:password|passwd|secret|token|access_token|client_secret)[\"']?\s*[:=]\s*[\"']?)"
+    r"[^\s\"',;}&]+")
+# Environment variables whose values are secrets wherever they end up.
+SECRET_VAR_RE = re.compile(r"(?i)(.*_)?(password|passwd|pass|secret|token|key|credentials?|identity_header)(_.*)?")
+
+
+def redact(text: str, secrets: Iterable[str]) -> str:
+    """`text` with every known secret value (4 characters or more) and anything shaped
+    like a credential masked: the one masking path of every printed line."""
+    for secret in sorted({s for s in secrets if s and len(s) >= 4}, key=len, reverse=True):
+        text = text.replace(secret, "***")
+    return _REDACT_RE.sub(lambda m: m.group(1) + "***", text)
+
+
+def secret_values(env: Mapping[str, str]) -> list[str]:
+    """Values of the environment variables that hold secrets (by name)."""
+    return [v for k, v in env.items() if SECRET_VAR_RE.fullmatch(k) and v]
 
 
 # === Domain model ===
@@ -1353,53 +1377,175 @@ def _credential(cfg: AzureConfig, identity: Any, authority: str, env: Mapping[st
 
 
 # === Data Plane adapter ===
+class _NoRedirect(urllib.request.HTTPRedirectHandler):
+    """A 3xx comes back as an answer, never followed: the Basic credentials would go along."""
+
+    def redirect_request(self, *_: Any) -> None:
+        return None
+
+
+class _Watched:
+    """A connection that hands its socket to `watch` once connected, so that a deadline
+    can cut a request short however slowly its answer trickles in."""
+
+    def __init__(self, *args: Any, watch: Callable[[socket.socket], None], **kwargs: Any):
+        super().__init__(*args, **kwargs)
+        self.watch = watch
+
+    def connect(self) -> None:
+        super().connect()
+        self.watch(self.sock)
+
+
+class _WatchedHTTP(_Watched, http.client.HTTPConnection):
+    pass
+
+
+class _WatchedHTTPS(_Watched, http.client.HTTPSConnection):
+    pass
+
+
+class _DeadlineHandler(urllib.request.HTTPHandler, urllib.request.HTTPSHandler):
+    """http and https through watched connections."""
+
+    def __init__(self, context: ssl.SSLContext, watch: Callable[[socket.socket], None]):
+        urllib.request.HTTPSHandler.__init__(self, context=context)
+        self._watch = watch
+
+    def http_open(self, req: urllib.request.Request) -> Any:
+        return self.do_open(functools.partial(_WatchedHTTP, watch=self._watch), req)
+
+    def https_open(self, req: urllib.request.Request) -> Any:
+        return self.do_open(functools.partial(_WatchedHTTPS, watch=self._watch), req, context=self._context)
+
+
+MAX_ERROR_BODY = 64 * 1024      # an error answer is read this far, no further
+
+
+def basic_credentials(cfg: HAProxyConfig) -> str:
+    """The Basic header value: base64 of user:password, as secret as the password."""
+    return base64.b64encode(f"{cfg.username}:{cfg.password}".encode()).decode()
+
+
 class DataPlane:
     """The HAProxy Data Plane API over urllib: v2 (wrapped bodies, ?backend=) or v3 (bare
-    bodies, nested servers, full sections). Counts its requests."""
+    bodies, nested servers, full sections). Counts its requests.
+
+    Whatever answers is distrusted: a redirect is an error (never followed), an answer
+    that is not the JSON the API documents is an error naming what came instead, and
+    haproxy.timeout bounds each whole request, body included."""
 
     def __init__(self, cfg: HAProxyConfig):
         self.cfg = cfg
         self.api = None if cfg.api_version == "auto" else cfg.api_version
         self.requests = 0
-        token = base64.b64encode(f"{cfg.username}:{cfg.password}".encode()).decode()
-        self._headers = {"Authorization": f"Basic {token}", "Accept": "application/json",
+        self._secrets = [cfg.password, basic_credentials(cfg)]
+        self._headers = {"Authorization": f"Basic {basic_credentials(cfg)}", "Accept": "application/json",
                          "User-Agent": f"haproxy-azure-discovery/{__version__}"}
         context = ssl.create_default_context(cafile=cfg.ca_file or None)
         if not cfg.verify_ssl:
             context.check_hostname, context.verify_mode = False, ssl.CERT_NONE
+        self._socket: socket.socket | None = None
+        self._expired = False
         # The Data Plane API is local to HAProxy: no proxy from the environment applies.
-        self._opener = urllib.request.build_opener(urllib.request.ProxyHandler({}),
-                                                   urllib.request.HTTPSHandler(context=context))
+        self._opener = urllib.request.build_opener(urllib.request.ProxyHandler({}), _NoRedirect(),
+                                                   _DeadlineHandler(context, self._watch))
+
+    def _watch(self, sock: socket.socket) -> None:
+        self._socket = sock
+
+    def _expire(self) -> None:
+        """The deadline passed: cut the connection, whatever it is waiting for."""
+        self._expired = True
+        if self._socket is not None:
+            try:
+                self._socket.shutdown(socket.SHUT_RDWR)
+            except OSError:
+                pass
 
     def request(self, method: str, path: str, query: Mapping[str, Any] | None = None,
-                body: Any = None, api: str | None = None) -> tuple[int, Any, Mapping[str, str]]:
-        """One request; DataPlaneError (TransactionConflict for 406/409) on failure."""
+                body: Any = None, api: str | None = None,
+                expect: Callable[[Any], bool] | None = None, shape: str = ""
+                ) -> tuple[int, Any, Mapping[str, str]]:
+        """One request; DataPlaneError (TransactionConflict for 406/409) on failure. With
+        `expect`, a 2xx payload it rejects is an error saying it is not `shape`."""
         api = api or self.api or self.probe()
+        where = f"{method} /{api}{path}"
         url = f"{self.cfg.base_url.rstrip('/')}/{api}{path}"
         if query:
             url += "?" + urllib.parse.urlencode({k: v for k, v in query.items() if v is not None})
         data = None if body is None else json.dumps(body).encode()
         headers = {**self._headers, **({"Content-Type": "application/json"} if data else {})}
         self.requests += 1
-        try:
-            with self._opener.open(urllib.request.Request(url, data, headers, method=method),
-                                   timeout=self.cfg.timeout) as resp:
-                status, raw, got = resp.status, resp.read(), resp.headers
-        except urllib.error.HTTPError as exc:
-            status, raw, got = exc.code, exc.read(), exc.headers
-        except (urllib.error.URLError, OSError, http.client.HTTPException) as exc:
-            reason = getattr(exc, "reason", None) or exc
-            raise DataPlaneError(f"{method} /{api}{path}: {reason}") from None
-        try:
-            payload = json.loads(raw) if raw.strip() else None
-        except ValueError:
-            payload = raw.decode("utf-8", "replace")
+        status, raw, got = self._exchange(where, urllib.request.Request(url, data, headers, method=method))
+        if 300 <= status < 400:
+            location = self._mask(str(got.get("Location") or "(none)")[:200])
+            raise DataPlaneError(f"{where}: HTTP {status} redirect to {location} not followed "
+                                 "(haproxy.base_url must be the Data Plane API itself)", status)
         if status >= 400:
-            message = payload.get("message", "") if isinstance(payload, dict) else str(payload or "")
+            message = self._error_message(raw)
             error = TransactionConflict if status in (406, 409) else DataPlaneError
-            raise error(f"{method} /{api}{path}: HTTP {status} {' '.join(message.split())[:300]}",
-                        status, message)
+            raise error(f"{where}: HTTP {status} {message}", status, message)
+        payload = self._decode(where, status, got, raw)
+        if expect is not None and not expect(payload):
+            raise self._malformed(where, status, got, raw, f"not {shape}")
         return status, payload, got
+
+    def _exchange(self, where: str, req: urllib.request.Request) -> tuple[int, bytes, Any]:
+        """Send and read the whole answer before haproxy.timeout runs out."""
+        self._socket, self._expired = None, False
+        timer = threading.Timer(self.cfg.timeout, self._expire)
+        timer.daemon = True
+        timer.start()
+        try:
+            try:
+                with self._opener.open(req, timeout=self.cfg.timeout) as resp:
+                    answer = resp.status, resp.read(), resp.headers
+            except urllib.error.HTTPError as exc:
+                with exc:
+                    answer = exc.code, exc.read(MAX_ERROR_BODY), exc.headers
+        except (urllib.error.URLError, OSError, http.client.HTTPException, ValueError) as exc:
+            if self._expired:
+                raise DataPlaneError(f"{where}: timed out, no complete answer within haproxy.timeout "
+                                     f"({self.cfg.timeout:g} s)") from None
+            reason = getattr(exc, "reason", None) or exc
+            raise DataPlaneError(self._mask(f"{where}: {reason}")) from None
+        finally:
+            timer.cancel()
+            self._socket = None
+        if self._expired:
+            raise DataPlaneError(
+                f"{where}: timed out, no complete answer within haproxy.timeout ({self.cfg.timeout:g} s)")
+        return answer
+
+    def _decode(self, where: str, status: int, headers: Any, raw: bytes) -> Any:
+        if not raw.strip():
+            return None
+        if "json" not in str(headers.get("Content-Type") or "").lower():
+            raise self._malformed(where, status, headers, raw, "not JSON")
+        try:
+            return json.loads(raw)
+        except (ValueError, RecursionError):
+            raise self._malformed(where, status, headers, raw, "not valid JSON") from None
+
+    def _malformed(self, where: str, status: int, headers: Any, raw: bytes, what: str) -> DataPlaneError:
+        """The error for a 2xx answer the API does not give: what came, masked and bounded."""
+        kind = str(headers.get("Content-Type") or "no content type")[:80]
+        sample = " ".join(raw[:400].decode("utf-8", "replace").split())[:200]
+        return DataPlaneError(self._mask(f"{where}: HTTP {status} answer is {what} ({kind}): "
+                                         f"{json.dumps(sample, ensure_ascii=False)}"), status)
+
+    def _error_message(self, raw: bytes) -> str:
+        """The message of an error answer, bounded, on one line, masked."""
+        try:
+            payload = json.loads(raw)
+            text = payload.get("message", "") if isinstance(payload, dict) else str(payload)
+        except (ValueError, RecursionError):
+            text = raw.decode("utf-8", "replace")
+        return self._mask(" ".join(str(text).split())[:300])
+
+    def _mask(self, text: str) -> str:
+        return redact(text, self._secrets)
 
     def probe(self) -> str:
         """api_version auto: /v3/info, then /v2/info."""
@@ -1419,25 +1565,29 @@ class DataPlane:
         return payload.get("data") if self.api == "v2" and isinstance(payload, dict) else payload
 
     def version(self) -> int:
-        _, payload, _ = self.request("GET", "/services/haproxy/configuration/version")
-        return int(self._data(payload))
+        _, payload, _ = self.request("GET", "/services/haproxy/configuration/version",
+                                     expect=lambda p: _is_int(self._data(p)), shape="an integer version")
+        return self._data(payload)
 
     def read_backends(self, prefix: str) -> tuple[int, dict[str, BackendState]]:
         """The configuration version and every backend whose name starts with prefix."""
         conf = "/services/haproxy/configuration"
         if (self.api or self.probe()) == "v3":
-            _, payload, headers = self.request("GET", f"{conf}/backends", {"full_section": "true"})
-            version = int(headers.get("Configuration-Version") or self.version())
+            _, payload, headers = self.request("GET", f"{conf}/backends", {"full_section": "true"},
+                                               expect=_full_sections, shape="a list of backends")
+            version = _int_header(headers.get("Configuration-Version"))
+            version = self.version() if version is None else version
             return version, {b["name"]: _backend_state(b) for b in payload or []
-                             if b.get("name", "").startswith(prefix)}
-        _, payload, _ = self.request("GET", f"{conf}/backends")
-        version = int(payload.get("_version"))
+                             if b["name"].startswith(prefix)}
+        _, payload, _ = self.request("GET", f"{conf}/backends", expect=_wrapped_list,
+                                     shape='{"_version": integer, "data": list of backends}')
         found = {}
-        for b in self._data(payload) or []:
-            if b.get("name", "").startswith(prefix):
-                _, servers, _ = self.request("GET", f"{conf}/servers", {"backend": b["name"]})
-                found[b["name"]] = BackendState(b["name"], b, {s["name"]: s for s in self._data(servers) or []})
-        return version, found
+        for b in payload["data"]:
+            if b["name"].startswith(prefix):
+                _, servers, _ = self.request("GET", f"{conf}/servers", {"backend": b["name"]},
+                                             expect=_wrapped_list, shape='{"data": list of servers}')
+                found[b["name"]] = BackendState(b["name"], b, {s["name"]: s for s in servers["data"]})
+        return payload["_version"], found
 
     def writes(self, b: BackendPlan) -> list[tuple[str, str, dict[str, Any], Any]]:
         """The requests (method, path, query, body) that apply one backend's plan inside a
@@ -1470,23 +1620,24 @@ class DataPlane:
         return f"{conf}/servers/{server}", {"backend": backend}
 
     def start_transaction(self, version: int) -> str:
-        _, payload, _ = self.request("POST", "/services/haproxy/transactions", {"version": version})
+        _, payload, _ = self.request("POST", "/services/haproxy/transactions", {"version": version},
+                                     expect=_transaction, shape="a transaction")
         return payload["id"]
 
     def commit(self, txn: str) -> int | None:
         _, _, headers = self.request("PUT", f"/services/haproxy/transactions/{txn}")
-        value = headers.get("Configuration-Version")
-        return int(value) if value and value.isdigit() else None
+        return _int_header(headers.get("Configuration-Version"))
 
     def transaction_open(self, txn: str) -> bool:
         """Whether transaction `txn` is still in progress (a peer's commit ends it)."""
         try:
-            _, payload, _ = self.request("GET", f"/services/haproxy/transactions/{txn}")
+            _, payload, _ = self.request("GET", f"/services/haproxy/transactions/{txn}",
+                                         expect=_transaction, shape="a transaction")
         except DataPlaneError as exc:
             if exc.status == 404:
                 return False
             raise
-        return isinstance(payload, dict) and payload.get("status") == "in_progress"
+        return payload.get("status") == "in_progress"
 
     def delete_transaction(self, txn: str) -> None:
         """Delete a transaction; one that is already gone is fine."""
@@ -1495,6 +1646,40 @@ class DataPlane:
         except DataPlaneError as exc:
             if exc.status != 404:
                 raise
+
+
+# The shapes of the answers the program reads (testing/spec: version is an integer;
+# transaction {id, status, _version}; backends lists of named objects, v3 full sections
+# carrying servers as a map by name; v2 GET bodies wrapped in {"_version", "data"}).
+def _is_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value >= 0
+
+
+def _int_header(value: str | None) -> int | None:
+    return int(value) if value and value.isascii() and value.isdigit() else None
+
+
+def _named(items: Any) -> bool:
+    return isinstance(items, list) and all(isinstance(i, dict) and isinstance(i.get("name"), str)
+                                           for i in items)
+
+
+def _full_sections(payload: Any) -> bool:
+    return payload is None or (_named(payload) and all(_server_map(b.get("servers", {})) for b in payload))
+
+
+def _server_map(servers: Any) -> bool:
+    return servers is None or (isinstance(servers, dict) and all(isinstance(s, dict) for s in servers.values()))
+
+
+def _wrapped_list(payload: Any) -> bool:
+    return isinstance(payload, dict) and _is_int(payload.get("_version", 0)) and _named(payload.get("data"))
+
+
+def _transaction(payload: Any) -> bool:
+    # Real ids are UUIDs; the id goes into request paths, so nothing else is taken.
+    return isinstance(payload, dict) and isinstance(payload.get("id"), str) \
+        and re.fullmatch(r"[A-Za-z0-9-]{1,64}", payload["id"]) is not None
 
 
 def _backend_state(full: Mapping[str, Any]) -> BackendState:
@@ -1584,8 +1769,8 @@ def apply_runtime(plan: Plan, dp: DataPlane, version: int, stop: threading.Event
                     raise
                 refused[b.name] = str(exc)
                 break
-            value = headers.get("Configuration-Version")
-            version = int(value) if value and value.isdigit() else version + 1
+            value = _int_header(headers.get("Configuration-Version"))
+            version = version + 1 if value is None else value
     return version
 
 
@@ -1690,10 +1875,6 @@ def _log_refused(refused: Mapping[str, str], groups: Mapping[ServiceKey, list[Me
 
 
 # === Logging ===
-_REDACT_RE = re.compile(
-    r"(?i)(authorization[\"']?\s*[:=]\s*[\"']?(?:basic|bearer)?\s*|bearer\s+|"
-    r"(?:password|passwd|secret|token|access_token|client_secret)[\"']?\s*[:=]\s*[\"']?)"
-    r"[^\s\"',;}&]+")
 _LOG_RESERVED = frozenset(vars(logging.LogRecord("", 0, "", 0, "", (), None))) | {"message", "asctime"}
 
 
@@ -1703,12 +1884,10 @@ class _Redacting(logging.Formatter):
 
     def __init__(self, secrets: Iterable[str] = ()):
         super().__init__()
-        self.secrets = sorted({s for s in secrets if s and len(s) >= 4}, key=len, reverse=True)
+        self.secrets = list(secrets)
 
     def redact(self, text: str) -> str:
-        for secret in self.secrets:
-            text = text.replace(secret, "***")
-        return _REDACT_RE.sub(lambda m: m.group(1) + "***", text)
+        return redact(text, self.secrets)
 
     def format(self, record: logging.LogRecord) -> str:
         return self.redact(self.render(record))
@@ -1760,7 +1939,9 @@ def setup_logging(level: str, fmt: str, secrets: Iterable[str], stream: Any = No
 
 
 def secrets_of(cfg: Config, env: Mapping[str, str]) -> list[str]:
-    return [cfg.haproxy.password, *(env.get(n, "") for n in ("AZURE_CLIENT_SECRET", "IDENTITY_HEADER"))]
+    """What no printed line may show: the Data Plane password and its Basic header value,
+    and every secret-named environment variable (so also config values taken from one)."""
+    return [cfg.haproxy.password, basic_credentials(cfg.haproxy), *secret_values(env)]
 
 
 # === Daemon loop ===

@@ -1345,8 +1345,8 @@ class TestDataPlane:
         h = Harness(dataplane)
         original = h.dp.request
 
-        def request(method, path, query=None, body=None, api=None):
-            result = original(method, path, query, body, api)
+        def request(method, path, query=None, body=None, api=None, **kw):
+            result = original(method, path, query, body, api, **kw)
             if query and "transaction_id" in query:
                 h.stop.set()             # SIGTERM arrives after the first write
             return result
@@ -1413,8 +1413,8 @@ class TestDataPlane:
         peer = m.DataPlane(h.cfg.haproxy)
         original, done = h.dp.request, []
 
-        def request(method, path, query=None, body=None, api=None):
-            result = original(method, path, query, body, api)
+        def request(method, path, query=None, body=None, api=None, **kw):
+            result = original(method, path, query, body, api, **kw)
             if query and "transaction_id" in query and not done:
                 done.append(1)      # another client commits: ours is outdated and dropped
                 peer.commit(peer.start_transaction(peer.version()))
@@ -1425,6 +1425,216 @@ class TestDataPlane:
         assert report.transactions == {"conflict": 1, "committed": 1}
         assert sorted(dataplane.backends) == ["azure-api-8080-eastus", WEB]
         assert dataplane.open_transactions() == []
+
+
+class Meddler:
+    """A loopback HTTP server standing in front of the Data Plane API (or alone): `rule(method,
+    path)` returns (status, headers, body[, trickle seconds per byte]) to answer itself, or None
+    to forward to `upstream`. Records every request it receives with its headers."""
+
+    def __init__(self, rule, upstream=None):
+        import http.server
+        import urllib.parse
+        meddler = self
+        self.rule, self.seen = rule, []
+        up = urllib.parse.urlsplit(upstream) if upstream else None
+
+        class Handler(http.server.BaseHTTPRequestHandler):
+            protocol_version = "HTTP/1.1"
+
+            def _serve(self):
+                length = int(self.headers.get("Content-Length") or 0)
+                body = self.rfile.read(length) if length else b""
+                meddler.seen.append((self.command, self.path, dict(self.headers)))
+                answer = meddler.rule(self.command, self.path)
+                if answer is None:
+                    import http.client
+                    conn = http.client.HTTPConnection(up.hostname, up.port, timeout=10)
+                    conn.request(self.command, self.path, body or None, dict(self.headers))
+                    r = conn.getresponse()
+                    answer = (r.status, {k: v for k, v in r.getheaders()
+                                         if k.lower() not in ("transfer-encoding", "connection")}, r.read())
+                    conn.close()
+                status, headers, payload, *trickle = answer
+                payload = payload.encode() if isinstance(payload, str) else payload
+                self.send_response(status)
+                for k, v in headers.items():
+                    if k.lower() != "content-length":
+                        self.send_header(k, v)
+                self.send_header("Content-Length", str(len(payload)))
+                self.send_header("Connection", "close")
+                self.end_headers()
+                try:
+                    for i in range(len(payload)) if trickle else ():
+                        self.wfile.write(payload[i:i + 1])
+                        self.wfile.flush()
+                        time.sleep(trickle[0])
+                    if not trickle:
+                        self.wfile.write(payload)
+                except OSError:
+                    pass
+                self.close_connection = True
+
+            do_GET = do_POST = do_PUT = do_DELETE = _serve
+
+            def log_message(self, *args):
+                pass
+
+        self.server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.server.daemon_threads = True
+        self.url = f"http://127.0.0.1:{self.server.server_address[1]}"
+        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.server.shutdown()
+        self.server.server_close()
+
+
+JSON = {"Content-Type": "application/json"}
+HTML = {"Content-Type": "text/html"}
+PASSWORD = "hunter2-very-secret"
+
+
+def meddled(url, **haproxy):
+    return m.DataPlane(make_config(haproxy={"base_url": url, "password": PASSWORD, "api_version": "v3",
+                                            "timeout": 2, **haproxy}).haproxy)
+
+
+class TestHostileDataPlane:
+    """Whatever answers in the Data Plane API's place: redirects, proxies' HTML, truncated or
+    mis-shaped JSON, a body trickled past the deadline, error bodies that echo secrets."""
+
+    @pytest.mark.parametrize("status", [301, 302, 303, 307, 308])
+    def test_no_redirect_is_followed(self, status):
+        with Meddler(lambda *_: (200, JSON, "1")) as elsewhere, \
+                Meddler(lambda meth, path: (status, {"Location": elsewhere.url + path}, "")) as front:
+            with pytest.raises(m.DataPlaneError) as err:
+                meddled(front.url).version()
+        assert f"HTTP {status} redirect to {elsewhere.url}/v3/services/haproxy/configuration/version" \
+            " not followed" in str(err.value)
+        assert elsewhere.seen == []
+
+    def test_once_against_a_redirecting_api_exits_1_and_sends_no_credentials_away(
+            self, tmp_path, arm, monkeypatch, capsys):
+        from fake_arm import make_estate
+        arm.estate = make_estate(vms=2)
+        with Meddler(lambda *_: (200, JSON, "{}")) as elsewhere, \
+                Meddler(lambda meth, path: (302, {"Location": elsewhere.url + path}, "")) as front:
+            raw = {"azure": {"subscription_id": SUB, "resource_manager_url": arm.url, "retries": 1},
+                   "haproxy": {"base_url": front.url, "password": PASSWORD, "timeout": 3}}
+            assert m.main(["--once", "-c", write_config(tmp_path, raw)]) == 1
+        err = capsys.readouterr().err
+        assert "HTTP 302 redirect to" in err.splitlines()[-1] and elsewhere.seen == []
+        assert front.seen and all("Authorization" in h for _, _, h in front.seen)
+
+    @pytest.mark.parametrize("answer, what", [
+        ((200, HTML, "<html><body>502 Bad Gateway</body></html>"), 'not JSON (text/html): "<html><body>502'),
+        ((200, JSON, '{"id": "abc'), 'not valid JSON (application/json): "{\\"id\\": \\"abc"'),
+        ((200, JSON, "[" * 100000), "not valid JSON"),
+        ((200, JSON, '"12a"'), "not an integer version"),
+        ((200, JSON, "true"), "not an integer version"),
+        ((200, JSON, "-3"), "not an integer version"),
+        ((200, JSON, '{"data": 5}'), "not an integer version"),
+    ])
+    def test_answers_that_are_not_the_documented_json(self, answer, what):
+        with Meddler(lambda *_: answer) as front:
+            with pytest.raises(m.DataPlaneError) as err:
+                meddled(front.url).version()
+        assert str(err.value).startswith("GET /v3/services/haproxy/configuration/version: HTTP 200 answer is ")
+        assert what in str(err.value) and len(str(err.value)) < 400
+
+    @pytest.mark.parametrize("path, body, what", [
+        ("/backends", "{}", "not a list of backends"),
+        ("/backends", '[{"name": 5}]', "not a list of backends"),
+        ("/backends", '[{"name": "azure-x", "servers": []}]', "not a list of backends"),
+        ("/backends", '[{"name": "azure-x", "servers": {"srv1": "x"}}]', "not a list of backends"),
+        ("/transactions", '{"id": "../../configuration/backends/x"}', "not a transaction"),
+        ("/transactions", "[]", "not a transaction"),
+    ])
+    def test_mis_shaped_answers(self, path, body, what):
+        def rule(method, target):
+            if target.split("?")[0].endswith(path):
+                return 201 if method == "POST" else 200, JSON, body
+            return 200, {**JSON, "Configuration-Version": "x"}, "7"
+        with Meddler(rule) as front:
+            dp = meddled(front.url)
+            with pytest.raises(m.DataPlaneError, match=what):
+                dp.read_backends("azure-") if path == "/backends" else dp.start_transaction(7)
+
+    def test_a_non_numeric_version_header_falls_back_to_the_version_call(self):
+        def rule(method, target):
+            if "/backends" in target:
+                return 200, {**JSON, "Configuration-Version": "7; drop"}, "[]"
+            return 200, JSON, "7"
+        with Meddler(rule) as front:
+            assert meddled(front.url).read_backends("azure-") == (7, {})
+
+    @pytest.mark.parametrize("where", [r"/transactions/[^/?]+$", r"/configuration/backends\?"])
+    @pytest.mark.parametrize("answer", [(200, HTML, "<html>proxy error</html>"), (202, JSON, '{"id": "ab')],
+                             ids=["html", "truncated"])
+    def test_a_garbled_answer_mid_cycle_leaves_no_transaction(self, dataplane, where, answer):
+        # A proxy garbles one answer inside the transaction (a write, or the commit itself):
+        # the cycle fails with a clear error and no transaction stays open.
+        rule = lambda method, target: answer if method in ("PUT", "POST") and re.search(where, target) else None
+        with Meddler(rule, dataplane.url) as front:
+            cfg = dp_config(dataplane, haproxy={"base_url": front.url})
+            dp, state = m.DataPlane(cfg.haproxy), m.State()
+            with pytest.raises(m.DataPlaneError, match="HTTP 20[02] answer is not"):
+                m.run_cycle(cfg, ScriptedSource(m.Discovery((make_instance(1),))), dp, state,
+                            threading.Event(), m.CycleReport())
+        assert dataplane.open_transactions() == []
+
+    def test_a_body_trickled_past_the_timeout(self):
+        started = time.monotonic()
+        with Meddler(lambda *_: (200, JSON, "1" * 200, 0.05)) as front:
+            with pytest.raises(m.DataPlaneError, match=r"timed out, no complete answer within haproxy.timeout \(1 s\)"):
+                meddled(front.url, timeout=1).version()
+        assert time.monotonic() - started < 2.5
+
+    def test_headers_trickled_past_the_timeout(self):
+        import socket as socketlib
+        listener = socketlib.create_server(("127.0.0.1", 0))
+        stop = threading.Event()
+
+        def serve():
+            conn, _ = listener.accept()
+            conn.recv(65536)
+            for byte in b"HTTP/1.1 200 OK\r\nX-Slow: " + b"a" * 100:
+                if stop.wait(0.05):
+                    break
+                conn.send(bytes([byte]))
+            conn.close()
+        threading.Thread(target=serve, daemon=True).start()
+        started = time.monotonic()
+        try:
+            with pytest.raises(m.DataPlaneError, match="timed out"):
+                meddled(f"http://127.0.0.1:{listener.getsockname()[1]}", timeout=1).version()
+        finally:
+            stop.set()
+            listener.close()
+        assert time.monotonic() - started < 2.5
+
+    def test_an_error_body_echoing_the_secrets_is_masked_everywhere(self, tmp_path, arm, monkeypatch, capsys):
+        from fake_arm import make_estate
+        arm.estate = make_estate(vms=1)
+        basic = m.basic_credentials(m.HAProxyConfig(username="admin", password=PASSWORD))
+        echo = json.dumps({"code": 500, "message": f"denied admin:{PASSWORD} (Basic {basic}); "
+                                                   f"raw {basic} / {PASSWORD}"})
+        with Meddler(lambda *_: (500, JSON, echo)) as front:
+            with pytest.raises(m.DataPlaneError) as err:
+                meddled(front.url).version()
+            assert PASSWORD not in str(err.value) and basic not in str(err.value) and "***" in str(err.value)
+            monkeypatch.setenv("DP_PASSWORD", PASSWORD)
+            raw = {"azure": {"subscription_id": SUB, "resource_manager_url": arm.url, "retries": 1},
+                   "haproxy": {"base_url": front.url, "password": "${DP_PASSWORD}", "timeout": 3},
+                   "logging": {"format": "text", "level": "DEBUG"}}
+            for mode in ("--once", "--dry-run"):
+                assert m.main([mode, "-c", write_config(tmp_path, raw)]) == 1
+        out, err = capsys.readouterr()
+        assert "HTTP 500" in err and PASSWORD not in out + err and basic not in out + err
 
 
 class TestOnce:
