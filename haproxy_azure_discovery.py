@@ -69,6 +69,9 @@ DEFAULT_CONFIG_PATHS = ("/etc/haproxy-azure-discovery/config.json",
                         "/etc/haproxy-azure-discovery/config.toml")
 SDK_PACKAGES = ("azure-identity", "azure-mgmt-compute", "azure-core")
 
+DAY, HOUR = 86400.0, 3600.0      # bounds of intervals and of timeouts
+MAX_SLOTS = 100000                # haproxy.server_slots.max at most (slot names srv1..srv999999)
+
 # A parked slot points here, in maintenance (as the Data Plane API's own AWS discovery does).
 PARK_ADDRESS, PARK_PORT = "127.0.0.1", 80
 # Every pattern is used with fullmatch: a `$` anchor lets a trailing newline through
@@ -112,6 +115,80 @@ SERVER_PARAMS = frozenset("""
     send_proxy_v2_ssl send_proxy_v2_ssl_cn shard sigalgs slowstart sni socks4 source ssl
     ssl_cafile ssl_certificate ssl_max_ver ssl_min_ver ssl_reuse stick tcp_ut tfo track
     verify verifyhost weight ws""".split())
+def _by_kind(groups: Mapping[str, str]) -> dict[str, str]:
+    return {name: kind for kind, names in groups.items() for name in names.split()}
+
+
+# What the Data Plane API's model allows as each param's value, where the v2 and the v3
+# specification agree (the test suite checks this table against testing/spec): "int" (0 or
+# more), "port", "bool", "list", "object", "word" (no whitespace), "name" (a section name),
+# "text", "re:PATTERN", or the allowed values separated by "|".
+SERVER_PARAM_KINDS = _by_kind({
+    "int": """
+        agent-inter downinter error_limit fall fastinter inter log-bufsize max_reuse
+        maxconn maxqueue minconn pool_low_conn pool_max_conn pool_purge_delay rise shard
+        slowstart tcp_ut weight
+    """,
+    "enabled|disabled": """
+        agent-check backup check check-send-proxy check-ssl check_via_socks4
+        no_verifyhost send-proxy send-proxy-v2 send_proxy_v2_ssl send_proxy_v2_ssl_cn
+        ssl ssl_reuse stick tfo
+    """,
+    "word": """
+        agent-addr alpn check-sni check_alpn check_proto cookie health_check_address
+        init-addr proto resolvers sni socks4 ssl_cafile ssl_certificate
+    """,
+    "text": """
+        agent-send ciphers ciphersuites client_sigalgs crl_file curves namespace npn
+        redir sigalgs source track verifyhost
+    """,
+    "SSLv3|TLSv1.0|TLSv1.1|TLSv1.2|TLSv1.3": "ssl_max_ver ssl_min_ver",
+    "port": "agent-port health_check_port",
+    "auto|h1|h2": "ws",
+    "bool": "allow_0rtt",
+    "fastinter|fail-check|sudden-death|mark-down": "on-error",
+    "ipv4|ipv6": "resolve-prefer",
+    "layer4|layer7": "observe",
+    "legacy|octet-count": "log_proto",
+    "list": "proxy-v2-options",
+    "none|required": "verify",
+    "re:([A-Za-z0-9.:/]+)(,[A-Za-z0-9.:/]+)*": "resolve-net",
+    "re:(allow-dup-ip|ignore-weight|prevent-dup-ip)(,(allow-dup-ip|ignore-weight|prevent-dup-ip))*": "resolve_opts",
+    "shutdown-backup-sessions": "on-marked-up",
+    "shutdown-sessions": "on-marked-down",
+})
+BACKEND_PARAM_KINDS = _by_kind({
+    "enabled|disabled": """
+        abortonclose accept_invalid_http_response allbackups checkcache external_check
+        h1_case_adjust_bogus_server http-buffer-request http-no-delay
+        http_pretend_keepalive http_proxy independent_streams log_health_checks nolinger
+        persist prefer_last_server splice_auto splice_request splice_response spop_check
+        srvtcpka tcp_smart_connect tcpka transparent
+    """,
+    "object": """
+        compression cookie default_server email_alert errorloc302 errorloc303
+        force_persist forwardfor hash_type httpchk_params ignore_persist
+        mysql_check_params originalto persist_rule pgsql_check_params redispatch
+        smtpchk_params source stats_options stick_table
+    """,
+    "int": """
+        check_timeout connect_timeout fullconn hash_balance_factor
+        http_keep_alive_timeout http_request_timeout id max_keep_alive_queue
+        queue_timeout retries server_fin_timeout server_timeout srvtcpka_cnt
+        srvtcpka_idle srvtcpka_intvl tarpit_timeout tunnel_timeout
+    """,
+    "text": "description http_send_name_header retry_on server_state_file_name use_fcgi_app",
+    "word": "dynamic_cookie_key external_check_command external_check_path log_tag",
+    "bool": "disabled enabled",
+    "list": "error_files errorfiles_from_http_errors",
+    "aggressive|always|never|safe": "http_reuse",
+    "global|local|none": "load_server_state_from_file",
+    "httpchk|ldap-check|mysql-check|pgsql-check|redis-check|smtpchk|ssl-hello-chk|tcp-check": "adv_check",
+    "httpclose|http-server-close|http-keep-alive": "http_connection_mode",
+    "name": "from",
+    "preserve|delete|reject": "http_restrict_req_hdr_names",
+})
+
 # Server fields dataplaneapi applies through HAProxy's runtime API without a reload when a
 # plain PUT changes only them (client-native/dataplaneapi changeThroughRuntimeAPI).
 RUNTIME_FIELDS = frozenset({"address", "port", "maintenance", "weight", "agent-check",
@@ -172,10 +249,11 @@ class Aborted(DiscoveryError):
 
 
 # Anything shaped like a credential, whoever wrote it: Authorization values, bearer tokens,
-# the managed-identity header, and key=value pairs with a secret-sounding key.
+# the managed-identity header, and key=value pairs with a secret-sounding key (not our own
+# key paths such as "haproxy.password: is required").
 _REDACT_RE = re.compile(
     r"(?i)(authorization[\"']?\s*[:=]\s*[\"']?(?:basic|bearer)?\s*|bearer\s+|x-identity-header[\"']?\s*[:=]\s*|"
-    r"(?:password|passwd|secret|token|access_token|client_secret)[\"']?\s*[:=]\s*[\"']?)"
+    r"(?<![\w.])(?:password|passwd|secret|token|access_token|client_secret)[\"']?\s*[:=]\s*[\"']?)"
     r"[^\s\"',;}&]+")
 # Environment variables whose values are secrets wherever they end up.
 SECRET_VAR_RE = re.compile(r"(?i)(.*_)?(password|passwd|pass|secret|token|key|credentials?|identity_header)(_.*)?")
@@ -375,6 +453,7 @@ class SlotsConfig:
     base: int = 10
     growth_factor: float = 1.5
     growth_type: str = "linear"
+    max: int = 1000              # slots per backend; the growth rule never goes past it
 
 
 @dataclass(frozen=True)
@@ -458,22 +537,82 @@ def _optional_https_url(v: str) -> str | None:
     return None if ok else f"must be an https URL, got {json.dumps(v)}"
 
 
+def listen_address(v: str) -> tuple[str, int] | None:
+    """(host, port) of "HOST:PORT" or "[V6]:PORT"; None when it is neither. An empty
+    host listens on every IPv4 address."""
+    host, sep, port = v.rpartition(":")
+    if not sep or not (port.isascii() and port.isdigit()) or not 0 < int(port) < 65536:
+        return None
+    if host.startswith("[") and host.endswith("]"):
+        try:
+            ipaddress.IPv6Address(host[1:-1])
+        except ValueError:
+            return None
+        return host[1:-1], int(port)
+    if host in ("", "localhost"):
+        return host, int(port)
+    try:
+        ipaddress.IPv4Address(host)
+    except ValueError:
+        return None
+    return host, int(port)
+
+
 def _listen_address(v: str) -> str | None:
-    host, _, port = v.rpartition(":")
-    ok = not v or (host and port.isdigit() and 0 < int(port) < 65536)
-    return None if ok else f'must be "HOST:PORT" (e.g. "127.0.0.1:9777"), got {json.dumps(v)}'
+    ok = not v or listen_address(v) is not None
+    return None if ok else ('must be "HOST:PORT", HOST an IPv4 address, [an IPv6 address], localhost or '
+                            f'empty (e.g. "127.0.0.1:9777", "[::1]:9777"), got {json.dumps(v)}')
 
 
-def _params(allowed: frozenset[str], owned: str) -> Callable[[Mapping], str | None]:
+def _params(allowed: frozenset[str], owned: str, kinds: Mapping[str, str]) -> Callable[[Mapping], str | None]:
     def check(v: Mapping) -> str | None:
         bad = sorted(k for k in v if k not in allowed)
         if not bad:
-            return None
+            wrong = [f"{k}: {problem}" for k in sorted(v) if (problem := param_value_problem(v[k], kinds[k]))]
+            return "; ".join(wrong) or None
         owned_keys = [k for k in bad if k in owned.split()]
         if owned_keys:
             return f"may not set {', '.join(owned_keys)} (the program sets it)"
         return f"unknown field(s) {', '.join(bad)} (not in the Data Plane API model)"
     return check
+
+
+def param_value_problem(value: Any, kind: str) -> str | None:
+    """Why `value` is not what the Data Plane API's model allows for a param of `kind`."""
+    got = json.dumps(value)[:60]
+    if kind in ("int", "port"):
+        low, high = (0, None) if kind == "int" else (1, 65535)
+        ok = isinstance(value, int) and not isinstance(value, bool) and low <= value <= (high or value)
+        return None if ok else f"must be an integer {'of 0 or more' if kind == 'int' else '1-65535'}, got {got}"
+    if kind in ("bool", "list", "object"):
+        ok = isinstance(value, {"bool": bool, "list": list, "object": dict}[kind])
+        return None if ok else f"must be {'true or false' if kind == 'bool' else 'a ' + kind}, got {got}"
+    if not isinstance(value, str) or not value.isprintable():
+        return f"must be a string without control characters, got {got}"
+    if kind == "word" or kind == "name":
+        ok = re.fullmatch(r"[^\s]+" if kind == "word" else r"[A-Za-z0-9_.:-]+", value) is not None
+        return None if ok else f"must be one word{' of A-Z a-z 0-9 _ . : -' if kind == 'name' else ''}, got {got}"
+    if kind.startswith("re:"):
+        return None if re.fullmatch(kind[3:], value) else f"must match {kind[3:]}, got {got}"
+    if kind != "text" and value not in kind.split("|"):
+        return f"must be {' or '.join(kind.split('|'))}, got {got}"
+    return None
+
+
+def _at_most(high: float, unit: str = "") -> Callable[[float], str | None]:
+    return lambda v: None if v <= high else f"must be at most {high:g}{unit}, got {v:g}"
+
+
+def _between(low: float, high: float, unit: str = "") -> Callable[[float], str | None]:
+    return lambda v: None if low <= v <= high else f"must be between {low:g} and {high:g}{unit}, got {v:g}"
+
+
+def _bounded_url(v: str) -> str | None:
+    """The Data Plane API's URL: credentials go in username/password, never in the URL."""
+    u = urllib.parse.urlsplit(v)
+    if u.username is not None or u.password is not None:
+        return "must not carry credentials (user:password@): use haproxy.username and haproxy.password"
+    return _http_url(v)
 
 
 # Per-key checks beyond the type; the type comes from the dataclass annotation.
@@ -485,32 +624,33 @@ CHECKS: dict[str, Callable[[Any], str | None]] = {
     "azure.resource_manager_url": _optional_https_url,
     "azure.address": _one_of("private", "public"),
     "azure.ip_version": _one_of("ipv4", "ipv6"),
-    "azure.timeout": _positive,
-    "azure.retries": _not_negative,
-    "azure.workers": _positive,
-    "haproxy.base_url": _http_url,
+    "azure.timeout": lambda v: _positive(v) or _at_most(HOUR, " s")(v),
+    "azure.retries": _between(0, 20),
+    "azure.workers": _between(1, 64),
+    "haproxy.base_url": _bounded_url,
     "haproxy.api_version": _one_of("auto", "v2", "v3"),
     "haproxy.username": lambda v: None if v else "must not be empty",
     "haproxy.password": lambda v: None if v else "is required",
-    "haproxy.timeout": _positive,
+    "haproxy.timeout": lambda v: _positive(v) or _at_most(HOUR, " s")(v),
     "haproxy.apply_mode": _one_of("transaction", "hybrid"),
-    "haproxy.hybrid_max_writes": lambda v: None if v >= 1 else f"must be 1 or more, got {v}",
+    "haproxy.hybrid_max_writes": _between(1, 100000),
     "haproxy.backend.name_prefix": _matches(re.compile(r"[A-Za-z0-9_.:-]{1,32}"),
                                             "must be 1-32 of A-Z a-z 0-9 _ . : -"),
     "haproxy.backend.name_separator": _matches(re.compile(r"[_.:-]{1,3}"), "must be 1-3 of _ . : -"),
     "haproxy.backend.balance": _one_of(*BALANCE_ALGORITHMS),
     "haproxy.backend.mode": _one_of("http", "tcp"),
-    "haproxy.backend.params": _params(BACKEND_PARAMS, "name mode balance servers"),
-    "haproxy.server.params": _params(SERVER_PARAMS, "name address port maintenance"),
-    "haproxy.server_slots.base": lambda v: None if 1 <= v <= 10000 else f"must be between 1 and 10000, got {v}",
-    "haproxy.server_slots.growth_factor": _positive,
+    "haproxy.backend.params": _params(BACKEND_PARAMS, "name mode balance servers", BACKEND_PARAM_KINDS),
+    "haproxy.server.params": _params(SERVER_PARAMS, "name address port maintenance", SERVER_PARAM_KINDS),
+    "haproxy.server_slots.base": _between(1, 10000),
+    "haproxy.server_slots.max": _between(1, MAX_SLOTS),
+    "haproxy.server_slots.growth_factor": lambda v: _positive(v) or _at_most(100)(v),
     "haproxy.server_slots.growth_type": _one_of("linear", "exponential"),
-    "polling.interval_seconds": _positive,
-    "polling.jitter_seconds": _not_negative,
-    "polling.backoff_base_seconds": _positive,
-    "polling.max_backoff_seconds": _positive,
+    "polling.interval_seconds": lambda v: _positive(v) or _at_most(DAY, " s")(v),
+    "polling.jitter_seconds": lambda v: _not_negative(v) or _at_most(DAY, " s")(v),
+    "polling.backoff_base_seconds": lambda v: _positive(v) or _at_most(DAY, " s")(v),
+    "polling.max_backoff_seconds": lambda v: _positive(v) or _at_most(DAY, " s")(v),
     "safety.max_drain_percent": lambda v: None if 0 <= v <= 100 else f"must be between 0 and 100, got {v}",
-    "safety.drain_confirm_cycles": lambda v: None if v >= 1 else f"must be 1 or more, got {v}",
+    "safety.drain_confirm_cycles": _between(1, 1000),
     "logging.level": _one_of("DEBUG", "INFO", "WARNING", "ERROR"),
     "logging.format": _one_of("json", "text"),
     "metrics.listen": _listen_address,
@@ -546,9 +686,12 @@ def _coerce(value: Any, hint: Any, path: str, problems: list[str]) -> Any:
                 value = float(value) if hint is float else int(value)
             except ValueError:
                 pass
-        if isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value):
-            if hint is float or value == int(value):
-                return hint(value)
+        try:
+            if isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value):
+                if hint is float or value == int(value):
+                    return hint(value)
+        except OverflowError:     # an integer too large for a float
+            value = f"{str(value)[:20]}... ({len(str(value))} digits)"
         kind = "a number" if hint is float else "an integer"
         problems.append(f"{path}: must be {kind}, got {json.dumps(value)}")
     elif hint is str:
@@ -595,15 +738,23 @@ def _build(cls: type, raw: Any, env: Mapping[str, str], path: str, problems: lis
         if dataclasses.is_dataclass(hints[name]):
             kwargs[name] = _build(hints[name], raw[name], env, key, problems)
             continue
-        before = len(problems)
-        value = _coerce(_interpolate_all(raw[name], env, key, problems), hints[name], key, problems)
-        if len(problems) == before:
-            problem = CHECKS.get(key, lambda v: None)(value)
-            if problem:
-                problems.append(f"{key}: {problem}")
-            else:
-                kwargs[name] = value
+        try:
+            _build_value(kwargs, name, raw[name], hints[name], env, key, problems)
+        except Exception as exc:  # noqa: BLE001 - whatever the value does, it is this key's problem
+            problems.append(f"{key}: cannot be read ({type(exc).__name__}: {str(exc)[:100]})")
     return cls(**kwargs)
+
+
+def _build_value(kwargs: dict, name: str, raw: Any, hint: Any, env: Mapping[str, str], key: str,
+                 problems: list[str]) -> None:
+    before = len(problems)
+    value = _coerce(_interpolate_all(raw, env, key, problems), hint, key, problems)
+    if len(problems) == before:
+        problem = CHECKS.get(key, lambda v: None)(value)
+        if problem:
+            problems.append(f"{key}: {problem}")
+        else:
+            kwargs[name] = value
 
 
 def parse_config(raw: Any, env: Mapping[str, str]) -> Config:
@@ -630,6 +781,9 @@ def _cross_checks(cfg: Config) -> list[str]:
         if not RESOURCE_GROUP_RE.fullmatch(rg):
             problems.append(f"azure.resource_groups[{i}]: not a resource group name: {json.dumps(rg)}")
     slots = cfg.haproxy.server_slots
+    if slots.base > slots.max:
+        problems.append(f"haproxy.server_slots.max: must be at least haproxy.server_slots.base "
+                        f"({slots.max} < {slots.base})")
     if slots.growth_type == "linear" and slots.growth_factor < 1:
         problems.append("haproxy.server_slots.growth_factor: must be at least 1 for linear growth "
                         f"(fewer slots than instances otherwise), got {slots.growth_factor}")
@@ -663,7 +817,25 @@ def load_config(path: str, env: Mapping[str, str]) -> Config:
             data = f.read()
     except OSError as exc:
         raise ConfigError([f"{path}: cannot read: {exc.strerror}"]) from None
-    return parse_config(decode_config(data, path), env)
+    cfg = parse_config(decode_config(data, path), env)
+    problems = file_problems(cfg)
+    if problems:
+        raise ConfigError(problems)
+    return cfg
+
+
+def file_problems(cfg: Config) -> list[str]:
+    """Files the configuration names must exist and load: the CA bundle as PEM."""
+    path = cfg.haproxy.ca_file
+    if not path:
+        return []
+    try:
+        ssl.create_default_context().load_verify_locations(cafile=path)
+    except ssl.SSLError:          # (an OSError too: first)
+        return [f"haproxy.ca_file: {path} holds no PEM certificate"]
+    except OSError as exc:
+        return [f"haproxy.ca_file: cannot read {path}: {exc.strerror or exc}"]
+    return []
 
 
 def decode_config(data: bytes, path: str) -> Any:
@@ -678,6 +850,8 @@ def decode_config(data: bytes, path: str) -> Any:
             raise ConfigError([f"{path}: not valid TOML: {exc}"]) from None
     try:
         return json.loads(data)
+    except RecursionError:
+        raise ConfigError([f"{path}: not valid JSON: nested too deeply"]) from None
     except (ValueError, UnicodeDecodeError) as exc:
         raise ConfigError([f"{path}: not valid JSON: {exc}"]) from None
 
@@ -808,16 +982,18 @@ def _ceil(x: float) -> int:
 
 
 def slot_target(n: int, cfg: SlotsConfig) -> int:
-    """Slots wanted for n live instances: never below base, always at least n."""
+    """Slots wanted for n live instances: never below base, at least n, never above max."""
     if n <= cfg.base:
         return cfg.base
+    if n >= cfg.max:
+        return cfg.max
     if cfg.growth_type == "linear":
-        return cfg.base + _ceil((n - cfg.base) * cfg.growth_factor)
+        return min(cfg.max, cfg.base + _ceil((n - cfg.base) * cfg.growth_factor))
     # The smallest k with ceil(base * f^k) >= n: start just below the logarithm's answer.
     k = max(1, math.floor(math.log(n / cfg.base, cfg.growth_factor)) - 1)
     while _ceil(cfg.base * cfg.growth_factor ** k) < n:
         k += 1
-    return _ceil(cfg.base * cfg.growth_factor ** k)
+    return min(cfg.max, _ceil(cfg.base * cfg.growth_factor ** k))
 
 
 def slot_count(n: int, current: int, highest_live: int, cfg: SlotsConfig) -> int:
@@ -972,6 +1148,7 @@ def plan_cycle(groups: Mapping[ServiceKey, list[Member]], skipped: Sequence[Skip
     is held back (its servers stay live) until the mass-drain guard lets it through.
     """
     desired = {backend_name(k, cfg.haproxy.backend): ms for k, ms in groups.items()}
+    skipped = [*skipped, *_beyond_max(desired, state, cfg.haproxy.server_slots)]
     prefix = cfg.haproxy.backend.name_prefix + cfg.haproxy.backend.name_separator
     names = sorted(set(desired) | {n for n in actual if n.startswith(prefix)})
     slot_cfg = cfg.haproxy.server_slots
@@ -999,6 +1176,20 @@ def plan_cycle(groups: Mapping[ServiceKey, list[Member]], skipped: Sequence[Skip
                 sum(map(len, slots.values())), len(names))
     assignments = {n: {s.instance: s.name for s in slots[n] if s.instance} for n in names}
     return Decision(plan, assignments, fp if streak else None, streak)
+
+
+def _beyond_max(desired: dict[str, list[Member]], state: State, cfg: SlotsConfig) -> list[Skip]:
+    """Past haproxy.server_slots.max a backend takes no more instances: those that hold a
+    slot keep it, the rest (by id) become skips. Trims `desired` in place."""
+    skips = []
+    for name, members in desired.items():
+        if len(members) > cfg.max:
+            held = state.assignments.get(name, {})
+            ordered = sorted(members, key=lambda mb: (mb.instance not in held, mb.instance))
+            desired[name] = ordered[:cfg.max]
+            skips += [Skip(mb.label, f"backend {name} is full (haproxy.server_slots.max = {cfg.max})",
+                           mb.instance) for mb in ordered[cfg.max:]]
+    return skips
 
 
 def applied(actual: Mapping[str, BackendState], plan: Plan) -> dict[str, BackendState]:
@@ -2006,12 +2197,67 @@ class Metrics:
         return "\n".join(lines) + "\n"
 
 
+# The metrics listener serves scrapers, never the other way round: each connection gets
+# METRICS_DEADLINE seconds in all, and past METRICS_CONNECTIONS at once more are closed.
+METRICS_DEADLINE, METRICS_CONNECTIONS = 5.0, 16
+
+
+class _MetricsServer(http.server.ThreadingHTTPServer):
+    daemon_threads = True
+
+    def __init__(self, address: tuple[str, int], handler: type, family: socket.AddressFamily):
+        self.address_family = family
+        self._slots = threading.BoundedSemaphore(METRICS_CONNECTIONS)
+        super().__init__(address, handler)
+
+    def process_request(self, request: Any, client_address: Any) -> None:
+        if not self._slots.acquire(blocking=False):
+            self.shutdown_request(request)          # too many at once: this one is closed
+            return
+        super().process_request(request, client_address)
+
+    def process_request_thread(self, request: Any, client_address: Any) -> None:
+        try:
+            super().process_request_thread(request, client_address)
+        finally:
+            self._slots.release()
+
+
 def serve_metrics(listen: str, metrics: Metrics) -> http.server.ThreadingHTTPServer:
-    """/metrics and /healthz from a daemon thread that never blocks the loop."""
-    host, _, port = listen.rpartition(":")
+    """/metrics and /healthz (GET or HEAD) from daemon threads that never block the loop.
+    ConfigError when metrics.listen cannot be bound."""
+    host, port = listen_address(listen) or ("", 0)
 
     class Handler(http.server.BaseHTTPRequestHandler):
+        timeout = METRICS_DEADLINE            # per read; the timer below bounds the whole
+
+        def setup(self) -> None:
+            super().setup()
+            self._deadline = threading.Timer(METRICS_DEADLINE, self._cut)
+            self._deadline.daemon = True
+            self._deadline.start()
+
+        def _cut(self) -> None:
+            try:
+                self.connection.shutdown(socket.SHUT_RDWR)
+            except OSError:
+                pass
+
+        def finish(self) -> None:
+            self._deadline.cancel()
+            try:
+                super().finish()
+            except OSError:
+                pass
+
         def do_GET(self) -> None:  # noqa: N802 - the stdlib's name
+            data = self._answer()
+            self.wfile.write(data)
+
+        def do_HEAD(self) -> None:  # noqa: N802
+            self._answer()
+
+        def _answer(self) -> bytes:
             if self.path == "/metrics":
                 status, body = 200, metrics.render()
             elif self.path == "/healthz":
@@ -2024,13 +2270,16 @@ def serve_metrics(listen: str, metrics: Metrics) -> http.server.ThreadingHTTPSer
             self.send_header("Content-Type", "text/plain; version=0.0.4; charset=utf-8")
             self.send_header("Content-Length", str(len(data)))
             self.end_headers()
-            self.wfile.write(data)
+            return data
 
         def log_message(self, *args: Any) -> None:
             pass
 
-    server = http.server.ThreadingHTTPServer((host.strip("[]"), int(port)), Handler)
-    server.daemon_threads = True
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    try:
+        server = _MetricsServer((host, port), Handler, family)
+    except OSError as exc:
+        raise ConfigError([f"metrics.listen: cannot listen on {listen}: {exc.strerror or exc}"]) from None
     threading.Thread(target=server.serve_forever, name="metrics", daemon=True).start()
     return server
 
@@ -2217,51 +2466,56 @@ def main(argv: Sequence[str] | None = None) -> int:
     env = dict(os.environ)
     path = find_config(args.config)
     signals = Signals()
+    secrets = secret_values(env)      # every line printed here is masked, as log lines are
+
+    def say(line: str, stream: Any = sys.stderr) -> None:
+        print(redact(line, secrets), file=stream)
     try:
         cfg = load_config(path, env)
+        secrets = secrets_of(cfg, env)
         if args.validate:
             for warning in config_warnings(cfg):
-                print(f"warning: {warning}", file=sys.stderr)
-            print(f"{path}: configuration ok")
+                say(f"warning: {warning}")
+            say(f"{path}: configuration ok", sys.stdout)
             return EX_OK
-        setup_logging(args.log_level or cfg.logging.level, cfg.logging.format, secrets_of(cfg, env))
+        setup_logging(args.log_level or cfg.logging.level, cfg.logging.format, secrets)
         for warning in config_warnings(cfg):
             log.warning(warning, extra={"event": "config_warning"})
         signals.install()
         if args.dry_run or args.once:
-            return _run_one(cfg, env, args.dry_run, signals.stop)
+            return _run_one(cfg, env, args.dry_run, signals.stop, say)
         return run_forever(lambda: load_config(path, dict(os.environ)),
                            lambda c: AzureSource(c, env), lambda c: DataPlane(c.haproxy), signals)
     except ConfigError as exc:
         for problem in exc.problems:
-            print(f"error: {path}: {problem}" if not problem.startswith(path) else f"error: {problem}",
-                  file=sys.stderr)
+            say(f"error: {path}: {problem}" if not problem.startswith(path) else f"error: {problem}")
         return exc.exit_code
     except DiscoveryError as exc:
         if signals.stop.is_set():     # SIGTERM/SIGINT during --once: nothing is left half done
-            print(f"stopped: {exc}", file=sys.stderr)
+            say(f"stopped: {exc}")
             return EX_OK
-        print(f"error: {exc}", file=sys.stderr)
+        say(f"error: {exc}")
         return exc.exit_code
     except Exception as exc:  # noqa: BLE001 - last resort: one line, and the traceback in the log
         log.debug("unexpected error", exc_info=True)
-        print(f"error: unexpected {type(exc).__name__}: {exc}", file=sys.stderr)
+        say(f"error: unexpected {type(exc).__name__}: {exc}")
         return EX_FAIL
     finally:
         signals.restore()
 
 
-def _run_one(cfg: Config, env: Mapping[str, str], dry_run: bool, stop: threading.Event) -> int:
+def _run_one(cfg: Config, env: Mapping[str, str], dry_run: bool, stop: threading.Event,
+             say: Callable[[str], None]) -> int:
     """--once and --dry-run: one cycle; the plan (dry run) on stdout. A failure raises."""
     source, dp, state = AzureSource(cfg, env), DataPlane(cfg.haproxy), State()
     if dry_run:
         plan = run_cycle(cfg, source, dp, state, stop, CycleReport(), dry_run=True)
-        sys.stdout.write(format_plan(plan))
+        say(format_plan(plan).rstrip("\n"), sys.stdout)
     else:
         report = one_cycle(cfg, source, dp, state, stop)
         if report.refused:      # the rest applied; the refused backends are in the log
-            print(f"error: the Data Plane API refused backend(s) {', '.join(sorted(report.refused))}; "
-                  "the rest of the cycle applied", file=sys.stderr)
+            say(f"error: the Data Plane API refused backend(s) {', '.join(sorted(report.refused))}; "
+                "the rest of the cycle applied")
             return EX_FAIL
     return EX_OK
 

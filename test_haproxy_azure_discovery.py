@@ -396,8 +396,8 @@ class TestHostileNames:
 
 
 # --- Slots and diff ------------------------------------------------------------------
-LINEAR = m.SlotsConfig(10, 1.5, "linear")
-EXPONENTIAL = m.SlotsConfig(10, 1.5, "exponential")
+LINEAR = m.SlotsConfig(10, 1.5, "linear", m.MAX_SLOTS)
+EXPONENTIAL = m.SlotsConfig(10, 1.5, "exponential", m.MAX_SLOTS)
 
 
 class TestSlots:
