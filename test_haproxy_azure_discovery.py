@@ -236,6 +236,158 @@ class TestConfig:
 
 
 # --- Discovery: filter and group ---------------------------------------------------
+    @pytest.mark.parametrize("raw, problem", [
+        ({"polling": {"interval_seconds": 86401}}, "polling.interval_seconds: must be at most 86400 s"),
+        ({"polling": {"jitter_seconds": 1e9}}, "polling.jitter_seconds: must be at most 86400 s"),
+        ({"polling": {"backoff_base_seconds": 1e300, "max_backoff_seconds": 1e300}},
+         "polling.backoff_base_seconds: must be at most 86400 s"),
+        ({"polling": {"max_backoff_seconds": 90000}}, "polling.max_backoff_seconds: must be at most 86400 s"),
+        ({"haproxy": {"timeout": 3601}}, "haproxy.timeout: must be at most 3600 s"),
+        ({"azure": {"timeout": 1e20}}, "azure.timeout: must be at most 3600 s"),
+        ({"azure": {"retries": 1000}}, "azure.retries: must be between 0 and 20"),
+        ({"azure": {"workers": 10000}}, "azure.workers: must be between 1 and 64"),
+        ({"haproxy": {"server_slots": {"growth_factor": 1e6}}}, "haproxy.server_slots.growth_factor: must be at most 100"),
+        ({"haproxy": {"server_slots": {"max": 0}}}, "haproxy.server_slots.max: must be between 1 and 100000"),
+        ({"haproxy": {"server_slots": {"max": 5}}}, "haproxy.server_slots.max: must be at least haproxy.server_slots.base"),
+        ({"haproxy": {"server_slots": {"base": 10 ** 400}}}, "haproxy.server_slots.base: must be an integer, got \"1000"),
+        ({"polling": {"interval_seconds": 10 ** 400}}, "polling.interval_seconds: must be a number, got \"1000"),
+        ({"polling": {"interval_seconds": "1e999"}}, "polling.interval_seconds: must be a number"),
+        ({"safety": {"drain_confirm_cycles": 10 ** 9}}, "safety.drain_confirm_cycles: must be between 1 and 1000"),
+        ({"haproxy": {"base_url": "http://admin:pw@localhost:5555"}},
+         "haproxy.base_url: must not carry credentials (user:password@)"),
+        ({"haproxy": {"base_url": "http://admin@localhost:5555"}}, "haproxy.base_url: must not carry credentials"),
+        ({"metrics": {"listen": "::1:9777"}}, 'metrics.listen: must be "HOST:PORT"'),
+        ({"metrics": {"listen": "[::1:9777"}}, 'metrics.listen: must be "HOST:PORT"'),
+        ({"metrics": {"listen": "[fe80::zz]:9777"}}, 'metrics.listen: must be "HOST:PORT"'),
+        ({"metrics": {"listen": "example.com:9777"}}, 'metrics.listen: must be "HOST:PORT"'),
+        ({"metrics": {"listen": "127.0.0.1:70000"}}, 'metrics.listen: must be "HOST:PORT"'),
+        ({"metrics": {"listen": "127.0.0.1:٩٧"}}, 'metrics.listen: must be "HOST:PORT"'),
+        ({"haproxy": {"server": {"params": {"inter": "fast"}}}},
+         'haproxy.server.params: inter: must be an integer of 0 or more, got "fast"'),
+        ({"haproxy": {"server": {"params": {"inter": -1}}}}, "haproxy.server.params: inter: must be an integer"),
+        ({"haproxy": {"server": {"params": {"ssl": "yes"}}}},
+         'haproxy.server.params: ssl: must be enabled or disabled, got "yes"'),
+        ({"haproxy": {"server": {"params": {"verify": "none\nbackend evil"}}}}, "haproxy.server.params: verify: must be"),
+        ({"haproxy": {"server": {"params": {"sni": "a b"}}}}, "haproxy.server.params: sni: must be one word"),
+        ({"haproxy": {"server": {"params": {"agent-send": "x\ny"}}}},
+         "haproxy.server.params: agent-send: must be a string without control characters"),
+        ({"haproxy": {"server": {"params": {"health_check_port": 0}}}},
+         "haproxy.server.params: health_check_port: must be an integer 1-65535"),
+        ({"haproxy": {"server": {"params": {"allow_0rtt": "true"}}}},
+         'haproxy.server.params: allow_0rtt: must be true or false, got "true"'),
+        ({"haproxy": {"server": {"params": {"resolve_opts": "allow-dup-ip,bogus"}}}},
+         "haproxy.server.params: resolve_opts: must match"),
+        ({"haproxy": {"backend": {"params": {"http_reuse": "sometimes"}}}},
+         "haproxy.backend.params: http_reuse: must be aggressive or always or never or safe"),
+        ({"haproxy": {"backend": {"params": {"cookie": "SRV"}}}}, "haproxy.backend.params: cookie: must be a object"),
+        ({"haproxy": {"backend": {"params": {"from": "bad name"}}}}, "haproxy.backend.params: from: must be one word"),
+    ])
+    def test_bounds_and_models(self, raw, problem):
+        self.test_each_error_names_its_key(raw, problem)
+
+    @pytest.mark.parametrize("listen, host, port", [
+        ("127.0.0.1:9777", "127.0.0.1", 9777), ("[::1]:9777", "::1", 9777), (":9777", "", 9777),
+        ("localhost:1", "localhost", 1), ("[::]:65535", "::", 65535)])
+    def test_listen_addresses_accepted(self, listen, host, port):
+        assert make_config(metrics={"listen": listen}).metrics.listen == listen
+        assert m.listen_address(listen) == (host, port)
+
+    def test_param_values_that_the_model_allows_run(self):
+        cfg = make_config(haproxy={"password": "p", "server": {"params": {
+            "inter": 2000, "rise": 2, "ssl": "enabled", "verify": "none", "sni": "str(example.com)",
+            "health_check_port": 8081, "allow_0rtt": False, "proxy-v2-options": ["ssl"]}},
+            "backend": {"params": {"http_reuse": "safe", "cookie": {"name": "SRV"}, "retries": 3}}})
+        assert cfg.haproxy.server.params["inter"] == 2000
+
+    def test_param_kinds_follow_both_specifications(self):
+        yaml = pytest.importorskip("yaml")
+        for spec in ("dataplaneapi-v2.yaml", "dataplaneapi-v3.yaml"):
+            with open(os.path.join(HERE, "testing", "spec", spec)) as f:
+                defs = yaml.safe_load(f)["definitions"]
+
+            def props(name):
+                out = {}
+                for part in [defs[name], *defs[name].get("allOf", [])]:
+                    if "$ref" in part:
+                        out.update(props(part["$ref"].split("/")[-1]))
+                    out.update(part.get("properties", {}))
+                return out
+            for model, kinds, names in (("server", m.SERVER_PARAM_KINDS, m.SERVER_PARAMS),
+                                        ("backend", m.BACKEND_PARAM_KINDS, m.BACKEND_PARAMS)):
+                assert set(kinds) == names
+                fields = props(model)
+                for name, kind in kinds.items():
+                    node = fields[name]
+                    node = defs[node["$ref"].split("/")[-1]] if "$ref" in node else node
+                    want = {"integer": ("int", "port"), "boolean": ("bool",), "array": ("list",),
+                            "object": ("object",)}.get(node.get("type"))
+                    if node.get("enum"):
+                        assert set(kind.split("|")) <= set(node["enum"]), (spec, name)
+                    elif want:
+                        assert kind in want, (spec, name, kind)
+                        if kind == "port":
+                            assert (node.get("minimum"), node.get("maximum")) == (1, 65535), (spec, name)
+                    elif node.get("pattern"):
+                        expected = {"^[^\\s]+$": "word", "^[A-Za-z0-9-_.:]+$": "name"}.get(
+                            node["pattern"], "re:" + node["pattern"][1:-1])
+                        assert kind == expected, (spec, name)
+                    else:
+                        assert kind in ("text", "object"), (spec, name, kind)
+
+    def test_ca_file_must_exist_and_hold_pem(self, tmp_path):
+        import trustme
+        good = tmp_path / "ca.pem"
+        trustme.CA().cert_pem.write_to_path(str(good))
+        (tmp_path / "junk.pem").write_text("not a certificate\n")
+        base = {"azure": {"subscription_id": SUB}, "haproxy": {"password": "pw"}}
+        for ca, problem in [(str(tmp_path / "missing.pem"), "cannot read"),
+                            (str(tmp_path / "junk.pem"), "holds no PEM certificate"),
+                            (str(tmp_path), "cannot read"), (str(good), None)]:
+            path = write_config(tmp_path, {**base, "haproxy": {"password": "pw", "ca_file": ca}})
+            if problem is None:
+                assert m.load_config(path, {}).haproxy.ca_file == ca
+                continue
+            with pytest.raises(m.ConfigError) as err:
+                m.load_config(path, {})
+            assert err.value.problems[0].startswith(f"haproxy.ca_file: ") and problem in err.value.problems[0]
+            assert m.main(["--validate", "-c", path]) == 78
+
+    def test_any_exception_is_a_problem_of_its_key(self, monkeypatch):
+        monkeypatch.setitem(m.CHECKS, "haproxy.timeout", lambda v: 1 / 0)
+        with pytest.raises(m.ConfigError) as err:
+            make_config(haproxy={"password": "p", "timeout": 5})
+        assert err.value.problems == ("haproxy.timeout: cannot be read (ZeroDivisionError: division by zero)",)
+
+    def test_deeply_nested_json_is_78(self, tmp_path, capsys):
+        path = write_config(tmp_path, "[" * 100000)
+        assert m.main(["--validate", "-c", path]) == 78
+        assert "nested too deeply" in capsys.readouterr().err
+
+    def test_a_value_from_a_secret_variable_is_not_echoed(self, tmp_path, monkeypatch, capsys):
+        monkeypatch.setenv("DP_TOKEN", "t0ps3cret-value")
+        monkeypatch.setenv("DATAPLANE_PASSWORD", "pw-from-env-123")
+        path = write_config(tmp_path, {"azure": {"subscription_id": SUB},
+                                       "haproxy": {"password": "${DATAPLANE_PASSWORD}", "timeout": "${DP_TOKEN}",
+                                                   "username": "${DATAPLANE_PASSWORD}x"}})
+        assert m.main(["--validate", "-c", path]) == 78
+        err = capsys.readouterr().err
+        assert "haproxy.timeout: must be a number" in err and "t0ps3cret-value" not in err
+        assert m.secret_values({"DP_TOKEN": "abcd", "TOKENIZERS_PARALLELISM": "false", "HOME": "/root"}) == ["abcd"]
+
+    @pytest.mark.parametrize("edge", [
+        {"polling": {"interval_seconds": 86400, "jitter_seconds": 86400, "max_backoff_seconds": 86400}},
+        {"haproxy": {"password": "p", "timeout": 3600, "server_slots": {"base": 1, "max": 1}}},
+        {"haproxy": {"password": "p", "server_slots": {"growth_type": "exponential", "growth_factor": 100,
+                                                       "max": 100000}}},
+        {"metrics": {"listen": "[::1]:9777"}},
+    ])
+    def test_the_edges_that_validate_run(self, edge):
+        cfg = make_config(**edge)
+        slots = cfg.haproxy.server_slots
+        assert all(m.slot_target(n, slots) <= slots.max for n in (0, 1, 10, 999, 1000, 5000, 10 ** 6))
+        assert m.next_delay(1000, cfg.polling, 0.999) <= 86400 * 1.1
+
+
 HOSTILE = ["web\nbackend evil", "web app", "web#1", "w" * 10_000, "wéb", "", "web;x", "a/b"]
 
 
@@ -639,6 +791,19 @@ class TestPlan:
     ])
     def test_drain_held(self, drains, live, streak, confirm, want):
         assert m.drain_held(drains, live, streak, m.SafetyConfig(50, confirm)) == want
+
+    def test_a_backend_never_grows_past_max_and_the_surplus_are_skips(self):
+        cfg = make_config(haproxy={"password": "p", "server_slots": {"base": 2, "max": 3}})
+        first = run_plan([make_instance(i) for i in range(1, 3)], cfg=cfg)
+        state = m.State(assignments=first.assignments)
+        decision = run_plan([make_instance(i) for i in range(1, 6)], actual=apply_to({}, first.plan),
+                            state=state, cfg=cfg)
+        (backend,) = decision.plan.backends
+        assert backend.slots == 3 and backend.live == 3
+        assert sorted(s.instance for s in decision.plan.skipped) == ["vm4", "vm5"]
+        assert all("is full (haproxy.server_slots.max = 3)" in s.reason for s in decision.plan.skipped)
+        served = {s["address"] for s in backend.servers.values()}
+        assert {make_instance(1).address, make_instance(2).address} <= served   # slot holders stay
 
 
 class TestDelay:
@@ -1177,6 +1342,55 @@ class TestOperations:
         assert pages["health1"] == 200 and pages["health4"] == 503   # no success for 3 intervals
         with pytest.raises(OSError):     # the server is gone with the loop
             urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=2)
+
+    def test_metrics_listener_binds_ipv6_and_answers_head(self):
+        import http.client
+        port = free_port()
+        server = m.serve_metrics(f"[::1]:{port}", m.Metrics(30))
+        try:
+            conn = http.client.HTTPConnection("::1", port, timeout=5)
+            conn.request("HEAD", "/metrics")
+            r = conn.getresponse()
+            assert r.status == 200 and int(r.getheader("Content-Length")) > 0 and r.read() == b""
+            conn = http.client.HTTPConnection("::1", port, timeout=5)
+            conn.request("GET", "/healthz")
+            assert conn.getresponse().status == 503          # no successful cycle yet
+        finally:
+            server.shutdown()
+            server.server_close()
+
+    def test_metrics_listen_that_cannot_bind_is_a_config_error(self):
+        import socket
+        with socket.socket() as busy:
+            busy.bind(("127.0.0.1", 0))
+            busy.listen()
+            with pytest.raises(m.ConfigError, match="metrics.listen: cannot listen on 127.0.0.1:"):
+                m.serve_metrics(f"127.0.0.1:{busy.getsockname()[1]}", m.Metrics(30))
+
+    def test_slow_and_surplus_clients_are_cut_and_others_served(self, monkeypatch):
+        import socket
+        import urllib.request
+        monkeypatch.setattr(m, "METRICS_DEADLINE", 0.6)
+        monkeypatch.setattr(m, "METRICS_CONNECTIONS", 2)
+        port = free_port()
+        server = m.serve_metrics(f"127.0.0.1:{port}", m.Metrics(30))
+        try:
+            slow = [socket.create_connection(("127.0.0.1", port)) for _ in range(2)]
+            for sock in slow:
+                sock.sendall(b"GET /metr")                  # and never the rest
+            time.sleep(0.2)
+            surplus = socket.create_connection(("127.0.0.1", port), timeout=2)
+            assert surplus.recv(100) == b""                 # past the bound: closed at once
+            started = time.monotonic()
+            for sock in slow:
+                sock.settimeout(3)
+                sock.recv(100)                              # the deadline cuts them
+            assert time.monotonic() - started < 1.5
+            with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5) as r:
+                assert r.status == 200
+        finally:
+            server.shutdown()
+            server.server_close()
 
 
 # --- Data Plane adapter and apply ------------------------------------------------------
@@ -1734,6 +1948,20 @@ class TestOnce:
         assert "vm-0000 (/subscriptions/" in warnings[0]["msg"] and "/virtualmachines/vm-0000)" in warnings[0]["msg"]
         assert '"web\\n" is not a service name' in warnings[0]["msg"]
         assert lines[-1]["event"] == "cycle" and lines[-1]["skipped"] == 1 and lines[-1]["instances"] == 3
+
+    def test_once_with_a_refused_backend_applies_the_rest_and_exits_1(self, tmp_path, arm, dataplane,
+                                                                      monkeypatch, capsys):
+        from fake_arm import make_estate
+        arm.estate = make_estate(vms=2, services=(("web", 8080), ("api", 9000)))
+        monkeypatch.setenv("DP_PASSWORD", dataplane.password)
+        dataplane.add_fault("POST", r"/backends$", status=422, message="invalid")   # the first: azure-api-…
+        assert m.main(["--once", "-c", self.config(tmp_path, arm, dataplane)]) == 1
+        err = capsys.readouterr().err.splitlines()
+        assert sorted(dataplane.backends) == ["azure-web-8080-eastus"] and dataplane.open_transactions() == []
+        refused = [json.loads(line) for line in err[:-1] if '"backend_refused"' in line]
+        assert len(refused) == 1 and "vm-0001 (10.0.0.5:9000)" in refused[0]["msg"]
+        assert err[-1] == ("error: the Data Plane API refused backend(s) azure-api-9000-eastus; "
+                           "the rest of the cycle applied")
 
 
 class TestHybrid:
