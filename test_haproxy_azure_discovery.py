@@ -844,6 +844,19 @@ class TestLogging:
         if fmt == "json":
             assert all(json.loads(line) for line in out.splitlines() if line.startswith("{"))
 
+    @pytest.mark.parametrize("fmt", ["json", "text"])
+    def test_one_masking_for_password_basic_value_tokens_and_identity_header(self, fmt):
+        cfg = make_config(haproxy={"password": "dp-pass-4242", "username": "ops"})
+        env = {"IDENTITY_HEADER": "idh-7f3a9c", "AZURE_CLIENT_SECRET": "cs-0xdeadbeef", "HOME": "/root"}
+        basic = m.basic_credentials(cfg.haproxy)
+        stream = self.capture(fmt, m.secrets_of(cfg, env))
+        m.log.error("echo %s / %s / %s / %s", "dp-pass-4242", basic, "idh-7f3a9c", "cs-0xdeadbeef")
+        m.log.error("X-IDENTITY-HEADER: other-value-1 Authorization: Bearer tok.en.value")
+        out = stream.getvalue()
+        for secret in ("dp-pass-4242", basic, "idh-7f3a9c", "cs-0xdeadbeef", "other-value-1", "tok.en.value"):
+            assert secret not in out
+        assert out.count("***") >= 6
+
 
 # --- Daemon loop ---------------------------------------------------------------------
 class ScriptedSource:
