@@ -115,6 +115,8 @@ SERVER_PARAMS = frozenset("""
     send_proxy_v2_ssl send_proxy_v2_ssl_cn shard sigalgs slowstart sni socks4 source ssl
     ssl_cafile ssl_certificate ssl_max_ver ssl_min_ver ssl_reuse stick tcp_ut tfo track
     verify verifyhost weight ws""".split())
+
+
 def _by_kind(groups: Mapping[str, str]) -> dict[str, str]:
     return {name: kind for kind, names in groups.items() for name in names.split()}
 
@@ -679,7 +681,7 @@ def _coerce(value: Any, hint: Any, path: str, problems: list[str]) -> Any:
             return value.lower() == "true"
         if isinstance(value, bool):
             return value
-        problems.append(f"{path}: must be true or false, got {json.dumps(value)}")
+        problems.append(f"{path}: must be true or false, got {json.dumps(value, default=str)}")
     elif hint in (int, float):
         if isinstance(value, str):
             try:
@@ -693,11 +695,11 @@ def _coerce(value: Any, hint: Any, path: str, problems: list[str]) -> Any:
         except OverflowError:     # an integer too large for a float
             value = f"{str(value)[:20]}... ({len(str(value))} digits)"
         kind = "a number" if hint is float else "an integer"
-        problems.append(f"{path}: must be {kind}, got {json.dumps(value)}")
+        problems.append(f"{path}: must be {kind}, got {json.dumps(value, default=str)}")
     elif hint is str:
         if isinstance(value, str):
             return value
-        problems.append(f"{path}: must be a string, got {json.dumps(value)}")
+        problems.append(f"{path}: must be a string, got {json.dumps(value, default=str)}")
     elif origin is tuple:
         if isinstance(value, list) and all(isinstance(v, str) and v for v in value):
             return tuple(value)
@@ -1611,6 +1613,7 @@ class _DeadlineHandler(urllib.request.HTTPHandler, urllib.request.HTTPSHandler):
 
 
 MAX_ERROR_BODY = 64 * 1024      # an error answer is read this far, no further
+MAX_BODY = 512 * 1024 * 1024    # and any answer: far beyond 100,000 servers in full sections
 
 
 def basic_credentials(cfg: HAProxyConfig) -> str:
@@ -1691,7 +1694,7 @@ class DataPlane:
         try:
             try:
                 with self._opener.open(req, timeout=self.cfg.timeout) as resp:
-                    answer = resp.status, resp.read(), resp.headers
+                    answer = resp.status, resp.read(MAX_BODY + 1), resp.headers
             except urllib.error.HTTPError as exc:
                 with exc:
                     answer = exc.code, exc.read(MAX_ERROR_BODY), exc.headers
@@ -1707,6 +1710,8 @@ class DataPlane:
         if self._expired:
             raise DataPlaneError(
                 f"{where}: timed out, no complete answer within haproxy.timeout ({self.cfg.timeout:g} s)")
+        if len(answer[1]) > MAX_BODY:
+            raise DataPlaneError(f"{where}: HTTP {answer[0]} answer is larger than {MAX_BODY} bytes", answer[0])
         return answer
 
     def _decode(self, where: str, status: int, headers: Any, raw: bytes) -> Any:

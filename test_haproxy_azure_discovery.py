@@ -352,6 +352,23 @@ class TestConfig:
             assert err.value.problems[0].startswith(f"haproxy.ca_file: ") and problem in err.value.problems[0]
             assert m.main(["--validate", "-c", path]) == 78
 
+    def test_toml_dates_and_non_finite_numbers_are_problems(self, tmp_path):
+        path = write_config(tmp_path, textwrap.dedent(f"""\
+            [azure]
+            subscription_id = "{SUB}"
+            [haproxy]
+            password = 1979-05-27T07:32:00Z
+            [polling]
+            interval_seconds = inf
+            jitter_seconds = nan
+            """), "config.toml")
+        with pytest.raises(m.ConfigError) as err:
+            m.load_config(path, {})
+        assert sorted(err.value.problems) == [
+            'haproxy.password: must be a string, got "1979-05-27 07:32:00+00:00"',
+            "polling.interval_seconds: must be a number, got Infinity",
+            "polling.jitter_seconds: must be a number, got NaN"]
+
     def test_any_exception_is_a_problem_of_its_key(self, monkeypatch):
         monkeypatch.setitem(m.CHECKS, "haproxy.timeout", lambda v: 1 / 0)
         with pytest.raises(m.ConfigError) as err:
@@ -1813,6 +1830,12 @@ class TestHostileDataPlane:
                 m.run_cycle(cfg, ScriptedSource(m.Discovery((make_instance(1),))), dp, state,
                             threading.Event(), m.CycleReport())
         assert dataplane.open_transactions() == []
+
+    def test_an_endless_answer_is_cut_at_the_size_bound(self, monkeypatch):
+        monkeypatch.setattr(m, "MAX_BODY", 1000)
+        with Meddler(lambda *_: (200, JSON, "[" + "1," * 2000 + "1]")) as front:
+            with pytest.raises(m.DataPlaneError, match="answer is larger than 1000 bytes"):
+                meddled(front.url).version()
 
     def test_a_body_trickled_past_the_timeout(self):
         started = time.monotonic()

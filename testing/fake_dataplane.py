@@ -43,6 +43,12 @@ configuration.go, structured_backends.go, errors.go):
 * every write takes exactly one of ``transaction_id`` or ``version``; a plain
   (versioned) write is an implicit transaction committed at once, so it is
   checked with ``haproxy -c`` and bumps the version by one, changed or not;
+* a write that fails inside an explicit transaction leaves the transaction open
+  (client-native's HandleError deletes only implicit ones), holding whatever the
+  write changed before it failed; the emulator's own writes fail before they
+  change anything (as schema errors do), and ``add_fault(..., after=True)`` stands
+  in for a write that failed half-way (client-native's structured backend edit
+  deletes the section before rebuilding it);
 * a commit bumps the version by one (even when empty), counts one reload and
   marks every other open transaction outdated; at most ``max_open_transactions``
   (20) may be in progress;
