@@ -869,9 +869,12 @@ def find_config(path: str | None) -> str:
 
 # === Discovery: filter and group ===
 def _port(value: str | None) -> int | None:
-    if value is None or not re.fullmatch(r"[0-9]{1,5}", value.strip()):
+    # Spaces and tabs around the digits are forgiven; nothing else (str.strip() would also
+    # take \x1c-\x1f, which int() refuses).
+    digits = None if value is None else value.strip(" \t")
+    if digits is None or not re.fullmatch(r"[0-9]{1,5}", digits):
         return None
-    port = int(value)
+    port = int(digits)
     return port if 1 <= port <= 65535 else None
 
 
@@ -916,14 +919,16 @@ def _printable(text: str) -> str:
     """A name from outside, safe for one log line: control characters escaped, bounded."""
     if text.isprintable() and len(text) <= 200:
         return text
-    return json.dumps(text[:200], ensure_ascii=False)[1:-1]
+    # ASCII escapes: a line separator or a bidi override is no more printable than a newline.
+    return json.dumps(text[:200])[1:-1][:200]
 
 
 def _shown(value: str | None) -> str:
     """A tag value quoted for a log line: bounded, control characters escaped."""
     if value is None:
         return "(missing)"
-    return json.dumps(value[:40] + ("..." if len(value) > 40 else ""))
+    shown = json.dumps(value[:40] + ("..." if len(value) > 40 else ""))
+    return shown if len(shown) <= 64 else shown[:60] + '..."'     # escapes can be 12 characters
 
 
 def tags_match(tags: Mapping[str, str], cfg: TagsConfig) -> bool:
