@@ -1786,7 +1786,7 @@ class DataPlane:
         for b in payload["data"]:
             if b["name"].startswith(prefix):
                 _, servers, _ = self.request("GET", f"{conf}/servers", {"backend": b["name"]},
-                                             expect=_wrapped_list, shape='{"data": list of servers}')
+                                             expect=_wrapped_servers, shape='{"data": list of servers}')
                 found[b["name"]] = BackendState(b["name"], b, {s["name"]: s for s in servers["data"]})
         return payload["_version"], found
 
@@ -1870,11 +1870,21 @@ def _full_sections(payload: Any) -> bool:
 
 
 def _server_map(servers: Any) -> bool:
-    return servers is None or (isinstance(servers, dict) and all(isinstance(s, dict) for s in servers.values()))
+    return servers is None or (isinstance(servers, dict) and all(map(_server, servers.values())))
+
+
+def _server(s: Any) -> bool:
+    """A server object whose fields the planner compares have the model's types."""
+    return isinstance(s, dict) and isinstance(s.get("address", ""), str) \
+        and (s.get("port") is None or _is_int(s["port"])) and isinstance(s.get("maintenance", ""), str)
 
 
 def _wrapped_list(payload: Any) -> bool:
     return isinstance(payload, dict) and _is_int(payload.get("_version", 0)) and _named(payload.get("data"))
+
+
+def _wrapped_servers(payload: Any) -> bool:
+    return _wrapped_list(payload) and all(map(_server, payload["data"]))
 
 
 def _transaction(payload: Any) -> bool:

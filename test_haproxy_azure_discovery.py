@@ -1829,6 +1829,10 @@ class TestHostileDataPlane:
         ("/backends", '[{"name": 5}]', "not a list of backends"),
         ("/backends", '[{"name": "azure-x", "servers": []}]', "not a list of backends"),
         ("/backends", '[{"name": "azure-x", "servers": {"srv1": "x"}}]', "not a list of backends"),
+        ("/backends", '[{"name": "azure-x", "servers": {"srv1": {"name": "srv1", "address": ["10.0.0.1"]}}}]',
+         "not a list of backends"),
+        ("/backends", '[{"name": "azure-x", "servers": {"srv1": {"name": "srv1", "port": "80"}}}]',
+         "not a list of backends"),
         ("/transactions", '{"id": "../../configuration/backends/x"}', "not a transaction"),
         ("/transactions", "[]", "not a transaction"),
     ])
