@@ -191,6 +191,11 @@ BACKEND_PARAM_KINDS = _by_kind({
     "preserve|delete|reject": "http_restrict_req_hdr_names",
 })
 
+# Backend fields a Data Plane API release dropped from its model, and the first (major, minor)
+# without them: client-native 6.4 (dataplaneapi 3.4) has no http_proxy and ignores it silently.
+BACKEND_PARAMS_GONE = {"http_proxy": (3, 4)}
+# Seconds a cycle waits for the reload its writes caused (dataplaneapi's reload-delay is 5 s).
+RELOAD_WAIT = 60.0
 # Server fields dataplaneapi applies through HAProxy's runtime API without a reload when a
 # plain PUT changes only them (client-native/dataplaneapi changeThroughRuntimeAPI).
 RUNTIME_FIELDS = frozenset({"address", "port", "maintenance", "weight", "agent-check",
@@ -290,7 +295,7 @@ class Instance:
 @dataclass(frozen=True)
 class Skip:
     """Why an instance is not served: reported as data, logged by the loop."""
-    instance: str
+    instance: str                # the instance's name, for people
     reason: str
     id: str = ""                 # the resource id, for the operator who must find it
 
@@ -353,6 +358,14 @@ class ServerChange:
         changed = {k for k in keys if not _same_value(self.body.get(k), self.before.get(k))}
         return changed <= RUNTIME_FIELDS
 
+    @property
+    def unparks(self) -> bool:
+        """A parked slot filled with a new address: a runtime write of it needs two steps."""
+        return (self.action == "update" and self.before is not None and self.body is not None
+                and self.before.get("maintenance") == "enabled" and _is_live(self.body)
+                and (self.before.get("address"), self.before.get("port"))
+                != (self.body.get("address"), self.body.get("port")))
+
 
 @dataclass(frozen=True)
 class BackendPlan:
@@ -378,6 +391,7 @@ class Plan:
     backends: tuple[BackendPlan, ...] = ()
     skipped: tuple[Skip, ...] = ()
     held: tuple[str, ...] = ()           # "backend/server" slots whose parking is held back
+    warnings: tuple[str, ...] = ()       # e.g. a foreign server holding one of our slot ids
     live: int = 0                        # live servers once applied
     services: int = 0                    # services discovered
     slots: int = 0                       # slots in all our backends once applied
@@ -392,6 +406,44 @@ class Plan:
         return all(not b.structural and all(c.runtime_only for c in b.changes)
                    for b in self.backends)
 
+    @property
+    def runtime_writes(self) -> int:
+        """Plain server PUTs hybrid mode sends for this plan: an unpark takes two."""
+        return sum(1 + c.unparks for b in self.backends for c in b.changes)
+
+
+@dataclass(frozen=True)
+class Applied:
+    """What applying a plan left behind: the configuration version it ended at (None when
+    the Data Plane API did not say) and the reloads it caused, by Reload-ID."""
+    version: int | None
+    reloads: tuple[str, ...] = ()
+
+
+class Source(typing.Protocol):
+    """Where instances come from: AzureSource, or a test's scripted list."""
+
+    def discover(self) -> Discovery: ...
+
+
+class Target(typing.Protocol):
+    """What plans are applied to: DataPlane (HAProxy through its Data Plane API), or a
+    test's in-memory fake. The core decides what to do; a Target knows the wire."""
+
+    requests: int
+
+    def version(self) -> int: ...
+
+    def read_backends(self, prefix: str) -> dict[str, BackendState]: ...
+
+    def apply_transaction(self, plan: Plan, version: int, stop: threading.Event,
+                          refused: dict[str, str] | None = None) -> Applied: ...
+
+    def apply_runtime(self, plan: Plan, version: int, stop: threading.Event,
+                      refused: dict[str, str] | None = None) -> Applied: ...
+
+    def await_reloads(self, reloads: Sequence[str], stop: threading.Event) -> None: ...
+
 
 @dataclass
 class State:
@@ -402,6 +454,15 @@ class State:
     drain_fingerprint: str | None = None  # discovery seen behind a mass drain ...
     drain_streak: int = 0                 # ... and in how many cycles in a row
     skipped: frozenset[str] = frozenset()  # skip reasons already logged as warnings
+
+
+@dataclass(frozen=True)
+class Decision:
+    """What one planning pass decided; the loop stores it in State once it is applied."""
+    plan: Plan
+    assignments: dict[str, dict[str, str]]
+    drain_fingerprint: str | None
+    drain_streak: int
 
 
 # === Configuration ===
@@ -868,6 +929,7 @@ def find_config(path: str | None) -> str:
 
 
 # === Discovery: filter and group ===
+@functools.lru_cache(maxsize=4096)      # a few distinct tag values, thousands of instances
 def _port(value: str | None) -> int | None:
     # Spaces and tabs around the digits are forgiven; nothing else (str.strip() would also
     # take \x1c-\x1f, which int() refuses).
@@ -934,6 +996,8 @@ def _shown(value: str | None) -> str:
 def tags_match(tags: Mapping[str, str], cfg: TagsConfig) -> bool:
     """Allowlist: every pair must be present; denylist: any present pair excludes.
     Tag names compare case-insensitively, values exactly."""
+    if not cfg.allowlist and not cfg.denylist:
+        return True
     tags = folded(tags)
     return (all(tags.get(k.lower()) == v for k, v in cfg.allowlist.items())
             and not any(tags.get(k.lower()) == v for k, v in cfg.denylist.items()))
@@ -949,24 +1013,34 @@ def select_instances(instances: Iterable[Instance], cfg: Config
     groups: dict[ServiceKey, list[Member]] = {}
     skipped: list[Skip] = []
     seen: set[str] = set()
+    # service_of reads the tags and the region only: thousands of instances share a handful of
+    # answers, and its checks (tag folding, patterns) are the costliest part of this loop.
+    services: dict[tuple, Any] = {}   # (tags, region) -> None, a Skip, or (port, the service's members)
     for inst in sorted(instances, key=lambda i: i.id):
         if inst.id in seen or not tags_match(inst.tags, cfg.tags):
             continue
         seen.add(inst.id)
         if cfg.azure.running_only and inst.power_state != "running":
             continue
-        found = service_of(inst, cfg)
+        answer = (tuple(inst.tags.items()), inst.region)
+        if answer in services:
+            found = services[answer]
+        else:
+            found = service_of(inst, cfg)
+            if found is not None and not isinstance(found, Skip):
+                found = (found[1], groups.setdefault(found[0], []))    # (port, the group's list)
+            services[answer] = found
         if found is None:
             continue
         if isinstance(found, Skip):
-            skipped.append(found)
+            skipped.append(_skip(inst, found.reason))
         elif inst.address is None:
             skipped.append(_skip(inst, f"no {cfg.azure.address} {cfg.azure.ip_version} address: "
                                        "primary network interface or IP configuration missing"))
         else:
-            key, port = found
-            groups.setdefault(key, []).append(Member(inst.id, _printable(inst.name), inst.address, port))
-    return groups, skipped
+            port, group = found
+            group.append(Member(inst.id, _printable(inst.name), inst.address, port))
+    return {k: ms for k, ms in groups.items() if ms}, skipped
 
 
 def backend_name(key: ServiceKey, cfg: BackendConfig) -> str:
@@ -976,10 +1050,13 @@ def backend_name(key: ServiceKey, cfg: BackendConfig) -> str:
 
 def fingerprint(groups: Mapping[ServiceKey, list[Member]]) -> str:
     """A stable digest of a discovery result: equal results, equal fingerprints."""
-    text = json.dumps(sorted(((k.name, k.port, k.region),
-                              sorted((m.instance, m.address, m.port) for m in ms))
-                             for k, ms in groups.items()))
-    return hashlib.sha256(text.encode()).hexdigest()[:16]
+    digest = hashlib.sha256()
+    for k in sorted(groups, key=lambda k: (k.name, k.port, k.region)):
+        # One string per service; no field holds a newline (names and ids are checked).
+        digest.update(f"{k.name}\n{k.port}\n{k.region}\n".encode())
+        digest.update("\n".join(sorted(f"{m.instance} {m.address} {m.port}" for m in groups[k])).encode())
+        digest.update(b"\n\n")
+    return digest.hexdigest()[:16]
 
 
 # === Slots and diff ===
@@ -1017,6 +1094,7 @@ def slot_count(n: int, current: int, highest_live: int, cfg: SlotsConfig) -> int
     return current
 
 
+@functools.lru_cache(maxsize=65536)     # the same few thousand names, every cycle
 def slot_index(name: str) -> int | None:
     """N for our slot names srvN, None for any other server."""
     digits = name[3:]
@@ -1038,46 +1116,64 @@ def assign_slots(members: Sequence[Member], actual: Mapping[str, Mapping[str, An
     parked slot; live servers never move.
     """
     ours = {i: s for name, s in actual.items() if (i := slot_index(name))}
-    by_endpoint: dict[tuple[str, int], list[int]] = {}
-    for i in sorted(ours):
-        if _is_live(ours[i]):
-            by_endpoint.setdefault((ours[i].get("address"), ours[i].get("port")), []).append(i)
+    live = {i for i, s in ours.items() if _is_live(s)}
     taken: dict[int, Member] = {}
     fresh: list[Member] = []
+    by_endpoint: dict[tuple[Any, Any], list[int]] | None = None    # built when first needed
     for m in members:
         i = slot_index(previous.get(m.instance, ""))
         if i is None or i in taken:
-            free = [j for j in by_endpoint.get((m.address, m.port), []) if j not in taken]
-            i = free[0] if free else None
+            if by_endpoint is None:
+                by_endpoint = {}
+                for j in sorted(live):
+                    by_endpoint.setdefault((ours[j].get("address"), ours[j].get("port")), []).append(j)
+            i = next((j for j in by_endpoint.get((m.address, m.port), ()) if j not in taken), None)
         if i is None:
             fresh.append(m)
         else:
             taken[i] = m
     # A slot that is live in HAProxy but not ours this cycle is being parked now; it stays
     # in place for this cycle so that shrinking only ever removes parked slots.
-    highest = max([*taken, *(i for i, s in ours.items() if _is_live(s))], default=0)
-    count = slot_count(len(members), max(ours, default=0), highest, cfg)
-    # Parked (or new) slots first; a slot whose instance just left only when none is left,
-    # rather than growing the backend.
-    free = sorted((j for j in range(1, count + 1) if j not in taken),
-                  key=lambda j: (j in ours and _is_live(ours[j]), j))
-    for m, j in zip(fresh, free, strict=False):   # free has room for every fresh member
-        taken[j] = m
+    count = slot_count(len(members), max(ours, default=0), max([*taken, *live], default=0), cfg)
+    if fresh:
+        # Parked (or new) slots first; a slot whose instance just left only when none is
+        # left, rather than growing the backend.
+        free = sorted((j for j in range(1, count + 1) if j not in taken), key=lambda j: (j in live, j))
+        for m, j in zip(fresh, free, strict=False):   # free has room for every fresh member
+            taken[j] = m
     return [Slot(f"srv{j}", m.instance, m.label, m.address, m.port) if (m := taken.get(j))
-            else Slot(f"srv{j}") for j in range(1, count + 1)]
+            else _parked_slot(j) for j in range(1, count + 1)]
 
 
-def server_body(slot: Slot, cfg: HAProxyConfig) -> dict[str, Any]:
-    """The Data Plane server object for a slot, live or parked."""
+@functools.lru_cache(maxsize=65536)
+def _parked_slot(j: int) -> Slot:
+    return Slot(f"srv{j}")
+
+
+def server_body(slot: Slot, cfg: HAProxyConfig, with_id: bool = True) -> dict[str, Any]:
+    """The Data Plane server object for a slot, live or parked. srvN carries `id` N: HAProxy
+    numbers servers without one in file order, consistent hashing and id-based persistence
+    follow those numbers, and a full-section write reorders the file (see _foreign_ids)."""
+    body: dict[str, Any] = {"name": slot.name, "id": slot_index(slot.name)} if with_id else {"name": slot.name}
     if slot.instance is None:
-        body = {"name": slot.name, "address": PARK_ADDRESS, "port": PARK_PORT,
-                "maintenance": "enabled", "check": "disabled"}
+        body.update(address=PARK_ADDRESS, port=PARK_PORT, maintenance="enabled", check="disabled")
         if cfg.apply_mode == "hybrid":
             # Parking and filling must differ only in runtime-capable fields.
-            body = {**body, "check": "enabled", **cfg.server.params, "maintenance": "enabled"}
+            body["check"] = "enabled"
+            body.update(cfg.server.params)
+            body["maintenance"] = "enabled"
         return body
-    return {"name": slot.name, "address": slot.address, "port": slot.port,
-            "check": "enabled", **cfg.server.params, "maintenance": "disabled"}
+    body.update(address=slot.address, port=slot.port, check="enabled")
+    body.update(cfg.server.params)
+    body["maintenance"] = "disabled"
+    return body
+
+
+def _foreign_ids(actual: BackendState | None) -> dict[int, str]:
+    """Server ids held by servers of others in our backend, by id. HAProxy refuses two
+    servers with one id, so the slot whose number is taken goes without an explicit id."""
+    have = actual.servers if actual else {}
+    return {i: n for n, s in have.items() if slot_index(n) is None and isinstance(i := s.get("id"), int)}
 
 
 def backend_fields(name: str, cfg: BackendConfig) -> dict[str, Any]:
@@ -1097,6 +1193,8 @@ def _same_value(want: Any, have: Any) -> bool:
 
 def _differs(want: Mapping[str, Any], have: Mapping[str, Any]) -> bool:
     """Only the keys we set count: fields HAProxy or others add are left alone."""
+    if want.items() <= have.items():       # the common case, compared in C
+        return False
     return any(not _same_value(v, have.get(k)) for k, v in want.items())
 
 
@@ -1110,14 +1208,15 @@ def plan_backend(name: str, slots: Sequence[Slot], actual: BackendState | None,
     want_fields = backend_fields(name, cfg.backend)
     have_servers = actual.servers if actual else {}
     servers = {n: s for n, s in have_servers.items() if slot_index(n) is None}  # not ours: kept
+    taken_ids = _foreign_ids(actual)
     changes = []
     for slot in slots:
-        body = server_body(slot, cfg)
+        body = server_body(slot, cfg, with_id=slot_index(slot.name) not in taken_ids)
         servers[slot.name] = body
         have = have_servers.get(slot.name)
         if have is None:
             changes.append(ServerChange("add", slot.name, body, None, slot.label))
-        elif _differs(body, have):
+        elif not body.items() <= have.items() and _differs(body, have):    # the first test is C
             changes.append(ServerChange("update", slot.name, body, have, slot.label))
     wanted = {s.name for s in slots}
     for n in sorted((n for n in have_servers if slot_index(n) and n not in wanted), key=slot_index):
@@ -1127,24 +1226,31 @@ def plan_backend(name: str, slots: Sequence[Slot], actual: BackendState | None,
         want_fields = {**actual.fields, **want_fields}
     if actual is not None and not changes and not fields_changed:
         return None
-    return BackendPlan(name, actual is None, fields_changed, want_fields, servers, tuple(changes),
-                       len(slots), sum(1 for s in slots if s.instance))
+    return BackendPlan(name=name, create=actual is None, fields_changed=fields_changed, fields=want_fields,
+                       servers=servers, changes=tuple(changes), slots=len(slots),
+                       live=sum(1 for s in slots if s.instance))
+
+
+def id_clashes(name: str, slots: Sequence[Slot], actual: BackendState | None) -> list[str]:
+    """One line per slot that goes without its id because a foreign server holds it."""
+    taken = _foreign_ids(actual)
+    if not taken:
+        return []
+    return [f"backend {name}: server {taken[i]} holds id {i}, so slot {s.name} goes without an explicit id"
+            for s in slots if (i := slot_index(s.name)) in taken]
 
 
 def _drains(slots: Sequence[Slot], actual: BackendState | None) -> list[str]:
-    """Our servers live in HAProxy that these slots would park or point elsewhere."""
-    have = actual.servers if actual else {}
-    return [s.name for s in slots if s.name in have and _is_live(h := have[s.name])
-            and (s.instance is None or (s.address, s.port) != (h.get("address"), h.get("port")))]
-
-
-@dataclass(frozen=True)
-class Decision:
-    """What one planning pass decided; the loop stores it in State once it is applied."""
-    plan: Plan
-    assignments: dict[str, dict[str, str]]
-    drain_fingerprint: str | None
-    drain_streak: int
+    """Our servers live in HAProxy that these slots would park or point elsewhere.
+    (slots[i - 1] is srv<i>; slots past the end are parked ones being removed.)"""
+    drained = []
+    for name, h in (actual.servers.items() if actual else ()):
+        i = slot_index(name)
+        if i and i <= len(slots) and h.get("maintenance") != "enabled":
+            s = slots[i - 1]
+            if s.instance is None or s.address != h.get("address") or s.port != h.get("port"):
+                drained.append(name)
+    return sorted(drained, key=slot_index)
 
 
 def plan_cycle(groups: Mapping[ServiceKey, list[Member]], skipped: Sequence[Skip],
@@ -1166,7 +1272,7 @@ def plan_cycle(groups: Mapping[ServiceKey, list[Member]], skipped: Sequence[Skip
 
     slots = {n: assign(n) for n in names}
     drains = {n: d for n in names if (d := _drains(slots[n], actual.get(n)))}
-    live_now = sum(_is_live(s) for n in names if n in actual
+    live_now = sum(s.get("maintenance") != "enabled" for n in names if n in actual
                    for name, s in actual[n].servers.items() if slot_index(name))
     fp = fingerprint(groups)
     held, streak = drain_held(sum(map(len, drains.values())), live_now,
@@ -1177,12 +1283,14 @@ def plan_cycle(groups: Mapping[ServiceKey, list[Member]], skipped: Sequence[Skip
         for n, names_drained in drains.items():
             slots[n] = assign(n, _held_members(names_drained, actual[n], state.assignments.get(n, {})))
     plans = [p for n in names if (p := plan_backend(n, slots[n], actual.get(n), cfg.haproxy))]
-    plan = Plan(tuple(plans), tuple(skipped),
-                tuple(f"{n}/{s}" for n, d in drains.items() for s in d) if held else (),
-                sum(len(ms) for ms in desired.values()), len(desired),
-                sum(map(len, slots.values())), len(names))
+    plan = Plan(backends=tuple(plans), skipped=tuple(skipped),
+                held=tuple(f"{n}/{s}" for n, d in drains.items() for s in d) if held else (),
+                warnings=tuple(w for n in names for w in id_clashes(n, slots[n], actual.get(n))),
+                live=sum(len(ms) for ms in desired.values()), services=len(desired),
+                slots=sum(map(len, slots.values())), our_backends=len(names))
     assignments = {n: {s.instance: s.name for s in slots[n] if s.instance} for n in names}
-    return Decision(plan, assignments, fp if streak else None, streak)
+    return Decision(plan=plan, assignments=assignments, drain_fingerprint=fp if streak else None,
+                    drain_streak=streak)
 
 
 def _beyond_max(desired: dict[str, list[Member]], state: State, cfg: SlotsConfig) -> list[Skip]:
@@ -1199,7 +1307,7 @@ def _beyond_max(desired: dict[str, list[Member]], state: State, cfg: SlotsConfig
     return skips
 
 
-def applied(actual: Mapping[str, BackendState], plan: Plan) -> dict[str, BackendState]:
+def state_after(actual: Mapping[str, BackendState], plan: Plan) -> dict[str, BackendState]:
     """What HAProxy holds once `plan` is applied to `actual`."""
     return {**actual, **{b.name: BackendState(b.name, b.fields, b.servers) for b in plan.backends}}
 
@@ -1266,15 +1374,6 @@ def _label(change: ServerChange) -> str:
     return f" ({change.label})" if change.label and change.body and _is_live(change.body) else ""
 
 
-def next_delay(failures: int, cfg: PollingConfig, rand: float) -> float:
-    """Seconds to sleep: the interval plus jitter after a success, else exponential
-    backoff from backoff_base_seconds, capped at max_backoff_seconds (rand in [0, 1))."""
-    if failures == 0:
-        return cfg.interval_seconds + rand * cfg.jitter_seconds
-    return min(cfg.max_backoff_seconds, cfg.backoff_base_seconds * 2 ** min(failures - 1, 30)) \
-        * (1 + 0.1 * rand)
-
-
 # === Azure adapter ===
 def _azure_sdk() -> tuple[Any, Any, Any, Any]:
     """Import the Azure SDK on first use; DependencyError (exit 69) if absent."""
@@ -1317,11 +1416,11 @@ def _ref(raw: Mapping, key: str) -> str:
 
 def power_state(raw: Mapping) -> str | None:
     """'running', 'stopped', 'deallocated', ... from an instance view; None without one."""
-    statuses = (_props(raw).get("instanceView") or {}).get("statuses")
-    for status in statuses or ():
-        code = status.get("code") or ""
-        if code.startswith("PowerState/"):
-            return code.split("/", 1)[1].lower()
+    view = _props(raw).get("instanceView")
+    for status in (view.get("statuses") if view else None) or ():
+        code = status.get("code")
+        if isinstance(code, str) and code.startswith("PowerState/"):
+            return code[len("PowerState/"):].lower()
     return None
 
 
@@ -1352,6 +1451,13 @@ def nic_address(nic: Mapping, public_ips: Mapping[str, Mapping], cfg: AzureConfi
 
 
 def _valid_ip(address: Any, version: int) -> str | None:
+    if version == 4:
+        # The C parser: a tenth of ipaddress's cost, and as strict (dotted quad, no
+        # leading zeros); twenty thousand addresses a cycle at the largest estates.
+        try:
+            return socket.inet_ntop(socket.AF_INET, socket.inet_pton(socket.AF_INET, address))
+        except (OSError, TypeError, ValueError):
+            return None
     try:
         ip = ipaddress.ip_address(address)
     except ValueError:
@@ -1368,28 +1474,36 @@ def instances_from_azure(listing: AzureListing, cfg: AzureConfig) -> list[Instan
     """Join the listings into instances: NICs by their lower-cased virtualMachine id,
     power states and scale sets by lower-cased id. An instance whose NIC or address
     is missing still comes back (address None); a second sighting counts once."""
+    # Twenty thousand instances a cycle at the largest estates: one pass per listing, and
+    # a plain dict lookup per instance for each of them.
     nics: dict[str, list[Mapping]] = {}
     seen_nics: set[str] = set()
     for nic in listing.nics:
-        if _id(nic.get("id")) not in seen_nics:
-            seen_nics.add(_id(nic.get("id")))
+        nid = _id(nic.get("id"))
+        if nid not in seen_nics:
+            seen_nics.add(nid)
             nics.setdefault(_ref(nic, "virtualMachine"), []).append(nic)
     pips = {_id(p.get("id")): p for p in listing.public_ips}
     powers = {_id(v.get("id")): p for v in listing.statuses if (p := power_state(v))}
     sets = {_id(s.get("id")): s for s in listing.scale_sets}
+    set_tags: dict[str, dict[str, str]] = {}
     out: dict[str, Instance] = {}
     for raw, kind in [*((v, "vm") for v in listing.vms), *((v, "uniform") for v in listing.set_instances)]:
         vid = _id(raw.get("id"))
         if not vid or vid in out:
             continue
-        set_id = _scale_set_of(vid) if kind == "uniform" else _ref(raw, "virtualMachineScaleSet")
+        props = raw.get("properties") or {}
+        set_id = _scale_set_of(vid) if kind == "uniform" else _id((props.get("virtualMachineScaleSet") or {}).get("id"))
         tags = _tags(raw)
         if set_id:
-            tags = {**_tags(sets.get(set_id, {})), **tags}
+            if set_id not in set_tags:
+                set_tags[set_id] = _tags(sets.get(set_id, {}))
+            tags = {**set_tags[set_id], **tags}
             kind = "uniform" if kind == "uniform" else "flexible"
-        nic = _primary(nics.get(vid, []))
+        mine = nics.get(vid)
+        nic = _primary(mine) if mine else None
         address = nic_address(nic, pips, cfg) if nic else None
-        state = power_state(raw) or powers.get(vid, "unknown")
+        state = (props.get("instanceView") and power_state(raw)) or powers.get(vid, "unknown")
         name = raw.get("name") or vid.rsplit("/", 1)[-1]
         if kind == "uniform" and raw.get("instanceId") is not None:
             name = f"{set_id.rsplit('/', 1)[-1]}_{raw['instanceId']}"
@@ -1520,7 +1634,8 @@ class AzureSource:
         while url:
             try:
                 response = self._client.send_request(self._request("GET", url))
-                page = response.json() if response.status_code == 200 else None
+                # json.loads on the bytes: the SDK's json() decodes to text first.
+                page = json.loads(response.body()) if response.status_code == 200 else None
             except self._errors.AzureError as exc:
                 raise AzureError(f"listing {what} failed: {_sdk_message(exc)}") from None
             except ValueError as exc:
@@ -1637,6 +1752,7 @@ class DataPlane:
     def __init__(self, cfg: HAProxyConfig):
         self.cfg = cfg
         self.api = None if cfg.api_version == "auto" else cfg.api_version
+        self.release: tuple[int, ...] | None = None    # dataplaneapi's (major, minor), from /info
         self.requests = 0
         self._secrets = [cfg.password, basic_credentials(cfg)]
         self._headers = {"Authorization": f"Basic {basic_credentials(cfg)}", "Accept": "application/json",
@@ -1752,12 +1868,12 @@ class DataPlane:
         """api_version auto: /v3/info, then /v2/info."""
         for api in ("v3", "v2"):
             try:
-                self.request("GET", "/info", api=api)
+                _, info, _ = self.request("GET", "/info", api=api)
             except DataPlaneError as exc:
                 if exc.status in (404, 405):
                     continue
                 raise
-            self.api = api
+            self.api, self.release = api, _release(info)
             return api
         raise DataPlaneError(f"{self.cfg.base_url}: neither /v3/info nor /v2/info answers: "
                              "is this a Data Plane API?")
@@ -1770,16 +1886,17 @@ class DataPlane:
                                      expect=lambda p: _is_int(self._data(p)), shape="an integer version")
         return self._data(payload)
 
-    def read_backends(self, prefix: str) -> tuple[int, dict[str, BackendState]]:
-        """The configuration version and every backend whose name starts with prefix."""
+    def read_backends(self, prefix: str) -> dict[str, BackendState]:
+        """Every backend whose name starts with prefix. The version that guards them is read
+        before (version()): dataplaneapi sets a reply's Configuration-Version when it writes
+        the header, after the body was built, so it can be newer than the data (dataplaneapi
+        3.0 adapters/adapters.go)."""
         conf = "/services/haproxy/configuration"
-        if (self.api or self.probe()) == "v3":
-            _, payload, headers = self.request("GET", f"{conf}/backends", {"full_section": "true"},
-                                               expect=_full_sections, shape="a list of backends")
-            version = _int_header(headers.get("Configuration-Version"))
-            version = self.version() if version is None else version
-            return version, {b["name"]: _backend_state(b) for b in payload or []
-                             if b["name"].startswith(prefix)}
+        self._check_backend_params()
+        if self.api == "v3":
+            _, payload, _ = self.request("GET", f"{conf}/backends", {"full_section": "true"},
+                                         expect=_full_sections, shape="a list of backends")
+            return {b["name"]: _backend_state(b) for b in payload or [] if b["name"].startswith(prefix)}
         _, payload, _ = self.request("GET", f"{conf}/backends", expect=_wrapped_list,
                                      shape='{"_version": integer, "data": list of backends}')
         found = {}
@@ -1788,19 +1905,36 @@ class DataPlane:
                 _, servers, _ = self.request("GET", f"{conf}/servers", {"backend": b["name"]},
                                              expect=_wrapped_servers, shape='{"data": list of servers}')
                 found[b["name"]] = BackendState(b["name"], b, {s["name"]: s for s in servers["data"]})
-        return payload["_version"], found
+        return found
 
-    def writes(self, b: BackendPlan) -> list[tuple[str, str, dict[str, Any], Any]]:
+    def _check_backend_params(self) -> None:
+        """haproxy.backend.params against the backend model of the API in use: dataplaneapi
+        3.4 (client-native 6.4) has no http_proxy and drops it silently, so a plan that sets
+        it would be sent again every cycle."""
+        if self.api is None:
+            self.probe()
+        if self.release is None:
+            _, info, _ = self.request("GET", "/info")
+            self.release = _release(info)
+        gone = [k for k in self.cfg.backend.params
+                if self.api == "v3" and self.release >= BACKEND_PARAMS_GONE.get(k, (99,))]
+        if gone:
+            raise DataPlaneError("; ".join(
+                f"haproxy.backend.params.{k}: the Data Plane API {'.'.join(map(str, self.release))} has no "
+                f"such backend field (gone since {'.'.join(map(str, BACKEND_PARAMS_GONE[k]))}); remove it"
+                for k in gone))
+
+    def _writes(self, b: BackendPlan) -> list[tuple[str, str, dict[str, Any], Any]]:
         """The requests (method, path, query, body) that apply one backend's plan inside a
-        transaction: in v3 one full-section write for a new or resized backend."""
+        transaction. v3: one full-section write carrying every field and child list read and
+        every server, ours and others' (client-native structured_backends.go rebuilds the
+        section from the body alone). v2 has no full sections: one request per change."""
         conf = "/services/haproxy/configuration"
         if self.api == "v3":
+            full = {**b.fields, "servers": b.servers}
             if b.create:
-                return [("POST", f"{conf}/backends", {"full_section": "true"}, {**b.fields, "servers": b.servers})]
-            if b.structural:
-                return [("PUT", f"{conf}/backends/{_q(b.name)}", {"full_section": "true"},
-                         {**b.fields, "servers": b.servers})]
-            return [("PUT", f"{conf}/backends/{_q(b.name)}/servers/{c.name}", {}, c.body) for c in b.changes]
+                return [("POST", f"{conf}/backends", {"full_section": "true"}, full)]
+            return [("PUT", f"{conf}/backends/{_q(b.name)}", {"full_section": "true"}, full)]
         if b.create:
             return [("POST", f"{conf}/backends", {}, b.fields),
                     *(("POST", f"{conf}/servers", {"backend": b.name}, body) for body in b.servers.values())]
@@ -1814,20 +1948,63 @@ class DataPlane:
                 out.append(("DELETE", f"{conf}/servers/{c.name}", {"backend": b.name}, None))
         return out
 
-    def server_path(self, backend: str, server: str) -> tuple[str, dict[str, str]]:
+    def _server_path(self, backend: str, server: str) -> tuple[str, dict[str, str]]:
         conf = "/services/haproxy/configuration"
         if self.api == "v3":
             return f"{conf}/backends/{_q(backend)}/servers/{server}", {}
         return f"{conf}/servers/{server}", {"backend": backend}
 
-    def start_transaction(self, version: int) -> str:
-        _, payload, _ = self.request("POST", "/services/haproxy/transactions", {"version": version},
-                                     expect=_transaction, shape="a transaction")
-        return payload["id"]
+    def apply_transaction(self, plan: Plan, version: int, stop: threading.Event,
+                          refused: dict[str, str] | None = None) -> Applied:
+        """Every write of the plan in one transaction started at `version`, then commit.
 
-    def commit(self, txn: str) -> int | None:
-        _, _, headers = self.request("PUT", f"/services/haproxy/transactions/{txn}")
-        return _int_header(headers.get("Configuration-Version"))
+        A backend whose write the API refuses (400/422) is left out and named in `refused`;
+        the others then go in a fresh transaction. The refused transaction cannot be
+        committed as it is: client-native keeps an explicit transaction open after a failed
+        write, holding whatever that write changed before it failed (configuration/
+        transaction.go HandleError; structured_backends.go EditStructuredBackend deletes the
+        section before rebuilding it). Whatever happens before a commit, the transaction is
+        deleted. TransactionConflict when the configuration moved under it.
+        """
+        refused = {} if refused is None else refused
+        for _ in range(len(plan.backends) + 1):     # each pass refuses one more backend, or commits
+            backends = [b for b in plan.backends if b.name not in refused]
+            if not backends:
+                return Applied(version)
+            _, payload, _ = self.request("POST", "/services/haproxy/transactions", {"version": version},
+                                         expect=_transaction, shape="a transaction")
+            txn, committed = payload["id"], False
+            try:
+                if self._write_backends(backends, txn, stop, refused):
+                    status, _, headers = self.request("PUT", f"/services/haproxy/transactions/{txn}")
+                    committed = True
+                    return Applied(_int_header(headers.get("Configuration-Version")), _reload_ids(status, headers))
+            finally:
+                if not committed:
+                    self._delete_transaction(txn)
+        raise DataPlaneError("the Data Plane API kept refusing backends")  # pragma: no cover
+
+    def _write_backends(self, backends: Sequence[BackendPlan], txn: str, stop: threading.Event,
+                        refused: dict[str, str]) -> bool:
+        """Send each backend's writes in transaction `txn`; False when one was refused."""
+        clean = True
+        for b in backends:
+            try:
+                for method, path, query, body in self._writes(b):
+                    if stop.is_set():
+                        raise Aborted("shutdown requested: transaction abandoned")
+                    self.request(method, path, {**query, "transaction_id": txn}, body)
+            except DataPlaneError as exc:
+                if exc.status not in REFUSED_STATUSES or isinstance(exc, TransactionConflict):
+                    raise
+                # A peer's commit while ours is open marks ours outdated and drops it: the next
+                # write gets 400 "transaction ... does not exist", not 406/409 (dataplaneapi 2.9
+                # misc/misc.go:84-89, handlers/transaction.go:88-94). That is a conflict.
+                if not self.transaction_open(txn):
+                    raise TransactionConflict(f"transaction {txn} ended under us (another client "
+                                              f"committed): {exc}", 409) from None
+                refused[b.name], clean = str(exc), False
+        return clean
 
     def transaction_open(self, txn: str) -> bool:
         """Whether transaction `txn` is still in progress (a peer's commit ends it)."""
@@ -1840,13 +2017,98 @@ class DataPlane:
             raise
         return payload.get("status") == "in_progress"
 
-    def delete_transaction(self, txn: str) -> None:
-        """Delete a transaction; one that is already gone is fine."""
+    def _delete_transaction(self, txn: str) -> None:
+        """Delete a transaction; one that is already gone is fine; a failure is logged."""
         try:
             self.request("DELETE", f"/services/haproxy/transactions/{txn}")
         except DataPlaneError as exc:
             if exc.status != 404:
-                raise
+                log.error("could not delete transaction %s: %s", txn, exc,
+                          extra={"event": "transaction_leak", "transaction": txn})
+
+    def apply_runtime(self, plan: Plan, version: int, stop: threading.Event,
+                      refused: dict[str, str] | None = None) -> Applied:
+        """Hybrid mode: each change a plain versioned server PUT, which dataplaneapi applies
+        through HAProxy's runtime API and answers 200, or answers 202 when it had to reload
+        after all (a field outside the runtime set, a failed runtime command, no runtime
+        socket: dataplaneapi 3.4 handlers/configuration/server/server.go:275-384). A backend
+        with a refused PUT (400/422: nothing written) is named in `refused` and its other
+        changes wait."""
+        refused = {} if refused is None else refused
+        reloads: list[str] = []
+        for b in plan.backends:
+            try:
+                for c in b.changes:
+                    for body in _runtime_steps(c):
+                        if stop.is_set():
+                            raise Aborted("shutdown requested")
+                        version = self._runtime_write(b.name, c.name, body, version, reloads)
+            except DataPlaneError as exc:
+                if exc.status not in REFUSED_STATUSES or isinstance(exc, TransactionConflict):
+                    raise
+                refused[b.name] = str(exc)
+        return Applied(version, tuple(reloads))
+
+    def _runtime_write(self, backend: str, server: str, body: Mapping[str, Any], version: int,
+                       reloads: list[str]) -> int:
+        """One plain server PUT at `version`; the version after it. A 202 is a reload."""
+        path, query = self._server_path(backend, server)
+        status, _, headers = self.request("PUT", path, {**query, "version": version}, body)
+        if status == 202:
+            reloads += [i for i in _reload_ids(status, headers) if i not in reloads]
+            log.warning("server %s/%s: the Data Plane API reloaded HAProxy for a runtime write "
+                        "(answered 202)", backend, server,
+                        extra={"event": "runtime_reload", "backend": backend, "server": server})
+        value = _int_header(headers.get("Configuration-Version"))
+        return version + 1 if value is None else value
+
+    def await_reloads(self, reloads: Sequence[str], stop: threading.Event) -> None:
+        """Wait (bounded by RELOAD_WAIT) until each reload has run. dataplaneapi reloads up to
+        reload-delay (5 s) after a commit, shares one reload between the commits in that
+        window, and says in_progress, succeeded or failed (haproxy/reload_agent.go Reload,
+        GetReload). A failed reload is a DataPlaneError: HAProxy runs the old configuration."""
+        deadline = time.monotonic() + RELOAD_WAIT
+        for reload_id in reloads:
+            if reload_id == "":
+                continue                     # a reload without an id: nothing to ask about
+            pause = 0.05
+            while True:
+                _, payload, _ = self.request("GET", f"/services/haproxy/reloads/{_q(reload_id)}")
+                entry = payload.get("data", payload) if isinstance(payload, dict) else {}
+                status = entry.get("status") if isinstance(entry, dict) else None
+                if status == "succeeded":
+                    break
+                if status == "failed":
+                    response = " ".join(str(entry.get("response") or "").split())[:300]
+                    raise DataPlaneError(f"HAProxy reload {reload_id} failed: {response}")
+                if time.monotonic() + pause > deadline:
+                    raise DataPlaneError(f"HAProxy reload {reload_id} still {status} after {RELOAD_WAIT:g} s")
+                if stop.wait(pause):
+                    raise Aborted("shutdown requested while waiting for a reload")
+                pause = min(pause * 2, 1.0)
+
+
+def _runtime_steps(change: ServerChange) -> list[Mapping[str, Any]]:
+    """The bodies of one hybrid write. dataplaneapi lifts maintenance before it changes the
+    address (v2.9 handlers/runtime.go: `set server state ready`, then `set server addr`), so
+    one PUT that unparks a slot sends traffic to the parked address for a moment: first
+    move the address while still in maintenance, then lift maintenance."""
+    body = change.body or {}
+    return [{**body, "maintenance": "enabled"}, body] if change.unparks else [body]
+
+
+def _reload_ids(status: int, headers: Mapping[str, str]) -> tuple[str, ...]:
+    """The reload a 202 announces ("" when it names none); a 200 or 201 caused none."""
+    if status != 202:
+        return ()
+    return (headers.get("Reload-ID") or "",)
+
+
+def _release(info: Any) -> tuple[int, ...]:
+    """(3, 4) from /info's api.version "v3.4.2 ..."; (0,) when it says nothing readable."""
+    version = ((info or {}).get("api") or {}).get("version") if isinstance(info, dict) else None
+    found = re.match(r"v?(\d+)\.(\d+)", str(version or ""))
+    return (int(found[1]), int(found[2])) if found else (0,)
 
 
 # The shapes of the answers the program reads (testing/spec: version is an integer;
@@ -1903,188 +2165,6 @@ def _q(name: str) -> str:
     return urllib.parse.quote(name, safe="")
 
 
-# === Apply ===
-MAX_ATTEMPTS = 3
-
-
-def apply_transaction(plan: Plan, dp: DataPlane, version: int, stop: threading.Event,
-                      refused: dict[str, str] | None = None) -> int | None:
-    """Every write of the plan in one transaction started at `version`, then commit.
-
-    A backend whose write the API refuses (400/422) is left out and named in `refused`;
-    the others then go in a fresh transaction. The refused transaction cannot be
-    committed as it is: client-native keeps an explicit transaction open after a failed
-    write, holding whatever that write changed before it failed (configuration/
-    transaction.go HandleError; structured_backends.go EditStructuredBackend deletes the
-    section before rebuilding it). Whatever happens before a commit, the transaction is
-    deleted. Returns the new version, or `version` when every backend was refused.
-    """
-    refused = {} if refused is None else refused
-    for _ in range(len(plan.backends) + 1):     # each pass refuses one more backend, or commits
-        backends = [b for b in plan.backends if b.name not in refused]
-        if not backends:
-            return version
-        txn = dp.start_transaction(version)
-        committed = False
-        try:
-            if _write_backends(backends, dp, txn, stop, refused):
-                new_version = dp.commit(txn)
-                committed = True
-                return new_version
-        finally:
-            if not committed:
-                try:
-                    dp.delete_transaction(txn)
-                except DataPlaneError as exc:
-                    log.error("could not delete transaction %s: %s", txn, exc,
-                              extra={"event": "transaction_leak", "transaction": txn})
-    raise DataPlaneError("the Data Plane API kept refusing backends")  # pragma: no cover
-
-
-def _write_backends(backends: Sequence[BackendPlan], dp: DataPlane, txn: str, stop: threading.Event,
-                    refused: dict[str, str]) -> bool:
-    """Send each backend's writes in transaction `txn`; False when one was refused."""
-    clean = True
-    for b in backends:
-        try:
-            for method, path, query, body in dp.writes(b):
-                if stop.is_set():
-                    raise Aborted("shutdown requested: transaction abandoned")
-                dp.request(method, path, {**query, "transaction_id": txn}, body)
-        except DataPlaneError as exc:
-            if exc.status not in REFUSED_STATUSES or isinstance(exc, TransactionConflict):
-                raise
-            # A peer's commit drops our transaction, and the next write gets 400 "transaction
-            # does not exist" (dataplaneapi handlers/transaction.go): that is a conflict.
-            if not dp.transaction_open(txn):
-                raise TransactionConflict(f"transaction {txn} ended under us: {exc}", 409) from None
-            refused[b.name], clean = str(exc), False
-    return clean
-
-
-def apply_runtime(plan: Plan, dp: DataPlane, version: int, stop: threading.Event,
-                  refused: dict[str, str] | None = None) -> int | None:
-    """Hybrid mode: each change a plain versioned server PUT that dataplaneapi applies
-    through HAProxy's runtime API, without a reload. A backend with a refused PUT
-    (400/422: nothing written) is named in `refused` and its other changes wait."""
-    refused = {} if refused is None else refused
-    for b in plan.backends:
-        for c in b.changes:
-            if stop.is_set():
-                raise Aborted("shutdown requested")
-            path, query = dp.server_path(b.name, c.name)
-            try:
-                _, _, headers = dp.request("PUT", path, {**query, "version": version}, c.body)
-            except DataPlaneError as exc:
-                if exc.status not in REFUSED_STATUSES:
-                    raise
-                refused[b.name] = str(exc)
-                break
-            value = _int_header(headers.get("Configuration-Version"))
-            version = version + 1 if value is None else value
-    return version
-
-
-@dataclass
-class CycleReport:
-    """What a cycle did, for logs, metrics and the exit code."""
-    result: str = "failed"        # "steady", "unchanged", "applied", "held", "partial" or "failed"
-    plan: Plan | None = None
-    instances: int = 0
-    skipped: int = 0
-    azure_requests: int = 0
-    dataplane_requests: int = 0
-    transactions: dict[str, int] = field(default_factory=dict)   # "committed", "conflict", ...
-    reload_commits: int = 0
-    duration: float = 0.0
-    error: str = ""
-    refused: dict[str, str] = field(default_factory=dict)        # backend -> the API's refusal
-
-
-def run_cycle(cfg: Config, source: Any, dp: DataPlane, state: State, stop: threading.Event,
-              report: CycleReport, dry_run: bool = False) -> Plan | None:
-    """Discover, plan against what HAProxy holds, apply; re-plan on a conflict.
-
-    Steady state costs one Data Plane request: the configuration version, when it and
-    the discovery are what the last cycle left. Fills `report` as it goes.
-    """
-    discovery = source.discover()
-    report.azure_requests = discovery.requests
-    groups, skipped = select_instances(discovery.instances, cfg)
-    skipped = [*discovery.skipped, *skipped]
-    report.instances, report.skipped = sum(map(len, groups.values())), len(skipped)
-    fp = fingerprint(groups)
-    if stop.is_set():
-        raise Aborted("shutdown requested")
-    if not dry_run and state.fingerprint == fp and dp.version() == state.version:
-        report.result = "steady"
-        return None
-    prefix = cfg.haproxy.backend.name_prefix + cfg.haproxy.backend.name_separator
-    for attempt in range(1, MAX_ATTEMPTS + 1):
-        version, actual = dp.read_backends(prefix)
-        decision = plan_cycle(groups, skipped, actual, state, cfg)
-        plan = decision.plan
-        if dry_run:
-            return plan
-        report.refused = {}
-        try:
-            new_version = _apply(plan, dp, version, stop, cfg, report)
-        except TransactionConflict as exc:
-            report.transactions["conflict"] = report.transactions.get("conflict", 0) + 1
-            log.warning("configuration changed under us (attempt %d of %d): %s", attempt, MAX_ATTEMPTS,
-                        exc, extra={"event": "conflict", "attempt": attempt})
-            continue
-        # A refused backend keeps the slots HAProxy holds: the next cycle plans it afresh.
-        assignments = {**decision.assignments,
-                       **{n: state.assignments.get(n, {}) for n in report.refused}}
-        state.version, state.assignments = new_version, assignments
-        state.drain_fingerprint, state.drain_streak = decision.drain_fingerprint, decision.drain_streak
-        # The shortcut is only taken from a fixpoint: a held drain, a refused backend, or
-        # slots parked now that a later shrink may remove, need the next cycle to plan again.
-        settled = not plan.held and not report.refused and (plan.empty or plan_cycle(
-            groups, skipped, applied(actual, plan), state, cfg).plan.empty)
-        state.fingerprint = fp if settled else None
-        report.plan = plan
-        report.result = ("partial" if report.refused else "held" if plan.held
-                         else "applied" if not plan.empty else "unchanged")
-        _log_refused(report.refused, groups, cfg)
-        return plan
-    raise DataPlaneError(f"gave up after {MAX_ATTEMPTS} attempts: the configuration kept changing")
-
-
-def _apply(plan: Plan, dp: DataPlane, version: int, stop: threading.Event, cfg: Config,
-           report: CycleReport) -> int | None:
-    if plan.empty:
-        return version     # an empty transaction would still reload HAProxy: send none
-    # Hybrid: runtime writes need no reload, but the Data Plane API checks the whole
-    # configuration with `haproxy -c` for each of them; past hybrid_max_writes one
-    # transaction (one check, one reload) is quicker.
-    writes = sum(len(b.changes) for b in plan.backends)
-    if cfg.haproxy.apply_mode == "hybrid" and plan.runtime_only and writes <= cfg.haproxy.hybrid_max_writes:
-        return apply_runtime(plan, dp, version, stop, report.refused)
-    try:
-        new_version = apply_transaction(plan, dp, version, stop, report.refused)
-    except TransactionConflict:
-        raise
-    except DiscoveryError:
-        report.transactions["failed"] = report.transactions.get("failed", 0) + 1
-        raise
-    if len(report.refused) < len(plan.backends):
-        report.transactions["committed"] = report.transactions.get("committed", 0) + 1
-        report.reload_commits += 1
-    return new_version
-
-
-def _log_refused(refused: Mapping[str, str], groups: Mapping[ServiceKey, list[Member]], cfg: Config) -> None:
-    """One error line per refused backend, naming the instances that wait for it."""
-    members = {backend_name(k, cfg.haproxy.backend): ms for k, ms in groups.items()}
-    for name, error in sorted(refused.items()):
-        served = ", ".join(f"{m.label} ({m.address}:{m.port})" for m in members.get(name, [])) or "none"
-        log.error("backend %s refused by the Data Plane API, its writes are left out of this cycle "
-                  "(retried next cycle): %s; instances: %s", name, error, served,
-                  extra={"event": "backend_refused", "backend": name, "count": len(members.get(name, []))})
-
-
 # === Logging ===
 _LOG_RESERVED = frozenset(vars(logging.LogRecord("", 0, "", 0, "", (), None))) | {"message", "asctime"}
 
@@ -2137,10 +2217,11 @@ class TextFormatter(_Redacting):
         return line
 
 
-def setup_logging(level: str, fmt: str, secrets: Iterable[str], stream: Any = None) -> None:
+def setup_logging(level: str, fmt: str, secrets: Iterable[str], stream: Any = None,
+                  env: Mapping[str, str] | None = None) -> None:
     handler = logging.StreamHandler(stream or sys.stderr)
     handler.setFormatter(JsonFormatter(secrets) if fmt == "json"
-                         else TextFormatter(secrets, timestamps="JOURNAL_STREAM" not in os.environ))
+                         else TextFormatter(secrets, timestamps="JOURNAL_STREAM" not in (os.environ if env is None else env)))
     root = logging.getLogger()
     for old in root.handlers[:]:
         root.removeHandler(old)
@@ -2153,6 +2234,154 @@ def secrets_of(cfg: Config, env: Mapping[str, str]) -> list[str]:
     """What no printed line may show: the Data Plane password and its Basic header value,
     and every secret-named environment variable (so also config values taken from one)."""
     return [cfg.haproxy.password, basic_credentials(cfg.haproxy), *secret_values(env)]
+
+
+# === Cycle ===
+MAX_ATTEMPTS = 3
+
+
+@dataclass
+class CycleReport:
+    """What a cycle did, for logs, metrics and the exit code."""
+    result: str = "failed"        # "steady", "unchanged", "applied", "held", "partial" or "failed"
+    plan: Plan | None = None
+    instances: int = 0
+    skipped: int = 0
+    azure_requests: int = 0
+    dataplane_requests: int = 0
+    transactions: dict[str, int] = field(default_factory=dict)   # "committed", "conflict", ...
+    reloads: int = 0              # HAProxy reloads the cycle's writes caused (Reload-IDs seen)
+    duration: float = 0.0
+    error: str = ""
+    refused: dict[str, str] = field(default_factory=dict)        # backend -> the API's refusal
+
+
+def reconcile(cfg: Config, source: Source, target: Target, state: State, stop: threading.Event,
+              report: CycleReport, dry_run: bool = False) -> Plan | None:
+    """Discover, plan against what HAProxy holds, apply; re-plan on a conflict.
+
+    Steady state costs one Data Plane request: the configuration version, when it and
+    the discovery are what the last cycle left. The version is read before the backends
+    it guards, so a change landing between the two reads is a conflict, not overwritten.
+    Fills `report` as it goes.
+    """
+    discovery = source.discover()
+    report.azure_requests = discovery.requests
+    groups, skipped = select_instances(discovery.instances, cfg)
+    skipped = [*discovery.skipped, *skipped]
+    report.instances, report.skipped = sum(map(len, groups.values())), len(skipped)
+    fp = fingerprint(groups)
+    if stop.is_set():
+        raise Aborted("shutdown requested")
+    prefix = cfg.haproxy.backend.name_prefix + cfg.haproxy.backend.name_separator
+    for attempt in range(1, MAX_ATTEMPTS + 1):
+        version = target.version()
+        if attempt == 1 and not dry_run and state.fingerprint == fp and version == state.version:
+            report.result = "steady"
+            return None
+        actual = target.read_backends(prefix)
+        decision = plan_cycle(groups, skipped, actual, state, cfg)
+        plan = decision.plan
+        if dry_run:
+            return plan
+        report.refused = {}
+        try:
+            new_version = _apply(plan, target, version, stop, cfg, report)
+        except TransactionConflict as exc:
+            report.transactions["conflict"] = report.transactions.get("conflict", 0) + 1
+            log.warning("configuration changed under us (attempt %d of %d): %s", attempt, MAX_ATTEMPTS,
+                        exc, extra={"event": "conflict", "attempt": attempt})
+            continue
+        # A refused backend keeps the slots HAProxy holds: the next cycle plans it afresh.
+        assignments = {**decision.assignments,
+                       **{n: state.assignments.get(n, {}) for n in report.refused}}
+        state.version, state.assignments = new_version, assignments
+        state.drain_fingerprint, state.drain_streak = decision.drain_fingerprint, decision.drain_streak
+        # The shortcut is only taken from a fixpoint: a held drain, a refused backend, or
+        # slots parked now that a later shrink may remove, need the next cycle to plan again.
+        settled = not plan.held and not report.refused and (plan.empty or plan_cycle(
+            groups, skipped, state_after(actual, plan), state, cfg).plan.empty)
+        state.fingerprint = fp if settled else None
+        report.plan = plan
+        report.result = ("partial" if report.refused else "held" if plan.held
+                         else "applied" if not plan.empty else "unchanged")
+        _log_refused(report.refused, groups, cfg)
+        return plan
+    raise DataPlaneError(f"gave up after {MAX_ATTEMPTS} attempts: the configuration kept changing")
+
+
+def _apply(plan: Plan, target: Target, version: int, stop: threading.Event, cfg: Config,
+           report: CycleReport) -> int | None:
+    """Transaction or runtime writes, as the mode and the plan say; the version it ends at."""
+    if plan.empty:
+        return version     # an empty transaction would still reload HAProxy: send none
+    # Hybrid: runtime writes need no reload, but the Data Plane API checks the whole
+    # configuration with `haproxy -c` for each of them; past hybrid_max_writes one
+    # transaction (one check, one reload) is quicker.
+    if (cfg.haproxy.apply_mode == "hybrid" and plan.runtime_only
+            and plan.runtime_writes <= cfg.haproxy.hybrid_max_writes):
+        done = target.apply_runtime(plan, version, stop, report.refused)
+    else:
+        try:
+            done = target.apply_transaction(plan, version, stop, report.refused)
+        except TransactionConflict:
+            raise
+        except DiscoveryError:
+            report.transactions["failed"] = report.transactions.get("failed", 0) + 1
+            raise
+        if len(report.refused) < len(plan.backends):
+            report.transactions["committed"] = report.transactions.get("committed", 0) + 1
+    # Only a reload that ran makes the new version HAProxy's: until then (or when it
+    # failed) the cycle has not applied anything, and the next one plans again.
+    report.reloads += len(done.reloads)
+    target.await_reloads(done.reloads, stop)
+    return done.version
+
+
+def _log_refused(refused: Mapping[str, str], groups: Mapping[ServiceKey, list[Member]], cfg: Config) -> None:
+    """One error line per refused backend, naming the instances that wait for it."""
+    members = {backend_name(k, cfg.haproxy.backend): ms for k, ms in groups.items()}
+    for name, error in sorted(refused.items()):
+        served = ", ".join(f"{m.label} ({m.address}:{m.port})" for m in members.get(name, [])) or "none"
+        log.error("backend %s refused by the Data Plane API, its writes are left out of this cycle "
+                  "(retried next cycle): %s; instances: %s", name, error, served,
+                  extra={"event": "backend_refused", "backend": name, "count": len(members.get(name, []))})
+
+
+def one_cycle(cfg: Config, source: Source, dp: Target, state: State, stop: threading.Event,
+              now: Callable[[], float] = time.monotonic) -> CycleReport:
+    """reconcile() with its report filled in and logged, whatever happens."""
+    report = CycleReport()
+    started, dp_before = now(), dp.requests
+    try:
+        reconcile(cfg, source, dp, state, stop, report)
+    finally:
+        report.duration = now() - started
+        report.dataplane_requests = dp.requests - dp_before
+    _log_report(report, state)
+    return report
+
+
+def _log_report(report: CycleReport, state: State) -> None:
+    plan = report.plan
+    if plan is not None:
+        reasons = {f"{s.instance}" + (f" ({s.id})" if s.id else "") + f": {s.reason}" for s in plan.skipped}
+        for reason in sorted(reasons - state.skipped):    # each skip is warned about once
+            log.warning("instance skipped: %s", reason, extra={"event": "skip"})
+        for warning in sorted(set(plan.warnings) - state.skipped):     # and each warning
+            log.warning("%s", warning, extra={"event": "server_id_taken"})
+        state.skipped = frozenset(reasons | set(plan.warnings))
+        for held in plan.held:
+            log.warning("mass-drain guard holds %s live", held, extra={"event": "drain_held", "server": held})
+        for b in plan.backends:
+            log.info("backend %s changed: %d servers", b.name, len(b.changes),
+                     extra={"event": "backend_changed", "backend": b.name, "count": len(b.changes),
+                            "slots": b.slots, "live": b.live})
+    log.info("cycle %s", report.result,
+             extra={"event": "cycle", "result": report.result, "instances": report.instances,
+                    "skipped": report.skipped, "azure_requests": report.azure_requests,
+                    "dataplane_requests": report.dataplane_requests,
+                    "duration_ms": round(report.duration * 1000)})
 
 
 # === Daemon loop ===
@@ -2191,7 +2420,7 @@ class Metrics:
             inc("cycle_duration_seconds_sum", by=report.duration)
             inc("azure_requests_total", by=report.azure_requests)
             inc("dataplane_requests_total", by=report.dataplane_requests)
-            inc("reload_commits_total", by=report.reload_commits)
+            inc("reloads_total", by=report.reloads)
             inc("backends_refused_total", by=len(report.refused))
             for result, n in report.transactions.items():
                 inc("transactions_total", f'result="{result}"', n)
@@ -2336,46 +2565,23 @@ class Signals:
         self.wake.clear()
 
 
-def one_cycle(cfg: Config, source: Any, dp: DataPlane, state: State, stop: threading.Event,
-              now: Callable[[], float] = time.monotonic) -> CycleReport:
-    """run_cycle with its report filled in and logged, whatever happens."""
-    report = CycleReport()
-    started, dp_before = now(), dp.requests
-    try:
-        run_cycle(cfg, source, dp, state, stop, report)
-    finally:
-        report.duration = now() - started
-        report.dataplane_requests = dp.requests - dp_before
-    _log_report(report, state)
-    return report
+def next_delay(failures: int, cfg: PollingConfig, rand: float) -> float:
+    """Seconds to sleep: the interval plus jitter after a success, else exponential
+    backoff from backoff_base_seconds, capped at max_backoff_seconds (rand in [0, 1))."""
+    if failures == 0:
+        return cfg.interval_seconds + rand * cfg.jitter_seconds
+    return min(cfg.max_backoff_seconds, cfg.backoff_base_seconds * 2 ** min(failures - 1, 30)) \
+        * (1 + 0.1 * rand)
 
 
-def _log_report(report: CycleReport, state: State) -> None:
-    plan = report.plan
-    if plan is not None:
-        reasons = {f"{s.instance}" + (f" ({s.id})" if s.id else "") + f": {s.reason}" for s in plan.skipped}
-        for reason in sorted(reasons - state.skipped):    # each skip is warned about once
-            log.warning("instance skipped: %s", reason, extra={"event": "skip"})
-        state.skipped = frozenset(reasons)
-        for held in plan.held:
-            log.warning("mass-drain guard holds %s live", held, extra={"event": "drain_held", "server": held})
-        for b in plan.backends:
-            log.info("backend %s changed: %d servers", b.name, len(b.changes),
-                     extra={"event": "backend_changed", "backend": b.name, "count": len(b.changes),
-                            "slots": b.slots, "live": b.live})
-    log.info("cycle %s", report.result,
-             extra={"event": "cycle", "result": report.result, "instances": report.instances,
-                    "skipped": report.skipped, "azure_requests": report.azure_requests,
-                    "dataplane_requests": report.dataplane_requests,
-                    "duration_ms": round(report.duration * 1000)})
-
-
-def run_forever(load: Callable[[], Config], make_source: Callable[[Config], Any],
-                make_dataplane: Callable[[Config], DataPlane], signals: Signals,
-                max_cycles: int | None = None, rand: Callable[[], float] = random.random) -> int:
+def run_forever(load: Callable[[], Config], make_source: Callable[[Config], Source],
+                make_dataplane: Callable[[Config], Target], signals: Signals,
+                max_cycles: int | None = None, rand: Callable[[], float] = random.random,
+                env: Mapping[str, str] | None = None) -> int:
     """The daemon: a cycle, then sleep (interval + jitter, or backoff after failures),
     until `signals.stop`. SIGHUP re-reads the configuration (keeping the old one if the
     new one is invalid) and forgets all state. Returns the exit code."""
+    env = os.environ if env is None else env
     cfg = load()
     source, dp, state = make_source(cfg), make_dataplane(cfg), State()
     metrics = Metrics(cfg.polling.interval_seconds)
@@ -2384,8 +2590,8 @@ def run_forever(load: Callable[[], Config], make_source: Callable[[Config], Any]
     # Under WatchdogSec= systemd wants WATCHDOG=1 at least every WATCHDOG_USEC: the sleep
     # pings at half that, so only a hung cycle (not a long backoff) trips the watchdog.
     watchdog = None
-    if os.environ.get("WATCHDOG_PID", str(os.getpid())) == str(os.getpid()):
-        watchdog = int(os.environ.get("WATCHDOG_USEC", "0") or 0) / 2e6 or None
+    if env.get("WATCHDOG_PID", str(os.getpid())) == str(os.getpid()):
+        watchdog = int(env.get("WATCHDOG_USEC", "0") or 0) / 2e6 or None
     try:
         while not signals.stop.is_set() and (max_cycles is None or cycles < max_cycles):
             if signals.reload.is_set():
@@ -2409,7 +2615,7 @@ def run_forever(load: Callable[[], Config], make_source: Callable[[Config], Any]
                 log.exception("cycle failed unexpectedly", extra={"event": "cycle_failed", "failures": failures})
             cycles += 1
             metrics.record(report, time.time())
-            sd_notify(("READY=1\n" if cycles == 1 else "") + "WATCHDOG=1\nSTATUS=" + _status(report, failures))
+            sd_notify(("READY=1\n" if cycles == 1 else "") + "WATCHDOG=1\nSTATUS=" + _status(report, failures), env)
             if max_cycles is None or cycles < max_cycles:
                 signals.sleep(next_delay(failures, cfg.polling, rand()), watchdog)
     finally:
@@ -2478,12 +2684,13 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def main(argv: Sequence[str] | None = None) -> int:
+def main(argv: Sequence[str] | None = None, env: Mapping[str, str] | None = None) -> int:
+    """The program; `env` stands for the process environment (os.environ by default)."""
     try:
         args = build_parser().parse_args(argv)
     except SystemExit as exc:     # --help, --version, usage errors: argparse has printed
         return exc.code if isinstance(exc.code, int) else EX_USAGE
-    env = dict(os.environ)
+    env = dict(os.environ if env is None else env)
     path = find_config(args.config)
     signals = Signals()
     secrets = secret_values(env)      # every line printed here is masked, as log lines are
@@ -2498,14 +2705,14 @@ def main(argv: Sequence[str] | None = None) -> int:
                 say(f"warning: {warning}")
             say(f"{path}: configuration ok", sys.stdout)
             return EX_OK
-        setup_logging(args.log_level or cfg.logging.level, cfg.logging.format, secrets)
+        setup_logging(args.log_level or cfg.logging.level, cfg.logging.format, secrets, env=env)
         for warning in config_warnings(cfg):
             log.warning(warning, extra={"event": "config_warning"})
         signals.install()
         if args.dry_run or args.once:
-            return _run_one(cfg, env, args.dry_run, signals.stop, say)
-        return run_forever(lambda: load_config(path, dict(os.environ)),
-                           lambda c: AzureSource(c, env), lambda c: DataPlane(c.haproxy), signals)
+            return _once_or_dry_run(cfg, env, args.dry_run, signals.stop, say)
+        return run_forever(lambda: load_config(path, env), lambda c: AzureSource(c, env),
+                           lambda c: DataPlane(c.haproxy), signals, env=env)
     except ConfigError as exc:
         for problem in exc.problems:
             say(f"error: {path}: {problem}" if not problem.startswith(path) else f"error: {problem}")
@@ -2517,19 +2724,19 @@ def main(argv: Sequence[str] | None = None) -> int:
         say(f"error: {exc}")
         return exc.exit_code
     except Exception as exc:  # noqa: BLE001 - last resort: one line, and the traceback in the log
-        log.debug("unexpected error", exc_info=True)
+        log.exception("unexpected error")
         say(f"error: unexpected {type(exc).__name__}: {exc}")
         return EX_FAIL
     finally:
         signals.restore()
 
 
-def _run_one(cfg: Config, env: Mapping[str, str], dry_run: bool, stop: threading.Event,
-             say: Callable[[str], None]) -> int:
+def _once_or_dry_run(cfg: Config, env: Mapping[str, str], dry_run: bool, stop: threading.Event,
+                     say: Callable[[str], None]) -> int:
     """--once and --dry-run: one cycle; the plan (dry run) on stdout. A failure raises."""
     source, dp, state = AzureSource(cfg, env), DataPlane(cfg.haproxy), State()
     if dry_run:
-        plan = run_cycle(cfg, source, dp, state, stop, CycleReport(), dry_run=True)
+        plan = reconcile(cfg, source, dp, state, stop, CycleReport(), dry_run=True)
         say(format_plan(plan).rstrip("\n"), sys.stdout)
     else:
         report = one_cycle(cfg, source, dp, state, stop)

@@ -656,9 +656,13 @@ class TestSlots:
                 if address in after:
                     assert after[address] == slot, f"cycle {cycle}: {address} moved"
             assert run_plan(list(alive.values()), actual, state, cfg).plan.empty, cycle
-            assert len(actual[backend].servers) == m.slot_count(
-                len(alive), len(actual[backend].servers), 0, cfg.haproxy.server_slots) or \
-                len(actual[backend].servers) >= len(alive)
+            servers = actual[backend].servers
+            count, target = len(servers), m.slot_target(len(alive), cfg.haproxy.server_slots)
+            assert sorted(servers, key=m.slot_index) == [f"srv{i}" for i in range(1, count + 1)], cycle
+            assert all(s["id"] == m.slot_index(n) for n, s in servers.items()), cycle
+            assert count >= max(len(alive), cfg.haproxy.server_slots.base), cycle
+            # no shrink is due: below twice the target, or the top slot is live
+            assert count < 2 * target or servers[f"srv{count}"]["maintenance"] == "disabled", cycle
 
     def test_new_instance_takes_lowest_parked_slot(self):
         cfg = make_config()
@@ -730,7 +734,8 @@ class TestSlots:
         assert m.ServerChange("update", "srv1", live, parked).runtime_only
         transaction = make_config(haproxy={"password": "p", "server": {"params": {"inter": 2000}}}).haproxy
         assert parked["check"] == "enabled" and m.server_body(m.Slot("srv1"), transaction) == {
-            "name": "srv1", "address": "127.0.0.1", "port": 80, "maintenance": "enabled", "check": "disabled"}
+            "name": "srv1", "id": 1, "address": "127.0.0.1", "port": 80, "maintenance": "enabled",
+            "check": "disabled"}
 
 
 # --- Plan ----------------------------------------------------------------------------
@@ -752,8 +757,8 @@ class TestPlan:
             """)
         b = d.plan.backends[0]
         assert b.fields == {"name": "azure-web-8080-eastus", "mode": "http", "balance": {"algorithm": "roundrobin"}}
-        assert b.servers["srv1"] == {"name": "srv1", "address": "10.0.0.5", "port": 8080, "check": "enabled",
-                                     "maintenance": "disabled"}
+        assert b.servers["srv1"] == {"name": "srv1", "id": 1, "address": "10.0.0.5", "port": 8080,
+                                     "check": "enabled", "maintenance": "disabled"}
 
     def test_add_remove_golden(self):
         actual, state = self.synced([make_instance(1), make_instance(2)])
@@ -932,7 +937,10 @@ class EmptyDataPlane:
 
     def read_backends(self, prefix):
         self.requests += 1
-        return 1, {}
+        return {}
+
+    def await_reloads(self, reloads, stop):
+        pass
 
 
 class RecordingSignals(m.Signals):
@@ -1054,6 +1062,14 @@ class TestCli:
                    "assert signal.getsignal(signal.SIGTERM) is h\n"
                    "assert not logging.getLogger().handlers and not logging.getLogger('haproxy_azure_discovery').handlers\n")
         assert r.returncode == 0, r.stderr
+
+    def test_the_environment_is_an_argument(self, tmp_path, monkeypatch, capsys):
+        """main(argv, env) reads ${VAR} from `env`, not from the process environment."""
+        monkeypatch.delenv("DP_SECRET", raising=False)
+        path = write_config(tmp_path, {"azure": {"subscription_id": SUB}, "haproxy": {"password": "${DP_SECRET}"}})
+        assert m.main(["--validate", "-c", path], env={"DP_SECRET": "from-the-argument"}) == 0
+        assert m.main(["--validate", "-c", path], env={}) == 78
+        assert "DP_SECRET" in capsys.readouterr().err
 
 
 # --- Azure adapter -------------------------------------------------------------------
@@ -1385,14 +1401,8 @@ class TestOperations:
                 time.sleep(0.25)
 
         class OneBackend(EmptyDataPlane):
-            def start_transaction(self, version):
-                return "t1"
-
-            def writes(self, b):
-                return []
-
-            def commit(self, txn):
-                return 2
+            def apply_transaction(self, plan, version, stop, refused=None):
+                return m.Applied(version + 1, ("r1",))
 
         m.run_forever(lambda: cfg, lambda c: ScriptedSource(*results), lambda c: OneBackend(), Probing(),
                       max_cycles=5, rand=lambda: 0.0)
@@ -1402,6 +1412,7 @@ class TestOperations:
         assert "haproxy_azure_discovery_servers_parked 9\n" in first
         assert "haproxy_azure_discovery_azure_requests_total 4\n" in first
         assert 'haproxy_azure_discovery_transactions_total{result="committed"} 1' in first
+        assert "haproxy_azure_discovery_reloads_total 1\n" in first
         assert 'haproxy_azure_discovery_cycles_total{result="failed"} 3' in last
         assert pages["health1"] == 200 and pages["health4"] == 503   # no success for 3 intervals
         with pytest.raises(OSError):     # the server is gone with the loop
@@ -1465,7 +1476,7 @@ def dp_config(fake, **sections):
 
 
 class Harness:
-    """The real DataPlane client and run_cycle against the emulator, with a scripted estate."""
+    """The real DataPlane client and reconcile() against the emulator, with a scripted estate."""
 
     def __init__(self, fake, **sections):
         self.fake, self.cfg = fake, dp_config(fake, **sections)
@@ -1497,20 +1508,24 @@ class TestDataPlane:
         assert sorted(backends) == ["azure-api-9000-eastus", WEB]
         web = backends[WEB]
         assert (web["mode"], web["balance"]["algorithm"], web["retries"]) == ("http", "leastconn", 2)
-        assert web["servers"]["srv1"] == {"name": "srv1", "address": "10.0.0.5", "port": 8080, "check": "enabled",
-                                          "inter": 2000, "rise": 2, "fall": 3, "maintenance": "disabled"}
+        assert web["servers"]["srv1"] == {"name": "srv1", "id": 1, "address": "10.0.0.5", "port": 8080,
+                                          "check": "enabled", "inter": 2000, "rise": 2, "fall": 3,
+                                          "maintenance": "disabled"}
         parked = {k: v for k, v in web["servers"]["srv10"].items() if v is not None}
-        assert parked == {"name": "srv10", "address": "127.0.0.1", "port": 80, "maintenance": "enabled",
+        assert parked == {"name": "srv10", "id": 10, "address": "127.0.0.1", "port": 80, "maintenance": "enabled",
                           "check": "disabled"}
         assert len(web["servers"]) == 10 and dataplane.checks >= 1 and dataplane.open_transactions() == []
         config = dataplane.render()
         line = next(x.split() for x in config.splitlines() if x.strip().startswith("server srv1 10.0.0.5:8080"))
         assert "check" in line and line[line.index("inter") + 1] == "2000"
         if dataplane.api == "v3":   # one full-section write per new backend
-            assert h.writes() == [("POST", "/v3/services/haproxy/transactions"),
+            writes = h.writes()
+            assert writes[:3] == [("POST", "/v3/services/haproxy/transactions"),
                                   ("POST", "/v3/services/haproxy/configuration/backends"),
-                                  ("POST", "/v3/services/haproxy/configuration/backends"),
-                                  ("PUT", f"/v3/services/haproxy/transactions/{dataplane.requests[-1].path.rsplit('/', 1)[1]}")]
+                                  ("POST", "/v3/services/haproxy/configuration/backends")]
+            assert len(writes) == 4 and writes[3][0] == "PUT" and "/transactions/" in writes[3][1]
+            # the commit's reload is confirmed before the version is recorded
+            assert dataplane.requests[-1].path.startswith("/v3/services/haproxy/reloads/")
         # nothing changed: one request
         report = h.cycle([make_instance(1), make_instance(2), make_instance(3, service="api", port="9000")])
         assert report.result == "steady" and len(dataplane.requests) == 1
@@ -1523,8 +1538,10 @@ class TestDataPlane:
         report = h.cycle([make_instance(1), make_instance(2)])
         writes = h.writes()
         assert writes[0][1].endswith("/transactions") and writes[-1][0] == "PUT" and len(writes) == 3
-        assert writes[1][0] == "PUT" and writes[1][1].endswith("/servers/srv2")
-        assert h.servers(WEB)["srv2"] == "10.0.0.6:8080" and report.reload_commits == 1
+        # v3: the backend's full section; v2: the one server
+        assert writes[1] == ("PUT", f"/v3/services/haproxy/configuration/backends/{WEB}") if dataplane.api == "v3" \
+            else writes[1] == ("PUT", "/v2/services/haproxy/configuration/servers/srv2")
+        assert h.servers(WEB)["srv2"] == "10.0.0.6:8080" and report.reloads == 1
         assert dataplane.reloads == reloads + 1
 
     def test_vanished_service_is_parked_never_deleted(self, dataplane):
@@ -1598,7 +1615,7 @@ class TestDataPlane:
     @pytest.mark.parametrize("fault, error", [
         (dict(method="PUT", path=r"/transactions/[^/]+$", status=500, message="reload failed"), "HTTP 500"),
         (dict(method="POST", path=r"/transactions$", status=429, message="too many open transactions"), "HTTP 429"),
-        (dict(method="*", path=r"/servers", status=500), "HTTP 500"),
+        (dict(method="PUT", path=r"/(servers|backends)/[^/]+$", status=500), "HTTP 500"),
         (dict(method="*", path=r"/backends", status=500), "HTTP 500"),
         (dict(method="PUT", path=r"/transactions/[^/]+$", delay=5), "timed out"),
         (dict(method="PUT", path=r"/transactions/[^/]+$", drop=True), "Remote end closed"),
@@ -1695,7 +1712,8 @@ class TestDataPlane:
             result = original(method, path, query, body, api, **kw)
             if query and "transaction_id" in query and not done:
                 done.append(1)      # another client commits: ours is outdated and dropped
-                peer.commit(peer.start_transaction(peer.version()))
+                _, txn, _ = peer.request("POST", "/services/haproxy/transactions", {"version": peer.version()})
+                peer.request("PUT", f"/services/haproxy/transactions/{txn['id']}")
             return result
         h.dp.request = request
         report = h.cycle([make_instance(1), make_instance(2, service="api")])
@@ -1703,6 +1721,10 @@ class TestDataPlane:
         assert report.transactions == {"conflict": 1, "committed": 1}
         assert sorted(dataplane.backends) == ["azure-api-8080-eastus", WEB]
         assert dataplane.open_transactions() == []
+
+
+ONE_BACKEND = m.BackendPlan(name="azure-x-80-eastus", create=True, fields_changed=False,
+                            fields={"name": "azure-x-80-eastus"}, servers={}, changes=(), slots=0, live=0)
 
 
 class Meddler:
@@ -1844,15 +1866,20 @@ class TestHostileDataPlane:
         with Meddler(rule) as front:
             dp = meddled(front.url)
             with pytest.raises(m.DataPlaneError, match=what):
-                dp.read_backends("azure-") if path == "/backends" else dp.start_transaction(7)
+                if path == "/backends":
+                    dp.read_backends("azure-")
+                else:
+                    dp.apply_transaction(m.Plan(backends=(ONE_BACKEND,)), 7, threading.Event())
 
-    def test_a_non_numeric_version_header_falls_back_to_the_version_call(self):
+    def test_a_non_numeric_version_header_is_not_read(self):
+        # The version comes from its own call, made before the backends are read.
         def rule(method, target):
             if "/backends" in target:
                 return 200, {**JSON, "Configuration-Version": "7; drop"}, "[]"
             return 200, JSON, "7"
         with Meddler(rule) as front:
-            assert meddled(front.url).read_backends("azure-") == (7, {})
+            dp = meddled(front.url)
+            assert dp.version() == 7 and dp.read_backends("azure-") == {}
 
     @pytest.mark.parametrize("where", [r"/transactions/[^/?]+$", r"/configuration/backends\?"])
     @pytest.mark.parametrize("answer", [(200, HTML, "<html>proxy error</html>"), (202, JSON, '{"id": "ab')],
@@ -1865,7 +1892,7 @@ class TestHostileDataPlane:
             cfg = dp_config(dataplane, haproxy={"base_url": front.url})
             dp, state = m.DataPlane(cfg.haproxy), m.State()
             with pytest.raises(m.DataPlaneError, match="HTTP 20[02] answer is not"):
-                m.run_cycle(cfg, ScriptedSource(m.Discovery((make_instance(1),))), dp, state,
+                m.reconcile(cfg, ScriptedSource(m.Discovery((make_instance(1),))), dp, state,
                             threading.Event(), m.CycleReport())
         assert dataplane.open_transactions() == []
 
@@ -2061,3 +2088,96 @@ class TestHybrid:
         assert h.servers("azure-api-8080-eastus")["srv1"] == "10.0.0.6:8080"
         assert h.cycle(moved).result == "applied"
         assert h.servers("azure-api-8080-eastus")["srv1"] == "10.9.0.2:8080"
+
+# --- Apply: the core's decisions against an in-memory Target ---------------------------------
+class MemoryTarget:
+    """HAProxy as a dict behind the Target protocol: plans applied in memory; `conflicts`
+    transactions fail with a conflict first (each moving the version, as a peer's commit does)."""
+
+    def __init__(self, conflicts=0, reload_fails=False):
+        self.backends, self.ver, self.requests = {}, 1, 0
+        self.conflicts, self.reload_fails = conflicts, reload_fails
+        self.calls, self.waited = [], []
+
+    def version(self):
+        self.requests += 1
+        return self.ver
+
+    def read_backends(self, prefix):
+        self.requests += 1
+        return {n: b for n, b in self.backends.items() if n.startswith(prefix)}
+
+    def apply_transaction(self, plan, version, stop, refused=None):
+        self.calls.append(("transaction", version))
+        self.ver += 1
+        if self.conflicts:
+            self.conflicts -= 1
+            raise m.TransactionConflict("version mismatch", 409)
+        self.backends = m.state_after(self.backends, plan)
+        return m.Applied(self.ver, (f"reload-{self.ver}",))
+
+    def apply_runtime(self, plan, version, stop, refused=None):
+        self.calls.append(("runtime", plan.runtime_writes))
+        self.backends = m.state_after(self.backends, plan)
+        self.ver += plan.runtime_writes
+        return m.Applied(self.ver)
+
+    def await_reloads(self, reloads, stop):
+        self.waited += reloads
+        if reloads and self.reload_fails:
+            raise m.DataPlaneError("HAProxy reload failed")
+
+
+class TestApply:
+    def cycle(self, target, instances, state=None, **sections):
+        report, state = m.CycleReport(), state or m.State()
+        m.reconcile(make_config(**sections), ScriptedSource(m.Discovery(tuple(instances))), target, state,
+                    threading.Event(), report)
+        return report, state
+
+    def test_a_conflict_is_replanned_at_the_new_version(self):
+        target = MemoryTarget(conflicts=1)
+        report, state = self.cycle(target, [make_instance(1)])
+        assert target.calls == [("transaction", 1), ("transaction", 2)]
+        assert report.transactions == {"conflict": 1, "committed": 1} and report.reloads == 1
+        assert target.waited == ["reload-3"] and state.version == 3
+
+    def test_three_conflicts_give_up_and_record_nothing(self):
+        target = MemoryTarget(conflicts=3)
+        with pytest.raises(m.DataPlaneError, match="gave up after 3 attempts"):
+            self.cycle(target, [make_instance(1)], state := m.State())
+        assert len(target.calls) == 3 and state.version is None and target.backends == {}
+
+    def test_steady_costs_one_version_read(self):
+        target = MemoryTarget()
+        _, state = self.cycle(target, [make_instance(1)])
+        target.requests = 0
+        report, _ = self.cycle(target, [make_instance(1)], state)
+        assert report.result == "steady" and target.requests == 1 and len(target.calls) == 1
+
+    def test_a_failed_reload_records_no_version(self):
+        target = MemoryTarget(reload_fails=True)
+        with pytest.raises(m.DataPlaneError, match="reload failed"):
+            self.cycle(target, [make_instance(1)], state := m.State())
+        assert state.version is None and state.fingerprint is None
+
+    def test_shutdown_before_applying_sends_nothing(self):
+        target, stop = MemoryTarget(), threading.Event()
+        stop.set()
+        with pytest.raises(m.Aborted):
+            m.reconcile(make_config(), ScriptedSource(m.Discovery((make_instance(1),))), target, m.State(),
+                        stop, m.CycleReport())
+        assert target.calls == [] and target.requests == 0
+
+    @pytest.mark.parametrize("estate, limit, want", [
+        ((1, 2), 25, ("runtime", 2)),        # one slot unparked: two runtime writes
+        ((1, 2), 1, ("transaction", 2)),     # ... past the limit: one transaction
+        ((1, 2, 3, 4), 25, ("runtime", 6)),
+        (range(1, 12), 25, ("transaction", 2)),   # growth past 10 slots is structural
+    ])
+    def test_hybrid_decides_runtime_or_transaction(self, estate, limit, want):
+        hybrid = {"password": "p", "apply_mode": "hybrid", "hybrid_max_writes": limit}
+        target = MemoryTarget()
+        _, state = self.cycle(target, [make_instance(1)], haproxy=hybrid)
+        report, _ = self.cycle(target, [make_instance(i) for i in estate], state, haproxy=hybrid)
+        assert target.calls[-1] == want and report.result == "applied"

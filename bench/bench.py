@@ -7,6 +7,7 @@ Usage: python bench/bench.py [--sizes 1000,5000,10000,20000] [--quick] [--repeat
   2. Data Plane API: requests, transactions, reloads and CPU per scenario, both apply modes (bench/dataplane.py)
   3. Reloads on a real HAProxy: 10 scale events within the slots, then growth (bench/dataplane.py)
   4. The pure core: 10,000 instances in 1,000 services (bench/core.py)
+  5. Where an Azure discovery's CPU goes at the largest size: SDK pipeline, JSON decoding, join (bench/cpu.py)
 
 --quick: sizes 1000,5000 (unless --sizes says otherwise) and one run of each sequence instead of three.
 Every measurement runs in a child process; this one only orchestrates and stays small (the children's
@@ -27,6 +28,7 @@ import time
 from pathlib import Path
 
 import azure_discovery
+import cpu
 import dataplane
 
 HERE = Path(__file__).resolve().parent
@@ -113,7 +115,8 @@ def main() -> None:
     runtimes, sections = {}, []
     for part, measure in (("Azure", lambda: azure_discovery.report(azure_discovery.run(args.sizes))),
                           ("Data Plane", lambda: dataplane.report(dataplane.run(args.sizes, args.repeats))),
-                          ("core", lambda: core(args.repeats))):
+                          ("core", lambda: core(args.repeats)),
+                          ("CPU", lambda: cpu.report(cpu.run(max(args.sizes), 5), 5))):
         started = time.monotonic()
         sections += measure()
         runtimes[part] = time.monotonic() - started

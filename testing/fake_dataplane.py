@@ -49,13 +49,26 @@ configuration.go, structured_backends.go, errors.go):
   change anything (as schema errors do), and ``add_fault(..., after=True)`` stands
   in for a write that failed half-way (client-native's structured backend edit
   deletes the section before rebuilding it);
-* a commit bumps the version by one (even when empty), counts one reload and
-  marks every other open transaction outdated; at most ``max_open_transactions``
-  (20) may be in progress;
+* a commit bumps the version by one (even when empty), asks for a reload and
+  marks every other open transaction outdated, which drops it: a write in it
+  answers 400 "transaction does not exist", its commit 406 (dataplaneapi 2.9
+  misc/misc.go:84-89, handlers/transaction.go:88-94,163-201); at most
+  ``max_open_transactions`` (20) may be in progress;
+* a commit answers 202 with a ``Reload-ID``; the reload runs ``reload_delay``
+  later, is shared by every reload asked for meanwhile, and can fail
+  (``fail_reloads``); ``GET /services/haproxy/reloads/{id}`` says in_progress,
+  succeeded or failed (haproxy/reload_agent.go);
+* a full-section POST/PUT rebuilds the backend from the body alone: child lists
+  it lacks are gone, the section moves to the end of the file, servers are
+  written in string order of their names (srv1, srv10, srv2: client-native
+  6.2.7+ configuration/structured_backends.go);
 * a plain server PUT whose difference from the server on disk is limited to
   weight, address, port, maintenance, agent-check, agent-addr, agent-send and
-  health_check_port is applied with runtime commands and answers 200 without a
-  reload (``changeThroughRuntimeAPI``); any other plain write reloads;
+  health_check_port is applied with runtime commands, in dataplaneapi's order
+  (state before address: unparking in one PUT is ready at the parked address for
+  a moment; ``runtime_gap`` widens that moment), and answers 200 without a
+  reload (``changeThroughRuntimeAPI``); a failed runtime command
+  (``runtime_broken``) or any other plain write reloads and answers 202;
 * a plain server POST is added at runtime (201, no reload) when neither the
   backend nor the defaults carry a ``default_server`` and the server has no
   ``id``; dataplaneapi 2.9.x never does this (it converts into a nil pointer),
@@ -643,6 +656,9 @@ def _render_backend_field(key: str, value, fields: dict) -> list[str] | None:
         return [_render_cookie(value)]
     if key == "stick_table":
         return [_render_stick_table(value)]
+    if key == "acl_list":       # a full section's child list (v3)
+        return [" ".join(w for w in ("acl", a["acl_name"], a["criterion"], a.get("value", "")) if w)
+                for a in value]
     return None
 
 
@@ -992,6 +1008,9 @@ class FakeDataPlane:
       reject_unknown_fields answer 422 for unknown body fields (default: v3 only)
       live                  None, True, or a LiveHAProxy: drive a real HAProxy
       spec_dir              where the specification files are
+      reload_delay          seconds between a commit and its reload, which every reload
+                            requested meanwhile shares (dataplaneapi's reload-delay, 5 s by
+                            default there); 0 (the default here) reloads at once
     """
 
     def __init__(self, api: str = "v3", *, port: int = 0, username: str = DEFAULT_USERNAME,
@@ -999,7 +1018,8 @@ class FakeDataPlane:
                  check_config: bool = True, haproxy_bin: str = HAPROXY_BIN,
                  max_open_transactions: int = MAX_OPEN_TRANSACTIONS,
                  runtime_add_server: bool | None = None, reject_unknown_fields: bool | None = None,
-                 live: "LiveHAProxy | bool | None" = None, spec_dir: str | None = None):
+                 live: "LiveHAProxy | bool | None" = None, spec_dir: str | None = None,
+                 reload_delay: float = 0.0):
         if api not in ("v2", "v3"):
             raise ValueError(f"api must be 'v2' or 'v3', got {api!r}")
         if check_config and not os.access(haproxy_bin, os.X_OK):
@@ -1026,6 +1046,10 @@ class FakeDataPlane:
         self._transactions: dict[str, _Transaction] = {}
         self._faults: list[Fault] = []
         self._reload_log: dict[str, dict] = {}
+        self.reload_delay = reload_delay
+        self._reload_index = 0
+        self._next_reload: str | None = None     # scheduled, shared by every reload asked for
+        self._reload_timer: threading.Timer | None = None
         self._routes = self._build_routes()
         self._tmpdir: str | None = None         # for `haproxy -c` files, made on first use
         self._stopping = threading.Event()
@@ -1045,6 +1069,10 @@ class FakeDataPlane:
         self.check_failures = 0
         self.last_check_output = ""
         self.unrendered: list[str] = []       # fields the renderer could not express
+        # Faults of HAProxy itself (set them directly):
+        self.fail_reloads = 0                 # the next N reloads fail (reload command exits non-zero)
+        self.runtime_broken = False           # every runtime command fails (no runtime socket)
+        self.runtime_gap = 0.0                # seconds between two runtime commands of one write
 
     # --- lifecycle ---
 
@@ -1067,6 +1095,9 @@ class FakeDataPlane:
     def stop(self) -> None:
         """Stop serving (interrupting injected hangs) and stop the live HAProxy."""
         self._stopping.set()
+        with self._lock:
+            if self._reload_timer is not None:
+                self._reload_timer.cancel()
         if self._server is not None:
             self._server.shutdown()
             self._server.server_close()
@@ -1272,16 +1303,39 @@ class FakeDataPlane:
             self.live.write_config(self._render(config, self._version))
 
     def _reload(self) -> str:
-        """Count one reload (performing it on the live HAProxy) and return its id."""
-        self.reloads += 1
-        reload_id = f"{datetime.date.today():%Y-%m-%d}-{self.reloads}"
-        entry = {"id": reload_id, "status": "succeeded", "reload_timestamp": int(time.time())}
-        if self.live is not None and self.live.running:
-            ok, message = self.live.reload()
-            if not ok:
-                entry.update(status="failed", response=message)
-        self._reload_log[reload_id] = entry
+        """Ask for a reload and return its id, as dataplaneapi's reload agent does
+        (haproxy/reload_agent.go): the reload runs `reload_delay` later, and every reload
+        asked for until then gets the same id; GET /services/haproxy/reloads/{id} says
+        in_progress until it ran, then succeeded or failed. reload_delay 0: at once."""
+        if self._next_reload is None:
+            self._next_reload = f"{datetime.date.today():%Y-%m-%d}-{self._reload_index}"
+            self._reload_index += 1
+            self._reload_log[self._next_reload] = {"id": self._next_reload, "status": "in_progress"}
+            if self.reload_delay > 0:
+                self._reload_timer = threading.Timer(self.reload_delay, self._run_reload)
+                self._reload_timer.daemon = True
+                self._reload_timer.start()
+        reload_id = self._next_reload
+        if self.reload_delay <= 0:
+            self._run_reload()
         return reload_id
+
+    def _run_reload(self) -> None:
+        """Perform the scheduled reload (on the live HAProxy, if any) and record how it went."""
+        with self._lock:
+            reload_id, self._next_reload = self._next_reload, None
+            if reload_id is None or self._stopping.is_set():
+                return
+            self.reloads += 1
+            entry = {"id": reload_id, "status": "succeeded", "reload_timestamp": int(time.time())}
+            if self.fail_reloads > 0:
+                self.fail_reloads -= 1
+                entry.update(status="failed", response="[ALERT] reload failed (injected fault)")
+            elif self.live is not None and self.live.running:
+                ok, message = self.live.reload()
+                if not ok:
+                    entry.update(status="failed", response=message)
+            self._reload_log[reload_id] = entry
 
     def _commit_implicit(self, config: _Config) -> None:
         """A plain write is client-native's implicit transaction: check, then install."""
@@ -1290,7 +1344,12 @@ class FakeDataPlane:
 
     def _runtime(self, commands: list[str]) -> bool:
         """Issue runtime commands (on the live HAProxy, if any); False if one failed."""
-        for command in commands:
+        for n, command in enumerate(commands):
+            if self.runtime_broken:
+                self.runtime_changes.append(f"# failed: {command}: no runtime socket")
+                return False
+            if n and self.runtime_gap:
+                time.sleep(self.runtime_gap)    # dataplaneapi sends one command at a time
             self.runtime_changes.append(command)
             if self.live is not None and self.live.running:
                 ok, answer = self.live.runtime(command)
@@ -1355,6 +1414,8 @@ class FakeDataPlane:
         """The configuration a write changes: the transaction's, or a fork for a plain write."""
         if tid:
             tx = self._transactions.get(tid)
+            # An outdated transaction is dropped: not 406/409 but 400 "does not exist"
+            # (dataplaneapi 2.9 misc/misc.go:84-89, handlers/transaction.go:88-94).
             if tx is None or tx.status != IN_PROGRESS:
                 raise ApiError(400, f"transaction does not exist: {tid}")
             return tx.config
@@ -1624,6 +1685,7 @@ class FakeDataPlane:
         return _Response(200, list(self._reload_log.values()))
 
     def _get_reload(self, req: _Request) -> _Response:
+        # Unwrapped in v2 too: the reload model is not a configuration object.
         entry = self._reload_log.get(req.params["id"])
         if entry is None:
             raise ApiError(404, f"Reload with ID {req.params['id']} does not exist")
@@ -1908,6 +1970,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--no-check", action="store_true", help="skip `haproxy -c`")
     parser.add_argument("--live", action="store_true", help="run and reload a real HAProxy")
     parser.add_argument("--haproxy", default=HAPROXY_BIN, help="haproxy binary")
+    parser.add_argument("--reload-delay", type=float, default=0.0,
+                        help="seconds from a commit to its (shared) reload, like dataplaneapi's reload-delay")
     return parser
 
 
@@ -1919,7 +1983,8 @@ def main(argv=None) -> int:
             base_config = f.read()
     fake = FakeDataPlane(args.api, port=args.port, username=args.user,
                          password=None if args.no_auth else args.password, base_config=base_config,
-                         check_config=not args.no_check, haproxy_bin=args.haproxy, live=args.live or None)
+                         check_config=not args.no_check, haproxy_bin=args.haproxy, live=args.live or None,
+                         reload_delay=args.reload_delay)
     if args.seed:
         with open(args.seed, encoding="utf-8") as f:
             fake.seed(json.load(f), bump=False)

@@ -167,7 +167,7 @@ def test_transaction_lifecycle(fake, api):
 
     status, headers, result = api.commit(tid)
     assert status == 202 and result == {"_version": 1, "id": tid, "status": "success"}
-    assert re.fullmatch(r"\d{4}-\d{2}-\d{2}-1", headers["Reload-ID"])
+    assert re.fullmatch(r"\d{4}-\d{2}-\d{2}-0", headers["Reload-ID"])
     assert (fake.version, fake.reloads, fake.commits) == (2, 1, 1)
     assert fake.backends["be_app"]["servers"]["srv1"] == server_body()
     assert api.call("GET", f"/services/haproxy/reloads/{headers['Reload-ID']}")[2]["status"] == "succeeded"

@@ -1,0 +1,277 @@
+"""The program against the Data Plane API as it really behaves: one full-section write per
+changed backend, stable server ids, the version read before the backends, a peer's commit
+dropping our transaction, reloads confirmed (and failing), runtime writes that reload after
+all, and unparking that never sends traffic to the parked address.
+
+The real client and planner against testing/fake_dataplane.py (v2 and v3, bodies checked
+against the specifications, every committed configuration checked by `haproxy -c`); the
+unparking test drives a real HAProxy and runs under the e2e lock.
+"""
+from __future__ import annotations
+
+import logging
+import os
+import socket
+import sys
+import threading
+import time
+
+import pytest
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+sys.path.insert(0, HERE)
+sys.path.insert(0, os.path.dirname(HERE))
+
+import haproxy_azure_discovery as m  # noqa: E402
+from fake_dataplane import FakeDataPlane, LiveHAProxy  # noqa: E402
+from test_fake_dataplane import Api  # noqa: E402
+from test_haproxy_azure_discovery import WEB, Harness, make_instance  # noqa: E402
+
+
+def estate(service: str, first: int, count: int) -> list[m.Instance]:
+    """`count` instances of one service with distinct addresses, numbered from `first`."""
+    return [make_instance(n, service=service, id=f"/subscriptions/s/resourcegroups/rg/providers/microsoft.compute/"
+                                                 f"virtualmachines/{service}{n}") for n in range(first, first + count)]
+
+
+def server_lines(fake: FakeDataPlane, backend: str) -> list[list[str]]:
+    """The `server` lines of one backend in the rendered haproxy.cfg, split into words."""
+    lines, inside = [], False
+    for line in fake.render().splitlines():
+        if line.startswith("backend "):
+            inside = line.split()[1] == backend
+        elif inside and line.strip().startswith("server "):
+            lines.append(line.split())
+    return lines
+
+
+def words_after(words: list[str], keyword: str) -> str | None:
+    return words[words.index(keyword) + 1] if keyword in words else None
+
+
+# --- writes ----------------------------------------------------------------------------
+def test_forty_changes_in_four_backends_are_four_writes_and_one_commit():
+    with FakeDataPlane(api="v3") as fake:
+        h = Harness(fake, haproxy={"server_slots": {"base": 20}})
+        services = ("web", "api", "img", "auth")
+        first = [i for s in services for i in estate(s, 1, 10)]
+        assert h.cycle(first).result == "applied"
+        # By hand: an ACL and a server of someone else's in one of our backends.
+        backends = fake.backends
+        backends[WEB]["acl_list"] = [{"acl_name": "is_admin", "criterion": "path_beg", "value": "/admin"}]
+        backends[WEB]["servers"]["manual"] = {"name": "manual", "address": "10.9.9.9", "port": 81}
+        fake.seed(backends)
+        report = h.cycle(first + [i for s in services for i in estate(s, 11, 10)])
+        assert report.result == "applied" and report.transactions == {"committed": 1}
+        assert sum(len(b.changes) for b in report.plan.backends) == 40
+        writes = [(r.method, r.path) for r in fake.requests if r.method != "GET"]
+        assert writes[0] == ("POST", "/v3/services/haproxy/transactions") and writes[-1][0] == "PUT"
+        assert sorted(writes[1:-1]) == sorted(("PUT", f"/v3/services/haproxy/configuration/backends/azure-{s}-8080-eastus")
+                                              for s in services)
+        web = fake.backends[WEB]
+        assert web["acl_list"] == [{"acl_name": "is_admin", "criterion": "path_beg", "value": "/admin"}]
+        assert web["servers"]["manual"] == {"name": "manual", "address": "10.9.9.9", "port": 81}
+        assert "    acl is_admin path_beg /admin" in fake.render()
+        assert sum(s["maintenance"] == "disabled" for s in web["servers"].values() if s["name"] != "manual") == 20
+        assert h.cycle(first + [i for s in services for i in estate(s, 11, 10)]).result == "steady"
+        assert fake.violations == [] and fake.check_failures == 0
+
+
+def test_ids_stay_with_their_slots_through_growth_past_srv9(dataplane):
+    h = Harness(dataplane, haproxy={"server_slots": {"base": 3}})
+    h.cycle(estate("web", 1, 3))
+    h.cycle(estate("web", 1, 12))                       # 3 + ceil(9 * 1.5) = 17 slots
+    lines = server_lines(dataplane, WEB)
+    assert len(lines) == 17
+    # however the section is written (v3: rebuilt in string order srv1, srv10, srv11, ..., srv2),
+    # every slot keeps HAProxy's id = its number
+    assert {w[1]: words_after(w, "id") for w in lines} == {f"srv{i}": str(i) for i in range(1, 18)}
+    if dataplane.api == "v3":
+        assert [w[1] for w in lines][:3] == ["srv1", "srv10", "srv11"]
+
+
+def test_a_foreign_server_keeps_its_id_and_our_slot_goes_without(dataplane, caplog):
+    dataplane.seed({WEB: {"mode": "http", "servers": {"manual": {"address": "10.9.9.9", "port": 81, "id": 2}}}})
+    h = Harness(dataplane)
+    with caplog.at_level(logging.WARNING, logger="haproxy_azure_discovery"):
+        h.cycle(estate("web", 1, 3))
+        h.cycle(estate("web", 1, 4))
+    ids = {w[1]: words_after(w, "id") for w in server_lines(dataplane, WEB)}
+    assert ids["manual"] == "2" and ids["srv2"] is None and ids["srv1"] == "1" and ids["srv3"] == "3"
+    warned = [r.getMessage() for r in caplog.records if getattr(r, "event", "") == "server_id_taken"]
+    assert warned == [f"backend {WEB}: server manual holds id 2, so slot srv2 goes without an explicit id"]
+
+
+# --- versions and transactions ----------------------------------------------------------
+def test_a_change_between_the_version_and_the_backends_read_is_a_conflict(dataplane):
+    h = Harness(dataplane)
+    h.cycle(estate("web", 1, 2))
+    original, edits = h.dp.read_backends, []
+
+    def read_backends(prefix):
+        if not edits:               # the version is read; now another client adds a server, once
+            backends = dataplane.backends
+            backends[WEB]["servers"]["manual"] = {"name": "manual", "address": "10.9.9.9", "port": 81}
+            dataplane.seed(backends)
+            edits.append(dataplane.version)
+        return original(prefix)
+    h.dp.read_backends = read_backends
+    report = h.cycle(estate("web", 1, 3))
+    assert report.result == "applied" and report.transactions == {"conflict": 1, "committed": 1}
+    assert dataplane.backends[WEB]["servers"]["manual"]["address"] == "10.9.9.9"   # not overwritten
+    paths = [r.path.split("/", 2)[2] for r in dataplane.requests]
+    assert paths[:2] == ["services/haproxy/configuration/version", "services/haproxy/configuration/backends"]
+    assert h.servers(WEB)["srv3"] != "parked" and dataplane.open_transactions() == []
+
+
+def test_a_peer_commit_mid_transaction_drops_ours_and_we_replan(dataplane):
+    h = Harness(dataplane)
+    h.cycle(estate("web", 1, 2))
+    original, peer = h.dp.request, Api(dataplane)
+
+    def request(method, path, query=None, body=None, api=None, **kw):
+        result = original(method, path, query, body, api, **kw)
+        if method == "POST" and path == "/services/haproxy/transactions" and not peer_commits:
+            status, _, txn = peer.call("POST", f"/services/haproxy/transactions?version={dataplane.version}")
+            assert status == 201
+            peer_commits.append(peer.call("PUT", f"/services/haproxy/transactions/{txn['id']}")[0])
+        return result
+    peer_commits: list[int] = []
+    h.dp.request = request
+    report = h.cycle(estate("web", 1, 3) + estate("api", 1, 1))
+    assert peer_commits == [202]
+    assert report.result == "applied" and report.transactions == {"conflict": 1, "committed": 1}
+    rejected = [r for r in dataplane.requests if getattr(r, "status", 0) == 400]
+    assert len(rejected) == 1 and "transaction_id" in rejected[0].query       # 400 "does not exist"
+    assert h.servers(WEB)["srv3"] != "parked" and dataplane.open_transactions() == []
+
+
+# --- reloads ----------------------------------------------------------------------------
+@pytest.mark.parametrize("api", ["v2", "v3"])
+def test_the_version_is_recorded_only_once_the_reload_succeeded(api):
+    with FakeDataPlane(api=api, reload_delay=0.3) as fake:
+        h = Harness(fake)
+        started = time.monotonic()
+        report = h.cycle(estate("web", 1, 2))
+        assert time.monotonic() - started >= 0.25          # the cycle waited for the reload
+        assert report.result == "applied" and report.reloads == 1 and fake.reloads == 1
+        polls = [r for r in fake.requests if "/services/haproxy/reloads/" in r.path]
+        assert len(polls) >= 2 and h.state.version == fake.version
+        assert h.cycle(estate("web", 1, 2)).result == "steady"
+
+
+def test_commits_inside_one_reload_delay_share_one_reload():
+    with FakeDataPlane(api="v3", reload_delay=0.4) as fake:
+        api = Api(fake)
+        ids = []
+        for _ in range(3):
+            _, _, txn = api.call("POST", f"/services/haproxy/transactions?version={fake.version}")
+            ids.append(api.call("PUT", f"/services/haproxy/transactions/{txn['id']}")[1]["Reload-ID"])
+        assert len(set(ids)) == 1 and fake.reloads == 0
+        assert api.call("GET", f"/services/haproxy/reloads/{ids[0]}")[2]["status"] == "in_progress"
+        time.sleep(0.6)
+        assert fake.reloads == 1 and api.call("GET", f"/services/haproxy/reloads/{ids[0]}")[2]["status"] == "succeeded"
+
+
+def test_a_failed_reload_fails_the_cycle(dataplane):
+    dataplane.fail_reloads = 1
+    h = Harness(dataplane)
+    with pytest.raises(m.DataPlaneError, match=r"HAProxy reload \S+ failed: .*injected fault"):
+        h.cycle(estate("web", 1, 2))
+    assert h.state.version is None and h.state.fingerprint is None    # nothing recorded as applied
+    assert dataplane.open_transactions() == []
+    assert h.cycle(estate("web", 1, 2)).result == "unchanged"          # the file holds it; plans again
+
+
+# --- hybrid mode ------------------------------------------------------------------------
+def test_a_runtime_write_answered_202_is_counted_as_a_reload(dataplane, caplog):
+    h = Harness(dataplane, haproxy={"apply_mode": "hybrid"})
+    h.cycle(estate("web", 1, 1))
+    dataplane.runtime_broken = True
+    reloads = dataplane.reloads
+    with caplog.at_level(logging.WARNING, logger="haproxy_azure_discovery"):
+        report = h.cycle(estate("web", 1, 2))
+    # the unpark's two plain writes each reloaded (reload_delay 0: no sharing), and say so
+    assert report.transactions == {} and report.reloads == 2 == dataplane.reloads - reloads
+    assert [r.getMessage() for r in caplog.records if getattr(r, "event", "") == "runtime_reload"] == [
+        f"server {WEB}/srv2: the Data Plane API reloaded HAProxy for a runtime write (answered 202)"] * 2
+
+
+def test_unparking_moves_the_address_before_lifting_maintenance(dataplane):
+    h = Harness(dataplane, haproxy={"apply_mode": "hybrid"})
+    h.cycle(estate("web", 1, 1))
+    dataplane.runtime_changes.clear()
+    report = h.cycle(estate("web", 1, 2))
+    assert report.reloads == 0 and h.servers(WEB)["srv2"] == "10.0.0.6:8080"
+    assert dataplane.runtime_changes == [f"set server {WEB}/srv2 addr 10.0.0.6 port 8080",
+                                         f"set server {WEB}/srv2 state ready"]
+
+
+def _listener(address: str, port: int) -> tuple[socket.socket, list[int]]:
+    """A TCP listener that counts the connections it gets."""
+    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    sock.bind((address, port))
+    sock.listen(64)
+    sock.settimeout(0.2)
+    seen: list[int] = []
+
+    def serve():
+        while sock.fileno() != -1:
+            try:
+                conn, _ = sock.accept()
+            except OSError:
+                continue
+            seen.append(1)
+            conn.close()
+    threading.Thread(target=serve, daemon=True).start()
+    return sock, seen
+
+
+def test_no_request_reaches_the_parked_address_while_a_slot_is_unparked():
+    """A real HAProxy, hybrid mode, traffic all the while: 127.0.0.1:80 never gets a connection."""
+    from instances import Instances, hits
+    from test_e2e import free_port
+    try:
+        parked, seen = _listener("127.0.0.1", 80)
+    except OSError as exc:
+        pytest.skip(f"cannot listen on 127.0.0.1:80: {exc}")
+    port, frontend = free_port(), free_port()
+    base = (f"frontend fe_main\n    mode http\n    bind 127.0.0.1:{frontend}\n"
+            "    use_backend %[str(azure-web-" + str(port) + "-eastus)]\n")   # resolved at run time
+    try:
+        with FakeDataPlane(api="v3", base_config=base, live=LiveHAProxy()) as fake, \
+                Instances({"vm1": "127.0.0.2"}, port=port) as instances:
+            fake.runtime_gap = 0.3           # widen the moment between two runtime commands
+            h = Harness(fake, haproxy={"apply_mode": "hybrid", "server_slots": {"base": 3}})
+            served = [make_instance(n, port=str(port), address=f"127.0.0.{n + 1}") for n in (1, 2, 3)]
+            h.cycle(served[:1])
+            assert hits(f"http://127.0.0.1:{frontend}/", 3) == {"vm1": 3}
+            instances.add("vm2", "127.0.0.3")
+            instances.add("vm3", "127.0.0.4")
+            stop, answers = threading.Event(), []
+
+            def traffic():
+                while not stop.is_set():
+                    answers.append(hits(f"http://127.0.0.1:{frontend}/", 1))
+            thread = threading.Thread(target=traffic, daemon=True)
+            thread.start()
+            try:
+                report = h.cycle(served)
+                time.sleep(0.3)
+            finally:
+                stop.set()
+                thread.join(10)
+            assert report.reloads == 0 and fake.reloads == 1 == fake.live.reload_count()
+            assert len(answers) > 10 and seen == []
+    finally:
+        parked.close()
+
+
+# --- models -----------------------------------------------------------------------------
+def test_a_backend_field_the_api_in_use_dropped_is_refused_before_anything_is_sent():
+    with FakeDataPlane(api="v3") as fake:                 # claims dataplaneapi v3.4
+        h = Harness(fake, haproxy={"backend": {"params": {"http_proxy": "enabled"}}})
+        with pytest.raises(m.DataPlaneError, match=r"haproxy\.backend\.params\.http_proxy: .* 3\.4"):
+            h.cycle(estate("web", 1, 1))
+        assert [r.method for r in fake.requests] == ["GET"] * len(fake.requests) and fake.backends == {}
