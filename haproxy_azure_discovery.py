@@ -233,6 +233,10 @@ class DependencyError(DiscoveryError):
 class AzureError(DiscoveryError):
     """A listing failed after the SDK's own retries: the whole discovery is void."""
 
+    def __init__(self, msg: str, status: int | None = None):
+        super().__init__(msg)
+        self.status = status
+
 
 class DataPlaneError(DiscoveryError):
     """A Data Plane API request failed; the message names method, path, status and reason."""
@@ -1537,8 +1541,6 @@ COMPUTE_API, NETWORK_API, VMSS_NETWORK_API = "2024-07-01", "2024-05-01", "2018-1
 LISTINGS = {
     "VMs": ("/providers/Microsoft.Compute/virtualMachines", COMPUTE_API, {}),
     "VM power states": ("/providers/Microsoft.Compute/virtualMachines", COMPUTE_API, {"statusOnly": "true"}),
-    "VMs with power states": ("/providers/Microsoft.Compute/virtualMachines", COMPUTE_API,
-                              {"$expand": "instanceView"}),       # resource-group scope only
     "scale sets": ("/providers/Microsoft.Compute/virtualMachineScaleSets", COMPUTE_API, {}),
     "network interfaces": ("/providers/Microsoft.Network/networkInterfaces", NETWORK_API, {}),
     "public IPs": ("/providers/Microsoft.Network/publicIPAddresses", NETWORK_API, {}),
@@ -1565,6 +1567,7 @@ class AzureSource:
         self.cfg = cfg
         self._lock = threading.Lock()
         self.requests = 0
+        self._warned_fallback = False
         endpoint, authority = CLOUDS[cfg.azure.cloud]
         self._base = (cfg.azure.resource_manager_url or endpoint).rstrip("/")
         credential = _credential(cfg.azure, identity, authority, os.environ if env is None else env)
@@ -1581,36 +1584,44 @@ class AzureSource:
 
     def discover(self) -> Discovery:
         before = self.requests
-        listing = AzureListing()
         with concurrent.futures.ThreadPoolExecutor(self.cfg.azure.workers) as pool:
             try:
-                self._list_all(pool, listing)
+                instances = self._discover(pool)
             except BaseException:
                 pool.shutdown(cancel_futures=True)
                 raise
-        return Discovery(tuple(instances_from_azure(listing, self.cfg.azure)), (), self.requests - before)
+        return Discovery(tuple(instances), (), self.requests - before)
 
-    def _list_all(self, pool: concurrent.futures.Executor, listing: AzureListing) -> None:
+    def _discover(self, pool: concurrent.futures.Executor) -> list[Instance]:
+        listing = AzureListing()
+        denied = self._list_all(pool, listing)
+        instances = instances_from_azure(listing, self.cfg.azure)
+        return self._power_states_one_by_one(pool, instances) if denied else instances
+
+    def _list_all(self, pool: concurrent.futures.Executor, listing: AzureListing) -> bool:
         """Phase one lists per subscription (or resource group); phase two lists each
-        Uniform scale set that can match. Any failure fails the whole discovery."""
-        public = self.cfg.azure.address == "public"
+        Uniform scale set that can match. Any failure fails the whole discovery. True when
+        the status-only list was refused (403) in resource-group scope."""
+        azure = self.cfg.azure
+        public, groups = azure.address == "public", azure.resource_groups
         jobs: list[tuple[list, concurrent.futures.Future]] = []
 
         def submit(into: list, kind: str, sub: str, rg: str | None, scale_set: str = "") -> None:
             jobs.append((into, pool.submit(self._pages, kind, sub, rg, scale_set)))
 
-        set_jobs = []
-        for sub in self.cfg.azure.subscriptions:
-            for rg in self.cfg.azure.resource_groups or [None]:
-                if rg is None:
-                    submit(listing.vms, "VMs", sub, rg)
-                    submit(listing.statuses, "VM power states", sub, rg)
-                else:  # in a resource group, one listing gives the VMs with their power states
-                    submit(listing.vms, "VMs with power states", sub, rg)
+        set_jobs, status_jobs = [], []
+        for sub in azure.subscriptions:
+            for rg in groups or [None]:
+                submit(listing.vms, "VMs", sub, rg)
                 submit(listing.nics, "network interfaces", sub, rg)
                 if public:
                     submit(listing.public_ips, "public IPs", sub, rg)
                 set_jobs.append((sub, pool.submit(self._pages, "scale sets", sub, rg)))
+            if azure.running_only:
+                # Power states come from the status-only list, which exists subscription-wide only
+                # (VirtualMachines_ListAll statusOnly); a VM list may carry `$expand=instanceView`
+                # only with a scale-set `$filter` (Compute REST reference, VirtualMachines_List).
+                status_jobs.append(pool.submit(self._pages, "VM power states", sub, None))
         for sub, job in set_jobs:
             sets = job.result()
             listing.scale_sets += sets
@@ -1620,34 +1631,101 @@ class AzureSource:
                 submit(listing.nics, "network interfaces of scale set", sub, rg, name)
                 if public:
                     submit(listing.public_ips, "public IPs of scale set", sub, rg, name)
+        denied = False
+        for job in status_jobs:
+            try:
+                listing.statuses += in_resource_groups(job.result(), groups)
+            except AzureError as exc:
+                # Reader on resource groups only: subscription-wide lists answer 403 AuthorizationFailed.
+                if not groups or exc.status != 403:
+                    raise
+                denied = True
         for into, job in jobs:
             into += job.result()
+        return denied
+
+    def _power_states_one_by_one(self, pool: concurrent.futures.Executor,
+                                 instances: list[Instance]) -> list[Instance]:
+        """The fallback when the identity may not list VMs subscription-wide: one instance-view
+        GET per tagged VM or Flexible member whose power state is unknown (never for untagged
+        ones; Uniform instances have theirs from their scale set's listing)."""
+        wanted = [i for i in instances if i.power_state == "unknown" and i.kind != "uniform"
+                  and could_serve(i, self.cfg)]
+        if not self._warned_fallback:
+            self._warned_fallback = True
+            log.warning("the identity may not list VMs subscription-wide (403 AuthorizationFailed): power "
+                        "states cost one instance-view request per tagged VM, %d this cycle; grant Reader on "
+                        "the subscription, or set azure.source to \"resource_graph\"", len(wanted),
+                        extra={"event": "azure_power_state_fallback", "count": len(wanted)})
+        states = dict(zip((i.id for i in wanted), pool.map(self._power_state_of, wanted)))
+        return [dataclasses.replace(i, power_state=states[i.id]) if states.get(i.id) else i for i in instances]
+
+    def _power_state_of(self, inst: Instance) -> str | None:
+        """GET {vm}/instanceView (VirtualMachines_InstanceView); None when the VM is gone (404)."""
+        url = f"{self._base}{urllib.parse.quote(inst.id)}/instanceView?api-version={COMPUTE_API}"
+        try:
+            view = self._send(self._request("GET", url), f"instance view of {inst.name}")
+        except AzureError as exc:
+            if exc.status == 404:
+                return None
+            raise
+        return power_state({"properties": {"instanceView": view}})
 
     def _pages(self, kind: str, sub: str, rg: str | None, scale_set: str = "") -> list[Mapping]:
-        """Every item of one paged listing, following nextLink; AzureError if any page fails."""
+        """Every item of one Resource Manager listing, following nextLink."""
         path, api_version, query = LISTINGS[kind]
         scope = f"/subscriptions/{sub}" + (f"/resourceGroups/{_q(rg)}" if rg else "")
         url = (f"{self._base}{scope}{path.format(set=_q(scale_set))}?"
                + urllib.parse.urlencode({"api-version": api_version, **query}))
-        what = f"{kind} {scale_set + ' in ' if scale_set else 'of '}{scope[1:]}"
+        what = f"listing {kind} {scale_set + ' in ' if scale_set else 'of '}{scope[1:]}"
+
+        def next_request(page: Mapping | None) -> Any:
+            link = url if page is None else page.get("nextLink")
+            return self._request("GET", link) if link else None
+        return self._paged(what, next_request, "value")
+
+    def _paged(self, what: str, next_request: Callable[[Mapping | None], Any], key: str) -> list[Mapping]:
+        """The page loop of every listing and query: `next_request(previous page)` builds the
+        next request (None: done); each page's `key` must be a list. AzureError if any page fails."""
         items: list[Mapping] = []
-        while url:
-            try:
-                response = self._client.send_request(self._request("GET", url))
-                # json.loads on the bytes: the SDK's json() decodes to text first.
-                page = json.loads(response.body()) if response.status_code == 200 else None
-            except self._errors.AzureError as exc:
-                raise AzureError(f"listing {what} failed: {_sdk_message(exc)}") from None
-            except ValueError as exc:
-                raise AzureError(f"listing {what} failed: malformed page ({str(exc)[:100]})") from None
-            if page is None:
-                raise AzureError(f"listing {what} failed: HTTP {response.status_code} {_arm_error(response)}")
-            if not isinstance(page, dict) or not isinstance(page.get("value"), list):
-                # A 200 without "value" would read as an empty estate and park everything.
-                raise AzureError(f'listing {what} failed: malformed page (no "value" list)')
-            items += page["value"]
-            url = page.get("nextLink")
+        page: Mapping | None = None
+        while (request := next_request(page)) is not None:
+            page = self._send(request, what)
+            if not isinstance(page.get(key), list):
+                # A 200 without the list would read as an empty estate and park everything.
+                raise AzureError(f'{what} failed: malformed page (no "{key}" list)')
+            items += page[key]
         return items
+
+    def _send(self, request: Any, what: str) -> Mapping:
+        """One request through the SDK pipeline (credential, retries, timeouts): its JSON object."""
+        try:
+            response = self._client.send_request(request)
+            # json.loads on the bytes: the SDK's json() decodes to text first.
+            page = json.loads(response.body()) if response.status_code == 200 else None
+        except self._errors.AzureError as exc:
+            raise AzureError(f"{what} failed: {_sdk_message(exc)}", getattr(exc, "status_code", None)) from None
+        except ValueError as exc:
+            raise AzureError(f"{what} failed: malformed page ({str(exc)[:100]})") from None
+        if page is None:
+            raise AzureError(f"{what} failed: HTTP {response.status_code} {_arm_error(response)}",
+                             response.status_code)
+        if not isinstance(page, dict):
+            raise AzureError(f"{what} failed: malformed page (not a JSON object)")
+        return page
+
+
+def in_resource_groups(items: list[Mapping], groups: Sequence[str]) -> list[Mapping]:
+    """The items whose resource group is one of `groups` (all of them when none are configured)."""
+    wanted = {g.lower() for g in groups}
+    return [i for i in items if _resource_group(_id(i.get("id"))) in wanted] if wanted else items
+
+
+def could_serve(inst: Instance, cfg: Config) -> bool:
+    """Tagged and in scope: carries the service-name tag (keys compare case-insensitively, as
+    in Azure) and passes the tag allowlist and denylist."""
+    name_tag = cfg.tags.service_name_tag.lower()
+    return any(k.lower() == name_tag for k in inst.tags) and tags_match(inst.tags, cfg.tags)
 
 
 def _arm_error(response: Any) -> str:

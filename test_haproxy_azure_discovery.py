@@ -1197,7 +1197,8 @@ class TestAzure:
         from fake_arm import make_estate
         arm.estate = make_estate(vms=4, overrides={"vm-0000": {"power_state": "stopped"}})
         discovery, found, cfg = discovered(arm, running_only=False)
-        assert found["vm-0000"].power_state == "stopped"
+        assert found["vm-0000"].power_state == "unknown"      # not asked for: no power-state request
+        assert arm.counts["vms_status"] == 0 and arm.counts["vm_instance_view"] == 0
         groups, _ = m.select_instances(discovery.instances, cfg)
         assert sum(map(len, groups.values())) == 4
 
@@ -1212,7 +1213,9 @@ class TestAzure:
         arm.reset_counts()
         _, found, _ = discovered(arm, subscription_id=subs[0], subscription_ids=[subs[1]], resource_groups=["RG-A"])
         assert set(found) == {p.inst.name for p in arm.estate.machines() if p.home.resource_group == "rg-a"}
-        assert arm.counts["vms"] == 0 and arm.counts["vms_rg"] == 2 and arm.counts["vms_status"] == 0
+        # Power states from each subscription's status-only list, the only documented way to list them.
+        assert arm.counts["vms"] == 0 and arm.counts["vms_rg"] == 2 and arm.counts["vms_status"] == 2
+        assert all("$expand" not in r.query for r in arm.requests if r.endpoint in ("vms", "vms_rg"))
 
     def test_public_and_ipv6_addresses(self, arm):
         from fake_arm import make_estate

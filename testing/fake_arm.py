@@ -81,9 +81,14 @@ What is served:
 
 - Standalone VMs and Flexible members come from the VM and NIC lists; Uniform instances, their NICs and
   public IPs only from the scale-set lists. The status-only list has ids, names, locations and instance
-  views, no tags and no network profile. `$expand=instanceView` (vms_rg, vmss_vms) adds instance views; on
-  `vms` it is refused without `$filter`, as in Azure. A Flexible set's `vmss_vms` members have no network
-  profile, and their `instanceId` is the VM name.
+  views, no tags and no network profile. `$expand=instanceView` adds instance views: on `vmss_vms` always;
+  on both VM lists (`vms`, `vms_rg`) only with the one documented `$filter`
+  (`virtualMachineScaleSet/id eq '<scale set id>'`, which narrows the list to that set's members), and
+  without it the answer is 400 `InvalidParameter`, as Azure's REST reference says. A Flexible set's
+  `vmss_vms` members have no network profile, and their `instanceId` is the VM name.
+- Role scope: `fake.reader_groups = {"rg-a"}` models a principal whose Reader role covers only those
+  resource groups: subscription-wide lists and every other group answer 403 `AuthorizationFailed` (in
+  Azure's words); the default `None` reads the whole subscription.
 - Tags are omitted when empty. A Uniform instance carries only its own tags; its set's tags are on the set.
 - Casing: a resource's own `id` spells the resource group as stored (`/resourceGroups/rg-app-0/`); every
   id that points at another resource (VM -> NIC, NIC -> VM, NIC -> public IP, public IP -> IP
@@ -153,6 +158,7 @@ IDLE_TIMEOUT = 30                     # seconds a keep-alive connection may idle
 MAX_CURSORS = 256                     # listings remembered between pages; older ones are recomputed
 RELOAD_INTERVAL = 0.5                 # seconds between checks of the standalone estate file
 FAULT_ACTIONS = ("slow", "bad_json", "no_value")
+FAKE_PRINCIPAL = "11111111-2222-3333-4444-555555555555"   # the object id 403 messages name
 
 
 # === Estate model ===
@@ -560,6 +566,9 @@ def _listing(estate: Estate, endpoint: str, groups: dict, params: dict) -> Listi
     if endpoint == "vms_status":
         return machines, _vm_status_json
     if endpoint in ("vms", "vms_rg"):
+        if "$filter" in params:   # checked by _refused_by_documentation: one scale set's members
+            wanted = _FILTER.fullmatch(params["$filter"])[1].lower()
+            machines = [p for p in machines if p.ss is not None and scale_set_id(p.ss).lower() == wanted]
         return machines, partial(_vm_json, instance_view=instance_view)
     with_nic = [p for p in machines if p.inst.has_nic]
     if endpoint in ("nics", "nics_rg", "vmss_nics"):
@@ -606,6 +615,46 @@ def _not_found(endpoint: str, groups: dict) -> str:
                 "vmss_vm_instance_view": "Microsoft.Compute/virtualMachineScaleSets/{vmss}/virtualMachines/{index}",
                 }.get(endpoint, "Microsoft.Compute/virtualMachineScaleSets/{vmss}").format_map(groups)
     return f"The Resource '{resource}' under resource group '{groups['rg']}' was not found."
+
+
+# === What Azure documents, and refuses ===
+# VirtualMachines_ListAll and VirtualMachines_List (Compute REST reference, every api-version since
+# 2021-03-01): "$expand: The expand expression to apply on operation. 'instanceView' enables fetching run
+# time status of all Virtual Machines, this can only be specified if a valid $filter option is specified";
+# "$filter: ... Allowed value is 'virtualMachineScaleSet/id' eq
+# /subscriptions/{subId}/resourceGroups/{rgName}/providers/Microsoft.Compute/virtualMachineScaleSets/{vmssName}".
+_FILTER = re.compile(r"\s*virtualMachineScaleSet/id\s+eq\s+'(/subscriptions/[^/']+/resourceGroups/[^/']+"
+                     r"/providers/Microsoft\.Compute/virtualMachineScaleSets/[^/']+)'\s*", re.IGNORECASE)
+# The permission each endpoint needs (Reader grants all of them), for 403 AuthorizationFailed.
+_ACTIONS = {"vms": "Microsoft.Compute/virtualMachines/read", "vmss": "Microsoft.Compute/virtualMachineScaleSets/read",
+            "vmss_vms": "Microsoft.Compute/virtualMachineScaleSets/virtualMachines/read",
+            "nics": "Microsoft.Network/networkInterfaces/read", "pips": "Microsoft.Network/publicIPAddresses/read",
+            "nic_get": "Microsoft.Network/networkInterfaces/read", "vmss_nic_get": "Microsoft.Network/networkInterfaces/read",
+            "vm_instance_view": "Microsoft.Compute/virtualMachines/read",
+            "vmss_vm_instance_view": "Microsoft.Compute/virtualMachineScaleSets/virtualMachines/read",
+            "graph": "Microsoft.ResourceGraph/resources/read"}
+
+
+def _refused_by_documentation(endpoint: str, params: dict) -> _Reply | None:
+    """400 for what the REST reference rules out: `$expand` on a VM list without a valid `$filter`."""
+    if endpoint not in ("vms", "vms_rg", "vms_status"):
+        return None
+    if "$filter" in params and not _FILTER.fullmatch(params["$filter"]):
+        return _arm_error(400, "InvalidParameter", f"The value of parameter '$filter' is invalid: "
+                          f"{params['$filter']!r}. Allowed: virtualMachineScaleSet/id eq '<scale set id>'.",
+                          target="$filter")
+    if params.get("$expand", "").lower() == "instanceview" and "$filter" not in params:
+        return _arm_error(400, "InvalidParameter", "$expand=instanceView can only be specified together with "
+                          "a valid $filter (virtualMachineScaleSet/id eq '<scale set id>').", target="$expand")
+    return None
+
+
+def _authorization_failed(endpoint: str, scope: str) -> _Reply:
+    action = _ACTIONS.get(endpoint.removesuffix("_rg").removesuffix("_status"), "*/read")
+    return _arm_error(403, "AuthorizationFailed",
+                      f"The client '{FAKE_PRINCIPAL}' with object id '{FAKE_PRINCIPAL}' does not have "
+                      f"authorization to perform action '{action}' over scope '{scope}' or the scope is "
+                      "invalid. If access was recently granted, please refresh your credentials.")
 
 
 # === Routes ===
@@ -688,8 +737,9 @@ def _json_reply(document: dict, status: int = 200) -> _Reply:
     return _Reply(status, json.dumps(document).encode())
 
 
-def _arm_error(status: int, code: str, message: str, headers: tuple = ()) -> _Reply:
-    return _Reply(status, json.dumps({"error": {"code": code, "message": message}}).encode(), headers)
+def _arm_error(status: int, code: str, message: str, headers: tuple = (), target: str | None = None) -> _Reply:
+    error = {"code": code, "message": message, **({"target": target} if target else {})}
+    return _Reply(status, json.dumps({"error": error}).encode(), headers)
 
 
 def _fault_reply(fault: Fault) -> _Reply:
@@ -759,6 +809,9 @@ class FakeArm:
                  state_dir: str | None = None):
         self.estate = estate if estate is not None else Estate()
         self.page_size = page_size
+        # None: the principal reads the whole subscription. A set of resource-group names: its Reader role
+        # covers only those groups, so subscription-wide lists and other groups answer 403.
+        self.reader_groups: set[str] | None = None
         self.token = secrets.token_urlsafe(24)
         self.identity_header = secrets.token_urlsafe(16)
         self.client_id = str(uuid.uuid4())
@@ -929,9 +982,9 @@ class FakeArm:
         if "api-version" not in params:
             return _arm_error(400, "MissingApiVersionParameter",
                               "The api-version query parameter (?api-version=) is required for all requests.")
-        if endpoint == "vms" and "$expand" in params and "$filter" not in params:
-            return _arm_error(400, "InvalidParameter",
-                              "$expand=instanceView on a subscription-wide VM list needs a scale-set $filter.")
+        refused = self._forbidden(endpoint, groups) or _refused_by_documentation(endpoint, params)
+        if refused is not None:
+            return refused
         if endpoint in _SINGLE_ENDPOINTS:
             return self._fault(endpoint, unquote(raw_path), 1) or self._get_one(endpoint, groups, unquote(raw_path))
         try:
@@ -958,6 +1011,18 @@ class FakeArm:
             with self._lock:
                 self._cursors.pop(cursor, None)
         return _json_reply(document)
+
+    def _forbidden(self, endpoint: str, groups: dict) -> _Reply | None:
+        """403 AuthorizationFailed where the principal's Reader role does not reach (`reader_groups`)."""
+        readable = self.reader_groups
+        if readable is None:
+            return None
+        scope = f"/subscriptions/{groups['sub']}"
+        if "rg" not in groups:
+            return _authorization_failed(endpoint, scope)
+        if groups["rg"].lower() not in {g.lower() for g in readable}:
+            return _authorization_failed(endpoint, f"{scope}/resourceGroups/{groups['rg']}")
+        return None
 
     def _get_one(self, endpoint: str, groups: dict, path: str) -> _Reply:
         estate = self.estate

@@ -110,18 +110,40 @@ class TestListings:
         assert all(vm.tags is None and vm.network_profile is None for vm in vms)
         assert fake.counts["vms_status"] == 3 and fake.counts["vms"] == 0
 
-    def test_resource_group_list_expands_instance_views_and_ignores_path_case(self, fake):
+    def test_resource_group_list_ignores_path_case(self, fake):
         compute, _ = clients(fake)
-        [vm] = compute.virtual_machines.list("RG-B", expand="instanceView")
-        assert vm.name == "vm-0001" and power_state(vm.instance_view) == "PowerState/deallocated"
+        [vm] = compute.virtual_machines.list("RG-B")
+        assert vm.name == "vm-0001" and vm.instance_view is None
         assert [vm.instance_view for vm in compute.virtual_machines.list("rg-a")] == [None] * 5
         assert fake.counts["vms_rg"] == 1 + 3
 
-    def test_subscription_list_refuses_instance_view_expansion(self, fake):
+    @pytest.mark.parametrize("scope", ["subscription", "resource group"])
+    def test_vm_lists_refuse_instance_view_expansion_without_a_documented_filter(self, fake, scope):
         compute, _ = clients(fake)
-        with pytest.raises(HttpResponseError) as caught:
-            list(compute.virtual_machines.list_all(expand="instanceView"))
-        assert caught.value.status_code == 400
+        listing = (compute.virtual_machines.list_all if scope == "subscription"
+                   else lambda **kw: compute.virtual_machines.list("rg-a", **kw))
+        for bad in ({"expand": "instanceView"}, {"expand": "instanceView", "filter": "name eq 'vm-0000'"}):
+            with pytest.raises(HttpResponseError) as caught:
+                list(listing(**bad))
+            assert caught.value.status_code == 400 and caught.value.error.code == "InvalidParameter"
+        set_id = fake.estate.resource_id("fvmss-00")
+        members = list(listing(expand="instanceView", filter=f"virtualMachineScaleSet/id eq '{set_id}'"))
+        assert names(members) == ["fvmss-00_0", "fvmss-00_1", "fvmss-00_2"]
+        assert all(power_state(vm.instance_view) == "PowerState/running" for vm in members)
+
+    def test_reader_on_some_resource_groups_only(self, fake):
+        fake.reader_groups = {"RG-A"}
+        compute, network = clients(fake)
+        assert names(compute.virtual_machines.list("rg-a"))[0] == "vm-0000"
+        assert len(list(network.network_interfaces.list("rg-a"))) == 4
+        for denied in (lambda: compute.virtual_machines.list_all(status_only="true"),
+                       lambda: network.network_interfaces.list_all(), lambda: compute.virtual_machines.list("rg-b")):
+            with pytest.raises(HttpResponseError) as caught:
+                list(denied())
+            assert caught.value.status_code == 403 and caught.value.error.code == "AuthorizationFailed"
+            assert "does not have authorization to perform action" in caught.value.error.message
+        view = compute.virtual_machines.instance_view("rg-a", "vm-0000")
+        assert power_state(view) == "PowerState/running"
 
     def test_scale_sets(self, fake):
         compute, _ = clients(fake)
