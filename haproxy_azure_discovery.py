@@ -201,7 +201,10 @@ RELOAD_WAIT = 60.0
 RUNTIME_FIELDS = frozenset({"address", "port", "maintenance", "weight", "agent-check",
                             "agent-addr", "agent-send", "health_check_port"})
 
-# (Resource Manager endpoint, login authority) per azure.cloud.
+# A custom cloud's endpoints document: GET {resource_manager_url}/metadata/endpoints (Azure Stack Hub
+# and Azure's own clouds serve it; azure-cli and Terraform read it to register a cloud).
+CLOUD_METADATA_API = "2022-09-01"
+# (Resource Manager endpoint = token audience, login authority) per azure.cloud.
 CLOUDS = {
     "public": ("https://management.azure.com", "login.microsoftonline.com"),
     "china": ("https://management.chinacloudapi.cn", "login.chinacloudapi.cn"),
@@ -477,8 +480,10 @@ class AzureConfig:
     resource_groups: tuple[str, ...] = ()
     credential_type: str = "default"
     managed_identity_client_id: str = ""
-    cloud: str = "public"
+    cloud: str = ""                 # "" = public, or the resource_manager_url's own metadata
     resource_manager_url: str = ""
+    token_audience: str = ""
+    login_endpoint: str = ""
     address: str = "private"
     ip_version: str = "ipv4"
     running_only: bool = True
@@ -687,8 +692,10 @@ CHECKS: dict[str, Callable[[Any], str | None]] = {
     "azure.subscription_id": lambda v: None if not v or GUID_RE.fullmatch(v) else (
         f"must be a subscription GUID, got {json.dumps(v)}"),
     "azure.credential_type": _one_of("default", "managed_identity", "workload_identity", "client_secret", "azure_cli"),
-    "azure.cloud": _one_of(*CLOUDS),
+    "azure.cloud": _one_of("", *CLOUDS),
     "azure.resource_manager_url": _optional_https_url,
+    "azure.token_audience": _optional_https_url,
+    "azure.login_endpoint": _optional_https_url,
     "azure.address": _one_of("private", "public"),
     "azure.ip_version": _one_of("ipv4", "ipv6"),
     "azure.timeout": lambda v: _positive(v) or _at_most(HOUR, " s")(v),
@@ -1553,6 +1560,42 @@ LISTINGS = {
 }
 
 
+def needs_cloud_metadata(cfg: AzureConfig) -> bool:
+    """A Resource Manager URL without a named cloud: its own metadata says how to log in,
+    unless both the token audience and the login endpoint are configured."""
+    return bool(cfg.resource_manager_url and not cfg.cloud
+                and not (cfg.token_audience and cfg.login_endpoint))
+
+
+def cloud_endpoints(cfg: AzureConfig, metadata: Any) -> tuple[str, str]:
+    """(token audience, login endpoint): configured, else the named cloud's, else from the
+    endpoint's metadata document, else Azure's public cloud."""
+    audience, login = CLOUDS[cfg.cloud or "public"]
+    if metadata is not None:
+        audience, login = metadata_endpoints(metadata, cfg.resource_manager_url)
+    return cfg.token_audience or audience, cfg.login_endpoint or login
+
+
+def metadata_endpoints(document: Any, resource_manager_url: str) -> tuple[str, str]:
+    """The first audience and the login endpoint of a `metadata/endpoints` document: one cloud
+    object (api-version 2022-09-01), or a list of them, of which the one whose resourceManager is
+    this endpoint. AzureError when it has neither."""
+    clouds = document if isinstance(document, list) else [document]
+    wanted = resource_manager_url.rstrip("/").lower()
+    cloud = next((c for c in clouds if isinstance(c, dict)
+                  and str(c.get("resourceManager") or "").rstrip("/").lower() == wanted),
+                 clouds[0] if len(clouds) == 1 else None)
+    auth = cloud.get("authentication") if isinstance(cloud, dict) else None
+    audiences = auth.get("audiences") if isinstance(auth, dict) else None
+    login = auth.get("loginEndpoint") if isinstance(auth, dict) else None
+    if not (isinstance(audiences, list) and audiences and isinstance(audiences[0], str)
+            and _optional_https_url(audiences[0]) is None and isinstance(login, str)
+            and login and _optional_https_url(login) is None):
+        raise AzureError(f"cloud metadata of {resource_manager_url}: no https authentication.audiences "
+                         "and loginEndpoint; set azure.token_audience and azure.login_endpoint")
+    return audiences[0], login.rstrip("/")
+
+
 class AzureSource:
     """Lists VMs, scale sets, NICs and public IPs through the Azure SDK: requests grow with
     pages, never with instances. Independent listings run concurrently.
@@ -1563,26 +1606,52 @@ class AzureSource:
     """
 
     def __init__(self, cfg: Config, env: Mapping[str, str] | None = None):
-        identity, compute, self._errors, self._request = _azure_sdk()
+        self._identity, self._compute, self._errors, self._request = _azure_sdk()
         self.cfg = cfg
+        self._env = os.environ if env is None else env
         self._lock = threading.Lock()
         self.requests = 0
         self._warned_fallback = False
-        endpoint, authority = CLOUDS[cfg.azure.cloud]
-        self._base = (cfg.azure.resource_manager_url or endpoint).rstrip("/")
-        credential = _credential(cfg.azure, identity, authority, os.environ if env is None else env)
+        self._base = (cfg.azure.resource_manager_url or CLOUDS[cfg.azure.cloud or "public"][0]).rstrip("/")
+        self._client: Any = None
+        if not needs_cloud_metadata(cfg.azure):
+            self._connect(cloud_endpoints(cfg.azure, None))
+
+    def _connect(self, endpoints: tuple[str, str]) -> None:
+        audience, login = endpoints
+        credential = _credential(self.cfg.azure, self._identity, login, self._env)
         # One client carries the pipeline for every listing: all of them go to Resource
         # Manager, with its endpoint, token scope and read quota.
-        self._client = compute(credential, cfg.azure.subscriptions[0], base_url=self._base,
-                               credential_scopes=[endpoint + "/.default"], retry_total=cfg.azure.retries,
-                               connection_timeout=min(10.0, cfg.azure.timeout), read_timeout=cfg.azure.timeout,
-                               raw_request_hook=self._count, logging_enable=False)
+        azure = self.cfg.azure
+        self._client = self._compute(
+            credential, azure.subscriptions[0], base_url=self._base,
+            credential_scopes=[audience.rstrip("/") + "/.default"], retry_total=azure.retries,
+            connection_timeout=min(10.0, azure.timeout), read_timeout=azure.timeout,
+            raw_request_hook=self._count, logging_enable=False)
+
+    def _cloud_metadata(self) -> Any:
+        """GET {resource_manager_url}/metadata/endpoints (unauthenticated) for a custom cloud's token
+        audience and login endpoint; read once, on the first discovery."""
+        from azure.core import PipelineClient
+        url = f"{self._base}/metadata/endpoints?api-version={CLOUD_METADATA_API}"
+        try:
+            with PipelineClient(self._base) as client:
+                response = client.send_request(self._request("GET", url), connection_timeout=min(
+                    10.0, self.cfg.azure.timeout), read_timeout=self.cfg.azure.timeout)
+                document = response.json() if response.status_code == 200 else None
+        except (self._errors.AzureError, ValueError) as exc:
+            raise AzureError(f"cloud metadata from {url}: {str(exc)[:200]}") from None
+        if document is None:
+            raise AzureError(f"cloud metadata from {url}: HTTP {response.status_code}")
+        return document
 
     def _count(self, _request: Any) -> None:
         with self._lock:
             self.requests += 1
 
     def discover(self) -> Discovery:
+        if self._client is None:
+            self._connect(cloud_endpoints(self.cfg.azure, self._cloud_metadata()))
         before = self.requests
         with concurrent.futures.ThreadPoolExecutor(self.cfg.azure.workers) as pool:
             try:
@@ -1761,7 +1830,11 @@ def _credential(cfg: AzureConfig, identity: Any, authority: str, env: Mapping[st
             if missing:
                 raise ConfigError([f"azure.credential_type: client_secret needs {', '.join(missing)} "
                                    "in the environment"])
-            return identity.ClientSecretCredential(*(env[n] for n in names), authority=authority)
+            # MSAL checks an authority it does not know with login.microsoftonline.com, which an
+            # Azure Stack Hub or air-gapped cloud cannot reach: its own metadata named it.
+            known = authority in {login for _, login in CLOUDS.values()}
+            return identity.ClientSecretCredential(*(env[n] for n in names), authority=authority,
+                                                   disable_instance_discovery=not known)
         return identity.DefaultAzureCredential(authority=authority, managed_identity_client_id=client_id)
     except ValueError as exc:  # e.g. workload identity without its environment variables
         raise ConfigError([f"azure.credential_type: {kind}: {exc}"]) from None

@@ -1267,6 +1267,62 @@ class TestAzure:
         assert list(found) == ["vm-0000"]
         tokens = [r for r in arm.requests if r.endpoint == "token"]
         assert tokens and {str(t.query.get("resource")).rstrip("/") for t in tokens} == {resource}
+        assert arm.counts["metadata"] == 0          # a named cloud needs no metadata
+
+    def test_custom_cloud_takes_audience_and_login_from_its_metadata(self, arm):
+        from fake_arm import make_estate
+        arm.estate = make_estate(vms=2)
+        arm.cloud_audiences = ["https://management.stack.example/", "https://management.azure.com/"]
+        cfg = arm_config(arm)
+        source = m.AzureSource(cfg)
+        assert arm.counts["metadata"] == 0            # read on the first discovery, inside the cycle
+        assert len(source.discover().instances) == 2 and len(source.discover().instances) == 2
+        assert arm.counts["metadata"] == 1
+        [metadata] = [r for r in arm.requests if r.endpoint == "metadata"]
+        assert metadata.query == {"api-version": "2022-09-01"}
+        tokens = [r for r in arm.requests if r.endpoint == "token"]
+        assert {t.query["resource"].rstrip("/") for t in tokens} == {"https://management.stack.example"}
+        # The login endpoint too: a client secret is checked at the authority the metadata names.
+        env = {"AZURE_TENANT_ID": "tenant-1", "AZURE_CLIENT_ID": arm.client_id,
+               "AZURE_CLIENT_SECRET": arm.client_secret}
+        arm.reset_counts()
+        assert len(m.AzureSource(arm_config(arm, credential_type="client_secret"), env).discover().instances) == 2
+        assert arm.counts["aad_token"] >= 1 and arm.counts["metadata"] == 1 and arm.counts["token"] == 0
+
+    def test_explicit_audience_and_login_need_no_metadata(self, arm):
+        from fake_arm import make_estate
+        arm.estate = make_estate(vms=1)
+        cfg = arm_config(arm, token_audience="https://management.private.example/", login_endpoint=arm.url)
+        assert len(m.AzureSource(cfg).discover().instances) == 1
+        assert arm.counts["metadata"] == 0
+        assert {r.query["resource"].rstrip("/") for r in arm.requests if r.endpoint == "token"} == {
+            "https://management.private.example"}
+
+    def test_missing_cloud_metadata_fails_the_cycle_clearly(self, arm):
+        arm.add_fault("404", endpoint="metadata", times=None)
+        source = m.AzureSource(arm_config(arm))
+        with pytest.raises(m.AzureError, match=r"cloud metadata from https://.*/metadata/endpoints.*HTTP 404"):
+            source.discover()
+
+    @pytest.mark.parametrize("document, want", [
+        ({"resourceManager": "https://rm.example/", "authentication": {
+            "loginEndpoint": "https://login.example/", "audiences": ["https://rm-aud.example/"]}},
+         ("https://rm-aud.example/", "https://login.example")),
+        ([{"resourceManager": "https://other.example/", "authentication": {
+            "loginEndpoint": "https://login.other/", "audiences": ["https://other/"]}},
+          {"resourceManager": "https://RM.example", "authentication": {
+              "loginEndpoint": "https://login.example/", "audiences": ["https://rm-aud.example/"]}}],
+         ("https://rm-aud.example/", "https://login.example")),
+        ({"resourceManager": "https://rm.example/", "authentication": {"audiences": []}}, None),
+        ({"authentication": {"loginEndpoint": "http://login.example/", "audiences": ["https://a/"]}}, None),
+        ("not a document", None),
+    ])
+    def test_metadata_document_shapes(self, document, want):
+        if want is None:
+            with pytest.raises(m.AzureError, match="set azure.token_audience and azure.login_endpoint"):
+                m.metadata_endpoints(document, "https://rm.example")
+        else:
+            assert m.metadata_endpoints(document, "https://rm.example") == want
 
     @pytest.mark.parametrize("kind, env, expected", [
         ("default", {}, "DefaultAzureCredential"),
@@ -1314,7 +1370,7 @@ class TestAzure:
             arm.reset_counts()
             discovery, found, _ = discovered(arm)
             assert len(found) == vms + 1000
-            azure = arm.counts["total"] - arm.counts["token"]
+            azure = arm.counts["total"] - arm.counts["token"] - arm.counts["metadata"]
             assert azure == discovery.requests == formula(vms, 20, 50)
             results.append(azure)
         assert results == [2 * 20 + 20 + 1 + 40, 2 * 40 + 40 + 1 + 40]   # 101, then 161: pages only

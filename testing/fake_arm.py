@@ -69,6 +69,8 @@ Endpoints (GET; `api-version` required; paths match case-insensitively) and thei
     vmss_vm_instance_view  .../virtualMachineScaleSets/V/virtualMachines/I/instanceView
                                                   virtual_machine_scale_set_vms.get_instance_view(R, V, I)
     token       /msi/token (App Service managed identity; X-IDENTITY-HEADER checked)
+    metadata    /metadata/endpoints (no token; api-version required): the cloud's endpoints document, naming
+                the fake as resourceManager and authentication.loginEndpoint, `fake.cloud_audiences` as audiences
     openid      /{tenant}/v2.0/.well-known/openid-configuration   } for ClientSecretCredential(...,
     aad_token   POST /{tenant}/oauth2/v2.0/token                  } authority=fake.url, disable_instance_discovery=True)
 
@@ -680,11 +682,12 @@ _ROUTES = [(endpoint, method, re.compile(pattern, re.IGNORECASE)) for endpoint, 
     ("vm_instance_view", "GET", _SUB + _RG + _COMPUTE + "/virtualmachines/(?P<vm>[^/]+)/instanceview"),
     ("vmss_vm_instance_view", "GET", _VMSS + "/virtualmachines/(?P<index>[^/]+)/instanceview"),
     ("token", "GET", "/msi/token"),
+    ("metadata", "GET", "/metadata/endpoints"),
     ("openid", "GET", r"/(?P<tenant>[^/]+)/v2\.0/\.well-known/openid-configuration"),
     ("aad_token", "POST", r"/(?P<tenant>[^/]+)/oauth2/v2\.0/token"),
 )]
 ENDPOINTS = ("vms_status",) + tuple(endpoint for endpoint, _, _ in _ROUTES)
-_IDENTITY_ENDPOINTS = ("token", "openid", "aad_token")
+_IDENTITY_ENDPOINTS = ("token", "openid", "aad_token", "metadata")
 _SINGLE_ENDPOINTS = ("nic_get", "vmss_nic_get", "vm_instance_view", "vmss_vm_instance_view")
 COUNTS_PATH = "/_counts"
 
@@ -812,6 +815,8 @@ class FakeArm:
         # None: the principal reads the whole subscription. A set of resource-group names: its Reader role
         # covers only those groups, so subscription-wide lists and other groups answer 403.
         self.reader_groups: set[str] | None = None
+        # What GET /metadata/endpoints names as token audiences (those of Azure's public cloud by default).
+        self.cloud_audiences = ["https://management.core.windows.net/", "https://management.azure.com/"]
         self.token = secrets.token_urlsafe(24)
         self.identity_header = secrets.token_urlsafe(16)
         self.client_id = str(uuid.uuid4())
@@ -959,6 +964,8 @@ class FakeArm:
                 return _arm_error(400, "BadRequest", "The resource query parameter is required.")
             return _json_reply({"access_token": self.token, "expires_on": str(int(time.time()) + TOKEN_LIFETIME),
                                 "resource": params["resource"], "token_type": "Bearer"})
+        if endpoint == "metadata":
+            return self._metadata(params)
         tenant_url = f"{self.url}/{groups['tenant']}"
         if endpoint == "openid":
             return _json_reply({"issuer": f"{tenant_url}/v2.0",
@@ -970,6 +977,22 @@ class FakeArm:
                                 "error_description": "AADSTS7000215: Invalid client secret provided."}, 401)
         return _json_reply({"token_type": "Bearer", "expires_in": TOKEN_LIFETIME,
                             "ext_expires_in": TOKEN_LIFETIME, "access_token": self.token})
+
+    def _metadata(self, params: dict) -> _Reply:
+        """The cloud's endpoints document (api-version 2022-09-01: one object, as management.azure.com
+        serves it), naming the fake as Resource Manager and login endpoint, with `cloud_audiences`."""
+        if "api-version" not in params:
+            return _arm_error(400, "MissingApiVersionParameter",
+                              "The api-version query parameter (?api-version=) is required for all requests.")
+        return _json_reply({
+            "portal": f"{self.url}/", "name": "FakeCloud", "resourceManager": f"{self.url}/",
+            "authentication": {"loginEndpoint": f"{self.url}/", "audiences": list(self.cloud_audiences),
+                               "tenant": "common", "identityProvider": "AAD"},
+            "graph": f"{self.url}/", "graphAudience": f"{self.url}/", "media": f"{self.url}/",
+            "batch": f"{self.url}/", "sqlManagement": f"{self.url}/", "vmImageAliasDoc": "",
+            "activeDirectoryDataLake": "", "microsoftGraphResourceId": f"{self.url}/",
+            "suffixes": {"storage": "core.fake.example", "keyVaultDns": "vault.fake.example",
+                         "sqlServerHostname": "database.fake.example", "acrLoginServer": "azurecr.fake.example"}})
 
     def _arm(self, endpoint: str, groups: dict, handler: _Handler, raw_path: str, query: dict,
              params: dict) -> _Reply:

@@ -97,7 +97,7 @@ class TestResourceGroupScope:
         assert not any("vm-0002" in v or "vm-0004" in v or "fvmss-01" in v for v in views)
         assert arm.counts["vms_status"] == 1 and arm.counts["vms"] == 0
         assert all("$expand" not in r.query for r in arm.requests if r.endpoint in ("vms", "vms_rg"))
-        assert discovery.requests == arm.counts["total"] - arm.counts["token"]
+        assert discovery.requests == arm.counts["total"] - arm.counts["token"] - arm.counts["metadata"]
         source.discover()
         warnings = [r for r in caplog.records if getattr(r, "event", "") == "azure_power_state_fallback"]
         assert len(warnings) == 1

@@ -518,4 +518,5 @@ def test_standalone_serves_and_reloads_its_estate_file(tmp_path, sdk_env, monkey
 def test_endpoint_names_are_the_documented_counter_keys():
     assert set(ENDPOINTS) == {"vms", "vms_status", "vms_rg", "vmss", "vmss_rg", "vmss_vms", "nics", "nics_rg",
                               "vmss_nics", "pips", "pips_rg", "vmss_pips", "nic_get", "vmss_nic_get",
-                              "vm_instance_view", "vmss_vm_instance_view", "token", "openid", "aad_token"}
+                              "vm_instance_view", "vmss_vm_instance_view", "token", "openid", "aad_token",
+                              "metadata"}
