@@ -490,6 +490,7 @@ class AzureConfig:
     timeout: float = 30.0
     retries: int = 3
     workers: int = 8
+    source: str = "arm"             # "arm" (Resource Manager listings) or "resource_graph"
 
     @property
     def subscriptions(self) -> tuple[str, ...]:
@@ -701,6 +702,7 @@ CHECKS: dict[str, Callable[[Any], str | None]] = {
     "azure.timeout": lambda v: _positive(v) or _at_most(HOUR, " s")(v),
     "azure.retries": _between(0, 20),
     "azure.workers": _between(1, 64),
+    "azure.source": _one_of("arm", "resource_graph"),
     "haproxy.base_url": _bounded_url,
     "haproxy.api_version": _one_of("auto", "v2", "v3"),
     "haproxy.username": lambda v: None if v else "must not be empty",
@@ -1560,6 +1562,91 @@ LISTINGS = {
 }
 
 
+# Azure Resource Graph (azure.source "resource_graph"): POST {arm}/providers/Microsoft.ResourceGraph/
+# resources, one query over every configured subscription, 1,000 rows a page (the documented maximum of
+# options.$top), pages chained by $skipToken. Each row carries only what the join reads; the join is the
+# one the listings use. Resource Graph allows `union` only within one table (or with ResourceContainers),
+# and Uniform scale-set instances live in ComputeResources: they are a second query, sent only when a
+# Uniform scale set carries the service-name tag. Tables, types and columns: Microsoft's "Azure Resource
+# Graph table and resource type reference"; the power state is an extended property
+# (properties.extended.instanceView.powerState.code, "Understanding the Azure Resource Graph query language").
+GRAPH_API, GRAPH_PAGE = "2022-10-01", 1000
+GRAPH_QUERY = """\
+{table}
+| where type in~ ({types})
+| where resourceGroup in~ ({groups})
+| project id, name, type, location, tags,
+    powerState = properties.extended.instanceView.powerState.code,
+    networkInterfaces = properties.networkProfile.networkInterfaces,
+    virtualMachineScaleSet = properties.virtualMachineScaleSet.id,
+    orchestrationMode = properties.orchestrationMode,
+    virtualMachine = properties.virtualMachine.id,
+    primary = properties.primary,
+    ipConfigurations = properties.ipConfigurations,
+    ipAddress = properties.ipAddress"""
+GRAPH_TABLES = {
+    "Resources": ("microsoft.compute/virtualmachines", "microsoft.compute/virtualmachinescalesets",
+                  "microsoft.network/networkinterfaces", "microsoft.network/publicipaddresses"),
+    "ComputeResources": ("microsoft.compute/virtualmachinescalesets/virtualmachines",
+                         "microsoft.compute/virtualmachinescalesets/virtualmachines/networkinterfaces",
+                         "microsoft.compute/virtualmachinescalesets/virtualmachines/networkinterfaces/"
+                         "ipconfigurations/publicipaddresses"),
+}
+
+
+def graph_query(table: str, groups: Sequence[str]) -> str:
+    """GRAPH_QUERY for one table; without resource groups, without their `where` line. Group
+    names are checked at configuration time (no quote can occur in them)."""
+    query = GRAPH_QUERY.replace("{table}", table).replace(
+        "{types}", ", ".join(f"'{t}'" for t in GRAPH_TABLES[table]))
+    if not groups:
+        return "\n".join(line for line in query.splitlines() if "{groups}" not in line)
+    return query.replace("{groups}", ", ".join(f"'{g}'" for g in groups))
+
+
+def listing_from_graph(rows: Iterable[Mapping]) -> AzureListing:
+    """Resource Graph rows (GRAPH_QUERY's columns) in the Resource Manager shapes the join reads."""
+    listing = AzureListing()
+    into = {"microsoft.compute/virtualmachines": listing.vms,
+            "microsoft.compute/virtualmachinescalesets": listing.scale_sets,
+            "microsoft.network/networkinterfaces": listing.nics,
+            "microsoft.network/publicipaddresses": listing.public_ips}
+    into.update(zip(GRAPH_TABLES["ComputeResources"], (listing.set_instances, listing.nics, listing.public_ips)))
+    for row in rows:
+        target = into.get(str(row.get("type") or "").lower())
+        if target is not None:
+            target.append(_arm_shape(row))
+    return listing
+
+
+def _arm_shape(row: Mapping) -> dict:
+    props: dict[str, Any] = {}
+    for column, key in (("networkInterfaces", "networkProfile"), ("virtualMachineScaleSet", "virtualMachineScaleSet"),
+                        ("virtualMachine", "virtualMachine")):
+        if row.get(column):
+            props[key] = ({"networkInterfaces": row[column]} if column == "networkInterfaces"
+                          else {"id": row[column]})
+    for column in ("orchestrationMode", "primary", "ipConfigurations", "ipAddress"):
+        if row.get(column) is not None:
+            props[column] = row[column]
+    if row.get("powerState"):
+        props["instanceView"] = {"statuses": [{"code": row["powerState"]}]}
+    return {"id": row.get("id"), "name": row.get("name"), "location": row.get("location"),
+            "tags": row.get("tags"), "properties": props}
+
+
+def quota_wait(headers: Mapping[str, str]) -> float | None:
+    """Seconds until Resource Graph's per-user window resets, when its quota is spent
+    (x-ms-user-quota-remaining 0, x-ms-user-quota-resets-after "hh:mm:ss"); else None."""
+    remaining, resets = headers.get("x-ms-user-quota-remaining"), headers.get("x-ms-user-quota-resets-after")
+    if remaining is None or resets is None or not remaining.strip().isdigit() or int(remaining) > 0:
+        return None
+    match = re.fullmatch(r"\s*(\d+):(\d{1,2}):(\d{1,2}(?:\.\d+)?)\s*", resets)
+    if not match:
+        return None
+    hours, minutes, seconds = match.groups()
+    return min(60.0, int(hours) * 3600 + int(minutes) * 60 + float(seconds))
+
 def needs_cloud_metadata(cfg: AzureConfig) -> bool:
     """A Resource Manager URL without a named cloud: its own metadata says how to log in,
     unless both the token audience and the login endpoint are configured."""
@@ -1662,6 +1749,8 @@ class AzureSource:
         return Discovery(tuple(instances), (), self.requests - before)
 
     def _discover(self, pool: concurrent.futures.Executor) -> list[Instance]:
+        if self.cfg.azure.source == "resource_graph":
+            return instances_from_azure(self._query_graph(), self.cfg.azure)
         listing = AzureListing()
         denied = self._list_all(pool, listing)
         instances = instances_from_azure(listing, self.cfg.azure)
@@ -1733,12 +1822,42 @@ class AzureSource:
         """GET {vm}/instanceView (VirtualMachines_InstanceView); None when the VM is gone (404)."""
         url = f"{self._base}{urllib.parse.quote(inst.id)}/instanceView?api-version={COMPUTE_API}"
         try:
-            view = self._send(self._request("GET", url), f"instance view of {inst.name}")
+            view, _ = self._send(self._request("GET", url), f"instance view of {inst.name}")
         except AzureError as exc:
             if exc.status == 404:
                 return None
             raise
         return power_state({"properties": {"instanceView": view}})
+
+    def _query_graph(self) -> AzureListing:
+        """Resource Graph: Resources, then ComputeResources when a Uniform scale set is tagged."""
+        groups = self.cfg.azure.resource_groups
+        listing = listing_from_graph(self._graph_rows("Resources", groups))
+        tagged = {_id(s.get("id")) for s in scale_sets_to_list(listing.scale_sets, self.cfg)}
+        if tagged:     # as the listings do: instances of Uniform sets whose tags can make them match
+            uniform = listing_from_graph(self._graph_rows("ComputeResources", groups))
+            listing.set_instances = [i for i in uniform.set_instances if _scale_set_of(_id(i.get("id"))) in tagged]
+            listing.nics += uniform.nics
+            listing.public_ips += uniform.public_ips
+        return listing
+
+    def _graph_rows(self, table: str, groups: Sequence[str]) -> list[Mapping]:
+        """Every row of one Resource Graph query, page by page ($skipToken)."""
+        url = f"{self._base}/providers/Microsoft.ResourceGraph/resources?api-version={GRAPH_API}"
+        query = graph_query(table, groups)
+
+        def next_request(page: Mapping | None) -> Any:
+            if page is not None and str(page.get("resultTruncated")).lower() == "true":
+                # Rows past the limit are missing, and a missing instance would be drained.
+                raise AzureError(f"Resource Graph query of {table} failed: result truncated")
+            options: dict[str, Any] = {"$top": GRAPH_PAGE, "resultFormat": "objectArray"}
+            if page is not None:
+                if not page.get("$skipToken"):
+                    return None
+                options["$skipToken"] = page["$skipToken"]
+            body = {"subscriptions": list(self.cfg.azure.subscriptions), "query": query, "options": options}
+            return self._request("POST", url, json=body)
+        return self._paged(f"Resource Graph query of {table}", next_request, "data")
 
     def _pages(self, kind: str, sub: str, rg: str | None, scale_set: str = "") -> list[Mapping]:
         """Every item of one Resource Manager listing, following nextLink."""
@@ -1759,17 +1878,28 @@ class AzureSource:
         items: list[Mapping] = []
         page: Mapping | None = None
         while (request := next_request(page)) is not None:
-            page = self._send(request, what)
+            page, headers = self._send(request, what)
+            pause = quota_wait(headers)
+            if pause is not None:      # Resource Graph's per-user window is spent: wait for its reset
+                self._wait(pause)
             if not isinstance(page.get(key), list):
                 # A 200 without the list would read as an empty estate and park everything.
                 raise AzureError(f'{what} failed: malformed page (no "{key}" list)')
             items += page[key]
         return items
 
-    def _send(self, request: Any, what: str) -> Mapping:
-        """One request through the SDK pipeline (credential, retries, timeouts): its JSON object."""
+    def _wait(self, seconds: float) -> None:
+        threading.Event().wait(seconds)
+
+    def _send(self, request: Any, what: str) -> tuple[Mapping, Mapping[str, str]]:
+        """One request through the SDK pipeline (credential, retries, timeouts): its JSON object
+        and headers. A 429 that outlives the SDK's retries is tried once more after Resource
+        Graph's window resets, when the answer says when that is."""
         try:
             response = self._client.send_request(request)
+            if response.status_code == 429 and (pause := quota_wait(response.headers)) is not None:
+                self._wait(pause)
+                response = self._client.send_request(request)
             # json.loads on the bytes: the SDK's json() decodes to text first.
             page = json.loads(response.body()) if response.status_code == 200 else None
         except self._errors.AzureError as exc:
@@ -1781,7 +1911,7 @@ class AzureSource:
                              response.status_code)
         if not isinstance(page, dict):
             raise AzureError(f"{what} failed: malformed page (not a JSON object)")
-        return page
+        return page, response.headers
 
 
 def in_resource_groups(items: list[Mapping], groups: Sequence[str]) -> list[Mapping]:

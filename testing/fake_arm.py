@@ -68,6 +68,17 @@ Endpoints (GET; `api-version` required; paths match case-insensitively) and thei
                                                                         virtual_machines.instance_view(R, M)
     vmss_vm_instance_view  .../virtualMachineScaleSets/V/virtualMachines/I/instanceView
                                                   virtual_machine_scale_set_vms.get_instance_view(R, V, I)
+  Azure Resource Graph (POST; api-version one of resource_graph_schema.json's):
+    graph       /providers/Microsoft.ResourceGraph/resources   body {subscriptions, query, options: {$top,
+                $skipToken, resultFormat}}; answers {totalRecords, count, resultTruncated, $skipToken, data,
+                facets} with x-ms-user-quota-remaining / x-ms-user-quota-resets-after, and 429 past
+                `graph_quota` queries per `graph_window` seconds (counted as `graph_throttled`). The query is
+                checked against the tables, types and columns Microsoft documents (resource_graph_schema.json)
+                and evaluated as far as the fake models KQL: `Table | where COLUMN in~ ('a', ...) |
+                project column, name = column.path, ...`; rows are the estate's resources (VMs with
+                properties.extended.instanceView.powerState; Uniform instances, their NICs and public IPs in
+                ComputeResources), only from `reader_groups` when set; without `id` in the projection a
+                result longer than $top is cut (resultTruncated "true"), as in Azure.
     token       /msi/token (App Service managed identity; X-IDENTITY-HEADER checked)
     metadata    /metadata/endpoints (no token; api-version required): the cloud's endpoints document, naming
                 the fake as resourceManager and authentication.loginEndpoint, `fake.cloud_audiences` as audiences
@@ -96,6 +107,8 @@ What is served:
   id that points at another resource (VM -> NIC, NIC -> VM, NIC -> public IP, public IP -> IP
   configuration, Flexible VM -> scale set) and every id in the status-only list spells it
   `/resourcegroups/RG-APP-0/`. Join ids case-insensitively.
+- `second_nic_ip` gives a machine a second, non-primary NIC (`primary: false` on the VM's reference and on
+  the NIC itself); the IPv6 and public addresses stay on the primary one.
 - A missing NIC (`has_nic=False`) is still referenced by its VM but absent from every NIC and public IP list
   (its GET is a 404).
 - Single GETs return what the matching list item shows: a NIC as in the NIC lists, an instance view as in
@@ -122,6 +135,7 @@ import dataclasses
 import ipaddress
 import itertools
 import json
+import math
 import random
 import re
 import secrets
@@ -174,6 +188,7 @@ class Instance:
     private_ipv6: str | None = None   # a second, non-primary IP configuration on the same NIC
     public_ip: str | None = None      # attached to the primary IP configuration
     has_nic: bool = True              # False: the VM names a NIC that no NIC list returns
+    second_nic_ip: str | None = None  # a second, non-primary NIC with this private IPv4 address
 
 
 @dataclass(kw_only=True)
@@ -242,9 +257,18 @@ class Placed(NamedTuple):
 
     @property
     def nic_id(self) -> str:
+        return self.nic_id_of(0)
+
+    def nic_id_of(self, n: int) -> str:
+        """The id of NIC n: 0 is the primary NIC, 1 the second one (`second_nic_ip`)."""
+        suffix = "-nic" if n == 0 else f"-nic{n + 1}"
         if self.uniform:
-            return f"{self.vm_id}/networkInterfaces/{self.ss.name}-nic"
-        return f"{_group_id(self.home)}/providers/Microsoft.Network/networkInterfaces/{self.inst.name}-nic"
+            return f"{self.vm_id}/networkInterfaces/{self.ss.name}{suffix}"
+        return f"{_group_id(self.home)}/providers/Microsoft.Network/networkInterfaces/{self.inst.name}{suffix}"
+
+    @property
+    def nic_numbers(self) -> tuple[int, ...]:
+        return (0, 1) if self.inst.second_nic_ip else (0,)
 
     @property
     def ip_config_id(self) -> str:
@@ -460,16 +484,19 @@ def _instance_view(inst: Instance) -> dict:
     ]}
 
 
-def _nic_reference(p: Placed) -> dict:
-    reference = {"id": _shout(p.nic_id)}
-    if p.ss is not None:   # a standalone VM with a single NIC leaves `primary` out
-        reference["properties"] = {"primary": True, "deleteOption": "Delete"}
-    return reference
+def _nic_references(p: Placed) -> list[dict]:
+    references = []
+    for n in p.nic_numbers:
+        reference = {"id": _shout(p.nic_id_of(n))}
+        if p.ss is not None or len(p.nic_numbers) > 1:   # a standalone VM with a single NIC leaves it out
+            reference["properties"] = {"primary": n == 0, "deleteOption": "Delete"}
+        references.append(reference)
+    return references
 
 
 def _vm_json(p: Placed, *, instance_view: bool = False) -> dict:
     properties = {"vmId": _guid(p.vm_id), "hardwareProfile": {"vmSize": VM_SIZE},
-                  "networkProfile": {"networkInterfaces": [_nic_reference(p)]},
+                  "networkProfile": {"networkInterfaces": _nic_references(p)},
                   "provisioningState": "Succeeded"}
     if p.ss is not None:
         properties["virtualMachineScaleSet"] = {"id": _shout(scale_set_id(p.ss))}
@@ -495,7 +522,7 @@ def _scale_set_vm_json(p: Placed, *, instance_view: bool) -> dict:
     properties = {"latestModelApplied": True, "vmId": _guid(p.vm_id), "hardwareProfile": {"vmSize": VM_SIZE},
                   "provisioningState": "Succeeded"}
     if p.uniform:   # Azure gives a Flexible member's network profile only in the VM list
-        properties["networkProfile"] = {"networkInterfaces": [_nic_reference(p)]}
+        properties["networkProfile"] = {"networkInterfaces": _nic_references(p)}
     if instance_view:
         properties["instanceView"] = _instance_view(p.inst)
     item = _resource(p.vm_id, "Microsoft.Compute/virtualMachines", p.ss.location, p.inst.tags, properties,
@@ -517,17 +544,22 @@ def _ip_config_json(p: Placed, config_id: str, address: str, version: str, publi
             "type": "Microsoft.Network/networkInterfaces/ipConfigurations", "properties": properties}
 
 
-def _nic_json(p: Placed) -> dict:
-    configs = [_ip_config_json(p, p.ip_config_id, p.inst.private_ip, "IPv4", bool(p.inst.public_ip))]
-    if p.inst.private_ipv6:
+def _nic_json(p: Placed, n: int = 0) -> dict:
+    """NIC n of a machine: the primary one (0) carries the IPv6 and public addresses."""
+    if n:
+        configs = [_ip_config_json(p, f"{p.nic_id_of(n)}/ipConfigurations/ipconfig1", p.inst.second_nic_ip,
+                                   "IPv4", False)]
+    else:
+        configs = [_ip_config_json(p, p.ip_config_id, p.inst.private_ip, "IPv4", bool(p.inst.public_ip))]
+    if p.inst.private_ipv6 and not n:
         configs.append(_ip_config_json(p, f"{p.nic_id}/ipConfigurations/ipconfig-v6",
                                        p.inst.private_ipv6, "IPv6", False))
-    properties = {"provisioningState": "Succeeded", "ipConfigurations": configs, "primary": True,
+    properties = {"provisioningState": "Succeeded", "ipConfigurations": configs, "primary": n == 0,
                   "enableAcceleratedNetworking": False, "enableIPForwarding": False,
                   "virtualMachine": {"id": _shout(p.vm_id)}}
     # Uniform scale-set NICs and public IPs have no location (VmssNetworkInterfaceList.json).
     location = None if p.uniform else p.home.location
-    return _resource(p.nic_id, "Microsoft.Network/networkInterfaces", location, None, properties)
+    return _resource(p.nic_id_of(n), "Microsoft.Network/networkInterfaces", location, None, properties)
 
 
 def _public_ip_json(p: Placed) -> dict:
@@ -574,14 +606,14 @@ def _listing(estate: Estate, endpoint: str, groups: dict, params: dict) -> Listi
         return machines, partial(_vm_json, instance_view=instance_view)
     with_nic = [p for p in machines if p.inst.has_nic]
     if endpoint in ("nics", "nics_rg", "vmss_nics"):
-        return with_nic, _nic_json
+        return [(p, n) for p in with_nic for n in p.nic_numbers], lambda pn: _nic_json(*pn)
     return [p for p in with_nic if p.inst.public_ip], _public_ip_json
 
 
 class _Lookup(NamedTuple):
     """Machines by the lower-cased path of their single GETs: VMs (instance views) and NICs."""
     vms: dict[str, Placed]
-    nics: dict[str, Placed]
+    nics: dict[str, tuple[Placed, int]]   # (machine, NIC number)
 
 
 def _build_lookup(estate: Estate) -> _Lookup:
@@ -590,7 +622,8 @@ def _build_lookup(estate: Estate) -> _Lookup:
         vms[p.vm_id.lower()] = p
         if p.ss is not None and not p.uniform:   # a Flexible member also under its set, by instanceId
             vms[f"{scale_set_id(p.ss)}/virtualMachines/{p.inst.name}".lower()] = p
-        nics[p.nic_id.lower()] = p
+        for n in p.nic_numbers:
+            nics[p.nic_id_of(n).lower()] = (p, n)
     return _Lookup(vms, nics)
 
 
@@ -603,8 +636,8 @@ def _single(lookup: _Lookup, endpoint: str, path: str) -> dict | None:
     """What a single-resource GET returns; None: not found."""
     key = path.lower()
     if endpoint in ("nic_get", "vmss_nic_get"):
-        p = lookup.nics.get(key)
-        return _nic_json(p) if p is not None and p.inst.has_nic else None
+        found = lookup.nics.get(key)
+        return _nic_json(*found) if found is not None and found[0].inst.has_nic else None
     p = lookup.vms.get(key.removesuffix("/instanceview"))
     return _instance_view(p.inst) if p is not None else None
 
@@ -617,6 +650,143 @@ def _not_found(endpoint: str, groups: dict) -> str:
                 "vmss_vm_instance_view": "Microsoft.Compute/virtualMachineScaleSets/{vmss}/virtualMachines/{index}",
                 }.get(endpoint, "Microsoft.Compute/virtualMachineScaleSets/{vmss}").format_map(groups)
     return f"The Resource '{resource}' under resource group '{groups['rg']}' was not found."
+
+
+# === Resource Graph ===
+# What the fake knows of Resource Graph's schema, with its sources: resource_graph_schema.json.
+GRAPH_SCHEMA = json.loads((Path(__file__).resolve().parent / "resource_graph_schema.json").read_text())
+_TABLES = {table.lower(): table for table in GRAPH_SCHEMA["tables"]}
+_COLUMNS = frozenset(GRAPH_SCHEMA["columns"])
+_IDENTIFIER = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
+GRAPH_TENANT = "00000000-0000-0000-0000-0000000000aa"
+
+
+class GraphQuery(NamedTuple):
+    """The subset of KQL the fake evaluates: a table, `where COLUMN in~ ('a', ...)` filters and one
+    `project` of documented columns or `name = column.path` expressions."""
+    table: str
+    filters: tuple[tuple[str, frozenset[str]], ...]
+    columns: tuple[tuple[str, tuple[str, ...]], ...]
+
+
+def parse_graph_query(text: str) -> GraphQuery:
+    """ValueError naming the first thing Microsoft does not document (or the fake does not model)."""
+    stages = [stage.strip() for stage in text.split("|")]
+    table = _TABLES.get(stages[0].lower())
+    if table is None:
+        raise ValueError(f"table {stages[0]!r} is not a documented Resource Graph table the fake serves")
+    filters, columns = [], None
+    for stage in stages[1:]:
+        where = re.fullmatch(r"where\s+(\w+)\s+in~\s*\((.*)\)", stage, re.DOTALL)
+        if where:
+            column, values = where[1], frozenset(v.lower() for v in re.findall(r"'([^']*)'", where[2]))
+            _check_column(column)
+            unknown = sorted(values - {t.lower() for t in GRAPH_SCHEMA["tables"][table]}) if column == "type" else []
+            if unknown:
+                raise ValueError(f"type(s) {', '.join(unknown)} are not documented in table {table}")
+            filters.append((column, values))
+        elif stage.startswith("project ") and columns is None:
+            columns = tuple(_projection(item.strip()) for item in stage[len("project "):].split(","))
+        else:
+            raise ValueError(f"operator not modelled by the fake: {stage[:60]!r}")
+    if not columns:
+        raise ValueError("no project: the fake wants the columns named")
+    return GraphQuery(table, tuple(filters), columns)
+
+
+def _check_column(name: str) -> None:
+    if name not in _COLUMNS:
+        raise ValueError(f"column {name!r} is not a documented Resource Graph column")
+
+
+def _projection(item: str) -> tuple[str, tuple[str, ...]]:
+    alias, _, expression = item.rpartition("=")
+    path = tuple(part.strip() for part in expression.strip().split("."))
+    if not all(_IDENTIFIER.fullmatch(part) for part in path) or (alias and not _IDENTIFIER.fullmatch(alias.strip())):
+        raise ValueError(f"projection {item!r} is not `column` or `name = column.path`")
+    _check_column(path[0])
+    return (alias.strip() or path[0]), path
+
+
+def _dig(document: dict, path: tuple[str, ...]):
+    """A dynamic path as KQL reads it: case-sensitive, null where anything is missing."""
+    value = document
+    for part in path:
+        if not isinstance(value, dict):
+            return None
+        value = value.get(part)
+    return value
+
+
+def _graph_row(item: dict, rtype: str, p_home: Vm | ScaleSet, power: str | None = None, sku=None) -> dict:
+    """An ARM item as a Resource Graph row: its columns, the type lower-cased, the power state as an
+    extended property."""
+    properties = dict(item["properties"])
+    if power is not None:
+        properties["extended"] = {"instanceView": {"powerState": {
+            "code": f"PowerState/{power}", "level": "Info", "displayStatus": f"VM {power}"}}}
+    return {"id": item["id"], "name": item["name"], "type": rtype, "tenantId": GRAPH_TENANT, "kind": "",
+            "location": item.get("location") or p_home.location, "resourceGroup": p_home.resource_group.lower(),
+            "subscriptionId": p_home.subscription, "managedBy": "", "sku": sku, "plan": None,
+            "properties": properties, "tags": item.get("tags") or {}, "identity": None, "zones": None,
+            "extendedLocation": None}
+
+
+def graph_documents(estate: Estate, table: str) -> list[dict]:
+    """Every row of `table` the estate holds, before any filter."""
+    rows = []
+    uniform_table = table == "ComputeResources"
+    prefix = "microsoft.compute/virtualmachinescalesets/virtualmachines" if uniform_table else None
+    for p in estate.machines():
+        if p.uniform != uniform_table:
+            continue
+        if uniform_table:
+            rows.append(_graph_row(_scale_set_vm_json(p, instance_view=False), prefix, p.home, p.inst.power_state))
+        else:
+            rows.append(_graph_row(_vm_json(p), "microsoft.compute/virtualmachines", p.home, p.inst.power_state))
+        if p.inst.has_nic:
+            nic_type = f"{prefix}/networkinterfaces" if uniform_table else "microsoft.network/networkinterfaces"
+            rows += [_graph_row(_nic_json(p, n), nic_type, p.home) for n in p.nic_numbers]
+            if p.inst.public_ip:
+                pip_type = (f"{prefix}/networkinterfaces/ipconfigurations/publicipaddresses" if uniform_table
+                            else "microsoft.network/publicipaddresses")
+                rows.append(_graph_row(_public_ip_json(p), pip_type, p.home))
+    if not uniform_table:
+        for ss in estate.scale_sets:
+            item = _scale_set_json(ss)
+            rows.append(_graph_row(item, "microsoft.compute/virtualmachinescalesets", ss, sku=item["sku"]))
+    return rows
+
+
+def evaluate_graph_query(estate: Estate, query: GraphQuery, subscriptions: set[str],
+                         readable: set[str] | None) -> list[dict]:
+    """The query's rows: in the given subscriptions, in resource groups the principal may read (Resource
+    Graph leaves out what the caller cannot read), filtered and projected."""
+    rows = []
+    for document in graph_documents(estate, query.table):
+        if document["subscriptionId"].lower() not in subscriptions:
+            continue
+        if readable is not None and document["resourceGroup"] not in readable:
+            continue
+        if all(str(document.get(column) or "").lower() in values for column, values in query.filters):
+            rows.append({name: _dig(document, path) for name, path in query.columns})
+    return rows
+
+
+def _graph_request(body) -> dict:
+    """The QueryRequest body as documented (subscriptions, query, options): KeyError/TypeError/ValueError."""
+    if not isinstance(body, dict) or not isinstance(body.get("query"), str):
+        raise ValueError("the body must be an object with a query string")
+    subscriptions = body["subscriptions"]
+    if not (isinstance(subscriptions, list) and subscriptions and all(isinstance(s, str) for s in subscriptions)):
+        raise ValueError("subscriptions must be a non-empty list of subscription ids")
+    options = body.get("options") or {}
+    top = options.get("$top", 100)
+    if not isinstance(top, int) or not 1 <= top <= GRAPH_SCHEMA["max_top"]:
+        raise ValueError(f"options.$top must be 1..{GRAPH_SCHEMA['max_top']}, got {top!r}")
+    if options.get("resultFormat", "objectArray") != "objectArray":
+        raise ValueError("the fake answers resultFormat objectArray only")
+    return body
 
 
 # === What Azure documents, and refuses ===
@@ -683,6 +853,7 @@ _ROUTES = [(endpoint, method, re.compile(pattern, re.IGNORECASE)) for endpoint, 
     ("vmss_vm_instance_view", "GET", _VMSS + "/virtualmachines/(?P<index>[^/]+)/instanceview"),
     ("token", "GET", "/msi/token"),
     ("metadata", "GET", "/metadata/endpoints"),
+    ("graph", "POST", "/providers/microsoft\\.resourcegraph/resources"),
     ("openid", "GET", r"/(?P<tenant>[^/]+)/v2\.0/\.well-known/openid-configuration"),
     ("aad_token", "POST", r"/(?P<tenant>[^/]+)/oauth2/v2\.0/token"),
 )]
@@ -817,6 +988,9 @@ class FakeArm:
         self.reader_groups: set[str] | None = None
         # What GET /metadata/endpoints names as token audiences (those of Azure's public cloud by default).
         self.cloud_audiences = ["https://management.core.windows.net/", "https://management.azure.com/"]
+        # Resource Graph's per-user quota: `graph_quota` queries per `graph_window` seconds (Azure: 15 per 5 s).
+        self.graph_quota, self.graph_window = 15, 5.0
+        self._graph_window_start, self._graph_used = -math.inf, 0
         self.token = secrets.token_urlsafe(24)
         self.identity_header = secrets.token_urlsafe(16)
         self.client_id = str(uuid.uuid4())
@@ -928,6 +1102,8 @@ class FakeArm:
             reply = _arm_error(404, "NotFound", f"The fake has no {handler.command} {path}.")
         elif endpoint in _IDENTITY_ENDPOINTS:
             reply = self._fault(endpoint, path, 1) or self._identity(endpoint, groups, handler, params, body)
+        elif endpoint == "graph":
+            reply = self._unauthorized(handler, params) or self._graph(path, params, body)
         else:
             reply = self._arm(endpoint, groups, handler, split.path, query, params)
         self._send(handler, reply)
@@ -994,8 +1170,7 @@ class FakeArm:
             "suffixes": {"storage": "core.fake.example", "keyVaultDns": "vault.fake.example",
                          "sqlServerHostname": "database.fake.example", "acrLoginServer": "azurecr.fake.example"}})
 
-    def _arm(self, endpoint: str, groups: dict, handler: _Handler, raw_path: str, query: dict,
-             params: dict) -> _Reply:
+    def _unauthorized(self, handler: _Handler, params: dict) -> _Reply | None:
         authorization = handler.headers.get("Authorization")
         if authorization is None:
             return _arm_error(401, "AuthenticationFailed",
@@ -1005,6 +1180,76 @@ class FakeArm:
         if "api-version" not in params:
             return _arm_error(400, "MissingApiVersionParameter",
                               "The api-version query parameter (?api-version=) is required for all requests.")
+        return None
+
+    def _graph(self, path: str, params: dict, body: bytes) -> _Reply:
+        """POST /providers/Microsoft.ResourceGraph/resources: a query over the estate, paged by `$skipToken`,
+        with the per-user quota headers (a 429 past `graph_quota` queries in `graph_window` seconds)."""
+        if params["api-version"] not in GRAPH_SCHEMA["api_versions"]:
+            return _arm_error(400, "InvalidApiVersionParameter",
+                              f"The api-version '{params['api-version']}' is invalid. The supported versions "
+                              f"are '{', '.join(GRAPH_SCHEMA['api_versions'])}'.")
+        throttled, quota_headers = self._graph_quota()
+        if throttled:
+            with self._lock:
+                self._counts["graph_throttled"] += 1
+            return _arm_error(429, "RateLimiting", "Please provide below info when asking for support: "
+                              "Details: Rate limit exceeded for the user.", quota_headers)
+        try:
+            request = _graph_request(json.loads(body or b"null"))
+            query = parse_graph_query(request["query"])
+        except (ValueError, KeyError, TypeError) as exc:
+            return _Reply(400, json.dumps({"error": {"code": "BadRequest", "message": "Please provide below "
+                          "info when asking for support", "details": [{"code": "InvalidQuery", "message": str(exc)}]}}
+                          ).encode(), quota_headers)
+        options = request.get("options") or {}
+        try:
+            cursor, offset = _read_skiptoken(options.get("$skipToken"))
+        except ValueError:
+            return _arm_error(400, "InvalidSkipToken", "The $skipToken is not one this server issued.")
+        top = int(options.get("$top") or 100)
+        fault = self._fault("graph", path, offset // top + 1)
+        if fault is not None:
+            return fault
+        estate = self.estate
+        with estate.lock:
+            listing = self._recall(cursor)
+            if listing is None:
+                readable = None if self.reader_groups is None else {g.lower() for g in self.reader_groups}
+                listing = (evaluate_graph_query(estate, query, {sub.lower() for sub in request["subscriptions"]},
+                                                readable), None)
+        rows = listing[0]
+        page = rows[offset:offset + top]
+        more = offset + top < len(rows)
+        document = {"totalRecords": len(rows), "count": len(page), "data": page, "facets": [],
+                    # Resource Graph pages only queries that return `id`; others are cut at $top.
+                    "resultTruncated": "true" if more and "id" not in page[0] else "false"}
+        if more and "id" in page[0]:
+            document["$skipToken"] = _write_skiptoken(cursor or self._remember(listing), offset + top)
+        elif cursor:
+            with self._lock:
+                self._cursors.pop(cursor, None)
+        return _Reply(200, json.dumps(document).encode(), quota_headers)
+
+    def _graph_quota(self) -> tuple[bool, tuple]:
+        """(throttled?, the x-ms-user-quota-* headers) for one more query in the current window."""
+        now = time.monotonic()
+        with self._lock:
+            if now - self._graph_window_start >= self.graph_window:
+                self._graph_window_start, self._graph_used = now, 0
+            throttled = self._graph_used >= self.graph_quota
+            if not throttled:
+                self._graph_used += 1
+            left = max(0.0, self._graph_window_start + self.graph_window - now)
+            remaining = self.graph_quota - self._graph_used
+        resets = f"{int(left // 3600):02d}:{int(left % 3600 // 60):02d}:{math.ceil(left % 60):02d}"
+        return throttled, (("x-ms-user-quota-remaining", str(remaining)), ("x-ms-user-quota-resets-after", resets))
+
+    def _arm(self, endpoint: str, groups: dict, handler: _Handler, raw_path: str, query: dict,
+             params: dict) -> _Reply:
+        unauthorized = self._unauthorized(handler, params)
+        if unauthorized is not None:
+            return unauthorized
         refused = self._forbidden(endpoint, groups) or _refused_by_documentation(endpoint, params)
         if refused is not None:
             return refused

@@ -519,4 +519,4 @@ def test_endpoint_names_are_the_documented_counter_keys():
     assert set(ENDPOINTS) == {"vms", "vms_status", "vms_rg", "vmss", "vmss_rg", "vmss_vms", "nics", "nics_rg",
                               "vmss_nics", "pips", "pips_rg", "vmss_pips", "nic_get", "vmss_nic_get",
                               "vm_instance_view", "vmss_vm_instance_view", "token", "openid", "aad_token",
-                              "metadata"}
+                              "metadata", "graph"}

@@ -1,0 +1,153 @@
+"""Azure Resource Graph as the discovery source: the real SDK pipeline against the HTTPS fake, which answers
+POST /providers/Microsoft.ResourceGraph/resources in the documented shape, checks the query's tables, types
+and columns against what Microsoft documents (resource_graph_schema.json) and keeps the per-user quota."""
+import time
+
+import pytest
+
+import haproxy_azure_discovery as m
+from fake_arm import GRAPH_SCHEMA, make_estate, parse_graph_query
+
+SUB = "00000000-0000-0000-0000-000000000001"
+SUB2 = "00000000-0000-0000-0000-000000000002"
+
+
+def config(arm, **azure):
+    return m.parse_config({"azure": {"subscription_id": SUB, "resource_manager_url": arm.url, "retries": 1,
+                                     "timeout": 5, **azure}, "haproxy": {"password": "pw"}}, {})
+
+
+def seen(arm, **azure) -> dict[str, tuple[str | None, str]]:
+    """id -> (address, power state), as one discovery found them."""
+    discovery = m.AzureSource(config(arm, **azure)).discover()
+    return {i.id: (i.address, i.power_state) for i in discovery.instances}
+
+
+def tricky_estate():
+    """Two subscriptions; VMs, Uniform and Flexible members; stopped and deallocated machines; public
+    addresses and IPv6 everywhere; second (non-primary) NICs on a VM, a Flexible member and a Uniform
+    instance; a VM whose NIC is gone; an untagged Uniform set."""
+    estate = make_estate(vms=9, uniform_sets=2, flexible_sets=2, per_set=3, subscriptions=(SUB, SUB2),
+                         resource_groups=("rg-a", "rg-b"), ipv6_base="fd00::10", public_ip_base="20.0.0.4",
+                         not_running=0.3, seed=7,
+                         overrides={"vm-0003": {"second_nic_ip": "10.9.0.3"},
+                                    "fvmss-01_2": {"second_nic_ip": "10.9.0.4", "power_state": "stopped"},
+                                    "uvmss-00_1": {"second_nic_ip": "10.9.0.5"},
+                                    "vm-0005": {"has_nic": False}, "uvmss-01": {"tags": {}}})
+    return estate
+
+
+@pytest.mark.parametrize("address, ip_version", [("private", "ipv4"), ("public", "ipv4"), ("private", "ipv6")])
+def test_both_sources_find_the_same_instances(arm, address, ip_version):
+    arm.estate = tricky_estate()
+    both = dict(subscription_ids=[SUB2], address=address, ip_version=ip_version)
+    listed = seen(arm, **both)
+    arm.reset_counts()
+    graphed = seen(arm, source="resource_graph", **both)
+    assert graphed == listed
+    # ... and they are the estate's (Uniform instances of tagged sets only: no other can be served).
+    assert not any("/uvmss-01/" in vid for vid in graphed)
+    machines = {p.vm_id.lower(): p for p in arm.estate.machines()}
+    for vid, (found_address, state) in graphed.items():
+        p = machines[vid]
+        want = {"public": p.inst.public_ip, "ipv6": p.inst.private_ipv6}.get(
+            address if address == "public" else ip_version, p.inst.private_ip)
+        assert found_address == (want if p.inst.has_nic else None) and state == p.inst.power_state
+    assert {"stopped", "deallocated", "running"} <= {state for _, state in graphed.values()}
+    assert graphed[arm.estate.resource_id("vm-0003").lower()][0] != "10.9.0.3"
+    # Two queries, one page each (Resources; ComputeResources because a Uniform set is tagged): no listing.
+    assert arm.counts["graph"] == 2 and arm.counts["total"] - arm.counts["token"] - arm.counts["metadata"] == 2
+    assert arm.counts.get("graph_throttled", 0) == 0
+
+
+def test_queries_name_only_documented_tables_types_and_columns():
+    for table in m.GRAPH_TABLES:
+        for groups in ((), ("rg-a", "rg-b")):
+            query = parse_graph_query(m.graph_query(table, groups))
+            assert query.table == table
+            assert {name for name, _ in query.columns} >= {"id", "name", "type", "location", "tags", "powerState"}
+    assert set(m.GRAPH_TABLES) == set(GRAPH_SCHEMA["tables"])
+    assert m.GRAPH_API in GRAPH_SCHEMA["api_versions"] and m.GRAPH_PAGE == GRAPH_SCHEMA["max_top"]
+
+
+@pytest.mark.parametrize("query, problem", [
+    ("Resourcez | project id", "table 'Resourcez'"),
+    ("Resources | where type in~ ('microsoft.compute/virtualmachinescalesets/virtualmachines') | project id",
+     "not documented in table Resources"),
+    ("Resources | project id, powerState = properties.extended.instanceView.powerState.code, hostName",
+     "column 'hostName'"),
+    ("Resources | extend x = 1 | project id", "operator not modelled"),
+    ("Resources | where type in~ ('microsoft.compute/virtualmachines')", "no project"),
+])
+def test_the_fake_refuses_undocumented_queries(query, problem):
+    with pytest.raises(ValueError, match=problem):
+        parse_graph_query(query)
+
+
+def test_the_fake_answers_a_bad_query_with_400(arm):
+    import azure.core.exceptions
+    source = m.AzureSource(config(arm, source="resource_graph"))
+    source.discover()                              # connects (and reads the cloud metadata)
+    request = source._request("POST", f"{arm.url}/providers/Microsoft.ResourceGraph/resources?api-version=2022-10-01",
+                              json={"subscriptions": [SUB], "query": "Resources | project id, vmSize"})
+    response = source._client.send_request(request)
+    assert response.status_code == 400 and response.json()["error"]["details"][0]["code"] == "InvalidQuery"
+    with pytest.raises(azure.core.exceptions.HttpResponseError):
+        response.raise_for_status()
+
+
+def test_resource_groups_become_a_where_and_roles_narrow_the_rows(arm):
+    arm.estate = tricky_estate()
+    listed = seen(arm, subscription_ids=[SUB2], resource_groups=["rg-a"])
+    graphed = seen(arm, subscription_ids=[SUB2], resource_groups=["rg-a"], source="resource_graph")
+    assert graphed == listed and graphed
+    assert all("/resourcegroups/rg-a/" in vid for vid in graphed)
+    queries = [r for r in arm.requests if r.endpoint == "graph"]
+    assert queries and all(r.method == "POST" for r in queries)
+    # A Reader role on rg-a only: Resource Graph answers with what the principal may read, no 403.
+    arm.reader_groups = {"rg-a"}
+    assert seen(arm, subscription_ids=[SUB2], source="resource_graph") == graphed
+
+
+def test_pages_follow_the_skip_token_and_the_quota_is_waited_for(arm):
+    """1,300 VMs: 2,600 rows of Resources, three pages of 1,000. With a quota of 2 queries a second, the
+    third page waits for the window to reset instead of drawing a 429."""
+    arm.estate = make_estate(vms=1300, not_running=0.1, seed=3)
+    arm.graph_quota, arm.graph_window = 2, 1.0
+    started = time.monotonic()
+    found = seen(arm, source="resource_graph")
+    assert time.monotonic() - started >= 0.5
+    assert len(found) == 1300 and arm.counts["graph"] == 3 and arm.counts.get("graph_throttled", 0) == 0
+    tokens = [r for r in arm.requests if r.endpoint == "graph"]
+    assert len(tokens) == 3
+    arm.graph_quota = 1000
+    assert seen(arm) == found                       # and the listings agree
+
+
+def test_a_429_is_retried_and_a_failing_query_fails_the_discovery(arm):
+    arm.estate = make_estate(vms=5)
+    arm.add_fault("429", endpoint="graph", retry_after=1)
+    assert len(seen(arm, source="resource_graph")) == 5 and arm.counts["graph"] == 2
+    arm.add_fault("500", endpoint="graph", times=None)
+    with pytest.raises(m.AzureError, match="Resource Graph query of Resources failed: HTTP 500"):
+        seen(arm, source="resource_graph")
+
+
+def test_a_truncated_result_fails_rather_than_drains(arm, monkeypatch):
+    """Resource Graph cuts a result it cannot page (no id column) at $top and says so: that page must not
+    pass for the whole estate."""
+    arm.estate = make_estate(vms=600)
+    monkeypatch.setattr(m, "GRAPH_QUERY", m.GRAPH_QUERY.replace("| project id, ", "| project "))
+    with pytest.raises(m.AzureError, match="result truncated"):
+        seen(arm, source="resource_graph")
+
+
+@pytest.mark.parametrize("headers, wait", [
+    ({"x-ms-user-quota-remaining": "0", "x-ms-user-quota-resets-after": "00:00:03"}, 3.0),
+    ({"x-ms-user-quota-remaining": "4", "x-ms-user-quota-resets-after": "00:00:03"}, None),
+    ({"x-ms-user-quota-remaining": "0", "x-ms-user-quota-resets-after": "01:00:00"}, 60.0),
+    ({"x-ms-user-quota-remaining": "0", "x-ms-user-quota-resets-after": "soon"}, None),
+    ({}, None),
+])
+def test_quota_wait(headers, wait):
+    assert m.quota_wait(headers) == wait
