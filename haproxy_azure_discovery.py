@@ -1646,6 +1646,25 @@ def quota_wait(headers: Mapping[str, str]) -> float | None:
         return None
     hours, minutes, seconds = match.groups()
     return min(60.0, int(hours) * 3600 + int(minutes) * 60 + float(seconds))
+# Compute's own throttling of "VM List, List All" calls, per subscription and for every caller
+# together: 300 a minute refill, 900 burst (Azure's "Troubleshooting throttling errors" for
+# Microsoft.Compute). Each page of either VM list is one call.
+VM_LIST_KINDS = ("VMs", "VM power states")
+VM_LIST_REFILL_PER_MINUTE = 300
+
+
+def vm_list_budget_warning(calls_per_cycle: int, interval: float) -> str | None:
+    """A warning when one cycle's VM list calls, repeated every `interval` seconds, would
+    outrun Compute's per-subscription refill on their own; None when they fit."""
+    per_minute = calls_per_cycle * 60 / interval
+    if per_minute <= VM_LIST_REFILL_PER_MINUTE:
+        return None
+    return (f"the last cycle made {calls_per_cycle} VM list calls in one subscription: every "
+            f"{interval:g} s that is {per_minute:.0f} a minute, over Compute's refill of "
+            f"{VM_LIST_REFILL_PER_MINUTE} a minute for all callers of the subscription (every other host "
+            "polling it adds as much); Azure will throttle. Raise polling.interval_seconds, or set "
+            'azure.source to "resource_graph"')
+
 
 def needs_cloud_metadata(cfg: AzureConfig) -> bool:
     """A Resource Manager URL without a named cloud: its own metadata says how to log in,
@@ -1698,7 +1717,8 @@ class AzureSource:
         self._env = os.environ if env is None else env
         self._lock = threading.Lock()
         self.requests = 0
-        self._warned_fallback = False
+        self._warned_fallback = self._warned_budget = False
+        self._vm_list_calls: dict[str, int] = {}    # VM list pages per subscription, this cycle
         self._base = (cfg.azure.resource_manager_url or CLOUDS[cfg.azure.cloud or "public"][0]).rstrip("/")
         self._client: Any = None
         if not needs_cloud_metadata(cfg.azure):
@@ -1740,12 +1760,18 @@ class AzureSource:
         if self._client is None:
             self._connect(cloud_endpoints(self.cfg.azure, self._cloud_metadata()))
         before = self.requests
+        self._vm_list_calls = {}
         with concurrent.futures.ThreadPoolExecutor(self.cfg.azure.workers) as pool:
             try:
                 instances = self._discover(pool)
             except BaseException:
                 pool.shutdown(cancel_futures=True)
                 raise
+        warning = vm_list_budget_warning(max(self._vm_list_calls.values(), default=0),
+                                         self.cfg.polling.interval_seconds)
+        if warning and not self._warned_budget:
+            self._warned_budget = True
+            log.warning(warning, extra={"event": "azure_quota_warning"})
         return Discovery(tuple(instances), (), self.requests - before)
 
     def _discover(self, pool: concurrent.futures.Executor) -> list[Instance]:
@@ -1869,6 +1895,9 @@ class AzureSource:
 
         def next_request(page: Mapping | None) -> Any:
             link = url if page is None else page.get("nextLink")
+            if link and kind in VM_LIST_KINDS:
+                with self._lock:
+                    self._vm_list_calls[sub] = self._vm_list_calls.get(sub, 0) + 1
             return self._request("GET", link) if link else None
         return self._paged(what, next_request, "value")
 

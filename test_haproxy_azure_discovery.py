@@ -8,6 +8,7 @@ from __future__ import annotations
 import functools
 import io
 import json
+import logging
 import os
 import random
 import re
@@ -1374,6 +1375,34 @@ class TestAzure:
             assert azure == discovery.requests == formula(vms, 20, 50)
             results.append(azure)
         assert results == [2 * 20 + 20 + 1 + 40, 2 * 40 + 40 + 1 + 40]   # 101, then 161: pages only
+
+    def test_warns_once_when_vm_list_calls_would_outrun_computes_refill(self, arm, caplog):
+        """200 VMs at 10 a page: 20 pages of VMs and 20 of power states a cycle. Every 7 s that is 343
+        VM list calls a minute, over Compute's 300; every 30 s, 80."""
+        from fake_arm import make_estate
+        arm.estate, arm.page_size = make_estate(vms=200), 10
+        caplog.set_level(logging.WARNING, logger="haproxy_azure_discovery")
+
+        def warnings():
+            return [r.getMessage() for r in caplog.records if getattr(r, "event", "") == "azure_quota_warning"]
+        m.AzureSource(make_config(azure={"resource_manager_url": arm.url}, polling={"interval_seconds": 30})
+                      ).discover()
+        assert warnings() == []
+        source = m.AzureSource(make_config(azure={"resource_manager_url": arm.url},
+                                           polling={"interval_seconds": 7}))
+        source.discover()
+        source.discover()
+        [warning] = warnings()
+        assert "40 VM list calls" in warning and "343 a minute" in warning and "resource_graph" in warning
+        caplog.clear()
+        m.AzureSource(make_config(azure={"resource_manager_url": arm.url, "source": "resource_graph"},
+                                  polling={"interval_seconds": 7})).discover()
+        assert warnings() == []
+
+    @pytest.mark.parametrize("calls, interval, warned", [(150, 30, False), (151, 30, True), (10, 1, True),
+                                                         (0, 0.5, False)])
+    def test_vm_list_budget(self, calls, interval, warned):
+        assert (m.vm_list_budget_warning(calls, interval) is not None) == warned
 
 
 # --- Operations: systemd notifications, metrics, health ------------------------------
