@@ -1703,8 +1703,9 @@ def metadata_endpoints(document: Any, resource_manager_url: str) -> tuple[str, s
 
 
 class AzureSource:
-    """Lists VMs, scale sets, NICs and public IPs through the Azure SDK: requests grow with
-    pages, never with instances. Independent listings run concurrently.
+    """Lists VMs, scale sets, NICs and public IPs through the Azure SDK (azure.source "arm"),
+    or asks Azure Resource Graph for them ("resource_graph"): requests grow with pages, never
+    with instances. Independent listings run concurrently; both sources share one page loop.
 
     Pages go through the SDK client's pipeline (credential, retries honouring Retry-After,
     timeouts) with send_request and stay JSON: the SDK's model objects would cost 35 times
@@ -1723,6 +1724,8 @@ class AzureSource:
         self._client: Any = None
         if not needs_cloud_metadata(cfg.azure):
             self._connect(cloud_endpoints(cfg.azure, None))
+        else:   # connected at the first discovery; a credential without its environment fails now
+            _credential(cfg.azure, self._identity, CLOUDS["public"][1], self._env)
 
     def _connect(self, endpoints: tuple[str, str]) -> None:
         audience, login = endpoints
@@ -1767,12 +1770,16 @@ class AzureSource:
             except BaseException:
                 pool.shutdown(cancel_futures=True)
                 raise
+        self._check_vm_list_budget()
+        return Discovery(tuple(instances), (), self.requests - before)
+
+    def _check_vm_list_budget(self) -> None:
+        """Warn once (per configuration) when this cycle's VM list calls would outrun Compute's refill."""
         warning = vm_list_budget_warning(max(self._vm_list_calls.values(), default=0),
                                          self.cfg.polling.interval_seconds)
         if warning and not self._warned_budget:
             self._warned_budget = True
             log.warning(warning, extra={"event": "azure_quota_warning"})
-        return Discovery(tuple(instances), (), self.requests - before)
 
     def _discover(self, pool: concurrent.futures.Executor) -> list[Instance]:
         if self.cfg.azure.source == "resource_graph":
