@@ -23,6 +23,8 @@ In tests::
 
 Public API:
 
+    parse_graph_query(text) -> GraphQuery, evaluate_graph_query(estate, query, subscriptions, readable),
+        GRAPH_SCHEMA (testing/resource_graph_schema.json)
     make_estate(*, vms, uniform_sets, flexible_sets, per_set, subscriptions, resource_groups, regions,
                 services, ip_base, ipv6_base, public_ip_base, not_running, seed, overrides) -> Estate
     service_tags(name, port) -> {SERVICE_NAME_TAG: name, SERVICE_PORT_TAG: str(port)}
@@ -32,6 +34,8 @@ Public API:
     FakeArm(estate=None, *, page_size=100, port=0, state_dir=None): start(), stop(), context manager;
         url, ca_pem_path, env(), token, identity_header, client_id, client_secret, estate, page_size;
         counts, requests (RequestRecord: method, path, query, endpoint), reset_counts();
+        reader_groups (None, or the resource groups a group-only Reader may read), cloud_audiences,
+        graph_quota / graph_window (Resource Graph's per-user quota);
         add_fault(kind, *, endpoint, path, page, times=1, retry_after=1, delay=1.0) -> Fault, clear_faults()
 
 Standalone (until SIGTERM or SIGINT; prints one line of shell `export` statements)::

@@ -89,6 +89,20 @@ def power_state(instance_view) -> str:
     return next(s.code for s in instance_view.statuses if s.code.startswith("PowerState/"))
 
 
+def graph_post(fake: FakeArm, body: dict, api_version: str = "2022-10-01") -> tuple[int, dict, dict]:
+    """A Resource Graph query with urllib: (status, JSON body, headers)."""
+    request = urllib.request.Request(
+        f"{fake.url}/providers/Microsoft.ResourceGraph/resources?api-version={api_version}",
+        data=json.dumps(body).encode(), method="POST",
+        headers={"Authorization": f"Bearer {fake.token}", "Content-Type": "application/json"})
+    context = ssl.create_default_context(cafile=fake.ca_pem_path)
+    try:
+        with urllib.request.urlopen(request, context=context, timeout=5) as response:
+            return response.status, json.loads(response.read()), dict(response.headers)
+    except urllib.error.HTTPError as error:
+        return error.code, json.loads(error.read()), dict(error.headers)
+
+
 # --- listings through the SDK ---
 class TestListings:
     def test_vm_list_follows_next_links_one_request_per_page(self, fake):
@@ -308,6 +322,51 @@ class TestSingleGets:
 
 
 # --- tokens and authentication ---
+class TestResourceGraph:
+    QUERY = ("Resources | where type in~ ('microsoft.compute/virtualmachines') "
+             "| project id, name, powerState = properties.extended.instanceView.powerState.code")
+
+    def test_pages_in_the_documented_shape_with_quota_headers(self, fake):
+        status, page, headers = graph_post(fake, {"subscriptions": [SUB], "query": self.QUERY,
+                                                  "options": {"$top": 4}})
+        assert status == 200 and page["totalRecords"] == 6 and page["count"] == 4
+        assert page["resultTruncated"] == "false" and page["facets"] == [] and page["$skipToken"]
+        assert page["data"][1] == {"id": fake.estate.resource_id("vm-0001"), "name": "vm-0001",
+                                   "powerState": "PowerState/deallocated"}
+        assert headers["x-ms-user-quota-remaining"] == "14" and headers["x-ms-user-quota-resets-after"] == "00:00:05"
+        status, rest, _ = graph_post(fake, {"subscriptions": [SUB], "query": self.QUERY,
+                                            "options": {"$top": 4, "$skipToken": page["$skipToken"]}})
+        assert [r["name"] for r in rest["data"]] == ["fvmss-00_1", "fvmss-00_2"] and "$skipToken" not in rest
+
+    def test_uniform_instances_and_their_nics_live_in_compute_resources(self, fake):
+        query = ("ComputeResources | where type in~ ('microsoft.compute/virtualmachinescalesets/virtualmachines',"
+                 " 'microsoft.compute/virtualmachinescalesets/virtualmachines/networkinterfaces') | project id, type")
+        _, page, _ = graph_post(fake, {"subscriptions": [SUB], "query": query})
+        assert sorted(r["type"].rsplit("/", 1)[1] for r in page["data"]) == ["networkinterfaces"] * 3 + [
+            "virtualmachines"] * 3
+
+    def test_quota_window_then_429(self, fake):
+        fake.graph_quota, fake.graph_window = 2, 30.0
+        body = {"subscriptions": [SUB], "query": self.QUERY}
+        assert [graph_post(fake, body)[0] for _ in range(3)] == [200, 200, 429]
+        status, error, headers = graph_post(fake, body)
+        assert status == 429 and error["error"]["code"] == "RateLimiting"
+        assert headers["x-ms-user-quota-remaining"] == "0" and headers["x-ms-user-quota-resets-after"] == "00:00:30"
+        assert fake.counts["graph_throttled"] == 2
+
+    def test_refusals(self, fake):
+        body = {"subscriptions": [SUB], "query": self.QUERY}
+        assert graph_post(fake, body, api_version="2018-09-01-preview")[0] == 400
+        assert graph_post(fake, {**body, "options": {"$top": 5000}})[0] == 400
+        status, error, _ = graph_post(fake, {**body, "query": "Resources | project id, vmSize"})
+        assert status == 400 and error["error"]["details"][0]["code"] == "InvalidQuery"
+
+    def test_rows_only_from_readable_groups_without_a_403(self, fake):
+        fake.reader_groups = {"rg-b"}
+        status, page, _ = graph_post(fake, {"subscriptions": [SUB], "query": self.QUERY})
+        assert status == 200 and [r["name"] for r in page["data"]] == ["vm-0001"]
+
+
 class TestIdentity:
     def test_default_credential_takes_the_managed_identity_token(self, fake):
         token = DefaultAzureCredential().get_token(ARM_SCOPE)
