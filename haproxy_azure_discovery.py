@@ -1646,6 +1646,8 @@ def quota_wait(headers: Mapping[str, str]) -> float | None:
         return None
     hours, minutes, seconds = match.groups()
     return min(60.0, int(hours) * 3600 + int(minutes) * 60 + float(seconds))
+
+
 # Compute's own throttling of "VM List, List All" calls, per subscription and for every caller
 # together: 300 a minute refill, 900 burst (Azure's "Troubleshooting throttling errors" for
 # Microsoft.Compute). Each page of either VM list is one call.
@@ -1749,8 +1751,10 @@ class AzureSource:
                 response = client.send_request(self._request("GET", url), connection_timeout=min(
                     10.0, self.cfg.azure.timeout), read_timeout=self.cfg.azure.timeout)
                 document = response.json() if response.status_code == 200 else None
-        except (self._errors.AzureError, ValueError) as exc:
-            raise AzureError(f"cloud metadata from {url}: {str(exc)[:200]}") from None
+        except self._errors.AzureError as exc:
+            raise AzureError(f"cloud metadata from {url}: {_sdk_message(exc)}") from None
+        except ValueError as exc:
+            raise AzureError(f"cloud metadata from {url}: not JSON ({str(exc)[:100]})") from None
         if document is None:
             raise AzureError(f"cloud metadata from {url}: HTTP {response.status_code}")
         return document
