@@ -1158,6 +1158,57 @@ class TestAzureParsing:
                 {"name": "d", "tags": {"HAProxy:Service:Name": "web"}}]
         assert [s["name"] for s in m.scale_sets_to_list(sets, make_config())] == ["a", "d"]
 
+    def test_could_serve_is_tagged_and_in_scope(self):
+        cfg = make_config(tags={"allowlist": {"env": "prod"}, "denylist": {"drain": "yes"}})
+        tagged = make_instance(1, tags={"env": "prod"})
+        assert m.could_serve(tagged, cfg)
+        lower = m.Instance(tagged.id, "x", "eastus", {"haproxy:service:name": "web", "env": "prod"}, None)
+        assert m.could_serve(lower, cfg)                     # tag keys compare as Azure compares them
+        assert not m.could_serve(make_instance(2), cfg)      # outside the allowlist
+        assert not m.could_serve(make_instance(3, tags={"env": "prod", "drain": "yes"}), cfg)
+        assert not m.could_serve(m.Instance(tagged.id, "y", "eastus", {"env": "prod"}, None), cfg)
+
+    def test_status_list_filtered_to_the_configured_groups(self):
+        items = [{"id": f"/subscriptions/{SUB}/resourceGroups/{rg}/providers/Microsoft.Compute/virtualMachines/v"}
+                 for rg in ("RG-A", "rg-b", "rg-c")]
+        assert m.in_resource_groups(items, ["rg-a", "RG-B"]) == items[:2]
+        assert m.in_resource_groups(items, []) == items
+
+    @pytest.mark.parametrize("azure, metadata, want", [
+        ({}, False, ("https://management.azure.com", "login.microsoftonline.com")),
+        ({"cloud": "china"}, False, ("https://management.chinacloudapi.cn", "login.chinacloudapi.cn")),
+        ({"resource_manager_url": "https://rm.example", "cloud": "public"}, False,
+         ("https://management.azure.com", "login.microsoftonline.com")),
+        ({"resource_manager_url": "https://rm.example"}, True, ("https://aud.example/", "https://login.example")),
+        ({"resource_manager_url": "https://rm.example", "token_audience": "https://mine.example"}, True,
+         ("https://mine.example", "https://login.example")),
+        ({"resource_manager_url": "https://rm.example", "token_audience": "https://mine.example",
+          "login_endpoint": "https://login.mine.example"}, False,
+         ("https://mine.example", "https://login.mine.example")),
+    ])
+    def test_cloud_endpoints(self, azure, metadata, want):
+        cfg = make_config(azure=azure).azure
+        document = {"resourceManager": "https://rm.example/", "authentication": {
+            "loginEndpoint": "https://login.example/", "audiences": ["https://aud.example/"]}}
+        assert m.needs_cloud_metadata(cfg) == metadata
+        assert m.cloud_endpoints(cfg, document if metadata else None) == want
+
+    def test_graph_rows_take_the_shapes_the_join_reads(self):
+        vid = f"/subscriptions/{SUB}/resourceGroups/rg/providers/Microsoft.Compute/virtualMachines/vm1"
+        nic_id = f"/subscriptions/{SUB}/resourceGroups/rg/providers/Microsoft.Network/networkInterfaces/n1"
+        rows = [{"id": vid, "name": "vm1", "type": "microsoft.compute/virtualmachines", "location": "eastus",
+                 "tags": {"HAProxy:Service:Name": "web"}, "powerState": "PowerState/stopped",
+                 "networkInterfaces": [{"id": nic_id}], "virtualMachineScaleSet": None},
+                {"id": nic_id, "name": "n1", "type": "Microsoft.Network/networkInterfaces", "location": "eastus",
+                 "tags": {}, "virtualMachine": vid.upper(), "primary": True, "ipConfigurations": [
+                     {"id": "c", "properties": {"primary": True, "privateIPAddress": "10.1.2.3",
+                                                "privateIPAddressVersion": "IPv4"}}]},
+                {"id": "x", "type": "microsoft.storage/storageaccounts"}]
+        listing = m.listing_from_graph(rows)
+        assert (len(listing.vms), len(listing.nics), len(listing.set_instances)) == (1, 1, 0)
+        [inst] = m.instances_from_azure(listing, make_config().azure)
+        assert (inst.id, inst.address, inst.power_state, inst.kind) == (vid.lower(), "10.1.2.3", "stopped", "vm")
+
 
 def arm_config(fake, **azure):
     return make_config(azure={"resource_manager_url": fake.url, "retries": 1, "timeout": 5, **azure})
