@@ -1921,14 +1921,14 @@ class AzureSource:
             page, headers = self._send(request, what)
             pause = quota_wait(headers)
             if pause is not None:      # Resource Graph's per-user window is spent: wait for its reset
-                self._wait(pause)
+                self._pause(pause)
             if not isinstance(page.get(key), list):
                 # A 200 without the list would read as an empty estate and park everything.
                 raise AzureError(f'{what} failed: malformed page (no "{key}" list)')
             items += page[key]
         return items
 
-    def _wait(self, seconds: float) -> None:
+    def _pause(self, seconds: float) -> None:
         threading.Event().wait(seconds)
 
     def _send(self, request: Any, what: str) -> tuple[Mapping, Mapping[str, str]]:
@@ -1938,7 +1938,7 @@ class AzureSource:
         try:
             response = self._client.send_request(request)
             if response.status_code == 429 and (pause := quota_wait(response.headers)) is not None:
-                self._wait(pause)
+                self._pause(pause)
                 response = self._client.send_request(request)
             # json.loads on the bytes: the SDK's json() decodes to text first.
             page = json.loads(response.body()) if response.status_code == 200 else None
