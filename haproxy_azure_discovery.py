@@ -1929,6 +1929,7 @@ class AzureSource:
         return items
 
     def _pause(self, seconds: float) -> None:
+        """Wait for Resource Graph's per-user window to reset (at most 60 s: quota_wait)."""
         threading.Event().wait(seconds)
 
     def _send(self, request: Any, what: str) -> tuple[Mapping, Mapping[str, str]]:
