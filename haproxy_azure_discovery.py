@@ -1594,11 +1594,12 @@ GRAPH_TABLES = {
 }
 
 
-def graph_query(table: str, groups: Sequence[str]) -> str:
-    """GRAPH_QUERY for one table; without resource groups, without their `where` line. Group
-    names are checked at configuration time (no quote can occur in them)."""
-    query = GRAPH_QUERY.replace("{table}", table).replace(
-        "{types}", ", ".join(f"'{t}'" for t in GRAPH_TABLES[table]))
+def graph_query(table: str, groups: Sequence[str], public: bool = True) -> str:
+    """GRAPH_QUERY for one table; public IPs only for public addresses; without resource groups,
+    without their `where` line. Group names are checked at configuration time (no quote can
+    occur in them)."""
+    types = [t for t in GRAPH_TABLES[table] if public or not t.endswith("/publicipaddresses")]
+    query = GRAPH_QUERY.replace("{table}", table).replace("{types}", ", ".join(f"'{t}'" for t in types))
     if not groups:
         return "\n".join(line for line in query.splitlines() if "{groups}" not in line)
     return query.replace("{groups}", ", ".join(f"'{g}'" for g in groups))
@@ -1881,7 +1882,7 @@ class AzureSource:
     def _graph_rows(self, table: str, groups: Sequence[str]) -> list[Mapping]:
         """Every row of one Resource Graph query, page by page ($skipToken)."""
         url = f"{self._base}/providers/Microsoft.ResourceGraph/resources?api-version={GRAPH_API}"
-        query = graph_query(table, groups)
+        query = graph_query(table, groups, self.cfg.azure.address == "public")
 
         def next_request(page: Mapping | None) -> Any:
             if page is not None and str(page.get("resultTruncated")).lower() == "true":

@@ -62,9 +62,11 @@ def test_both_sources_find_the_same_instances(arm, address, ip_version):
 
 def test_queries_name_only_documented_tables_types_and_columns():
     for table in m.GRAPH_TABLES:
-        for groups in ((), ("rg-a", "rg-b")):
-            query = parse_graph_query(m.graph_query(table, groups))
+        for groups, public in (((), True), (("rg-a", "rg-b"), False)):
+            query = parse_graph_query(m.graph_query(table, groups, public))
             assert query.table == table
+            types = dict(query.filters)["type"]
+            assert any(t.endswith("/publicipaddresses") for t in types) == public
             assert {name for name, _ in query.columns} >= {"id", "name", "type", "location", "tags", "powerState"}
     assert set(m.GRAPH_TABLES) == set(GRAPH_SCHEMA["tables"])
     assert m.GRAPH_API in GRAPH_SCHEMA["api_versions"] and m.GRAPH_PAGE == GRAPH_SCHEMA["max_top"]
