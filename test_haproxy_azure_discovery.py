@@ -2204,6 +2204,25 @@ class TestOnce:
                            "the rest of the cycle applied")
 
 
+    @pytest.mark.parametrize("source", ["arm", "resource_graph"])
+    def test_once_in_a_resource_group_with_a_group_only_reader(self, tmp_path, arm, dataplane, monkeypatch,
+                                                               source):
+        """Both sources, Reader on rg-a only, public addresses: the running, tagged instances of rg-a."""
+        from fake_arm import make_estate
+        arm.estate = make_estate(vms=8, resource_groups=("rg-a", "rg-b"), public_ip_base="20.0.0.4",
+                                 overrides={"vm-0002": {"power_state": "stopped"}, "vm-0004": {"tags": {}}})
+        arm.reader_groups = {"rg-a"}
+        monkeypatch.setenv("DP_PASSWORD", dataplane.password)
+        path = self.config(tmp_path, arm, dataplane, azure={
+            "subscription_id": SUB, "resource_manager_url": "${FAKE_ARM_URL}", "retries": 1, "source": source,
+            "resource_groups": ["rg-a"], "address": "public"})
+        assert m.main(["--once", "-c", path]) == 0
+        live = {f"{s['address']}:{s['port']}" for b in dataplane.backends.values() for s in b["servers"].values()
+                if s.get("maintenance") != "enabled"}
+        assert live == {f"{arm.estate.find(n).public_ip}:8080" for n in ("vm-0000", "vm-0006")}
+        assert arm.counts["vm_instance_view"] == (3 if source == "arm" else 0)   # vm-0000, -0002, -0006
+
+
 class TestHybrid:
     @pytest.mark.parametrize("limit, added, transactions", [(25, 3, 0), (2, 3, 1)])
     def test_runtime_writes_up_to_the_limit(self, dataplane, limit, added, transactions):
