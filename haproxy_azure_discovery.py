@@ -41,8 +41,10 @@ import json
 import logging
 import math
 import os
+import queue
 import random
 import re
+import select
 import signal
 import socket
 import ssl
@@ -454,6 +456,7 @@ class State:
     drain_fingerprint: str | None = None  # discovery seen behind a mass drain ...
     drain_streak: int = 0                 # ... and in how many cycles in a row
     skipped: frozenset[str] = frozenset()  # skip reasons already logged as warnings
+    warned: frozenset[str] = frozenset()   # plan warnings already logged
 
 
 @dataclass(frozen=True)
@@ -1534,6 +1537,8 @@ def _resource_group(resource_id: str) -> str:
 # version, and extra query. The Microsoft.Compute endpoints for a scale set's NICs and public
 # IPs only exist in an old network API version.
 COMPUTE_API, NETWORK_API, VMSS_NETWORK_API = "2024-07-01", "2024-05-01", "2018-10-01"
+# How often a thread waiting on the listings (or in a retry's wait) looks at the stop flag.
+WAIT_SLICE = 0.1
 LISTINGS = {
     "VMs": ("/providers/Microsoft.Compute/virtualMachines", COMPUTE_API, {}),
     "VM power states": ("/providers/Microsoft.Compute/virtualMachines", COMPUTE_API, {"statusOnly": "true"}),
@@ -1558,20 +1563,29 @@ class AzureSource:
     Pages go through the SDK client's pipeline (credential, retries honouring Retry-After,
     timeouts) with send_request and stay JSON: the SDK's model objects would cost 35 times
     the CPU of the JSON itself, seconds per cycle for a large estate.
+
+    `stop` ends a discovery between pages (Aborted); `progress` is called after every page,
+    from the listing threads: the daemon's watchdog keep-alive.
     """
 
-    def __init__(self, cfg: Config, env: Mapping[str, str] | None = None):
+    def __init__(self, cfg: Config, env: Mapping[str, str] | None = None, stop: Any = None,
+                 progress: Callable[[], None] = lambda: None):
         identity, compute, self._errors, self._request = _azure_sdk()
         self.cfg = cfg
         self._lock = threading.Lock()
+        self._stop, self._progress = stop or threading.Event(), progress
+        self._failed: BaseException | None = None
         self.requests = 0
         endpoint, authority = CLOUDS[cfg.azure.cloud]
         self._base = (cfg.azure.resource_manager_url or endpoint).rstrip("/")
-        credential = _credential(cfg.azure, identity, authority, os.environ if env is None else env)
+        self._scope = endpoint + "/.default"
+        self._credential = _SharedToken(
+            _credential(cfg.azure, identity, authority, os.environ if env is None else env))
         # One client carries the pipeline for every listing: all of them go to Resource
         # Manager, with its endpoint, token scope and read quota.
-        self._client = compute(credential, cfg.azure.subscriptions[0], base_url=self._base,
-                               credential_scopes=[endpoint + "/.default"], retry_total=cfg.azure.retries,
+        self._client = compute(self._credential, cfg.azure.subscriptions[0], base_url=self._base,
+                               credential_scopes=[self._scope],
+                               retry_policy=_retry_policy(cfg.azure, self._check),
                                connection_timeout=min(10.0, cfg.azure.timeout), read_timeout=cfg.azure.timeout,
                                raw_request_hook=self._count, logging_enable=False)
 
@@ -1579,25 +1593,71 @@ class AzureSource:
         with self._lock:
             self.requests += 1
 
+    def close(self) -> None:
+        """Close the client's connections and the credential's (a reload replaces both)."""
+        self._client.close()
+        self._credential.close()
+
     def discover(self) -> Discovery:
         before = self.requests
         listing = AzureListing()
-        with concurrent.futures.ThreadPoolExecutor(self.cfg.azure.workers) as pool:
-            try:
-                self._list_all(pool, listing)
-            except BaseException:
-                pool.shutdown(cancel_futures=True)
-                raise
+        self._failed = None
+        pool = _Pool(self.cfg.azure.workers)
+        try:
+            # One token before the fan-out: the SDK's bearer-token policy has no lock, so
+            # the first pages of every worker would each fetch one.
+            token = pool.submit(self._token)
+            self._wait([token])
+            token.result()
+            self._list_all(pool, listing)
+        finally:
+            pool.close()
         return Discovery(tuple(instances_from_azure(listing, self.cfg.azure)), (), self.requests - before)
 
-    def _list_all(self, pool: concurrent.futures.Executor, listing: AzureListing) -> None:
+    def _token(self) -> None:
+        try:
+            self._credential.get_token(self._scope)
+        except self._errors.AzureError as exc:
+            raise AzureError(f"getting a token for {self._scope} failed: {_sdk_message(exc)}") from None
+
+    def _check(self) -> None:
+        """Between pages and retries: stop on shutdown, or when a sibling listing failed."""
+        if self._stop.is_set():
+            raise Aborted("shutdown requested: Azure listing abandoned")
+        if self._failed is not None:
+            raise Aborted("Azure listing abandoned: another listing failed")
+
+    def _wait(self, jobs: Sequence[concurrent.futures.Future]) -> None:
+        """Wait for `jobs` in short slices, so that a shutdown (Aborted) or a failed listing
+        (its error) ends the wait at once rather than after every remaining page."""
+        while True:
+            if self._failed is not None:
+                raise self._failed
+            self._check()
+            pending = [job for job in jobs if not job.done()]
+            if not pending:
+                return
+            concurrent.futures.wait(pending, timeout=WAIT_SLICE, return_when=concurrent.futures.FIRST_EXCEPTION)
+
+    def _listing(self, *args: Any) -> list[Mapping]:
+        """_pages in a worker; its failure is recorded first, so that siblings stop."""
+        try:
+            return self._pages(*args)
+        except Aborted:
+            raise
+        except BaseException as exc:
+            with self._lock:
+                self._failed = self._failed or exc
+            raise
+
+    def _list_all(self, pool: _Pool, listing: AzureListing) -> None:
         """Phase one lists per subscription (or resource group); phase two lists each
         Uniform scale set that can match. Any failure fails the whole discovery."""
         public = self.cfg.azure.address == "public"
         jobs: list[tuple[list, concurrent.futures.Future]] = []
 
         def submit(into: list, kind: str, sub: str, rg: str | None, scale_set: str = "") -> None:
-            jobs.append((into, pool.submit(self._pages, kind, sub, rg, scale_set)))
+            jobs.append((into, pool.submit(self._listing, kind, sub, rg, scale_set)))
 
         set_jobs = []
         for sub in self.cfg.azure.subscriptions:
@@ -1610,7 +1670,8 @@ class AzureSource:
                 submit(listing.nics, "network interfaces", sub, rg)
                 if public:
                     submit(listing.public_ips, "public IPs", sub, rg)
-                set_jobs.append((sub, pool.submit(self._pages, "scale sets", sub, rg)))
+                set_jobs.append((sub, pool.submit(self._listing, "scale sets", sub, rg)))
+        self._wait([job for _, job in set_jobs])
         for sub, job in set_jobs:
             sets = job.result()
             listing.scale_sets += sets
@@ -1620,6 +1681,7 @@ class AzureSource:
                 submit(listing.nics, "network interfaces of scale set", sub, rg, name)
                 if public:
                     submit(listing.public_ips, "public IPs of scale set", sub, rg, name)
+        self._wait([job for _, job in jobs])
         for into, job in jobs:
             into += job.result()
 
@@ -1632,6 +1694,7 @@ class AzureSource:
         what = f"{kind} {scale_set + ' in ' if scale_set else 'of '}{scope[1:]}"
         items: list[Mapping] = []
         while url:
+            self._check()
             try:
                 response = self._client.send_request(self._request("GET", url))
                 # json.loads on the bytes: the SDK's json() decodes to text first.
@@ -1647,7 +1710,90 @@ class AzureSource:
                 raise AzureError(f'listing {what} failed: malformed page (no "value" list)')
             items += page["value"]
             url = page.get("nextLink")
+            self._progress()
         return items
+
+
+class _Pool:
+    """A bounded pool of daemon threads for the listings. Unlike ThreadPoolExecutor's
+    workers, which the interpreter joins at exit, a request still in flight when shutdown
+    is requested cannot hold the process past systemd's stop timeout."""
+
+    def __init__(self, workers: int):
+        self._jobs: queue.SimpleQueue = queue.SimpleQueue()
+        self._futures: list[concurrent.futures.Future] = []
+        self._threads = [threading.Thread(target=self._work, name=f"azure-{n}", daemon=True)
+                         for n in range(workers)]
+        for thread in self._threads:
+            thread.start()
+
+    def submit(self, fn: Callable, *args: Any) -> concurrent.futures.Future:
+        future: concurrent.futures.Future = concurrent.futures.Future()
+        self._futures.append(future)
+        self._jobs.put((future, fn, args))
+        return future
+
+    def _work(self) -> None:
+        while (job := self._jobs.get()) is not None:
+            future, fn, args = job
+            if not future.set_running_or_notify_cancel():
+                continue
+            try:
+                future.set_result(fn(*args))
+            except BaseException as exc:  # noqa: BLE001 - handed to whoever waits on the future
+                future.set_exception(exc)
+
+    def close(self) -> None:
+        """Cancel the jobs not started; the threads finish what they run, then exit."""
+        for future in self._futures:
+            future.cancel()
+        for _ in self._threads:
+            self._jobs.put(None)
+
+
+class _SharedToken:
+    """The credential, behind a lock and a cache shared by every listing thread: the SDK's
+    bearer-token policy is per client and unlocked, so concurrent first requests would each
+    fetch a token. Refreshes 5 minutes before expiry, as azure-core's policy does."""
+
+    def __init__(self, credential: Any):
+        self.credential = credential
+        self._lock = threading.Lock()
+        self._tokens: dict[tuple, Any] = {}
+
+    def get_token(self, *scopes: str, **kwargs: Any) -> Any:
+        if kwargs.get("claims"):            # a claims challenge wants a fresh token
+            return self.credential.get_token(*scopes, **kwargs)
+        key = (scopes, tuple(sorted(kwargs.items())))
+        with self._lock:
+            token = self._tokens.get(key)
+            if token is None or token.expires_on - time.time() < 300:
+                token = self._tokens[key] = self.credential.get_token(*scopes, **kwargs)
+            return token
+
+    def close(self) -> None:
+        close = getattr(self.credential, "close", None)
+        if close is not None:
+            close()
+
+
+def _retry_policy(cfg: AzureConfig, check: Callable[[], None]) -> Any:
+    """azure-core's RetryPolicy, with every wait (a 429's Retry-After included) capped at
+    azure.timeout and cut short by `check` (shutdown, a failed sibling). Uncapped, one
+    Retry-After could outlast systemd's watchdog; with the cap one page takes at most
+    (2 x retries + 1) x azure.timeout."""
+    from azure.core.pipeline.policies import RetryPolicy
+
+    class CappedRetry(RetryPolicy):
+        def sleep(self, settings: dict, transport: Any, response: Any = None) -> None:
+            after = self.get_retry_after(response) if response else None
+            deadline = time.monotonic() + min(after or self.get_backoff_time(settings), cfg.timeout)
+            while (left := deadline - time.monotonic()) > 0:
+                check()
+                time.sleep(min(left, WAIT_SLICE))
+            check()
+
+    return CappedRetry(retry_total=cfg.retries)
 
 
 def _arm_error(response: Any) -> str:
@@ -2247,6 +2393,7 @@ class CycleReport:
     plan: Plan | None = None
     instances: int = 0
     skipped: int = 0
+    skips: tuple[Skip, ...] | None = None   # None until discovery has succeeded
     azure_requests: int = 0
     dataplane_requests: int = 0
     transactions: dict[str, int] = field(default_factory=dict)   # "committed", "conflict", ...
@@ -2270,6 +2417,7 @@ def reconcile(cfg: Config, source: Source, target: Target, state: State, stop: t
     groups, skipped = select_instances(discovery.instances, cfg)
     skipped = [*discovery.skipped, *skipped]
     report.instances, report.skipped = sum(map(len, groups.values())), len(skipped)
+    report.skips = tuple(skipped)
     fp = fingerprint(groups)
     if stop.is_set():
         raise Aborted("shutdown requested")
@@ -2348,7 +2496,7 @@ def _log_refused(refused: Mapping[str, str], groups: Mapping[ServiceKey, list[Me
                   extra={"event": "backend_refused", "backend": name, "count": len(members.get(name, []))})
 
 
-def one_cycle(cfg: Config, source: Source, dp: Target, state: State, stop: threading.Event,
+def one_cycle(cfg: Config, source: Source, dp: Target, state: State, stop: Any,
               now: Callable[[], float] = time.monotonic) -> CycleReport:
     """reconcile() with its report filled in and logged, whatever happens."""
     report = CycleReport()
@@ -2358,19 +2506,28 @@ def one_cycle(cfg: Config, source: Source, dp: Target, state: State, stop: threa
     finally:
         report.duration = now() - started
         report.dataplane_requests = dp.requests - dp_before
+        _log_skips(report, state)
     _log_report(report, state)
     return report
+
+
+def _log_skips(report: CycleReport, state: State) -> None:
+    """Each skip is warned about once, when it first appears, whatever the cycle's result:
+    a steady cycle logs nothing else, and skips are not part of its fingerprint."""
+    if report.skips is None:       # discovery failed: nothing is known about skips
+        return
+    reasons = {f"{s.instance}" + (f" ({s.id})" if s.id else "") + f": {s.reason}" for s in report.skips}
+    for reason in sorted(reasons - state.skipped):
+        log.warning("instance skipped: %s", reason, extra={"event": "skip"})
+    state.skipped = frozenset(reasons)
 
 
 def _log_report(report: CycleReport, state: State) -> None:
     plan = report.plan
     if plan is not None:
-        reasons = {f"{s.instance}" + (f" ({s.id})" if s.id else "") + f": {s.reason}" for s in plan.skipped}
-        for reason in sorted(reasons - state.skipped):    # each skip is warned about once
-            log.warning("instance skipped: %s", reason, extra={"event": "skip"})
-        for warning in sorted(set(plan.warnings) - state.skipped):     # and each warning
+        for warning in sorted(set(plan.warnings) - state.warned):     # each warning once
             log.warning("%s", warning, extra={"event": "server_id_taken"})
-        state.skipped = frozenset(reasons | set(plan.warnings))
+        state.warned = frozenset(plan.warnings)
         for held in plan.held:
             log.warning("mass-drain guard holds %s live", held, extra={"event": "drain_held", "server": held})
         for b in plan.backends:
@@ -2402,6 +2559,35 @@ def sd_notify(message: str, env: Mapping[str, str] | None = None) -> bool:
         return False
 
 
+class Notifier:
+    """systemd notifications from any thread: READY=1 once, and WATCHDOG=1 whenever work
+    progresses (after every Azure page, at each cycle's start, in the sleep), so that only
+    a real hang starves the watchdog, however slow Azure is."""
+
+    def __init__(self, env: Mapping[str, str] | None = None):
+        self.env = os.environ if env is None else env
+        self.ready = False
+        self._lock = threading.Lock()
+        try:     # WATCHDOG_PID names the process the watchdog is for (sd_watchdog_enabled(3))
+            ours = self.env.get("WATCHDOG_PID", str(os.getpid())) == str(os.getpid())
+            usec = int(self.env.get("WATCHDOG_USEC") or 0) if ours else 0
+        except ValueError:
+            usec = 0
+        # Keep-alives at least every half of WATCHDOG_USEC, as sd_watchdog_enabled(3) advises.
+        self.interval = usec / 2e6 or None
+
+    def keepalive(self) -> None:
+        if self.interval:
+            sd_notify("WATCHDOG=1", self.env)
+
+    def notify(self, message: str, ready: bool = False) -> None:
+        """Send `message`, preceded by READY=1 when `ready` and not sent before."""
+        with self._lock:
+            first = ready and not self.ready
+            self.ready = self.ready or ready
+        sd_notify(("READY=1\n" if first else "") + message, self.env)
+
+
 class Metrics:
     """Counters and gauges in the Prometheus text format; updated by the loop only."""
 
@@ -2411,6 +2597,7 @@ class Metrics:
         self.counters: dict[tuple[str, str], float] = {}
         self.gauges: dict[str, float] = {}
         self.last_success = 0.0
+        self._success_clock: float | None = None    # time.monotonic() of the last success
 
     def record(self, report: CycleReport, now: float) -> None:
         with self._lock:
@@ -2432,11 +2619,14 @@ class Metrics:
             self.gauges["instances_discovered"] = report.instances
             self.gauges["instances_skipped"] = report.skipped
             if report.result != "failed":
-                self.last_success = now
+                self.last_success, self._success_clock = now, time.monotonic()
                 self.gauges["last_success_timestamp_seconds"] = now
 
-    def healthy(self, now: float) -> bool:
-        return now - self.last_success < 3 * self.interval
+    def healthy(self, now: float | None = None) -> bool:
+        """A success within three intervals, on the monotonic clock (`now` from it too):
+        a step of the wall clock must not flip the health check."""
+        now = time.monotonic() if now is None else now
+        return self._success_clock is not None and now - self._success_clock < 3 * self.interval
 
     def render(self) -> str:
         with self._lock:
@@ -2510,7 +2700,7 @@ def serve_metrics(listen: str, metrics: Metrics) -> http.server.ThreadingHTTPSer
             if self.path == "/metrics":
                 status, body = 200, metrics.render()
             elif self.path == "/healthz":
-                ok = metrics.healthy(time.time())
+                ok = metrics.healthy()
                 status, body = (200, "ok\n") if ok else (503, "no successful cycle recently\n")
             else:
                 status, body = 404, "not found\n"
@@ -2533,36 +2723,77 @@ def serve_metrics(listen: str, metrics: Metrics) -> http.server.ThreadingHTTPSer
     return server
 
 
-class Signals:
-    """SIGTERM/SIGINT set `stop`, SIGHUP sets `reload`; both wake the loop's sleep."""
+class Flag:
+    """A flag that a signal handler may set. threading.Event.set() takes a lock that the
+    interrupted main thread may hold at that moment (inside Event.wait or clear): Python
+    runs handlers between two bytecodes of the main thread, so that can deadlock. Setting
+    and reading one attribute takes no lock."""
 
     def __init__(self) -> None:
-        self.stop, self.reload, self.wake = threading.Event(), threading.Event(), threading.Event()
+        self._value = False
+
+    def set(self) -> None:
+        self._value = True
+
+    def clear(self) -> None:
+        self._value = False
+
+    def is_set(self) -> bool:
+        return self._value
+
+
+class Signals:
+    """SIGTERM/SIGINT set `stop`, SIGHUP sets `reload`; either wakes the loop's sleep through
+    a self-pipe. The handlers only set a flag and write one byte: they take no lock."""
+
+    def __init__(self) -> None:
+        self.stop, self.reload = Flag(), Flag()
+        self._wake_r, self._wake_w = socket.socketpair()
+        for end in (self._wake_r, self._wake_w):
+            end.setblocking(False)
 
     def install(self) -> None:
-        self._previous = {sig: signal.signal(sig, handler) for sig, handler in (
-            (signal.SIGTERM, lambda *_: self._set(self.stop)), (signal.SIGINT, lambda *_: self._set(self.stop)),
-            (signal.SIGHUP, lambda *_: self._set(self.reload)))}
+        self._previous = {sig: signal.signal(sig, self._handle)
+                          for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)}
 
     def restore(self) -> None:
         """Put back the handlers install() replaced (main() may run inside another program)."""
         for sig, handler in getattr(self, "_previous", {}).items():
             signal.signal(sig, handler)
+        self._wake_r.close()
+        self._wake_w.close()
 
-    def _set(self, event: threading.Event) -> None:
-        event.set()
-        self.wake.set()
+    def _handle(self, signum: int, _frame: Any) -> None:
+        self._set(self.reload if signum == signal.SIGHUP else self.stop)
 
-    def sleep(self, seconds: float, watchdog: float | None = None) -> None:
-        """Sleep until woken by a signal or `seconds` pass, pinging systemd's watchdog
-        every `watchdog` seconds meanwhile."""
+    def _set(self, flag: Flag) -> None:
+        flag.set()
+        try:
+            self._wake_w.send(b"!")
+        except OSError:           # full (the loop is woken already) or closed
+            pass
+
+    def sleep(self, seconds: float, watchdog: Notifier | None = None) -> None:
+        """Sleep until `stop` or `reload` is set or `seconds` pass, sending the watchdog's
+        keep-alive every `watchdog.interval` meanwhile."""
         deadline = time.monotonic() + seconds
-        while (left := deadline - time.monotonic()) > 0:
-            if self.wake.wait(min(left, watchdog or left)):
+        every = watchdog.interval if watchdog is not None else None
+        while not (self.stop.is_set() or self.reload.is_set()):
+            left = deadline - time.monotonic()
+            if left <= 0:
                 break
-            if watchdog and deadline - time.monotonic() > 0:
-                sd_notify("WATCHDOG=1")
-        self.wake.clear()
+            if select.select([self._wake_r], [], [], min(left, every or left))[0]:
+                self._drain()
+            elif watchdog is not None and deadline > time.monotonic():
+                watchdog.keepalive()
+        self._drain()
+
+    def _drain(self) -> None:
+        try:
+            while self._wake_r.recv(64):
+                pass
+        except OSError:           # BlockingIOError: empty
+            pass
 
 
 def next_delay(failures: int, cfg: PollingConfig, rand: float) -> float:
@@ -2574,75 +2805,146 @@ def next_delay(failures: int, cfg: PollingConfig, rand: float) -> float:
         * (1 + 0.1 * rand)
 
 
+# READY=1 comes after the first cycle, or after this many seconds of it, whichever is first:
+# a first listing of a large estate on a slow Resource Manager must not outlast the unit's
+# TimeoutStartSec= (nor make Restart= repeat it).
+START_BUDGET = 60.0
+
+
+@dataclass
+class _InUse:
+    """A configuration put to use: its Azure source, Data Plane client and metrics listener."""
+    cfg: Config
+    source: Any
+    dp: Any
+    server: http.server.ThreadingHTTPServer | None = None
+    listen: str = ""               # where `server` listens (kept when a move needs a restart)
+
+
 def run_forever(load: Callable[[], Config], make_source: Callable[[Config], Source],
                 make_dataplane: Callable[[Config], Target], signals: Signals,
                 max_cycles: int | None = None, rand: Callable[[], float] = random.random,
-                env: Mapping[str, str] | None = None) -> int:
+                env: Mapping[str, str] | None = None, configure: Callable[[Config], None] = lambda cfg: None,
+                notifier: Notifier | None = None, start_budget: float = START_BUDGET) -> int:
     """The daemon: a cycle, then sleep (interval + jitter, or backoff after failures),
-    until `signals.stop`. SIGHUP re-reads the configuration (keeping the old one if the
-    new one is invalid) and forgets all state. Returns the exit code."""
-    env = os.environ if env is None else env
+    until `signals.stop`. SIGHUP puts a re-read configuration to use (`configure` applies
+    its logging) or keeps the old one, and forgets all state. Returns the exit code."""
+    notifier = notifier or Notifier(env)
     cfg = load()
-    source, dp, state = make_source(cfg), make_dataplane(cfg), State()
     metrics = Metrics(cfg.polling.interval_seconds)
-    server = serve_metrics(cfg.metrics.listen, metrics) if cfg.metrics.listen else None
+    using, state = _put_to_use(cfg, None, metrics, make_source, make_dataplane, configure), State()
+    budget = threading.Timer(start_budget, notifier.notify, (
+        f"WATCHDOG=1\nSTATUS=ready after the {start_budget:g} s start budget; first cycle still running",
+        True))
+    budget.daemon = True
+    budget.start()
     failures, cycles = 0, 0
-    # Under WatchdogSec= systemd wants WATCHDOG=1 at least every WATCHDOG_USEC: the sleep
-    # pings at half that, so only a hung cycle (not a long backoff) trips the watchdog.
-    watchdog = None
-    if env.get("WATCHDOG_PID", str(os.getpid())) == str(os.getpid()):
-        watchdog = int(env.get("WATCHDOG_USEC", "0") or 0) / 2e6 or None
     try:
         while not signals.stop.is_set() and (max_cycles is None or cycles < max_cycles):
             if signals.reload.is_set():
                 signals.reload.clear()
-                cfg, source, dp, state = _reload(load, cfg, source, dp, make_source, make_dataplane)
-                metrics.interval = cfg.polling.interval_seconds
-            report = CycleReport()
-            try:
-                report = one_cycle(cfg, source, dp, state, signals.stop)
-                failures = 0
-            except Aborted:
-                log.info("cycle aborted for shutdown", extra={"event": "shutdown"})
+                using, state = _reload(load, using, metrics, make_source, make_dataplane, configure), State()
+            notifier.keepalive()
+            report, failures = _daemon_cycle(using, state, signals.stop, failures)
+            if report is None:
                 break
-            except DiscoveryError as exc:
-                failures += 1
-                report.error = str(exc)
-                log.warning("cycle failed: %s", exc, extra={"event": "cycle_failed", "failures": failures})
-            except Exception:  # noqa: BLE001 - the daemon outlives bugs; they are logged whole
-                failures += 1
-                report.error = "unexpected error"
-                log.exception("cycle failed unexpectedly", extra={"event": "cycle_failed", "failures": failures})
             cycles += 1
             metrics.record(report, time.time())
-            sd_notify(("READY=1\n" if cycles == 1 else "") + "WATCHDOG=1\nSTATUS=" + _status(report, failures), env)
+            budget.cancel()
+            notifier.notify("WATCHDOG=1\nSTATUS=" + _status(report, failures, first=cycles == 1), ready=True)
             if max_cycles is None or cycles < max_cycles:
-                signals.sleep(next_delay(failures, cfg.polling, rand()), watchdog)
+                signals.sleep(next_delay(failures, using.cfg.polling, rand()), notifier)
     finally:
-        if server is not None:
-            server.shutdown()
-            server.server_close()
+        budget.cancel()
+        _retire(using, None)
     log.info("stopped", extra={"event": "stopped", "cycles": cycles})
     return EX_OK
 
 
-def _status(report: CycleReport, failures: int) -> str:
-    if report.result == "failed":
-        return f"last cycle failed ({failures} in a row): {report.error}"[:200]
-    return f"last cycle {report.result}: {report.instances} instances, {report.skipped} skipped"
-
-
-def _reload(load: Callable[[], Config], cfg: Config, source: Any, dp: DataPlane,
-            make_source: Callable, make_dataplane: Callable) -> tuple[Config, Any, DataPlane, State]:
+def _daemon_cycle(using: _InUse, state: State, stop: Any, failures: int) -> tuple[CycleReport | None, int]:
+    """One cycle of the daemon: (its report, failures in a row); no report once aborted."""
+    report = CycleReport()
     try:
-        new = load()
-        result = new, make_source(new), make_dataplane(new), State()
+        return one_cycle(using.cfg, using.source, using.dp, state, stop), 0
+    except Aborted:
+        log.info("cycle aborted for shutdown", extra={"event": "shutdown"})
+        return None, failures
     except DiscoveryError as exc:
-        log.error("configuration reload failed, keeping the old one: %s", exc,
+        report.error = str(exc)
+        log.warning("cycle failed: %s", exc, extra={"event": "cycle_failed", "failures": failures + 1})
+    except Exception:  # noqa: BLE001 - the daemon outlives bugs; they are logged whole
+        report.error = "unexpected error"
+        log.exception("cycle failed unexpectedly", extra={"event": "cycle_failed", "failures": failures + 1})
+    return report, failures + 1
+
+
+def _status(report: CycleReport, failures: int, first: bool = False) -> str:
+    ready = "ready after the first cycle; " if first else ""
+    if report.result == "failed":
+        return f"{ready}last cycle failed ({failures} in a row): {report.error}"[:200]
+    return f"{ready}last cycle {report.result}: {report.instances} instances, {report.skipped} skipped"
+
+
+def _put_to_use(cfg: Config, old: _InUse | None, metrics: Metrics, make_source: Callable,
+                make_dataplane: Callable, configure: Callable[[Config], None]) -> _InUse:
+    """Build what `cfg` runs with; whatever fails, what was built so far is closed again."""
+    using = _InUse(cfg, make_source(cfg), None)
+    try:
+        using.dp = make_dataplane(cfg)
+        using.server, using.listen = _listener(cfg.metrics.listen, old, metrics)
+        configure(cfg)
+    except BaseException:
+        _retire(using, old)
+        raise
+    metrics.interval = cfg.polling.interval_seconds
+    return using
+
+
+def _listener(listen: str, old: _InUse | None, metrics: Metrics) -> tuple[Any, str]:
+    """The metrics listener for `listen` and the address it really has: the running one
+    when unchanged, else a new one. Moving to the same port on another address cannot
+    bind while the old listener holds it: that one is kept, and the reload says so."""
+    if old is not None and listen == old.listen:
+        return old.server, old.listen
+    try:
+        return (serve_metrics(listen, metrics) if listen else None), listen
+    except OSError:
+        held = old is not None and old.server is not None and \
+            listen.rpartition(":")[2] == old.listen.rpartition(":")[2]
+        if not held:
+            raise
+        return old.server, old.listen
+
+
+def _retire(using: _InUse, successor: _InUse | None) -> None:
+    """Close what `using` holds and `successor` does not share: the Azure client and
+    credential (their sockets would wait for the garbage collector), the listener."""
+    for part in (using.source, using.dp):
+        close = getattr(part, "close", None)
+        if close is not None and (successor is None or part not in (successor.source, successor.dp)):
+            close()
+    if using.server is not None and (successor is None or using.server is not successor.server):
+        using.server.shutdown()
+        using.server.server_close()
+
+
+def _reload(load: Callable[[], Config], using: _InUse, metrics: Metrics, make_source: Callable,
+            make_dataplane: Callable, configure: Callable[[Config], None]) -> _InUse:
+    """SIGHUP: the new configuration wholly in use, or (with an error) the old one still."""
+    try:
+        new = _put_to_use(load(), using, metrics, make_source, make_dataplane, configure)
+    except Exception as exc:  # noqa: BLE001 - any failure keeps the old configuration running
+        configure(using.cfg)
+        message = str(exc) if isinstance(exc, DiscoveryError) else f"{type(exc).__name__}: {exc}"
+        log.error("configuration reload failed, keeping the old one: %s", message,
                   extra={"event": "reload_failed"})
-        return cfg, source, dp, State()
+        return using
+    _retire(using, new)
     log.info("configuration reloaded; next cycle reconciles everything", extra={"event": "reloaded"})
-    return result
+    if new.listen != new.cfg.metrics.listen:
+        log.warning("metrics.listen %s needs a restart: %s holds its port", new.cfg.metrics.listen, new.listen,
+                    extra={"event": "restart_needed"})
+    return new
 
 
 # === CLI ===
@@ -2711,8 +3013,15 @@ def main(argv: Sequence[str] | None = None, env: Mapping[str, str] | None = None
         signals.install()
         if args.dry_run or args.once:
             return _once_or_dry_run(cfg, env, args.dry_run, signals.stop, say)
-        return run_forever(lambda: load_config(path, env), lambda c: AzureSource(c, env),
-                           lambda c: DataPlane(c.haproxy), signals, env=env)
+        notifier = Notifier(env)
+
+        def configure(c: Config) -> None:      # a reload's logging, and its secrets masked everywhere
+            nonlocal secrets
+            secrets = secrets_of(c, env)
+            setup_logging(args.log_level or c.logging.level, c.logging.format, secrets)
+        return run_forever(lambda: load_config(path, env),
+                           lambda c: AzureSource(c, env, signals.stop, notifier.keepalive),
+                           lambda c: DataPlane(c.haproxy), signals, configure=configure, notifier=notifier)
     except ConfigError as exc:
         for problem in exc.problems:
             say(f"error: {path}: {problem}" if not problem.startswith(path) else f"error: {problem}")
@@ -2731,10 +3040,10 @@ def main(argv: Sequence[str] | None = None, env: Mapping[str, str] | None = None
         signals.restore()
 
 
-def _once_or_dry_run(cfg: Config, env: Mapping[str, str], dry_run: bool, stop: threading.Event,
+def _once_or_dry_run(cfg: Config, env: Mapping[str, str], dry_run: bool, stop: Flag,
                      say: Callable[[str], None]) -> int:
     """--once and --dry-run: one cycle; the plan (dry run) on stdout. A failure raises."""
-    source, dp, state = AzureSource(cfg, env), DataPlane(cfg.haproxy), State()
+    source, dp, state = AzureSource(cfg, env, stop), DataPlane(cfg.haproxy), State()
     if dry_run:
         plan = reconcile(cfg, source, dp, state, stop, CycleReport(), dry_run=True)
         say(format_plan(plan).rstrip("\n"), sys.stdout)

@@ -1359,15 +1359,19 @@ class TestOperations:
                       max_cycles=3, rand=lambda: 0.0)
         messages = received(notify_socket)
         assert messages == [
-            "READY=1\nWATCHDOG=1\nSTATUS=last cycle unchanged: 0 instances, 0 skipped",
+            "READY=1\nWATCHDOG=1\nSTATUS=ready after the first cycle; last cycle unchanged: 0 instances, 0 skipped",
             "WATCHDOG=1\nSTATUS=last cycle failed (1 in a row): listing VMs failed: HTTP 500",
             "WATCHDOG=1\nSTATUS=last cycle steady: 0 instances, 0 skipped"]
 
     def test_watchdog_is_pinged_during_a_long_sleep(self, notify_socket):
         signals = m.Signals()
-        threading.Timer(0.35, signals.wake.set).start()
-        signals.sleep(10, watchdog=0.1)
+        notifier = m.Notifier({"NOTIFY_SOCKET": os.environ["NOTIFY_SOCKET"], "WATCHDOG_USEC": "200000"})
+        threading.Timer(0.35, signals._set, [signals.stop]).start()
+        started = time.monotonic()
+        signals.sleep(10, notifier)
+        assert time.monotonic() - started < 1
         assert 2 <= received(notify_socket).count("WATCHDOG=1") <= 4
+        signals.restore()
 
     def test_abstract_socket_address(self):
         import socket
