@@ -1004,6 +1004,73 @@ class TestLoop:
                       lambda c: ScriptedSource(m.Discovery(())), lambda c: EmptyDataPlane(), signals)
         assert time.monotonic() - started < 5
 
+    def test_real_signals_wake_the_sleep_through_the_self_pipe(self):
+        signals = m.Signals()
+        signals.install()
+        try:
+            threading.Timer(0.2, os.kill, [os.getpid(), signal.SIGHUP]).start()
+            started = time.monotonic()
+            signals.sleep(10)
+            assert time.monotonic() - started < 2 and signals.reload.is_set() and not signals.stop.is_set()
+            signals.reload.clear()
+            os.kill(os.getpid(), signal.SIGTERM)     # before the sleep: its byte waits in the pipe
+            signals.sleep(10)
+            assert signals.stop.is_set()
+        finally:
+            signals.restore()
+        assert signal.getsignal(signal.SIGTERM) is not signals._handle
+
+    def test_any_failure_putting_a_reload_to_use_keeps_the_old_one(self, caplog):
+        class Closing(ScriptedSource):
+            def close(self):
+                closed.append(self.name)
+        closed, built = [], []
+
+        def make_source(c):
+            built.append(c.polling.interval_seconds)
+            source = Closing(m.Discovery(()))
+            source.name = c.polling.interval_seconds
+            return source
+
+        def make_dataplane(c):
+            if c.polling.interval_seconds == 90:
+                raise FileNotFoundError(2, "No such file or directory")
+            return EmptyDataPlane()
+        configs = [make_config(polling={"interval_seconds": i, "jitter_seconds": 0}) for i in (60, 90, 120)]
+        signals = RecordingSignals()
+        signals.sleep = lambda seconds, watchdog=None: (signals.sleeps.append(seconds), signals.reload.set())
+        m.run_forever(lambda: configs.pop(0), make_source, make_dataplane, signals, max_cycles=3,
+                      rand=lambda: 0.0)
+        assert signals.sleeps == [60, 60]            # the reload to 90 failed, the one to 120 worked
+        assert built == [60, 90, 120] and closed == [90, 60, 120]   # each client closed once
+        failed = [r.getMessage() for r in caplog.records if getattr(r, "event", "") == "reload_failed"]
+        assert failed == ["configuration reload failed, keeping the old one: "
+                          "FileNotFoundError: [Errno 2] No such file or directory"]
+
+    def test_health_is_measured_on_the_monotonic_clock(self, monkeypatch):
+        metrics = m.Metrics(interval=10)
+        assert not metrics.healthy()
+        metrics.record(m.CycleReport(result="steady"), time.time())
+        assert metrics.healthy()
+        wall = time.time
+        monkeypatch.setattr(m.time, "time", lambda: wall() + 86400)    # the wall clock steps a day
+        assert metrics.healthy()
+        assert not metrics.healthy(time.monotonic() + 31)
+
+    def test_a_skip_is_warned_about_once_whatever_the_result(self, caplog):
+        bad = m.Discovery((make_instance(2, port="80x"),))
+        source = ScriptedSource(m.Discovery(()), bad, m.AzureError("down"), bad, bad)
+        state, dp = m.State(), EmptyDataPlane()
+        results = []
+        for _ in range(5):
+            try:
+                results.append(m.one_cycle(make_config(), source, dp, state, m.Flag()).result)
+            except m.DiscoveryError:
+                results.append("failed")
+        warned = [r.getMessage() for r in caplog.records if getattr(r, "event", "") == "skip"]
+        assert results == ["unchanged", "steady", "failed", "steady", "steady"]
+        assert len(warned) == 1 and "vm2" in warned[0] and "80x" in warned[0], warned
+
 
 # --- CLI -----------------------------------------------------------------------------
 BLOCK_SDK = "import sys; sys.modules['azure'] = None\nimport haproxy_azure_discovery as m\n"
