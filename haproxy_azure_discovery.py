@@ -1574,7 +1574,6 @@ class AzureSource:
         self.cfg = cfg
         self._lock = threading.Lock()
         self._stop, self._progress = stop or threading.Event(), progress
-        self._failed: BaseException | None = None
         self.requests = 0
         endpoint, authority = CLOUDS[cfg.azure.cloud]
         self._base = (cfg.azure.resource_manager_url or endpoint).rstrip("/")
@@ -1601,13 +1600,12 @@ class AzureSource:
     def discover(self) -> Discovery:
         before = self.requests
         listing = AzureListing()
-        self._failed = None
         pool = _Pool(self.cfg.azure.workers)
         try:
             # One token before the fan-out: the SDK's bearer-token policy has no lock, so
             # the first pages of every worker would each fetch one.
             token = pool.submit(self._token)
-            self._wait([token])
+            self._wait(pool, [token])
             token.result()
             self._list_all(pool, listing)
         finally:
@@ -1621,33 +1619,36 @@ class AzureSource:
             raise AzureError(f"getting a token for {self._scope} failed: {_sdk_message(exc)}") from None
 
     def _check(self) -> None:
-        """Between pages and retries: stop on shutdown, or when a sibling listing failed."""
+        """In a listing thread, between pages and retries: stop on shutdown, when a sibling
+        listing failed, or when the discovery it worked for is over."""
         if self._stop.is_set():
             raise Aborted("shutdown requested: Azure listing abandoned")
-        if self._failed is not None:
-            raise Aborted("Azure listing abandoned: another listing failed")
+        pool = getattr(_worker, "pool", None)
+        if pool is not None and (pool.closed or pool.failed is not None):
+            raise Aborted("Azure listing abandoned: the discovery failed")
 
-    def _wait(self, jobs: Sequence[concurrent.futures.Future]) -> None:
+    def _wait(self, pool: _Pool, jobs: Sequence[concurrent.futures.Future]) -> None:
         """Wait for `jobs` in short slices, so that a shutdown (Aborted) or a failed listing
         (its error) ends the wait at once rather than after every remaining page."""
         while True:
-            if self._failed is not None:
-                raise self._failed
-            self._check()
+            if pool.failed is not None:
+                raise pool.failed
+            if self._stop.is_set():
+                raise Aborted("shutdown requested: Azure listing abandoned")
             pending = [job for job in jobs if not job.done()]
             if not pending:
                 return
             concurrent.futures.wait(pending, timeout=WAIT_SLICE, return_when=concurrent.futures.FIRST_EXCEPTION)
 
     def _listing(self, *args: Any) -> list[Mapping]:
-        """_pages in a worker; its failure is recorded first, so that siblings stop."""
+        """_pages in a listing thread; its failure is recorded first, so that siblings stop."""
         try:
             return self._pages(*args)
         except Aborted:
             raise
         except BaseException as exc:
             with self._lock:
-                self._failed = self._failed or exc
+                _worker.pool.failed = _worker.pool.failed or exc
             raise
 
     def _list_all(self, pool: _Pool, listing: AzureListing) -> None:
@@ -1671,7 +1672,7 @@ class AzureSource:
                 if public:
                     submit(listing.public_ips, "public IPs", sub, rg)
                 set_jobs.append((sub, pool.submit(self._listing, "scale sets", sub, rg)))
-        self._wait([job for _, job in set_jobs])
+        self._wait(pool, [job for _, job in set_jobs])
         for sub, job in set_jobs:
             sets = job.result()
             listing.scale_sets += sets
@@ -1681,7 +1682,7 @@ class AzureSource:
                 submit(listing.nics, "network interfaces of scale set", sub, rg, name)
                 if public:
                     submit(listing.public_ips, "public IPs of scale set", sub, rg, name)
-        self._wait([job for _, job in jobs])
+        self._wait(pool, [job for _, job in jobs])
         for into, job in jobs:
             into += job.result()
 
@@ -1714,12 +1715,18 @@ class AzureSource:
         return items
 
 
+_worker = threading.local()      # .pool: the _Pool a listing thread works for
+
+
 class _Pool:
-    """A bounded pool of daemon threads for the listings. Unlike ThreadPoolExecutor's
-    workers, which the interpreter joins at exit, a request still in flight when shutdown
-    is requested cannot hold the process past systemd's stop timeout."""
+    """A bounded pool of daemon threads for one discovery's listings. Unlike
+    ThreadPoolExecutor's workers, which the interpreter joins at exit, a request still in
+    flight when shutdown is requested cannot hold the process past systemd's stop timeout;
+    once closed (or failed), its threads give up at their next page."""
 
     def __init__(self, workers: int):
+        self.closed = False
+        self.failed: BaseException | None = None    # the first listing's failure
         self._jobs: queue.SimpleQueue = queue.SimpleQueue()
         self._futures: list[concurrent.futures.Future] = []
         self._threads = [threading.Thread(target=self._work, name=f"azure-{n}", daemon=True)
@@ -1734,6 +1741,7 @@ class _Pool:
         return future
 
     def _work(self) -> None:
+        _worker.pool = self
         while (job := self._jobs.get()) is not None:
             future, fn, args = job
             if not future.set_running_or_notify_cancel():
@@ -1744,7 +1752,8 @@ class _Pool:
                 future.set_exception(exc)
 
     def close(self) -> None:
-        """Cancel the jobs not started; the threads finish what they run, then exit."""
+        """Cancel the jobs not started; the threads finish their request, then exit."""
+        self.closed = True
         for future in self._futures:
             future.cancel()
         for _ in self._threads:
@@ -2851,7 +2860,8 @@ def run_forever(load: Callable[[], Config], make_source: Callable[[Config], Sour
             cycles += 1
             metrics.record(report, time.time())
             budget.cancel()
-            notifier.notify("WATCHDOG=1\nSTATUS=" + _status(report, failures, first=cycles == 1), ready=True)
+            first = cycles == 1 and not notifier.ready     # else READY came with the start budget
+            notifier.notify("WATCHDOG=1\nSTATUS=" + _status(report, failures, first), ready=True)
             if max_cycles is None or cycles < max_cycles:
                 signals.sleep(next_delay(failures, using.cfg.polling, rand()), notifier)
     finally:

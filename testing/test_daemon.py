@@ -7,6 +7,7 @@ Run under `flock /tmp/e2e.lock`: the tests start daemons and time them.
 """
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import signal
@@ -193,27 +194,21 @@ def test_ready_after_the_start_budget_when_the_first_cycle_is_slow(tmp_path, arm
         def sleep(self, seconds, watchdog=None):
             pass
 
-    class NoHAProxy:
-        requests = 0
-
-        def version(self):
-            return 1
-
-        def read_backends(self, prefix):
-            return 1, {}
-
     notifier = m.Notifier({"NOTIFY_SOCKET": notify.path})
     started = time.monotonic()
     try:
-        m.run_forever(lambda: cfg, lambda c: m.AzureSource(c), lambda c: NoHAProxy(), Scripted(), max_cycles=1,
-                      notifier=notifier, start_budget=0.5)
+        with FakeDataPlane(api="v3") as dp:
+            cfg = dataclasses.replace(cfg, haproxy=dataclasses.replace(cfg.haproxy, base_url=dp.url,
+                                                                       password=dp.password))
+            m.run_forever(lambda: cfg, lambda c: m.AzureSource(c), lambda c: m.DataPlane(c.haproxy), Scripted(),
+                          max_cycles=1, notifier=notifier, start_budget=0.5)
         time.sleep(0.3)
     finally:
         notify.close()
     (t_ready, ready), (t_cycle, after) = notify.got
     assert ready.splitlines()[0] == "READY=1" and "start budget; first cycle still running" in ready
     assert 0.4 < t_ready - started < 1.5 < t_cycle - started
-    assert "READY=1" not in after.splitlines() and "STATUS=ready after the first cycle" in after
+    assert "READY=1" not in after.splitlines() and "STATUS=last cycle applied: 4 instances" in after
 
 
 # --- stopping --------------------------------------------------------------------------------------
