@@ -1047,6 +1047,33 @@ class TestLoop:
         assert failed == ["configuration reload failed, keeping the old one: "
                           "FileNotFoundError: [Errno 2] No such file or directory"]
 
+    def test_a_reload_applies_logging_level_format_and_masking(self):
+        stream = io.StringIO()
+        configs = [make_config(logging={"level": "INFO", "format": "json"}),
+                   make_config(logging={"level": "WARNING", "format": "text"}, haproxy={"password": "n3w-s3cret"})]
+        seen = []
+
+        def load():
+            return configs.pop(0) if configs else seen[-1]
+
+        def configure(c):
+            seen.append(c)
+            m.setup_logging(c.logging.level, c.logging.format, m.secrets_of(c, {}), stream)
+        signals = RecordingSignals()
+        signals.sleep = lambda seconds, watchdog=None: signals.reload.set()
+        try:
+            m.run_forever(load, lambda c: ScriptedSource(m.Discovery(())), lambda c: EmptyDataPlane(), signals,
+                          max_cycles=2, configure=configure)
+            m.log.warning("password n3w-s3cret in a message")
+            m.log.info("not at WARNING")
+        finally:
+            for handler in m.logging.getLogger().handlers[:]:
+                m.logging.getLogger().removeHandler(handler)
+        lines = stream.getvalue().splitlines()
+        assert json.loads(lines[0])["event"] == "cycle"             # json at INFO before the reload
+        assert lines[-1].endswith(" warning: password *** in a message")   # text, masked, at WARNING
+        assert not any("not at WARNING" in line or "n3w-s3cret" in line for line in lines)
+
     def test_health_is_measured_on_the_monotonic_clock(self, monkeypatch):
         metrics = m.Metrics(interval=10)
         assert not metrics.healthy()
