@@ -158,8 +158,11 @@ def child_ours() -> dict:
     by_endpoint = served(before, fake_counts())
 
     listing = m.AzureListing()                          # the same listing once more, for the join alone
-    with concurrent.futures.ThreadPoolExecutor(cfg.azure.workers) as pool:
+    pool = m._Pool(cfg.azure.workers)
+    try:
         source._list_all(pool, listing)
+    finally:
+        pool.close()
     joins = [join_cpu(m, listing, cfg) for _ in range(3)]
     return dict(requests=found.requests, served=by_endpoint, wall_s=wall, cpu_s=cpu, join_cpu_s=min(joins),
                 rss_mb=rss, own_rss_mb=own_rss, rss_idle_mb=rss_idle, instances=len(found.instances),
