@@ -2918,9 +2918,9 @@ def _listener(listen: str, old: _InUse | None, metrics: Metrics) -> tuple[Any, s
         return old.server, old.listen
     try:
         return (serve_metrics(listen, metrics) if listen else None), listen
-    except OSError:
+    except ConfigError:           # serve_metrics: the address cannot be bound
         held = old is not None and old.server is not None and \
-            listen.rpartition(":")[2] == old.listen.rpartition(":")[2]
+            (listen_address(listen) or ("", 0))[1] == (listen_address(old.listen) or ("", -1))[1]
         if not held:
             raise
         return old.server, old.listen

@@ -1074,6 +1074,28 @@ class TestLoop:
         assert lines[-1].endswith(" warning: password *** in a message")   # text, masked, at WARNING
         assert not any("not at WARNING" in line or "n3w-s3cret" in line for line in lines)
 
+    def test_a_listener_moved_to_a_held_port_is_kept_and_needs_a_restart(self, caplog):
+        import urllib.request
+        port = free_port()
+        configs = [make_config(metrics={"listen": f"127.0.0.1:{port}"}, polling={"jitter_seconds": 0}),
+                   make_config(metrics={"listen": f"0.0.0.0:{port}"},
+                               polling={"interval_seconds": 90, "jitter_seconds": 0})]
+        signals = RecordingSignals()
+        served = []
+
+        def sleep(seconds, watchdog=None):
+            signals.sleeps.append(seconds)
+            if len(signals.sleeps) == 1:
+                signals.reload.set()
+            with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5) as r:
+                served.append(r.status)
+        signals.sleep = sleep
+        m.run_forever(lambda: configs.pop(0), lambda c: ScriptedSource(m.Discovery(())),
+                      lambda c: EmptyDataPlane(), signals, max_cycles=3, rand=lambda: 0.0)
+        assert signals.sleeps == [30, 90] and served == [200, 200]    # the rest of the reload applied
+        restart = [r.getMessage() for r in caplog.records if getattr(r, "event", "") == "restart_needed"]
+        assert restart == [f"metrics.listen 0.0.0.0:{port} needs a restart: 127.0.0.1:{port} holds its port"]
+
     def test_health_is_measured_on_the_monotonic_clock(self, monkeypatch):
         metrics = m.Metrics(interval=10)
         assert not metrics.healthy()
