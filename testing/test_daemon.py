@@ -325,6 +325,8 @@ def test_reload_applies_log_format_and_metrics_listen(daemon):
 
 
 def socket_count() -> int:
+    import gc
+    gc.collect()           # what other tests left for the collector is not ours to count
     count = 0
     for fd in os.listdir("/proc/self/fd"):
         try:
@@ -357,7 +359,7 @@ def test_two_hundred_reloads_leave_the_socket_count_flat(arm):
                       max_cycles=202)
         signals.restore()
         assert dp.open_transactions() == []
-    assert counts[200] - counts[10] <= 2, counts
+    assert counts[200] - counts[10] <= 5, counts      # a client left open per reload would add ~190
     print(f"\n200 reloads: sockets {counts[10]} after 10, {counts[200]} after 200")
 
 
