@@ -41,8 +41,10 @@ import json
 import logging
 import math
 import os
+import queue
 import random
 import re
+import select
 import signal
 import socket
 import ssl
@@ -461,6 +463,7 @@ class State:
     drain_fingerprint: str | None = None  # discovery seen behind a mass drain ...
     drain_streak: int = 0                 # ... and in how many cycles in a row
     skipped: frozenset[str] = frozenset()  # skip reasons already logged as warnings
+    warned: frozenset[str] = frozenset()   # plan warnings already logged
 
 
 @dataclass(frozen=True)
@@ -1547,6 +1550,8 @@ def _resource_group(resource_id: str) -> str:
 # version, and extra query. The Microsoft.Compute endpoints for a scale set's NICs and public
 # IPs only exist in an old network API version.
 COMPUTE_API, NETWORK_API, VMSS_NETWORK_API = "2024-07-01", "2024-05-01", "2018-10-01"
+# How often a thread waiting on the listings (or in a retry's wait) looks at the stop flag.
+WAIT_SLICE = 0.1
 LISTINGS = {
     "VMs": ("/providers/Microsoft.Compute/virtualMachines", COMPUTE_API, {}),
     "VM power states": ("/providers/Microsoft.Compute/virtualMachines", COMPUTE_API, {"statusOnly": "true"}),
@@ -1713,18 +1718,24 @@ class AzureSource:
     Pages go through the SDK client's pipeline (credential, retries honouring Retry-After,
     timeouts) with send_request and stay JSON: the SDK's model objects would cost 35 times
     the CPU of the JSON itself, seconds per cycle for a large estate.
+
+    `stop` ends a discovery between pages (Aborted); `progress` is called after every page,
+    from the listing threads: the daemon's watchdog keep-alive.
     """
 
-    def __init__(self, cfg: Config, env: Mapping[str, str] | None = None):
+    def __init__(self, cfg: Config, env: Mapping[str, str] | None = None, stop: Any = None,
+                 progress: Callable[[], None] = lambda: None):
         self._identity, self._compute, self._errors, self._request = _azure_sdk()
         self.cfg = cfg
         self._env = os.environ if env is None else env
         self._lock = threading.Lock()
+        self._stop, self._progress = stop or threading.Event(), progress
         self.requests = 0
         self._warned_fallback = self._warned_budget = False
         self._vm_list_calls: dict[str, int] = {}    # VM list pages per subscription, this cycle
         self._base = (cfg.azure.resource_manager_url or CLOUDS[cfg.azure.cloud or "public"][0]).rstrip("/")
         self._client: Any = None
+        self._credential: Any = None
         if not needs_cloud_metadata(cfg.azure):
             self._connect(cloud_endpoints(cfg.azure, None))
         else:   # connected at the first discovery; a credential without its environment fails now
@@ -1732,13 +1743,14 @@ class AzureSource:
 
     def _connect(self, endpoints: tuple[str, str]) -> None:
         audience, login = endpoints
-        credential = _credential(self.cfg.azure, self._identity, login, self._env)
+        azure = self.cfg.azure
+        self._scope = audience.rstrip("/") + "/.default"
+        self._credential = _SharedToken(_credential(azure, self._identity, login, self._env))
         # One client carries the pipeline for every listing: all of them go to Resource
         # Manager, with its endpoint, token scope and read quota.
-        azure = self.cfg.azure
         self._client = self._compute(
-            credential, azure.subscriptions[0], base_url=self._base,
-            credential_scopes=[audience.rstrip("/") + "/.default"], retry_total=azure.retries,
+            self._credential, azure.subscriptions[0], base_url=self._base, credential_scopes=[self._scope],
+            retry_policy=_retry_policy(azure, self._check),
             connection_timeout=min(10.0, azure.timeout), read_timeout=azure.timeout,
             raw_request_hook=self._count, logging_enable=False)
 
@@ -1764,19 +1776,37 @@ class AzureSource:
         with self._lock:
             self.requests += 1
 
+    def close(self) -> None:
+        """Close the client's connections and the credential's (a reload replaces both)."""
+        if self._client is not None:
+            self._client.close()
+            self._credential.close()
+
     def discover(self) -> Discovery:
         if self._client is None:
             self._connect(cloud_endpoints(self.cfg.azure, self._cloud_metadata()))
         before = self.requests
         self._vm_list_calls = {}
-        with concurrent.futures.ThreadPoolExecutor(self.cfg.azure.workers) as pool:
-            try:
-                instances = self._discover(pool)
-            except BaseException:
-                pool.shutdown(cancel_futures=True)
-                raise
+        pool = _Pool(self.cfg.azure.workers)
+        try:
+            # One token before the fan-out: the SDK's bearer-token policy has no lock, so
+            # the first pages of every worker would each fetch one.
+            token = pool.submit(self._token)
+            self._wait(pool, [token])
+            token.result()
+            instances = self._discover(pool)
+        finally:
+            pool.close()
         self._check_vm_list_budget()
         return Discovery(tuple(instances), (), self.requests - before)
+
+    def _discover(self, pool: _Pool) -> list[Instance]:
+        if self.cfg.azure.source == "resource_graph":
+            return instances_from_azure(self._query_graph(), self.cfg.azure)
+        listing = AzureListing()
+        denied = self._list_all(pool, listing)
+        instances = instances_from_azure(listing, self.cfg.azure)
+        return self._power_states_one_by_one(pool, instances) if denied else instances
 
     def _check_vm_list_budget(self) -> None:
         """Warn once (per configuration) when this cycle's VM list calls would outrun Compute's refill."""
@@ -1786,15 +1816,46 @@ class AzureSource:
             self._warned_budget = True
             log.warning(warning, extra={"event": "azure_quota_warning"})
 
-    def _discover(self, pool: concurrent.futures.Executor) -> list[Instance]:
-        if self.cfg.azure.source == "resource_graph":
-            return instances_from_azure(self._query_graph(), self.cfg.azure)
-        listing = AzureListing()
-        denied = self._list_all(pool, listing)
-        instances = instances_from_azure(listing, self.cfg.azure)
-        return self._power_states_one_by_one(pool, instances) if denied else instances
+    def _token(self) -> None:
+        try:
+            self._credential.get_token(self._scope)
+        except self._errors.AzureError as exc:
+            raise AzureError(f"getting a token for {self._scope} failed: {_sdk_message(exc)}") from None
 
-    def _list_all(self, pool: concurrent.futures.Executor, listing: AzureListing) -> bool:
+    def _check(self) -> None:
+        """In a listing thread, between pages and retries: stop on shutdown, when a sibling
+        listing failed, or when the discovery it worked for is over."""
+        if self._stop.is_set():
+            raise Aborted("shutdown requested: Azure listing abandoned")
+        pool = getattr(_worker, "pool", None)
+        if pool is not None and (pool.closed or pool.failed is not None):
+            raise Aborted("Azure listing abandoned: the discovery failed")
+
+    def _wait(self, pool: _Pool, jobs: Sequence[concurrent.futures.Future]) -> None:
+        """Wait for `jobs` in short slices, so that a shutdown (Aborted) or a failed listing
+        (its error) ends the wait at once rather than after every remaining page."""
+        while True:
+            if pool.failed is not None:
+                raise pool.failed
+            if self._stop.is_set():
+                raise Aborted("shutdown requested: Azure listing abandoned")
+            pending = [job for job in jobs if not job.done()]
+            if not pending:
+                return
+            concurrent.futures.wait(pending, timeout=WAIT_SLICE, return_when=concurrent.futures.FIRST_EXCEPTION)
+
+    def _listing(self, fn: Callable, *args: Any) -> Any:
+        """`fn` in a listing thread; its failure is recorded first, so that siblings stop."""
+        try:
+            return fn(*args)
+        except Aborted:
+            raise
+        except BaseException as exc:
+            with self._lock:
+                _worker.pool.failed = _worker.pool.failed or exc
+            raise
+
+    def _list_all(self, pool: _Pool, listing: AzureListing) -> bool:
         """Phase one lists per subscription (or resource group); phase two lists each
         Uniform scale set that can match. Any failure fails the whole discovery. True when
         the status-only list was refused (403) in resource-group scope."""
@@ -1803,7 +1864,7 @@ class AzureSource:
         jobs: list[tuple[list, concurrent.futures.Future]] = []
 
         def submit(into: list, kind: str, sub: str, rg: str | None, scale_set: str = "") -> None:
-            jobs.append((into, pool.submit(self._pages, kind, sub, rg, scale_set)))
+            jobs.append((into, pool.submit(self._listing, self._pages, kind, sub, rg, scale_set)))
 
         set_jobs, status_jobs = [], []
         for sub in azure.subscriptions:
@@ -1812,12 +1873,14 @@ class AzureSource:
                 submit(listing.nics, "network interfaces", sub, rg)
                 if public:
                     submit(listing.public_ips, "public IPs", sub, rg)
-                set_jobs.append((sub, pool.submit(self._pages, "scale sets", sub, rg)))
+                set_jobs.append((sub, pool.submit(self._listing, self._pages, "scale sets", sub, rg)))
             if azure.running_only:
                 # Power states come from the status-only list, which exists subscription-wide only
                 # (VirtualMachines_ListAll statusOnly); a VM list may carry `$expand=instanceView`
                 # only with a scale-set `$filter` (Compute REST reference, VirtualMachines_List).
+                # Not through _listing: a 403 here is no failure of the discovery (see below).
                 status_jobs.append(pool.submit(self._pages, "VM power states", sub, None))
+        self._wait(pool, [job for _, job in set_jobs])
         for sub, job in set_jobs:
             sets = job.result()
             listing.scale_sets += sets
@@ -1827,6 +1890,7 @@ class AzureSource:
                 submit(listing.nics, "network interfaces of scale set", sub, rg, name)
                 if public:
                     submit(listing.public_ips, "public IPs of scale set", sub, rg, name)
+        self._wait(pool, status_jobs)
         denied = False
         for job in status_jobs:
             try:
@@ -1836,12 +1900,12 @@ class AzureSource:
                 if not groups or exc.status != 403:
                     raise
                 denied = True
+        self._wait(pool, [job for _, job in jobs])
         for into, job in jobs:
             into += job.result()
         return denied
 
-    def _power_states_one_by_one(self, pool: concurrent.futures.Executor,
-                                 instances: list[Instance]) -> list[Instance]:
+    def _power_states_one_by_one(self, pool: _Pool, instances: list[Instance]) -> list[Instance]:
         """The fallback when the identity may not list VMs subscription-wide: one instance-view
         GET per tagged VM or Flexible member whose power state is unknown (never for untagged
         ones; Uniform instances have theirs from their scale set's listing)."""
@@ -1853,11 +1917,14 @@ class AzureSource:
                         "states cost one instance-view request per tagged VM, %d this cycle; grant Reader on "
                         "the subscription, or set azure.source to \"resource_graph\"", len(wanted),
                         extra={"event": "azure_power_state_fallback", "count": len(wanted)})
-        states = dict(zip((i.id for i in wanted), pool.map(self._power_state_of, wanted)))
+        jobs = [pool.submit(self._listing, self._power_state_of, i) for i in wanted]
+        self._wait(pool, jobs)
+        states = {i.id: job.result() for i, job in zip(wanted, jobs)}
         return [dataclasses.replace(i, power_state=states[i.id]) if states.get(i.id) else i for i in instances]
 
     def _power_state_of(self, inst: Instance) -> str | None:
         """GET {vm}/instanceView (VirtualMachines_InstanceView); None when the VM is gone (404)."""
+        self._check()
         url = f"{self._base}{urllib.parse.quote(inst.id)}/instanceView?api-version={COMPUTE_API}"
         try:
             view, _ = self._send(self._request("GET", url), f"instance view of {inst.name}")
@@ -1865,6 +1932,7 @@ class AzureSource:
             if exc.status == 404:
                 return None
             raise
+        self._progress()
         return power_state({"properties": {"instanceView": view}})
 
     def _query_graph(self) -> AzureListing:
@@ -1915,23 +1983,34 @@ class AzureSource:
 
     def _paged(self, what: str, next_request: Callable[[Mapping | None], Any], key: str) -> list[Mapping]:
         """The page loop of every listing and query: `next_request(previous page)` builds the
-        next request (None: done); each page's `key` must be a list. AzureError if any page fails."""
+        next request (None: done); each page's `key` must be a list. AzureError if any page
+        fails; Aborted between pages on shutdown; `progress` after every page."""
         items: list[Mapping] = []
         page: Mapping | None = None
         while (request := next_request(page)) is not None:
+            self._check()
             page, headers = self._send(request, what)
-            pause = quota_wait(headers)
-            if pause is not None:      # Resource Graph's per-user window is spent: wait for its reset
-                self._pause(pause)
             if not isinstance(page.get(key), list):
                 # A 200 without the list would read as an empty estate and park everything.
                 raise AzureError(f'{what} failed: malformed page (no "{key}" list)')
             items += page[key]
+            self._progress()
+            pause = quota_wait(headers)
+            if pause is not None:      # Resource Graph's per-user window is spent: wait for its reset
+                self._pause(pause)
         return items
 
     def _pause(self, seconds: float) -> None:
-        """Wait for Resource Graph's per-user window to reset (at most 60 s: quota_wait)."""
-        threading.Event().wait(seconds)
+        """Wait for Resource Graph's per-user window to reset (at most 60 s: quota_wait), in
+        short slices: a shutdown ends the wait; the watchdog hears from every slice."""
+        deadline, heard = time.monotonic() + seconds, -math.inf
+        while (left := deadline - time.monotonic()) > 0:
+            self._check()
+            if time.monotonic() - heard >= 1:
+                self._progress()
+                heard = time.monotonic()
+            time.sleep(min(left, WAIT_SLICE))
+        self._check()
 
     def _send(self, request: Any, what: str) -> tuple[Mapping, Mapping[str, str]]:
         """One request through the SDK pipeline (credential, retries, timeouts): its JSON object
@@ -1967,6 +2046,96 @@ def could_serve(inst: Instance, cfg: Config) -> bool:
     in Azure) and passes the tag allowlist and denylist."""
     name_tag = cfg.tags.service_name_tag.lower()
     return any(k.lower() == name_tag for k in inst.tags) and tags_match(inst.tags, cfg.tags)
+
+
+_worker = threading.local()      # .pool: the _Pool a listing thread works for
+
+
+class _Pool:
+    """A bounded pool of daemon threads for one discovery's listings. Unlike
+    ThreadPoolExecutor's workers, which the interpreter joins at exit, a request still in
+    flight when shutdown is requested cannot hold the process past systemd's stop timeout;
+    once closed (or failed), its threads give up at their next page."""
+
+    def __init__(self, workers: int):
+        self.closed = False
+        self.failed: BaseException | None = None    # the first listing's failure
+        self._jobs: queue.SimpleQueue = queue.SimpleQueue()
+        self._futures: list[concurrent.futures.Future] = []
+        self._threads = [threading.Thread(target=self._work, name=f"azure-{n}", daemon=True)
+                         for n in range(workers)]
+        for thread in self._threads:
+            thread.start()
+
+    def submit(self, fn: Callable, *args: Any) -> concurrent.futures.Future:
+        future: concurrent.futures.Future = concurrent.futures.Future()
+        self._futures.append(future)
+        self._jobs.put((future, fn, args))
+        return future
+
+    def _work(self) -> None:
+        _worker.pool = self
+        while (job := self._jobs.get()) is not None:
+            future, fn, args = job
+            if not future.set_running_or_notify_cancel():
+                continue
+            try:
+                future.set_result(fn(*args))
+            except BaseException as exc:  # noqa: BLE001 - handed to whoever waits on the future
+                future.set_exception(exc)
+
+    def close(self) -> None:
+        """Cancel the jobs not started; the threads finish their request, then exit."""
+        self.closed = True
+        for future in self._futures:
+            future.cancel()
+        for _ in self._threads:
+            self._jobs.put(None)
+
+
+class _SharedToken:
+    """The credential, behind a lock and a cache shared by every listing thread: the SDK's
+    bearer-token policy is per client and unlocked, so concurrent first requests would each
+    fetch a token. Refreshes 5 minutes before expiry, as azure-core's policy does."""
+
+    def __init__(self, credential: Any):
+        self.credential = credential
+        self._lock = threading.Lock()
+        self._tokens: dict[tuple, Any] = {}
+
+    def get_token(self, *scopes: str, **kwargs: Any) -> Any:
+        if kwargs.get("claims"):            # a claims challenge wants a fresh token
+            return self.credential.get_token(*scopes, **kwargs)
+        key = (scopes, tuple(sorted(kwargs.items())))
+        with self._lock:
+            token = self._tokens.get(key)
+            if token is None or token.expires_on - time.time() < 300:
+                token = self._tokens[key] = self.credential.get_token(*scopes, **kwargs)
+            return token
+
+    def close(self) -> None:
+        close = getattr(self.credential, "close", None)
+        if close is not None:
+            close()
+
+
+def _retry_policy(cfg: AzureConfig, check: Callable[[], None]) -> Any:
+    """azure-core's RetryPolicy, with every wait (a 429's Retry-After included) capped at
+    azure.timeout and cut short by `check` (shutdown, a failed sibling). Uncapped, one
+    Retry-After could outlast systemd's watchdog; with the cap one page takes at most
+    (2 x retries + 1) x azure.timeout."""
+    from azure.core.pipeline.policies import RetryPolicy
+
+    class CappedRetry(RetryPolicy):
+        def sleep(self, settings: dict, transport: Any, response: Any = None) -> None:
+            after = self.get_retry_after(response) if response else None
+            deadline = time.monotonic() + min(after or self.get_backoff_time(settings), cfg.timeout)
+            while (left := deadline - time.monotonic()) > 0:
+                check()
+                time.sleep(min(left, WAIT_SLICE))
+            check()
+
+    return CappedRetry(retry_total=cfg.retries)
 
 
 def _arm_error(response: Any) -> str:
@@ -2570,6 +2739,7 @@ class CycleReport:
     plan: Plan | None = None
     instances: int = 0
     skipped: int = 0
+    skips: tuple[Skip, ...] | None = None   # None until discovery has succeeded
     azure_requests: int = 0
     dataplane_requests: int = 0
     transactions: dict[str, int] = field(default_factory=dict)   # "committed", "conflict", ...
@@ -2593,6 +2763,7 @@ def reconcile(cfg: Config, source: Source, target: Target, state: State, stop: t
     groups, skipped = select_instances(discovery.instances, cfg)
     skipped = [*discovery.skipped, *skipped]
     report.instances, report.skipped = sum(map(len, groups.values())), len(skipped)
+    report.skips = tuple(skipped)
     fp = fingerprint(groups)
     if stop.is_set():
         raise Aborted("shutdown requested")
@@ -2671,7 +2842,7 @@ def _log_refused(refused: Mapping[str, str], groups: Mapping[ServiceKey, list[Me
                   extra={"event": "backend_refused", "backend": name, "count": len(members.get(name, []))})
 
 
-def one_cycle(cfg: Config, source: Source, dp: Target, state: State, stop: threading.Event,
+def one_cycle(cfg: Config, source: Source, dp: Target, state: State, stop: Any,
               now: Callable[[], float] = time.monotonic) -> CycleReport:
     """reconcile() with its report filled in and logged, whatever happens."""
     report = CycleReport()
@@ -2681,19 +2852,28 @@ def one_cycle(cfg: Config, source: Source, dp: Target, state: State, stop: threa
     finally:
         report.duration = now() - started
         report.dataplane_requests = dp.requests - dp_before
+        _log_skips(report, state)
     _log_report(report, state)
     return report
+
+
+def _log_skips(report: CycleReport, state: State) -> None:
+    """Each skip is warned about once, when it first appears, whatever the cycle's result:
+    a steady cycle logs nothing else, and skips are not part of its fingerprint."""
+    if report.skips is None:       # discovery failed: nothing is known about skips
+        return
+    reasons = {f"{s.instance}" + (f" ({s.id})" if s.id else "") + f": {s.reason}" for s in report.skips}
+    for reason in sorted(reasons - state.skipped):
+        log.warning("instance skipped: %s", reason, extra={"event": "skip"})
+    state.skipped = frozenset(reasons)
 
 
 def _log_report(report: CycleReport, state: State) -> None:
     plan = report.plan
     if plan is not None:
-        reasons = {f"{s.instance}" + (f" ({s.id})" if s.id else "") + f": {s.reason}" for s in plan.skipped}
-        for reason in sorted(reasons - state.skipped):    # each skip is warned about once
-            log.warning("instance skipped: %s", reason, extra={"event": "skip"})
-        for warning in sorted(set(plan.warnings) - state.skipped):     # and each warning
+        for warning in sorted(set(plan.warnings) - state.warned):     # each warning once
             log.warning("%s", warning, extra={"event": "server_id_taken"})
-        state.skipped = frozenset(reasons | set(plan.warnings))
+        state.warned = frozenset(plan.warnings)
         for held in plan.held:
             log.warning("mass-drain guard holds %s live", held, extra={"event": "drain_held", "server": held})
         for b in plan.backends:
@@ -2725,6 +2905,35 @@ def sd_notify(message: str, env: Mapping[str, str] | None = None) -> bool:
         return False
 
 
+class Notifier:
+    """systemd notifications from any thread: READY=1 once, and WATCHDOG=1 whenever work
+    progresses (after every Azure page, at each cycle's start, in the sleep), so that only
+    a real hang starves the watchdog, however slow Azure is."""
+
+    def __init__(self, env: Mapping[str, str] | None = None):
+        self.env = os.environ if env is None else env
+        self.ready = False
+        self._lock = threading.Lock()
+        try:     # WATCHDOG_PID names the process the watchdog is for (sd_watchdog_enabled(3))
+            ours = self.env.get("WATCHDOG_PID", str(os.getpid())) == str(os.getpid())
+            usec = int(self.env.get("WATCHDOG_USEC") or 0) if ours else 0
+        except ValueError:
+            usec = 0
+        # Keep-alives at least every half of WATCHDOG_USEC, as sd_watchdog_enabled(3) advises.
+        self.interval = usec / 2e6 or None
+
+    def keepalive(self) -> None:
+        if self.interval:
+            sd_notify("WATCHDOG=1", self.env)
+
+    def notify(self, message: str, ready: bool = False) -> None:
+        """Send `message`, preceded by READY=1 when `ready` and not sent before."""
+        with self._lock:
+            first = ready and not self.ready
+            self.ready = self.ready or ready
+        sd_notify(("READY=1\n" if first else "") + message, self.env)
+
+
 class Metrics:
     """Counters and gauges in the Prometheus text format; updated by the loop only."""
 
@@ -2734,6 +2943,7 @@ class Metrics:
         self.counters: dict[tuple[str, str], float] = {}
         self.gauges: dict[str, float] = {}
         self.last_success = 0.0
+        self._success_clock: float | None = None    # time.monotonic() of the last success
 
     def record(self, report: CycleReport, now: float) -> None:
         with self._lock:
@@ -2755,11 +2965,14 @@ class Metrics:
             self.gauges["instances_discovered"] = report.instances
             self.gauges["instances_skipped"] = report.skipped
             if report.result != "failed":
-                self.last_success = now
+                self.last_success, self._success_clock = now, time.monotonic()
                 self.gauges["last_success_timestamp_seconds"] = now
 
-    def healthy(self, now: float) -> bool:
-        return now - self.last_success < 3 * self.interval
+    def healthy(self, now: float | None = None) -> bool:
+        """A success within three intervals, on the monotonic clock (`now` from it too):
+        a step of the wall clock must not flip the health check."""
+        now = time.monotonic() if now is None else now
+        return self._success_clock is not None and now - self._success_clock < 3 * self.interval
 
     def render(self) -> str:
         with self._lock:
@@ -2833,7 +3046,7 @@ def serve_metrics(listen: str, metrics: Metrics) -> http.server.ThreadingHTTPSer
             if self.path == "/metrics":
                 status, body = 200, metrics.render()
             elif self.path == "/healthz":
-                ok = metrics.healthy(time.time())
+                ok = metrics.healthy()
                 status, body = (200, "ok\n") if ok else (503, "no successful cycle recently\n")
             else:
                 status, body = 404, "not found\n"
@@ -2856,36 +3069,77 @@ def serve_metrics(listen: str, metrics: Metrics) -> http.server.ThreadingHTTPSer
     return server
 
 
-class Signals:
-    """SIGTERM/SIGINT set `stop`, SIGHUP sets `reload`; both wake the loop's sleep."""
+class Flag:
+    """A flag that a signal handler may set. threading.Event.set() takes a lock that the
+    interrupted main thread may hold at that moment (inside Event.wait or clear): Python
+    runs handlers between two bytecodes of the main thread, so that can deadlock. Setting
+    and reading one attribute takes no lock."""
 
     def __init__(self) -> None:
-        self.stop, self.reload, self.wake = threading.Event(), threading.Event(), threading.Event()
+        self._value = False
+
+    def set(self) -> None:
+        self._value = True
+
+    def clear(self) -> None:
+        self._value = False
+
+    def is_set(self) -> bool:
+        return self._value
+
+
+class Signals:
+    """SIGTERM/SIGINT set `stop`, SIGHUP sets `reload`; either wakes the loop's sleep through
+    a self-pipe. The handlers only set a flag and write one byte: they take no lock."""
+
+    def __init__(self) -> None:
+        self.stop, self.reload = Flag(), Flag()
+        self._wake_r, self._wake_w = socket.socketpair()
+        for end in (self._wake_r, self._wake_w):
+            end.setblocking(False)
 
     def install(self) -> None:
-        self._previous = {sig: signal.signal(sig, handler) for sig, handler in (
-            (signal.SIGTERM, lambda *_: self._set(self.stop)), (signal.SIGINT, lambda *_: self._set(self.stop)),
-            (signal.SIGHUP, lambda *_: self._set(self.reload)))}
+        self._previous = {sig: signal.signal(sig, self._handle)
+                          for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)}
 
     def restore(self) -> None:
         """Put back the handlers install() replaced (main() may run inside another program)."""
         for sig, handler in getattr(self, "_previous", {}).items():
             signal.signal(sig, handler)
+        self._wake_r.close()
+        self._wake_w.close()
 
-    def _set(self, event: threading.Event) -> None:
-        event.set()
-        self.wake.set()
+    def _handle(self, signum: int, _frame: Any) -> None:
+        self._set(self.reload if signum == signal.SIGHUP else self.stop)
 
-    def sleep(self, seconds: float, watchdog: float | None = None) -> None:
-        """Sleep until woken by a signal or `seconds` pass, pinging systemd's watchdog
-        every `watchdog` seconds meanwhile."""
+    def _set(self, flag: Flag) -> None:
+        flag.set()
+        try:
+            self._wake_w.send(b"!")
+        except OSError:           # full (the loop is woken already) or closed
+            pass
+
+    def sleep(self, seconds: float, watchdog: Notifier | None = None) -> None:
+        """Sleep until `stop` or `reload` is set or `seconds` pass, sending the watchdog's
+        keep-alive every `watchdog.interval` meanwhile."""
         deadline = time.monotonic() + seconds
-        while (left := deadline - time.monotonic()) > 0:
-            if self.wake.wait(min(left, watchdog or left)):
+        every = watchdog.interval if watchdog is not None else None
+        while not (self.stop.is_set() or self.reload.is_set()):
+            left = deadline - time.monotonic()
+            if left <= 0:
                 break
-            if watchdog and deadline - time.monotonic() > 0:
-                sd_notify("WATCHDOG=1")
-        self.wake.clear()
+            if select.select([self._wake_r], [], [], min(left, every or left))[0]:
+                self._drain()
+            elif watchdog is not None and deadline > time.monotonic():
+                watchdog.keepalive()
+        self._drain()
+
+    def _drain(self) -> None:
+        try:
+            while self._wake_r.recv(64):
+                pass
+        except OSError:           # BlockingIOError: empty
+            pass
 
 
 def next_delay(failures: int, cfg: PollingConfig, rand: float) -> float:
@@ -2897,75 +3151,147 @@ def next_delay(failures: int, cfg: PollingConfig, rand: float) -> float:
         * (1 + 0.1 * rand)
 
 
+# READY=1 comes after the first cycle, or after this many seconds of it, whichever is first:
+# a first listing of a large estate on a slow Resource Manager must not outlast the unit's
+# TimeoutStartSec= (nor make Restart= repeat it).
+START_BUDGET = 60.0
+
+
+@dataclass
+class _InUse:
+    """A configuration put to use: its Azure source, Data Plane client and metrics listener."""
+    cfg: Config
+    source: Any
+    dp: Any
+    server: http.server.ThreadingHTTPServer | None = None
+    listen: str = ""               # where `server` listens (kept when a move needs a restart)
+
+
 def run_forever(load: Callable[[], Config], make_source: Callable[[Config], Source],
                 make_dataplane: Callable[[Config], Target], signals: Signals,
                 max_cycles: int | None = None, rand: Callable[[], float] = random.random,
-                env: Mapping[str, str] | None = None) -> int:
+                env: Mapping[str, str] | None = None, configure: Callable[[Config], None] = lambda cfg: None,
+                notifier: Notifier | None = None, start_budget: float = START_BUDGET) -> int:
     """The daemon: a cycle, then sleep (interval + jitter, or backoff after failures),
-    until `signals.stop`. SIGHUP re-reads the configuration (keeping the old one if the
-    new one is invalid) and forgets all state. Returns the exit code."""
-    env = os.environ if env is None else env
+    until `signals.stop`. SIGHUP puts a re-read configuration to use (`configure` applies
+    its logging) or keeps the old one, and forgets all state. Returns the exit code."""
+    notifier = notifier or Notifier(env)
     cfg = load()
-    source, dp, state = make_source(cfg), make_dataplane(cfg), State()
     metrics = Metrics(cfg.polling.interval_seconds)
-    server = serve_metrics(cfg.metrics.listen, metrics) if cfg.metrics.listen else None
+    using, state = _put_to_use(cfg, None, metrics, make_source, make_dataplane, configure), State()
+    budget = threading.Timer(start_budget, notifier.notify, (
+        f"WATCHDOG=1\nSTATUS=ready after the {start_budget:g} s start budget; first cycle still running",
+        True))
+    budget.daemon = True
+    budget.start()
     failures, cycles = 0, 0
-    # Under WatchdogSec= systemd wants WATCHDOG=1 at least every WATCHDOG_USEC: the sleep
-    # pings at half that, so only a hung cycle (not a long backoff) trips the watchdog.
-    watchdog = None
-    if env.get("WATCHDOG_PID", str(os.getpid())) == str(os.getpid()):
-        watchdog = int(env.get("WATCHDOG_USEC", "0") or 0) / 2e6 or None
     try:
         while not signals.stop.is_set() and (max_cycles is None or cycles < max_cycles):
             if signals.reload.is_set():
                 signals.reload.clear()
-                cfg, source, dp, state = _reload(load, cfg, source, dp, make_source, make_dataplane)
-                metrics.interval = cfg.polling.interval_seconds
-            report = CycleReport()
-            try:
-                report = one_cycle(cfg, source, dp, state, signals.stop)
-                failures = 0
-            except Aborted:
-                log.info("cycle aborted for shutdown", extra={"event": "shutdown"})
+                using, state = _reload(load, using, metrics, make_source, make_dataplane, configure), State()
+            notifier.keepalive()
+            report, failures = _daemon_cycle(using, state, signals.stop, failures)
+            if report is None:
                 break
-            except DiscoveryError as exc:
-                failures += 1
-                report.error = str(exc)
-                log.warning("cycle failed: %s", exc, extra={"event": "cycle_failed", "failures": failures})
-            except Exception:  # noqa: BLE001 - the daemon outlives bugs; they are logged whole
-                failures += 1
-                report.error = "unexpected error"
-                log.exception("cycle failed unexpectedly", extra={"event": "cycle_failed", "failures": failures})
             cycles += 1
             metrics.record(report, time.time())
-            sd_notify(("READY=1\n" if cycles == 1 else "") + "WATCHDOG=1\nSTATUS=" + _status(report, failures), env)
+            budget.cancel()
+            first = cycles == 1 and not notifier.ready     # else READY came with the start budget
+            notifier.notify("WATCHDOG=1\nSTATUS=" + _status(report, failures, first), ready=True)
             if max_cycles is None or cycles < max_cycles:
-                signals.sleep(next_delay(failures, cfg.polling, rand()), watchdog)
+                signals.sleep(next_delay(failures, using.cfg.polling, rand()), notifier)
     finally:
-        if server is not None:
-            server.shutdown()
-            server.server_close()
+        budget.cancel()
+        _retire(using, None)
     log.info("stopped", extra={"event": "stopped", "cycles": cycles})
     return EX_OK
 
 
-def _status(report: CycleReport, failures: int) -> str:
-    if report.result == "failed":
-        return f"last cycle failed ({failures} in a row): {report.error}"[:200]
-    return f"last cycle {report.result}: {report.instances} instances, {report.skipped} skipped"
-
-
-def _reload(load: Callable[[], Config], cfg: Config, source: Any, dp: DataPlane,
-            make_source: Callable, make_dataplane: Callable) -> tuple[Config, Any, DataPlane, State]:
+def _daemon_cycle(using: _InUse, state: State, stop: Any, failures: int) -> tuple[CycleReport | None, int]:
+    """One cycle of the daemon: (its report, failures in a row); no report once aborted."""
+    report = CycleReport()
     try:
-        new = load()
-        result = new, make_source(new), make_dataplane(new), State()
+        return one_cycle(using.cfg, using.source, using.dp, state, stop), 0
+    except Aborted:
+        log.info("cycle aborted for shutdown", extra={"event": "shutdown"})
+        return None, failures
     except DiscoveryError as exc:
-        log.error("configuration reload failed, keeping the old one: %s", exc,
+        report.error = str(exc)
+        log.warning("cycle failed: %s", exc, extra={"event": "cycle_failed", "failures": failures + 1})
+    except Exception:  # noqa: BLE001 - the daemon outlives bugs; they are logged whole
+        report.error = "unexpected error"
+        log.exception("cycle failed unexpectedly", extra={"event": "cycle_failed", "failures": failures + 1})
+    return report, failures + 1
+
+
+def _status(report: CycleReport, failures: int, first: bool = False) -> str:
+    ready = "ready after the first cycle; " if first else ""
+    if report.result == "failed":
+        return f"{ready}last cycle failed ({failures} in a row): {report.error}"[:200]
+    return f"{ready}last cycle {report.result}: {report.instances} instances, {report.skipped} skipped"
+
+
+def _put_to_use(cfg: Config, old: _InUse | None, metrics: Metrics, make_source: Callable,
+                make_dataplane: Callable, configure: Callable[[Config], None]) -> _InUse:
+    """Build what `cfg` runs with; whatever fails, what was built so far is closed again."""
+    using = _InUse(cfg, make_source(cfg), None)
+    try:
+        using.dp = make_dataplane(cfg)
+        using.server, using.listen = _listener(cfg.metrics.listen, old, metrics)
+        configure(cfg)
+    except BaseException:
+        _retire(using, old)
+        raise
+    metrics.interval = cfg.polling.interval_seconds
+    return using
+
+
+def _listener(listen: str, old: _InUse | None, metrics: Metrics) -> tuple[Any, str]:
+    """The metrics listener for `listen` and the address it really has: the running one
+    when unchanged, else a new one. Moving to the same port on another address cannot
+    bind while the old listener holds it: that one is kept, and the reload says so."""
+    if old is not None and listen == old.listen:
+        return old.server, old.listen
+    try:
+        return (serve_metrics(listen, metrics) if listen else None), listen
+    except ConfigError:           # serve_metrics: the address cannot be bound
+        held = old is not None and old.server is not None and \
+            (listen_address(listen) or ("", 0))[1] == (listen_address(old.listen) or ("", -1))[1]
+        if not held:
+            raise
+        return old.server, old.listen
+
+
+def _retire(using: _InUse, successor: _InUse | None) -> None:
+    """Close what `using` holds and `successor` does not share: the Azure client and
+    credential (their sockets would wait for the garbage collector), the listener."""
+    for part in (using.source, using.dp):
+        close = getattr(part, "close", None)
+        if close is not None and (successor is None or part not in (successor.source, successor.dp)):
+            close()
+    if using.server is not None and (successor is None or using.server is not successor.server):
+        using.server.shutdown()
+        using.server.server_close()
+
+
+def _reload(load: Callable[[], Config], using: _InUse, metrics: Metrics, make_source: Callable,
+            make_dataplane: Callable, configure: Callable[[Config], None]) -> _InUse:
+    """SIGHUP: the new configuration wholly in use, or (with an error) the old one still."""
+    try:
+        new = _put_to_use(load(), using, metrics, make_source, make_dataplane, configure)
+    except Exception as exc:  # noqa: BLE001 - any failure keeps the old configuration running
+        configure(using.cfg)
+        message = str(exc) if isinstance(exc, DiscoveryError) else f"{type(exc).__name__}: {exc}"
+        log.error("configuration reload failed, keeping the old one: %s", message,
                   extra={"event": "reload_failed"})
-        return cfg, source, dp, State()
+        return using
+    _retire(using, new)
     log.info("configuration reloaded; next cycle reconciles everything", extra={"event": "reloaded"})
-    return result
+    if new.listen != new.cfg.metrics.listen:
+        log.warning("metrics.listen %s needs a restart: %s holds its port", new.cfg.metrics.listen, new.listen,
+                    extra={"event": "restart_needed"})
+    return new
 
 
 # === CLI ===
@@ -3034,8 +3360,15 @@ def main(argv: Sequence[str] | None = None, env: Mapping[str, str] | None = None
         signals.install()
         if args.dry_run or args.once:
             return _once_or_dry_run(cfg, env, args.dry_run, signals.stop, say)
-        return run_forever(lambda: load_config(path, env), lambda c: AzureSource(c, env),
-                           lambda c: DataPlane(c.haproxy), signals, env=env)
+        notifier = Notifier(env)
+
+        def configure(c: Config) -> None:      # a reload's logging, and its secrets masked everywhere
+            nonlocal secrets
+            secrets = secrets_of(c, env)
+            setup_logging(args.log_level or c.logging.level, c.logging.format, secrets)
+        return run_forever(lambda: load_config(path, env),
+                           lambda c: AzureSource(c, env, signals.stop, notifier.keepalive),
+                           lambda c: DataPlane(c.haproxy), signals, configure=configure, notifier=notifier)
     except ConfigError as exc:
         for problem in exc.problems:
             say(f"error: {path}: {problem}" if not problem.startswith(path) else f"error: {problem}")
@@ -3054,10 +3387,10 @@ def main(argv: Sequence[str] | None = None, env: Mapping[str, str] | None = None
         signals.restore()
 
 
-def _once_or_dry_run(cfg: Config, env: Mapping[str, str], dry_run: bool, stop: threading.Event,
+def _once_or_dry_run(cfg: Config, env: Mapping[str, str], dry_run: bool, stop: Flag,
                      say: Callable[[str], None]) -> int:
     """--once and --dry-run: one cycle; the plan (dry run) on stdout. A failure raises."""
-    source, dp, state = AzureSource(cfg, env), DataPlane(cfg.haproxy), State()
+    source, dp, state = AzureSource(cfg, env, stop), DataPlane(cfg.haproxy), State()
     if dry_run:
         plan = reconcile(cfg, source, dp, state, stop, CycleReport(), dry_run=True)
         say(format_plan(plan).rstrip("\n"), sys.stdout)

@@ -1005,6 +1005,122 @@ class TestLoop:
                       lambda c: ScriptedSource(m.Discovery(())), lambda c: EmptyDataPlane(), signals)
         assert time.monotonic() - started < 5
 
+    def test_real_signals_wake_the_sleep_through_the_self_pipe(self):
+        signals = m.Signals()
+        signals.install()
+        try:
+            threading.Timer(0.2, os.kill, [os.getpid(), signal.SIGHUP]).start()
+            started = time.monotonic()
+            signals.sleep(10)
+            assert time.monotonic() - started < 2 and signals.reload.is_set() and not signals.stop.is_set()
+            signals.reload.clear()
+            os.kill(os.getpid(), signal.SIGTERM)     # before the sleep: its byte waits in the pipe
+            signals.sleep(10)
+            assert signals.stop.is_set()
+        finally:
+            signals.restore()
+        assert signal.getsignal(signal.SIGTERM) is not signals._handle
+
+    def test_any_failure_putting_a_reload_to_use_keeps_the_old_one(self, caplog):
+        class Closing(ScriptedSource):
+            def close(self):
+                closed.append(self.name)
+        closed, built = [], []
+
+        def make_source(c):
+            built.append(c.polling.interval_seconds)
+            source = Closing(m.Discovery(()))
+            source.name = c.polling.interval_seconds
+            return source
+
+        def make_dataplane(c):
+            if c.polling.interval_seconds == 90:
+                raise FileNotFoundError(2, "No such file or directory")
+            return EmptyDataPlane()
+        configs = [make_config(polling={"interval_seconds": i, "jitter_seconds": 0}) for i in (60, 90, 120)]
+        signals = RecordingSignals()
+        signals.sleep = lambda seconds, watchdog=None: (signals.sleeps.append(seconds), signals.reload.set())
+        m.run_forever(lambda: configs.pop(0), make_source, make_dataplane, signals, max_cycles=3,
+                      rand=lambda: 0.0)
+        assert signals.sleeps == [60, 60]            # the reload to 90 failed, the one to 120 worked
+        assert built == [60, 90, 120] and closed == [90, 60, 120]   # each client closed once
+        failed = [r.getMessage() for r in caplog.records if getattr(r, "event", "") == "reload_failed"]
+        assert failed == ["configuration reload failed, keeping the old one: "
+                          "FileNotFoundError: [Errno 2] No such file or directory"]
+
+    def test_a_reload_applies_logging_level_format_and_masking(self):
+        stream = io.StringIO()
+        configs = [make_config(logging={"level": "INFO", "format": "json"}),
+                   make_config(logging={"level": "WARNING", "format": "text"}, haproxy={"password": "n3w-s3cret"})]
+        seen = []
+
+        def load():
+            return configs.pop(0) if configs else seen[-1]
+
+        def configure(c):
+            seen.append(c)
+            m.setup_logging(c.logging.level, c.logging.format, m.secrets_of(c, {}), stream)
+        signals = RecordingSignals()
+        signals.sleep = lambda seconds, watchdog=None: signals.reload.set()
+        try:
+            m.run_forever(load, lambda c: ScriptedSource(m.Discovery(())), lambda c: EmptyDataPlane(), signals,
+                          max_cycles=2, configure=configure)
+            m.log.warning("password n3w-s3cret in a message")
+            m.log.info("not at WARNING")
+        finally:
+            for handler in m.logging.getLogger().handlers[:]:
+                m.logging.getLogger().removeHandler(handler)
+        lines = stream.getvalue().splitlines()
+        assert json.loads(lines[0])["event"] == "cycle"             # json at INFO before the reload
+        assert lines[-1].endswith(" warning: password *** in a message")   # text, masked, at WARNING
+        assert not any("not at WARNING" in line or "n3w-s3cret" in line for line in lines)
+
+    def test_a_listener_moved_to_a_held_port_is_kept_and_needs_a_restart(self, caplog):
+        import urllib.request
+        port = free_port()
+        configs = [make_config(metrics={"listen": f"127.0.0.1:{port}"}, polling={"jitter_seconds": 0}),
+                   make_config(metrics={"listen": f"0.0.0.0:{port}"},
+                               polling={"interval_seconds": 90, "jitter_seconds": 0})]
+        signals = RecordingSignals()
+        served = []
+
+        def sleep(seconds, watchdog=None):
+            signals.sleeps.append(seconds)
+            if len(signals.sleeps) == 1:
+                signals.reload.set()
+            with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5) as r:
+                served.append(r.status)
+        signals.sleep = sleep
+        m.run_forever(lambda: configs.pop(0), lambda c: ScriptedSource(m.Discovery(())),
+                      lambda c: EmptyDataPlane(), signals, max_cycles=3, rand=lambda: 0.0)
+        assert signals.sleeps == [30, 90] and served == [200, 200]    # the rest of the reload applied
+        restart = [r.getMessage() for r in caplog.records if getattr(r, "event", "") == "restart_needed"]
+        assert restart == [f"metrics.listen 0.0.0.0:{port} needs a restart: 127.0.0.1:{port} holds its port"]
+
+    def test_health_is_measured_on_the_monotonic_clock(self, monkeypatch):
+        metrics = m.Metrics(interval=10)
+        assert not metrics.healthy()
+        metrics.record(m.CycleReport(result="steady"), time.time())
+        assert metrics.healthy()
+        wall = time.time
+        monkeypatch.setattr(m.time, "time", lambda: wall() + 86400)    # the wall clock steps a day
+        assert metrics.healthy()
+        assert not metrics.healthy(time.monotonic() + 31)
+
+    def test_a_skip_is_warned_about_once_whatever_the_result(self, caplog):
+        bad = m.Discovery((make_instance(2, port="80x"),))
+        source = ScriptedSource(m.Discovery(()), bad, m.AzureError("down"), bad, bad)
+        state, dp = m.State(), EmptyDataPlane()
+        results = []
+        for _ in range(5):
+            try:
+                results.append(m.one_cycle(make_config(), source, dp, state, m.Flag()).result)
+            except m.DiscoveryError:
+                results.append("failed")
+        warned = [r.getMessage() for r in caplog.records if getattr(r, "event", "") == "skip"]
+        assert results == ["unchanged", "steady", "failed", "steady", "steady"]
+        assert len(warned) == 1 and "vm2" in warned[0] and "80x" in warned[0], warned
+
 
 # --- CLI -----------------------------------------------------------------------------
 BLOCK_SDK = "import sys; sys.modules['azure'] = None\nimport haproxy_azure_discovery as m\n"
@@ -1498,15 +1614,19 @@ class TestOperations:
                       max_cycles=3, rand=lambda: 0.0)
         messages = received(notify_socket)
         assert messages == [
-            "READY=1\nWATCHDOG=1\nSTATUS=last cycle unchanged: 0 instances, 0 skipped",
+            "READY=1\nWATCHDOG=1\nSTATUS=ready after the first cycle; last cycle unchanged: 0 instances, 0 skipped",
             "WATCHDOG=1\nSTATUS=last cycle failed (1 in a row): listing VMs failed: HTTP 500",
             "WATCHDOG=1\nSTATUS=last cycle steady: 0 instances, 0 skipped"]
 
     def test_watchdog_is_pinged_during_a_long_sleep(self, notify_socket):
         signals = m.Signals()
-        threading.Timer(0.35, signals.wake.set).start()
-        signals.sleep(10, watchdog=0.1)
+        notifier = m.Notifier({"NOTIFY_SOCKET": os.environ["NOTIFY_SOCKET"], "WATCHDOG_USEC": "200000"})
+        threading.Timer(0.35, signals._set, [signals.stop]).start()
+        started = time.monotonic()
+        signals.sleep(10, notifier)
+        assert time.monotonic() - started < 1
         assert 2 <= received(notify_socket).count("WATCHDOG=1") <= 4
+        signals.restore()
 
     def test_abstract_socket_address(self):
         import socket

@@ -161,8 +161,11 @@ def child_ours(source_kind: str = "arm") -> dict:
 
     if source_kind == "arm":                            # the same listing once more, for the join alone
         listing = m.AzureListing()
-        with concurrent.futures.ThreadPoolExecutor(cfg.azure.workers) as pool:
+        pool = m._Pool(cfg.azure.workers)
+        try:
             source._list_all(pool, listing)
+        finally:
+            pool.close()
     else:
         listing = source._query_graph()
     joins = [join_cpu(m, listing, cfg) for _ in range(3)]
