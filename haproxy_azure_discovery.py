@@ -1752,7 +1752,7 @@ class AzureSource:
             self._credential, azure.subscriptions[0], base_url=self._base, credential_scopes=[self._scope],
             retry_policy=_retry_policy(azure, self._check),
             connection_timeout=min(10.0, azure.timeout), read_timeout=azure.timeout,
-            raw_request_hook=self._count, logging_enable=False)
+            raw_request_hook=self._count, logging_enable=False, **environment_settings(self._base))
 
     def _cloud_metadata(self) -> Any:
         """GET {resource_manager_url}/metadata/endpoints (unauthenticated) for a custom cloud's token
@@ -2017,10 +2017,10 @@ class AzureSource:
         and headers. A 429 that outlives the SDK's retries is tried once more after Resource
         Graph's window resets, when the answer says when that is."""
         try:
-            response = self._client.send_request(request)
+            response = self._fetch(request)
             if response.status_code == 429 and (pause := quota_wait(response.headers)) is not None:
                 self._pause(pause)
-                response = self._client.send_request(request)
+                response = self._fetch(request)
             # json.loads on the bytes: the SDK's json() decodes to text first.
             page = json.loads(response.body()) if response.status_code == 200 else None
         except self._errors.AzureError as exc:
@@ -2033,6 +2033,28 @@ class AzureSource:
         if not isinstance(page, dict):
             raise AzureError(f"{what} failed: malformed page (not a JSON object)")
         return page, response.headers
+
+    def _fetch(self, request: Any) -> Any:
+        """The response with its body read. Streamed, so that the pipeline's ContentDecodePolicy
+        does not decode every page's JSON a second time (_send decodes it once)."""
+        response = self._client.send_request(request, stream=True)
+        response.read()
+        return response
+
+
+def environment_settings(url: str) -> dict[str, Any]:
+    """The proxy and CA bundle that requests would take from the environment (HTTPS_PROXY,
+    NO_PROXY, REQUESTS_CA_BUNDLE...) for `url`, read once, as client options. Left to
+    requests, they are read again on every request: a quarter of the pipeline's CPU.
+    Every request of a client goes to Resource Manager's host, so one answer holds."""
+    import requests
+    found = requests.Session().merge_environment_settings(url, {}, None, None, None)
+    settings: dict[str, Any] = {"use_env_settings": False}
+    if found["proxies"]:
+        settings["proxies"] = dict(found["proxies"])
+    if isinstance(found["verify"], str):
+        settings["connection_verify"] = found["verify"]
+    return settings
 
 
 def in_resource_groups(items: list[Mapping], groups: Sequence[str]) -> list[Mapping]:

@@ -17,9 +17,11 @@ import signal
 import subprocess
 import sys
 import textwrap
+import socket
 import threading
 import time
 import urllib.error
+import urllib.parse
 
 import pytest
 
@@ -1328,6 +1330,62 @@ class TestAzureParsing:
         assert (inst.id, inst.address, inst.power_state, inst.kind) == (vid.lower(), "10.1.2.3", "stopped", "vm")
 
 
+class ConnectProxy:
+    """A loopback HTTP CONNECT proxy that relays bytes and records the host:port of each tunnel."""
+
+    def __init__(self):
+        self.tunnels: list[str] = []
+        self.server = socket.create_server(("127.0.0.1", 0))
+        self.url = f"http://127.0.0.1:{self.server.getsockname()[1]}"
+        threading.Thread(target=self._accept, daemon=True).start()
+
+    def __enter__(self) -> "ConnectProxy":
+        return self
+
+    def __exit__(self, *_):
+        self.server.close()
+
+    def _accept(self):
+        while True:
+            try:
+                client, _ = self.server.accept()
+            except OSError:
+                return
+            threading.Thread(target=self._tunnel, args=(client,), daemon=True).start()
+
+    def _tunnel(self, client):
+        head = b""
+        while b"\r\n\r\n" not in head:
+            chunk = client.recv(4096)
+            if not chunk:
+                return client.close()
+            head += chunk
+        method, target = head.split(b" ", 2)[:2]
+        if method != b"CONNECT":
+            client.sendall(b"HTTP/1.1 405 Method Not Allowed\r\ncontent-length: 0\r\n\r\n")
+            return client.close()
+        self.tunnels.append(target.decode())
+        host, port = target.decode().rsplit(":", 1)
+        upstream = socket.create_connection((host, int(port)))
+        client.sendall(b"HTTP/1.1 200 Connection established\r\n\r\n")
+        threading.Thread(target=self._relay, args=(upstream, client), daemon=True).start()
+        self._relay(client, upstream)
+
+    @staticmethod
+    def _relay(src, dst):
+        try:
+            while data := src.recv(65536):
+                dst.sendall(data)
+        except OSError:
+            pass
+        finally:
+            for sock in (src, dst):
+                try:
+                    sock.shutdown(socket.SHUT_RDWR)
+                except OSError:
+                    pass
+
+
 def arm_config(fake, **azure):
     return make_config(azure={"resource_manager_url": fake.url, "retries": 1, "timeout": 5, **azure})
 
@@ -1458,6 +1516,23 @@ class TestAzure:
         arm.reset_counts()
         assert len(m.AzureSource(arm_config(arm, credential_type="client_secret"), env).discover().instances) == 2
         assert arm.counts["aad_token"] >= 1 and arm.counts["metadata"] == 1 and arm.counts["token"] == 0
+
+    @pytest.mark.parametrize("no_proxy, tunnels", [("", True), ("127.0.0.1,localhost", False)])
+    def test_proxy_from_the_environment_is_used_unless_no_proxy_names_the_host(self, arm, monkeypatch,
+                                                                                no_proxy, tunnels):
+        # The proxy settings are read once when the client is built: HTTPS_PROXY and NO_PROXY still rule.
+        from fake_arm import make_estate
+        arm.estate = make_estate(vms=2)
+        for key in ("HTTPS_PROXY", "https_proxy", "HTTP_PROXY", "http_proxy", "ALL_PROXY", "all_proxy",
+                    "NO_PROXY", "no_proxy"):
+            monkeypatch.delenv(key, raising=False)
+        with ConnectProxy() as proxy:
+            monkeypatch.setenv("HTTPS_PROXY", proxy.url)
+            monkeypatch.setenv("NO_PROXY", no_proxy)
+            source = m.AzureSource(arm_config(arm))
+            assert len(source.discover().instances) == 2 and len(source.discover().instances) == 2
+        host = urllib.parse.urlsplit(arm.url).netloc
+        assert (proxy.tunnels and set(proxy.tunnels) == {host}) if tunnels else not proxy.tunnels
 
     def test_explicit_audience_and_login_need_no_metadata(self, arm):
         from fake_arm import make_estate
