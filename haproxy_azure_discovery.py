@@ -71,7 +71,8 @@ DEFAULT_CONFIG_PATHS = ("/etc/haproxy-azure-discovery/config.json",
                         "/etc/haproxy-azure-discovery/config.toml")
 SDK_PACKAGES = ("azure-identity", "azure-mgmt-compute", "azure-core")
 
-DAY, HOUR = 86400.0, 3600.0      # bounds of intervals and of timeouts
+DAY, HOUR = 86400.0, 3600.0
+MAX_WEIGHT = 256                  # HAProxy's server weight range is 0-256      # bounds of intervals and of timeouts
 MAX_SLOTS = 100000                # haproxy.server_slots.max at most (slot names srv1..srv999999)
 
 # A parked slot points here, in maintenance (as the Data Plane API's own AWS discovery does).
@@ -330,6 +331,7 @@ class Member:
     label: str                   # instance name, for people
     address: str
     port: int
+    weight: int | None = None    # from the weight tag; None = not set by a tag
 
 
 @dataclass(frozen=True)
@@ -340,6 +342,7 @@ class Slot:
     label: str = ""
     address: str = PARK_ADDRESS
     port: int = PARK_PORT
+    weight: int | None = None
 
 
 @dataclass(frozen=True)
@@ -506,6 +509,7 @@ class TagsConfig:
     service_name_tag: str = "HAProxy:Service:Name"
     service_port_tag: str = "HAProxy:Service:Port"
     instance_port_tag: str = "HAProxy:Instance:Port"
+    instance_weight_tag: str = "HAProxy:Instance:Weight"
     allowlist: Mapping[str, str] = field(default_factory=dict)
     denylist: Mapping[str, str] = field(default_factory=dict)
 
@@ -573,11 +577,40 @@ class MetricsConfig:
     listen: str = ""
 
 
+# A service's overrides: None (a key left out) takes the top-level haproxy.* value.
+@dataclass(frozen=True)
+class ServiceBackendConfig:
+    balance: str | None = None
+    mode: str | None = None
+    params: Mapping[str, Any] | None = None     # merged over haproxy.backend.params
+
+
+@dataclass(frozen=True)
+class ServiceServerConfig:
+    params: Mapping[str, Any] | None = None     # merged over haproxy.server.params
+
+
+@dataclass(frozen=True)
+class ServiceSlotsConfig:
+    base: int | None = None
+    growth_factor: float | None = None
+    growth_type: str | None = None
+    max: int | None = None
+
+
+@dataclass(frozen=True)
+class ServiceConfig:
+    backend: ServiceBackendConfig = ServiceBackendConfig()
+    server: ServiceServerConfig = ServiceServerConfig()
+    server_slots: ServiceSlotsConfig = ServiceSlotsConfig()
+
+
 @dataclass(frozen=True)
 class Config:
     azure: AzureConfig = AzureConfig()
     tags: TagsConfig = TagsConfig()
     haproxy: HAProxyConfig = HAProxyConfig()
+    services: Mapping[str, ServiceConfig] = field(default_factory=dict)   # by service name
     polling: PollingConfig = PollingConfig()
     safety: SafetyConfig = SafetyConfig()
     logging: LoggingConfig = LoggingConfig()
@@ -753,6 +786,8 @@ def interpolate(value: str, env: Mapping[str, str], path: str, problems: list[st
 def _coerce(value: Any, hint: Any, path: str, problems: list[str]) -> Any:
     """Check one value against its annotation; numbers and booleans may come as strings."""
     origin, args = typing.get_origin(hint), typing.get_args(hint)
+    if type(None) in args:          # X | None: an override, given as X
+        return _coerce(value, next(a for a in args if a is not type(None)), path, problems)
     if hint is bool:
         if isinstance(value, str) and value.lower() in ("true", "false"):
             return value.lower() == "true"
@@ -799,8 +834,12 @@ def _interpolate_all(value: Any, env: Mapping[str, str], path: str, problems: li
     return value
 
 
-def _build(cls: type, raw: Any, env: Mapping[str, str], path: str, problems: list[str]) -> Any:
-    """Build dataclass `cls` from `raw`, appending every problem (with its key path)."""
+def _build(cls: type, raw: Any, env: Mapping[str, str], path: str, problems: list[str],
+           checks: str | None = None) -> Any:
+    """Build dataclass `cls` from `raw`, appending every problem (with its key path).
+    `checks` is the CHECKS path of this level when it differs from `path` (a service's
+    overrides are checked like the haproxy.* keys they override)."""
+    checks = path if checks is None else checks
     if not isinstance(raw, dict):
         problems.append(f"{path or 'configuration'}: must be an object")
         return cls()
@@ -814,26 +853,63 @@ def _build(cls: type, raw: Any, env: Mapping[str, str], path: str, problems: lis
         if name not in raw:
             continue
         key = f"{path}.{name}" if path else name
+        check = f"{checks}.{name}" if checks else name
         if dataclasses.is_dataclass(hints[name]):
-            kwargs[name] = _build(hints[name], raw[name], env, key, problems)
+            kwargs[name] = _build(hints[name], raw[name], env, key, problems, check)
+            continue
+        if name == "services":
+            kwargs[name] = _build_services(raw[name], env, problems)
             continue
         try:
-            _build_value(kwargs, name, raw[name], hints[name], env, key, problems)
+            _build_value(kwargs, name, raw[name], hints[name], env, key, problems, check)
         except Exception as exc:  # noqa: BLE001 - whatever the value does, it is this key's problem
             problems.append(f"{key}: cannot be read ({type(exc).__name__}: {str(exc)[:100]})")
     return cls(**kwargs)
 
 
 def _build_value(kwargs: dict, name: str, raw: Any, hint: Any, env: Mapping[str, str], key: str,
-                 problems: list[str]) -> None:
+                 problems: list[str], check: str) -> None:
     before = len(problems)
     value = _coerce(_interpolate_all(raw, env, key, problems), hint, key, problems)
     if len(problems) == before:
-        problem = CHECKS.get(key, lambda v: None)(value)
+        problem = CHECKS.get(check, lambda v: None)(value)
         if problem:
             problems.append(f"{key}: {problem}")
         else:
             kwargs[name] = value
+
+
+def _build_services(raw: Any, env: Mapping[str, str], problems: list[str]) -> dict[str, ServiceConfig]:
+    """services: service name -> overrides, each checked like the haproxy.* key it
+    overrides. A name no instance carries yet is fine: it may appear later."""
+    if not isinstance(raw, dict):
+        problems.append("services: must be an object (service name -> overrides)")
+        return {}
+    out = {}
+    for name, entry in raw.items():
+        if name.startswith("_"):
+            continue
+        if not NAME_RE.fullmatch(name):
+            problems.append(f"services.{_printable(name)}: not a service name (1-64 of A-Z a-z 0-9 _ . : -)")
+            continue
+        out[name] = _build(ServiceConfig, entry, env, f"services.{name}", problems, "haproxy")
+    return out
+
+
+def service_haproxy(cfg: Config, service: str | None) -> HAProxyConfig:
+    """haproxy.* as it applies to one service: its overrides (services.NAME) over the
+    top-level keys; params are merged key by key, the service's winning."""
+    top, over = cfg.haproxy, cfg.services.get(service or "")
+    if over is None:
+        return top
+    b, s, slots = over.backend, over.server, over.server_slots
+    backend = dataclasses.replace(
+        top.backend, balance=b.balance or top.backend.balance, mode=b.mode or top.backend.mode,
+        params={**top.backend.params, **(b.params or {})})
+    server = ServerConfig({**top.server.params, **(s.params or {})})
+    given = {f.name: v for f in dataclasses.fields(slots) if (v := getattr(slots, f.name)) is not None}
+    return dataclasses.replace(top, backend=backend, server=server,
+                               server_slots=dataclasses.replace(top.server_slots, **given))
 
 
 def parse_config(raw: Any, env: Mapping[str, str]) -> Config:
@@ -859,22 +935,29 @@ def _cross_checks(cfg: Config) -> list[str]:
     for i, rg in enumerate(cfg.azure.resource_groups):
         if not RESOURCE_GROUP_RE.fullmatch(rg):
             problems.append(f"azure.resource_groups[{i}]: not a resource group name: {json.dumps(rg)}")
-    slots = cfg.haproxy.server_slots
-    if slots.base > slots.max:
-        problems.append(f"haproxy.server_slots.max: must be at least haproxy.server_slots.base "
-                        f"({slots.max} < {slots.base})")
-    if slots.growth_type == "linear" and slots.growth_factor < 1:
-        problems.append("haproxy.server_slots.growth_factor: must be at least 1 for linear growth "
-                        f"(fewer slots than instances otherwise), got {slots.growth_factor}")
-    if slots.growth_type == "exponential" and slots.growth_factor <= 1:
-        problems.append("haproxy.server_slots.growth_factor: must be greater than 1 for exponential "
-                        f"growth, got {slots.growth_factor}")
+    problems += _slot_problems(cfg.haproxy.server_slots, "haproxy.server_slots")
+    for name in cfg.services:
+        # The combination counts: a service's base against the top-level max, and so on.
+        problems += _slot_problems(service_haproxy(cfg, name).server_slots, f"services.{name}.server_slots")
     polling = cfg.polling
     if polling.max_backoff_seconds < polling.backoff_base_seconds:
         problems.append("polling.max_backoff_seconds: must be at least polling.backoff_base_seconds "
                         f"({polling.max_backoff_seconds} < {polling.backoff_base_seconds})")
     if cfg.haproxy.ca_file and not cfg.haproxy.verify_ssl:
         problems.append("haproxy.ca_file: set, but haproxy.verify_ssl is false")
+    return problems
+
+
+def _slot_problems(slots: SlotsConfig, path: str) -> list[str]:
+    problems = []
+    if slots.base > slots.max:
+        problems.append(f"{path}.max: must be at least {path}.base ({slots.max} < {slots.base})")
+    if slots.growth_type == "linear" and slots.growth_factor < 1:
+        problems.append(f"{path}.growth_factor: must be at least 1 for linear growth "
+                        f"(fewer slots than instances otherwise), got {slots.growth_factor}")
+    if slots.growth_type == "exponential" and slots.growth_factor <= 1:
+        problems.append(f"{path}.growth_factor: must be greater than 1 for exponential "
+                        f"growth, got {slots.growth_factor}")
     return problems
 
 
@@ -956,9 +1039,9 @@ def _port(value: str | None) -> int | None:
     return port if 1 <= port <= 65535 else None
 
 
-def service_of(inst: Instance, cfg: Config) -> tuple[ServiceKey, int] | Skip | None:
-    """The service an instance belongs to and the port it serves on, why it cannot
-    serve, or None when it carries no service-name tag (it is not ours)."""
+def service_of(inst: Instance, cfg: Config) -> tuple[ServiceKey, int, int | None] | Skip | None:
+    """The service an instance belongs to, the port it serves on and its weight tag, why
+    it cannot serve, or None when it carries no service-name tag (it is not ours)."""
     t, tags = cfg.tags, folded(inst.tags)
     name = tags.get(t.service_name_tag.lower())
     if name is None:
@@ -975,9 +1058,21 @@ def service_of(inst: Instance, cfg: Config) -> tuple[ServiceKey, int] | Skip | N
         serve_port = _port(own)
         if serve_port is None:
             return _skip(inst, f"tag {t.instance_port_tag} {_shown(own)} is not a port (1-65535)")
+    weight = None
+    if (own := tags.get(t.instance_weight_tag.lower())) is not None:
+        weight = _weight(own)
+        if weight is None:
+            return _skip(inst, f"tag {t.instance_weight_tag} {_shown(own)} is not a weight (0-{MAX_WEIGHT})")
     if not REGION_RE.fullmatch(inst.region):
         return _skip(inst, f"location {_shown(inst.region)} is not a region name")
-    return ServiceKey(name, port, inst.region), serve_port
+    return ServiceKey(name, port, inst.region), serve_port, weight
+
+
+def _weight(value: str) -> int | None:
+    digits = value.strip(" \t")
+    if not re.fullmatch(r"[0-9]{1,3}", digits) or int(digits) > MAX_WEIGHT:
+        return None
+    return int(digits)
 
 
 def folded(tags: Mapping[str, str]) -> dict[str, str]:
@@ -1044,7 +1139,7 @@ def select_instances(instances: Iterable[Instance], cfg: Config
         else:
             found = service_of(inst, cfg)
             if found is not None and not isinstance(found, Skip):
-                found = (found[1], groups.setdefault(found[0], []))    # (port, the group's list)
+                found = (found[1], found[2], groups.setdefault(found[0], []))    # (port, weight, the group's list)
             services[answer] = found
         if found is None:
             continue
@@ -1054,8 +1149,8 @@ def select_instances(instances: Iterable[Instance], cfg: Config
             skipped.append(_skip(inst, f"no {cfg.azure.address} {cfg.azure.ip_version} address: "
                                        "primary network interface or IP configuration missing"))
         else:
-            port, group = found
-            group.append(Member(inst.id, _printable(inst.name), inst.address, port))
+            port, weight, group = found
+            group.append(Member(inst.id, _printable(inst.name), inst.address, port, weight))
     return {k: ms for k, ms in groups.items() if ms}, skipped
 
 
@@ -1070,7 +1165,7 @@ def fingerprint(groups: Mapping[ServiceKey, list[Member]]) -> str:
     for k in sorted(groups, key=lambda k: (k.name, k.port, k.region)):
         # One string per service; no field holds a newline (names and ids are checked).
         digest.update(f"{k.name}\n{k.port}\n{k.region}\n".encode())
-        digest.update("\n".join(sorted(f"{m.instance} {m.address} {m.port}" for m in groups[k])).encode())
+        digest.update("\n".join(sorted(f"{m.instance} {m.address} {m.port} {m.weight}" for m in groups[k])).encode())
         digest.update(b"\n\n")
     return digest.hexdigest()[:16]
 
@@ -1157,7 +1252,7 @@ def assign_slots(members: Sequence[Member], actual: Mapping[str, Mapping[str, An
         free = sorted((j for j in range(1, count + 1) if j not in taken), key=lambda j: (j in live, j))
         for m, j in zip(fresh, free, strict=False):   # free has room for every fresh member
             taken[j] = m
-    return [Slot(f"srv{j}", m.instance, m.label, m.address, m.port) if (m := taken.get(j))
+    return [Slot(f"srv{j}", m.instance, m.label, m.address, m.port, m.weight) if (m := taken.get(j))
             else _parked_slot(j) for j in range(1, count + 1)]
 
 
@@ -1182,6 +1277,8 @@ def server_body(slot: Slot, cfg: HAProxyConfig, with_id: bool = True) -> dict[st
     body.update(address=slot.address, port=slot.port, check="enabled")
     body.update(cfg.server.params)
     body["maintenance"] = "disabled"
+    if slot.weight is not None:
+        body["weight"] = slot.weight          # the instance's weight tag wins over params
     return body
 
 
@@ -1228,8 +1325,12 @@ def plan_backend(name: str, slots: Sequence[Slot], actual: BackendState | None,
     changes = []
     for slot in slots:
         body = server_body(slot, cfg, with_id=slot_index(slot.name) not in taken_ids)
-        servers[slot.name] = body
         have = have_servers.get(slot.name)
+        if slot.instance and "weight" not in body and have and have.get("weight") not in (None, 1):
+            # A weight tag removed, or a slot refilled after a weighted instance: back to
+            # HAProxy's default rather than keeping a weight nobody asked for (0 = no traffic).
+            body["weight"] = 1
+        servers[slot.name] = body
         if have is None:
             changes.append(ServerChange("add", slot.name, body, None, slot.label))
         elif not body.items() <= have.items() and _differs(body, have):    # the first test is C
@@ -1277,14 +1378,15 @@ def plan_cycle(groups: Mapping[ServiceKey, list[Member]], skipped: Sequence[Skip
     is held back (its servers stay live) until the mass-drain guard lets it through.
     """
     desired = {backend_name(k, cfg.haproxy.backend): ms for k, ms in groups.items()}
-    skipped = [*skipped, *_beyond_max(desired, state, cfg.haproxy.server_slots)]
     prefix = cfg.haproxy.backend.name_prefix + cfg.haproxy.backend.name_separator
     names = sorted(set(desired) | {n for n in actual if n.startswith(prefix)})
-    slot_cfg = cfg.haproxy.server_slots
+    settings = backend_settings(names, groups, cfg)
+    skipped = [*skipped, *_beyond_max(desired, state, settings)]
 
     def assign(n: str, extra: Sequence[Member] = ()) -> list[Slot]:
         have = actual[n].servers if n in actual else {}
-        return assign_slots([*desired.get(n, []), *extra], have, state.assignments.get(n, {}), slot_cfg)
+        return assign_slots([*desired.get(n, []), *extra], have, state.assignments.get(n, {}),
+                            settings[n].server_slots)
 
     slots = {n: assign(n) for n in names}
     drains = {n: d for n in names if (d := _drains(slots[n], actual.get(n)))}
@@ -1298,7 +1400,7 @@ def plan_cycle(groups: Mapping[ServiceKey, list[Member]], skipped: Sequence[Skip
         # slots, and new instances still get slots of their own.
         for n, names_drained in drains.items():
             slots[n] = assign(n, _held_members(names_drained, actual[n], state.assignments.get(n, {})))
-    plans = [p for n in names if (p := plan_backend(n, slots[n], actual.get(n), cfg.haproxy))]
+    plans = [p for n in names if (p := plan_backend(n, slots[n], actual.get(n), settings[n]))]
     plan = Plan(backends=tuple(plans), skipped=tuple(skipped),
                 held=tuple(f"{n}/{s}" for n, d in drains.items() for s in d) if held else (),
                 warnings=tuple(w for n in names for w in id_clashes(n, slots[n], actual.get(n))),
@@ -1309,11 +1411,24 @@ def plan_cycle(groups: Mapping[ServiceKey, list[Member]], skipped: Sequence[Skip
                     drain_streak=streak)
 
 
-def _beyond_max(desired: dict[str, list[Member]], state: State, cfg: SlotsConfig) -> list[Skip]:
+def backend_settings(names: Iterable[str], groups: Mapping[ServiceKey, list[Member]],
+                     cfg: Config) -> dict[str, HAProxyConfig]:
+    """haproxy.* for each of our backends, with its service's overrides. A backend whose
+    service was not discovered this cycle is named after it: `{prefix}{sep}NAME{sep}PORT{sep}REGION`,
+    and neither port nor region can hold the separator, so NAME is what precedes them."""
+    b = cfg.haproxy.backend
+    named = {backend_name(k, b): k.name for k in groups}
+    cut = len(b.name_prefix) + len(b.name_separator)
+    return {n: service_haproxy(cfg, named.get(n) or n[cut:].rsplit(b.name_separator, 2)[0]) for n in names}
+
+
+def _beyond_max(desired: dict[str, list[Member]], state: State,
+                settings: Mapping[str, HAProxyConfig]) -> list[Skip]:
     """Past haproxy.server_slots.max a backend takes no more instances: those that hold a
     slot keep it, the rest (by id) become skips. Trims `desired` in place."""
     skips = []
     for name, members in desired.items():
+        cfg = settings[name].server_slots
         if len(members) > cfg.max:
             held = state.assignments.get(name, {})
             ordered = sorted(members, key=lambda mb: (mb.instance not in held, mb.instance))

@@ -410,6 +410,110 @@ class TestConfig:
         assert m.next_delay(1000, cfg.polling, 0.999) <= 86400 * 1.1
 
 
+class TestServices:
+    """services: per-service overrides of haproxy.backend, haproxy.server and haproxy.server_slots."""
+
+    def test_overrides_merge_over_the_top_level_keys(self):
+        cfg = make_config(haproxy={"password": "p", "backend": {"balance": "roundrobin", "params": {"retries": 2}},
+                                   "server": {"params": {"inter": 2000, "rise": 2}},
+                                   "server_slots": {"base": 10, "max": 50}},
+                          services={"api": {"backend": {"balance": "leastconn", "params": {"fullconn": 10}},
+                                            "server": {"params": {"inter": 500}},
+                                            "server_slots": {"base": 4}},
+                                    "not-yet-seen": {"backend": {"mode": "tcp"}}})
+        api = m.service_haproxy(cfg, "api")
+        assert (api.backend.balance, api.backend.mode) == ("leastconn", "http")
+        assert api.backend.params == {"retries": 2, "fullconn": 10}
+        assert api.server.params == {"inter": 500, "rise": 2}
+        assert (api.server_slots.base, api.server_slots.max, api.server_slots.growth_factor) == (4, 50, 1.5)
+        assert m.service_haproxy(cfg, "web") is cfg.haproxy
+        assert m.service_haproxy(cfg, "not-yet-seen").backend.mode == "tcp"
+
+    @pytest.mark.parametrize("services, problem", [
+        ({"api": {"backend": {"balance": "fastest"}}},
+         'services.api.backend.balance: must be "roundrobin" or'),
+        ({"api": {"backend": {"name_prefix": "x"}}}, "services.api.backend.name_prefix: unknown key"),
+        ({"api": {"backend": {"params": {"mode": "tcp"}}}}, "services.api.backend.params: may not set mode"),
+        ({"api": {"server": {"params": {"address": "1.2.3.4"}}}}, "services.api.server.params: may not set address"),
+        ({"api": {"server": {"params": {"inter": -1}}}}, "services.api.server.params: inter: must be an integer"),
+        ({"api": {"server_slots": {"base": 0}}}, "services.api.server_slots.base: must be between 1 and 10000"),
+        ({"api": {"server_slots": {"base": 2000}}}, "services.api.server_slots.max: must be at least"),
+        ({"api": {"colour": 1}}, "services.api.colour: unknown key"),
+        ({"api": []}, "services.api: must be an object"),
+        ({"web app": {}}, "services.web app: not a service name"),
+        ([], "services: must be an object"),
+    ])
+    def test_each_problem_names_its_key(self, services, problem):
+        with pytest.raises(m.ConfigError) as e:
+            make_config(services=services) if isinstance(services, dict) else m.parse_config(
+                {"azure": {"subscription_id": SUB}, "haproxy": {"password": "p"}, "services": services}, {})
+        assert any(p.startswith(problem) for p in e.value.problems), e.value.problems
+
+    def test_validate_exits_78_naming_the_key(self, tmp_path, capsys):
+        path = write_config(tmp_path, {"azure": {"subscription_id": SUB}, "haproxy": {"password": "p"},
+                                       "services": {"api": {"backend": {"balance": "fastest"}}}})
+        assert m.main(["--validate", "-c", path]) == 78
+        assert "services.api.backend.balance" in capsys.readouterr().err
+
+    def test_settings_land_in_their_backends_only(self):
+        cfg = make_config(haproxy={"password": "p", "server": {"params": {"inter": 2000}}},
+                          services={"api": {"backend": {"balance": "leastconn"}, "server": {"params": {"rise": 5}},
+                                            "server_slots": {"base": 3}}})
+        first = run_plan([make_instance(1), make_instance(2, service="api", port="9000")], cfg=cfg)
+        held = apply_to({}, first.plan)
+        api, web = held["azure-api-9000-eastus"], held["azure-web-8080-eastus"]
+        assert (api.fields["balance"], web.fields["balance"]) == ({"algorithm": "leastconn"},
+                                                                 {"algorithm": "roundrobin"})
+        assert len(api.servers) == 3 and len(web.servers) == 10
+        assert (api.servers["srv1"]["rise"], api.servers["srv1"]["inter"]) == (5, 2000)
+        assert "rise" not in web.servers["srv1"] and web.servers["srv1"]["inter"] == 2000
+        # The service vanishes: its backend keeps its own settings while parked.
+        later = run_plan([make_instance(1)], actual=held, cfg=cfg,
+                         state=m.State(assignments=first.assignments))
+        (parked,) = later.plan.backends
+        assert parked.name == "azure-api-9000-eastus" and not parked.fields_changed and parked.slots == 3
+
+
+class TestWeightTag:
+    def weighted(self, n, value, **kw):
+        return make_instance(n, tags={"HAProxy:Instance:Weight": value}, **kw)
+
+    @pytest.mark.parametrize("value, weight", [("0", 0), ("256", 256), (" 17 ", 17), ("100", 100)])
+    def test_a_weight_becomes_the_servers_weight(self, value, weight):
+        (backend,) = run_plan([self.weighted(1, value)]).plan.backends
+        assert backend.servers["srv1"]["weight"] == weight
+
+    @pytest.mark.parametrize("value", ["257", "-1", "1.5", "", "ten", "1e2", "0x10", "\x1c5"])
+    def test_a_bad_weight_is_a_skip_naming_the_tag(self, value):
+        decision = run_plan([self.weighted(1, value), make_instance(2)])
+        (skip,) = decision.plan.skipped
+        assert skip.instance == "vm1" and "tag HAProxy:Instance:Weight" in skip.reason and "0-256" in skip.reason
+        assert decision.plan.live == 1
+
+    def test_the_tag_name_is_configurable_and_case_insensitive(self):
+        cfg = make_config(tags={"instance_weight_tag": "lb-weight"})
+        (backend,) = run_plan([make_instance(1, tags={"LB-Weight": "7"})], cfg=cfg).plan.backends
+        assert backend.servers["srv1"]["weight"] == 7
+
+    def test_a_removed_tag_or_a_refilled_slot_goes_back_to_the_default(self):
+        first = run_plan([self.weighted(1, "0")])
+        held = apply_to({}, first.plan)
+        state = m.State(assignments=first.assignments)
+        (backend,) = run_plan([make_instance(1)], actual=held, state=state).plan.backends
+        (change,) = backend.changes
+        assert change.body["weight"] == 1 and change.runtime_only
+        # A parked slot that kept weight 0, refilled by another instance: it does not inherit it.
+        parked = apply_to(held, run_plan([], actual=held, state=state).plan)
+        parked[WEB].servers["srv1"]["weight"] = 0
+        (refill,) = run_plan([make_instance(5)], actual=parked).plan.backends
+        assert refill.servers["srv1"]["weight"] == 1
+
+    def test_a_weight_change_is_seen_by_the_steady_shortcut(self):
+        g1, _ = m.select_instances([self.weighted(1, "10")], make_config())
+        g2, _ = m.select_instances([self.weighted(1, "20")], make_config())
+        assert m.fingerprint(g1) != m.fingerprint(g2)
+
+
 HOSTILE = ["web\nbackend evil", "web app", "web#1", "w" * 10_000, "wéb", "", "web;x", "a/b"]
 
 
@@ -2440,6 +2544,29 @@ class TestHybrid:
         assert report.transactions.get("committed", 0) == transactions
         assert dataplane.reloads - reloads == transactions
         assert sum(v != "parked" for v in h.servers(WEB).values()) == 1 + added
+
+    def test_a_weight_tag_change_is_a_runtime_write_without_reload(self, dataplane):
+        h = Harness(dataplane, haproxy={"apply_mode": "hybrid"})
+        h.cycle([make_instance(1), make_instance(2)])
+        reloads = dataplane.reloads
+        report = h.cycle([make_instance(1, tags={"HAProxy:Instance:Weight": "40"}), make_instance(2)])
+        assert report.result == "applied" and report.transactions == {}
+        assert dataplane.reloads == reloads
+        assert dataplane.backends[WEB]["servers"]["srv1"]["weight"] == 40
+        assert any("weight" in c and "srv1" in c for c in dataplane.runtime_changes)
+        assert "weight 40" in next(x for x in dataplane.render().splitlines() if "server srv1 " in x)
+
+    def test_per_service_settings_pass_haproxy_c(self, dataplane):
+        h = Harness(dataplane, haproxy={"apply_mode": "hybrid", "server": {"params": {"inter": 2000}}},
+                    services={"api": {"backend": {"balance": "leastconn", "mode": "tcp"},
+                                      "server": {"params": {"rise": 5}}, "server_slots": {"base": 2}}})
+        report = h.cycle([make_instance(1), make_instance(2, service="api", port="9000")])
+        assert report.result == "applied" and dataplane.checks >= 1
+        api, web = dataplane.backends["azure-api-9000-eastus"], dataplane.backends[WEB]
+        assert (api["balance"]["algorithm"], api["mode"], len(api["servers"])) == ("leastconn", "tcp", 2)
+        assert (web["balance"]["algorithm"], web["mode"], len(web["servers"])) == ("roundrobin", "http", 10)
+        assert api["servers"]["srv1"]["rise"] == 5 and web["servers"]["srv1"].get("rise") is None
+        assert h.cycle([make_instance(1), make_instance(2, service="api", port="9000")]).result == "steady"
 
     def test_a_refused_runtime_write_leaves_only_its_backend_out(self, dataplane):
         h = Harness(dataplane, haproxy={"apply_mode": "hybrid"})
