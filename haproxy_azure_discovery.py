@@ -10,12 +10,13 @@ server slots srv1..srvN, live ones pointing at instances and parked ones at
 127.0.0.1:80 in maintenance. Backends are created, never deleted.
 
 Usage:
-    haproxy-azure-discovery [-c FILE] [--once | --dry-run | --validate]
+    haproxy-azure-discovery [-c FILE] [--once | --dry-run | --validate | --status [--json]]
                             [--log-level LEVEL] [--version]
 
     --validate   check the configuration only (no network, no Azure SDK)
     --once       run one full cycle and exit
     --dry-run    discover, read HAProxy, print the plan; change nothing
+    --status     discovery and HAProxy's backends side by side, drift marked
     (no mode)    run as a daemon: SIGTERM/SIGINT stop, SIGHUP reloads the config
 
 Configuration: JSON (or TOML on Python 3.11+), default
@@ -1493,6 +1494,90 @@ def format_plan(plan: Plan) -> str:
     return "\n".join(lines) + "\n"
 
 
+def status_view(groups: Mapping[ServiceKey, list[Member]], skipped: Sequence[Skip],
+                actual: Mapping[str, BackendState], decision: Decision, cfg: Config, target: str) -> dict[str, Any]:
+    """Discovery and one target's backends side by side: per backend its slots, with the
+    instance in each live slot and what the plan would change marked as drift. Plain
+    data, the same for --status, --status --json and the metrics listener's /state."""
+    planned = {b.name: b for b in decision.plan.backends}
+    held = set(decision.plan.held)
+    backends = []
+    for name in sorted(set(actual) | set(planned)):
+        # The instance serving a slot is the one discovered at the address HAProxy holds.
+        members = {(m.address, m.port): m for k, ms in groups.items()
+                   if backend_name(k, cfg.haproxy.backend) == name for m in ms}
+        backends.append(_backend_view(name, actual.get(name), planned.get(name), members, held))
+    return {
+        "discovery": {
+            "instances": sum(map(len, groups.values())),
+            "services": [{"service": k.name, "port": k.port, "region": k.region,
+                          "backend": backend_name(k, cfg.haproxy.backend), "instances": len(ms)}
+                         for k, ms in sorted(groups.items())],
+            "skipped": [{"instance": s.instance, "reason": s.reason} for s in skipped],
+        },
+        "targets": [{"target": target, "ok": True, "backends": backends,
+                     "drift": sum(b["drift"] for b in backends)}],
+    }
+
+
+def _backend_view(name: str, actual: BackendState | None, plan: BackendPlan | None,
+                  members: Mapping[tuple[str, int], Member], held: set[str]) -> dict[str, Any]:
+    have = actual.servers if actual else {}
+    changes = {c.name: c for c in plan.changes} if plan else {}
+    slots = []
+    for sname in sorted({n for n in [*have, *(plan.servers if plan else {})] if slot_index(n)}, key=slot_index):
+        server = have.get(sname)
+        state = "missing" if server is None else "live" if _is_live(server) else "parked"
+        entry: dict[str, Any] = {"slot": sname, "state": state}
+        if state == "live":
+            entry["address"] = _endpoint(server)
+            m = members.get((server.get("address"), server.get("port")))
+            entry["instance"] = m.label if m else None        # None: no discovered instance there
+        if f"{name}/{sname}" in held:
+            entry["drift"] = "held live by the mass-drain guard"
+        elif (c := changes.get(sname)) or (plan and plan.create):
+            entry["drift"] = _drift(c, plan.servers.get(sname) if plan else None)
+        slots.append(entry)
+    return {"backend": name, "slots": len([s for s in slots if s["state"] != "missing"]),
+            "live": sum(s["state"] == "live" for s in slots), "parked": sum(s["state"] == "parked" for s in slots),
+            "drift": sum("drift" in s for s in slots) + bool(plan and (plan.create or plan.fields_changed)),
+            "settings_drift": bool(plan and plan.fields_changed), "missing": actual is None, "servers": slots}
+
+
+def _drift(change: ServerChange | None, want: Mapping[str, Any] | None) -> str:
+    if change is not None and change.action == "delete":
+        return "to remove (beyond the slot count)"
+    want = change.body if change is not None else want
+    if change is not None and change.action == "update" and _endpoint(want) == _endpoint(change.before):
+        return f"settings differ ({', '.join(sorted(k for k in want if not _same_value(want[k], change.before.get(k))))})"
+    return f"want {_endpoint(want)}" + (f" ({change.label})" if change is not None and _label(change) else "")
+
+
+def format_status(view: Mapping[str, Any]) -> str:
+    """--status as text: discovery first, then per target and backend one line per slot,
+    a `!` before each slot (or backend) that differs from the desired state."""
+    d = view["discovery"]
+    lines = [f"discovery: {len(d['services'])} services, {d['instances']} instances, {len(d['skipped'])} skipped"]
+    lines += [f"  {s['backend']}: {s['instances']} instances" for s in d["services"]]
+    lines += [f"  skipped: {s['instance']}: {s['reason']}" for s in d["skipped"]]
+    for t in view["targets"]:
+        if not t["ok"]:
+            lines.append(f"target {t['target']}: unreachable: {t['error']}")
+            continue
+        lines.append(f"target {t['target']}: {len(t['backends'])} backends, "
+                     + (f"{t['drift']} differences from the desired state" if t["drift"] else "in sync"))
+        for b in t["backends"]:
+            mark = "!" if b["missing"] or b["settings_drift"] else " "
+            what = "missing" if b["missing"] else f"{b['slots']} slots, {b['live']} live, {b['parked']} parked"
+            lines.append(f" {mark}backend {b['backend']}: {what}" + (" (settings differ)" if b["settings_drift"] else ""))
+            for s in b["servers"]:
+                where = s.get("address", "")
+                who = (s["instance"] or "(no discovered instance)") if s["state"] == "live" else ""
+                row = f"  {'!' if 'drift' in s else ' '} {s['slot']:<8} {s['state']:<8} {where:<22} {who}".rstrip()
+                lines.append(row + (f"  <- {s['drift']}" if "drift" in s else ""))
+    return "\n".join(lines) + "\n"
+
+
 def _endpoint(server: Mapping[str, Any] | None) -> str:
     if server is None:
         return "?"
@@ -2884,6 +2969,7 @@ class CycleReport:
     duration: float = 0.0
     error: str = ""
     refused: dict[str, str] = field(default_factory=dict)        # backend -> the API's refusal
+    view: dict[str, Any] | None = None     # status_view once planned (after applying: what it left)
 
 
 def reconcile(cfg: Config, source: Source, target: Target, state: State, stop: threading.Event,
@@ -2914,6 +3000,7 @@ def reconcile(cfg: Config, source: Source, target: Target, state: State, stop: t
         decision = plan_cycle(groups, skipped, actual, state, cfg)
         plan = decision.plan
         if dry_run:
+            report.view = status_view(groups, skipped, actual, decision, cfg, cfg.haproxy.base_url)
             return plan
         report.refused = {}
         try:
@@ -2928,10 +3015,14 @@ def reconcile(cfg: Config, source: Source, target: Target, state: State, stop: t
                        **{n: state.assignments.get(n, {}) for n in report.refused}}
         state.version, state.assignments = new_version, assignments
         state.drain_fingerprint, state.drain_streak = decision.drain_fingerprint, decision.drain_streak
-        # The shortcut is only taken from a fixpoint: a held drain, a refused backend, or
-        # slots parked now that a later shrink may remove, need the next cycle to plan again.
-        settled = not plan.held and not report.refused and (plan.empty or plan_cycle(
-            groups, skipped, state_after(actual, plan), state, cfg).plan.empty)
+        # What HAProxy holds now, planned again: the view's drift (a held drain, a refused
+        # backend), and whether this is a fixpoint. The shortcut is only taken from one: slots
+        # parked now that a later shrink may remove need the next cycle to plan again.
+        done = state_after(actual, Plan(tuple(b for b in plan.backends if b.name not in report.refused)))
+        after = decision if plan.empty else plan_cycle(groups, skipped, done, state, cfg)
+        after = dataclasses.replace(after, plan=dataclasses.replace(after.plan, held=plan.held))
+        report.view = status_view(groups, skipped, done, after, cfg, cfg.haproxy.base_url)
+        settled = not plan.held and not report.refused and after.plan.empty
         state.fingerprint = fp if settled else None
         report.plan = plan
         report.result = ("partial" if report.refused else "held" if plan.held
@@ -3079,6 +3170,8 @@ class Metrics:
         self._lock = threading.Lock()
         self.counters: dict[tuple[str, str], float] = {}
         self.gauges: dict[str, float] = {}
+        self.backend_gauges: dict[tuple[str, str], float] = {}   # (name, labels) per target and backend
+        self.view: dict[str, Any] | None = None                  # the last status_view, for /state
         self.last_success = 0.0
         self._success_clock: float | None = None    # time.monotonic() of the last success
 
@@ -3101,6 +3194,9 @@ class Metrics:
                                    servers_live=plan.live, servers_parked=plan.slots - plan.live)
             self.gauges["instances_discovered"] = report.instances
             self.gauges["instances_skipped"] = report.skipped
+            if report.view is not None:      # a steady cycle reads nothing: the last view holds
+                self.view = report.view
+                self.backend_gauges = backend_gauges(report.view)
             if report.result != "failed":
                 self.last_success, self._success_clock = now, time.monotonic()
                 self.gauges["last_success_timestamp_seconds"] = now
@@ -3116,7 +3212,28 @@ class Metrics:
             lines = [f"haproxy_azure_discovery_{n}{{{lbl}}} {v:g}" if lbl else f"haproxy_azure_discovery_{n} {v:g}"
                      for (n, lbl), v in sorted(self.counters.items())]
             lines += [f"haproxy_azure_discovery_{n} {v:g}" for n, v in sorted(self.gauges.items())]
+            lines += [f"haproxy_azure_discovery_{n}{{{lbl}}} {v:g}" for (n, lbl), v in sorted(self.backend_gauges.items())]
         return "\n".join(lines) + "\n"
+
+    def state(self) -> str | None:
+        with self._lock:
+            return None if self.view is None else json.dumps(self.view, indent=1, sort_keys=True) + "\n"
+
+
+def backend_gauges(view: Mapping[str, Any]) -> dict[tuple[str, str], float]:
+    """servers_live / servers_parked / servers_draining per target and backend."""
+    out = {}
+    for t in view["targets"]:
+        for b in t.get("backends", []):
+            labels = f'target="{_label_value(t["target"])}",backend="{_label_value(b["backend"])}"'
+            for state in ("live", "parked", "draining"):
+                out[(f"servers_{state}", labels)] = sum(s["state"] == state for s in b["servers"])
+    return out
+
+
+def _label_value(text: str) -> str:
+    """A Prometheus label value: backslash, double quote and newline escaped."""
+    return text.replace("\\", "\\\\").replace('"', '\\"').replace("\n", "\\n")
 
 
 # The metrics listener serves scrapers, never the other way round: each connection gets
@@ -3180,8 +3297,12 @@ def serve_metrics(listen: str, metrics: Metrics) -> http.server.ThreadingHTTPSer
             self._answer()
 
         def _answer(self) -> bytes:
+            kind = "text/plain; version=0.0.4; charset=utf-8"
             if self.path == "/metrics":
                 status, body = 200, metrics.render()
+            elif self.path == "/state":
+                kind, state = "application/json", metrics.state()
+                status, body = (200, state) if state else (503, '{"error": "no cycle has read HAProxy yet"}\n')
             elif self.path == "/healthz":
                 ok = metrics.healthy()
                 status, body = (200, "ok\n") if ok else (503, "no successful cycle recently\n")
@@ -3189,7 +3310,7 @@ def serve_metrics(listen: str, metrics: Metrics) -> http.server.ThreadingHTTPSer
                 status, body = 404, "not found\n"
             data = body.encode()
             self.send_response(status)
-            self.send_header("Content-Type", "text/plain; version=0.0.4; charset=utf-8")
+            self.send_header("Content-Type", kind)
             self.send_header("Content-Length", str(len(data)))
             self.end_headers()
             return data
@@ -3464,6 +3585,9 @@ def build_parser() -> argparse.ArgumentParser:
     mode.add_argument("--once", action="store_true", help="run one cycle and exit")
     mode.add_argument("--dry-run", action="store_true", help="print the plan; change nothing")
     mode.add_argument("--validate", action="store_true", help="check the configuration and exit")
+    mode.add_argument("--status", action="store_true",
+                      help="print discovery and HAProxy's backends side by side, differences marked; change nothing")
+    parser.add_argument("--json", action="store_true", help="with --status: print it as JSON")
     parser.add_argument("--log-level", choices=("DEBUG", "INFO", "WARNING", "ERROR"), type=str.upper,
                         help="override logging.level")
     parser.add_argument("--version", action=_VersionAction)
@@ -3472,8 +3596,11 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None, env: Mapping[str, str] | None = None) -> int:
     """The program; `env` stands for the process environment (os.environ by default)."""
+    parser = build_parser()
     try:
-        args = build_parser().parse_args(argv)
+        args = parser.parse_args(argv)
+        if args.json and not args.status:
+            parser.error("--json goes with --status")
     except SystemExit as exc:     # --help, --version, usage errors: argparse has printed
         return exc.code if isinstance(exc.code, int) else EX_USAGE
     env = dict(os.environ if env is None else env)
@@ -3495,6 +3622,8 @@ def main(argv: Sequence[str] | None = None, env: Mapping[str, str] | None = None
         for warning in config_warnings(cfg):
             log.warning(warning, extra={"event": "config_warning"})
         signals.install()
+        if args.status:
+            return _run_status(cfg, env, args.json, signals.stop, say)
         if args.dry_run or args.once:
             return _once_or_dry_run(cfg, env, args.dry_run, signals.stop, say)
         notifier = Notifier(env)
@@ -3537,6 +3666,17 @@ def _once_or_dry_run(cfg: Config, env: Mapping[str, str], dry_run: bool, stop: F
             say(f"error: the Data Plane API refused backend(s) {', '.join(sorted(report.refused))}; "
                 "the rest of the cycle applied")
             return EX_FAIL
+    return EX_OK
+
+
+def _run_status(cfg: Config, env: Mapping[str, str], as_json: bool, stop: threading.Event,
+                say: Callable[..., None]) -> int:
+    """--status: discover, read HAProxy, print both side by side; change nothing. Drift is
+    shown, not an error (the daemon repairs it); an unreachable Azure or HAProxy fails (1)."""
+    report = CycleReport()
+    reconcile(cfg, AzureSource(cfg, env), DataPlane(cfg.haproxy), State(), stop, report, dry_run=True)
+    view = report.view or {}
+    say(json.dumps(view, indent=1, sort_keys=True) if as_json else format_status(view).rstrip("\n"), sys.stdout)
     return EX_OK
 
 

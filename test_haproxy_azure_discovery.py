@@ -1981,6 +1981,58 @@ class TestDataPlane:
         assert report.result == "steady" and len(dataplane.requests) == 1
         assert dataplane.requests[0].path.endswith("/services/haproxy/configuration/version")
 
+    def test_state_and_per_backend_gauges_from_the_metrics_listener(self, dataplane):
+        import urllib.error
+        import urllib.request
+        port = free_port()
+        url = f"http://127.0.0.1:{port}"
+        cfg = dp_config(dataplane, metrics={"listen": f"127.0.0.1:{port}"})
+        estates = [m.Discovery((make_instance(1), make_instance(2), make_instance(3, service="api")),),
+                   *[m.Discovery((make_instance(1), make_instance(3, service="api")),)] * 3]
+        pages = []
+
+        class Probing(RecordingSignals):
+            def sleep(self, seconds, watchdog=None):
+                with urllib.request.urlopen(url + "/metrics", timeout=5) as r:
+                    metrics = r.read().decode()
+                with urllib.request.urlopen(url + "/state", timeout=5) as r:
+                    assert r.headers["Content-Type"] == "application/json"
+                    pages.append((metrics, json.loads(r.read())))
+
+        m.run_forever(lambda: cfg, lambda c: ScriptedSource(*estates), lambda c: m.DataPlane(c.haproxy),
+                      Probing(), max_cycles=4, rand=lambda: 0.0)
+        (metrics1, state1), (metrics2, state2), (metrics3, state3) = pages
+        assert 'cycles_total{result="steady"} 1' in metrics3 and state3 == state2   # a steady cycle keeps it
+        labels = f'target="{dataplane.url}",backend="{WEB}"'
+        assert f"haproxy_azure_discovery_servers_live{{{labels}}} 2\n" in metrics1
+        assert f"haproxy_azure_discovery_servers_parked{{{labels}}} 8\n" in metrics1
+        assert f"haproxy_azure_discovery_servers_draining{{{labels}}} 0\n" in metrics1
+        assert f"haproxy_azure_discovery_servers_live{{{labels}}} 1\n" in metrics2
+        api = f'target="{dataplane.url}",backend="azure-api-8080-eastus"'
+        assert f"haproxy_azure_discovery_servers_live{{{api}}} 1\n" in metrics2
+        # /state: what HAProxy holds once the cycle applied, the instance in each live slot.
+        (target,) = state2["targets"]
+        web = next(b for b in target["backends"] if b["backend"] == WEB)
+        assert [(s["slot"], s["state"], s.get("instance")) for s in web["servers"][:3]] == [
+            ("srv1", "live", "vm1"), ("srv2", "parked", None), ("srv3", "parked", None)]
+        assert target["drift"] == 0 and state1["discovery"]["instances"] == 3
+        with pytest.raises(OSError):     # the listener is gone with the loop
+            urllib.request.urlopen(url + "/state", timeout=2)
+
+    def test_state_before_any_cycle_is_503(self):
+        metrics = m.Metrics(30)
+        port = free_port()
+        server = m.serve_metrics(f"127.0.0.1:{port}", metrics)
+        try:
+            import urllib.error
+            import urllib.request
+            with pytest.raises(urllib.error.HTTPError) as e:
+                urllib.request.urlopen(f"http://127.0.0.1:{port}/state", timeout=5)
+            assert e.value.code == 503 and json.loads(e.value.read())["error"]
+        finally:
+            server.shutdown()
+            server.server_close()
+
     def test_one_new_instance_is_one_write(self, dataplane):
         h = Harness(dataplane)
         h.cycle([make_instance(1)])
@@ -2452,6 +2504,53 @@ class TestOnce:
             """)
         assert dataplane.version == version and dataplane.backends == {}
         assert not [r for r in dataplane.requests if r.method != "GET"]
+
+    def test_status_shows_both_sides_and_marks_drift(self, tmp_path, arm, dataplane, monkeypatch, capsys):
+        from fake_arm import make_estate
+        arm.estate = make_estate(vms=3)
+        monkeypatch.setenv("DP_PASSWORD", dataplane.password)
+        path = self.config(tmp_path, arm, dataplane)
+        assert m.main(["--once", "-c", path]) == 0
+        capsys.readouterr()
+        assert m.main(["--status", "-c", path]) == 0
+        assert capsys.readouterr().out == textwrap.dedent("""\
+            discovery: 1 services, 3 instances, 0 skipped
+              azure-web-8080-eastus: 3 instances
+            target %s: 1 backends, in sync
+              backend azure-web-8080-eastus: 4 slots, 3 live, 1 parked
+                srv1     live     10.0.0.4:8080          vm-0000
+                srv2     live     10.0.0.5:8080          vm-0001
+                srv3     live     10.0.0.6:8080          vm-0002
+                srv4     parked
+            """ % dataplane.url)
+        # Azure loses one instance, and someone turns off another slot's health check.
+        arm.estate.update("vm-0001", power_state="deallocated")
+        dataplane.edit_server(WEB, "srv3", check="disabled")
+        version, writes = dataplane.version, dataplane.count_requests("PUT") + dataplane.count_requests("POST")
+        assert m.main(["--status", "-c", path]) == 0
+        out = capsys.readouterr().out.splitlines()
+        assert out[2] == f"target {dataplane.url}: 1 backends, 2 differences from the desired state"
+        assert out[5] == "  ! srv2     live     10.0.0.5:8080          (no discovered instance)  <- want parked"
+        assert out[6] == "  ! srv3     live     10.0.0.6:8080          vm-0002  <- settings differ (check)"
+        assert m.main(["--status", "--json", "-c", path]) == 0
+        view = json.loads(capsys.readouterr().out)
+        (target,) = view["targets"]
+        assert view["discovery"]["instances"] == 2 and target["drift"] == 2
+        (backend,) = target["backends"]
+        assert (backend["live"], backend["parked"], backend["slots"]) == (3, 1, 4)
+        assert [s.get("drift") for s in backend["servers"]] == [None, "want parked", "settings differ (check)", None]
+        assert dataplane.version == version      # --status changes nothing
+        assert dataplane.count_requests("PUT") + dataplane.count_requests("POST") == writes
+
+    def test_status_of_an_unreachable_haproxy_is_exit_1(self, tmp_path, arm, monkeypatch, capsys):
+        raw = {"azure": {"subscription_id": SUB, "resource_manager_url": "${FAKE_ARM_URL}", "retries": 1},
+               "haproxy": {"base_url": f"http://127.0.0.1:{free_port()}", "password": "p", "timeout": 2}}
+        assert m.main(["--status", "-c", write_config(tmp_path, raw)]) == 1
+        assert capsys.readouterr().err.strip().splitlines()[-1].startswith("error: ")
+
+    def test_json_without_status_is_a_usage_error(self, capsys):
+        assert m.main(["--once", "--json"]) == 2
+        assert "--json goes with --status" in capsys.readouterr().err
 
     def test_once_fails_with_exit_1_and_one_error_line(self, tmp_path, arm, dataplane, monkeypatch, capsys):
         monkeypatch.setenv("DP_PASSWORD", dataplane.password)

@@ -105,6 +105,9 @@ step "2. Scale out to 6 VMs: past the 4 slots, the backend grows to 4 + ceil(2 x
 estate 6 vm-0001 vm-0004; instances
 step "3. Deallocate vm-0001 and vm-0004: their slots are parked, nothing else moves"
 
+say "The state at a glance: discovery and HAProxy side by side (--status)"
+$py haproxy_azure_discovery.py -c "$work/config.json" --status | sed 's/^/    /'
+
 say "4. The daemon takes over (a cycle a second), and the estate shrinks to 2 VMs at once"
 $py haproxy_azure_discovery.py -c "$work/daemon.json" 2> "$work/daemon.log" & daemon=$!; pids+=("$daemon")
 sleep 2

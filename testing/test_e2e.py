@@ -10,6 +10,7 @@ from __future__ import annotations
 import collections
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -258,5 +259,8 @@ def test_demo(tmp_path):
     out = done.stdout
     assert out.count("-- plan (haproxy-azure-discovery --dry-run):") == 3
     assert "mass-drain guard holds" in out and '"dataplane_requests": 1' in out
+    status = out.split("(--status)", 1)[1].split("== 4.", 1)[0]
+    assert "discovery: 1 services, 4 instances, 0 skipped" in status and ": 1 backends, in sync" in status
+    assert re.search(r"srv1 +live +[\d.]+:\d+ +vm-0000", status) and status.count(" parked") >= 3
     last = out.rsplit("-- 12 requests through HAProxy answered by:", 1)[1]
     assert "vm-0000        6" in last and "vm-0001        6" in last and "<503>" not in out
