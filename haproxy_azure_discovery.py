@@ -1501,12 +1501,10 @@ def status_view(groups: Mapping[ServiceKey, list[Member]], skipped: Sequence[Ski
     data, the same for --status, --status --json and the metrics listener's /state."""
     planned = {b.name: b for b in decision.plan.backends}
     held = set(decision.plan.held)
-    backends = []
-    for name in sorted(set(actual) | set(planned)):
-        # The instance serving a slot is the one discovered at the address HAProxy holds.
-        members = {(m.address, m.port): m for k, ms in groups.items()
-                   if backend_name(k, cfg.haproxy.backend) == name for m in ms}
-        backends.append(_backend_view(name, actual.get(name), planned.get(name), members, held))
+    # The instance serving a slot is the one discovered at the address HAProxy holds.
+    members = {backend_name(k, cfg.haproxy.backend): {(m.address, m.port): m for m in ms} for k, ms in groups.items()}
+    backends = [_backend_view(name, actual.get(name), planned.get(name), members.get(name, {}), held)
+                for name in sorted(set(actual) | set(planned))]
     return {
         "discovery": {
             "instances": sum(map(len, groups.values())),
