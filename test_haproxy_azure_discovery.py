@@ -26,6 +26,7 @@ import urllib.parse
 import pytest
 
 import haproxy_azure_discovery as m
+from conftest import free_port
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 SUB = "00000000-0000-0000-0000-000000000001"
@@ -354,7 +355,7 @@ class TestConfig:
                 continue
             with pytest.raises(m.ConfigError) as err:
                 m.load_config(path, {})
-            assert err.value.problems[0].startswith(f"haproxy.ca_file: ") and problem in err.value.problems[0]
+            assert err.value.problems[0].startswith("haproxy.ca_file: ") and problem in err.value.problems[0]
             assert m.main(["--validate", "-c", path]) == 78
 
     def test_toml_dates_and_non_finite_numbers_are_problems(self, tmp_path):
@@ -1754,13 +1755,6 @@ class TestAzure:
 
 
 # --- Operations: systemd notifications, metrics, health ------------------------------
-def free_port() -> int:
-    import socket
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.fixture
 def notify_socket(tmp_path, monkeypatch):
     """A real datagram socket standing in for systemd's NOTIFY_SOCKET."""

@@ -231,7 +231,7 @@ def _listener(address: str, port: int) -> tuple[socket.socket, list[int]]:
 def test_no_request_reaches_the_parked_address_while_a_slot_is_unparked():
     """A real HAProxy, hybrid mode, traffic all the while: 127.0.0.1:80 never gets a connection."""
     from instances import Instances, hits
-    from test_e2e import free_port
+    from conftest import free_port
     try:
         parked, seen = _listener("127.0.0.1", 80)
     except OSError as exc:

@@ -19,7 +19,7 @@ import haproxy_azure_discovery as m  # noqa: E402
 from fake_arm import DEFAULT_SUBSCRIPTION, FakeArm, Vm, make_estate, service_tags  # noqa: E402
 from fake_dataplane import FakeDataPlane, LiveHAProxy  # noqa: E402
 from instances import Instances, hits  # noqa: E402
-from test_e2e import free_port, wait_for  # noqa: E402
+from conftest import free_port, wait_for  # noqa: E402
 
 
 class Scaling:
