@@ -28,17 +28,23 @@ def wait_for(predicate, timeout: float, what: str):
     raise AssertionError(f"timed out after {timeout} s waiting for {what}")
 
 
+def azure_env(monkeypatch, fake=None) -> None:
+    """Clear every variable that could steer the Azure SDK's credentials; with a fake of
+    Resource Manager, set the ones that make DefaultAzureCredential ask it for tokens."""
+    for key in list(os.environ):
+        if key.startswith(("AZURE_", "IDENTITY_", "MSI_", "IMDS_")):
+            monkeypatch.delenv(key)
+    for key, value in (fake.env() if fake is not None else {}).items():
+        monkeypatch.setenv(key, value)
+
+
 @pytest.fixture
 def arm(monkeypatch):
     """A running fake of Azure Resource Manager (empty estate), and an environment in
     which the real DefaultAzureCredential gets its token from it."""
     from fake_arm import FakeArm
-    for key in list(os.environ):
-        if key.startswith(("AZURE_", "IDENTITY_", "MSI_")):
-            monkeypatch.delenv(key)
     with FakeArm(page_size=100) as fake:
-        for key, value in fake.env().items():
-            monkeypatch.setenv(key, value)
+        azure_env(monkeypatch, fake)
         yield fake
 
 

@@ -23,6 +23,7 @@ from azure.mgmt.network import NetworkManagementClient
 
 from fake_arm import (ARM_SCOPE, DEFAULT_SUBSCRIPTION, ENDPOINTS, FLEXIBLE, SERVICE_NAME_TAG,
                       SERVICE_PORT_TAG, UNIFORM, Estate, FakeArm, Vm, make_estate, service_tags)
+from conftest import azure_env
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 SUB = DEFAULT_SUBSCRIPTION
@@ -44,14 +45,8 @@ def small_estate(**kwargs) -> Estate:
 @pytest.fixture
 def sdk_env(monkeypatch):
     """Clears every variable that could steer DefaultAzureCredential; returns a setter for a fake's env."""
-    for key in list(os.environ):
-        if key.startswith(("AZURE_", "IDENTITY_", "MSI_", "IMDS_")):
-            monkeypatch.delenv(key)
-
-    def use(fake: FakeArm) -> None:
-        for key, value in fake.env().items():
-            monkeypatch.setenv(key, value)
-    return use
+    azure_env(monkeypatch)
+    return lambda fake: azure_env(monkeypatch, fake)
 
 
 @pytest.fixture

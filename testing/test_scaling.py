@@ -19,20 +19,16 @@ import haproxy_azure_discovery as m  # noqa: E402
 from fake_arm import DEFAULT_SUBSCRIPTION, FakeArm, Vm, make_estate, service_tags  # noqa: E402
 from fake_dataplane import FakeDataPlane, LiveHAProxy  # noqa: E402
 from instances import Instances, hits  # noqa: E402
-from conftest import free_port, wait_for  # noqa: E402
+from conftest import azure_env, free_port, wait_for  # noqa: E402
 
 
 class Scaling:
     """In-process cycles (real SDK, real client) against a live HAProxy behind the emulator."""
 
     def __init__(self, monkeypatch, mode: str, api: str = "v3", vms: int = 3, **sections):
-        for key in list(os.environ):
-            if key.startswith(("AZURE_", "IDENTITY_", "MSI_")):
-                monkeypatch.delenv(key)
         self.port, self.frontend = free_port(), free_port()
         self.arm = FakeArm(make_estate(vms=vms, ip_base="127.0.0.2", services=(("web", self.port),))).start()
-        for key, value in self.arm.env().items():
-            monkeypatch.setenv(key, value)
+        azure_env(monkeypatch, self.arm)
         self.live = LiveHAProxy()
         base = (f"frontend fe_main\n    mode http\n    bind 127.0.0.1:{self.frontend}\n"
                 "    use_backend %[str(azure-web-" + str(self.port) + "-eastus)]\n")
