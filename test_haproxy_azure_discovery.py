@@ -972,332 +972,6 @@ class TestPlan:
         assert {make_instance(1).address, make_instance(2).address} <= served   # slot holders stay
 
 
-class TestDelay:
-    @pytest.mark.parametrize("failures, rand, want", [
-        (0, 0.0, 30), (0, 0.5, 32.5), (1, 0.0, 5), (2, 0.0, 10), (3, 0.0, 20), (7, 0.0, 300), (60, 0.0, 300),
-    ])
-    def test_next_delay(self, failures, rand, want):
-        assert m.next_delay(failures, m.PollingConfig(), rand) == want
-
-
-# --- Logging -------------------------------------------------------------------------
-class TestLogging:
-    def capture(self, fmt="json", secrets=("hunter2-secret",)):
-        stream = io.StringIO()
-        m.setup_logging("DEBUG", fmt, secrets, stream)
-        return stream
-
-    def test_json_lines_have_stable_keys(self):
-        stream = self.capture()
-        m.log.info("cycle %s", "applied", extra={"event": "cycle", "backend": "b", "count": 3})
-        record = json.loads(stream.getvalue())
-        assert list(record)[:4] == ["ts", "level", "msg", "event"]
-        assert record["msg"] == "cycle applied" and record["count"] == 3 and record["level"] == "info"
-        assert m.re.match(r"^\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{3}Z$", record["ts"])
-
-    @pytest.mark.parametrize("fmt", ["json", "text"])
-    def test_secrets_never_reach_a_line(self, fmt):
-        stream = self.capture(fmt)
-        m.log.warning("password is hunter2-secret")
-        m.log.error("headers {'Authorization': 'Basic YWRtaW46aHVudGVy'} and Bearer eyJ0eXAi.abc.def")
-        try:
-            raise m.DataPlaneError("token=abcdef123 failed")
-        except m.DataPlaneError:
-            m.log.exception("boom", extra={"event": "x", "detail": "client_secret=zzz999"})
-        out = stream.getvalue()
-        for secret in ("hunter2-secret", "YWRtaW46aHVudGVy", "eyJ0eXAi", "abcdef123", "zzz999"):
-            assert secret not in out
-        if fmt == "json":
-            assert all(json.loads(line) for line in out.splitlines() if line.startswith("{"))
-
-    @pytest.mark.parametrize("fmt", ["json", "text"])
-    def test_one_masking_for_password_basic_value_tokens_and_identity_header(self, fmt):
-        cfg = make_config(haproxy={"password": "dp-pass-4242", "username": "ops"})
-        env = {"IDENTITY_HEADER": "idh-7f3a9c", "AZURE_CLIENT_SECRET": "cs-0xdeadbeef", "HOME": "/root"}
-        basic = m.basic_credentials(cfg.haproxy)
-        stream = self.capture(fmt, m.secrets_of(cfg, env))
-        m.log.error("echo %s / %s / %s / %s", "dp-pass-4242", basic, "idh-7f3a9c", "cs-0xdeadbeef")
-        m.log.error("X-IDENTITY-HEADER: other-value-1 Authorization: Bearer tok.en.value")
-        out = stream.getvalue()
-        for secret in ("dp-pass-4242", basic, "idh-7f3a9c", "cs-0xdeadbeef", "other-value-1", "tok.en.value"):
-            assert secret not in out
-        assert out.count("***") >= 6
-
-
-# --- Daemon loop ---------------------------------------------------------------------
-class ScriptedSource:
-    """Discovery results (or exceptions) in order; the last repeats."""
-    def __init__(self, *results):
-        self.results = list(results)
-
-    def discover(self):
-        result = self.results.pop(0) if len(self.results) > 1 else self.results[0]
-        if isinstance(result, Exception):
-            raise result
-        return result
-
-
-class EmptyDataPlane:
-    """Holds no backends and takes no writes: enough for loops over empty estates."""
-    requests = 0
-
-    def version(self):
-        self.requests += 1
-        return 1
-
-    def read_backends(self, prefix):
-        self.requests += 1
-        return {}
-
-    def await_reloads(self, reloads, stop):
-        pass
-
-
-class RecordingSignals(m.Signals):
-    def __init__(self):
-        super().__init__()
-        self.sleeps = []
-
-    def sleep(self, seconds, watchdog=None):
-        self.sleeps.append(seconds)
-
-
-class TestLoop:
-    def test_backoff_grows_and_resets(self):
-        ok = m.Discovery(())
-        fail = m.AzureError("listing failed")
-        source = ScriptedSource(fail, fail, fail, ok, fail, ok)
-        signals = RecordingSignals()
-        cfg = make_config(polling={"jitter_seconds": 0})
-        assert m.run_forever(lambda: cfg, lambda c: source, lambda c: EmptyDataPlane(), signals,
-                             max_cycles=7, rand=lambda: 0.0) == 0
-        assert signals.sleeps == [5, 10, 20, 30, 5, 30]
-
-    def test_unexpected_errors_are_logged_and_the_loop_goes_on(self, caplog):
-        source = ScriptedSource(KeyError("bug"), m.Discovery(()))
-        signals = RecordingSignals()
-        m.run_forever(make_config, lambda c: source, lambda c: EmptyDataPlane(), signals, max_cycles=2,
-                      rand=lambda: 0.0)
-        assert signals.sleeps == [5]
-        assert any(r.exc_info and "cycle failed unexpectedly" in r.getMessage() for r in caplog.records)
-
-    def test_sighup_keeps_the_old_config_when_the_new_one_is_invalid(self):
-        configs = [make_config(polling={"interval_seconds": 60, "jitter_seconds": 0}),
-                   m.ConfigError(["x: bad"]), make_config(polling={"interval_seconds": 90, "jitter_seconds": 0})]
-
-        def load():
-            c = configs.pop(0)
-            if isinstance(c, Exception):
-                raise c
-            return c
-        signals = RecordingSignals()
-        sources = []
-
-        def make_source(c):
-            sources.append(c)
-            return ScriptedSource(m.Discovery(()))
-        original_sleep = signals.sleep
-
-        def sleep(seconds, watchdog=None):
-            original_sleep(seconds)
-            signals.reload.set()
-        signals.sleep = sleep
-        m.run_forever(load, make_source, lambda c: EmptyDataPlane(), signals, max_cycles=3, rand=lambda: 0.0)
-        assert signals.sleeps == [60, 60]        # the invalid config changed nothing ...
-        assert [c.polling.interval_seconds for c in sources] == [60, 90]   # ... the valid one did
-
-    def test_stop_interrupts_the_sleep(self):
-        signals = m.Signals()
-        threading.Timer(0.2, lambda: signals._set(signals.stop)).start()
-        started = time.monotonic()
-        m.run_forever(lambda: make_config(polling={"interval_seconds": 600}),
-                      lambda c: ScriptedSource(m.Discovery(())), lambda c: EmptyDataPlane(), signals)
-        assert time.monotonic() - started < 5
-
-    def test_real_signals_wake_the_sleep_through_the_self_pipe(self):
-        signals = m.Signals()
-        signals.install()
-        try:
-            threading.Timer(0.2, os.kill, [os.getpid(), signal.SIGHUP]).start()
-            started = time.monotonic()
-            signals.sleep(10)
-            assert time.monotonic() - started < 2 and signals.reload.is_set() and not signals.stop.is_set()
-            signals.reload.clear()
-            os.kill(os.getpid(), signal.SIGTERM)     # before the sleep: its byte waits in the pipe
-            signals.sleep(10)
-            assert signals.stop.is_set()
-        finally:
-            signals.restore()
-        assert signal.getsignal(signal.SIGTERM) is not signals._handle
-
-    def test_any_failure_putting_a_reload_to_use_keeps_the_old_one(self, caplog):
-        class Closing(ScriptedSource):
-            def close(self):
-                closed.append(self.name)
-        closed, built = [], []
-
-        def make_source(c):
-            built.append(c.polling.interval_seconds)
-            source = Closing(m.Discovery(()))
-            source.name = c.polling.interval_seconds
-            return source
-
-        def make_dataplane(c):
-            if c.polling.interval_seconds == 90:
-                raise FileNotFoundError(2, "No such file or directory")
-            return EmptyDataPlane()
-        configs = [make_config(polling={"interval_seconds": i, "jitter_seconds": 0}) for i in (60, 90, 120)]
-        signals = RecordingSignals()
-        signals.sleep = lambda seconds, watchdog=None: (signals.sleeps.append(seconds), signals.reload.set())
-        m.run_forever(lambda: configs.pop(0), make_source, make_dataplane, signals, max_cycles=3,
-                      rand=lambda: 0.0)
-        assert signals.sleeps == [60, 60]            # the reload to 90 failed, the one to 120 worked
-        assert built == [60, 90, 120] and closed == [90, 60, 120]   # each client closed once
-        failed = [r.getMessage() for r in caplog.records if getattr(r, "event", "") == "reload_failed"]
-        assert failed == ["configuration reload failed, keeping the old one: "
-                          "FileNotFoundError: [Errno 2] No such file or directory"]
-
-    def test_a_reload_applies_logging_level_format_and_masking(self):
-        stream = io.StringIO()
-        configs = [make_config(logging={"level": "INFO", "format": "json"}),
-                   make_config(logging={"level": "WARNING", "format": "text"}, haproxy={"password": "n3w-s3cret"})]
-        seen = []
-
-        def load():
-            return configs.pop(0) if configs else seen[-1]
-
-        def configure(c):
-            seen.append(c)
-            m.setup_logging(c.logging.level, c.logging.format, m.secrets_of(c, {}), stream)
-        signals = RecordingSignals()
-        signals.sleep = lambda seconds, watchdog=None: signals.reload.set()
-        try:
-            m.run_forever(load, lambda c: ScriptedSource(m.Discovery(())), lambda c: EmptyDataPlane(), signals,
-                          max_cycles=2, configure=configure)
-            m.log.warning("password n3w-s3cret in a message")
-            m.log.info("not at WARNING")
-        finally:
-            for handler in m.logging.getLogger().handlers[:]:
-                m.logging.getLogger().removeHandler(handler)
-        lines = stream.getvalue().splitlines()
-        assert json.loads(lines[0])["event"] == "cycle"             # json at INFO before the reload
-        assert lines[-1].endswith(" warning: password *** in a message")   # text, masked, at WARNING
-        assert not any("not at WARNING" in line or "n3w-s3cret" in line for line in lines)
-
-    def test_a_listener_moved_to_a_held_port_is_kept_and_needs_a_restart(self, caplog):
-        import urllib.request
-        port = free_port()
-        configs = [make_config(metrics={"listen": f"127.0.0.1:{port}"}, polling={"jitter_seconds": 0}),
-                   make_config(metrics={"listen": f"0.0.0.0:{port}"},
-                               polling={"interval_seconds": 90, "jitter_seconds": 0})]
-        signals = RecordingSignals()
-        served = []
-
-        def sleep(seconds, watchdog=None):
-            signals.sleeps.append(seconds)
-            if len(signals.sleeps) == 1:
-                signals.reload.set()
-            with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5) as r:
-                served.append(r.status)
-        signals.sleep = sleep
-        m.run_forever(lambda: configs.pop(0), lambda c: ScriptedSource(m.Discovery(())),
-                      lambda c: EmptyDataPlane(), signals, max_cycles=3, rand=lambda: 0.0)
-        assert signals.sleeps == [30, 90] and served == [200, 200]    # the rest of the reload applied
-        restart = [r.getMessage() for r in caplog.records if getattr(r, "event", "") == "restart_needed"]
-        assert restart == [f"metrics.listen 0.0.0.0:{port} needs a restart: 127.0.0.1:{port} holds its port"]
-
-    def test_health_is_measured_on_the_monotonic_clock(self, monkeypatch):
-        metrics = m.Metrics(interval=10)
-        assert not metrics.healthy()
-        metrics.record(m.CycleReport(result="steady"), time.time())
-        assert metrics.healthy()
-        wall = time.time
-        monkeypatch.setattr(m.time, "time", lambda: wall() + 86400)    # the wall clock steps a day
-        assert metrics.healthy()
-        assert not metrics.healthy(time.monotonic() + 31)
-
-    def test_a_skip_is_warned_about_once_whatever_the_result(self, caplog):
-        bad = m.Discovery((make_instance(2, port="80x"),))
-        source = ScriptedSource(m.Discovery(()), bad, m.AzureError("down"), bad, bad)
-        state, dp = m.State(), EmptyDataPlane()
-        results = []
-        for _ in range(5):
-            try:
-                results.append(m.one_cycle(make_config(), source, dp, state, m.Flag()).result)
-            except m.DiscoveryError:
-                results.append("failed")
-        warned = [r.getMessage() for r in caplog.records if getattr(r, "event", "") == "skip"]
-        assert results == ["unchanged", "steady", "failed", "steady", "steady"]
-        assert len(warned) == 1 and "vm2" in warned[0] and "80x" in warned[0], warned
-
-
-# --- CLI -----------------------------------------------------------------------------
-BLOCK_SDK = "import sys; sys.modules['azure'] = None\nimport haproxy_azure_discovery as m\n"
-
-
-class TestCli:
-    def example(self):
-        return os.path.join(HERE, "config.example.json")
-
-    def test_validate_imports_no_azure_module(self):
-        r = run_py("import sys\nimport haproxy_azure_discovery as m\n"
-                   f"rc = m.main(['--validate', '-c', {self.example()!r}])\n"
-                   "assert not [k for k in sys.modules if k.startswith('azure')], 'azure imported'\n"
-                   "sys.exit(rc)", EXAMPLE_ENV)
-        assert r.returncode == 0, r.stderr
-        assert "configuration ok" in r.stdout
-
-    @pytest.mark.parametrize("args", [["--help"], ["--version"]])
-    def test_help_and_version_without_sdk(self, args):
-        r = run_py(BLOCK_SDK + f"raise SystemExit(m.main({args!r}))")
-        assert r.returncode == 0, r.stderr
-        assert ("usage:" in r.stdout) if args == ["--help"] else r.stdout.startswith(
-            f"haproxy-azure-discovery {m.__version__}")
-
-    def test_missing_sdk_exits_69_with_install_hint(self):
-        r = run_py(BLOCK_SDK + f"raise SystemExit(m.main(['--once', '-c', {self.example()!r}]))", EXAMPLE_ENV)
-        assert r.returncode == 69
-        assert r.stderr.startswith("error: Azure SDK not importable") and "azure-mgmt-compute" in r.stderr
-
-    def test_missing_variable_names_key_and_variable(self, capsys):
-        env = {k: v for k, v in os.environ.items() if k != "DATAPLANE_PASSWORD"}
-        os.environ.pop("DATAPLANE_PASSWORD", None)
-        os.environ["AZURE_SUBSCRIPTION_ID"] = SUB
-        try:
-            assert m.main(["--validate", "-c", self.example()]) == 78
-        finally:
-            os.environ.clear()
-            os.environ.update(env)
-        assert "haproxy.password: environment variable DATAPLANE_PASSWORD is not set" in capsys.readouterr().err
-
-    def test_usage_error_is_2(self):
-        assert m.main(["--once", "--validate"]) == 2
-
-    @pytest.mark.parametrize("how", [["haproxy_azure_discovery.py"], ["-m", "haproxy_azure_discovery"]])
-    def test_runs_as_script_and_module(self, how):
-        r = subprocess.run([sys.executable, *how, "--validate", "-c", self.example()], cwd=HERE,
-                           capture_output=True, text=True, timeout=60, env={**os.environ, **EXAMPLE_ENV})
-        assert r.returncode == 0, r.stderr
-        r = subprocess.run([sys.executable, *how, "-c", "/nonexistent.json", "--validate"], cwd=HERE,
-                           capture_output=True, text=True, timeout=60)
-        assert r.returncode == 78 and r.stderr.startswith("error: /nonexistent.json: cannot read")
-
-    def test_import_has_no_side_effects(self):
-        r = run_py("import logging, signal, sys\nh = signal.getsignal(signal.SIGTERM)\n"
-                   "import haproxy_azure_discovery\n"
-                   "assert signal.getsignal(signal.SIGTERM) is h\n"
-                   "assert not logging.getLogger().handlers and not logging.getLogger('haproxy_azure_discovery').handlers\n")
-        assert r.returncode == 0, r.stderr
-
-    def test_the_environment_is_an_argument(self, tmp_path, monkeypatch, capsys):
-        """main(argv, env) reads ${VAR} from `env`, not from the process environment."""
-        monkeypatch.delenv("DP_SECRET", raising=False)
-        path = write_config(tmp_path, {"azure": {"subscription_id": SUB}, "haproxy": {"password": "${DP_SECRET}"}})
-        assert m.main(["--validate", "-c", path], env={"DP_SECRET": "from-the-argument"}) == 0
-        assert m.main(["--validate", "-c", path], env={}) == 78
-        assert "DP_SECRET" in capsys.readouterr().err
-
-
 # --- Azure adapter -------------------------------------------------------------------
 EXAMPLES = os.path.join(HERE, "testing", "azure-examples")
 
@@ -1752,164 +1426,6 @@ class TestAzure:
                                                          (0, 0.5, False)])
     def test_vm_list_budget(self, calls, interval, warned):
         assert (m.vm_list_budget_warning(calls, interval) is not None) == warned
-
-
-# --- Operations: systemd notifications, metrics, health ------------------------------
-@pytest.fixture
-def notify_socket(tmp_path, monkeypatch):
-    """A real datagram socket standing in for systemd's NOTIFY_SOCKET."""
-    import socket
-    path = str(tmp_path / "notify")
-    sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
-    sock.bind(path)
-    sock.settimeout(5)
-    monkeypatch.setenv("NOTIFY_SOCKET", path)
-    yield sock
-    sock.close()
-
-
-def received(sock) -> list[str]:
-    messages = []
-    sock.setblocking(False)
-    try:
-        while True:
-            messages.append(sock.recv(4096).decode())
-    except BlockingIOError:
-        return messages
-
-
-class TestOperations:
-    def test_sd_notify_without_socket_is_a_no_op(self):
-        assert m.sd_notify("READY=1", env={}) is False
-        assert m.sd_notify("READY=1", env={"NOTIFY_SOCKET": "/nonexistent/socket"}) is False
-
-    def test_ready_once_then_watchdog_and_status_each_cycle(self, notify_socket):
-        source = ScriptedSource(m.Discovery(()), m.AzureError("listing VMs failed: HTTP 500"), m.Discovery(()))
-        m.run_forever(make_config, lambda c: source, lambda c: EmptyDataPlane(), RecordingSignals(),
-                      max_cycles=3, rand=lambda: 0.0)
-        messages = received(notify_socket)
-        assert messages == [
-            "READY=1\nWATCHDOG=1\nSTATUS=ready after the first cycle; last cycle unchanged: 0 instances, 0 skipped",
-            "WATCHDOG=1\nSTATUS=last cycle failed (1 in a row): listing VMs failed: HTTP 500",
-            "WATCHDOG=1\nSTATUS=last cycle steady: 0 instances, 0 skipped"]
-
-    def test_watchdog_is_pinged_during_a_long_sleep(self, notify_socket):
-        signals = m.Signals()
-        notifier = m.Notifier({"NOTIFY_SOCKET": os.environ["NOTIFY_SOCKET"], "WATCHDOG_USEC": "200000"})
-        threading.Timer(0.35, signals._set, [signals.stop]).start()
-        started = time.monotonic()
-        signals.sleep(10, notifier)
-        assert time.monotonic() - started < 1
-        assert 2 <= received(notify_socket).count("WATCHDOG=1") <= 4
-        signals.restore()
-
-    def test_abstract_socket_address(self):
-        import socket
-        name = f"had-test-{os.getpid()}"
-        with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as sock:
-            sock.bind("\0" + name)
-            assert m.sd_notify("STATUS=x", env={"NOTIFY_SOCKET": "@" + name})
-            assert sock.recv(100) == b"STATUS=x"
-
-    def test_metrics_and_health_over_http(self):
-        import urllib.error
-        import urllib.request
-        port = free_port()
-        cfg = make_config(metrics={"listen": f"127.0.0.1:{port}"}, polling={"interval_seconds": 0.2})
-        inst = make_instance(1)
-        results = [m.Discovery((inst,), requests=4), m.AzureError("down"), m.AzureError("down"),
-                   m.AzureError("down"), m.AzureError("down")]
-        pages = {}
-
-        class Probing(RecordingSignals):
-            def sleep(self, seconds, watchdog=None):
-                super().sleep(seconds)
-                url = f"http://127.0.0.1:{port}"
-                with urllib.request.urlopen(url + "/metrics", timeout=5) as r:
-                    pages[len(self.sleeps)] = r.read().decode()
-                try:
-                    with urllib.request.urlopen(url + "/healthz", timeout=5) as r:
-                        pages[f"health{len(self.sleeps)}"] = r.status
-                except urllib.error.HTTPError as e:
-                    pages[f"health{len(self.sleeps)}"] = e.code
-                time.sleep(0.25)
-
-        class OneBackend(EmptyDataPlane):
-            def apply_transaction(self, plan, version, stop, refused=None):
-                return m.Applied(version + 1, ("r1",))
-
-        m.run_forever(lambda: cfg, lambda c: ScriptedSource(*results), lambda c: OneBackend(), Probing(),
-                      max_cycles=5, rand=lambda: 0.0)
-        first, last = pages[1], pages[4]
-        assert 'haproxy_azure_discovery_cycles_total{result="applied"} 1' in first
-        assert "haproxy_azure_discovery_servers_live 1\n" in first
-        assert "haproxy_azure_discovery_servers_parked 9\n" in first
-        assert "haproxy_azure_discovery_azure_requests_total 4\n" in first
-        assert 'haproxy_azure_discovery_transactions_total{result="committed"} 1' in first
-        assert "haproxy_azure_discovery_reloads_total 1\n" in first
-        assert 'haproxy_azure_discovery_cycles_total{result="failed"} 3' in last
-        assert pages["health1"] == 200 and pages["health4"] == 503   # no success for 3 intervals
-        with pytest.raises(OSError):     # the server is gone with the loop
-            urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=2)
-
-    def test_metrics_listener_binds_ipv6_and_answers_head(self):
-        import http.client
-        port = free_port()
-        server = m.serve_metrics(f"[::1]:{port}", m.Metrics(30))
-        try:
-            conn = http.client.HTTPConnection("::1", port, timeout=5)
-            conn.request("HEAD", "/metrics")
-            r = conn.getresponse()
-            assert r.status == 200 and int(r.getheader("Content-Length")) > 0 and r.read() == b""
-            conn = http.client.HTTPConnection("::1", port, timeout=5)
-            conn.request("GET", "/healthz")
-            assert conn.getresponse().status == 503          # no successful cycle yet
-        finally:
-            server.shutdown()
-            server.server_close()
-
-    def test_metrics_listen_that_cannot_bind_is_a_config_error(self):
-        import socket
-        with socket.socket() as busy:
-            busy.bind(("127.0.0.1", 0))
-            busy.listen()
-            with pytest.raises(m.ConfigError, match="metrics.listen: cannot listen on 127.0.0.1:"):
-                m.serve_metrics(f"127.0.0.1:{busy.getsockname()[1]}", m.Metrics(30))
-
-    def test_slow_and_surplus_clients_are_cut_and_others_served(self, monkeypatch):
-        import socket
-        import urllib.request
-        monkeypatch.setattr(m, "METRICS_DEADLINE", 0.6)
-        monkeypatch.setattr(m, "METRICS_CONNECTIONS", 2)
-        port = free_port()
-        server = m.serve_metrics(f"127.0.0.1:{port}", m.Metrics(30))
-        try:
-            slow = [socket.create_connection(("127.0.0.1", port)) for _ in range(2)]
-            for sock in slow:
-                sock.sendall(b"GET /metr")                  # and never the rest
-            time.sleep(0.2)
-            surplus = socket.create_connection(("127.0.0.1", port), timeout=2)
-            assert surplus.recv(100) == b""                 # past the bound: closed at once
-            started = time.monotonic()
-            for sock in slow:
-                sock.settimeout(3)
-                sock.recv(100)                              # the deadline cuts them
-            assert time.monotonic() - started < 2.0
-            # A cut connection's slot is freed by its thread just after the client sees the
-            # close: a scrape in that instant is still surplus. Within a second it is served.
-            deadline, status = time.monotonic() + 1.0, None
-            while status is None:
-                try:
-                    with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5) as r:
-                        status = r.status
-                except (ConnectionError, urllib.error.URLError, http.client.RemoteDisconnected):
-                    if time.monotonic() > deadline:
-                        raise
-                    time.sleep(0.05)
-            assert status == 200
-        finally:
-            server.shutdown()
-            server.server_close()
 
 
 # --- Data Plane adapter and apply ------------------------------------------------------
@@ -2448,6 +1964,632 @@ class TestHostileDataPlane:
         assert "HTTP 500" in err and PASSWORD not in out + err and basic not in out + err
 
 
+class TestHybrid:
+    @pytest.mark.parametrize("limit, added, transactions", [(25, 3, 0), (2, 3, 1)])
+    def test_runtime_writes_up_to_the_limit(self, dataplane, limit, added, transactions):
+        h = Harness(dataplane, haproxy={"apply_mode": "hybrid", "hybrid_max_writes": limit})
+        h.cycle([make_instance(1)])
+        reloads = dataplane.reloads
+        report = h.cycle([make_instance(i) for i in range(1, 2 + added)])
+        assert report.transactions.get("committed", 0) == transactions
+        assert dataplane.reloads - reloads == transactions
+        assert sum(v != "parked" for v in h.servers(WEB).values()) == 1 + added
+
+    def test_a_weight_tag_change_is_a_runtime_write_without_reload(self, dataplane):
+        h = Harness(dataplane, haproxy={"apply_mode": "hybrid"})
+        h.cycle([make_instance(1), make_instance(2)])
+        reloads = dataplane.reloads
+        report = h.cycle([make_instance(1, tags={"HAProxy:Instance:Weight": "40"}), make_instance(2)])
+        assert report.result == "applied" and report.transactions == {}
+        assert dataplane.reloads == reloads
+        assert dataplane.backends[WEB]["servers"]["srv1"]["weight"] == 40
+        assert any("weight" in c and "srv1" in c for c in dataplane.runtime_changes)
+        assert "weight 40" in next(x for x in dataplane.render().splitlines() if "server srv1 " in x)
+
+    def test_per_service_settings_pass_haproxy_c(self, dataplane):
+        h = Harness(dataplane, haproxy={"apply_mode": "hybrid", "server": {"params": {"inter": 2000}}},
+                    services={"api": {"backend": {"balance": "leastconn", "mode": "tcp"},
+                                      "server": {"params": {"rise": 5}}, "server_slots": {"base": 2}}})
+        report = h.cycle([make_instance(1), make_instance(2, service="api", port="9000")])
+        assert report.result == "applied" and dataplane.checks >= 1
+        api, web = dataplane.backends["azure-api-9000-eastus"], dataplane.backends[WEB]
+        assert (api["balance"]["algorithm"], api["mode"], len(api["servers"])) == ("leastconn", "tcp", 2)
+        assert (web["balance"]["algorithm"], web["mode"], len(web["servers"])) == ("roundrobin", "http", 10)
+        assert api["servers"]["srv1"]["rise"] == 5 and web["servers"]["srv1"].get("rise") is None
+        assert h.cycle([make_instance(1), make_instance(2, service="api", port="9000")]).result == "steady"
+
+    def test_a_refused_runtime_write_leaves_only_its_backend_out(self, dataplane):
+        h = Harness(dataplane, haproxy={"apply_mode": "hybrid"})
+        h.cycle([make_instance(1), make_instance(2, service="api")])
+        # The first runtime PUT is azure-api-…'s (backends go in name order).
+        dataplane.add_fault("PUT", r"/servers/srv1$", status=422, message="refused")
+        moved = [make_instance(1, address="10.9.0.1"), make_instance(2, service="api", address="10.9.0.2")]
+        report = h.cycle(moved)
+        assert report.result == "partial" and list(report.refused) == ["azure-api-8080-eastus"]
+        assert h.servers(WEB)["srv1"] == "10.9.0.1:8080"
+        assert h.servers("azure-api-8080-eastus")["srv1"] == "10.0.0.6:8080"
+        assert h.cycle(moved).result == "applied"
+        assert h.servers("azure-api-8080-eastus")["srv1"] == "10.9.0.2:8080"
+
+
+# --- Logging -------------------------------------------------------------------------
+class TestLogging:
+    def capture(self, fmt="json", secrets=("hunter2-secret",)):
+        stream = io.StringIO()
+        m.setup_logging("DEBUG", fmt, secrets, stream)
+        return stream
+
+    def test_json_lines_have_stable_keys(self):
+        stream = self.capture()
+        m.log.info("cycle %s", "applied", extra={"event": "cycle", "backend": "b", "count": 3})
+        record = json.loads(stream.getvalue())
+        assert list(record)[:4] == ["ts", "level", "msg", "event"]
+        assert record["msg"] == "cycle applied" and record["count"] == 3 and record["level"] == "info"
+        assert m.re.match(r"^\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{3}Z$", record["ts"])
+
+    @pytest.mark.parametrize("fmt", ["json", "text"])
+    def test_secrets_never_reach_a_line(self, fmt):
+        stream = self.capture(fmt)
+        m.log.warning("password is hunter2-secret")
+        m.log.error("headers {'Authorization': 'Basic YWRtaW46aHVudGVy'} and Bearer eyJ0eXAi.abc.def")
+        try:
+            raise m.DataPlaneError("token=abcdef123 failed")
+        except m.DataPlaneError:
+            m.log.exception("boom", extra={"event": "x", "detail": "client_secret=zzz999"})
+        out = stream.getvalue()
+        for secret in ("hunter2-secret", "YWRtaW46aHVudGVy", "eyJ0eXAi", "abcdef123", "zzz999"):
+            assert secret not in out
+        if fmt == "json":
+            assert all(json.loads(line) for line in out.splitlines() if line.startswith("{"))
+
+    @pytest.mark.parametrize("fmt", ["json", "text"])
+    def test_one_masking_for_password_basic_value_tokens_and_identity_header(self, fmt):
+        cfg = make_config(haproxy={"password": "dp-pass-4242", "username": "ops"})
+        env = {"IDENTITY_HEADER": "idh-7f3a9c", "AZURE_CLIENT_SECRET": "cs-0xdeadbeef", "HOME": "/root"}
+        basic = m.basic_credentials(cfg.haproxy)
+        stream = self.capture(fmt, m.secrets_of(cfg, env))
+        m.log.error("echo %s / %s / %s / %s", "dp-pass-4242", basic, "idh-7f3a9c", "cs-0xdeadbeef")
+        m.log.error("X-IDENTITY-HEADER: other-value-1 Authorization: Bearer tok.en.value")
+        out = stream.getvalue()
+        for secret in ("dp-pass-4242", basic, "idh-7f3a9c", "cs-0xdeadbeef", "other-value-1", "tok.en.value"):
+            assert secret not in out
+        assert out.count("***") >= 6
+
+
+# --- Cycle: the core's decisions against an in-memory Target ---------------------------
+class MemoryTarget:
+    """HAProxy as a dict behind the Target protocol: plans applied in memory; `conflicts`
+    transactions fail with a conflict first (each moving the version, as a peer's commit does)."""
+
+    def __init__(self, conflicts=0, reload_fails=False):
+        self.backends, self.ver, self.requests = {}, 1, 0
+        self.conflicts, self.reload_fails = conflicts, reload_fails
+        self.calls, self.waited = [], []
+
+    def version(self):
+        self.requests += 1
+        return self.ver
+
+    def read_backends(self, prefix):
+        self.requests += 1
+        return {n: b for n, b in self.backends.items() if n.startswith(prefix)}
+
+    def apply_transaction(self, plan, version, stop, refused=None):
+        self.calls.append(("transaction", version))
+        self.ver += 1
+        if self.conflicts:
+            self.conflicts -= 1
+            raise m.TransactionConflict("version mismatch", 409)
+        self.backends = m.state_after(self.backends, plan)
+        return m.Applied(self.ver, (f"reload-{self.ver}",))
+
+    def apply_runtime(self, plan, version, stop, refused=None):
+        self.calls.append(("runtime", plan.runtime_writes))
+        self.backends = m.state_after(self.backends, plan)
+        self.ver += plan.runtime_writes
+        return m.Applied(self.ver)
+
+    def await_reloads(self, reloads, stop):
+        self.waited += reloads
+        if reloads and self.reload_fails:
+            raise m.DataPlaneError("HAProxy reload failed")
+
+
+class TestApply:
+    def cycle(self, target, instances, state=None, **sections):
+        report, state = m.CycleReport(), state or m.State()
+        m.reconcile(make_config(**sections), ScriptedSource(m.Discovery(tuple(instances))), target, state,
+                    threading.Event(), report)
+        return report, state
+
+    def test_a_conflict_is_replanned_at_the_new_version(self):
+        target = MemoryTarget(conflicts=1)
+        report, state = self.cycle(target, [make_instance(1)])
+        assert target.calls == [("transaction", 1), ("transaction", 2)]
+        assert report.transactions == {"conflict": 1, "committed": 1} and report.reloads == 1
+        assert target.waited == ["reload-3"] and state.version == 3
+
+    def test_three_conflicts_give_up_and_record_nothing(self):
+        target = MemoryTarget(conflicts=3)
+        with pytest.raises(m.DataPlaneError, match="gave up after 3 attempts"):
+            self.cycle(target, [make_instance(1)], state := m.State())
+        assert len(target.calls) == 3 and state.version is None and target.backends == {}
+
+    def test_steady_costs_one_version_read(self):
+        target = MemoryTarget()
+        _, state = self.cycle(target, [make_instance(1)])
+        target.requests = 0
+        report, _ = self.cycle(target, [make_instance(1)], state)
+        assert report.result == "steady" and target.requests == 1 and len(target.calls) == 1
+
+    def test_a_failed_reload_records_no_version(self):
+        target = MemoryTarget(reload_fails=True)
+        with pytest.raises(m.DataPlaneError, match="reload failed"):
+            self.cycle(target, [make_instance(1)], state := m.State())
+        assert state.version is None and state.fingerprint is None
+
+    def test_shutdown_before_applying_sends_nothing(self):
+        target, stop = MemoryTarget(), threading.Event()
+        stop.set()
+        with pytest.raises(m.Aborted):
+            m.reconcile(make_config(), ScriptedSource(m.Discovery((make_instance(1),))), target, m.State(),
+                        stop, m.CycleReport())
+        assert target.calls == [] and target.requests == 0
+
+    @pytest.mark.parametrize("estate, limit, want", [
+        ((1, 2), 25, ("runtime", 2)),        # one slot unparked: two runtime writes
+        ((1, 2), 1, ("transaction", 2)),     # ... past the limit: one transaction
+        ((1, 2, 3, 4), 25, ("runtime", 6)),
+        (range(1, 12), 25, ("transaction", 2)),   # growth past 10 slots is structural
+    ])
+    def test_hybrid_decides_runtime_or_transaction(self, estate, limit, want):
+        hybrid = {"password": "p", "apply_mode": "hybrid", "hybrid_max_writes": limit}
+        target = MemoryTarget()
+        _, state = self.cycle(target, [make_instance(1)], haproxy=hybrid)
+        report, _ = self.cycle(target, [make_instance(i) for i in estate], state, haproxy=hybrid)
+        assert target.calls[-1] == want and report.result == "applied"
+
+
+# --- Daemon loop ---------------------------------------------------------------------
+class ScriptedSource:
+    """Discovery results (or exceptions) in order; the last repeats."""
+    def __init__(self, *results):
+        self.results = list(results)
+
+    def discover(self):
+        result = self.results.pop(0) if len(self.results) > 1 else self.results[0]
+        if isinstance(result, Exception):
+            raise result
+        return result
+
+
+class EmptyDataPlane:
+    """Holds no backends and takes no writes: enough for loops over empty estates."""
+    requests = 0
+
+    def version(self):
+        self.requests += 1
+        return 1
+
+    def read_backends(self, prefix):
+        self.requests += 1
+        return {}
+
+    def await_reloads(self, reloads, stop):
+        pass
+
+
+class RecordingSignals(m.Signals):
+    def __init__(self):
+        super().__init__()
+        self.sleeps = []
+
+    def sleep(self, seconds, watchdog=None):
+        self.sleeps.append(seconds)
+
+
+class TestLoop:
+    def test_backoff_grows_and_resets(self):
+        ok = m.Discovery(())
+        fail = m.AzureError("listing failed")
+        source = ScriptedSource(fail, fail, fail, ok, fail, ok)
+        signals = RecordingSignals()
+        cfg = make_config(polling={"jitter_seconds": 0})
+        assert m.run_forever(lambda: cfg, lambda c: source, lambda c: EmptyDataPlane(), signals,
+                             max_cycles=7, rand=lambda: 0.0) == 0
+        assert signals.sleeps == [5, 10, 20, 30, 5, 30]
+
+    def test_unexpected_errors_are_logged_and_the_loop_goes_on(self, caplog):
+        source = ScriptedSource(KeyError("bug"), m.Discovery(()))
+        signals = RecordingSignals()
+        m.run_forever(make_config, lambda c: source, lambda c: EmptyDataPlane(), signals, max_cycles=2,
+                      rand=lambda: 0.0)
+        assert signals.sleeps == [5]
+        assert any(r.exc_info and "cycle failed unexpectedly" in r.getMessage() for r in caplog.records)
+
+    def test_sighup_keeps_the_old_config_when_the_new_one_is_invalid(self):
+        configs = [make_config(polling={"interval_seconds": 60, "jitter_seconds": 0}),
+                   m.ConfigError(["x: bad"]), make_config(polling={"interval_seconds": 90, "jitter_seconds": 0})]
+
+        def load():
+            c = configs.pop(0)
+            if isinstance(c, Exception):
+                raise c
+            return c
+        signals = RecordingSignals()
+        sources = []
+
+        def make_source(c):
+            sources.append(c)
+            return ScriptedSource(m.Discovery(()))
+        original_sleep = signals.sleep
+
+        def sleep(seconds, watchdog=None):
+            original_sleep(seconds)
+            signals.reload.set()
+        signals.sleep = sleep
+        m.run_forever(load, make_source, lambda c: EmptyDataPlane(), signals, max_cycles=3, rand=lambda: 0.0)
+        assert signals.sleeps == [60, 60]        # the invalid config changed nothing ...
+        assert [c.polling.interval_seconds for c in sources] == [60, 90]   # ... the valid one did
+
+    def test_stop_interrupts_the_sleep(self):
+        signals = m.Signals()
+        threading.Timer(0.2, lambda: signals._set(signals.stop)).start()
+        started = time.monotonic()
+        m.run_forever(lambda: make_config(polling={"interval_seconds": 600}),
+                      lambda c: ScriptedSource(m.Discovery(())), lambda c: EmptyDataPlane(), signals)
+        assert time.monotonic() - started < 5
+
+    def test_real_signals_wake_the_sleep_through_the_self_pipe(self):
+        signals = m.Signals()
+        signals.install()
+        try:
+            threading.Timer(0.2, os.kill, [os.getpid(), signal.SIGHUP]).start()
+            started = time.monotonic()
+            signals.sleep(10)
+            assert time.monotonic() - started < 2 and signals.reload.is_set() and not signals.stop.is_set()
+            signals.reload.clear()
+            os.kill(os.getpid(), signal.SIGTERM)     # before the sleep: its byte waits in the pipe
+            signals.sleep(10)
+            assert signals.stop.is_set()
+        finally:
+            signals.restore()
+        assert signal.getsignal(signal.SIGTERM) is not signals._handle
+
+    def test_any_failure_putting_a_reload_to_use_keeps_the_old_one(self, caplog):
+        class Closing(ScriptedSource):
+            def close(self):
+                closed.append(self.name)
+        closed, built = [], []
+
+        def make_source(c):
+            built.append(c.polling.interval_seconds)
+            source = Closing(m.Discovery(()))
+            source.name = c.polling.interval_seconds
+            return source
+
+        def make_dataplane(c):
+            if c.polling.interval_seconds == 90:
+                raise FileNotFoundError(2, "No such file or directory")
+            return EmptyDataPlane()
+        configs = [make_config(polling={"interval_seconds": i, "jitter_seconds": 0}) for i in (60, 90, 120)]
+        signals = RecordingSignals()
+        signals.sleep = lambda seconds, watchdog=None: (signals.sleeps.append(seconds), signals.reload.set())
+        m.run_forever(lambda: configs.pop(0), make_source, make_dataplane, signals, max_cycles=3,
+                      rand=lambda: 0.0)
+        assert signals.sleeps == [60, 60]            # the reload to 90 failed, the one to 120 worked
+        assert built == [60, 90, 120] and closed == [90, 60, 120]   # each client closed once
+        failed = [r.getMessage() for r in caplog.records if getattr(r, "event", "") == "reload_failed"]
+        assert failed == ["configuration reload failed, keeping the old one: "
+                          "FileNotFoundError: [Errno 2] No such file or directory"]
+
+    def test_a_reload_applies_logging_level_format_and_masking(self):
+        stream = io.StringIO()
+        configs = [make_config(logging={"level": "INFO", "format": "json"}),
+                   make_config(logging={"level": "WARNING", "format": "text"}, haproxy={"password": "n3w-s3cret"})]
+        seen = []
+
+        def load():
+            return configs.pop(0) if configs else seen[-1]
+
+        def configure(c):
+            seen.append(c)
+            m.setup_logging(c.logging.level, c.logging.format, m.secrets_of(c, {}), stream)
+        signals = RecordingSignals()
+        signals.sleep = lambda seconds, watchdog=None: signals.reload.set()
+        try:
+            m.run_forever(load, lambda c: ScriptedSource(m.Discovery(())), lambda c: EmptyDataPlane(), signals,
+                          max_cycles=2, configure=configure)
+            m.log.warning("password n3w-s3cret in a message")
+            m.log.info("not at WARNING")
+        finally:
+            for handler in m.logging.getLogger().handlers[:]:
+                m.logging.getLogger().removeHandler(handler)
+        lines = stream.getvalue().splitlines()
+        assert json.loads(lines[0])["event"] == "cycle"             # json at INFO before the reload
+        assert lines[-1].endswith(" warning: password *** in a message")   # text, masked, at WARNING
+        assert not any("not at WARNING" in line or "n3w-s3cret" in line for line in lines)
+
+    def test_a_listener_moved_to_a_held_port_is_kept_and_needs_a_restart(self, caplog):
+        import urllib.request
+        port = free_port()
+        configs = [make_config(metrics={"listen": f"127.0.0.1:{port}"}, polling={"jitter_seconds": 0}),
+                   make_config(metrics={"listen": f"0.0.0.0:{port}"},
+                               polling={"interval_seconds": 90, "jitter_seconds": 0})]
+        signals = RecordingSignals()
+        served = []
+
+        def sleep(seconds, watchdog=None):
+            signals.sleeps.append(seconds)
+            if len(signals.sleeps) == 1:
+                signals.reload.set()
+            with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5) as r:
+                served.append(r.status)
+        signals.sleep = sleep
+        m.run_forever(lambda: configs.pop(0), lambda c: ScriptedSource(m.Discovery(())),
+                      lambda c: EmptyDataPlane(), signals, max_cycles=3, rand=lambda: 0.0)
+        assert signals.sleeps == [30, 90] and served == [200, 200]    # the rest of the reload applied
+        restart = [r.getMessage() for r in caplog.records if getattr(r, "event", "") == "restart_needed"]
+        assert restart == [f"metrics.listen 0.0.0.0:{port} needs a restart: 127.0.0.1:{port} holds its port"]
+
+    def test_health_is_measured_on_the_monotonic_clock(self, monkeypatch):
+        metrics = m.Metrics(interval=10)
+        assert not metrics.healthy()
+        metrics.record(m.CycleReport(result="steady"), time.time())
+        assert metrics.healthy()
+        wall = time.time
+        monkeypatch.setattr(m.time, "time", lambda: wall() + 86400)    # the wall clock steps a day
+        assert metrics.healthy()
+        assert not metrics.healthy(time.monotonic() + 31)
+
+    def test_a_skip_is_warned_about_once_whatever_the_result(self, caplog):
+        bad = m.Discovery((make_instance(2, port="80x"),))
+        source = ScriptedSource(m.Discovery(()), bad, m.AzureError("down"), bad, bad)
+        state, dp = m.State(), EmptyDataPlane()
+        results = []
+        for _ in range(5):
+            try:
+                results.append(m.one_cycle(make_config(), source, dp, state, m.Flag()).result)
+            except m.DiscoveryError:
+                results.append("failed")
+        warned = [r.getMessage() for r in caplog.records if getattr(r, "event", "") == "skip"]
+        assert results == ["unchanged", "steady", "failed", "steady", "steady"]
+        assert len(warned) == 1 and "vm2" in warned[0] and "80x" in warned[0], warned
+
+
+class TestDelay:
+    @pytest.mark.parametrize("failures, rand, want", [
+        (0, 0.0, 30), (0, 0.5, 32.5), (1, 0.0, 5), (2, 0.0, 10), (3, 0.0, 20), (7, 0.0, 300), (60, 0.0, 300),
+    ])
+    def test_next_delay(self, failures, rand, want):
+        assert m.next_delay(failures, m.PollingConfig(), rand) == want
+
+
+# --- Operations: systemd notifications, metrics, health ------------------------------
+@pytest.fixture
+def notify_socket(tmp_path, monkeypatch):
+    """A real datagram socket standing in for systemd's NOTIFY_SOCKET."""
+    import socket
+    path = str(tmp_path / "notify")
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+    sock.bind(path)
+    sock.settimeout(5)
+    monkeypatch.setenv("NOTIFY_SOCKET", path)
+    yield sock
+    sock.close()
+
+
+def received(sock) -> list[str]:
+    messages = []
+    sock.setblocking(False)
+    try:
+        while True:
+            messages.append(sock.recv(4096).decode())
+    except BlockingIOError:
+        return messages
+
+
+class TestOperations:
+    def test_sd_notify_without_socket_is_a_no_op(self):
+        assert m.sd_notify("READY=1", env={}) is False
+        assert m.sd_notify("READY=1", env={"NOTIFY_SOCKET": "/nonexistent/socket"}) is False
+
+    def test_ready_once_then_watchdog_and_status_each_cycle(self, notify_socket):
+        source = ScriptedSource(m.Discovery(()), m.AzureError("listing VMs failed: HTTP 500"), m.Discovery(()))
+        m.run_forever(make_config, lambda c: source, lambda c: EmptyDataPlane(), RecordingSignals(),
+                      max_cycles=3, rand=lambda: 0.0)
+        messages = received(notify_socket)
+        assert messages == [
+            "READY=1\nWATCHDOG=1\nSTATUS=ready after the first cycle; last cycle unchanged: 0 instances, 0 skipped",
+            "WATCHDOG=1\nSTATUS=last cycle failed (1 in a row): listing VMs failed: HTTP 500",
+            "WATCHDOG=1\nSTATUS=last cycle steady: 0 instances, 0 skipped"]
+
+    def test_watchdog_is_pinged_during_a_long_sleep(self, notify_socket):
+        signals = m.Signals()
+        notifier = m.Notifier({"NOTIFY_SOCKET": os.environ["NOTIFY_SOCKET"], "WATCHDOG_USEC": "200000"})
+        threading.Timer(0.35, signals._set, [signals.stop]).start()
+        started = time.monotonic()
+        signals.sleep(10, notifier)
+        assert time.monotonic() - started < 1
+        assert 2 <= received(notify_socket).count("WATCHDOG=1") <= 4
+        signals.restore()
+
+    def test_abstract_socket_address(self):
+        import socket
+        name = f"had-test-{os.getpid()}"
+        with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as sock:
+            sock.bind("\0" + name)
+            assert m.sd_notify("STATUS=x", env={"NOTIFY_SOCKET": "@" + name})
+            assert sock.recv(100) == b"STATUS=x"
+
+    def test_metrics_and_health_over_http(self):
+        import urllib.error
+        import urllib.request
+        port = free_port()
+        cfg = make_config(metrics={"listen": f"127.0.0.1:{port}"}, polling={"interval_seconds": 0.2})
+        inst = make_instance(1)
+        results = [m.Discovery((inst,), requests=4), m.AzureError("down"), m.AzureError("down"),
+                   m.AzureError("down"), m.AzureError("down")]
+        pages = {}
+
+        class Probing(RecordingSignals):
+            def sleep(self, seconds, watchdog=None):
+                super().sleep(seconds)
+                url = f"http://127.0.0.1:{port}"
+                with urllib.request.urlopen(url + "/metrics", timeout=5) as r:
+                    pages[len(self.sleeps)] = r.read().decode()
+                try:
+                    with urllib.request.urlopen(url + "/healthz", timeout=5) as r:
+                        pages[f"health{len(self.sleeps)}"] = r.status
+                except urllib.error.HTTPError as e:
+                    pages[f"health{len(self.sleeps)}"] = e.code
+                time.sleep(0.25)
+
+        class OneBackend(EmptyDataPlane):
+            def apply_transaction(self, plan, version, stop, refused=None):
+                return m.Applied(version + 1, ("r1",))
+
+        m.run_forever(lambda: cfg, lambda c: ScriptedSource(*results), lambda c: OneBackend(), Probing(),
+                      max_cycles=5, rand=lambda: 0.0)
+        first, last = pages[1], pages[4]
+        assert 'haproxy_azure_discovery_cycles_total{result="applied"} 1' in first
+        assert "haproxy_azure_discovery_servers_live 1\n" in first
+        assert "haproxy_azure_discovery_servers_parked 9\n" in first
+        assert "haproxy_azure_discovery_azure_requests_total 4\n" in first
+        assert 'haproxy_azure_discovery_transactions_total{result="committed"} 1' in first
+        assert "haproxy_azure_discovery_reloads_total 1\n" in first
+        assert 'haproxy_azure_discovery_cycles_total{result="failed"} 3' in last
+        assert pages["health1"] == 200 and pages["health4"] == 503   # no success for 3 intervals
+        with pytest.raises(OSError):     # the server is gone with the loop
+            urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=2)
+
+    def test_metrics_listener_binds_ipv6_and_answers_head(self):
+        import http.client
+        port = free_port()
+        server = m.serve_metrics(f"[::1]:{port}", m.Metrics(30))
+        try:
+            conn = http.client.HTTPConnection("::1", port, timeout=5)
+            conn.request("HEAD", "/metrics")
+            r = conn.getresponse()
+            assert r.status == 200 and int(r.getheader("Content-Length")) > 0 and r.read() == b""
+            conn = http.client.HTTPConnection("::1", port, timeout=5)
+            conn.request("GET", "/healthz")
+            assert conn.getresponse().status == 503          # no successful cycle yet
+        finally:
+            server.shutdown()
+            server.server_close()
+
+    def test_metrics_listen_that_cannot_bind_is_a_config_error(self):
+        import socket
+        with socket.socket() as busy:
+            busy.bind(("127.0.0.1", 0))
+            busy.listen()
+            with pytest.raises(m.ConfigError, match="metrics.listen: cannot listen on 127.0.0.1:"):
+                m.serve_metrics(f"127.0.0.1:{busy.getsockname()[1]}", m.Metrics(30))
+
+    def test_slow_and_surplus_clients_are_cut_and_others_served(self, monkeypatch):
+        import socket
+        import urllib.request
+        monkeypatch.setattr(m, "METRICS_DEADLINE", 0.6)
+        monkeypatch.setattr(m, "METRICS_CONNECTIONS", 2)
+        port = free_port()
+        server = m.serve_metrics(f"127.0.0.1:{port}", m.Metrics(30))
+        try:
+            slow = [socket.create_connection(("127.0.0.1", port)) for _ in range(2)]
+            for sock in slow:
+                sock.sendall(b"GET /metr")                  # and never the rest
+            time.sleep(0.2)
+            surplus = socket.create_connection(("127.0.0.1", port), timeout=2)
+            assert surplus.recv(100) == b""                 # past the bound: closed at once
+            started = time.monotonic()
+            for sock in slow:
+                sock.settimeout(3)
+                sock.recv(100)                              # the deadline cuts them
+            assert time.monotonic() - started < 2.0
+            # A cut connection's slot is freed by its thread just after the client sees the
+            # close: a scrape in that instant is still surplus. Within a second it is served.
+            deadline, status = time.monotonic() + 1.0, None
+            while status is None:
+                try:
+                    with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5) as r:
+                        status = r.status
+                except (ConnectionError, urllib.error.URLError, http.client.RemoteDisconnected):
+                    if time.monotonic() > deadline:
+                        raise
+                    time.sleep(0.05)
+            assert status == 200
+        finally:
+            server.shutdown()
+            server.server_close()
+
+
+# --- CLI -----------------------------------------------------------------------------
+BLOCK_SDK = "import sys; sys.modules['azure'] = None\nimport haproxy_azure_discovery as m\n"
+
+
+class TestCli:
+    def example(self):
+        return os.path.join(HERE, "config.example.json")
+
+    def test_validate_imports_no_azure_module(self):
+        r = run_py("import sys\nimport haproxy_azure_discovery as m\n"
+                   f"rc = m.main(['--validate', '-c', {self.example()!r}])\n"
+                   "assert not [k for k in sys.modules if k.startswith('azure')], 'azure imported'\n"
+                   "sys.exit(rc)", EXAMPLE_ENV)
+        assert r.returncode == 0, r.stderr
+        assert "configuration ok" in r.stdout
+
+    @pytest.mark.parametrize("args", [["--help"], ["--version"]])
+    def test_help_and_version_without_sdk(self, args):
+        r = run_py(BLOCK_SDK + f"raise SystemExit(m.main({args!r}))")
+        assert r.returncode == 0, r.stderr
+        assert ("usage:" in r.stdout) if args == ["--help"] else r.stdout.startswith(
+            f"haproxy-azure-discovery {m.__version__}")
+
+    def test_missing_sdk_exits_69_with_install_hint(self):
+        r = run_py(BLOCK_SDK + f"raise SystemExit(m.main(['--once', '-c', {self.example()!r}]))", EXAMPLE_ENV)
+        assert r.returncode == 69
+        assert r.stderr.startswith("error: Azure SDK not importable") and "azure-mgmt-compute" in r.stderr
+
+    def test_missing_variable_names_key_and_variable(self, capsys):
+        env = {k: v for k, v in os.environ.items() if k != "DATAPLANE_PASSWORD"}
+        os.environ.pop("DATAPLANE_PASSWORD", None)
+        os.environ["AZURE_SUBSCRIPTION_ID"] = SUB
+        try:
+            assert m.main(["--validate", "-c", self.example()]) == 78
+        finally:
+            os.environ.clear()
+            os.environ.update(env)
+        assert "haproxy.password: environment variable DATAPLANE_PASSWORD is not set" in capsys.readouterr().err
+
+    def test_usage_error_is_2(self):
+        assert m.main(["--once", "--validate"]) == 2
+
+    @pytest.mark.parametrize("how", [["haproxy_azure_discovery.py"], ["-m", "haproxy_azure_discovery"]])
+    def test_runs_as_script_and_module(self, how):
+        r = subprocess.run([sys.executable, *how, "--validate", "-c", self.example()], cwd=HERE,
+                           capture_output=True, text=True, timeout=60, env={**os.environ, **EXAMPLE_ENV})
+        assert r.returncode == 0, r.stderr
+        r = subprocess.run([sys.executable, *how, "-c", "/nonexistent.json", "--validate"], cwd=HERE,
+                           capture_output=True, text=True, timeout=60)
+        assert r.returncode == 78 and r.stderr.startswith("error: /nonexistent.json: cannot read")
+
+    def test_import_has_no_side_effects(self):
+        r = run_py("import logging, signal, sys\nh = signal.getsignal(signal.SIGTERM)\n"
+                   "import haproxy_azure_discovery\n"
+                   "assert signal.getsignal(signal.SIGTERM) is h\n"
+                   "assert not logging.getLogger().handlers and not logging.getLogger('haproxy_azure_discovery').handlers\n")
+        assert r.returncode == 0, r.stderr
+
+    def test_the_environment_is_an_argument(self, tmp_path, monkeypatch, capsys):
+        """main(argv, env) reads ${VAR} from `env`, not from the process environment."""
+        monkeypatch.delenv("DP_SECRET", raising=False)
+        path = write_config(tmp_path, {"azure": {"subscription_id": SUB}, "haproxy": {"password": "${DP_SECRET}"}})
+        assert m.main(["--validate", "-c", path], env={"DP_SECRET": "from-the-argument"}) == 0
+        assert m.main(["--validate", "-c", path], env={}) == 78
+        assert "DP_SECRET" in capsys.readouterr().err
+
+
 class TestOnce:
     """The CLI's --once and --dry-run against the fake Resource Manager and the emulator."""
 
@@ -2625,144 +2767,3 @@ class TestOnce:
                 if s.get("maintenance") != "enabled"}
         assert live == {f"{arm.estate.find(n).public_ip}:8080" for n in ("vm-0000", "vm-0006")}
         assert arm.counts["vm_instance_view"] == (3 if source == "arm" else 0)   # vm-0000, -0002, -0006
-
-
-class TestHybrid:
-    @pytest.mark.parametrize("limit, added, transactions", [(25, 3, 0), (2, 3, 1)])
-    def test_runtime_writes_up_to_the_limit(self, dataplane, limit, added, transactions):
-        h = Harness(dataplane, haproxy={"apply_mode": "hybrid", "hybrid_max_writes": limit})
-        h.cycle([make_instance(1)])
-        reloads = dataplane.reloads
-        report = h.cycle([make_instance(i) for i in range(1, 2 + added)])
-        assert report.transactions.get("committed", 0) == transactions
-        assert dataplane.reloads - reloads == transactions
-        assert sum(v != "parked" for v in h.servers(WEB).values()) == 1 + added
-
-    def test_a_weight_tag_change_is_a_runtime_write_without_reload(self, dataplane):
-        h = Harness(dataplane, haproxy={"apply_mode": "hybrid"})
-        h.cycle([make_instance(1), make_instance(2)])
-        reloads = dataplane.reloads
-        report = h.cycle([make_instance(1, tags={"HAProxy:Instance:Weight": "40"}), make_instance(2)])
-        assert report.result == "applied" and report.transactions == {}
-        assert dataplane.reloads == reloads
-        assert dataplane.backends[WEB]["servers"]["srv1"]["weight"] == 40
-        assert any("weight" in c and "srv1" in c for c in dataplane.runtime_changes)
-        assert "weight 40" in next(x for x in dataplane.render().splitlines() if "server srv1 " in x)
-
-    def test_per_service_settings_pass_haproxy_c(self, dataplane):
-        h = Harness(dataplane, haproxy={"apply_mode": "hybrid", "server": {"params": {"inter": 2000}}},
-                    services={"api": {"backend": {"balance": "leastconn", "mode": "tcp"},
-                                      "server": {"params": {"rise": 5}}, "server_slots": {"base": 2}}})
-        report = h.cycle([make_instance(1), make_instance(2, service="api", port="9000")])
-        assert report.result == "applied" and dataplane.checks >= 1
-        api, web = dataplane.backends["azure-api-9000-eastus"], dataplane.backends[WEB]
-        assert (api["balance"]["algorithm"], api["mode"], len(api["servers"])) == ("leastconn", "tcp", 2)
-        assert (web["balance"]["algorithm"], web["mode"], len(web["servers"])) == ("roundrobin", "http", 10)
-        assert api["servers"]["srv1"]["rise"] == 5 and web["servers"]["srv1"].get("rise") is None
-        assert h.cycle([make_instance(1), make_instance(2, service="api", port="9000")]).result == "steady"
-
-    def test_a_refused_runtime_write_leaves_only_its_backend_out(self, dataplane):
-        h = Harness(dataplane, haproxy={"apply_mode": "hybrid"})
-        h.cycle([make_instance(1), make_instance(2, service="api")])
-        # The first runtime PUT is azure-api-…'s (backends go in name order).
-        dataplane.add_fault("PUT", r"/servers/srv1$", status=422, message="refused")
-        moved = [make_instance(1, address="10.9.0.1"), make_instance(2, service="api", address="10.9.0.2")]
-        report = h.cycle(moved)
-        assert report.result == "partial" and list(report.refused) == ["azure-api-8080-eastus"]
-        assert h.servers(WEB)["srv1"] == "10.9.0.1:8080"
-        assert h.servers("azure-api-8080-eastus")["srv1"] == "10.0.0.6:8080"
-        assert h.cycle(moved).result == "applied"
-        assert h.servers("azure-api-8080-eastus")["srv1"] == "10.9.0.2:8080"
-
-# --- Apply: the core's decisions against an in-memory Target ---------------------------------
-class MemoryTarget:
-    """HAProxy as a dict behind the Target protocol: plans applied in memory; `conflicts`
-    transactions fail with a conflict first (each moving the version, as a peer's commit does)."""
-
-    def __init__(self, conflicts=0, reload_fails=False):
-        self.backends, self.ver, self.requests = {}, 1, 0
-        self.conflicts, self.reload_fails = conflicts, reload_fails
-        self.calls, self.waited = [], []
-
-    def version(self):
-        self.requests += 1
-        return self.ver
-
-    def read_backends(self, prefix):
-        self.requests += 1
-        return {n: b for n, b in self.backends.items() if n.startswith(prefix)}
-
-    def apply_transaction(self, plan, version, stop, refused=None):
-        self.calls.append(("transaction", version))
-        self.ver += 1
-        if self.conflicts:
-            self.conflicts -= 1
-            raise m.TransactionConflict("version mismatch", 409)
-        self.backends = m.state_after(self.backends, plan)
-        return m.Applied(self.ver, (f"reload-{self.ver}",))
-
-    def apply_runtime(self, plan, version, stop, refused=None):
-        self.calls.append(("runtime", plan.runtime_writes))
-        self.backends = m.state_after(self.backends, plan)
-        self.ver += plan.runtime_writes
-        return m.Applied(self.ver)
-
-    def await_reloads(self, reloads, stop):
-        self.waited += reloads
-        if reloads and self.reload_fails:
-            raise m.DataPlaneError("HAProxy reload failed")
-
-
-class TestApply:
-    def cycle(self, target, instances, state=None, **sections):
-        report, state = m.CycleReport(), state or m.State()
-        m.reconcile(make_config(**sections), ScriptedSource(m.Discovery(tuple(instances))), target, state,
-                    threading.Event(), report)
-        return report, state
-
-    def test_a_conflict_is_replanned_at_the_new_version(self):
-        target = MemoryTarget(conflicts=1)
-        report, state = self.cycle(target, [make_instance(1)])
-        assert target.calls == [("transaction", 1), ("transaction", 2)]
-        assert report.transactions == {"conflict": 1, "committed": 1} and report.reloads == 1
-        assert target.waited == ["reload-3"] and state.version == 3
-
-    def test_three_conflicts_give_up_and_record_nothing(self):
-        target = MemoryTarget(conflicts=3)
-        with pytest.raises(m.DataPlaneError, match="gave up after 3 attempts"):
-            self.cycle(target, [make_instance(1)], state := m.State())
-        assert len(target.calls) == 3 and state.version is None and target.backends == {}
-
-    def test_steady_costs_one_version_read(self):
-        target = MemoryTarget()
-        _, state = self.cycle(target, [make_instance(1)])
-        target.requests = 0
-        report, _ = self.cycle(target, [make_instance(1)], state)
-        assert report.result == "steady" and target.requests == 1 and len(target.calls) == 1
-
-    def test_a_failed_reload_records_no_version(self):
-        target = MemoryTarget(reload_fails=True)
-        with pytest.raises(m.DataPlaneError, match="reload failed"):
-            self.cycle(target, [make_instance(1)], state := m.State())
-        assert state.version is None and state.fingerprint is None
-
-    def test_shutdown_before_applying_sends_nothing(self):
-        target, stop = MemoryTarget(), threading.Event()
-        stop.set()
-        with pytest.raises(m.Aborted):
-            m.reconcile(make_config(), ScriptedSource(m.Discovery((make_instance(1),))), target, m.State(),
-                        stop, m.CycleReport())
-        assert target.calls == [] and target.requests == 0
-
-    @pytest.mark.parametrize("estate, limit, want", [
-        ((1, 2), 25, ("runtime", 2)),        # one slot unparked: two runtime writes
-        ((1, 2), 1, ("transaction", 2)),     # ... past the limit: one transaction
-        ((1, 2, 3, 4), 25, ("runtime", 6)),
-        (range(1, 12), 25, ("transaction", 2)),   # growth past 10 slots is structural
-    ])
-    def test_hybrid_decides_runtime_or_transaction(self, estate, limit, want):
-        hybrid = {"password": "p", "apply_mode": "hybrid", "hybrid_max_writes": limit}
-        target = MemoryTarget()
-        _, state = self.cycle(target, [make_instance(1)], haproxy=hybrid)
-        report, _ = self.cycle(target, [make_instance(i) for i in estate], state, haproxy=hybrid)
-        assert target.calls[-1] == want and report.result == "applied"
