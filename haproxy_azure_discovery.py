@@ -1128,8 +1128,9 @@ def select_instances(instances: Iterable[Instance], cfg: Config
     # service_of reads the tags and the region only: thousands of instances share a handful of
     # answers, and its checks (tag folding, patterns) are the costliest part of this loop.
     services: dict[tuple, Any] = {}   # (tags, region) -> None, a Skip, or (port, the service's members)
+    filtering = bool(cfg.tags.allowlist or cfg.tags.denylist)     # tags_match is always True otherwise
     for inst in sorted(instances, key=lambda i: i.id):
-        if inst.id in seen or not tags_match(inst.tags, cfg.tags):
+        if inst.id in seen or (filtering and not tags_match(inst.tags, cfg.tags)):
             continue
         seen.add(inst.id)
         if cfg.azure.running_only and inst.power_state != "running":
@@ -1151,7 +1152,9 @@ def select_instances(instances: Iterable[Instance], cfg: Config
                                        "primary network interface or IP configuration missing"))
         else:
             port, weight, group = found
-            group.append(Member(inst.id, _printable(inst.name), inst.address, port, weight))
+            # _printable's own first test, inlined: almost every name is printable and short.
+            label = inst.name if inst.name.isprintable() and len(inst.name) <= 200 else _printable(inst.name)
+            group.append(Member(inst.id, label, inst.address, port, weight))
     return {k: ms for k, ms in groups.items() if ms}, skipped
 
 
@@ -1266,18 +1269,18 @@ def server_body(slot: Slot, cfg: HAProxyConfig, with_id: bool = True) -> dict[st
     """The Data Plane server object for a slot, live or parked. srvN carries `id` N: HAProxy
     numbers servers without one in file order, consistent hashing and id-based persistence
     follow those numbers, and a full-section write reorders the file (see _foreign_ids)."""
-    body: dict[str, Any] = {"name": slot.name, "id": slot_index(slot.name)} if with_id else {"name": slot.name}
+    # One dict display per case (called for every slot of every backend, every cycle); the
+    # key order is that of the successive updates it replaces: a key already present keeps
+    # its place when a later one (params, maintenance) overrides its value.
+    head: dict[str, Any] = {"name": slot.name, "id": slot_index(slot.name)} if with_id else {"name": slot.name}
     if slot.instance is None:
-        body.update(address=PARK_ADDRESS, port=PARK_PORT, maintenance="enabled", check="disabled")
         if cfg.apply_mode == "hybrid":
             # Parking and filling must differ only in runtime-capable fields.
-            body["check"] = "enabled"
-            body.update(cfg.server.params)
-            body["maintenance"] = "enabled"
-        return body
-    body.update(address=slot.address, port=slot.port, check="enabled")
-    body.update(cfg.server.params)
-    body["maintenance"] = "disabled"
+            return {**head, "address": PARK_ADDRESS, "port": PARK_PORT, "maintenance": "enabled",
+                    "check": "enabled", **cfg.server.params, "maintenance": "enabled"}   # noqa: F601
+        return {**head, "address": PARK_ADDRESS, "port": PARK_PORT, "maintenance": "enabled", "check": "disabled"}
+    body = {**head, "address": slot.address, "port": slot.port, "check": "enabled", **cfg.server.params,
+            "maintenance": "disabled"}
     if slot.weight is not None:
         body["weight"] = slot.weight          # the instance's weight tag wins over params
     return body
