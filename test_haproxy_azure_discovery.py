@@ -82,6 +82,24 @@ def write_config(tmp_path, raw, name="config.json") -> str:
     return str(path)
 
 
+def spec_definitions():
+    """(file name, definitions) of the v2 and v3 Data Plane API specifications in testing/spec."""
+    yaml = pytest.importorskip("yaml")
+    for spec in ("dataplaneapi-v2.yaml", "dataplaneapi-v3.yaml"):
+        with open(os.path.join(HERE, "testing", "spec", spec)) as f:
+            yield spec, yaml.safe_load(f)["definitions"]
+
+
+def spec_properties(defs, name) -> dict:
+    """Every property of model `name`, its allOf parts and their references included."""
+    out = {}
+    for part in [defs[name], *defs[name].get("allOf", [])]:
+        if "$ref" in part:
+            out.update(spec_properties(defs, part["$ref"].split("/")[-1]))
+        out.update(part.get("properties", {}))
+    return out
+
+
 # --- Configuration -------------------------------------------------------------------
 class TestConfig:
     def test_defaults_fill_every_key(self):
@@ -220,20 +238,9 @@ class TestConfig:
         assert cfg.haproxy.server_slots.growth_type == "exponential" and cfg.haproxy.password == "x"
 
     def test_param_lists_exist_in_both_specifications(self):
-        yaml = pytest.importorskip("yaml")
-        for spec in ("dataplaneapi-v2.yaml", "dataplaneapi-v3.yaml"):
-            with open(os.path.join(HERE, "testing", "spec", spec)) as f:
-                defs = yaml.safe_load(f)["definitions"]
-
-            def props(name):
-                out = {}
-                for part in defs[name].get("allOf", [defs[name]]):
-                    if "$ref" in part:
-                        out.update(props(part["$ref"].split("/")[-1]))
-                    out.update(part.get("properties", {}))
-                return out
-            assert m.BACKEND_PARAMS <= set(props("backend")), spec
-            assert m.SERVER_PARAMS <= set(props("server")), spec
+        for spec, defs in spec_definitions():
+            assert m.BACKEND_PARAMS <= set(spec_properties(defs, "backend")), spec
+            assert m.SERVER_PARAMS <= set(spec_properties(defs, "server")), spec
             assert set(m.BALANCE_ALGORITHMS) == set(defs["balance"]["properties"]["algorithm"]["enum"])
 
     def test_short_interval_warns_but_is_accepted(self):
@@ -306,22 +313,11 @@ class TestConfig:
         assert cfg.haproxy.server.params["inter"] == 2000
 
     def test_param_kinds_follow_both_specifications(self):
-        yaml = pytest.importorskip("yaml")
-        for spec in ("dataplaneapi-v2.yaml", "dataplaneapi-v3.yaml"):
-            with open(os.path.join(HERE, "testing", "spec", spec)) as f:
-                defs = yaml.safe_load(f)["definitions"]
-
-            def props(name):
-                out = {}
-                for part in [defs[name], *defs[name].get("allOf", [])]:
-                    if "$ref" in part:
-                        out.update(props(part["$ref"].split("/")[-1]))
-                    out.update(part.get("properties", {}))
-                return out
+        for spec, defs in spec_definitions():
             for model, kinds, names in (("server", m.SERVER_PARAM_KINDS, m.SERVER_PARAMS),
                                         ("backend", m.BACKEND_PARAM_KINDS, m.BACKEND_PARAMS)):
                 assert set(kinds) == names
-                fields = props(model)
+                fields = spec_properties(defs, model)
                 for name, kind in kinds.items():
                     node = fields[name]
                     node = defs[node["$ref"].split("/")[-1]] if "$ref" in node else node
