@@ -80,7 +80,6 @@ MAX_SLOTS = 100000                # haproxy.server_slots.max at most (slot names
 PARK_ADDRESS, PARK_PORT = "127.0.0.1", 80
 # Every pattern is used with fullmatch: a `$` anchor lets a trailing newline through
 # ("web\n"), and a newline in a name would end a line of haproxy.cfg.
-SLOT_RE = re.compile(r"srv([1-9][0-9]{0,5})")
 # Names end up in haproxy.cfg: the Data Plane API's own backend-name pattern, and a length
 # bound so that a 10 kB tag value cannot become a 10 kB backend name.
 NAME_RE = re.compile(r"[A-Za-z0-9_.:-]{1,64}")

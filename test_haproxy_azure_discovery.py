@@ -555,7 +555,7 @@ class TestSelect:
         assert tag in decision.plan.skipped[0].reason
         assert len(decision.plan.skipped[0].reason) < 200 and "\n" not in decision.plan.skipped[0].reason
         for b in decision.plan.backends:
-            assert m.NAME_RE.fullmatch(b.name) and all(m.SLOT_RE.fullmatch(n) for n in b.servers)
+            assert m.NAME_RE.fullmatch(b.name) and all(m.slot_index(n) for n in b.servers)
             assert value not in b.name or value in ("", "a")
 
     def test_hostile_region_is_skipped(self):
@@ -573,9 +573,13 @@ class TestSelect:
 
     @pytest.mark.parametrize("regex, text", [
         (m.NAME_RE, "web\n"), (m.REGION_RE, "eastus\n"), (m.GUID_RE, SUB + "\n"),
-        (m.RESOURCE_GROUP_RE, "rg\n"), (m.SLOT_RE, "srv1\n"), (m.RESOURCE_GROUP_RE, "rg.")])
+        (m.RESOURCE_GROUP_RE, "rg\n"), (m.RESOURCE_GROUP_RE, "rg.")])
     def test_patterns_hold_at_both_ends(self, regex, text):
         assert regex.fullmatch(text.rstrip("\n.")) and not regex.fullmatch(text)
+
+    @pytest.mark.parametrize("name", ["srv1\n", "srv01", "srv", "srv1234567", "srv\u0661", "xsrv1", "srv-1"])
+    def test_only_srv_and_a_plain_number_is_a_slot(self, name):
+        assert m.slot_index(name) is None and m.slot_index("srv1") == 1 and m.slot_index("srv123456") == 123456
 
     @pytest.mark.parametrize("section, value, key", [
         ("azure", {"subscription_id": SUB + "\n"}, "azure.subscription_id"),
