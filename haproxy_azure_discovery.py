@@ -912,6 +912,13 @@ def service_haproxy(cfg: Config, service: str | None) -> HAProxyConfig:
                                server_slots=dataclasses.replace(top.server_slots, **given))
 
 
+def backend_params(cfg: Config) -> dict[str, Mapping[str, Any]]:
+    """Every backend.params of the configuration, by key path: the top-level one and each
+    service's, which the Data Plane adapter checks against the API release in use."""
+    return {"haproxy.backend.params": cfg.haproxy.backend.params,
+            **{f"services.{name}.backend.params": s.backend.params or {} for name, s in cfg.services.items()}}
+
+
 def parse_config(raw: Any, env: Mapping[str, str]) -> Config:
     """Turn the loaded file into a Config, or raise ConfigError listing every problem."""
     problems: list[str] = []
@@ -2463,8 +2470,11 @@ class DataPlane:
     that is not the JSON the API documents is an error naming what came instead, and
     haproxy.timeout bounds each whole request, body included."""
 
-    def __init__(self, cfg: HAProxyConfig):
+    def __init__(self, cfg: HAProxyConfig, backend_params: Mapping[str, Mapping[str, Any]] | None = None):
         self.cfg = cfg
+        # Checked against the release in use (see _check_backend_params): by key path.
+        self._backend_params = {"haproxy.backend.params": cfg.backend.params} if backend_params is None \
+            else backend_params
         self.api = None if cfg.api_version == "auto" else cfg.api_version
         self.release: tuple[int, ...] | None = None    # dataplaneapi's (major, minor), from /info
         self.requests = 0
@@ -2630,13 +2640,13 @@ class DataPlane:
         if self.release is None:
             _, info, _ = self.request("GET", "/info")
             self.release = _release(info)
-        gone = [k for k in self.cfg.backend.params
+        gone = [(path, k) for path, params in self._backend_params.items() for k in params
                 if self.api == "v3" and self.release >= BACKEND_PARAMS_GONE.get(k, (99,))]
         if gone:
             raise DataPlaneError("; ".join(
-                f"haproxy.backend.params.{k}: the Data Plane API {'.'.join(map(str, self.release))} has no "
+                f"{path}.{k}: the Data Plane API {'.'.join(map(str, self.release))} has no "
                 f"such backend field (gone since {'.'.join(map(str, BACKEND_PARAMS_GONE[k]))}); remove it"
-                for k in gone))
+                for path, k in gone))
 
     def _writes(self, b: BackendPlan) -> list[tuple[str, str, dict[str, Any], Any]]:
         """The requests (method, path, query, body) that apply one backend's plan inside a
@@ -3634,7 +3644,7 @@ def main(argv: Sequence[str] | None = None, env: Mapping[str, str] | None = None
             setup_logging(args.log_level or c.logging.level, c.logging.format, secrets)
         return run_forever(lambda: load_config(path, env),
                            lambda c: AzureSource(c, env, signals.stop, notifier.keepalive),
-                           lambda c: DataPlane(c.haproxy), signals, configure=configure, notifier=notifier)
+                           lambda c: DataPlane(c.haproxy, backend_params(c)), signals, configure=configure, notifier=notifier)
     except ConfigError as exc:
         for problem in exc.problems:
             say(f"error: {path}: {problem}" if not problem.startswith(path) else f"error: {problem}")
@@ -3656,7 +3666,7 @@ def main(argv: Sequence[str] | None = None, env: Mapping[str, str] | None = None
 def _once_or_dry_run(cfg: Config, env: Mapping[str, str], dry_run: bool, stop: Flag,
                      say: Callable[[str], None]) -> int:
     """--once and --dry-run: one cycle; the plan (dry run) on stdout. A failure raises."""
-    source, dp, state = AzureSource(cfg, env, stop), DataPlane(cfg.haproxy), State()
+    source, dp, state = AzureSource(cfg, env, stop), DataPlane(cfg.haproxy, backend_params(cfg)), State()
     if dry_run:
         plan = reconcile(cfg, source, dp, state, stop, CycleReport(), dry_run=True)
         say(format_plan(plan).rstrip("\n"), sys.stdout)
@@ -3674,7 +3684,8 @@ def _run_status(cfg: Config, env: Mapping[str, str], as_json: bool, stop: thread
     """--status: discover, read HAProxy, print both side by side; change nothing. Drift is
     shown, not an error (the daemon repairs it); an unreachable Azure or HAProxy fails (1)."""
     report = CycleReport()
-    reconcile(cfg, AzureSource(cfg, env), DataPlane(cfg.haproxy), State(), stop, report, dry_run=True)
+    reconcile(cfg, AzureSource(cfg, env), DataPlane(cfg.haproxy, backend_params(cfg)), State(), stop, report,
+              dry_run=True)
     view = report.view or {}
     say(json.dumps(view, indent=1, sort_keys=True) if as_json else format_status(view).rstrip("\n"), sys.stdout)
     return EX_OK

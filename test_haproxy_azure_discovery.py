@@ -1440,7 +1440,8 @@ class Harness:
 
     def __init__(self, fake, **sections):
         self.fake, self.cfg = fake, dp_config(fake, **sections)
-        self.dp, self.state, self.stop = m.DataPlane(self.cfg.haproxy), m.State(), threading.Event()
+        self.dp, self.state, self.stop = (m.DataPlane(self.cfg.haproxy, m.backend_params(self.cfg)), m.State(),
+                                        threading.Event())
 
     def cycle(self, instances, **kw) -> m.CycleReport:
         self.fake.reset_requests()

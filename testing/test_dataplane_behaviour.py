@@ -269,9 +269,13 @@ def test_no_request_reaches_the_parked_address_while_a_slot_is_unparked():
 
 
 # --- models -----------------------------------------------------------------------------
-def test_a_backend_field_the_api_in_use_dropped_is_refused_before_anything_is_sent():
+@pytest.mark.parametrize("sections, key", [
+    ({"haproxy": {"backend": {"params": {"http_proxy": "enabled"}}}}, r"haproxy\.backend\.params\.http_proxy"),
+    ({"services": {"web": {"backend": {"params": {"http_proxy": "enabled"}}}}},
+     r"services\.web\.backend\.params\.http_proxy")])
+def test_a_backend_field_the_api_in_use_dropped_is_refused_before_anything_is_sent(sections, key):
     with FakeDataPlane(api="v3") as fake:                 # claims dataplaneapi v3.4
-        h = Harness(fake, haproxy={"backend": {"params": {"http_proxy": "enabled"}}})
-        with pytest.raises(m.DataPlaneError, match=r"haproxy\.backend\.params\.http_proxy: .* 3\.4"):
+        h = Harness(fake, **sections)
+        with pytest.raises(m.DataPlaneError, match=key + r": .* 3\.4"):
             h.cycle(estate("web", 1, 1))
         assert [r.method for r in fake.requests] == ["GET"] * len(fake.requests) and fake.backends == {}
