@@ -536,6 +536,20 @@ class SlotsConfig:
     max: int = 1000              # slots per backend; the growth rule never goes past it
 
 
+# One HAProxy host of haproxy.targets: its connection keys; None (a key left out) takes the
+# top-level haproxy.* value. `name` labels it in logs, metrics and --status (default: base_url).
+@dataclass(frozen=True)
+class TargetConfig:
+    name: str | None = None
+    base_url: str | None = None
+    api_version: str | None = None
+    username: str | None = None
+    password: str | None = None
+    timeout: float | None = None
+    verify_ssl: bool | None = None
+    ca_file: str | None = None
+
+
 @dataclass(frozen=True)
 class HAProxyConfig:
     base_url: str = "http://localhost:5555"
@@ -550,6 +564,7 @@ class HAProxyConfig:
     backend: BackendConfig = BackendConfig()
     server: ServerConfig = ServerConfig()
     server_slots: SlotsConfig = SlotsConfig()
+    targets: tuple[TargetConfig, ...] = ()     # empty: the one target of the keys above
 
 
 @dataclass(frozen=True)
@@ -741,6 +756,8 @@ CHECKS: dict[str, Callable[[Any], str | None]] = {
     "azure.source": _one_of("arm", "resource_graph"),
     "haproxy.base_url": _bounded_url,
     "haproxy.api_version": _one_of("auto", "v2", "v3"),
+    "haproxy.name": _matches(re.compile(r"[^\s\"\\\x00-\x1f\x7f]{1,100}"),    # a target's (haproxy.targets[i].name)
+                             "must be 1-100 characters without spaces, quotes, backslashes or controls"),
     "haproxy.username": lambda v: None if v else "must not be empty",
     "haproxy.password": lambda v: None if v else "is required",
     "haproxy.timeout": lambda v: _positive(v) or _at_most(HOUR, " s")(v),
@@ -860,6 +877,9 @@ def _build(cls: type, raw: Any, env: Mapping[str, str], path: str, problems: lis
         if name == "services":
             kwargs[name] = _build_services(raw[name], env, problems)
             continue
+        if name == "targets":
+            kwargs[name] = _build_targets(raw[name], env, problems)
+            continue
         try:
             _build_value(kwargs, name, raw[name], hints[name], env, key, problems, check)
         except Exception as exc:  # noqa: BLE001 - whatever the value does, it is this key's problem
@@ -894,6 +914,53 @@ def _build_services(raw: Any, env: Mapping[str, str], problems: list[str]) -> di
             continue
         out[name] = _build(ServiceConfig, entry, env, f"services.{name}", problems, "haproxy")
     return out
+
+
+MAX_TARGETS = 100
+
+
+def _build_targets(raw: Any, env: Mapping[str, str], problems: list[str]) -> tuple[TargetConfig, ...]:
+    """haproxy.targets: each entry checked like the haproxy.* connection keys it overrides."""
+    if not isinstance(raw, list) or len(raw) > MAX_TARGETS:
+        problems.append(f"haproxy.targets: must be a list of at most {MAX_TARGETS} objects (empty: the one "
+                        "target of haproxy.base_url)")
+        return ()
+    return tuple(_build(TargetConfig, entry, env, f"haproxy.targets[{i}]", problems, "haproxy")
+                 for i, entry in enumerate(raw))
+
+
+def target_configs(cfg: Config) -> list[tuple[str, Config]]:
+    """Each HAProxy target, by name, with the configuration it runs with: its connection keys
+    over the top-level haproxy.* ones. Without haproxy.targets, the one top-level target."""
+    top = cfg.haproxy
+    if not top.targets:
+        return [(top.base_url, cfg)]
+    out = []
+    for t in top.targets:
+        given = {f.name: v for f in dataclasses.fields(t) if f.name != "name" and (v := getattr(t, f.name)) is not None}
+        haproxy = dataclasses.replace(top, targets=(), **given)
+        out.append((t.name or haproxy.base_url, dataclasses.replace(cfg, haproxy=haproxy)))
+    return out
+
+
+def _target_problems(cfg: Config) -> list[str]:
+    """Rules across the entries of haproxy.targets, and those of a merged entry."""
+    problems, seen_urls, seen_names = [], {}, {}
+    for i, (name, c) in enumerate(target_configs(cfg) if cfg.haproxy.targets else []):
+        path, entry, h = f"haproxy.targets[{i}]", cfg.haproxy.targets[i], c.haproxy
+        if not h.password:
+            problems.append(f"{path}.password: is required (here or as haproxy.password)")
+        if h.ca_file and not h.verify_ssl and (entry.ca_file or entry.verify_ssl is not None):
+            problems.append(f"{path}.ca_file: set, but verify_ssl is false (here or in haproxy)")
+        u = urllib.parse.urlsplit(h.base_url)
+        key = (u.scheme.lower(), (u.hostname or "").lower(), u.port, u.path.rstrip("/"))
+        if key in seen_urls:
+            problems.append(f"{path}.base_url: {h.base_url} is haproxy.targets[{seen_urls[key]}]'s Data Plane API too")
+        if name in seen_names:
+            problems.append(f"{path}.name: {json.dumps(name)} names haproxy.targets[{seen_names[name]}] too")
+        seen_urls.setdefault(key, i)
+        seen_names.setdefault(name, i)
+    return problems
 
 
 def service_haproxy(cfg: Config, service: str | None) -> HAProxyConfig:
@@ -952,7 +1019,7 @@ def _cross_checks(cfg: Config) -> list[str]:
                         f"({polling.max_backoff_seconds} < {polling.backoff_base_seconds})")
     if cfg.haproxy.ca_file and not cfg.haproxy.verify_ssl:
         problems.append("haproxy.ca_file: set, but haproxy.verify_ssl is false")
-    return problems
+    return problems + _target_problems(cfg)
 
 
 def _slot_problems(slots: SlotsConfig, path: str) -> list[str]:
@@ -976,6 +1043,9 @@ def config_warnings(cfg: Config) -> list[str]:
                         "large estates may exhaust Azure Resource Manager read quotas")
     if not cfg.haproxy.verify_ssl:
         warnings.append("haproxy.verify_ssl is false: the Data Plane API certificate is not checked")
+    warnings += [f"haproxy.targets[{i}].verify_ssl is false: the Data Plane API certificate of {name} is not checked"
+                 for i, (name, c) in enumerate(target_configs(cfg)) if cfg.haproxy.targets
+                 and not c.haproxy.verify_ssl and cfg.haproxy.targets[i].verify_ssl is not None]
     return warnings
 
 
@@ -994,17 +1064,21 @@ def load_config(path: str, env: Mapping[str, str]) -> Config:
 
 
 def file_problems(cfg: Config) -> list[str]:
-    """Files the configuration names must exist and load: the CA bundle as PEM."""
-    path = cfg.haproxy.ca_file
-    if not path:
-        return []
+    """Files the configuration names must exist and load: the CA bundles as PEM (each
+    target's own, by its key path)."""
+    given = [("haproxy.ca_file", cfg.haproxy.ca_file)]
+    given += [(f"haproxy.targets[{i}].ca_file", t.ca_file) for i, t in enumerate(cfg.haproxy.targets)]
+    return [problem for key, path in given if path and (problem := _ca_problem(key, path))]
+
+
+def _ca_problem(key: str, path: str) -> str | None:
     try:
         ssl.create_default_context().load_verify_locations(cafile=path)
     except ssl.SSLError:          # (an OSError too: first)
-        return [f"haproxy.ca_file: {path} holds no PEM certificate"]
+        return f"{key}: {path} holds no PEM certificate"
     except OSError as exc:
-        return [f"haproxy.ca_file: cannot read {path}: {exc.strerror or exc}"]
-    return []
+        return f"{key}: cannot read {path}: {exc.strerror or exc}"
+    return None
 
 
 def decode_config(data: bytes, path: str) -> Any:
@@ -2955,9 +3029,10 @@ def setup_logging(level: str, fmt: str, secrets: Iterable[str], stream: Any = No
 
 
 def secrets_of(cfg: Config, env: Mapping[str, str]) -> list[str]:
-    """What no printed line may show: the Data Plane password and its Basic header value,
-    and every secret-named environment variable (so also config values taken from one)."""
-    return [cfg.haproxy.password, basic_credentials(cfg.haproxy), *secret_values(env)]
+    """What no printed line may show: every target's Data Plane password and its Basic header
+    value, and every secret-named environment variable (so also config values taken from one)."""
+    haproxy = [cfg.haproxy, *(c.haproxy for _, c in target_configs(cfg))]
+    return [*(s for h in haproxy for s in (h.password, basic_credentials(h))), *secret_values(env)]
 
 
 # === Cycle ===

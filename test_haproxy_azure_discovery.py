@@ -471,6 +471,94 @@ class TestServices:
         assert parked.name == "azure-api-9000-eastus" and not parked.fields_changed and parked.slots == 3
 
 
+class TestTargets:
+    """haproxy.targets: several HAProxy hosts, each entry's connection keys over haproxy.*."""
+
+    def test_entries_take_the_top_level_keys_they_leave_out(self):
+        cfg = make_config(haproxy={"password": "top", "username": "ops", "timeout": 7, "apply_mode": "hybrid",
+                                   "targets": [{"base_url": "http://10.0.0.1:5555", "name": "hap-1"},
+                                               {"base_url": "https://10.0.0.2:5555", "password": "two",
+                                                "api_version": "v2", "verify_ssl": False}]})
+        (n1, c1), (n2, c2) = m.target_configs(cfg)
+        assert (n1, c1.haproxy.base_url, c1.haproxy.password, c1.haproxy.username, c1.haproxy.timeout) == (
+            "hap-1", "http://10.0.0.1:5555", "top", "ops", 7)
+        assert (n2, c2.haproxy.password, c2.haproxy.api_version, c2.haproxy.verify_ssl) == (
+            "https://10.0.0.2:5555", "two", "v2", False)
+        assert c1.haproxy.apply_mode == c2.haproxy.apply_mode == "hybrid" and c1.haproxy.targets == ()
+        assert c1.services == cfg.services and c2.polling == cfg.polling
+        single = make_config()
+        assert m.target_configs(single) == [("http://localhost:5555", single)]
+        assert m.target_configs(make_config(haproxy={"password": "p", "targets": []})) == [
+            ("http://localhost:5555", make_config(haproxy={"password": "p", "targets": []}))]
+
+    def test_every_targets_password_and_basic_value_are_secrets(self):
+        cfg = make_config(haproxy={"password": "top-secret", "targets": [
+            {"base_url": "http://a:5555"}, {"base_url": "http://b:5555", "username": "u2", "password": "second-pw"}]})
+        secrets = m.secrets_of(cfg, {})
+        assert {"top-secret", "second-pw", m.basic_credentials(m.HAProxyConfig(username="u2", password="second-pw")),
+                m.basic_credentials(m.HAProxyConfig(password="top-secret"))} <= set(secrets)
+
+    @pytest.mark.parametrize("targets, problem", [
+        ([{"base_url": "http://a:5555"}, {"base_url": "localhost:5555"}],
+         "haproxy.targets[1].base_url: must be an http(s) URL"),
+        ([{"base_url": "http://admin:pw@a:5555"}], "haproxy.targets[0].base_url: must not carry credentials"),
+        ([{"base_url": "http://a:5555", "timeout": 0}], "haproxy.targets[0].timeout: must be greater than 0"),
+        ([{"base_url": "http://a:5555", "timeout": 7200}], "haproxy.targets[0].timeout: must be at most 3600"),
+        ([{"base_url": "http://a:5555", "api_version": "v4"}], 'haproxy.targets[0].api_version: must be "auto"'),
+        ([{"base_url": "http://a:5555", "verify_ssl": "yes"}], "haproxy.targets[0].verify_ssl: must be true or false"),
+        ([{"base_url": "http://a:5555", "username": ""}], "haproxy.targets[0].username: must not be empty"),
+        ([{"base_url": "http://a:5555", "apply_mode": "hybrid"}], "haproxy.targets[0].apply_mode: unknown key"),
+        ([{"base_url": "http://a:5555", "name": "hap 1"}], "haproxy.targets[0].name: must be 1-100 characters"),
+        ([{"base_url": "http://a:5555"}, {"base_url": "HTTP://A:5555/"}],
+         "haproxy.targets[1].base_url: HTTP://A:5555/ is haproxy.targets[0]'s Data Plane API too"),
+        ([{"base_url": "http://a:5555", "name": "x"}, {"base_url": "http://b:5555", "name": "x"}],
+         'haproxy.targets[1].name: "x" names haproxy.targets[0] too'),
+        ([{"base_url": "http://a:5555", "ca_file": "/etc/ssl/certs/ca-certificates.crt", "verify_ssl": False}],
+         "haproxy.targets[0].ca_file: set, but verify_ssl is false"),
+        (["http://a:5555"], "haproxy.targets[0]: must be an object"),
+        ({"base_url": "http://a:5555"}, "haproxy.targets: must be a list"),
+        ([{"base_url": f"http://h{i}:5555"} for i in range(101)], "haproxy.targets: must be a list of at most 100"),
+    ])
+    def test_each_problem_names_its_entry_and_key(self, targets, problem):
+        with pytest.raises(m.ConfigError) as e:
+            make_config(haproxy={"password": "p", "targets": targets})
+        assert any(p.startswith(problem) for p in e.value.problems), e.value.problems
+
+    def test_a_target_without_a_password_anywhere_is_refused(self):
+        with pytest.raises(m.ConfigError) as e:
+            m.parse_config({"azure": {"subscription_id": SUB}, "haproxy": {"targets": [
+                {"base_url": "http://a:5555", "password": "p"}, {"base_url": "http://b:5555"}]}}, {})
+        assert e.value.problems == ("haproxy.targets[1].password: is required (here or as haproxy.password)",)
+
+    def test_validate_lists_every_problem_with_its_path_and_echoes_no_secret(self, tmp_path, monkeypatch, capsys):
+        monkeypatch.setenv("DP2_PASSWORD", "second-s3cret")
+        (tmp_path / "not-pem").write_text("hello")
+        path = write_config(tmp_path, {"azure": {"subscription_id": SUB}, "haproxy": {"password": "p", "targets": [
+            {"base_url": "http://a:5555", "timeout": "${DP2_PASSWORD}"},
+            {"base_url": "http://b:5555", "ca_file": str(tmp_path / "not-pem")},
+            {"base_url": "http://c:5555", "ca_file": str(tmp_path / "missing.pem")},
+            {"base_url": "http://d:5555", "password": "${DP2_PASSWORD}", "colour": "red"}]}})
+        assert m.main(["--validate", "-c", path]) == 78
+        err = capsys.readouterr().err
+        assert "second-s3cret" not in err
+        assert [line.split(": ", 3)[2] for line in err.splitlines()] == [
+            "haproxy.targets[0].timeout", "haproxy.targets[3].colour"]
+        path = write_config(tmp_path, {"azure": {"subscription_id": SUB}, "haproxy": {"password": "p", "targets": [
+            {"base_url": "http://b:5555", "ca_file": str(tmp_path / "not-pem")},
+            {"base_url": "http://c:5555", "ca_file": str(tmp_path / "missing.pem")}]}})
+        assert m.main(["--validate", "-c", path]) == 78
+        err = capsys.readouterr().err.splitlines()
+        assert err[0].endswith(f"haproxy.targets[0].ca_file: {tmp_path}/not-pem holds no PEM certificate")
+        assert err[1].endswith(f"haproxy.targets[1].ca_file: cannot read {tmp_path}/missing.pem: "
+                               "No such file or directory")
+
+    def test_an_unchecked_certificate_is_warned_about_per_target(self):
+        cfg = make_config(haproxy={"password": "p", "targets": [{"base_url": "https://a:5555"},
+                                                                 {"base_url": "https://b:5555", "verify_ssl": False}]})
+        assert m.config_warnings(cfg) == ["haproxy.targets[1].verify_ssl is false: the Data Plane API certificate "
+                                          "of https://b:5555 is not checked"]
+
+
 class TestWeightTag:
     def weighted(self, n, value, **kw):
         return make_instance(n, tags={"HAProxy:Instance:Weight": value}, **kw)
