@@ -7,7 +7,9 @@ HAProxy:Service:Name / HAProxy:Service:Port, filters them by tag rules, groups
 them into services (name, port, region) and keeps one HAProxy backend per
 service in step through the Data Plane API: backend azure-NAME-PORT-REGION with
 server slots srv1..srvN, live ones pointing at instances and parked ones at
-127.0.0.1:80 in maintenance. Backends are created, never deleted.
+127.0.0.1:80 in maintenance. Backends are created, never deleted. With
+haproxy.targets, one discovery feeds several HAProxy hosts, each planned, applied
+and backed off on its own.
 
 Usage:
     haproxy-azure-discovery [-c FILE] [--once | --dry-run | --validate | --status [--json]]
@@ -1589,16 +1591,27 @@ def status_view(groups: Mapping[ServiceKey, list[Member]], skipped: Sequence[Ski
     backends = [_backend_view(name, actual.get(name), planned.get(name), members.get(name, {}), held)
                 for name in sorted(set(actual) | set(planned))]
     return {
-        "discovery": {
-            "instances": sum(map(len, groups.values())),
-            "services": [{"service": k.name, "port": k.port, "region": k.region,
-                          "backend": backend_name(k, cfg.haproxy.backend), "instances": len(ms)}
-                         for k, ms in sorted(groups.items())],
-            "skipped": [{"instance": s.instance, "reason": s.reason} for s in skipped],
-        },
+        "discovery": discovery_view(groups, skipped, cfg),
         "targets": [{"target": target, "ok": True, "backends": backends,
                      "drift": sum(b["drift"] for b in backends)}],
     }
+
+
+def discovery_view(groups: Mapping[ServiceKey, list[Member]], skipped: Sequence[Skip], cfg: Config) -> dict[str, Any]:
+    """The discovery half of status_view: the same for every target."""
+    return {
+        "instances": sum(map(len, groups.values())),
+        "services": [{"service": k.name, "port": k.port, "region": k.region,
+                      "backend": backend_name(k, cfg.haproxy.backend), "instances": len(ms)}
+                     for k, ms in sorted(groups.items())],
+        "skipped": [{"instance": s.instance, "reason": s.reason} for s in skipped],
+    }
+
+
+def combined_view(views: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
+    """The status views of several targets (each what it holds, or why it could not be
+    read) as one: the discovery they share, then every target in order."""
+    return {"discovery": views[0]["discovery"], "targets": [t for v in views for t in v["targets"]]}
 
 
 def _backend_view(name: str, actual: BackendState | None, plan: BackendPlan | None,
@@ -2360,12 +2373,12 @@ class _Pool:
     flight when shutdown is requested cannot hold the process past systemd's stop timeout;
     once closed (or failed), its threads give up at their next page."""
 
-    def __init__(self, workers: int):
+    def __init__(self, workers: int, name: str = "azure"):
         self.closed = False
         self.failed: BaseException | None = None    # the first listing's failure
         self._jobs: queue.SimpleQueue = queue.SimpleQueue()
         self._futures: list[concurrent.futures.Future] = []
-        self._threads = [threading.Thread(target=self._work, name=f"azure-{n}", daemon=True)
+        self._threads = [threading.Thread(target=self._work, name=f"{name}-{n}", daemon=True)
                          for n in range(workers)]
         for thread in self._threads:
             thread.start()
@@ -2967,6 +2980,10 @@ def _q(name: str) -> str:
 _LOG_RESERVED = frozenset(vars(logging.LogRecord("", 0, "", 0, "", (), None))) | {"message", "asctime"}
 
 
+# .target: the HAProxy target the current thread works for; its lines carry it as a field.
+_log_context = threading.local()
+
+
 class _Redacting(logging.Formatter):
     """Keeps passwords, tokens and Authorization headers out of every line, including
     tracebacks: known secret values and anything shaped like a credential are masked."""
@@ -2979,6 +2996,9 @@ class _Redacting(logging.Formatter):
         return redact(text, self.secrets)
 
     def format(self, record: logging.LogRecord) -> str:
+        target = getattr(_log_context, "target", None)
+        if target and not hasattr(record, "target"):
+            record.target = target
         return self.redact(self.render(record))
 
     def render(self, record: logging.LogRecord) -> str:
@@ -3055,26 +3075,48 @@ class CycleReport:
     error: str = ""
     refused: dict[str, str] = field(default_factory=dict)        # backend -> the API's refusal
     view: dict[str, Any] | None = None     # status_view once planned (after applying: what it left)
+    target: str = ""              # the target's name (haproxy.targets[i].name, else its base_url)
+    failure: Exception | None = None       # why this target's cycle failed, when it did
 
 
-def reconcile(cfg: Config, source: Source, target: Target, state: State, stop: threading.Event,
-              report: CycleReport, dry_run: bool = False) -> Plan | None:
-    """Discover, plan against what HAProxy holds, apply; re-plan on a conflict.
+@dataclass(frozen=True)
+class Seen:
+    """One discovery, selected and grouped: what every target's cycle plans from."""
+    groups: Mapping[ServiceKey, list[Member]]
+    skipped: list[Skip]
+    fingerprint: str
 
-    Steady state costs one Data Plane request: the configuration version, when it and
-    the discovery are what the last cycle left. The version is read before the backends
-    it guards, so a change landing between the two reads is a conflict, not overwritten.
-    Fills `report` as it goes.
-    """
+
+def discover(cfg: Config, source: Source, stop: Any, report: CycleReport) -> Seen:
+    """Read Azure once and group what it holds; fills the discovery part of `report`."""
     discovery = source.discover()
     report.azure_requests = discovery.requests
     groups, skipped = select_instances(discovery.instances, cfg)
     skipped = [*discovery.skipped, *skipped]
     report.instances, report.skipped = sum(map(len, groups.values())), len(skipped)
     report.skips = tuple(skipped)
-    fp = fingerprint(groups)
     if stop.is_set():
         raise Aborted("shutdown requested")
+    return Seen(groups, skipped, fingerprint(groups))
+
+
+def reconcile(cfg: Config, source: Source, target: Target, state: State, stop: threading.Event,
+              report: CycleReport, dry_run: bool = False) -> Plan | None:
+    """Discover, then plan and apply to one target (reconcile_target)."""
+    return reconcile_target(cfg, discover(cfg, source, stop, report), target, state, stop, report, dry_run)
+
+
+def reconcile_target(cfg: Config, seen: Seen, target: Target, state: State, stop: threading.Event,
+                     report: CycleReport, dry_run: bool = False) -> Plan | None:
+    """Plan against what HAProxy holds, apply; re-plan on a conflict.
+
+    Steady state costs one Data Plane request: the configuration version, when it and
+    the discovery are what the last cycle left. The version is read before the backends
+    it guards, so a change landing between the two reads is a conflict, not overwritten.
+    Fills `report` as it goes.
+    """
+    groups, skipped, fp = seen.groups, seen.skipped, seen.fingerprint
+    name = report.target or cfg.haproxy.base_url
     prefix = cfg.haproxy.backend.name_prefix + cfg.haproxy.backend.name_separator
     for attempt in range(1, MAX_ATTEMPTS + 1):
         version = target.version()
@@ -3085,7 +3127,7 @@ def reconcile(cfg: Config, source: Source, target: Target, state: State, stop: t
         decision = plan_cycle(groups, skipped, actual, state, cfg)
         plan = decision.plan
         if dry_run:
-            report.view = status_view(groups, skipped, actual, decision, cfg, cfg.haproxy.base_url)
+            report.view = status_view(groups, skipped, actual, decision, cfg, name)
             return plan
         report.refused = {}
         try:
@@ -3106,7 +3148,7 @@ def reconcile(cfg: Config, source: Source, target: Target, state: State, stop: t
         done = state_after(actual, Plan(tuple(b for b in plan.backends if b.name not in report.refused)))
         after = decision if plan.empty else plan_cycle(groups, skipped, done, state, cfg)
         after = dataclasses.replace(after, plan=dataclasses.replace(after.plan, held=plan.held))
-        report.view = status_view(groups, skipped, done, after, cfg, cfg.haproxy.base_url)
+        report.view = status_view(groups, skipped, done, after, cfg, name)
         settled = not plan.held and not report.refused and after.plan.empty
         state.fingerprint = fp if settled else None
         report.plan = plan
@@ -3155,18 +3197,86 @@ def _log_refused(refused: Mapping[str, str], groups: Mapping[ServiceKey, list[Me
                   extra={"event": "backend_refused", "backend": name, "count": len(members.get(name, []))})
 
 
+# Targets are applied at once, each from its own thread: a hanging HAProxy holds only itself.
+TARGET_WORKERS = 8
+
+
+@dataclass
+class TargetRun:
+    """One HAProxy target: its name, the configuration it runs with, its Data Plane client,
+    what it remembers between cycles, and its own backoff."""
+    name: str
+    cfg: Config
+    dp: Any
+    state: State = field(default_factory=State)
+    failures: int = 0             # its cycles failed in a row
+    due: float = 0.0              # the clock time its backoff ends
+
+
+def run_cycle(source: Source, runs: Sequence[TargetRun], stop: Any, dry_run: bool = False,
+              memory: State | None = None, now: Callable[[], float] = time.monotonic) -> list[CycleReport]:
+    """One discovery, planned and applied to each of `runs` independently and at the same
+    time: a report per target, a failed one with its `failure`. A target that fails, or
+    hangs until its timeout, costs the others nothing. A failed discovery raises (nothing
+    is applied anywhere), and so does a shutdown, once every target has stopped.
+    `memory` keeps the skips already warned about (default: the first target's state)."""
+    started, first = now(), CycleReport()
+    seen = discover(runs[0].cfg, source, stop, first)
+    _log_skips(first, memory or runs[0].state)
+    reports = [CycleReport(target=run.name, instances=first.instances, skipped=first.skipped,
+                           skips=first.skips, azure_requests=first.azure_requests) for run in runs]
+    if len(runs) == 1:
+        _target_cycle(runs[0], reports[0], seen, stop, dry_run, started, now)
+    else:
+        pool = _Pool(min(len(runs), TARGET_WORKERS), "target")
+        try:
+            for job in [pool.submit(_target_cycle, run, report, seen, stop, dry_run, started, now)
+                        for run, report in zip(runs, reports)]:
+                job.result()
+        finally:
+            pool.close()
+    failed = [r for r in reports if r.failure is not None]
+    if failed and (stop.is_set() or any(isinstance(r.failure, Aborted) for r in failed)):
+        raise Aborted(failed[0].error)     # whatever failed, the shutdown is the news
+    return reports
+
+
+def _target_cycle(run: TargetRun, report: CycleReport, seen: Seen, stop: Any, dry_run: bool,
+                  started: float, now: Callable[[], float]) -> None:
+    """One target's part of a cycle; whatever happens ends in `report`, and every line it
+    logs carries the target's name."""
+    _log_context.target = run.name
+    try:
+        _reconcile_into(run, report, seen, stop, dry_run, started, now)
+        if not dry_run and report.failure is None:
+            _log_report(report, run.state)
+    finally:
+        _log_context.target = None
+
+
+def _reconcile_into(run: TargetRun, report: CycleReport, seen: Seen, stop: Any, dry_run: bool,
+                    started: float, now: Callable[[], float]) -> None:
+    before = run.dp.requests
+    try:
+        report.plan = reconcile_target(run.cfg, seen, run.dp, run.state, stop, report, dry_run) or report.plan
+    except Exception as exc:  # noqa: BLE001 - one target's failure, whatever it is, is its own
+        report.result, report.failure = "failed", exc
+        report.error = str(exc) if isinstance(exc, DiscoveryError) else f"unexpected {type(exc).__name__}: {exc}"
+        report.view = {"discovery": discovery_view(seen.groups, seen.skipped, run.cfg),
+                       "targets": [{"target": run.name, "ok": False, "error": report.error}]}
+        if not isinstance(exc, DiscoveryError):
+            log.exception("cycle failed unexpectedly",
+                          extra={"event": "cycle_failed", "failures": run.failures + 1, "target": run.name})
+    finally:
+        report.duration, report.dataplane_requests = now() - started, run.dp.requests - before
+
+
 def one_cycle(cfg: Config, source: Source, dp: Target, state: State, stop: Any,
               now: Callable[[], float] = time.monotonic) -> CycleReport:
-    """reconcile() with its report filled in and logged, whatever happens."""
-    report = CycleReport()
-    started, dp_before = now(), dp.requests
-    try:
-        reconcile(cfg, source, dp, state, stop, report)
-    finally:
-        report.duration = now() - started
-        report.dataplane_requests = dp.requests - dp_before
-        _log_skips(report, state)
-    _log_report(report, state)
+    """run_cycle() for one target (its name: haproxy.base_url); its failure raises."""
+    (report,) = run_cycle(source, [TargetRun(cfg.haproxy.base_url, cfg, dp, state)], stop, now=now)
+    if report.failure is not None:
+        raise report.failure
     return report
 
 
@@ -3194,7 +3304,7 @@ def _log_report(report: CycleReport, state: State) -> None:
                      extra={"event": "backend_changed", "backend": b.name, "count": len(b.changes),
                             "slots": b.slots, "live": b.live})
     log.info("cycle %s", report.result,
-             extra={"event": "cycle", "result": report.result, "instances": report.instances,
+             extra={"event": "cycle", "target": report.target, "result": report.result, "instances": report.instances,
                     "skipped": report.skipped, "azure_requests": report.azure_requests,
                     "dataplane_requests": report.dataplane_requests,
                     "duration_ms": round(report.duration * 1000)})
@@ -3248,61 +3358,101 @@ class Notifier:
 
 
 class Metrics:
-    """Counters and gauges in the Prometheus text format; updated by the loop only."""
+    """Counters and gauges in the Prometheus text format; updated by the loop only. What is
+    per target carries the label target="NAME"; what is per discovery carries none."""
 
-    def __init__(self, interval: float):
-        self.interval = interval
+    def __init__(self, interval: float, clock: Callable[[], float] = time.monotonic):
+        self.interval, self.clock = interval, clock      # health is measured on `clock`
         self._lock = threading.Lock()
         self.counters: dict[tuple[str, str], float] = {}
-        self.gauges: dict[str, float] = {}
+        self.gauges: dict[tuple[str, str], float] = {}
         self.backend_gauges: dict[tuple[str, str], float] = {}   # (name, labels) per target and backend
-        self.view: dict[str, Any] | None = None                  # the last status_view, for /state
-        self.last_success = 0.0
-        self._success_clock: float | None = None    # time.monotonic() of the last success
+        self.discovery: dict[str, Any] | None = None             # the last status view's parts, for /state
+        self.views: dict[str, dict[str, Any]] = {}               # ... by target
+        self.targets: list[str] = []                             # the targets in use, in order
+        self._success: dict[str, float] = {}        # time.monotonic() of each target's last success
 
-    def record(self, report: CycleReport, now: float) -> None:
+    def use(self, targets: Sequence[str]) -> None:
+        """The targets a (re)loaded configuration runs: one added by a reload has three
+        intervals for its first success, as at start; a removed one's views and gauges go."""
         with self._lock:
-            def inc(name: str, label: str = "", by: float = 1) -> None:
-                self.counters[(name, label)] = self.counters.get((name, label), 0) + by
-            inc("cycles_total", f'result="{report.result}"')
-            inc("cycle_duration_seconds_sum", by=report.duration)
-            inc("azure_requests_total", by=report.azure_requests)
-            inc("dataplane_requests_total", by=report.dataplane_requests)
-            inc("reloads_total", by=report.reloads)
-            inc("backends_refused_total", by=len(report.refused))
-            for result, n in report.transactions.items():
-                inc("transactions_total", f'result="{result}"', n)
-            if report.plan is not None:
-                plan = report.plan
-                inc("held_drains_total", by=len(plan.held))
-                self.gauges.update(backends=plan.our_backends, services=plan.services,
-                                   servers_live=plan.live, servers_parked=plan.slots - plan.live)
-            self.gauges["instances_discovered"] = report.instances
-            self.gauges["instances_skipped"] = report.skipped
-            if report.view is not None:      # a steady cycle reads nothing: the last view holds
-                self.view = report.view
-                self.backend_gauges = backend_gauges(report.view)
-            if report.result != "failed":
-                self.last_success, self._success_clock = now, time.monotonic()
-                self.gauges["last_success_timestamp_seconds"] = now
+            started = self.clock()
+            self._success = {t: self._success.get(t, started) for t in targets} if self._success else {}
+            self.views = {t: v for t, v in self.views.items() if t in targets}
+            labels = {"", *(_target_label(t) for t in targets)}
+            self.gauges = {k: v for k, v in self.gauges.items() if k[1] in labels}
+            self.targets = list(targets)
+
+    def record(self, reports: Sequence[CycleReport], now: float) -> None:
+        """A cycle's reports, one per target it ran on: the discovery's figures once."""
+        with self._lock:
+            self._inc("azure_requests_total", "", reports[0].azure_requests)
+            self.gauges[("instances_discovered", "")] = reports[0].instances
+            self.gauges[("instances_skipped", "")] = reports[0].skipped
+            for report in reports:
+                self._record_target(report, now)
+            self.backend_gauges = backend_gauges({"targets": [self.views[t] for t in self.views]})
+
+    def _inc(self, name: str, label: str, by: float = 1) -> None:
+        self.counters[(name, label)] = self.counters.get((name, label), 0) + by
+
+    def _record_target(self, report: CycleReport, now: float) -> None:
+        t = _target_label(report.target)
+        self._inc("cycles_total", f'{t},result="{report.result}"')
+        for name, by in (("cycle_duration_seconds_sum", report.duration), ("reloads_total", report.reloads),
+                         ("dataplane_requests_total", report.dataplane_requests),
+                         ("backends_refused_total", len(report.refused))):
+            self._inc(name, t, by)
+        for result, n in report.transactions.items():
+            self._inc("transactions_total", f'{t},result="{result}"', n)
+        if report.plan is not None:
+            plan = report.plan
+            self._inc("held_drains_total", t, len(plan.held))
+            self.gauges[("services", "")] = plan.services
+            self.gauges.update({("backends", t): plan.our_backends, ("servers_live", t): plan.live,
+                                ("servers_parked", t): plan.slots - plan.live})
+        if report.view is not None:      # a steady cycle reads nothing: the last view holds
+            self.discovery = report.view["discovery"]
+            entry = report.view["targets"][0]
+            # A target that failed keeps what it held last, marked as not readable now.
+            self.views[report.target] = entry if entry["ok"] else {**self.views.get(report.target, {}), **entry}
+        if report.result != "failed":
+            self._success[report.target] = self.clock()
+            self.gauges[("last_success_timestamp_seconds", t)] = now
+            if report.view is None and report.target in self.views:
+                self.views[report.target] = {k: v for k, v in self.views[report.target].items() if k != "error"}
+                self.views[report.target]["ok"] = True
+
+    def stale(self, now: float | None = None) -> list[str]:
+        """The targets without a success for three intervals, on the monotonic clock (`now`
+        from it too): a step of the wall clock must not flip the health check."""
+        now = self.clock() if now is None else now
+        with self._lock:
+            return [t for t in self.targets or list(self._success) or [""]
+                    if now - self._success.get(t, -math.inf) >= 3 * self.interval]
 
     def healthy(self, now: float | None = None) -> bool:
-        """A success within three intervals, on the monotonic clock (`now` from it too):
-        a step of the wall clock must not flip the health check."""
-        now = time.monotonic() if now is None else now
-        return self._success_clock is not None and now - self._success_clock < 3 * self.interval
+        """Every target succeeded within three intervals (see stale)."""
+        return not self.stale(now)
 
     def render(self) -> str:
         with self._lock:
             lines = [f"haproxy_azure_discovery_{n}{{{lbl}}} {v:g}" if lbl else f"haproxy_azure_discovery_{n} {v:g}"
-                     for (n, lbl), v in sorted(self.counters.items())]
-            lines += [f"haproxy_azure_discovery_{n} {v:g}" for n, v in sorted(self.gauges.items())]
-            lines += [f"haproxy_azure_discovery_{n}{{{lbl}}} {v:g}" for (n, lbl), v in sorted(self.backend_gauges.items())]
+                     for (n, lbl), v in [*sorted(self.counters.items()), *sorted(self.gauges.items()),
+                                         *sorted(self.backend_gauges.items())]]
         return "\n".join(lines) + "\n"
 
     def state(self) -> str | None:
         with self._lock:
-            return None if self.view is None else json.dumps(self.view, indent=1, sort_keys=True) + "\n"
+            if self.discovery is None:
+                return None
+            view = {"discovery": self.discovery, "targets": [self.views[t] for t in self.targets or self.views
+                                                             if t in self.views]}
+            return json.dumps(view, indent=1, sort_keys=True) + "\n"
+
+
+def _target_label(name: str) -> str:
+    return f'target="{_label_value(name)}"'
 
 
 def backend_gauges(view: Mapping[str, Any]) -> dict[tuple[str, str], float]:
@@ -3389,8 +3539,9 @@ def serve_metrics(listen: str, metrics: Metrics) -> http.server.ThreadingHTTPSer
                 kind, state = "application/json", metrics.state()
                 status, body = (200, state) if state else (503, '{"error": "no cycle has read HAProxy yet"}\n')
             elif self.path == "/healthz":
-                ok = metrics.healthy()
-                status, body = (200, "ok\n") if ok else (503, "no successful cycle recently\n")
+                stale = metrics.stale()
+                named = f" for {', '.join(stale)}" if len(metrics.targets) > 1 else ""
+                status, body = (503, f"no successful cycle recently{named}\n") if stale else (200, "ok\n")
             else:
                 status, body = 404, "not found\n"
             data = body.encode()
@@ -3502,48 +3653,53 @@ START_BUDGET = 60.0
 
 @dataclass
 class _InUse:
-    """A configuration put to use: its Azure source, Data Plane client and metrics listener."""
+    """A configuration put to use: its Azure source, its targets (each with its Data Plane
+    client, state and backoff) and metrics listener."""
     cfg: Config
     source: Any
-    dp: Any
+    runs: list[TargetRun] = field(default_factory=list)
     server: http.server.ThreadingHTTPServer | None = None
     listen: str = ""               # where `server` listens (kept when a move needs a restart)
+    memory: State = field(default_factory=State)    # the skips already warned about
 
 
 def run_forever(load: Callable[[], Config], make_source: Callable[[Config], Source],
                 make_dataplane: Callable[[Config], Target], signals: Signals,
                 max_cycles: int | None = None, rand: Callable[[], float] = random.random,
                 env: Mapping[str, str] | None = None, configure: Callable[[Config], None] = lambda cfg: None,
-                notifier: Notifier | None = None, start_budget: float = START_BUDGET) -> int:
-    """The daemon: a cycle, then sleep (interval + jitter, or backoff after failures),
-    until `signals.stop`. SIGHUP puts a re-read configuration to use (`configure` applies
-    its logging) or keeps the old one, and forgets all state. Returns the exit code."""
+                notifier: Notifier | None = None, start_budget: float = START_BUDGET,
+                clock: Callable[[], float] = time.monotonic) -> int:
+    """The daemon: a cycle, then sleep (interval + jitter, or backoff while every target
+    fails), until `signals.stop`. A failing target backs off alone: it sits out the cycles
+    until its backoff ends. SIGHUP puts a re-read configuration to use (`configure` applies
+    its logging) or keeps the old one, and forgets all state. Returns the exit code.
+    `make_dataplane` is called once per target, with that target's configuration."""
     notifier = notifier or Notifier(env)
     cfg = load()
-    metrics = Metrics(cfg.polling.interval_seconds)
-    using, state = _put_to_use(cfg, None, metrics, make_source, make_dataplane, configure), State()
+    metrics = Metrics(cfg.polling.interval_seconds, clock)
+    using = _put_to_use(cfg, None, metrics, make_source, make_dataplane, configure)
     budget = threading.Timer(start_budget, notifier.notify, (
         f"WATCHDOG=1\nSTATUS=ready after the {start_budget:g} s start budget; first cycle still running",
         True))
     budget.daemon = True
     budget.start()
-    failures, cycles = 0, 0
+    cycles = 0
     try:
         while not signals.stop.is_set() and (max_cycles is None or cycles < max_cycles):
             if signals.reload.is_set():
                 signals.reload.clear()
-                using, state = _reload(load, using, metrics, make_source, make_dataplane, configure), State()
+                using = _reload(load, using, metrics, make_source, make_dataplane, configure)
             notifier.keepalive()
-            report, failures = _daemon_cycle(using, state, signals.stop, failures)
-            if report is None:
+            done = _daemon_cycle(using, signals.stop, rand, clock)
+            if done is None:
                 break
-            cycles += 1
-            metrics.record(report, time.time())
+            (reports, delay), cycles = done, cycles + 1
+            metrics.record(reports, time.time())
             budget.cancel()
             first = cycles == 1 and not notifier.ready     # else READY came with the start budget
-            notifier.notify("WATCHDOG=1\nSTATUS=" + _status(report, failures, first), ready=True)
+            notifier.notify("WATCHDOG=1\nSTATUS=" + _status(reports, using.runs, first), ready=True)
             if max_cycles is None or cycles < max_cycles:
-                signals.sleep(next_delay(failures, using.cfg.polling, rand()), notifier)
+                signals.sleep(delay, notifier)
     finally:
         budget.cancel()
         _retire(using, None)
@@ -3551,42 +3707,68 @@ def run_forever(load: Callable[[], Config], make_source: Callable[[Config], Sour
     return EX_OK
 
 
-def _daemon_cycle(using: _InUse, state: State, stop: Any, failures: int) -> tuple[CycleReport | None, int]:
-    """One cycle of the daemon: (its report, failures in a row); no report once aborted."""
-    report = CycleReport()
+def _daemon_cycle(using: _InUse, stop: Any, rand: Callable[[], float],
+                  clock: Callable[[], float]) -> tuple[list[CycleReport], float] | None:
+    """One cycle of the daemon over the targets that are due: their reports, and how long to
+    sleep after it; None once aborted. A failed discovery fails every target it was for."""
+    due = _due(using.runs, clock())
     try:
-        return one_cycle(using.cfg, using.source, using.dp, state, stop), 0
+        reports = run_cycle(using.source, due, stop, memory=using.memory)
     except Aborted:
         log.info("cycle aborted for shutdown", extra={"event": "shutdown"})
-        return None, failures
-    except DiscoveryError as exc:
-        report.error = str(exc)
-        log.warning("cycle failed: %s", exc, extra={"event": "cycle_failed", "failures": failures + 1})
-    except Exception:  # noqa: BLE001 - the daemon outlives bugs; they are logged whole
-        report.error = "unexpected error"
-        log.exception("cycle failed unexpectedly", extra={"event": "cycle_failed", "failures": failures + 1})
-    return report, failures + 1
+        return None
+    except Exception as exc:  # noqa: BLE001 - the daemon outlives bugs; they are logged whole
+        reports = [CycleReport(target=run.name, error=str(exc) if isinstance(exc, DiscoveryError)
+                               else "unexpected error") for run in due]
+        if isinstance(exc, DiscoveryError):
+            log.warning("cycle failed: %s", exc, extra={"event": "cycle_failed", "failures": due[0].failures + 1})
+        else:
+            log.exception("cycle failed unexpectedly", extra={"event": "cycle_failed", "failures": due[0].failures + 1})
+    now = clock()
+    for run, report in zip(due, reports):
+        run.failures = run.failures + 1 if report.result == "failed" else 0
+        run.due = now + next_delay(run.failures, run.cfg.polling, rand()) if run.failures else 0.0
+        if isinstance(report.failure, DiscoveryError):     # (a bug was logged whole already)
+            log.warning("cycle failed: %s", report.error,
+                        extra={"event": "cycle_failed", "failures": run.failures, "target": run.name})
+    if any(not run.failures for run in using.runs):
+        return reports, next_delay(0, using.cfg.polling, rand())
+    return reports, max(0.0, round(min(run.due for run in using.runs) - now, 6))
 
 
-def _status(report: CycleReport, failures: int, first: bool = False) -> str:
-    ready = "ready after the first cycle; " if first else ""
-    if report.result == "failed":
-        return f"{ready}last cycle failed ({failures} in a row): {report.error}"[:200]
-    return f"{ready}last cycle {report.result}: {report.instances} instances, {report.skipped} skipped"
+def _due(runs: Sequence[TargetRun], now: float) -> list[TargetRun]:
+    """The targets whose backoff has ended, or else those it ends for first."""
+    earliest = min(run.due for run in runs)
+    return [run for run in runs if run.due <= max(now, earliest)]
+
+
+def _status(reports: Sequence[CycleReport], runs: Sequence[TargetRun], first: bool = False) -> str:
+    """systemd's STATUS: the last cycle's result, per target when there are several."""
+    ready, report = "ready after the first cycle; " if first else "", reports[0]
+    if all(r.result == "failed" for r in reports) and (len(runs) == 1 or report.skips is None):
+        return f"{ready}last cycle failed ({max(r.failures for r in runs)} in a row): {report.error}"[:200]
+    if len(runs) == 1:
+        return f"{ready}last cycle {report.result}: {report.instances} instances, {report.skipped} skipped"
+    results = {r.target: r.result for r in reports}
+    each = ", ".join(f"{run.name} {results.get(run.name, 'backing off')}"
+                     + (f" ({run.failures} in a row)" if run.failures else "") for run in runs)
+    return f"{ready}last cycle: {report.instances} instances, {report.skipped} skipped; targets: {each}"[:200]
 
 
 def _put_to_use(cfg: Config, old: _InUse | None, metrics: Metrics, make_source: Callable,
                 make_dataplane: Callable, configure: Callable[[Config], None]) -> _InUse:
     """Build what `cfg` runs with; whatever fails, what was built so far is closed again."""
-    using = _InUse(cfg, make_source(cfg), None)
+    using = _InUse(cfg, make_source(cfg))
     try:
-        using.dp = make_dataplane(cfg)
+        for name, target_cfg in target_configs(cfg):
+            using.runs.append(TargetRun(name, target_cfg, make_dataplane(target_cfg)))
         using.server, using.listen = _listener(cfg.metrics.listen, old, metrics)
         configure(cfg)
     except BaseException:
         _retire(using, old)
         raise
     metrics.interval = cfg.polling.interval_seconds
+    metrics.use([run.name for run in using.runs])
     return using
 
 
@@ -3609,9 +3791,10 @@ def _listener(listen: str, old: _InUse | None, metrics: Metrics) -> tuple[Any, s
 def _retire(using: _InUse, successor: _InUse | None) -> None:
     """Close what `using` holds and `successor` does not share: the Azure client and
     credential (their sockets would wait for the garbage collector), the listener."""
-    for part in (using.source, using.dp):
+    kept = [] if successor is None else [successor.source, *(run.dp for run in successor.runs)]
+    for part in (using.source, *(run.dp for run in using.runs)):
         close = getattr(part, "close", None)
-        if close is not None and (successor is None or part not in (successor.source, successor.dp)):
+        if close is not None and not any(part is k for k in kept):
             close()
     if using.server is not None and (successor is None or using.server is not successor.server):
         using.server.shutdown()
@@ -3740,30 +3923,44 @@ def main(argv: Sequence[str] | None = None, env: Mapping[str, str] | None = None
 
 def _once_or_dry_run(cfg: Config, env: Mapping[str, str], dry_run: bool, stop: Flag,
                      say: Callable[[str], None]) -> int:
-    """--once and --dry-run: one cycle; the plan (dry run) on stdout. A failure raises."""
-    source, dp, state = AzureSource(cfg, env, stop), DataPlane(cfg.haproxy, backend_params(cfg)), State()
-    if dry_run:
-        plan = reconcile(cfg, source, dp, state, stop, CycleReport(), dry_run=True)
-        say(format_plan(plan).rstrip("\n"), sys.stdout)
-    else:
-        report = one_cycle(cfg, source, dp, state, stop)
-        if report.refused:      # the rest applied; the refused backends are in the log
-            say(f"error: the Data Plane API refused backend(s) {', '.join(sorted(report.refused))}; "
+    """--once and --dry-run: one cycle over every target; the plans (dry run) on stdout.
+    A failed discovery raises; a failed target is one error line, and exit 1."""
+    runs = _targets(cfg)
+    reports = run_cycle(AzureSource(cfg, env, stop), runs, stop, dry_run=dry_run)
+    for report in reports:
+        if dry_run and report.plan is not None:
+            head = f"target {report.target}:\n" if len(runs) > 1 else ""
+            say(head + format_plan(report.plan).rstrip("\n"), sys.stdout)
+    return _failed(reports, len(runs) > 1, say)
+
+
+def _targets(cfg: Config) -> list[TargetRun]:
+    return [TargetRun(name, c, DataPlane(c.haproxy, backend_params(c))) for name, c in target_configs(cfg)]
+
+
+def _failed(reports: Sequence[CycleReport], several: bool, say: Callable[[str], None]) -> int:
+    """One `error:` line per target that failed or had backends refused (named when there are
+    several); exit 1 if any did, else 0."""
+    for report in reports:
+        where = f"target {report.target}: " if several else ""
+        if report.failure is not None:
+            say(f"error: {where}{report.error}")
+        elif report.refused:      # the rest applied; the refused backends are in the log
+            say(f"error: {where}the Data Plane API refused backend(s) {', '.join(sorted(report.refused))}; "
                 "the rest of the cycle applied")
-            return EX_FAIL
-    return EX_OK
+    return EX_FAIL if any(r.failure is not None or r.refused for r in reports) else EX_OK
 
 
 def _run_status(cfg: Config, env: Mapping[str, str], as_json: bool, stop: threading.Event,
                 say: Callable[..., None]) -> int:
-    """--status: discover, read HAProxy, print both side by side; change nothing. Drift is
-    shown, not an error (the daemon repairs it); an unreachable Azure or HAProxy fails (1)."""
-    report = CycleReport()
-    reconcile(cfg, AzureSource(cfg, env), DataPlane(cfg.haproxy, backend_params(cfg)), State(), stop, report,
-              dry_run=True)
-    view = report.view or {}
+    """--status: discover, read every target, print both side by side; change nothing. Drift
+    is shown, not an error (the daemon repairs it); a target that cannot be read is shown as
+    unreachable and makes the exit code 1, as an unreachable Azure does."""
+    runs = _targets(cfg)
+    reports = run_cycle(AzureSource(cfg, env), runs, stop, dry_run=True)
+    view = combined_view([r.view for r in reports if r.view])
     say(json.dumps(view, indent=1, sort_keys=True) if as_json else format_status(view).rstrip("\n"), sys.stdout)
-    return EX_OK
+    return _failed(reports, len(runs) > 1, say)
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -1601,7 +1601,8 @@ class TestDataPlane:
         m.run_forever(lambda: cfg, lambda c: ScriptedSource(*estates), lambda c: m.DataPlane(c.haproxy),
                       Probing(), max_cycles=4, rand=lambda: 0.0)
         (metrics1, state1), (metrics2, state2), (metrics3, state3) = pages
-        assert 'cycles_total{result="steady"} 1' in metrics3 and state3 == state2   # a steady cycle keeps it
+        assert f'cycles_total{{target="{dataplane.url}",result="steady"}} 1' in metrics3
+        assert state3 == state2   # a steady cycle keeps it
         labels = f'target="{dataplane.url}",backend="{WEB}"'
         assert f"haproxy_azure_discovery_servers_live{{{labels}}} 2\n" in metrics1
         assert f"haproxy_azure_discovery_servers_parked{{{labels}}} 8\n" in metrics1
@@ -1786,9 +1787,9 @@ class TestDataPlane:
         assert len(errors) == 1 and api in errors[0] and "vm3 (10.0.0.7:8080)" in errors[0], errors
         assert "HTTP 422 invalid backend" in errors[0]
         metrics = m.Metrics(30)
-        metrics.record(report, 0)
-        assert 'cycles_total{result="partial"} 1' in metrics.render()
-        assert "backends_refused_total 1" in metrics.render()
+        metrics.record([report], 0)
+        assert f'cycles_total{{target="{dataplane.url}",result="partial"}} 1' in metrics.render()
+        assert f'backends_refused_total{{target="{dataplane.url}"}} 1' in metrics.render()
         # The next cycle tries it again (no steady-state shortcut) and the rest stays as it is.
         report = h.cycle(estate)
         assert report.result == "applied" and [b.name for b in report.plan.backends] == [api]
@@ -2239,6 +2240,55 @@ class TestApply:
         assert target.calls[-1] == want and report.result == "applied"
 
 
+class TestTargetsCycle:
+    """run_cycle: one discovery, each target planned from its own state and failing alone."""
+
+    def runs(self, *targets):
+        cfg = make_config()
+        return [m.TargetRun(name, cfg, t) for name, t in targets]
+
+    def test_each_target_plans_from_its_own_state_and_drain_guard(self):
+        a, b = MemoryTarget(), MemoryTarget()
+        runs = self.runs(("a", a), ("b", b))
+        four = ScriptedSource(m.Discovery(tuple(make_instance(i) for i in range(1, 5))))
+        assert [r.result for r in m.run_cycle(four, runs[:1], m.Flag())] == ["applied"]     # only a
+        a.requests = 0
+        one = ScriptedSource(m.Discovery((make_instance(1),)))
+        reports = m.run_cycle(one, runs, m.Flag())
+        assert [(r.target, r.result) for r in reports] == [("a", "held"), ("b", "applied")]
+        assert len(reports[0].plan.held) == 3 and reports[1].plan.held == ()   # the guard is a's alone
+        assert a.requests == 2 and runs[0].state.drain_streak == 1 and runs[1].state.drain_streak == 0
+
+    def test_one_targets_bug_is_its_own_failure(self, caplog):
+        class Broken(MemoryTarget):
+            def version(self):
+                raise KeyError("bug")
+        good = MemoryTarget()
+        reports = m.run_cycle(ScriptedSource(m.Discovery((make_instance(1),))),
+                              self.runs(("broken", Broken()), ("good", good)), m.Flag())
+        assert [(r.target, r.result, r.error) for r in reports] == [
+            ("broken", "failed", "unexpected KeyError: 'bug'"), ("good", "applied", "")]
+        assert reports[0].view["targets"] == [{"target": "broken", "ok": False, "error": "unexpected KeyError: 'bug'"}]
+        assert any(r.exc_info and getattr(r, "target", "") == "broken" for r in caplog.records)
+
+    def test_a_failed_discovery_applies_nowhere(self):
+        a, b = MemoryTarget(), MemoryTarget()
+        with pytest.raises(m.AzureError):
+            m.run_cycle(ScriptedSource(m.AzureError("down")), self.runs(("a", a), ("b", b)), m.Flag())
+        assert a.requests == b.requests == 0
+
+    def test_shutdown_during_the_targets_is_aborted_once_all_stopped(self):
+        stop = m.Flag()
+
+        class Stopping(MemoryTarget):
+            def version(self):
+                stop.set()
+                raise m.DataPlaneError("connection reset")
+        with pytest.raises(m.Aborted, match="connection reset"):
+            m.run_cycle(ScriptedSource(m.Discovery((make_instance(1),))),
+                        self.runs(("a", Stopping()), ("b", MemoryTarget())), stop)
+
+
 # --- Daemon loop ---------------------------------------------------------------------
 class ScriptedSource:
     """Discovery results (or exceptions) in order; the last repeats."""
@@ -2424,7 +2474,7 @@ class TestLoop:
     def test_health_is_measured_on_the_monotonic_clock(self, monkeypatch):
         metrics = m.Metrics(interval=10)
         assert not metrics.healthy()
-        metrics.record(m.CycleReport(result="steady"), time.time())
+        metrics.record([m.CycleReport(result="steady")], time.time())
         assert metrics.healthy()
         wall = time.time
         monkeypatch.setattr(m.time, "time", lambda: wall() + 86400)    # the wall clock steps a day
@@ -2444,6 +2494,67 @@ class TestLoop:
         warned = [r.getMessage() for r in caplog.records if getattr(r, "event", "") == "skip"]
         assert results == ["unchanged", "steady", "failed", "steady", "steady"]
         assert len(warned) == 1 and "vm2" in warned[0] and "80x" in warned[0], warned
+
+
+class TestTargetBackoff:
+    def run(self, name, failures=0, due=0.0):
+        return m.TargetRun(name, make_config(), EmptyDataPlane(), failures=failures, due=due)
+
+    def test_due_targets_are_those_out_of_backoff_or_else_the_first_to_be(self):
+        a, b, c = self.run("a"), self.run("b", 2, 110.0), self.run("c", 3, 105.0)
+        assert m._due([a, b, c], 100.0) == [a]
+        assert m._due([b, c], 100.0) == [c] and m._due([b, c], 120.0) == [b, c]
+
+    def test_a_failing_target_backs_off_while_the_others_keep_the_interval(self):
+        cfg = make_config(polling={"jitter_seconds": 0}, haproxy={"password": "p", "targets": [
+            {"base_url": "http://a:5555"}, {"base_url": "http://b:5555"}]})
+
+        class FailingB(EmptyDataPlane):
+            def __init__(self, url):
+                self.url = url
+
+            def version(self):
+                if "b" in self.url:
+                    raise m.DataPlaneError("refused")
+                return super().version()
+        now = [0.0]
+        signals = RecordingSignals()
+        signals.sleep = lambda seconds, watchdog=None: (signals.sleeps.append(seconds),
+                                                        now.__setitem__(0, now[0] + seconds))
+        m.run_forever(lambda: cfg, lambda c: ScriptedSource(m.Discovery(())), lambda c: FailingB(c.haproxy.base_url),
+                      signals, max_cycles=4, rand=lambda: 0.0, clock=lambda: now[0])
+        assert signals.sleeps == [30, 30, 30]
+        only_b = make_config(polling={"jitter_seconds": 0},
+                             haproxy={"password": "p", "targets": [{"base_url": "http://b:5555"}]})
+        signals.sleeps.clear()
+        m.run_forever(lambda: only_b, lambda c: ScriptedSource(m.Discovery(())), lambda c: FailingB(c.haproxy.base_url),
+                      signals, max_cycles=4, rand=lambda: 0.0, clock=lambda: now[0])
+        assert signals.sleeps == [5, 10, 20]           # every target failing: the backoff is the sleep
+
+    def test_status_names_each_target(self):
+        runs = [self.run("hap-1"), self.run("hap-2", 3), self.run("hap-3", 1)]
+        reports = [m.CycleReport(result="steady", target="hap-1", instances=4, skips=()),
+                   m.CycleReport(result="failed", target="hap-2", skips=(), error="refused")]
+        assert m._status(reports, runs) == ("last cycle: 4 instances, 0 skipped; targets: hap-1 steady, "
+                                            "hap-2 failed (3 in a row), hap-3 backing off (1 in a row)")
+        failed = [m.CycleReport(target=n, error="listing failed") for n in ("hap-1", "hap-2")]
+        assert m._status(failed, runs[:2]) == "last cycle failed (3 in a row): listing failed"
+
+    def test_health_needs_every_target_and_a_reload_gives_a_new_one_three_intervals(self):
+        now = [0.0]
+        metrics = m.Metrics(10, clock=lambda: now[0])
+        metrics.use(["a", "b"])
+        assert metrics.stale() == ["a", "b"]
+        metrics.record([m.CycleReport(result="applied", target="a"), m.CycleReport(target="b", error="x")], 0)
+        assert metrics.stale() == ["b"] and not metrics.healthy()
+        metrics.record([m.CycleReport(result="steady", target="b")], 0)
+        now[0] = 25.0
+        metrics.use(["b", "c"])
+        assert metrics.healthy() and metrics.targets == ["b", "c"]
+        now[0] = 31.0
+        assert metrics.stale() == ["b"]
+        now[0] = 56.0
+        assert metrics.stale() == ["b", "c"]
 
 
 class TestDelay:
@@ -2541,13 +2652,14 @@ class TestOperations:
         m.run_forever(lambda: cfg, lambda c: ScriptedSource(*results), lambda c: OneBackend(), Probing(),
                       max_cycles=5, rand=lambda: 0.0)
         first, last = pages[1], pages[4]
-        assert 'haproxy_azure_discovery_cycles_total{result="applied"} 1' in first
-        assert "haproxy_azure_discovery_servers_live 1\n" in first
-        assert "haproxy_azure_discovery_servers_parked 9\n" in first
+        t = 'target="http://localhost:5555"'       # per target: labelled; per discovery: not
+        assert f'haproxy_azure_discovery_cycles_total{{{t},result="applied"}} 1' in first
+        assert f"haproxy_azure_discovery_servers_live{{{t}}} 1\n" in first
+        assert f"haproxy_azure_discovery_servers_parked{{{t}}} 9\n" in first
         assert "haproxy_azure_discovery_azure_requests_total 4\n" in first
-        assert 'haproxy_azure_discovery_transactions_total{result="committed"} 1' in first
-        assert "haproxy_azure_discovery_reloads_total 1\n" in first
-        assert 'haproxy_azure_discovery_cycles_total{result="failed"} 3' in last
+        assert f'haproxy_azure_discovery_transactions_total{{{t},result="committed"}} 1' in first
+        assert f"haproxy_azure_discovery_reloads_total{{{t}}} 1\n" in first
+        assert f'haproxy_azure_discovery_cycles_total{{{t},result="failed"}} 3' in last
         assert pages["health1"] == 200 and pages["health4"] == 503   # no success for 3 intervals
         with pytest.raises(OSError):     # the server is gone with the loop
             urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=2)

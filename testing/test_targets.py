@@ -1,0 +1,267 @@
+"""Several HAProxy hosts from one discovery (`haproxy.targets`): the real SDK against the fake
+Resource Manager, read once per cycle, and a v2 and a v3 Data Plane API emulator, one of them
+down (refusing connections, hanging, or answering errors). The healthy one converges and stays
+steady at one request per cycle, the other backs off alone; `--once` names the one that failed;
+`--status` and `--dry-run` cover both; metrics carry the target label.
+
+Ordering, not wall-clock time, proves that a hanging target does not delay the other: the hang
+holds until the test has seen the other target's commit.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import socket
+import threading
+import urllib.error
+import urllib.request
+
+import pytest
+
+import haproxy_azure_discovery as m
+from conftest import free_port, wait_for
+from fake_arm import DEFAULT_SUBSCRIPTION, make_estate
+from fake_dataplane import FakeDataPlane
+
+WEB = "azure-web-8080-eastus"
+TXN_COMMIT = r"/services/haproxy/transactions/[^/]+$"
+
+
+@pytest.fixture
+def pair(arm):
+    """Three running VMs of one service, a v2 and a v3 emulator with passwords of their own."""
+    arm.estate = make_estate(vms=3)
+    with FakeDataPlane(api="v2", password="v2-pass-word", port=free_port()) as v2, \
+            FakeDataPlane(api="v3", password="v3-pass-word", port=free_port()) as v3:
+        yield arm, v2, v3
+        for fake in (v2, v3):
+            assert fake.violations == [] and fake.errors == [] and fake.open_transactions() == []
+
+
+def raw_config(arm, *targets, **sections) -> dict:
+    return {"azure": {"subscription_id": DEFAULT_SUBSCRIPTION, "resource_manager_url": arm.url, "retries": 1,
+                      "timeout": 5},
+            "haproxy": {"password": "unused-top", "timeout": 3, "server_slots": {"base": 4},
+                        "targets": list(targets)},
+            "logging": {"format": "json"}, **sections}
+
+
+def target(fake: FakeDataPlane, name: str, **keys) -> dict:
+    return {"name": name, "base_url": fake.url, "password": fake.password, **keys}
+
+
+def live(fake: FakeDataPlane) -> dict[str, list[str]]:
+    return {n: sorted(f"{s['address']}:{s['port']}" for s in b["servers"].values() if s.get("maintenance") != "enabled")
+            for n, b in fake.backends.items()}
+
+
+WANT = {WEB: ["10.0.0.4:8080", "10.0.0.5:8080", "10.0.0.6:8080"]}
+
+
+class Holding:
+    """A Data Plane API that accepts connections and never answers until released: a hung host."""
+
+    def __init__(self):
+        self.sock = socket.create_server(("127.0.0.1", 0))
+        self.url = f"http://127.0.0.1:{self.sock.getsockname()[1]}"
+        self.held: list[socket.socket] = []
+        self.release = threading.Event()
+        threading.Thread(target=self._serve, daemon=True).start()
+
+    def _serve(self):
+        while not self.release.is_set():
+            try:
+                conn, _ = self.sock.accept()
+            except OSError:
+                return
+            self.held.append(conn)
+
+    def close(self):
+        self.release.set()
+        for conn in self.held:
+            conn.close()
+        self.sock.close()
+
+
+# --- --once, --dry-run, --status ----------------------------------------------------------------
+@pytest.mark.parametrize("down", ["refused", "timeout"])
+def test_once_converges_the_healthy_target_and_names_the_down_one(pair, tmp_path, capsys, down):
+    arm, v2, v3 = pair
+    if down == "refused":
+        bad = {"name": "hap-down", "base_url": f"http://127.0.0.1:{free_port()}", "password": "p"}
+    else:      # answers nothing within its timeout
+        v3.add_fault("*", r".*", delay=5, times=None)
+        bad = target(v3, "hap-down", timeout=1)
+    path = tmp_path / "config.json"
+    path.write_text(json.dumps(raw_config(arm, bad, target(v2, "hap-v2"))))
+    assert m.main(["--once", "-c", str(path)]) == 1
+    err = capsys.readouterr().err.splitlines()
+    assert live(v2) == WANT and v2.commits == 1
+    errors = [line for line in err if line.startswith("error:")]
+    assert len(errors) == 1 and errors[0].startswith("error: target hap-down: GET /"), err
+    assert ("Connection refused" if down == "refused" else "timed out") in errors[0]
+    cycles = [json.loads(line) for line in err if '"event": "cycle"' in line]
+    assert [(c["target"], c["result"]) for c in cycles] == [("hap-v2", "applied")]
+    assert arm.counts["vms"] == 1          # Azure read once for both
+
+
+def test_a_hanging_target_does_not_delay_the_others_writes(pair, tmp_path, capsys):
+    """The hung host is listed first and holds its connection until the test has seen the other
+    target's commit: a cycle that applied targets one after the other could never get there."""
+    arm, v2, _ = pair
+    hung, seen, done = Holding(), {}, []
+
+    def watch():
+        try:
+            wait_for(lambda: v2.count_requests("PUT", TXN_COMMIT) and hung.held, 30, "the v2 commit")
+            seen.update(live=live(v2), once_running=not done)
+        finally:
+            hung.close()
+    path = tmp_path / "config.json"
+    path.write_text(json.dumps(raw_config(
+        arm, {"name": "hap-hung", "base_url": hung.url, "password": "p", "timeout": 60}, target(v2, "hap-v2"))))
+    threading.Thread(target=watch, daemon=True).start()
+    code = m.main(["--once", "-c", str(path)])
+    done.append(code)
+    assert seen == {"live": WANT, "once_running": True}      # applied while the other target hung
+    assert code == 1
+    errors = [line for line in capsys.readouterr().err.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1 and errors[0].startswith("error: target hap-hung: "), errors
+
+
+def test_a_second_targets_password_is_masked_in_its_error_line(pair, tmp_path, capsys):
+    arm, v2, v3 = pair
+    basic = m.basic_credentials(m.HAProxyConfig(username=v3.username, password=v3.password))
+    v3.add_fault("GET", r".*", status=500, message=f"bad login {v3.password} (Authorization: Basic {basic})",
+                 times=None)
+    path = tmp_path / "config.json"
+    path.write_text(json.dumps(raw_config(arm, target(v2, "hap-v2"), target(v3, "hap-v3"))))
+    assert m.main(["--once", "-c", str(path)]) == 1
+    err = capsys.readouterr().err
+    (line,) = [x for x in err.splitlines() if x.startswith("error:")]
+    assert line.startswith("error: target hap-v3: GET /v3/info: HTTP 500 bad login *** (Authorization: Basic ***")
+    assert v3.password not in err and basic not in err and v2.password not in err
+
+
+def test_dry_run_prints_each_targets_plan_and_changes_nothing(pair, tmp_path, capsys):
+    arm, v2, v3 = pair
+    path = tmp_path / "config.json"
+    path.write_text(json.dumps(raw_config(arm, target(v2, "hap-v2"), target(v3, "hap-v3"))))
+    assert m.main(["--once", "-c", str(path)]) == 0
+    v3.edit_server(WEB, "srv2", maintenance="enabled")      # drift on one host only
+    capsys.readouterr()
+    assert m.main(["--dry-run", "-c", str(path)]) == 0
+    assert capsys.readouterr().out.splitlines() == [
+        "target hap-v2:", "1 services, 3 live servers, no changes",
+        "target hap-v3:", f"backend {WEB} (4 slots, 3 live)", "  ~ srv2 parked -> 10.0.0.5:8080 (vm-0001)",
+        "1 services, 3 live servers, 1 backends to change"]
+    assert v3.server(WEB, "srv2")["maintenance"] == "enabled"
+
+
+def test_status_shows_an_unreachable_target_beside_the_others(pair, tmp_path, capsys):
+    arm, v2, _ = pair
+    down = f"http://127.0.0.1:{free_port()}"
+    path = tmp_path / "config.json"
+    path.write_text(json.dumps(raw_config(arm, target(v2, "hap-v2"), {"base_url": down, "password": "p"})))
+    assert m.main(["--once", "-c", str(path)]) == 1
+    capsys.readouterr()
+    assert m.main(["--status", "-c", str(path)]) == 1
+    out, err = capsys.readouterr()
+    lines = out.splitlines()
+    assert lines[2] == "target hap-v2: 1 backends, in sync"
+    assert lines[-1].startswith(f"target {down}: unreachable: GET /v3/info: ") and "refused" in lines[-1]
+    assert err.splitlines()[-1].startswith(f"error: target {down}: GET /v3/info: ")
+    assert m.main(["--status", "--json", "-c", str(path)]) == 1
+    view = json.loads(capsys.readouterr().out)
+    assert [(t["target"], t["ok"]) for t in view["targets"]] == [("hap-v2", True), (down, False)]
+    assert view["discovery"]["instances"] == 3
+
+
+# --- the daemon ---------------------------------------------------------------------------------
+class Clock:
+    """The daemon's clock, moved on by its sleeps: backoffs without waiting for them."""
+
+    def __init__(self):
+        self.now = 1000.0
+
+    def __call__(self):
+        return self.now
+
+
+def test_the_healthy_target_stays_steady_while_the_other_backs_off(pair, caplog):
+    """Both converge; then the v3 host goes down (its port refuses connections): the v2 host costs
+    exactly one request per cycle, the v3 one is tried only as its backoff (5, 10, 20, 40, 80 s at a
+    30 s interval) allows, /healthz turns 503 naming it, and it comes back steady."""
+    arm, v2, v3 = pair
+    port = free_port()
+    cfg = m.parse_config(raw_config(arm, target(v2, "hap-v2"), target(v3, "hap-v3"),
+                                    polling={"interval_seconds": 30, "jitter_seconds": 0},
+                                    metrics={"listen": f"127.0.0.1:{port}"}), {})
+    clock, cycles = Clock(), []
+
+    class Watching(m.Signals):
+        def sleep(self, seconds, watchdog=None):
+            with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5) as r:
+                metrics = r.read().decode()
+            try:
+                with urllib.request.urlopen(f"http://127.0.0.1:{port}/healthz", timeout=5) as r:
+                    health = r.status, r.read().decode()
+            except urllib.error.HTTPError as e:
+                health = e.code, e.read().decode()
+            tried = {r.target for r in caplog.records[self.seen:] if getattr(r, "event", "") in ("cycle", "cycle_failed")}
+            self.seen = len(caplog.records)
+            cycles.append({"sleep": seconds, "v2": v2.count_requests(), "tried": tried, "health": health,
+                           "metrics": metrics})
+            v2.reset_requests()
+            clock.now += seconds
+            if len(cycles) == 1:
+                v3.stop()                   # the v3 host goes down: its port refuses connections
+            if len(cycles) == 9:
+                v3.start()                  # ... and comes back on the same port
+    signals = Watching()
+    signals.seen = 0
+    with caplog.at_level(logging.INFO, logger="haproxy_azure_discovery"):
+        m.run_forever(lambda: cfg, lambda c: m.AzureSource(c), lambda c: m.DataPlane(c.haproxy), signals,
+                      max_cycles=12, rand=lambda: 0.0, clock=clock)
+    assert live(v2) == WANT and live(v3) == WANT
+    assert [c["v2"] for c in cycles[1:]] == [1] * 10               # steady: GET configuration/version
+    tried = ["hap-v3" in c["tried"] for c in cycles]
+    # t = 0 ok; 30 fails (due 35), 60 (due 70), 90 (due 110), 120 (due 160), 150 skipped,
+    # 180 (due 260), 210, 240 skipped, 270: up again, steady from then on.
+    assert tried == [True, True, True, True, True, False, True, False, False, True, True], tried
+    assert all("hap-v2" in c["tried"] for c in cycles)
+    assert all(c["sleep"] == 30 for c in cycles)                  # the healthy host keeps the interval
+    steady = [r for r in caplog.records if getattr(r, "event", "") == "cycle" and r.target == "hap-v3"]
+    assert [r.result for r in steady] == ["applied", "steady", "steady", "steady"]
+    assert cycles[0]["health"][0] == 200 and cycles[3]["health"] == (503, "no successful cycle recently for hap-v3\n")
+    metrics = cycles[8]["metrics"]
+    assert 'haproxy_azure_discovery_cycles_total{target="hap-v2",result="steady"} 8\n' in metrics
+    assert 'haproxy_azure_discovery_cycles_total{target="hap-v3",result="failed"} 5\n' in metrics
+    assert 'haproxy_azure_discovery_dataplane_requests_total{target="hap-v3"} ' in metrics
+    assert 'haproxy_azure_discovery_servers_live{target="hap-v3"} 3\n' in metrics
+    assert f'haproxy_azure_discovery_servers_live{{target="hap-v3",backend="{WEB}"}} 3\n' in metrics
+    assert "haproxy_azure_discovery_azure_requests_total " in metrics       # once per cycle, no label
+    assert arm.counts["vms"] == 12                                             # one discovery per cycle
+
+
+def test_a_reload_puts_a_new_targets_list_to_use(pair):
+    arm, v2, v3 = pair
+    configs = [m.parse_config(raw_config(arm, target(v2, "hap-v2")), {}),
+               m.parse_config(raw_config(arm, target(v3, "hap-v3")), {})]
+    made, closed = [], []
+
+    class Closing(m.DataPlane):
+        def close(self):
+            closed.append(self.cfg.base_url)
+
+    def make(c):
+        made.append(c.haproxy.base_url)
+        return Closing(c.haproxy)
+
+    class Reloading(m.Signals):
+        def sleep(self, seconds, watchdog=None):
+            self.reload.set()
+    m.run_forever(lambda: configs.pop(0) if configs else m.parse_config(raw_config(arm, target(v3, "hap-v3")), {}),
+                  lambda c: m.AzureSource(c), make, Reloading(), max_cycles=2)
+    assert made == [v2.url, v3.url] and closed == [v2.url, v3.url]
+    assert live(v2) == WANT and live(v3) == WANT
