@@ -3381,6 +3381,7 @@ class Metrics:
             self.views = {t: v for t, v in self.views.items() if t in targets}
             labels = {"", *(_target_label(t) for t in targets)}
             self.gauges = {k: v for k, v in self.gauges.items() if k[1] in labels}
+            self.backend_gauges = backend_gauges({"targets": list(self.views.values())})
             self.targets = list(targets)
 
     def record(self, reports: Sequence[CycleReport], now: float) -> None:
@@ -3391,7 +3392,7 @@ class Metrics:
             self.gauges[("instances_skipped", "")] = reports[0].skipped
             for report in reports:
                 self._record_target(report, now)
-            self.backend_gauges = backend_gauges({"targets": [self.views[t] for t in self.views]})
+            self.backend_gauges = backend_gauges({"targets": list(self.views.values())})
 
     def _inc(self, name: str, label: str, by: float = 1) -> None:
         self.counters[(name, label)] = self.counters.get((name, label), 0) + by

@@ -2540,6 +2540,26 @@ class TestTargetBackoff:
         failed = [m.CycleReport(target=n, error="listing failed") for n in ("hap-1", "hap-2")]
         assert m._status(failed, runs[:2]) == "last cycle failed (3 in a row): listing failed"
 
+    def test_state_keeps_a_failing_targets_last_view_marked_and_drops_a_removed_one(self):
+        metrics = m.Metrics(10)
+        metrics.use(["a", "b"])
+        backends = [{"backend": WEB, "servers": [{"slot": "srv1", "state": "live"}]}]
+        views = {t: {"discovery": {"instances": 1}, "targets": [{"target": t, "ok": True, "backends": backends,
+                                                                  "drift": 0}]} for t in "ab"}
+        metrics.record([m.CycleReport(result="applied", target=t, view=views[t]) for t in "ab"], 0)
+        down = {"discovery": {"instances": 1}, "targets": [{"target": "b", "ok": False, "error": "refused"}]}
+        metrics.record([m.CycleReport(target="b", view=down, failure=m.DataPlaneError("refused"), error="refused")], 0)
+        state = json.loads(metrics.state())
+        assert [(t["target"], t["ok"], t.get("error"), len(t["backends"])) for t in state["targets"]] == [
+            ("a", True, None, 1), ("b", False, "refused", 1)]
+        metrics.record([m.CycleReport(result="steady", target="b")], 0)       # back, and nothing read
+        assert json.loads(metrics.state())["targets"][1] == {"target": "b", "ok": True, "backends": backends,
+                                                             "drift": 0}
+        metrics.use(["b"])
+        assert [t["target"] for t in json.loads(metrics.state())["targets"]] == ["b"]
+        gauges = [line for line in metrics.render().splitlines() if not line.split("{")[0].endswith(("_total", "_sum"))]
+        assert not [line for line in gauges if 'target="a"' in line]       # its counters stay: they only grow
+
     def test_health_needs_every_target_and_a_reload_gives_a_new_one_three_intervals(self):
         now = [0.0]
         metrics = m.Metrics(10, clock=lambda: now[0])
