@@ -188,13 +188,15 @@ class Clock:
         return self.now
 
 
-def test_the_healthy_target_stays_steady_while_the_other_backs_off(pair, caplog):
-    """Both converge; then the v3 host goes down (its port refuses connections): the v2 host costs
-    exactly one request per cycle, the v3 one is tried only as its backoff (5, 10, 20, 40, 80 s at a
-    30 s interval) allows, /healthz turns 503 naming it, and it comes back steady."""
+@pytest.mark.parametrize("down", ["refused", "hang"])
+def test_the_healthy_target_stays_steady_while_the_other_backs_off(pair, caplog, down):
+    """Both converge; then the v3 host goes down (its port refuses connections, or it answers
+    nothing within its 1 s timeout): the v2 host costs exactly one request per cycle, the v3 one
+    is tried only as its backoff (5, 10, 20, 40, 80 s at a 30 s interval) allows, /healthz turns
+    503 naming it, and it comes back steady."""
     arm, v2, v3 = pair
     port = free_port()
-    cfg = m.parse_config(raw_config(arm, target(v2, "hap-v2"), target(v3, "hap-v3"),
+    cfg = m.parse_config(raw_config(arm, target(v2, "hap-v2"), target(v3, "hap-v3", timeout=1),
                                     polling={"interval_seconds": 30, "jitter_seconds": 0},
                                     metrics={"listen": f"127.0.0.1:{port}"}), {})
     clock, cycles = Clock(), []
@@ -210,14 +212,15 @@ def test_the_healthy_target_stays_steady_while_the_other_backs_off(pair, caplog)
                 health = e.code, e.read().decode()
             tried = {r.target for r in caplog.records[self.seen:] if getattr(r, "event", "") in ("cycle", "cycle_failed")}
             self.seen = len(caplog.records)
-            cycles.append({"sleep": seconds, "v2": v2.count_requests(), "tried": tried, "health": health,
-                           "metrics": metrics})
+            cycles.append({"sleep": seconds, "v2": v2.count_requests(), "v3": v3.count_requests(), "tried": tried,
+                           "health": health, "metrics": metrics})
             v2.reset_requests()
+            v3.reset_requests()
             clock.now += seconds
-            if len(cycles) == 1:
-                v3.stop()                   # the v3 host goes down: its port refuses connections
-            if len(cycles) == 9:
-                v3.start()                  # ... and comes back on the same port
+            if len(cycles) == 1:            # the v3 host goes down ...
+                v3.stop() if down == "refused" else v3.add_fault("*", r".*", delay=5, times=None)
+            if len(cycles) == 9:            # ... and comes back (on the same port)
+                v3.start() if down == "refused" else v3.clear_faults()
     signals = Watching()
     signals.seen = 0
     with caplog.at_level(logging.INFO, logger="haproxy_azure_discovery"):
@@ -231,6 +234,8 @@ def test_the_healthy_target_stays_steady_while_the_other_backs_off(pair, caplog)
     assert tried == [True, True, True, True, True, False, True, False, False, True, True], tried
     assert all("hap-v2" in c["tried"] for c in cycles)
     assert all(c["sleep"] == 30 for c in cycles)                  # the healthy host keeps the interval
+    if down == "hang":                 # each try while it hangs is one request, cut at its timeout
+        assert [c["v3"] for c in cycles[1:]] == [int(t) for t in tried[1:]]
     steady = [r for r in caplog.records if getattr(r, "event", "") == "cycle" and r.target == "hap-v3"]
     assert [r.result for r in steady] == ["applied", "steady", "steady", "steady"]
     assert cycles[0]["health"][0] == 200 and cycles[3]["health"] == (503, "no successful cycle recently for hap-v3\n")
