@@ -3259,7 +3259,7 @@ def _reconcile_into(run: TargetRun, report: CycleReport, seen: Seen, stop: Any, 
     before = run.dp.requests
     try:
         report.plan = reconcile_target(run.cfg, seen, run.dp, run.state, stop, report, dry_run) or report.plan
-    except Exception as exc:  # noqa: BLE001 - one target's failure, whatever it is, is its own
+    except Exception as exc:  # one target's failure, whatever it is, is its own
         report.result, report.failure = "failed", exc
         report.error = str(exc) if isinstance(exc, DiscoveryError) else f"unexpected {type(exc).__name__}: {exc}"
         report.view = {"discovery": discovery_view(seen.groups, seen.skipped, run.cfg),
@@ -3718,7 +3718,7 @@ def _daemon_cycle(using: _InUse, stop: Any, rand: Callable[[], float],
     except Aborted:
         log.info("cycle aborted for shutdown", extra={"event": "shutdown"})
         return None
-    except Exception as exc:  # noqa: BLE001 - the daemon outlives bugs; they are logged whole
+    except Exception as exc:  # the daemon outlives bugs; they are logged whole
         reports = [CycleReport(target=run.name, error=str(exc) if isinstance(exc, DiscoveryError)
                                else "unexpected error") for run in due]
         if isinstance(exc, DiscoveryError):

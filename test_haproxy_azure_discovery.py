@@ -555,8 +555,8 @@ class TestTargets:
     def test_an_unchecked_certificate_is_warned_about_per_target(self):
         cfg = make_config(haproxy={"password": "p", "targets": [{"base_url": "https://a:5555"},
                                                                  {"base_url": "https://b:5555", "verify_ssl": False}]})
-        assert m.config_warnings(cfg) == ["haproxy.targets[1].verify_ssl is false: the Data Plane API certificate "
-                                          "of https://b:5555 is not checked"]
+        assert m.config_warnings(cfg) == [("haproxy.targets[1].verify_ssl is false: the Data Plane API certificate "
+                                           "of https://b:5555 is not checked")]
 
 
 class TestWeightTag:

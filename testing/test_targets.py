@@ -17,11 +17,11 @@ import urllib.error
 import urllib.request
 
 import pytest
+from fake_arm import DEFAULT_SUBSCRIPTION, make_estate
+from fake_dataplane import FakeDataPlane
 
 import haproxy_azure_discovery as m
 from conftest import free_port, wait_for
-from fake_arm import DEFAULT_SUBSCRIPTION, make_estate
-from fake_dataplane import FakeDataPlane
 
 WEB = "azure-web-8080-eastus"
 TXN_COMMIT = r"/services/haproxy/transactions/[^/]+$"
