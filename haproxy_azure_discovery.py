@@ -3207,7 +3207,7 @@ class TargetRun:
     what it remembers between cycles, and its own backoff."""
     name: str
     cfg: Config
-    dp: Any
+    dp: Target
     state: State = field(default_factory=State)
     failures: int = 0             # its cycles failed in a row
     due: float = 0.0              # the clock time its backoff ends
