@@ -16,7 +16,6 @@ with one discovery, then measures, all as `time.process_time()` of its own proce
   off (it runs at random points of a cycle and would make the figure noisy): best and median.
 """
 import argparse
-import concurrent.futures
 import gc
 import json
 import os
@@ -63,8 +62,11 @@ def child(runs: int) -> dict:
     decoding = (time.process_time() - cpu) / len(urls)
 
     listing = m.AzureListing()
-    with concurrent.futures.ThreadPoolExecutor(cfg.azure.workers) as pool:
+    pool = m._Pool(cfg.azure.workers)
+    try:
         source._list_all(pool, listing)
+    finally:
+        pool.close()
     joins = []
     for _ in range(runs):
         gc.collect()
