@@ -34,8 +34,10 @@ from __future__ import annotations
 import argparse
 import base64
 import concurrent.futures
+import contextlib
 import dataclasses
 import functools
+import gc
 import hashlib
 import http.client
 import http.server
@@ -59,7 +61,7 @@ import urllib.error
 import urllib.parse
 import urllib.request
 from dataclasses import dataclass, field
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -2088,7 +2090,8 @@ class AzureSource:
             token = pool.submit(self._token)
             self._wait(pool, [token])
             token.result()
-            instances = self._discover(pool)
+            with collector_paused():
+                instances = self._discover(pool)
         finally:
             pool.close()
         self._check_vm_list_budget()
@@ -2334,6 +2337,23 @@ class AzureSource:
         response = self._client.send_request(request, stream=True)
         response.read()
         return response
+
+
+@contextlib.contextmanager
+def collector_paused() -> Iterator[None]:
+    """The cyclic garbage collector off for a block, back on after it (unless it was off before).
+    A discovery decodes tens of megabytes of JSON into millions of containers that the listings
+    keep until the join: each of the collector's full passes walks all of them, a quarter of a
+    20,000-instance discovery's CPU (0.8-1.0 s of 3.3 s). JSON trees hold no reference cycles,
+    and neither do the SDK's requests (a collection right after a discovery finds no unreachable
+    object), so nothing waits for the collector meanwhile; reference counting frees the rest."""
+    was_enabled = gc.isenabled()
+    gc.disable()
+    try:
+        yield
+    finally:
+        if was_enabled:
+            gc.enable()
 
 
 def environment_settings(url: str) -> dict[str, Any]:

@@ -6,6 +6,7 @@ testing/ (a local HTTPS fake of Azure Resource Manager, a Data Plane API emulato
 from __future__ import annotations
 
 import functools
+import gc
 import http.client
 import io
 import json
@@ -1287,6 +1288,22 @@ class TestAzure:
         assert served["uvmss-00_1"][3] == 9443 and served["uvmss-00_0"][3] == served["uvmss-00_0"][1]
         assert served["vm-0000"] == ("web", 8080, "eastus", 8080)
         assert served["vm-0001" if "vm-0001" in served else "vm-0002"][2] == "westeurope"
+
+    def test_discovery_leaves_the_collector_as_it_found_it(self, arm, monkeypatch):
+        from fake_arm import make_estate
+        arm.estate = make_estate(vms=3)
+        seen = []
+        join = m.instances_from_azure
+        monkeypatch.setattr(m, "instances_from_azure", lambda *a: seen.append(gc.isenabled()) or join(*a))
+        assert gc.isenabled()
+        discovered(arm)
+        assert seen == [False] and gc.isenabled()
+        gc.disable()
+        try:
+            discovered(arm)
+            assert seen == [False, False] and not gc.isenabled()
+        finally:
+            gc.enable()
 
     def test_running_only_off_serves_stopped_instances(self, arm):
         from fake_arm import make_estate
