@@ -1799,34 +1799,40 @@ def instances_from_azure(listing: AzureListing, cfg: AzureConfig) -> list[Instan
     powers = {_id(v.get("id")): p for v in listing.statuses if (p := power_state(v))}
     sets = {_id(s.get("id")): s for s in listing.scale_sets}
     set_tags: dict[str, dict[str, str]] = {}
+    regions: dict[str, str] = {}        # a handful of locations, each normalised once
     out: dict[str, Instance] = {}
-    for raw, kind in [*((v, "vm") for v in listing.vms), *((v, "uniform") for v in listing.set_instances)]:
-        vid = _id(raw.get("id"))
-        if not vid or vid in out:
-            continue
-        props = raw.get("properties") or {}
-        set_id = _scale_set_of(vid) if kind == "uniform" else _id((props.get("virtualMachineScaleSet") or {}).get("id"))
-        tags = _tags(raw)
-        if set_id:
-            if set_id not in set_tags:
-                set_tags[set_id] = _tags(sets.get(set_id, {}))
-            tags = {**set_tags[set_id], **tags}
-            kind = "uniform" if kind == "uniform" else "flexible"
-        mine = nics.get(vid)
-        nic = _primary(mine) if mine else None
-        address = nic_address(nic, pips, cfg) if nic else None
-        state = (props.get("instanceView") and power_state(raw)) or powers.get(vid, "unknown")
-        name = raw.get("name") or vid.rsplit("/", 1)[-1]
-        if kind == "uniform" and raw.get("instanceId") is not None:
-            name = f"{set_id.rsplit('/', 1)[-1]}_{raw['instanceId']}"
-        out[vid] = Instance(vid, name, str(raw.get("location") or "").replace(" ", "").lower(),
-                            tags, address, state, kind)
+    for uniform, raws in ((False, listing.vms), (True, listing.set_instances)):
+        for raw in raws:
+            vid = _id(raw.get("id"))
+            if not vid or vid in out:
+                continue
+            props = raw.get("properties") or {}
+            set_id = _scale_set_of(vid) if uniform else _id((props.get("virtualMachineScaleSet") or {}).get("id"))
+            tags = _tags(raw)
+            kind = "uniform" if uniform else "flexible" if set_id else "vm"
+            if set_id:
+                if set_id not in set_tags:
+                    set_tags[set_id] = _tags(sets.get(set_id, {}))
+                tags = {**set_tags[set_id], **tags}
+            mine = nics.get(vid)
+            nic = _primary(mine) if mine else None
+            address = nic_address(nic, pips, cfg) if nic else None
+            state = (props.get("instanceView") and power_state(raw)) or powers.get(vid, "unknown")
+            name = raw.get("name") or vid.rsplit("/", 1)[-1]
+            if uniform and raw.get("instanceId") is not None:
+                name = f"{set_id.rsplit('/', 1)[-1]}_{raw['instanceId']}"
+            location = raw.get("location")
+            if not isinstance(location, str):
+                location = str(location or "")
+            if location not in regions:
+                regions[location] = location.replace(" ", "").lower()
+            out[vid] = Instance(vid, name, regions[location], tags, address, state, kind)
     return list(out.values())
 
 
 def _tags(raw: Mapping) -> dict[str, str]:
     tags = raw.get("tags")
-    return {str(k): str(v) for k, v in tags.items()} if isinstance(tags, Mapping) else {}
+    return dict(zip(map(str, tags), map(str, tags.values()))) if isinstance(tags, Mapping) else {}
 
 
 def scale_sets_to_list(scale_sets: Iterable[Mapping], cfg: Config) -> list[Mapping]:
