@@ -944,6 +944,23 @@ class TestPlan:
         d = run_plan(instances, cfg=cfg)
         return apply_to({}, d.plan), m.State(assignments=d.assignments)
 
+    def test_selecting_and_planning_pause_the_collector(self):
+        seen = []
+
+        class Watched(dict):
+            def items(self):
+                seen.append(gc.isenabled())
+                return super().items()
+
+        def instances():
+            seen.append(gc.isenabled())
+            yield make_instance(1)
+        cfg = make_config()
+        groups, skipped = m.select_instances(instances(), cfg)
+        d = m.plan_cycle(Watched(groups), skipped, {}, m.State(), cfg)
+        assert seen == [False, False] and gc.isenabled()
+        assert [b.name for b in d.plan.backends] == ["azure-web-8080-eastus"]
+
     def test_first_sync_golden(self):
         d = run_plan([make_instance(1), make_instance(2, address="10.0.0.9")], cfg=make_config(
             haproxy={"password": "p", "server_slots": {"base": 3}}))
