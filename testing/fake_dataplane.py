@@ -22,7 +22,9 @@ violations are client bugs (invalid bodies...), errors are emulator crashes.
 Introspection: ``version``, ``backends`` (deep copy), ``server(b, s)``,
 ``open_transactions()``, ``transactions()``, ``requests`` (``reset_requests()``,
 ``count_requests()``), ``reloads``, ``runtime_changes``, ``commits``, ``checks``,
-``check_failures``, ``last_check_output``, ``unrendered``, ``render()``.
+``check_failures``, ``last_check_output``, ``unrendered``, ``render()``, ``admin_states``
+(runtime drains under way); ``sessions[(backend, server)] = n`` sets a server's current
+sessions for the native stats (a live HAProxy reports its own).
 Faults: ``add_fault(method, PATH_..., status=, message=, delay=, drop=, times=,
 after=)``. Changes behind the client's back: ``seed()``, ``edit_server()``,
 ``remove_server()``, ``remove_backend()``. A real HAProxy: ``live=True`` or
@@ -69,6 +71,14 @@ configuration.go, structured_backends.go, errors.go):
   a moment; ``runtime_gap`` widens that moment), and answers 200 without a
   reload (``changeThroughRuntimeAPI``); a failed runtime command
   (``runtime_broken``) or any other plain write reloads and answers 202;
+* the runtime server endpoint (v2 ``/runtime/servers/{name}?backend=``, v3
+  ``/runtime/backends/{b}/servers/{name}``) sets the admin state with ``set server
+  B/S state ...`` (only when it differs), answers 200 with the runtime server, writes
+  nothing, reloads nothing and leaves the version alone; an unknown backend or server
+  is 404; every reload forgets the runtime state (dataplaneapi v3.2
+  handlers/runtime_server.go:106-157). ``/services/haproxy/stats/native`` answers v2 with
+  a list of collections and v3 with one, filtered as handlers/stats.go does (400 for a
+  name without a type, or a server without its parent); live, scur comes from ``show stat``;
 * a plain server POST is added at runtime (201, no reload) when neither the
   backend nor the defaults carry a ``default_server`` and the server has no
   ``id``; dataplaneapi 2.9.x never does this (it converts into a nil pointer),
@@ -840,6 +850,20 @@ class LiveHAProxy:
             return False, str(exc)
         return bool(_RUNTIME_OK.search(answer)), answer
 
+    def show_stat(self) -> dict:
+        """{(backend, server): {"scur": n, "status": "UP"...}} from `show stat` (CSV)."""
+        ok, answer = self.runtime("show stat")
+        lines = answer.lstrip("# ").splitlines()
+        if not lines:
+            return {}
+        head = lines[0].split(",")
+        out = {}
+        for line in lines[1:]:
+            row = dict(zip(head, line.split(",")))
+            if row.get("svname") not in (None, "FRONTEND", "BACKEND") and row.get("scur", "").isdigit():
+                out[(row["pxname"], row["svname"])] = {"scur": int(row["scur"]), "status": row.get("status", "")}
+        return out
+
     def master(self, command: str) -> str:
         """Run a master CLI command (the master keeps the connection open, hence `; quit`)."""
         return _unix_command(self.master_socket, f"{command}; quit", timeout=self.timeout)
@@ -1073,6 +1097,11 @@ class FakeDataPlane:
         self.fail_reloads = 0                 # the next N reloads fail (reload command exits non-zero)
         self.runtime_broken = False           # every runtime command fails (no runtime socket)
         self.runtime_gap = 0.0                # seconds between two runtime commands of one write
+        # Runtime server state (the runtime server and native stats endpoints): admin states set
+        # at runtime ("drain"), forgotten by every reload as HAProxy forgets them; and, without
+        # a live HAProxy, each server's current sessions (scur) as a test sets them.
+        self.admin_states: dict[tuple[str, str], str] = {}
+        self.sessions: dict[tuple[str, str], int] = {}
 
     # --- lifecycle ---
 
@@ -1269,6 +1298,7 @@ class FakeDataPlane:
             self.live.write_config(self._render(config, self._version))
             self.live.reload()
             self.external_reloads += 1
+        self.admin_states.clear()
 
     # --- state transitions shared by the endpoints ---
 
@@ -1327,6 +1357,7 @@ class FakeDataPlane:
             if reload_id is None or self._stopping.is_set():
                 return
             self.reloads += 1
+            self.admin_states.clear()         # HAProxy's runtime state does not survive a reload
             entry = {"id": reload_id, "status": "succeeded", "reload_timestamp": int(time.time())}
             if self.fail_reloads > 0:
                 self.fail_reloads -= 1
@@ -1351,6 +1382,11 @@ class FakeDataPlane:
             if n and self.runtime_gap:
                 time.sleep(self.runtime_gap)    # dataplaneapi sends one command at a time
             self.runtime_changes.append(command)
+            state = re.fullmatch(r"set server (\S+)/(\S+) state (\S+)", command)
+            if state:     # `state ready` and `state maint` end a drain too
+                self.admin_states.pop((state[1], state[2]), None)
+                if state[3] == "drain":
+                    self.admin_states[(state[1], state[2])] = "drain"
             if self.live is not None and self.live.running:
                 ok, answer = self.live.runtime(command)
                 if not ok:
@@ -1498,6 +1534,8 @@ class FakeDataPlane:
         backends = "/services/haproxy/configuration/backends"
         servers = "/services/haproxy/configuration/servers" if self.api == "v2" \
             else backends + "/(?P<parent>[^/]+)/servers"
+        runtime = "/services/haproxy/runtime/servers" if self.api == "v2" \
+            else "/services/haproxy/runtime/backends/(?P<parent>[^/]+)/servers"
         table = [
             ("GET", "/info", self._get_info),
             ("GET", "/services/haproxy/configuration/version", self._get_version),
@@ -1519,6 +1557,9 @@ class FakeDataPlane:
             ("GET", servers + "/(?P<name>[^/]+)", self._get_server),
             ("PUT", servers + "/(?P<name>[^/]+)", self._replace_server),
             ("DELETE", servers + "/(?P<name>[^/]+)", self._delete_server),
+            ("GET", runtime + "/(?P<name>[^/]+)", self._get_runtime_server),
+            ("PUT", runtime + "/(?P<name>[^/]+)", self._replace_runtime_server),
+            ("GET", "/services/haproxy/stats/native", self._get_native_stats),
         ]
         return [(method, re.compile(pattern), handler) for method, pattern, handler in table]
 
@@ -1843,6 +1884,78 @@ class FakeDataPlane:
             return _Response(202)
         self._commit_implicit(config)
         return self._reloading_answer(force, 204, None)
+
+    # --- endpoints: runtime servers and native stats (no reload, no new version) ---
+
+    def _runtime_server(self, req: _Request) -> tuple[str, str, dict]:
+        """(backend, name, server) of a runtime server request: the running configuration's.
+        An unknown backend or server is 404 (dataplaneapi v3.2 handlers/runtime_server.go:
+        106-157, "Runtime server S not found in backend B"); v2 requires ?backend= (422)."""
+        parent = req.params["parent"] if self.api == "v3" else req.query.get("backend", "")
+        if not parent:
+            raise ApiError(422, "backend in query is required", 602)
+        server = self._config.backends.get(parent, _Backend({})).servers.get(req.params["name"])
+        if server is None:
+            raise ApiError(404, f"Runtime server {req.params['name']} not found in backend {parent}")
+        return parent, req.params["name"], server
+
+    def _runtime_server_json(self, backend: str, name: str, server: dict) -> dict:
+        admin = self.admin_states.get((backend, name)) or \
+            ("maint" if server.get("maintenance") == "enabled" else "ready")
+        data = {"name": name, "address": server.get("address"), "admin_state": admin,
+                "operational_state": "down" if admin == "maint" else "up"}
+        return {**data, "port": server["port"]} if server.get("port") is not None else data
+
+    def _get_runtime_server(self, req: _Request) -> _Response:
+        return _Response(200, self._runtime_server_json(*self._runtime_server(req)))
+
+    def _replace_runtime_server(self, req: _Request) -> _Response:
+        """Set the admin (and operational) state at runtime: `set server B/S state ...`,
+        sent only when it differs; nothing is written, nothing reloads (handlers/
+        runtime_server.go:106-157)."""
+        backend, name, server = self._runtime_server(req)
+        body = self._body(req, "runtime_server")
+        now = self._runtime_server_json(backend, name, server)
+        commands = []
+        if body.get("operational_state") and body["operational_state"] != now["operational_state"]:
+            commands.append(f"set server {backend}/{name} health {body['operational_state']}")
+        if body.get("admin_state") and body["admin_state"] != now["admin_state"]:
+            commands.append(f"set server {backend}/{name} state {body['admin_state']}")
+        if not self._runtime(commands):
+            raise ApiError(500, f"runtime error: {self.runtime_changes[-1]}")
+        return _Response(200, self._runtime_server_json(backend, name, server))
+
+    def _get_native_stats(self, req: _Request) -> _Response:
+        """HAProxy's stats: v2 a list of collections (one per runtime API), v3 one collection;
+        filtered the way dataplaneapi's handlers/stats.go GetStatsHandlerImpl does."""
+        kind, name, parent = (req.query.get(k) for k in ("type", "name", "parent"))
+        if kind is not None and kind not in ("frontend", "backend", "server"):
+            raise ApiError(422 if self.api == "v2" else 400,
+                           "type in query should be one of [frontend backend server]", 606)
+        if name is not None and kind is None:
+            raise ApiError(400, "Type required when filtering by name")
+        if name is not None and kind == "server" and parent is None:
+            raise ApiError(400, "Parent backend required when filtering by server")
+        items = [i for i in self._native_stat_items()
+                 if (kind is None or i["type"] == kind) and (name is None or i["name"] == name)
+                 and (kind != "server" or parent is None or i.get("backend_name") == parent)]
+        collection = {"runtimeAPI": self.live.stats_socket if self.live else "fake_dataplane", "stats": items}
+        return _Response(200, [collection] if self.api == "v2" else collection)
+
+    def _native_stat_items(self) -> list[dict]:
+        """One native_stat per server (and backend): scur and status from `show stat` on a
+        live HAProxy, else from `sessions` and the admin states."""
+        shown = self.live.show_stat() if self.live is not None and self.live.running else None
+        items = []
+        for backend, b in self._config.backends.items():
+            items.append({"type": "backend", "name": backend, "stats": {}})
+            for name, server in b.servers.items():
+                admin = self._runtime_server_json(backend, name, server)["admin_state"]
+                stats = shown.get((backend, name), {}) if shown is not None else {
+                    "scur": self.sessions.get((backend, name), 0),
+                    "status": {"maint": "MAINT", "drain": "DRAIN"}.get(admin, "UP")}
+                items.append({"type": "server", "name": name, "backend_name": backend, "stats": stats})
+        return items
 
 
 # === Runtime rules (dataplaneapi's changeThroughRuntimeAPI) ===

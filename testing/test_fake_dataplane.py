@@ -392,6 +392,68 @@ def test_runtime_capable_server_put_does_not_reload(fake, api):
     assert fake.violations == []
 
 
+def runtime_path(api, backend, name):
+    if api == "v2":
+        return f"/services/haproxy/runtime/servers/{name}?backend={backend}"
+    return f"/services/haproxy/runtime/backends/{backend}/servers/{name}"
+
+
+def stats_of(fake, payload):
+    """The native_stat items of a native stats answer: v2 a list of collections, v3 one."""
+    return [i for c in (payload if fake.api == "v2" else [payload]) for i in c["stats"]]
+
+
+def test_runtime_admin_state_is_neither_a_reload_nor_a_version(fake, api):
+    seed_app(fake, server_body(), server_body("srv2", "10.0.0.5", maintenance="enabled"))
+    version, srv1 = fake.version, runtime_path(fake.api, "be_app", "srv1")
+    status, _, body = api.call("GET", srv1)
+    assert status == 200 and (body["admin_state"], body["address"], body["port"]) == ("ready", "10.0.0.4", 8080)
+    status, headers, body = api.call("PUT", srv1, {"admin_state": "drain"})
+    assert status == 200 and body["admin_state"] == "drain" and "Reload-ID" not in headers
+    assert fake.runtime_changes == ["set server be_app/srv1 state drain"]
+    assert api.call("PUT", srv1, {"admin_state": "drain"})[0] == 200       # idempotent: no second command
+    assert fake.runtime_changes == ["set server be_app/srv1 state drain"]
+    assert (fake.version, fake.reloads, fake.commits) == (version, 0, 0)
+    assert api.call("GET", runtime_path(fake.api, "be_app", "srv2"))[2]["admin_state"] == "maint"
+    # A reload forgets runtime state, as HAProxy does.
+    api.commit(api.start())
+    assert api.call("GET", srv1)[2]["admin_state"] == "ready"
+    assert fake.violations == []
+
+
+def test_runtime_server_errors(fake, api):
+    seed_app(fake)
+    for backend, name in (("be_app", "srv9"), ("be_nope", "srv1")):
+        status, _, body = api.call("PUT", runtime_path(fake.api, backend, name), {"admin_state": "drain"})
+        assert status == 404 and f"Runtime server {name} not found in backend {backend}" == body["message"]
+    status, _, _ = api.call("PUT", runtime_path(fake.api, "be_app", "srv1"), {"admin_state": "sleepy"})
+    assert status == 422 and fake.violations and "admin_state" in fake.violations[-1]
+    if fake.api == "v2":
+        assert api.call("PUT", "/services/haproxy/runtime/servers/srv1", {"admin_state": "drain"})[0] == 422
+    fake.runtime_broken = True
+    assert api.call("PUT", runtime_path(fake.api, "be_app", "srv1"), {"admin_state": "drain"})[0] == 500
+
+
+def test_native_stats_shapes_and_filters(fake, api):
+    seed_app(fake, server_body(), server_body("srv2", "10.0.0.5"))
+    fake.sessions[("be_app", "srv2")] = 3
+    path = "/services/haproxy/stats/native"
+    status, _, payload = api.call("GET", q(path, type="server", parent="be_app", name="srv2"))
+    assert status == 200 and isinstance(payload, list if fake.api == "v2" else dict)
+    assert stats_of(fake, payload) == [{"type": "server", "name": "srv2", "backend_name": "be_app",
+                                        "stats": {"scur": 3, "status": "UP"}}]
+    _, _, payload = api.call("GET", q(path, type="server", parent="be_app"))
+    assert [i["name"] for i in stats_of(fake, payload)] == ["srv1", "srv2"]
+    _, _, payload = api.call("GET", q(path, type="server", parent="be_app", name="srv9"))
+    assert stats_of(fake, payload) == []
+    assert api.call("GET", q(path, name="srv2"))[2]["message"] == "Type required when filtering by name"
+    assert api.call("GET", q(path, type="server", name="srv2"))[0] == 400
+    assert api.call("GET", q(path, type="listener"))[0] == (422 if fake.api == "v2" else 400)
+    api.call("PUT", runtime_path(fake.api, "be_app", "srv2"), {"admin_state": "drain"})
+    _, _, payload = api.call("GET", q(path, type="server", parent="be_app", name="srv2"))
+    assert stats_of(fake, payload)[0]["stats"]["status"] == "DRAIN"
+
+
 def test_plain_server_post_and_delete(fake, api):
     seed_app(fake)
     status, headers, _ = api.call("POST", q(servers_path(fake.api, "be_app"), version=2), server_body("srv2"))
@@ -639,6 +701,16 @@ def test_live_haproxy_reloads_on_commit_and_applies_runtime_changes():
         status, _, _ = api.call("PUT", q(servers_path("v3", "be_app", "srv2"), version=3), dict(srv2, inter=3000))
         assert status == 202 and fake.reloads == 2 == live.reload_count()
         assert who_answers(frontend_port) == {"beta"}           # srv1 stays in maintenance
+
+        # A runtime drain: HAProxy's own state (`show stat` says DRAIN), no reload.
+        fake.runtime_changes.clear()
+        status, _, body = api.call("PUT", "/services/haproxy/runtime/backends/be_app/servers/srv2",
+                                   {"admin_state": "drain"})
+        assert status == 200 and fake.runtime_changes == ["set server be_app/srv2 state drain"]
+        _, _, stats = api.call("GET", q("/services/haproxy/stats/native", type="server", parent="be_app",
+                                        name="srv2"))
+        assert stats["stats"][0]["stats"]["status"] == "DRAIN" and stats["stats"][0]["stats"]["scur"] == 0
+        assert fake.reloads == 2 == live.reload_count()
         assert fake.violations == [] and fake.errors == []
         workers += live.show_proc()["workers"]
     finally:
