@@ -7,9 +7,10 @@ HAProxy:Service:Name / HAProxy:Service:Port, filters them by tag rules, groups
 them into services (name, port, region) and keeps one HAProxy backend per
 service in step through the Data Plane API: backend azure-NAME-PORT-REGION with
 server slots srv1..srvN, live ones pointing at instances and parked ones at
-127.0.0.1:80 in maintenance. Backends are created, never deleted. With
-haproxy.targets, one discovery feeds several HAProxy hosts, each planned, applied
-and backed off on its own.
+127.0.0.1:80 in maintenance. Backends are created, never deleted. A server whose
+instance left drains first (no new connections, safety.drain_seconds at most), then
+parks. With haproxy.targets, one discovery feeds several HAProxy hosts, each planned,
+applied and backed off on its own.
 
 Usage:
     haproxy-azure-discovery [-c FILE] [--once | --dry-run | --validate | --status [--json]]
@@ -83,6 +84,9 @@ MAX_SLOTS = 100000                # haproxy.server_slots.max at most (slot names
 
 # A parked slot points here, in maintenance (as the Data Plane API's own AWS discovery does).
 PARK_ADDRESS, PARK_PORT = "127.0.0.1", 80
+# Power states of an instance on its way out: its server drains at once, even with
+# azure.running_only false ("deleting" is the provisioning state, see power_state).
+LEAVING_STATES = frozenset({"stopping", "deallocating", "deleting"})
 # Every pattern is used with fullmatch: a `$` anchor lets a trailing newline through
 # ("web\n"), and a newline in a name would end a line of haproxy.cfg.
 # Names end up in haproxy.cfg: the Data Plane API's own backend-name pattern, and a length
@@ -370,6 +374,18 @@ class Slot:
 
 
 @dataclass(frozen=True)
+class Drain:
+    """A live server whose instance left, draining: no new connections, its sessions
+    finish. Parked at `until` at the latest, or once its sessions are 0."""
+    backend: str
+    server: str
+    address: str                 # the endpoint drained: a slot whose server changed is another drain
+    port: int
+    since: float                 # when the drain began (wall clock, seconds)
+    until: float                 # since + safety.drain_seconds
+
+
+@dataclass(frozen=True)
 class BackendState:
     """A backend as the Data Plane API holds it: its fields and every server, by name."""
     name: str
@@ -427,6 +443,8 @@ class Plan:
     backends: tuple[BackendPlan, ...] = ()
     skipped: tuple[Skip, ...] = ()
     held: tuple[str, ...] = ()           # "backend/server" slots whose parking is held back
+    draining: tuple[Drain, ...] = ()     # servers set (again) to drain this cycle, kept live
+    ready: tuple[str, ...] = ()          # "backend/server": drained, but its instance came back
     warnings: tuple[str, ...] = ()       # e.g. a foreign server holding one of our slot ids
     live: int = 0                        # live servers once applied
     services: int = 0                    # services discovered
@@ -480,6 +498,10 @@ class Target(typing.Protocol):
 
     def await_reloads(self, reloads: Sequence[str], stop: threading.Event) -> None: ...
 
+    def set_admin_state(self, backend: str, server: str, admin_state: str) -> None: ...
+
+    def sessions(self, backend: str, server: str) -> int | None: ...
+
 
 @dataclass
 class State:
@@ -489,6 +511,7 @@ class State:
     assignments: dict[str, dict[str, str]] = field(default_factory=dict)  # backend -> instance -> slot
     drain_fingerprint: str | None = None  # discovery seen behind a mass drain ...
     drain_streak: int = 0                 # ... and in how many cycles in a row
+    draining: dict[str, dict[str, Drain]] = field(default_factory=dict)   # backend -> server -> its drain
     skipped: frozenset[str] = frozenset()  # skip reasons already logged as warnings
     warned: frozenset[str] = frozenset()   # plan warnings already logged
 
@@ -500,6 +523,7 @@ class Decision:
     assignments: dict[str, dict[str, str]]
     drain_fingerprint: str | None
     drain_streak: int
+    draining: dict[str, dict[str, Drain]] = field(default_factory=dict)
 
 
 # === Configuration ===
@@ -603,6 +627,7 @@ class PollingConfig:
 class SafetyConfig:
     max_drain_percent: float = 50.0
     drain_confirm_cycles: int = 2
+    drain_seconds: float = 30.0   # a leaving server drains this long at most before it is parked
 
 
 @dataclass(frozen=True)
@@ -804,6 +829,7 @@ CHECKS: dict[str, Callable[[Any], str | None]] = {
     "polling.max_backoff_seconds": lambda v: _positive(v) or _at_most(DAY, " s")(v),
     "safety.max_drain_percent": lambda v: None if 0 <= v <= 100 else f"must be between 0 and 100, got {v}",
     "safety.drain_confirm_cycles": _between(1, 1000),
+    "safety.drain_seconds": lambda v: _not_negative(v) or _at_most(DAY, " s")(v),
     "logging.level": _one_of("DEBUG", "INFO", "WARNING", "ERROR"),
     "logging.format": _one_of("json", "text"),
     "metrics.listen": _listen_address,
@@ -1173,6 +1199,10 @@ def service_of(inst: Instance, cfg: Config) -> tuple[ServiceKey, int, int | None
     return ServiceKey(name, port, inst.region), serve_port, weight
 
 
+def _weight_value(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and 0 <= value <= MAX_WEIGHT
+
+
 def _weight(value: str) -> int | None:
     digits = value.strip(" \t")
     if not re.fullmatch(r"[0-9]{1,3}", digits) or int(digits) > MAX_WEIGHT:
@@ -1227,7 +1257,7 @@ def select_instances(instances: Iterable[Instance], cfg: Config
                      ) -> tuple[dict[ServiceKey, list[Member]], list[Skip]]:
     """Group the instances that may serve into services; the rest become Skips.
 
-    Instances filtered out on purpose (no service-name tag, denylist, not running) are
+    Instances filtered out on purpose (no service-name tag, denylist, not running, on its way out) are
     not Skips: only instances that carry the service tags but cannot be served are.
     """
     groups: dict[ServiceKey, list[Member]] = {}
@@ -1241,7 +1271,7 @@ def select_instances(instances: Iterable[Instance], cfg: Config
         if inst.id in seen or (filtering and not tags_match(inst.tags, cfg.tags)):
             continue
         seen.add(inst.id)
-        if cfg.azure.running_only and inst.power_state != "running":
+        if inst.power_state in LEAVING_STATES or (cfg.azure.running_only and inst.power_state != "running"):
             continue
         answer = (tuple(inst.tags.items()), inst.region)
         if answer in services:
@@ -1484,11 +1514,15 @@ def _drains(slots: Sequence[Slot], actual: BackendState | None) -> list[str]:
 
 @collector_paused()
 def plan_cycle(groups: Mapping[ServiceKey, list[Member]], skipped: Sequence[Skip],
-               actual: Mapping[str, BackendState], state: State, cfg: Config) -> Decision:
+               actual: Mapping[str, BackendState], state: State, cfg: Config, now: float = 0.0,
+               sessions: Mapping[str, int | None] | None = None) -> Decision:
     """Desired vs actual for every discovered service and every backend of ours.
 
     A vanished service parks all its slots; no backend is ever deleted. A mass drain
     is held back (its servers stay live) until the mass-drain guard lets it through.
+    A live server whose instance left drains first (safety.drain_seconds): it keeps its
+    slot, live, until its time is up or its sessions are 0 (`sessions` by "backend/server",
+    read once the drain is in effect; None: not read), and is parked then.
     """
     desired = {backend_name(k, cfg.haproxy.backend): ms for k, ms in groups.items()}
     prefix = cfg.haproxy.backend.name_prefix + cfg.haproxy.backend.name_separator
@@ -1503,25 +1537,87 @@ def plan_cycle(groups: Mapping[ServiceKey, list[Member]], skipped: Sequence[Skip
 
     slots = {n: assign(n) for n in names}
     drains = {n: d for n in names if (d := _drains(slots[n], actual.get(n)))}
-    live_now = sum(s.get("maintenance") != "enabled" for n in names if n in actual
-                   for name, s in actual[n].servers.items() if slot_index(name))
     fp = fingerprint(groups)
-    held, streak = drain_held(sum(map(len, drains.values())), live_now,
-                              state.drain_streak if state.drain_fingerprint == fp else 0, cfg.safety)
-    if held:
-        # Serve the drained servers as if they were still discovered: they keep their
-        # slots, and new instances still get slots of their own.
-        for n, names_drained in drains.items():
-            slots[n] = assign(n, _held_members(names_drained, actual[n], state.assignments.get(n, {})))
+    held, streak, kept = _drain_decisions(drains, slots, actual, state, fp, cfg.safety, now, sessions)
+    for n, names_drained in drains.items():
+        # Serve the held and the draining servers as if they were still discovered: they
+        # keep their slots, and new instances take parked slots (or the backend grows).
+        stay = [s for s in names_drained if s in kept.get(n, ()) or s in held.get(n, ())]
+        if stay:
+            slots[n] = assign(n, _held_members(stay, actual[n], state.assignments.get(n, {})))
     plans = [p for n in names if (p := plan_backend(n, slots[n], actual.get(n), settings[n]))]
     plan = Plan(backends=tuple(plans), skipped=tuple(skipped),
-                held=tuple(f"{n}/{s}" for n, d in drains.items() for s in d) if held else (),
+                held=tuple(f"{n}/{s}" for n, d in held.items() for s in d),
+                draining=tuple(d for n in sorted(kept) for d in kept[n].values()),
+                ready=tuple(r for n in names for r in _returned(n, state.draining.get(n, {}), drains.get(n, ()),
+                                                                 slots[n], actual.get(n))),
                 warnings=tuple(w for n in names for w in id_clashes(n, slots[n], actual.get(n))),
                 live=sum(len(ms) for ms in desired.values()), services=len(desired),
                 slots=sum(map(len, slots.values())), our_backends=len(names))
     assignments = {n: {s.instance: s.name for s in slots[n] if s.instance} for n in names}
     return Decision(plan=plan, assignments=assignments, drain_fingerprint=fp if streak else None,
-                    drain_streak=streak)
+                    drain_streak=streak, draining={n: k for n, k in kept.items() if k})
+
+
+def _drain_decisions(drains: Mapping[str, list[str]], slots: Mapping[str, list[Slot]],
+                     actual: Mapping[str, BackendState], state: State, fp: str, cfg: SafetyConfig,
+                     now: float, sessions: Mapping[str, int | None] | None
+                     ) -> tuple[dict[str, list[str]], int, dict[str, dict[str, Drain]]]:
+    """(the servers the guard holds live, its streak, the servers that drain on: backend ->
+    server -> Drain). The guard counts drain starts as parks (a server draining already was
+    counted when it began); a held start does not start draining."""
+    before = {n: _drained_before(d, actual[n], state.draining.get(n, {})) for n, d in drains.items()}
+    starts = {n: [s for s in d if s not in before[n]] for n, d in drains.items()}
+    live_now = sum(s.get("maintenance") != "enabled" for n, b in actual.items() if n in slots
+                   for name, s in b.servers.items() if slot_index(name)) - sum(map(len, before.values()))
+    held, streak = drain_held(sum(map(len, starts.values())), live_now,
+                              state.drain_streak if state.drain_fingerprint == fp else 0, cfg)
+    kept = {n: _keep_draining(n, list(before[n]) if held else d, slots[n], actual[n], before[n],
+                              state.assignments.get(n, {}), cfg.drain_seconds, now, sessions)
+            for n, d in drains.items()}
+    return ({n: d for n, d in starts.items() if d} if held else {}), streak, kept
+
+
+def _drained_before(names: Sequence[str], actual: BackendState, previous: Mapping[str, Drain]) -> dict[str, Drain]:
+    """The drains of earlier cycles that go on: same slot, same address:port still live there."""
+    return {n: d for n in names if (d := previous.get(n)) is not None
+            and (d.address, d.port) == (actual.servers[n].get("address"), actual.servers[n].get("port"))}
+
+
+def _keep_draining(name: str, servers: Sequence[str], slots: Sequence[Slot], actual: BackendState,
+                   before: Mapping[str, Drain], previous: Mapping[str, str], seconds: float, now: float,
+                   sessions: Mapping[str, int | None] | None) -> dict[str, Drain]:
+    """Which of these leaving servers drain on this cycle: not with drain_seconds 0, not
+    past their time, not once their sessions are 0. A slot re-pointed to the same
+    instance's new address is no drain: that instance did not leave."""
+    kept = {}
+    for s in servers:
+        slot = slots[slot_index(s) - 1]
+        if not seconds or (slot.instance is not None and previous.get(slot.instance) == s):
+            continue
+        since = before[s].since if s in before else now
+        if now < since + seconds and (sessions is None or sessions.get(f"{name}/{s}") != 0):
+            have = actual.servers[s]
+            kept[s] = Drain(name, s, have.get("address", PARK_ADDRESS), have.get("port") or PARK_PORT,
+                            since, since + seconds)
+    return kept
+
+
+def _returned(name: str, previous: Mapping[str, Drain], leaving: Sequence[str], slots: Sequence[Slot],
+              actual: BackendState | None) -> list[str]:
+    """Servers drained on an earlier cycle whose instance came back to the same slot: HAProxy
+    still drains them at runtime, so they are set ready again."""
+    out = []
+    for s, d in sorted(previous.items()):
+        if s in leaving:
+            continue
+        i = slot_index(s)
+        slot = slots[i - 1] if i and i <= len(slots) else None
+        have = actual.servers.get(s) if actual else None
+        if slot is not None and slot.instance is not None and (slot.address, slot.port) == (d.address, d.port) \
+                and have is not None and (have.get("address"), have.get("port")) == (d.address, d.port):
+            out.append(f"{name}/{s}")
+    return out
 
 
 def backend_settings(names: Iterable[str], groups: Mapping[ServiceKey, list[Member]],
@@ -1570,12 +1666,13 @@ def drain_held(drains: int, live: int, streak: int, cfg: SafetyConfig) -> tuple[
 
 def _held_members(names: Sequence[str], actual: BackendState | None,
                   previous: Mapping[str, str]) -> list[Member]:
-    """Members that keep these live servers as HAProxy holds them, owned by the instance
-    that held each slot, so that instance keeps it if it comes back."""
+    """Members that keep these live servers as HAProxy holds them (weight included), owned
+    by the instance that held each slot, so that instance keeps it if it comes back."""
     owner = {slot: inst for inst, slot in previous.items()}
     have = actual.servers if actual else {}
     return [Member(owner.get(n, f"held:{n}"), "held", have[n].get("address", PARK_ADDRESS),
-                   have[n].get("port") or PARK_PORT) for n in names]
+                   have[n].get("port") or PARK_PORT, w if _weight_value(w := have[n].get("weight")) else None)
+            for n in names]
 
 
 def format_plan(plan: Plan) -> str:
@@ -1598,6 +1695,11 @@ def format_plan(plan: Plan) -> str:
                 lines.append(f"  ~ {c.name} {_endpoint(c.before)} -> {_endpoint(c.body)}{_label(c)}")
     for h in plan.held:
         lines.append(f"held: {h} stays live (mass-drain guard)")
+    for d in plan.draining:
+        lines.append(f"draining: {d.backend}/{d.server} {d.address}:{d.port} since {utc(d.since)}, "
+                     f"parked by {utc(d.until)}")
+    for r in plan.ready:
+        lines.append(f"ready: {r} (its instance is back)")
     for s in plan.skipped:
         lines.append(f"skipped: {s.instance}: {s.reason}")
     lines.append(f"{plan.services} services, {plan.live} live servers, "
@@ -1608,15 +1710,20 @@ def format_plan(plan: Plan) -> str:
 
 @collector_paused()
 def status_view(groups: Mapping[ServiceKey, list[Member]], skipped: Sequence[Skip],
-                actual: Mapping[str, BackendState], decision: Decision, cfg: Config, target: str) -> dict[str, Any]:
+                actual: Mapping[str, BackendState], decision: Decision, cfg: Config, target: str,
+                now: float = 0.0, draining: Mapping[str, Mapping[str, Drain]] | None = None) -> dict[str, Any]:
     """Discovery and one target's backends side by side: per backend its slots, with the
-    instance in each live slot and what the plan would change marked as drift. Plain
-    data, the same for --status, --status --json and the metrics listener's /state."""
+    instance in each live slot, each draining slot's start and seconds left (at `now`;
+    `draining`: the drains under way), and what the plan would change marked as drift
+    (a drain it would start among them). Plain data, the same for --status, --status
+    --json and the metrics listener's /state."""
+    draining = draining or {}
     planned = {b.name: b for b in decision.plan.backends}
     held = set(decision.plan.held)
     # The instance serving a slot is the one discovered at the address HAProxy holds.
     members = {backend_name(k, cfg.haproxy.backend): {(m.address, m.port): m for m in ms} for k, ms in groups.items()}
-    backends = [_backend_view(name, actual.get(name), planned.get(name), members.get(name, {}), held)
+    backends = [_backend_view(name, actual.get(name), planned.get(name), members.get(name, {}), held,
+                              draining.get(name, {}), decision.draining.get(name, {}), now)
                 for name in sorted(set(actual) | set(planned))]
     return {
         "discovery": discovery_view(groups, skipped, cfg),
@@ -1643,7 +1750,8 @@ def combined_view(views: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
 
 
 def _backend_view(name: str, actual: BackendState | None, plan: BackendPlan | None,
-                  members: Mapping[tuple[str, int], Member], held: set[str]) -> dict[str, Any]:
+                  members: Mapping[tuple[str, int], Member], held: set[str], draining: Mapping[str, Drain],
+                  to_drain: Mapping[str, Drain], now: float) -> dict[str, Any]:
     have = actual.servers if actual else {}
     changes = {c.name: c for c in plan.changes} if plan else {}
     slots = []
@@ -1651,17 +1759,22 @@ def _backend_view(name: str, actual: BackendState | None, plan: BackendPlan | No
         server = have.get(sname)
         state = "missing" if server is None else "live" if _is_live(server) else "parked"
         entry: dict[str, Any] = {"slot": sname, "state": state}
-        if state == "live":
+        if state == "live" and (d := draining.get(sname)):
+            entry.update(state="draining", since=utc(d.since), seconds_left=max(0, math.ceil(d.until - now)))
+        if entry["state"] in ("live", "draining"):
             entry["address"] = _endpoint(server)
             m = members.get((server.get("address"), server.get("port")))
             entry["instance"] = m.label if m else None        # None: no discovered instance there
         if f"{name}/{sname}" in held:
             entry["drift"] = "held live by the mass-drain guard"
+        elif sname in to_drain and sname not in draining:
+            entry["drift"] = "want draining (its instance left), then parked"
         elif (c := changes.get(sname)) or (plan and plan.create):
             entry["drift"] = _drift(c, plan.servers.get(sname) if plan else None)
         slots.append(entry)
     return {"backend": name, "slots": len([s for s in slots if s["state"] != "missing"]),
             "live": sum(s["state"] == "live" for s in slots), "parked": sum(s["state"] == "parked" for s in slots),
+            "draining": sum(s["state"] == "draining" for s in slots),
             "drift": sum("drift" in s for s in slots) + bool(plan and (plan.create or plan.fields_changed)),
             "settings_drift": bool(plan and plan.fields_changed), "missing": actual is None, "servers": slots}
 
@@ -1690,14 +1803,21 @@ def format_status(view: Mapping[str, Any]) -> str:
                      + (f"{t['drift']} differences from the desired state" if t["drift"] else "in sync"))
         for b in t["backends"]:
             mark = "!" if b["missing"] or b["settings_drift"] else " "
-            what = "missing" if b["missing"] else f"{b['slots']} slots, {b['live']} live, {b['parked']} parked"
+            what = "missing" if b["missing"] else f"{b['slots']} slots, {b['live']} live, {b['parked']} parked" + (
+                f", {b['draining']} draining" if b["draining"] else "")
             lines.append(f" {mark}backend {b['backend']}: {what}" + (" (settings differ)" if b["settings_drift"] else ""))
             for s in b["servers"]:
                 where = s.get("address", "")
-                who = (s["instance"] or "(no discovered instance)") if s["state"] == "live" else ""
+                who = (s["instance"] or "(no discovered instance)") if s["state"] == "live" else (
+                    f"since {s['since']}, {s['seconds_left']} s left" if s["state"] == "draining" else "")
                 row = f"  {'!' if 'drift' in s else ' '} {s['slot']:<8} {s['state']:<8} {where:<22} {who}".rstrip()
                 lines.append(row + (f"  <- {s['drift']}" if "drift" in s else ""))
     return "\n".join(lines) + "\n"
+
+
+def utc(seconds: float) -> str:
+    """A wall-clock time as people read it in logs: RFC 3339, UTC, whole seconds."""
+    return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(seconds))
 
 
 def _endpoint(server: Mapping[str, Any] | None) -> str:
@@ -1753,13 +1873,20 @@ def _ref(raw: Mapping, key: str) -> str:
 
 
 def power_state(raw: Mapping) -> str | None:
-    """'running', 'stopped', 'deallocated', ... from an instance view; None without one."""
+    """'running', 'stopped', 'deallocated', ... from an instance view; None without one.
+    An instance being deleted is "deleting" whatever its power state (Azure says so in
+    the provisioning state: its server must drain now, not once it is gone)."""
     view = _props(raw).get("instanceView")
+    found = None
     for status in (view.get("statuses") if view else None) or ():
-        code = status.get("code")
-        if isinstance(code, str) and code.startswith("PowerState/"):
-            return code[len("PowerState/"):].lower()
-    return None
+        code = status.get("code") if isinstance(status, Mapping) else None
+        if not isinstance(code, str):
+            continue
+        if code.lower() == "provisioningstate/deleting":
+            return "deleting"
+        if found is None and code.startswith("PowerState/"):
+            found = code[len("PowerState/"):].lower()
+    return found
 
 
 def _primary(items: Sequence[Mapping]) -> Mapping | None:
@@ -2951,6 +3078,27 @@ class DataPlane:
                     raise Aborted("shutdown requested while waiting for a reload")
                 pause = min(pause * 2, 1.0)
 
+    def _runtime_server_path(self, backend: str, server: str) -> tuple[str, dict[str, str]]:
+        if (self.api or self.probe()) == "v3":
+            return f"/services/haproxy/runtime/backends/{_q(backend)}/servers/{_q(server)}", {}
+        return f"/services/haproxy/runtime/servers/{_q(server)}", {"backend": backend}
+
+    def set_admin_state(self, backend: str, server: str, admin_state: str) -> None:
+        """HAProxy's runtime admin state of one server ("drain", "ready"): `set server B/S
+        state ...` on the runtime API, no reload, nothing written to the file, so a reload
+        forgets it (dataplaneapi v3.2 handlers/runtime_server.go:106-157)."""
+        path, query = self._runtime_server_path(backend, server)
+        self.request("PUT", path, query, {"admin_state": admin_state},
+                     expect=lambda p: p is None or isinstance(p, dict), shape="a runtime server")
+
+    def sessions(self, backend: str, server: str) -> int | None:
+        """The server's current sessions (`scur`) from HAProxy's native stats; None when the
+        answer names no such server or gives no count."""
+        _, payload, _ = self.request("GET", "/services/haproxy/stats/native",
+                                     {"type": "server", "parent": backend, "name": server},
+                                     expect=_native_stats, shape="native stats")
+        return current_sessions(payload, backend, server)
+
 
 def _runtime_steps(change: ServerChange) -> list[Mapping[str, Any]]:
     """The bodies of one hybrid write. dataplaneapi lifts maintenance before it changes the
@@ -3017,6 +3165,26 @@ def _transaction(payload: Any) -> bool:
     # Real ids are UUIDs; the id goes into request paths, so nothing else is taken.
     return isinstance(payload, dict) and isinstance(payload.get("id"), str) \
         and re.fullmatch(r"[A-Za-z0-9-]{1,64}", payload["id"]) is not None
+
+
+def _native_stats(payload: Any) -> bool:
+    """v2: a list of collections, one per runtime API; v3: one collection (testing/spec
+    native_stats). Each collection: {"runtimeAPI", "error"?, "stats": [native_stat]}."""
+    collections = payload if isinstance(payload, list) else [payload]
+    return all(isinstance(c, dict) and isinstance(c.get("stats") or [], list)
+               and all(isinstance(i, dict) for i in c.get("stats") or []) for c in collections)
+
+
+def current_sessions(payload: Any, backend: str, server: str) -> int | None:
+    """scur of `backend`/`server` summed over the runtime APIs (v2 may have several);
+    None when no collection names it or one gives no integer."""
+    found = [(i.get("stats") or {}).get("scur") if isinstance(i.get("stats"), dict) else None
+             for c in (payload if isinstance(payload, list) else [payload])
+             for i in c.get("stats") or []
+             if i.get("type") == "server" and i.get("name") == server and i.get("backend_name") == backend]
+    if not found or not all(_is_int(n) for n in found):
+        return None
+    return sum(found)
 
 
 def _backend_state(full: Mapping[str, Any]) -> BackendState:
@@ -3115,7 +3283,7 @@ MAX_ATTEMPTS = 3
 @dataclass
 class CycleReport:
     """What a cycle did, for logs, metrics and the exit code."""
-    result: str = "failed"        # "steady", "unchanged", "applied", "held", "partial" or "failed"
+    result: str = "failed"        # "steady", "unchanged", "draining", "applied", "held", "partial" or "failed"
     plan: Plan | None = None
     instances: int = 0
     skipped: int = 0
@@ -3154,33 +3322,36 @@ def discover(cfg: Config, source: Source, stop: Any, report: CycleReport) -> See
 
 
 def reconcile(cfg: Config, source: Source, target: Target, state: State, stop: threading.Event,
-              report: CycleReport, dry_run: bool = False) -> Plan | None:
+              report: CycleReport, dry_run: bool = False, clock: Callable[[], float] = time.time) -> Plan | None:
     """Discover, then plan and apply to one target (reconcile_target)."""
-    return reconcile_target(cfg, discover(cfg, source, stop, report), target, state, stop, report, dry_run)
+    return reconcile_target(cfg, discover(cfg, source, stop, report), target, state, stop, report, dry_run, clock)
 
 
 def reconcile_target(cfg: Config, seen: Seen, target: Target, state: State, stop: threading.Event,
-                     report: CycleReport, dry_run: bool = False) -> Plan | None:
-    """Plan against what HAProxy holds, apply; re-plan on a conflict.
+                     report: CycleReport, dry_run: bool = False, clock: Callable[[], float] = time.time
+                     ) -> Plan | None:
+    """Plan against what HAProxy holds, apply; re-plan on a conflict. `clock` is the wall
+    clock drains are timed by.
 
     Steady state costs one Data Plane request: the configuration version, when it and
-    the discovery are what the last cycle left. The version is read before the backends
-    it guards, so a change landing between the two reads is a conflict, not overwritten.
-    Fills `report` as it goes.
+    the discovery are what the last cycle left and nothing is draining. The version is
+    read before the backends it guards, so a change landing between the two reads is a
+    conflict, not overwritten. Fills `report` as it goes.
     """
     groups, skipped, fp = seen.groups, seen.skipped, seen.fingerprint
     name = report.target or cfg.haproxy.base_url
     prefix = cfg.haproxy.backend.name_prefix + cfg.haproxy.backend.name_separator
     for attempt in range(1, MAX_ATTEMPTS + 1):
         version = target.version()
-        if attempt == 1 and not dry_run and state.fingerprint == fp and version == state.version:
+        if attempt == 1 and not dry_run and state.fingerprint == fp and version == state.version \
+                and not state.draining:
             report.result = "steady"
             return None
-        actual = target.read_backends(prefix)
-        decision = plan_cycle(groups, skipped, actual, state, cfg)
+        actual, now = target.read_backends(prefix), clock()
+        decision, sessions = _decide(groups, skipped, actual, state, cfg, target, now, dry_run)
         plan = decision.plan
         if dry_run:
-            report.view = status_view(groups, skipped, actual, decision, cfg, name)
+            report.view = status_view(groups, skipped, actual, decision, cfg, name, now, state.draining)
             return plan
         report.refused = {}
         try:
@@ -3190,26 +3361,86 @@ def reconcile_target(cfg: Config, seen: Seen, target: Target, state: State, stop
             log.warning("configuration changed under us (attempt %d of %d): %s", attempt, MAX_ATTEMPTS,
                         exc, extra={"event": "conflict", "attempt": attempt})
             continue
-        # A refused backend keeps the slots HAProxy holds: the next cycle plans it afresh.
-        assignments = {**decision.assignments,
-                       **{n: state.assignments.get(n, {}) for n in report.refused}}
-        state.version, state.assignments = new_version, assignments
-        state.drain_fingerprint, state.drain_streak = decision.drain_fingerprint, decision.drain_streak
+        _runtime_states(plan, target, report)
+        _record(decision, new_version, state, report)
         # What HAProxy holds now, planned again: the view's drift (a held drain, a refused
         # backend), and whether this is a fixpoint. The shortcut is only taken from one: slots
         # parked now that a later shrink may remove need the next cycle to plan again.
         done = state_after(actual, Plan(tuple(b for b in plan.backends if b.name not in report.refused)))
-        after = decision if plan.empty else plan_cycle(groups, skipped, done, state, cfg)
+        after = decision if plan.empty else plan_cycle(groups, skipped, done, state, cfg, now, sessions)
         after = dataclasses.replace(after, plan=dataclasses.replace(after.plan, held=plan.held))
-        report.view = status_view(groups, skipped, done, after, cfg, name)
+        report.view = status_view(groups, skipped, done, after, cfg, name, now, state.draining)
         settled = not plan.held and not report.refused and after.plan.empty
         state.fingerprint = fp if settled else None
         report.plan = plan
         report.result = ("partial" if report.refused else "held" if plan.held
-                         else "applied" if not plan.empty else "unchanged")
+                         else "applied" if not plan.empty else "draining" if plan.draining else "unchanged")
         _log_refused(report.refused, groups, cfg)
         return plan
     raise DataPlaneError(f"gave up after {MAX_ATTEMPTS} attempts: the configuration kept changing")
+
+
+def _record(decision: Decision, version: int | None, state: State, report: CycleReport) -> None:
+    """What an applied cycle leaves in State. A refused backend keeps the slots HAProxy
+    holds: the next cycle plans it afresh."""
+    state.version = version
+    state.assignments = {**decision.assignments, **{n: state.assignments.get(n, {}) for n in report.refused}}
+    state.drain_fingerprint, state.drain_streak = decision.drain_fingerprint, decision.drain_streak
+    state.draining = decision.draining
+
+
+def _decide(groups: Mapping[ServiceKey, list[Member]], skipped: Sequence[Skip], actual: Mapping[str, BackendState],
+            state: State, cfg: Config, target: Target, now: float, dry_run: bool
+            ) -> tuple[Decision, dict[str, int | None]]:
+    """plan_cycle, and the sessions it was given. With servers to drain, each is set to
+    drain (again: a reload forgets it), its sessions are read once no new ones can come,
+    and the cycle is planned again: a server with none left is parked now."""
+    decision = plan_cycle(groups, skipped, actual, state, cfg, now)
+    if dry_run or not decision.plan.draining:
+        return decision, {}
+    sessions = {f"{d.backend}/{d.server}": _drain(target, d) for d in decision.plan.draining}
+    return plan_cycle(groups, skipped, actual, state, cfg, now, sessions), sessions
+
+
+def _drain(target: Target, d: Drain) -> int | None:
+    """Set one server to drain and read its sessions. An error answer leaves the count
+    unknown (it drains until its time is up); no answer at all fails the cycle."""
+    if not _admin_state(target, d.backend, d.server, "drain"):
+        return None
+    try:
+        count, why = target.sessions(d.backend, d.server), "the native stats give no count for it"
+    except DataPlaneError as exc:
+        if exc.status is None:
+            raise
+        count, why = None, str(exc)
+    if count is None:
+        log.warning("server %s/%s: sessions not readable, it drains until its time is up: %s", d.backend,
+                    d.server, why, extra={"event": "drain_sessions_unknown", "backend": d.backend, "server": d.server})
+    return count
+
+
+def _admin_state(target: Target, backend: str, server: str, admin_state: str) -> bool:
+    """One runtime admin-state write; False (with a warning) when the API refuses it."""
+    try:
+        target.set_admin_state(backend, server, admin_state)
+    except DataPlaneError as exc:
+        if exc.status is None:
+            raise
+        log.warning("server %s/%s: could not set it %s at runtime: %s", backend, server, admin_state, exc,
+                    extra={"event": "admin_state_failed", "backend": backend, "server": server})
+        return False
+    return True
+
+
+def _runtime_states(plan: Plan, target: Target, report: CycleReport) -> None:
+    """After the writes: a reload they caused forgot the runtime drains (they are sent
+    again), and a server whose instance came back during its drain is set ready."""
+    for d in plan.draining if report.reloads else ():
+        if d.backend not in report.refused:
+            _admin_state(target, d.backend, d.server, "drain")
+    for name in plan.ready:
+        backend, server = name.rsplit("/", 1)
+        _admin_state(target, backend, server, "ready")
 
 
 def _apply(plan: Plan, target: Target, version: int, stop: threading.Event, cfg: Config,
@@ -3267,23 +3498,25 @@ class TargetRun:
 
 
 def run_cycle(source: Source, runs: Sequence[TargetRun], stop: Any, dry_run: bool = False,
-              memory: State | None = None, now: Callable[[], float] = time.monotonic) -> list[CycleReport]:
+              memory: State | None = None, now: Callable[[], float] = time.monotonic,
+              clock: Callable[[], float] = time.time) -> list[CycleReport]:
     """One discovery, planned and applied to each of `runs` independently and at the same
     time: a report per target, a failed one with its `failure`. A target that fails, or
     hangs until its timeout, costs the others nothing. A failed discovery raises (nothing
     is applied anywhere), and so does a shutdown, once every target has stopped.
-    `memory` keeps the skips already warned about (default: the first target's state)."""
+    `memory` keeps the skips already warned about (default: the first target's state).
+    `now` times the cycle; `clock` is the wall clock drains are timed by."""
     started, first = now(), CycleReport()
     seen = discover(runs[0].cfg, source, stop, first)
     _log_skips(first, memory or runs[0].state)
     reports = [CycleReport(target=run.name, instances=first.instances, skipped=first.skipped,
                            skips=first.skips, azure_requests=first.azure_requests) for run in runs]
     if len(runs) == 1:
-        _target_cycle(runs[0], reports[0], seen, stop, dry_run, started, now)
+        _target_cycle(runs[0], reports[0], seen, stop, dry_run, started, now, clock)
     else:
         pool = _Pool(min(len(runs), TARGET_WORKERS), "target")
         try:
-            for job in [pool.submit(_target_cycle, run, report, seen, stop, dry_run, started, now)
+            for job in [pool.submit(_target_cycle, run, report, seen, stop, dry_run, started, now, clock)
                         for run, report in zip(runs, reports)]:
                 job.result()
         finally:
@@ -3295,12 +3528,12 @@ def run_cycle(source: Source, runs: Sequence[TargetRun], stop: Any, dry_run: boo
 
 
 def _target_cycle(run: TargetRun, report: CycleReport, seen: Seen, stop: Any, dry_run: bool,
-                  started: float, now: Callable[[], float]) -> None:
+                  started: float, now: Callable[[], float], clock: Callable[[], float]) -> None:
     """One target's part of a cycle; whatever happens ends in `report`, and every line it
     logs carries the target's name."""
     _log_context.target = run.name
     try:
-        _reconcile_into(run, report, seen, stop, dry_run, started, now)
+        _reconcile_into(run, report, seen, stop, dry_run, started, now, clock)
         if not dry_run and report.failure is None:
             _log_report(report, run.state)
     finally:
@@ -3308,10 +3541,11 @@ def _target_cycle(run: TargetRun, report: CycleReport, seen: Seen, stop: Any, dr
 
 
 def _reconcile_into(run: TargetRun, report: CycleReport, seen: Seen, stop: Any, dry_run: bool,
-                    started: float, now: Callable[[], float]) -> None:
+                    started: float, now: Callable[[], float], clock: Callable[[], float]) -> None:
     before = run.dp.requests
     try:
-        report.plan = reconcile_target(run.cfg, seen, run.dp, run.state, stop, report, dry_run) or report.plan
+        report.plan = reconcile_target(run.cfg, seen, run.dp, run.state, stop, report, dry_run,
+                                       clock) or report.plan
     except Exception as exc:  # one target's failure, whatever it is, is its own
         report.result, report.failure = "failed", exc
         report.error = str(exc) if isinstance(exc, DiscoveryError) else f"unexpected {type(exc).__name__}: {exc}"
@@ -3325,9 +3559,9 @@ def _reconcile_into(run: TargetRun, report: CycleReport, seen: Seen, stop: Any, 
 
 
 def one_cycle(cfg: Config, source: Source, dp: Target, state: State, stop: Any,
-              now: Callable[[], float] = time.monotonic) -> CycleReport:
+              now: Callable[[], float] = time.monotonic, clock: Callable[[], float] = time.time) -> CycleReport:
     """run_cycle() for one target (its name: haproxy.base_url); its failure raises."""
-    (report,) = run_cycle(source, [TargetRun(cfg.haproxy.base_url, cfg, dp, state)], stop, now=now)
+    (report,) = run_cycle(source, [TargetRun(cfg.haproxy.base_url, cfg, dp, state)], stop, now=now, clock=clock)
     if report.failure is not None:
         raise report.failure
     return report
@@ -3352,6 +3586,10 @@ def _log_report(report: CycleReport, state: State) -> None:
         state.warned = frozenset(plan.warnings)
         for held in plan.held:
             log.warning("mass-drain guard holds %s live", held, extra={"event": "drain_held", "server": held})
+        for d in plan.draining:
+            log.info("server %s/%s (%s:%d) draining since %s, parked by %s at the latest", d.backend, d.server,
+                     d.address, d.port, utc(d.since), utc(d.until),
+                     extra={"event": "draining", "backend": d.backend, "server": d.server})
         for b in plan.backends:
             log.info("backend %s changed: %d servers", b.name, len(b.changes),
                      extra={"event": "backend_changed", "backend": b.name, "count": len(b.changes),
@@ -3464,7 +3702,8 @@ class Metrics:
             self._inc("held_drains_total", t, len(plan.held))
             self.gauges[("services", "")] = plan.services
             self.gauges.update({("backends", t): plan.our_backends, ("servers_live", t): plan.live,
-                                ("servers_parked", t): plan.slots - plan.live})
+                                ("servers_parked", t): plan.slots - plan.live - len(plan.draining),
+                                ("servers_draining", t): len(plan.draining)})
         if report.view is not None:      # a steady cycle reads nothing: the last view holds
             self.discovery = report.view["discovery"]
             entry = report.view["targets"][0]
@@ -3699,6 +3938,15 @@ def next_delay(failures: int, cfg: PollingConfig, rand: float) -> float:
         * (1 + 0.1 * rand)
 
 
+def drain_wake(delay: float, state: State, now: float) -> float:
+    """The sleep before the next cycle: `delay`, or less when a drain's time is up sooner,
+    so that its slot is parked on time rather than a polling interval late."""
+    ends = [d.until for drains in state.draining.values() for d in drains.values()]
+    return min(delay, max(0.0, min(ends) - now) + DRAIN_SLACK) if ends else delay
+
+
+# A cycle woken for a drain's end comes this long after it: never a moment early.
+DRAIN_SLACK = 0.1
 # READY=1 comes after the first cycle, or after this many seconds of it, whichever is first:
 # a first listing of a large estate on a slow Resource Manager must not outlast the unit's
 # TimeoutStartSec= (nor make Restart= repeat it).
@@ -3786,7 +4034,8 @@ def _daemon_cycle(using: _InUse, stop: Any, rand: Callable[[], float],
             log.warning("cycle failed: %s", report.error,
                         extra={"event": "cycle_failed", "failures": run.failures, "target": run.name})
     if any(not run.failures for run in using.runs):
-        return reports, next_delay(0, using.cfg.polling, rand())
+        delay, wall = next_delay(0, using.cfg.polling, rand()), time.time()
+        return reports, min(drain_wake(delay, run.state, wall) for run in using.runs if not run.failures)
     return reports, max(0.0, round(min(run.due for run in using.runs) - now, 6))
 
 

@@ -5,6 +5,7 @@ testing/ (a local HTTPS fake of Azure Resource Manager, a Data Plane API emulato
 """
 from __future__ import annotations
 
+import dataclasses
 import functools
 import gc
 import http.client
@@ -32,6 +33,7 @@ from conftest import free_port
 HERE = os.path.dirname(os.path.abspath(__file__))
 SUB = "00000000-0000-0000-0000-000000000001"
 EXAMPLE_ENV = {"AZURE_SUBSCRIPTION_ID": SUB, "DATAPLANE_PASSWORD": "s3cret-pass"}
+WEB = "azure-web-8080-eastus"      # the backend of make_instance's default service
 
 
 # --- helpers -------------------------------------------------------------------------
@@ -51,10 +53,13 @@ def make_instance(n: int, service="web", port="8080", region="eastus", state="ru
                       address=kw.pop("address", f"10.0.{n // 250}.{n % 250 + 4}"), power_state=state, **kw)
 
 
-def run_plan(instances, actual=None, state=None, cfg=None):
+def run_plan(instances, actual=None, state=None, cfg=None, drain=0, now=0.0, sessions=None):
+    """plan_cycle on these instances. The slot tests park a leaving server at once
+    (safety.drain_seconds `drain` 0); the draining tests set it."""
     cfg = cfg or make_config()
+    cfg = dataclasses.replace(cfg, safety=dataclasses.replace(cfg.safety, drain_seconds=drain))
     groups, skipped = m.select_instances(instances, cfg)
-    return m.plan_cycle(groups, skipped, actual or {}, state or m.State(), cfg)
+    return m.plan_cycle(groups, skipped, actual or {}, state or m.State(), cfg, now, sessions)
 
 
 def apply_to(actual: dict, plan: m.Plan) -> dict:
@@ -267,6 +272,10 @@ class TestConfig:
         ({"polling": {"interval_seconds": 10 ** 400}}, "polling.interval_seconds: must be a number, got \"1000"),
         ({"polling": {"interval_seconds": "1e999"}}, "polling.interval_seconds: must be a number"),
         ({"safety": {"drain_confirm_cycles": 10 ** 9}}, "safety.drain_confirm_cycles: must be between 1 and 1000"),
+        ({"safety": {"drain_seconds": 86401}}, "safety.drain_seconds: must be at most 86400 s, got 86401"),
+        ({"safety": {"drain_seconds": -1}}, "safety.drain_seconds: must be 0 or more, got -1"),
+        ({"safety": {"drain_seconds": "soon"}}, 'safety.drain_seconds: must be a number, got "soon"'),
+        ({"safety": {"drain_seconds": float("nan")}}, "safety.drain_seconds: must be a number"),
         ({"haproxy": {"base_url": "http://admin:pw@localhost:5555"}},
          "haproxy.base_url: must not carry credentials (user:password@)"),
         ({"haproxy": {"base_url": "http://admin@localhost:5555"}}, "haproxy.base_url: must not carry credentials"),
@@ -400,9 +409,12 @@ class TestConfig:
         {"haproxy": {"password": "p", "server_slots": {"growth_type": "exponential", "growth_factor": 100,
                                                        "max": 100000}}},
         {"metrics": {"listen": "[::1]:9777"}},
+        {"safety": {"drain_seconds": 86400}},
     ])
     def test_the_edges_that_validate_run(self, edge):
         cfg = make_config(**edge)
+        drain = m.Drain(WEB, "srv1", "10.0.0.4", 80, 0.0, cfg.safety.drain_seconds)
+        assert m.drain_wake(30, m.State(draining={WEB: {"srv1": drain}}), 0.0) <= 30
         slots = cfg.haproxy.server_slots
         assert all(m.slot_target(n, slots) <= slots.max for n in (0, 1, 10, 999, 1000, 5000, 10 ** 6))
         assert m.next_delay(1000, cfg.polling, 0.999) <= 86400 * 1.1
@@ -1078,6 +1090,144 @@ class TestPlan:
         assert {make_instance(1).address, make_instance(2).address} <= served   # slot holders stay
 
 
+class TestDraining:
+    """safety.drain_seconds: a live server whose instance left drains, then is parked."""
+    T = 1_800_000_000.0          # "now" of the first cycle
+
+    def synced(self, instances, base=10):
+        cfg = make_config(haproxy={"password": "p", "server_slots": {"base": base}})
+        d = run_plan(instances, cfg=cfg)
+        return apply_to({}, d.plan), m.State(assignments=d.assignments), cfg
+
+    def drained(self, d):
+        return {(x.backend, x.server): (x.address, x.port, x.since, x.until) for x in d.plan.draining}
+
+    def test_a_leaving_server_drains_first_and_keeps_its_slot(self):
+        actual, state, cfg = self.synced([make_instance(1), make_instance(2)], base=2)
+        d = run_plan([make_instance(1), make_instance(3)], actual, state, cfg, drain=30, now=self.T)
+        assert self.drained(d) == {(WEB, "srv2"): ("10.0.0.6", 8080, self.T, self.T + 30)}
+        assert d.draining == {WEB: {"srv2": d.plan.draining[0]}}
+        # srv2 stays live as it is (no write for it); the new instance grows the backend
+        (b,) = d.plan.backends
+        assert [(c.action, c.name, c.label) for c in b.changes] == [("add", "srv3", "vm3"), ("add", "srv4", "")]
+        assert m.format_plan(d.plan) == textwrap.dedent("""\
+            backend azure-web-8080-eastus (4 slots, 3 live)
+              + srv3 10.0.0.7:8080 (vm3)
+              + srv4 parked
+            draining: azure-web-8080-eastus/srv2 10.0.0.6:8080 since 2027-01-15T08:00:00Z, parked by 2027-01-15T08:00:30Z
+            1 services, 2 live servers, 1 backends to change
+            """)
+        assert d.plan.live == 2 and d.assignments[WEB][make_instance(2).id] == "srv2"
+
+    def continuing(self, sessions=None, now=None, drain=30):
+        actual, state, cfg = self.synced([make_instance(1), make_instance(2)])
+        first = run_plan([make_instance(1)], actual, state, cfg, drain=drain, now=self.T)
+        state = m.State(assignments=first.assignments, draining=first.draining)
+        return actual, run_plan([make_instance(1)], actual, state, cfg, drain=drain,
+                                now=self.T + 10 if now is None else now, sessions=sessions)
+
+    def test_each_cycle_drains_again_for_the_remaining_time(self):
+        """A reload forgets the runtime drain: the next cycle sends it again, same deadline."""
+        _, d = self.continuing()
+        assert self.drained(d) == {(WEB, "srv2"): ("10.0.0.6", 8080, self.T, self.T + 30)} and d.plan.empty
+
+    @pytest.mark.parametrize("sessions, now, parked", [
+        ({f"{WEB}/srv2": 0}, None, True),       # sessions 0: parked early
+        ({f"{WEB}/srv2": 3}, None, False),
+        ({f"{WEB}/srv2": None}, None, False),   # unknown: drains on
+        ({}, T + 30, True),                     # time is up
+        ({f"{WEB}/srv2": 3}, T + 29.9, False),
+    ])
+    def test_parked_once_its_sessions_are_0_or_its_time_is_up(self, sessions, now, parked):
+        actual, d = self.continuing(sessions, now)
+        assert (d.plan.draining == ()) is parked and (d.draining == {}) is parked
+        if parked:
+            assert_slots(apply_to(actual, d.plan)[WEB], {"srv1": "10.0.0.5:8080", "srv2": "parked",
+                                                         **{f"srv{i}": "parked" for i in range(3, 11)}})
+
+    def test_after_a_restart_a_drain_starts_again(self):
+        actual, state, cfg = self.synced([make_instance(1), make_instance(2)])
+        d = run_plan([make_instance(1)], actual, m.State(), cfg, drain=30, now=self.T + 500)
+        assert self.drained(d) == {(WEB, "srv2"): ("10.0.0.6", 8080, self.T + 500, self.T + 530)}
+
+    def test_a_slot_whose_server_changed_is_a_new_drain(self):
+        actual, state, cfg = self.synced([make_instance(1), make_instance(2)])
+        old = m.Drain(WEB, "srv2", "10.9.9.9", 8080, self.T - 100, self.T - 70)
+        d = run_plan([make_instance(1)], actual, m.State(assignments=state.assignments,
+                                                          draining={WEB: {"srv2": old}}), cfg, drain=30, now=self.T)
+        assert self.drained(d) == {(WEB, "srv2"): ("10.0.0.6", 8080, self.T, self.T + 30)}
+
+    @pytest.mark.parametrize("power", ["stopping", "deallocating", "deleting"])
+    def test_an_instance_on_its_way_out_drains_even_when_not_running_only(self, power):
+        cfg = make_config(azure={"subscription_id": SUB, "running_only": False})
+        d0 = run_plan([make_instance(1), make_instance(2, state="stopped")], cfg=cfg)
+        actual, state = apply_to({}, d0.plan), m.State(assignments=d0.assignments)
+        assert d0.plan.live == 2           # a stopped instance is served without running_only
+        d = run_plan([make_instance(1), make_instance(2, state=power)], actual, state, cfg, drain=30, now=self.T)
+        assert [(x.server, x.address) for x in d.plan.draining] == [("srv2", "10.0.0.6")] and d.plan.live == 1
+
+    def test_drain_seconds_0_parks_at_once(self):
+        actual, state, cfg = self.synced([make_instance(1), make_instance(2)])
+        d = run_plan([make_instance(1)], actual, state, cfg, drain=0, now=self.T)
+        assert d.plan.draining == () and d.draining == {}
+        assert [(c.name, m._endpoint(c.body)) for c in d.plan.backends[0].changes] == [("srv2", "parked")]
+
+    def test_the_guard_counts_drain_starts_and_a_held_one_does_not_start(self):
+        everyone = [make_instance(i) for i in range(1, 11)]
+        actual, state, cfg = self.synced(everyone)
+        d = run_plan(everyone[:2], actual, state, cfg, drain=30, now=self.T)
+        assert len(d.plan.held) == 8 and d.plan.draining == () and d.plan.empty
+        confirmed = m.State(assignments=d.assignments, drain_fingerprint=d.drain_fingerprint,
+                            drain_streak=d.drain_streak)
+        d2 = run_plan(everyone[:2], actual, confirmed, cfg, drain=30, now=self.T + 5)
+        assert d2.plan.held == () and len(d2.plan.draining) == 8 and d2.plan.empty
+        # Draining ones are not counted again, neither as starts nor as live: one of the two
+        # left serving goes now (no mass drain), both would be (held).
+        state3 = m.State(assignments=d2.assignments, draining=d2.draining)
+        d3 = run_plan(everyone[:1], actual, state3, cfg, drain=30, now=self.T + 10)
+        assert d3.plan.held == () and len(d3.plan.draining) == 9
+        d4 = run_plan([], actual, state3, cfg, drain=30, now=self.T + 10)
+        assert len(d4.plan.held) == 2 and len(d4.plan.draining) == 8 and d4.plan.empty
+
+    def test_a_draining_slot_is_not_reused_while_parked_ones_are_left(self):
+        actual, state, cfg = self.synced([make_instance(1), make_instance(2)], base=3)
+        d = run_plan([make_instance(1), make_instance(3)], actual, state, cfg, drain=30, now=self.T)
+        (b,) = d.plan.backends
+        assert [(c.name, m._endpoint(c.body)) for c in b.changes] == [("srv3", "10.0.0.7:8080")]
+
+    def test_an_instance_back_during_its_drain_is_set_ready(self):
+        actual, state, cfg = self.synced([make_instance(1), make_instance(2)])
+        first = run_plan([make_instance(1)], actual, state, cfg, drain=30, now=self.T)
+        back = run_plan([make_instance(1), make_instance(2)], actual,
+                        m.State(assignments=first.assignments, draining=first.draining), cfg, drain=30, now=self.T + 5)
+        assert back.plan.ready == (f"{WEB}/srv2",) and back.plan.draining == () and back.plan.empty
+        assert "ready: azure-web-8080-eastus/srv2 (its instance is back)" in m.format_plan(back.plan)
+
+    def test_the_view_shows_a_drain_under_way_and_one_a_cycle_would_start(self):
+        actual, state, cfg = self.synced([make_instance(1), make_instance(2)])
+        groups, skipped = m.select_instances([make_instance(1)], cfg)
+        d = run_plan([make_instance(1)], actual, state, cfg, drain=30, now=self.T)
+        fresh = m.status_view(groups, skipped, actual, d, cfg, "t", self.T)
+        srv2 = fresh["targets"][0]["backends"][0]["servers"][1]
+        assert srv2["state"] == "live" and srv2["drift"] == "want draining (its instance left), then parked"
+        view = m.status_view(groups, skipped, actual, d, cfg, "t", self.T + 12, d.draining)
+        (b,) = view["targets"][0]["backends"]
+        assert b["servers"][1] == {"slot": "srv2", "state": "draining", "since": "2027-01-15T08:00:00Z",
+                                   "seconds_left": 18, "address": "10.0.0.6:8080", "instance": None}
+        assert (b["live"], b["draining"], b["parked"], b["drift"]) == (1, 1, 8, 0)
+        assert "  srv2     draining 10.0.0.6:8080          since 2027-01-15T08:00:00Z, 18 s left" in \
+            m.format_status(view)
+        assert m.backend_gauges(view)[("servers_draining", f'target="t",backend="{WEB}"')] == 1
+
+    def test_wake_by_the_earliest_drain_deadline(self):
+        drains = {WEB: {"srv2": m.Drain(WEB, "srv2", "a", 1, 0, self.T + 4),
+                        "srv3": m.Drain(WEB, "srv3", "a", 1, 0, self.T + 9)}}
+        assert m.drain_wake(30, m.State(draining=drains), self.T) == pytest.approx(4 + m.DRAIN_SLACK)
+        assert m.drain_wake(2, m.State(draining=drains), self.T) == 2
+        assert m.drain_wake(30, m.State(), self.T) == 30
+        assert m.drain_wake(30, m.State(draining=drains), self.T + 60) == m.DRAIN_SLACK
+
+
 # --- Azure adapter -------------------------------------------------------------------
 EXAMPLES = os.path.join(HERE, "testing", "azure-examples")
 
@@ -1128,6 +1278,17 @@ class TestAzureParsing:
         assert inst.address == "13.67.119.72" and inst.name == "vmss1_0"
         [inst] = m.instances_from_azure(m.AzureListing(set_instances=[raw], nics=[nic]), cfg)
         assert inst.address is None
+
+    @pytest.mark.parametrize("codes, want", [
+        (["ProvisioningState/succeeded", "PowerState/running"], "running"),
+        (["ProvisioningState/deleting", "PowerState/running"], "deleting"),     # on its way out: drains
+        (["PowerState/deallocating"], "deallocating"),
+        ([None, {"code": 7}, "PowerState/stopping"], "stopping"),
+        ([], None),
+    ])
+    def test_power_state_of_an_instance_view(self, codes, want):
+        statuses = [c if not isinstance(c, str) else {"code": c} for c in codes]
+        assert m.power_state({"properties": {"instanceView": {"statuses": statuses}}}) == want
 
     def test_example_shapes_never_crash_the_join(self):
         """Placeholders everywhere (string tags, availability-set ids, odd status codes)."""
@@ -1577,8 +1738,6 @@ class Harness:
         return {n: ("parked" if s.get("maintenance") == "enabled" else f"{s['address']}:{s['port']}")
                 for n, s in self.fake.backends[backend]["servers"].items()}
 
-
-WEB = "azure-web-8080-eastus"
 
 
 class TestDataPlane:
@@ -2134,6 +2293,90 @@ class TestHybrid:
         assert h.servers("azure-api-8080-eastus")["srv1"] == "10.0.0.6:8080"
         assert h.cycle(moved).result == "applied"
         assert h.servers("azure-api-8080-eastus")["srv1"] == "10.9.0.2:8080"
+
+
+class TestDrainingDataPlane:
+    """Draining through the runtime server endpoint and the native stats of both APIs."""
+
+    class Clock:
+        def __init__(self, t=1_800_000_000.0):
+            self.t = t
+
+        def __call__(self):
+            return self.t
+
+    def bed(self, dataplane, mode="hybrid", seconds=30):
+        h = Harness(dataplane, haproxy={"apply_mode": mode}, safety={"drain_seconds": seconds})
+        clock = self.Clock()
+        h.cycle([make_instance(1), make_instance(2)], clock=clock)
+        dataplane.sessions[(WEB, "srv2")] = 2
+        return h, clock
+
+    def runtime_requests(self, dataplane):
+        return [(r.method, r.path.split("/services/haproxy/")[1], r.body) for r in dataplane.requests
+                if "/runtime/" in r.path or "/stats/" in r.path]
+
+    def test_hybrid_drain_then_park_once_the_sessions_are_0_without_a_reload(self, dataplane):
+        h, clock = self.bed(dataplane)
+        reloads, version = dataplane.reloads, dataplane.version
+        report = h.cycle([make_instance(1)], clock=clock)
+        assert report.result == "draining" and h.servers(WEB)["srv2"] == "10.0.0.6:8080"
+        assert dataplane.admin_states == {(WEB, "srv2"): "drain"}
+        path = "runtime/servers/srv2" if dataplane.api == "v2" else f"runtime/backends/{WEB}/servers/srv2"
+        assert self.runtime_requests(dataplane) == [("PUT", path, {"admin_state": "drain"}),
+                                                    ("GET", "stats/native", None)]
+        assert (dataplane.version, dataplane.reloads) == (version, reloads)
+        clock.t += 5
+        assert h.cycle([make_instance(1)], clock=clock).result == "draining"   # no steady shortcut
+        assert report.view["targets"][0]["backends"][0]["servers"][1]["state"] == "draining"
+        dataplane.sessions[(WEB, "srv2")] = 0
+        clock.t += 5
+        report = h.cycle([make_instance(1)], clock=clock)
+        assert report.result == "applied" and h.servers(WEB)["srv2"] == "parked" and h.state.draining == {}
+        assert dataplane.reloads == reloads and report.transactions == {}
+        assert h.cycle([make_instance(1)], clock=clock).result == "steady"
+
+    def test_parked_when_the_time_is_up(self, dataplane):
+        h, clock = self.bed(dataplane, mode="transaction", seconds=20)
+        h.cycle([make_instance(1)], clock=clock)
+        clock.t += 19.9
+        assert h.cycle([make_instance(1)], clock=clock).result == "draining"
+        clock.t += 0.1
+        assert h.cycle([make_instance(1)], clock=clock).result == "applied" and h.servers(WEB)["srv2"] == "parked"
+
+    def test_a_reload_in_between_loses_nothing(self, dataplane):
+        h, clock = self.bed(dataplane)
+        h.cycle([make_instance(1)], clock=clock)
+        dataplane.seed({}, replace=False)   # another client's change: HAProxy reloads, the drain is gone
+        assert dataplane.admin_states == {}
+        clock.t += 10
+        report = h.cycle([make_instance(1)], clock=clock)
+        assert report.result == "draining" and dataplane.admin_states == {(WEB, "srv2"): "drain"}
+        (drain,) = report.plan.draining
+        assert drain.until - clock.t == 20      # the time left, not a fresh start
+
+    def test_an_error_answer_leaves_the_sessions_unknown_and_the_server_draining(self, dataplane, caplog):
+        h, clock = self.bed(dataplane)
+        dataplane.sessions[(WEB, "srv2")] = 0
+        dataplane.add_fault("PUT", r"/runtime/", status=404, message="Runtime server srv2 not found")
+        report = h.cycle([make_instance(1)], clock=clock)
+        assert report.result == "draining" and h.servers(WEB)["srv2"] == "10.0.0.6:8080"
+        assert "could not set it drain at runtime" in caplog.text and "Traceback" not in caplog.text
+        dataplane.add_fault("GET", r"/stats/native", status=200, message="not stats")
+        clock.t += 1
+        report = h.cycle([make_instance(1)], clock=clock)
+        assert report.result == "draining" and "sessions not readable" in caplog.text
+        assert dataplane.open_transactions() == []
+        clock.t += 1
+        assert h.cycle([make_instance(1)], clock=clock).result == "applied"   # sessions 0: parked
+
+    def test_an_instance_back_during_its_drain_is_ready_again(self, dataplane):
+        h, clock = self.bed(dataplane)
+        h.cycle([make_instance(1)], clock=clock)
+        clock.t += 3
+        report = h.cycle([make_instance(1), make_instance(2)], clock=clock)
+        assert report.plan.ready == (f"{WEB}/srv2",) and dataplane.admin_states == {}
+        assert h.servers(WEB)["srv2"] == "10.0.0.6:8080" and h.state.draining == {}
 
 
 # --- Logging -------------------------------------------------------------------------
@@ -2921,7 +3164,8 @@ class TestOnce:
         assert m.main(["--status", "-c", path]) == 0
         out = capsys.readouterr().out.splitlines()
         assert out[2] == f"target {dataplane.url}: 1 backends, 2 differences from the desired state"
-        assert out[5] == "  ! srv2     live     10.0.0.5:8080          (no discovered instance)  <- want parked"
+        assert out[5] == ("  ! srv2     live     10.0.0.5:8080          (no discovered instance)  "
+                          "<- want draining (its instance left), then parked")
         assert out[6] == "  ! srv3     live     10.0.0.6:8080          vm-0002  <- settings differ (check)"
         assert m.main(["--status", "--json", "-c", path]) == 0
         view = json.loads(capsys.readouterr().out)
@@ -2929,7 +3173,8 @@ class TestOnce:
         assert view["discovery"]["instances"] == 2 and target["drift"] == 2
         (backend,) = target["backends"]
         assert (backend["live"], backend["parked"], backend["slots"]) == (3, 1, 4)
-        assert [s.get("drift") for s in backend["servers"]] == [None, "want parked", "settings differ (check)", None]
+        assert [s.get("drift") for s in backend["servers"]] == [
+            None, "want draining (its instance left), then parked", "settings differ (check)", None]
         assert dataplane.version == version      # --status changes nothing
         assert dataplane.count_requests("PUT") + dataplane.count_requests("POST") == writes
 
