@@ -2370,6 +2370,15 @@ class TestDrainingDataPlane:
         clock.t += 1
         assert h.cycle([make_instance(1)], clock=clock).result == "applied"   # sessions 0: parked
 
+    def test_the_daemon_wakes_when_the_drain_is_due(self, dataplane):
+        cfg = dp_config(dataplane, safety={"drain_seconds": 5}, polling={"jitter_seconds": 0})
+        dataplane.sessions[(WEB, "srv2")] = 1
+        signals = RecordingSignals()
+        both, one = (m.Discovery((make_instance(1), make_instance(2))), m.Discovery((make_instance(1),)))
+        m.run_forever(lambda: cfg, lambda c: ScriptedSource(both, one), lambda c: m.DataPlane(c.haproxy),
+                      signals, max_cycles=3, rand=lambda: 0.0)
+        assert signals.sleeps[0] == 30 and 4.5 < signals.sleeps[1] <= 5 + m.DRAIN_SLACK
+
     def test_an_instance_back_during_its_drain_is_ready_again(self, dataplane):
         h, clock = self.bed(dataplane)
         h.cycle([make_instance(1)], clock=clock)

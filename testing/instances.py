@@ -1,7 +1,9 @@
 #!/usr/bin/env python3
 """Stand-ins for Azure instances: small HTTP servers on loopback addresses (127.0.0.2, …),
 each answering every GET with its own name, so a test can see through HAProxy which
-instances get traffic.
+instances get traffic. `GET /slow?seconds=N` answers after N seconds (at most 60): a
+long-lived request, to watch a draining server finish it. Each server counts the
+requests it began (`served`) and those in flight (`active`).
 
 In tests::
 
@@ -21,7 +23,9 @@ import collections
 import signal
 import sys
 import threading
+import time
 import urllib.error
+import urllib.parse
 import urllib.request
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
@@ -30,6 +34,21 @@ class _Handler(BaseHTTPRequestHandler):
     protocol_version = "HTTP/1.0"
 
     def do_GET(self) -> None:  # noqa: N802 - the stdlib's name
+        server = self.server
+        with server.lock:
+            server.served += 1
+            server.active += 1
+        try:
+            self._answer()
+        finally:
+            with server.lock:
+                server.active -= 1
+
+    def _answer(self) -> None:
+        url = urllib.parse.urlsplit(self.path)
+        if url.path == "/slow":
+            seconds = urllib.parse.parse_qs(url.query).get("seconds", ["1"])[0]
+            time.sleep(min(max(float(seconds), 0.0), MAX_SLOW))
         body = self.server.instance_name.encode()
         self.send_response(200)
         self.send_header("Content-Type", "text/plain")
@@ -39,6 +58,9 @@ class _Handler(BaseHTTPRequestHandler):
 
     def log_message(self, *args) -> None:
         pass
+
+
+MAX_SLOW = 60.0      # seconds a /slow request may ask for
 
 
 class Instances:
@@ -54,6 +76,7 @@ class Instances:
         server = ThreadingHTTPServer((address, self.port), _Handler)
         server.daemon_threads = True
         server.instance_name = name
+        server.lock, server.served, server.active = threading.Lock(), 0, 0
         threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.1}, daemon=True).start()
         self.servers[name] = server
 
