@@ -20,7 +20,7 @@ trap cleanup EXIT
 free_port() { $py -c 'import socket; s = socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])'; }
 say() { printf '\n\033[1m== %s\033[0m\n' "$*"; }
 
-frontend=$(free_port); dataplane=$(free_port); port=$(free_port)
+frontend=$(free_port); dataplane=$(free_port); port=$(free_port); metrics=$(free_port)
 backend="azure-web-$port-eastus"
 
 estate() {   # estate N [stopped-name]: N tagged VMs on 127.0.0.2.. serving on $port
@@ -89,9 +89,11 @@ cat > "$work/config.json" <<EOF
   "logging": {"format": "json"}
 }
 EOF
-# The daemon of step 4 polls every second, so that the demo is short.
+# The daemon of steps 4 and 5 polls every second and drains for 10 s at most, so that the demo
+# is short; its metrics listener serves the state view at /state.
 $py -c 'import json, sys; c = json.load(open(sys.argv[1])); c["polling"] = {"interval_seconds": 1, "jitter_seconds": 0}
-json.dump(c, open(sys.argv[2], "w"))' "$work/config.json" "$work/daemon.json"
+c["safety"] = {"drain_seconds": 10}; c["metrics"] = {"listen": "127.0.0.1:" + sys.argv[3]}
+json.dump(c, open(sys.argv[2], "w"))' "$work/config.json" "$work/daemon.json" "$metrics"
 export DP_PASSWORD=demo-password
 echo "    daemon configuration: $work/config.json"
 $py haproxy_azure_discovery.py -c "$work/config.json" --validate | sed 's/^/    /'
@@ -103,7 +105,7 @@ estate 6; instances
 step "2. Scale out to 6 VMs: past the 4 slots, the backend grows to 4 + ceil(2 x 1.5) = 7"
 
 estate 6 vm-0001 vm-0004; instances
-step "3. Deallocate vm-0001 and vm-0004: their slots are parked, nothing else moves"
+step "3. Deallocate vm-0001 and vm-0004: their servers drain (no session left: parked at once), nothing else moves"
 
 say "The state at a glance: discovery and HAProxy side by side (--status)"
 $py haproxy_azure_discovery.py -c "$work/config.json" --status | sed 's/^/    /'
@@ -121,5 +123,42 @@ echo "-- 12 requests through HAProxy answered by:"
 $py testing/instances.py --hits "http://127.0.0.1:$frontend/" 12
 echo "-- a steady cycle costs one Data Plane request:"
 grep '"result": "steady"' "$work/daemon.log" | tail -1 | grep -o '"dataplane_requests": [0-9]*' | sed 's/^/    /'
+
+say "5. Graceful draining: vm-0001 is scaled in while an 8-second request to it is in flight"
+reloads() {   # HAProxy reloads so far, as the Data Plane API lists them
+    $py -c 'import base64, json, sys, urllib.request
+auth = "Basic " + base64.b64encode(("admin:" + sys.argv[2]).encode()).decode()
+print(len(json.load(urllib.request.urlopen(urllib.request.Request(sys.argv[1], headers={"Authorization": auth})))))' \
+        "http://127.0.0.1:$dataplane/v3/services/haproxy/reloads" "$DP_PASSWORD"
+}
+before=$(reloads)
+slow=()
+for _ in 1 2; do     # round robin: one lands on vm-0000, one on vm-0001
+    $py -c 'import sys, urllib.request
+print("    the 8-second request answered (200) by", urllib.request.urlopen(sys.argv[1], timeout=30).read().decode())' \
+        "http://127.0.0.1:$frontend/slow?seconds=8" & slow+=($!)
+done
+sleep 0.5
+estate 1                                  # vm-0001 leaves Azure; its server still finishes the request
+state_view() {   # the daemon's /state, printed as --status prints it
+    $py -c 'import json, sys, urllib.request; sys.path.insert(0, ".")
+import haproxy_azure_discovery as m
+print(m.format_status(json.load(urllib.request.urlopen(sys.argv[1], timeout=5))), end="")' \
+        "http://127.0.0.1:$metrics/state" | sed 's/^/    /'
+}
+for _ in $(seq 40); do state_view | grep -q ' draining ' && break; sleep 0.25; done   # the next cycle
+echo "-- the daemon's view (its /state, as --status prints it): the slot drains, no new connection"
+state_view
+draining=$(reloads)
+echo "-- 12 requests through HAProxy answered by:"
+$py testing/instances.py --hits "http://127.0.0.1:$frontend/" 12
+wait "${slow[@]}"
+sleep 2
+echo "-- its last session ended: parked at once, without waiting for safety.drain_seconds (10 s)"
+state_view
+grep -o '"msg": "server [^"]*draining[^"]*"' "$work/daemon.log" | uniq | sed 's/^/    /'
+echo "-- HAProxy reloads: $((draining - before)) to drain, $(($(reloads) - draining)) to park (apply_mode transaction;"
+echo "   in hybrid mode the park goes through the runtime API too: no reload at all)"
+
 kill -TERM "$daemon"; wait "$daemon" && echo "-- SIGTERM: the daemon exited 0"
 say "Done. The whole test suite: ./testing/test.sh"

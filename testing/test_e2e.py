@@ -248,5 +248,12 @@ def test_demo(tmp_path):
     status = out.split("(--status)", 1)[1].split("== 4.", 1)[0]
     assert "discovery: 1 services, 4 instances, 0 skipped" in status and ": 1 backends, in sync" in status
     assert re.search(r"srv1 +live +[\d.]+:\d+ +vm-0000", status) and status.count(" parked") >= 3
-    last = out.rsplit("-- 12 requests through HAProxy answered by:", 1)[1]
-    assert "vm-0000        6" in last and "vm-0001        6" in last and "<503>" not in out
+    four = out.split("== 4.", 1)[1].split("== 5.", 1)[0].rsplit("-- 12 requests through HAProxy answered by:", 1)[1]
+    assert "vm-0000        6" in four and "vm-0001        6" in four and "<503>" not in out
+    # 5. graceful draining: the long request finishes on the leaving instance, which gets no new one
+    five = out.split("== 5.", 1)[1]
+    assert re.search(r"srv\d+ +draining +[\d.]+:\d+ +since \S+Z, \d+ s left", five), five
+    assert "vm-0000       12" in five and "the 8-second request answered (200) by vm-0001" in five
+    after = five.split("-- its last session ended", 1)[1]
+    assert "draining" not in after.split("\n    \"msg\"", 1)[0] and "1 live, 6 parked" in after
+    assert "-- HAProxy reloads: 0 to drain, 1 to park" in five
