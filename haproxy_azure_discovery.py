@@ -380,7 +380,7 @@ class Drain:
     backend: str
     server: str
     address: str                 # the endpoint drained: a slot whose server changed is another drain
-    port: int
+    port: int | None             # as HAProxy holds it (the model's port is nullable)
     since: float                 # when the drain began (wall clock, seconds)
     until: float                 # since + safety.drain_seconds
 
@@ -1598,8 +1598,7 @@ def _keep_draining(name: str, servers: Sequence[str], slots: Sequence[Slot], act
         since = before[s].since if s in before else now
         if now < since + seconds and (sessions is None or sessions.get(f"{name}/{s}") != 0):
             have = actual.servers[s]
-            kept[s] = Drain(name, s, have.get("address", PARK_ADDRESS), have.get("port") or PARK_PORT,
-                            since, since + seconds)
+            kept[s] = Drain(name, s, have.get("address", ""), have.get("port"), since, since + seconds)
     return kept
 
 
@@ -3587,7 +3586,7 @@ def _log_report(report: CycleReport, state: State) -> None:
         for held in plan.held:
             log.warning("mass-drain guard holds %s live", held, extra={"event": "drain_held", "server": held})
         for d in plan.draining:
-            log.info("server %s/%s (%s:%d) draining since %s, parked by %s at the latest", d.backend, d.server,
+            log.info("server %s/%s (%s:%s) draining since %s, parked by %s at the latest", d.backend, d.server,
                      d.address, d.port, utc(d.since), utc(d.until),
                      extra={"event": "draining", "backend": d.backend, "server": d.server})
         for b in plan.backends:

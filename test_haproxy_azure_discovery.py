@@ -1157,6 +1157,16 @@ class TestDraining:
                                                           draining={WEB: {"srv2": old}}), cfg, drain=30, now=self.T)
         assert self.drained(d) == {(WEB, "srv2"): ("10.0.0.6", 8080, self.T, self.T + 30)}
 
+    def test_a_server_without_a_port_drains_on_to_its_deadline(self):
+        actual, state, cfg = self.synced([make_instance(1), make_instance(2)])
+        b = actual[WEB]
+        actual = {WEB: m.BackendState(WEB, b.fields, {**b.servers, "srv2": {**b.servers["srv2"], "port": None}})}
+        first = run_plan([make_instance(1)], actual, state, cfg, drain=30, now=self.T)
+        state = m.State(assignments=first.assignments, draining=first.draining)
+        later = run_plan([make_instance(1)], actual, state, cfg, drain=30, now=self.T + 10)
+        assert self.drained(later) == {(WEB, "srv2"): ("10.0.0.6", None, self.T, self.T + 30)}
+        assert "10.0.0.6:None since" in m.format_plan(later.plan)
+
     @pytest.mark.parametrize("power", ["stopping", "deallocating", "deleting"])
     def test_an_instance_on_its_way_out_drains_even_when_not_running_only(self, power):
         cfg = make_config(azure={"subscription_id": SUB, "running_only": False})
