@@ -270,3 +270,25 @@ def test_a_reload_puts_a_new_targets_list_to_use(pair):
                   lambda c: m.AzureSource(c), make, Reloading(), max_cycles=2)
     assert made == [v2.url, v3.url] and closed == [v2.url, v3.url]
     assert live(v2) == WANT and live(v3) == WANT
+
+
+def test_each_target_drains_on_its_own(pair):
+    """A leaving instance drains on the target where it still has sessions, and is parked at
+    once where it has none; each target keeps its own drains."""
+    arm, v2, v3 = pair
+    cfg = m.parse_config(raw_config(arm, target(v2, "hap-v2"), target(v3, "hap-v3"),
+                                    safety={"drain_seconds": 30}), {})
+    runs = [m.TargetRun(name, c, m.DataPlane(c.haproxy)) for name, c in m.target_configs(cfg)]
+    source, stop = m.AzureSource(cfg), threading.Event()
+    try:
+        m.run_cycle(source, runs, stop)
+        slot = next(n for n, s in v2.backends[WEB]["servers"].items() if s["address"] == "10.0.0.5")
+        v2.sessions[(WEB, slot)] = 2
+        arm.estate.remove("vm-0001")
+        reports = m.run_cycle(source, runs, stop)
+    finally:
+        source.close()
+    assert [(r.target, r.result) for r in reports] == [("hap-v2", "draining"), ("hap-v3", "applied")]
+    assert live(v2) == WANT and live(v3) == {WEB: ["10.0.0.4:8080", "10.0.0.6:8080"]}
+    assert list(runs[0].state.draining[WEB]) == [slot] and runs[1].state.draining == {}
+    assert v2.admin_states == {(WEB, slot): "drain"} and v3.admin_states == {}
