@@ -1146,7 +1146,7 @@ class TestDraining:
                                                          **{f"srv{i}": "parked" for i in range(3, 11)}})
 
     def test_after_a_restart_a_drain_starts_again(self):
-        actual, state, cfg = self.synced([make_instance(1), make_instance(2)])
+        actual, _, cfg = self.synced([make_instance(1), make_instance(2)])
         d = run_plan([make_instance(1)], actual, m.State(), cfg, drain=30, now=self.T + 500)
         assert self.drained(d) == {(WEB, "srv2"): ("10.0.0.6", 8080, self.T + 500, self.T + 530)}
 

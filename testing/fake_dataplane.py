@@ -852,7 +852,7 @@ class LiveHAProxy:
 
     def show_stat(self) -> dict:
         """{(backend, server): {"scur": n, "status": "UP"...}} from `show stat` (CSV)."""
-        ok, answer = self.runtime("show stat")
+        _, answer = self.runtime("show stat")
         lines = answer.lstrip("# ").splitlines()
         if not lines:
             return {}

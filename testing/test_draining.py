@@ -19,16 +19,13 @@ import time
 import urllib.request
 
 import pytest
+from fake_arm import DEFAULT_SUBSCRIPTION, FakeArm, make_estate
+from fake_dataplane import FakeDataPlane, LiveHAProxy
+from instances import Instances, hits
 
-HERE = os.path.dirname(os.path.abspath(__file__))
-ROOT = os.path.dirname(HERE)
-sys.path.insert(0, HERE)
-sys.path.insert(0, ROOT)
+from conftest import free_port, wait_for
 
-from conftest import free_port, wait_for  # noqa: E402
-from fake_arm import DEFAULT_SUBSCRIPTION, FakeArm, make_estate  # noqa: E402
-from fake_dataplane import FakeDataPlane, LiveHAProxy  # noqa: E402
-from instances import Instances, hits  # noqa: E402
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 DRAIN_SECONDS = 3
 
@@ -73,7 +70,7 @@ class DrainBed:
         self.config_path, self.log_path = tmp_path / "config.json", tmp_path / "daemon.log"
         self.config_path.write_text(json.dumps(config))
         env = {"PATH": os.environ["PATH"], "DP_PASSWORD": self.dp.password, **self.arm.env()}
-        self.log = open(self.log_path, "w")
+        self.log = open(self.log_path, "w")  # noqa: SIM115 - the daemon's stderr, closed in close()
         self.proc = subprocess.Popen([sys.executable, os.path.join(ROOT, "haproxy_azure_discovery.py"),
                                       "-c", str(self.config_path)], cwd=ROOT, env=env,
                                      stdout=subprocess.DEVNULL, stderr=self.log)
@@ -99,8 +96,8 @@ class DrainBed:
             before = server.served
             request = LongRequest(self.url(), seconds)
             request.start()
-            wait_for(lambda: sum(s.served for s in self.instances.servers.values()) > 0 and (
-                server.served > before or request.ended or self._busy_elsewhere(name)), 5, "the request to land")
+            wait_for(lambda before=before, request=request: server.served > before or request.ended
+                     or self._busy_elsewhere(name), 5, "the request to land")
             if server.served > before:
                 return request
             request.join(seconds + 5)

@@ -704,7 +704,7 @@ def test_live_haproxy_reloads_on_commit_and_applies_runtime_changes():
 
         # A runtime drain: HAProxy's own state (`show stat` says DRAIN), no reload.
         fake.runtime_changes.clear()
-        status, _, body = api.call("PUT", "/services/haproxy/runtime/backends/be_app/servers/srv2",
+        status, _, _ = api.call("PUT", "/services/haproxy/runtime/backends/be_app/servers/srv2",
                                    {"admin_state": "drain"})
         assert status == 200 and fake.runtime_changes == ["set server be_app/srv2 state drain"]
         _, _, stats = api.call("GET", q("/services/haproxy/stats/native", type="server", parent="be_app",
