@@ -1674,6 +1674,11 @@ def _held_members(names: Sequence[str], actual: BackendState | None,
             for n in names]
 
 
+def utc(seconds: float) -> str:
+    """A wall-clock time as people read it in logs: RFC 3339, UTC, whole seconds."""
+    return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(seconds))
+
+
 def format_plan(plan: Plan) -> str:
     """The plan as stable text: what --dry-run prints and the tests compare."""
     lines = []
@@ -1812,11 +1817,6 @@ def format_status(view: Mapping[str, Any]) -> str:
                 row = f"  {'!' if 'drift' in s else ' '} {s['slot']:<8} {s['state']:<8} {where:<22} {who}".rstrip()
                 lines.append(row + (f"  <- {s['drift']}" if "drift" in s else ""))
     return "\n".join(lines) + "\n"
-
-
-def utc(seconds: float) -> str:
-    """A wall-clock time as people read it in logs: RFC 3339, UTC, whole seconds."""
-    return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(seconds))
 
 
 def _endpoint(server: Mapping[str, Any] | None) -> str:
@@ -3937,6 +3937,10 @@ def next_delay(failures: int, cfg: PollingConfig, rand: float) -> float:
         * (1 + 0.1 * rand)
 
 
+# A cycle woken for a drain's end comes this long after it: never a moment early.
+DRAIN_SLACK = 0.1
+
+
 def drain_wake(delay: float, state: State, now: float) -> float:
     """The sleep before the next cycle: `delay`, or less when a drain's time is up sooner,
     so that its slot is parked on time rather than a polling interval late."""
@@ -3944,8 +3948,6 @@ def drain_wake(delay: float, state: State, now: float) -> float:
     return min(delay, max(0.0, min(ends) - now) + DRAIN_SLACK) if ends else delay
 
 
-# A cycle woken for a drain's end comes this long after it: never a moment early.
-DRAIN_SLACK = 0.1
 # READY=1 comes after the first cycle, or after this many seconds of it, whichever is first:
 # a first listing of a large estate on a slow Resource Manager must not outlast the unit's
 # TimeoutStartSec= (nor make Restart= repeat it).

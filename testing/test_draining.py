@@ -4,8 +4,9 @@ Resource Manager, the Data Plane API emulator driving a real HAProxy (runtime `s
 
 An instance leaves while a long request to it is in flight: the request finishes, no new
 request reaches the instance once the drain began, its slot is parked after
-safety.drain_seconds (or as soon as its last session ends), and in hybrid mode HAProxy is
-never reloaded. Every port is a free one; every wait is bounded.
+safety.drain_seconds (or as soon as its last session ends), and in hybrid mode the program
+never reloads HAProxy. A reload by someone else in the middle of a drain loses nothing.
+Every port is a free one; every wait is bounded.
 """
 from __future__ import annotations
 
@@ -165,8 +166,22 @@ def test_a_leaving_instance_finishes_its_requests_and_gets_no_new_ones(bed):
 
     # Neither the drains nor the parks reloaded HAProxy.
     assert bed.dp.reloads == reloads and bed.dp.live.reload_count() == live_reloads
+
+    # 3. Someone else reloads HAProxy while vm-0000 drains: the old process finishes the request
+    # it holds, the new one (which forgot the drain, and holds no session) parks the slot.
+    slot0 = bed.slot_of("vm-0000")
+    last = bed.long_request_to("vm-0000", 2 * DRAIN_SECONDS)
+    bed.arm.estate.remove("vm-0000")
+    wait_for(lambda: bed.drain_sent(slot0), 10, f"the drain of {slot0}")
+    bed.dp.seed({}, replace=False)           # another client's change: the live HAProxy reloads
+    assert bed.dp.external_reloads == 1 and last.ended is None
+    wait_for(lambda: bed.parked(slot0), DRAIN_SECONDS + 5, f"{slot0} to be parked")
+    last.join(3 * DRAIN_SECONDS)
+    assert last.answer == (200, "vm-0000") and last.error is None
+    assert bed.dp.reloads == reloads                                     # ours: still none
     assert bed.dp.violations == [] and bed.dp.errors == [] and bed.dp.open_transactions() == []
     wait_for(lambda: bed.cycles()[-1]["result"] == "steady", 10, "a steady cycle: nothing left to do")
+    assert all(s.get("maintenance") == "enabled" for s in bed.dp.backends[bed.backend]["servers"].values())
     results = [c["result"] for c in bed.cycles()]
     per_cycle = sorted({c["dataplane_requests"] for c in bed.cycles() if c["result"] == "draining"})
     assert "draining" in results and per_cycle
