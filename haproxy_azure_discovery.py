@@ -500,6 +500,8 @@ class Target(typing.Protocol):
 
     def set_admin_state(self, backend: str, server: str, admin_state: str) -> None: ...
 
+    def admin_state(self, backend: str, server: str) -> str | None: ...
+
     def sessions(self, backend: str, server: str) -> int | None: ...
 
 
@@ -1764,7 +1766,9 @@ def _backend_view(name: str, actual: BackendState | None, plan: BackendPlan | No
         state = "missing" if server is None else "live" if _is_live(server) else "parked"
         entry: dict[str, Any] = {"slot": sname, "state": state}
         if state == "live" and (d := draining.get(sname)):
-            entry.update(state="draining", since=utc(d.since), seconds_left=max(0, math.ceil(d.until - now)))
+            known = not math.isnan(d.since)      # NaN: under way in HAProxy, begun by another process
+            entry.update(state="draining", since=utc(d.since) if known else None,
+                         seconds_left=max(0, math.ceil(d.until - now)) if known else None)
         if entry["state"] in ("live", "draining"):
             entry["address"] = _endpoint(server)
             m = members.get((server.get("address"), server.get("port")))
@@ -1813,7 +1817,8 @@ def format_status(view: Mapping[str, Any]) -> str:
             for s in b["servers"]:
                 where = s.get("address", "")
                 who = (s["instance"] or "(no discovered instance)") if s["state"] == "live" else (
-                    f"since {s['since']}, {s['seconds_left']} s left" if s["state"] == "draining" else "")
+                    (f"since {s['since']}, {s['seconds_left']} s left" if s["since"] else "under way")
+                    if s["state"] == "draining" else "")
                 row = f"  {'!' if 'drift' in s else ' '} {s['slot']:<8} {s['state']:<8} {where:<22} {who}".rstrip()
                 lines.append(row + (f"  <- {s['drift']}" if "drift" in s else ""))
     return "\n".join(lines) + "\n"
@@ -3090,6 +3095,14 @@ class DataPlane:
         self.request("PUT", path, query, {"admin_state": admin_state},
                      expect=lambda p: p is None or isinstance(p, dict), shape="a runtime server")
 
+    def admin_state(self, backend: str, server: str) -> str | None:
+        """The server's runtime admin state ("ready", "maint", "drain"); None if not given."""
+        path, query = self._runtime_server_path(backend, server)
+        _, payload, _ = self.request("GET", path, query, expect=lambda p: isinstance(p, dict),
+                                     shape="a runtime server")
+        state = payload.get("admin_state")
+        return state if isinstance(state, str) else None
+
     def sessions(self, backend: str, server: str) -> int | None:
         """The server's current sessions (`scur`) from HAProxy's native stats; None when the
         answer names no such server or gives no count."""
@@ -3350,7 +3363,8 @@ def reconcile_target(cfg: Config, seen: Seen, target: Target, state: State, stop
         decision, sessions = _decide(groups, skipped, actual, state, cfg, target, now, dry_run)
         plan = decision.plan
         if dry_run:
-            report.view = status_view(groups, skipped, actual, decision, cfg, name, now, state.draining)
+            report.view = status_view(groups, skipped, actual, decision, cfg, name, now,
+                                      state.draining or _under_way(target, plan))
             return plan
         report.refused = {}
         try:
@@ -3416,6 +3430,22 @@ def _drain(target: Target, d: Drain) -> int | None:
         log.warning("server %s/%s: sessions not readable, it drains until its time is up: %s", d.backend,
                     d.server, why, extra={"event": "drain_sessions_unknown", "backend": d.backend, "server": d.server})
     return count
+
+
+def _under_way(target: Target, plan: Plan) -> dict[str, dict[str, Drain]]:
+    """For a look without memory (--status, --dry-run): the drains the plan would start that
+    HAProxy runs already (another process began them, when: unknown, so since is NaN)."""
+    out: dict[str, dict[str, Drain]] = {}
+    for d in plan.draining:
+        try:
+            running = target.admin_state(d.backend, d.server) == "drain"
+        except DataPlaneError as exc:
+            if exc.status is None:
+                raise
+            running = False          # unknown: shown as a drain to start
+        if running:
+            out.setdefault(d.backend, {})[d.server] = dataclasses.replace(d, since=math.nan, until=math.nan)
+    return out
 
 
 def _admin_state(target: Target, backend: str, server: str, admin_state: str) -> bool:

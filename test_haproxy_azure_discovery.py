@@ -3197,6 +3197,28 @@ class TestOnce:
         assert dataplane.version == version      # --status changes nothing
         assert dataplane.count_requests("PUT") + dataplane.count_requests("POST") == writes
 
+    def test_status_and_dry_run_see_a_drain_under_way(self, tmp_path, arm, dataplane, monkeypatch, capsys):
+        """--once starts a drain (the server still has sessions) and exits; a later --status,
+        which has no memory, reads from HAProxy that it runs and marks no drift."""
+        from fake_arm import make_estate
+        arm.estate = make_estate(vms=3)
+        monkeypatch.setenv("DP_PASSWORD", dataplane.password)
+        path = self.config(tmp_path, arm, dataplane)
+        assert m.main(["--once", "-c", path]) == 0
+        dataplane.sessions[(WEB, "srv2")] = 1
+        arm.estate.update("vm-0001", power_state="deallocating")
+        assert m.main(["--once", "-c", path]) == 0
+        assert dataplane.admin_states == {(WEB, "srv2"): "drain"} and dataplane.server(WEB, "srv2")["port"] == 8080
+        capsys.readouterr()
+        assert m.main(["--status", "-c", path]) == 0
+        out = capsys.readouterr().out.splitlines()
+        assert out[2].endswith(": 1 backends, in sync") and out[3].endswith("4 slots, 2 live, 1 parked, 1 draining")
+        assert out[5] == "    srv2     draining 10.0.0.5:8080          under way"
+        assert m.main(["--dry-run", "-c", path]) == 0
+        assert "draining: azure-web-8080-eastus/srv2 10.0.0.5:8080 since" in capsys.readouterr().out
+        dataplane.sessions[(WEB, "srv2")] = 0           # its last session ended: the next run parks it
+        assert m.main(["--once", "-c", path]) == 0 and dataplane.server(WEB, "srv2")["maintenance"] == "enabled"
+
     def test_status_of_an_unreachable_haproxy_is_exit_1(self, tmp_path, arm, monkeypatch, capsys):
         raw = {"azure": {"subscription_id": SUB, "resource_manager_url": "${FAKE_ARM_URL}", "retries": 1},
                "haproxy": {"base_url": f"http://127.0.0.1:{free_port()}", "password": "p", "timeout": 2}}
