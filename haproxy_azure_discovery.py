@@ -3416,10 +3416,12 @@ def _decide(groups: Mapping[ServiceKey, list[Member]], skipped: Sequence[Skip], 
 
 
 def _drain(target: Target, d: Drain) -> int | None:
-    """Set one server to drain and read its sessions. An error answer leaves the count
-    unknown (it drains until its time is up); no answer at all fails the cycle."""
+    """Set one server to drain and read its sessions. A drain the API refuses is no drain:
+    the server would only stay in rotation, so it counts as done (0, parked now). A count
+    the API does not give is unknown: it drains until its time is up. No answer at all
+    fails the cycle."""
     if not _admin_state(target, d.backend, d.server, "drain"):
-        return None
+        return 0
     try:
         count, why = target.sessions(d.backend, d.server), "the native stats give no count for it"
     except DataPlaneError as exc:
@@ -3455,7 +3457,8 @@ def _admin_state(target: Target, backend: str, server: str, admin_state: str) ->
     except DataPlaneError as exc:
         if exc.status is None:
             raise
-        log.warning("server %s/%s: could not set it %s at runtime: %s", backend, server, admin_state, exc,
+        log.warning("server %s/%s: could not set it %s at runtime%s: %s", backend, server, admin_state,
+                    " (parked now instead)" if admin_state == "drain" else "", exc,
                     extra={"event": "admin_state_failed", "backend": backend, "server": server})
         return False
     return True

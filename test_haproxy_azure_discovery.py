@@ -2365,20 +2365,28 @@ class TestDrainingDataPlane:
         (drain,) = report.plan.draining
         assert drain.until - clock.t == 20      # the time left, not a fresh start
 
-    def test_an_error_answer_leaves_the_sessions_unknown_and_the_server_draining(self, dataplane, caplog):
+    def test_a_refused_drain_parks_at_once(self, dataplane, caplog):
+        """A drain the API refuses is no drain: keeping the server live would only keep it in
+        rotation, so it is parked now, as with drain_seconds 0."""
         h, clock = self.bed(dataplane)
-        dataplane.sessions[(WEB, "srv2")] = 0
         dataplane.add_fault("PUT", r"/runtime/", status=404, message="Runtime server srv2 not found")
         report = h.cycle([make_instance(1)], clock=clock)
-        assert report.result == "draining" and h.servers(WEB)["srv2"] == "10.0.0.6:8080"
-        assert "could not set it drain at runtime" in caplog.text and "Traceback" not in caplog.text
-        dataplane.add_fault("GET", r"/stats/native", status=200, message="not stats")
-        clock.t += 1
+        assert report.result == "applied" and h.servers(WEB)["srv2"] == "parked" and h.state.draining == {}
+        assert "could not set it drain at runtime (parked now instead)" in caplog.text
+        assert "Traceback" not in caplog.text and dataplane.open_transactions() == []
+
+    def test_sessions_not_given_drain_on_until_the_time_is_up(self, dataplane, caplog):
+        h, clock = self.bed(dataplane, seconds=10)
+        dataplane.sessions[(WEB, "srv2")] = 0
+        dataplane.add_fault("GET", r"/stats/native", status=200, message="not stats", times=1)
         report = h.cycle([make_instance(1)], clock=clock)
         assert report.result == "draining" and "sessions not readable" in caplog.text
-        assert dataplane.open_transactions() == []
+        dataplane.add_fault("GET", r"/stats/native", status=500, message="no runtime API", times=1)
         clock.t += 1
-        assert h.cycle([make_instance(1)], clock=clock).result == "applied"   # sessions 0: parked
+        assert h.cycle([make_instance(1)], clock=clock).result == "draining"
+        assert "no runtime API" in caplog.text and dataplane.open_transactions() == []
+        clock.t += 1
+        assert h.cycle([make_instance(1)], clock=clock).result == "applied"   # read again: 0, parked
 
     def test_the_daemon_wakes_when_the_drain_is_due(self, dataplane):
         cfg = dp_config(dataplane, safety={"drain_seconds": 5}, polling={"jitter_seconds": 0})
