@@ -502,7 +502,7 @@ class Target(typing.Protocol):
 
     def admin_state(self, backend: str, server: str) -> str | None: ...
 
-    def sessions(self, backend: str, server: str) -> int | None: ...
+    def sessions(self, backend: str, servers: Sequence[str]) -> dict[str, int | None]: ...
 
 
 @dataclass
@@ -3103,13 +3103,15 @@ class DataPlane:
         state = payload.get("admin_state")
         return state if isinstance(state, str) else None
 
-    def sessions(self, backend: str, server: str) -> int | None:
-        """The server's current sessions (`scur`) from HAProxy's native stats; None when the
-        answer names no such server or gives no count."""
+    def sessions(self, backend: str, servers: Sequence[str]) -> dict[str, int | None]:
+        """Current sessions (`scur`) of these servers of one backend, from HAProxy's native
+        stats: one request for the backend's servers, however many drain at once. None for
+        a server the answer does not name or gives no count for."""
         _, payload, _ = self.request("GET", "/services/haproxy/stats/native",
-                                     {"type": "server", "parent": backend, "name": server},
+                                     {"type": "server", "parent": backend},
                                      expect=_native_stats, shape="native stats")
-        return current_sessions(payload, backend, server)
+        counts = current_sessions(payload, backend)
+        return {s: counts.get(s) for s in servers}
 
 
 def _runtime_steps(change: ServerChange) -> list[Mapping[str, Any]]:
@@ -3187,16 +3189,17 @@ def _native_stats(payload: Any) -> bool:
                and all(isinstance(i, dict) for i in c.get("stats") or []) for c in collections)
 
 
-def current_sessions(payload: Any, backend: str, server: str) -> int | None:
-    """scur of `backend`/`server` summed over the runtime APIs (v2 may have several);
-    None when no collection names it or one gives no integer."""
-    found = [(i.get("stats") or {}).get("scur") if isinstance(i.get("stats"), dict) else None
-             for c in (payload if isinstance(payload, list) else [payload])
-             for i in c.get("stats") or []
-             if i.get("type") == "server" and i.get("name") == server and i.get("backend_name") == backend]
-    if not found or not all(_is_int(n) for n in found):
-        return None
-    return sum(found)
+def current_sessions(payload: Any, backend: str) -> dict[str, int | None]:
+    """scur of each server of `backend`, summed over the runtime APIs (v2 may have several);
+    None for a server one collection gives no integer for."""
+    found: dict[str, int | None] = {}
+    for c in payload if isinstance(payload, list) else [payload]:
+        for i in c.get("stats") or []:
+            if i.get("type") == "server" and i.get("backend_name") == backend and isinstance(i.get("name"), str):
+                n = (i.get("stats") or {}).get("scur") if isinstance(i.get("stats"), dict) else None
+                before = found.get(i["name"], 0)
+                found[i["name"]] = before + n if _is_int(n) and before is not None else None
+    return found
 
 
 def _backend_state(full: Mapping[str, Any]) -> BackendState:
@@ -3411,27 +3414,33 @@ def _decide(groups: Mapping[ServiceKey, list[Member]], skipped: Sequence[Skip], 
     decision = plan_cycle(groups, skipped, actual, state, cfg, now)
     if dry_run or not decision.plan.draining:
         return decision, {}
-    sessions = {f"{d.backend}/{d.server}": _drain(target, d) for d in decision.plan.draining}
+    by_backend: dict[str, list[str]] = {}
+    for d in decision.plan.draining:
+        by_backend.setdefault(d.backend, []).append(d.server)
+    sessions = {f"{b}/{s}": n for b, servers in by_backend.items() for s, n in _drain(target, b, servers).items()}
     return plan_cycle(groups, skipped, actual, state, cfg, now, sessions), sessions
 
 
-def _drain(target: Target, d: Drain) -> int | None:
-    """Set one server to drain and read its sessions. A drain the API refuses is no drain:
-    the server would only stay in rotation, so it counts as done (0, parked now). A count
-    the API does not give is unknown: it drains until its time is up. No answer at all
-    fails the cycle."""
-    if not _admin_state(target, d.backend, d.server, "drain"):
-        return 0
+def _drain(target: Target, backend: str, servers: Sequence[str]) -> dict[str, int | None]:
+    """Set these servers of one backend to drain, then read their sessions (one stats
+    request for the backend). A drain the API refuses is no drain: the server would only
+    stay in rotation, so it counts as done (0, parked now). A count the API does not give
+    is unknown: it drains until its time is up. No answer at all fails the cycle."""
+    counts: dict[str, int | None] = {s: 0 for s in servers if not _admin_state(target, backend, s, "drain")}
+    draining = [s for s in servers if s not in counts]
+    if not draining:
+        return counts
     try:
-        count, why = target.sessions(d.backend, d.server), "the native stats give no count for it"
+        read, why = target.sessions(backend, draining), "the native stats give no count for it"
     except DataPlaneError as exc:
         if exc.status is None:
             raise
-        count, why = None, str(exc)
-    if count is None:
-        log.warning("server %s/%s: sessions not readable, it drains until its time is up: %s", d.backend,
-                    d.server, why, extra={"event": "drain_sessions_unknown", "backend": d.backend, "server": d.server})
-    return count
+        read, why = dict.fromkeys(draining), str(exc)
+    for s in draining:
+        if read.get(s) is None:
+            log.warning("server %s/%s: sessions not readable, it drains until its time is up: %s", backend,
+                        s, why, extra={"event": "drain_sessions_unknown", "backend": backend, "server": s})
+    return {**counts, **{s: read.get(s) for s in draining}}
 
 
 def _under_way(target: Target, plan: Plan) -> dict[str, dict[str, Drain]]:

@@ -2326,6 +2326,22 @@ class TestDrainingDataPlane:
         return [(r.method, r.path.split("/services/haproxy/")[1], r.body) for r in dataplane.requests
                 if "/runtime/" in r.path or "/stats/" in r.path]
 
+    def test_servers_draining_in_one_backend_cost_one_stats_request(self, dataplane):
+        h = Harness(dataplane, haproxy={"apply_mode": "hybrid"}, safety={"max_drain_percent": 100})
+        clock = self.Clock()
+        h.cycle([make_instance(i) for i in range(1, 5)], clock=clock)
+        dataplane.sessions[(WEB, "srv3")] = 1
+        del dataplane.requests[:]
+        report = h.cycle([make_instance(1), make_instance(2)], clock=clock)
+        stats = [r for r in dataplane.requests if "/stats/" in r.path]
+        assert len(stats) == 1 and stats[0].query == {"type": "server", "parent": WEB}
+        drained = [r.path.rsplit("/", 1)[1] for r in dataplane.requests
+                   if "/runtime/" in r.path and r.body == {"admin_state": "drain"}]
+        assert drained == ["srv3", "srv4"]
+        # srv3 still has a session and drains on; srv4 has none and is parked in the same cycle.
+        assert report.result == "applied" and h.servers(WEB)["srv4"] == "parked"
+        assert h.servers(WEB)["srv3"] != "parked" and list(h.state.draining[WEB]) == ["srv3"]
+
     def test_hybrid_drain_then_park_once_the_sessions_are_0_without_a_reload(self, dataplane):
         h, clock = self.bed(dataplane)
         reloads, version = dataplane.reloads, dataplane.version
