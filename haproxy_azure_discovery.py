@@ -1276,9 +1276,8 @@ def select_instances(instances: Iterable[Instance], cfg: Config
         if inst.power_state in LEAVING_STATES or (cfg.azure.running_only and inst.power_state != "running"):
             continue
         answer = (tuple(inst.tags.items()), inst.region)
-        if answer in services:
-            found = services[answer]
-        else:
+        found = services.get(answer, services)          # services itself: not asked yet
+        if found is services:
             found = service_of(inst, cfg)
             if found is not None and not isinstance(found, Skip):
                 found = (found[1], found[2], groups.setdefault(found[0], []))    # (port, weight, the group's list)
@@ -1411,18 +1410,22 @@ def server_body(slot: Slot, cfg: HAProxyConfig, with_id: bool = True) -> dict[st
     follow those numbers, and a full-section write reorders the file (see _foreign_ids)."""
     # One dict display per case (called for every slot of every backend, every cycle); the
     # key order is that of the successive updates it replaces: a key already present keeps
-    # its place when a later one (params, maintenance) overrides its value.
-    head: dict[str, Any] = {"name": slot.name, "id": slot_index(slot.name)} if with_id else {"name": slot.name}
-    if slot.instance is None:
-        if cfg.apply_mode == "hybrid":
-            # Parking and filling must differ only in runtime-capable fields.
-            return {**head, "address": PARK_ADDRESS, "port": PARK_PORT, "maintenance": "enabled",
-                    "check": "enabled", **cfg.server.params, "maintenance": "enabled"}   # noqa: F601
-        return {**head, "address": PARK_ADDRESS, "port": PARK_PORT, "maintenance": "enabled", "check": "disabled"}
-    body = {**head, "address": slot.address, "port": slot.port, "check": "enabled", **cfg.server.params,
-            "maintenance": "disabled"}
-    if slot.weight is not None:
-        body["weight"] = slot.weight          # the instance's weight tag wins over params
+    # its place when a later one (params, maintenance) overrides its value. Params never
+    # hold name or id (parse_config refuses them), so taking id out afterwards is exact.
+    if slot.instance is None and cfg.apply_mode == "hybrid":
+        # Parking and filling must differ only in runtime-capable fields.
+        body = {"name": slot.name, "id": slot_index(slot.name), "address": PARK_ADDRESS, "port": PARK_PORT,
+                "maintenance": "enabled", "check": "enabled", **cfg.server.params, "maintenance": "enabled"}  # noqa: F601
+    elif slot.instance is None:
+        body = {"name": slot.name, "id": slot_index(slot.name), "address": PARK_ADDRESS, "port": PARK_PORT,
+                "maintenance": "enabled", "check": "disabled"}
+    else:
+        body = {"name": slot.name, "id": slot_index(slot.name), "address": slot.address, "port": slot.port,
+                "check": "enabled", **cfg.server.params, "maintenance": "disabled"}
+        if slot.weight is not None:
+            body["weight"] = slot.weight          # the instance's weight tag wins over params
+    if not with_id:
+        del body["id"]
     return body
 
 
@@ -1456,8 +1459,9 @@ def _differs(want: Mapping[str, Any], have: Mapping[str, Any]) -> bool:
 
 
 def plan_backend(name: str, slots: Sequence[Slot], actual: BackendState | None,
-                 cfg: HAProxyConfig) -> BackendPlan | None:
-    """The changes that turn `actual` into `slots`; None when there are none.
+                 cfg: HAProxyConfig, taken_ids: Mapping[int, str]) -> BackendPlan | None:
+    """The changes that turn `actual` into `slots`; None when there are none. `taken_ids`:
+    _foreign_ids(actual).
 
     Never deletes a backend; deletes only our trailing slots beyond the slot count,
     which assign_slots guarantees are parked.
@@ -1465,10 +1469,9 @@ def plan_backend(name: str, slots: Sequence[Slot], actual: BackendState | None,
     want_fields = backend_fields(name, cfg.backend)
     have_servers = actual.servers if actual else {}
     servers = {n: s for n, s in have_servers.items() if slot_index(n) is None}  # not ours: kept
-    taken_ids = _foreign_ids(actual)
     changes = []
     for slot in slots:
-        body = server_body(slot, cfg, with_id=slot_index(slot.name) not in taken_ids)
+        body = server_body(slot, cfg, with_id=not taken_ids or slot_index(slot.name) not in taken_ids)
         have = have_servers.get(slot.name)
         if slot.instance and "weight" not in body and have and have.get("weight") not in (None, 1):
             # A weight tag removed, or a slot refilled after a weighted instance: back to
@@ -1492,9 +1495,9 @@ def plan_backend(name: str, slots: Sequence[Slot], actual: BackendState | None,
                        live=sum(1 for s in slots if s.instance))
 
 
-def id_clashes(name: str, slots: Sequence[Slot], actual: BackendState | None) -> list[str]:
-    """One line per slot that goes without its id because a foreign server holds it."""
-    taken = _foreign_ids(actual)
+def id_clashes(name: str, slots: Sequence[Slot], taken: Mapping[int, str]) -> list[str]:
+    """One line per slot that goes without its id because a foreign server holds it
+    (`taken`: _foreign_ids of the backend)."""
     if not taken:
         return []
     return [f"backend {name}: server {taken[i]} holds id {i}, so slot {s.name} goes without an explicit id"
@@ -1502,16 +1505,11 @@ def id_clashes(name: str, slots: Sequence[Slot], actual: BackendState | None) ->
 
 
 def _drains(slots: Sequence[Slot], actual: BackendState | None) -> list[str]:
-    """Our servers live in HAProxy that these slots would park or point elsewhere.
-    (slots[i - 1] is srv<i>; slots past the end are parked ones being removed.)"""
-    drained, count = [], len(slots)
-    for name, h in (actual.servers.items() if actual else ()):
-        i = slot_index(name)
-        if i and i <= count and h.get("maintenance") != "enabled":
-            s = slots[i - 1]
-            if s.instance is None or s.address != h.get("address") or s.port != h.get("port"):
-                drained.append(name)
-    return sorted(drained, key=slot_index) if drained else drained
+    """Our servers live in HAProxy that these slots would park or point elsewhere, in slot
+    order. (Slots past the end are parked ones being removed: slots name srv1..srvN.)"""
+    have = actual.servers if actual else {}
+    return [s.name for s in slots if (h := have.get(s.name)) is not None and h.get("maintenance") != "enabled"
+            and (s.instance is None or s.address != h.get("address") or s.port != h.get("port"))]
 
 
 @collector_paused()
@@ -1539,21 +1537,24 @@ def plan_cycle(groups: Mapping[ServiceKey, list[Member]], skipped: Sequence[Skip
 
     slots = {n: assign(n) for n in names}
     drains = {n: d for n in names if (d := _drains(slots[n], actual.get(n)))}
-    fp = fingerprint(groups)
-    held, streak, kept = _drain_decisions(drains, slots, actual, state, fp, cfg.safety, now, sessions)
+    # Without a drain the guard holds nothing and nothing drains on: no fingerprint, no count.
+    fp = fingerprint(groups) if drains else None
+    held, streak, kept = (_drain_decisions(drains, slots, actual, state, fp, cfg.safety, now, sessions)
+                          if drains else ({}, 0, {}))
     for n, names_drained in drains.items():
         # Serve the held and the draining servers as if they were still discovered: they
         # keep their slots, and new instances take parked slots (or the backend grows).
         stay = [s for s in names_drained if s in kept.get(n, ()) or s in held.get(n, ())]
         if stay:
             slots[n] = assign(n, _held_members(stay, actual[n], state.assignments.get(n, {})))
-    plans = [p for n in names if (p := plan_backend(n, slots[n], actual.get(n), settings[n]))]
+    taken_ids = {n: _foreign_ids(actual.get(n)) for n in names}
+    plans = [p for n in names if (p := plan_backend(n, slots[n], actual.get(n), settings[n], taken_ids[n]))]
     plan = Plan(backends=tuple(plans), skipped=tuple(skipped),
                 held=tuple(f"{n}/{s}" for n, d in held.items() for s in d),
                 draining=tuple(d for n in sorted(kept) for d in kept[n].values()),
-                ready=tuple(r for n in names for r in _returned(n, state.draining.get(n, {}), drains.get(n, ()),
-                                                                 slots[n], actual.get(n))),
-                warnings=tuple(w for n in names for w in id_clashes(n, slots[n], actual.get(n))),
+                ready=tuple(r for n in names if n in state.draining
+                            for r in _returned(n, state.draining[n], drains.get(n, ()), slots[n], actual.get(n))),
+                warnings=tuple(w for n in names for w in id_clashes(n, slots[n], taken_ids[n])),
                 live=sum(len(ms) for ms in desired.values()), services=len(desired),
                 slots=sum(map(len, slots.values())), our_backends=len(names))
     assignments = {n: {s.instance: s.name for s in slots[n] if s.instance} for n in names}
