@@ -1381,7 +1381,8 @@ def assign_slots(members: Sequence[Member], actual: Mapping[str, Mapping[str, An
                 by_endpoint = {}
                 for j in sorted(live):
                     by_endpoint.setdefault((ours[j].get("address"), ours[j].get("port")), []).append(j)
-            i = next((j for j in by_endpoint.get((m.address, m.port), ()) if j not in taken), None)
+            candidates = by_endpoint.get((m.address, m.port))
+            i = next((j for j in candidates if j not in taken), None) if candidates else None
         if i is None:
             fresh.append(m)
         else:
@@ -1468,7 +1469,13 @@ def plan_backend(name: str, slots: Sequence[Slot], actual: BackendState | None,
     """
     want_fields = backend_fields(name, cfg.backend)
     have_servers = actual.servers if actual else {}
-    servers = {n: s for n, s in have_servers.items() if slot_index(n) is None}  # not ours: kept
+    servers: dict[str, Mapping[str, Any]] = {}      # not ours: kept, ahead of our slots
+    beyond = []                                     # (N, srvN) of ours past the slot count
+    for n, s in have_servers.items():
+        if (i := slot_index(n)) is None:
+            servers[n] = s
+        elif i > len(slots):                        # slots are srv1..srv<len(slots)>
+            beyond.append((i, n))
     changes = []
     for slot in slots:
         body = server_body(slot, cfg, with_id=not taken_ids or slot_index(slot.name) not in taken_ids)
@@ -1482,8 +1489,7 @@ def plan_backend(name: str, slots: Sequence[Slot], actual: BackendState | None,
             changes.append(ServerChange("add", slot.name, body, None, slot.label))
         elif not body.items() <= have.items() and _differs(body, have):    # the first test is C
             changes.append(ServerChange("update", slot.name, body, have, slot.label))
-    wanted = {s.name for s in slots}
-    for n in sorted((n for n in have_servers if slot_index(n) and n not in wanted), key=slot_index):
+    for _, n in sorted(beyond):
         changes.append(ServerChange("delete", n, None, have_servers[n]))
     fields_changed = actual is not None and _differs(want_fields, actual.fields)
     if actual is not None:
@@ -1537,10 +1543,9 @@ def plan_cycle(groups: Mapping[ServiceKey, list[Member]], skipped: Sequence[Skip
 
     slots = {n: assign(n) for n in names}
     drains = {n: d for n in names if (d := _drains(slots[n], actual.get(n)))}
-    # Without a drain the guard holds nothing and nothing drains on: no fingerprint, no count.
-    fp = fingerprint(groups) if drains else None
-    held, streak, kept = (_drain_decisions(drains, slots, actual, state, fp, cfg.safety, now, sessions)
-                          if drains else ({}, 0, {}))
+    # Without a drain the guard holds nothing and nothing drains on.
+    held, streak, kept, fp = (_drain_decisions(drains, slots, actual, state, groups, cfg.safety, now, sessions)
+                              if drains else ({}, 0, {}, None))
     for n, names_drained in drains.items():
         # Serve the held and the draining servers as if they were still discovered: they
         # keep their slots, and new instances take parked slots (or the backend grows).
@@ -1563,22 +1568,30 @@ def plan_cycle(groups: Mapping[ServiceKey, list[Member]], skipped: Sequence[Skip
 
 
 def _drain_decisions(drains: Mapping[str, list[str]], slots: Mapping[str, list[Slot]],
-                     actual: Mapping[str, BackendState], state: State, fp: str, cfg: SafetyConfig,
-                     now: float, sessions: Mapping[str, int | None] | None
-                     ) -> tuple[dict[str, list[str]], int, dict[str, dict[str, Drain]]]:
+                     actual: Mapping[str, BackendState], state: State,
+                     groups: Mapping[ServiceKey, list[Member]], cfg: SafetyConfig, now: float,
+                     sessions: Mapping[str, int | None] | None
+                     ) -> tuple[dict[str, list[str]], int, dict[str, dict[str, Drain]], str | None]:
     """(the servers the guard holds live, its streak, the servers that drain on: backend ->
-    server -> Drain). The guard counts drain starts as parks (a server draining already was
-    counted when it began); a held start does not start draining."""
+    server -> Drain, the discovery's fingerprint where the guard needs it). The guard counts
+    drain starts as parks (a server draining already was counted when it began); a held
+    start does not start draining."""
     before = {n: _drained_before(d, actual[n], state.draining.get(n, {})) for n, d in drains.items()}
     starts = {n: [s for s in d if s not in before[n]] for n, d in drains.items()}
+    started = sum(map(len, starts.values()))
     live_now = sum(s.get("maintenance") != "enabled" for n, b in actual.items() if n in slots
                    for name, s in b.servers.items() if slot_index(name)) - sum(map(len, before.values()))
-    held, streak = drain_held(sum(map(len, starts.values())), live_now,
-                              state.drain_streak if state.drain_fingerprint == fp else 0, cfg)
+    held, streak = drain_held(started, live_now, 0, cfg)
+    fp = None
+    if streak:
+        # The guard trips: only then does the streak of identical discoveries behind it
+        # count, and the fingerprint (a pass over every member) say whether it goes on.
+        fp = fingerprint(groups)
+        held, streak = drain_held(started, live_now, state.drain_streak if state.drain_fingerprint == fp else 0, cfg)
     kept = {n: _keep_draining(n, list(before[n]) if held else d, slots[n], actual[n], before[n],
                               state.assignments.get(n, {}), cfg.drain_seconds, now, sessions)
             for n, d in drains.items()}
-    return ({n: d for n, d in starts.items() if d} if held else {}), streak, kept
+    return ({n: d for n, d in starts.items() if d} if held else {}), streak, kept, fp
 
 
 def _drained_before(names: Sequence[str], actual: BackendState, previous: Mapping[str, Drain]) -> dict[str, Drain]:
