@@ -160,12 +160,7 @@ def child_ours(source_kind: str = "arm") -> dict:
     body_bytes = sum(received)
 
     if source_kind == "arm":                            # the same listing once more, for the join alone
-        listing = m.AzureListing()
-        pool = m._Pool(cfg.azure.workers)
-        try:
-            source._list_all(pool, listing)
-        finally:
-            pool.close()
+        listing = arm_listing(m, source, cfg)
     else:
         listing = source._query_graph()
     joins = [join_cpu(m, listing, cfg) for _ in range(3)]
@@ -184,6 +179,17 @@ def count_bytes(source) -> list[int]:
         return response
     source._client.send_request = counting
     return received
+
+
+def arm_listing(m, source, cfg):
+    """The listings of one discovery, as the source's own pool fetches them, without the join."""
+    listing = m.AzureListing()
+    pool = m._Pool(cfg.azure.workers)
+    try:
+        source._list_all(pool, listing)
+    finally:
+        pool.close()
+    return listing
 
 
 def join_cpu(m, listing, cfg) -> float:

@@ -68,12 +68,7 @@ def child(runs: int) -> dict:
             decodings.append((time.process_time() - cpu) / len(urls))
     pipeline, decoding = statistics.median(pipelines), statistics.median(decodings)
 
-    listing = m.AzureListing()
-    pool = m._Pool(cfg.azure.workers)
-    try:
-        source._list_all(pool, listing)
-    finally:
-        pool.close()
+    listing = azure_discovery.arm_listing(m, source, cfg)
     joins = []
     for _ in range(runs):
         gc.collect()
