@@ -175,7 +175,9 @@ def count_bytes(source) -> list[int]:
 
     def counting(request, **kwargs):
         response = send(request, **kwargs)
-        received.append(len(response.content))        # list.append is atomic: the pool's threads share it
+        # read(): the program streams pages (and reads them next: the bytes are kept), so .content
+        # is not there yet. list.append is atomic: the pool's threads share it.
+        received.append(len(response.read()))
         return response
     source._client.send_request = counting
     return received
