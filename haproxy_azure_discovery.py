@@ -3350,12 +3350,6 @@ def discover(cfg: Config, source: Source, stop: Any, report: CycleReport) -> See
     return Seen(groups, skipped, fingerprint(groups))
 
 
-def reconcile(cfg: Config, source: Source, target: Target, state: State, stop: threading.Event,
-              report: CycleReport, dry_run: bool = False, clock: Callable[[], float] = time.time) -> Plan | None:
-    """Discover, then plan and apply to one target (reconcile_target)."""
-    return reconcile_target(cfg, discover(cfg, source, stop, report), target, state, stop, report, dry_run, clock)
-
-
 def reconcile_target(cfg: Config, seen: Seen, target: Target, state: State, stop: threading.Event,
                      report: CycleReport, dry_run: bool = False, clock: Callable[[], float] = time.time
                      ) -> Plan | None:

@@ -2197,7 +2197,7 @@ class TestHostileDataPlane:
             cfg = dp_config(dataplane, haproxy={"base_url": front.url})
             dp, state = m.DataPlane(cfg.haproxy), m.State()
             with pytest.raises(m.DataPlaneError, match="HTTP 20[02] answer is not"):
-                m.reconcile(cfg, ScriptedSource(m.Discovery((make_instance(1),))), dp, state,
+                reconcile(cfg, ScriptedSource(m.Discovery((make_instance(1),))), dp, state,
                             threading.Event(), m.CycleReport())
         assert dataplane.open_transactions() == []
 
@@ -2505,10 +2505,15 @@ class MemoryTarget:
             raise m.DataPlaneError("HAProxy reload failed")
 
 
+def reconcile(cfg, source, target, state, stop, report):
+    """One target's cycle as the daemon runs it: discover, then plan and apply."""
+    return m.reconcile_target(cfg, m.discover(cfg, source, stop, report), target, state, stop, report)
+
+
 class TestApply:
     def cycle(self, target, instances, state=None, **sections):
         report, state = m.CycleReport(), state or m.State()
-        m.reconcile(make_config(**sections), ScriptedSource(m.Discovery(tuple(instances))), target, state,
+        reconcile(make_config(**sections), ScriptedSource(m.Discovery(tuple(instances))), target, state,
                     threading.Event(), report)
         return report, state
 
@@ -2542,7 +2547,7 @@ class TestApply:
         target, stop = MemoryTarget(), threading.Event()
         stop.set()
         with pytest.raises(m.Aborted):
-            m.reconcile(make_config(), ScriptedSource(m.Discovery((make_instance(1),))), target, m.State(),
+            reconcile(make_config(), ScriptedSource(m.Discovery((make_instance(1),))), target, m.State(),
                         stop, m.CycleReport())
         assert target.calls == [] and target.requests == 0
 
