@@ -3732,7 +3732,8 @@ class Metrics:
             self.gauges[("instances_skipped", "")] = reports[0].skipped
             for report in reports:
                 self._record_target(report, now)
-            self.backend_gauges = backend_gauges({"targets": list(self.views.values())})
+            if any(r.view is not None for r in reports):     # steady cycles read no backends
+                self.backend_gauges = backend_gauges({"targets": list(self.views.values())})
 
     def _inc(self, name: str, label: str, by: float = 1) -> None:
         self.counters[(name, label)] = self.counters.get((name, label), 0) + by
