@@ -5,6 +5,7 @@ testing/ (a local HTTPS fake of Azure Resource Manager, a Data Plane API emulato
 """
 from __future__ import annotations
 
+import base64
 import dataclasses
 import functools
 import gc
@@ -1391,6 +1392,7 @@ class ConnectProxy:
 
     def __init__(self):
         self.tunnels: list[str] = []
+        self.auth: list[str] = []          # Proxy-Authorization values, as received
         self.server = socket.create_server(("127.0.0.1", 0))
         self.url = f"http://127.0.0.1:{self.server.getsockname()[1]}"
         threading.Thread(target=self._accept, daemon=True).start()
@@ -1421,6 +1423,8 @@ class ConnectProxy:
             client.sendall(b"HTTP/1.1 405 Method Not Allowed\r\ncontent-length: 0\r\n\r\n")
             return client.close()
         self.tunnels.append(target.decode())
+        self.auth += [line.split(b":", 1)[1].strip().decode() for line in head.split(b"\r\n")
+                      if line.lower().startswith(b"proxy-authorization:")]
         host, port = target.decode().rsplit(":", 1)
         upstream = socket.create_connection((host, int(port)))
         client.sendall(b"HTTP/1.1 200 Connection established\r\n\r\n")
@@ -1542,6 +1546,7 @@ class TestAzure:
         (dict(kind="500", endpoint="vms", times=None), "failed"),
         (dict(kind="500", endpoint="vms_status", page=2, times=None), "failed"),   # a page mid-listing
         (dict(kind="slow", endpoint="vmss", delay=4, times=None), "failed"),
+        (dict(kind="slow", endpoint="vmss", delay=3, times=1), "ok"),      # one read timeout, retried
         (dict(kind="bad_json", endpoint="nics", times=None), "failed"),
         (dict(kind="no_value", endpoint="vms", times=None), "failed"),
         (dict(kind="403", endpoint="vmss_vms", times=None), "failed"),
@@ -1605,6 +1610,23 @@ class TestAzure:
             assert len(source.discover().instances) == 2 and len(source.discover().instances) == 2
         host = urllib.parse.urlsplit(arm.url).netloc
         assert (proxy.tunnels and set(proxy.tunnels) == {host}) if tunnels else not proxy.tunnels
+
+    def test_proxy_credentials_in_its_url_are_sent_to_the_proxy(self, arm, monkeypatch):
+        from fake_arm import make_estate
+        arm.estate = make_estate(vms=2)
+        for key in ("https_proxy", "NO_PROXY", "no_proxy"):
+            monkeypatch.delenv(key, raising=False)
+        with ConnectProxy() as proxy:
+            monkeypatch.setenv("HTTPS_PROXY", proxy.url.replace("//", "//ops:p%40ss@"))
+            assert len(m.AzureSource(arm_config(arm)).discover().instances) == 2
+        assert proxy.auth and set(proxy.auth) == {"Basic " + base64.b64encode(b"ops:p@ss").decode()}
+
+    def test_a_proxy_the_listings_cannot_use_is_refused_by_name(self, arm, monkeypatch):
+        monkeypatch.setenv("HTTPS_PROXY", "socks5://127.0.0.1:1080")
+        monkeypatch.delenv("NO_PROXY", raising=False)
+        monkeypatch.delenv("no_proxy", raising=False)
+        with pytest.raises(m.AzureError, match=r"proxy socks5:// \(HTTPS_PROXY or ALL_PROXY\) is not supported"):
+            m.AzureSource(arm_config(arm, token_audience="https://management.azure.com/", login_endpoint=arm.url))
 
     def test_explicit_audience_and_login_need_no_metadata(self, arm):
         from fake_arm import make_estate
@@ -1719,6 +1741,69 @@ class TestAzure:
                                                          (0, 0.5, False)])
     def test_vm_list_budget(self, calls, interval, warned):
         assert (m.vm_list_budget_warning(calls, interval) is not None) == warned
+
+
+class TestPageTransport:
+    """The listings' transport on its own, against loopback sockets that answer what Resource
+    Manager's path can: a refusal, a cut-off body, a compressed page."""
+
+    @staticmethod
+    def send(url, **options):
+        from azure.core.rest import HttpRequest
+        transport = m._page_transport({}, workers=1, connect=2, read=2)
+        try:
+            return transport.send(HttpRequest("GET", url), **options)
+        finally:
+            transport.close()
+
+    @staticmethod
+    def answer(reply: bytes):
+        """A one-shot HTTP server: reads a request head, sends `reply`, closes; the head is kept."""
+        server = socket.create_server(("127.0.0.1", 0))
+        heads: list[bytes] = []
+
+        def serve():
+            client, _ = server.accept()
+            head = b""
+            while b"\r\n\r\n" not in head:
+                head += client.recv(4096)
+            heads.append(head)
+            client.sendall(reply)
+            client.close()
+            server.close()
+        threading.Thread(target=serve, daemon=True).start()
+        return f"http://127.0.0.1:{server.getsockname()[1]}/page", heads
+
+    def test_a_refused_connection_is_a_request_error_the_retry_policy_retries(self):
+        from azure.core.exceptions import ServiceRequestError
+        with pytest.raises(ServiceRequestError):
+            self.send(f"http://127.0.0.1:{free_port()}/page")
+
+    def test_a_body_cut_short_is_a_response_error(self):
+        from azure.core.exceptions import ServiceResponseError
+        url, _ = self.answer(b"HTTP/1.1 200 OK\r\nContent-Length: 100\r\n\r\n{\"value\": [")
+        with pytest.raises(ServiceResponseError):
+            self.send(url)
+
+    def test_a_silent_server_is_a_read_timeout(self):
+        from azure.core.exceptions import ServiceResponseTimeoutError
+        server = socket.create_server(("127.0.0.1", 0))
+        try:
+            with pytest.raises(ServiceResponseTimeoutError):
+                self.send(f"http://127.0.0.1:{server.getsockname()[1]}/page", read_timeout=0.3)
+        finally:
+            server.close()
+
+    def test_a_page_is_asked_for_compressed_and_read_whole(self):
+        import gzip
+        page = json.dumps({"value": [{"id": str(n)} for n in range(500)]}).encode()
+        packed = gzip.compress(page)
+        url, heads = self.answer(b"HTTP/1.1 200 OK\r\nContent-Encoding: gzip\r\nX-Ms-Request-Id: r1\r\n"
+                                 + f"Content-Length: {len(packed)}\r\n\r\n".encode() + packed)
+        response = self.send(url)
+        assert b"accept-encoding: gzip" in heads[0].lower()
+        assert (response.status_code, response.body(), response.json()["value"][499]) == (200, page, {"id": "499"})
+        assert response.headers["x-ms-request-id"] == "r1"          # headers compare case-insensitively
 
 
 # --- Data Plane adapter and apply ------------------------------------------------------
