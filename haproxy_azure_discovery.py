@@ -1897,13 +1897,13 @@ def power_state(raw: Mapping) -> str | None:
     view = _props(raw).get("instanceView")
     found = None
     for status in (view.get("statuses") if view else None) or ():
-        code = status.get("code") if isinstance(status, Mapping) else None
+        code = status.get("code") if isinstance(status, dict) else None     # JSON: dict, not Mapping (4x)
         if not isinstance(code, str):
             continue
-        if code.lower() == "provisioningstate/deleting":
+        if code.startswith("PowerState/"):
+            found = found or code[len("PowerState/"):].lower()
+        elif code.lower() == "provisioningstate/deleting":
             return "deleting"
-        if found is None and code.startswith("PowerState/"):
-            found = code[len("PowerState/"):].lower()
     return found
 
 
@@ -2003,7 +2003,7 @@ def instances_from_azure(listing: AzureListing, cfg: AzureConfig) -> list[Instan
 
 def _tags(raw: Mapping) -> dict[str, str]:
     tags = raw.get("tags")
-    return dict(zip(map(str, tags), map(str, tags.values()))) if isinstance(tags, Mapping) else {}
+    return dict(zip(map(str, tags), map(str, tags.values()))) if isinstance(tags, dict) else {}
 
 
 def scale_sets_to_list(scale_sets: Iterable[Mapping], cfg: Config) -> list[Mapping]:
