@@ -10,9 +10,12 @@ with one discovery, then measures, all as `time.process_time()` of its own proce
 
 - whole discoveries (`AzureSource.discover()`, 8 workers), `--runs` of them: best and median CPU;
 - the pages of the subscription's VM list fetched again one by one through the SDK client's pipeline
-  as a discovery fetches them (`AzureSource._fetch`: `send_request` streamed, then the body bytes):
-  CPU per page; and `json.loads` of the same bodies: CPU per page; both with the collector paused, as
-  in a discovery, median of `--runs`. The two apart say which one a discovery's CPU follows;
+  as a discovery fetches them (`AzureSource._fetch`: the listings' policies over the program's own
+  urllib3 transport, then the body bytes): CPU per page; the same pages through the same policies
+  over azure-core's own transport (requests), as the program fetched them before it had a transport
+  of its own: CPU per page; and `json.loads` of the same bodies: CPU per page; all with the collector
+  paused, as in a discovery, interleaved, median of `--runs`. Apart they say which one a discovery's
+  CPU follows;
 - the join alone (`instances_from_azure` on the listed JSON), `--runs` times with the garbage collector
   off (it runs at random points of a cycle and would make the figure noisy): best and median.
 """
@@ -55,13 +58,23 @@ def child(runs: int) -> dict:
     while url:
         urls.append(url)
         url = json.loads(source._client.send_request(source._request("GET", url)).body()).get("nextLink")
-    pipelines, decodings = [], []
+    from azure.core.pipeline import Pipeline
+    from azure.core.pipeline.transport import RequestsTransport
+    sdk = Pipeline(RequestsTransport(use_env_settings=False, connection_verify=os.environ["REQUESTS_CA_BUNDLE"]),
+                   m._listing_policies(source._credential, source._scope, m._retry_policy(cfg.azure, source._check),
+                                       source._count))
+    pipelines, sdk_pipelines, decodings = [], [], []
     for _ in range(runs):                   # as a discovery fetches and decodes: _fetch, collector paused
         with m.collector_paused():
             cpu, bodies = time.process_time(), []
             for url in urls:
                 bodies.append(source._fetch(source._request("GET", url)).body())
             pipelines.append((time.process_time() - cpu) / len(urls))
+            cpu = time.process_time()
+            for url in urls:
+                response = sdk.run(source._request("GET", url), stream=True).http_response
+                response.read()
+            sdk_pipelines.append((time.process_time() - cpu) / len(urls))
             cpu = time.process_time()
             for body in bodies:
                 json.loads(body)
@@ -81,6 +94,7 @@ def child(runs: int) -> dict:
                 discover_median_s=statistics.median(discovers),
                 pages=len(urls), page_bytes=round(statistics.mean(map(len, bodies))),
                 pipeline_ms=pipeline * 1000, decoding_ms=decoding * 1000,
+                sdk_pipeline_ms=statistics.median(sdk_pipelines) * 1000,
                 join_best_s=min(joins), join_median_s=statistics.median(joins))
 
 
@@ -107,15 +121,17 @@ def report(r: dict, runs: int) -> list[str]:
         "## 5. Where an Azure discovery's CPU goes (bench/cpu.py)", "",
         f"{r['instances']:,} instances, {r['requests']} requests a discovery (part 1's estate, 100 items a "
         "page). CPU = `time.process_time()` of the measuring process; pipeline = one page of the VM list "
-        "through the SDK client's pipeline as a discovery sends it (`send_request` streamed: credential, "
-        "retry and redirect policies, requests/urllib3, TLS), body bytes read; decoding = `json.loads` of the "
+        "through the SDK client's pipeline as a discovery sends it (credential, retry and redirect policies, "
+        "the program's urllib3 transport, TLS), body bytes read; requests' = the same pages through the same "
+        "policies over azure-core's own transport (requests over urllib3); decoding = `json.loads` of the "
         "same bytes (both medians, collector paused as in a discovery); join = `instances_from_azure` alone "
         f"on the listed JSON, garbage collector off (as in a discovery); {runs} runs of each.", "",
         "| discover CPU s, best / median | pages of the VM list | bytes a page | pipeline CPU ms a page "
-        "| JSON decoding CPU ms a page | pipeline / decoding | join CPU ms, best / median |",
-        "|---:|---:|---:|---:|---:|---:|---:|",
+        "| the same over requests' transport | JSON decoding CPU ms a page | pipeline / decoding "
+        "| join CPU ms, best / median |",
+        "|---:|---:|---:|---:|---:|---:|---:|---:|",
         f"| {r['discover_best_s']:.2f} / {r['discover_median_s']:.2f} | {r['pages']} | {r['page_bytes']:,} "
-        f"| {r['pipeline_ms']:.2f} | {r['decoding_ms']:.2f} | {ratio:.0f}× "
+        f"| {r['pipeline_ms']:.2f} | {r['sdk_pipeline_ms']:.2f} | {r['decoding_ms']:.2f} | {ratio:.0f}× "
         f"| {r['join_best_s'] * 1000:.0f} / {r['join_median_s'] * 1000:.0f} |",
         "",
     ]
