@@ -363,17 +363,6 @@ class Member:
 
 
 @dataclass(frozen=True)
-class Slot:
-    """A desired server slot; instance None means parked."""
-    name: str
-    instance: str | None = None
-    label: str = ""
-    address: str = PARK_ADDRESS
-    port: int = PARK_PORT
-    weight: int | None = None
-
-
-@dataclass(frozen=True)
 class Drain:
     """A live server whose instance left, draining: no new connections, its sessions
     finish. Parked at `until` at the latest, or once its sessions are 0."""
@@ -1366,8 +1355,8 @@ def _is_live(server: Mapping[str, Any]) -> bool:
 
 
 def assign_slots(members: Sequence[Member], actual: Mapping[str, Mapping[str, Any]],
-                 previous: Mapping[str, str], cfg: SlotsConfig) -> list[Slot]:
-    """Desired slots srv1..srvN for a backend.
+                 previous: Mapping[str, str], cfg: SlotsConfig) -> list[Member | None]:
+    """Desired slots srv1..srvN for a backend: the member each serves, in slot order (None: parked).
 
     An instance keeps its slot while it lives (remembered in `previous`, else found by
     address:port among live servers after a restart); new instances take the lowest
@@ -1400,35 +1389,35 @@ def assign_slots(members: Sequence[Member], actual: Mapping[str, Mapping[str, An
         free = sorted((j for j in range(1, count + 1) if j not in taken), key=lambda j: (j in live, j))
         for m, j in zip(fresh, free, strict=False):   # free has room for every fresh member
             taken[j] = m
-    return [Slot(f"srv{j}", m.instance, m.label, m.address, m.port, m.weight) if (m := taken.get(j))
-            else _parked_slot(j) for j in range(1, count + 1)]
+    return [taken.get(j) for j in range(1, count + 1)]
 
 
-@functools.lru_cache(maxsize=65536)
-def _parked_slot(j: int) -> Slot:
-    return Slot(f"srv{j}")
+@functools.lru_cache(maxsize=64)
+def slot_names(count: int) -> tuple[str, ...]:
+    """srv1..srvN: the names of a backend's slots, in the order assign_slots gives them."""
+    return tuple(f"srv{j}" for j in range(1, count + 1))
 
 
-def server_body(slot: Slot, cfg: HAProxyConfig, with_id: bool = True) -> dict[str, Any]:
-    """The Data Plane server object for a slot, live or parked. srvN carries `id` N: HAProxy
+def server_body(name: str, member: Member | None, cfg: HAProxyConfig, with_id: bool = True) -> dict[str, Any]:
+    """The Data Plane server object for slot `name`, serving `member` or parked (None). srvN carries `id` N: HAProxy
     numbers servers without one in file order, consistent hashing and id-based persistence
     follow those numbers, and a full-section write reorders the file (see _foreign_ids)."""
     # One dict display per case (called for every slot of every backend, every cycle); the
     # key order is that of the successive updates it replaces: a key already present keeps
     # its place when a later one (params, maintenance) overrides its value. Params never
     # hold name or id (parse_config refuses them), so taking id out afterwards is exact.
-    if slot.instance is None and cfg.apply_mode == "hybrid":
+    if member is None and cfg.apply_mode == "hybrid":
         # Parking and filling must differ only in runtime-capable fields.
-        body = {"name": slot.name, "id": slot_index(slot.name), "address": PARK_ADDRESS, "port": PARK_PORT,
+        body = {"name": name, "id": slot_index(name), "address": PARK_ADDRESS, "port": PARK_PORT,
                 "maintenance": "enabled", "check": "enabled", **cfg.server.params, "maintenance": "enabled"}  # noqa: F601
-    elif slot.instance is None:
-        body = {"name": slot.name, "id": slot_index(slot.name), "address": PARK_ADDRESS, "port": PARK_PORT,
+    elif member is None:
+        body = {"name": name, "id": slot_index(name), "address": PARK_ADDRESS, "port": PARK_PORT,
                 "maintenance": "enabled", "check": "disabled"}
     else:
-        body = {"name": slot.name, "id": slot_index(slot.name), "address": slot.address, "port": slot.port,
+        body = {"name": name, "id": slot_index(name), "address": member.address, "port": member.port,
                 "check": "enabled", **cfg.server.params, "maintenance": "disabled"}
-        if slot.weight is not None:
-            body["weight"] = slot.weight          # the instance's weight tag wins over params
+        if member.weight is not None:
+            body["weight"] = member.weight        # the instance's weight tag wins over params
     if not with_id:
         del body["id"]
     return body
@@ -1463,7 +1452,7 @@ def _differs(want: Mapping[str, Any], have: Mapping[str, Any]) -> bool:
     return any(not _same_value(v, have.get(k)) for k, v in want.items())
 
 
-def plan_backend(name: str, slots: Sequence[Slot], actual: BackendState | None,
+def plan_backend(name: str, slots: Sequence[Member | None], actual: BackendState | None,
                  cfg: HAProxyConfig, taken_ids: Mapping[int, str]) -> BackendPlan | None:
     """The changes that turn `actual` into `slots`; None when there are none. `taken_ids`:
     _foreign_ids(actual).
@@ -1481,18 +1470,18 @@ def plan_backend(name: str, slots: Sequence[Slot], actual: BackendState | None,
         elif i > len(slots):                        # slots are srv1..srv<len(slots)>
             beyond.append((i, n))
     changes = []
-    for slot in slots:
-        body = server_body(slot, cfg, with_id=not taken_ids or slot_index(slot.name) not in taken_ids)
-        have = have_servers.get(slot.name)
-        if slot.instance and "weight" not in body and have and have.get("weight") not in (None, 1):
+    for j, (n, member) in enumerate(zip(slot_names(len(slots)), slots), 1):
+        body = server_body(n, member, cfg, with_id=not taken_ids or j not in taken_ids)
+        have = have_servers.get(n)
+        if member and "weight" not in body and have and have.get("weight") not in (None, 1):
             # A weight tag removed, or a slot refilled after a weighted instance: back to
             # HAProxy's default rather than keeping a weight nobody asked for (0 = no traffic).
             body["weight"] = 1
-        servers[slot.name] = body
+        servers[n] = body
         if have is None:
-            changes.append(ServerChange("add", slot.name, body, None, slot.label))
+            changes.append(ServerChange("add", n, body, None, member.label if member else ""))
         elif not body.items() <= have.items() and _differs(body, have):    # the first test is C
-            changes.append(ServerChange("update", slot.name, body, have, slot.label))
+            changes.append(ServerChange("update", n, body, have, member.label if member else ""))
     for _, n in sorted(beyond):
         changes.append(ServerChange("delete", n, None, have_servers[n]))
     fields_changed = actual is not None and _differs(want_fields, actual.fields)
@@ -1502,24 +1491,24 @@ def plan_backend(name: str, slots: Sequence[Slot], actual: BackendState | None,
         return None
     return BackendPlan(name=name, create=actual is None, fields_changed=fields_changed, fields=want_fields,
                        servers=servers, changes=tuple(changes), slots=len(slots),
-                       live=sum(1 for s in slots if s.instance))
+                       live=len(slots) - slots.count(None))
 
 
-def id_clashes(name: str, slots: Sequence[Slot], taken: Mapping[int, str]) -> list[str]:
+def id_clashes(name: str, slots: Sequence[Member | None], taken: Mapping[int, str]) -> list[str]:
     """One line per slot that goes without its id because a foreign server holds it
     (`taken`: _foreign_ids of the backend)."""
     if not taken:
         return []
-    return [f"backend {name}: server {taken[i]} holds id {i}, so slot {s.name} goes without an explicit id"
-            for s in slots if (i := slot_index(s.name)) in taken]
+    return [f"backend {name}: server {taken[i]} holds id {i}, so slot srv{i} goes without an explicit id"
+            for i in range(1, len(slots) + 1) if i in taken]
 
 
-def _drains(slots: Sequence[Slot], actual: BackendState | None) -> list[str]:
+def _drains(slots: Sequence[Member | None], actual: BackendState | None) -> list[str]:
     """Our servers live in HAProxy that these slots would park or point elsewhere, in slot
     order. (Slots past the end are parked ones being removed: slots name srv1..srvN.)"""
     have = actual.servers if actual else {}
-    return [s.name for s in slots if (h := have.get(s.name)) is not None and h.get("maintenance") != "enabled"
-            and (s.instance is None or s.address != h.get("address") or s.port != h.get("port"))]
+    return [n for n, m in zip(slot_names(len(slots)), slots) if (h := have.get(n)) is not None
+            and h.get("maintenance") != "enabled" and (m is None or m.address != h.get("address") or m.port != h.get("port"))]
 
 
 @collector_paused()
@@ -1540,7 +1529,7 @@ def plan_cycle(groups: Mapping[ServiceKey, list[Member]], skipped: Sequence[Skip
     settings = backend_settings(names, groups, cfg)
     skipped = [*skipped, *_beyond_max(desired, state, settings)]
 
-    def assign(n: str, extra: Sequence[Member] = ()) -> list[Slot]:
+    def assign(n: str, extra: Sequence[Member] = ()) -> list[Member | None]:
         have = actual[n].servers if n in actual else {}
         return assign_slots([*desired.get(n, []), *extra], have, state.assignments.get(n, {}),
                             settings[n].server_slots)
@@ -1566,12 +1555,12 @@ def plan_cycle(groups: Mapping[ServiceKey, list[Member]], skipped: Sequence[Skip
                 warnings=tuple(w for n in names for w in id_clashes(n, slots[n], taken_ids[n])),
                 live=sum(len(ms) for ms in desired.values()), services=len(desired),
                 slots=sum(map(len, slots.values())), our_backends=len(names))
-    assignments = {n: {s.instance: s.name for s in slots[n] if s.instance} for n in names}
+    assignments = {n: {m.instance: s for s, m in zip(slot_names(len(slots[n])), slots[n]) if m} for n in names}
     return Decision(plan=plan, assignments=assignments, drain_fingerprint=fp if streak else None,
                     drain_streak=streak, draining={n: k for n, k in kept.items() if k})
 
 
-def _drain_decisions(drains: Mapping[str, list[str]], slots: Mapping[str, list[Slot]],
+def _drain_decisions(drains: Mapping[str, list[str]], slots: Mapping[str, list[Member | None]],
                      actual: Mapping[str, BackendState], state: State,
                      groups: Mapping[ServiceKey, list[Member]], cfg: SafetyConfig, now: float,
                      sessions: Mapping[str, int | None] | None
@@ -1604,7 +1593,7 @@ def _drained_before(names: Sequence[str], actual: BackendState, previous: Mappin
             and (d.address, d.port) == (actual.servers[n].get("address"), actual.servers[n].get("port"))}
 
 
-def _keep_draining(name: str, servers: Sequence[str], slots: Sequence[Slot], actual: BackendState,
+def _keep_draining(name: str, servers: Sequence[str], slots: Sequence[Member | None], actual: BackendState,
                    before: Mapping[str, Drain], previous: Mapping[str, str], seconds: float, now: float,
                    sessions: Mapping[str, int | None] | None) -> dict[str, Drain]:
     """Which of these leaving servers drain on this cycle: not with drain_seconds 0, not
@@ -1612,8 +1601,8 @@ def _keep_draining(name: str, servers: Sequence[str], slots: Sequence[Slot], act
     instance's new address is no drain: that instance did not leave."""
     kept = {}
     for s in servers:
-        slot = slots[slot_index(s) - 1]
-        if not seconds or (slot.instance is not None and previous.get(slot.instance) == s):
+        member = slots[slot_index(s) - 1]
+        if not seconds or (member is not None and previous.get(member.instance) == s):
             continue
         since = before[s].since if s in before else now
         if now < since + seconds and (sessions is None or sessions.get(f"{name}/{s}") != 0):
@@ -1622,7 +1611,7 @@ def _keep_draining(name: str, servers: Sequence[str], slots: Sequence[Slot], act
     return kept
 
 
-def _returned(name: str, previous: Mapping[str, Drain], leaving: Sequence[str], slots: Sequence[Slot],
+def _returned(name: str, previous: Mapping[str, Drain], leaving: Sequence[str], slots: Sequence[Member | None],
               actual: BackendState | None) -> list[str]:
     """Servers drained on an earlier cycle whose instance came back to the same slot: HAProxy
     still drains them at runtime, so they are set ready again."""
@@ -1631,9 +1620,9 @@ def _returned(name: str, previous: Mapping[str, Drain], leaving: Sequence[str], 
         if s in leaving:
             continue
         i = slot_index(s)
-        slot = slots[i - 1] if i and i <= len(slots) else None
+        member = slots[i - 1] if i and i <= len(slots) else None
         have = actual.servers.get(s) if actual else None
-        if slot is not None and slot.instance is not None and (slot.address, slot.port) == (d.address, d.port) \
+        if member is not None and (member.address, member.port) == (d.address, d.port) \
                 and have is not None and (have.get("address"), have.get("port")) == (d.address, d.port):
             out.append(f"{name}/{s}")
     return out

@@ -892,10 +892,10 @@ class TestSlots:
         """After a restart (no memory) an unchanged estate produces an empty plan, even
         when HAProxy's slot order differs from what a first sync would choose."""
         cfg = make_config()
-        servers = {f"srv{i}": m.server_body(m.Slot(f"srv{i}"), cfg.haproxy) for i in range(1, 11)}
+        servers = {f"srv{i}": m.server_body(f"srv{i}", None, cfg.haproxy) for i in range(1, 11)}
         for slot, n in (("srv7", 1), ("srv2", 2), ("srv9", 3)):
             inst = make_instance(n)
-            servers[slot] = m.server_body(m.Slot(slot, inst.id, inst.name, inst.address, 8080), cfg.haproxy)
+            servers[slot] = m.server_body(slot, m.Member(inst.id, inst.name, inst.address, 8080), cfg.haproxy)
         backend = m.BackendState("azure-web-8080-eastus", m.backend_fields("azure-web-8080-eastus",
                                                                            cfg.haproxy.backend), servers)
         decision = run_plan([make_instance(n) for n in (1, 2, 3)], {backend.name: backend}, cfg=cfg)
@@ -940,12 +940,12 @@ class TestSlots:
     def test_hybrid_parked_slots_differ_only_in_runtime_fields(self):
         cfg = make_config(haproxy={"password": "p", "apply_mode": "hybrid",
                                    "server": {"params": {"inter": 2000, "weight": 50}}})
-        live = m.server_body(m.Slot("srv1", "id", "vm", "10.0.0.4", 8080), cfg.haproxy)
-        parked = m.server_body(m.Slot("srv1"), cfg.haproxy)
+        live = m.server_body("srv1", m.Member("id", "vm", "10.0.0.4", 8080), cfg.haproxy)
+        parked = m.server_body("srv1", None, cfg.haproxy)
         assert {k for k in live if live[k] != parked.get(k)} == {"address", "port", "maintenance"}
         assert m.ServerChange("update", "srv1", live, parked).runtime_only
         transaction = make_config(haproxy={"password": "p", "server": {"params": {"inter": 2000}}}).haproxy
-        assert parked["check"] == "enabled" and m.server_body(m.Slot("srv1"), transaction) == {
+        assert parked["check"] == "enabled" and m.server_body("srv1", None, transaction) == {
             "name": "srv1", "id": 1, "address": "127.0.0.1", "port": 80, "maintenance": "enabled",
             "check": "disabled"}
 
