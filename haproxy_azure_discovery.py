@@ -1399,24 +1399,31 @@ def slot_names(count: int) -> tuple[str, ...]:
     return tuple(f"srv{j}" for j in range(1, count + 1))
 
 
-def server_body(name: str, member: Member | None, cfg: HAProxyConfig, with_id: bool = True) -> dict[str, Any]:
-    """The Data Plane server object for slot `name`, serving `member` or parked (None). srvN carries `id` N: HAProxy
+def slot_fields(cfg: HAProxyConfig) -> tuple[dict[str, Any], dict[str, Any]]:
+    """What every server body of a backend holds besides its name and id: (a live slot's,
+    after its address and port; a parked slot's). The key order is that of the successive
+    updates these replace: a key already present keeps its place when a later one (params,
+    maintenance) overrides its value. Params never hold name, id, address or port
+    (parse_config refuses them)."""
+    live = {"check": "enabled", **cfg.server.params, "maintenance": "disabled"}
+    if cfg.apply_mode == "hybrid":
+        # Parking and filling must differ only in runtime-capable fields.
+        return live, {"address": PARK_ADDRESS, "port": PARK_PORT, "maintenance": "enabled", "check": "enabled",
+                      **cfg.server.params, "maintenance": "enabled"}  # noqa: F601
+    return live, {"address": PARK_ADDRESS, "port": PARK_PORT, "maintenance": "enabled", "check": "disabled"}
+
+
+def server_body(name: str, member: Member | None, cfg: HAProxyConfig, with_id: bool = True,
+                fields: tuple[dict[str, Any], dict[str, Any]] | None = None) -> dict[str, Any]:
+    """The Data Plane server object for slot `name`, serving `member` or parked (None);
+    `fields`: slot_fields(cfg), when the caller has it. srvN carries `id` N: HAProxy
     numbers servers without one in file order, consistent hashing and id-based persistence
     follow those numbers, and a full-section write reorders the file (see _foreign_ids)."""
-    # One dict display per case (called for every slot of every backend, every cycle); the
-    # key order is that of the successive updates it replaces: a key already present keeps
-    # its place when a later one (params, maintenance) overrides its value. Params never
-    # hold name or id (parse_config refuses them), so taking id out afterwards is exact.
-    if member is None and cfg.apply_mode == "hybrid":
-        # Parking and filling must differ only in runtime-capable fields.
-        body = {"name": name, "id": slot_index(name), "address": PARK_ADDRESS, "port": PARK_PORT,
-                "maintenance": "enabled", "check": "enabled", **cfg.server.params, "maintenance": "enabled"}  # noqa: F601
-    elif member is None:
-        body = {"name": name, "id": slot_index(name), "address": PARK_ADDRESS, "port": PARK_PORT,
-                "maintenance": "enabled", "check": "disabled"}
+    live, parked = fields or slot_fields(cfg)
+    if member is None:
+        body = {"name": name, "id": slot_index(name), **parked}
     else:
-        body = {"name": name, "id": slot_index(name), "address": member.address, "port": member.port,
-                "check": "enabled", **cfg.server.params, "maintenance": "disabled"}
+        body = {"name": name, "id": slot_index(name), "address": member.address, "port": member.port, **live}
         if member.weight is not None:
             body["weight"] = member.weight        # the instance's weight tag wins over params
     if not with_id:
@@ -1470,9 +1477,9 @@ def plan_backend(name: str, slots: Sequence[Member | None], actual: BackendState
             servers[n] = s
         elif i > len(slots):                        # slots are srv1..srv<len(slots)>
             beyond.append((i, n))
-    changes = []
+    changes, fields = [], slot_fields(cfg)
     for j, (n, member) in enumerate(zip(slot_names(len(slots)), slots), 1):
-        body = server_body(n, member, cfg, with_id=not taken_ids or j not in taken_ids)
+        body = server_body(n, member, cfg, j not in taken_ids, fields)
         have = have_servers.get(n)
         if member and "weight" not in body and have and have.get("weight") not in (None, 1):
             # A weight tag removed, or a slot refilled after a weighted instance: back to
@@ -1493,6 +1500,29 @@ def plan_backend(name: str, slots: Sequence[Member | None], actual: BackendState
     return BackendPlan(name=name, create=actual is None, fields_changed=fields_changed, fields=want_fields,
                        servers=servers, changes=tuple(changes), slots=len(slots),
                        live=len(slots) - slots.count(None))
+
+
+def in_sync(name: str, slots: Sequence[Member | None], actual: BackendState | None,
+            cfg: HAProxyConfig, taken_ids: Mapping[int, str]) -> bool:
+    """True when `actual` holds every slot as plan_backend would write it, no slot of ours
+    lies beyond them and the backend's fields are as configured: a backend with nothing to
+    plan and nothing to drain. Most backends in most cycles: told without building a body."""
+    if actual is None or _differs(backend_fields(name, cfg.backend), actual.fields):
+        return False
+    have, (live, parked) = actual.servers, slot_fields(cfg)
+    for j, (n, m) in enumerate(zip(slot_names(len(slots)), slots), 1):
+        h = have.get(n)
+        if h is None or h.get("name") != n or (j not in taken_ids and h.get("id") != j):
+            return False
+        if m is None:
+            if not parked.items() <= h.items():
+                return False
+        # Without a weight of its own or in params, plan_backend sets a weight other than 1 back to 1.
+        elif not (h.get("address") == m.address and h.get("port") == m.port and live.items() <= h.items()
+                  and (h.get("weight") == m.weight if m.weight is not None
+                       else "weight" in live or h.get("weight") in (None, 1))):
+            return False
+    return max(filter(None, map(slot_index, have)), default=0) <= len(slots)
 
 
 def id_clashes(name: str, slots: Sequence[Member | None], taken: Mapping[int, str]) -> list[str]:
@@ -1536,7 +1566,9 @@ def plan_cycle(groups: Mapping[ServiceKey, list[Member]], skipped: Sequence[Skip
                             settings[n].server_slots)
 
     slots = {n: assign(n) for n in names}
-    drains = {n: d for n in names if (d := _drains(slots[n], actual.get(n)))}
+    taken_ids = {n: _foreign_ids(actual.get(n)) for n in names}
+    stale = [n for n in names if not in_sync(n, slots[n], actual.get(n), settings[n], taken_ids[n])]
+    drains = {n: d for n in stale if (d := _drains(slots[n], actual.get(n)))}
     # Without a drain the guard holds nothing and nothing drains on.
     held, streak, kept, fp = (_drain_decisions(drains, slots, actual, state, groups, cfg.safety, now, sessions)
                               if drains else ({}, 0, {}, None))
@@ -1546,8 +1578,7 @@ def plan_cycle(groups: Mapping[ServiceKey, list[Member]], skipped: Sequence[Skip
         stay = [s for s in names_drained if s in kept.get(n, ()) or s in held.get(n, ())]
         if stay:
             slots[n] = assign(n, _held_members(stay, actual[n], state.assignments.get(n, {})))
-    taken_ids = {n: _foreign_ids(actual.get(n)) for n in names}
-    plans = [p for n in names if (p := plan_backend(n, slots[n], actual.get(n), settings[n], taken_ids[n]))]
+    plans = [p for n in stale if (p := plan_backend(n, slots[n], actual.get(n), settings[n], taken_ids[n]))]
     plan = Plan(backends=tuple(plans), skipped=tuple(skipped),
                 held=tuple(f"{n}/{s}" for n, d in held.items() for s in d),
                 draining=tuple(d for n in sorted(kept) for d in kept[n].values()),
