@@ -383,8 +383,7 @@ class BackendState:
     servers: Mapping[str, Mapping[str, Any]]
 
 
-@dataclass(frozen=True)
-class ServerChange:
+class ServerChange(typing.NamedTuple):       # a named tuple, as Member: one per changed server
     action: str                          # "add", "update" or "delete"
     name: str
     body: Mapping[str, Any] | None       # what to send (None for delete)
