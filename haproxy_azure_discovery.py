@@ -1514,12 +1514,16 @@ def in_sync(name: str, slots: Sequence[Member | None], actual: BackendState | No
         if h is None or h.get("name") != n or (j not in taken_ids and h.get("id") != j):
             return False
         if m is None:
-            if not parked.items() <= h.items():
-                return False
-        # Without a weight of its own or in params, plan_backend sets a weight other than 1 back to 1.
-        elif not (h.get("address") == m.address and h.get("port") == m.port and live.items() <= h.items()
-                  and (h.get("weight") == m.weight if m.weight is not None
-                       else "weight" in live or h.get("weight") in (None, 1))):
+            want = parked
+        elif h.get("address") != m.address or h.get("port") != m.port:
+            return False
+        elif m.weight is not None:
+            want = {**live, "weight": m.weight}     # the instance's weight tag wins over params
+        elif "weight" in live or h.get("weight") in (None, 1):
+            want = live
+        else:
+            return False          # plan_backend sets a weight nobody asked for back to 1
+        if not want.items() <= h.items():
             return False
     return max(filter(None, map(slot_index, have)), default=0) <= len(slots)
 

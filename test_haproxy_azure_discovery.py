@@ -673,6 +673,25 @@ class TestSelect:
         groups, _ = m.select_instances([make_instance(1), make_instance(1)], make_config())
         assert len(groups[m.ServiceKey("web", 8080, "eastus")]) == 1
 
+    from hypothesis import given, settings, strategies as st
+
+    @settings(max_examples=200, deadline=None, derandomize=True)
+    @given(data=st.data())
+    def test_the_order_instances_come_in_does_not_matter(self, data):
+        """Members and skips come out in instance-id order, whatever order the instances came in
+        (the loop reads them as they come, for speed)."""
+        st = self.st
+        estate = [make_instance(n, service=data.draw(st.sampled_from(["web", "api", "web\n"])),
+                                port=data.draw(st.sampled_from(["8080", "x"])),
+                                address=data.draw(st.sampled_from(["10.0.0.4", "10.0.0.5", None])),
+                                id=f"/subscriptions/{SUB}/x/vm{data.draw(st.integers(0, 10 ** 6))}-{n}")
+                  for n in range(data.draw(st.integers(0, 30)))]
+        shuffled = data.draw(st.permutations(estate))
+        groups, skipped = m.select_instances(shuffled, make_config())
+        assert (groups, skipped) == m.select_instances(estate, make_config())
+        assert all([mb.instance for mb in ms] == sorted(mb.instance for mb in ms) for ms in groups.values())
+        assert [s.id for s in skipped] == sorted(s.id for s in skipped)
+
     @pytest.mark.parametrize("regex, text", [
         (m.NAME_RE, "web\n"), (m.REGION_RE, "eastus\n"), (m.GUID_RE, SUB + "\n"),
         (m.RESOURCE_GROUP_RE, "rg\n"), (m.RESOURCE_GROUP_RE, "rg.")])
@@ -936,6 +955,36 @@ class TestSlots:
         assert all(c.before["maintenance"] == "enabled" for c in changes)
         actual = apply_to(actual, d.plan)
         assert run_plan(keep, actual, m.State(assignments=d.assignments), cfg).plan.empty   # 31: no flapping
+
+    from hypothesis import given, settings, strategies as st
+
+    @settings(max_examples=400, deadline=None, derandomize=True)
+    @given(data=st.data())
+    def test_in_sync_only_when_there_is_nothing_to_plan_or_drain(self, data):
+        """in_sync, the shortcut that spares an unchanged backend its server bodies, holds for a
+        backend exactly as plan_backend wrote it, and never where plan_backend or _drains has work."""
+        st, name = self.st, "azure-web-8080-eastus"
+        cfg = make_config(haproxy={"password": "p", "apply_mode": data.draw(st.sampled_from(["transaction", "hybrid"])),
+                                   "server": {"params": data.draw(st.sampled_from(
+                                       [{}, {"inter": 2000}, {"weight": 50}, {"check": "disabled", "rise": 2}]))}}).haproxy
+        member = st.builds(m.Member, st.sampled_from(["i1", "i2"]), st.just("vm"), st.sampled_from(["10.0.0.4", "10.0.0.5"]),
+                           st.sampled_from([80, 8080]), st.sampled_from([None, 0, 7]))
+        slots = data.draw(st.lists(st.none() | member, min_size=1, max_size=12))
+        taken = data.draw(st.sampled_from([{}, {2: "other"}]))
+        servers = {**({"other": {"name": "other", "address": "10.9.9.9", "port": 1, "id": 2}} if taken else {}),
+                   **m.plan_backend(name, slots, None, cfg, taken).servers}
+        actual = m.BackendState(name, m.backend_fields(name, cfg.backend), servers)
+        assert m.in_sync(name, slots, actual, cfg, taken)
+        for _ in range(data.draw(st.integers(1, 3))):         # then someone changes something
+            server = data.draw(st.sampled_from(sorted(servers) + [f"srv{len(slots) + 1}"]))
+            key = data.draw(st.sampled_from(["address", "port", "maintenance", "check", "weight", "id", "name",
+                                             "inter", "rise", "added by haproxy", None]))
+            value = data.draw(st.sampled_from([None, "10.0.0.4", 80, 8080, "enabled", "disabled", 1, 2, 7, 50, 2000]))
+            changed = {k: v for k, v in {**servers.get(server, {}), key: value}.items() if v is not None}
+            servers = {**servers, server: changed} if key else {n: s for n, s in servers.items() if n != server}
+        actual = m.BackendState(name, m.backend_fields(name, cfg.backend), servers)
+        if m.in_sync(name, slots, actual, cfg, taken):
+            assert m.plan_backend(name, slots, actual, cfg, taken) is None and m._drains(slots, actual) == []
 
     def test_hybrid_parked_slots_differ_only_in_runtime_fields(self):
         cfg = make_config(haproxy={"password": "p", "apply_mode": "hybrid",
