@@ -673,7 +673,8 @@ class TestSelect:
         groups, _ = m.select_instances([make_instance(1), make_instance(1)], make_config())
         assert len(groups[m.ServiceKey("web", 8080, "eastus")]) == 1
 
-    from hypothesis import given, settings, strategies as st
+    from hypothesis import given, settings
+    from hypothesis import strategies as st
 
     @settings(max_examples=200, deadline=None, derandomize=True)
     @given(data=st.data())
@@ -956,7 +957,8 @@ class TestSlots:
         actual = apply_to(actual, d.plan)
         assert run_plan(keep, actual, m.State(assignments=d.assignments), cfg).plan.empty   # 31: no flapping
 
-    from hypothesis import given, settings, strategies as st
+    from hypothesis import given, settings
+    from hypothesis import strategies as st
 
     @settings(max_examples=400, deadline=None, derandomize=True)
     @given(data=st.data())
