@@ -2583,30 +2583,35 @@ def _page_transport(settings: Mapping[str, Any], workers: int, connect: float, r
     class PageTransport(HttpTransport):
         def __init__(self) -> None:
             self.pool: Any = None
+            self._lock = threading.Lock()       # the listing threads' first pages arrive together
 
         def open(self) -> None:
-            if self.pool is None and proxy:
-                auth = urllib3.util.parse_url(proxy).auth       # user:password in the proxy's URL
-                headers = urllib3.make_headers(proxy_basic_auth=urllib.parse.unquote(auth)) if auth else None
-                self.pool = urllib3.ProxyManager(proxy, proxy_headers=headers, **where)
-            elif self.pool is None:
-                self.pool = urllib3.PoolManager(**where)
+            with self._lock:
+                if self.pool is None and proxy:
+                    auth = urllib3.util.parse_url(proxy).auth       # user:password in the proxy's URL
+                    headers = urllib3.make_headers(proxy_basic_auth=urllib.parse.unquote(auth)) if auth else None
+                    self.pool = urllib3.ProxyManager(proxy, proxy_headers=headers, **where)
+                elif self.pool is None:
+                    self.pool = urllib3.PoolManager(**where)
 
         def close(self) -> None:
-            if self.pool is not None:
-                self.pool.clear()
-                self.pool = None
+            with self._lock:
+                if self.pool is not None:
+                    self.pool.clear()
+                    self.pool = None
 
         def __exit__(self, *_exc: object) -> None:
             self.close()
 
         def send(self, request: Any, **options: Any) -> Any:
-            self.open()
+            if (pool := self.pool) is None:
+                self.open()
+                pool = self.pool
             timeout = urllib3.Timeout(connect=options.get("connection_timeout", connect),
                                       read=options.get("read_timeout", read))
             body = request.content.encode() if isinstance(request.content, str) else request.content
             try:
-                raw = self.pool.urlopen(request.method, request.url, body=body, retries=False,
+                raw = pool.urlopen(request.method, request.url, body=body, retries=False,
                                         headers={"Accept-Encoding": "gzip, deflate", **request.headers},
                                         redirect=False, timeout=timeout, preload_content=True,
                                         enforce_content_length=True)
