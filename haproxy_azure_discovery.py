@@ -2538,8 +2538,8 @@ class AzureSource:
         return page, response.headers
 
     def _fetch(self, request: Any) -> Any:
-        """The response with its body read. Streamed, so that the pipeline's ContentDecodePolicy
-        does not decode every page's JSON a second time (_send decodes it once)."""
+        """The response with its body read: _page_transport reads a page whole, and no policy of
+        the listings' pipeline decodes it (_send decodes its JSON once)."""
         response = self._client.send_request(request, stream=True)
         response.read()
         return response
