@@ -2305,11 +2305,21 @@ class AzureSource:
 
     def _discover(self, pool: _Pool) -> list[Instance]:
         if self.cfg.azure.source == "resource_graph":
-            return instances_from_azure(self._query_graph(), self.cfg.azure)
+            return self._join(self._query_graph())
         listing = AzureListing()
         denied = self._list_all(pool, listing)
-        instances = instances_from_azure(listing, self.cfg.azure)
+        instances = self._join(listing)
         return self._power_states_one_by_one(pool, instances) if denied else instances
+
+    def _join(self, listing: AzureListing) -> list[Instance]:
+        """instances_from_azure; an item not shaped as Azure documents it (an item or a field
+        that should be an object and is not) fails the discovery as a malformed page does:
+        dropping that one item would drain its server."""
+        try:
+            return instances_from_azure(listing, self.cfg.azure)
+        except (AttributeError, TypeError) as exc:
+            raise AzureError(f"joining the listings failed: an item is not shaped as Azure documents it "
+                             f"({str(exc)[:100]})") from None
 
     def _check_vm_list_budget(self) -> None:
         """Warn once (per configuration) when this cycle's VM list calls would outrun Compute's refill."""
@@ -2612,9 +2622,9 @@ def _page_transport(settings: Mapping[str, Any], workers: int, connect: float, r
             body = request.content.encode() if isinstance(request.content, str) else request.content
             try:
                 raw = pool.urlopen(request.method, request.url, body=body, retries=False,
-                                        headers={"Accept-Encoding": "gzip, deflate", **request.headers},
-                                        redirect=False, timeout=timeout, preload_content=True,
-                                        enforce_content_length=True)
+                                   headers={"Accept-Encoding": "gzip, deflate", **request.headers},
+                                   redirect=False, timeout=timeout, preload_content=True,
+                                   enforce_content_length=True)
             except urllib3.exceptions.NewConnectionError as exc:        # before ConnectTimeoutError, its base
                 raise errors.ServiceRequestError(exc, error=exc) from exc
             except urllib3.exceptions.ConnectTimeoutError as exc:

@@ -1613,6 +1613,17 @@ class TestAzure:
             with pytest.raises(m.AzureError, match="listing .* failed"):
                 discovered(arm, timeout=2)
 
+    @pytest.mark.parametrize("endpoint", ["vms", "nics", "vmss_vms"])
+    def test_an_item_not_shaped_as_documented_fails_the_discovery_by_name(self, arm, endpoint):
+        # Not a traceback, and not the item dropped (its server would drain): the cycle fails, as
+        # for a malformed page, and nothing is applied.
+        from fake_arm import make_estate
+        arm.estate = make_estate(vms=3, uniform_sets=1, per_set=2)
+        arm.add_fault("bad_item", endpoint=endpoint, times=None)
+        with pytest.raises(m.AzureError, match=r"joining the listings failed: an item is not shaped as Azure "
+                                               r"documents it \('str' object has no attribute 'get'\)"):
+            discovered(arm)
+
     @pytest.mark.parametrize("cloud, resource", [("public", "https://management.azure.com"),
                                                   ("china", "https://management.chinacloudapi.cn"),
                                                   ("usgovernment", "https://management.usgovcloudapi.net")])

@@ -126,7 +126,8 @@ What is served:
 
 Faults (`add_fault`): kind "429" (with `Retry-After`), "500" or any other status >= 400, "slow" (waits
 `delay` seconds, then answers normally; `stop()` cuts the wait short), "bad_json" (200 with a truncated
-body) or "no_value" (200 with `{}`); aimed by `endpoint` (a counter key), `path` (regex searched in the
+body), "no_value" (200 with `{}`) or "bad_item" (200 with items Azure's schema does not allow: one
+whose properties are a string, then a string); aimed by `endpoint` (a counter key), `path` (regex searched in the
 request path, case-insensitively) and `page` (1-based); fires `times` times (`None`: every time).
 """
 # === Imports (stdlib + trustme) ===
@@ -177,7 +178,7 @@ TOKEN_LIFETIME = 3600                 # seconds; a fresh token per credential is
 IDLE_TIMEOUT = 30                     # seconds a keep-alive connection may idle before its thread quits
 MAX_CURSORS = 256                     # listings remembered between pages; older ones are recomputed
 RELOAD_INTERVAL = 0.5                 # seconds between checks of the standalone estate file
-FAULT_ACTIONS = ("slow", "bad_json", "no_value")
+FAULT_ACTIONS = ("slow", "bad_json", "no_value", "bad_item")
 FAKE_PRINCIPAL = "11111111-2222-3333-4444-555555555555"   # the object id 403 messages name
 
 
@@ -925,6 +926,10 @@ def _fault_reply(fault: Fault) -> _Reply:
         return _Reply(200, b'{"value": [{"name": "truncated", "id": "/subscr')
     if fault.kind == "no_value":
         return _Reply(200, b"{}")
+    if fault.kind == "bad_item":
+        return _Reply(200, json.dumps({"value": [{
+            "id": "/subscriptions/x/resourceGroups/rg/providers/Microsoft.Compute/virtualMachines/odd",
+            "name": "odd", "properties": "not an object"}, "not an object"]}).encode())
     status = HTTPStatus(int(fault.kind))
     headers = (("Retry-After", str(fault.retry_after)),) if status in (429, 503) else ()
     return _arm_error(status, status.phrase.replace(" ", ""), f"Injected fault: {status.phrase}.", headers)
