@@ -1357,7 +1357,6 @@ class FakeDataPlane:
             if reload_id is None or self._stopping.is_set():
                 return
             self.reloads += 1
-            self.admin_states.clear()         # HAProxy's runtime state does not survive a reload
             entry = {"id": reload_id, "status": "succeeded", "reload_timestamp": int(time.time())}
             if self.fail_reloads > 0:
                 self.fail_reloads -= 1
@@ -1366,6 +1365,8 @@ class FakeDataPlane:
                 ok, message = self.live.reload()
                 if not ok:
                     entry.update(status="failed", response=message)
+            if entry["status"] == "succeeded":
+                self.admin_states.clear()     # new workers: HAProxy's runtime state does not survive
             self._reload_log[reload_id] = entry
 
     def _commit_implicit(self, config: _Config) -> None:
@@ -1382,17 +1383,23 @@ class FakeDataPlane:
             if n and self.runtime_gap:
                 time.sleep(self.runtime_gap)    # dataplaneapi sends one command at a time
             self.runtime_changes.append(command)
-            state = re.fullmatch(r"set server (\S+)/(\S+) state (\S+)", command)
-            if state:     # `state ready` and `state maint` end a drain too
-                self.admin_states.pop((state[1], state[2]), None)
-                if state[3] == "drain":
-                    self.admin_states[(state[1], state[2])] = "drain"
             if self.live is not None and self.live.running:
                 ok, answer = self.live.runtime(command)
                 if not ok:
                     self.runtime_changes.append(f"# failed: {answer}")
                     return False
+            if state := re.fullmatch(r"set server (\S+)/(\S+) state (\S+)", command):
+                # Kept while it differs from what the file says (until a reload): the real API
+                # reads the state back from HAProxy (runtime_server.go v3.2.0:147-152).
+                key, filed = (state[1], state[2]), self._filed_admin_state(state[1], state[2])
+                self.admin_states.pop(key, None)
+                if state[3] != filed:
+                    self.admin_states[key] = state[3]
         return True
+
+    def _filed_admin_state(self, backend: str, name: str) -> str:
+        server = self._config.backends.get(backend, _Backend({})).servers.get(name, {})
+        return "maint" if server.get("maintenance") == "enabled" else "ready"
 
     def _reloading_answer(self, force: bool, forced_status: int, payload) -> _Response:
         """The answer of a plain write that needs a reload: 202 + Reload-ID, or forced."""
@@ -1888,15 +1895,18 @@ class FakeDataPlane:
     # --- endpoints: runtime servers and native stats (no reload, no new version) ---
 
     def _runtime_server(self, req: _Request) -> tuple[str, str, dict]:
-        """(backend, name, server) of a runtime server request: the running configuration's.
-        An unknown backend or server is 404 (dataplaneapi v3.2 handlers/runtime_server.go:
-        106-157, "Runtime server S not found in backend B"); v2 requires ?backend= (422)."""
+        """(backend, name, server) of a runtime server request: the running configuration's
+        (the file as last written: HAProxy itself is asked by the real API). An unknown backend
+        or server is client-native's "no data for B/S: not found" (runtime_client.go
+        GetServerState): 404, but 500 for a v2 PUT (v2.9 misc.HandleError has no not-found
+        branch); v2 requires ?backend= (422)."""
         parent = req.params["parent"] if self.api == "v3" else req.query.get("backend", "")
         if not parent:
             raise ApiError(422, "backend in query is required", 602)
         server = self._config.backends.get(parent, _Backend({})).servers.get(req.params["name"])
         if server is None:
-            raise ApiError(404, f"Runtime server {req.params['name']} not found in backend {parent}")
+            status = 500 if self.api == "v2" and req.method == "PUT" else 404
+            raise ApiError(status, f"no data for {parent}/{req.params['name']}: not found")
         return parent, req.params["name"], server
 
     def _runtime_server_json(self, backend: str, name: str, server: dict) -> dict:
@@ -1953,7 +1963,8 @@ class FakeDataPlane:
                 admin = self._runtime_server_json(backend, name, server)["admin_state"]
                 stats = shown.get((backend, name), {}) if shown is not None else {
                     "scur": self.sessions.get((backend, name), 0),
-                    "status": {"maint": "MAINT", "drain": "DRAIN"}.get(admin, "UP")}
+                    "status": {"maint": "MAINT", "drain": "DRAIN"}.get(
+                        admin, "UP" if server.get("check") == "enabled" else "no check")}
                 items.append({"type": "server", "name": name, "backend_name": backend, "stats": stats})
         return items
 

@@ -415,23 +415,35 @@ def test_runtime_admin_state_is_neither_a_reload_nor_a_version(fake, api):
     assert fake.runtime_changes == ["set server be_app/srv1 state drain"]
     assert (fake.version, fake.reloads, fake.commits) == (version, 0, 0)
     assert api.call("GET", runtime_path(fake.api, "be_app", "srv2"))[2]["admin_state"] == "maint"
+    # A state set at runtime is what HAProxy answers until a reload, maint included.
+    assert api.call("PUT", runtime_path(fake.api, "be_app", "srv2"), {"admin_state": "ready"})[2][
+        "admin_state"] == "ready"
+    assert api.call("GET", runtime_path(fake.api, "be_app", "srv2"))[2]["admin_state"] == "ready"
+    # A failed reload leaves the old workers, and their runtime state, running.
+    fake.fail_reloads = 1
+    api.commit(api.start())
+    assert api.call("GET", srv1)[2]["admin_state"] == "drain"
     # A reload forgets runtime state, as HAProxy does.
     api.commit(api.start())
     assert api.call("GET", srv1)[2]["admin_state"] == "ready"
+    assert api.call("GET", runtime_path(fake.api, "be_app", "srv2"))[2]["admin_state"] == "maint"
     assert fake.violations == []
 
 
 def test_runtime_server_errors(fake, api):
     seed_app(fake)
     for backend, name in (("be_app", "srv9"), ("be_nope", "srv1")):
+        # client-native's answer for both; dataplaneapi v2.9 turns it into 500 on a PUT.
         status, _, body = api.call("PUT", runtime_path(fake.api, backend, name), {"admin_state": "drain"})
-        assert status == 404 and f"Runtime server {name} not found in backend {backend}" == body["message"]
+        assert (status, body["message"]) == (500 if fake.api == "v2" else 404, f"no data for {backend}/{name}: not found")
+        assert api.call("GET", runtime_path(fake.api, backend, name))[0] == 404
     status, _, _ = api.call("PUT", runtime_path(fake.api, "be_app", "srv1"), {"admin_state": "sleepy"})
     assert status == 422 and fake.violations and "admin_state" in fake.violations[-1]
     if fake.api == "v2":
         assert api.call("PUT", "/services/haproxy/runtime/servers/srv1", {"admin_state": "drain"})[0] == 422
     fake.runtime_broken = True
     assert api.call("PUT", runtime_path(fake.api, "be_app", "srv1"), {"admin_state": "drain"})[0] == 500
+    assert fake.admin_states == {}                   # a drain HAProxy refused is no drain
 
 
 def test_native_stats_shapes_and_filters(fake, api):
@@ -441,7 +453,7 @@ def test_native_stats_shapes_and_filters(fake, api):
     status, _, payload = api.call("GET", q(path, type="server", parent="be_app", name="srv2"))
     assert status == 200 and isinstance(payload, list if fake.api == "v2" else dict)
     assert stats_of(fake, payload) == [{"type": "server", "name": "srv2", "backend_name": "be_app",
-                                        "stats": {"scur": 3, "status": "UP"}}]
+                                        "stats": {"scur": 3, "status": "no check"}}]   # as HAProxy says
     _, _, payload = api.call("GET", q(path, type="server", parent="be_app"))
     assert [i["name"] for i in stats_of(fake, payload)] == ["srv1", "srv2"]
     _, _, payload = api.call("GET", q(path, type="server", parent="be_app", name="srv9"))
