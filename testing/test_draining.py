@@ -52,6 +52,14 @@ class DrainBed:
     """Three instances of service web behind a real HAProxy, and the daemon in hybrid mode."""
 
     def __init__(self, tmp_path, api: str):
+        self.arm = self.dp = self.instances = self.log = self.proc = None
+        try:
+            self._start(tmp_path, api)
+        except BaseException:
+            self.close()                      # what started before the failure stops with it
+            raise
+
+    def _start(self, tmp_path, api: str) -> None:
         self.port, self.frontend = free_port(), free_port()
         self.arm = FakeArm(make_estate(vms=3, ip_base="127.0.0.2", services=(("web", self.port),))).start()
         self.backend = f"azure-web-{self.port}-eastus"
@@ -120,17 +128,16 @@ class DrainBed:
         return [r for r in map(json.loads, self.log_path.read_text().splitlines()) if r.get("event") == "cycle"]
 
     def close(self) -> None:
-        if self.proc.poll() is None:
+        if self.proc is not None and self.proc.poll() is None:
             self.proc.send_signal(signal.SIGTERM)
             try:
                 self.proc.wait(timeout=10)
             except subprocess.TimeoutExpired:
                 self.proc.kill()
                 self.proc.wait(timeout=5)
-        self.log.close()
-        self.instances.close()
-        self.dp.stop()
-        self.arm.stop()
+        for part, stop in ((self.log, "close"), (self.instances, "close"), (self.dp, "stop"), (self.arm, "stop")):
+            if part is not None:
+                getattr(part, stop)()
 
 
 @pytest.fixture(params=["v3", "v2"])
