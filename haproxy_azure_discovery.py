@@ -345,8 +345,7 @@ class Discovery:
     requests: int = 0
 
 
-@dataclass(frozen=True, order=True)
-class ServiceKey:
+class ServiceKey(typing.NamedTuple):     # a dict key of every cycle: hashed in C, ordered as a tuple
     name: str
     port: int
     region: str
@@ -363,8 +362,7 @@ class Member(typing.NamedTuple):
     weight: int | None = None    # from the weight tag; None = not set by a tag
 
 
-@dataclass(frozen=True)
-class Drain:
+class Drain(typing.NamedTuple):          # a named tuple, as Member: one per leaving server
     """A live server whose instance left, draining: no new connections, its sessions
     finish. Parked at `until` at the latest, or once its sessions are 0."""
     backend: str
@@ -1259,13 +1257,14 @@ def select_instances(instances: Iterable[Instance], cfg: Config
     # answers, and its checks (tag folding, patterns) are the costliest part of this loop.
     services: dict[tuple, Any] = {}   # (tags, region) -> None, a Skip, or (port, the service's members)
     filtering = bool(cfg.tags.allowlist or cfg.tags.denylist)     # tags_match is always True otherwise
+    running_only, new_member = cfg.azure.running_only, tuple.__new__     # Member(...) without its Python __new__
     # Instances are read in the order they came (the order they sit in memory: reading them by
     # id costs twice as much); members and skips are put in instance-id order at the end.
     for inst in instances:
         if inst.id in seen or (filtering and not tags_match(inst.tags, cfg.tags)):
             continue
         seen.add(inst.id)
-        if inst.power_state in LEAVING_STATES or (cfg.azure.running_only and inst.power_state != "running"):
+        if inst.power_state in LEAVING_STATES or (running_only and inst.power_state != "running"):
             continue
         answer = (tuple(inst.tags.items()), inst.region)
         found = services.get(answer, services)          # services itself: not asked yet
@@ -1285,7 +1284,7 @@ def select_instances(instances: Iterable[Instance], cfg: Config
             port, weight, group = found
             # _printable's own first test, inlined: almost every name is printable and short.
             label = inst.name if inst.name.isprintable() and len(inst.name) <= 200 else _printable(inst.name)
-            group.append(Member(inst.id, label, inst.address, port, weight))
+            group.append(new_member(Member, (inst.id, label, inst.address, port, weight)))
     return ({k: sorted(ms, key=_by_instance) for k, ms in groups.items() if ms},
             [skip for _, skip in sorted(skipped, key=_first)])
 
@@ -1354,48 +1353,84 @@ def _is_live(server: Mapping[str, Any]) -> bool:
     return server.get("maintenance") != "enabled"
 
 
-def assign_slots(members: Sequence[Member], actual: Mapping[str, Mapping[str, Any]],
-                 previous: Mapping[str, str], cfg: SlotsConfig) -> list[Member | None]:
-    """Desired slots srv1..srvN for a backend: the member each serves, in slot order (None: parked).
+class SlotAssignment:
+    """One backend's slots srv1..srvN being assigned to the members that serve them, in two
+    steps: `match` gives each member the slot it holds, `slots` places the rest. Between
+    them, `leaving` tells which live servers would drain, and the drains that go on join
+    as members of their own slots (a second `match`, which goes on where the first ended).
 
     An instance keeps its slot while it lives (remembered in `previous`, else found by
     address:port among live servers after a restart); new instances take the lowest
     parked slot; live servers never move.
     """
-    ours = {i: s for name, s in actual.items() if (i := slot_index(name))}
-    live = {i for i, s in ours.items() if s.get("maintenance") != "enabled"}    # _is_live, inlined
-    taken: dict[int, Member] = {}
-    fresh: list[Member] = []
-    by_endpoint: dict[tuple[Any, Any], list[int]] | None = None    # built when first needed
-    for m in members:
-        i = slot_index(previous.get(m.instance, ""))
-        if i is None or i in taken:
-            if by_endpoint is None:
-                by_endpoint = {}
-                for j in sorted(live):
-                    by_endpoint.setdefault((ours[j].get("address"), ours[j].get("port")), []).append(j)
-            candidates = by_endpoint.get((m.address, m.port))
-            i = next((j for j in candidates if j not in taken), None) if candidates else None
-        if i is None:
-            fresh.append(m)
-        else:
-            taken[i] = m
-    # A slot that is live in HAProxy but not ours this cycle is being parked now; it stays
-    # in place for this cycle so that shrinking only ever removes parked slots.
-    count = slot_count(len(members), max(ours, default=0), max([*taken, *live], default=0), cfg)
-    if fresh:
-        # Parked (or new) slots first; a slot whose instance just left only when none is
-        # left, rather than growing the backend.
-        free = sorted((j for j in range(1, count + 1) if j not in taken), key=lambda j: (j in live, j))
-        for m, j in zip(fresh, free, strict=False):   # free has room for every fresh member
-            taken[j] = m
-    return [taken.get(j) for j in range(1, count + 1)]
+
+    __slots__ = ("ours", "live", "foreign_ids", "previous", "taken", "fresh", "members", "_by_endpoint")
+
+    def __init__(self, servers: Mapping[str, Mapping[str, Any]], previous: Mapping[str, str]):
+        ours = self.ours = {i: s for name, s in servers.items() if (i := slot_index(name))}    # by slot number
+        self.live = {i for i, s in ours.items() if s.get("maintenance") != "enabled"}      # _is_live, inlined
+        # Server ids held by servers of others in the backend: HAProxy refuses two servers with
+        # one id, so the slot whose number is taken goes without an explicit id.
+        self.foreign_ids = {} if len(ours) == len(servers) else {
+            i: n for n, s in servers.items() if slot_index(n) is None and isinstance(i := s.get("id"), int)}
+        self.previous = previous
+        self.taken: dict[int, Member] = {}          # slot number -> the member that holds it
+        self.fresh: list[Member] = []               # members that hold no slot yet
+        self.members = 0
+        self._by_endpoint: dict[tuple[Any, Any], list[int]] | None = None    # built when first needed
+
+    def match(self, members: Sequence[Member]) -> SlotAssignment:
+        """Each member to the slot it holds, if any."""
+        taken, previous = self.taken, self.previous
+        for m in members:
+            i = slot_index(previous.get(m.instance, ""))
+            if i is None or i in taken:
+                if self._by_endpoint is None:
+                    self._by_endpoint = {}
+                    for j in sorted(self.live):
+                        s = self.ours[j]
+                        self._by_endpoint.setdefault((s.get("address"), s.get("port")), []).append(j)
+                candidates = self._by_endpoint.get((m.address, m.port))
+                i = next((j for j in candidates if j not in taken), None) if candidates else None
+            if i is None:
+                self.fresh.append(m)
+            else:
+                taken[i] = m
+        self.members += len(members)
+        return self
+
+    def leaving(self) -> list[str]:
+        """Our servers live in HAProxy that the slots would park or point elsewhere, in slot
+        order. (A member still to be placed never lands on a live slot at its own address:port:
+        that slot would have matched it.)"""
+        taken, ours = self.taken, self.ours
+        return [f"srv{i}" for i in sorted(self.live) if (m := taken.get(i)) is None
+                or m.address != ours[i].get("address") or m.port != ours[i].get("port")]
+
+    def slots(self, cfg: SlotsConfig) -> list[Member | None]:
+        """The member each slot serves, in slot order (None: parked). A slot that is live in
+        HAProxy but not ours this cycle is being parked now; it stays in place for this cycle
+        so that shrinking only ever removes parked slots."""
+        taken, live = self.taken, self.live
+        count = slot_count(self.members, max(self.ours, default=0), max([*taken, *live], default=0), cfg)
+        if self.fresh:
+            # Parked (or new) slots first; a slot whose instance just left only when none is
+            # left, rather than growing the backend.
+            free = sorted((j for j in range(1, count + 1) if j not in taken), key=lambda j: (j in live, j))
+            taken = {**taken, **dict(zip(free, self.fresh))}    # free has room for every fresh member
+        return list(map(taken.get, range(1, count + 1)))
 
 
 @functools.lru_cache(maxsize=64)
 def slot_names(count: int) -> tuple[str, ...]:
-    """srv1..srvN: the names of a backend's slots, in the order assign_slots gives them."""
+    """srv1..srvN: the names of a backend's slots, in the order SlotAssignment.slots gives them."""
     return tuple(f"srv{j}" for j in range(1, count + 1))
+
+
+@functools.lru_cache(maxsize=64)
+def slot_name_set(count: int) -> frozenset[str]:
+    """slot_names(count) as a set: whether a backend holds anything else is then one C call."""
+    return frozenset(slot_names(count))
 
 
 def slot_fields(cfg: HAProxyConfig) -> tuple[dict[str, Any], dict[str, Any]]:
@@ -1417,7 +1452,7 @@ def server_body(name: str, member: Member | None, cfg: HAProxyConfig, with_id: b
     """The Data Plane server object for slot `name`, serving `member` or parked (None);
     `fields`: slot_fields(cfg), when the caller has it. srvN carries `id` N: HAProxy
     numbers servers without one in file order, consistent hashing and id-based persistence
-    follow those numbers, and a full-section write reorders the file (see _foreign_ids)."""
+    follow those numbers, and a full-section write reorders the file (see SlotAssignment.foreign_ids)."""
     live, parked = fields or slot_fields(cfg)
     if member is None:
         body = {"name": name, "id": slot_index(name), **parked}
@@ -1428,13 +1463,6 @@ def server_body(name: str, member: Member | None, cfg: HAProxyConfig, with_id: b
     if not with_id:
         del body["id"]
     return body
-
-
-def _foreign_ids(actual: BackendState | None) -> dict[int, str]:
-    """Server ids held by servers of others in our backend, by id. HAProxy refuses two
-    servers with one id, so the slot whose number is taken goes without an explicit id."""
-    have = actual.servers if actual else {}
-    return {i: n for n, s in have.items() if slot_index(n) is None and isinstance(i := s.get("id"), int)}
 
 
 def backend_fields(name: str, cfg: BackendConfig) -> dict[str, Any]:
@@ -1462,20 +1490,21 @@ def _differs(want: Mapping[str, Any], have: Mapping[str, Any]) -> bool:
 def plan_backend(name: str, slots: Sequence[Member | None], actual: BackendState | None,
                  cfg: HAProxyConfig, taken_ids: Mapping[int, str]) -> BackendPlan | None:
     """The changes that turn `actual` into `slots`; None when there are none. `taken_ids`:
-    _foreign_ids(actual).
+    the ids servers of others hold in it (SlotAssignment.foreign_ids).
 
     Never deletes a backend; deletes only our trailing slots beyond the slot count,
-    which assign_slots guarantees are parked.
+    which SlotAssignment.slots guarantees are parked.
     """
     want_fields = backend_fields(name, cfg.backend)
     have_servers = actual.servers if actual else {}
     servers: dict[str, Mapping[str, Any]] = {}      # not ours: kept, ahead of our slots
     beyond = []                                     # (N, srvN) of ours past the slot count
-    for n, s in have_servers.items():
-        if (i := slot_index(n)) is None:
-            servers[n] = s
-        elif i > len(slots):                        # slots are srv1..srv<len(slots)>
-            beyond.append((i, n))
+    if not have_servers.keys() <= slot_name_set(len(slots)):    # most backends: told in C
+        for n, s in have_servers.items():
+            if (i := slot_index(n)) is None:
+                servers[n] = s
+            elif i > len(slots):                    # slots are srv1..srv<len(slots)>
+                beyond.append((i, n))
     changes, fields = [], slot_fields(cfg)
     for j, (n, member) in enumerate(zip(slot_names(len(slots)), slots), 1):
         body = server_body(n, member, cfg, j not in taken_ids, fields)
@@ -1530,19 +1559,11 @@ def in_sync(name: str, slots: Sequence[Member | None], actual: BackendState | No
 
 def id_clashes(name: str, slots: Sequence[Member | None], taken: Mapping[int, str]) -> list[str]:
     """One line per slot that goes without its id because a foreign server holds it
-    (`taken`: _foreign_ids of the backend)."""
+    (`taken`: SlotAssignment.foreign_ids of the backend)."""
     if not taken:
         return []
     return [f"backend {name}: server {taken[i]} holds id {i}, so slot srv{i} goes without an explicit id"
             for i in range(1, len(slots) + 1) if i in taken]
-
-
-def _drains(slots: Sequence[Member | None], actual: BackendState | None) -> list[str]:
-    """Our servers live in HAProxy that these slots would park or point elsewhere, in slot
-    order. (Slots past the end are parked ones being removed: slots name srv1..srvN.)"""
-    have = actual.servers if actual else {}
-    return [n for n, m in zip(slot_names(len(slots)), slots) if (h := have.get(n)) is not None
-            and h.get("maintenance") != "enabled" and (m is None or m.address != h.get("address") or m.port != h.get("port"))]
 
 
 @collector_paused()
@@ -1563,25 +1584,23 @@ def plan_cycle(groups: Mapping[ServiceKey, list[Member]], skipped: Sequence[Skip
     settings = backend_settings(names, groups, cfg)
     skipped = [*skipped, *_beyond_max(desired, state, settings)]
 
-    def assign(n: str, extra: Sequence[Member] = ()) -> list[Member | None]:
-        have = actual[n].servers if n in actual else {}
-        return assign_slots([*desired.get(n, []), *extra], have, state.assignments.get(n, {}),
-                            settings[n].server_slots)
-
-    slots = {n: assign(n) for n in names}
-    taken_ids = {n: _foreign_ids(actual.get(n)) for n in names}
-    stale = [n for n in names if not in_sync(n, slots[n], actual.get(n), settings[n], taken_ids[n])]
-    drains = {n: d for n in stale if (d := _drains(slots[n], actual.get(n)))}
+    work = {n: SlotAssignment(actual[n].servers if n in actual else {}, state.assignments.get(n, {}))
+            .match(desired.get(n, ())) for n in names}
+    drains = {n: d for n, a in work.items() if (d := a.leaving())}
+    live = sum(len(a.live) for a in work.values())
     # Without a drain the guard holds nothing and nothing drains on.
-    held, streak, kept, fp = (_drain_decisions(drains, slots, actual, state, groups, cfg.safety, now, sessions)
+    held, streak, kept, fp = (_drain_decisions(drains, work, live, actual, state, groups, cfg.safety, now, sessions)
                               if drains else ({}, 0, {}, None))
     for n, names_drained in drains.items():
         # Serve the held and the draining servers as if they were still discovered: they
         # keep their slots, and new instances take parked slots (or the backend grows).
         stay = [s for s in names_drained if s in kept.get(n, ()) or s in held.get(n, ())]
         if stay:
-            slots[n] = assign(n, _held_members(stay, actual[n], state.assignments.get(n, {})))
-    plans = [p for n in stale if (p := plan_backend(n, slots[n], actual.get(n), settings[n], taken_ids[n]))]
+            work[n].match(_held_members(stay, actual[n], state.assignments.get(n, {})))
+    slots = {n: a.slots(settings[n].server_slots) for n, a in work.items()}
+    taken_ids = {n: a.foreign_ids for n, a in work.items()}
+    plans = [p for n in names if not in_sync(n, slots[n], actual.get(n), settings[n], taken_ids[n])
+             and (p := plan_backend(n, slots[n], actual.get(n), settings[n], taken_ids[n]))]
     plan = Plan(backends=tuple(plans), skipped=tuple(skipped),
                 held=tuple(f"{n}/{s}" for n, d in held.items() for s in d),
                 draining=tuple(d for n in sorted(kept) for d in kept[n].values()),
@@ -1595,7 +1614,7 @@ def plan_cycle(groups: Mapping[ServiceKey, list[Member]], skipped: Sequence[Skip
                     drain_streak=streak, draining={n: k for n, k in kept.items() if k})
 
 
-def _drain_decisions(drains: Mapping[str, list[str]], slots: Mapping[str, list[Member | None]],
+def _drain_decisions(drains: Mapping[str, list[str]], work: Mapping[str, SlotAssignment], live: int,
                      actual: Mapping[str, BackendState], state: State,
                      groups: Mapping[ServiceKey, list[Member]], cfg: SafetyConfig, now: float,
                      sessions: Mapping[str, int | None] | None
@@ -1607,8 +1626,7 @@ def _drain_decisions(drains: Mapping[str, list[str]], slots: Mapping[str, list[M
     before = {n: _drained_before(d, actual[n], state.draining.get(n, {})) for n, d in drains.items()}
     starts = {n: [s for s in d if s not in before[n]] for n, d in drains.items()}
     started = sum(map(len, starts.values()))
-    live_now = sum(s.get("maintenance") != "enabled" for n, b in actual.items() if n in slots
-                   for name, s in b.servers.items() if slot_index(name)) - sum(map(len, before.values()))
+    live_now = live - sum(map(len, before.values()))
     held, streak = drain_held(started, live_now, 0, cfg)
     fp = None
     if streak:
@@ -1616,7 +1634,7 @@ def _drain_decisions(drains: Mapping[str, list[str]], slots: Mapping[str, list[M
         # count, and the fingerprint (a pass over every member) say whether it goes on.
         fp = fingerprint(groups)
         held, streak = drain_held(started, live_now, state.drain_streak if state.drain_fingerprint == fp else 0, cfg)
-    kept = {n: _keep_draining(n, list(before[n]) if held else d, slots[n], actual[n], before[n],
+    kept = {n: _keep_draining(n, list(before[n]) if held else d, work[n].taken, actual[n], before[n],
                               state.assignments.get(n, {}), cfg.drain_seconds, now, sessions)
             for n, d in drains.items()}
     return ({n: d for n, d in starts.items() if d} if held else {}), streak, kept, fp
@@ -1628,7 +1646,7 @@ def _drained_before(names: Sequence[str], actual: BackendState, previous: Mappin
             and (d.address, d.port) == (actual.servers[n].get("address"), actual.servers[n].get("port"))}
 
 
-def _keep_draining(name: str, servers: Sequence[str], slots: Sequence[Member | None], actual: BackendState,
+def _keep_draining(name: str, servers: Sequence[str], taken: Mapping[int, Member], actual: BackendState,
                    before: Mapping[str, Drain], previous: Mapping[str, str], seconds: float, now: float,
                    sessions: Mapping[str, int | None] | None) -> dict[str, Drain]:
     """Which of these leaving servers drain on this cycle: not with drain_seconds 0, not
@@ -1636,7 +1654,7 @@ def _keep_draining(name: str, servers: Sequence[str], slots: Sequence[Member | N
     instance's new address is no drain: that instance did not leave."""
     kept = {}
     for s in servers:
-        member = slots[slot_index(s) - 1]
+        member = taken.get(slot_index(s))
         if not seconds or (member is not None and previous.get(member.instance) == s):
             continue
         since = before[s].since if s in before else now
@@ -3620,7 +3638,7 @@ def _under_way(target: Target, plan: Plan) -> dict[str, dict[str, Drain]]:
                 raise
             running = False          # unknown: shown as a drain to start
         if running:
-            out.setdefault(d.backend, {})[d.server] = dataclasses.replace(d, since=math.nan, until=math.nan)
+            out.setdefault(d.backend, {})[d.server] = d._replace(since=math.nan, until=math.nan)
     return out
 
 
