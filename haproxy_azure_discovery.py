@@ -492,6 +492,17 @@ class Target(typing.Protocol):
     def sessions(self, backend: str, servers: Sequence[str]) -> dict[str, int | None]: ...
 
 
+class Settled(typing.NamedTuple):
+    """A backend a cycle found exactly as it planned it, with nothing to drain, and what it was
+    planned from. Planning is a function of these and of the configuration (which a State does
+    not outlive): a later cycle that finds them all equal takes the slots as they are."""
+    members: list[Member]                # the backend's members, as discovered
+    backend: BackendState                # as HAProxy held it
+    previous: Mapping[str, str]          # its State.assignments
+    slots: list[Member | None]
+    foreign_ids: Mapping[int, str]       # server ids held by servers of others in it
+
+
 @dataclass
 class State:
     """What the daemon remembers between cycles; SIGHUP replaces it with a fresh one."""
@@ -503,6 +514,7 @@ class State:
     draining: dict[str, dict[str, Drain]] = field(default_factory=dict)   # backend -> server -> its drain
     skipped: frozenset[str] = frozenset()  # skip reasons already logged as warnings
     warned: frozenset[str] = frozenset()   # plan warnings already logged
+    settled: dict[str, Settled] = field(default_factory=dict)   # backend -> as last found in sync
 
 
 @dataclass(frozen=True)
@@ -513,6 +525,7 @@ class Decision:
     drain_fingerprint: str | None
     drain_streak: int
     draining: dict[str, dict[str, Drain]] = field(default_factory=dict)
+    settled: dict[str, Settled] = field(default_factory=dict)
 
 
 # === Configuration ===
@@ -1584,10 +1597,11 @@ def plan_cycle(groups: Mapping[ServiceKey, list[Member]], skipped: Sequence[Skip
     settings = backend_settings(names, groups, cfg)
     skipped = [*skipped, *_beyond_max(desired, state, settings)]
 
+    same = _still_settled(names, desired, actual, state)      # most backends, when few services change
     work = {n: SlotAssignment(actual[n].servers if n in actual else {}, state.assignments.get(n, {}))
-            .match(desired.get(n, ())) for n in names}
+            .match(desired.get(n, ())) for n in names if n not in same}
     drains = {n: d for n, a in work.items() if (d := a.leaving())}
-    live = sum(len(a.live) for a in work.values())
+    live = sum(len(a.live) for a in work.values()) + sum(len(s.slots) - s.slots.count(None) for s in same.values())
     # Without a drain the guard holds nothing and nothing drains on.
     held, streak, kept, fp = (_drain_decisions(drains, work, live, actual, state, groups, cfg.safety, now, sessions)
                               if drains else ({}, 0, {}, None))
@@ -1597,9 +1611,9 @@ def plan_cycle(groups: Mapping[ServiceKey, list[Member]], skipped: Sequence[Skip
         stay = [s for s in names_drained if s in kept.get(n, ()) or s in held.get(n, ())]
         if stay:
             work[n].match(_held_members(stay, actual[n], state.assignments.get(n, {})))
-    slots = {n: a.slots(settings[n].server_slots) for n, a in work.items()}
-    taken_ids = {n: a.foreign_ids for n, a in work.items()}
-    plans = [p for n in names if not in_sync(n, slots[n], actual.get(n), settings[n], taken_ids[n])
+    slots = {n: same[n].slots if n in same else work[n].slots(settings[n].server_slots) for n in names}
+    taken_ids = {n: same[n].foreign_ids if n in same else work[n].foreign_ids for n in names}
+    plans = [p for n in names if n not in same and not in_sync(n, slots[n], actual.get(n), settings[n], taken_ids[n])
              and (p := plan_backend(n, slots[n], actual.get(n), settings[n], taken_ids[n]))]
     plan = Plan(backends=tuple(plans), skipped=tuple(skipped),
                 held=tuple(f"{n}/{s}" for n, d in held.items() for s in d),
@@ -1610,8 +1624,26 @@ def plan_cycle(groups: Mapping[ServiceKey, list[Member]], skipped: Sequence[Skip
                 live=sum(len(ms) for ms in desired.values()), services=len(desired),
                 slots=sum(map(len, slots.values())), our_backends=len(names))
     assignments = {n: {m.instance: s for s, m in zip(slot_names(len(slots[n])), slots[n]) if m} for n in names}
+    planned = {p.name for p in plans}
+    settled = {n: same.get(n) or Settled(desired.get(n, []), actual[n], state.assignments.get(n, {}), slots[n],
+                                         taken_ids[n])
+               for n in names if n in actual and n not in planned and n not in drains and n not in state.draining}
     return Decision(plan=plan, assignments=assignments, drain_fingerprint=fp if streak else None,
-                    drain_streak=streak, draining={n: k for n, k in kept.items() if k})
+                    drain_streak=streak, draining={n: k for n, k in kept.items() if k}, settled=settled)
+
+
+def _still_settled(names: Iterable[str], desired: Mapping[str, list[Member]], actual: Mapping[str, BackendState],
+                   state: State) -> dict[str, Settled]:
+    """The backends State.settled holds that are planned from equal members, servers and
+    assignments again: their slots stand, with nothing to write and nothing to drain. (A
+    backend with a drain, begun or going on, is never recorded as settled.)"""
+    out = {}
+    for n in names:
+        s = state.settled.get(n)
+        if s is not None and s.previous == state.assignments.get(n, {}) and s.members == desired.get(n, []) \
+                and s.backend == actual.get(n):
+            out[n] = s
+    return out
 
 
 def _drain_decisions(drains: Mapping[str, list[str]], work: Mapping[str, SlotAssignment], live: int,
@@ -3586,6 +3618,7 @@ def _record(decision: Decision, version: int | None, state: State, report: Cycle
     state.assignments = {**decision.assignments, **{n: state.assignments.get(n, {}) for n in report.refused}}
     state.drain_fingerprint, state.drain_streak = decision.drain_fingerprint, decision.drain_streak
     state.draining = decision.draining
+    state.settled = {n: s for n, s in decision.settled.items() if n not in report.refused}
 
 
 def _decide(groups: Mapping[ServiceKey, list[Member]], skipped: Sequence[Skip], actual: Mapping[str, BackendState],

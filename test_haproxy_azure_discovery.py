@@ -992,6 +992,62 @@ class TestSlots:
                       and (mb is None or (mb.address, mb.port) != (h.get("address"), h.get("port")))]
             assert m.plan_backend(name, slots, actual, cfg, taken) is None and drains == []
 
+    def test_a_settled_backend_is_taken_as_it_is_only_while_what_it_was_planned_from_is_equal(self):
+        cfg, name = make_config(), "azure-web-8080-eastus"
+        estate = [make_instance(i) for i in (1, 2, 3)]
+        d = run_plan(estate, cfg=cfg)
+        actual = apply_to({}, d.plan)
+        d = run_plan(estate, actual, m.State(assignments=d.assignments), cfg)
+        assert d.plan.empty and list(d.settled) == [name]
+        state = m.State(assignments=d.assignments, settled=d.settled)
+        again = run_plan(estate, {name: m.BackendState(name, dict(actual[name].fields),
+                                                       {n: dict(s) for n, s in actual[name].servers.items()})},
+                         state, cfg)                                     # equal, not the same objects
+        assert again.plan.empty and again.settled[name] is d.settled[name]
+        # Anything it was planned from that differs: planned afresh.
+        srv = {**actual[name].servers, "srv1": {**actual[name].servers["srv1"], "maintenance": "enabled"}}
+        drifted = run_plan(estate, {name: m.BackendState(name, actual[name].fields, srv)}, state, cfg)
+        assert [(c.name, c.body["maintenance"]) for b in drifted.plan.backends for c in b.changes] == [
+            ("srv1", "disabled")]
+        grown = run_plan([*estate, make_instance(4)], actual, state, cfg)
+        assert [c.body["address"] for b in grown.plan.backends for c in b.changes] == ["10.0.0.8"]
+        moved = m.State(assignments={name: {estate[0].id: "srv2", estate[1].id: "srv1", estate[2].id: "srv3"}},
+                        settled=d.settled)
+        planned = run_plan(estate, actual, moved, cfg)
+        assert planned.settled.get(name) is not d.settled[name]
+        assert planned.plan == run_plan(estate, actual, dataclasses.replace(moved, settled={}), cfg).plan
+
+    @settings(max_examples=150, deadline=None, derandomize=True)
+    @given(data=st.data())
+    def test_planning_with_settled_backends_decides_as_planning_without(self, data):
+        """State.settled only spares work: over cycles of discovery changes and changes made by
+        others, the decision is the one planned from scratch (what it records aside)."""
+        st = self.st
+        cfg = make_config(safety={"max_drain_percent": data.draw(st.sampled_from([0, 50, 100])),
+                                  "drain_seconds": data.draw(st.sampled_from([0, 30]))},
+                          haproxy={"password": "p", "server_slots": {"base": data.draw(st.sampled_from([1, 2, 10]))}})
+        pool = [make_instance(i, service=data.draw(st.sampled_from(["web", "api"])),
+                              address=f"10.0.0.{data.draw(st.integers(1, 6))}") for i in range(1, 13)]
+        actual, state, now = {}, m.State(), 1000.0
+        for _ in range(data.draw(st.integers(2, 5))):
+            estate = [i for i in pool if data.draw(st.booleans())]
+            for name, b in list(actual.items()):          # someone else edits HAProxy, now and then
+                srv = data.draw(st.sampled_from(sorted(b.servers) + [None]))
+                if srv is not None:
+                    field = data.draw(st.sampled_from([("maintenance", "enabled"), ("address", "10.0.0.9"),
+                                                       ("weight", 7), ("id", None)]))
+                    changed = {k: v for k, v in {**b.servers[srv], field[0]: field[1]}.items() if v is not None}
+                    actual[name] = m.BackendState(name, b.fields, {**b.servers, srv: changed})
+            groups, skipped = m.select_instances(estate, cfg)
+            decided = m.plan_cycle(groups, skipped, actual, state, cfg, now)
+            fresh = m.plan_cycle(groups, skipped, actual, dataclasses.replace(state, settled={}), cfg, now)
+            assert (decided.plan, decided.assignments, decided.draining, decided.drain_streak) == (
+                fresh.plan, fresh.assignments, fresh.draining, fresh.drain_streak)
+            actual = apply_to(actual, decided.plan)
+            state = m.State(assignments=decided.assignments, draining=decided.draining, settled=decided.settled,
+                            drain_fingerprint=decided.drain_fingerprint, drain_streak=decided.drain_streak)
+            now += data.draw(st.sampled_from([1, 40]))
+
     def test_hybrid_parked_slots_differ_only_in_runtime_fields(self):
         cfg = make_config(haproxy={"password": "p", "apply_mode": "hybrid",
                                    "server": {"params": {"inter": 2000, "weight": 50}}})

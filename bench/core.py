@@ -26,7 +26,7 @@ def cycle(instances, actual, state, cfg):
     decision = m.plan_cycle(groups, skipped, actual, state, cfg)
     for b in decision.plan.backends:
         actual[b.name] = m.BackendState(b.name, b.fields, b.servers)
-    state.assignments = decision.assignments
+    state.assignments, state.settled = decision.assignments, decision.settled     # as the daemon records them
     return decision.plan
 
 
