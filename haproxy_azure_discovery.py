@@ -1388,7 +1388,7 @@ class SlotAssignment:
             i: n for n, s in servers.items() if slot_index(n) is None and isinstance(i := s.get("id"), int)}
         self.previous = previous
         self.taken: dict[int, Member] = {}          # slot number -> the member that holds it
-        self.fresh: list[Member] = []               # members that hold no slot yet
+        self.fresh: list[Member] = []               # members that hold no slot yet (their slots change)
         self.members = 0
         self._by_endpoint: dict[tuple[Any, Any], list[int]] | None = None    # built when first needed
 
@@ -1613,7 +1613,9 @@ def plan_cycle(groups: Mapping[ServiceKey, list[Member]], skipped: Sequence[Skip
             work[n].match(_held_members(stay, actual[n], state.assignments.get(n, {})))
     slots = {n: same[n].slots if n in same else work[n].slots(settings[n].server_slots) for n in names}
     taken_ids = {n: same[n].foreign_ids if n in same else work[n].foreign_ids for n in names}
-    plans = [p for n in names if n not in same and not in_sync(n, slots[n], actual.get(n), settings[n], taken_ids[n])
+    # A member placed this cycle changes its slot: in_sync could only say no, after most of a pass.
+    plans = [p for n in names if n not in same
+             and (work[n].fresh or not in_sync(n, slots[n], actual.get(n), settings[n], taken_ids[n]))
              and (p := plan_backend(n, slots[n], actual.get(n), settings[n], taken_ids[n]))]
     plan = Plan(backends=tuple(plans), skipped=tuple(skipped),
                 held=tuple(f"{n}/{s}" for n, d in held.items() for s in d),
