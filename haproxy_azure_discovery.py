@@ -1431,7 +1431,7 @@ class SlotAssignment:
             # left, rather than growing the backend.
             free = sorted((j for j in range(1, count + 1) if j not in taken), key=lambda j: (j in live, j))
             taken = {**taken, **dict(zip(free, self.fresh))}    # free has room for every fresh member
-        return list(map(taken.get, range(1, count + 1)))
+        return [taken.get(j) for j in range(1, count + 1)]
 
 
 @functools.lru_cache(maxsize=64)
