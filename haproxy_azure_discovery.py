@@ -1974,7 +1974,11 @@ def power_state(raw: Mapping) -> str | None:
     """'running', 'stopped', 'deallocated', ... from an instance view; None without one.
     An instance being deleted is "deleting" whatever its power state (Azure says so in
     the provisioning state: its server must drain now, not once it is gone)."""
-    view = _props(raw).get("instanceView")
+    return _view_power((raw.get("properties") or {}).get("instanceView"))
+
+
+def _view_power(view: Mapping | None) -> str | None:
+    """power_state of an instance view already read (the join has it in hand)."""
     found = None
     for status in (view.get("statuses") if view else None) or ():
         code = status.get("code") if isinstance(status, dict) else None     # JSON: dict, not Mapping (4x)
@@ -1998,29 +2002,32 @@ def _primary(items: Sequence[Mapping]) -> Mapping | None:
 def nic_address(nic: Mapping, public_ips: Mapping[str, Mapping], cfg: AzureConfig) -> str | None:
     """The address to serve on: the primary IP configuration for IPv4, the first IPv6
     configuration for IPv6 (Azure requires the primary one to be IPv4)."""
-    configs = _props(nic).get("ipConfigurations") or []
-    family = "IPv6" if cfg.ip_version == "ipv6" else "IPv4"
-    if family == "IPv4":
+    configs = (nic.get("properties") or {}).get("ipConfigurations") or []
+    version = 6 if cfg.ip_version == "ipv6" else 4
+    if version == 4:
         chosen = _primary(configs)
     else:
         chosen = next((c for c in configs if _props(c).get("privateIPAddressVersion") == "IPv6"), None)
     if chosen is None:
         return None
     if cfg.address == "private":
-        address = _props(chosen).get("privateIPAddress")
+        address = (chosen.get("properties") or {}).get("privateIPAddress")
     else:
         address = _props(public_ips.get(_ref(chosen, "publicIPAddress"), {})).get("ipAddress")
-    return _valid_ip(address, 6 if family == "IPv6" else 4)
+    return _valid_ip(address, version)
 
 
 def _valid_ip(address: Any, version: int) -> str | None:
     if version == 4:
         # The C parser: a tenth of ipaddress's cost, and as strict (dotted quad, no
-        # leading zeros); twenty thousand addresses a cycle at the largest estates.
+        # leading zeros); twenty thousand addresses a cycle at the largest estates. What
+        # it accepts is written the one way inet_ntop would write it back: the string
+        # itself is the normal form.
         try:
-            return socket.inet_ntop(socket.AF_INET, socket.inet_pton(socket.AF_INET, address))
+            socket.inet_pton(socket.AF_INET, address)
         except (OSError, TypeError, ValueError):
             return None
+        return address
     try:
         ip = ipaddress.ip_address(address)
     except ValueError:
@@ -2086,7 +2093,8 @@ def instances_from_azure(listing: AzureListing, cfg: AzureConfig) -> list[Instan
             mine = nics.get(vid)
             nic = _primary(mine) if mine else None
             address = nic_address(nic, pips, cfg) if nic else None
-            state = (props.get("instanceView") and power_state(raw)) or powers.get(vid, "unknown")
+            view = props.get("instanceView")
+            state = (view and _view_power(view)) or powers.get(vid, "unknown")
             name = raw.get("name") or vid.rsplit("/", 1)[-1]
             if uniform and raw.get("instanceId") is not None:
                 name = f"{set_id.rsplit('/', 1)[-1]}_{raw['instanceId']}"
