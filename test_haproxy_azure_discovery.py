@@ -1412,6 +1412,17 @@ class TestAzureParsing:
         statuses = [c if not isinstance(c, str) else {"code": c} for c in codes]
         assert m.power_state({"properties": {"instanceView": {"statuses": statuses}}}) == want
 
+    def test_the_join_builds_instances_as_the_dataclass_does(self):
+        # _joined_instance skips the frozen dataclass's __init__: every field, nothing more.
+        args = (f"/subscriptions/{SUB}/resourcegroups/rg/providers/microsoft.compute/virtualmachines/vm1",
+                "vm1", "eastus", {"HAProxy:Service:Name": "web"}, "10.0.0.4", "running", "flexible")
+        joined, built = m._joined_instance(*args), m.Instance(*args)
+        assert joined == built and repr(joined) == repr(built) and vars(joined) == vars(built)
+        assert list(vars(joined)) == [f.name for f in dataclasses.fields(m.Instance)]
+        assert not hasattr(m.Instance, "__post_init__")
+        with pytest.raises(dataclasses.FrozenInstanceError):
+            joined.address = "10.0.0.5"
+
     def test_example_shapes_never_crash_the_join(self):
         """Placeholders everywhere (string tags, availability-set ids, odd status codes)."""
         listing = m.AzureListing(
