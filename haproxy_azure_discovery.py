@@ -2064,11 +2064,7 @@ def _nics_by_vm(nics: Iterable[Mapping]) -> dict[str, list[Mapping]]:
         seen.add(nid)
         vid = ((nic.get("properties") or {}).get("virtualMachine") or {}).get("id")
         vid = vid.lower() if isinstance(vid, str) else ""
-        mine = by_vm.get(vid)
-        if mine is None:
-            by_vm[vid] = [nic]
-        else:
-            mine.append(nic)
+        by_vm.setdefault(vid, []).append(nic)
     return by_vm
 
 
