@@ -1975,7 +1975,7 @@ def power_state(raw: Mapping) -> str | None:
     """'running', 'stopped', 'deallocated', ... from an instance view; None without one.
     An instance being deleted is "deleting" whatever its power state (Azure says so in
     the provisioning state: its server must drain now, not once it is gone)."""
-    return _view_power((raw.get("properties") or {}).get("instanceView"))
+    return _view_power(_props(raw).get("instanceView"))
 
 
 def _view_power(view: Mapping | None) -> str | None:
@@ -2030,9 +2030,9 @@ def nic_address(nic: Mapping, public_ips: Mapping[str, Mapping], cfg: AzureConfi
 def _valid_ip(address: Any, version: int) -> str | None:
     if version == 4:
         # The C parser: a tenth of ipaddress's cost, and as strict (dotted quad, no
-        # leading zeros); twenty thousand addresses a cycle at the largest estates. What
-        # it accepts is written the one way inet_ntop would write it back: the string
-        # itself is the normal form.
+        # leading zeros); twenty thousand addresses a cycle at the largest estates. It
+        # takes only the canonical dotted quad (glibc's and musl's both), so a string it
+        # accepts is already what inet_ntop would write back: no round trip.
         try:
             socket.inet_pton(socket.AF_INET, address)
         except (OSError, TypeError, ValueError):
