@@ -2085,7 +2085,8 @@ def _joined_instance(vid: str, name: str, region: str, tags: Mapping[str, str], 
     """Instance(vid, name, region, tags, address, state, kind), for the join's twenty thousand a
     cycle: a frozen dataclass's __init__ sets each field through object.__setattr__, and that
     was a seventh of the join's CPU. Filling the new object's __dict__ in one step gives an
-    equal object; Instance has no __post_init__ to skip."""
+    equal object (holding a dict of its own: about 190 bytes more, 4 MB at 20,000); Instance
+    has no __post_init__ to skip."""
     inst = object.__new__(Instance)
     inst.__dict__.update(id=vid, name=name, region=region, tags=tags, address=address,
                          power_state=state, kind=kind)
