@@ -2545,7 +2545,7 @@ class AzureSource:
                 return None
             raise
         self._progress()
-        return power_state({"properties": {"instanceView": view}})
+        return _view_power(view)
 
     def _query_graph(self) -> AzureListing:
         """Resource Graph: Resources, then ComputeResources when a Uniform scale set is tagged."""
