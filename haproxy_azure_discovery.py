@@ -1973,15 +1973,10 @@ def _ref(raw: Mapping, key: str) -> str:
     return _id((_props(raw).get(key) or {}).get("id"))
 
 
-def power_state(raw: Mapping) -> str | None:
+def power_state(view: Mapping | None) -> str | None:
     """'running', 'stopped', 'deallocated', ... from an instance view; None without one.
     An instance being deleted is "deleting" whatever its power state (Azure says so in
     the provisioning state: its server must drain now, not once it is gone)."""
-    return _view_power(_props(raw).get("instanceView"))
-
-
-def _view_power(view: Mapping | None) -> str | None:
-    """power_state of an instance view already read (the join has it in hand)."""
     found = None
     for status in (view.get("statuses") if view else None) or ():
         code = status.get("code") if isinstance(status, dict) else None     # JSON: dict, not Mapping (4x)
@@ -2074,8 +2069,8 @@ def _power_states(items: Iterable[Mapping]) -> dict[str, str]:
     """power_state by lower-cased id, for the items (the status-only VM list) that have one."""
     powers: dict[str, str] = {}
     for item in items:
-        # power_state and _id written out: a call costs more than its work, twenty thousand times.
-        state = _view_power((item.get("properties") or {}).get("instanceView"))
+        # _props and _id written out: a call costs more than its work, twenty thousand times.
+        state = power_state((item.get("properties") or {}).get("instanceView"))
         if state:
             vid = item.get("id")
             powers[vid.lower() if isinstance(vid, str) else ""] = state
@@ -2114,7 +2109,7 @@ def instances_from_azure(listing: AzureListing, cfg: AzureConfig) -> list[Instan
             nic = _primary(mine) if mine else None
             address = nic_address(nic, pips, cfg) if nic else None
             view = props.get("instanceView")
-            state = (view and _view_power(view)) or powers.get(vid, "unknown")
+            state = (view and power_state(view)) or powers.get(vid, "unknown")
             name = raw.get("name") or vid.rsplit("/", 1)[-1]
             if uniform and raw.get("instanceId") is not None:
                 name = f"{set_id.rsplit('/', 1)[-1]}_{raw['instanceId']}"
@@ -2545,7 +2540,7 @@ class AzureSource:
                 return None
             raise
         self._progress()
-        return _view_power(view)
+        return power_state(view)
 
     def _query_graph(self) -> AzureListing:
         """Resource Graph: Resources, then ComputeResources when a Uniform scale set is tagged."""

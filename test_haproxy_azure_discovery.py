@@ -1410,7 +1410,7 @@ class TestAzureParsing:
     ])
     def test_power_state_of_an_instance_view(self, codes, want):
         statuses = [c if not isinstance(c, str) else {"code": c} for c in codes]
-        assert m.power_state({"properties": {"instanceView": {"statuses": statuses}}}) == want
+        assert m.power_state({"statuses": statuses}) == want
 
     def test_example_shapes_never_crash_the_join(self):
         """Placeholders everywhere (string tags, availability-set ids, odd status codes)."""
