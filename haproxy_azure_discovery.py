@@ -265,6 +265,19 @@ class TransactionConflict(DataPlaneError):
     """The configuration version moved (409) or the transaction is outdated (406): re-plan."""
 
 
+class ReloadFailed(DataPlaneError):
+    """A reload of HAProxy failed, never confirmed, or is unknown to the Data Plane API: HAProxy
+    may run an older configuration than the API shows (dataplaneapi puts the last good file
+    back; every GET still answers the new one). A debt the program pays with a reload."""
+
+    def __init__(self, reload_id: str, at: Any = None, response: Any = None):
+        self.reload_id, self.at = reload_id, at if _is_int(at) else None
+        self.response = " ".join(str(response or "no message").split())[:300]
+        when = f" at {utc(self.at)}" if self.at is not None else ""
+        super().__init__(f"HAProxy runs an older configuration than the Data Plane API shows: reload "
+                         f"{reload_id} failed{when}: {self.response}")
+
+
 # The Data Plane API's answers to a write it refuses: a body its model rejects (422) or a
 # change client-native cannot make (400). They concern that one backend's writes only.
 REFUSED_STATUSES = (400, 422)
@@ -463,6 +476,15 @@ class Applied:
     reloads: tuple[str, ...] = ()
 
 
+class StopFlag(typing.Protocol):
+    """Shutdown, as every loop between requests and every wait of the program sees it (Flag:
+    set by SIGTERM/SIGINT). A wait on it ends as soon as it is set: True then."""
+
+    def is_set(self) -> bool: ...
+
+    def wait(self, seconds: float) -> bool: ...
+
+
 class Source(typing.Protocol):
     """Where instances come from: AzureSource, or a test's scripted list."""
 
@@ -479,13 +501,17 @@ class Target(typing.Protocol):
 
     def read_backends(self, prefix: str) -> dict[str, BackendState]: ...
 
-    def apply_transaction(self, plan: Plan, version: int, stop: threading.Event,
+    def apply_transaction(self, plan: Plan, version: int, stop: StopFlag,
                           refused: dict[str, str] | None = None) -> Applied: ...
 
-    def apply_runtime(self, plan: Plan, version: int, stop: threading.Event,
+    def apply_runtime(self, plan: Plan, version: int, stop: StopFlag,
                       refused: dict[str, str] | None = None) -> Applied: ...
 
-    def await_reloads(self, reloads: Sequence[str], stop: threading.Event) -> None: ...
+    def await_reloads(self, reloads: Sequence[str], stop: StopFlag) -> None: ...
+
+    def reload_debt(self) -> ReloadFailed | None: ...
+
+    def make_reload(self, version: int, stop: StopFlag) -> Applied: ...
 
     def set_admin_state(self, backend: str, server: str, admin_state: str) -> None: ...
 
@@ -517,6 +543,8 @@ class State:
     skipped: frozenset[str] = frozenset()  # skip reasons already logged as warnings
     warned: frozenset[str] = frozenset()   # plan warnings already logged
     settled: dict[str, Settled] = field(default_factory=dict)   # backend -> as last found in sync
+    debt: ReloadFailed | None = None      # a reload HAProxy still owes: it may run an older configuration
+    debt_read: bool = False               # the API's reload records were read for a debt (first cycle)
 
 
 @dataclass(frozen=True)
@@ -1903,9 +1931,13 @@ def format_status(view: Mapping[str, Any]) -> str:
     for t in view["targets"]:
         if not t["ok"]:
             lines.append(f"target {t['target']}: unreachable: {t['error']}")
+            if t.get("behind"):
+                lines.append(f" !{t['behind']}")
             continue
         lines.append(f"target {t['target']}: {len(t['backends'])} backends, "
                      + (f"{t['drift']} differences from the desired state" if t["drift"] else "in sync"))
+        if t.get("behind"):
+            lines.append(f" !{t['behind']}")
         for b in t["backends"]:
             mark = "!" if b["missing"] or b["settings_drift"] else " "
             what = "missing" if b["missing"] else f"{b['slots']} slots, {b['live']} live, {b['parked']} parked" + (
@@ -2318,13 +2350,13 @@ class AzureSource:
     from the listing threads: the daemon's watchdog keep-alive.
     """
 
-    def __init__(self, cfg: Config, env: Mapping[str, str] | None = None, stop: Any = None,
+    def __init__(self, cfg: Config, env: Mapping[str, str] | None = None, stop: StopFlag | None = None,
                  progress: Callable[[], None] = lambda: None):
         self._identity, self._compute, self._errors, self._request = _azure_sdk()
         self.cfg = cfg
         self._env = os.environ if env is None else env
         self._lock = threading.Lock()
-        self._stop, self._progress = stop or threading.Event(), progress
+        self._stop, self._progress = stop or Flag(), progress
         self.requests = 0
         self._warned_fallback = self._warned_budget = False
         self._vm_list_calls: dict[str, int] = {}    # VM list pages per subscription, this cycle
@@ -3006,8 +3038,10 @@ class DataPlane:
     that is not the JSON the API documents is an error naming what came instead, and
     haproxy.timeout bounds each whole request, body included."""
 
-    def __init__(self, cfg: HAProxyConfig, backend_params: Mapping[str, Mapping[str, Any]] | None = None):
+    def __init__(self, cfg: HAProxyConfig, backend_params: Mapping[str, Mapping[str, Any]] | None = None,
+                 progress: Callable[[], None] = lambda: None):
         self.cfg = cfg
+        self._progress = progress      # the watchdog's keep-alive, while a reload is waited for
         # Checked against the release in use (see _check_backend_params): by key path.
         self._backend_params = {"haproxy.backend.params": cfg.backend.params} if backend_params is None \
             else backend_params
@@ -3214,7 +3248,7 @@ class DataPlane:
             return f"{conf}/backends/{_q(backend)}/servers/{server}", {}
         return f"{conf}/servers/{server}", {"backend": backend}
 
-    def apply_transaction(self, plan: Plan, version: int, stop: threading.Event,
+    def apply_transaction(self, plan: Plan, version: int, stop: StopFlag,
                           refused: dict[str, str] | None = None) -> Applied:
         """Every write of the plan in one transaction started at `version`, then commit.
 
@@ -3231,9 +3265,7 @@ class DataPlane:
             backends = [b for b in plan.backends if b.name not in refused]
             if not backends:
                 return Applied(version)
-            _, payload, _ = self.request("POST", "/services/haproxy/transactions", {"version": version},
-                                         expect=_transaction, shape="a transaction")
-            txn, committed = payload["id"], False
+            txn, committed = self._start_transaction(version), False
             try:
                 if self._write_backends(backends, txn, stop, refused):
                     status, _, headers = self.request("PUT", f"/services/haproxy/transactions/{txn}")
@@ -3244,7 +3276,54 @@ class DataPlane:
                     self._delete_transaction(txn)
         raise DataPlaneError("the Data Plane API kept refusing backends")  # pragma: no cover
 
-    def _write_backends(self, backends: Sequence[BackendPlan], txn: str, stop: threading.Event,
+    def _start_transaction(self, version: int) -> str:
+        """A new transaction at `version`, its id. dataplaneapi refuses one past
+        --max-open-transactions (20) in progress (429: handlers/transaction.go,
+        configure_data_plane.go actualCount counts status in_progress); then the transactions
+        that can never commit are deleted and the start is tried once more."""
+        path = "/services/haproxy/transactions"
+        for attempt in (1, 2):
+            try:
+                _, payload, _ = self.request("POST", path, {"version": version},
+                                             expect=_transaction, shape="a transaction")
+                return payload["id"]
+            except DataPlaneError as exc:
+                if exc.status != 429 or attempt == 2 or not self._delete_dead_transactions(version):
+                    if exc.status == 429:
+                        raise DataPlaneError(f"{exc}; {self._transactions_advice(version)}", 429) from None
+                    raise
+        raise AssertionError("unreachable")  # pragma: no cover
+
+    def _open_transactions(self) -> list[Mapping[str, Any]]:
+        _, payload, _ = self.request("GET", "/services/haproxy/transactions", expect=_transactions,
+                                     shape="a list of transactions")
+        return payload or []
+
+    def _delete_dead_transactions(self, version: int) -> int:
+        """Delete the transactions that can never commit: outdated, failed, or started on a
+        version older than `version` (a commit checks it: client-native commitTransaction). An
+        in_progress transaction on the current version may be another client's, about to
+        commit: never touched. The number deleted."""
+        dead = [t["id"] for t in self._open_transactions()
+                if t.get("status") in ("outdated", "failed")
+                or (t.get("status") == "in_progress" and _is_int(t.get("_version")) and t["_version"] < version)]
+        for txn in dead:
+            self._delete_transaction(txn)
+        if dead:
+            log.warning("the Data Plane API had too many open transactions: deleted %d that could never "
+                        "commit (outdated, failed or on a version older than %d)", len(dead), version,
+                        extra={"event": "transactions_deleted", "count": len(dead)})
+        return len(dead)
+
+    def _transactions_advice(self, version: int) -> str:
+        live = [t["id"] for t in self._open_transactions() if t.get("status") == "in_progress"]
+        return (f"{len(live)} transaction(s) in progress on version {version}, none of them this "
+                "program's: another client's, or leaked by a client that died mid-transaction. They "
+                "are not deleted here (one may be about to commit); if no other client writes to this "
+                f"HAProxy, delete them (DELETE /{self.api}/services/haproxy/transactions/ID: "
+                f"{', '.join(live[:5])}{' ...' if len(live) > 5 else ''}) or restart dataplaneapi")
+
+    def _write_backends(self, backends: Sequence[BackendPlan], txn: str, stop: StopFlag,
                         refused: dict[str, str]) -> bool:
         """Send each backend's writes in transaction `txn`; False when one was refused."""
         clean = True
@@ -3286,7 +3365,7 @@ class DataPlane:
                 log.error("could not delete transaction %s: %s", txn, exc,
                           extra={"event": "transaction_leak", "transaction": txn})
 
-    def apply_runtime(self, plan: Plan, version: int, stop: threading.Event,
+    def apply_runtime(self, plan: Plan, version: int, stop: StopFlag,
                       refused: dict[str, str] | None = None) -> Applied:
         """Hybrid mode: each change a plain versioned server PUT, which dataplaneapi applies
         through HAProxy's runtime API and answers 200, or answers 202 when it had to reload
@@ -3322,30 +3401,83 @@ class DataPlane:
         value = _int_header(headers.get("Configuration-Version"))
         return version + 1 if value is None else value
 
-    def await_reloads(self, reloads: Sequence[str], stop: threading.Event) -> None:
-        """Wait (bounded by RELOAD_WAIT) until each reload has run. dataplaneapi reloads up to
-        reload-delay (5 s) after a commit, shares one reload between the commits in that
-        window, and says in_progress, succeeded or failed (haproxy/reload_agent.go Reload,
-        GetReload). A failed reload is a DataPlaneError: HAProxy runs the old configuration."""
+    def await_reloads(self, reloads: Sequence[str], stop: StopFlag) -> None:
+        """Wait (bounded by RELOAD_WAIT) until each reload has run. dataplaneapi reloads on a
+        ticker of reload-delay (5 s) shared by the commits in that window, and says in_progress,
+        succeeded or failed (v2.9 haproxy/reload_agent.go handleReloads, GetReload; the GET
+        blocks while a reload runs). ReloadFailed when one failed, never confirmed, or is
+        unknown (404: dataplaneapi restarted and lost it): HAProxy may then run an older
+        configuration than every GET shows. `stop` ends the wait at once (Aborted); the
+        watchdog hears from every poll."""
         deadline = time.monotonic() + RELOAD_WAIT
         for reload_id in reloads:
             if reload_id == "":
                 continue                     # a reload without an id: nothing to ask about
             pause = 0.05
             while True:
-                _, payload, _ = self.request("GET", f"/services/haproxy/reloads/{_q(reload_id)}")
-                entry = payload.get("data", payload) if isinstance(payload, dict) else {}
-                status = entry.get("status") if isinstance(entry, dict) else None
+                self._progress()
+                status, entry = self._reload_status(reload_id)
                 if status == "succeeded":
                     break
-                if status == "failed":
-                    response = " ".join(str(entry.get("response") or "").split())[:300]
-                    raise DataPlaneError(f"HAProxy reload {reload_id} failed: {response}")
+                if status in ("failed", "unknown"):
+                    raise ReloadFailed(reload_id, entry.get("reload_timestamp"), entry.get("response")
+                                       if status == "failed" else "unknown to the Data Plane API (it "
+                                       "restarted before reloading?)")
                 if time.monotonic() + pause > deadline:
-                    raise DataPlaneError(f"HAProxy reload {reload_id} still {status} after {RELOAD_WAIT:g} s")
+                    raise ReloadFailed(reload_id, None, f"still {status} after {RELOAD_WAIT:g} s")
                 if stop.wait(pause):
                     raise Aborted("shutdown requested while waiting for a reload")
                 pause = min(pause * 2, 1.0)
+
+    def _reload_status(self, reload_id: str) -> tuple[str, Mapping[str, Any]]:
+        """("succeeded" | "failed" | "in_progress" | "unknown", the record) of one reload."""
+        try:
+            _, payload, _ = self.request("GET", f"/services/haproxy/reloads/{_q(reload_id)}",
+                                         expect=lambda p: isinstance(p, dict), shape="a reload")
+        except DataPlaneError as exc:
+            if exc.status == 404:
+                return "unknown", {}
+            raise
+        entry = payload.get("data", payload)
+        entry = entry if isinstance(entry, dict) else {}
+        status = entry.get("status")
+        return (status if status in ("succeeded", "failed") else "in_progress"), entry
+
+    def reload_debt(self) -> ReloadFailed | None:
+        """The reload HAProxy still owes, from the API's reload records: the latest one failed
+        and none succeeded after it (GET /services/haproxy/reloads: every failed reload kept a
+        day, the last success, the pending one; v2.9 haproxy/reload_agent.go GetReloads). Ids
+        are DATE-N, N counting reloads since dataplaneapi started: their order is the records'.
+        The records do not outlive a dataplaneapi restart: a debt from before one is known only
+        to the daemon that saw it."""
+        _, payload, _ = self.request("GET", "/services/haproxy/reloads", expect=_reloads,
+                                     shape="a list of reloads")
+        done = [r for r in payload or [] if r.get("status") in ("failed", "succeeded")
+                and _reload_order(r.get("id")) is not None]
+        latest = max(done, key=lambda r: _reload_order(r["id"]), default=None)
+        if latest is None or latest["status"] != "failed":
+            return None
+        return ReloadFailed(latest["id"], latest.get("reload_timestamp"), latest.get("response"))
+
+    def make_reload(self, version: int, stop: StopFlag) -> Applied:
+        """A reload of what the API holds, confirmed: an empty transaction committed at
+        `version`. A commit writes the API's configuration to the file HAProxy reads
+        (client-native configuration/transaction.go commitTransaction) and schedules a reload
+        (v2.9 handlers/transaction.go CommitTransactionHandlerImpl: 202 + Reload-ID), which
+        the reload agent records when it succeeds (reload_agent.go handleReload, succeedReload)
+        and the records then show the debt paid. (A force_reload commit reloads at once but,
+        with no reload pending, records nothing: a fresh process would read the old failure
+        as the latest record and reload again.) ReloadFailed when it fails too."""
+        txn, committed = self._start_transaction(version), False
+        try:
+            status, _, headers = self.request("PUT", f"/services/haproxy/transactions/{txn}")
+            committed = True
+        finally:
+            if not committed:
+                self._delete_transaction(txn)
+        done = Applied(_int_header(headers.get("Configuration-Version")), _reload_ids(status, headers))
+        self.await_reloads(done.reloads, stop)
+        return done
 
     def _runtime_server_path(self, backend: str, server: str) -> tuple[str, dict[str, str]]:
         if (self.api or self.probe()) == "v3":
@@ -3444,6 +3576,20 @@ def _transaction(payload: Any) -> bool:
     # Real ids are UUIDs; the id goes into request paths, so nothing else is taken.
     return isinstance(payload, dict) and isinstance(payload.get("id"), str) \
         and re.fullmatch(r"[A-Za-z0-9-]{1,64}", payload["id"]) is not None
+
+
+def _transactions(payload: Any) -> bool:
+    return payload is None or (isinstance(payload, list) and all(map(_transaction, payload)))
+
+
+def _reloads(payload: Any) -> bool:
+    return payload is None or (isinstance(payload, list) and all(isinstance(r, dict) for r in payload))
+
+
+def _reload_order(reload_id: Any) -> tuple[str, int] | None:
+    """(date, N) of a reload id DATE-N (YYYY-MM-DD-N, the spec's pattern); None for another."""
+    found = re.fullmatch(r"(\d{4}-\d{2}-\d{2})-(\d{1,18})", reload_id) if isinstance(reload_id, str) else None
+    return (found[1], int(found[2])) if found else None
 
 
 def _native_stats(payload: Any) -> bool:
@@ -3578,6 +3724,8 @@ class CycleReport:
     view: dict[str, Any] | None = None     # status_view once planned (after applying: what it left)
     target: str = ""              # the target's name (haproxy.targets[i].name, else its base_url)
     failure: Exception | None = None       # why this target's cycle failed, when it did
+    reload_failures: int = 0      # reloads seen failing (or lost) this cycle
+    behind: ReloadFailed | None = None     # the reload HAProxy still owes after the cycle
 
 
 @dataclass(frozen=True)
@@ -3588,7 +3736,7 @@ class Seen:
     fingerprint: str
 
 
-def discover(cfg: Config, source: Source, stop: Any, report: CycleReport) -> Seen:
+def discover(cfg: Config, source: Source, stop: StopFlag, report: CycleReport) -> Seen:
     """Read Azure once and group what it holds; fills the discovery part of `report`."""
     discovery = source.discover()
     report.azure_requests = discovery.requests
@@ -3601,7 +3749,7 @@ def discover(cfg: Config, source: Source, stop: Any, report: CycleReport) -> See
     return Seen(groups, skipped, fingerprint(groups))
 
 
-def reconcile_target(cfg: Config, seen: Seen, target: Target, state: State, stop: threading.Event,
+def reconcile_target(cfg: Config, seen: Seen, target: Target, state: State, stop: StopFlag,
                      report: CycleReport, dry_run: bool = False, clock: Callable[[], float] = time.time
                      ) -> Plan | None:
     """Plan against what HAProxy holds, apply; re-plan on a conflict. `clock` is the wall
@@ -3615,8 +3763,15 @@ def reconcile_target(cfg: Config, seen: Seen, target: Target, state: State, stop
     groups, skipped, fp = seen.groups, seen.skipped, seen.fingerprint
     name = report.target or cfg.haproxy.base_url
     prefix = cfg.haproxy.backend.name_prefix + cfg.haproxy.backend.name_separator
+    if not state.debt_read:
+        state.debt, state.debt_read = state.debt or target.reload_debt(), True
     for attempt in range(1, MAX_ATTEMPTS + 1):
         version = target.version()
+        if state.debt is not None and not dry_run:
+            try:
+                version = _pay_debt(target, state, version, stop, report)
+            except TransactionConflict:
+                continue
         if attempt == 1 and not dry_run and state.fingerprint == fp and version == state.version \
                 and not state.draining:
             report.result = "steady"
@@ -3631,6 +3786,9 @@ def reconcile_target(cfg: Config, seen: Seen, target: Target, state: State, stop
         report.refused = {}
         try:
             new_version = _apply(plan, target, version, stop, cfg, report)
+        except ReloadFailed as exc:
+            state.debt, report.reload_failures = exc, report.reload_failures + 1
+            raise
         except TransactionConflict as exc:
             report.transactions["conflict"] = report.transactions.get("conflict", 0) + 1
             log.warning("configuration changed under us (attempt %d of %d): %s", attempt, MAX_ATTEMPTS,
@@ -3649,10 +3807,29 @@ def reconcile_target(cfg: Config, seen: Seen, target: Target, state: State, stop
         state.fingerprint = fp if settled else None
         report.plan = plan
         report.result = ("partial" if report.refused else "held" if plan.held
-                         else "applied" if not plan.empty else "draining" if plan.draining else "unchanged")
+                         else "applied" if not plan.empty or report.reloads else "draining" if plan.draining else "unchanged")
         _log_refused(report.refused, groups, cfg)
         return plan
     raise DataPlaneError(f"gave up after {MAX_ATTEMPTS} attempts: the configuration kept changing")
+
+
+def _pay_debt(target: Target, state: State, version: int, stop: StopFlag, report: CycleReport) -> int:
+    """Reload HAProxy with what the API shows (State.debt: a reload failed, never confirmed or
+    was lost); the version after it. Until that reload succeeds nothing is steady: the cycle
+    fails (ReloadFailed) and the next one tries again, after the cycle's backoff."""
+    log.error("%s; reloading it now", state.debt,
+              extra={"event": "config_behind", "reload_id": state.debt.reload_id})
+    try:
+        done = target.make_reload(version, stop)
+    except ReloadFailed as exc:
+        state.debt, report.reload_failures = exc, report.reload_failures + 1
+        raise
+    report.reloads += len(done.reloads)
+    report.transactions["committed"] = report.transactions.get("committed", 0) + 1
+    log.info("HAProxy reloaded: it runs the configuration the Data Plane API shows",
+             extra={"event": "config_caught_up", "reload_id": ",".join(done.reloads)})
+    state.debt, state.fingerprint = None, None
+    return done.version if done.version is not None else target.version()
 
 
 def _record(decision: Decision, version: int | None, state: State, report: CycleReport) -> None:
@@ -3744,7 +3921,7 @@ def _runtime_states(plan: Plan, target: Target, report: CycleReport) -> None:
         _admin_state(target, backend, server, "ready")
 
 
-def _apply(plan: Plan, target: Target, version: int, stop: threading.Event, cfg: Config,
+def _apply(plan: Plan, target: Target, version: int, stop: StopFlag, cfg: Config,
            report: CycleReport) -> int | None:
     """Transaction or runtime writes, as the mode and the plan say; the version it ends at."""
     if plan.empty:
@@ -3798,7 +3975,7 @@ class TargetRun:
     due: float = 0.0              # the clock time its backoff ends
 
 
-def run_cycle(source: Source, runs: Sequence[TargetRun], stop: Any, dry_run: bool = False,
+def run_cycle(source: Source, runs: Sequence[TargetRun], stop: StopFlag, dry_run: bool = False,
               memory: State | None = None, now: Callable[[], float] = time.monotonic,
               clock: Callable[[], float] = time.time) -> list[CycleReport]:
     """One discovery, planned and applied to each of `runs` independently and at the same
@@ -3828,7 +4005,7 @@ def run_cycle(source: Source, runs: Sequence[TargetRun], stop: Any, dry_run: boo
     return reports
 
 
-def _target_cycle(run: TargetRun, report: CycleReport, seen: Seen, stop: Any, dry_run: bool,
+def _target_cycle(run: TargetRun, report: CycleReport, seen: Seen, stop: StopFlag, dry_run: bool,
                   started: float, now: Callable[[], float], clock: Callable[[], float]) -> None:
     """One target's part of a cycle; whatever happens ends in `report`, and every line it
     logs carries the target's name."""
@@ -3841,7 +4018,7 @@ def _target_cycle(run: TargetRun, report: CycleReport, seen: Seen, stop: Any, dr
         _log_context.target = None
 
 
-def _reconcile_into(run: TargetRun, report: CycleReport, seen: Seen, stop: Any, dry_run: bool,
+def _reconcile_into(run: TargetRun, report: CycleReport, seen: Seen, stop: StopFlag, dry_run: bool,
                     started: float, now: Callable[[], float], clock: Callable[[], float]) -> None:
     before = run.dp.requests
     try:
@@ -3857,9 +4034,12 @@ def _reconcile_into(run: TargetRun, report: CycleReport, seen: Seen, stop: Any, 
                           extra={"event": "cycle_failed", "failures": run.failures + 1, "target": run.name})
     finally:
         report.duration, report.dataplane_requests = now() - started, run.dp.requests - before
+        report.behind = run.state.debt
+        for t in report.view["targets"] if report.view and report.behind else ():
+            t["behind"] = str(report.behind)
 
 
-def one_cycle(cfg: Config, source: Source, dp: Target, state: State, stop: Any,
+def one_cycle(cfg: Config, source: Source, dp: Target, state: State, stop: StopFlag,
               now: Callable[[], float] = time.monotonic, clock: Callable[[], float] = time.time) -> CycleReport:
     """run_cycle() for one target (its name: haproxy.base_url); its failure raises."""
     (report,) = run_cycle(source, [TargetRun(cfg.haproxy.base_url, cfg, dp, state)], stop, now=now, clock=clock)
@@ -3963,6 +4143,7 @@ class Metrics:
         self.views: dict[str, dict[str, Any]] = {}               # ... by target
         self.targets: list[str] = []                             # the targets in use, in order
         self._success: dict[str, float] = {}        # time.monotonic() of each target's last success
+        self.behind: dict[str, str] = {}            # targets whose HAProxy runs an older configuration
 
     def use(self, targets: Sequence[str]) -> None:
         """The targets a (re)loaded configuration runs: one added by a reload has three
@@ -3971,6 +4152,7 @@ class Metrics:
             started = self.clock()
             self._success = {t: self._success.get(t, started) for t in targets} if self._success else {}
             self.views = {t: v for t, v in self.views.items() if t in targets}
+            self.behind = {t: v for t, v in self.behind.items() if t in targets}
             labels = {"", *(_target_label(t) for t in targets)}
             self.gauges = {k: v for k, v in self.gauges.items() if k[1] in labels}
             self.backend_gauges = backend_gauges({"targets": list(self.views.values())})
@@ -3995,8 +4177,14 @@ class Metrics:
         self._inc("cycles_total", f'{t},result="{report.result}"')
         for name, by in (("cycle_duration_seconds_sum", report.duration), ("reloads_total", report.reloads),
                          ("dataplane_requests_total", report.dataplane_requests),
-                         ("backends_refused_total", len(report.refused))):
+                         ("backends_refused_total", len(report.refused)),
+                         ("reload_failures_total", report.reload_failures)):
             self._inc(name, t, by)
+        self.gauges[("haproxy_config_behind", t)] = 1 if report.behind else 0
+        if report.behind:
+            self.behind[report.target] = str(report.behind)
+        else:
+            self.behind.pop(report.target, None)
         for result, n in report.transactions.items():
             self._inc("transactions_total", f'{t},result="{result}"', n)
         if report.plan is not None:
@@ -4134,9 +4322,11 @@ def serve_metrics(listen: str, metrics: Metrics) -> http.server.ThreadingHTTPSer
                 kind, state = "application/json", metrics.state()
                 status, body = (200, state) if state else (503, '{"error": "no cycle has read HAProxy yet"}\n')
             elif self.path == "/healthz":
-                stale = metrics.stale()
+                stale, behind = metrics.stale(), dict(metrics.behind)
                 named = f" for {', '.join(stale)}" if len(metrics.targets) > 1 else ""
-                status, body = (503, f"no successful cycle recently{named}\n") if stale else (200, "ok\n")
+                problems = ([f"no successful cycle recently{named}"] if stale else []) + [
+                    f"{t}: {why}" for t, why in sorted(behind.items())]
+                status, body = (503, "\n".join(problems) + "\n") if problems else (200, "ok\n")
             else:
                 status, body = 404, "not found\n"
             data = body.encode()
@@ -4159,33 +4349,68 @@ def serve_metrics(listen: str, metrics: Metrics) -> http.server.ThreadingHTTPSer
 
 
 class Flag:
-    """A flag that a signal handler may set. threading.Event.set() takes a lock that the
-    interrupted main thread may hold at that moment (inside Event.wait or clear): Python
-    runs handlers between two bytecodes of the main thread, so that can deadlock. Setting
-    and reading one attribute takes no lock."""
+    """A flag a signal handler may set, and that every wait in the program waits on (the
+    StopFlag of the daemon, --once and the tests alike). threading.Event.set() takes a lock
+    that the interrupted main thread may hold at that moment (inside Event.wait or clear):
+    Python runs handlers between two bytecodes of the main thread, so that can deadlock.
+    Setting writes one attribute and one byte to a self-pipe, which wakes every waiter, in
+    any thread, at once; only clear() empties the pipe."""
 
     def __init__(self) -> None:
         self._value = False
+        self._wake_r, self._wake_w = socket.socketpair()
+        for end in (self._wake_r, self._wake_w):
+            end.setblocking(False)
 
     def set(self) -> None:
         self._value = True
+        try:
+            self._wake_w.send(b"!")
+        except OSError:           # full (waiters are woken already) or closed
+            pass
 
     def clear(self) -> None:
         self._value = False
+        try:
+            while self._wake_r.recv(64):
+                pass
+        except OSError:           # BlockingIOError: empty
+            pass
 
     def is_set(self) -> bool:
         return self._value
 
+    def wait(self, seconds: float) -> bool:
+        """Until the flag is set or `seconds` pass; True when it is set."""
+        return wait_any([self], seconds) is not None
+
+    def close(self) -> None:
+        self._wake_r.close()
+        self._wake_w.close()
+
+
+def wait_any(flags: Sequence[Flag], seconds: float) -> Flag | None:
+    """Wait until one of `flags` is set (that one) or `seconds` pass (None)."""
+    deadline = time.monotonic() + seconds
+    while True:
+        for flag in flags:
+            if flag.is_set():
+                return flag
+        left = deadline - time.monotonic()
+        if left <= 0:
+            return None
+        try:
+            select.select([f._wake_r for f in flags], [], [], left)
+        except (OSError, ValueError):     # closed meanwhile: a slice of sleep instead
+            time.sleep(min(left, WAIT_SLICE))
+
 
 class Signals:
-    """SIGTERM/SIGINT set `stop`, SIGHUP sets `reload`; either wakes the loop's sleep through
-    a self-pipe. The handlers only set a flag and write one byte: they take no lock."""
+    """SIGTERM/SIGINT set `stop`, SIGHUP sets `reload`; either wakes whatever waits on it.
+    The handlers only set a flag: they take no lock."""
 
     def __init__(self) -> None:
         self.stop, self.reload = Flag(), Flag()
-        self._wake_r, self._wake_w = socket.socketpair()
-        for end in (self._wake_r, self._wake_w):
-            end.setblocking(False)
 
     def install(self) -> None:
         self._previous = {sig: signal.signal(sig, self._handle)
@@ -4195,40 +4420,23 @@ class Signals:
         """Put back the handlers install() replaced (main() may run inside another program)."""
         for sig, handler in getattr(self, "_previous", {}).items():
             signal.signal(sig, handler)
-        self._wake_r.close()
-        self._wake_w.close()
 
     def _handle(self, signum: int, _frame: Any) -> None:
         self._set(self.reload if signum == signal.SIGHUP else self.stop)
 
     def _set(self, flag: Flag) -> None:
         flag.set()
-        try:
-            self._wake_w.send(b"!")
-        except OSError:           # full (the loop is woken already) or closed
-            pass
 
     def sleep(self, seconds: float, watchdog: Notifier | None = None) -> None:
         """Sleep until `stop` or `reload` is set or `seconds` pass, sending the watchdog's
         keep-alive every `watchdog.interval` meanwhile."""
         deadline = time.monotonic() + seconds
         every = watchdog.interval if watchdog is not None else None
-        while not (self.stop.is_set() or self.reload.is_set()):
-            left = deadline - time.monotonic()
-            if left <= 0:
-                break
-            if select.select([self._wake_r], [], [], min(left, every or left))[0]:
-                self._drain()
-            elif watchdog is not None and deadline > time.monotonic():
+        while (left := deadline - time.monotonic()) > 0:
+            if wait_any([self.stop, self.reload], min(left, every or left)) is not None:
+                return
+            if watchdog is not None and deadline > time.monotonic():
                 watchdog.keepalive()
-        self._drain()
-
-    def _drain(self) -> None:
-        try:
-            while self._wake_r.recv(64):
-                pass
-        except OSError:           # BlockingIOError: empty
-            pass
 
 
 def next_delay(failures: int, cfg: PollingConfig, rand: float) -> float:
@@ -4313,7 +4521,7 @@ def run_forever(load: Callable[[], Config], make_source: Callable[[Config], Sour
     return EX_OK
 
 
-def _daemon_cycle(using: _InUse, stop: Any, rand: Callable[[], float],
+def _daemon_cycle(using: _InUse, stop: StopFlag, rand: Callable[[], float],
                   clock: Callable[[], float]) -> tuple[list[CycleReport], float] | None:
     """One cycle of the daemon over the targets that are due: their reports, and how long to
     sleep after it; None once aborted. A failed discovery fails every target it was for."""
@@ -4509,7 +4717,8 @@ def main(argv: Sequence[str] | None = None, env: Mapping[str, str] | None = None
             setup_logging(args.log_level or c.logging.level, c.logging.format, secrets)
         return run_forever(lambda: load_config(path, env),
                            lambda c: AzureSource(c, env, signals.stop, notifier.keepalive),
-                           lambda c: DataPlane(c.haproxy, backend_params(c)), signals, configure=configure, notifier=notifier)
+                           lambda c: DataPlane(c.haproxy, backend_params(c), notifier.keepalive), signals,
+                           configure=configure, notifier=notifier)
     except ConfigError as exc:
         for problem in exc.problems:
             say(f"error: {path}: {problem}" if not problem.startswith(path) else f"error: {problem}")
@@ -4528,7 +4737,7 @@ def main(argv: Sequence[str] | None = None, env: Mapping[str, str] | None = None
         signals.restore()
 
 
-def _once_or_dry_run(cfg: Config, env: Mapping[str, str], dry_run: bool, stop: Flag,
+def _once_or_dry_run(cfg: Config, env: Mapping[str, str], dry_run: bool, stop: StopFlag,
                      say: Callable[[str], None]) -> int:
     """--once and --dry-run: one cycle over every target; the plans (dry run) on stdout.
     A failed discovery raises; a failed target is one error line, and exit 1."""
@@ -4558,7 +4767,7 @@ def _failed(reports: Sequence[CycleReport], several: bool, say: Callable[[str], 
     return EX_FAIL if any(r.failure is not None or r.refused for r in reports) else EX_OK
 
 
-def _run_status(cfg: Config, env: Mapping[str, str], as_json: bool, stop: threading.Event,
+def _run_status(cfg: Config, env: Mapping[str, str], as_json: bool, stop: StopFlag,
                 say: Callable[..., None]) -> int:
     """--status: discover, read every target, print both side by side; change nothing. Drift
     is shown, not an error (the daemon repairs it); a target that cannot be read is shown as

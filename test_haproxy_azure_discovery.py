@@ -2678,9 +2678,9 @@ class MemoryTarget:
     """HAProxy as a dict behind the Target protocol: plans applied in memory; `conflicts`
     transactions fail with a conflict first (each moving the version, as a peer's commit does)."""
 
-    def __init__(self, conflicts=0, reload_fails=False):
+    def __init__(self, conflicts=0, reload_fails=0, debt=None):
         self.backends, self.ver, self.requests = {}, 1, 0
-        self.conflicts, self.reload_fails = conflicts, reload_fails
+        self.conflicts, self.reload_fails, self.debt = conflicts, reload_fails, debt
         self.calls, self.waited = [], []
 
     def version(self):
@@ -2709,7 +2709,19 @@ class MemoryTarget:
     def await_reloads(self, reloads, stop):
         self.waited += reloads
         if reloads and self.reload_fails:
-            raise m.DataPlaneError("HAProxy reload failed")
+            self.reload_fails -= 1
+            raise m.ReloadFailed(reloads[0], None, "reload failed")
+
+    def reload_debt(self):
+        self.requests += 1
+        return self.debt
+
+    def make_reload(self, version, stop):
+        self.calls.append(("reload", version))
+        done = m.Applied(self.ver + 1, (f"reload-{self.ver + 1}",))
+        self.ver += 1
+        self.await_reloads(done.reloads, stop)
+        return done
 
 
 def reconcile(cfg, source, target, state, stop, report):
@@ -2745,10 +2757,29 @@ class TestApply:
         assert report.result == "steady" and target.requests == 1 and len(target.calls) == 1
 
     def test_a_failed_reload_records_no_version(self):
-        target = MemoryTarget(reload_fails=True)
-        with pytest.raises(m.DataPlaneError, match="reload failed"):
+        target = MemoryTarget(reload_fails=1)
+        with pytest.raises(m.ReloadFailed, match="reload failed"):
             self.cycle(target, [make_instance(1)], state := m.State())
-        assert state.version is None and state.fingerprint is None
+        assert state.version is None and state.fingerprint is None and state.debt.reload_id == "reload-2"
+
+    def test_a_reload_debt_is_paid_before_anything_is_steady(self):
+        target = MemoryTarget(reload_fails=2)
+        with pytest.raises(m.ReloadFailed):
+            self.cycle(target, [make_instance(1)], state := m.State())
+        with pytest.raises(m.ReloadFailed):        # the reload that pays it fails too: still owed
+            self.cycle(target, [make_instance(1)], state)
+        assert state.debt.reload_id == "reload-3" and target.calls[-1] == ("reload", 2)
+        report, _ = self.cycle(target, [make_instance(1)], state)
+        assert report.result == "applied" and report.reloads == 1 and state.debt is None
+        assert target.calls[-1] == ("reload", 3)
+        assert self.cycle(target, [make_instance(1)], state)[0].result == "steady"
+
+    def test_a_fresh_process_finds_the_debt_in_the_reload_records(self):
+        target = MemoryTarget(debt=m.ReloadFailed("2026-12-07-4", 1765000000, "[ALERT] cannot bind"))
+        report, state = self.cycle(target, [make_instance(1)])
+        assert target.calls[0] == ("reload", 1) and report.reloads == 2 and state.debt is None
+        report, _ = self.cycle(target, [make_instance(1)], state)
+        assert report.result == "steady"            # the records are read once per state
 
     def test_shutdown_before_applying_sends_nothing(self):
         target, stop = MemoryTarget(), threading.Event()
@@ -2848,6 +2879,9 @@ class EmptyDataPlane:
 
     def await_reloads(self, reloads, stop):
         pass
+
+    def reload_debt(self):
+        return None
 
 
 class RecordingSignals(m.Signals):

@@ -173,14 +173,20 @@ def test_commits_inside_one_reload_delay_share_one_reload():
         assert fake.reloads == 1 and api.call("GET", f"/services/haproxy/reloads/{ids[0]}")[2]["status"] == "succeeded"
 
 
-def test_a_failed_reload_fails_the_cycle(dataplane):
+def test_a_failed_reload_fails_the_cycle_and_the_next_one_reloads(dataplane):
     dataplane.fail_reloads = 1
     h = Harness(dataplane)
-    with pytest.raises(m.DataPlaneError, match=r"HAProxy reload \S+ failed: .*injected fault"):
+    with pytest.raises(m.ReloadFailed, match=r"older configuration than the Data Plane API shows: reload \S+ "
+                                             r"failed at .*injected fault"):
         h.cycle(estate("web", 1, 2))
     assert h.state.version is None and h.state.fingerprint is None    # nothing recorded as applied
-    assert dataplane.open_transactions() == []
-    assert h.cycle(estate("web", 1, 2)).result == "unchanged"          # the file holds it; plans again
+    assert h.state.debt is not None and dataplane.open_transactions() == []
+    reloads = dataplane.reloads
+    # the API already holds the backend: nothing to write, but HAProxy owes a reload
+    report = h.cycle(estate("web", 1, 2))
+    assert report.result == "applied" and report.reloads == 1 and dataplane.reloads == reloads + 1
+    assert h.state.debt is None and report.behind is None
+    assert h.cycle(estate("web", 1, 2)).result == "steady"
 
 
 # --- hybrid mode ------------------------------------------------------------------------
