@@ -1531,6 +1531,21 @@ def _differs(want: Mapping[str, Any], have: Mapping[str, Any]) -> bool:
     return any(not _same_value(v, have.get(k)) for k, v in want.items())
 
 
+def _keep_pointers(body: dict[str, Any], live: bool, have: Mapping[str, Any], hybrid: bool) -> None:
+    """What a slot's body says of the pointer fields the server on disk has and it would not
+    set. A weight nobody asked for (a weight tag removed, a slot refilled after a weighted
+    instance) goes back to HAProxy's default, 1, rather than stay (0 = no traffic). In hybrid
+    mode the body drops none of them, parked or live: dataplaneapi's runtime path dereferences
+    the new value of each changed runtime field, and a nil one panics into a reload, after the
+    runtime commands before it went out (v2.9 handlers/runtime.go changeThroughRuntimeAPI; v3.4
+    handlers/configuration/server/server.go). A health-check port stays as HAProxy holds it."""
+    weight = have.get("weight")
+    if "weight" not in body and weight is not None and (hybrid or (live and weight != 1)):
+        body["weight"] = 1
+    if hybrid and "health_check_port" not in body and have.get("health_check_port") is not None:
+        body["health_check_port"] = have["health_check_port"]
+
+
 def plan_backend(name: str, slots: Sequence[Member | None], actual: BackendState | None,
                  cfg: HAProxyConfig, taken_ids: Mapping[int, str]) -> BackendPlan | None:
     """The changes that turn `actual` into `slots`; None when there are none. `taken_ids`:
@@ -1549,14 +1564,12 @@ def plan_backend(name: str, slots: Sequence[Member | None], actual: BackendState
                 servers[n] = s
             elif i > len(slots):                    # slots are srv1..srv<len(slots)>
                 beyond.append((i, n))
-    changes, fields = [], slot_fields(cfg)
+    changes, fields, hybrid = [], slot_fields(cfg), cfg.apply_mode == "hybrid"
     for j, (n, member) in enumerate(zip(slot_names(len(slots)), slots), 1):
         body = server_body(n, member, cfg, j not in taken_ids, fields)
         have = have_servers.get(n)
-        if member and "weight" not in body and have and have.get("weight") not in (None, 1):
-            # A weight tag removed, or a slot refilled after a weighted instance: back to
-            # HAProxy's default rather than keeping a weight nobody asked for (0 = no traffic).
-            body["weight"] = 1
+        if have:
+            _keep_pointers(body, member is not None, have, hybrid)
         servers[n] = body
         if have is None:
             changes.append(ServerChange("add", n, body, None, member.label if member else ""))
@@ -1581,13 +1594,15 @@ def in_sync(name: str, slots: Sequence[Member | None], actual: BackendState | No
     plan and nothing to drain. Most backends in most cycles: told without building a body."""
     if actual is None or _differs(backend_fields(name, cfg.backend), actual.fields):
         return False
-    have, (live, parked) = actual.servers, slot_fields(cfg)
+    have, (live, parked), hybrid = actual.servers, slot_fields(cfg), cfg.apply_mode == "hybrid"
     for j, (n, m) in enumerate(zip(slot_names(len(slots)), slots), 1):
         h = have.get(n)
         if h is None or h.get("name") != n or (j not in taken_ids and h.get("id") != j):
             return False
         if m is None:
             want = parked
+            if hybrid and "weight" not in parked and h.get("weight") not in (None, 1):
+                return False      # _keep_pointers: back to 1
         elif h.get("address") != m.address or h.get("port") != m.port:
             return False
         elif m.weight is not None:
@@ -1595,7 +1610,7 @@ def in_sync(name: str, slots: Sequence[Member | None], actual: BackendState | No
         elif "weight" in live or h.get("weight") in (None, 1):
             want = live
         else:
-            return False          # plan_backend sets a weight nobody asked for back to 1
+            return False          # _keep_pointers sets a weight nobody asked for back to 1
         if not want.items() <= h.items():
             return False
     return max(filter(None, map(slot_index, have)), default=0) <= len(slots)

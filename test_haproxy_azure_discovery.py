@@ -1048,6 +1048,33 @@ class TestSlots:
                             drain_fingerprint=decided.drain_fingerprint, drain_streak=decided.drain_streak)
             now += data.draw(st.sampled_from([1, 40]))
 
+    @settings(max_examples=300, deadline=None, derandomize=True)
+    @given(data=st.data())
+    def test_a_hybrid_body_never_drops_a_pointer_field_the_server_has(self, data):
+        """dataplaneapi's runtime path dereferences the new value of each changed runtime field:
+        a nil weight, port or health-check port where the server on disk has one panics into a
+        reload. Whatever HAProxy holds, a hybrid body carries each of them that the server has."""
+        st, name = self.st, "azure-web-8080-eastus"
+        params = data.draw(st.sampled_from([{}, {"weight": 50}, {"health_check_port": 9000}, {"inter": 2000}]))
+        cfg = make_config(haproxy={"password": "p", "apply_mode": "hybrid", "server": {"params": params}}).haproxy
+        member = st.builds(m.Member, st.sampled_from(["i1", "i2"]), st.just("vm"), st.just("10.0.0.4"),
+                           st.just(8080), st.sampled_from([None, 0, 7]))
+        slots = data.draw(st.lists(st.none() | member, min_size=1, max_size=4))
+        held = {}
+        for n in m.slot_names(len(slots)):
+            server = {"name": n, "address": data.draw(st.sampled_from(["127.0.0.1", "10.0.0.4", "10.0.0.9"])),
+                      "port": data.draw(st.sampled_from([80, 8080])),
+                      "maintenance": data.draw(st.sampled_from(["enabled", "disabled"]))}
+            for key in ("weight", "health_check_port"):
+                if (value := data.draw(st.sampled_from([None, 1, 5]))) is not None:
+                    server[key] = value
+            held[n] = server
+        plan = m.plan_backend(name, slots, m.BackendState(name, m.backend_fields(name, cfg.backend), held), cfg, {})
+        for c in plan.changes if plan else ():
+            assert {k for k in ("weight", "port", "health_check_port") if k in c.before} <= set(c.body), c
+            if c.runtime_only:
+                assert all(c.body[k] is not None for k in ("weight", "port", "health_check_port") if k in c.before)
+
     def test_hybrid_parked_slots_differ_only_in_runtime_fields(self):
         cfg = make_config(haproxy={"password": "p", "apply_mode": "hybrid",
                                    "server": {"params": {"inter": 2000, "weight": 50}}})
@@ -1941,7 +1968,7 @@ class Harness:
     def __init__(self, fake, **sections):
         self.fake, self.cfg = fake, dp_config(fake, **sections)
         self.dp, self.state, self.stop = (m.DataPlane(self.cfg.haproxy, m.backend_params(self.cfg)), m.State(),
-                                        threading.Event())
+                                        m.Flag())
 
     def cycle(self, instances, **kw) -> m.CycleReport:
         self.fake.reset_requests()
@@ -2381,7 +2408,7 @@ class TestHostileDataPlane:
                 if path == "/backends":
                     dp.read_backends("azure-")
                 else:
-                    dp.apply_transaction(m.Plan(backends=(ONE_BACKEND,)), 7, threading.Event())
+                    dp.apply_transaction(m.Plan(backends=(ONE_BACKEND,)), 7, m.Flag())
 
     def test_a_non_numeric_version_header_is_not_read(self):
         # The version comes from its own call, made before the backends are read.
@@ -2405,7 +2432,7 @@ class TestHostileDataPlane:
             dp, state = m.DataPlane(cfg.haproxy), m.State()
             with pytest.raises(m.DataPlaneError, match="HTTP 20[02] answer is not"):
                 reconcile(cfg, ScriptedSource(m.Discovery((make_instance(1),))), dp, state,
-                            threading.Event(), m.CycleReport())
+                            m.Flag(), m.CycleReport())
         assert dataplane.open_transactions() == []
 
     def test_an_endless_answer_is_cut_at_the_size_bound(self, monkeypatch):
@@ -2733,7 +2760,7 @@ class TestApply:
     def cycle(self, target, instances, state=None, **sections):
         report, state = m.CycleReport(), state or m.State()
         reconcile(make_config(**sections), ScriptedSource(m.Discovery(tuple(instances))), target, state,
-                    threading.Event(), report)
+                    m.Flag(), report)
         return report, state
 
     def test_a_conflict_is_replanned_at_the_new_version(self):
@@ -2782,7 +2809,7 @@ class TestApply:
         assert report.result == "steady"            # the records are read once per state
 
     def test_shutdown_before_applying_sends_nothing(self):
-        target, stop = MemoryTarget(), threading.Event()
+        target, stop = MemoryTarget(), m.Flag()
         stop.set()
         with pytest.raises(m.Aborted):
             reconcile(make_config(), ScriptedSource(m.Discovery((make_instance(1),))), target, m.State(),

@@ -37,7 +37,6 @@ import statistics
 import subprocess
 import sys
 import tempfile
-import threading
 import time
 from pathlib import Path
 
@@ -176,7 +175,7 @@ def cycle(m, cfg, source, dp, state, emulator: Emulator, planning: PlanTimer) ->
     """One measured cycle; the emulator's counters checked against the client's."""
     before = emulator.counts()
     plan_before, cpu = planning.seconds, time.process_time()
-    report = m.one_cycle(cfg, source, dp, state, threading.Event())
+    report = m.one_cycle(cfg, source, dp, state, m.Flag())
     cpu = time.process_time() - cpu
     after = emulator.counts()
     committed = after["commits"] - before["commits"]

@@ -168,7 +168,7 @@ def test_soak(bed):
     rng = random.Random(2026)
     cfg = config(arm, dp, safety={"max_drain_percent": 100}, polling={
         "interval_seconds": 1, "jitter_seconds": 0, "backoff_base_seconds": 1, "max_backoff_seconds": 1})
-    source, client, state, stop = m.AzureSource(cfg), m.DataPlane(cfg.haproxy), m.State(), m.threading.Event()
+    source, client, state, stop = m.AzureSource(cfg), m.DataPlane(cfg.haproxy), m.State(), m.Flag()
     names, counter, rss = ["vm-0000", "vm-0001", "vm-0002", "vm-0003"], 0, []
     results = {"failed": 0}
     for cycle in range(200):

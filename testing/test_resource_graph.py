@@ -158,9 +158,8 @@ def test_quota_wait(headers, wait):
 def test_the_daemon_hooks_reach_resource_graph_pages(arm):
     """The keep-alive hears from every page, and a shutdown ends the discovery between pages, for
     Resource Graph as for the listings (one page loop)."""
-    import threading
     arm.estate = make_estate(vms=1300)                # 3 pages of Resources
-    heard, stop = [], threading.Event()
+    heard, stop = [], m.Flag()
     source = m.AzureSource(config(arm, source="resource_graph"), None, stop, lambda: heard.append(1))
     assert len(source.discover().instances) == 1300 and len(heard) >= 3
     arm.reset_counts()

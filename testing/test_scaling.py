@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import os
 import sys
-import threading
 
 import pytest
 
@@ -40,7 +39,7 @@ class Scaling:
                            "server": {"params": {"inter": 300, "rise": 1, "fall": 1}}}, **sections}
         self.cfg = m.parse_config(raw, {})
         self.source, self.client = m.AzureSource(self.cfg), m.DataPlane(self.cfg.haproxy)
-        self.state, self.stop = m.State(), threading.Event()
+        self.state, self.stop = m.State(), m.Flag()
         self.next_ip = 2 + vms
 
     def add(self) -> None:

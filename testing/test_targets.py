@@ -279,7 +279,7 @@ def test_each_target_drains_on_its_own(pair):
     cfg = m.parse_config(raw_config(arm, target(v2, "hap-v2"), target(v3, "hap-v3"),
                                     safety={"drain_seconds": 30}), {})
     runs = [m.TargetRun(name, c, m.DataPlane(c.haproxy)) for name, c in m.target_configs(cfg)]
-    source, stop = m.AzureSource(cfg), threading.Event()
+    source, stop = m.AzureSource(cfg), m.Flag()
     try:
         m.run_cycle(source, runs, stop)
         slot = next(n for n, s in v2.backends[WEB]["servers"].items() if s["address"] == "10.0.0.5")
