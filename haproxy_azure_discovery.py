@@ -203,9 +203,14 @@ BACKEND_PARAM_KINDS = _by_kind({
     "preserve|delete|reject": "http_restrict_req_hdr_names",
 })
 
-# Backend fields a Data Plane API release dropped from its model, and the first (major, minor)
-# without them: client-native 6.4 (dataplaneapi 3.4) has no http_proxy and ignores it silently.
-BACKEND_PARAMS_GONE = {"http_proxy": (3, 4)}
+# Fields a Data Plane API release dropped from its model, and the first release without them:
+# http_proxy left client-native in 6.3.9, which dataplaneapi 3.3.6 took; the server answers 2xx
+# and forgets it (handlers/respond/respond.go decodes without unknown-field checks).
+FIELDS_GONE = {"backend.http_proxy": (3, 3, 6)}
+# A backend written with the same desired state this many cycles running, and read back
+# different in the same fields each time, has fields the server does not keep: they are
+# ignored from then on (for that target), and the write loop ends.
+REWRITE_LIMIT = 3
 # Seconds a cycle waits for the reload its writes caused (dataplaneapi's reload-delay is 5 s).
 RELOAD_WAIT = 60.0
 # Server fields dataplaneapi applies through HAProxy's runtime API without a reload when a
@@ -432,6 +437,8 @@ class BackendPlan:
     changes: tuple[ServerChange, ...]
     slots: int
     live: int
+    desired: str = ""                    # a digest of the desired state (fields and servers)
+    differs: frozenset[str] | None = None   # what differs from HAProxy's (_differing); None: created
 
     @property
     def structural(self) -> bool:
@@ -513,6 +520,8 @@ class Target(typing.Protocol):
 
     def make_reload(self, version: int, stop: StopFlag) -> Applied: ...
 
+    def dropped_fields(self) -> frozenset[str]: ...
+
     def set_admin_state(self, backend: str, server: str, admin_state: str) -> None: ...
 
     def admin_state(self, backend: str, server: str) -> str | None: ...
@@ -531,6 +540,14 @@ class Settled(typing.NamedTuple):
     foreign_ids: Mapping[int, str]       # server ids held by servers of others in it
 
 
+class Rewrite(typing.NamedTuple):
+    """A backend written with one desired state in `count` cycles running; `keys`: what differed
+    every time (BackendPlan.differs, intersected; None while it was only created)."""
+    desired: str
+    keys: frozenset[str] | None
+    count: int
+
+
 @dataclass
 class State:
     """What the daemon remembers between cycles; SIGHUP replaces it with a fresh one."""
@@ -544,7 +561,9 @@ class State:
     warned: frozenset[str] = frozenset()   # plan warnings already logged
     settled: dict[str, Settled] = field(default_factory=dict)   # backend -> as last found in sync
     debt: ReloadFailed | None = None      # a reload HAProxy still owes: it may run an older configuration
-    debt_read: bool = False               # the API's reload records were read for a debt (first cycle)
+    looked: bool = False                  # _first_look has read what the target tells once
+    rewrites: dict[str, Rewrite] = field(default_factory=dict)   # backend -> its writes of one desired state
+    unkept: frozenset[str] = frozenset()  # "backend.KEY"/"server.KEY" params the target does not keep
 
 
 @dataclass(frozen=True)
@@ -1061,13 +1080,6 @@ def service_haproxy(cfg: Config, service: str | None) -> HAProxyConfig:
                                server_slots=dataclasses.replace(top.server_slots, **given))
 
 
-def backend_params(cfg: Config) -> dict[str, Mapping[str, Any]]:
-    """Every backend.params of the configuration, by key path: the top-level one and each
-    service's, which the Data Plane adapter checks against the API release in use."""
-    return {"haproxy.backend.params": cfg.haproxy.backend.params,
-            **{f"services.{name}.backend.params": s.backend.params or {} for name, s in cfg.services.items()}}
-
-
 def parse_config(raw: Any, env: Mapping[str, str]) -> Config:
     """Turn the loaded file into a Config, or raise ConfigError listing every problem."""
     problems: list[str] = []
@@ -1578,13 +1590,27 @@ def plan_backend(name: str, slots: Sequence[Member | None], actual: BackendState
     for _, n in sorted(beyond):
         changes.append(ServerChange("delete", n, None, have_servers[n]))
     fields_changed = actual is not None and _differs(want_fields, actual.fields)
-    if actual is not None:
-        want_fields = {**actual.fields, **want_fields}
     if actual is not None and not changes and not fields_changed:
         return None
+    desired = hashlib.sha256(json.dumps([want_fields, servers], sort_keys=True, default=str).encode()).hexdigest()
+    differs = None if actual is None else _differing(want_fields, actual.fields, changes)
+    if actual is not None:
+        want_fields = {**actual.fields, **want_fields}
     return BackendPlan(name=name, create=actual is None, fields_changed=fields_changed, fields=want_fields,
                        servers=servers, changes=tuple(changes), slots=len(slots),
-                       live=len(slots) - slots.count(None))
+                       live=len(slots) - slots.count(None), desired=desired[:16], differs=differs)
+
+
+def _differing(want: Mapping[str, Any], have: Mapping[str, Any], changes: Sequence[ServerChange]) -> frozenset[str]:
+    """What differs between a backend's desired state and HAProxy's: "backend.KEY", "server.KEY"
+    of an update, "add.NAME", "delete.NAME" (what the rewrite guard compares between cycles)."""
+    out = {f"backend.{k}" for k, v in want.items() if not _same_value(v, have.get(k))}
+    for c in changes:
+        if c.action == "update":
+            out.update(f"server.{k}" for k, v in c.body.items() if not _same_value(v, c.before.get(k)))
+        else:
+            out.add(f"{c.action}.{c.name}")
+    return frozenset(out)
 
 
 def in_sync(name: str, slots: Sequence[Member | None], actual: BackendState | None,
@@ -1678,6 +1704,51 @@ def plan_cycle(groups: Mapping[ServiceKey, list[Member]], skipped: Sequence[Skip
                for n in names if n in actual and n not in planned and n not in drains and n not in state.draining}
     return Decision(plan=plan, assignments=assignments, drain_fingerprint=fp if streak else None,
                     drain_streak=streak, draining={n: k for n, k in kept.items() if k}, settled=settled)
+
+
+def rewrite_guard(plan: Plan, before: Mapping[str, Rewrite], limit: int = REWRITE_LIMIT
+                  ) -> tuple[dict[str, Rewrite], dict[str, frozenset[str]]]:
+    """(the rewrites once `plan` is applied, the backends whose write loop ends now, with what
+    differed every time). A backend planned with the desired state it was written with the
+    cycle before counts on; written so `limit` times and still read back different, the fields
+    that differed each time are what the server does not keep. Whatever the cause (a field
+    the release forgets, another writer undoing ours), no write loop outlives `limit` cycles."""
+    after, looping = {}, {}
+    for b in plan.backends:
+        last = before.get(b.name)
+        if last is None or last.desired != b.desired:
+            after[b.name] = Rewrite(b.desired, b.differs, 1)
+            continue
+        keys = b.differs if last.keys is None else last.keys if b.differs is None else last.keys & b.differs
+        after[b.name] = Rewrite(b.desired, keys, last.count + 1)
+        if last.count >= limit and keys:
+            looping[b.name] = keys
+    return after, looping
+
+
+def without_fields(cfg: Config, fields: frozenset[str]) -> Config:
+    """The configuration without the params ("backend.KEY", "server.KEY") a target does not keep,
+    at the top level and in every service's overrides."""
+    if not fields:
+        return cfg
+
+    def kept(params: Mapping[str, Any] | None, kind: str) -> Any:
+        return None if params is None else {k: v for k, v in params.items() if f"{kind}.{k}" not in fields}
+    top = cfg.haproxy
+    haproxy = dataclasses.replace(top, backend=dataclasses.replace(top.backend, params=kept(top.backend.params, "backend")),
+                                  server=ServerConfig(kept(top.server.params, "server")))
+    services = {n: dataclasses.replace(
+        s, backend=dataclasses.replace(s.backend, params=kept(s.backend.params, "backend")),
+        server=ServiceServerConfig(kept(s.server.params, "server"))) for n, s in cfg.services.items()}
+    return dataclasses.replace(cfg, haproxy=haproxy, services=services)
+
+
+def configured_fields(cfg: Config) -> frozenset[str]:
+    """Every param the configuration sets, as "backend.KEY" / "server.KEY"."""
+    out = {f"backend.{k}" for k in cfg.haproxy.backend.params} | {f"server.{k}" for k in cfg.haproxy.server.params}
+    for s in cfg.services.values():
+        out |= {f"backend.{k}" for k in s.backend.params or {}} | {f"server.{k}" for k in s.server.params or {}}
+    return frozenset(out)
 
 
 def _still_settled(names: Iterable[str], desired: Mapping[str, list[Member]], actual: Mapping[str, BackendState],
@@ -3053,15 +3124,11 @@ class DataPlane:
     that is not the JSON the API documents is an error naming what came instead, and
     haproxy.timeout bounds each whole request, body included."""
 
-    def __init__(self, cfg: HAProxyConfig, backend_params: Mapping[str, Mapping[str, Any]] | None = None,
-                 progress: Callable[[], None] = lambda: None):
+    def __init__(self, cfg: HAProxyConfig, progress: Callable[[], None] = lambda: None):
         self.cfg = cfg
         self._progress = progress      # the watchdog's keep-alive, while a reload is waited for
-        # Checked against the release in use (see _check_backend_params): by key path.
-        self._backend_params = {"haproxy.backend.params": cfg.backend.params} if backend_params is None \
-            else backend_params
         self.api = None if cfg.api_version == "auto" else cfg.api_version
-        self.release: tuple[int, ...] | None = None    # dataplaneapi's (major, minor), from /info
+        self.release: tuple[int, ...] | None = None    # dataplaneapi's (major, minor, patch), from /info
         self.requests = 0
         self._secrets = [cfg.password, basic_credentials(cfg)]
         self._headers = {"Authorization": f"Basic {basic_credentials(cfg)}", "Accept": "application/json",
@@ -3201,7 +3268,8 @@ class DataPlane:
         the header, after the body was built, so it can be newer than the data (dataplaneapi
         3.0 adapters/adapters.go)."""
         conf = "/services/haproxy/configuration"
-        self._check_backend_params()
+        if self.api is None:
+            self.probe()
         if self.api == "v3":
             _, payload, _ = self.request("GET", f"{conf}/backends", {"full_section": "true"},
                                          expect=_full_sections, shape="a list of backends")
@@ -3216,22 +3284,15 @@ class DataPlane:
                 found[b["name"]] = BackendState(b["name"], b, {s["name"]: s for s in servers["data"]})
         return found
 
-    def _check_backend_params(self) -> None:
-        """haproxy.backend.params against the backend model of the API in use: dataplaneapi
-        3.4 (client-native 6.4) has no http_proxy and drops it silently, so a plan that sets
-        it would be sent again every cycle."""
+    def dropped_fields(self) -> frozenset[str]:
+        """The fields ("backend.KEY", "server.KEY") the release in use answers 2xx to and forgets
+        (FIELDS_GONE): sent every cycle, they would be written again every cycle."""
         if self.api is None:
             self.probe()
         if self.release is None:
             _, info, _ = self.request("GET", "/info")
             self.release = _release(info)
-        gone = [(path, k) for path, params in self._backend_params.items() for k in params
-                if self.api == "v3" and self.release >= BACKEND_PARAMS_GONE.get(k, (99,))]
-        if gone:
-            raise DataPlaneError("; ".join(
-                f"{path}.{k}: the Data Plane API {'.'.join(map(str, self.release))} has no "
-                f"such backend field (gone since {'.'.join(map(str, BACKEND_PARAMS_GONE[k]))}); remove it"
-                for path, k in gone))
+        return frozenset(k for k, since in FIELDS_GONE.items() if self.api == "v3" and self.release >= since)
 
     def _writes(self, b: BackendPlan) -> list[tuple[str, str, dict[str, Any], Any]]:
         """The requests (method, path, query, body) that apply one backend's plan inside a
@@ -3543,10 +3604,10 @@ def _reload_ids(status: int, headers: Mapping[str, str]) -> tuple[str, ...]:
 
 
 def _release(info: Any) -> tuple[int, ...]:
-    """(3, 4) from /info's api.version "v3.4.2 ..."; (0,) when it says nothing readable."""
+    """(3, 4, 2) from /info's api.version "v3.4.2 ..."; (0,) when it says nothing readable."""
     version = ((info or {}).get("api") or {}).get("version") if isinstance(info, dict) else None
-    found = re.match(r"v?(\d+)\.(\d+)", str(version or ""))
-    return (int(found[1]), int(found[2])) if found else (0,)
+    found = re.match(r"v?(\d+)\.(\d+)(?:\.(\d+))?", str(version or ""))
+    return (int(found[1]), int(found[2]), int(found[3] or 0)) if found else (0,)
 
 
 # The shapes of the answers the program reads (testing/spec: version is an integer;
@@ -3740,6 +3801,7 @@ class CycleReport:
     target: str = ""              # the target's name (haproxy.targets[i].name, else its base_url)
     failure: Exception | None = None       # why this target's cycle failed, when it did
     reload_failures: int = 0      # reloads seen failing (or lost) this cycle
+    ignored: list[str] = field(default_factory=list)    # fields found not kept this cycle (_end_write_loops)
     behind: ReloadFailed | None = None     # the reload HAProxy still owes after the cycle
 
 
@@ -3778,8 +3840,9 @@ def reconcile_target(cfg: Config, seen: Seen, target: Target, state: State, stop
     groups, skipped, fp = seen.groups, seen.skipped, seen.fingerprint
     name = report.target or cfg.haproxy.base_url
     prefix = cfg.haproxy.backend.name_prefix + cfg.haproxy.backend.name_separator
-    if not state.debt_read:
-        state.debt, state.debt_read = state.debt or target.reload_debt(), True
+    if not state.looked:
+        _first_look(cfg, target, state, name)
+    cfg = without_fields(cfg, state.unkept)
     for attempt in range(1, MAX_ATTEMPTS + 1):
         version = target.version()
         if state.debt is not None and not dry_run:
@@ -3793,12 +3856,19 @@ def reconcile_target(cfg: Config, seen: Seen, target: Target, state: State, stop
             return None
         actual, now = target.read_backends(prefix), clock()
         decision, sessions = _decide(groups, skipped, actual, state, cfg, target, now, dry_run)
-        plan = decision.plan
         if dry_run:
             report.view = status_view(groups, skipped, actual, decision, cfg, name, now,
-                                      state.draining or _under_way(target, plan))
-            return plan
-        report.refused = {}
+                                      state.draining or _under_way(target, decision.plan))
+            return decision.plan
+        rewrites, looping = rewrite_guard(decision.plan, state.rewrites)
+        if looping and _end_write_loops(looping, state, name, report):
+            cfg = without_fields(cfg, state.unkept)         # and plan again without them
+            decision, sessions = _decide(groups, skipped, actual, state, cfg, target, now, dry_run)
+            rewrites, looping = rewrite_guard(decision.plan, state.rewrites)
+        plan = decision.plan
+        report.refused = {b: f"written with the same desired state {REWRITE_LIMIT} cycles running and read back "
+                             f"different each time ({', '.join(sorted(keys))}): not written again until it changes"
+                          for b, keys in looping.items()}
         try:
             new_version = _apply(plan, target, version, stop, cfg, report)
         except ReloadFailed as exc:
@@ -3811,6 +3881,7 @@ def reconcile_target(cfg: Config, seen: Seen, target: Target, state: State, stop
             continue
         _runtime_states(plan, target, report)
         _record(decision, new_version, state, report)
+        state.rewrites = rewrites
         # What HAProxy holds now, planned again: the view's drift (a held drain, a refused
         # backend), and whether this is a fixpoint. The shortcut is only taken from one: slots
         # parked now that a later shrink may remove need the next cycle to plan again.
@@ -3826,6 +3897,39 @@ def reconcile_target(cfg: Config, seen: Seen, target: Target, state: State, stop
         _log_refused(report.refused, groups, cfg)
         return plan
     raise DataPlaneError(f"gave up after {MAX_ATTEMPTS} attempts: the configuration kept changing")
+
+
+def _first_look(cfg: Config, target: Target, state: State, name: str) -> None:
+    """What a fresh State learns from its target once: a reload HAProxy still owes (from the
+    API's reload records), and the fields its release answers 2xx to and forgets."""
+    state.debt = state.debt or target.reload_debt()
+    gone = target.dropped_fields()
+    for key in sorted(gone & configured_fields(cfg)):
+        log.warning("the Data Plane API at %s does not keep %s (gone since dataplaneapi %s); it is ignored "
+                    "from now on: remove it from the configuration", name, key.replace(".", " field ", 1),
+                    ".".join(map(str, FIELDS_GONE[key])), extra={"event": "field_ignored", "field": key})
+    state.unkept |= gone
+    state.looked = True
+
+
+def _end_write_loops(looping: Mapping[str, frozenset[str]], state: State, name: str, report: CycleReport) -> bool:
+    """The params among the fields `looping` backends were read back without, ignored for this
+    target from now on (one warning each); True when there are new ones to plan without. The
+    other fields the program owns (addresses, names...): their backends are left out of the
+    writes while their desired state is unchanged (rewrite_guard keeps counting)."""
+    new: set[str] = set()
+    for backend, keys in sorted(looping.items()):
+        params = {k for k in keys if k.split(".", 1)[1] in
+                  {"backend": BACKEND_PARAMS, "server": SERVER_PARAMS}.get(k.split(".", 1)[0], ())}
+        for key in sorted(params - state.unkept - new):
+            log.warning("the Data Plane API at %s does not keep %s: backend %s was written with it %d cycles "
+                        "running and read back without it each time; it is ignored from now on", name,
+                        key.replace(".", " field ", 1), backend, REWRITE_LIMIT,
+                        extra={"event": "field_ignored", "field": key, "backend": backend})
+        new |= params - state.unkept
+    state.unkept |= new
+    report.ignored += sorted(new)
+    return bool(new)
 
 
 def _pay_debt(target: Target, state: State, version: int, stop: StopFlag, report: CycleReport) -> int:
@@ -4193,7 +4297,8 @@ class Metrics:
         for name, by in (("cycle_duration_seconds_sum", report.duration), ("reloads_total", report.reloads),
                          ("dataplane_requests_total", report.dataplane_requests),
                          ("backends_refused_total", len(report.refused)),
-                         ("reload_failures_total", report.reload_failures)):
+                         ("reload_failures_total", report.reload_failures),
+                         ("fields_ignored_total", len(report.ignored))):
             self._inc(name, t, by)
         self.gauges[("haproxy_config_behind", t)] = 1 if report.behind else 0
         if report.behind:
@@ -4732,7 +4837,7 @@ def main(argv: Sequence[str] | None = None, env: Mapping[str, str] | None = None
             setup_logging(args.log_level or c.logging.level, c.logging.format, secrets)
         return run_forever(lambda: load_config(path, env),
                            lambda c: AzureSource(c, env, signals.stop, notifier.keepalive),
-                           lambda c: DataPlane(c.haproxy, backend_params(c), notifier.keepalive), signals,
+                           lambda c: DataPlane(c.haproxy, notifier.keepalive), signals,
                            configure=configure, notifier=notifier)
     except ConfigError as exc:
         for problem in exc.problems:
@@ -4766,7 +4871,7 @@ def _once_or_dry_run(cfg: Config, env: Mapping[str, str], dry_run: bool, stop: S
 
 
 def _targets(cfg: Config) -> list[TargetRun]:
-    return [TargetRun(name, c, DataPlane(c.haproxy, backend_params(c))) for name, c in target_configs(cfg)]
+    return [TargetRun(name, c, DataPlane(c.haproxy)) for name, c in target_configs(cfg)]
 
 
 def _failed(reports: Sequence[CycleReport], several: bool, say: Callable[[str], None]) -> int:

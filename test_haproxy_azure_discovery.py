@@ -1967,7 +1967,7 @@ class Harness:
 
     def __init__(self, fake, **sections):
         self.fake, self.cfg = fake, dp_config(fake, **sections)
-        self.dp, self.state, self.stop = (m.DataPlane(self.cfg.haproxy, m.backend_params(self.cfg)), m.State(),
+        self.dp, self.state, self.stop = (m.DataPlane(self.cfg.haproxy), m.State(),
                                         m.Flag())
 
     def cycle(self, instances, **kw) -> m.CycleReport:
@@ -2719,6 +2719,9 @@ class MemoryTarget:
         return {n: b for n, b in self.backends.items() if n.startswith(prefix)}
 
     def apply_transaction(self, plan, version, stop, refused=None):
+        plan = dataclasses.replace(plan, backends=tuple(b for b in plan.backends if b.name not in (refused or {})))
+        if plan.empty:                          # as DataPlane: nothing left to write, no transaction
+            return m.Applied(version)
         self.calls.append(("transaction", version))
         self.ver += 1
         if self.conflicts:
@@ -2742,6 +2745,9 @@ class MemoryTarget:
     def reload_debt(self):
         self.requests += 1
         return self.debt
+
+    def dropped_fields(self):
+        return frozenset()
 
     def make_reload(self, version, stop):
         self.calls.append(("reload", version))
@@ -2788,6 +2794,57 @@ class TestApply:
         with pytest.raises(m.ReloadFailed, match="reload failed"):
             self.cycle(target, [make_instance(1)], state := m.State())
         assert state.version is None and state.fingerprint is None and state.debt.reload_id == "reload-2"
+
+    def test_a_field_the_server_forgets_ends_its_write_loop_after_three_writes(self, caplog):
+        class Forgetful(MemoryTarget):          # keeps no `retries`, as a release without it in its model
+            def apply_transaction(self, plan, version, stop, refused=None):
+                done = super().apply_transaction(plan, version, stop, refused)
+                self.backends = {n: m.BackendState(n, {k: v for k, v in b.fields.items() if k != "retries"},
+                                                   b.servers) for n, b in self.backends.items()}
+                return done
+        target, state, written = Forgetful(), m.State(), []
+        sections = {"haproxy": {"password": "p", "backend": {"params": {"retries": 3}}}}
+        with caplog.at_level(logging.WARNING, logger="haproxy_azure_discovery"):
+            for n in range(10):
+                target.ver += n < 7            # another client writes elsewhere: every cycle reads HAProxy
+                calls = len(target.calls)
+                report, state = self.cycle(target, [make_instance(1)], state, **sections)
+                written.append(len(target.calls) - calls)
+        assert written == [1, 1, 1, 0, 0, 0, 0, 0, 0, 0] and report.result == "steady"
+        assert state.unkept == {"backend.retries"} and report.ignored == []
+        warned = [r.getMessage() for r in caplog.records if getattr(r, "event", "") == "field_ignored"]
+        assert len(warned) == 1 and "backend field retries" in warned[0]
+
+    def test_a_write_another_writer_undoes_each_time_is_held_after_three(self):
+        class Undone(MemoryTarget):             # someone puts srv1 back in maintenance after every write
+            def apply_transaction(self, plan, version, stop, refused=None):
+                done = super().apply_transaction(plan, version, stop, refused)
+                b = self.backends[WEB]
+                self.backends[WEB] = m.BackendState(WEB, b.fields, {**b.servers, "srv1": {
+                    **b.servers["srv1"], "maintenance": "enabled"}})
+                return done
+        target, state, results = Undone(), m.State(), []
+        for _ in range(5):
+            target.ver += 1
+            calls = len(target.calls)
+            report, state = self.cycle(target, [make_instance(1)], state)
+            results.append((report.result, len(target.calls) - calls))
+        assert results == [("applied", 1), ("applied", 1), ("applied", 1), ("partial", 0), ("partial", 0)]
+        assert "(server.maintenance)" in report.refused[WEB] and state.unkept == frozenset()
+        report, state = self.cycle(target, [make_instance(1), make_instance(2)], state)
+        assert report.result == "applied"          # another desired state: written again
+
+    def test_rewrite_guard_counts_one_desired_state_written_again_and_again(self):
+        def plan(desired, differs):
+            return m.Plan(backends=(m.BackendPlan("b", differs is None, True, {}, {}, (), 1, 1, desired, differs),))
+        rewrites, looping = {}, {}
+        for differs in (None, frozenset({"backend.a", "backend.b"}), frozenset({"backend.a"}),
+                        frozenset({"backend.a", "server.x"})):
+            rewrites, looping = m.rewrite_guard(plan("d1", differs), rewrites)
+        assert rewrites["b"] == m.Rewrite("d1", frozenset({"backend.a"}), 4) and looping == {"b": {"backend.a"}}
+        rewrites, looping = m.rewrite_guard(plan("d2", frozenset({"backend.a"})), rewrites)
+        assert rewrites["b"].count == 1 and looping == {}                  # another desired state: anew
+        assert m.rewrite_guard(m.Plan(), rewrites) == ({}, {})            # not planned: the streak ends
 
     def test_a_reload_debt_is_paid_before_anything_is_steady(self):
         target = MemoryTarget(reload_fails=2)
@@ -2909,6 +2966,9 @@ class EmptyDataPlane:
 
     def reload_debt(self):
         return None
+
+    def dropped_fields(self):
+        return frozenset()
 
 
 class RecordingSignals(m.Signals):

@@ -146,6 +146,34 @@ def test_a_peer_commit_mid_transaction_drops_ours_and_we_replan(dataplane):
     assert h.servers(WEB)["srv3"] != "parked" and dataplane.open_transactions() == []
 
 
+def test_twenty_leaked_transactions_that_can_never_commit_are_deleted_and_the_cycle_applies(dataplane, caplog):
+    h = Harness(dataplane)
+    h.cycle(estate("web", 1, 1))
+    api = Api(dataplane)
+    leaked = [api.call("POST", f"/services/haproxy/transactions?version={dataplane.version}")[2]["id"]
+              for _ in range(dataplane.max_open_transactions)]
+    dataplane.edit_server(WEB, "srv5", weight=7)        # a plain write elsewhere: none of them can commit now
+    with caplog.at_level(logging.WARNING, logger="haproxy_azure_discovery"):
+        report = h.cycle(estate("web", 1, 2))
+    assert report.result == "applied" and h.servers(WEB)["srv2"] == "10.0.0.6:8080"
+    assert not set(leaked) & set(dataplane.transactions()) and dataplane.open_transactions() == []
+    assert [r.getMessage() for r in caplog.records if getattr(r, "event", "") == "transactions_deleted"] == [
+        f"the Data Plane API had too many open transactions: deleted 20 that could never commit (outdated, "
+        f"failed or on a version older than {dataplane.version - 1})"]
+
+
+def test_twenty_transactions_in_progress_on_the_current_version_are_left_alone(dataplane):
+    h = Harness(dataplane)
+    h.cycle(estate("web", 1, 1))
+    api = Api(dataplane)
+    leaked = {api.call("POST", f"/services/haproxy/transactions?version={dataplane.version}")[2]["id"]
+              for _ in range(dataplane.max_open_transactions)}
+    with pytest.raises(m.DataPlaneError, match=r"HTTP 429 .*20 transaction\(s\) in progress on version \d+, none of "
+                                               r"them this program's.*not deleted here.*restart dataplaneapi"):
+        h.cycle(estate("web", 1, 2))
+    assert set(dataplane.open_transactions()) == leaked
+
+
 # --- reloads ----------------------------------------------------------------------------
 @pytest.mark.parametrize("api", ["v2", "v3"])
 def test_the_version_is_recorded_only_once_the_reload_succeeded(api):
@@ -274,14 +302,18 @@ def test_no_request_reaches_the_parked_address_while_a_slot_is_unparked():
         parked.close()
 
 
-# --- models -----------------------------------------------------------------------------
+# --- models ---------------------------------------------------------------------------
 @pytest.mark.parametrize("sections, key", [
-    ({"haproxy": {"backend": {"params": {"http_proxy": "enabled"}}}}, r"haproxy\.backend\.params\.http_proxy"),
-    ({"services": {"web": {"backend": {"params": {"http_proxy": "enabled"}}}}},
-     r"services\.web\.backend\.params\.http_proxy")])
-def test_a_backend_field_the_api_in_use_dropped_is_refused_before_anything_is_sent(sections, key):
+    ({"haproxy": {"backend": {"params": {"http_proxy": "enabled"}}}}, "backend field http_proxy"),
+    ({"services": {"web": {"backend": {"params": {"http_proxy": "enabled"}}}}}, "backend field http_proxy")])
+def test_a_backend_field_the_api_in_use_dropped_is_ignored_with_one_warning(sections, key, caplog):
     with FakeDataPlane(api="v3") as fake:                 # claims dataplaneapi v3.4
         h = Harness(fake, **sections)
-        with pytest.raises(m.DataPlaneError, match=key + r": .* 3\.4"):
-            h.cycle(estate("web", 1, 1))
-        assert [r.method for r in fake.requests] == ["GET"] * len(fake.requests) and fake.backends == {}
+        with caplog.at_level(logging.WARNING, logger="haproxy_azure_discovery"):
+            assert h.cycle(estate("web", 1, 1)).result == "applied"
+            assert h.cycle(estate("web", 1, 2)).result == "applied"
+        warned = [r.getMessage() for r in caplog.records if getattr(r, "event", "") == "field_ignored"]
+        assert len(warned) == 1 and key in warned[0] and "3.3.6" in warned[0]
+        sent = [r.body for r in fake.requests if r.method in ("POST", "PUT") and "backends" in r.path]
+        assert sent and all("http_proxy" not in body for body in sent)
+        assert fake.violations == []
