@@ -24,7 +24,7 @@ Usage:
 
 Configuration: JSON (or TOML on Python 3.11+), default
 /etc/haproxy-azure-discovery/config.json, then config.toml. Strings may use
-${VAR} and ${VAR:-default}. See README.md for every key.
+${VAR} and ${VAR:-default}. See docs/configuration.md for every key.
 
 Exit codes: 0 ok, 1 cycle failed or unexpected error, 2 usage,
 69 Azure SDK not importable, 78 configuration invalid.
