@@ -79,7 +79,12 @@ DEFAULT_CONFIG_PATHS = ("/etc/haproxy-azure-discovery/config.json",
 SDK_PACKAGES = ("azure-identity", "azure-mgmt-compute", "azure-core")
 
 DAY, HOUR = 86400.0, 3600.0
-MAX_WEIGHT = 256                  # HAProxy's server weight range is 0-256      # bounds of intervals and of timeouts
+MAX_WEIGHT = 256                  # HAProxy's server weight range is 0-256
+INT_MAX = 2**31 - 1               # HAProxy parses numbers (and times, in ms) as 32-bit signed integers
+# HAProxy's own bounds of int params, where they are narrower than 0..INT_MAX (haproxy -c: "invalid
+# value 0 for argument 'inter'", weights above 256 refused).
+PARAM_BOUNDS = {"weight": (0, MAX_WEIGHT), **{k: (1, INT_MAX) for k in (
+    "inter", "fastinter", "downinter", "agent-inter", "rise", "fall", "error_limit")}}
 MAX_SLOTS = 100000                # haproxy.server_slots.max at most (slot names srv1..srv999999)
 
 # A parked slot points here, in maintenance (as the Data Plane API's own AWS discovery does).
@@ -277,7 +282,7 @@ class ReloadFailed(DataPlaneError):
 
     def __init__(self, reload_id: str, at: Any = None, response: Any = None):
         self.reload_id, self.at = reload_id, at if _is_int(at) else None
-        self.response = " ".join(str(response or "no message").split())[:300]
+        self.response = shorten(str(response or "no message"), 300)
         when = f" at {utc(self.at)}" if self.at is not None else ""
         super().__init__(f"HAProxy runs an older configuration than the Data Plane API shows: reload "
                          f"{reload_id} failed{when}: {self.response}")
@@ -305,10 +310,25 @@ SECRET_VAR_RE = re.compile(r"(?i)(.*_)?(password|passwd|pass|secret|token|key|cr
 
 def redact(text: str, secrets: Iterable[str]) -> str:
     """`text` with every known secret value (4 characters or more) and anything shaped
-    like a credential masked: the one masking path of every printed line."""
-    for secret in sorted({s for s in secrets if s and len(s) >= 4}, key=len, reverse=True):
+    like a credential masked: the one masking path of every printed line. A secret is
+    masked as written and as it appears escaped (JSON, a Python repr, URL-quoted) or with
+    its whitespace folded, so that no way of printing an answer shows it."""
+    for secret in sorted({v for s in secrets if s and len(s) >= 4 for v in _spellings(s)}, key=len, reverse=True):
         text = text.replace(secret, "***")
     return _REDACT_RE.sub(lambda m: m.group(1) + "***", text)
+
+
+@functools.lru_cache(maxsize=256)
+def _spellings(secret: str) -> tuple[str, ...]:
+    return tuple({secret, json.dumps(secret)[1:-1], json.dumps(secret, ensure_ascii=False)[1:-1],
+                  repr(secret)[1:-1], urllib.parse.quote(secret, safe=""), urllib.parse.quote_plus(secret),
+                  " ".join(secret.split())} - {""})
+
+
+def shorten(text: str, limit: int, secrets: Iterable[str] = ()) -> str:
+    """Text from outside, for one line: masked first (a cut must not leave the start of a
+    secret behind), then its whitespace folded, then cut to `limit` characters."""
+    return " ".join(redact(text, secrets).split())[:limit]
 
 
 def secret_values(env: Mapping[str, str]) -> list[str]:
@@ -792,7 +812,7 @@ def _params(allowed: frozenset[str], owned: str, kinds: Mapping[str, str]) -> Ca
     def check(v: Mapping) -> str | None:
         bad = sorted(k for k in v if k not in allowed)
         if not bad:
-            wrong = [f"{k}: {problem}" for k in sorted(v) if (problem := param_value_problem(v[k], kinds[k]))]
+            wrong = [f"{k}: {problem}" for k in sorted(v) if (problem := param_value_problem(v[k], kinds[k], k))]
             return "; ".join(wrong) or None
         owned_keys = [k for k in bad if k in owned.split()]
         if owned_keys:
@@ -801,13 +821,15 @@ def _params(allowed: frozenset[str], owned: str, kinds: Mapping[str, str]) -> Ca
     return check
 
 
-def param_value_problem(value: Any, kind: str) -> str | None:
-    """Why `value` is not what the Data Plane API's model allows for a param of `kind`."""
+def param_value_problem(value: Any, kind: str, name: str = "") -> str | None:
+    """Why `value` is not what the Data Plane API's model allows for a param of `kind`, or
+    what HAProxy itself refuses (PARAM_BOUNDS): `haproxy -c` at the commit would fail the
+    whole transaction, every backend in it."""
     got = json.dumps(value)[:60]
     if kind in ("int", "port"):
-        low, high = (0, None) if kind == "int" else (1, 65535)
-        ok = isinstance(value, int) and not isinstance(value, bool) and low <= value <= (high or value)
-        return None if ok else f"must be an integer {'of 0 or more' if kind == 'int' else '1-65535'}, got {got}"
+        low, high = PARAM_BOUNDS.get(name, (0, INT_MAX)) if kind == "int" else (1, 65535)
+        ok = isinstance(value, int) and not isinstance(value, bool) and low <= value <= high
+        return None if ok else f"must be an integer {low}-{high}, got {got}"
     if kind in ("bool", "list", "object"):
         ok = isinstance(value, {"bool": bool, "list": list, "object": dict}[kind])
         return None if ok else f"must be {'true or false' if kind == 'bool' else 'a ' + kind}, got {got}"
@@ -832,11 +854,41 @@ def _between(low: float, high: float, unit: str = "") -> Callable[[float], str |
 
 
 def _bounded_url(v: str) -> str | None:
-    """The Data Plane API's URL: credentials go in username/password, never in the URL."""
+    """The Data Plane API's URL: scheme, host, port and a path, nothing else. Credentials go in
+    username/password, never in the URL (nor into an error message); the program adds its own
+    paths and queries."""
+    if any(c.isspace() or not c.isprintable() for c in v):
+        return "must not contain spaces or control characters"
     u = urllib.parse.urlsplit(v)
     if u.username is not None or u.password is not None:
         return "must not carry credentials (user:password@): use haproxy.username and haproxy.password"
+    if "?" in v or "#" in v:
+        return f"must not have a query or a fragment, got {json.dumps(v)}"
+    try:
+        port = u.port
+    except ValueError:
+        port = 0
+    if port == 0:
+        return f"port must be 1-65535, got {json.dumps(v)}"
     return _http_url(v)
+
+
+def _endpoint_key(url: str) -> tuple[str, str, int]:
+    """(scheme, host, port) of an http(s) URL as the connection goes: the default port of its
+    scheme spelt out, every name of the loopback host as one."""
+    u = urllib.parse.urlsplit(url)
+    host = (u.hostname or "").lower().rstrip(".")
+    try:
+        if host == "localhost" or ipaddress.ip_address(host).is_loopback:
+            host = "localhost"
+    except ValueError:
+        pass
+    return u.scheme.lower(), host, u.port or (443 if u.scheme.lower() == "https" else 80)
+
+
+def _tag_name(v: str) -> str | None:
+    return None if v and v.isprintable() and len(v) <= 512 else (
+        f"must be a tag name (1-512 printable characters), got {json.dumps(v)[:80]}")
 
 
 # Per-key checks beyond the type; the type comes from the dataclass annotation.
@@ -859,7 +911,11 @@ CHECKS: dict[str, Callable[[Any], str | None]] = {
     "haproxy.name": _matches(re.compile(r"[^\s\"\\\x00-\x1f\x7f]{1,100}"),    # a target's (haproxy.targets[i].name)
                              "must be 1-100 characters without spaces, quotes, backslashes or controls"),
     "haproxy.username": lambda v: None if v else "must not be empty",
-    "haproxy.password": lambda v: None if v else "is required",
+    "haproxy.password": lambda v: None if v else "is required (the Data Plane API always asks for credentials)",
+    "tags.service_name_tag": _tag_name,
+    "tags.service_port_tag": _tag_name,
+    "tags.instance_port_tag": _tag_name,
+    "tags.instance_weight_tag": _tag_name,
     "haproxy.timeout": lambda v: _positive(v) or _at_most(HOUR, " s")(v),
     "haproxy.apply_mode": _one_of("transaction", "hybrid"),
     "haproxy.hybrid_max_writes": _between(1, 100000),
@@ -929,7 +985,8 @@ def _coerce(value: Any, hint: Any, path: str, problems: list[str]) -> Any:
     elif hint is str:
         if isinstance(value, str):
             return value
-        problems.append(f"{path}: must be a string, got {json.dumps(value, default=str)}")
+        shown = "(not shown, being a secret)" if _secret_key(path) else json.dumps(value, default=str)
+        problems.append(f"{path}: must be a string, got {shown}")
     elif origin is tuple:
         if isinstance(value, list) and all(isinstance(v, str) and v for v in value):
             return tuple(value)
@@ -940,6 +997,11 @@ def _coerce(value: Any, hint: Any, path: str, problems: list[str]) -> Any:
             return {k: v for k, v in value.items() if not k.startswith("_")}
         problems.append(f"{path}: must be an object" + (" of strings" if want_str else ""))
     return None
+
+
+def _secret_key(path: str) -> bool:
+    """Whether a key path holds a secret, whose value no message may show."""
+    return SECRET_VAR_RE.fullmatch(path.rsplit(".", 1)[-1]) is not None
 
 
 def _interpolate_all(value: Any, env: Mapping[str, str], path: str, problems: list[str]) -> Any:
@@ -1053,10 +1115,10 @@ def _target_problems(cfg: Config) -> list[str]:
             problems.append(f"{path}.password: is required (here or as haproxy.password)")
         if h.ca_file and not h.verify_ssl and (entry.ca_file or entry.verify_ssl is not None):
             problems.append(f"{path}.ca_file: set, but verify_ssl is false (here or in haproxy)")
-        u = urllib.parse.urlsplit(h.base_url)
-        key = (u.scheme.lower(), (u.hostname or "").lower(), u.port, u.path.rstrip("/"))
+        key = _endpoint_key(h.base_url)
         if key in seen_urls:
-            problems.append(f"{path}.base_url: {h.base_url} is haproxy.targets[{seen_urls[key]}]'s Data Plane API too")
+            problems.append(f"{path}.base_url: {h.base_url} is haproxy.targets[{seen_urls[key]}]'s Data Plane API "
+                            "too (the same scheme, host and port: two targets would fight over one HAProxy)")
         if name in seen_names:
             problems.append(f"{path}.name: {json.dumps(name)} names haproxy.targets[{seen_names[name]}] too")
         seen_urls.setdefault(key, i)
@@ -1113,6 +1175,8 @@ def _cross_checks(cfg: Config) -> list[str]:
                         f"({polling.max_backoff_seconds} < {polling.backoff_base_seconds})")
     if cfg.haproxy.ca_file and not cfg.haproxy.verify_ssl:
         problems.append("haproxy.ca_file: set, but haproxy.verify_ssl is false")
+    if not cfg.haproxy.targets and not cfg.haproxy.password:
+        problems.append("haproxy.password: is required (the Data Plane API always asks for credentials)")
     return problems + _target_problems(cfg)
 
 
@@ -2441,6 +2505,7 @@ class AzureSource:
         self._identity, self._compute, self._errors, self._request = _azure_sdk()
         self.cfg = cfg
         self._env = os.environ if env is None else env
+        self._secrets = secret_values(self._env)     # masked before any answer is cut short
         self._lock = threading.Lock()
         self._stop, self._progress = stop or Flag(), progress
         self.requests = 0
@@ -2479,7 +2544,7 @@ class AzureSource:
                     10.0, self.cfg.azure.timeout), read_timeout=self.cfg.azure.timeout)
                 document = response.json() if response.status_code == 200 else None
         except self._errors.AzureError as exc:
-            raise AzureError(f"cloud metadata from {url}: {_sdk_message(exc)}") from None
+            raise AzureError(f"cloud metadata from {url}: {_sdk_message(exc, self._secrets)}") from None
         except ValueError as exc:
             raise AzureError(f"cloud metadata from {url}: not JSON ({str(exc)[:100]})") from None
         if document is None:
@@ -2545,7 +2610,7 @@ class AzureSource:
         try:
             self._credential.get_token(self._scope)
         except self._errors.AzureError as exc:
-            raise AzureError(f"getting a token for {self._scope} failed: {_sdk_message(exc)}") from None
+            raise AzureError(f"getting a token for {self._scope} failed: {_sdk_message(exc, self._secrets)}") from None
 
     def _check(self) -> None:
         """In a listing thread, between pages and retries: stop on shutdown, when a sibling
@@ -2749,11 +2814,11 @@ class AzureSource:
             # json.loads on the bytes: the SDK's json() decodes to text first.
             page = json.loads(response.body()) if response.status_code == 200 else None
         except self._errors.AzureError as exc:
-            raise AzureError(f"{what} failed: {_sdk_message(exc)}", getattr(exc, "status_code", None)) from None
+            raise AzureError(f"{what} failed: {_sdk_message(exc, self._secrets)}", getattr(exc, "status_code", None)) from None
         except ValueError as exc:
             raise AzureError(f"{what} failed: malformed page ({str(exc)[:100]})") from None
         if page is None:
-            raise AzureError(f"{what} failed: HTTP {response.status_code} {_arm_error(response)}",
+            raise AzureError(f"{what} failed: HTTP {response.status_code} {_arm_error(response, self._secrets)}",
                              response.status_code)
         if not isinstance(page, dict):
             raise AzureError(f"{what} failed: malformed page (not a JSON object)")
@@ -3021,20 +3086,20 @@ def _listing_policies(credential: Any, scope: str, retry: Any, hook: Callable[[A
             policies.CustomHookPolicy(raw_request_hook=hook), policies.SensitiveHeaderCleanupPolicy()]
 
 
-def _arm_error(response: Any) -> str:
-    """The code and message of a Resource Manager error body, bounded."""
+def _arm_error(response: Any, secrets: Iterable[str] = ()) -> str:
+    """The code and message of a Resource Manager error body, masked and bounded."""
     try:
         error = response.json().get("error") or {}
         text = f"{error.get('code', '')}: {error.get('message', '')}"
     except (ValueError, AttributeError):
-        text = response.text()[:200]
-    return " ".join(text.split())[:300]
+        text = response.text()[:MAX_ERROR_BODY]
+    return shorten(text, 300, secrets)
 
 
-def _sdk_message(exc: Exception) -> str:
+def _sdk_message(exc: Exception, secrets: Iterable[str] = ()) -> str:
     status = getattr(exc, "status_code", None)
-    text = " ".join(str(getattr(exc, "message", None) or exc).split())
-    return (f"HTTP {status}: " if status else "") + f"{type(exc).__name__}: {text[:300]}"
+    text = shorten(str(getattr(exc, "message", None) or exc), 300, secrets)
+    return (f"HTTP {status}: " if status else "") + f"{type(exc).__name__}: {text}"
 
 
 def _credential(cfg: AzureConfig, identity: Any, authority: str, env: Mapping[str, str]) -> TokenCredential:
@@ -3170,7 +3235,7 @@ class DataPlane:
         self.requests += 1
         status, raw, got = self._exchange(where, urllib.request.Request(url, data, headers, method=method))
         if 300 <= status < 400:
-            location = self._mask(str(got.get("Location") or "(none)")[:200])
+            location = shorten(str(got.get("Location") or "(none)"), 200, self._secrets)
             raise DataPlaneError(f"{where}: HTTP {status} redirect to {location} not followed "
                                  "(haproxy.base_url must be the Data Plane API itself)", status)
         if status >= 400:
@@ -3223,8 +3288,8 @@ class DataPlane:
 
     def _malformed(self, where: str, status: int, headers: Any, raw: bytes, what: str) -> DataPlaneError:
         """The error for a 2xx answer the API does not give: what came, masked and bounded."""
-        kind = str(headers.get("Content-Type") or "no content type")[:80]
-        sample = " ".join(raw[:400].decode("utf-8", "replace").split())[:200]
+        kind = shorten(str(headers.get("Content-Type") or "no content type"), 80, self._secrets)
+        sample = shorten(raw[:MAX_ERROR_BODY].decode("utf-8", "replace"), 200, self._secrets)
         return DataPlaneError(self._mask(f"{where}: HTTP {status} answer is {what} ({kind}): "
                                          f"{json.dumps(sample, ensure_ascii=False)}"), status)
 
@@ -3235,7 +3300,7 @@ class DataPlane:
             text = payload.get("message", "") if isinstance(payload, dict) else str(payload)
         except (ValueError, RecursionError):
             text = raw.decode("utf-8", "replace")
-        return self._mask(" ".join(str(text).split())[:300])
+        return shorten(str(text), 300, self._secrets)
 
     def _mask(self, text: str) -> str:
         return redact(text, self._secrets)
@@ -3496,8 +3561,8 @@ class DataPlane:
                 if status == "succeeded":
                     break
                 if status in ("failed", "unknown"):
-                    raise ReloadFailed(reload_id, entry.get("reload_timestamp"), entry.get("response")
-                                       if status == "failed" else "unknown to the Data Plane API (it "
+                    raise ReloadFailed(reload_id, entry.get("reload_timestamp"), self._mask(str(entry.get(
+                        "response"))) if status == "failed" else "unknown to the Data Plane API (it "
                                        "restarted before reloading?)")
                 if time.monotonic() + pause > deadline:
                     raise ReloadFailed(reload_id, None, f"still {status} after {RELOAD_WAIT:g} s")
@@ -3533,7 +3598,7 @@ class DataPlane:
         latest = max(done, key=lambda r: _reload_order(r["id"]), default=None)
         if latest is None or latest["status"] != "failed":
             return None
-        return ReloadFailed(latest["id"], latest.get("reload_timestamp"), latest.get("response"))
+        return ReloadFailed(latest["id"], latest.get("reload_timestamp"), self._mask(str(latest.get("response"))))
 
     def make_reload(self, version: int, stop: StopFlag) -> Applied:
         """A reload of what the API holds, confirmed: an empty transaction committed at

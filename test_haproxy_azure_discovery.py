@@ -287,7 +287,21 @@ class TestConfig:
         ({"metrics": {"listen": "127.0.0.1:70000"}}, 'metrics.listen: must be "HOST:PORT"'),
         ({"metrics": {"listen": "127.0.0.1:٩٧"}}, 'metrics.listen: must be "HOST:PORT"'),
         ({"haproxy": {"server": {"params": {"inter": "fast"}}}},
-         'haproxy.server.params: inter: must be an integer of 0 or more, got "fast"'),
+         'haproxy.server.params: inter: must be an integer 1-2147483647, got "fast"'),
+        ({"haproxy": {"server": {"params": {"inter": 10 ** 12}}}},
+         "haproxy.server.params: inter: must be an integer 1-2147483647, got 1000000000000"),
+        ({"haproxy": {"server": {"params": {"weight": 300}}}}, "haproxy.server.params: weight: must be an integer 0-256"),
+        ({"haproxy": {"server": {"params": {"rise": 0}}}}, "haproxy.server.params: rise: must be an integer 1-"),
+        ({"haproxy": {"server": {"params": {"maxconn": 2 ** 31}}}}, "haproxy.server.params: maxconn: must be an integer 0-"),
+        ({"haproxy": {"backend": {"params": {"server_timeout": 2 ** 31}}}},
+         "haproxy.backend.params: server_timeout: must be an integer 0-2147483647"),
+        ({"haproxy": {"base_url": "http://localhost:5555/\nx"}}, "haproxy.base_url: must not contain spaces or control"),
+        ({"haproxy": {"base_url": "http://localhost:5555/v3?x=1"}}, "haproxy.base_url: must not have a query or a fragment"),
+        ({"haproxy": {"base_url": "http://localhost:5555#top"}}, "haproxy.base_url: must not have a query or a fragment"),
+        ({"haproxy": {"base_url": "http://localhost:0"}}, "haproxy.base_url: port must be 1-65535"),
+        ({"haproxy": {"base_url": "http://localhost:99999"}}, "haproxy.base_url: port must be 1-65535"),
+        ({"tags": {"service_name_tag": ""}}, "tags.service_name_tag: must be a tag name"),
+        ({"tags": {"instance_weight_tag": "a\tb"}}, "tags.instance_weight_tag: must be a tag name"),
         ({"haproxy": {"server": {"params": {"inter": -1}}}}, "haproxy.server.params: inter: must be an integer"),
         ({"haproxy": {"server": {"params": {"ssl": "yes"}}}},
          'haproxy.server.params: ssl: must be enabled or disabled, got "yes"'),
@@ -378,7 +392,7 @@ class TestConfig:
         with pytest.raises(m.ConfigError) as err:
             m.load_config(path, {})
         assert sorted(err.value.problems) == [
-            'haproxy.password: must be a string, got "1979-05-27 07:32:00+00:00"',
+            'haproxy.password: must be a string, got (not shown, being a secret)',
             "polling.interval_seconds: must be a number, got Infinity",
             "polling.jitter_seconds: must be a number, got NaN"]
 
@@ -447,6 +461,7 @@ class TestServices:
         ({"api": {"backend": {"params": {"mode": "tcp"}}}}, "services.api.backend.params: may not set mode"),
         ({"api": {"server": {"params": {"address": "1.2.3.4"}}}}, "services.api.server.params: may not set address"),
         ({"api": {"server": {"params": {"inter": -1}}}}, "services.api.server.params: inter: must be an integer"),
+        ({"api": {"server": {"params": {"weight": 300}}}}, "services.api.server.params: weight: must be an integer 0-256"),
         ({"api": {"server_slots": {"base": 0}}}, "services.api.server_slots.base: must be between 1 and 10000"),
         ({"api": {"server_slots": {"base": 2000}}}, "services.api.server_slots.max: must be at least"),
         ({"api": {"colour": 1}}, "services.api.colour: unknown key"),
@@ -525,6 +540,12 @@ class TestTargets:
         ([{"base_url": "http://a:5555", "name": "hap 1"}], "haproxy.targets[0].name: must be 1-100 characters"),
         ([{"base_url": "http://a:5555"}, {"base_url": "HTTP://A:5555/"}],
          "haproxy.targets[1].base_url: HTTP://A:5555/ is haproxy.targets[0]'s Data Plane API too"),
+        ([{"base_url": "http://127.0.0.1:5555"}, {"base_url": "http://localhost:5555/v3"}],
+         "haproxy.targets[1].base_url: http://localhost:5555/v3 is haproxy.targets[0]'s Data Plane API too"),
+        ([{"base_url": "http://[::1]:5555"}, {"base_url": "http://127.0.0.2:5555"}],
+         "haproxy.targets[1].base_url: http://127.0.0.2:5555 is haproxy.targets[0]'s Data Plane API too"),
+        ([{"base_url": "https://h.example:443"}, {"base_url": "https://H.example"}],
+         "haproxy.targets[1].base_url: https://H.example is haproxy.targets[0]'s Data Plane API too"),
         ([{"base_url": "http://a:5555", "name": "x"}, {"base_url": "http://b:5555", "name": "x"}],
          'haproxy.targets[1].name: "x" names haproxy.targets[0] too'),
         ([{"base_url": "http://a:5555", "ca_file": "/etc/ssl/certs/ca-certificates.crt", "verify_ssl": False}],
@@ -565,6 +586,15 @@ class TestTargets:
         assert err[0].endswith(f"haproxy.targets[0].ca_file: {tmp_path}/not-pem holds no PEM certificate")
         assert err[1].endswith(f"haproxy.targets[1].ca_file: cannot read {tmp_path}/missing.pem: "
                                "No such file or directory")
+
+    @pytest.mark.parametrize("password", [None, {"x": "pw-in-an-object"}, ["pw-in-a-list"], 12345678])
+    def test_a_missing_or_non_string_password_is_refused_without_echo(self, tmp_path, capsys, password):
+        haproxy = {} if password is None else {"password": password}
+        path = write_config(tmp_path, {"azure": {"subscription_id": SUB}, "haproxy": haproxy})
+        assert m.main(["--validate", "-c", path]) == 78
+        err = capsys.readouterr().err
+        assert "haproxy.password: " in err and "pw-in-a" not in err and "12345678" not in err
+        assert ("is required" if password is None else "(not shown, being a secret)") in err
 
     def test_an_unchecked_certificate_is_warned_about_per_target(self):
         cfg = make_config(haproxy={"password": "p", "targets": [{"base_url": "https://a:5555"},
@@ -2489,6 +2519,44 @@ class TestHostileDataPlane:
                 assert m.main([mode, "-c", write_config(tmp_path, raw)]) == 1
         out, err = capsys.readouterr()
         assert "HTTP 500" in err and PASSWORD not in out + err and basic not in out + err
+
+
+    ODD_PASSWORDS = ['quo"te-secret', "back\\slash-secret", "tab\tbed-secret", "héllo wörld secret"]
+
+    @pytest.mark.parametrize("password", ODD_PASSWORDS)
+    @pytest.mark.parametrize("shape", ["json message", "html", "location", "reload"])
+    def test_an_odd_password_echoed_any_way_is_masked(self, password, shape):
+        """However an answer carries the password (as is, JSON- or URL-escaped, whitespace
+        folded), no error text shows it, nor its start when the text is cut short."""
+        escaped = json.dumps(password)[1:-1]
+        spellings = [password, escaped, urllib.parse.quote(password), " ".join(password.split())]
+        echo = " ".join(spellings)
+        answers = {
+            "json message": (500, JSON, json.dumps({"code": 500, "message": echo})),
+            "html": (200, {"Content-Type": "text/html"}, f"<html>{echo}</html>"),
+            "location": (302, {"Location": "http://elsewhere/" + urllib.parse.quote(password)}, ""),
+            "reload": (200, JSON, json.dumps({"id": "2026-12-07-1", "status": "failed", "response": echo})),
+        }
+        with Meddler(lambda *_: answers[shape]) as front:
+            dp = meddled(front.url, password=password)
+            with pytest.raises(m.DataPlaneError) as err:
+                dp.await_reloads(["2026-12-07-1"], m.Flag()) if shape == "reload" else dp.version()
+        text = str(err.value)
+        assert "***" in text
+        for spelling in spellings:
+            assert spelling[:6] not in text, (spelling, text)
+
+    @pytest.mark.parametrize("cut", [200, 300])
+    def test_a_secret_straddling_a_cut_leaves_nothing_behind(self, cut):
+        for shape in ("json message", "html"):
+            pad = "x" * (cut - 8)           # the password starts 8 characters before the cut
+            body = json.dumps({"code": 500, "message": pad + PASSWORD}) if shape == "json message" \
+                else f"{pad[6:]}{PASSWORD}"
+            answer = (500, JSON, body) if shape == "json message" else (200, {"Content-Type": "text/html"}, body)
+            with Meddler(lambda *_: answer) as front:
+                with pytest.raises(m.DataPlaneError) as err:
+                    meddled(front.url).version()
+            assert PASSWORD[:4] not in str(err.value), (shape, str(err.value)[-40:])
 
 
 class TestHybrid:
