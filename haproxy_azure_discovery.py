@@ -576,6 +576,7 @@ class State:
     assignments: dict[str, dict[str, str]] = field(default_factory=dict)  # backend -> instance -> slot
     drain_fingerprint: str | None = None  # discovery seen behind a mass drain ...
     drain_streak: int = 0                 # ... and in how many cycles in a row
+    drain_since: float | None = None      # ... and since when (wall clock), while it is held
     draining: dict[str, dict[str, Drain]] = field(default_factory=dict)   # backend -> server -> its drain
     skipped: frozenset[str] = frozenset()  # skip reasons already logged as warnings
     warned: frozenset[str] = frozenset()   # plan warnings already logged
@@ -593,6 +594,7 @@ class Decision:
     assignments: dict[str, dict[str, str]]
     drain_fingerprint: str | None
     drain_streak: int
+    drain_since: float | None = None
     draining: dict[str, dict[str, Drain]] = field(default_factory=dict)
     settled: dict[str, Settled] = field(default_factory=dict)
 
@@ -698,6 +700,7 @@ class PollingConfig:
 class SafetyConfig:
     max_drain_percent: float = 50.0
     drain_confirm_cycles: int = 2
+    drain_confirm_seconds: float = 300.0   # ... and this long since it was first seen, whichever is longer
     drain_seconds: float = 30.0   # a leaving server drains this long at most before it is parked
 
 
@@ -936,6 +939,7 @@ CHECKS: dict[str, Callable[[Any], str | None]] = {
     "polling.max_backoff_seconds": lambda v: _positive(v) or _at_most(DAY, " s")(v),
     "safety.max_drain_percent": lambda v: None if 0 <= v <= 100 else f"must be between 0 and 100, got {v}",
     "safety.drain_confirm_cycles": _between(1, 1000),
+    "safety.drain_confirm_seconds": lambda v: _not_negative(v) or _at_most(DAY, " s")(v),
     "safety.drain_seconds": lambda v: _not_negative(v) or _at_most(DAY, " s")(v),
     "logging.level": _one_of("DEBUG", "INFO", "WARNING", "ERROR"),
     "logging.format": _one_of("json", "text"),
@@ -1739,8 +1743,8 @@ def plan_cycle(groups: Mapping[ServiceKey, list[Member]], skipped: Sequence[Skip
     drains = {n: d for n, a in work.items() if (d := a.leaving())}
     live = sum(len(a.live) for a in work.values()) + sum(len(s.slots) - s.slots.count(None) for s in same.values())
     # Without a drain the guard holds nothing and nothing drains on.
-    held, streak, kept, fp = (_drain_decisions(drains, work, live, actual, state, groups, cfg.safety, now, sessions)
-                              if drains else ({}, 0, {}, None))
+    held, guard, kept, fp = (_drain_decisions(drains, work, live, actual, state, groups, cfg.safety, now, sessions)
+                             if drains else ({}, Guard(False, 0, None), {}, None))
     for n, names_drained in drains.items():
         # Serve the held and the draining servers as if they were still discovered: they
         # keep their slots, and new instances take parked slots (or the backend grows).
@@ -1766,8 +1770,9 @@ def plan_cycle(groups: Mapping[ServiceKey, list[Member]], skipped: Sequence[Skip
     settled = {n: same.get(n) or Settled(desired.get(n, []), actual[n], state.assignments.get(n, {}), slots[n],
                                          taken_ids[n])
                for n in names if n in actual and n not in planned and n not in drains and n not in state.draining}
-    return Decision(plan=plan, assignments=assignments, drain_fingerprint=fp if streak else None,
-                    drain_streak=streak, draining={n: k for n, k in kept.items() if k}, settled=settled)
+    return Decision(plan=plan, assignments=assignments, drain_fingerprint=fp if guard.streak else None,
+                    drain_streak=guard.streak, drain_since=guard.since if guard.held else None,
+                    draining={n: k for n, k in kept.items() if k}, settled=settled)
 
 
 def rewrite_guard(plan: Plan, before: Mapping[str, Rewrite], limit: int = REWRITE_LIMIT
@@ -1833,8 +1838,8 @@ def _drain_decisions(drains: Mapping[str, list[str]], work: Mapping[str, SlotAss
                      actual: Mapping[str, BackendState], state: State,
                      groups: Mapping[ServiceKey, list[Member]], cfg: SafetyConfig, now: float,
                      sessions: Mapping[str, int | None] | None
-                     ) -> tuple[dict[str, list[str]], int, dict[str, dict[str, Drain]], str | None]:
-    """(the servers the guard holds live, its streak, the servers that drain on: backend ->
+                     ) -> tuple[dict[str, list[str]], Guard, dict[str, dict[str, Drain]], str | None]:
+    """(the servers the guard holds live, its verdict, the servers that drain on: backend ->
     server -> Drain, the discovery's fingerprint where the guard needs it). The guard counts
     drain starts as parks (a server draining already was counted when it began); a held
     start does not start draining."""
@@ -1842,17 +1847,18 @@ def _drain_decisions(drains: Mapping[str, list[str]], work: Mapping[str, SlotAss
     starts = {n: [s for s in d if s not in before[n]] for n, d in drains.items()}
     started = sum(map(len, starts.values()))
     live_now = live - sum(map(len, before.values()))
-    held, streak = drain_held(started, live_now, 0, cfg)
-    fp = None
-    if streak:
+    guard, fp = drain_held(started, live_now, not groups, 0, None, now, cfg), None
+    if guard.streak:
         # The guard trips: only then does the streak of identical discoveries behind it
         # count, and the fingerprint (a pass over every member) say whether it goes on.
         fp = fingerprint(groups)
-        held, streak = drain_held(started, live_now, state.drain_streak if state.drain_fingerprint == fp else 0, cfg)
-    kept = {n: _keep_draining(n, list(before[n]) if held else d, work[n].taken, actual[n], before[n],
+        seen = state.drain_fingerprint == fp
+        guard = drain_held(started, live_now, not groups, state.drain_streak if seen else 0,
+                           state.drain_since if seen else None, now, cfg)
+    kept = {n: _keep_draining(n, list(before[n]) if guard.held else d, work[n].taken, actual[n], before[n],
                               state.assignments.get(n, {}), cfg.drain_seconds, now, sessions)
             for n, d in drains.items()}
-    return ({n: d for n, d in starts.items() if d} if held else {}), streak, kept, fp
+    return ({n: d for n, d in starts.items() if d} if guard.held else {}), guard, kept, fp
 
 
 def _drained_before(names: Sequence[str], actual: BackendState, previous: Mapping[str, Drain]) -> dict[str, Drain]:
@@ -1928,16 +1934,25 @@ def state_after(actual: Mapping[str, BackendState], plan: Plan) -> dict[str, Bac
     return {**actual, **{b.name: BackendState(b.name, b.fields, b.servers) for b in plan.backends}}
 
 
-def drain_held(drains: int, live: int, streak: int, cfg: SafetyConfig) -> tuple[bool, int]:
-    """Whether a drain must wait, and the new streak of identical discoveries behind it.
+class Guard(typing.NamedTuple):
+    """The mass-drain guard's verdict on one cycle's drains."""
+    held: bool
+    streak: int                  # cycles in a row the discovery behind them was seen (0: not tripped)
+    since: float | None          # when it was first seen (wall clock)
 
-    A drain of more than one server and more than max_drain_percent of all live
-    servers waits until the same discovery has been seen drain_confirm_cycles times
-    in a row (`streak` counts the earlier ones).
-    """
-    if drains <= 1 or drains * 100 <= cfg.max_drain_percent * live:
-        return False, 0
-    return streak + 1 < cfg.drain_confirm_cycles, streak + 1
+
+def drain_held(drains: int, live: int, empty: bool, streak: int, since: float | None, now: float,
+               cfg: SafetyConfig) -> Guard:
+    """Whether this cycle's drains must wait. A drain of more than one server and more than
+    max_drain_percent of all live servers, or any drain of an empty discovery (everything to
+    nothing between two polls is possible, but almost never true), waits until the same
+    discovery has been seen drain_confirm_cycles times in a row and drain_confirm_seconds
+    have passed since it was first seen, whichever is longer (`streak` counts the earlier
+    sightings, `since` is the first)."""
+    if not (empty and drains) and (drains <= 1 or drains * 100 <= cfg.max_drain_percent * live):
+        return Guard(False, 0, None)
+    since = now if since is None else since
+    return Guard(streak + 1 < cfg.drain_confirm_cycles or now - since < cfg.drain_confirm_seconds, streak + 1, since)
 
 
 def _held_members(names: Sequence[str], actual: BackendState | None,
@@ -2000,17 +2015,17 @@ def status_view(groups: Mapping[ServiceKey, list[Member]], skipped: Sequence[Ski
     --json and the metrics listener's /state."""
     draining = draining or {}
     planned = {b.name: b for b in decision.plan.backends}
-    held = set(decision.plan.held)
+    held = dict.fromkeys(decision.plan.held, decision.drain_since)
     # The instance serving a slot is the one discovered at the address HAProxy holds.
     members = {backend_name(k, cfg.haproxy.backend): {(m.address, m.port): m for m in ms} for k, ms in groups.items()}
     backends = [_backend_view(name, actual.get(name), planned.get(name), members.get(name, {}), held,
                               draining.get(name, {}), decision.draining.get(name, {}), now)
                 for name in sorted(set(actual) | set(planned))]
-    return {
-        "discovery": discovery_view(groups, skipped, cfg),
-        "targets": [{"target": target, "ok": True, "backends": backends,
-                     "drift": sum(b["drift"] for b in backends)}],
-    }
+    entry = {"target": target, "ok": True, "backends": backends, "drift": sum(b["drift"] for b in backends)}
+    if held:
+        entry["held"] = {"servers": len(held), "since": utc(decision.drain_since)
+                         if decision.drain_since is not None else None}
+    return {"discovery": discovery_view(groups, skipped, cfg), "targets": [entry]}
 
 
 def discovery_view(groups: Mapping[ServiceKey, list[Member]], skipped: Sequence[Skip], cfg: Config) -> dict[str, Any]:
@@ -2031,7 +2046,8 @@ def combined_view(views: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
 
 
 def _backend_view(name: str, actual: BackendState | None, plan: BackendPlan | None,
-                  members: Mapping[tuple[str, int], Member], held: set[str], draining: Mapping[str, Drain],
+                  members: Mapping[tuple[str, int], Member], held: Mapping[str, float | None],
+                  draining: Mapping[str, Drain],
                   to_drain: Mapping[str, Drain], now: float) -> dict[str, Any]:
     have = actual.servers if actual else {}
     changes = {c.name: c for c in plan.changes} if plan else {}
@@ -2049,7 +2065,8 @@ def _backend_view(name: str, actual: BackendState | None, plan: BackendPlan | No
             m = members.get((server.get("address"), server.get("port")))
             entry["instance"] = m.label if m else None        # None: no discovered instance there
         if f"{name}/{sname}" in held:
-            entry["drift"] = "held live by the mass-drain guard"
+            since = held[f"{name}/{sname}"]
+            entry["drift"] = "held live by the mass-drain guard" + (f" since {utc(since)}" if since is not None else "")
         elif sname in to_drain and sname not in draining:
             entry["drift"] = "want draining (its instance left), then parked"
         elif (c := changes.get(sname)) or (plan and plan.create):
@@ -2088,6 +2105,9 @@ def format_status(view: Mapping[str, Any]) -> str:
                      + (f"{t['drift']} differences from the desired state" if t["drift"] else "in sync"))
         if t.get("behind"):
             lines.append(f" !{t['behind']}")
+        if t.get("held"):
+            lines.append(f" !the mass-drain guard holds {t['held']['servers']} servers live"
+                         + (f" since {t['held']['since']}" if t["held"]["since"] else ""))
         for b in t["backends"]:
             mark = "!" if b["missing"] or b["settings_drift"] else " "
             what = "missing" if b["missing"] else f"{b['slots']} slots, {b['live']} live, {b['parked']} parked" + (
@@ -3868,6 +3888,7 @@ class CycleReport:
     reload_failures: int = 0      # reloads seen failing (or lost) this cycle
     ignored: list[str] = field(default_factory=list)    # fields found not kept this cycle (_end_write_loops)
     behind: ReloadFailed | None = None     # the reload HAProxy still owes after the cycle
+    held_since: float | None = None        # since when the mass-drain guard holds servers (wall clock)
 
 
 @dataclass(frozen=True)
@@ -3952,7 +3973,8 @@ def reconcile_target(cfg: Config, seen: Seen, target: Target, state: State, stop
         # parked now that a later shrink may remove need the next cycle to plan again.
         done = state_after(actual, Plan(tuple(b for b in plan.backends if b.name not in report.refused)))
         after = decision if plan.empty else plan_cycle(groups, skipped, done, state, cfg, now, sessions)
-        after = dataclasses.replace(after, plan=dataclasses.replace(after.plan, held=plan.held))
+        after = dataclasses.replace(after, plan=dataclasses.replace(after.plan, held=plan.held),
+                                    drain_since=decision.drain_since)
         report.view = status_view(groups, skipped, done, after, cfg, name, now, state.draining)
         settled = not plan.held and not report.refused and after.plan.empty
         state.fingerprint = fp if settled else None
@@ -4022,6 +4044,7 @@ def _record(decision: Decision, version: int | None, state: State, report: Cycle
     state.version = version
     state.assignments = {**decision.assignments, **{n: state.assignments.get(n, {}) for n in report.refused}}
     state.drain_fingerprint, state.drain_streak = decision.drain_fingerprint, decision.drain_streak
+    state.drain_since = decision.drain_since
     state.draining = decision.draining
     state.settled = {n: s for n, s in decision.settled.items() if n not in report.refused}
 
@@ -4219,6 +4242,7 @@ def _reconcile_into(run: TargetRun, report: CycleReport, seen: Seen, stop: StopF
     finally:
         report.duration, report.dataplane_requests = now() - started, run.dp.requests - before
         report.behind = run.state.debt
+        report.held_since = run.state.drain_since if report.plan is not None and report.plan.held else None
         for t in report.view["targets"] if report.view and report.behind else ():
             t["behind"] = str(report.behind)
 
@@ -4251,6 +4275,13 @@ def _log_report(report: CycleReport, state: State) -> None:
         state.warned = frozenset(plan.warnings)
         for held in plan.held:
             log.warning("mass-drain guard holds %s live", held, extra={"event": "drain_held", "server": held})
+        if plan.held and state.drain_since is not None:
+            log.warning("the mass-drain guard holds %d servers live since %s (the same discovery %d cycles in a "
+                        "row); it lets them park once that discovery has lasted safety.drain_confirm_cycles "
+                        "cycles and safety.drain_confirm_seconds. If it is real, apply it now: run --once "
+                        "--confirm-drain, or set safety.drain_confirm_seconds to 0 and send SIGHUP",
+                        len(plan.held), utc(state.drain_since), state.drain_streak,
+                        extra={"event": "drain_held_summary", "count": len(plan.held)})
         for d in plan.draining:
             log.info("server %s/%s (%s:%s) draining since %s, parked by %s at the latest", d.backend, d.server,
                      d.address, d.port, utc(d.since), utc(d.until),
@@ -4375,6 +4406,8 @@ class Metrics:
         if report.plan is not None:
             plan = report.plan
             self._inc("held_drains_total", t, len(plan.held))
+            self.gauges[("servers_held", t)] = len(plan.held)
+            self.gauges[("drain_held_since_timestamp_seconds", t)] = report.held_since or 0
             self.gauges[("services", "")] = plan.services
             self.gauges.update({("backends", t): plan.our_backends, ("servers_live", t): plan.live,
                                 ("servers_parked", t): plan.slots - plan.live - len(plan.draining),
@@ -4851,6 +4884,8 @@ def build_parser() -> argparse.ArgumentParser:
                         help=f"configuration file (default {DEFAULT_CONFIG_PATHS[0]}, then .toml)")
     mode = parser.add_mutually_exclusive_group()
     mode.add_argument("--once", action="store_true", help="run one cycle and exit")
+    parser.add_argument("--confirm-drain", action="store_true",
+                        help="with --once: apply a drain the mass-drain guard holds, at once (it is real)")
     mode.add_argument("--dry-run", action="store_true", help="print the plan; change nothing")
     mode.add_argument("--validate", action="store_true", help="check the configuration and exit")
     mode.add_argument("--status", action="store_true",
@@ -4869,6 +4904,8 @@ def main(argv: Sequence[str] | None = None, env: Mapping[str, str] | None = None
         args = parser.parse_args(argv)
         if args.json and not args.status:
             parser.error("--json goes with --status")
+        if args.confirm_drain and not args.once:
+            parser.error("--confirm-drain goes with --once")
     except SystemExit as exc:     # --help, --version, usage errors: argparse has printed
         return exc.code if isinstance(exc.code, int) else EX_USAGE
     env = dict(os.environ if env is None else env)
@@ -4881,6 +4918,9 @@ def main(argv: Sequence[str] | None = None, env: Mapping[str, str] | None = None
     try:
         cfg = load_config(path, env)
         secrets = secrets_of(cfg, env)
+        if args.confirm_drain:      # the guard lets through what it sees now
+            cfg = dataclasses.replace(cfg, safety=dataclasses.replace(
+                cfg.safety, drain_confirm_cycles=1, drain_confirm_seconds=0.0))
         if args.validate:
             for warning in config_warnings(cfg):
                 say(f"warning: {warning}")

@@ -625,6 +625,7 @@ class TestWeightTag:
         assert backend.servers["srv1"]["weight"] == 7
 
     def test_a_removed_tag_or_a_refilled_slot_goes_back_to_the_default(self):
+        cfg = make_config(safety={"drain_confirm_cycles": 1, "drain_confirm_seconds": 0})   # nothing left: parked now
         first = run_plan([self.weighted(1, "0")])
         held = apply_to({}, first.plan)
         state = m.State(assignments=first.assignments)
@@ -632,7 +633,7 @@ class TestWeightTag:
         (change,) = backend.changes
         assert change.body["weight"] == 1 and change.runtime_only
         # A parked slot that kept weight 0, refilled by another instance: it does not inherit it.
-        parked = apply_to(held, run_plan([], actual=held, state=state).plan)
+        parked = apply_to(held, run_plan([], actual=held, state=state, cfg=cfg).plan)
         parked[WEB].servers["srv1"]["weight"] = 0
         (refill,) = run_plan([make_instance(5)], actual=parked).plan.backends
         assert refill.servers["srv1"]["weight"] == 1
@@ -896,7 +897,7 @@ class TestSlots:
 
     def test_fifty_cycle_churn_never_moves_a_live_server(self):
         rng = random.Random(7)
-        cfg = make_config(safety={"max_drain_percent": 100})
+        cfg = make_config(safety={"max_drain_percent": 100, "drain_confirm_cycles": 1, "drain_confirm_seconds": 0})
         alive = {i: make_instance(i) for i in range(1, 9)}
         actual, state, next_id = {}, m.State(), 9
         backend = "azure-web-8080-eastus"
@@ -1214,7 +1215,7 @@ class TestPlan:
         assert run_plan([make_instance(1)], {b.name: m.BackendState(b.name, b.fields, servers)}, state).plan.empty
 
     def test_mass_drain_is_held_until_confirmed(self):
-        cfg = make_config()
+        cfg = make_config(safety={"drain_confirm_seconds": 0})
         everyone = [make_instance(i) for i in range(1, 11)]
         actual, state = self.synced(everyone, cfg)
         partial = everyone[:2] + [make_instance(11)]
@@ -1238,12 +1239,30 @@ class TestPlan:
         d = run_plan(everyone[:7], actual, state)
         assert d.plan.held == () and len(d.plan.backends[0].changes) == 3
 
-    @pytest.mark.parametrize("drains, live, streak, confirm, want", [
-        (1, 1, 0, 2, (False, 0)), (5, 10, 0, 2, (False, 0)), (6, 10, 0, 2, (True, 1)),
-        (6, 10, 1, 2, (False, 2)), (6, 10, 1, 3, (True, 2)), (6, 10, 0, 1, (False, 1)),
+    @pytest.mark.parametrize("drains, live, empty, streak, since, now, confirm, seconds, want", [
+        (1, 1, False, 0, None, 0, 2, 0, (False, 0, None)), (5, 10, False, 0, None, 0, 2, 0, (False, 0, None)),
+        (6, 10, False, 0, None, 7, 2, 0, (True, 1, 7)), (6, 10, False, 1, 7, 8, 2, 0, (False, 2, 7)),
+        (6, 10, False, 1, 7, 8, 3, 0, (True, 2, 7)), (6, 10, False, 0, None, 7, 1, 0, (False, 1, 7)),
+        # and drain_confirm_seconds since it was first seen, whichever is longer
+        (6, 10, False, 5, 100, 399, 2, 300, (True, 6, 100)), (6, 10, False, 1, 100, 400, 2, 300, (False, 2, 100)),
+        # an empty discovery is held however few servers it parks
+        (1, 1, True, 0, None, 50, 2, 300, (True, 1, 50)), (0, 0, True, 0, None, 50, 2, 300, (False, 0, None)),
+        (1, 1, True, 3, 50, 350, 2, 300, (False, 4, 50)),
     ])
-    def test_drain_held(self, drains, live, streak, confirm, want):
-        assert m.drain_held(drains, live, streak, m.SafetyConfig(50, confirm)) == want
+    def test_drain_held(self, drains, live, empty, streak, since, now, confirm, seconds, want):
+        assert m.drain_held(drains, live, empty, streak, since, now, m.SafetyConfig(50, confirm, seconds)) == want
+
+    def test_an_empty_discovery_parks_only_after_the_confirm_seconds(self):
+        cfg = make_config(safety={"drain_confirm_seconds": 300})
+        everyone = [make_instance(i) for i in range(1, 4)]
+        actual, state = self.synced(everyone, cfg)
+        for n, now in enumerate((1000, 1030, 1100, 1299)):        # the cycles keep coming, 300 s not yet
+            d = run_plan([], actual, state, cfg, now=now)
+            assert len(d.plan.held) == 3 and d.plan.empty and d.drain_since == 1000, n
+            state = m.State(assignments=state.assignments, drain_fingerprint=d.drain_fingerprint,
+                            drain_streak=d.drain_streak, drain_since=d.drain_since)
+        d = run_plan([], actual, state, cfg, now=1300)
+        assert d.plan.held == () and {c.body["maintenance"] for b in d.plan.backends for c in b.changes} == {"enabled"}
 
     def test_a_backend_never_grows_past_max_and_the_surplus_are_skips(self):
         cfg = make_config(haproxy={"password": "p", "server_slots": {"base": 2, "max": 3}})
@@ -1264,7 +1283,8 @@ class TestDraining:
     T = 1_800_000_000.0          # "now" of the first cycle
 
     def synced(self, instances, base=10):
-        cfg = make_config(haproxy={"password": "p", "server_slots": {"base": base}})
+        cfg = make_config(haproxy={"password": "p", "server_slots": {"base": base}},
+                          safety={"drain_confirm_seconds": 0})
         d = run_plan(instances, cfg=cfg)
         return apply_to({}, d.plan), m.State(assignments=d.assignments), cfg
 
@@ -2594,7 +2614,7 @@ class TestHybrid:
         assert h.cycle([make_instance(1), make_instance(2, service="api", port="9000")]).result == "steady"
 
     def test_a_refused_runtime_write_leaves_only_its_backend_out(self, dataplane):
-        h = Harness(dataplane, haproxy={"apply_mode": "hybrid"})
+        h = Harness(dataplane, haproxy={"apply_mode": "hybrid"}, safety={"drain_confirm_seconds": 0})
         h.cycle([make_instance(1), make_instance(2, service="api")])
         # The first runtime PUT is azure-api-…'s (backends go in name order).
         dataplane.add_fault("PUT", r"/servers/srv1$", status=422, message="refused")
