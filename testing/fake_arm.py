@@ -194,6 +194,7 @@ class Instance:
     public_ip: str | None = None      # attached to the primary IP configuration
     has_nic: bool = True              # False: the VM names a NIC that no NIC list returns
     second_nic_ip: str | None = None  # a second, non-primary NIC with this private IPv4 address
+    provisioning_state: str = "Succeeded"   # Creating, Updating, Deleting, Failed...: properties.provisioningState
 
 
 @dataclass(kw_only=True)
@@ -224,6 +225,7 @@ class ScaleSet:
     tags: dict[str, str] = field(default_factory=dict)
     instances: list[Instance] = field(default_factory=list)
     next_index: int = 0
+    provisioning_state: str = "Succeeded"
 
     def __post_init__(self):
         if self.orchestration not in (UNIFORM, FLEXIBLE):
@@ -482,9 +484,18 @@ def _resource(arm_id: str, rtype: str, location: str | None, tags: dict | None, 
     return item
 
 
+def _provisioning_status(state: str) -> dict:
+    """The instance view's provisioning status: `ProvisioningState/succeeded` ("Provisioning succeeded"),
+    `ProvisioningState/deleting` ("Deleting") while an operation runs, `ProvisioningState/failed` (Error)."""
+    code = state.lower()
+    display = {"succeeded": "Provisioning succeeded", "failed": "Provisioning failed"}.get(code, state.capitalize())
+    return {"code": f"ProvisioningState/{code}", "level": "Error" if code == "failed" else "Info",
+            "displayStatus": display}
+
+
 def _instance_view(inst: Instance) -> dict:
     return {"statuses": [
-        {"code": "ProvisioningState/succeeded", "level": "Info", "displayStatus": "Provisioning succeeded"},
+        _provisioning_status(inst.provisioning_state),
         {"code": f"PowerState/{inst.power_state}", "level": "Info", "displayStatus": f"VM {inst.power_state}"},
     ]}
 
@@ -502,7 +513,7 @@ def _nic_references(p: Placed) -> list[dict]:
 def _vm_json(p: Placed, *, instance_view: bool = False) -> dict:
     properties = {"vmId": _guid(p.vm_id), "hardwareProfile": {"vmSize": VM_SIZE},
                   "networkProfile": {"networkInterfaces": _nic_references(p)},
-                  "provisioningState": "Succeeded"}
+                  "provisioningState": p.inst.provisioning_state}
     if p.ss is not None:
         properties["virtualMachineScaleSet"] = {"id": _shout(scale_set_id(p.ss))}
     if instance_view:
@@ -517,7 +528,7 @@ def _vm_status_json(p: Placed) -> dict:
 
 def _scale_set_json(ss: ScaleSet) -> dict:
     item = _resource(scale_set_id(ss), "Microsoft.Compute/virtualMachineScaleSets", ss.location, ss.tags,
-                     {"orchestrationMode": ss.orchestration, "provisioningState": "Succeeded",
+                     {"orchestrationMode": ss.orchestration, "provisioningState": ss.provisioning_state,
                       "uniqueId": _guid(scale_set_id(ss))})
     item["sku"] = {"name": VM_SIZE, "tier": "Standard", "capacity": len(ss.instances)}
     return item
@@ -525,7 +536,7 @@ def _scale_set_json(ss: ScaleSet) -> dict:
 
 def _scale_set_vm_json(p: Placed, *, instance_view: bool) -> dict:
     properties = {"latestModelApplied": True, "vmId": _guid(p.vm_id), "hardwareProfile": {"vmSize": VM_SIZE},
-                  "provisioningState": "Succeeded"}
+                  "provisioningState": p.inst.provisioning_state}
     if p.uniform:   # Azure gives a Flexible member's network profile only in the VM list
         properties["networkProfile"] = {"networkInterfaces": _nic_references(p)}
     if instance_view:

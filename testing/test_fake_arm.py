@@ -247,6 +247,24 @@ class TestListings:
         assert "vm-0000" not in vms and vms["vm-new"].tags == service_tags("api", 9000)
         assert vms["vm-0001"].tags is None
 
+    def test_an_instance_being_deleted_shows_its_provisioning_state(self, fake):
+        compute, _ = clients(fake)
+        fake.estate.update("vm-0000", provisioning_state="Deleting")
+        fake.estate.update("uvmss-00_1", provisioning_state="Deleting")
+        vms = {vm.name: vm for vm in compute.virtual_machines.list_all()}
+        assert vms["vm-0000"].provisioning_state == "Deleting" and vms["vm-0001"].provisioning_state == "Succeeded"
+        statuses = {vm.name: [s.code for s in vm.instance_view.statuses]
+                    for vm in compute.virtual_machines.list_all(status_only="true")}
+        assert statuses["vm-0000"] == ["ProvisioningState/deleting", "PowerState/running"]
+        assert statuses["vm-0001"][0] == "ProvisioningState/succeeded"
+        [deleting] = [i for i in compute.virtual_machine_scale_set_vms.list("rg-a", "uvmss-00", expand="instanceView")
+                      if i.provisioning_state == "Deleting"]
+        assert deleting.instance_id == "1"
+        assert [(s.code, s.display_status) for s in deleting.instance_view.statuses][0] == (
+            "ProvisioningState/deleting", "Deleting")
+        view = compute.virtual_machines.instance_view("rg-a", "vm-0000")
+        assert view.statuses[0].code == "ProvisioningState/deleting"
+
     def test_a_listing_is_a_snapshot_taken_at_its_first_page(self, fake):
         compute, _ = clients(fake)
         pages = compute.virtual_machines.list_all().by_page()
