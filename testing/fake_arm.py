@@ -137,6 +137,7 @@ import argparse
 import base64
 import collections
 import dataclasses
+import hashlib
 import ipaddress
 import itertools
 import json
@@ -178,7 +179,6 @@ TOKEN_LIFETIME = 3600                 # seconds; a fresh token per credential is
 IDLE_TIMEOUT = 30                     # seconds a keep-alive connection may idle before its thread quits
 MAX_CURSORS = 256                     # listings remembered between pages; older ones are recomputed
 RELOAD_INTERVAL = 0.5                 # seconds between checks of the standalone estate file
-FAULT_ACTIONS = ("slow", "bad_json", "no_value", "bad_item")
 FAKE_PRINCIPAL = "11111111-2222-3333-4444-555555555555"   # the object id 403 messages name
 
 
@@ -675,39 +675,78 @@ _TABLES = {table.lower(): table for table in GRAPH_SCHEMA["tables"]}
 _COLUMNS = frozenset(GRAPH_SCHEMA["columns"])
 _IDENTIFIER = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
 GRAPH_TENANT = "00000000-0000-0000-0000-0000000000aa"
+# Azure China's "Azure Resource Graph table and resource type reference" (docs.azure.cn, governance/
+# resource-graph/reference/supported-tables-resources) lists one type under computeresources, where the
+# public cloud's lists three: set `fake.graph_compute_types = AZURE_CHINA_COMPUTE_TYPES` to serve that.
+AZURE_CHINA_COMPUTE_TYPES = frozenset(
+    {"microsoft.compute/virtualmachinescalesets/virtualmachines/networkinterfaces/ipconfigurations/publicipaddresses"})
 
 
 class GraphQuery(NamedTuple):
-    """The subset of KQL the fake evaluates: a table, `where COLUMN in~ ('a', ...)` filters and one
-    `project` of documented columns or `name = column.path` expressions."""
+    """The subset of KQL the fake evaluates: a table, `where COLUMN in~ ('a', ...)` filters, one
+    `project` of documented columns or `name = column.path` expressions, and `order by` / `sort by`
+    (the last one given wins, as in KQL): (document path, descending?) per term, first term first."""
     table: str
     filters: tuple[tuple[str, frozenset[str]], ...]
     columns: tuple[tuple[str, tuple[str, ...]], ...]
+    order: tuple[tuple[tuple[str, ...], bool], ...] = ()
 
 
-def parse_graph_query(text: str) -> GraphQuery:
-    """ValueError naming the first thing Microsoft does not document (or the fake does not model)."""
+_ORDER = re.compile(r"(?:order|sort)\s+by\s+(.+)", re.DOTALL)
+_ORDER_TERM = re.compile(r"([A-Za-z_][A-Za-z0-9_.]*)(?:\s+(asc|desc))?", re.IGNORECASE)
+
+
+def parse_graph_query(text: str, *, known_types_only: bool = True) -> GraphQuery:
+    """ValueError naming the first thing Microsoft does not document (or the fake does not model).
+
+    `known_types_only` (the default, a check of a query's text) also refuses a `where type in~` value
+    that the table reference does not list for the table. Resource Graph itself does not: a string
+    that names no type simply matches no row, and the fake's endpoint parses with False.
+    """
     stages = [stage.strip() for stage in text.split("|")]
     table = _TABLES.get(stages[0].lower())
     if table is None:
         raise ValueError(f"table {stages[0]!r} is not a documented Resource Graph table the fake serves")
-    filters, columns = [], None
+    filters, columns, order = [], None, ()
     for stage in stages[1:]:
         where = re.fullmatch(r"where\s+(\w+)\s+in~\s*\((.*)\)", stage, re.DOTALL)
+        ordered = _ORDER.fullmatch(stage)
         if where:
             column, values = where[1], frozenset(v.lower() for v in re.findall(r"'([^']*)'", where[2]))
             _check_column(column)
-            unknown = sorted(values - {t.lower() for t in GRAPH_SCHEMA["tables"][table]}) if column == "type" else []
+            known = {t.lower() for t in GRAPH_SCHEMA["tables"][table]}
+            unknown = sorted(values - known) if column == "type" and known_types_only else []
             if unknown:
                 raise ValueError(f"type(s) {', '.join(unknown)} are not documented in table {table}")
             filters.append((column, values))
         elif stage.startswith("project ") and columns is None:
             columns = tuple(_projection(item.strip()) for item in stage[len("project "):].split(","))
+        elif ordered:
+            order = tuple(_order_term(term.strip(), columns) for term in ordered[1].split(","))
         else:
             raise ValueError(f"operator not modelled by the fake: {stage[:60]!r}")
     if not columns:
         raise ValueError("no project: the fake wants the columns named")
-    return GraphQuery(table, tuple(filters), columns)
+    return GraphQuery(table, tuple(filters), columns, order)
+
+
+def _order_term(term: str, columns) -> tuple[tuple[str, ...], bool]:
+    """One `COLUMN [asc|desc]` of an order by: (document path, descending?). KQL sorts descending
+    unless told `asc` ("sort operator", Kusto Query Language reference). Before `project` a term names
+    a documented column (or a path in one); after it, a projected column."""
+    match = _ORDER_TERM.fullmatch(term)
+    if not match:
+        raise ValueError(f"order by term {term!r} is not `column [asc|desc]`")
+    first, *rest = match[1].split(".")
+    if columns is None:
+        _check_column(first)
+        path = (first, *rest)
+    else:
+        projected = dict(columns)
+        if first not in projected:
+            raise ValueError(f"order by {first!r}: not a column of the projection")
+        path = (*projected[first], *rest)
+    return path, (match[2] or "desc").lower() == "desc"
 
 
 def _check_column(name: str) -> None:
@@ -748,45 +787,97 @@ def _graph_row(item: dict, rtype: str, p_home: Vm | ScaleSet, power: str | None 
             "extendedLocation": None}
 
 
-def graph_documents(estate: Estate, table: str) -> list[dict]:
-    """Every row of `table` the estate holds, before any filter."""
+_UNIFORM_PREFIX = "microsoft.compute/virtualmachinescalesets/virtualmachines"
+_GRAPH_TYPES = {  # (table is ComputeResources, kind) -> type
+    (False, "vm"): "microsoft.compute/virtualmachines", (True, "vm"): _UNIFORM_PREFIX,
+    (False, "nic"): "microsoft.network/networkinterfaces", (True, "nic"): f"{_UNIFORM_PREFIX}/networkinterfaces",
+    (False, "pip"): "microsoft.network/publicipaddresses",
+    (True, "pip"): f"{_UNIFORM_PREFIX}/networkinterfaces/ipconfigurations/publicipaddresses",
+}
+
+
+def graph_documents(estate: Estate, table: str, types: set[str] | frozenset[str] | None = None) -> list[dict]:
+    """Every row of `table` the estate holds, before any filter; only rows of `types` (lower-cased)
+    when given (the others are not even rendered)."""
     rows = []
     uniform_table = table == "ComputeResources"
-    prefix = "microsoft.compute/virtualmachinescalesets/virtualmachines" if uniform_table else None
+    vm_type, nic_type, pip_type = (_GRAPH_TYPES[uniform_table, kind] for kind in ("vm", "nic", "pip"))
+
+    def wanted(rtype: str) -> bool:
+        return types is None or rtype in types
+
     for p in estate.machines():
         if p.uniform != uniform_table:
             continue
-        if uniform_table:
-            rows.append(_graph_row(_scale_set_vm_json(p, instance_view=False), prefix, p.home, p.inst.power_state))
-        else:
-            rows.append(_graph_row(_vm_json(p), "microsoft.compute/virtualmachines", p.home, p.inst.power_state))
+        if wanted(vm_type):
+            item = _scale_set_vm_json(p, instance_view=False) if uniform_table else _vm_json(p)
+            rows.append(_graph_row(item, vm_type, p.home, p.inst.power_state))
         if p.inst.has_nic:
-            nic_type = f"{prefix}/networkinterfaces" if uniform_table else "microsoft.network/networkinterfaces"
-            rows += [_graph_row(_nic_json(p, n), nic_type, p.home) for n in p.nic_numbers]
-            if p.inst.public_ip:
-                pip_type = (f"{prefix}/networkinterfaces/ipconfigurations/publicipaddresses" if uniform_table
-                            else "microsoft.network/publicipaddresses")
+            if wanted(nic_type):
+                rows += [_graph_row(_nic_json(p, n), nic_type, p.home) for n in p.nic_numbers]
+            if p.inst.public_ip and wanted(pip_type):
                 rows.append(_graph_row(_public_ip_json(p), pip_type, p.home))
-    if not uniform_table:
+    if not uniform_table and wanted("microsoft.compute/virtualmachinescalesets"):
         for ss in estate.scale_sets:
             item = _scale_set_json(ss)
             rows.append(_graph_row(item, "microsoft.compute/virtualmachinescalesets", ss, sku=item["sku"]))
     return rows
 
 
-def evaluate_graph_query(estate: Estate, query: GraphQuery, subscriptions: set[str],
-                         readable: set[str] | None) -> list[dict]:
-    """The query's rows: in the given subscriptions, in resource groups the principal may read (Resource
-    Graph leaves out what the caller cannot read), filtered and projected."""
-    rows = []
-    for document in graph_documents(estate, query.table):
+GraphCandidate = tuple[tuple, dict]   # (the order-by values, the projected row)
+
+
+def graph_candidates(estate: Estate, query: GraphQuery, subscriptions: set[str], readable: set[str] | None,
+                     compute_types: set[str] | frozenset[str] | None = None) -> list[GraphCandidate]:
+    """The query's rows before ordering, each with its order-by values: in the given subscriptions, in
+    resource groups the principal may read (Resource Graph leaves out what the caller cannot read), of
+    the types the cloud has (`compute_types`: those of ComputeResources; None, all documented ones),
+    filtered and projected."""
+    types = next((values for column, values in query.filters if column == "type"), None)
+    if query.table == "ComputeResources" and compute_types is not None:
+        present = {t.lower() for t in compute_types}
+        types = present if types is None else set(types) & present
+    candidates = []
+    for document in graph_documents(estate, query.table, types):
         if document["subscriptionId"].lower() not in subscriptions:
             continue
         if readable is not None and document["resourceGroup"] not in readable:
             continue
         if all(str(document.get(column) or "").lower() in values for column, values in query.filters):
-            rows.append({name: _dig(document, path) for name, path in query.columns})
-    return rows
+            candidates.append((tuple(_dig(document, path) for path, _ in query.order),
+                               {name: _dig(document, path) for name, path in query.columns}))
+    return candidates
+
+
+def _sort_value(value) -> tuple:
+    """A total order over what a column can hold: nulls apart, numbers, strings (ordinal), the rest."""
+    if isinstance(value, bool) or isinstance(value, (int, float)):
+        return 0, float(value), ""
+    if isinstance(value, str):
+        return 1, 0.0, value
+    return 2, 0.0, json.dumps(value, sort_keys=True)
+
+
+def order_graph_rows(candidates: list[GraphCandidate], query: GraphQuery, rng: random.Random | None) -> list[dict]:
+    """The rows as one request serves them. Without `order by` Resource Graph's order is "random and not
+    repeatable" ("Guidance for pagination"): `rng` draws a new one. With it, rows are sorted by each term
+    (nulls first ascending, last descending, as KQL's sort does); rows equal in every term keep the
+    random order, as that article warns for non-unique sort columns."""
+    rows = list(candidates)
+    if rng is not None:
+        rng.shuffle(rows)
+    for index in reversed(range(len(query.order))):
+        descending = query.order[index][1]
+        rows.sort(key=lambda c: (c[0][index] is not None, _sort_value(c[0][index])), reverse=descending)
+    return [row for _, row in rows]
+
+
+def evaluate_graph_query(estate: Estate, query: GraphQuery, subscriptions: set[str],
+                         readable: set[str] | None, *, rng: random.Random | None = None,
+                         compute_types: set[str] | frozenset[str] | None = None) -> list[dict]:
+    """The query's rows in the order one request would serve them (see order_graph_rows; without `rng`,
+    unsorted rows stay in the estate's order)."""
+    return order_graph_rows(graph_candidates(estate, query, subscriptions, readable, compute_types), query, rng)
 
 
 def _graph_request(body) -> dict:
@@ -891,6 +982,32 @@ def _route(method: str, path: str, params: dict) -> tuple[str | None, dict]:
 
 
 # === Faults ===
+# Whole answers instead of the real one ("bad_json", "no_value", "bad_item" and statuses: >= 400, or a
+# redirect), a delay before the real one ("slow"), or a change to the real page (the rest). Link faults
+# act on Resource Manager listings, Graph faults on Resource Graph answers, item faults on both (the first
+# item of the page's `value` or `data`), "trickle" on any answer.
+REPLY_KINDS = ("bad_json", "no_value", "bad_item")
+REDIRECT_STATUSES = (301, 302, 303, 307, 308)
+LINK_KINDS = ("self_link", "loop_link", "foreign_link", "other_port_link", "http_link")
+GRAPH_KINDS = ("repeat_token", "total_mismatch", "quota_not_digits")
+ITEM_KINDS = ("empty", "item_without_id", "item_id_not_string", "item_without_type", "item_name_object",
+              "item_tags_string", "null_item", "string_items")
+FAULT_ACTIONS = ("slow", "trickle", *REPLY_KINDS, *LINK_KINDS, *GRAPH_KINDS, *ITEM_KINDS)
+_LIST_ENDPOINTS = ("vms", "vms_status", "vms_rg", "vmss", "vmss_rg", "vmss_vms", "nics", "nics_rg", "vmss_nics",
+                   "pips", "pips_rg", "vmss_pips")
+
+
+def _fits(kind: str, endpoint: str) -> bool:
+    """Whether a fault of `kind` can act on an answer of `endpoint`."""
+    if kind in LINK_KINDS:
+        return endpoint in _LIST_ENDPOINTS
+    if kind in GRAPH_KINDS:
+        return endpoint == "graph"
+    if kind in ITEM_KINDS:
+        return endpoint in _LIST_ENDPOINTS or endpoint == "graph"
+    return True
+
+
 @dataclass
 class Fault:
     """One injected failure; see the module docstring. `fired` counts how often it has fired."""
@@ -899,21 +1016,57 @@ class Fault:
     path: str | None = None
     page: int | None = None
     times: int | None = 1
-    retry_after: int = 1
+    retry_after: int | None = 1
     delay: float = 1.0
+    location: str | None = None
     fired: int = 0
 
     def __post_init__(self):
-        if self.kind not in FAULT_ACTIONS and not (self.kind.isdigit() and int(self.kind) >= 400):
-            raise ValueError(f"fault kind {self.kind!r}: want an HTTP status >= 400 or one of {FAULT_ACTIONS}")
+        status = int(self.kind) if self.kind.isdigit() else 0
+        if self.kind not in FAULT_ACTIONS and not (status >= 400 or status in REDIRECT_STATUSES):
+            raise ValueError(f"fault kind {self.kind!r}: want an HTTP status >= 400, a redirect "
+                             f"{REDIRECT_STATUSES} or one of {FAULT_ACTIONS}")
         if self.endpoint not in (None, *ENDPOINTS):
             raise ValueError(f"fault endpoint {self.endpoint!r}: want one of {ENDPOINTS}")
+        if self.endpoint is not None and not _fits(self.kind, self.endpoint):
+            raise ValueError(f"fault kind {self.kind!r} does not act on endpoint {self.endpoint!r}")
+
+    @property
+    def status(self) -> int | None:
+        """The HTTP status of a status fault (an error or a redirect); None for the others."""
+        return int(self.kind) if self.kind.isdigit() else None
 
     def applies(self, endpoint: str, path: str, page: int) -> bool:
         return ((self.times is None or self.fired < self.times)
                 and self.endpoint in (None, endpoint)
+                and _fits(self.kind, endpoint)
                 and (self.path is None or re.search(self.path, path, re.IGNORECASE) is not None)
                 and self.page in (None, page))
+
+
+def _mutated_items(kind: str, items: list) -> list:
+    """The page's items with the first one (or all) no longer shaped as the REST reference documents."""
+    if kind == "empty":
+        return []
+    if kind == "string_items":
+        return ["a"]
+    if not items:
+        return items
+    first = items[0]
+    if kind == "null_item":
+        return [None, *items[1:]]
+    first = dict(first) if isinstance(first, dict) else {}
+    if kind == "item_without_id":
+        first.pop("id", None)
+    elif kind == "item_id_not_string":
+        first["id"] = 12345
+    elif kind == "item_without_type":
+        first.pop("type", None)
+    elif kind == "item_name_object":
+        first["name"] = {"value": first.get("name")}
+    elif kind == "item_tags_string":
+        first["tags"] = f"{SERVICE_NAME_TAG}=web;{SERVICE_PORT_TAG}=8080"
+    return [first, *items[1:]]
 
 
 # === HTTP plumbing ===
@@ -921,18 +1074,21 @@ class _Reply(NamedTuple):
     status: int
     body: bytes
     headers: tuple[tuple[str, str], ...] = ()
+    trickle: float | None = None   # seconds between the body's bytes ("trickle"); None: all at once
 
 
-def _json_reply(document: dict, status: int = 200) -> _Reply:
-    return _Reply(status, json.dumps(document).encode())
+def _json_reply(document: dict, status: int = 200, headers: tuple = ()) -> _Reply:
+    return _Reply(status, json.dumps(document).encode(), headers)
 
 
-def _arm_error(status: int, code: str, message: str, headers: tuple = (), target: str | None = None) -> _Reply:
-    error = {"code": code, "message": message, **({"target": target} if target else {})}
+def _arm_error(status: int, code: str, message: str, headers: tuple = (), target: str | None = None,
+               details: list | None = None) -> _Reply:
+    error = {"code": code, "message": message, **({"target": target} if target else {}),
+             **({"details": details} if details else {})}
     return _Reply(status, json.dumps({"error": error}).encode(), headers)
 
 
-def _fault_reply(fault: Fault) -> _Reply:
+def _fault_reply(fault: Fault, location: str) -> _Reply:
     if fault.kind == "bad_json":
         return _Reply(200, b'{"value": [{"name": "truncated", "id": "/subscr')
     if fault.kind == "no_value":
@@ -941,8 +1097,11 @@ def _fault_reply(fault: Fault) -> _Reply:
         return _Reply(200, json.dumps({"value": [{
             "id": "/subscriptions/x/resourceGroups/rg/providers/Microsoft.Compute/virtualMachines/odd",
             "name": "odd", "properties": "not an object"}, "not an object"]}).encode())
-    status = HTTPStatus(int(fault.kind))
-    headers = (("Retry-After", str(fault.retry_after)),) if status in (429, 503) else ()
+    status = HTTPStatus(fault.status)
+    if status in REDIRECT_STATUSES:
+        return _Reply(status, b"", (("Location", fault.location or location),))
+    headers = ((("Retry-After", str(fault.retry_after)),)
+               if status in (429, 503) and fault.retry_after is not None else ())
     return _arm_error(status, status.phrase.replace(" ", ""), f"Injected fault: {status.phrase}.", headers)
 
 
@@ -951,14 +1110,24 @@ class RequestRecord(NamedTuple):
     path: str                 # unquoted, as sent
     query: dict[str, str]
     endpoint: str | None      # a counter key; None for unknown paths
+    host: str = ""            # the Host header: which origin the client meant
+
+
+class ForeignRequest(NamedTuple):
+    """A request that reached one of the fake's other origins (`foreign_url`, `other_port_url`)."""
+    origin: str               # the listener's URL
+    method: str
+    path: str                 # as sent, query included
+    headers: dict[str, str]   # every header as sent (Authorization included, if a client sent it)
 
 
 class _TlsServer(ThreadingHTTPServer):
-    """A ThreadingHTTPServer that does each TLS handshake in its connection's thread."""
+    """A ThreadingHTTPServer that does each TLS handshake in its connection's thread; `serve(handler)`
+    answers each request."""
     daemon_threads = True
 
-    def __init__(self, address: tuple[str, int], context: ssl.SSLContext, fake: FakeArm):
-        self.context, self.fake = context, fake
+    def __init__(self, address: tuple[str, int], context: ssl.SSLContext, serve: Callable[[_Handler], None]):
+        self.context, self.serve = context, serve
         super().__init__(address, _Handler)
 
     def finish_request(self, request, client_address):
@@ -982,7 +1151,7 @@ class _Handler(BaseHTTPRequestHandler):
     server_version = "FakeARM"
 
     def do_GET(self):
-        self.server.fake._serve(self)
+        self.server.serve(self)
 
     do_POST = do_GET
 
@@ -1011,6 +1180,13 @@ class FakeArm:
         # Resource Graph's per-user quota: `graph_quota` queries per `graph_window` seconds (Azure: 15 per 5 s).
         self.graph_quota, self.graph_window = 15, 5.0
         self._graph_window_start, self._graph_used = -math.inf, 0
+        # The types ComputeResources holds in this cloud: None, all the public cloud's; a set (e.g.
+        # AZURE_CHINA_COMPUTE_TYPES), only those: rows of the others are absent (a query naming them gets none).
+        self.graph_compute_types: set[str] | frozenset[str] | None = None
+        self.graph_seed = None            # the seed of unsorted Resource Graph rows' order (None: os entropy)
+        self._graph_cache: collections.OrderedDict[tuple, list] = collections.OrderedDict()
+        # Seconds, for every quota and bucket: time.monotonic unless a test drives its own clock.
+        self.clock: Callable[[], float] = time.monotonic
         self.token = secrets.token_urlsafe(24)
         self.identity_header = secrets.token_urlsafe(16)
         self.client_id = str(uuid.uuid4())
@@ -1026,36 +1202,66 @@ class FakeArm:
         self._stopping = threading.Event()
         self._server: _TlsServer | None = None
         self._thread: threading.Thread | None = None
+        self._foreign: list[_TlsServer] = []
+        self._foreign_log: list[ForeignRequest] = []
         self._owns_state_dir = False
+
+    @property
+    def graph_seed(self) -> int | None:
+        return self._graph_seed
+
+    @graph_seed.setter
+    def graph_seed(self, seed: int | None) -> None:
+        """Setting it (again) restarts the sequence of orders unsorted Resource Graph queries are served in."""
+        self._graph_seed = seed
+        self._graph_rng = random.Random(seed)
 
     # --- lifecycle ---
     def start(self) -> FakeArm:
-        """Write the CA certificate, bind 127.0.0.1 and serve in a daemon thread."""
+        """Write the CA certificate, bind 127.0.0.1 and serve in a daemon thread; open the other origins."""
         ca = trustme.CA()
         context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
-        ca.issue_cert("127.0.0.1", "localhost").configure_cert(context)
+        ca.issue_cert("127.0.0.1", "localhost", "127.0.0.2").configure_cert(context)
         self._owns_state_dir = self._state_dir is None
         state_dir = Path(self._state_dir or tempfile.mkdtemp(prefix="fake-arm-")).absolute()
         state_dir.mkdir(parents=True, exist_ok=True)
         self.state_dir = state_dir
         self.ca_pem_path = str(state_dir / "ca.pem")
         ca.cert_pem.write_to_path(self.ca_pem_path)
-        self._server = _TlsServer(("127.0.0.1", self._port), context, self)
+        self._server = _TlsServer(("127.0.0.1", self._port), context, self._serve)
         self.url = f"https://127.0.0.1:{self._server.server_address[1]}"
         self._thread = threading.Thread(target=self._server.serve_forever, kwargs={"poll_interval": 0.05},
                                         name="fake-arm", daemon=True)
         self._thread.start()
+        # Two other origins, trusted through the same CA, that answer every request with an empty page
+        # and record it: another host and port (127.0.0.2, all of 127/8 is loopback on Linux; 127.0.0.1
+        # where it cannot be bound), and the same host on another port.
+        self.foreign_url = self._listen_foreign(context, "127.0.0.2")
+        self.other_port_url = self._listen_foreign(context, "127.0.0.1")
         return self
+
+    def _listen_foreign(self, context: ssl.SSLContext, host: str) -> str:
+        try:
+            server = _TlsServer((host, 0), context, None)
+        except OSError:
+            host, server = "127.0.0.1", _TlsServer(("127.0.0.1", 0), context, None)
+        origin = f"https://{host}:{server.server_address[1]}"
+        server.serve = partial(self._serve_foreign, origin)
+        threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.05}, name="fake-arm-foreign",
+                         daemon=True).start()
+        self._foreign.append(server)
+        return origin
 
     def stop(self) -> None:
         """Stop serving: requests in flight (also slow ones) and later ones get the connection closed."""
         if self._server is None:
             return
         self._stopping.set()
-        self._server.shutdown()
-        self._server.server_close()
+        for server in (self._server, *self._foreign):
+            server.shutdown()
+            server.server_close()
         self._thread.join()
-        self._server = None
+        self._server, self._foreign = None, []
         if self._owns_state_dir:
             shutil.rmtree(self.state_dir, ignore_errors=True)
 
@@ -1083,17 +1289,28 @@ class FakeArm:
         with self._lock:
             return list(self._log)
 
+    @property
+    def foreign_requests(self) -> list[ForeignRequest]:
+        """Every request that reached `foreign_url` or `other_port_url`, with its headers."""
+        with self._lock:
+            return list(self._foreign_log)
+
     def reset_counts(self) -> None:
-        """Forget counts and the request log."""
+        """Forget counts and the request logs (requests, foreign_requests, token_requests)."""
         with self._lock:
             self._counts.clear()
             self._log.clear()
+            self._foreign_log.clear()
 
     def add_fault(self, kind: str, *, endpoint: str | None = None, path: str | None = None,
-                  page: int | None = None, times: int | None = 1, retry_after: int = 1,
-                  delay: float = 1.0) -> Fault:
-        """Inject a fault; faults are tried in the order added, and one fires per request at most."""
-        fault = Fault(kind, endpoint, path, page, times, retry_after, delay)
+                  page: int | None = None, times: int | None = 1, retry_after: int | None = 1,
+                  delay: float = 1.0, location: str | None = None) -> Fault:
+        """Inject a fault; faults are tried in the order added, and one fires per request at most.
+
+        `retry_after`: the Retry-After of a 429 or 503 (None: none sent). `delay`: seconds of "slow", and
+        between the bytes of "trickle". `location`: where a redirect points (default: the same path and
+        query at `foreign_url`)."""
+        fault = Fault(kind, endpoint, path, page, times, retry_after, delay, location)
         with self._lock:
             self._faults.append(fault)
         return fault
@@ -1117,16 +1334,28 @@ class FakeArm:
             self._counts["total"] += 1
             if endpoint is not None:
                 self._counts[endpoint] += 1
-            self._log.append(RequestRecord(handler.command, path, query, endpoint))
+            self._log.append(RequestRecord(handler.command, path, query, endpoint, handler.headers.get("Host", "")))
         if endpoint is None:
             reply = _arm_error(404, "NotFound", f"The fake has no {handler.command} {path}.")
         elif endpoint in _IDENTITY_ENDPOINTS:
-            reply = self._fault(endpoint, path, 1) or self._identity(endpoint, groups, handler, params, body)
+            fault = self._fault(endpoint, path, 1, handler.path)
+            reply = fault if isinstance(fault, _Reply) else self._mutate(
+                fault, self._identity(endpoint, groups, handler, params, body))
         elif endpoint == "graph":
-            reply = self._unauthorized(handler, params) or self._graph(path, params, body)
+            reply = self._unauthorized(handler, params) or self._graph(path, params, body, handler.path)
         else:
             reply = self._arm(endpoint, groups, handler, split.path, query, params)
         self._send(handler, reply)
+
+    def _serve_foreign(self, origin: str, handler: _Handler) -> None:
+        """Another origin: record the request with its headers, answer an empty page (a listing's for a
+        GET, a Resource Graph answer's for a POST)."""
+        handler.rfile.read(int(handler.headers.get("Content-Length") or 0))
+        with self._lock:
+            self._foreign_log.append(ForeignRequest(origin, handler.command, handler.path, dict(handler.headers)))
+        empty = ({"value": []} if handler.command == "GET" else
+                 {"totalRecords": 0, "count": 0, "data": [], "facets": [], "resultTruncated": "false"})
+        self._send(handler, _json_reply(empty))
 
     def _send(self, handler: _Handler, reply: _Reply) -> None:
         if self._stopping.is_set():
@@ -1138,19 +1367,69 @@ class FakeArm:
         for name, value in reply.headers:
             handler.send_header(name, value)
         handler.end_headers()
-        handler.wfile.write(reply.body)
+        if reply.trickle is None:
+            handler.wfile.write(reply.body)
+            return
+        # One byte, then a pause: every read the client makes succeeds, the whole body takes
+        # len(body) * trickle seconds. stop() ends it (the connection is closed, the body unfinished).
+        handler.close_connection = True
+        for offset in range(len(reply.body)):
+            handler.wfile.write(reply.body[offset:offset + 1])
+            handler.wfile.flush()
+            if self._stopping.wait(reply.trickle):
+                return
 
-    def _fault(self, endpoint: str, path: str, page: int) -> _Reply | None:
-        """Fire the first matching fault: its reply, or None (after the delay, for "slow")."""
+    def _fault(self, endpoint: str, path: str, page: int, here: str) -> _Reply | Fault | None:
+        """Fire the first matching fault: a whole reply; the fault, for one that changes the real answer;
+        or None (none matched, or "slow", after its delay). `here`: the request's path and query."""
         with self._lock:
             fault = next((f for f in self._faults if f.applies(endpoint, path, page)), None)
             if fault is None:
                 return None
             fault.fired += 1
-        if fault.kind != "slow":
-            return _fault_reply(fault)
-        self._stopping.wait(fault.delay)
-        return None
+        if fault.kind == "slow":
+            self._stopping.wait(fault.delay)
+            return None
+        if fault.status is not None or fault.kind in REPLY_KINDS:
+            return _fault_reply(fault, f"{self.foreign_url}{here}")
+        return fault
+
+    def _mutate(self, fault: Fault | None, reply: _Reply, document: dict | None = None, key: str = "value",
+                **links: str) -> _Reply:
+        """The answer: `document` (the page, when there is one) as `reply`'s body, changed by `fault`.
+        `links`: for link faults, `here` (this page's path and query) and `first` (the first page's);
+        for "repeat_token", `repeat_token`."""
+        kind = fault.kind if fault is not None else None
+        headers = reply.headers
+        if document is not None:
+            if kind in ITEM_KINDS:
+                document[key] = _mutated_items(kind, document[key])
+                if kind == "empty":
+                    document.pop("nextLink", None)
+                    document.pop("$skipToken", None)
+                if key == "data":
+                    document["count"] = len(document["data"])
+                    if kind == "empty":
+                        document["totalRecords"] = 0
+            elif kind in LINK_KINDS:
+                here = links["here"]
+                following = urlsplit(document.get("nextLink") or here)
+                following = following.path + (f"?{following.query}" if following.query else "")
+                document["nextLink"] = {
+                    "self_link": f"{self.url}{here}", "loop_link": f"{self.url}{links['first']}",
+                    "foreign_link": f"{self.foreign_url}{following}",
+                    "other_port_link": f"{self.other_port_url}{following}",
+                    "http_link": f"http://{urlsplit(self.url).netloc}{following}"}[kind]
+            elif kind == "repeat_token":
+                document["$skipToken"] = links["repeat_token"]
+            elif kind == "total_mismatch":
+                document["totalRecords"] += 1
+            elif kind == "quota_not_digits":
+                # "¹" is str.isdigit() and not int(): superscript one, not an ASCII digit
+                headers = tuple((n, "¹" if n == "x-ms-user-quota-remaining" else v) for n, v in headers)
+            reply = reply._replace(body=json.dumps(document).encode())
+        return reply._replace(headers=headers, trickle=fault.delay if kind == "trickle" else None)
+
 
     def _identity(self, endpoint: str, groups: dict, handler: _Handler, params: dict, body: bytes) -> _Reply:
         if endpoint == "token":
@@ -1202,9 +1481,14 @@ class FakeArm:
                               "The api-version query parameter (?api-version=) is required for all requests.")
         return None
 
-    def _graph(self, path: str, params: dict, body: bytes) -> _Reply:
+    def _graph(self, path: str, params: dict, body: bytes, here: str) -> _Reply:
         """POST /providers/Microsoft.ResourceGraph/resources: a query over the estate, paged by `$skipToken`,
-        with the per-user quota headers (a 429 past `graph_quota` queries in `graph_window` seconds)."""
+        with the per-user quota headers (a 429 past `graph_quota` queries in `graph_window` seconds).
+
+        Every page request runs the query again, as Resource Graph does ("Guidance for pagination": a
+        resource deleted between pages shifts the rest, one created repeats one), over what the estate
+        holds then: a continuation page reuses the evaluation of the same query while the estate has not
+        changed through its methods. Unsorted rows come in a new random order every time."""
         if params["api-version"] not in GRAPH_SCHEMA["api_versions"]:
             return _arm_error(400, "InvalidApiVersionParameter",
                               f"The api-version '{params['api-version']}' is invalid. The supported versions "
@@ -1213,56 +1497,73 @@ class FakeArm:
         if throttled:
             with self._lock:
                 self._counts["graph_throttled"] += 1
-            return _arm_error(429, "RateLimiting", "Please provide below info when asking for support: "
-                              "Details: Rate limit exceeded for the user.", quota_headers)
+            return _Reply(429, json.dumps({"error": {
+                "code": "RateLimiting", "message": _support_message(), "details": [{
+                    "code": "RateLimiting", "message": "Client application has been throttled and should not "
+                    "attempt to repeat the request until an amount of time has elapsed. Please see "
+                    "https://aka.ms/resourcegraph-throttling for help."}]}}).encode(), quota_headers)
         try:
             request = _graph_request(json.loads(body or b"null"))
-            query = parse_graph_query(request["query"])
+            query = parse_graph_query(request["query"], known_types_only=False)
         except (ValueError, KeyError, TypeError) as exc:
-            return _Reply(400, json.dumps({"error": {"code": "BadRequest", "message": "Please provide below "
-                          "info when asking for support", "details": [{"code": "InvalidQuery", "message": str(exc)}]}}
-                          ).encode(), quota_headers)
+            return _Reply(400, json.dumps({"error": {"code": "BadRequest", "message": _support_message(),
+                          "details": [{"code": "InvalidQuery", "message": str(exc)}]}}).encode(), quota_headers)
         options = request.get("options") or {}
+        subscriptions = frozenset(sub.lower() for sub in request["subscriptions"])
+        query_key = hashlib.sha256(json.dumps([request["query"], sorted(subscriptions)]).encode()).hexdigest()[:16]
         try:
-            cursor, offset = _read_skiptoken(options.get("$skipToken"))
+            offset = _read_graph_token(options.get("$skipToken"), query_key)
         except ValueError:
-            return _arm_error(400, "InvalidSkipToken", "The $skipToken is not one this server issued.")
+            return _arm_error(400, "InvalidSkipToken", "The $skipToken is not one this server issued for "
+                              "this query.", quota_headers)
         top = int(options.get("$top") or 100)
-        fault = self._fault("graph", path, offset // top + 1)
-        if fault is not None:
+        fault = self._fault("graph", path, offset // top + 1, here)
+        if isinstance(fault, _Reply):
             return fault
+        readable = None if self.reader_groups is None else frozenset(g.lower() for g in self.reader_groups)
+        compute_types = (None if self.graph_compute_types is None
+                         else frozenset(t.lower() for t in self.graph_compute_types))
         estate = self.estate
         with estate.lock:
-            listing = self._recall(cursor)
-            if listing is None:
-                readable = None if self.reader_groups is None else {g.lower() for g in self.reader_groups}
-                listing = (evaluate_graph_query(estate, query, {sub.lower() for sub in request["subscriptions"]},
-                                                readable), None)
-        rows = listing[0]
+            key = (query_key, readable, compute_types, id(estate), _lookup_stamp(estate))
+            with self._lock:
+                candidates = self._graph_cache.get(key) if offset else None
+            if candidates is None:
+                candidates = graph_candidates(estate, query, subscriptions, readable, compute_types)
+                with self._lock:
+                    self._graph_cache[key] = candidates
+                    while len(self._graph_cache) > MAX_CURSORS:
+                        self._graph_cache.popitem(last=False)
+        with self._lock:
+            rows = order_graph_rows(candidates, query, self._graph_rng)
         page = rows[offset:offset + top]
         more = offset + top < len(rows)
+        # Resource Graph pages only queries that return `id`; others are cut at $top.
+        pageable = "id" in dict(query.columns)
         document = {"totalRecords": len(rows), "count": len(page), "data": page, "facets": [],
-                    # Resource Graph pages only queries that return `id`; others are cut at $top.
-                    "resultTruncated": "true" if more and "id" not in page[0] else "false"}
-        if more and "id" in page[0]:
-            document["$skipToken"] = _write_skiptoken(cursor or self._remember(listing), offset + top)
-        elif cursor:
-            with self._lock:
-                self._cursors.pop(cursor, None)
-        return _Reply(200, json.dumps(document).encode(), quota_headers)
+                    "resultTruncated": "true" if more and not pageable else "false"}
+        if more and pageable:
+            document["$skipToken"] = _write_graph_token(query_key, offset + top)
+        return self._mutate(fault, _Reply(200, b"", quota_headers), document, "data",
+                            repeat_token=_write_graph_token(query_key, top))
 
     def _graph_quota(self) -> tuple[bool, tuple]:
-        """(throttled?, the x-ms-user-quota-* headers) for one more query in the current window."""
-        now = time.monotonic()
+        """(throttled?, the x-ms-user-quota-* headers) for one more query in the current window.
+
+        "Guidance for throttled requests in Azure Resource Graph": a quota per user and time window ("at
+        most 15 queries within every 5-second window"), told in every response by x-ms-user-quota-remaining
+        (int) and x-ms-user-quota-resets-after (hh:mm:ss). Microsoft documents no Retry-After for it, and
+        the fake sends none."""
+        now = self.clock()
         with self._lock:
             if now - self._graph_window_start >= self.graph_window:
                 self._graph_window_start, self._graph_used = now, 0
             throttled = self._graph_used >= self.graph_quota
             if not throttled:
                 self._graph_used += 1
-            left = max(0.0, self._graph_window_start + self.graph_window - now)
+            left = math.ceil(max(0.0, self._graph_window_start + self.graph_window - now))
             remaining = self.graph_quota - self._graph_used
-        resets = f"{int(left // 3600):02d}:{int(left % 3600 // 60):02d}:{math.ceil(left % 60):02d}"
+        resets = f"{left // 3600:02d}:{left % 3600 // 60:02d}:{left % 60:02d}"
         return throttled, (("x-ms-user-quota-remaining", str(remaining)), ("x-ms-user-quota-resets-after", resets))
 
     def _arm(self, endpoint: str, groups: dict, handler: _Handler, raw_path: str, query: dict,
@@ -1274,14 +1575,17 @@ class FakeArm:
         if refused is not None:
             return refused
         if endpoint in _SINGLE_ENDPOINTS:
-            return self._fault(endpoint, unquote(raw_path), 1) or self._get_one(endpoint, groups, unquote(raw_path))
+            fault = self._fault(endpoint, unquote(raw_path), 1, handler.path)
+            if isinstance(fault, _Reply):
+                return fault
+            return self._mutate(fault, self._get_one(endpoint, groups, unquote(raw_path)))
         try:
             cursor, offset = _read_skiptoken(params.get("$skiptoken"))
         except ValueError:
             return _arm_error(400, "InvalidSkipToken", "The $skiptoken is not one this server issued.")
         page_size = self.page_size
-        fault = self._fault(endpoint, unquote(raw_path), offset // page_size + 1)
-        if fault is not None:
+        fault = self._fault(endpoint, unquote(raw_path), offset // page_size + 1, handler.path)
+        if isinstance(fault, _Reply):
             return fault
         estate = self.estate
         with estate.lock:
@@ -1290,15 +1594,16 @@ class FakeArm:
                 return _arm_error(404, "ResourceNotFound", _not_found(endpoint, groups))
             items, render = listing
             document = {"value": [render(item) for item in items[offset:offset + page_size]]}
+        pairs = [(k, v) for k, v in query.items() if k.lower() != "$skiptoken"]
         if offset + page_size < len(items):
             cursor = cursor or self._remember(listing)
-            pairs = [(k, v) for k, v in query.items() if k.lower() != "$skiptoken"]
-            pairs.append(("$skiptoken", _write_skiptoken(cursor, offset + page_size)))
-            document["nextLink"] = f"{self.url}{raw_path}?{urlencode(pairs, safe='$')}"
+            following = [*pairs, ("$skiptoken", _write_skiptoken(cursor, offset + page_size))]
+            document["nextLink"] = f"{self.url}{raw_path}?{urlencode(following, safe='$')}"
         elif cursor:
             with self._lock:
                 self._cursors.pop(cursor, None)
-        return _json_reply(document)
+        return self._mutate(fault, _Reply(200, b""), document, "value", here=handler.path,
+                            first=f"{raw_path}?{urlencode(pairs, safe='$')}")
 
     def _forbidden(self, endpoint: str, groups: dict) -> _Reply | None:
         """403 AuthorizationFailed where the principal's Reader role does not reach (`reader_groups`)."""
@@ -1335,6 +1640,27 @@ class FakeArm:
         """The snapshot a listing's first page took; None if unknown or forgotten (then recomputed)."""
         with self._lock:
             return self._cursors.get(cursor) if cursor else None
+
+
+def _write_graph_token(query_key: str, offset: int) -> str:
+    return base64.urlsafe_b64encode(json.dumps({"query": query_key, "skip": offset}).encode()).decode()
+
+
+def _read_graph_token(token, query_key: str) -> int:
+    """The offset a Resource Graph `$skipToken` stands for (0: none); ValueError if it is not one this fake
+    issued for the same query and subscriptions."""
+    if token is None:
+        return 0
+    decoded = json.loads(base64.urlsafe_b64decode(str(token).encode()))
+    if not isinstance(decoded, dict) or decoded.get("query") != query_key or not isinstance(decoded.get("skip"), int):
+        raise ValueError(token)
+    return decoded["skip"]
+
+
+def _support_message() -> str:
+    """How Resource Graph's errors begin (azure-cli-extensions#3325, a RateLimiting answer)."""
+    stamp = time.strftime("%Y-%m-%dT%H:%M:%S.0000000Z", time.gmtime())
+    return f"Please provide below info when asking for support: timestamp = {stamp}, correlationId = {uuid.uuid4()}."
 
 
 def _write_skiptoken(cursor: str, offset: int) -> str:

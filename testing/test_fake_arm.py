@@ -21,7 +21,7 @@ from azure.identity import ClientSecretCredential, DefaultAzureCredential
 from azure.mgmt.compute import ComputeManagementClient
 from azure.mgmt.network import NetworkManagementClient
 
-from fake_arm import (ARM_SCOPE, DEFAULT_SUBSCRIPTION, ENDPOINTS, FLEXIBLE, SERVICE_NAME_TAG,
+from fake_arm import (ARM_SCOPE, AZURE_CHINA_COMPUTE_TYPES, DEFAULT_SUBSCRIPTION, ENDPOINTS, FLEXIBLE, SERVICE_NAME_TAG,
                       SERVICE_PORT_TAG, UNIFORM, Estate, FakeArm, Vm, make_estate, service_tags)
 from conftest import azure_env
 
@@ -338,18 +338,117 @@ class TestSingleGets:
 class TestResourceGraph:
     QUERY = ("Resources | where type in~ ('microsoft.compute/virtualmachines') "
              "| project id, name, powerState = properties.extended.instanceView.powerState.code")
+    SORTED = QUERY + " | order by id asc"
 
     def test_pages_in_the_documented_shape_with_quota_headers(self, fake):
-        status, page, headers = graph_post(fake, {"subscriptions": [SUB], "query": self.QUERY,
+        status, page, headers = graph_post(fake, {"subscriptions": [SUB], "query": self.SORTED,
                                                   "options": {"$top": 4}})
         assert status == 200 and page["totalRecords"] == 6 and page["count"] == 4
         assert page["resultTruncated"] == "false" and page["facets"] == [] and page["$skipToken"]
-        assert page["data"][1] == {"id": fake.estate.resource_id("vm-0001"), "name": "vm-0001",
-                                   "powerState": "PowerState/deallocated"}
+        assert [r["name"] for r in page["data"]] == ["fvmss-00_0", "fvmss-00_1", "fvmss-00_2", "vm-0000"]
+        assert page["data"][3] == {"id": fake.estate.resource_id("vm-0000"), "name": "vm-0000",
+                                   "powerState": "PowerState/running"}
         assert headers["x-ms-user-quota-remaining"] == "14" and headers["x-ms-user-quota-resets-after"] == "00:00:05"
-        status, rest, _ = graph_post(fake, {"subscriptions": [SUB], "query": self.QUERY,
+        assert "Retry-After" not in headers
+        status, rest, _ = graph_post(fake, {"subscriptions": [SUB], "query": self.SORTED,
                                             "options": {"$top": 4, "$skipToken": page["$skipToken"]}})
-        assert [r["name"] for r in rest["data"]] == ["fvmss-00_1", "fvmss-00_2"] and "$skipToken" not in rest
+        assert (rest["totalRecords"], rest["count"]) == (6, 2) and "$skipToken" not in rest
+        assert [r["name"] for r in rest["data"]] == ["vm-0002", "vm-0001"]   # rg-a before rg-b in the id
+
+    def test_unsorted_paging_loses_and_repeats_rows_sorted_paging_does_not(self, sdk_env):
+        """"Without sorting, results are random and not repeatable" ("Guidance for pagination"): each page
+        of an unsorted query is cut from a new order, so 3 pages of 1,000 out of 3,000 rows miss some and
+        repeat others; sorted by id they are the 3,000 rows, each once, in order."""
+        with FakeArm(make_estate(vms=3000)) as fake:
+            fake.graph_seed = 11
+            for query, complete in ((self.QUERY, False), (self.SORTED, True)):
+                ids, token = [], None
+                while True:
+                    options = {"$top": 1000, **({"$skipToken": token} if token else {})}
+                    status, page, _ = graph_post(fake, {"subscriptions": [SUB], "query": query, "options": options})
+                    assert status == 200 and page["totalRecords"] == 3000 and page["count"] == 1000
+                    ids += [row["id"] for row in page["data"]]
+                    token = page.get("$skipToken")
+                    if not token:
+                        break
+                assert len(ids) == 3000 and fake.counts["graph"] in (3, 6)
+                assert (len(set(ids)) == 3000) == complete
+                if complete:
+                    assert ids == sorted(ids)
+                else:
+                    assert len(set(ids)) < 2990   # 3 independent draws: about 1 row in 4.5 repeats
+
+    def test_unsorted_rows_come_in_a_new_order_every_time_and_the_seed_repeats_them(self, fake):
+        body = {"subscriptions": [SUB], "query": "Resources | project id, type"}
+        fake.graph_seed = 5
+        first, second = ([row["id"] for row in graph_post(fake, body)[1]["data"]] for _ in range(2))
+        assert sorted(first) == sorted(second) and first != second
+        fake.graph_seed = 5
+        assert [row["id"] for row in graph_post(fake, body)[1]["data"]] == first
+
+    def test_order_by_and_sort_by_directions_default_descending(self, fake):
+        def names(query):
+            status, page, _ = graph_post(fake, {"subscriptions": [SUB], "query": query})
+            assert status == 200, page
+            return [row["name"] for row in page["data"]]
+
+        base = "Resources | where type in~ ('microsoft.compute/virtualmachines') | project id, name, resourceGroup"
+        assert names(base + " | order by name asc") == sorted(names(base))
+        assert names(base + " | sort by name") == sorted(names(base), reverse=True)   # KQL: desc by default
+        assert names(base + " | order by resourceGroup desc, name asc") == [
+            "vm-0001", "fvmss-00_0", "fvmss-00_1", "fvmss-00_2", "vm-0000", "vm-0002"]
+        before = ("Resources | where type in~ ('microsoft.compute/virtualmachines') | order by name asc "
+                  "| project id, vm = name")
+        status, page, _ = graph_post(fake, {"subscriptions": [SUB], "query": before})
+        assert [row["vm"] for row in page["data"]] == sorted(names(base))
+        for bad in (base + " | order by hostName asc", base + " | order by name upwards"):
+            status, error, _ = graph_post(fake, {"subscriptions": [SUB], "query": bad})
+            assert status == 400 and error["error"]["details"][0]["code"] == "InvalidQuery"
+
+    def test_every_page_runs_the_query_again(self, fake):
+        """A resource deleted between two pages shifts the rest: sorted by id, the row that moves onto the
+        first page's place is never served ("Guidance for pagination", dynamic environments)."""
+        body = {"subscriptions": [SUB], "query": self.SORTED, "options": {"$top": 3}}
+        _, first, _ = graph_post(fake, body)
+        assert [r["name"] for r in first["data"]] == ["fvmss-00_0", "fvmss-00_1", "fvmss-00_2"]
+        fake.estate.remove("fvmss-00_0")
+        body["options"]["$skipToken"] = first["$skipToken"]
+        _, second, _ = graph_post(fake, body)
+        assert second["totalRecords"] == 5 and [r["name"] for r in second["data"]] == ["vm-0002", "vm-0001"]
+
+    def test_a_skip_token_belongs_to_its_query(self, fake):
+        _, page, _ = graph_post(fake, {"subscriptions": [SUB], "query": self.SORTED, "options": {"$top": 2}})
+        for body in ({"subscriptions": [SUB], "query": self.QUERY},
+                     {"subscriptions": [SUB, "00000000-0000-0000-0000-000000000002"], "query": self.SORTED},
+                     {"subscriptions": [SUB], "query": self.SORTED, "skip": "garbage"}):
+            token = "garbage" if "skip" in body else page["$skipToken"]
+            body = {"subscriptions": body["subscriptions"], "query": body["query"],
+                    "options": {"$top": 2, "$skipToken": token}}
+            assert graph_post(fake, body)[0] == 400
+
+    def test_rows_carry_the_provisioning_state(self, fake):
+        fake.estate.update("vm-0002", provisioning_state="Deleting")
+        query = ("Resources | where type in~ ('microsoft.compute/virtualmachines') "
+                 "| project id, name, provisioningState = properties.provisioningState | order by name asc")
+        _, page, _ = graph_post(fake, {"subscriptions": [SUB], "query": query})
+        assert {r["name"]: r["provisioningState"] for r in page["data"]}["vm-0002"] == "Deleting"
+        assert [r["provisioningState"] for r in page["data"]].count("Succeeded") == 5
+
+    def test_a_cloud_whose_compute_resources_lack_the_uniform_types(self, fake):
+        query = ("ComputeResources | where type in~ ('microsoft.compute/virtualmachinescalesets/virtualmachines',"
+                 " 'microsoft.compute/virtualmachinescalesets/virtualmachines/networkinterfaces',"
+                 " 'microsoft.compute/virtualmachinescalesets/virtualmachines/networkinterfaces/ipconfigurations/"
+                 "publicipaddresses') | project id, type")
+        fake.graph_compute_types = AZURE_CHINA_COMPUTE_TYPES
+        status, page, _ = graph_post(fake, {"subscriptions": [SUB], "query": query})
+        assert status == 200 and page["totalRecords"] == 3
+        assert {r["type"] for r in page["data"]} == set(AZURE_CHINA_COMPUTE_TYPES)
+        fake.graph_compute_types = set()
+        assert graph_post(fake, {"subscriptions": [SUB], "query": query})[1]["totalRecords"] == 0
+        # A type no table lists is not an error in Resource Graph: it matches nothing.
+        status, page, _ = graph_post(fake, {"subscriptions": [SUB], "query":
+                                            "Resources | where type in~ ('microsoft.compute/nosuchthing') | project id"})
+        assert (status, page["totalRecords"], page["data"]) == (200, 0, [])
 
     def test_uniform_instances_and_their_nics_live_in_compute_resources(self, fake):
         query = ("ComputeResources | where type in~ ('microsoft.compute/virtualmachinescalesets/virtualmachines',"
@@ -364,8 +463,22 @@ class TestResourceGraph:
         assert [graph_post(fake, body)[0] for _ in range(3)] == [200, 200, 429]
         status, error, headers = graph_post(fake, body)
         assert status == 429 and error["error"]["code"] == "RateLimiting"
+        assert error["error"]["details"][0]["code"] == "RateLimiting"
         assert headers["x-ms-user-quota-remaining"] == "0" and headers["x-ms-user-quota-resets-after"] == "00:00:30"
+        assert "Retry-After" not in headers   # Microsoft documents the quota headers only
         assert fake.counts["graph_throttled"] == 2
+
+    def test_the_quota_follows_the_fakes_clock(self, fake):
+        now = [1000.0]
+        fake.clock = lambda: now[0]
+        fake.graph_quota, fake.graph_window = 1, 3725.0
+        body = {"subscriptions": [SUB], "query": self.QUERY}
+        assert graph_post(fake, body)[2]["x-ms-user-quota-resets-after"] == "01:02:05"
+        now[0] += 3664.5
+        status, _, headers = graph_post(fake, body)
+        assert (status, headers["x-ms-user-quota-resets-after"]) == (429, "00:01:01")
+        now[0] += 61
+        assert graph_post(fake, body)[0] == 200
 
     def test_refusals(self, fake):
         body = {"subscriptions": [SUB], "query": self.QUERY}
