@@ -1257,8 +1257,12 @@ class FakeArm:
         if self._server is None:
             return
         self._stopping.set()
-        for server in (self._server, *self._foreign):
-            server.shutdown()
+        servers = (self._server, *self._foreign)
+        stoppers = [threading.Thread(target=server.shutdown) for server in servers]   # each waits a poll
+        for stopper in stoppers:
+            stopper.start()
+        for stopper, server in zip(stoppers, servers):
+            stopper.join()
             server.server_close()
         self._thread.join()
         self._server, self._foreign = None, []
