@@ -936,6 +936,66 @@ def _authorization_failed(endpoint: str, scope: str) -> _Reply:
                       "invalid. If access was recently granted, please refresh your credentials.")
 
 
+# === Throttling ===
+# Resource Manager ("Understand how Azure Resource Manager throttles requests", regional throttling and
+# token bucket algorithm): reads are counted per subscription and principal in a bucket of 250 tokens
+# refilled at 25 a second, and per subscription for all principals together at 15 times that; every answer
+# tells what is left in x-ms-ratelimit-remaining-subscription-reads (and -global-reads, as ARM sends
+# it, e.g. Azure/azure-powershell#26256), and a 429 SubscriptionRequestsThrottled says when to come back
+# (its words: velero-io/velero#9171).
+DOCUMENTED_SUBSCRIPTION_READS = (250.0, 25.0)        # (bucket size, refill per second)
+GLOBAL_READS_FACTOR = 15
+# Compute ("Compute throttling limits"; "Troubleshooting API throttling errors" for the headers and the
+# 429): token buckets per subscription and region, per policy; each answer of Microsoft.Compute carries
+# x-ms-ratelimit-remaining-resource with every bucket that counted it, one comma-separated value as Azure
+# sends it ("Microsoft.Compute/HighCostGet3Min;139,Microsoft.Compute/HighCostGet30Min;699"). The labels
+# are those Azure answers with; which endpoints each counts follows the limits article's policy table.
+COMPUTE_POLICIES = {
+    "HighCostGet3Min": ("vms", "vms_rg", "vms_status"),          # High Cost Get VM: List, List All
+    "HighCostGet30Min": ("vms", "vms_rg", "vms_status"),
+    "HighCostGetVMScaleSet3Min": ("vmss", "vmss_rg"),            # High Cost Get (scale sets): List, List All
+    "HighCostGetVMScaleSet30Min": ("vmss", "vmss_rg"),
+    "VMScaleSetVMViews3Min": ("vmss_vms", "vmss_vm_instance_view"),   # Get scale set VMs
+    "LowCostGet3Min": ("vm_instance_view",),                     # Low Cost Get VM: Get, Instance View
+    "LowCostGet30Min": ("vm_instance_view",),
+}
+# The subscription-level numbers of the limits article, as (bucket size, refill per minute). It gives one
+# pair per policy; the 30-minute labels have none there, and keep whatever they were set to.
+DOCUMENTED_COMPUTE_BUCKETS = {
+    "HighCostGet3Min": (900.0, 300.0), "HighCostGetVMScaleSet3Min": (1080.0, 360.0),
+    "VMScaleSetVMViews3Min": (6000.0, 2000.0), "LowCostGet3Min": (24000.0, 8000.0),
+}
+UNTHROTTLED = (1_000_000.0, 1_000_000.0)   # the default of every bucket: reported, never empty in a test
+
+
+class _Bucket:
+    """A token bucket: `size` tokens at most, `rate` more a second. `debt`: a refused request still takes
+    its token (down to -size), so asking again before Retry-After pushes the next token further out."""
+
+    def __init__(self, size: float, rate: float, now: float):
+        self.size, self.rate, self.tokens, self.stamp = size, rate, size, now
+        self.refused = 0
+
+    def take(self, now: float, debt: bool) -> bool:
+        self.tokens = min(self.size, self.tokens + (now - self.stamp) * self.rate)
+        self.stamp = now
+        if self.tokens >= 1:
+            self.tokens -= 1
+            return True
+        self.refused += 1
+        if debt:
+            self.tokens = max(-self.size, self.tokens - 1)
+        return False
+
+    @property
+    def remaining(self) -> int:
+        return max(0, int(self.tokens))
+
+    def wait(self) -> int:
+        """Whole seconds until a token is there (at least 1): Retry-After."""
+        return max(1, math.ceil((1 - self.tokens) / self.rate)) if self.rate > 0 else 3600
+
+
 # === Routes ===
 _SUB = r"/subscriptions/(?P<sub>[^/]+)"
 _RG = r"/resourcegroups/(?P<rg>[^/]+)"
@@ -1187,6 +1247,15 @@ class FakeArm:
         self._graph_cache: collections.OrderedDict[tuple, list] = collections.OrderedDict()
         # Seconds, for every quota and bucket: time.monotonic unless a test drives its own clock.
         self.clock: Callable[[], float] = time.monotonic
+        # Resource Manager's read bucket per subscription and principal, (size, refill per second); the
+        # one of all principals together is 15 times it. Compute's buckets per subscription and region,
+        # {label: (size, refill per minute)}, for the labels of COMPUTE_POLICIES (a label left out is
+        # neither counted nor reported). All of them UNTHROTTLED until a test (or documented_limits())
+        # sets them; a changed setting starts its buckets full.
+        self.subscription_reads: tuple[float, float] = UNTHROTTLED
+        self.compute_buckets: dict[str, tuple[float, float]] = dict.fromkeys(COMPUTE_POLICIES, UNTHROTTLED)
+        self.arm_region = DEFAULT_LOCATION   # the region of subscription-wide and group-wide Compute lists
+        self._buckets: dict[tuple, tuple[tuple, _Bucket]] = {}
         self.token = secrets.token_urlsafe(24)
         self.identity_header = secrets.token_urlsafe(16)
         self.client_id = str(uuid.uuid4())
@@ -1280,6 +1349,11 @@ class FakeArm:
         return {"REQUESTS_CA_BUNDLE": self.ca_pem_path, "SSL_CERT_FILE": self.ca_pem_path,
                 "IDENTITY_ENDPOINT": f"{self.url}/msi/token", "IDENTITY_HEADER": self.identity_header,
                 "FAKE_ARM_URL": self.url}
+
+    def documented_limits(self) -> None:
+        """Resource Manager's and Compute's documented numbers instead of UNTHROTTLED (see the constants)."""
+        self.subscription_reads = DOCUMENTED_SUBSCRIPTION_READS
+        self.compute_buckets = {**self.compute_buckets, **DOCUMENTED_COMPUTE_BUCKETS}
 
     # --- observation and faults ---
     @property
@@ -1572,10 +1646,95 @@ class FakeArm:
 
     def _arm(self, endpoint: str, groups: dict, handler: _Handler, raw_path: str, query: dict,
              params: dict) -> _Reply:
+        """A Resource Manager GET: authentication, Resource Manager's read bucket, the role, Compute's
+        buckets, then the answer; every answer past authentication with the buckets' headers."""
         unauthorized = self._unauthorized(handler, params)
         if unauthorized is not None:
             return unauthorized
-        refused = self._forbidden(endpoint, groups) or _refused_by_documentation(endpoint, params)
+        now = self.clock()
+        throttled, headers = self._subscription_reads(groups["sub"], now)
+        reply = (throttled or self._forbidden(endpoint, groups)
+                 or self._compute_throttled(endpoint, groups, now, headers)
+                 or self._arm_answer(endpoint, groups, handler, raw_path, query, params))
+        return reply._replace(headers=(*reply.headers, *headers))
+
+    def _subscription_reads(self, subscription: str, now: float) -> tuple[_Reply | None, list]:
+        """Draw one read from the principal's and the subscription's buckets: (a 429 if either is empty, the
+        x-ms-ratelimit-remaining-subscription-* headers)."""
+        size, rate = self.subscription_reads
+        with self._lock:
+            mine = self._bucket(("reads", subscription.lower(), FAKE_PRINCIPAL), (size, rate), now)
+            everyone = self._bucket(("global-reads", subscription.lower()),
+                                    (size * GLOBAL_READS_FACTOR, rate * GLOBAL_READS_FACTOR), now)
+            granted = mine.take(now, debt=False) and everyone.take(now, debt=False)
+            wait = max(mine.wait() if mine.tokens < 1 else 0, everyone.wait() if everyone.tokens < 1 else 0)
+            headers = [("x-ms-ratelimit-remaining-subscription-reads", str(mine.remaining)),
+                       ("x-ms-ratelimit-remaining-subscription-global-reads", str(everyone.remaining))]
+            if not granted:
+                self._counts["arm_throttled"] += 1
+        if granted:
+            return None, headers
+        return _arm_error(429, "SubscriptionRequestsThrottled",
+                          f"Number of 'read' requests for subscription '{subscription}' actor '{FAKE_PRINCIPAL}' "
+                          f"exceeded. Please try again after '{wait}' seconds after additional tokens are "
+                          "available. Refer to https://aka.ms/arm-throttling for additional information.",
+                          (("Retry-After", str(wait)),)), headers
+
+    def _compute_throttled(self, endpoint: str, groups: dict, now: float, headers: list) -> _Reply | None:
+        """Draw one call from each Compute bucket that counts `endpoint` (in its subscription and region):
+        the x-ms-ratelimit-remaining-resource header goes into `headers`; a 429 OperationNotAllowed (the
+        troubleshooting article's example) if one is empty."""
+        labels = [label for label, endpoints in COMPUTE_POLICIES.items()
+                  if endpoint in endpoints and label in self.compute_buckets]
+        if not labels:
+            return None
+        region = self._region(endpoint, groups).lower()
+        with self._lock:
+            buckets = [(label, self._bucket(("compute", label, groups["sub"].lower(), region),
+                                            self.compute_buckets[label], now, per=60.0)) for label in labels]
+            empty = [(label, bucket) for label, bucket in buckets if not bucket.take(now, debt=True)]
+            headers.append(("x-ms-ratelimit-remaining-resource",
+                            ",".join(f"Microsoft.Compute/{label};{bucket.remaining}" for label, bucket in buckets)))
+            if not empty:
+                return None
+            self._counts["compute_throttled"] += 1
+            label, bucket = empty[0]
+            wait = max(b.wait() for _, b in empty)
+            allowed, measured = int(bucket.size), int(bucket.size) + bucket.refused
+        start = time.time()
+        detail = json.dumps({"operationGroup": label, "startTime": _iso(start), "endTime": _iso(start + wait),
+                             "allowedRequestCount": allowed, "measuredRequestCount": measured})
+        return _arm_error(429, "OperationNotAllowed", "The server rejected the request because too many requests "
+                          "have been received for this subscription.", (("Retry-After", str(wait)),),
+                          details=[{"code": "TooManyRequests", "target": label, "message": detail}])
+
+    def _bucket(self, key: tuple, setting: tuple[float, float], now: float, per: float = 1.0) -> _Bucket:
+        """The bucket of `key` (under _lock): full at first, and again whenever its setting changes."""
+        known = self._buckets.get(key)
+        if known is None or known[0] != tuple(setting):
+            known = (tuple(setting), _Bucket(float(setting[0]), float(setting[1]) / per, now))
+            self._buckets[key] = known
+        return known[1]
+
+    def _region(self, endpoint: str, groups: dict) -> str:
+        """Where Compute counts a request: the scale set's or VM's location for requests about one,
+        `arm_region` for the lists of a subscription or resource group."""
+        estate = self.estate
+        with estate.lock:
+            if "vmss" in groups:
+                for ss in estate.scale_sets:
+                    if ss.name.lower() == groups["vmss"].lower() and _in_scope(ss, groups["sub"], groups.get("rg")):
+                        return ss.location
+            elif "vm" in groups:
+                for p in estate.machines():
+                    if (p.ss is None or not p.uniform) and p.inst.name.lower() == groups["vm"].lower() \
+                            and _in_scope(p.home, groups["sub"], groups.get("rg")):
+                        return p.home.location
+        return self.arm_region
+
+    def _arm_answer(self, endpoint: str, groups: dict, handler: _Handler, raw_path: str, query: dict,
+                    params: dict) -> _Reply:
+        refused = _refused_by_documentation(endpoint, params)
         if refused is not None:
             return refused
         if endpoint in _SINGLE_ENDPOINTS:
@@ -1659,6 +1818,10 @@ def _read_graph_token(token, query_key: str) -> int:
     if not isinstance(decoded, dict) or decoded.get("query") != query_key or not isinstance(decoded.get("skip"), int):
         raise ValueError(token)
     return decoded["skip"]
+
+
+def _iso(seconds: float) -> str:
+    return time.strftime("%Y-%m-%dT%H:%M:%S+00:00", time.gmtime(seconds))
 
 
 def _support_message() -> str:
