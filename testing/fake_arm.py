@@ -142,6 +142,7 @@ import ipaddress
 import itertools
 import json
 import math
+import os
 import random
 import re
 import secrets
@@ -180,6 +181,7 @@ IDLE_TIMEOUT = 30                     # seconds a keep-alive connection may idle
 MAX_CURSORS = 256                     # listings remembered between pages; older ones are recomputed
 RELOAD_INTERVAL = 0.5                 # seconds between checks of the standalone estate file
 FAKE_PRINCIPAL = "11111111-2222-3333-4444-555555555555"   # the object id 403 messages name
+JWT_BEARER = "urn:ietf:params:oauth:client-assertion-type:jwt-bearer"
 
 
 # === Estate model ===
@@ -482,6 +484,16 @@ def _resource(arm_id: str, rtype: str, location: str | None, tags: dict | None, 
         item["tags"] = dict(tags)
     item["properties"] = properties
     return item
+
+
+def _federated_token() -> str:
+    """A JWT as Kubernetes projects a service account token for workload identity (never checked as one)."""
+    def part(document: dict) -> str:
+        return base64.urlsafe_b64encode(json.dumps(document).encode()).decode().rstrip("=")
+    return ".".join((part({"alg": "RS256", "kid": "fake"}),
+                     part({"aud": ["api://AzureADTokenExchange"], "iss": "https://oidc.fake.example/",
+                           "sub": "system:serviceaccount:default:haproxy-azure-discovery"}),
+                     secrets.token_urlsafe(32)))
 
 
 def _provisioning_status(state: str) -> dict:
@@ -1181,6 +1193,18 @@ class ForeignRequest(NamedTuple):
     headers: dict[str, str]   # every header as sent (Authorization included, if a client sent it)
 
 
+class TokenRequest(NamedTuple):
+    """A request for a token, as the fake's token endpoints saw it."""
+    endpoint: str             # "token" (managed identity) or "aad_token" (Microsoft Entra ID)
+    authority: str            # https:// and the Host header: the login authority the client used
+    tenant: str | None        # the tenant in the path (aad_token)
+    grant_type: str | None
+    client_id: str | None
+    audience: str | None      # the resource asked for (scope without ".default", or `resource`)
+    status: int               # what the fake answered
+    credential: str | None    # what was presented: "secret", "assertion", "managed_identity", None
+
+
 class _TlsServer(ThreadingHTTPServer):
     """A ThreadingHTTPServer that does each TLS handshake in its connection's thread; `serve(handler)`
     answers each request."""
@@ -1258,8 +1282,16 @@ class FakeArm:
         self._buckets: dict[tuple, tuple[tuple, _Bucket]] = {}
         self.token = secrets.token_urlsafe(24)
         self.identity_header = secrets.token_urlsafe(16)
+        self.tenant_id = str(uuid.uuid4())        # the only tenant Entra ID knows here
         self.client_id = str(uuid.uuid4())
         self.client_secret = secrets.token_urlsafe(16)
+        # What a workload identity's AZURE_FEDERATED_TOKEN_FILE holds (a service account token's shape).
+        self.federated_token = _federated_token()
+        # The api-versions GET /metadata/endpoints answers: Azure's public cloud both; Azure Stack Hub
+        # documents 2015-01-01 only, so ("2015-01-01",) models it.
+        self.metadata_versions: tuple[str, ...] = ("2015-01-01", "2022-09-01")
+        self._other_tokens: dict[str, str] = {}   # tokens issued for other audiences: token -> audience
+        self._token_log: list[TokenRequest] = []
         self._port, self._state_dir = port, state_dir
         self._lock = threading.Lock()
         self._counts: collections.Counter[str] = collections.Counter()
@@ -1350,6 +1382,19 @@ class FakeArm:
                 "IDENTITY_ENDPOINT": f"{self.url}/msi/token", "IDENTITY_HEADER": self.identity_header,
                 "FAKE_ARM_URL": self.url}
 
+    def env_workload_identity(self, token_file: str | os.PathLike) -> dict[str, str]:
+        """Writes `federated_token` to `token_file`; the variables azure-identity's WorkloadIdentityCredential
+        (and DefaultAzureCredential) read, with the fake as the login authority."""
+        Path(token_file).write_text(self.federated_token)
+        return {"AZURE_TENANT_ID": self.tenant_id, "AZURE_CLIENT_ID": self.client_id,
+                "AZURE_FEDERATED_TOKEN_FILE": str(token_file), "AZURE_AUTHORITY_HOST": self.url}
+
+    def env_client_secret(self) -> dict[str, str]:
+        """A service principal's variables (EnvironmentCredential's), without any authority host: where the
+        token is asked for is the client's choice, and `token_requests` shows it."""
+        return {"AZURE_TENANT_ID": self.tenant_id, "AZURE_CLIENT_ID": self.client_id,
+                "AZURE_CLIENT_SECRET": self.client_secret}
+
     def documented_limits(self) -> None:
         """Resource Manager's and Compute's documented numbers instead of UNTHROTTLED (see the constants)."""
         self.subscription_reads = DOCUMENTED_SUBSCRIPTION_READS
@@ -1373,12 +1418,19 @@ class FakeArm:
         with self._lock:
             return list(self._foreign_log)
 
+    @property
+    def token_requests(self) -> list[TokenRequest]:
+        """Every request of the token endpoints (managed identity and Entra ID), with where it came to."""
+        with self._lock:
+            return list(self._token_log)
+
     def reset_counts(self) -> None:
         """Forget counts and the request logs (requests, foreign_requests, token_requests)."""
         with self._lock:
             self._counts.clear()
             self._log.clear()
             self._foreign_log.clear()
+            self._token_log.clear()
 
     def add_fault(self, kind: str, *, endpoint: str | None = None, path: str | None = None,
                   page: int | None = None, times: int | None = 1, retry_after: int | None = 1,
@@ -1510,33 +1562,118 @@ class FakeArm:
 
 
     def _identity(self, endpoint: str, groups: dict, handler: _Handler, params: dict, body: bytes) -> _Reply:
-        if endpoint == "token":
-            if handler.headers.get("X-IDENTITY-HEADER") != self.identity_header:
-                return _arm_error(401, "Unauthorized", "The X-IDENTITY-HEADER header is missing or wrong.")
-            if not params.get("resource"):
-                return _arm_error(400, "BadRequest", "The resource query parameter is required.")
-            return _json_reply({"access_token": self.token, "expires_on": str(int(time.time()) + TOKEN_LIFETIME),
-                                "resource": params["resource"], "token_type": "Bearer"})
         if endpoint == "metadata":
             return self._metadata(params)
-        tenant_url = f"{self.url}/{groups['tenant']}"
-        if endpoint == "openid":
+        authority = f"https://{handler.headers.get('Host', '')}"
+        if endpoint == "token":
+            reply, audience = self._managed_identity(handler, params)
+            self._record_token(TokenRequest("token", authority, None, None, None, audience, reply.status,
+                                            "managed_identity"))
+            return reply
+        tenant = groups["tenant"]
+        if tenant != self.tenant_id:
+            reply = _entra_error(400, "invalid_tenant", 90002, f"Tenant '{tenant}' not found. Check to make sure "
+                                 "you have the correct tenant ID and are signing into the correct cloud.", authority)
+        elif endpoint == "openid":
+            tenant_url = f"{authority}/{tenant}"
             return _json_reply({"issuer": f"{tenant_url}/v2.0",
                                 "authorization_endpoint": f"{tenant_url}/oauth2/v2.0/authorize",
                                 "token_endpoint": f"{tenant_url}/oauth2/v2.0/token"})
-        form = dict(parse_qsl(body.decode()))
-        if (form.get("client_id"), form.get("client_secret")) != (self.client_id, self.client_secret):
-            return _json_reply({"error": "invalid_client",
-                                "error_description": "AADSTS7000215: Invalid client secret provided."}, 401)
-        return _json_reply({"token_type": "Bearer", "expires_in": TOKEN_LIFETIME,
-                            "ext_expires_in": TOKEN_LIFETIME, "access_token": self.token})
+        else:
+            reply = None
+        form = dict(parse_qsl(body.decode(errors="replace"))) if endpoint == "aad_token" else {}
+        scopes = [s for s in form.get("scope", "").split() if s.endswith("/.default")]
+        audience = scopes[0].removesuffix(".default") if scopes else None
+        if reply is None:
+            reply = self._entra_token(form, audience, authority)
+        if endpoint == "aad_token":
+            presented = ("assertion" if "client_assertion" in form else "secret" if "client_secret" in form
+                         else None)
+            self._record_token(TokenRequest(endpoint, authority, tenant, form.get("grant_type"),
+                                            form.get("client_id"), audience, reply.status, presented))
+        return reply
+
+    def _managed_identity(self, handler: _Handler, params: dict) -> tuple[_Reply, str | None]:
+        """App Service's managed identity endpoint (api-version 2019-08-01)."""
+        if handler.headers.get("X-IDENTITY-HEADER") != self.identity_header:
+            return _arm_error(401, "Unauthorized", "The X-IDENTITY-HEADER header is missing or wrong."), None
+        resource = params.get("resource")
+        if not resource:
+            return _arm_error(400, "BadRequest", "The resource query parameter is required."), None
+        return _json_reply({"access_token": self._token_for(resource), "resource": resource,
+                            "expires_on": str(int(time.time()) + TOKEN_LIFETIME), "token_type": "Bearer"}), resource
+
+    def _entra_token(self, form: dict, audience: str | None, authority: str) -> _Reply:
+        """POST {authority}/{tenant}/oauth2/v2.0/token, client credentials as Microsoft Entra ID takes them:
+        a client secret, or a client assertion (workload identity federation: the federated token itself
+        as a jwt-bearer assertion). Its refusals: AADSTS codes as Entra ID words them."""
+        if form.get("grant_type") != "client_credentials":
+            return _entra_error(400, "unsupported_grant_type", 70003, "The app requested an unsupported grant "
+                                f"type '{form.get('grant_type')}'.", authority)
+        if audience is None:
+            return _entra_error(400, "invalid_scope", 1002012, f"The provided value for scope "
+                                f"{form.get('scope', '')} is not valid. Client credential flows must have a scope "
+                                "value with /.default suffixed to the resource identifier (application ID URI).",
+                                authority)
+        if form.get("client_id") != self.client_id:
+            return _entra_error(400, "unauthorized_client", 700016, f"Application with identifier "
+                                f"'{form.get('client_id')}' was not found in the directory '{self.tenant_id}'.",
+                                authority)
+        if "client_assertion" in form or "client_assertion_type" in form:
+            if form.get("client_assertion_type") != JWT_BEARER:
+                return _entra_error(400, "invalid_request", 700002, "Unsupported client_assertion_type "
+                                    f"'{form.get('client_assertion_type')}'.", authority)
+            if form.get("client_assertion") != self.federated_token:
+                # Azure/azure-workload-identity#340, external-secrets/external-secrets#2783
+                return _entra_error(401, "invalid_client", 70021, "No matching federated identity record found "
+                                    "for presented assertion.", authority)
+        elif "client_secret" not in form:
+            return _entra_error(401, "invalid_client", 7000218, "The request body must contain the following "
+                                "parameter: 'client_assertion' or 'client_secret'.", authority)
+        elif form["client_secret"] != self.client_secret:
+            return _entra_error(401, "invalid_client", 7000215, "Invalid client secret provided. Ensure the secret "
+                                "being sent in the request is the client secret value, not the client secret ID.",
+                                authority)
+        return _json_reply({"token_type": "Bearer", "expires_in": TOKEN_LIFETIME, "ext_expires_in": TOKEN_LIFETIME,
+                            "access_token": self._token_for(audience)})
+
+    def _token_for(self, audience: str) -> str:
+        """`token` for one of the cloud's audiences; for any other resource, a token of its own, which
+        Resource Manager refuses (InvalidAuthenticationTokenAudience), as Entra ID issues tokens for any
+        resource it knows and Resource Manager takes only its own audiences."""
+        wanted = audience.rstrip("/")
+        if wanted in {a.rstrip("/") for a in self.cloud_audiences}:
+            return self.token
+        with self._lock:
+            for token, known in self._other_tokens.items():
+                if known == wanted:
+                    return token
+            token = secrets.token_urlsafe(24)
+            self._other_tokens[token] = wanted
+            return token
+
+    def _record_token(self, record: TokenRequest) -> None:
+        with self._lock:
+            self._token_log.append(record)
 
     def _metadata(self, params: dict) -> _Reply:
-        """The cloud's endpoints document (api-version 2022-09-01: one object, as management.azure.com
-        serves it), naming the fake as Resource Manager and login endpoint, with `cloud_audiences`."""
+        """The cloud's endpoints document, naming the fake as Resource Manager and login endpoint, with
+        `cloud_audiences`, in the api-versions of `metadata_versions`: 2022-09-01 as management.azure.com
+        serves it (one object), 2015-01-01 in its older shape (galleryEndpoint, graphEndpoint,
+        portalEndpoint, authentication {loginEndpoint, audiences}), the only one Azure Stack Hub documents
+        ("Make API requests to Azure Stack Hub")."""
         if "api-version" not in params:
             return _arm_error(400, "MissingApiVersionParameter",
                               "The api-version query parameter (?api-version=) is required for all requests.")
+        version = params["api-version"]
+        if version not in self.metadata_versions:
+            return _arm_error(400, "InvalidApiVersionParameter", f"The api-version '{version}' is invalid. The "
+                              f"supported versions are '{','.join(self.metadata_versions)}'.")
+        if version == "2015-01-01":
+            return _json_reply({"galleryEndpoint": f"{self.url}/", "graphEndpoint": f"{self.url}/",
+                                "portalEndpoint": f"{self.url}/",
+                                "authentication": {"loginEndpoint": f"{self.url}/",
+                                                   "audiences": list(self.cloud_audiences)}})
         return _json_reply({
             "portal": f"{self.url}/", "name": "FakeCloud", "resourceManager": f"{self.url}/",
             "authentication": {"loginEndpoint": f"{self.url}/", "audiences": list(self.cloud_audiences),
@@ -1553,6 +1690,12 @@ class FakeArm:
             return _arm_error(401, "AuthenticationFailed",
                               "Authentication failed. The 'Authorization' header is missing.")
         if authorization != f"Bearer {self.token}":
+            audience = self._other_tokens.get(authorization.removeprefix("Bearer "))
+            if audience is not None:
+                allowed = ",".join(f"'{a}'" for a in self.cloud_audiences)
+                return _arm_error(401, "InvalidAuthenticationTokenAudience", "The access token has been obtained "
+                                  f"for wrong audience or resource '{audience}'. It should exactly match with one "
+                                  f"of the allowed audiences {allowed}.")
             return _arm_error(401, "InvalidAuthenticationToken", "The access token is invalid.")
         if "api-version" not in params:
             return _arm_error(400, "MissingApiVersionParameter",
@@ -1822,6 +1965,16 @@ def _read_graph_token(token, query_key: str) -> int:
 
 def _iso(seconds: float) -> str:
     return time.strftime("%Y-%m-%dT%H:%M:%S+00:00", time.gmtime(seconds))
+
+
+def _entra_error(status: int, error: str, code: int, description: str, authority: str) -> _Reply:
+    """A Microsoft Entra ID error answer: `error`, `error_description` ("AADSTS<code>: ..."), `error_codes`..."""
+    trace, correlation = uuid.uuid4(), uuid.uuid4()
+    stamp = time.strftime("%Y-%m-%d %H:%M:%SZ", time.gmtime())
+    return _json_reply({"error": error, "error_description": f"AADSTS{code}: {description} Trace ID: {trace} "
+                        f"Correlation ID: {correlation} Timestamp: {stamp}", "error_codes": [code],
+                        "timestamp": stamp, "trace_id": str(trace), "correlation_id": str(correlation),
+                        "error_uri": f"{authority}/error?code={code}"}, status)
 
 
 def _support_message() -> str:

@@ -525,14 +525,20 @@ class TestIdentity:
         assert fake.counts["total"] == 2 and fake.requests[-1].endpoint is None
 
     def test_client_secret_credential_against_the_fake_authority(self, fake):
-        credential = ClientSecretCredential("tenant-1", fake.client_id, fake.client_secret,
+        credential = ClientSecretCredential(fake.tenant_id, fake.client_id, fake.client_secret,
                                             authority=fake.url, disable_instance_discovery=True)
         assert credential.get_token(ARM_SCOPE).token == fake.token
-        wrong = ClientSecretCredential("tenant-1", fake.client_id, "wrong",
+        wrong = ClientSecretCredential(fake.tenant_id, fake.client_id, "wrong",
                                        authority=fake.url, disable_instance_discovery=True)
-        with pytest.raises(ClientAuthenticationError):
+        with pytest.raises(ClientAuthenticationError, match="AADSTS7000215"):
             wrong.get_token(ARM_SCOPE)
         assert fake.counts["openid"] == 2 and fake.counts["aad_token"] == 2
+        # A tenant Entra ID does not know: its OpenID configuration is already refused.
+        stranger = ClientSecretCredential("tenant-1", fake.client_id, fake.client_secret,
+                                          authority=fake.url, disable_instance_discovery=True)
+        with pytest.raises(ClientAuthenticationError):
+            stranger.get_token(ARM_SCOPE)
+        assert fake.counts["openid"] == 3 and fake.counts["aad_token"] == 2
 
 
 # --- faults ---
