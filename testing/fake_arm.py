@@ -1040,6 +1040,7 @@ ENDPOINTS = ("vms_status",) + tuple(endpoint for endpoint, _, _ in _ROUTES)
 _IDENTITY_ENDPOINTS = ("token", "openid", "aad_token", "metadata")
 _SINGLE_ENDPOINTS = ("nic_get", "vmss_nic_get", "vm_instance_view", "vmss_vm_instance_view")
 COUNTS_PATH = "/_counts"
+THROTTLE_COUNTERS = ("graph_throttled", "arm_throttled", "compute_throttled")   # refusals, in `counts`
 
 
 def _route(method: str, path: str, params: dict) -> tuple[str | None, dict]:
@@ -1268,6 +1269,9 @@ class FakeArm:
         # AZURE_CHINA_COMPUTE_TYPES), only those: rows of the others are absent (a query naming them gets none).
         self.graph_compute_types: set[str] | frozenset[str] | None = None
         self.graph_seed = None            # the seed of unsorted Resource Graph rows' order (None: os entropy)
+        # Resource Manager documents no order of a listing's items either: with a seed, every listing
+        # (taken at its first page) comes in a random order drawn from it; None keeps the estate's order.
+        self.list_seed = None
         self._graph_cache: collections.OrderedDict[tuple, list] = collections.OrderedDict()
         # Seconds, for every quota and bucket: time.monotonic unless a test drives its own clock.
         self.clock: Callable[[], float] = time.monotonic
@@ -1306,6 +1310,15 @@ class FakeArm:
         self._foreign: list[_TlsServer] = []
         self._foreign_log: list[ForeignRequest] = []
         self._owns_state_dir = False
+
+    @property
+    def list_seed(self) -> int | None:
+        return self._list_seed
+
+    @list_seed.setter
+    def list_seed(self, seed: int | None) -> None:
+        self._list_seed = seed
+        self._list_rng = random.Random(seed)
 
     @property
     def graph_seed(self) -> int | None:
@@ -1405,7 +1418,7 @@ class FakeArm:
     def counts(self) -> dict[str, int]:
         """Requests per endpoint (every key of ENDPOINTS, zero included) and `total`."""
         with self._lock:
-            return {**dict.fromkeys(ENDPOINTS, 0), "total": 0, **self._counts}
+            return {**dict.fromkeys(ENDPOINTS, 0), "total": 0, **dict.fromkeys(THROTTLE_COUNTERS, 0), **self._counts}
 
     @property
     def requests(self) -> list[RequestRecord]:
@@ -1895,9 +1908,14 @@ class FakeArm:
             return fault
         estate = self.estate
         with estate.lock:
-            listing = self._recall(cursor) or _listing(estate, endpoint, groups, params)
+            listing = self._recall(cursor)
             if listing is None:
-                return _arm_error(404, "ResourceNotFound", _not_found(endpoint, groups))
+                listing = _listing(estate, endpoint, groups, params)
+                if listing is None:
+                    return _arm_error(404, "ResourceNotFound", _not_found(endpoint, groups))
+                if self.list_seed is not None:
+                    with self._lock:
+                        listing = (self._list_rng.sample(listing[0], len(listing[0])), listing[1])
             items, render = listing
             document = {"value": [render(item) for item in items[offset:offset + page_size]]}
         pairs = [(k, v) for k, v in query.items() if k.lower() != "$skiptoken"]

@@ -265,6 +265,18 @@ class TestListings:
         view = compute.virtual_machines.instance_view("rg-a", "vm-0000")
         assert view.statuses[0].code == "ProvisioningState/deleting"
 
+    def test_listings_can_come_in_a_random_order(self, fake):
+        compute, _ = clients(fake)
+        in_order = names(compute.virtual_machines.list_all())
+        fake.list_seed = 3
+        orders = [names(compute.virtual_machines.list_all()) for _ in range(3)]
+        assert all(sorted(order) == sorted(in_order) for order in orders) and len({tuple(o) for o in orders}) > 1
+        fake.list_seed = 3
+        assert names(compute.virtual_machines.list_all()) == orders[0]
+        pages = compute.virtual_machines.list_all().by_page()      # one listing: one order across its pages
+        first = names(next(pages))
+        assert sorted(first + [n for page in pages for n in names(page)]) == sorted(in_order)
+
     def test_a_listing_is_a_snapshot_taken_at_its_first_page(self, fake):
         compute, _ = clients(fake)
         pages = compute.virtual_machines.list_all().by_page()
@@ -330,7 +342,7 @@ class TestSingleGets:
         list(compute.virtual_machine_scale_sets.list_all())
         status, counts = raw_get(fake, "/_counts")
         assert status == 200 and counts == fake.counts
-        assert (counts["vmss"], counts["token"], counts["total"]) == (1, 1, 2)
+        assert (counts["vmss"], counts["token"], counts["total"], counts["compute_throttled"]) == (1, 1, 2, 0)
         assert fake.counts["total"] == 2 and len(fake.requests) == 2
 
 
