@@ -2,10 +2,15 @@
 """A local HTTPS fake of Azure Resource Manager for the haproxy-azure-discovery test bed.
 
 The real Azure SDK talks to it: `DefaultAzureCredential` gets its token from the fake's App Service
-managed-identity endpoint, and `ComputeManagementClient` / `NetworkManagementClient` list the estate
-through the same list endpoints as in Azure, in the shapes of Azure's own examples
-(`testing/azure-examples/`), with paging; the single-resource GETs of a per-VM-lookup strategy (one NIC
-and one instance view per VM) are served too, for comparison. Runs on the standard library plus `trustme`.
+managed-identity endpoint (or, as a workload identity or a service principal, from its Microsoft Entra ID
+token endpoint), and `ComputeManagementClient` / `NetworkManagementClient` list the estate through the
+same list endpoints as in Azure, in the shapes of Azure's own examples (`testing/azure-examples/`), with
+paging; the single-resource GETs of a per-VM-lookup strategy (one NIC and one instance view per VM) are
+served too, for comparison. Runs on the standard library plus `trustme`.
+
+It is meant to be at least as strict and as disorderly as Azure, never more lenient: Resource Graph
+serves unsorted rows in a new order every page, tokens are bound to a tenant, a client and an audience,
+and throttling, links elsewhere, redirects and malformed answers are at hand as options and faults.
 
 In tests::
 
@@ -23,20 +28,33 @@ In tests::
 
 Public API:
 
-    parse_graph_query(text) -> GraphQuery, evaluate_graph_query(estate, query, subscriptions, readable),
-        GRAPH_SCHEMA (testing/resource_graph_schema.json)
+    parse_graph_query(text, *, known_types_only=True) -> GraphQuery(table, filters, columns, order),
+        graph_candidates(estate, query, subscriptions, readable, compute_types=None),
+        order_graph_rows(candidates, query, rng), evaluate_graph_query(estate, query, subscriptions,
+        readable, *, rng=None, compute_types=None), GRAPH_SCHEMA (testing/resource_graph_schema.json),
+        AZURE_CHINA_COMPUTE_TYPES
     make_estate(*, vms, uniform_sets, flexible_sets, per_set, subscriptions, resource_groups, regions,
                 services, ip_base, ipv6_base, public_ip_base, not_running, seed, overrides) -> Estate
     service_tags(name, port) -> {SERVICE_NAME_TAG: name, SERVICE_PORT_TAG: str(port)}
     Estate(vms=[Vm], scale_sets=[ScaleSet(instances=[Instance])]): machines(), find(name),
         resource_id(name), add_vm(vm), remove(name), update(name, **fields), scale(name, capacity),
-        to_json(), Estate.from_json(text)
+        to_json(), Estate.from_json(text). Instance fields: name, private_ip, tags, power_state,
+        private_ipv6, public_ip, has_nic, second_nic_ip, provisioning_state ("Succeeded"; "Deleting",
+        "Creating", "Updating", "Failed"...); a ScaleSet has a provisioning_state too.
     FakeArm(estate=None, *, page_size=100, port=0, state_dir=None): start(), stop(), context manager;
-        url, ca_pem_path, env(), token, identity_header, client_id, client_secret, estate, page_size;
-        counts, requests (RequestRecord: method, path, query, endpoint), reset_counts();
-        reader_groups (None, or the resource groups a group-only Reader may read), cloud_audiences,
-        graph_quota / graph_window (Resource Graph's per-user quota);
-        add_fault(kind, *, endpoint, path, page, times=1, retry_after=1, delay=1.0) -> Fault, clear_faults()
+        url, foreign_url, other_port_url, ca_pem_path, env(), env_workload_identity(token_file),
+        env_client_secret(), estate, page_size;
+        credentials: token, identity_header, tenant_id, client_id, client_secret, federated_token,
+            cloud_audiences, metadata_versions;
+        Resource Graph: graph_quota / graph_window, graph_seed, graph_compute_types;
+        Resource Manager: reader_groups, list_seed, subscription_reads, compute_buckets, arm_region,
+            documented_limits(), clock;
+        observation: counts, requests (RequestRecord: method, path, query, endpoint, host),
+            foreign_requests (ForeignRequest: origin, method, path, headers), token_requests
+            (TokenRequest: endpoint, authority, tenant, grant_type, client_id, audience, status, credential),
+            reset_counts();
+        add_fault(kind, *, endpoint, path, page, times=1, retry_after=1, delay=1.0, location=None) -> Fault,
+            clear_faults()
 
 Standalone (until SIGTERM or SIGINT; prints one line of shell `export` statements)::
 
@@ -74,25 +92,20 @@ Endpoints (GET; `api-version` required; paths match case-insensitively) and thei
                                                   virtual_machine_scale_set_vms.get_instance_view(R, V, I)
   Azure Resource Graph (POST; api-version one of resource_graph_schema.json's):
     graph       /providers/Microsoft.ResourceGraph/resources   body {subscriptions, query, options: {$top,
-                $skipToken, resultFormat}}; answers {totalRecords, count, resultTruncated, $skipToken, data,
-                facets} with x-ms-user-quota-remaining / x-ms-user-quota-resets-after, and 429 past
-                `graph_quota` queries per `graph_window` seconds (counted as `graph_throttled`). The query is
-                checked against the tables, types and columns Microsoft documents (resource_graph_schema.json)
-                and evaluated as far as the fake models KQL: `Table | where COLUMN in~ ('a', ...) |
-                project column, name = column.path, ...`; rows are the estate's resources (VMs with
-                properties.extended.instanceView.powerState; Uniform instances, their NICs and public IPs in
-                ComputeResources), only from `reader_groups` when set; without `id` in the projection a
-                result longer than $top is cut (resultTruncated "true"), as in Azure.
+                $skipToken, resultFormat}}; see "Resource Graph" below.
+  credentials and the cloud:
     token       /msi/token (App Service managed identity; X-IDENTITY-HEADER checked)
-    metadata    /metadata/endpoints (no token; api-version required): the cloud's endpoints document, naming
-                the fake as resourceManager and authentication.loginEndpoint, `fake.cloud_audiences` as audiences
-    openid      /{tenant}/v2.0/.well-known/openid-configuration   } for ClientSecretCredential(...,
-    aad_token   POST /{tenant}/oauth2/v2.0/token                  } authority=fake.url, disable_instance_discovery=True)
+    metadata    /metadata/endpoints (no token; api-version one of `metadata_versions`): the cloud's
+                endpoints document, naming the fake as resourceManager and authentication.loginEndpoint,
+                `fake.cloud_audiences` as audiences
+    openid      /{tenant}/v2.0/.well-known/openid-configuration   } Microsoft Entra ID at authority fake.url
+    aad_token   POST /{tenant}/oauth2/v2.0/token                  } (see "Credentials" below)
 
-`counts` also has `total` (every request, unknown paths included). ARM endpoints need the
-`Authorization: Bearer {fake.token}` header (401 otherwise); unknown paths get 404. Errors are ARM-shaped:
-`{"error": {"code": ..., "message": ...}}`. `GET /_counts` (no token needed; neither counted nor logged)
-returns `counts` as JSON, for a standalone fake's client.
+`counts` also has `total` (every request, unknown paths included) and the refusals `graph_throttled`,
+`arm_throttled`, `compute_throttled`. ARM endpoints need the `Authorization: Bearer {fake.token}` header
+(401 otherwise); unknown paths get 404. Errors are ARM-shaped: `{"error": {"code": ..., "message": ...}}`.
+`GET /_counts` (no token needed; neither counted nor logged) returns `counts` as JSON, for a standalone
+fake's client.
 
 What is served:
 
@@ -103,6 +116,10 @@ What is served:
   (`virtualMachineScaleSet/id eq '<scale set id>'`, which narrows the list to that set's members), and
   without it the answer is 400 `InvalidParameter`, as Azure's REST reference says. A Flexible set's
   `vmss_vms` members have no network profile, and their `instanceId` is the VM name.
+- Provisioning state: `estate.update(name, provisioning_state="Deleting")` shows as
+  `properties.provisioningState` ("Deleting") in the VM and scale-set VM lists and Resource Graph rows,
+  and as the instance views' first status `ProvisioningState/deleting` (displayStatus "Deleting";
+  `ProvisioningState/succeeded` "Provisioning succeeded" otherwise, level Error for "Failed").
 - Role scope: `fake.reader_groups = {"rg-a"}` models a principal whose Reader role covers only those
   resource groups: subscription-wide lists and every other group answer 403 `AuthorizationFailed` (in
   Azure's words); the default `None` reads the whole subscription.
@@ -122,13 +139,114 @@ What is served:
   `ResourceNotFound`. Faults aim at them with `page=1` (or no page).
 - Paging: `value` plus `nextLink` (back to the fake, query kept, `$skiptoken` added) while items remain.
   A listing is a snapshot taken at its first page, like a server cursor, so scaling mid-listing shows in
-  the next listing; field changes (power state, tags) show on every page rendered after them.
+  the next listing; field changes (power state, tags) show on every page rendered after them. Items come
+  in the estate's order; `fake.list_seed = N` serves each listing in a random order drawn from N instead
+  (Azure documents no order; one order per listing, across its pages).
 
-Faults (`add_fault`): kind "429" (with `Retry-After`), "500" or any other status >= 400, "slow" (waits
-`delay` seconds, then answers normally; `stop()` cuts the wait short), "bad_json" (200 with a truncated
-body), "no_value" (200 with `{}`) or "bad_item" (200 with items Azure's schema does not allow: one
-whose properties are a string, then a string); aimed by `endpoint` (a counter key), `path` (regex searched in the
-request path, case-insensitively) and `page` (1-based); fires `times` times (`None`: every time).
+Resource Graph (sources: "Guidance for pagination", "Guidance for throttled requests in Azure Resource
+Graph", "Working with large Azure resource data sets", the table and resource type reference):
+
+- The query is checked against the tables and columns Microsoft documents (resource_graph_schema.json) and
+  evaluated as far as the fake models KQL: `Table | where COLUMN in~ ('a', ...) | project column,
+  name = column.path, ... | order by COL [asc|desc], ...` (or `sort by`; before `project` a documented
+  column or a path in one, after it a projected column; KQL's default direction is DESCENDING; nulls first
+  ascending, last descending). Rows are the estate's resources (VMs with
+  properties.extended.instanceView.powerState and properties.provisioningState; Uniform instances, their
+  NICs and public IPs in ComputeResources), only from `reader_groups` when set (no 403). A `type` no table
+  lists matches no row (no error, as in Resource Graph; parse_graph_query's default still refuses it, as
+  a check of a query's text). Anything else the fake does not model: 400 with details[0].code InvalidQuery.
+- Answers {totalRecords (all rows), count (rows in this page), data, facets: [], resultTruncated ("true"
+  only for a query without `id` cut at $top), $skipToken (while rows remain)}.
+- Every page request runs the query again against the estate as it is then (changes through Estate
+  methods between pages shift rows: a deleted one makes a later one missed, a new one repeats one).
+  Unsorted rows come in a NEW RANDOM ORDER on every request (so paging an unsorted query skips and
+  repeats rows, as Azure warns: "Without sorting, results are random and not repeatable"); rows equal in
+  every sort column are in random order among themselves; `fake.graph_seed = N` makes the sequence of
+  orders reproducible (setting it again restarts it). A $skipToken belongs to its query and
+  subscriptions: with another, 400 InvalidSkipToken.
+- Quota: `graph_quota` queries per `graph_window` seconds (defaults 15 and 5.0, as documented), a fixed
+  window from its first query, on `fake.clock`; every answer has x-ms-user-quota-remaining (int) and
+  x-ms-user-quota-resets-after ("hh:mm:ss", whole seconds rounded up); past it, 429 `RateLimiting` (with
+  details[0].code RateLimiting, as Azure words it) and no Retry-After (none is documented).
+- `fake.graph_compute_types`: None (default) = all of ComputeResources' documented types; a set = only
+  those exist in this cloud (AZURE_CHINA_COMPUTE_TYPES: Azure China's reference lists only the Uniform
+  public IP type), rows of the others are absent.
+
+Throttling (sources: "Understand how Azure Resource Manager throttles requests", "Compute throttling
+limits", "Troubleshooting API throttling errors"). Every bucket is a token bucket on `fake.clock`, starts
+full, and starts full again when its setting changes; all are UNTHROTTLED (a million tokens) by default,
+reported but never empty; `fake.documented_limits()` sets the documented numbers.
+
+- Resource Manager reads: `fake.subscription_reads = (size, refill per second)` per subscription and
+  principal (documented: 250, 25/s), and 15 times that per subscription for all principals. Every
+  authenticated ARM answer carries x-ms-ratelimit-remaining-subscription-reads and
+  -subscription-global-reads. Empty: 429 `SubscriptionRequestsThrottled` ("Number of 'read' requests for
+  subscription '...' actor '...' exceeded. Please try again after 'N' seconds ...") with Retry-After N,
+  the time to the next token; a refused read takes no token.
+- Compute: `fake.compute_buckets = {label: (size, refill per minute)}` per subscription and region, for the
+  labels of COMPUTE_POLICIES: HighCostGet3Min and HighCostGet30Min count VM List / List All (vms, vms_rg,
+  vms_status; documented 900, 300/min); HighCostGetVMScaleSet3Min/30Min the scale-set lists (1,080,
+  360/min); VMScaleSetVMViews3Min a set's VM list and instance views (6,000, 2,000/min); LowCostGet3Min/30Min
+  a VM's instance view (24,000, 8,000/min); the 30-minute labels have no documented numbers. Region: the
+  scale set's or VM's location for requests about one, `fake.arm_region` (eastus) for subscription and
+  group lists. Each Compute answer carries x-ms-ratelimit-remaining-resource, one comma-separated value
+  ("Microsoft.Compute/HighCostGet3Min;159,Microsoft.Compute/HighCostGet30Min;799"); a label left out of
+  compute_buckets is neither counted nor reported. Empty: 429 `OperationNotAllowed` ("The server rejected
+  the request because too many requests have been received for this subscription.", details
+  [{code TooManyRequests, target label, message JSON {operationGroup, startTime, endTime,
+  allowedRequestCount, measuredRequestCount}}]) with Retry-After; a refused call still takes its token
+  (down to minus the size), so a request before Retry-After elapses is refused again with a later one.
+
+Credentials (Microsoft Entra ID at authority fake.url; `token_requests` records each request with the
+authority it came to: https:// and its Host header):
+
+- The tenant is `fake.tenant_id`; any other: 400 invalid_tenant AADSTS90002 (its openid configuration too).
+- POST /{tenant}/oauth2/v2.0/token takes client credentials only (grant_type=client_credentials, a scope
+  ending in /.default, client_id == fake.client_id) with either client_secret == fake.client_secret, or
+  client_assertion_type urn:ietf:params:oauth:client-assertion-type:jwt-bearer and client_assertion ==
+  fake.federated_token (what azure-identity's WorkloadIdentityCredential posts: the contents of
+  AZURE_FEDERATED_TOKEN_FILE, without discovery). Refusals as Entra ID words them: 400
+  unsupported_grant_type 70003, invalid_scope 1002012, unauthorized_client 700016, invalid_request 700002
+  (assertion type); 401 invalid_client 70021 (no federation for the assertion), 7000215 (secret),
+  7000218 (neither). `env_workload_identity(token_file)` writes the federated token and returns
+  AZURE_TENANT_ID, AZURE_CLIENT_ID, AZURE_FEDERATED_TOKEN_FILE, AZURE_AUTHORITY_HOST (= fake.url);
+  `env_client_secret()` returns AZURE_TENANT_ID, AZURE_CLIENT_ID, AZURE_CLIENT_SECRET (no authority).
+- Tokens are bound to an audience: a token for one of `cloud_audiences` (trailing "/" ignored) is
+  `fake.token`; for any other resource the fake issues a token of its own, which Resource Manager refuses
+  with 401 InvalidAuthenticationTokenAudience. The managed-identity endpoint does the same with `resource`.
+- /metadata/endpoints answers the api-versions in `fake.metadata_versions` (default ("2015-01-01",
+  "2022-09-01"); Azure Stack Hub documents 2015-01-01 only: set ("2015-01-01",)), others 400
+  InvalidApiVersionParameter. 2022-09-01: one object (resourceManager, authentication {loginEndpoint,
+  audiences, ...}, ...); 2015-01-01: {galleryEndpoint, graphEndpoint, portalEndpoint, authentication
+  {loginEndpoint, audiences}}.
+
+Faults (`add_fault(kind, *, endpoint, path, page, times=1, retry_after=1, delay=1.0, location=None)`):
+aimed by `endpoint` (a counter key), `path` (regex searched in the request path, case-insensitively) and
+`page` (1-based; a Graph page is offset // $top + 1); fire `times` times (None: every time); one fires per
+request at most, the first added first; a fault fires only on an answer it can act on (an unaimed Graph
+fault waits for a Graph request). `fault.fired` counts.
+
+- Whole answers: any status >= 400 as an ARM error (429 and 503 with `Retry-After: retry_after`, none when
+  retry_after=None); a redirect "301"/"302"/"303"/"307"/"308" with an empty body and Location `location`
+  (default: the same path and query at `foreign_url`); "bad_json" (200 with a truncated body),
+  "no_value" (200 with `{}`), "bad_item" (200 with items Azure's schema does not allow: one whose
+  properties are a string, then a string).
+- Delays: "slow" (waits `delay` seconds, then answers normally; stop() cuts the wait short); "trickle"
+  (the real answer, its headers at once and its body one byte every `delay` seconds, so every read
+  succeeds and the page takes len(body) * delay; stop() closes it unfinished). Any endpoint.
+- Items of a Resource Manager listing's `value` or a Graph answer's `data` (count follows): "empty" (no
+  items, no nextLink / $skipToken; Graph totalRecords 0), and on the page's first item:
+  "item_without_id", "item_id_not_string" (12345), "item_without_type", "item_name_object" ({"value":
+  name}), "item_tags_string" (a string), "null_item" (null), "string_items" (the list is ["a"]).
+- Links of a Resource Manager listing (nextLink set even on a last page): "self_link" (this page's own
+  URL: a loop), "loop_link" (the listing's first page), "foreign_link" (the next page's path and query at
+  `foreign_url`: https://127.0.0.2 on another port), "other_port_link" (at `other_port_url`: 127.0.0.1 on
+  another port), "http_link" (the fake's own host and port over http). Both other origins answer every
+  request with an empty page (`{"value": []}`; a Graph answer for a POST) and record it with its headers
+  in `foreign_requests`, so a test can see whether a token went there.
+- Resource Graph: "repeat_token" (every page's $skipToken is the same one, the second page's),
+  "total_mismatch" (totalRecords one more than the rows), "quota_not_digits" (x-ms-user-quota-remaining
+  is "¹": str.isdigit() but not an ASCII digit, and int() refuses it).
 """
 # === Imports (stdlib + trustme) ===
 from __future__ import annotations
@@ -863,7 +981,7 @@ def graph_candidates(estate: Estate, query: GraphQuery, subscriptions: set[str],
 
 def _sort_value(value) -> tuple:
     """A total order over what a column can hold: nulls apart, numbers, strings (ordinal), the rest."""
-    if isinstance(value, bool) or isinstance(value, (int, float)):
+    if isinstance(value, (bool, int, float)):
         return 0, float(value), ""
     if isinstance(value, str):
         return 1, 0.0, value
@@ -1249,8 +1367,10 @@ class FakeArm:
     """The HTTPS fake of Resource Manager on 127.0.0.1; see the module docstring.
 
     `estate` may be mutated (through its methods) or replaced at any time. `token` is what every ARM
-    request must carry; `identity_header` what the managed-identity endpoint wants; `client_id` and
-    `client_secret` what the AAD token endpoint wants. `url`, `ca_pem_path` and `env()` exist once started.
+    request must carry; `identity_header` what the managed-identity endpoint wants; `tenant_id`,
+    `client_id` and `client_secret` or `federated_token` what the Entra ID token endpoint wants. `url`,
+    `foreign_url`, `other_port_url`, `ca_pem_path` and `env()` exist once started. Every option is a
+    plain attribute, read at each request.
     """
 
     def __init__(self, estate: Estate | None = None, *, page_size: int = 100, port: int = 0,

@@ -17,12 +17,27 @@ import pytest
 from azure.core.exceptions import HttpResponseError
 
 from fake_arm import DEFAULT_SUBSCRIPTION, ITEM_KINDS, FakeArm
-from test_fake_arm import clients, fake, graph_post, names, raw_get, sdk_env, small_estate  # noqa: F401 (fixtures)
+from conftest import azure_env
+from test_fake_arm import clients, graph_post, names, raw_get, small_estate
 
 SUB = DEFAULT_SUBSCRIPTION
 VMS = f"/subscriptions/{SUB}/providers/Microsoft.Compute/virtualMachines?api-version=2026-04-01"
 QUERY = ("Resources | where type in~ ('microsoft.compute/virtualmachines') | project id, name, type "
          "| order by id asc")
+
+
+@pytest.fixture
+def sdk_env(monkeypatch):
+    """Clears every variable that could steer DefaultAzureCredential; returns a setter for a fake's env."""
+    azure_env(monkeypatch)
+    return lambda fake: azure_env(monkeypatch, fake)
+
+
+@pytest.fixture
+def fake(sdk_env):
+    with FakeArm(small_estate(), page_size=2) as fake:
+        sdk_env(fake)
+        yield fake
 
 
 def bearer(fake) -> dict:
@@ -268,7 +283,7 @@ class TestTrickle:
     def _attempt(compute):
         try:
             return list(compute.virtual_machine_scale_sets.list_all())
-        except Exception as error:   # whatever the SDK makes of a connection closed mid-body
+        except Exception as error:  # noqa: BLE001 (whatever the SDK makes of a connection closed mid-body)
             return error
 
 

@@ -16,8 +16,8 @@ from azure.core.exceptions import ClientAuthenticationError, HttpResponseError
 from azure.identity import ClientSecretCredential, DefaultAzureCredential, WorkloadIdentityCredential
 from azure.mgmt.compute import ComputeManagementClient
 
-from conftest import azure_env
 from fake_arm import ARM_SCOPE, DEFAULT_SUBSCRIPTION, JWT_BEARER, FakeArm
+from conftest import azure_env
 from test_fake_arm import raw_get, small_estate
 
 SUB = DEFAULT_SUBSCRIPTION

@@ -10,9 +10,9 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import pytest
 from azure.core.exceptions import HttpResponseError
 
-from fake_arm import (COMPUTE_POLICIES, DEFAULT_SUBSCRIPTION, DOCUMENTED_COMPUTE_BUCKETS, FakeArm, ScaleSet,
-                      Instance, make_estate)
-from test_fake_arm import clients, fake, graph_post, raw_get, sdk_env, small_estate  # noqa: F401 (fixtures)
+from fake_arm import COMPUTE_POLICIES, DEFAULT_SUBSCRIPTION, DOCUMENTED_COMPUTE_BUCKETS, FakeArm, Instance, ScaleSet
+from conftest import azure_env
+from test_fake_arm import clients, graph_post, raw_get, small_estate
 from test_fake_arm_faults import raw_response
 
 SUB = DEFAULT_SUBSCRIPTION
@@ -22,6 +22,20 @@ VMSS = f"/subscriptions/{SUB}/providers/Microsoft.Compute/virtualMachineScaleSet
 NICS = f"/subscriptions/{SUB}/providers/Microsoft.Network/networkInterfaces?api-version=2026-03-01"
 SET_VMS = "/subscriptions/{sub}/resourceGroups/rg-a/providers/Microsoft.Compute/virtualMachineScaleSets/{name}" \
           "/virtualMachines?api-version=2026-04-01"
+
+
+@pytest.fixture
+def sdk_env(monkeypatch):
+    """Clears every variable that could steer DefaultAzureCredential; returns a setter for a fake's env."""
+    azure_env(monkeypatch)
+    return lambda fake: azure_env(monkeypatch, fake)
+
+
+@pytest.fixture
+def fake(sdk_env):
+    with FakeArm(small_estate(), page_size=2) as fake:
+        sdk_env(fake)
+        yield fake
 
 
 class Clock:
