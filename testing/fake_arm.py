@@ -2,10 +2,15 @@
 """A local HTTPS fake of Azure Resource Manager for the haproxy-azure-discovery test bed.
 
 The real Azure SDK talks to it: `DefaultAzureCredential` gets its token from the fake's App Service
-managed-identity endpoint, and `ComputeManagementClient` / `NetworkManagementClient` list the estate
-through the same list endpoints as in Azure, in the shapes of Azure's own examples
-(`testing/azure-examples/`), with paging; the single-resource GETs of a per-VM-lookup strategy (one NIC
-and one instance view per VM) are served too, for comparison. Runs on the standard library plus `trustme`.
+managed-identity endpoint (or, as a workload identity or a service principal, from its Microsoft Entra ID
+token endpoint), and `ComputeManagementClient` / `NetworkManagementClient` list the estate through the
+same list endpoints as in Azure, in the shapes of Azure's own examples (`testing/azure-examples/`), with
+paging; the single-resource GETs of a per-VM-lookup strategy (one NIC and one instance view per VM) are
+served too, for comparison. Runs on the standard library plus `trustme`.
+
+It is meant to be at least as strict and as disorderly as Azure, never more lenient: Resource Graph
+serves unsorted rows in a new order every page, tokens are bound to a tenant, a client and an audience,
+and throttling, links elsewhere, redirects and malformed answers are at hand as options and faults.
 
 In tests::
 
@@ -23,20 +28,33 @@ In tests::
 
 Public API:
 
-    parse_graph_query(text) -> GraphQuery, evaluate_graph_query(estate, query, subscriptions, readable),
-        GRAPH_SCHEMA (testing/resource_graph_schema.json)
+    parse_graph_query(text, *, known_types_only=True) -> GraphQuery(table, filters, columns, order),
+        graph_candidates(estate, query, subscriptions, readable, compute_types=None),
+        order_graph_rows(candidates, query, rng), evaluate_graph_query(estate, query, subscriptions,
+        readable, *, rng=None, compute_types=None), GRAPH_SCHEMA (testing/resource_graph_schema.json),
+        AZURE_CHINA_COMPUTE_TYPES
     make_estate(*, vms, uniform_sets, flexible_sets, per_set, subscriptions, resource_groups, regions,
                 services, ip_base, ipv6_base, public_ip_base, not_running, seed, overrides) -> Estate
     service_tags(name, port) -> {SERVICE_NAME_TAG: name, SERVICE_PORT_TAG: str(port)}
     Estate(vms=[Vm], scale_sets=[ScaleSet(instances=[Instance])]): machines(), find(name),
         resource_id(name), add_vm(vm), remove(name), update(name, **fields), scale(name, capacity),
-        to_json(), Estate.from_json(text)
+        to_json(), Estate.from_json(text). Instance fields: name, private_ip, tags, power_state,
+        private_ipv6, public_ip, has_nic, second_nic_ip, provisioning_state ("Succeeded"; "Deleting",
+        "Creating", "Updating", "Failed"...); a ScaleSet has a provisioning_state too.
     FakeArm(estate=None, *, page_size=100, port=0, state_dir=None): start(), stop(), context manager;
-        url, ca_pem_path, env(), token, identity_header, client_id, client_secret, estate, page_size;
-        counts, requests (RequestRecord: method, path, query, endpoint), reset_counts();
-        reader_groups (None, or the resource groups a group-only Reader may read), cloud_audiences,
-        graph_quota / graph_window (Resource Graph's per-user quota);
-        add_fault(kind, *, endpoint, path, page, times=1, retry_after=1, delay=1.0) -> Fault, clear_faults()
+        url, foreign_url, other_port_url, ca_pem_path, env(), env_workload_identity(token_file),
+        env_client_secret(), estate, page_size;
+        credentials: token, identity_header, tenant_id, client_id, client_secret, federated_token,
+            cloud_audiences, metadata_versions;
+        Resource Graph: graph_quota / graph_window, graph_seed, graph_compute_types;
+        Resource Manager: reader_groups, list_seed, subscription_reads, compute_buckets, arm_region,
+            documented_limits(), clock;
+        observation: counts, requests (RequestRecord: method, path, query, endpoint, host),
+            foreign_requests (ForeignRequest: origin, method, path, headers), token_requests
+            (TokenRequest: endpoint, authority, tenant, grant_type, client_id, audience, status, credential),
+            reset_counts();
+        add_fault(kind, *, endpoint, path, page, times=1, retry_after=1, delay=1.0, location=None) -> Fault,
+            clear_faults()
 
 Standalone (until SIGTERM or SIGINT; prints one line of shell `export` statements)::
 
@@ -74,25 +92,20 @@ Endpoints (GET; `api-version` required; paths match case-insensitively) and thei
                                                   virtual_machine_scale_set_vms.get_instance_view(R, V, I)
   Azure Resource Graph (POST; api-version one of resource_graph_schema.json's):
     graph       /providers/Microsoft.ResourceGraph/resources   body {subscriptions, query, options: {$top,
-                $skipToken, resultFormat}}; answers {totalRecords, count, resultTruncated, $skipToken, data,
-                facets} with x-ms-user-quota-remaining / x-ms-user-quota-resets-after, and 429 past
-                `graph_quota` queries per `graph_window` seconds (counted as `graph_throttled`). The query is
-                checked against the tables, types and columns Microsoft documents (resource_graph_schema.json)
-                and evaluated as far as the fake models KQL: `Table | where COLUMN in~ ('a', ...) |
-                project column, name = column.path, ...`; rows are the estate's resources (VMs with
-                properties.extended.instanceView.powerState; Uniform instances, their NICs and public IPs in
-                ComputeResources), only from `reader_groups` when set; without `id` in the projection a
-                result longer than $top is cut (resultTruncated "true"), as in Azure.
+                $skipToken, resultFormat}}; see "Resource Graph" below.
+  credentials and the cloud:
     token       /msi/token (App Service managed identity; X-IDENTITY-HEADER checked)
-    metadata    /metadata/endpoints (no token; api-version required): the cloud's endpoints document, naming
-                the fake as resourceManager and authentication.loginEndpoint, `fake.cloud_audiences` as audiences
-    openid      /{tenant}/v2.0/.well-known/openid-configuration   } for ClientSecretCredential(...,
-    aad_token   POST /{tenant}/oauth2/v2.0/token                  } authority=fake.url, disable_instance_discovery=True)
+    metadata    /metadata/endpoints (no token; api-version one of `metadata_versions`): the cloud's
+                endpoints document, naming the fake as resourceManager and authentication.loginEndpoint,
+                `fake.cloud_audiences` as audiences
+    openid      /{tenant}/v2.0/.well-known/openid-configuration   } Microsoft Entra ID at authority fake.url
+    aad_token   POST /{tenant}/oauth2/v2.0/token                  } (see "Credentials" below)
 
-`counts` also has `total` (every request, unknown paths included). ARM endpoints need the
-`Authorization: Bearer {fake.token}` header (401 otherwise); unknown paths get 404. Errors are ARM-shaped:
-`{"error": {"code": ..., "message": ...}}`. `GET /_counts` (no token needed; neither counted nor logged)
-returns `counts` as JSON, for a standalone fake's client.
+`counts` also has `total` (every request, unknown paths included) and the refusals `graph_throttled`,
+`arm_throttled`, `compute_throttled`. ARM endpoints need the `Authorization: Bearer {fake.token}` header
+(401 otherwise); unknown paths get 404. Errors are ARM-shaped: `{"error": {"code": ..., "message": ...}}`.
+`GET /_counts` (no token needed; neither counted nor logged) returns `counts` as JSON, for a standalone
+fake's client.
 
 What is served:
 
@@ -103,6 +116,10 @@ What is served:
   (`virtualMachineScaleSet/id eq '<scale set id>'`, which narrows the list to that set's members), and
   without it the answer is 400 `InvalidParameter`, as Azure's REST reference says. A Flexible set's
   `vmss_vms` members have no network profile, and their `instanceId` is the VM name.
+- Provisioning state: `estate.update(name, provisioning_state="Deleting")` shows as
+  `properties.provisioningState` ("Deleting") in the VM and scale-set VM lists and Resource Graph rows,
+  and as the instance views' first status `ProvisioningState/deleting` (displayStatus "Deleting";
+  `ProvisioningState/succeeded` "Provisioning succeeded" otherwise, level Error for "Failed").
 - Role scope: `fake.reader_groups = {"rg-a"}` models a principal whose Reader role covers only those
   resource groups: subscription-wide lists and every other group answer 403 `AuthorizationFailed` (in
   Azure's words); the default `None` reads the whole subscription.
@@ -122,13 +139,114 @@ What is served:
   `ResourceNotFound`. Faults aim at them with `page=1` (or no page).
 - Paging: `value` plus `nextLink` (back to the fake, query kept, `$skiptoken` added) while items remain.
   A listing is a snapshot taken at its first page, like a server cursor, so scaling mid-listing shows in
-  the next listing; field changes (power state, tags) show on every page rendered after them.
+  the next listing; field changes (power state, tags) show on every page rendered after them. Items come
+  in the estate's order; `fake.list_seed = N` serves each listing in a random order drawn from N instead
+  (Azure documents no order; one order per listing, across its pages).
 
-Faults (`add_fault`): kind "429" (with `Retry-After`), "500" or any other status >= 400, "slow" (waits
-`delay` seconds, then answers normally; `stop()` cuts the wait short), "bad_json" (200 with a truncated
-body), "no_value" (200 with `{}`) or "bad_item" (200 with items Azure's schema does not allow: one
-whose properties are a string, then a string); aimed by `endpoint` (a counter key), `path` (regex searched in the
-request path, case-insensitively) and `page` (1-based); fires `times` times (`None`: every time).
+Resource Graph (sources: "Guidance for pagination", "Guidance for throttled requests in Azure Resource
+Graph", "Working with large Azure resource data sets", the table and resource type reference):
+
+- The query is checked against the tables and columns Microsoft documents (resource_graph_schema.json) and
+  evaluated as far as the fake models KQL: `Table | where COLUMN in~ ('a', ...) | project column,
+  name = column.path, ... | order by COL [asc|desc], ...` (or `sort by`; before `project` a documented
+  column or a path in one, after it a projected column; KQL's default direction is DESCENDING; nulls first
+  ascending, last descending). Rows are the estate's resources (VMs with
+  properties.extended.instanceView.powerState and properties.provisioningState; Uniform instances, their
+  NICs and public IPs in ComputeResources), only from `reader_groups` when set (no 403). A `type` no table
+  lists matches no row (no error, as in Resource Graph; parse_graph_query's default still refuses it, as
+  a check of a query's text). Anything else the fake does not model: 400 with details[0].code InvalidQuery.
+- Answers {totalRecords (all rows), count (rows in this page), data, facets: [], resultTruncated ("true"
+  only for a query without `id` cut at $top), $skipToken (while rows remain)}.
+- Every page request runs the query again against the estate as it is then (changes through Estate
+  methods between pages shift rows: a deleted one makes a later one missed, a new one repeats one).
+  Unsorted rows come in a NEW RANDOM ORDER on every request (so paging an unsorted query skips and
+  repeats rows, as Azure warns: "Without sorting, results are random and not repeatable"); rows equal in
+  every sort column are in random order among themselves; `fake.graph_seed = N` makes the sequence of
+  orders reproducible (setting it again restarts it). A $skipToken belongs to its query and
+  subscriptions: with another, 400 InvalidSkipToken.
+- Quota: `graph_quota` queries per `graph_window` seconds (defaults 15 and 5.0, as documented), a fixed
+  window from its first query, on `fake.clock`; every answer has x-ms-user-quota-remaining (int) and
+  x-ms-user-quota-resets-after ("hh:mm:ss", whole seconds rounded up); past it, 429 `RateLimiting` (with
+  details[0].code RateLimiting, as Azure words it) and no Retry-After (none is documented).
+- `fake.graph_compute_types`: None (default) = all of ComputeResources' documented types; a set = only
+  those exist in this cloud (AZURE_CHINA_COMPUTE_TYPES: Azure China's reference lists only the Uniform
+  public IP type), rows of the others are absent.
+
+Throttling (sources: "Understand how Azure Resource Manager throttles requests", "Compute throttling
+limits", "Troubleshooting API throttling errors"). Every bucket is a token bucket on `fake.clock`, starts
+full, and starts full again when its setting changes; all are UNTHROTTLED (a million tokens) by default,
+reported but never empty; `fake.documented_limits()` sets the documented numbers.
+
+- Resource Manager reads: `fake.subscription_reads = (size, refill per second)` per subscription and
+  principal (documented: 250, 25/s), and 15 times that per subscription for all principals. Every
+  authenticated ARM answer carries x-ms-ratelimit-remaining-subscription-reads and
+  -subscription-global-reads. Empty: 429 `SubscriptionRequestsThrottled` ("Number of 'read' requests for
+  subscription '...' actor '...' exceeded. Please try again after 'N' seconds ...") with Retry-After N,
+  the time to the next token; a refused read takes no token.
+- Compute: `fake.compute_buckets = {label: (size, refill per minute)}` per subscription and region, for the
+  labels of COMPUTE_POLICIES: HighCostGet3Min and HighCostGet30Min count VM List / List All (vms, vms_rg,
+  vms_status; documented 900, 300/min); HighCostGetVMScaleSet3Min/30Min the scale-set lists (1,080,
+  360/min); VMScaleSetVMViews3Min a set's VM list and instance views (6,000, 2,000/min); LowCostGet3Min/30Min
+  a VM's instance view (24,000, 8,000/min); the 30-minute labels have no documented numbers. Region: the
+  scale set's or VM's location for requests about one, `fake.arm_region` (eastus) for subscription and
+  group lists. Each Compute answer carries x-ms-ratelimit-remaining-resource, one comma-separated value
+  ("Microsoft.Compute/HighCostGet3Min;159,Microsoft.Compute/HighCostGet30Min;799"); a label left out of
+  compute_buckets is neither counted nor reported. Empty: 429 `OperationNotAllowed` ("The server rejected
+  the request because too many requests have been received for this subscription.", details
+  [{code TooManyRequests, target label, message JSON {operationGroup, startTime, endTime,
+  allowedRequestCount, measuredRequestCount}}]) with Retry-After; a refused call still takes its token
+  (down to minus the size), so a request before Retry-After elapses is refused again with a later one.
+
+Credentials (Microsoft Entra ID at authority fake.url; `token_requests` records each request with the
+authority it came to: https:// and its Host header):
+
+- The tenant is `fake.tenant_id`; any other: 400 invalid_tenant AADSTS90002 (its openid configuration too).
+- POST /{tenant}/oauth2/v2.0/token takes client credentials only (grant_type=client_credentials, a scope
+  ending in /.default, client_id == fake.client_id) with either client_secret == fake.client_secret, or
+  client_assertion_type urn:ietf:params:oauth:client-assertion-type:jwt-bearer and client_assertion ==
+  fake.federated_token (what azure-identity's WorkloadIdentityCredential posts: the contents of
+  AZURE_FEDERATED_TOKEN_FILE, without discovery). Refusals as Entra ID words them: 400
+  unsupported_grant_type 70003, invalid_scope 1002012, unauthorized_client 700016, invalid_request 700002
+  (assertion type); 401 invalid_client 70021 (no federation for the assertion), 7000215 (secret),
+  7000218 (neither). `env_workload_identity(token_file)` writes the federated token and returns
+  AZURE_TENANT_ID, AZURE_CLIENT_ID, AZURE_FEDERATED_TOKEN_FILE, AZURE_AUTHORITY_HOST (= fake.url);
+  `env_client_secret()` returns AZURE_TENANT_ID, AZURE_CLIENT_ID, AZURE_CLIENT_SECRET (no authority).
+- Tokens are bound to an audience: a token for one of `cloud_audiences` (trailing "/" ignored) is
+  `fake.token`; for any other resource the fake issues a token of its own, which Resource Manager refuses
+  with 401 InvalidAuthenticationTokenAudience. The managed-identity endpoint does the same with `resource`.
+- /metadata/endpoints answers the api-versions in `fake.metadata_versions` (default ("2015-01-01",
+  "2022-09-01"); Azure Stack Hub documents 2015-01-01 only: set ("2015-01-01",)), others 400
+  InvalidApiVersionParameter. 2022-09-01: one object (resourceManager, authentication {loginEndpoint,
+  audiences, ...}, ...); 2015-01-01: {galleryEndpoint, graphEndpoint, portalEndpoint, authentication
+  {loginEndpoint, audiences}}.
+
+Faults (`add_fault(kind, *, endpoint, path, page, times=1, retry_after=1, delay=1.0, location=None)`):
+aimed by `endpoint` (a counter key), `path` (regex searched in the request path, case-insensitively) and
+`page` (1-based; a Graph page is offset // $top + 1); fire `times` times (None: every time); one fires per
+request at most, the first added first; a fault fires only on an answer it can act on (an unaimed Graph
+fault waits for a Graph request). `fault.fired` counts.
+
+- Whole answers: any status >= 400 as an ARM error (429 and 503 with `Retry-After: retry_after`, none when
+  retry_after=None); a redirect "301"/"302"/"303"/"307"/"308" with an empty body and Location `location`
+  (default: the same path and query at `foreign_url`); "bad_json" (200 with a truncated body),
+  "no_value" (200 with `{}`), "bad_item" (200 with items Azure's schema does not allow: one whose
+  properties are a string, then a string).
+- Delays: "slow" (waits `delay` seconds, then answers normally; stop() cuts the wait short); "trickle"
+  (the real answer, its headers at once and its body one byte every `delay` seconds, so every read
+  succeeds and the page takes len(body) * delay; stop() closes it unfinished). Any endpoint.
+- Items of a Resource Manager listing's `value` or a Graph answer's `data` (count follows): "empty" (no
+  items, no nextLink / $skipToken; Graph totalRecords 0), and on the page's first item:
+  "item_without_id", "item_id_not_string" (12345), "item_without_type", "item_name_object" ({"value":
+  name}), "item_tags_string" (a string), "null_item" (null), "string_items" (the list is ["a"]).
+- Links of a Resource Manager listing (nextLink set even on a last page): "self_link" (this page's own
+  URL: a loop), "loop_link" (the listing's first page), "foreign_link" (the next page's path and query at
+  `foreign_url`: https://127.0.0.2 on another port), "other_port_link" (at `other_port_url`: 127.0.0.1 on
+  another port), "http_link" (the fake's own host and port over http). Both other origins answer every
+  request with an empty page (`{"value": []}`; a Graph answer for a POST) and record it with its headers
+  in `foreign_requests`, so a test can see whether a token went there.
+- Resource Graph: "repeat_token" (every page's $skipToken is the same one, the second page's),
+  "total_mismatch" (totalRecords one more than the rows), "quota_not_digits" (x-ms-user-quota-remaining
+  is "¹": str.isdigit() but not an ASCII digit, and int() refuses it).
 """
 # === Imports (stdlib + trustme) ===
 from __future__ import annotations
@@ -137,10 +255,12 @@ import argparse
 import base64
 import collections
 import dataclasses
+import hashlib
 import ipaddress
 import itertools
 import json
 import math
+import os
 import random
 import re
 import secrets
@@ -178,8 +298,8 @@ TOKEN_LIFETIME = 3600                 # seconds; a fresh token per credential is
 IDLE_TIMEOUT = 30                     # seconds a keep-alive connection may idle before its thread quits
 MAX_CURSORS = 256                     # listings remembered between pages; older ones are recomputed
 RELOAD_INTERVAL = 0.5                 # seconds between checks of the standalone estate file
-FAULT_ACTIONS = ("slow", "bad_json", "no_value", "bad_item")
 FAKE_PRINCIPAL = "11111111-2222-3333-4444-555555555555"   # the object id 403 messages name
+JWT_BEARER = "urn:ietf:params:oauth:client-assertion-type:jwt-bearer"
 
 
 # === Estate model ===
@@ -194,6 +314,7 @@ class Instance:
     public_ip: str | None = None      # attached to the primary IP configuration
     has_nic: bool = True              # False: the VM names a NIC that no NIC list returns
     second_nic_ip: str | None = None  # a second, non-primary NIC with this private IPv4 address
+    provisioning_state: str = "Succeeded"   # Creating, Updating, Deleting, Failed...: properties.provisioningState
 
 
 @dataclass(kw_only=True)
@@ -224,6 +345,7 @@ class ScaleSet:
     tags: dict[str, str] = field(default_factory=dict)
     instances: list[Instance] = field(default_factory=list)
     next_index: int = 0
+    provisioning_state: str = "Succeeded"
 
     def __post_init__(self):
         if self.orchestration not in (UNIFORM, FLEXIBLE):
@@ -482,9 +604,28 @@ def _resource(arm_id: str, rtype: str, location: str | None, tags: dict | None, 
     return item
 
 
+def _federated_token() -> str:
+    """A JWT as Kubernetes projects a service account token for workload identity (never checked as one)."""
+    def part(document: dict) -> str:
+        return base64.urlsafe_b64encode(json.dumps(document).encode()).decode().rstrip("=")
+    return ".".join((part({"alg": "RS256", "kid": "fake"}),
+                     part({"aud": ["api://AzureADTokenExchange"], "iss": "https://oidc.fake.example/",
+                           "sub": "system:serviceaccount:default:haproxy-azure-discovery"}),
+                     secrets.token_urlsafe(32)))
+
+
+def _provisioning_status(state: str) -> dict:
+    """The instance view's provisioning status: `ProvisioningState/succeeded` ("Provisioning succeeded"),
+    `ProvisioningState/deleting` ("Deleting") while an operation runs, `ProvisioningState/failed` (Error)."""
+    code = state.lower()
+    display = {"succeeded": "Provisioning succeeded", "failed": "Provisioning failed"}.get(code, state.capitalize())
+    return {"code": f"ProvisioningState/{code}", "level": "Error" if code == "failed" else "Info",
+            "displayStatus": display}
+
+
 def _instance_view(inst: Instance) -> dict:
     return {"statuses": [
-        {"code": "ProvisioningState/succeeded", "level": "Info", "displayStatus": "Provisioning succeeded"},
+        _provisioning_status(inst.provisioning_state),
         {"code": f"PowerState/{inst.power_state}", "level": "Info", "displayStatus": f"VM {inst.power_state}"},
     ]}
 
@@ -502,7 +643,7 @@ def _nic_references(p: Placed) -> list[dict]:
 def _vm_json(p: Placed, *, instance_view: bool = False) -> dict:
     properties = {"vmId": _guid(p.vm_id), "hardwareProfile": {"vmSize": VM_SIZE},
                   "networkProfile": {"networkInterfaces": _nic_references(p)},
-                  "provisioningState": "Succeeded"}
+                  "provisioningState": p.inst.provisioning_state}
     if p.ss is not None:
         properties["virtualMachineScaleSet"] = {"id": _shout(scale_set_id(p.ss))}
     if instance_view:
@@ -517,7 +658,7 @@ def _vm_status_json(p: Placed) -> dict:
 
 def _scale_set_json(ss: ScaleSet) -> dict:
     item = _resource(scale_set_id(ss), "Microsoft.Compute/virtualMachineScaleSets", ss.location, ss.tags,
-                     {"orchestrationMode": ss.orchestration, "provisioningState": "Succeeded",
+                     {"orchestrationMode": ss.orchestration, "provisioningState": ss.provisioning_state,
                       "uniqueId": _guid(scale_set_id(ss))})
     item["sku"] = {"name": VM_SIZE, "tier": "Standard", "capacity": len(ss.instances)}
     return item
@@ -525,7 +666,7 @@ def _scale_set_json(ss: ScaleSet) -> dict:
 
 def _scale_set_vm_json(p: Placed, *, instance_view: bool) -> dict:
     properties = {"latestModelApplied": True, "vmId": _guid(p.vm_id), "hardwareProfile": {"vmSize": VM_SIZE},
-                  "provisioningState": "Succeeded"}
+                  "provisioningState": p.inst.provisioning_state}
     if p.uniform:   # Azure gives a Flexible member's network profile only in the VM list
         properties["networkProfile"] = {"networkInterfaces": _nic_references(p)}
     if instance_view:
@@ -664,39 +805,78 @@ _TABLES = {table.lower(): table for table in GRAPH_SCHEMA["tables"]}
 _COLUMNS = frozenset(GRAPH_SCHEMA["columns"])
 _IDENTIFIER = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
 GRAPH_TENANT = "00000000-0000-0000-0000-0000000000aa"
+# Azure China's "Azure Resource Graph table and resource type reference" (docs.azure.cn, governance/
+# resource-graph/reference/supported-tables-resources) lists one type under computeresources, where the
+# public cloud's lists three: set `fake.graph_compute_types = AZURE_CHINA_COMPUTE_TYPES` to serve that.
+AZURE_CHINA_COMPUTE_TYPES = frozenset(
+    {"microsoft.compute/virtualmachinescalesets/virtualmachines/networkinterfaces/ipconfigurations/publicipaddresses"})
 
 
 class GraphQuery(NamedTuple):
-    """The subset of KQL the fake evaluates: a table, `where COLUMN in~ ('a', ...)` filters and one
-    `project` of documented columns or `name = column.path` expressions."""
+    """The subset of KQL the fake evaluates: a table, `where COLUMN in~ ('a', ...)` filters, one
+    `project` of documented columns or `name = column.path` expressions, and `order by` / `sort by`
+    (the last one given wins, as in KQL): (document path, descending?) per term, first term first."""
     table: str
     filters: tuple[tuple[str, frozenset[str]], ...]
     columns: tuple[tuple[str, tuple[str, ...]], ...]
+    order: tuple[tuple[tuple[str, ...], bool], ...] = ()
 
 
-def parse_graph_query(text: str) -> GraphQuery:
-    """ValueError naming the first thing Microsoft does not document (or the fake does not model)."""
+_ORDER = re.compile(r"(?:order|sort)\s+by\s+(.+)", re.DOTALL)
+_ORDER_TERM = re.compile(r"([A-Za-z_][A-Za-z0-9_.]*)(?:\s+(asc|desc))?", re.IGNORECASE)
+
+
+def parse_graph_query(text: str, *, known_types_only: bool = True) -> GraphQuery:
+    """ValueError naming the first thing Microsoft does not document (or the fake does not model).
+
+    `known_types_only` (the default, a check of a query's text) also refuses a `where type in~` value
+    that the table reference does not list for the table. Resource Graph itself does not: a string
+    that names no type simply matches no row, and the fake's endpoint parses with False.
+    """
     stages = [stage.strip() for stage in text.split("|")]
     table = _TABLES.get(stages[0].lower())
     if table is None:
         raise ValueError(f"table {stages[0]!r} is not a documented Resource Graph table the fake serves")
-    filters, columns = [], None
+    filters, columns, order = [], None, ()
     for stage in stages[1:]:
         where = re.fullmatch(r"where\s+(\w+)\s+in~\s*\((.*)\)", stage, re.DOTALL)
+        ordered = _ORDER.fullmatch(stage)
         if where:
             column, values = where[1], frozenset(v.lower() for v in re.findall(r"'([^']*)'", where[2]))
             _check_column(column)
-            unknown = sorted(values - {t.lower() for t in GRAPH_SCHEMA["tables"][table]}) if column == "type" else []
+            known = {t.lower() for t in GRAPH_SCHEMA["tables"][table]}
+            unknown = sorted(values - known) if column == "type" and known_types_only else []
             if unknown:
                 raise ValueError(f"type(s) {', '.join(unknown)} are not documented in table {table}")
             filters.append((column, values))
         elif stage.startswith("project ") and columns is None:
             columns = tuple(_projection(item.strip()) for item in stage[len("project "):].split(","))
+        elif ordered:
+            order = tuple(_order_term(term.strip(), columns) for term in ordered[1].split(","))
         else:
             raise ValueError(f"operator not modelled by the fake: {stage[:60]!r}")
     if not columns:
         raise ValueError("no project: the fake wants the columns named")
-    return GraphQuery(table, tuple(filters), columns)
+    return GraphQuery(table, tuple(filters), columns, order)
+
+
+def _order_term(term: str, columns) -> tuple[tuple[str, ...], bool]:
+    """One `COLUMN [asc|desc]` of an order by: (document path, descending?). KQL sorts descending
+    unless told `asc` ("sort operator", Kusto Query Language reference). Before `project` a term names
+    a documented column (or a path in one); after it, a projected column."""
+    match = _ORDER_TERM.fullmatch(term)
+    if not match:
+        raise ValueError(f"order by term {term!r} is not `column [asc|desc]`")
+    first, *rest = match[1].split(".")
+    if columns is None:
+        _check_column(first)
+        path = (first, *rest)
+    else:
+        projected = dict(columns)
+        if first not in projected:
+            raise ValueError(f"order by {first!r}: not a column of the projection")
+        path = (*projected[first], *rest)
+    return path, (match[2] or "desc").lower() == "desc"
 
 
 def _check_column(name: str) -> None:
@@ -737,45 +917,97 @@ def _graph_row(item: dict, rtype: str, p_home: Vm | ScaleSet, power: str | None 
             "extendedLocation": None}
 
 
-def graph_documents(estate: Estate, table: str) -> list[dict]:
-    """Every row of `table` the estate holds, before any filter."""
+_UNIFORM_PREFIX = "microsoft.compute/virtualmachinescalesets/virtualmachines"
+_GRAPH_TYPES = {  # (table is ComputeResources, kind) -> type
+    (False, "vm"): "microsoft.compute/virtualmachines", (True, "vm"): _UNIFORM_PREFIX,
+    (False, "nic"): "microsoft.network/networkinterfaces", (True, "nic"): f"{_UNIFORM_PREFIX}/networkinterfaces",
+    (False, "pip"): "microsoft.network/publicipaddresses",
+    (True, "pip"): f"{_UNIFORM_PREFIX}/networkinterfaces/ipconfigurations/publicipaddresses",
+}
+
+
+def graph_documents(estate: Estate, table: str, types: set[str] | frozenset[str] | None = None) -> list[dict]:
+    """Every row of `table` the estate holds, before any filter; only rows of `types` (lower-cased)
+    when given (the others are not even rendered)."""
     rows = []
     uniform_table = table == "ComputeResources"
-    prefix = "microsoft.compute/virtualmachinescalesets/virtualmachines" if uniform_table else None
+    vm_type, nic_type, pip_type = (_GRAPH_TYPES[uniform_table, kind] for kind in ("vm", "nic", "pip"))
+
+    def wanted(rtype: str) -> bool:
+        return types is None or rtype in types
+
     for p in estate.machines():
         if p.uniform != uniform_table:
             continue
-        if uniform_table:
-            rows.append(_graph_row(_scale_set_vm_json(p, instance_view=False), prefix, p.home, p.inst.power_state))
-        else:
-            rows.append(_graph_row(_vm_json(p), "microsoft.compute/virtualmachines", p.home, p.inst.power_state))
+        if wanted(vm_type):
+            item = _scale_set_vm_json(p, instance_view=False) if uniform_table else _vm_json(p)
+            rows.append(_graph_row(item, vm_type, p.home, p.inst.power_state))
         if p.inst.has_nic:
-            nic_type = f"{prefix}/networkinterfaces" if uniform_table else "microsoft.network/networkinterfaces"
-            rows += [_graph_row(_nic_json(p, n), nic_type, p.home) for n in p.nic_numbers]
-            if p.inst.public_ip:
-                pip_type = (f"{prefix}/networkinterfaces/ipconfigurations/publicipaddresses" if uniform_table
-                            else "microsoft.network/publicipaddresses")
+            if wanted(nic_type):
+                rows += [_graph_row(_nic_json(p, n), nic_type, p.home) for n in p.nic_numbers]
+            if p.inst.public_ip and wanted(pip_type):
                 rows.append(_graph_row(_public_ip_json(p), pip_type, p.home))
-    if not uniform_table:
+    if not uniform_table and wanted("microsoft.compute/virtualmachinescalesets"):
         for ss in estate.scale_sets:
             item = _scale_set_json(ss)
             rows.append(_graph_row(item, "microsoft.compute/virtualmachinescalesets", ss, sku=item["sku"]))
     return rows
 
 
-def evaluate_graph_query(estate: Estate, query: GraphQuery, subscriptions: set[str],
-                         readable: set[str] | None) -> list[dict]:
-    """The query's rows: in the given subscriptions, in resource groups the principal may read (Resource
-    Graph leaves out what the caller cannot read), filtered and projected."""
-    rows = []
-    for document in graph_documents(estate, query.table):
+GraphCandidate = tuple[tuple, dict]   # (the order-by values, the projected row)
+
+
+def graph_candidates(estate: Estate, query: GraphQuery, subscriptions: set[str], readable: set[str] | None,
+                     compute_types: set[str] | frozenset[str] | None = None) -> list[GraphCandidate]:
+    """The query's rows before ordering, each with its order-by values: in the given subscriptions, in
+    resource groups the principal may read (Resource Graph leaves out what the caller cannot read), of
+    the types the cloud has (`compute_types`: those of ComputeResources; None, all documented ones),
+    filtered and projected."""
+    types = next((values for column, values in query.filters if column == "type"), None)
+    if query.table == "ComputeResources" and compute_types is not None:
+        present = {t.lower() for t in compute_types}
+        types = present if types is None else set(types) & present
+    candidates = []
+    for document in graph_documents(estate, query.table, types):
         if document["subscriptionId"].lower() not in subscriptions:
             continue
         if readable is not None and document["resourceGroup"] not in readable:
             continue
         if all(str(document.get(column) or "").lower() in values for column, values in query.filters):
-            rows.append({name: _dig(document, path) for name, path in query.columns})
-    return rows
+            candidates.append((tuple(_dig(document, path) for path, _ in query.order),
+                               {name: _dig(document, path) for name, path in query.columns}))
+    return candidates
+
+
+def _sort_value(value) -> tuple:
+    """A total order over what a column can hold: nulls apart, numbers, strings (ordinal), the rest."""
+    if isinstance(value, (bool, int, float)):
+        return 0, float(value), ""
+    if isinstance(value, str):
+        return 1, 0.0, value
+    return 2, 0.0, json.dumps(value, sort_keys=True)
+
+
+def order_graph_rows(candidates: list[GraphCandidate], query: GraphQuery, rng: random.Random | None) -> list[dict]:
+    """The rows as one request serves them. Without `order by` Resource Graph's order is "random and not
+    repeatable" ("Guidance for pagination"): `rng` draws a new one. With it, rows are sorted by each term
+    (nulls first ascending, last descending, as KQL's sort does); rows equal in every term keep the
+    random order, as that article warns for non-unique sort columns."""
+    rows = list(candidates)
+    if rng is not None:
+        rng.shuffle(rows)
+    for index in reversed(range(len(query.order))):
+        descending = query.order[index][1]
+        rows.sort(key=lambda c: (c[0][index] is not None, _sort_value(c[0][index])), reverse=descending)
+    return [row for _, row in rows]
+
+
+def evaluate_graph_query(estate: Estate, query: GraphQuery, subscriptions: set[str],
+                         readable: set[str] | None, *, rng: random.Random | None = None,
+                         compute_types: set[str] | frozenset[str] | None = None) -> list[dict]:
+    """The query's rows in the order one request would serve them (see order_graph_rows; without `rng`,
+    unsorted rows stay in the estate's order)."""
+    return order_graph_rows(graph_candidates(estate, query, subscriptions, readable, compute_types), query, rng)
 
 
 def _graph_request(body) -> dict:
@@ -834,6 +1066,66 @@ def _authorization_failed(endpoint: str, scope: str) -> _Reply:
                       "invalid. If access was recently granted, please refresh your credentials.")
 
 
+# === Throttling ===
+# Resource Manager ("Understand how Azure Resource Manager throttles requests", regional throttling and
+# token bucket algorithm): reads are counted per subscription and principal in a bucket of 250 tokens
+# refilled at 25 a second, and per subscription for all principals together at 15 times that; every answer
+# tells what is left in x-ms-ratelimit-remaining-subscription-reads (and -global-reads, as ARM sends
+# it, e.g. Azure/azure-powershell#26256), and a 429 SubscriptionRequestsThrottled says when to come back
+# (its words: velero-io/velero#9171).
+DOCUMENTED_SUBSCRIPTION_READS = (250.0, 25.0)        # (bucket size, refill per second)
+GLOBAL_READS_FACTOR = 15
+# Compute ("Compute throttling limits"; "Troubleshooting API throttling errors" for the headers and the
+# 429): token buckets per subscription and region, per policy; each answer of Microsoft.Compute carries
+# x-ms-ratelimit-remaining-resource with every bucket that counted it, one comma-separated value as Azure
+# sends it ("Microsoft.Compute/HighCostGet3Min;139,Microsoft.Compute/HighCostGet30Min;699"). The labels
+# are those Azure answers with; which endpoints each counts follows the limits article's policy table.
+COMPUTE_POLICIES = {
+    "HighCostGet3Min": ("vms", "vms_rg", "vms_status"),          # High Cost Get VM: List, List All
+    "HighCostGet30Min": ("vms", "vms_rg", "vms_status"),
+    "HighCostGetVMScaleSet3Min": ("vmss", "vmss_rg"),            # High Cost Get (scale sets): List, List All
+    "HighCostGetVMScaleSet30Min": ("vmss", "vmss_rg"),
+    "VMScaleSetVMViews3Min": ("vmss_vms", "vmss_vm_instance_view"),   # Get scale set VMs
+    "LowCostGet3Min": ("vm_instance_view",),                     # Low Cost Get VM: Get, Instance View
+    "LowCostGet30Min": ("vm_instance_view",),
+}
+# The subscription-level numbers of the limits article, as (bucket size, refill per minute). It gives one
+# pair per policy; the 30-minute labels have none there, and keep whatever they were set to.
+DOCUMENTED_COMPUTE_BUCKETS = {
+    "HighCostGet3Min": (900.0, 300.0), "HighCostGetVMScaleSet3Min": (1080.0, 360.0),
+    "VMScaleSetVMViews3Min": (6000.0, 2000.0), "LowCostGet3Min": (24000.0, 8000.0),
+}
+UNTHROTTLED = (1_000_000.0, 1_000_000.0)   # the default of every bucket: reported, never empty in a test
+
+
+class _Bucket:
+    """A token bucket: `size` tokens at most, `rate` more a second. `debt`: a refused request still takes
+    its token (down to -size), so asking again before Retry-After pushes the next token further out."""
+
+    def __init__(self, size: float, rate: float, now: float):
+        self.size, self.rate, self.tokens, self.stamp = size, rate, size, now
+        self.refused = 0
+
+    def take(self, now: float, debt: bool) -> bool:
+        self.tokens = min(self.size, self.tokens + (now - self.stamp) * self.rate)
+        self.stamp = now
+        if self.tokens >= 1:
+            self.tokens -= 1
+            return True
+        self.refused += 1
+        if debt:
+            self.tokens = max(-self.size, self.tokens - 1)
+        return False
+
+    @property
+    def remaining(self) -> int:
+        return max(0, int(self.tokens))
+
+    def wait(self) -> int:
+        """Whole seconds until a token is there (at least 1): Retry-After."""
+        return max(1, math.ceil((1 - self.tokens) / self.rate)) if self.rate > 0 else 3600
+
+
 # === Routes ===
 _SUB = r"/subscriptions/(?P<sub>[^/]+)"
 _RG = r"/resourcegroups/(?P<rg>[^/]+)"
@@ -866,6 +1158,7 @@ ENDPOINTS = ("vms_status",) + tuple(endpoint for endpoint, _, _ in _ROUTES)
 _IDENTITY_ENDPOINTS = ("token", "openid", "aad_token", "metadata")
 _SINGLE_ENDPOINTS = ("nic_get", "vmss_nic_get", "vm_instance_view", "vmss_vm_instance_view")
 COUNTS_PATH = "/_counts"
+THROTTLE_COUNTERS = ("graph_throttled", "arm_throttled", "compute_throttled")   # refusals, in `counts`
 
 
 def _route(method: str, path: str, params: dict) -> tuple[str | None, dict]:
@@ -880,6 +1173,32 @@ def _route(method: str, path: str, params: dict) -> tuple[str | None, dict]:
 
 
 # === Faults ===
+# Whole answers instead of the real one ("bad_json", "no_value", "bad_item" and statuses: >= 400, or a
+# redirect), a delay before the real one ("slow"), or a change to the real page (the rest). Link faults
+# act on Resource Manager listings, Graph faults on Resource Graph answers, item faults on both (the first
+# item of the page's `value` or `data`), "trickle" on any answer.
+REPLY_KINDS = ("bad_json", "no_value", "bad_item")
+REDIRECT_STATUSES = (301, 302, 303, 307, 308)
+LINK_KINDS = ("self_link", "loop_link", "foreign_link", "other_port_link", "http_link")
+GRAPH_KINDS = ("repeat_token", "total_mismatch", "quota_not_digits")
+ITEM_KINDS = ("empty", "item_without_id", "item_id_not_string", "item_without_type", "item_name_object",
+              "item_tags_string", "null_item", "string_items")
+FAULT_ACTIONS = ("slow", "trickle", *REPLY_KINDS, *LINK_KINDS, *GRAPH_KINDS, *ITEM_KINDS)
+_LIST_ENDPOINTS = ("vms", "vms_status", "vms_rg", "vmss", "vmss_rg", "vmss_vms", "nics", "nics_rg", "vmss_nics",
+                   "pips", "pips_rg", "vmss_pips")
+
+
+def _fits(kind: str, endpoint: str) -> bool:
+    """Whether a fault of `kind` can act on an answer of `endpoint`."""
+    if kind in LINK_KINDS:
+        return endpoint in _LIST_ENDPOINTS
+    if kind in GRAPH_KINDS:
+        return endpoint == "graph"
+    if kind in ITEM_KINDS:
+        return endpoint in _LIST_ENDPOINTS or endpoint == "graph"
+    return True
+
+
 @dataclass
 class Fault:
     """One injected failure; see the module docstring. `fired` counts how often it has fired."""
@@ -888,21 +1207,57 @@ class Fault:
     path: str | None = None
     page: int | None = None
     times: int | None = 1
-    retry_after: int = 1
+    retry_after: int | None = 1
     delay: float = 1.0
+    location: str | None = None
     fired: int = 0
 
     def __post_init__(self):
-        if self.kind not in FAULT_ACTIONS and not (self.kind.isdigit() and int(self.kind) >= 400):
-            raise ValueError(f"fault kind {self.kind!r}: want an HTTP status >= 400 or one of {FAULT_ACTIONS}")
+        status = int(self.kind) if self.kind.isdigit() else 0
+        if self.kind not in FAULT_ACTIONS and not (status >= 400 or status in REDIRECT_STATUSES):
+            raise ValueError(f"fault kind {self.kind!r}: want an HTTP status >= 400, a redirect "
+                             f"{REDIRECT_STATUSES} or one of {FAULT_ACTIONS}")
         if self.endpoint not in (None, *ENDPOINTS):
             raise ValueError(f"fault endpoint {self.endpoint!r}: want one of {ENDPOINTS}")
+        if self.endpoint is not None and not _fits(self.kind, self.endpoint):
+            raise ValueError(f"fault kind {self.kind!r} does not act on endpoint {self.endpoint!r}")
+
+    @property
+    def status(self) -> int | None:
+        """The HTTP status of a status fault (an error or a redirect); None for the others."""
+        return int(self.kind) if self.kind.isdigit() else None
 
     def applies(self, endpoint: str, path: str, page: int) -> bool:
         return ((self.times is None or self.fired < self.times)
                 and self.endpoint in (None, endpoint)
+                and _fits(self.kind, endpoint)
                 and (self.path is None or re.search(self.path, path, re.IGNORECASE) is not None)
                 and self.page in (None, page))
+
+
+def _mutated_items(kind: str, items: list) -> list:
+    """The page's items with the first one (or all) no longer shaped as the REST reference documents."""
+    if kind == "empty":
+        return []
+    if kind == "string_items":
+        return ["a"]
+    if not items:
+        return items
+    first = items[0]
+    if kind == "null_item":
+        return [None, *items[1:]]
+    first = dict(first) if isinstance(first, dict) else {}
+    if kind == "item_without_id":
+        first.pop("id", None)
+    elif kind == "item_id_not_string":
+        first["id"] = 12345
+    elif kind == "item_without_type":
+        first.pop("type", None)
+    elif kind == "item_name_object":
+        first["name"] = {"value": first.get("name")}
+    elif kind == "item_tags_string":
+        first["tags"] = f"{SERVICE_NAME_TAG}=web;{SERVICE_PORT_TAG}=8080"
+    return [first, *items[1:]]
 
 
 # === HTTP plumbing ===
@@ -910,18 +1265,21 @@ class _Reply(NamedTuple):
     status: int
     body: bytes
     headers: tuple[tuple[str, str], ...] = ()
+    trickle: float | None = None   # seconds between the body's bytes ("trickle"); None: all at once
 
 
-def _json_reply(document: dict, status: int = 200) -> _Reply:
-    return _Reply(status, json.dumps(document).encode())
+def _json_reply(document: dict, status: int = 200, headers: tuple = ()) -> _Reply:
+    return _Reply(status, json.dumps(document).encode(), headers)
 
 
-def _arm_error(status: int, code: str, message: str, headers: tuple = (), target: str | None = None) -> _Reply:
-    error = {"code": code, "message": message, **({"target": target} if target else {})}
+def _arm_error(status: int, code: str, message: str, headers: tuple = (), target: str | None = None,
+               details: list | None = None) -> _Reply:
+    error = {"code": code, "message": message, **({"target": target} if target else {}),
+             **({"details": details} if details else {})}
     return _Reply(status, json.dumps({"error": error}).encode(), headers)
 
 
-def _fault_reply(fault: Fault) -> _Reply:
+def _fault_reply(fault: Fault, location: str) -> _Reply:
     if fault.kind == "bad_json":
         return _Reply(200, b'{"value": [{"name": "truncated", "id": "/subscr')
     if fault.kind == "no_value":
@@ -930,8 +1288,11 @@ def _fault_reply(fault: Fault) -> _Reply:
         return _Reply(200, json.dumps({"value": [{
             "id": "/subscriptions/x/resourceGroups/rg/providers/Microsoft.Compute/virtualMachines/odd",
             "name": "odd", "properties": "not an object"}, "not an object"]}).encode())
-    status = HTTPStatus(int(fault.kind))
-    headers = (("Retry-After", str(fault.retry_after)),) if status in (429, 503) else ()
+    status = HTTPStatus(fault.status)
+    if status in REDIRECT_STATUSES:
+        return _Reply(status, b"", (("Location", fault.location or location),))
+    headers = ((("Retry-After", str(fault.retry_after)),)
+               if status in (429, 503) and fault.retry_after is not None else ())
     return _arm_error(status, status.phrase.replace(" ", ""), f"Injected fault: {status.phrase}.", headers)
 
 
@@ -940,14 +1301,36 @@ class RequestRecord(NamedTuple):
     path: str                 # unquoted, as sent
     query: dict[str, str]
     endpoint: str | None      # a counter key; None for unknown paths
+    host: str = ""            # the Host header: which origin the client meant
+
+
+class ForeignRequest(NamedTuple):
+    """A request that reached one of the fake's other origins (`foreign_url`, `other_port_url`)."""
+    origin: str               # the listener's URL
+    method: str
+    path: str                 # as sent, query included
+    headers: dict[str, str]   # every header as sent (Authorization included, if a client sent it)
+
+
+class TokenRequest(NamedTuple):
+    """A request for a token, as the fake's token endpoints saw it."""
+    endpoint: str             # "token" (managed identity) or "aad_token" (Microsoft Entra ID)
+    authority: str            # https:// and the Host header: the login authority the client used
+    tenant: str | None        # the tenant in the path (aad_token)
+    grant_type: str | None
+    client_id: str | None
+    audience: str | None      # the resource asked for (scope without ".default", or `resource`)
+    status: int               # what the fake answered
+    credential: str | None    # what was presented: "secret", "assertion", "managed_identity", None
 
 
 class _TlsServer(ThreadingHTTPServer):
-    """A ThreadingHTTPServer that does each TLS handshake in its connection's thread."""
+    """A ThreadingHTTPServer that does each TLS handshake in its connection's thread; `serve(handler)`
+    answers each request."""
     daemon_threads = True
 
-    def __init__(self, address: tuple[str, int], context: ssl.SSLContext, fake: FakeArm):
-        self.context, self.fake = context, fake
+    def __init__(self, address: tuple[str, int], context: ssl.SSLContext, serve: Callable[[_Handler], None]):
+        self.context, self.serve = context, serve
         super().__init__(address, _Handler)
 
     def finish_request(self, request, client_address):
@@ -971,7 +1354,7 @@ class _Handler(BaseHTTPRequestHandler):
     server_version = "FakeARM"
 
     def do_GET(self):
-        self.server.fake._serve(self)
+        self.server.serve(self)
 
     do_POST = do_GET
 
@@ -984,8 +1367,10 @@ class FakeArm:
     """The HTTPS fake of Resource Manager on 127.0.0.1; see the module docstring.
 
     `estate` may be mutated (through its methods) or replaced at any time. `token` is what every ARM
-    request must carry; `identity_header` what the managed-identity endpoint wants; `client_id` and
-    `client_secret` what the AAD token endpoint wants. `url`, `ca_pem_path` and `env()` exist once started.
+    request must carry; `identity_header` what the managed-identity endpoint wants; `tenant_id`,
+    `client_id` and `client_secret` or `federated_token` what the Entra ID token endpoint wants. `url`,
+    `foreign_url`, `other_port_url`, `ca_pem_path` and `env()` exist once started. Every option is a
+    plain attribute, read at each request.
     """
 
     def __init__(self, estate: Estate | None = None, *, page_size: int = 100, port: int = 0,
@@ -1000,10 +1385,37 @@ class FakeArm:
         # Resource Graph's per-user quota: `graph_quota` queries per `graph_window` seconds (Azure: 15 per 5 s).
         self.graph_quota, self.graph_window = 15, 5.0
         self._graph_window_start, self._graph_used = -math.inf, 0
+        # The types ComputeResources holds in this cloud: None, all the public cloud's; a set (e.g.
+        # AZURE_CHINA_COMPUTE_TYPES), only those: rows of the others are absent (a query naming them gets none).
+        self.graph_compute_types: set[str] | frozenset[str] | None = None
+        self.graph_seed = None            # the seed of unsorted Resource Graph rows' order (None: os entropy)
+        # Resource Manager documents no order of a listing's items either: with a seed, every listing
+        # (taken at its first page) comes in a random order drawn from it; None keeps the estate's order.
+        self.list_seed = None
+        self._graph_cache: collections.OrderedDict[tuple, list] = collections.OrderedDict()
+        # Seconds, for every quota and bucket: time.monotonic unless a test drives its own clock.
+        self.clock: Callable[[], float] = time.monotonic
+        # Resource Manager's read bucket per subscription and principal, (size, refill per second); the
+        # one of all principals together is 15 times it. Compute's buckets per subscription and region,
+        # {label: (size, refill per minute)}, for the labels of COMPUTE_POLICIES (a label left out is
+        # neither counted nor reported). All of them UNTHROTTLED until a test (or documented_limits())
+        # sets them; a changed setting starts its buckets full.
+        self.subscription_reads: tuple[float, float] = UNTHROTTLED
+        self.compute_buckets: dict[str, tuple[float, float]] = dict.fromkeys(COMPUTE_POLICIES, UNTHROTTLED)
+        self.arm_region = DEFAULT_LOCATION   # the region of subscription-wide and group-wide Compute lists
+        self._buckets: dict[tuple, tuple[tuple, _Bucket]] = {}
         self.token = secrets.token_urlsafe(24)
         self.identity_header = secrets.token_urlsafe(16)
+        self.tenant_id = str(uuid.uuid4())        # the only tenant Entra ID knows here
         self.client_id = str(uuid.uuid4())
         self.client_secret = secrets.token_urlsafe(16)
+        # What a workload identity's AZURE_FEDERATED_TOKEN_FILE holds (a service account token's shape).
+        self.federated_token = _federated_token()
+        # The api-versions GET /metadata/endpoints answers: Azure's public cloud both; Azure Stack Hub
+        # documents 2015-01-01 only, so ("2015-01-01",) models it.
+        self.metadata_versions: tuple[str, ...] = ("2015-01-01", "2022-09-01")
+        self._other_tokens: dict[str, str] = {}   # tokens issued for other audiences: token -> audience
+        self._token_log: list[TokenRequest] = []
         self._port, self._state_dir = port, state_dir
         self._lock = threading.Lock()
         self._counts: collections.Counter[str] = collections.Counter()
@@ -1015,36 +1427,79 @@ class FakeArm:
         self._stopping = threading.Event()
         self._server: _TlsServer | None = None
         self._thread: threading.Thread | None = None
+        self._foreign: list[_TlsServer] = []
+        self._foreign_log: list[ForeignRequest] = []
         self._owns_state_dir = False
+
+    @property
+    def list_seed(self) -> int | None:
+        return self._list_seed
+
+    @list_seed.setter
+    def list_seed(self, seed: int | None) -> None:
+        self._list_seed = seed
+        self._list_rng = random.Random(seed)
+
+    @property
+    def graph_seed(self) -> int | None:
+        return self._graph_seed
+
+    @graph_seed.setter
+    def graph_seed(self, seed: int | None) -> None:
+        """Setting it (again) restarts the sequence of orders unsorted Resource Graph queries are served in."""
+        self._graph_seed = seed
+        self._graph_rng = random.Random(seed)
 
     # --- lifecycle ---
     def start(self) -> FakeArm:
-        """Write the CA certificate, bind 127.0.0.1 and serve in a daemon thread."""
+        """Write the CA certificate, bind 127.0.0.1 and serve in a daemon thread; open the other origins."""
         ca = trustme.CA()
         context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
-        ca.issue_cert("127.0.0.1", "localhost").configure_cert(context)
+        ca.issue_cert("127.0.0.1", "localhost", "127.0.0.2").configure_cert(context)
         self._owns_state_dir = self._state_dir is None
         state_dir = Path(self._state_dir or tempfile.mkdtemp(prefix="fake-arm-")).absolute()
         state_dir.mkdir(parents=True, exist_ok=True)
         self.state_dir = state_dir
         self.ca_pem_path = str(state_dir / "ca.pem")
         ca.cert_pem.write_to_path(self.ca_pem_path)
-        self._server = _TlsServer(("127.0.0.1", self._port), context, self)
+        self._server = _TlsServer(("127.0.0.1", self._port), context, self._serve)
         self.url = f"https://127.0.0.1:{self._server.server_address[1]}"
         self._thread = threading.Thread(target=self._server.serve_forever, kwargs={"poll_interval": 0.05},
                                         name="fake-arm", daemon=True)
         self._thread.start()
+        # Two other origins, trusted through the same CA, that answer every request with an empty page
+        # and record it: another host and port (127.0.0.2, all of 127/8 is loopback on Linux; 127.0.0.1
+        # where it cannot be bound), and the same host on another port.
+        self.foreign_url = self._listen_foreign(context, "127.0.0.2")
+        self.other_port_url = self._listen_foreign(context, "127.0.0.1")
         return self
+
+    def _listen_foreign(self, context: ssl.SSLContext, host: str) -> str:
+        try:
+            server = _TlsServer((host, 0), context, None)
+        except OSError:
+            host, server = "127.0.0.1", _TlsServer(("127.0.0.1", 0), context, None)
+        origin = f"https://{host}:{server.server_address[1]}"
+        server.serve = partial(self._serve_foreign, origin)
+        threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.05}, name="fake-arm-foreign",
+                         daemon=True).start()
+        self._foreign.append(server)
+        return origin
 
     def stop(self) -> None:
         """Stop serving: requests in flight (also slow ones) and later ones get the connection closed."""
         if self._server is None:
             return
         self._stopping.set()
-        self._server.shutdown()
-        self._server.server_close()
+        servers = (self._server, *self._foreign)
+        stoppers = [threading.Thread(target=server.shutdown) for server in servers]   # each waits a poll
+        for stopper in stoppers:
+            stopper.start()
+        for stopper, server in zip(stoppers, servers):
+            stopper.join()
+            server.server_close()
         self._thread.join()
-        self._server = None
+        self._server, self._foreign = None, []
         if self._owns_state_dir:
             shutil.rmtree(self.state_dir, ignore_errors=True)
 
@@ -1060,29 +1515,65 @@ class FakeArm:
                 "IDENTITY_ENDPOINT": f"{self.url}/msi/token", "IDENTITY_HEADER": self.identity_header,
                 "FAKE_ARM_URL": self.url}
 
+    def env_workload_identity(self, token_file: str | os.PathLike) -> dict[str, str]:
+        """Writes `federated_token` to `token_file`; the variables azure-identity's WorkloadIdentityCredential
+        (and DefaultAzureCredential) read, with the fake as the login authority."""
+        Path(token_file).write_text(self.federated_token)
+        return {"AZURE_TENANT_ID": self.tenant_id, "AZURE_CLIENT_ID": self.client_id,
+                "AZURE_FEDERATED_TOKEN_FILE": str(token_file), "AZURE_AUTHORITY_HOST": self.url}
+
+    def env_client_secret(self) -> dict[str, str]:
+        """A service principal's variables (EnvironmentCredential's), without any authority host: where the
+        token is asked for is the client's choice, and `token_requests` shows it."""
+        return {"AZURE_TENANT_ID": self.tenant_id, "AZURE_CLIENT_ID": self.client_id,
+                "AZURE_CLIENT_SECRET": self.client_secret}
+
+    def documented_limits(self) -> None:
+        """Resource Manager's and Compute's documented numbers instead of UNTHROTTLED (see the constants)."""
+        self.subscription_reads = DOCUMENTED_SUBSCRIPTION_READS
+        self.compute_buckets = {**self.compute_buckets, **DOCUMENTED_COMPUTE_BUCKETS}
+
     # --- observation and faults ---
     @property
     def counts(self) -> dict[str, int]:
         """Requests per endpoint (every key of ENDPOINTS, zero included) and `total`."""
         with self._lock:
-            return {**dict.fromkeys(ENDPOINTS, 0), "total": 0, **self._counts}
+            return {**dict.fromkeys(ENDPOINTS, 0), "total": 0, **dict.fromkeys(THROTTLE_COUNTERS, 0), **self._counts}
 
     @property
     def requests(self) -> list[RequestRecord]:
         with self._lock:
             return list(self._log)
 
+    @property
+    def foreign_requests(self) -> list[ForeignRequest]:
+        """Every request that reached `foreign_url` or `other_port_url`, with its headers."""
+        with self._lock:
+            return list(self._foreign_log)
+
+    @property
+    def token_requests(self) -> list[TokenRequest]:
+        """Every request of the token endpoints (managed identity and Entra ID), with where it came to."""
+        with self._lock:
+            return list(self._token_log)
+
     def reset_counts(self) -> None:
-        """Forget counts and the request log."""
+        """Forget counts and the request logs (requests, foreign_requests, token_requests)."""
         with self._lock:
             self._counts.clear()
             self._log.clear()
+            self._foreign_log.clear()
+            self._token_log.clear()
 
     def add_fault(self, kind: str, *, endpoint: str | None = None, path: str | None = None,
-                  page: int | None = None, times: int | None = 1, retry_after: int = 1,
-                  delay: float = 1.0) -> Fault:
-        """Inject a fault; faults are tried in the order added, and one fires per request at most."""
-        fault = Fault(kind, endpoint, path, page, times, retry_after, delay)
+                  page: int | None = None, times: int | None = 1, retry_after: int | None = 1,
+                  delay: float = 1.0, location: str | None = None) -> Fault:
+        """Inject a fault; faults are tried in the order added, and one fires per request at most.
+
+        `retry_after`: the Retry-After of a 429 or 503 (None: none sent). `delay`: seconds of "slow", and
+        between the bytes of "trickle". `location`: where a redirect points (default: the same path and
+        query at `foreign_url`)."""
+        fault = Fault(kind, endpoint, path, page, times, retry_after, delay, location)
         with self._lock:
             self._faults.append(fault)
         return fault
@@ -1106,16 +1597,28 @@ class FakeArm:
             self._counts["total"] += 1
             if endpoint is not None:
                 self._counts[endpoint] += 1
-            self._log.append(RequestRecord(handler.command, path, query, endpoint))
+            self._log.append(RequestRecord(handler.command, path, query, endpoint, handler.headers.get("Host", "")))
         if endpoint is None:
             reply = _arm_error(404, "NotFound", f"The fake has no {handler.command} {path}.")
         elif endpoint in _IDENTITY_ENDPOINTS:
-            reply = self._fault(endpoint, path, 1) or self._identity(endpoint, groups, handler, params, body)
+            fault = self._fault(endpoint, path, 1, handler.path)
+            reply = fault if isinstance(fault, _Reply) else self._mutate(
+                fault, self._identity(endpoint, groups, handler, params, body))
         elif endpoint == "graph":
-            reply = self._unauthorized(handler, params) or self._graph(path, params, body)
+            reply = self._unauthorized(handler, params) or self._graph(path, params, body, handler.path)
         else:
             reply = self._arm(endpoint, groups, handler, split.path, query, params)
         self._send(handler, reply)
+
+    def _serve_foreign(self, origin: str, handler: _Handler) -> None:
+        """Another origin: record the request with its headers, answer an empty page (a listing's for a
+        GET, a Resource Graph answer's for a POST)."""
+        handler.rfile.read(int(handler.headers.get("Content-Length") or 0))
+        with self._lock:
+            self._foreign_log.append(ForeignRequest(origin, handler.command, handler.path, dict(handler.headers)))
+        empty = ({"value": []} if handler.command == "GET" else
+                 {"totalRecords": 0, "count": 0, "data": [], "facets": [], "resultTruncated": "false"})
+        self._send(handler, _json_reply(empty))
 
     def _send(self, handler: _Handler, reply: _Reply) -> None:
         if self._stopping.is_set():
@@ -1127,48 +1630,183 @@ class FakeArm:
         for name, value in reply.headers:
             handler.send_header(name, value)
         handler.end_headers()
-        handler.wfile.write(reply.body)
+        if reply.trickle is None:
+            handler.wfile.write(reply.body)
+            return
+        # One byte, then a pause: every read the client makes succeeds, the whole body takes
+        # len(body) * trickle seconds. stop() ends it (the connection is closed, the body unfinished).
+        handler.close_connection = True
+        for offset in range(len(reply.body)):
+            handler.wfile.write(reply.body[offset:offset + 1])
+            handler.wfile.flush()
+            if self._stopping.wait(reply.trickle):
+                return
 
-    def _fault(self, endpoint: str, path: str, page: int) -> _Reply | None:
-        """Fire the first matching fault: its reply, or None (after the delay, for "slow")."""
+    def _fault(self, endpoint: str, path: str, page: int, here: str) -> _Reply | Fault | None:
+        """Fire the first matching fault: a whole reply; the fault, for one that changes the real answer;
+        or None (none matched, or "slow", after its delay). `here`: the request's path and query."""
         with self._lock:
             fault = next((f for f in self._faults if f.applies(endpoint, path, page)), None)
             if fault is None:
                 return None
             fault.fired += 1
-        if fault.kind != "slow":
-            return _fault_reply(fault)
-        self._stopping.wait(fault.delay)
-        return None
+        if fault.kind == "slow":
+            self._stopping.wait(fault.delay)
+            return None
+        if fault.status is not None or fault.kind in REPLY_KINDS:
+            return _fault_reply(fault, f"{self.foreign_url}{here}")
+        return fault
+
+    def _mutate(self, fault: Fault | None, reply: _Reply, document: dict | None = None, key: str = "value",
+                **links: str) -> _Reply:
+        """The answer: `document` (the page, when there is one) as `reply`'s body, changed by `fault`.
+        `links`: for link faults, `here` (this page's path and query) and `first` (the first page's);
+        for "repeat_token", `repeat_token`."""
+        kind = fault.kind if fault is not None else None
+        headers = reply.headers
+        if document is not None:
+            if kind in ITEM_KINDS:
+                document[key] = _mutated_items(kind, document[key])
+                if kind == "empty":
+                    document.pop("nextLink", None)
+                    document.pop("$skipToken", None)
+                if key == "data":
+                    document["count"] = len(document["data"])
+                    if kind == "empty":
+                        document["totalRecords"] = 0
+            elif kind in LINK_KINDS:
+                here = links["here"]
+                following = urlsplit(document.get("nextLink") or here)
+                following = following.path + (f"?{following.query}" if following.query else "")
+                document["nextLink"] = {
+                    "self_link": f"{self.url}{here}", "loop_link": f"{self.url}{links['first']}",
+                    "foreign_link": f"{self.foreign_url}{following}",
+                    "other_port_link": f"{self.other_port_url}{following}",
+                    "http_link": f"http://{urlsplit(self.url).netloc}{following}"}[kind]
+            elif kind == "repeat_token":
+                document["$skipToken"] = links["repeat_token"]
+            elif kind == "total_mismatch":
+                document["totalRecords"] += 1
+            elif kind == "quota_not_digits":
+                # "¹" is str.isdigit() and not int(): superscript one, not an ASCII digit
+                headers = tuple((n, "¹" if n == "x-ms-user-quota-remaining" else v) for n, v in headers)
+            reply = reply._replace(body=json.dumps(document).encode())
+        return reply._replace(headers=headers, trickle=fault.delay if kind == "trickle" else None)
+
 
     def _identity(self, endpoint: str, groups: dict, handler: _Handler, params: dict, body: bytes) -> _Reply:
-        if endpoint == "token":
-            if handler.headers.get("X-IDENTITY-HEADER") != self.identity_header:
-                return _arm_error(401, "Unauthorized", "The X-IDENTITY-HEADER header is missing or wrong.")
-            if not params.get("resource"):
-                return _arm_error(400, "BadRequest", "The resource query parameter is required.")
-            return _json_reply({"access_token": self.token, "expires_on": str(int(time.time()) + TOKEN_LIFETIME),
-                                "resource": params["resource"], "token_type": "Bearer"})
         if endpoint == "metadata":
             return self._metadata(params)
-        tenant_url = f"{self.url}/{groups['tenant']}"
-        if endpoint == "openid":
+        authority = f"https://{handler.headers.get('Host', '')}"
+        if endpoint == "token":
+            reply, audience = self._managed_identity(handler, params)
+            self._record_token(TokenRequest("token", authority, None, None, None, audience, reply.status,
+                                            "managed_identity"))
+            return reply
+        tenant = groups["tenant"]
+        if tenant != self.tenant_id:
+            reply = _entra_error(400, "invalid_tenant", 90002, f"Tenant '{tenant}' not found. Check to make sure "
+                                 "you have the correct tenant ID and are signing into the correct cloud.", authority)
+        elif endpoint == "openid":
+            tenant_url = f"{authority}/{tenant}"
             return _json_reply({"issuer": f"{tenant_url}/v2.0",
                                 "authorization_endpoint": f"{tenant_url}/oauth2/v2.0/authorize",
                                 "token_endpoint": f"{tenant_url}/oauth2/v2.0/token"})
-        form = dict(parse_qsl(body.decode()))
-        if (form.get("client_id"), form.get("client_secret")) != (self.client_id, self.client_secret):
-            return _json_reply({"error": "invalid_client",
-                                "error_description": "AADSTS7000215: Invalid client secret provided."}, 401)
-        return _json_reply({"token_type": "Bearer", "expires_in": TOKEN_LIFETIME,
-                            "ext_expires_in": TOKEN_LIFETIME, "access_token": self.token})
+        else:
+            reply = None
+        form = dict(parse_qsl(body.decode(errors="replace"))) if endpoint == "aad_token" else {}
+        scopes = [s for s in form.get("scope", "").split() if s.endswith("/.default")]
+        audience = scopes[0].removesuffix(".default") if scopes else None
+        if reply is None:
+            reply = self._entra_token(form, audience, authority)
+        if endpoint == "aad_token":
+            presented = ("assertion" if "client_assertion" in form else "secret" if "client_secret" in form
+                         else None)
+            self._record_token(TokenRequest(endpoint, authority, tenant, form.get("grant_type"),
+                                            form.get("client_id"), audience, reply.status, presented))
+        return reply
+
+    def _managed_identity(self, handler: _Handler, params: dict) -> tuple[_Reply, str | None]:
+        """App Service's managed identity endpoint (api-version 2019-08-01)."""
+        if handler.headers.get("X-IDENTITY-HEADER") != self.identity_header:
+            return _arm_error(401, "Unauthorized", "The X-IDENTITY-HEADER header is missing or wrong."), None
+        resource = params.get("resource")
+        if not resource:
+            return _arm_error(400, "BadRequest", "The resource query parameter is required."), None
+        return _json_reply({"access_token": self._token_for(resource), "resource": resource,
+                            "expires_on": str(int(time.time()) + TOKEN_LIFETIME), "token_type": "Bearer"}), resource
+
+    def _entra_token(self, form: dict, audience: str | None, authority: str) -> _Reply:
+        """POST {authority}/{tenant}/oauth2/v2.0/token, client credentials as Microsoft Entra ID takes them:
+        a client secret, or a client assertion (workload identity federation: the federated token itself
+        as a jwt-bearer assertion). Its refusals: AADSTS codes as Entra ID words them."""
+        if form.get("grant_type") != "client_credentials":
+            return _entra_error(400, "unsupported_grant_type", 70003, "The app requested an unsupported grant "
+                                f"type '{form.get('grant_type')}'.", authority)
+        if audience is None:
+            return _entra_error(400, "invalid_scope", 1002012, f"The provided value for scope "
+                                f"{form.get('scope', '')} is not valid. Client credential flows must have a scope "
+                                "value with /.default suffixed to the resource identifier (application ID URI).",
+                                authority)
+        if form.get("client_id") != self.client_id:
+            return _entra_error(400, "unauthorized_client", 700016, f"Application with identifier "
+                                f"'{form.get('client_id')}' was not found in the directory '{self.tenant_id}'.",
+                                authority)
+        if "client_assertion" in form or "client_assertion_type" in form:
+            if form.get("client_assertion_type") != JWT_BEARER:
+                return _entra_error(400, "invalid_request", 700002, "Unsupported client_assertion_type "
+                                    f"'{form.get('client_assertion_type')}'.", authority)
+            if form.get("client_assertion") != self.federated_token:
+                # Azure/azure-workload-identity#340, external-secrets/external-secrets#2783
+                return _entra_error(401, "invalid_client", 70021, "No matching federated identity record found "
+                                    "for presented assertion.", authority)
+        elif "client_secret" not in form:
+            return _entra_error(401, "invalid_client", 7000218, "The request body must contain the following "
+                                "parameter: 'client_assertion' or 'client_secret'.", authority)
+        elif form["client_secret"] != self.client_secret:
+            return _entra_error(401, "invalid_client", 7000215, "Invalid client secret provided. Ensure the secret "
+                                "being sent in the request is the client secret value, not the client secret ID.",
+                                authority)
+        return _json_reply({"token_type": "Bearer", "expires_in": TOKEN_LIFETIME, "ext_expires_in": TOKEN_LIFETIME,
+                            "access_token": self._token_for(audience)})
+
+    def _token_for(self, audience: str) -> str:
+        """`token` for one of the cloud's audiences; for any other resource, a token of its own, which
+        Resource Manager refuses (InvalidAuthenticationTokenAudience), as Entra ID issues tokens for any
+        resource it knows and Resource Manager takes only its own audiences."""
+        wanted = audience.rstrip("/")
+        if wanted in {a.rstrip("/") for a in self.cloud_audiences}:
+            return self.token
+        with self._lock:
+            for token, known in self._other_tokens.items():
+                if known == wanted:
+                    return token
+            token = secrets.token_urlsafe(24)
+            self._other_tokens[token] = wanted
+            return token
+
+    def _record_token(self, record: TokenRequest) -> None:
+        with self._lock:
+            self._token_log.append(record)
 
     def _metadata(self, params: dict) -> _Reply:
-        """The cloud's endpoints document (api-version 2022-09-01: one object, as management.azure.com
-        serves it), naming the fake as Resource Manager and login endpoint, with `cloud_audiences`."""
+        """The cloud's endpoints document, naming the fake as Resource Manager and login endpoint, with
+        `cloud_audiences`, in the api-versions of `metadata_versions`: 2022-09-01 as management.azure.com
+        serves it (one object), 2015-01-01 in its older shape (galleryEndpoint, graphEndpoint,
+        portalEndpoint, authentication {loginEndpoint, audiences}), the only one Azure Stack Hub documents
+        ("Make API requests to Azure Stack Hub")."""
         if "api-version" not in params:
             return _arm_error(400, "MissingApiVersionParameter",
                               "The api-version query parameter (?api-version=) is required for all requests.")
+        version = params["api-version"]
+        if version not in self.metadata_versions:
+            return _arm_error(400, "InvalidApiVersionParameter", f"The api-version '{version}' is invalid. The "
+                              f"supported versions are '{','.join(self.metadata_versions)}'.")
+        if version == "2015-01-01":
+            return _json_reply({"galleryEndpoint": f"{self.url}/", "graphEndpoint": f"{self.url}/",
+                                "portalEndpoint": f"{self.url}/",
+                                "authentication": {"loginEndpoint": f"{self.url}/",
+                                                   "audiences": list(self.cloud_audiences)}})
         return _json_reply({
             "portal": f"{self.url}/", "name": "FakeCloud", "resourceManager": f"{self.url}/",
             "authentication": {"loginEndpoint": f"{self.url}/", "audiences": list(self.cloud_audiences),
@@ -1185,15 +1823,26 @@ class FakeArm:
             return _arm_error(401, "AuthenticationFailed",
                               "Authentication failed. The 'Authorization' header is missing.")
         if authorization != f"Bearer {self.token}":
+            audience = self._other_tokens.get(authorization.removeprefix("Bearer "))
+            if audience is not None:
+                allowed = ",".join(f"'{a}'" for a in self.cloud_audiences)
+                return _arm_error(401, "InvalidAuthenticationTokenAudience", "The access token has been obtained "
+                                  f"for wrong audience or resource '{audience}'. It should exactly match with one "
+                                  f"of the allowed audiences {allowed}.")
             return _arm_error(401, "InvalidAuthenticationToken", "The access token is invalid.")
         if "api-version" not in params:
             return _arm_error(400, "MissingApiVersionParameter",
                               "The api-version query parameter (?api-version=) is required for all requests.")
         return None
 
-    def _graph(self, path: str, params: dict, body: bytes) -> _Reply:
+    def _graph(self, path: str, params: dict, body: bytes, here: str) -> _Reply:
         """POST /providers/Microsoft.ResourceGraph/resources: a query over the estate, paged by `$skipToken`,
-        with the per-user quota headers (a 429 past `graph_quota` queries in `graph_window` seconds)."""
+        with the per-user quota headers (a 429 past `graph_quota` queries in `graph_window` seconds).
+
+        Every page request runs the query again, as Resource Graph does ("Guidance for pagination": a
+        resource deleted between pages shifts the rest, one created repeats one), over what the estate
+        holds then: a continuation page reuses the evaluation of the same query while the estate has not
+        changed through its methods. Unsorted rows come in a new random order every time."""
         if params["api-version"] not in GRAPH_SCHEMA["api_versions"]:
             return _arm_error(400, "InvalidApiVersionParameter",
                               f"The api-version '{params['api-version']}' is invalid. The supported versions "
@@ -1202,92 +1851,203 @@ class FakeArm:
         if throttled:
             with self._lock:
                 self._counts["graph_throttled"] += 1
-            return _arm_error(429, "RateLimiting", "Please provide below info when asking for support: "
-                              "Details: Rate limit exceeded for the user.", quota_headers)
+            return _Reply(429, json.dumps({"error": {
+                "code": "RateLimiting", "message": _support_message(), "details": [{
+                    "code": "RateLimiting", "message": "Client application has been throttled and should not "
+                    "attempt to repeat the request until an amount of time has elapsed. Please see "
+                    "https://aka.ms/resourcegraph-throttling for help."}]}}).encode(), quota_headers)
         try:
             request = _graph_request(json.loads(body or b"null"))
-            query = parse_graph_query(request["query"])
+            query = parse_graph_query(request["query"], known_types_only=False)
         except (ValueError, KeyError, TypeError) as exc:
-            return _Reply(400, json.dumps({"error": {"code": "BadRequest", "message": "Please provide below "
-                          "info when asking for support", "details": [{"code": "InvalidQuery", "message": str(exc)}]}}
-                          ).encode(), quota_headers)
+            return _Reply(400, json.dumps({"error": {"code": "BadRequest", "message": _support_message(),
+                          "details": [{"code": "InvalidQuery", "message": str(exc)}]}}).encode(), quota_headers)
         options = request.get("options") or {}
+        subscriptions = frozenset(sub.lower() for sub in request["subscriptions"])
+        query_key = hashlib.sha256(json.dumps([request["query"], sorted(subscriptions)]).encode()).hexdigest()[:16]
         try:
-            cursor, offset = _read_skiptoken(options.get("$skipToken"))
+            offset = _read_graph_token(options.get("$skipToken"), query_key)
         except ValueError:
-            return _arm_error(400, "InvalidSkipToken", "The $skipToken is not one this server issued.")
+            return _arm_error(400, "InvalidSkipToken", "The $skipToken is not one this server issued for "
+                              "this query.", quota_headers)
         top = int(options.get("$top") or 100)
-        fault = self._fault("graph", path, offset // top + 1)
-        if fault is not None:
+        fault = self._fault("graph", path, offset // top + 1, here)
+        if isinstance(fault, _Reply):
             return fault
+        readable = None if self.reader_groups is None else frozenset(g.lower() for g in self.reader_groups)
+        compute_types = (None if self.graph_compute_types is None
+                         else frozenset(t.lower() for t in self.graph_compute_types))
         estate = self.estate
         with estate.lock:
-            listing = self._recall(cursor)
-            if listing is None:
-                readable = None if self.reader_groups is None else {g.lower() for g in self.reader_groups}
-                listing = (evaluate_graph_query(estate, query, {sub.lower() for sub in request["subscriptions"]},
-                                                readable), None)
-        rows = listing[0]
+            key = (query_key, readable, compute_types, id(estate), _lookup_stamp(estate))
+            with self._lock:
+                candidates = self._graph_cache.get(key) if offset else None
+            if candidates is None:
+                candidates = graph_candidates(estate, query, subscriptions, readable, compute_types)
+                with self._lock:
+                    self._graph_cache[key] = candidates
+                    while len(self._graph_cache) > MAX_CURSORS:
+                        self._graph_cache.popitem(last=False)
+        with self._lock:
+            rows = order_graph_rows(candidates, query, self._graph_rng)
         page = rows[offset:offset + top]
         more = offset + top < len(rows)
+        # Resource Graph pages only queries that return `id`; others are cut at $top.
+        pageable = "id" in dict(query.columns)
         document = {"totalRecords": len(rows), "count": len(page), "data": page, "facets": [],
-                    # Resource Graph pages only queries that return `id`; others are cut at $top.
-                    "resultTruncated": "true" if more and "id" not in page[0] else "false"}
-        if more and "id" in page[0]:
-            document["$skipToken"] = _write_skiptoken(cursor or self._remember(listing), offset + top)
-        elif cursor:
-            with self._lock:
-                self._cursors.pop(cursor, None)
-        return _Reply(200, json.dumps(document).encode(), quota_headers)
+                    "resultTruncated": "true" if more and not pageable else "false"}
+        if more and pageable:
+            document["$skipToken"] = _write_graph_token(query_key, offset + top)
+        return self._mutate(fault, _Reply(200, b"", quota_headers), document, "data",
+                            repeat_token=_write_graph_token(query_key, top))
 
     def _graph_quota(self) -> tuple[bool, tuple]:
-        """(throttled?, the x-ms-user-quota-* headers) for one more query in the current window."""
-        now = time.monotonic()
+        """(throttled?, the x-ms-user-quota-* headers) for one more query in the current window.
+
+        "Guidance for throttled requests in Azure Resource Graph": a quota per user and time window ("at
+        most 15 queries within every 5-second window"), told in every response by x-ms-user-quota-remaining
+        (int) and x-ms-user-quota-resets-after (hh:mm:ss). Microsoft documents no Retry-After for it, and
+        the fake sends none."""
+        now = self.clock()
         with self._lock:
             if now - self._graph_window_start >= self.graph_window:
                 self._graph_window_start, self._graph_used = now, 0
             throttled = self._graph_used >= self.graph_quota
             if not throttled:
                 self._graph_used += 1
-            left = max(0.0, self._graph_window_start + self.graph_window - now)
+            left = math.ceil(max(0.0, self._graph_window_start + self.graph_window - now))
             remaining = self.graph_quota - self._graph_used
-        resets = f"{int(left // 3600):02d}:{int(left % 3600 // 60):02d}:{math.ceil(left % 60):02d}"
+        resets = f"{left // 3600:02d}:{left % 3600 // 60:02d}:{left % 60:02d}"
         return throttled, (("x-ms-user-quota-remaining", str(remaining)), ("x-ms-user-quota-resets-after", resets))
 
     def _arm(self, endpoint: str, groups: dict, handler: _Handler, raw_path: str, query: dict,
              params: dict) -> _Reply:
+        """A Resource Manager GET: authentication, Resource Manager's read bucket, the role, Compute's
+        buckets, then the answer; every answer past authentication with the buckets' headers."""
         unauthorized = self._unauthorized(handler, params)
         if unauthorized is not None:
             return unauthorized
-        refused = self._forbidden(endpoint, groups) or _refused_by_documentation(endpoint, params)
+        now = self.clock()
+        throttled, headers = self._subscription_reads(groups["sub"], now)
+        reply = (throttled or self._forbidden(endpoint, groups)
+                 or self._compute_throttled(endpoint, groups, now, headers)
+                 or self._arm_answer(endpoint, groups, handler, raw_path, query, params))
+        return reply._replace(headers=(*reply.headers, *headers))
+
+    def _subscription_reads(self, subscription: str, now: float) -> tuple[_Reply | None, list]:
+        """Draw one read from the principal's and the subscription's buckets: (a 429 if either is empty, the
+        x-ms-ratelimit-remaining-subscription-* headers)."""
+        size, rate = self.subscription_reads
+        with self._lock:
+            mine = self._bucket(("reads", subscription.lower(), FAKE_PRINCIPAL), (size, rate), now)
+            everyone = self._bucket(("global-reads", subscription.lower()),
+                                    (size * GLOBAL_READS_FACTOR, rate * GLOBAL_READS_FACTOR), now)
+            granted = mine.take(now, debt=False) and everyone.take(now, debt=False)
+            wait = max(mine.wait() if mine.tokens < 1 else 0, everyone.wait() if everyone.tokens < 1 else 0)
+            headers = [("x-ms-ratelimit-remaining-subscription-reads", str(mine.remaining)),
+                       ("x-ms-ratelimit-remaining-subscription-global-reads", str(everyone.remaining))]
+            if not granted:
+                self._counts["arm_throttled"] += 1
+        if granted:
+            return None, headers
+        return _arm_error(429, "SubscriptionRequestsThrottled",
+                          f"Number of 'read' requests for subscription '{subscription}' actor '{FAKE_PRINCIPAL}' "
+                          f"exceeded. Please try again after '{wait}' seconds after additional tokens are "
+                          "available. Refer to https://aka.ms/arm-throttling for additional information.",
+                          (("Retry-After", str(wait)),)), headers
+
+    def _compute_throttled(self, endpoint: str, groups: dict, now: float, headers: list) -> _Reply | None:
+        """Draw one call from each Compute bucket that counts `endpoint` (in its subscription and region):
+        the x-ms-ratelimit-remaining-resource header goes into `headers`; a 429 OperationNotAllowed (the
+        troubleshooting article's example) if one is empty."""
+        labels = [label for label, endpoints in COMPUTE_POLICIES.items()
+                  if endpoint in endpoints and label in self.compute_buckets]
+        if not labels:
+            return None
+        region = self._region(endpoint, groups).lower()
+        with self._lock:
+            buckets = [(label, self._bucket(("compute", label, groups["sub"].lower(), region),
+                                            self.compute_buckets[label], now, per=60.0)) for label in labels]
+            empty = [(label, bucket) for label, bucket in buckets if not bucket.take(now, debt=True)]
+            headers.append(("x-ms-ratelimit-remaining-resource",
+                            ",".join(f"Microsoft.Compute/{label};{bucket.remaining}" for label, bucket in buckets)))
+            if not empty:
+                return None
+            self._counts["compute_throttled"] += 1
+            label, bucket = empty[0]
+            wait = max(b.wait() for _, b in empty)
+            allowed, measured = int(bucket.size), int(bucket.size) + bucket.refused
+        start = time.time()
+        detail = json.dumps({"operationGroup": label, "startTime": _iso(start), "endTime": _iso(start + wait),
+                             "allowedRequestCount": allowed, "measuredRequestCount": measured})
+        return _arm_error(429, "OperationNotAllowed", "The server rejected the request because too many requests "
+                          "have been received for this subscription.", (("Retry-After", str(wait)),),
+                          details=[{"code": "TooManyRequests", "target": label, "message": detail}])
+
+    def _bucket(self, key: tuple, setting: tuple[float, float], now: float, per: float = 1.0) -> _Bucket:
+        """The bucket of `key` (under _lock): full at first, and again whenever its setting changes."""
+        known = self._buckets.get(key)
+        if known is None or known[0] != tuple(setting):
+            known = (tuple(setting), _Bucket(float(setting[0]), float(setting[1]) / per, now))
+            self._buckets[key] = known
+        return known[1]
+
+    def _region(self, endpoint: str, groups: dict) -> str:
+        """Where Compute counts a request: the scale set's or VM's location for requests about one,
+        `arm_region` for the lists of a subscription or resource group."""
+        estate = self.estate
+        with estate.lock:
+            if "vmss" in groups:
+                for ss in estate.scale_sets:
+                    if ss.name.lower() == groups["vmss"].lower() and _in_scope(ss, groups["sub"], groups.get("rg")):
+                        return ss.location
+            elif "vm" in groups:
+                for p in estate.machines():
+                    if (p.ss is None or not p.uniform) and p.inst.name.lower() == groups["vm"].lower() \
+                            and _in_scope(p.home, groups["sub"], groups.get("rg")):
+                        return p.home.location
+        return self.arm_region
+
+    def _arm_answer(self, endpoint: str, groups: dict, handler: _Handler, raw_path: str, query: dict,
+                    params: dict) -> _Reply:
+        refused = _refused_by_documentation(endpoint, params)
         if refused is not None:
             return refused
         if endpoint in _SINGLE_ENDPOINTS:
-            return self._fault(endpoint, unquote(raw_path), 1) or self._get_one(endpoint, groups, unquote(raw_path))
+            fault = self._fault(endpoint, unquote(raw_path), 1, handler.path)
+            if isinstance(fault, _Reply):
+                return fault
+            return self._mutate(fault, self._get_one(endpoint, groups, unquote(raw_path)))
         try:
             cursor, offset = _read_skiptoken(params.get("$skiptoken"))
         except ValueError:
             return _arm_error(400, "InvalidSkipToken", "The $skiptoken is not one this server issued.")
         page_size = self.page_size
-        fault = self._fault(endpoint, unquote(raw_path), offset // page_size + 1)
-        if fault is not None:
+        fault = self._fault(endpoint, unquote(raw_path), offset // page_size + 1, handler.path)
+        if isinstance(fault, _Reply):
             return fault
         estate = self.estate
         with estate.lock:
-            listing = self._recall(cursor) or _listing(estate, endpoint, groups, params)
+            listing = self._recall(cursor)
             if listing is None:
-                return _arm_error(404, "ResourceNotFound", _not_found(endpoint, groups))
+                listing = _listing(estate, endpoint, groups, params)
+                if listing is None:
+                    return _arm_error(404, "ResourceNotFound", _not_found(endpoint, groups))
+                if self.list_seed is not None:
+                    with self._lock:
+                        listing = (self._list_rng.sample(listing[0], len(listing[0])), listing[1])
             items, render = listing
             document = {"value": [render(item) for item in items[offset:offset + page_size]]}
+        pairs = [(k, v) for k, v in query.items() if k.lower() != "$skiptoken"]
         if offset + page_size < len(items):
             cursor = cursor or self._remember(listing)
-            pairs = [(k, v) for k, v in query.items() if k.lower() != "$skiptoken"]
-            pairs.append(("$skiptoken", _write_skiptoken(cursor, offset + page_size)))
-            document["nextLink"] = f"{self.url}{raw_path}?{urlencode(pairs, safe='$')}"
+            following = [*pairs, ("$skiptoken", _write_skiptoken(cursor, offset + page_size))]
+            document["nextLink"] = f"{self.url}{raw_path}?{urlencode(following, safe='$')}"
         elif cursor:
             with self._lock:
                 self._cursors.pop(cursor, None)
-        return _json_reply(document)
+        return self._mutate(fault, _Reply(200, b""), document, "value", here=handler.path,
+                            first=f"{raw_path}?{urlencode(pairs, safe='$')}")
 
     def _forbidden(self, endpoint: str, groups: dict) -> _Reply | None:
         """403 AuthorizationFailed where the principal's Reader role does not reach (`reader_groups`)."""
@@ -1324,6 +2084,41 @@ class FakeArm:
         """The snapshot a listing's first page took; None if unknown or forgotten (then recomputed)."""
         with self._lock:
             return self._cursors.get(cursor) if cursor else None
+
+
+def _write_graph_token(query_key: str, offset: int) -> str:
+    return base64.urlsafe_b64encode(json.dumps({"query": query_key, "skip": offset}).encode()).decode()
+
+
+def _read_graph_token(token, query_key: str) -> int:
+    """The offset a Resource Graph `$skipToken` stands for (0: none); ValueError if it is not one this fake
+    issued for the same query and subscriptions."""
+    if token is None:
+        return 0
+    decoded = json.loads(base64.urlsafe_b64decode(str(token).encode()))
+    if not isinstance(decoded, dict) or decoded.get("query") != query_key or not isinstance(decoded.get("skip"), int):
+        raise ValueError(token)
+    return decoded["skip"]
+
+
+def _iso(seconds: float) -> str:
+    return time.strftime("%Y-%m-%dT%H:%M:%S+00:00", time.gmtime(seconds))
+
+
+def _entra_error(status: int, error: str, code: int, description: str, authority: str) -> _Reply:
+    """A Microsoft Entra ID error answer: `error`, `error_description` ("AADSTS<code>: ..."), `error_codes`..."""
+    trace, correlation = uuid.uuid4(), uuid.uuid4()
+    stamp = time.strftime("%Y-%m-%d %H:%M:%SZ", time.gmtime())
+    return _json_reply({"error": error, "error_description": f"AADSTS{code}: {description} Trace ID: {trace} "
+                        f"Correlation ID: {correlation} Timestamp: {stamp}", "error_codes": [code],
+                        "timestamp": stamp, "trace_id": str(trace), "correlation_id": str(correlation),
+                        "error_uri": f"{authority}/error?code={code}"}, status)
+
+
+def _support_message() -> str:
+    """How Resource Graph's errors begin (azure-cli-extensions#3325, a RateLimiting answer)."""
+    stamp = time.strftime("%Y-%m-%dT%H:%M:%S.0000000Z", time.gmtime())
+    return f"Please provide below info when asking for support: timestamp = {stamp}, correlationId = {uuid.uuid4()}."
 
 
 def _write_skiptoken(cursor: str, offset: int) -> str:

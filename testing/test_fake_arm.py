@@ -21,7 +21,7 @@ from azure.identity import ClientSecretCredential, DefaultAzureCredential
 from azure.mgmt.compute import ComputeManagementClient
 from azure.mgmt.network import NetworkManagementClient
 
-from fake_arm import (ARM_SCOPE, DEFAULT_SUBSCRIPTION, ENDPOINTS, FLEXIBLE, SERVICE_NAME_TAG,
+from fake_arm import (ARM_SCOPE, AZURE_CHINA_COMPUTE_TYPES, DEFAULT_SUBSCRIPTION, ENDPOINTS, FLEXIBLE, SERVICE_NAME_TAG,
                       SERVICE_PORT_TAG, UNIFORM, Estate, FakeArm, Vm, make_estate, service_tags)
 from conftest import azure_env
 
@@ -247,6 +247,36 @@ class TestListings:
         assert "vm-0000" not in vms and vms["vm-new"].tags == service_tags("api", 9000)
         assert vms["vm-0001"].tags is None
 
+    def test_an_instance_being_deleted_shows_its_provisioning_state(self, fake):
+        compute, _ = clients(fake)
+        fake.estate.update("vm-0000", provisioning_state="Deleting")
+        fake.estate.update("uvmss-00_1", provisioning_state="Deleting")
+        vms = {vm.name: vm for vm in compute.virtual_machines.list_all()}
+        assert vms["vm-0000"].provisioning_state == "Deleting" and vms["vm-0001"].provisioning_state == "Succeeded"
+        statuses = {vm.name: [s.code for s in vm.instance_view.statuses]
+                    for vm in compute.virtual_machines.list_all(status_only="true")}
+        assert statuses["vm-0000"] == ["ProvisioningState/deleting", "PowerState/running"]
+        assert statuses["vm-0001"][0] == "ProvisioningState/succeeded"
+        [deleting] = [i for i in compute.virtual_machine_scale_set_vms.list("rg-a", "uvmss-00", expand="instanceView")
+                      if i.provisioning_state == "Deleting"]
+        assert deleting.instance_id == "1"
+        assert [(s.code, s.display_status) for s in deleting.instance_view.statuses][0] == (
+            "ProvisioningState/deleting", "Deleting")
+        view = compute.virtual_machines.instance_view("rg-a", "vm-0000")
+        assert view.statuses[0].code == "ProvisioningState/deleting"
+
+    def test_listings_can_come_in_a_random_order(self, fake):
+        compute, _ = clients(fake)
+        in_order = names(compute.virtual_machines.list_all())
+        fake.list_seed = 3
+        orders = [names(compute.virtual_machines.list_all()) for _ in range(3)]
+        assert all(sorted(order) == sorted(in_order) for order in orders) and len({tuple(o) for o in orders}) > 1
+        fake.list_seed = 3
+        assert names(compute.virtual_machines.list_all()) == orders[0]
+        pages = compute.virtual_machines.list_all().by_page()      # one listing: one order across its pages
+        first = names(next(pages))
+        assert sorted(first + [n for page in pages for n in names(page)]) == sorted(in_order)
+
     def test_a_listing_is_a_snapshot_taken_at_its_first_page(self, fake):
         compute, _ = clients(fake)
         pages = compute.virtual_machines.list_all().by_page()
@@ -312,7 +342,7 @@ class TestSingleGets:
         list(compute.virtual_machine_scale_sets.list_all())
         status, counts = raw_get(fake, "/_counts")
         assert status == 200 and counts == fake.counts
-        assert (counts["vmss"], counts["token"], counts["total"]) == (1, 1, 2)
+        assert (counts["vmss"], counts["token"], counts["total"], counts["compute_throttled"]) == (1, 1, 2, 0)
         assert fake.counts["total"] == 2 and len(fake.requests) == 2
 
 
@@ -320,18 +350,117 @@ class TestSingleGets:
 class TestResourceGraph:
     QUERY = ("Resources | where type in~ ('microsoft.compute/virtualmachines') "
              "| project id, name, powerState = properties.extended.instanceView.powerState.code")
+    SORTED = QUERY + " | order by id asc"
 
     def test_pages_in_the_documented_shape_with_quota_headers(self, fake):
-        status, page, headers = graph_post(fake, {"subscriptions": [SUB], "query": self.QUERY,
+        status, page, headers = graph_post(fake, {"subscriptions": [SUB], "query": self.SORTED,
                                                   "options": {"$top": 4}})
         assert status == 200 and page["totalRecords"] == 6 and page["count"] == 4
         assert page["resultTruncated"] == "false" and page["facets"] == [] and page["$skipToken"]
-        assert page["data"][1] == {"id": fake.estate.resource_id("vm-0001"), "name": "vm-0001",
-                                   "powerState": "PowerState/deallocated"}
+        assert [r["name"] for r in page["data"]] == ["fvmss-00_0", "fvmss-00_1", "fvmss-00_2", "vm-0000"]
+        assert page["data"][3] == {"id": fake.estate.resource_id("vm-0000"), "name": "vm-0000",
+                                   "powerState": "PowerState/running"}
         assert headers["x-ms-user-quota-remaining"] == "14" and headers["x-ms-user-quota-resets-after"] == "00:00:05"
-        status, rest, _ = graph_post(fake, {"subscriptions": [SUB], "query": self.QUERY,
+        assert "Retry-After" not in headers
+        status, rest, _ = graph_post(fake, {"subscriptions": [SUB], "query": self.SORTED,
                                             "options": {"$top": 4, "$skipToken": page["$skipToken"]}})
-        assert [r["name"] for r in rest["data"]] == ["fvmss-00_1", "fvmss-00_2"] and "$skipToken" not in rest
+        assert (rest["totalRecords"], rest["count"]) == (6, 2) and "$skipToken" not in rest
+        assert [r["name"] for r in rest["data"]] == ["vm-0002", "vm-0001"]   # rg-a before rg-b in the id
+
+    def test_unsorted_paging_loses_and_repeats_rows_sorted_paging_does_not(self, sdk_env):
+        """"Without sorting, results are random and not repeatable" ("Guidance for pagination"): each page
+        of an unsorted query is cut from a new order, so 3 pages of 1,000 out of 3,000 rows miss some and
+        repeat others; sorted by id they are the 3,000 rows, each once, in order."""
+        with FakeArm(make_estate(vms=3000)) as fake:
+            fake.graph_seed = 11
+            for query, complete in ((self.QUERY, False), (self.SORTED, True)):
+                ids, token = [], None
+                while True:
+                    options = {"$top": 1000, **({"$skipToken": token} if token else {})}
+                    status, page, _ = graph_post(fake, {"subscriptions": [SUB], "query": query, "options": options})
+                    assert status == 200 and page["totalRecords"] == 3000 and page["count"] == 1000
+                    ids += [row["id"] for row in page["data"]]
+                    token = page.get("$skipToken")
+                    if not token:
+                        break
+                assert len(ids) == 3000 and fake.counts["graph"] in (3, 6)
+                assert (len(set(ids)) == 3000) == complete
+                if complete:
+                    assert ids == sorted(ids)
+                else:
+                    assert len(set(ids)) < 2990   # 3 independent draws: about 1 row in 4.5 repeats
+
+    def test_unsorted_rows_come_in_a_new_order_every_time_and_the_seed_repeats_them(self, fake):
+        body = {"subscriptions": [SUB], "query": "Resources | project id, type"}
+        fake.graph_seed = 5
+        first, second = ([row["id"] for row in graph_post(fake, body)[1]["data"]] for _ in range(2))
+        assert sorted(first) == sorted(second) and first != second
+        fake.graph_seed = 5
+        assert [row["id"] for row in graph_post(fake, body)[1]["data"]] == first
+
+    def test_order_by_and_sort_by_directions_default_descending(self, fake):
+        def names(query):
+            status, page, _ = graph_post(fake, {"subscriptions": [SUB], "query": query})
+            assert status == 200, page
+            return [row["name"] for row in page["data"]]
+
+        base = "Resources | where type in~ ('microsoft.compute/virtualmachines') | project id, name, resourceGroup"
+        assert names(base + " | order by name asc") == sorted(names(base))
+        assert names(base + " | sort by name") == sorted(names(base), reverse=True)   # KQL: desc by default
+        assert names(base + " | order by resourceGroup desc, name asc") == [
+            "vm-0001", "fvmss-00_0", "fvmss-00_1", "fvmss-00_2", "vm-0000", "vm-0002"]
+        before = ("Resources | where type in~ ('microsoft.compute/virtualmachines') | order by name asc "
+                  "| project id, vm = name")
+        status, page, _ = graph_post(fake, {"subscriptions": [SUB], "query": before})
+        assert [row["vm"] for row in page["data"]] == sorted(names(base))
+        for bad in (base + " | order by hostName asc", base + " | order by name upwards"):
+            status, error, _ = graph_post(fake, {"subscriptions": [SUB], "query": bad})
+            assert status == 400 and error["error"]["details"][0]["code"] == "InvalidQuery"
+
+    def test_every_page_runs_the_query_again(self, fake):
+        """A resource deleted between two pages shifts the rest: sorted by id, the row that moves onto the
+        first page's place is never served ("Guidance for pagination", dynamic environments)."""
+        body = {"subscriptions": [SUB], "query": self.SORTED, "options": {"$top": 3}}
+        _, first, _ = graph_post(fake, body)
+        assert [r["name"] for r in first["data"]] == ["fvmss-00_0", "fvmss-00_1", "fvmss-00_2"]
+        fake.estate.remove("fvmss-00_0")
+        body["options"]["$skipToken"] = first["$skipToken"]
+        _, second, _ = graph_post(fake, body)
+        assert second["totalRecords"] == 5 and [r["name"] for r in second["data"]] == ["vm-0002", "vm-0001"]
+
+    def test_a_skip_token_belongs_to_its_query(self, fake):
+        _, page, _ = graph_post(fake, {"subscriptions": [SUB], "query": self.SORTED, "options": {"$top": 2}})
+        for body in ({"subscriptions": [SUB], "query": self.QUERY},
+                     {"subscriptions": [SUB, "00000000-0000-0000-0000-000000000002"], "query": self.SORTED},
+                     {"subscriptions": [SUB], "query": self.SORTED, "skip": "garbage"}):
+            token = "garbage" if "skip" in body else page["$skipToken"]
+            body = {"subscriptions": body["subscriptions"], "query": body["query"],
+                    "options": {"$top": 2, "$skipToken": token}}
+            assert graph_post(fake, body)[0] == 400
+
+    def test_rows_carry_the_provisioning_state(self, fake):
+        fake.estate.update("vm-0002", provisioning_state="Deleting")
+        query = ("Resources | where type in~ ('microsoft.compute/virtualmachines') "
+                 "| project id, name, provisioningState = properties.provisioningState | order by name asc")
+        _, page, _ = graph_post(fake, {"subscriptions": [SUB], "query": query})
+        assert {r["name"]: r["provisioningState"] for r in page["data"]}["vm-0002"] == "Deleting"
+        assert [r["provisioningState"] for r in page["data"]].count("Succeeded") == 5
+
+    def test_a_cloud_whose_compute_resources_lack_the_uniform_types(self, fake):
+        query = ("ComputeResources | where type in~ ('microsoft.compute/virtualmachinescalesets/virtualmachines',"
+                 " 'microsoft.compute/virtualmachinescalesets/virtualmachines/networkinterfaces',"
+                 " 'microsoft.compute/virtualmachinescalesets/virtualmachines/networkinterfaces/ipconfigurations/"
+                 "publicipaddresses') | project id, type")
+        fake.graph_compute_types = AZURE_CHINA_COMPUTE_TYPES
+        status, page, _ = graph_post(fake, {"subscriptions": [SUB], "query": query})
+        assert status == 200 and page["totalRecords"] == 3
+        assert {r["type"] for r in page["data"]} == set(AZURE_CHINA_COMPUTE_TYPES)
+        fake.graph_compute_types = set()
+        assert graph_post(fake, {"subscriptions": [SUB], "query": query})[1]["totalRecords"] == 0
+        # A type no table lists is not an error in Resource Graph: it matches nothing.
+        status, page, _ = graph_post(fake, {"subscriptions": [SUB], "query":
+                                            "Resources | where type in~ ('microsoft.compute/nosuchthing') | project id"})
+        assert (status, page["totalRecords"], page["data"]) == (200, 0, [])
 
     def test_uniform_instances_and_their_nics_live_in_compute_resources(self, fake):
         query = ("ComputeResources | where type in~ ('microsoft.compute/virtualmachinescalesets/virtualmachines',"
@@ -346,8 +475,22 @@ class TestResourceGraph:
         assert [graph_post(fake, body)[0] for _ in range(3)] == [200, 200, 429]
         status, error, headers = graph_post(fake, body)
         assert status == 429 and error["error"]["code"] == "RateLimiting"
+        assert error["error"]["details"][0]["code"] == "RateLimiting"
         assert headers["x-ms-user-quota-remaining"] == "0" and headers["x-ms-user-quota-resets-after"] == "00:00:30"
+        assert "Retry-After" not in headers   # Microsoft documents the quota headers only
         assert fake.counts["graph_throttled"] == 2
+
+    def test_the_quota_follows_the_fakes_clock(self, fake):
+        now = [1000.0]
+        fake.clock = lambda: now[0]
+        fake.graph_quota, fake.graph_window = 1, 3725.0
+        body = {"subscriptions": [SUB], "query": self.QUERY}
+        assert graph_post(fake, body)[2]["x-ms-user-quota-resets-after"] == "01:02:05"
+        now[0] += 3664.5
+        status, _, headers = graph_post(fake, body)
+        assert (status, headers["x-ms-user-quota-resets-after"]) == (429, "00:01:01")
+        now[0] += 61
+        assert graph_post(fake, body)[0] == 200
 
     def test_refusals(self, fake):
         body = {"subscriptions": [SUB], "query": self.QUERY}
@@ -394,14 +537,20 @@ class TestIdentity:
         assert fake.counts["total"] == 2 and fake.requests[-1].endpoint is None
 
     def test_client_secret_credential_against_the_fake_authority(self, fake):
-        credential = ClientSecretCredential("tenant-1", fake.client_id, fake.client_secret,
+        credential = ClientSecretCredential(fake.tenant_id, fake.client_id, fake.client_secret,
                                             authority=fake.url, disable_instance_discovery=True)
         assert credential.get_token(ARM_SCOPE).token == fake.token
-        wrong = ClientSecretCredential("tenant-1", fake.client_id, "wrong",
+        wrong = ClientSecretCredential(fake.tenant_id, fake.client_id, "wrong",
                                        authority=fake.url, disable_instance_discovery=True)
-        with pytest.raises(ClientAuthenticationError):
+        with pytest.raises(ClientAuthenticationError, match="AADSTS7000215"):
             wrong.get_token(ARM_SCOPE)
         assert fake.counts["openid"] == 2 and fake.counts["aad_token"] == 2
+        # A tenant Entra ID does not know: its OpenID configuration is already refused.
+        stranger = ClientSecretCredential("tenant-1", fake.client_id, fake.client_secret,
+                                          authority=fake.url, disable_instance_discovery=True)
+        with pytest.raises(ClientAuthenticationError):
+            stranger.get_token(ARM_SCOPE)
+        assert fake.counts["openid"] == 3 and fake.counts["aad_token"] == 2
 
 
 # --- faults ---
