@@ -618,6 +618,8 @@ class AzureConfig:
     retries: int = 3
     workers: int = 8
     source: str = "arm"             # "arm" (Resource Manager listings) or "resource_graph"
+    max_pages: int = 10000          # pages of one listing, at most (a link that never ends)
+    discovery_deadline_seconds: float = 300.0   # one discovery, every listing, at most
 
     @property
     def subscriptions(self) -> tuple[str, ...]:
@@ -909,6 +911,8 @@ CHECKS: dict[str, Callable[[Any], str | None]] = {
     "azure.retries": _between(0, 20),
     "azure.workers": _between(1, 64),
     "azure.source": _one_of("arm", "resource_graph"),
+    "azure.max_pages": _between(1, 1000000),
+    "azure.discovery_deadline_seconds": lambda v: _positive(v) or _at_most(HOUR, " s")(v),
     "haproxy.base_url": _bounded_url,
     "haproxy.api_version": _one_of("auto", "v2", "v3"),
     "haproxy.name": _matches(re.compile(r"[^\s\"\\\x00-\x1f\x7f]{1,100}"),    # a target's (haproxy.targets[i].name)
@@ -2379,13 +2383,16 @@ GRAPH_QUERY = """\
 | where resourceGroup in~ ({groups})
 | project id, name, type, location, tags,
     powerState = properties.extended.instanceView.powerState.code,
+    provisioningState = properties.provisioningState,
+    capacity = sku.capacity,
     networkInterfaces = properties.networkProfile.networkInterfaces,
     virtualMachineScaleSet = properties.virtualMachineScaleSet.id,
     orchestrationMode = properties.orchestrationMode,
     virtualMachine = properties.virtualMachine.id,
     primary = properties.primary,
     ipConfigurations = properties.ipConfigurations,
-    ipAddress = properties.ipAddress"""
+    ipAddress = properties.ipAddress
+| order by id asc"""
 GRAPH_TABLES = {
     "Resources": ("microsoft.compute/virtualmachines", "microsoft.compute/virtualmachinescalesets",
                   "microsoft.network/networkinterfaces", "microsoft.network/publicipaddresses"),
@@ -2415,8 +2422,12 @@ def listing_from_graph(rows: Iterable[Mapping]) -> AzureListing:
             "microsoft.network/networkinterfaces": listing.nics,
             "microsoft.network/publicipaddresses": listing.public_ips}
     into.update(zip(GRAPH_TABLES["ComputeResources"], (listing.set_instances, listing.nics, listing.public_ips)))
-    for row in rows:
-        target = into.get(str(row.get("type") or "").lower())
+    for n, row in enumerate(rows, 1):
+        if not isinstance(row.get("id"), str) or not row["id"] or not isinstance(row.get("type"), str):
+            raise AzureError(f"Resource Graph row {n} has no id or no type: its resource cannot be told "
+                             f"(id {shorten(json.dumps(row.get('id')), 120)}, type "
+                             f"{shorten(json.dumps(row.get('type')), 80)})")
+        target = into.get(row["type"].lower())
         if target is not None:
             target.append(_arm_shape(row))
     return listing
@@ -2429,13 +2440,19 @@ def _arm_shape(row: Mapping) -> dict:
         if row.get(column):
             props[key] = ({"networkInterfaces": row[column]} if column == "networkInterfaces"
                           else {"id": row[column]})
-    for column in ("orchestrationMode", "primary", "ipConfigurations", "ipAddress"):
+    for column in ("orchestrationMode", "primary", "ipConfigurations", "ipAddress", "provisioningState"):
         if row.get(column) is not None:
             props[column] = row[column]
-    if row.get("powerState"):
-        props["instanceView"] = {"statuses": [{"code": row["powerState"]}]}
-    return {"id": row.get("id"), "name": row.get("name"), "location": row.get("location"),
-            "tags": row.get("tags"), "properties": props}
+    statuses = [{"code": row["powerState"]}] if row.get("powerState") else []
+    if str(row.get("provisioningState") or "").lower() == "deleting":
+        statuses.append({"code": "ProvisioningState/deleting"})     # as an instance view says it
+    if statuses:
+        props["instanceView"] = {"statuses": statuses}
+    shaped = {"id": row.get("id"), "name": row.get("name"), "location": row.get("location"),
+              "tags": row.get("tags"), "properties": props}
+    if row.get("capacity") is not None:
+        shaped["sku"] = {"capacity": row["capacity"]}
+    return shaped
 
 
 def quota_wait(headers: Mapping[str, str]) -> float | None:
@@ -2534,6 +2551,7 @@ class AzureSource:
         self._base = (cfg.azure.resource_manager_url or CLOUDS[cfg.azure.cloud or "public"][0]).rstrip("/")
         self._client: Any = None
         self._credential: Any = None
+        self._deadline = math.inf           # of the discovery under way (monotonic)
         if not needs_cloud_metadata(cfg.azure):
             self._connect(cloud_endpoints(cfg.azure, None))
         else:   # connected at the first discovery; a credential without its environment fails now
@@ -2586,6 +2604,7 @@ class AzureSource:
             self._connect(cloud_endpoints(self.cfg.azure, self._cloud_metadata()))
         before = self.requests
         self._vm_list_calls = {}
+        self._deadline = time.monotonic() + self.cfg.azure.discovery_deadline_seconds
         pool = _Pool(self.cfg.azure.workers)
         try:
             # One token before the fan-out: the SDK's bearer-token policy has no lock, so
@@ -2637,6 +2656,9 @@ class AzureSource:
         listing failed, or when the discovery it worked for is over."""
         if self._stop.is_set():
             raise Aborted("shutdown requested: Azure listing abandoned")
+        if time.monotonic() > self._deadline:
+            raise AzureError(f"the discovery took longer than azure.discovery_deadline_seconds "
+                             f"({self.cfg.azure.discovery_deadline_seconds:g} s): given up")
         pool = getattr(_worker, "pool", None)
         if pool is not None and (pool.closed or pool.failed is not None):
             raise Aborted("Azure listing abandoned: the discovery failed")
@@ -2761,6 +2783,7 @@ class AzureSource:
         """Every row of one Resource Graph query, page by page ($skipToken)."""
         url = f"{self._base}/providers/Microsoft.ResourceGraph/resources?api-version={GRAPH_API}"
         query = graph_query(table, groups, self.cfg.azure.address == "public")
+        what, seen = f"Resource Graph query of {table}", set()
 
         def next_request(page: Mapping | None) -> Any:
             if page is not None and str(page.get("resultTruncated")).lower() == "true":
@@ -2770,10 +2793,21 @@ class AzureSource:
             if page is not None:
                 if not page.get("$skipToken"):
                     return None
-                options["$skipToken"] = page["$skipToken"]
+                options["$skipToken"] = self._fresh_link(what, page["$skipToken"], seen, "$skipToken")
             body = {"subscriptions": list(self.cfg.azure.subscriptions), "query": query, "options": options}
             return self._request("POST", url, json=body)
-        return self._paged(f"Resource Graph query of {table}", next_request, "data")
+        totals: list[Any] = []
+        rows = self._paged(what, next_request, "data", totals)
+        # Paging is exact only when each page agrees on the total and the rows add up to it with
+        # no id twice (Microsoft: unsorted results are "random and not repeatable"; a change
+        # while paging gives duplicates or missing rows). A missing VM or NIC would be drained.
+        ids = {str(r.get("id") or "").lower() for r in rows}
+        if len(set(map(str, totals))) != 1 or not _is_int(totals[0]) or totals[0] != len(rows) \
+                or len(ids) != len(rows):
+            raise AzureError(f"{what} failed: {len(rows)} rows received ({len(rows) - len(ids)} of them twice), "
+                             f"totalRecords {', '.join(sorted(set(map(str, totals))))}: the pages do not add up "
+                             "(the estate changed while it was paged?); nothing is applied this cycle")
+        return rows
 
     def _pages(self, kind: str, sub: str, rg: str | None, scale_set: str = "") -> list[Mapping]:
         """Every item of one Resource Manager listing, following nextLink."""
@@ -2782,28 +2816,58 @@ class AzureSource:
         url = (f"{self._base}{scope}{path.format(set=_q(scale_set))}?"
                + urllib.parse.urlencode({"api-version": api_version, **query}))
         what = f"listing {kind} {scale_set + ' in ' if scale_set else 'of '}{scope[1:]}"
+        seen: set[str] = set()
 
         def next_request(page: Mapping | None) -> Any:
             link = url if page is None else page.get("nextLink")
+            if link:
+                link = self._fresh_link(what, link, seen, "nextLink")
             if link and kind in VM_LIST_KINDS:
                 with self._lock:
                     self._vm_list_calls[sub] = self._vm_list_calls.get(sub, 0) + 1
             return self._request("GET", link) if link else None
         return self._paged(what, next_request, "value")
 
-    def _paged(self, what: str, next_request: Callable[[Mapping | None], Any], key: str) -> list[Mapping]:
+    def _fresh_link(self, what: str, link: Any, seen: set[str], kind: str) -> str:
+        """A listing's next link (or Resource Graph's $skipToken) as it may be followed: a
+        string, seen nowhere before in this listing (else the listing would never end), and,
+        for a link, at the configured endpoint's own scheme, host and port (the bearer token
+        goes along: it never leaves for another origin)."""
+        if not isinstance(link, str):
+            raise AzureError(f"{what} failed: malformed page ({kind} is not a string)")
+        shown = shorten(link, 200, self._secrets)
+        if kind == "nextLink" and _origin(link) != _origin(self._base):
+            raise AzureError(f"{what} failed: nextLink {shown} leads away from {self._base}: not followed")
+        if link in seen:
+            raise AzureError(f"{what} failed: {kind} {shown} came twice: the listing would never end")
+        seen.add(link)
+        return link
+
+    def _paged(self, what: str, next_request: Callable[[Mapping | None], Any], key: str,
+               totals: list[Any] | None = None) -> list[Mapping]:
         """The page loop of every listing and query: `next_request(previous page)` builds the
-        next request (None: done); each page's `key` must be a list. AzureError if any page
-        fails; Aborted between pages on shutdown; `progress` after every page."""
+        next request (None: done); each page's `key` must be a list of objects; `totals`
+        collects each page's totalRecords. AzureError if any page fails, or past
+        azure.max_pages; Aborted between pages on shutdown; `progress` after every page."""
         items: list[Mapping] = []
         page: Mapping | None = None
+        pages = 0
         while (request := next_request(page)) is not None:
             self._check()
+            if (pages := pages + 1) > self.cfg.azure.max_pages:
+                raise AzureError(f"{what} failed: more than azure.max_pages ({self.cfg.azure.max_pages}) pages")
             page, headers = self._send(request, what)
-            if not isinstance(page.get(key), list):
+            found = page.get(key)
+            if not isinstance(found, list):
                 # A 200 without the list would read as an empty estate and park everything.
                 raise AzureError(f'{what} failed: malformed page (no "{key}" list)')
-            items += page[key]
+            for n, item in enumerate(found, 1):
+                if not isinstance(item, dict):
+                    raise AzureError(f"{what} failed: malformed page {pages} (item {n} is "
+                                     f"{_json_kind(item)}, not an object)")
+            items += found
+            if totals is not None:
+                totals.append(page.get("totalRecords"))
             self._progress()
             pause = quota_wait(headers)
             if pause is not None:      # Resource Graph's per-user window is spent: wait for its reset
@@ -2831,6 +2895,10 @@ class AzureSource:
             if response.status_code == 429 and (pause := quota_wait(response.headers)) is not None:
                 self._pause(pause)
                 response = self._fetch(request)
+            if 300 <= response.status_code < 400:
+                location = shorten(str(response.headers.get("Location") or "(none)"), 200, self._secrets)
+                raise AzureError(f"{what} failed: HTTP {response.status_code} redirect to {location} not "
+                                 "followed (Resource Manager answers its list calls itself)", response.status_code)
             # json.loads on the bytes: the SDK's json() decodes to text first.
             page = json.loads(response.body()) if response.status_code == 200 else None
         except self._errors.AzureError as exc:
@@ -2850,6 +2918,21 @@ class AzureSource:
         response = self._client.send_request(request, stream=True)
         response.read()
         return response
+
+
+def _origin(url: str) -> tuple[str, str, int | None]:
+    """(scheme, host, port) of a URL, lower-cased, the default port spelt out."""
+    u = urllib.parse.urlsplit(url)
+    try:
+        port = u.port or {"https": 443, "http": 80}.get(u.scheme.lower())
+    except ValueError:
+        port = -1
+    return u.scheme.lower(), (u.hostname or "").lower(), port
+
+
+def _json_kind(value: Any) -> str:
+    return "null" if value is None else {str: "a string", list: "a list", bool: "a boolean"}.get(
+        type(value), "a number" if isinstance(value, (int, float)) else type(value).__name__)
 
 
 def environment_settings(url: str) -> dict[str, Any]:
@@ -2883,9 +2966,50 @@ def _page_transport(settings: Mapping[str, Any], workers: int, connect: float, r
     proxy = (settings.get("proxies") or {}).get("https")
     ca = settings.get("connection_verify") or _default_ca_bundle()
     where = {"ca_cert_dir" if os.path.isdir(ca) else "ca_certs": ca, "maxsize": workers}
+    sockets = threading.local()         # .holder: where the connection in use puts its socket
+
+    class Watched:
+        """A connection that hands its socket over once a request went out on it (a new or a
+        kept-alive one), so that a deadline can cut the answer short however slowly it comes."""
+        def request(self, *args: Any, **kwargs: Any) -> None:
+            super().request(*args, **kwargs)    # type: ignore[misc]
+            holder = getattr(sockets, "holder", None)
+            if holder is not None:
+                holder.append(self.sock)        # type: ignore[attr-defined]
+
+    class WatchedHTTP(Watched, urllib3.connection.HTTPConnection):
+        pass
+
+    class WatchedHTTPS(Watched, urllib3.connection.HTTPSConnection):
+        pass
+
+    class HTTPPool(urllib3.HTTPConnectionPool):
+        ConnectionCls = WatchedHTTP
+
+    class HTTPSPool(urllib3.HTTPSConnectionPool):
+        ConnectionCls = WatchedHTTPS
+
+    def cut(holder: list[Any], expired: list[bool]) -> None:
+        expired.append(True)
+        for sock in holder:
+            with contextlib.suppress(OSError):
+                sock.shutdown(socket.SHUT_RDWR)
     if proxy and urllib3.util.parse_url(proxy).scheme not in ("http", "https"):
         raise AzureError(f"proxy {urllib3.util.parse_url(proxy).scheme}:// (HTTPS_PROXY or ALL_PROXY) is not "
                          "supported for Resource Manager: use an http:// or https:// proxy")
+
+    def mapped(exc: Exception) -> Exception:
+        """urllib3's errors as the exceptions azure-core's retry policy acts on, as its own
+        transport maps requests'."""
+        if isinstance(exc, urllib3.exceptions.NewConnectionError):       # before ConnectTimeoutError, its base
+            return errors.ServiceRequestError(exc, error=exc)
+        if isinstance(exc, urllib3.exceptions.ConnectTimeoutError):
+            return errors.ServiceRequestTimeoutError(exc, error=exc)
+        if isinstance(exc, urllib3.exceptions.ReadTimeoutError):
+            return errors.ServiceResponseTimeoutError(exc, error=exc)
+        if isinstance(exc, (urllib3.exceptions.ProtocolError, urllib3.exceptions.DecodeError)):
+            return errors.ServiceResponseError(exc, error=exc)           # sent; the answer broke
+        return errors.ServiceRequestError(exc, error=exc)                # TLS, proxy: not sent
 
     class PageTransport(HttpTransport):
         def __init__(self) -> None:
@@ -2900,6 +3024,8 @@ def _page_transport(settings: Mapping[str, Any], workers: int, connect: float, r
                     self.pool = urllib3.ProxyManager(proxy, proxy_headers=headers, **where)
                 elif self.pool is None:
                     self.pool = urllib3.PoolManager(**where)
+                if self.pool is not None:
+                    self.pool.pool_classes_by_scheme = {"http": HTTPPool, "https": HTTPSPool}
 
         def close(self) -> None:
             with self._lock:
@@ -2917,21 +3043,30 @@ def _page_transport(settings: Mapping[str, Any], workers: int, connect: float, r
             timeout = urllib3.Timeout(connect=options.get("connection_timeout", connect),
                                       read=options.get("read_timeout", read))
             body = request.content.encode() if isinstance(request.content, str) else request.content
+            # A whole answer within the read timeout, not a read: a page trickled a byte at a time
+            # would pass every read's timeout and never end.
+            holder, expired = [], []
+            sockets.holder = holder
+            deadline = threading.Timer(options.get("read_timeout", read), cut, (holder, expired))
+            deadline.daemon = True
+            deadline.start()
             try:
                 raw = pool.urlopen(request.method, request.url, body=body, retries=False,
                                    headers={"Accept-Encoding": "gzip, deflate", **request.headers},
                                    redirect=False, timeout=timeout, preload_content=True,
                                    enforce_content_length=True)
-            except urllib3.exceptions.NewConnectionError as exc:        # before ConnectTimeoutError, its base
-                raise errors.ServiceRequestError(exc, error=exc) from exc
-            except urllib3.exceptions.ConnectTimeoutError as exc:
-                raise errors.ServiceRequestTimeoutError(exc, error=exc) from exc
-            except urllib3.exceptions.ReadTimeoutError as exc:
-                raise errors.ServiceResponseTimeoutError(exc, error=exc) from exc
-            except (urllib3.exceptions.ProtocolError, urllib3.exceptions.DecodeError) as exc:
-                raise errors.ServiceResponseError(exc, error=exc) from exc       # sent; the answer broke
-            except urllib3.exceptions.HTTPError as exc:                 # TLS, proxy: not sent
-                raise errors.ServiceRequestError(exc, error=exc) from exc
+            except urllib3.exceptions.HTTPError as exc:
+                if expired:
+                    raise errors.ServiceResponseTimeoutError(
+                        f"no whole answer within {options.get('read_timeout', read):g} s (azure.timeout)",
+                        error=exc) from exc
+                raise mapped(exc) from exc
+            finally:
+                deadline.cancel()
+                sockets.holder = None
+            if expired:
+                raise errors.ServiceResponseTimeoutError(
+                    f"no whole answer within {options.get('read_timeout', read):g} s (azure.timeout)")
             return _Page(request, raw.status, raw.reason or "", raw.headers, raw.data)
 
     return PageTransport()
@@ -3102,7 +3237,7 @@ def _listing_policies(credential: Any, scope: str, retry: Any, hook: Callable[[A
     from azure.mgmt.core.policies import ARMChallengeAuthenticationPolicy
     # The same order as the client's own list; the user agent names this program before the SDK.
     return [policies.RequestIdPolicy(), policies.UserAgentPolicy(user_agent=f"haproxy-azure-discovery/{__version__}"),
-            policies.RedirectPolicy(), retry, ARMChallengeAuthenticationPolicy(credential, scope),
+            retry, ARMChallengeAuthenticationPolicy(credential, scope),
             policies.CustomHookPolicy(raw_request_hook=hook), policies.SensitiveHeaderCleanupPolicy()]
 
 

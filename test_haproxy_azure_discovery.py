@@ -1757,8 +1757,7 @@ class TestAzure:
         from fake_arm import make_estate
         arm.estate = make_estate(vms=3, uniform_sets=1, per_set=2)
         arm.add_fault("bad_item", endpoint=endpoint, times=None)
-        with pytest.raises(m.AzureError, match=r"joining the listings failed: an item is not shaped as Azure "
-                                               r"documents it \('str' object has no attribute 'get'\)"):
+        with pytest.raises(m.AzureError, match=r"failed: malformed page 1 \(item \d is a string, not an object\)"):
             discovered(arm)
 
     @pytest.mark.parametrize("cloud, resource", [("public", "https://management.azure.com"),
@@ -1767,6 +1766,7 @@ class TestAzure:
     def test_token_scope_follows_the_cloud(self, arm, cloud, resource):
         from fake_arm import make_estate
         arm.estate = make_estate(vms=1)
+        arm.cloud_audiences = [resource + "/"]          # the fake takes tokens for this cloud only
         _, found, _ = discovered(arm, cloud=cloud)
         assert list(found) == ["vm-0000"]
         tokens = [r for r in arm.requests if r.endpoint == "token"]
@@ -1787,7 +1787,7 @@ class TestAzure:
         tokens = [r for r in arm.requests if r.endpoint == "token"]
         assert {t.query["resource"].rstrip("/") for t in tokens} == {"https://management.stack.example"}
         # The login endpoint too: a client secret is checked at the authority the metadata names.
-        env = {"AZURE_TENANT_ID": "tenant-1", "AZURE_CLIENT_ID": arm.client_id,
+        env = {"AZURE_TENANT_ID": arm.tenant_id, "AZURE_CLIENT_ID": arm.client_id,
                "AZURE_CLIENT_SECRET": arm.client_secret}
         arm.reset_counts()
         assert len(m.AzureSource(arm_config(arm, credential_type="client_secret"), env).discover().instances) == 2
@@ -1831,6 +1831,7 @@ class TestAzure:
         from fake_arm import make_estate
         arm.estate = make_estate(vms=1)
         cfg = arm_config(arm, token_audience="https://management.private.example/", login_endpoint=arm.url)
+        arm.cloud_audiences = ["https://management.private.example/"]
         assert len(m.AzureSource(cfg).discover().instances) == 1
         assert arm.counts["metadata"] == 0
         assert {r.query["resource"].rstrip("/") for r in arm.requests if r.endpoint == "token"} == {
