@@ -109,6 +109,7 @@ import datetime
 import hashlib
 import json
 import os
+import random
 import re
 import shutil
 import signal
@@ -119,6 +120,7 @@ import tempfile
 import threading
 import time
 import uuid
+from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from urllib.parse import parse_qs, unquote, urlsplit
 
@@ -138,7 +140,52 @@ SPEC_FILES = {
     "v3": "dataplaneapi-v3.yaml",                   # client-native v6.2 (dataplaneapi 3.2)
     "v3.4": "dataplaneapi-v3.4-openapi3.yaml",      # dataplaneapi 3.4, OpenAPI 3
 }
-API_RELEASE = {"v2": "v2.9.9", "v3": "v3.4.2"}      # what /info claims to be
+
+
+@dataclass(frozen=True)
+class Personality:
+    """One dataplaneapi release as the emulator plays it (see the TABLE in the module docstring)."""
+    name: str
+    api: str                    # "v2" or "v3": paths, wrapped or bare GET bodies
+    release: str                # what GET /info claims
+    client_native: str          # the client-native release its go.mod takes
+    spec: str                   # key of SPEC_FILES whose models decode the bodies
+    flavor: str                 # "swagger" (go-swagger server) or "oapi" (chi + oapi-codegen server)
+    server_order: str           # full-section servers: "file" (v2: none), "random" (Go map), "name"
+    runtime_put_missing: int    # runtime server PUT for an unknown backend/server
+    runtime_put_fields: tuple   # runtime server PUT body fields applied, in the handler's order
+    runtime_add_server: bool    # a plain server POST may use runtime `add server`
+    # Fields the spec file models have but this release's models lack, by definition name
+    # (the spec files in spec/ are one per family; these are the differences measured with
+    # client-native v6.0.26 vs v6.2.16 and dataplaneapi v3.3.6 vs v3.4.2 specifications).
+    absent: dict = field(default_factory=dict)
+
+
+_SERVER_FIELDS_AFTER_6_0 = frozenset({"check-pool-conn-name", "check-reuse-pool", "idle_ping", "init-state",
+                                      "sslv3", "strict-maxconn", "tlsv10", "tlsv11", "tlsv12", "tlsv13"})
+
+PERSONALITIES = {
+    "2.9": Personality("2.9", "v2", "v2.9.27", "v5.1.28", "v2", "swagger", "file", 500,
+                       ("operational_state", "admin_state"), False),
+    "3.0": Personality("3.0", "v3", "v3.0.23", "v6.0.27", "v3", "swagger", "random", 500,
+                       ("operational_state", "admin_state"), True,
+                       {"backend_base": frozenset({"accept_unsafe_violations_in_http_response",
+                                                   "hash_preserve_affinity", "http-drop-request-trailers",
+                                                   "metadata"}),
+                        "server_params": _SERVER_FIELDS_AFTER_6_0,
+                        "httpchk_params": frozenset({"host"})}),
+    "3.2": Personality("3.2", "v3", "v3.2.15", "v6.2.17", "v3", "swagger", "name", 404,
+                       ("operational_state", "admin_state"), True),
+    "3.3.6": Personality("3.3.6", "v3", "v3.3.6", "v6.3.10", "v3.4", "oapi", "name", 404,
+                         ("operational_state", "admin_state", "weight", "address", "port"), True,
+                         {"backend_base": frozenset({"use_small_buffers"}),
+                          "backend": frozenset({"filter_sequence_list"}),
+                          "server_params": frozenset({"quic-cc-algo", "quic_cc_algo_max_window"})}),
+    "3.4": Personality("3.4", "v3", "v3.4.2", "v6.4.1", "v3.4", "oapi", "name", 404,
+                       ("operational_state", "admin_state", "weight", "address", "port"), True),
+}
+API_PERSONALITY = {"v2": "2.9", "v3": "3.4"}        # the old api= argument
+API_RELEASE = {api: PERSONALITIES[name].release for api, name in API_PERSONALITY.items()}
 
 IN_PROGRESS, SUCCESS, FAILED, OUTDATED = "in_progress", "success", "failed", "outdated"
 
@@ -198,12 +245,35 @@ def default_spec_dir() -> str:
     raise FileNotFoundError("Data Plane API specifications not found; set FAKE_DATAPLANE_SPEC_DIR")
 
 
-def load_models(path: str) -> "SpecModels":
-    """The models of one specification file, parsed once per process."""
+def load_models(path: str, absent: dict | None = None) -> "SpecModels":
+    """The models of one specification file, parsed once per process; `absent` removes
+    fields ({definition: field names}) that an older or newer release's models lack."""
+    key = (path, tuple(sorted((name, tuple(sorted(fields))) for name, fields in (absent or {}).items())))
     with _SPEC_LOCK:
-        if path not in _SPEC_CACHE:
-            _SPEC_CACHE[path] = SpecModels(_read_spec_schemas(path), os.path.basename(path))
-        return _SPEC_CACHE[path]
+        if key not in _SPEC_CACHE:
+            schemas = _read_spec_schemas(path)
+            label = os.path.basename(path)
+            if absent:
+                schemas = _without_fields(schemas, absent)
+                label += " without " + ", ".join(f"{n}.{f}" for n, fs in sorted(absent.items()) for f in sorted(fs))
+            _SPEC_CACHE[key] = SpecModels(schemas, label)
+        return _SPEC_CACHE[key]
+
+
+def _without_fields(schemas: dict, absent: dict) -> dict:
+    """A copy of `schemas` whose named definitions (and their inline allOf parts) lack the fields."""
+    out = dict(schemas)
+    for name, fields in absent.items():
+        if name not in out:
+            continue
+        node = copy.deepcopy(out[name])
+        for part in [node] + [p for p in node.get("allOf", ()) if "$ref" not in p]:
+            for f in fields:
+                part.get("properties", {}).pop(f, None)
+            if "required" in part:
+                part["required"] = [r for r in part["required"] if r not in fields]
+        out[name] = node
+    return out
 
 
 def _read_spec_schemas(path: str) -> dict:
@@ -1016,10 +1086,11 @@ class _Response:
 # === The emulator ===
 
 class FakeDataPlane:
-    """An HAProxy Data Plane API emulator (one API version per instance).
+    """An HAProxy Data Plane API emulator (one dataplaneapi release per instance).
 
     Constructor arguments:
-      api                   "v2" or "v3"
+      api                   "v2" or "v3" (kept for old callers): personality "2.9" or "3.4"
+      personality           one of PERSONALITIES ("2.9", "3.0", "3.2", "3.3.6", "3.4"); wins over api
       port                  TCP port on 127.0.0.1; 0 picks a free one
       username, password    basic auth; password=None disables auth
       base_config           text placed after `defaults` (frontends...); default:
@@ -1028,8 +1099,13 @@ class FakeDataPlane:
       haproxy_bin           the haproxy binary used for checks and live mode
       max_open_transactions 429 beyond this many transactions in progress
       runtime_add_server    plain server POST may use runtime `add server`
-                            (default: True for v3, False for v2 = dataplaneapi 2.9)
-      reject_unknown_fields answer 422 for unknown body fields (default: v3 only)
+                            (default: the personality's; False for 2.9)
+      reject_unknown_fields answer 422 for unknown body fields (default False: no release
+                            does; they are recorded in violations and forgotten either way)
+      forget_fields         {model: {field, ...}}: the server answers 2xx for these fields
+                            and does not keep them ("backend", "server"; servers inside a
+                            full-section backend count as "server"); see fake.forgotten
+      rng                   a random.Random or a seed, for Go's map order (personality 3.0)
       live                  None, True, or a LiveHAProxy: drive a real HAProxy
       spec_dir              where the specification files are
       reload_delay          seconds between a commit and its reload, which every reload
@@ -1037,32 +1113,41 @@ class FakeDataPlane:
                             default there); 0 (the default here) reloads at once
     """
 
-    def __init__(self, api: str = "v3", *, port: int = 0, username: str = DEFAULT_USERNAME,
+    def __init__(self, api: str | None = None, *, personality: str | None = None,
+                 port: int = 0, username: str = DEFAULT_USERNAME,
                  password: str | None = DEFAULT_PASSWORD, base_config: str | None = None,
                  check_config: bool = True, haproxy_bin: str = HAPROXY_BIN,
                  max_open_transactions: int = MAX_OPEN_TRANSACTIONS,
                  runtime_add_server: bool | None = None, reject_unknown_fields: bool | None = None,
                  live: "LiveHAProxy | bool | None" = None, spec_dir: str | None = None,
-                 reload_delay: float = 0.0):
-        if api not in ("v2", "v3"):
+                 reload_delay: float = 0.0, forget_fields: dict | None = None,
+                 rng: "random.Random | int | None" = None):
+        if api is not None and api not in API_PERSONALITY:
             raise ValueError(f"api must be 'v2' or 'v3', got {api!r}")
+        if personality is None:
+            personality = API_PERSONALITY[api or "v3"]
+        if personality not in PERSONALITIES:
+            raise ValueError(f"personality must be one of {sorted(PERSONALITIES)}, got {personality!r}")
         if check_config and not os.access(haproxy_bin, os.X_OK):
             raise FileNotFoundError(f"haproxy binary not found: {haproxy_bin}")
-        self.api = api
-        self.base = "/" + api
+        self.personality = personality
+        self.traits = PERSONALITIES[personality]
+        self.api = self.traits.api
+        self.base = "/" + self.api
         self.username, self.password = username, password
         self.check_config = check_config
         self.haproxy_bin = haproxy_bin
         self.max_open_transactions = max_open_transactions
-        self.runtime_add_server = api == "v3" if runtime_add_server is None else runtime_add_server
-        self.reject_unknown_fields = api == "v3" if reject_unknown_fields is None else reject_unknown_fields
+        self.runtime_add_server = self.traits.runtime_add_server if runtime_add_server is None \
+            else runtime_add_server
+        self.reject_unknown_fields = bool(reject_unknown_fields)
+        self.forget_fields = {model: set(fields) for model, fields in (forget_fields or {}).items()}
+        self._rng = rng if isinstance(rng, random.Random) else random.Random(rng)
         self.live = LiveHAProxy(haproxy_bin=haproxy_bin) if live is True else (live or None)
         self.frontend_port = _free_port()
         self.base_config = base_config if base_config is not None else frontend_config(self.frontend_port)
         spec_dir = spec_dir or default_spec_dir()
-        self._models = load_models(os.path.join(spec_dir, SPEC_FILES[api]))
-        self._strict_models = load_models(os.path.join(spec_dir, SPEC_FILES["v3.4"])) \
-            if api == "v3" else self._models
+        self._models = load_models(os.path.join(spec_dir, SPEC_FILES[self.traits.spec]), self.traits.absent)
 
         self._lock = threading.RLock()
         self._config = _Config()
@@ -1084,6 +1169,7 @@ class FakeDataPlane:
         # Introspection for tests (read them; reset_requests() clears requests).
         self.requests: list[RecordedRequest] = []
         self.violations: list[str] = []       # client bugs: assert fake.violations == []
+        self.forgotten: list[tuple[str, str]] = []   # (model, field) answered 2xx and not kept
         self.errors: list[str] = []           # emulator crashes (answered 500)
         self.runtime_changes: list[str] = []  # runtime commands dataplaneapi would issue
         self.reloads = 0                      # reloads dataplaneapi would perform
@@ -1285,7 +1371,7 @@ class FakeDataPlane:
 
     def _seed_body(self, model: str, body: dict) -> dict:
         problems = self._models.schema_errors(model, self._models.normalize(model, body, keep_null=True)) + [
-            (616, f"{path} is an unknown field") for path in self._strict_models.unknown_fields(model, body)]
+            (616, f"{path} is an unknown field") for path in self._models.unknown_fields(model, body)]
         if problems:
             raise SeedError(f"invalid {model} {body.get('name')!r}: " + "; ".join(m for _, m in problems))
         return self._models.normalize(model, body)
@@ -1425,9 +1511,9 @@ class FakeDataPlane:
         value = req.query.get(name)
         if value is None or value == "":
             if required:
-                if self.api == "v2":
+                if self.traits.flavor == "swagger":
                     raise ApiError(422, f"{name} in query is required", 602)
-                raise ApiError(400, f"{name} in query: value is required but missing")
+                raise ApiError(400, f"Query argument {name} is required, but not found")
             return 0
         try:
             return int(value)
@@ -1435,9 +1521,11 @@ class FakeDataPlane:
             raise self._param_error(name, "int64", value) from None
 
     def _param_error(self, name: str, kind: str, value: str) -> ApiError:
-        if self.api == "v2":    # go-swagger: validation errors are 422 with a 6xx body code
+        if self.traits.flavor == "swagger":   # go-swagger: 422 with a 6xx body code
             return ApiError(422, f'{name} in query must be of type {kind}: "{value}"', 601)
-        return ApiError(400, f"{name} in query: value {value} is not a valid {kind}")
+        # oapi-codegen's parameter binding (e.g. v3.4.2 transactions.gen.go:174-183, 342-344)
+        return ApiError(400, f"Invalid format for parameter {name}: error binding string parameter: "
+                             f'parsing "{value}": invalid syntax')
 
     def _write_params(self, req: _Request) -> tuple[str, int, bool]:
         """(transaction id, version, force_reload) of a write, with dataplaneapi's checks."""
@@ -1494,24 +1582,34 @@ class FakeDataPlane:
             raise ApiError(422, "data in body must be of type object", 601)
         checked = self._models.normalize(model, data, keep_null=True)
         problems = self._models.schema_errors(model, checked)
-        if self._strict_models is not self._models:     # one complaint per field is enough
-            reported = {message.split(" in body")[0] for _, message in problems}
-            problems += [(code, message) for code, message in self._strict_models.schema_errors(model, checked)
-                         if message.split(" in body")[0] not in reported]
-        unknown = self._strict_models.unknown_fields(model, data)
+        # Unknown fields: go-swagger's JSON consumer and the oapi handlers' respond.DecodeJSON
+        # both decode into client-native's Go structs without unknown-field checks, so every
+        # release answers 2xx and forgets them (the client bug is recorded all the same).
+        unknown = self._models.unknown_fields(model, data)
         for path in unknown:
-            self._violation(req, f"{path} is not a field of the {model} model "
-                                 f"({'rejected' if self.reject_unknown_fields else 'dropped by dataplaneapi'})")
+            self._violation(req, f"{path} is not a field of the {model} model of dataplaneapi "
+                                 f"{self.traits.release} "
+                                 f"({'rejected' if self.reject_unknown_fields else 'answered 2xx and forgotten'})")
         if self.reject_unknown_fields:
             problems += [(616, f"{path} in body is a forbidden property") for path in unknown]
         if problems:
             for _, message in problems:
                 if "forbidden property" not in message:
                     self._violation(req, message)
-            if self.api == "v2":
+            if self.traits.flavor == "swagger":     # go-swagger serves the first error, 6xx code
                 raise ApiError(422, problems[0][1], problems[0][0])
-            raise ApiError(422, "\n".join(m for _, m in problems))
-        return self._models.normalize(model, data)
+            raise ApiError(422, "\n".join(m for _, m in problems))   # respond.Unprocessable: all
+        self.forgotten += [(model, path) for path in unknown]
+        return self._forget(model, self._models.normalize(model, data))
+
+    def _forget(self, model: str, data: dict) -> dict:
+        """Drop the fields forget_fields names (a server whose models lack them)."""
+        dropped = [f for f in self.forget_fields.get(model, ()) if f in data]
+        out = {k: v for k, v in data.items() if k not in dropped}
+        self.forgotten += [(model, f) for f in dropped]
+        if model == "backend" and isinstance(out.get("servers"), dict) and self.forget_fields.get("server"):
+            out["servers"] = {name: self._forget("server", server) for name, server in out["servers"].items()}
+        return out
 
     def _full_section(self, req: _Request) -> bool:
         return self.api == "v3" and self._flag(req, "full_section")
@@ -1651,7 +1749,7 @@ class FakeDataPlane:
     # --- endpoints: info, version, raw ---
 
     def _get_info(self, req: _Request) -> _Response:
-        return _Response(200, {"api": {"version": f"{API_RELEASE[self.api]} fake_dataplane",
+        return _Response(200, {"api": {"version": f"{self.traits.release} fake_dataplane",
                                        "build_date": "2025-01-01T00:00:00.000Z"},
                                "system": {"hostname": socket.gethostname(),
                                           "time": int(time.time() * 1000)}})
@@ -1744,7 +1842,7 @@ class FakeDataPlane:
     def _backend_json(self, name: str, backend: _Backend, full: bool) -> dict:
         data = dict(backend.fields, name=name)
         if full and backend.servers:               # omitempty: no "servers" key when there are none
-            data["servers"] = dict(backend.servers)
+            data["servers"] = dict(sorted(backend.servers.items()))    # Go's JSON sorts map keys
         return data
 
     def _list_backends(self, req: _Request) -> _Response:
@@ -1762,12 +1860,18 @@ class FakeDataPlane:
                                                                      self._full_section(req))))
 
     def _split_backend_body(self, req: _Request, data: dict, full: bool) -> tuple[dict, dict]:
-        """(backend fields, servers sorted by name as client-native writes them)."""
+        """(backend fields, servers in the order client-native writes them): Go map order
+        (random) up to client-native 6.2.6, string order of the names from 6.2.7
+        (configuration/structured_backends.go: v6.0.26 :294 ranges over the map; v6.2.7
+        :293-304 sorts the names first)."""
         servers = data.pop("servers", None) or {}
         if servers and not full:
             self._violation(req, "servers sent without full_section=true are ignored by dataplaneapi")
             return data, {}
-        return data, {s["name"]: s for _, s in sorted(servers.items())}
+        items = sorted(servers.items())
+        if self.traits.server_order == "random":
+            self._rng.shuffle(items)
+        return data, {s["name"]: s for _, s in items}
 
     def _create_backend(self, req: _Request) -> _Response:
         tid, version, force = self._write_params(req)
@@ -1940,7 +2044,7 @@ class FakeDataPlane:
         filtered the way dataplaneapi's handlers/stats.go GetStatsHandlerImpl does."""
         kind, name, parent = (req.query.get(k) for k in ("type", "name", "parent"))
         if kind is not None and kind not in ("frontend", "backend", "server"):
-            raise ApiError(422 if self.api == "v2" else 400,
+            raise ApiError(422 if self.traits.flavor == "swagger" else 400,
                            "type in query should be one of [frontend backend server]", 606)
         if name is not None and kind is None:
             raise ApiError(400, "Type required when filtering by name")

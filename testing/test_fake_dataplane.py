@@ -93,6 +93,7 @@ def server_body(name="srv1", address="10.0.0.4", port=8080, **extra):
     return {"name": name, "address": address, "port": port, **extra}
 
 
+ALL = list(fdp.PERSONALITIES)
 PARKED = {"address": "127.0.0.1", "port": 80, "maintenance": "enabled", "check": "disabled"}
 
 
@@ -340,17 +341,106 @@ def test_invalid_bodies_are_refused_and_recorded(fake, api):
     assert fake.version == 3 and fake.violations == []
 
 
-def test_unknown_fields(fake, api):
+def test_unknown_fields_are_answered_2xx_forgotten_and_recorded(fake, api):
     seed_app(fake)
     status, _, answer = api.call("POST", q(servers_path(fake.api, "be_app"), version=2),
                                  server_body("s2", colour="blue"))
-    assert any("colour is not a field of the server model" in v for v in fake.violations)
-    if fake.api == "v3":        # the v3.4 OpenAPI models forbid unknown fields
+    # Every release decodes into Go structs without unknown-field checks: 2xx, dropped.
+    assert status in (201, 202) and "colour" not in answer
+    assert "colour" not in fake.backends["be_app"]["servers"]["s2"]
+    assert fake.forgotten == [("server", "colour")]
+    assert len(fake.violations) == 1 and "colour is not a field of the server model" in fake.violations[0]
+
+
+def test_unknown_fields_can_still_be_refused_on_request():
+    with fdp.FakeDataPlane(personality="3.4", reject_unknown_fields=True) as fake:
+        status, _, answer = Api(fake).call("POST", q(f"{CFG}/backends", version=1), backend_body(colour="x"))
         assert status == 422 and answer["message"] == "colour in body is a forbidden property"
-        assert fake.version == 2
-    else:                       # go-swagger drops them silently
-        assert status == 202 and "colour" not in answer
-        assert "colour" not in fake.backends["be_app"]["servers"]["s2"]
+        assert fake.version == 1 and fake.forgotten == []
+
+
+@pytest.mark.parametrize("personality", ALL)
+def test_info_claims_the_release(personality):
+    with fdp.FakeDataPlane(personality=personality) as fake:
+        status, _, info = Api(fake).call("GET", "/info")
+        assert status == 200
+        assert info["api"]["version"] == f"{fdp.PERSONALITIES[personality].release} fake_dataplane"
+        assert fake.personality == personality and fake.api == ("v2" if personality == "2.9" else "v3")
+
+
+def test_api_argument_maps_to_a_personality():
+    assert fdp.FakeDataPlane("v2", check_config=False).personality == "2.9"
+    assert fdp.FakeDataPlane(api="v3", check_config=False).personality == "3.4"
+    assert fdp.FakeDataPlane(check_config=False).personality == "3.4"
+    assert fdp.FakeDataPlane("v2", personality="3.0", check_config=False).personality == "3.0"
+    with pytest.raises(ValueError):
+        fdp.FakeDataPlane(personality="3.1", check_config=False)
+    assert [p.release for p in fdp.PERSONALITIES.values()] == \
+        ["v2.9.27", "v3.0.23", "v3.2.15", "v3.3.6", "v3.4.2"]
+
+
+@pytest.mark.parametrize("personality", ALL)
+def test_http_proxy_is_kept_until_3_3_6(personality):
+    """client-native dropped http_proxy in 6.3.9 (dataplaneapi 3.3.6 takes 6.3.10): a release
+    whose model has it writes `option http_proxy`, which HAProxy 2.6 refuses at commit; 3.3.6
+    and 3.4 answer 2xx and forget it."""
+    with fdp.FakeDataPlane(personality=personality) as fake:
+        api = Api(fake)
+        tid = api.start()
+        status, _, echoed = api.call("POST", q(f"{CFG}/backends", transaction_id=tid),
+                                     backend_body(http_proxy="enabled"))
+        assert status == 202
+        status, _, error = api.commit(tid)
+        if personality in ("3.3.6", "3.4"):
+            assert "http_proxy" not in echoed and status == 202
+            assert "http_proxy" not in fake.backends["be_app"]
+            assert fake.forgotten == [("backend", "http_proxy")] and len(fake.violations) == 1
+        else:
+            assert echoed["http_proxy"] == "enabled" and fake.forgotten == [] and fake.violations == []
+            assert status == 400 and "option 'http_proxy' is not supported" in error["message"]
+
+
+@pytest.mark.parametrize("personality", ["3.0", "3.2"])
+def test_fields_newer_than_the_release_are_forgotten(personality):
+    with fdp.FakeDataPlane(personality=personality) as fake:
+        api = Api(fake)
+        metadata = {"owner": {"team": "web"}}      # in client-native 6.2's backend model, not 6.0's
+        status, _, _ = api.call("POST", q(f"{CFG}/backends", version=1), backend_body(metadata=metadata))
+        assert status == 202
+        kept = fake.backends["be_app"].get("metadata")
+        assert (kept, fake.forgotten) == ((None, [("backend", "metadata")]) if personality == "3.0"
+                                         else (metadata, []))
+
+
+def test_forget_fields_knob():
+    with fdp.FakeDataPlane(personality="3.4", forget_fields={"backend": {"retries"}, "server": {"weight"}}) as fake:
+        api = Api(fake)
+        body = backend_body(retries=3, servers={"srv1": server_body(weight=10)})
+        status, _, echoed = api.call("POST", q(f"{CFG}/backends", version=1, full_section="true"), body)
+        assert status == 202 and "retries" not in echoed and "weight" not in echoed["servers"]["srv1"]
+        assert "retries" not in fake.backends["be_app"]
+        assert fake.backends["be_app"]["servers"]["srv1"] == server_body()
+        status, _, _ = api.call("PUT", q(servers_path("v3", "be_app", "srv1"), version=2), server_body(weight=5))
+        assert status == 200 and "weight" not in fake.server("be_app", "srv1")
+        assert fake.forgotten == [("backend", "retries"), ("server", "weight"), ("server", "weight")]
+        assert fake.violations == []                       # forgetting is the server's doing
+
+
+def test_validation_errors_per_flavor():
+    """go-swagger (2.9-3.2) serves the first error with a 6xx body code; the oapi server
+    (3.3.6+) serves every leaf error with code 422 (respond.Unprocessable)."""
+    bad = backend_body(mode="udp", balance={"algorithm": "fastest"})
+    for personality, code in (("3.2", 606), ("3.4", 422)):
+        with fdp.FakeDataPlane(personality=personality) as fake:
+            status, _, error = Api(fake).call("POST", q(f"{CFG}/backends", version=1), bad)
+            assert status == 422 and error["code"] == code
+            assert ("\n" in error["message"]) == (personality == "3.4")
+            status, _, error = Api(fake).call("POST", f"{TX}?version=x")
+            assert (status, error["code"]) == ((422, 601) if personality == "3.2" else (400, 400))
+            status, _, error = Api(fake).call("POST", TX)
+            assert status == (422 if personality == "3.2" else 400)
+            assert error["message"] == ("version in query is required" if personality == "3.2"
+                                        else "Query argument version is required, but not found")
 
 
 def test_body_needs_a_json_content_type(fake, api):
@@ -574,6 +664,33 @@ def test_v3_full_section():
         api.call("POST", q(backends, version=4), backend_body("be_other", servers=servers))
         assert fake.backends["be_other"]["servers"] == {}
         assert fake.violations and "without full_section" in fake.violations[0]
+
+
+def _full_section_orders(personality, seed, writes=3):
+    names = ["srv1", "srv2", "srv10", "srv3", "srv11"]
+    servers = {n: server_body(n, port=8000 + i) for i, n in enumerate(names)}
+    orders = []
+    with fdp.FakeDataPlane(personality=personality, rng=seed, check_config=False) as fake:
+        api = Api(fake)
+        for n in range(writes):
+            path = q(f"{CFG}/backends" + ("/be_app" if n else ""), version=fake.version, full_section="true")
+            assert api.call("PUT" if n else "POST", path, backend_body(servers=servers))[0] == 202
+            orders.append(tuple(fake.backends["be_app"]["servers"]))
+            rendered = [line.split()[1] for line in fake.render().splitlines() if line.startswith("    server ")]
+            assert tuple(rendered) == orders[-1]
+        # Go's JSON encoder sorts map keys whatever the file order
+        assert list(api.data("GET", q(f"{CFG}/backends/be_app", full_section="true"))["servers"]) == sorted(names)
+    return orders
+
+
+@pytest.mark.parametrize("personality", ["3.0", "3.2", "3.3.6", "3.4"])
+def test_full_section_server_order(personality):
+    orders = _full_section_orders(personality, seed=7)
+    if personality == "3.0":      # client-native 6.0 ranges over a Go map: an order per write
+        assert len(set(orders)) > 1 and all(sorted(o) == sorted(orders[0]) for o in orders)
+        assert _full_section_orders(personality, seed=7) == orders          # reproducible by seed
+    else:                         # 6.2.7+: string order of the names
+        assert set(orders) == {("srv1", "srv10", "srv11", "srv2", "srv3")}
 
 
 def test_v3_full_section_validates_the_servers_inside():
