@@ -132,6 +132,9 @@ HAPROXY_BIN = os.environ.get("FAKE_DATAPLANE_HAPROXY", "/usr/sbin/haproxy")
 DEFAULT_USERNAME = "admin"
 DEFAULT_PASSWORD = "adminpwd"
 MAX_OPEN_TRANSACTIONS = 20      # dataplaneapi's --max-open-transactions default
+DEFAULT_RELOAD_DELAY = 5.0      # dataplaneapi's --reload-delay default (and what 0 means there)
+DEFAULT_RELOAD_RETENTION = 1    # dataplaneapi's --reload-retention default, in days
+RELOAD_ID_PATTERN = r"^\d{4}-\d{2}-\d{2}-\d+$"   # the reload id path parameter's pattern
 MAX_FAULT_DELAY = 60.0          # an injected hang never lasts longer than this
 CHECK_TIMEOUT = 60.0            # seconds allowed for one `haproxy -c`
 
@@ -1077,10 +1080,25 @@ class _Request:
 
 
 class _Response:
-    def __init__(self, status: int, body=None, headers: dict | None = None):
+    def __init__(self, status: int, body=None, headers: dict | None = None, reload: str | None = None):
         self.status = status
         self.body = body          # JSON-able, or str for text/plain, or None for no body
         self.headers = headers or {}
+        self.reload = reload      # "schedule" or "force": asked of the reload agent once unlocked
+
+
+class _ReloadAgent:
+    """The reload agent's cache (dataplaneapi haproxy/reload_agent.go, reload_agent/ from 3.3.6):
+    failed reloads by id, the last success, the reload running (current) and the one pending
+    (next), and the id counter. Guarded by FakeDataPlane._agent_lock, which is held for the
+    whole of a reload as the agent holds its cache lock."""
+
+    def __init__(self):
+        self.failed: dict[str, dict] = {}
+        self.last_success: dict | None = None
+        self.next = ""
+        self.current = ""
+        self.index = 0
 
 
 # === The emulator ===
@@ -1108,9 +1126,11 @@ class FakeDataPlane:
       rng                   a random.Random or a seed, for Go's map order (personality 3.0)
       live                  None, True, or a LiveHAProxy: drive a real HAProxy
       spec_dir              where the specification files are
-      reload_delay          seconds between a commit and its reload, which every reload
-                            requested meanwhile shares (dataplaneapi's reload-delay, 5 s by
-                            default there); 0 (the default here) reloads at once
+      reload_delay          the reload agent's ticker period in seconds (dataplaneapi's
+                            --reload-delay): at each tick the one pending reload runs, shared
+                            by every reload asked for since the last tick. Default 5 s, as
+                            there; 0 also means 5 s there and here. Tests pass e.g. 0.05.
+      reload_retention      days a failed reload stays listed (--reload-retention, 1)
     """
 
     def __init__(self, api: str | None = None, *, personality: str | None = None,
@@ -1120,7 +1140,8 @@ class FakeDataPlane:
                  max_open_transactions: int = MAX_OPEN_TRANSACTIONS,
                  runtime_add_server: bool | None = None, reject_unknown_fields: bool | None = None,
                  live: "LiveHAProxy | bool | None" = None, spec_dir: str | None = None,
-                 reload_delay: float = 0.0, forget_fields: dict | None = None,
+                 reload_delay: float = DEFAULT_RELOAD_DELAY, reload_retention: float = DEFAULT_RELOAD_RETENTION,
+                 forget_fields: dict | None = None,
                  rng: "random.Random | int | None" = None):
         if api is not None and api not in API_PERSONALITY:
             raise ValueError(f"api must be 'v2' or 'v3', got {api!r}")
@@ -1154,11 +1175,25 @@ class FakeDataPlane:
         self._version = 1
         self._transactions: dict[str, _Transaction] = {}
         self._faults: list[Fault] = []
-        self._reload_log: dict[str, dict] = {}
-        self.reload_delay = reload_delay
-        self._reload_index = 0
-        self._next_reload: str | None = None     # scheduled, shared by every reload asked for
-        self._reload_timer: threading.Timer | None = None
+        # The reload agent and what it reloads. The configuration file (_disk) is what commits
+        # write; the last-known-good copy (_lkg) is the file as of the last successful reload;
+        # HAProxy runs what it loaded then (_running_base), changed since by runtime commands
+        # (_running). Each is a (_Config, version) pair or a _Config; committed _Configs are
+        # never written to, so sharing them is safe.
+        self.reload_delay = float(reload_delay) if reload_delay and reload_delay > 0 else DEFAULT_RELOAD_DELAY
+        self.reload_retention = reload_retention
+        self.reload_duration = 0.0               # seconds one reload takes (not live: emulated)
+        self._agent = _ReloadAgent()
+        self._agent_lock = threading.Lock()      # the agent's cache lock: held during a reload
+        self._commit_lock = threading.Lock()     # the commit handler's mutex
+        self._haproxy_lock = threading.Lock()    # one HAProxy reload at a time
+        self._ticker_thread: threading.Thread | None = None
+        self._ticker_wake = threading.Event()    # stop() or restart()
+        self._clock = time.time                  # reload timestamps and retention (tests may replace)
+        self._disk = (self._config, self._version)
+        self._lkg = self._disk
+        self._running_base = self._disk
+        self._running = self._config
         self._routes = self._build_routes()
         self._tmpdir: str | None = None         # for `haproxy -c` files, made on first use
         self._stopping = threading.Event()
@@ -1172,14 +1207,16 @@ class FakeDataPlane:
         self.forgotten: list[tuple[str, str]] = []   # (model, field) answered 2xx and not kept
         self.errors: list[str] = []           # emulator crashes (answered 500)
         self.runtime_changes: list[str] = []  # runtime commands dataplaneapi would issue
-        self.reloads = 0                      # reloads dataplaneapi would perform
+        self.reloads = 0                      # HAProxy reloads performed (failed ones too)
+        self.reload_history: list[dict] = []  # {"id", "status", "recorded"} of every reload performed
         self.external_reloads = 0             # live reloads caused by seed()/edit_*()
+        self.restarts = 0                     # restart() calls
         self.commits = 0
         self.checks = 0
         self.check_failures = 0
         self.last_check_output = ""
         self.unrendered: list[str] = []       # fields the renderer could not express
-        # Faults of HAProxy itself (set them directly):
+        # Faults of HAProxy itself (set them directly, or reload_fail()):
         self.fail_reloads = 0                 # the next N reloads fail (reload command exits non-zero)
         self.runtime_broken = False           # every runtime command fails (no runtime socket)
         self.runtime_gap = 0.0                # seconds between two runtime commands of one write
@@ -1187,12 +1224,13 @@ class FakeDataPlane:
         # at runtime ("drain"), forgotten by every reload as HAProxy forgets them; and, without
         # a live HAProxy, each server's current sessions (scur) as a test sets them.
         self.admin_states: dict[tuple[str, str], str] = {}
+        self.operational_states: dict[tuple[str, str], str] = {}   # `set server ... health` at runtime
         self.sessions: dict[tuple[str, str], int] = {}
 
     # --- lifecycle ---
 
     def start(self) -> "FakeDataPlane":
-        """Listen on 127.0.0.1 (and start the live HAProxy, if any)."""
+        """Listen on 127.0.0.1, start the reload agent's ticker (and the live HAProxy, if any)."""
         self._stopping.clear()
         if self.live is not None and not self.live.running:
             with self._lock:
@@ -1203,16 +1241,18 @@ class FakeDataPlane:
         self._server.block_on_close = False
         self._server.fake = self
         self._thread = threading.Thread(target=self._server.serve_forever, kwargs={"poll_interval": 0.05},
-                                        name=f"fake-dataplane-{self.api}", daemon=True)
+                                        name=f"fake-dataplane-{self.personality}", daemon=True)
         self._thread.start()
+        if self._ticker_thread is None:
+            self._ticker_thread = threading.Thread(target=self._ticker, name="fake-dataplane-reloads",
+                                                   daemon=True)
+            self._ticker_thread.start()
         return self
 
     def stop(self) -> None:
-        """Stop serving (interrupting injected hangs) and stop the live HAProxy."""
+        """Stop serving (interrupting injected hangs), the ticker, and the live HAProxy."""
         self._stopping.set()
-        with self._lock:
-            if self._reload_timer is not None:
-                self._reload_timer.cancel()
+        self._ticker_wake.set()
         if self._server is not None:
             self._server.shutdown()
             self._server.server_close()
@@ -1220,6 +1260,9 @@ class FakeDataPlane:
         if self._thread is not None:
             self._thread.join(timeout=5)
             self._thread = None
+        if self._ticker_thread is not None:
+            self._ticker_thread.join(timeout=10)
+            self._ticker_thread = None
         if self.live is not None:
             self.live.cleanup()
         if self._tmpdir is not None:
@@ -1286,9 +1329,86 @@ class FakeDataPlane:
                        if (method is None or r.method == method) and (path is None or re.search(path, r.path)))
 
     def render(self) -> str:
-        """The haproxy.cfg of the committed configuration."""
+        """The haproxy.cfg of the committed configuration (what every GET answers)."""
         with self._lock:
             return self._render(self._config, self._version)
+
+    def file_text(self) -> str:
+        """What the configuration file holds: the last commit's, or after a failed reload the
+        last-known-good copy put back (a restart() reads it)."""
+        with self._lock:
+            return self._render(*self._disk)
+
+    def running_render(self) -> str:
+        """The haproxy.cfg HAProxy loaded at its last successful reload (what it runs, but
+        for runtime changes since: see running_backends)."""
+        with self._lock:
+            return self._render(*self._running_base)
+
+    @property
+    def running_backends(self) -> dict:
+        """What HAProxy runs, like `backends`: the last successful reload's configuration with
+        the runtime changes made since (addresses, ports, weights, servers added at runtime;
+        admin states are in admin_states)."""
+        with self._lock:
+            return {name: {**copy.deepcopy(b.fields), "servers": copy.deepcopy(b.servers)}
+                    for name, b in self._running.backends.items()}
+
+    @property
+    def pending_reload(self) -> str | None:
+        """The id of the reload waiting for the next tick, if any."""
+        return self._agent.next or None
+
+    @property
+    def reloading(self) -> bool:
+        """A reload is running (GET /services/haproxy/reloads/... waits for it)."""
+        return bool(self._agent.current)
+
+    def wait_reloads(self, timeout: float = 10.0) -> bool:
+        """Wait until no reload is pending or running (the next tick came and went): True,
+        or False after `timeout` seconds."""
+        deadline = time.monotonic() + timeout
+        while True:
+            if self._agent_lock.acquire(timeout=max(0.0, deadline - time.monotonic())):
+                try:
+                    if not self._agent.next and not self._agent.current:
+                        return True
+                finally:
+                    self._agent_lock.release()
+            if time.monotonic() >= deadline:
+                return False
+            time.sleep(min(0.01, self.reload_delay / 4))
+
+    def restart(self) -> None:
+        """Restart dataplaneapi (HAProxy keeps running):
+
+        * the reload agent starts afresh (NewReloadAgent, v2.9.27 haproxy/reload_agent.go:93-137):
+          a pending reload is lost and never runs, the records are forgotten (old ids answer
+          404, or a made-up "succeeded" once a newer success exists, GetReload :446-468), the
+          id counter starts at 0 again, the ticker starts a new period, and the file as it is
+          becomes the last-known-good copy ("assume it is valid when starting", :129-132);
+        * the configuration is read from the file (client-native configuration.New,
+          v5.1.27 configuration/interface.go:120-142), version from its `# _version` line:
+          after a failed reload that is the last-known-good configuration, so the version
+          can go back and what the API answered before is gone;
+        * transactions live as files in the transaction directory (persistent transactions,
+          dataplaneapi client-native/cn.go:37): in_progress ones are loaded again with their
+          own version (InitTransactionParsers, transaction-handling.go:36-59), failed and
+          outdated ones stay listed;
+        * nothing reloads HAProxy at startup (no Reload() call outside the handlers).
+        """
+        with self._agent_lock:                    # a reload under way ends first
+            with self._lock:
+                self._config, self._version = self._disk
+                self._lkg = self._disk
+                self._agent = _ReloadAgent()
+                self.restarts += 1
+            self._ticker_wake.set()
+
+    def reload_fail(self, n: int = 1) -> None:
+        """The next `n` reloads fail (as fail_reloads += n)."""
+        with self._lock:
+            self.fail_reloads += n
 
     # --- fault injection ---
 
@@ -1377,9 +1497,13 @@ class FakeDataPlane:
         return self._models.normalize(model, body)
 
     def _install_external(self, config: _Config, bump: bool) -> None:
+        """Another party wrote the file and HAProxy reloaded it: API, file, last-known-good
+        copy and HAProxy all hold `config` (the reload agent's records are not touched)."""
         self._check(config, "seed", version=self._version + bump, error=SeedError)
         self._config = config
         self._version += bump
+        self._disk = self._lkg = self._running_base = (config, self._version)
+        self._running = config
         if self.live is not None and self.live.running:
             self.live.write_config(self._render(config, self._version))
             self.live.reload()
@@ -1412,48 +1536,147 @@ class FakeDataPlane:
             raise error(400, message) if error is ApiError else error(message)
 
     def _install(self, config: _Config) -> None:
-        """Make a checked configuration current; the version moves on by one."""
+        """Make a checked configuration current; the version moves on by one. The commit
+        saves the transaction's parser over the configuration file (client-native
+        configuration/transaction.go commitTransaction, v5.1.27:201), so the file holds it too."""
         self._config = config
         self._version += 1
+        self._disk = (config, self._version)
         if self.live is not None and self.live.running:
             self.live.write_config(self._render(config, self._version))
 
-    def _reload(self) -> str:
-        """Ask for a reload and return its id, as dataplaneapi's reload agent does
-        (haproxy/reload_agent.go): the reload runs `reload_delay` later, and every reload
-        asked for until then gets the same id; GET /services/haproxy/reloads/{id} says
-        in_progress until it ran, then succeeded or failed. reload_delay 0: at once."""
-        if self._next_reload is None:
-            self._next_reload = f"{datetime.date.today():%Y-%m-%d}-{self._reload_index}"
-            self._reload_index += 1
-            self._reload_log[self._next_reload] = {"id": self._next_reload, "status": "in_progress"}
-            if self.reload_delay > 0:
-                self._reload_timer = threading.Timer(self.reload_delay, self._run_reload)
-                self._reload_timer.daemon = True
-                self._reload_timer.start()
-        reload_id = self._next_reload
-        if self.reload_delay <= 0:
-            self._run_reload()
-        return reload_id
+    # --- the reload agent (dataplaneapi v2.9.27 haproxy/reload_agent.go; v3.4.2 reload_agent/) ---
+    #
+    # Nothing here may be called with self._lock held: the agent lock is held for the whole
+    # of a reload, and the reload takes self._lock at its end.
 
-    def _run_reload(self) -> None:
-        """Perform the scheduled reload (on the live HAProxy, if any) and record how it went."""
-        with self._lock:
-            reload_id, self._next_reload = self._next_reload, None
-            if reload_id is None or self._stopping.is_set():
-                return
-            self.reloads += 1
-            entry = {"id": reload_id, "status": "succeeded", "reload_timestamp": int(time.time())}
-            if self.fail_reloads > 0:
-                self.fail_reloads -= 1
-                entry.update(status="failed", response="[ALERT] reload failed (injected fault)")
+    def _ticker(self) -> None:
+        """handleReloads (v2.9.27 :180-193): a time.Ticker of reload_delay; at each tick the
+        pending reload, if any, runs. A tick that falls while a reload runs stays buffered
+        (Go's ticker channel holds one), the rest are dropped; restart() restarts the phase."""
+        origin, k, immediate = time.monotonic(), 1, False
+        while True:
+            wait = 0.0 if immediate else origin + k * self.reload_delay - time.monotonic()
+            immediate = False
+            if self._ticker_wake.wait(max(0.0, wait)):
+                if self._stopping.is_set():
+                    return
+                self._ticker_wake.clear()                  # restart(): a new agent, a new ticker
+                origin, k = time.monotonic(), 1
+                continue
+            try:
+                with self._agent_lock:
+                    if self._stopping.is_set():
+                        return
+                    if self._agent.next:
+                        self._agent_handle(self._agent.next)
+            except Exception as exc:                       # an emulator bug: make it visible
+                self.errors.append(f"reload ticker: {exc!r}")
+            k += 1
+            now = time.monotonic()
+            if origin + k * self.reload_delay <= now:      # ticks passed while reloading
+                immediate = True
+                k = int((now - origin) // self.reload_delay) + 1
+
+    def _agent_schedule(self) -> str:
+        """Reload() (v2.9.27 :257-266): the pending reload's id, or a new one, "YYYY-MM-DD-N"
+        with N counting from 0 since the agent started (newReload :331-338). It waits while a
+        reload runs (the cache lock), as the real handler does."""
+        with self._agent_lock:
+            agent = self._agent
+            if not agent.next:
+                agent.next = f"{datetime.date.today():%Y-%m-%d}-{agent.index}"
+                agent.index += 1
+            return agent.next
+
+    def _agent_handle(self, reload_id: str) -> tuple[bool, str, str]:
+        """handleReload (v2.9.27 :153-178), called with the agent lock held: run the reload
+        and record it; failed ones are kept (and older ones past the retention dropped,
+        failReload/clearReloads :354-387), a success replaces the last success."""
+        agent = self._agent
+        agent.current = reload_id
+        try:
+            ok, err, response = self._reload_haproxy(reload_id)
+            record = {"id": reload_id, "reload_timestamp": int(self._clock()),
+                      "status": "succeeded" if ok else "failed"}
+            if response:
+                record["response"] = response
+            if ok:
+                agent.last_success = record
+            else:
+                agent.failed[reload_id] = record
+                now = int(self._clock())
+                for key in [k for k, v in agent.failed.items()
+                            if now - v["reload_timestamp"] > self.reload_retention * 86400]:
+                    del agent.failed[key]
+            return ok, err, response
+        finally:
+            agent.current = ""
+            agent.next = ""
+
+    def _agent_force(self) -> str | None:
+        """ForceReload (v2.9.27 :268-284): the pending reload now, recorded as any other;
+        or, none pending, a reload with the id "force" that no record keeps. A failure is a
+        ReloadError "Reload failed: ERR, OUTPUT" (the handlers answer it 400, misc.HandleError
+        v2.9.27 misc/misc.go:92-95). Returns that message, or None."""
+        with self._agent_lock:
+            pending = self._agent.next
+            if pending:
+                ok, err, response = self._agent_handle(pending)
+                return None if ok else f"Reload failed: {err}, {response}"
+        ok, err, response = self._reload_haproxy("force")
+        return None if ok else f"Reload failed: {err}, {response}"
+
+    def _reload_haproxy(self, reload_id: str) -> tuple[bool, str, str]:
+        """reloadHAProxy (v2.9.27 :195-229): (succeeded, error, output). On failure the
+        configuration file is copied aside (.bck), the last-known-good copy is copied over it
+        and the .bck removed: HAProxy keeps its old workers, nothing reloads the restored file,
+        and the API keeps answering its in-memory configuration. On success the file, as it is
+        now, becomes the last-known-good copy."""
+        with self._haproxy_lock:
+            loaded = self._disk                     # what HAProxy reads when it reloads
+            if self.reload_duration > 0:
+                self._stopping.wait(self.reload_duration)
+            with self._lock:
+                injected = self.fail_reloads > 0
+                if injected:
+                    self.fail_reloads -= 1
+            if injected:
+                ok, err, response = False, "executing reload command failed: exit status 1", \
+                    "[ALERT] (fake_dataplane) : config : reload failed (injected fault)"
             elif self.live is not None and self.live.running:
-                ok, message = self.live.reload()
-                if not ok:
-                    entry.update(status="failed", response=message)
-            if entry["status"] == "succeeded":
-                self.admin_states.clear()     # new workers: HAProxy's runtime state does not survive
-            self._reload_log[reload_id] = entry
+                try:
+                    ok, message = self.live.reload()
+                except (OSError, RuntimeError, TimeoutError) as exc:
+                    ok, message = False, str(exc)
+                err, response = ("", "") if ok else ("reload through the master socket failed", message)
+            else:
+                ok, err, response = True, "", ""
+            with self._lock:
+                self.reloads += 1
+                self.reload_history.append({"id": reload_id, "status": "succeeded" if ok else "failed",
+                                            "recorded": reload_id != "force"})
+                if ok:
+                    self._running_base = loaded
+                    self._running = loaded[0]
+                    self._lkg = self._disk          # copyFile(configFile, lkgConfigFile) :227
+                    self.admin_states.clear()       # new workers: runtime state does not survive
+                    self.operational_states.clear()
+                else:
+                    self._disk = self._lkg
+                    if self.live is not None and self.live.running:
+                        self.live.write_config(self._render(*self._lkg))
+        return ok, err, response
+
+    def _finish(self, response: _Response) -> _Response:
+        """What a handler asks of the reload agent after its change (self._lock released)."""
+        if response.reload == "schedule":
+            response.headers["Reload-Id"] = self._agent_schedule()   # Go's canonical spelling
+        elif response.reload == "force":
+            error = self._agent_force()
+            if error is not None:
+                return _Response(400, {"code": 400, "message": error})
+        return response
 
     def _commit_implicit(self, config: _Config) -> None:
         """A plain write is client-native's implicit transaction: check, then install."""
@@ -1488,11 +1711,11 @@ class FakeDataPlane:
         return "maint" if server.get("maintenance") == "enabled" else "ready"
 
     def _reloading_answer(self, force: bool, forced_status: int, payload) -> _Response:
-        """The answer of a plain write that needs a reload: 202 + Reload-ID, or forced."""
-        reload_id = self._reload()
+        """The answer of a plain write that needs a reload: 202 + Reload-Id once the agent
+        gave one, or with force_reload the forced reload's status (or its 400)."""
         if force:
-            return _Response(forced_status, payload)
-        return _Response(202, payload, {"Reload-ID": reload_id})
+            return _Response(forced_status, payload, reload="force")
+        return _Response(202, payload, reload="schedule")
 
     # --- request plumbing ---
 
@@ -1648,10 +1871,10 @@ class FakeDataPlane:
             ("GET", "/services/haproxy/transactions", self._list_transactions),
             ("POST", "/services/haproxy/transactions", self._start_transaction),
             ("GET", "/services/haproxy/transactions/(?P<id>[^/]+)", self._get_transaction),
-            ("PUT", "/services/haproxy/transactions/(?P<id>[^/]+)", self._commit_transaction),
+            ("PUT", "/services/haproxy/transactions/(?P<id>[^/]+)", self._commit_transaction, "commit"),
             ("DELETE", "/services/haproxy/transactions/(?P<id>[^/]+)", self._delete_transaction),
-            ("GET", "/services/haproxy/reloads", self._list_reloads),
-            ("GET", "/services/haproxy/reloads/(?P<id>[^/]+)", self._get_reload),
+            ("GET", "/services/haproxy/reloads", self._list_reloads, "unlocked"),
+            ("GET", "/services/haproxy/reloads/(?P<id>[^/]+)", self._get_reload, "unlocked"),
             ("GET", backends, self._list_backends),
             ("POST", backends, self._create_backend),
             ("GET", backends + "/(?P<name>[^/]+)", self._get_backend),
@@ -1666,7 +1889,7 @@ class FakeDataPlane:
             ("PUT", runtime + "/(?P<name>[^/]+)", self._replace_runtime_server),
             ("GET", "/services/haproxy/stats/native", self._get_native_stats),
         ]
-        return [(method, re.compile(pattern), handler) for method, pattern, handler in table]
+        return [(method, re.compile(pattern), handler, set(options)) for method, pattern, handler, *options in table]
 
     def handle(self, method: str, target: str, headers, body: bytes) -> _Response | None:
         """Answer one HTTP request; None means: drop the connection without an answer."""
@@ -1691,8 +1914,7 @@ class FakeDataPlane:
             response = None if fault.drop else \
                 _Response(fault.status, {"code": fault.status, "message": fault.message})
         else:
-            with self._lock:
-                response = self._dispatch(method, parts.path, query, headers, body)
+            response = self._serve(method, parts.path, query, headers, body)
             if fault is not None and fault.after and (fault.drop or fault.status):
                 response = None if fault.drop else \
                     _Response(fault.status, {"code": fault.status, "message": fault.message})
@@ -1711,12 +1933,41 @@ class FakeDataPlane:
         tx = self._transactions.get(tid)
         return tx.version if tx is not None and tx.status == IN_PROGRESS else 0
 
-    def _dispatch(self, method, path, query, headers, body) -> _Response:
+    def _serve(self, method, path, query, headers, body) -> _Response:
+        """Route, run the handler (under self._lock unless it is the reload agent's own),
+        then ask the reload agent what the handler needs (outside self._lock). A commit
+        holds the commit mutex throughout, as CommitTransactionHandlerImpl does."""
+        routed = self._route(method, path, query, headers, body)
+        if isinstance(routed, _Response):
+            return routed
+        handler, req, options = routed
+        commit = "commit" in options
+        if commit:
+            self._commit_lock.acquire()
+        try:
+            if "unlocked" in options:
+                response = self._call(handler, req)
+            else:
+                with self._lock:
+                    response = self._call(handler, req)
+            return self._finish(response)
+        finally:
+            if commit:
+                self._commit_lock.release()
+
+    def _route(self, method, path, query, headers, body):
+        """(handler, request, options) or the error answer. The go-swagger servers route
+        first (unknown path 404, wrong method 405) and authenticate matched routes; the
+        oapi servers authenticate every request first (UPGRADE.md, dataplaneapi v3.3.6)."""
+        unauthorized = _Response(401, {"code": 401, "message": "unauthenticated for invalid credentials"},
+                                 {"WWW-Authenticate": 'Basic realm="API"'})
+        if self.traits.flavor == "oapi" and not self._authorized(headers):
+            return unauthorized
         if path != self.base and not path.startswith(self.base + "/"):
             return _Response(404, {"code": 404, "message": f"path {path} was not found"})
         rel = path[len(self.base):]
         allowed = []
-        for route_method, pattern, handler in self._routes:
+        for route_method, pattern, handler, options in self._routes:
             match = pattern.fullmatch(rel)
             if match is None:
                 continue
@@ -1724,21 +1975,22 @@ class FakeDataPlane:
                 allowed.append(route_method)
                 continue
             if not self._authorized(headers):
-                return _Response(401, {"code": 401, "message": "unauthenticated for invalid credentials"},
-                                 {"WWW-Authenticate": 'Basic realm="API"'})
+                return unauthorized
             params = {k: unquote(v) for k, v in match.groupdict().items()}
-            req = _Request(method, path, rel, query, headers, body, params)
-            try:
-                return handler(req)
-            except ApiError as exc:
-                return _Response(exc.status, {"code": exc.code, "message": exc.message})
-            except Exception as exc:             # an emulator bug: make it visible to tests
-                self.errors.append(f"{method} {path}: {exc!r}")
-                return _Response(500, {"code": 500, "message": f"fake_dataplane internal error: {exc!r}"})
+            return handler, _Request(method, path, rel, query, headers, body, params), options
         if allowed:
             return _Response(405, {"code": 405, "message": f"method {method} is not allowed for path {path}"},
                              {"Allow": ", ".join(allowed)})
         return _Response(404, {"code": 404, "message": f"path {path} was not found"})
+
+    def _call(self, handler, req: _Request) -> _Response:
+        try:
+            return handler(req)
+        except ApiError as exc:
+            return _Response(exc.status, {"code": exc.code, "message": exc.message})
+        except Exception as exc:             # an emulator bug: make it visible to tests
+            self.errors.append(f"{req.method} {req.path}: {exc!r}")
+            return _Response(500, {"code": 500, "message": f"fake_dataplane internal error: {exc!r}"})
 
     def _authorized(self, headers) -> bool:
         if self.password is None:
@@ -1828,14 +2080,52 @@ class FakeDataPlane:
     # --- endpoints: reloads ---
 
     def _list_reloads(self, req: _Request) -> _Response:
-        return _Response(200, list(self._reload_log.values()))
+        """GetReloads (v2.9.27 haproxy/reload_agent.go:389-418): the failed reloads (a Go
+        map: in no order), the last success, the running one and the pending one."""
+        with self._agent_lock:
+            agent = self._agent
+            failed = [dict(r) for r in agent.failed.values()]
+            self._rng.shuffle(failed)
+            listed = failed + ([dict(agent.last_success)] if agent.last_success else [])
+            listed += [{"id": rid, "status": "in_progress"} for rid in (agent.current, agent.next) if rid]
+        return _Response(200, listed)
 
     def _get_reload(self, req: _Request) -> _Response:
-        # Unwrapped in v2 too: the reload model is not a configuration object.
-        entry = self._reload_log.get(req.params["id"])
+        """GetReload (v2.9.27 :420-471), unwrapped in v2 too (the reload model is not a
+        configuration object). It waits while a reload runs (the agent's cache lock)."""
+        reload_id = req.params["id"]
+        if not re.fullmatch(RELOAD_ID_PATTERN, reload_id):
+            if self.traits.flavor == "swagger":
+                raise ApiError(422, f"id in path should match '{RELOAD_ID_PATTERN}'", 605)
+            raise ApiError(400, f'id in path: string doesn\'t match the regular expression "{RELOAD_ID_PATTERN}"')
+        with self._agent_lock:
+            entry = self._reload_record(reload_id)
         if entry is None:
-            raise ApiError(404, f"Reload with ID {req.params['id']} does not exist")
+            raise ApiError(404, f"Reload with ID {reload_id} does not exist")
         return _Response(200, entry)
+
+    def _reload_record(self, reload_id: str) -> dict | None:
+        """GetReload's answer, quirks included: the pending reload answers in_progress with
+        the id of the running one, which is empty then (Go leaves it out, :430-435); an id
+        without a record that is older than the last success, by date or else by counter
+        alone, answers a made-up "succeeded" (:446-468)."""
+        agent = self._agent
+        if agent.current == reload_id:
+            return {"id": reload_id, "status": "in_progress"}
+        if agent.next == reload_id:
+            return {"status": "in_progress", **({"id": agent.current} if agent.current else {})}
+        if reload_id in agent.failed:
+            return dict(agent.failed[reload_id])
+        if agent.last_success is None:
+            return None
+        if agent.last_success["id"] == reload_id:
+            return dict(agent.last_success)
+        last, asked = _reload_id_parts(agent.last_success["id"]), _reload_id_parts(reload_id)
+        if last is None or asked is None:
+            return None
+        if asked[0] < last[0] or last[1] > asked[1]:
+            return {"id": reload_id, "status": "succeeded"}
+        return None
 
     # --- endpoints: backends ---
 
@@ -2009,7 +2299,7 @@ class FakeDataPlane:
             raise ApiError(422, "backend in query is required", 602)
         server = self._config.backends.get(parent, _Backend({})).servers.get(req.params["name"])
         if server is None:
-            status = 500 if self.api == "v2" and req.method == "PUT" else 404
+            status = self.traits.runtime_put_missing if req.method == "PUT" else 404
             raise ApiError(status, f"no data for {parent}/{req.params['name']}: not found")
         return parent, req.params["name"], server
 
@@ -2071,6 +2361,15 @@ class FakeDataPlane:
                         admin, "UP" if server.get("check") == "enabled" else "no check")}
                 items.append({"type": "server", "name": name, "backend_name": backend, "stats": stats})
         return items
+
+
+def _reload_id_parts(reload_id: str) -> tuple[datetime.date, int] | None:
+    """(date, counter) of a reload id, as getTimeIndexFromID reads it; None if unreadable."""
+    date, _, index = reload_id.rpartition("-")
+    try:
+        return datetime.datetime.strptime(date, "%Y-%m-%d").date(), int(index)
+    except ValueError:
+        return None
 
 
 # === Runtime rules (dataplaneapi's changeThroughRuntimeAPI) ===

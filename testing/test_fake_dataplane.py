@@ -97,11 +97,19 @@ ALL = list(fdp.PERSONALITIES)
 PARKED = {"address": "127.0.0.1", "port": 80, "maintenance": "enabled", "check": "disabled"}
 
 
-@pytest.fixture(params=["v2", "v3"])
+DELAY = 0.05                                    # the reload ticker's period in these tests
+
+
+@pytest.fixture(params=ALL)
 def fake(request):
-    with fdp.FakeDataPlane(request.param) as emulator:
+    with fdp.FakeDataPlane(personality=request.param, reload_delay=DELAY) as emulator:
         yield emulator
         assert emulator.errors == []
+
+
+def settle(fake):
+    """Let the pending reload (if any) run at the next tick."""
+    assert fake.wait_reloads(timeout=5)
 
 
 @pytest.fixture
@@ -135,6 +143,7 @@ def test_version_endpoint_and_header(fake, api):
     assert (status, version, headers["Configuration-Version"]) == (200, 1, "1")
     status, headers, _ = api.call("POST", q(f"{CFG}/backends", version=1), backend_body())
     assert status == 202 and headers["Configuration-Version"] == "2" and "Reload-ID" in headers
+    assert "Reload-Id" in headers.keys()             # Go's canonical spelling on the wire
     assert api.call("GET", f"{CFG}/version")[2] == 2 == fake.version
 
 
@@ -169,7 +178,9 @@ def test_transaction_lifecycle(fake, api):
     status, headers, result = api.commit(tid)
     assert status == 202 and result == {"_version": 1, "id": tid, "status": "success"}
     assert re.fullmatch(r"\d{4}-\d{2}-\d{2}-0", headers["Reload-ID"])
-    assert (fake.version, fake.reloads, fake.commits) == (2, 1, 1)
+    assert (fake.version, fake.reloads, fake.commits) == (2, 0, 1)   # at the next tick
+    settle(fake)
+    assert fake.reloads == 1
     assert fake.backends["be_app"]["servers"]["srv1"] == server_body()
     assert api.call("GET", f"/services/haproxy/reloads/{headers['Reload-ID']}")[2]["status"] == "succeeded"
     assert api.call("GET", f"{TX}/{tid}")[0] == 404                # committed: gone
@@ -179,6 +190,7 @@ def test_transaction_lifecycle(fake, api):
 
 def test_empty_commit_still_reloads_and_bumps_version(fake, api):
     status, _, _ = api.commit(api.start())
+    settle(fake)
     assert status == 202 and fake.version == 2 and fake.reloads == 1
 
 
@@ -209,6 +221,7 @@ def test_concurrent_commits_one_wins(fake, api):
     for thread in threads:
         thread.join(timeout=20)
     assert sorted(statuses) == [202, 406, 406, 406]
+    settle(fake)
     assert fake.version == 2 and fake.reloads == 1 and sorted(fake.transactions().values()) == ["outdated"] * 3
 
 
@@ -266,13 +279,203 @@ def test_list_servers_of_a_missing_backend_is_empty(fake, api):
 
 
 def test_v2_server_parent_parameters():
-    with fdp.FakeDataPlane("v2") as fake:
+    with fdp.FakeDataPlane(personality="2.9") as fake:
         api = Api(fake)
         seed_app(fake)
         path = f"{CFG}/servers?parent_type=backend&parent_name=be_app"
         assert [s["name"] for s in api.data("GET", path)] == ["srv1"]
         status, _, error = api.call("GET", f"{CFG}/servers")
         assert status == 500 and error["message"] == "parentType empty"
+
+
+# --- the reload agent ---
+
+RELOADS = "/services/haproxy/reloads"
+
+
+def reload_of(api, rid):
+    status, _, body = api.call("GET", f"{RELOADS}/{rid}")
+    assert status == 200, body
+    return body
+
+
+def test_reload_delay_defaults_to_dataplaneapis():
+    assert fdp.FakeDataPlane(check_config=False).reload_delay == 5.0
+    assert fdp.FakeDataPlane(check_config=False, reload_delay=0).reload_delay == 5.0    # as --reload-delay 0
+    assert fdp.FakeDataPlane(check_config=False, reload_delay=0.2).reload_delay == 0.2
+
+
+@pytest.mark.parametrize("personality", ALL)
+def test_reloads_run_at_the_tick_and_share_an_id(personality):
+    with fdp.FakeDataPlane(personality=personality, reload_delay=1.0) as slow:
+        sapi = Api(slow)
+        slow.restart()                                 # a tick period starts now
+        seed_app(slow)
+        status, headers, _ = sapi.commit(sapi.start())
+        rid = headers["Reload-ID"]
+        # every reloading write before the tick shares it
+        _, plain, _ = sapi.call("PUT", q(f"{CFG}/backends/be_app", version=slow.version), backend_body(retries=2))
+        _, second, _ = sapi.commit(sapi.start())
+        assert plain["Reload-ID"] == second["Reload-ID"] == rid
+        assert status == 202 and slow.pending_reload == rid and slow.reloads == 0
+        # GetReload's quirk: the pending reload answers with the (empty) id of the running one
+        assert reload_of(sapi, rid) == {"status": "in_progress"}
+        assert sapi.call("GET", RELOADS)[2] == [{"id": rid, "status": "in_progress"}]
+        assert slow.wait_reloads(timeout=3)
+        record = reload_of(sapi, rid)
+        assert record["status"] == "succeeded" and record["id"] == rid and record["reload_timestamp"] > 0
+        assert sapi.call("GET", RELOADS)[2] == [record] and slow.reloads == 1
+        # the next reload takes the next number
+        _, headers, _ = sapi.commit(sapi.start())
+        assert headers["Reload-ID"] == rid[:-1] + "1"
+
+
+def test_reload_records_as_get_reload_answers_them(fake, api):
+    fake.reload_fail()
+    _, headers, _ = api.commit(api.start())
+    failed = headers["Reload-ID"]
+    settle(fake)
+    _, headers, _ = api.commit(api.start())
+    ok = headers["Reload-ID"]
+    settle(fake)
+    record = reload_of(api, failed)
+    assert record["status"] == "failed" and "injected fault" in record["response"] and record["id"] == failed
+    assert reload_of(api, ok)["status"] == "succeeded"
+    assert [r["id"] for r in api.call("GET", RELOADS)[2]] == [failed, ok]
+    day = failed.rsplit("-", 1)[0]
+    # no record, older than the last success (by counter): a made-up "succeeded"
+    fake.reload_fail()
+    _, headers, _ = api.commit(api.start())
+    settle(fake)
+    assert reload_of(api, failed)["status"] == "failed"                    # failures are kept
+    assert reload_of(api, "1999-01-01-7") == {"id": "1999-01-01-7", "status": "succeeded"}   # older date
+    assert api.call("GET", f"{RELOADS}/{day}-9")[0] == 404                  # newer: unknown
+    status, _, error = api.call("GET", f"{RELOADS}/{day}-9")
+    assert error["message"] == f"Reload with ID {day}-9 does not exist"
+    status, _, error = api.call("GET", f"{RELOADS}/latest")
+    swagger = fake.traits.flavor == "swagger"
+    assert (status, error["code"]) == ((422, 605) if swagger else (400, 400))
+    assert ("should match" if swagger else "doesn't match") in error["message"]
+
+
+def test_failed_reloads_are_kept_for_the_retention():
+    now = [1_000_000.0]
+    with fdp.FakeDataPlane(reload_delay=DELAY, check_config=False) as fake:
+        fake._clock = lambda: now[0]
+        api = Api(fake)
+        fake.reload_fail(2)
+        first = api.commit(api.start())[1]["Reload-ID"]
+        settle(fake)
+        now[0] += 2 * 86400                                # two days later, past the 1-day retention
+        second = api.commit(api.start())[1]["Reload-ID"]
+        settle(fake)
+        assert [r["id"] for r in api.call("GET", RELOADS)[2]] == [second]
+        assert api.call("GET", f"{RELOADS}/{first}")[0] == 404
+
+
+def test_get_reload_waits_while_a_reload_runs(fake, api):
+    fake.reload_duration = 0.6
+    rid = api.commit(api.start())[1]["Reload-ID"]
+    deadline = time.monotonic() + 5
+    while not fake.reloading:
+        assert time.monotonic() < deadline
+        time.sleep(0.005)
+    started = time.monotonic()
+    assert api.call("GET", f"{CFG}/version")[0] == 200 and time.monotonic() - started < 0.3   # not blocked
+    record = reload_of(api, rid)
+    assert time.monotonic() - started >= 0.3 and record["status"] == "succeeded"
+    fake.reload_duration = 0.6
+    api.commit(api.start())
+    while not fake.reloading:
+        time.sleep(0.005)
+    started = time.monotonic()
+    listed = api.call("GET", RELOADS)[2]
+    assert time.monotonic() - started >= 0.3 and all(r["status"] == "succeeded" for r in listed)
+
+
+def test_commit_during_a_reload_waits_for_it_and_gets_the_next_id(fake, api):
+    fake.reload_duration = 0.5
+    rid = api.commit(api.start())[1]["Reload-ID"]
+    while not fake.reloading:
+        time.sleep(0.005)
+    tid = api.start()
+    started = time.monotonic()
+    status, headers, _ = api.commit(tid)
+    assert status == 202 and time.monotonic() - started >= 0.25       # Reload() waits for the cache lock
+    assert headers["Reload-ID"] == rid[:-1] + "1"
+    fake.reload_duration = 0
+    settle(fake)
+
+
+def test_a_failed_reload_leaves_haproxy_on_the_last_good_configuration(fake, api):
+    seed_app(fake)                                                      # version 2, running
+    good = fake.running_render()
+    assert fake.file_text() == good == fake.render()
+    fake.reload_fail()
+    tid = api.start()
+    assert api.call("POST", q(servers_path(fake.api, "be_app"), transaction_id=tid), server_body("srv2"))[0] == 202
+    rid = api.commit(tid)[1]["Reload-ID"]
+    settle(fake)
+    assert reload_of(api, rid)["status"] == "failed"
+    # the API answers the committed configuration...
+    assert [s["name"] for s in api.data("GET", servers_path(fake.api, "be_app"))] == ["srv1", "srv2"]
+    assert api.call("GET", f"{CFG}/version")[2] == 3 == fake.version
+    # ...HAProxy runs the last good one, and the file holds it again (nothing reloads it)
+    assert list(fake.running_backends["be_app"]["servers"]) == ["srv1"]
+    assert fake.running_render() == good and fake.file_text() == good
+    assert fake.file_text().startswith("# _version=2\n")
+    time.sleep(4 * DELAY)
+    assert fake.reloads == 1 and fake.pending_reload is None
+    # the next commit writes the in-memory configuration to the file; its reload takes all
+    rid = api.commit(api.start())[1]["Reload-ID"]
+    settle(fake)
+    assert reload_of(api, rid)["status"] == "succeeded"
+    assert list(fake.running_backends["be_app"]["servers"]) == ["srv1", "srv2"]
+    assert fake.running_render() == fake.file_text() == fake.render()
+    assert fake.violations == []
+
+
+@pytest.mark.parametrize("personality", ALL)
+def test_force_reload_on_a_commit(personality):
+    with fdp.FakeDataPlane(personality=personality, reload_delay=1.0) as fake:
+        _force_reload_on_a_commit(fake, Api(fake))
+
+
+def _force_reload_on_a_commit(fake, api):
+    listed = api.call("GET", RELOADS)[2]
+    status, headers, body = api.call("PUT", q(f"{TX}/{api.start()}", force_reload="true"))
+    # nothing pending: a reload now, that no record keeps (ForceReload -> reloadHAProxy("force"))
+    assert status == 200 and "Reload-ID" not in headers and body["status"] == "success"
+    assert fake.reloads == 1 and fake.reload_history == [{"id": "force", "status": "succeeded", "recorded": False}]
+    assert api.call("GET", RELOADS)[2] == listed == []
+    # a reload pending: it runs now, recorded under its id
+    seed_app(fake)
+    fake.restart()                                     # the next tick is 1 s away
+    status, headers, _ = api.call("PUT", q(f"{CFG}/backends/be_app", version=fake.version), backend_body(retries=2))
+    rid = headers["Reload-ID"]
+    status, _, _ = api.call("PUT", q(f"{TX}/{api.start()}", force_reload="true"))
+    assert status == 200 and fake.reload_history[-1] == {"id": rid, "status": "succeeded", "recorded": True}
+    assert reload_of(api, rid)["status"] == "succeeded" and fake.pending_reload is None
+    # a forced reload that fails: 400, the commit stands
+    fake.reload_fail()
+    version, tid = fake.version, api.start()
+    status, _, error = api.call("PUT", q(f"{TX}/{tid}", force_reload="true"))
+    assert status == 400 and error["message"].startswith("Reload failed: ") and error["code"] == 400
+    assert fake.version == version + 1 and api.call("GET", f"{TX}/{tid}")[0] == 404
+    assert fake.reload_history[-1] == {"id": "force", "status": "failed", "recorded": False}
+
+
+def test_force_reload_on_plain_writes(fake, api):
+    seed_app(fake)
+    backends = f"{CFG}/backends"
+    status, headers, _ = api.call("POST", q(backends, version=2, force_reload="true"), backend_body("be_two"))
+    assert status == 201 and "Reload-ID" not in headers and fake.reloads == 1
+    status, _, _ = api.call("PUT", q(f"{backends}/be_two", version=3, force_reload="true"), backend_body("be_two"))
+    assert status == 200 and fake.reloads == 2
+    fake.reload_fail()
+    status, _, error = api.call("DELETE", q(f"{backends}/be_two", version=4, force_reload="true"))
+    assert status == 400 and error["message"].startswith("Reload failed: ")
+    assert "be_two" not in fake.backends and "be_two" in fake.running_backends and fake.version == 5
 
 
 # --- haproxy -c ---
@@ -476,9 +679,11 @@ def test_runtime_capable_server_put_does_not_reload(fake, api):
     assert status == 200 and fake.version == 5 and fake.reloads == 0
 
     status, headers, _ = api.call("PUT", q(srv1, version=5), dict(parked, weight=50, inter=3000))
-    assert status == 202 and "Reload-ID" in headers and fake.reloads == 1
+    assert status == 202 and "Reload-ID" in headers
+    settle(fake)
+    assert fake.reloads == 1
     status, _, _ = api.call("PUT", q(srv1, version=6, force_reload="true"), dict(parked, weight=50))
-    assert status == 200 and fake.reloads == 2
+    assert status == 200 and fake.reloads == 2          # forced: done before the answer
     assert fake.violations == []
 
 
@@ -512,9 +717,12 @@ def test_runtime_admin_state_is_neither_a_reload_nor_a_version(fake, api):
     # A failed reload leaves the old workers, and their runtime state, running.
     fake.fail_reloads = 1
     api.commit(api.start())
+    settle(fake)
     assert api.call("GET", srv1)[2]["admin_state"] == "drain"
     # A reload forgets runtime state, as HAProxy does.
     api.commit(api.start())
+    assert api.call("GET", srv1)[2]["admin_state"] == "drain"     # until the tick
+    settle(fake)
     assert api.call("GET", srv1)[2]["admin_state"] == "ready"
     assert api.call("GET", runtime_path(fake.api, "be_app", "srv2"))[2]["admin_state"] == "maint"
     assert fake.violations == []
@@ -523,9 +731,10 @@ def test_runtime_admin_state_is_neither_a_reload_nor_a_version(fake, api):
 def test_runtime_server_errors(fake, api):
     seed_app(fake)
     for backend, name in (("be_app", "srv9"), ("be_nope", "srv1")):
-        # client-native's answer for both; dataplaneapi v2.9 turns it into 500 on a PUT.
+        # client-native's answer for both; misc.HandleError makes it 500 before 3.2, 404 from 3.2.
         status, _, body = api.call("PUT", runtime_path(fake.api, backend, name), {"admin_state": "drain"})
-        assert (status, body["message"]) == (500 if fake.api == "v2" else 404, f"no data for {backend}/{name}: not found")
+        expected = 500 if fake.personality in ("2.9", "3.0") else 404
+        assert (status, body["message"]) == (expected, f"no data for {backend}/{name}: not found")
         assert api.call("GET", runtime_path(fake.api, backend, name))[0] == 404
     status, _, _ = api.call("PUT", runtime_path(fake.api, "be_app", "srv1"), {"admin_state": "sleepy"})
     assert status == 422 and fake.violations and "admin_state" in fake.violations[-1]
@@ -550,7 +759,7 @@ def test_native_stats_shapes_and_filters(fake, api):
     assert stats_of(fake, payload) == []
     assert api.call("GET", q(path, name="srv2"))[2]["message"] == "Type required when filtering by name"
     assert api.call("GET", q(path, type="server", name="srv2"))[0] == 400
-    assert api.call("GET", q(path, type="listener"))[0] == (422 if fake.api == "v2" else 400)
+    assert api.call("GET", q(path, type="listener"))[0] == (422 if fake.traits.flavor == "swagger" else 400)
     api.call("PUT", runtime_path(fake.api, "be_app", "srv2"), {"admin_state": "drain"})
     _, _, payload = api.call("GET", q(path, type="server", parent="be_app", name="srv2"))
     assert stats_of(fake, payload)[0]["stats"]["status"] == "DRAIN"
@@ -563,18 +772,23 @@ def test_plain_server_post_and_delete(fake, api):
         assert status == 201 and fake.reloads == 0
         assert fake.runtime_changes == ["add server be_app/srv2 10.0.0.4:8080", "enable server be_app/srv2"]
     else:                       # dataplaneapi 2.9 always reloads here
-        assert status == 202 and "Reload-ID" in headers and fake.reloads == 1
+        assert status == 202 and "Reload-ID" in headers
+        settle(fake)
+        assert fake.reloads == 1
     reloads = fake.reloads
     status, headers, _ = api.call("DELETE", q(servers_path(fake.api, "be_app", "srv2"), version=3))
-    assert status == 202 and "Reload-ID" in headers and fake.reloads == reloads + 1
+    assert status == 202 and "Reload-ID" in headers
+    settle(fake)
+    assert fake.reloads == reloads + 1
     status, _, _ = api.call("DELETE", q(servers_path(fake.api, "be_app", "srv1"), version=4, force_reload="true"))
     assert status == 204 and fake.reloads == reloads + 2 and fake.backends["be_app"]["servers"] == {}
 
 
 def test_runtime_add_is_not_used_with_a_default_server():
-    with fdp.FakeDataPlane("v3") as fake:
+    with fdp.FakeDataPlane("v3", reload_delay=DELAY) as fake:
         fake.seed({"be_app": backend_body(default_server={"inter": 2000})})
         status, _, _ = Api(fake).call("POST", q(servers_path("v3", "be_app"), version=2), server_body())
+        settle(fake)
         assert status == 202 and fake.reloads == 1 and fake.runtime_changes == []
 
 
@@ -803,7 +1017,7 @@ def test_live_haproxy_reloads_on_commit_and_applies_runtime_changes():
     alpha, beta = NamedServer("127.0.0.2", "alpha"), NamedServer("127.0.0.3", "beta")
     frontend_port = fdp._free_port()
     fake = fdp.FakeDataPlane("v3", base_config=fdp.frontend_config(frontend_port, default_backend="be_app"),
-                             live=True)
+                             live=True, reload_delay=DELAY)
     fake.seed({"be_app": backend_body(servers=[server_body("srv1", "127.0.0.2", alpha.port)])}, bump=False)
     api = Api(fake)
     try:
@@ -816,6 +1030,7 @@ def test_live_haproxy_reloads_on_commit_and_applies_runtime_changes():
         srv2 = server_body("srv2", "127.0.0.3", beta.port)
         assert api.call("POST", q(servers_path("v3", "be_app"), transaction_id=tid), srv2)[0] == 202
         assert api.commit(tid)[0] == 202
+        settle(fake)
         assert fake.reloads == 1 == live.reload_count()
         assert who_answers(frontend_port) == {"alpha", "beta"}
 
@@ -828,7 +1043,9 @@ def test_live_haproxy_reloads_on_commit_and_applies_runtime_changes():
             assert f"    server srv1 127.0.0.2:{alpha.port} disabled" in f.read().splitlines()
 
         status, _, _ = api.call("PUT", q(servers_path("v3", "be_app", "srv2"), version=3), dict(srv2, inter=3000))
-        assert status == 202 and fake.reloads == 2 == live.reload_count()
+        assert status == 202
+        settle(fake)
+        assert fake.reloads == 2 == live.reload_count()
         assert who_answers(frontend_port) == {"beta"}           # srv1 stays in maintenance
 
         # A runtime drain: HAProxy's own state (`show stat` says DRAIN), no reload.
