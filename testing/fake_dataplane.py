@@ -542,15 +542,22 @@ def _replace_key(mapping: dict, old: str, new: str, value) -> dict:
 
 
 class _Transaction:
+    """One transaction, as its file in the transaction directory: in progress at the top,
+    failed and outdated ones moved to subdirectories (client-native configuration/transaction.go)."""
     __slots__ = ("id", "version", "status", "config")
 
-    def __init__(self, version: int, config: _Config):
-        self.id = str(uuid.uuid4())
+    def __init__(self, version: int, config: _Config, tid: str | None = None, status: str = IN_PROGRESS):
+        self.id = tid or str(uuid.uuid4())
         self.version = version
-        self.status = IN_PROGRESS
+        self.status = status
         self.config = config
 
     def as_json(self) -> dict:
+        """A failed or outdated transaction has no parser left and its version is read with
+        the transaction id given as a file path (client-native v5.1.27 transaction.go:533-536,
+        668-691; transaction-handling.go:78-91): 0, which `omitempty` leaves out."""
+        if self.status != IN_PROGRESS:
+            return {"id": self.id, "status": self.status}
         return {"_version": self.version, "id": self.id, "status": self.status}
 
 
@@ -1679,8 +1686,15 @@ class FakeDataPlane:
         return response
 
     def _commit_implicit(self, config: _Config) -> None:
-        """A plain write is client-native's implicit transaction: check, then install."""
-        self._check(config, str(uuid.uuid4()), version=self._version + 1)
+        """A plain write is client-native's implicit transaction: check, then install. One
+        that fails the check is moved to the failed transactions like any other
+        (SaveData -> CommitTransaction -> failTransaction, v5.1.27 transaction.go:697-724)."""
+        tid = str(uuid.uuid4())
+        try:
+            self._check(config, tid, version=self._version + 1)
+        except ApiError:
+            self._transactions[tid] = _Transaction(self._version, config, tid, FAILED)
+            raise
         self._install(config)
 
     def _runtime(self, commands: list[str]) -> bool:
@@ -2011,8 +2025,8 @@ class FakeDataPlane:
         if not tid:
             return _Response(200, self._version)
         tx = self._transactions.get(tid)
-        if tx is None or tx.status != IN_PROGRESS:
-            raise ApiError(404, f"transaction does not exist: transaction {tid} does not exist")
+        if tx is None or tx.status != IN_PROGRESS:       # GetParser: ErrTransactionDoesNotExist
+            raise ApiError(400, f"transaction does not exist: {tid}")
         return _Response(200, tx.version)
 
     def _get_raw(self, req: _Request) -> _Response:
@@ -2029,9 +2043,18 @@ class FakeDataPlane:
         return tx
 
     def _list_transactions(self, req: _Request) -> _Response:
+        """parseTransactions (client-native v5.1.27 transaction.go:447-514) reads the
+        transaction directory in name order: the `failed` subdirectory, the in-progress
+        files, the `outdated` subdirectory, each by id; ?status= takes failed or in_progress."""
         status = req.query.get("status", "")
-        return _Response(200, [t.as_json() for t in self._transactions.values()
-                               if not status or t.status == status])
+        if status not in ("", FAILED, IN_PROGRESS):
+            if self.traits.flavor == "swagger":
+                raise ApiError(422, "status in query should be one of [failed in_progress]", 606)
+            raise ApiError(400, 'status in query: value is not one of the allowed values ["failed","in_progress"]')
+        rank = {FAILED: 0, IN_PROGRESS: 1, OUTDATED: 2}
+        listed = sorted((t for t in self._transactions.values() if not status or t.status == status),
+                        key=lambda t: (rank[t.status], t.id))
+        return _Response(200, [t.as_json() for t in listed])
 
     def _start_transaction(self, req: _Request) -> _Response:
         version = self._int_param(req, "version", required=True)
@@ -2050,8 +2073,12 @@ class FakeDataPlane:
         return _Response(200, self._tx_or_404(req.params["id"]).as_json())
 
     def _delete_transaction(self, req: _Request) -> _Response:
-        tx = self._tx_or_404(req.params["id"])
-        del self._transactions[tx.id]
+        """Removes the file wherever it is (in progress, failed or outdated); none: 404
+        (handlers/transaction.go v2.9.27:82-98, the message of GetTransactionFile :609)."""
+        tid = req.params["id"]
+        if tid not in self._transactions:
+            raise ApiError(404, f"transaction does not exist: transaction file {tid} does not exist")
+        del self._transactions[tid]
         return _Response(204)
 
     def _commit_transaction(self, req: _Request) -> _Response:

@@ -199,6 +199,10 @@ def test_delete_transaction(fake, api):
     assert api.call("DELETE", f"{TX}/{tid}")[0] == 204
     assert api.call("GET", f"{TX}/{tid}")[0] == 404
     status, _, error = api.call("DELETE", f"{TX}/nope")
+    assert status == 404 and error["message"] == "transaction does not exist: transaction file nope does not exist"
+    status, _, error = api.call("GET", f"{TX}/nope")
+    assert status == 404 and error["message"] == "transaction does not exist: transaction nope does not exist"
+    status, _, error = api.commit("nope")
     assert status == 404 and error["message"] == "transaction does not exist: transaction nope does not exist"
 
 
@@ -208,6 +212,12 @@ def test_commit_outdates_the_other_open_transactions(fake, api):
     assert api.call("GET", f"{TX}/{second}")[2]["status"] == "outdated"
     status, _, error = api.commit(second)
     assert status == 406 and error["message"] == f"transaction {second} is outdated and cannot be committed"
+    # an outdated transaction is gone for writes and reads, and its version is no longer known
+    status, _, error = api.call("POST", q(f"{CFG}/backends", transaction_id=second), backend_body())
+    assert (status, error["message"]) == (400, f"transaction does not exist: {second}")
+    status, _, error = api.call("GET", q(f"{CFG}/version", transaction_id=second))
+    assert (status, error["message"]) == (400, f"transaction does not exist: {second}")
+    assert api.call("GET", f"{TX}/{second}")[2] == {"id": second, "status": "outdated"}
     assert api.call("DELETE", f"{TX}/{second}")[0] == 204
     assert fake.version == 2 and fake.open_transactions() == []
 
@@ -241,6 +251,27 @@ def test_more_than_twenty_open_transactions_is_429(fake, api):
     assert status == 429 and "maximum amount of 20 active transactions" in error["message"]
     api.call("DELETE", f"{TX}/{tids[0]}")
     assert api.call("POST", f"{TX}?version=1")[0] == 201
+    # only transactions in progress count (actualCount: GetTransactions("in_progress"))
+    assert api.commit(tids[1])[0] == 202                 # the 19 others are outdated now
+    assert len(fake.transactions()) == 19 and fake.open_transactions() == []
+    assert [api.call("POST", f"{TX}?version=2")[0] for _ in range(21)] == [201] * 20 + [429]
+
+
+def test_transactions_are_listed_as_the_transaction_directory_reads(fake, api):
+    seed_app(fake)
+    ids = [api.start() for _ in range(3)]
+    bad = q(servers_path(fake.api, "be_app"), transaction_id=ids[0])
+    assert api.call("POST", bad, server_body("srv9", address="bad..address"))[0] == 202
+    assert api.commit(ids[0])[0] == 400                                  # failed
+    assert api.commit(ids[1])[0] == 202                                  # ids[2] outdated
+    newer = sorted(api.start() for _ in range(2))
+    listed = api.call("GET", TX)[2]
+    assert listed == [{"id": ids[0], "status": "failed"}] + \
+        [{"_version": 3, "id": t, "status": "in_progress"} for t in newer] + [{"id": ids[2], "status": "outdated"}]
+    assert api.call("GET", f"{TX}?status=in_progress")[2] == listed[1:3]
+    assert api.call("GET", f"{TX}?status=failed")[2] == listed[:1]
+    status, _, _ = api.call("GET", f"{TX}?status=outdated")
+    assert status == (422 if fake.traits.flavor == "swagger" else 400)
 
 
 def test_write_parameter_rules(fake, api):
@@ -478,6 +509,56 @@ def test_force_reload_on_plain_writes(fake, api):
     assert "be_two" not in fake.backends and "be_two" in fake.running_backends and fake.version == 5
 
 
+# --- a dataplaneapi restart ---
+
+def test_restart_loses_the_pending_reload_and_the_records(fake, api):
+    first = api.commit(api.start())[1]["Reload-ID"]
+    settle(fake)
+    pending = api.commit(api.start())[1]["Reload-ID"]
+    assert pending == first[:-1] + "1"
+    fake.restart()
+    time.sleep(4 * DELAY)
+    assert fake.reloads == 1 and fake.pending_reload is None          # never ran
+    assert api.call("GET", RELOADS)[2] == []
+    assert api.call("GET", f"{RELOADS}/{first}")[0] == 404
+    assert api.call("GET", f"{RELOADS}/{pending}")[0] == 404
+    again = api.commit(api.start())[1]["Reload-ID"]
+    assert again == first                                              # the counter starts at 0 again
+    settle(fake)
+    # an old id whose counter is above the new last success's is unknown; GetReload cannot tell
+    # the old "-0" from the new one
+    assert api.call("GET", f"{RELOADS}/{pending}")[0] == 404
+    assert reload_of(api, first)["status"] == "succeeded" and fake.reloads == 2
+
+
+def test_restart_reads_the_file_back_after_a_failed_reload(fake, api):
+    seed_app(fake)                                                     # version 2: file, HAProxy
+    outdated, tid = api.start(), api.start()
+    assert api.call("POST", q(servers_path(fake.api, "be_app"), transaction_id=tid), server_body("srv2"))[0] == 202
+    fake.reload_fail()
+    assert api.commit(tid)[0] == 202                                   # version 3; `outdated` outdated
+    settle(fake)
+    open_tid = api.start()                                             # at version 3
+    assert fake.version == 3 and fake.file_text().startswith("# _version=2\n")
+    fake.restart()
+    # the API now answers the file: the last-known-good configuration at its version
+    assert api.call("GET", f"{CFG}/version")[2] == 2 == fake.version
+    assert [s["name"] for s in api.data("GET", servers_path(fake.api, "be_app"))] == ["srv1"]
+    # transactions are files: the one in progress is back with its version, the outdated one listed
+    assert api.call("GET", f"{TX}/{open_tid}")[2] == {"_version": 3, "id": open_tid, "status": "in_progress"}
+    assert {"id": outdated, "status": "outdated"} in api.call("GET", TX)[2]
+    status, _, error = api.commit(open_tid)
+    assert status == 409 and error["message"] == \
+        "version mismatch: version mismatch, transaction version: 3, configured version: 2"
+    time.sleep(4 * DELAY)
+    assert fake.reloads == 1 and fake.pending_reload is None           # nothing reloads at startup
+    # a plain write at the version it answers now: the version 3 of before is another one
+    assert api.call("PUT", q(f"{CFG}/backends/be_app", version=2), backend_body(retries=1))[0] == 202
+    settle(fake)
+    assert fake.running_backends["be_app"]["retries"] == 1 and fake.version == 3
+    assert list(fake.running_backends["be_app"]["servers"]) == ["srv1"]
+
+
 # --- haproxy -c ---
 
 def test_commit_of_an_invalid_configuration_is_refused(fake, api):
@@ -497,6 +578,9 @@ def test_commit_of_an_invalid_configuration_is_refused(fake, api):
     # a plain write is checked the same way and changes nothing
     assert api.call("POST", q(servers_path(fake.api, "be_app"), version=2), bad)[0] == 400
     assert fake.version == 2 and fake.reloads == 0
+    # the failed plain write is a failed (implicit) transaction, listed as such
+    failed = api.call("GET", f"{TX}?status=failed")[2]
+    assert len(failed) == 2 and {"id": tid, "status": "failed"} in failed
 
 
 def test_rendered_configuration_passes_haproxy_check(fake, api):
