@@ -1697,8 +1697,12 @@ class FakeDataPlane:
             raise
         self._install(config)
 
-    def _runtime(self, commands: list[str]) -> bool:
-        """Issue runtime commands (on the live HAProxy, if any); False if one failed."""
+    def _runtime(self, commands: list[str], added: dict | None = None) -> bool:
+        """Issue runtime commands to HAProxy (the live one, if any), one at a time; False at
+        the first that fails. Without a live HAProxy a command for a server HAProxy does not
+        run fails as HAProxy answers it (after a failed reload, or before the tick). What
+        succeeds changes what HAProxy runs (running_backends, admin_states); `added` is the
+        server an `add server` command adds."""
         for n, command in enumerate(commands):
             if self.runtime_broken:
                 self.runtime_changes.append(f"# failed: {command}: no runtime socket")
@@ -1708,20 +1712,84 @@ class FakeDataPlane:
             self.runtime_changes.append(command)
             if self.live is not None and self.live.running:
                 ok, answer = self.live.runtime(command)
-                if not ok:
-                    self.runtime_changes.append(f"# failed: {answer}")
-                    return False
-            if state := re.fullmatch(r"set server (\S+)/(\S+) state (\S+)", command):
-                # Kept while it differs from what the file says (until a reload): the real API
-                # reads the state back from HAProxy (runtime_server.go v3.2.0:147-152).
-                key, filed = (state[1], state[2]), self._filed_admin_state(state[1], state[2])
-                self.admin_states.pop(key, None)
-                if state[3] != filed:
-                    self.admin_states[key] = state[3]
+            else:
+                answer = self._emulated_runtime_error(command)
+                ok = answer is None
+            if not ok:
+                self.runtime_changes.append(f"# failed: {answer}")
+                return False
+            self._apply_runtime(command, added)
         return True
 
+    _RUNTIME_TARGET = re.compile(r"^(add server|set server|enable server|disable server|enable agent|"
+                                 r"disable agent) (\S+)/(\S+)(?: (.*))?$")
+
+    def _emulated_runtime_error(self, command: str) -> str | None:
+        match = self._RUNTIME_TARGET.match(command)
+        if match is None:
+            return None
+        verb, backend, name = match[1], match[2], match[3]
+        running = self._running.backends.get(backend)
+        if running is None:
+            return "No such backend."
+        if verb == "add server":
+            return "Already exists a server with the same name in backend." if name in running.servers else None
+        return None if name in running.servers else "No such server."
+
+    def _apply_runtime(self, command: str, added: dict | None) -> None:
+        match = self._RUNTIME_TARGET.match(command)
+        if match is None:
+            return
+        verb, backend, name, rest = match[1], match[2], match[3], match[4] or ""
+        key, words = (backend, name), rest.split()
+        if verb == "add server" and added is not None:
+            self._patch_running(backend, name, add=added)
+            if added.get("maintenance") != "enabled":
+                self.admin_states[key] = "maint"       # HAProxy before 3.0 adds it in maintenance
+            return
+        state = None
+        if verb == "enable server":
+            state = "ready"
+        elif verb == "disable server":
+            state = "maint"
+        elif verb in ("enable agent", "disable agent"):
+            self._patch_running(backend, name, {"agent-check": "enabled" if verb == "enable agent" else "disabled"})
+        elif words[:1] == ["state"]:
+            state = words[1]
+        elif words[:1] == ["health"]:
+            self.operational_states[key] = words[1]
+        elif words[:1] == ["addr"]:
+            port = int(words[3]) if words[2:3] == ["port"] else None
+            self._patch_running(backend, name, {"address": words[1], **({"port": port} if port else {})})
+        elif words[:1] == ["weight"]:
+            self._patch_running(backend, name, {"weight": int(words[1])})
+        elif words[:1] == ["check-port"]:
+            self._patch_running(backend, name, {"health_check_port": int(words[1])})
+        elif words[:1] in (["agent-addr"], ["agent-send"]):
+            self._patch_running(backend, name, {words[0]: " ".join(words[1:]) or None})
+        if state is not None:
+            # Kept while it differs from what HAProxy loaded (until a reload): the real API
+            # reads the state back from HAProxy (runtime_server.go v3.2.0:147-152).
+            self.admin_states.pop(key, None)
+            if state != self._filed_admin_state(backend, name):
+                self.admin_states[key] = state
+
+    def _patch_running(self, backend: str, name: str, changes: dict | None = None, add: dict | None = None) -> None:
+        if backend not in self._running.backends:
+            return
+        self._running = self._running.fork()
+        target = self._running.writable(backend)
+        if add is not None:
+            target.servers[name] = dict(add)
+        elif name in target.servers:
+            merged = {**target.servers[name], **(changes or {})}
+            target.servers[name] = {k: v for k, v in merged.items() if v is not None}
+
+    def _running_server(self, backend: str, name: str) -> dict | None:
+        return self._running.backends.get(backend, _Backend({})).servers.get(name)
+
     def _filed_admin_state(self, backend: str, name: str) -> str:
-        server = self._config.backends.get(backend, _Backend({})).servers.get(name, {})
+        server = self._running_server(backend, name) or {}
         return "maint" if server.get("maintenance") == "enabled" else "ready"
 
     def _reloading_answer(self, force: bool, forced_status: int, payload) -> _Response:
@@ -2271,14 +2339,15 @@ class FakeDataPlane:
         if force:
             return self._reloading_answer(True, 201, server)
         if self._runtime_add_possible(config.backends[parent], server) \
-                and self._runtime(runtime_add_commands(parent, server)):
+                and self._runtime(runtime_add_commands(parent, server), added=server):
             return _Response(201, server)
         return self._reloading_answer(False, 201, server)
 
     def _runtime_add_possible(self, backend: _Backend, server: dict) -> bool:
         """dataplaneapi adds at runtime when no default_server applies and the server
         converts to its runtime model (a numeric `id` does not)."""
-        return self.runtime_add_server and not backend.fields.get("default_server") and "id" not in server
+        return self.runtime_add_server and not self.runtime_broken \
+            and not backend.fields.get("default_server") and "id" not in server
 
     def _replace_server(self, req: _Request) -> _Response:
         tid, version, force = self._write_params(req)
@@ -2295,9 +2364,12 @@ class FakeDataPlane:
         target.servers = _replace_key(target.servers, name, server["name"], server)
         if tid:
             return _Response(202, server)
-        self._commit_implicit(config)
+        self._commit_implicit(config)      # the file is written (version + 1) whatever follows
+        if self.runtime_broken:            # no runtime client: reload before comparing anything
+            return self._reloading_answer(force, 200, server)
+        # changeThroughRuntimeAPI: the commands up to a nil pointer go out, then a reload
         commands, reload_needed = runtime_plan(parent, server, ondisk)
-        if not reload_needed and self._runtime(commands):
+        if self._runtime(commands) and not reload_needed:
             return _Response(200, server)
         return self._reloading_answer(force, 200, server)
 
@@ -2316,15 +2388,18 @@ class FakeDataPlane:
     # --- endpoints: runtime servers and native stats (no reload, no new version) ---
 
     def _runtime_server(self, req: _Request) -> tuple[str, str, dict]:
-        """(backend, name, server) of a runtime server request: the running configuration's
-        (the file as last written: HAProxy itself is asked by the real API). An unknown backend
+        """(backend, name, server) of a runtime server request, as HAProxy runs it (the real
+        API asks HAProxy: `show servers state`). No runtime client: 500. An unknown backend
         or server is client-native's "no data for B/S: not found" (runtime_client.go
-        GetServerState): 404, but 500 for a v2 PUT (v2.9 misc.HandleError has no not-found
-        branch); v2 requires ?backend= (422)."""
+        GetServerState): GET 404 (isNotFoundError); PUT passes it to misc.HandleError, which
+        maps client-native's ErrNotFound to 404 only from 3.2 (v3.2.15 misc/misc.go:103;
+        v2.9.27 :100-103 and v3.0.23 :100-103 answer 500). v2 requires ?backend= (422)."""
         parent = req.params["parent"] if self.api == "v3" else req.query.get("backend", "")
         if not parent:
             raise ApiError(422, "backend in query is required", 602)
-        server = self._config.backends.get(parent, _Backend({})).servers.get(req.params["name"])
+        if self.runtime_broken:
+            raise ApiError(500, "no valid runtime found")
+        server = self._running_server(parent, req.params["name"])
         if server is None:
             status = self.traits.runtime_put_missing if req.method == "PUT" else 404
             raise ApiError(status, f"no data for {parent}/{req.params['name']}: not found")
@@ -2333,28 +2408,52 @@ class FakeDataPlane:
     def _runtime_server_json(self, backend: str, name: str, server: dict) -> dict:
         admin = self.admin_states.get((backend, name)) or \
             ("maint" if server.get("maintenance") == "enabled" else "ready")
+        operational = self.operational_states.get((backend, name)) or ("down" if admin == "maint" else "up")
         data = {"name": name, "address": server.get("address"), "admin_state": admin,
-                "operational_state": "down" if admin == "maint" else "up"}
-        return {**data, "port": server["port"]} if server.get("port") is not None else data
+                "operational_state": operational}
+        if server.get("port") is not None:
+            data["port"] = server["port"]
+        if "weight" in self.traits.runtime_put_fields:      # the model has it from 3.3.1
+            data["weight"] = server.get("weight", 1)
+        return data
 
     def _get_runtime_server(self, req: _Request) -> _Response:
         return _Response(200, self._runtime_server_json(*self._runtime_server(req)))
 
     def _replace_runtime_server(self, req: _Request) -> _Response:
-        """Set the admin (and operational) state at runtime: `set server B/S state ...`,
-        sent only when it differs; nothing is written, nothing reloads (handlers/
-        runtime_server.go:106-157)."""
+        """Change a server at runtime; nothing is written, nothing reloads. Up to 3.3.0 only
+        operational_state and admin_state are applied (v2.9.27 handlers/runtime_server.go:
+        105-153; address and port are read-only fields of that model, weight is not in it);
+        from 3.3.1 weight, then address/port too (v3.3.1 handlers/runtime_server.go:107-211,
+        v3.4.2 handlers/runtime/servers/servers.go:183-293). Each command only when the value
+        differs from HAProxy's. (The rollback commands sent after a failed command are not
+        emulated: here a failure is the first command's.)"""
         backend, name, server = self._runtime_server(req)
         body = self._body(req, "runtime_server")
+        fields = self.traits.runtime_put_fields
+        for f in ("address", "port"):
+            if f in body and f not in fields:
+                self._violation(req, f"{f} is read-only in the runtime_server model of dataplaneapi "
+                                     f"{self.traits.release}: ignored")
         now = self._runtime_server_json(backend, name, server)
+        target = f"{backend}/{name}"
         commands = []
         if body.get("operational_state") and body["operational_state"] != now["operational_state"]:
-            commands.append(f"set server {backend}/{name} health {body['operational_state']}")
+            commands.append(f"set server {target} health {body['operational_state']}")
         if body.get("admin_state") and body["admin_state"] != now["admin_state"]:
-            commands.append(f"set server {backend}/{name} state {body['admin_state']}")
+            commands.append(f"set server {target} state {body['admin_state']}")
+        if "weight" in fields and body.get("weight") is not None and body["weight"] != server.get("weight"):
+            commands.append(f"set server {target} weight {body['weight']}")
+        if "address" in fields:
+            address_changed = bool(body.get("address")) and body["address"] != server.get("address")
+            port_changed = body.get("port") is not None and body["port"] != server.get("port")
+            if address_changed or port_changed:
+                address = body.get("address") or server.get("address", "")
+                port = body["port"] if body.get("port") is not None else server.get("port")
+                commands.append(f"set server {target} addr {address}" + (f" port {port}" if port else ""))
         if not self._runtime(commands):
             raise ApiError(500, f"runtime error: {self.runtime_changes[-1]}")
-        return _Response(200, self._runtime_server_json(backend, name, server))
+        return _Response(200, self._runtime_server_json(backend, name, self._running_server(backend, name)))
 
     def _get_native_stats(self, req: _Request) -> _Response:
         """HAProxy's stats: v2 a list of collections (one per runtime API), v3 one collection;
@@ -2378,7 +2477,7 @@ class FakeDataPlane:
         live HAProxy, else from `sessions` and the admin states."""
         shown = self.live.show_stat() if self.live is not None and self.live.running else None
         items = []
-        for backend, b in self._config.backends.items():
+        for backend, b in self._running.backends.items():
             items.append({"type": "backend", "name": backend, "stats": {}})
             for name, server in b.servers.items():
                 admin = self._runtime_server_json(backend, name, server)["admin_state"]

@@ -107,6 +107,18 @@ def fake(request):
         assert emulator.errors == []
 
 
+# The reload agent is the same code in every release (v2.9.27 haproxy/reload_agent.go and v3.4.2
+# reload_agent/reload_agent.go differ in imports only): its tests run on one release per API.
+AGENT = ["2.9", "3.4"]
+
+
+@pytest.fixture(params=AGENT)
+def agent_fake(request):
+    with fdp.FakeDataPlane(personality=request.param, reload_delay=DELAY) as emulator:
+        yield emulator
+        assert emulator.errors == []
+
+
 def settle(fake):
     """Let the pending reload (if any) run at the next tick."""
     assert fake.wait_reloads(timeout=5)
@@ -178,9 +190,8 @@ def test_transaction_lifecycle(fake, api):
     status, headers, result = api.commit(tid)
     assert status == 202 and result == {"_version": 1, "id": tid, "status": "success"}
     assert re.fullmatch(r"\d{4}-\d{2}-\d{2}-0", headers["Reload-ID"])
-    assert (fake.version, fake.reloads, fake.commits) == (2, 0, 1)   # at the next tick
-    settle(fake)
-    assert fake.reloads == 1
+    settle(fake)                                     # the reload runs at the next tick
+    assert (fake.version, fake.reloads, fake.commits) == (2, 1, 1)
     assert fake.backends["be_app"]["servers"]["srv1"] == server_body()
     assert api.call("GET", f"/services/haproxy/reloads/{headers['Reload-ID']}")[2]["status"] == "succeeded"
     assert api.call("GET", f"{TX}/{tid}")[0] == 404                # committed: gone
@@ -336,7 +347,7 @@ def test_reload_delay_defaults_to_dataplaneapis():
     assert fdp.FakeDataPlane(check_config=False, reload_delay=0.2).reload_delay == 0.2
 
 
-@pytest.mark.parametrize("personality", ALL)
+@pytest.mark.parametrize("personality", AGENT)
 def test_reloads_run_at_the_tick_and_share_an_id(personality):
     with fdp.FakeDataPlane(personality=personality, reload_delay=1.0) as slow:
         sapi = Api(slow)
@@ -361,7 +372,8 @@ def test_reloads_run_at_the_tick_and_share_an_id(personality):
         assert headers["Reload-ID"] == rid[:-1] + "1"
 
 
-def test_reload_records_as_get_reload_answers_them(fake, api):
+def test_reload_records_as_get_reload_answers_them(agent_fake):
+    fake, api = agent_fake, Api(agent_fake)
     fake.reload_fail()
     _, headers, _ = api.commit(api.start())
     failed = headers["Reload-ID"]
@@ -404,7 +416,8 @@ def test_failed_reloads_are_kept_for_the_retention():
         assert api.call("GET", f"{RELOADS}/{first}")[0] == 404
 
 
-def test_get_reload_waits_while_a_reload_runs(fake, api):
+def test_get_reload_waits_while_a_reload_runs(agent_fake):
+    fake, api = agent_fake, Api(agent_fake)
     fake.reload_duration = 0.6
     rid = api.commit(api.start())[1]["Reload-ID"]
     deadline = time.monotonic() + 5
@@ -424,7 +437,8 @@ def test_get_reload_waits_while_a_reload_runs(fake, api):
     assert time.monotonic() - started >= 0.3 and all(r["status"] == "succeeded" for r in listed)
 
 
-def test_commit_during_a_reload_waits_for_it_and_gets_the_next_id(fake, api):
+def test_commit_during_a_reload_waits_for_it_and_gets_the_next_id(agent_fake):
+    fake, api = agent_fake, Api(agent_fake)
     fake.reload_duration = 0.5
     rid = api.commit(api.start())[1]["Reload-ID"]
     while not fake.reloading:
@@ -438,7 +452,8 @@ def test_commit_during_a_reload_waits_for_it_and_gets_the_next_id(fake, api):
     settle(fake)
 
 
-def test_a_failed_reload_leaves_haproxy_on_the_last_good_configuration(fake, api):
+def test_a_failed_reload_leaves_haproxy_on_the_last_good_configuration(agent_fake):
+    fake, api = agent_fake, Api(agent_fake)
     seed_app(fake)                                                      # version 2, running
     good = fake.running_render()
     assert fake.file_text() == good == fake.render()
@@ -466,7 +481,7 @@ def test_a_failed_reload_leaves_haproxy_on_the_last_good_configuration(fake, api
     assert fake.violations == []
 
 
-@pytest.mark.parametrize("personality", ALL)
+@pytest.mark.parametrize("personality", AGENT)
 def test_force_reload_on_a_commit(personality):
     with fdp.FakeDataPlane(personality=personality, reload_delay=1.0) as fake:
         _force_reload_on_a_commit(fake, Api(fake))
@@ -496,7 +511,8 @@ def _force_reload_on_a_commit(fake, api):
     assert fake.reload_history[-1] == {"id": "force", "status": "failed", "recorded": False}
 
 
-def test_force_reload_on_plain_writes(fake, api):
+def test_force_reload_on_plain_writes(agent_fake):
+    fake, api = agent_fake, Api(agent_fake)
     seed_app(fake)
     backends = f"{CFG}/backends"
     status, headers, _ = api.call("POST", q(backends, version=2, force_reload="true"), backend_body("be_two"))
@@ -511,7 +527,8 @@ def test_force_reload_on_plain_writes(fake, api):
 
 # --- a dataplaneapi restart ---
 
-def test_restart_loses_the_pending_reload_and_the_records(fake, api):
+def test_restart_loses_the_pending_reload_and_the_records(agent_fake):
+    fake, api = agent_fake, Api(agent_fake)
     first = api.commit(api.start())[1]["Reload-ID"]
     settle(fake)
     pending = api.commit(api.start())[1]["Reload-ID"]
@@ -531,7 +548,8 @@ def test_restart_loses_the_pending_reload_and_the_records(fake, api):
     assert reload_of(api, first)["status"] == "succeeded" and fake.reloads == 2
 
 
-def test_restart_reads_the_file_back_after_a_failed_reload(fake, api):
+def test_restart_reads_the_file_back_after_a_failed_reload(agent_fake):
+    fake, api = agent_fake, Api(agent_fake)
     seed_app(fake)                                                     # version 2: file, HAProxy
     outdated, tid = api.start(), api.start()
     assert api.call("POST", q(servers_path(fake.api, "be_app"), transaction_id=tid), server_body("srv2"))[0] == 202
@@ -805,7 +823,6 @@ def test_runtime_admin_state_is_neither_a_reload_nor_a_version(fake, api):
     assert api.call("GET", srv1)[2]["admin_state"] == "drain"
     # A reload forgets runtime state, as HAProxy does.
     api.commit(api.start())
-    assert api.call("GET", srv1)[2]["admin_state"] == "drain"     # until the tick
     settle(fake)
     assert api.call("GET", srv1)[2]["admin_state"] == "ready"
     assert api.call("GET", runtime_path(fake.api, "be_app", "srv2"))[2]["admin_state"] == "maint"
@@ -874,6 +891,98 @@ def test_runtime_add_is_not_used_with_a_default_server():
         status, _, _ = Api(fake).call("POST", q(servers_path("v3", "be_app"), version=2), server_body())
         settle(fake)
         assert status == 202 and fake.reloads == 1 and fake.runtime_changes == []
+
+
+def test_a_nil_runtime_pointer_sends_the_commands_before_it_then_reloads(fake, api):
+    """changeThroughRuntimeAPI visits the differing fields in models.Server's order (agent-addr,
+    agent-check, agent-send, health_check_port, maintenance, weight, address, port); a pointer
+    field absent from the new body panics at its dereference, after the commands before it
+    went out; the recovered panic means a reload (v2.9.27 handlers/runtime.go:36-46, 89-95)."""
+    seed_app(fake, server_body(weight=10, maintenance="disabled"))
+    srv1 = servers_path(fake.api, "be_app", "srv1")
+    body = server_body(address="10.0.0.9", maintenance="enabled")          # weight dropped
+    status, headers, echoed = api.call("PUT", q(srv1, version=2), body)
+    assert status == 202 and "Reload-ID" in headers and echoed == body
+    assert fake.runtime_changes == ["set server be_app/srv1 state maint"]  # not the address
+    assert fake.server("be_app", "srv1") == body and fake.version == 3    # the file is written
+    settle(fake)
+    assert fake.running_backends["be_app"]["servers"]["srv1"] == body and fake.admin_states == {}
+    # a port dropped with the address changed: the address step dereferences the port
+    fake.runtime_changes.clear()
+    status, _, _ = api.call("PUT", q(srv1, version=3), {"name": "srv1", "address": "10.0.0.8",
+                                                        "maintenance": "enabled"})
+    assert status == 202 and fake.runtime_changes == []
+    settle(fake)
+    # keeping every pointer: runtime only, 200
+    fake.runtime_changes.clear()
+    status, headers, _ = api.call("PUT", q(srv1, version=4), server_body(address="10.0.0.7", port=81))
+    assert status == 200 and "Reload-ID" not in headers
+    assert fake.runtime_changes == ["set server be_app/srv1 state ready", "set server be_app/srv1 addr 10.0.0.7 port 81"]
+    assert fake.violations == []
+
+
+def test_runtime_commands_go_to_what_haproxy_runs(fake, api):
+    """After a failed reload HAProxy lacks what the API shows: a runtime-only change of such
+    a server fails on HAProxy's socket and becomes a reload."""
+    seed_app(fake)
+    fake.reload_fail()
+    tid = api.start()
+    api.call("POST", q(servers_path(fake.api, "be_app"), transaction_id=tid), server_body("srv2"))
+    api.commit(tid)
+    settle(fake)
+    assert "srv2" in fake.backends["be_app"]["servers"] and "srv2" not in fake.running_backends["be_app"]["servers"]
+    assert api.call("GET", runtime_path(fake.api, "be_app", "srv2"))[0] == 404
+    status, headers, _ = api.call("PUT", q(servers_path(fake.api, "be_app", "srv2"), version=3),
+                                  server_body("srv2", weight=5))
+    assert status == 202 and "Reload-ID" in headers
+    assert fake.runtime_changes == ["set server be_app/srv2 weight 5", "# failed: No such server."]
+    settle(fake)
+    assert fake.running_backends["be_app"]["servers"]["srv2"]["weight"] == 5
+    assert api.call("GET", runtime_path(fake.api, "be_app", "srv2"))[0] == 200
+
+
+@pytest.mark.parametrize("personality", ["3.0", "3.2", "3.3.6", "3.4"])
+def test_runtime_add_server_needs_the_backend_in_haproxy(personality):
+    with fdp.FakeDataPlane(personality=personality, reload_delay=1.0) as fake:
+        api = Api(fake)
+        fake.restart()                                    # the next tick is 1 s away
+        status, headers, _ = api.call("POST", q(f"{CFG}/backends", version=1), backend_body())
+        rid = headers["Reload-ID"]
+        status, headers, _ = api.call("POST", q(servers_path("v3", "be_app"), version=2), server_body())
+        assert status == 202 and headers["Reload-ID"] == rid
+        assert fake.runtime_changes == ["add server be_app/srv1 10.0.0.4:8080", "# failed: No such backend."]
+        assert fake.wait_reloads(3)
+        fake.runtime_changes.clear()
+        status, _, _ = api.call("POST", q(servers_path("v3", "be_app"), version=3), server_body("srv2"))
+        assert status == 201 and fake.runtime_changes == ["add server be_app/srv2 10.0.0.4:8080",
+                                                          "enable server be_app/srv2"]
+        assert list(fake.running_backends["be_app"]["servers"]) == ["srv1", "srv2"]
+        assert fake.admin_states == {}
+
+
+@pytest.mark.parametrize("personality", ALL)
+def test_runtime_server_put_fields_per_release(personality):
+    with fdp.FakeDataPlane(personality=personality, reload_delay=DELAY) as fake:
+        api = Api(fake)
+        seed_app(fake, server_body(weight=10))
+        path = runtime_path(fake.api, "be_app", "srv1")
+        status, _, body = api.call("PUT", path, {"admin_state": "drain", "weight": 20,
+                                                 "address": "10.0.0.9", "port": 9000})
+        assert status == 200 and body["admin_state"] == "drain"
+        if personality in ("3.3.6", "3.4"):       # weight, then address/port, from 3.3.1
+            assert fake.runtime_changes == ["set server be_app/srv1 state drain", "set server be_app/srv1 weight 20",
+                                            "set server be_app/srv1 addr 10.0.0.9 port 9000"]
+            assert (body["weight"], body["address"], body["port"]) == (20, "10.0.0.9", 9000)
+            assert fake.running_backends["be_app"]["servers"]["srv1"] == server_body(address="10.0.0.9", port=9000,
+                                                                                     weight=20)
+            assert fake.violations == [] and fake.forgotten == []
+        else:                                     # weight is not in the model, address/port read-only
+            assert fake.runtime_changes == ["set server be_app/srv1 state drain"]
+            assert (body["address"], body["port"]) == ("10.0.0.4", 8080) and "weight" not in body
+            assert fake.forgotten == [("runtime_server", "weight")]
+            assert len(fake.violations) == 3       # weight unknown, address and port ignored
+        assert fake.backends["be_app"]["servers"]["srv1"] == server_body(weight=10)   # nothing written
+        assert fake.reloads == 0
 
 
 def test_runtime_plan_follows_change_through_runtime_api():
