@@ -2614,7 +2614,9 @@ class _Handler(BaseHTTPRequestHandler):
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description="HAProxy Data Plane API emulator (test bed).")
     parser.add_argument("--port", type=int, default=5555, help="port on 127.0.0.1 (0 = any free port)")
-    parser.add_argument("--api", choices=("v2", "v3"), default="v3")
+    parser.add_argument("--api", choices=("v2", "v3"), help="v2 = --personality 2.9, v3 = --personality 3.4")
+    parser.add_argument("--personality", choices=tuple(PERSONALITIES),
+                        help="the dataplaneapi release to behave as (default 3.4; wins over --api)")
     parser.add_argument("--user", default=DEFAULT_USERNAME)
     parser.add_argument("--password", default=DEFAULT_PASSWORD)
     parser.add_argument("--no-auth", action="store_true", help="accept requests without credentials")
@@ -2623,8 +2625,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--no-check", action="store_true", help="skip `haproxy -c`")
     parser.add_argument("--live", action="store_true", help="run and reload a real HAProxy")
     parser.add_argument("--haproxy", default=HAPROXY_BIN, help="haproxy binary")
-    parser.add_argument("--reload-delay", type=float, default=0.0,
-                        help="seconds from a commit to its (shared) reload, like dataplaneapi's reload-delay")
+    parser.add_argument("--reload-delay", type=float, default=DEFAULT_RELOAD_DELAY,
+                        help="the reload ticker's period in seconds, like dataplaneapi's --reload-delay "
+                             "(default 5; 0 means 5 there and here)")
     return parser
 
 
@@ -2634,7 +2637,7 @@ def main(argv=None) -> int:
     if args.base_config:
         with open(args.base_config, encoding="utf-8") as f:
             base_config = f.read()
-    fake = FakeDataPlane(args.api, port=args.port, username=args.user,
+    fake = FakeDataPlane(args.api, personality=args.personality, port=args.port, username=args.user,
                          password=None if args.no_auth else args.password, base_config=base_config,
                          check_config=not args.no_check, haproxy_bin=args.haproxy, live=args.live or None,
                          reload_delay=args.reload_delay)
@@ -2645,7 +2648,7 @@ def main(argv=None) -> int:
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, lambda *_: stop.set())
     fake.start()
-    print(f"fake dataplaneapi {args.api} listening on {fake.url}{fake.base}", flush=True)
+    print(f"fake dataplaneapi {fake.traits.release} ({fake.api}) listening on {fake.url}{fake.base}", flush=True)
     try:
         while not stop.wait(0.5):
             pass

@@ -143,6 +143,16 @@ def test_info_answers_only_under_its_own_base(fake, api):
     assert status == 404 and error["code"] == 404
 
 
+@pytest.mark.parametrize("personality", ["3.2", "3.4"])
+def test_unknown_paths_and_authentication(personality):
+    """go-swagger routes first (404 without credentials); the oapi server authenticates in
+    front of the router (dataplaneapi v3.3.6 UPGRADE.md)."""
+    with fdp.FakeDataPlane(personality=personality, check_config=False) as fake:
+        api = Api(fake)
+        assert api.call("GET", "/services/nope", auth=False)[0] == (404 if personality == "3.2" else 401)
+        assert api.call("GET", "/services/nope")[0] == 404
+
+
 def test_basic_auth_is_required(fake, api):
     status, headers, _ = api.call("GET", "/info", auth=False)
     assert status == 401 and "Basic" in headers["WWW-Authenticate"]
@@ -1137,6 +1147,41 @@ def test_requests_are_recorded(fake, api):
     assert fake.requests == []
 
 
+def test_command_line_options():
+    args = fdp.build_parser().parse_args([])
+    assert (args.reload_delay, args.personality, args.api) == (5.0, None, None)
+    args = fdp.build_parser().parse_args(["--personality", "3.3.6", "--reload-delay", "0.5"])
+    assert (args.reload_delay, args.personality) == (0.5, "3.3.6")
+    with pytest.raises(SystemExit):
+        fdp.build_parser().parse_args(["--personality", "3.1"])
+
+
+def test_standalone_personality_and_reload_delay():
+    proc = subprocess.Popen([sys.executable, os.path.join(HERE, "fake_dataplane.py"), "--port", "0",
+                             "--personality", "3.0", "--reload-delay", "0.1", "--no-check"],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        line = proc.stdout.readline()
+        assert "v3.0.23" in line
+        url = re.search(r"(http://127\.0\.0\.1:\d+)/v3", line).group(1)
+        fake = type("Remote", (), {"url": url, "base": "/v3", "version": 1, "api": "v3"})()
+        api = Api(fake)
+        assert api.call("GET", "/info")[2]["api"]["version"].startswith("v3.0.23")
+        rid = api.commit(api.start())[1]["Reload-ID"]
+        deadline = time.monotonic() + 5
+        while reload_of(api, rid)["status"] != "succeeded":
+            assert time.monotonic() < deadline
+            time.sleep(0.05)
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(timeout=10) == 0
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait(timeout=5)
+        proc.stdout.close()
+        proc.stderr.close()
+
+
 def test_standalone_command_line(tmp_path):
     seed = tmp_path / "seed.json"
     seed.write_text(json.dumps({"be_app": backend_body(servers=[server_body()])}))
@@ -1257,3 +1302,36 @@ def test_live_haproxy_reloads_on_commit_and_applies_runtime_changes():
         alpha.close()
         beta.close()
     assert not any(_alive(pid) for pid in [master] + workers)
+
+
+def test_live_failed_reload_puts_the_last_good_file_back():
+    alpha, beta = NamedServer("127.0.0.2", "alpha"), NamedServer("127.0.0.3", "beta")
+    frontend_port = fdp._free_port()
+    fake = fdp.FakeDataPlane("v3", base_config=fdp.frontend_config(frontend_port, default_backend="be_app"),
+                             live=True, reload_delay=DELAY)
+    fake.seed({"be_app": backend_body(servers=[server_body("srv1", "127.0.0.2", alpha.port)])}, bump=False)
+    api = Api(fake)
+    try:
+        fake.start()
+        live = fake.live
+        good = fake.running_render()
+        fake.reload_fail()
+        tid = api.start()
+        srv2 = server_body("srv2", "127.0.0.3", beta.port)
+        assert api.call("POST", q(servers_path("v3", "be_app"), transaction_id=tid), srv2)[0] == 202
+        assert api.commit(tid)[0] == 202
+        settle(fake)
+        with open(live.cfg_path) as f:
+            assert f.read() == good == fake.file_text()                 # the last good file is back
+        assert live.reload_count() == 0 and who_answers(frontend_port) == {"alpha"}
+        assert "srv2" in fake.backends["be_app"]["servers"]
+        api.commit(api.start())                                         # writes the API's configuration
+        settle(fake)
+        assert live.reload_count() == 1 and who_answers(frontend_port) == {"alpha", "beta"}
+        with open(live.cfg_path) as f:
+            assert f.read() == fake.running_render() == fake.render()
+        assert fake.violations == [] and fake.errors == []
+    finally:
+        fake.stop()
+        alpha.close()
+        beta.close()
