@@ -1,104 +1,244 @@
 #!/usr/bin/env python3
-"""An emulator of the HAProxy Data Plane API (v2 or v3) for the test bed.
+"""An emulator of the HAProxy Data Plane API for the test bed, release by release.
 
-There is no dataplaneapi binary in the test bed; this file stands in for it.
-It keeps an in-memory configuration of backends and servers, speaks the v2 or
-v3 REST dialect, validates every request body against the official
-specification in ``spec/``, renders a complete ``haproxy.cfg`` and checks
-every change with the real ``haproxy -c``. Optionally it drives a real HAProxy
-(master-worker) so tests can send real traffic through it.
+There is no dataplaneapi binary in the test bed; this file stands in for it. It keeps an
+in-memory configuration of backends and servers, speaks the v2 or v3 REST dialect of one
+dataplaneapi release (its "personality"), validates every request body against the official
+specification in ``spec/``, renders a complete ``haproxy.cfg``, checks every change with the
+real ``haproxy -c``, reloads on dataplaneapi's ticker, and optionally drives a real HAProxy
+(master-worker) so tests can send real traffic through it. It is never more lenient than the
+release it plays; where it is stricter, it says so below and records the client bug.
 
 Usage in tests::
 
     from fake_dataplane import FakeDataPlane, frontend_config
 
-    with FakeDataPlane(api="v3") as fake:          # v2 or v3, one per instance
+    with FakeDataPlane(personality="3.2", reload_delay=0.05) as fake:
         ... point the client at fake.url, user fake.username / fake.password ...
+        fake.wait_reloads()                        # the reload ticker came and went
         assert fake.violations == []               # end every test with this
 
-End every test with ``assert fake.violations == [] and fake.errors == []``:
-violations are client bugs (invalid bodies...), errors are emulator crashes.
+``personality`` is one of PERSONALITIES: "2.9" (the v2 API), "3.0", "3.2", "3.3.6", "3.4"
+(v3). The old ``api="v2"|"v3"`` still works and means "2.9" or "3.4"; ``personality`` wins.
+End every test with ``assert fake.violations == [] and fake.errors == []``: violations are
+client bugs (invalid bodies, unknown fields...), errors are emulator crashes.
 
-Introspection: ``version``, ``backends`` (deep copy), ``server(b, s)``,
+What a caller must know (changes from the emulator before personalities):
+
+* ``reload_delay`` defaults to 5 s, dataplaneapi's ``--reload-delay`` (0 also means 5 s, as
+  there). Reloads run on a ticker: a commit answers 202 + ``Reload-Id`` and its reload runs
+  at the next tick. Tests pass a short delay (0.05) and call ``fake.wait_reloads()`` before
+  asserting on ``fake.reloads``, ``running_backends`` or reload records.
+* Unknown body fields are answered 2xx and forgotten by every release; the emulator no
+  longer answers 422 for them (``reject_unknown_fields=True`` brings that back). Each one is
+  still a violation, and is listed in ``fake.forgotten`` as (model, dotted path).
+* What HAProxy runs is kept apart from what the API answers: ``running_backends``,
+  ``running_render()``; ``file_text()`` is what the configuration file holds.
+* The header is sent as Go writes it: ``Reload-Id`` (HTTP header names are case-insensitive).
+* New: ``personality``, ``traits`` (the Personality), ``forgotten``, ``forget_fields=``,
+  ``rng=``, ``reload_retention=``, ``reload_duration``, ``restart()``, ``reload_fail(n)``,
+  ``wait_reloads(timeout)``, ``pending_reload``, ``reloading``, ``reload_history``,
+  ``running_backends``, ``running_render()``, ``file_text()``, ``operational_states``,
+  ``restarts``. The command line takes ``--personality`` and ``--reload-delay`` (default 5).
+
+Introspection: ``version``, ``backends`` (deep copy of what the API answers), ``server(b, s)``,
 ``open_transactions()``, ``transactions()``, ``requests`` (``reset_requests()``,
-``count_requests()``), ``reloads``, ``runtime_changes``, ``commits``, ``checks``,
-``check_failures``, ``last_check_output``, ``unrendered``, ``render()``, ``admin_states``
-(runtime drains under way); ``sessions[(backend, server)] = n`` sets a server's current
+``count_requests()``), ``reloads`` (HAProxy reloads performed, failed ones too),
+``reload_history``, ``runtime_changes``, ``commits``, ``checks``, ``check_failures``,
+``last_check_output``, ``unrendered``, ``render()``, ``admin_states`` (runtime states that
+differ from what HAProxy loaded); ``sessions[(backend, server)] = n`` sets a server's current
 sessions for the native stats (a live HAProxy reports its own).
-Faults: ``add_fault(method, PATH_..., status=, message=, delay=, drop=, times=,
-after=)``. Changes behind the client's back: ``seed()``, ``edit_server()``,
-``remove_server()``, ``remove_backend()``. A real HAProxy: ``live=True`` or
-``live=LiveHAProxy(...)`` (``fake.live.reload_count()`` is HAProxy's own count).
+Faults: ``add_fault(method, PATH_..., status=, message=, delay=, drop=, times=, after=)``;
+``reload_fail(n)`` / ``fail_reloads`` (the next n reloads fail), ``reload_duration`` (seconds
+a reload takes), ``runtime_broken``, ``runtime_gap``; ``restart()`` (dataplaneapi restarts).
+Changes behind the client's back (another party wrote the file and HAProxy reloaded it):
+``seed()``, ``edit_server()``, ``remove_server()``, ``remove_backend()``. A real HAProxy:
+``live=True`` or ``live=LiveHAProxy(...)`` (``fake.live.reload_count()`` is HAProxy's own count).
 
 Standalone, until SIGTERM or Ctrl-C::
 
-    python3 testing/fake_dataplane.py --port 5555 --api v3 \\
+    python3 testing/fake_dataplane.py --port 5555 --personality 3.2 [--reload-delay 5] \\
         [--user admin --password adminpwd] [--base-config FILE] [--seed FILE.json] \\
         [--no-check] [--live] [--haproxy /usr/sbin/haproxy]
 
-What it does the way dataplaneapi does (read in haproxytech/dataplaneapi
-handlers/transaction.go, handlers/server.go, handlers/runtime.go, misc/misc.go,
-rate/, adapters/adapters.go, handlers/configuration/*/ for 3.4; and
-haproxytech/client-native configuration/transaction.go, server.go,
-configuration.go, structured_backends.go, errors.go):
+THE TABLE: behaviours that differ between releases, or from this emulator's old behaviour
+----------------------------------------------------------------------------------------
 
-* every write takes exactly one of ``transaction_id`` or ``version``; a plain
-  (versioned) write is an implicit transaction committed at once, so it is
-  checked with ``haproxy -c`` and bumps the version by one, changed or not;
-* a write that fails inside an explicit transaction leaves the transaction open
-  (client-native's HandleError deletes only implicit ones), holding whatever the
-  write changed before it failed; the emulator's own writes fail before they
-  change anything (as schema errors do), and ``add_fault(..., after=True)`` stands
-  in for a write that failed half-way (client-native's structured backend edit
-  deletes the section before rebuilding it);
-* a commit bumps the version by one (even when empty), asks for a reload and
-  marks every other open transaction outdated, which drops it: a write in it
-  answers 400 "transaction does not exist", its commit 406 (dataplaneapi 2.9
-  misc/misc.go:84-89, handlers/transaction.go:88-94,163-201); at most
-  ``max_open_transactions`` (20) may be in progress;
-* a commit answers 202 with a ``Reload-ID``; the reload runs ``reload_delay``
-  later, is shared by every reload asked for meanwhile, and can fail
-  (``fail_reloads``); ``GET /services/haproxy/reloads/{id}`` says in_progress,
-  succeeded or failed (haproxy/reload_agent.go);
-* a full-section POST/PUT rebuilds the backend from the body alone: child lists
-  it lacks are gone, the section moves to the end of the file, servers are
-  written in string order of their names (srv1, srv10, srv2: client-native
-  6.2.7+ configuration/structured_backends.go);
-* a plain server PUT whose difference from the server on disk is limited to
-  weight, address, port, maintenance, agent-check, agent-addr, agent-send and
-  health_check_port is applied with runtime commands, in dataplaneapi's order
-  (state before address: unparking in one PUT is ready at the parked address for
-  a moment; ``runtime_gap`` widens that moment), and answers 200 without a
-  reload (``changeThroughRuntimeAPI``); a failed runtime command
-  (``runtime_broken``) or any other plain write reloads and answers 202;
-* the runtime server endpoint (v2 ``/runtime/servers/{name}?backend=``, v3
-  ``/runtime/backends/{b}/servers/{name}``) sets the admin state with ``set server
-  B/S state ...`` (only when it differs), answers 200 with the runtime server, writes
-  nothing, reloads nothing and leaves the version alone; an unknown backend or server
-  is 404; every reload forgets the runtime state (dataplaneapi v3.2
-  handlers/runtime_server.go:106-157). ``/services/haproxy/stats/native`` answers v2 with
-  a list of collections and v3 with one, filtered as handlers/stats.go does (400 for a
-  name without a type, or a server without its parent); live, scur comes from ``show stat``;
-* a plain server POST is added at runtime (201, no reload) when neither the
-  backend nor the defaults carry a ``default_server`` and the server has no
-  ``id``; dataplaneapi 2.9.x never does this (it converts into a nil pointer),
-  so the v2 emulator, which serves the 2.9 specification, reloads by default
-  (``runtime_add_server`` overrides either way).
+Sources: dataplaneapi = github.com/haproxytech/dataplaneapi, cn = github.com/haproxytech/
+client-native, read at the tags named (file:lines at that tag). Releases played: 2.9 =
+dataplaneapi v2.9.27 (cn v5.1.28, go-swagger, v2 API); 3.0 = v3.0.23 (cn v6.0.27, go-swagger);
+3.2 = v3.2.15 (cn v6.2.17, go-swagger); 3.3.6 (cn v6.3.10; the first release on chi +
+oapi-codegen, UPGRADE.md); 3.4 = v3.4.2 (cn v6.4.1, chi + oapi-codegen). cn v5.1.28, v6.0.27,
+v6.2.17, v6.3.10 and v6.4.1 are not in the snapshot read; the nearest tags were read (v5.1.27,
+v6.0.26 = head of branch v6.0, v6.2.16, v6.3.9, v6.4.0) and dataplaneapi's embedded spec
+checked for the fields concerned.
 
-Where it is deliberately stricter than dataplaneapi, so that client bugs fail
-loudly (all of these are recorded in ``fake.violations``):
+a. Server order after a full-section POST/PUT (v3 only; 2.9 has no full_section).
+   3.0: Go map order, a new random order per write (``rng=`` seeds it). 3.2, 3.3.6, 3.4:
+   string order of the names (srv1, srv10, srv2). GET answers the map with sorted keys in
+   every release (Go's JSON encoder).
+   cn v6.0.26 configuration/structured_backends.go:294 ranges over b.Servers (a map); cn
+   v6.2.7 :293-304 sorts the names (commit f16d6633), first taken by dataplaneapi v3.2.8
+   (go.mod: v3.2.7 cn v6.2.6, v3.2.8 cn v6.2.7); the v6.0 and v6.1 branches never got it.
 
-* request bodies must match the specification; ``null`` is accepted only where
-  the model is nullable (Go would quietly read ``null`` as "unset");
-* an unknown field is dropped silently by both go-swagger (v2, 3.0-3.2) and the
-  3.4 handlers, which decode into Go structs; the emulator records it, and the
-  v3 emulator also answers 422 because the published v3.4 OpenAPI models say
-  ``additionalProperties: false``;
-* a v3 backend POST/PUT that carries ``servers`` without ``full_section=true``
-  is recorded (dataplaneapi ignores those servers).
+b. Unknown body fields: every release answers 2xx and forgets them (before: the emulator
+   answered 422 on v3). go-swagger (2.9, 3.0, 3.2) decodes with the route's JSON consumer and
+   only runs Validate (dataplaneapi v2.9.27 operations/backend/create_backend_parameters.go:
+   93-102); the oapi releases check the body only against a stub schema (``backend: {type:
+   object, x-go-type: models.Backend}`` in the spec embedded in handlers/configuration/backend/
+   backend.gen.go; validator handlers/middleware/middleware.go:48-129) and decode it with
+   respond.DecodeJSON, a json.Decoder without DisallowUnknownFields, then Validate
+   (v3.3.6 and v3.4.2 handlers/respond/respond.go:187-211). Each release's models are its
+   own: 3.0 lacks the backend and server fields added in cn 6.1/6.2 (metadata,
+   hash_preserve_affinity, ... see Personality.absent), 3.3.6 lacks use_small_buffers,
+   filter_sequence_list, quic-cc-algo, quic_cc_algo_max_window. Recorded in violations and
+   ``fake.forgotten``.
+   Body errors: go-swagger serves the first error, body code 6xx; the oapi releases serve
+   every leaf error joined by newlines with code 422 (v3.4.2 respond.go:217-238; UPGRADE.md).
+   Query parameter errors: go-swagger 422 (6xx); oapi-codegen 400 "Query argument X is
+   required, but not found" / "Invalid format for parameter X: ..." (v3.4.2
+   handlers/dataplane/transactions/transactions.gen.go:174-183, 320-322, 342-344).
 
-Status codes of schema violations are those of the real servers: 422 for
-bodies (go-swagger and the 3.4 validator both use it), 400 for malformed JSON.
+c. Backend ``http_proxy``: kept by 2.9, 3.0, 3.2 (it is in their models; HAProxy 2.6 then
+   refuses ``option http_proxy`` at commit, 400); 3.3.6 and 3.4: not in the model, 2xx and
+   forgotten (a violation, and ("backend", "http_proxy") in fake.forgotten). cn commit
+   2ae50a48 "remove unsupported http-use-htx and http-proxy options" is in v6.3.9, not in
+   v6.3.8; dataplaneapi v3.3.5 go.mod takes cn v6.3.8, v3.3.6 takes v6.3.10 (its embedded spec
+   lost http_proxy; v3.3.5's, v3.2.15's and v3.0.23's still have it). ``forget_fields=
+   {"backend": {...}, "server": {...}}`` makes any field behave so (2xx, not kept, listed in
+   fake.forgotten, not a violation).
+
+d. Runtime server endpoint for an unknown backend or server (v2 /runtime/servers/{name}?
+   backend=B, v3 /runtime/backends/{B}/servers/{name}): client-native's "no data for B/S: not
+   found" (cn v5.1.27 runtime/runtime_client.go:458). GET: 404 everywhere (isNotFoundError).
+   PUT: 500 on 2.9 and 3.0 (and 3.1): misc.HandleError's default case (dataplaneapi v2.9.27
+   and v3.0.23 misc/misc.go:100-103); 404 from 3.2.0, which maps cn's ErrNotFound (v3.2.15
+   misc/misc.go:103; v3.4.2 :100-104). "Unknown" now means: not in what HAProxy runs (after
+   a failed reload, or before the tick, the API knows servers HAProxy does not).
+
+e. Runtime server PUT body: 2.9, 3.0, 3.2 apply operational_state then admin_state
+   (v2.9.27 handlers/runtime_server.go:105-153; v3.0.23/v3.2.15 :106-153); address and port are
+   read-only fields of that model (ignored: a violation) and weight is not in it (forgotten).
+   3.3.6, 3.4 also apply weight, then address/port ("set server B/S addr A port P"), each only
+   when it differs (from v3.3.1 handlers/runtime_server.go:107-211, cn v6.3.2 models/
+   runtime_server.go:155; v3.4.2 handlers/runtime/servers/servers.go:183-293).
+
+f. Reloads on a ticker (same code in every release: v2.9.27 haproxy/reload_agent.go and
+   v3.4.2 reload_agent/reload_agent.go differ in imports and the runtime interface only).
+   A ticker of reload_delay (default 5 s; 0 means 5 s: :115-123 / v3.4.2 :110-118; config
+   v2.9.27 configuration/configuration.go:61) runs the one pending reload at each tick
+   (handleReloads :180-193); every reloading write since the last tick gets the same id
+   (Reload :257-266), "YYYY-MM-DD-N" with N from 0 per start (newReload :331-338). The agent
+   holds its cache lock for the whole reload (handleReload :153-178): GET
+   /services/haproxy/reloads[/{id}] and every write asking for a reload wait until it ends,
+   then the write gets the next id. GET /reloads/{id} (GetReload :420-471): pending ->
+   {"status": "in_progress"} with the running reload's id, which is empty then, so no "id"
+   (:430-435); failed ones kept for --reload-retention days (1; :354-387); the last success;
+   an id without record older than the last success (by date, or else by counter alone)
+   -> a made-up {"id", "status": "succeeded"} (:446-468); else 404 "Reload with ID X does not
+   exist" (handlers/reloads.go:40-52). A malformed id: 422 (go-swagger) / 400 (oapi), pattern
+   ^\\d{4}-\\d{2}-\\d{2}-\\d+$. GET /reloads (GetReloads :389-418): failed ones (map order),
+   last success, running, pending. ``wait_reloads()`` waits for the tick; ``reload_duration``
+   makes a reload take time.
+
+g. Failed reloads: the agent copies the file to .bck, copies the last-known-good copy over
+   the file, and removes the .bck on return (:208-223; v3.4.2 :203-218): HAProxy is neither
+   restarted nor reloaded with it, and the failed configuration survives only in memory.
+   Every GET keeps answering the committed configuration (cn's in-memory parser); the file
+   watcher does not reload the restored file, which carries a valid "# _md5hash" line
+   (dataplaneapi v2.9.27 configuration/watcher.go:79-81, 99-113; client-native/cn.go:40
+   UseMd5Hash). A successful reload copies the file as it is then to the last-known-good copy
+   (:227). The next commit writes its whole configuration to the file (cn v5.1.27
+   configuration/transaction.go:201; transactions start from the in-memory parser: persistent
+   transactions save it to their file, :546-566, and parse that, configuration.go:104-142),
+   so its reload brings HAProxy up to date. Emulated: ``running_backends``/``running_render()``
+   (what HAProxy runs), ``file_text()``; live, the last-known-good text is written back to
+   the file HAProxy reads.
+
+h. force_reload=true (commit 200, create 201, replace 200, delete 204): synchronous. With a
+   reload pending it runs now, recorded under its id; otherwise a reload with the id "force"
+   that no record keeps (ForceReload :268-284). A failure is a ReloadError "Reload failed:
+   ERR, OUTPUT" answered 400 (misc.HandleError v2.9.27 misc/misc.go:92-95, v3.4.2 :89-92); the
+   change stays committed. ``fake.reload_history`` lists both kinds.
+
+i. restart(): the pending reload is lost, the records are forgotten, the counter restarts at
+   0 (so an old "-0" id can answer for the new one), a new ticker period begins, the file
+   becomes the last-known-good copy (NewReloadAgent :93-137). The configuration and version
+   are read from the file (cn interface.go:79-145, version from "# _version", configuration.go:
+   182-191): after a failed reload that is the last-known-good one, and the version goes back.
+   In-progress transactions survive with their version, failed/outdated ones stay listed
+   (persistent transactions, dataplaneapi client-native/cn.go:37; cn transaction-handling.go:
+   36-59). No reload at startup (no Reload() call outside the handlers, configure_data_plane.go).
+
+j. Transactions: 429 "cannot start a new transaction, reached the maximum amount of 20 active
+   transactions available" when 20 are in progress (only in_progress count: v2.9.27
+   configure_data_plane.go:302-321, rate/threshold_limit.go:22-27). A commit marks every other
+   in_progress transaction whose version is <= the committed one's outdated (handlers/
+   transaction.go:190-201). GET /transactions lists the transaction directory in name order:
+   failed/, in-progress files, outdated/, each by id (cn transaction.go:447-514); failed and
+   outdated ones carry no "_version" (their version is read with the id as a file path and
+   comes back 0, :533-536, 668-691, transaction-handling.go:78-91); ?status= takes failed or
+   in_progress (422/400 otherwise). A plain write that fails ``haproxy -c`` is listed as a
+   failed transaction (SaveData :697-724).
+
+k. Plain (versioned) server PUT, changeThroughRuntimeAPI (v2.9.27 handlers/runtime.go:29-238;
+   v3.4.2 handlers/configuration/server/server.go:295-437): the file is written first; no
+   runtime client -> reload; no difference -> 200; a difference outside Weight, Address, Port,
+   Maintenance, AgentCheck, AgentAddr, AgentSend, HealthCheckPort -> reload. Otherwise the
+   commands go out in models.Server's field order (agent-addr, agent-check, agent-send,
+   health_check_port, maintenance, weight, address, port: cn models/server.go, server_params.go)
+   and a pointer field (weight, health_check_port, port) that differs and is absent from the
+   new body panics at its dereference, after the commands before it were sent; the recovered
+   panic, or a failed command, means a reload: 202 + Reload-Id (with force_reload 200).
+   Commands now act on what HAProxy runs (a server it does not run: "No such server.", reload).
+
+l. Also: DELETE of a missing transaction 404 "transaction does not exist: transaction file X
+   does not exist", GET/commit 404 "... transaction X does not exist" (transaction.go:82-117,
+   155-162; cn :609); a write or read with an outdated transaction_id 400 "transaction does
+   not exist: ID", GET version?transaction_id= of one 400 too (was 404: cn version.go:23-34);
+   commit of an outdated or failed one 406, of a stale one 409 (then outdated); plain writes
+   answer 202 + Reload-Id, 200/201/204 when forced or applied at runtime; the oapi releases
+   authenticate before routing (401 for unknown paths without credentials, UPGRADE.md);
+   a plain server POST is added at runtime (201) on 3.x only when no default_server applies
+   and HAProxy runs the backend (2.9 converts into a nil pointer and always reloads:
+   handlers/server.go:113-130); runtime_server answers carry weight on 3.3.6+.
+
+The same in every release (and as before):
+
+* every write takes exactly one of ``transaction_id`` or ``version``; a plain (versioned)
+  write is an implicit transaction committed at once: checked with ``haproxy -c``, version
+  + 1 whether anything changed or not, file written, then a reload asked for;
+* a write that fails inside an explicit transaction leaves the transaction open (cn's
+  HandleError deletes only implicit ones), holding whatever the write changed before it
+  failed; the emulator's writes fail before they change anything (as schema errors do), and
+  ``add_fault(..., after=True)`` stands in for a write that failed half-way;
+* a full-section POST/PUT rebuilds the backend from the body alone: child lists it lacks are
+  gone, the section moves to the end of the file; POST of an existing one is 404 "backend X
+  already exist" (cn structured_backends.go:114-128);
+* unparking in one plain PUT sends ``set server ... state ready`` before ``set server ...
+  addr`` (the field order of k): the server is ready at the parked address for a moment
+  (``runtime_gap`` widens it);
+* the runtime server endpoint and native stats ask HAProxy: no version, no reload, nothing
+  written; a successful reload forgets runtime state, a failed one keeps the old workers
+  and theirs. Native stats: v2 a list of collections, v3 one (handlers/stats.go).
+
+Deliberately stricter than dataplaneapi (each recorded in ``fake.violations``):
+
+* ``null`` is accepted only where the model is nullable (Go would read it as "unset");
+* an unknown field, a field the release's model lacks, or a read-only runtime_server field
+  is answered as the release answers it (2xx, forgotten or ignored) but recorded;
+* a v3 backend POST/PUT that carries ``servers`` without ``full_section=true`` (dataplaneapi
+  ignores those servers);
+* 3.0 is validated with the 3.2 specification minus the fields 3.0 lacks, and 3.3.6 with
+  the 3.4 one minus the fields 3.3.6 lacks: enum or pattern differences between those
+  releases, if any, are not modelled (none in the backend and server models).
+
+As lenient as the real server: unknown fields (2xx, dropped), the runtime PUT's read-only
+fields (ignored), the made-up "succeeded" for old reload ids. Reproduced on purpose: a
+commit whose file write lands while a reload runs that then fails loses its file to the
+last-known-good copy, as the agent's copy does. Not emulated: the rollback commands of a
+failed runtime server PUT (here a failure is always the first command's) and Go's
+writer-preferring RWMutex.
 """
 from __future__ import annotations
 
@@ -167,6 +307,10 @@ class Personality:
 _SERVER_FIELDS_AFTER_6_0 = frozenset({"check-pool-conn-name", "check-reuse-pool", "idle_ping", "init-state",
                                       "sslv3", "strict-maxconn", "tlsv10", "tlsv11", "tlsv12", "tlsv13"})
 
+# The releases the emulator plays; the letters are the rows of the TABLE in the module docstring:
+# server_order (a), spec/absent (b, c), flavor (b, l), runtime_put_missing (d),
+# runtime_put_fields (e), runtime_add_server (l). The reload agent (f-i), transactions (j)
+# and changeThroughRuntimeAPI (k) are the same code in every release.
 PERSONALITIES = {
     "2.9": Personality("2.9", "v2", "v2.9.27", "v5.1.28", "v2", "swagger", "file", 500,
                        ("operational_state", "admin_state"), False),
