@@ -245,6 +245,7 @@ from __future__ import annotations
 import argparse
 import base64
 import copy
+import dataclasses
 import datetime
 import hashlib
 import json
@@ -260,7 +261,6 @@ import tempfile
 import threading
 import time
 import uuid
-from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from urllib.parse import parse_qs, unquote, urlsplit
 
@@ -285,7 +285,7 @@ SPEC_FILES = {
 }
 
 
-@dataclass(frozen=True)
+@dataclasses.dataclass(frozen=True)
 class Personality:
     """One dataplaneapi release as the emulator plays it (see the TABLE in the module docstring)."""
     name: str
@@ -301,7 +301,7 @@ class Personality:
     # Fields the spec file models have but this release's models lack, by definition name
     # (the spec files in spec/ are one per family; these are the differences measured with
     # client-native v6.0.26 vs v6.2.16 and dataplaneapi v3.3.6 vs v3.4.2 specifications).
-    absent: dict = field(default_factory=dict)
+    absent: dict = dataclasses.field(default_factory=dict)
 
 
 _SERVER_FIELDS_AFTER_6_0 = frozenset({"check-pool-conn-name", "check-reuse-pool", "idle_ping", "init-state",
@@ -1293,7 +1293,7 @@ class FakeDataPlane:
                  live: "LiveHAProxy | bool | None" = None, spec_dir: str | None = None,
                  reload_delay: float = DEFAULT_RELOAD_DELAY, reload_retention: float = DEFAULT_RELOAD_RETENTION,
                  forget_fields: dict | None = None,
-                 rng: "random.Random | int | None" = None):
+                 rng: random.Random | int | None = None):
         if api is not None and api not in API_PERSONALITY:
             raise ValueError(f"api must be 'v2' or 'v3', got {api!r}")
         if personality is None:
@@ -1660,6 +1660,7 @@ class FakeDataPlane:
             self.live.reload()
             self.external_reloads += 1
         self.admin_states.clear()
+        self.operational_states.clear()
 
     # --- state transitions shared by the endpoints ---
 
@@ -1721,7 +1722,7 @@ class FakeDataPlane:
                         return
                     if self._agent.next:
                         self._agent_handle(self._agent.next)
-            except Exception as exc:                       # an emulator bug: make it visible
+            except Exception as exc:  # noqa: BLE001    # an emulator bug: make it visible
                 self.errors.append(f"reload ticker: {exc!r}")
             k += 1
             now = time.monotonic()
@@ -2586,7 +2587,9 @@ class FakeDataPlane:
             commands.append(f"set server {target} health {body['operational_state']}")
         if body.get("admin_state") and body["admin_state"] != now["admin_state"]:
             commands.append(f"set server {target} state {body['admin_state']}")
-        if "weight" in fields and body.get("weight") is not None and body["weight"] != server.get("weight"):
+        # rs.Weight is HAProxy's user weight, 1 when the configuration sets none (cn v6.4.0
+        # runtime/servers.go:211-215)
+        if "weight" in fields and body.get("weight") is not None and body["weight"] != server.get("weight", 1):
             commands.append(f"set server {target} weight {body['weight']}")
         if "address" in fields:
             address_changed = bool(body.get("address")) and body["address"] != server.get("address")

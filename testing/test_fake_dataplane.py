@@ -165,7 +165,7 @@ def test_version_endpoint_and_header(fake, api):
     assert (status, version, headers["Configuration-Version"]) == (200, 1, "1")
     status, headers, _ = api.call("POST", q(f"{CFG}/backends", version=1), backend_body())
     assert status == 202 and headers["Configuration-Version"] == "2" and "Reload-ID" in headers
-    assert "Reload-Id" in headers.keys()             # Go's canonical spelling on the wire
+    assert any(name == "Reload-Id" for name, _ in headers.items())   # Go's canonical spelling
     assert api.call("GET", f"{CFG}/version")[2] == 2 == fake.version
 
 
@@ -974,11 +974,13 @@ def test_runtime_add_server_needs_the_backend_in_haproxy(personality):
 def test_runtime_server_put_fields_per_release(personality):
     with fdp.FakeDataPlane(personality=personality, reload_delay=DELAY) as fake:
         api = Api(fake)
-        seed_app(fake, server_body(weight=10))
+        seed_app(fake, server_body(weight=10), server_body("srv2"))
         path = runtime_path(fake.api, "be_app", "srv1")
         status, _, body = api.call("PUT", path, {"admin_state": "drain", "weight": 20,
                                                  "address": "10.0.0.9", "port": 9000})
         assert status == 200 and body["admin_state"] == "drain"
+        assert fake.backends["be_app"]["servers"]["srv1"] == server_body(weight=10)   # nothing written
+        assert fake.reloads == 0
         if personality in ("3.3.6", "3.4"):       # weight, then address/port, from 3.3.1
             assert fake.runtime_changes == ["set server be_app/srv1 state drain", "set server be_app/srv1 weight 20",
                                             "set server be_app/srv1 addr 10.0.0.9 port 9000"]
@@ -986,13 +988,14 @@ def test_runtime_server_put_fields_per_release(personality):
             assert fake.running_backends["be_app"]["servers"]["srv1"] == server_body(address="10.0.0.9", port=9000,
                                                                                      weight=20)
             assert fake.violations == [] and fake.forgotten == []
+            fake.runtime_changes.clear()          # HAProxy's weight is 1 when the file sets none
+            assert api.call("PUT", runtime_path("v3", "be_app", "srv2"), {"weight": 1})[2]["weight"] == 1
+            assert fake.runtime_changes == []
         else:                                     # weight is not in the model, address/port read-only
             assert fake.runtime_changes == ["set server be_app/srv1 state drain"]
             assert (body["address"], body["port"]) == ("10.0.0.4", 8080) and "weight" not in body
             assert fake.forgotten == [("runtime_server", "weight")]
             assert len(fake.violations) == 3       # weight unknown, address and port ignored
-        assert fake.backends["be_app"]["servers"]["srv1"] == server_body(weight=10)   # nothing written
-        assert fake.reloads == 0
 
 
 def test_runtime_plan_follows_change_through_runtime_api():
