@@ -2177,7 +2177,11 @@ class FakeDataPlane:
             else:
                 with self._lock:
                     response = self._call(handler, req)
-            return self._finish(response)
+            try:
+                return self._finish(response)
+            except Exception as exc:  # noqa: BLE001    # an emulator bug: make it visible
+                self.errors.append(f"{req.method} {req.path} (reload agent): {exc!r}")
+                return _Response(500, {"code": 500, "message": f"fake_dataplane internal error: {exc!r}"})
         finally:
             if commit:
                 self._commit_lock.release()
