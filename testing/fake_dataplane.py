@@ -1,114 +1,256 @@
 #!/usr/bin/env python3
-"""An emulator of the HAProxy Data Plane API (v2 or v3) for the test bed.
+"""An emulator of the HAProxy Data Plane API for the test bed, release by release.
 
-There is no dataplaneapi binary in the test bed; this file stands in for it.
-It keeps an in-memory configuration of backends and servers, speaks the v2 or
-v3 REST dialect, validates every request body against the official
-specification in ``spec/``, renders a complete ``haproxy.cfg`` and checks
-every change with the real ``haproxy -c``. Optionally it drives a real HAProxy
-(master-worker) so tests can send real traffic through it.
+There is no dataplaneapi binary in the test bed; this file stands in for it. It keeps an
+in-memory configuration of backends and servers, speaks the v2 or v3 REST dialect of one
+dataplaneapi release (its "personality"), validates every request body against the official
+specification in ``spec/``, renders a complete ``haproxy.cfg``, checks every change with the
+real ``haproxy -c``, reloads on dataplaneapi's ticker, and optionally drives a real HAProxy
+(master-worker) so tests can send real traffic through it. It is never more lenient than the
+release it plays; where it is stricter, it says so below and records the client bug.
 
 Usage in tests::
 
     from fake_dataplane import FakeDataPlane, frontend_config
 
-    with FakeDataPlane(api="v3") as fake:          # v2 or v3, one per instance
+    with FakeDataPlane(personality="3.2", reload_delay=0.05) as fake:
         ... point the client at fake.url, user fake.username / fake.password ...
+        fake.wait_reloads()                        # the reload ticker came and went
         assert fake.violations == []               # end every test with this
 
-End every test with ``assert fake.violations == [] and fake.errors == []``:
-violations are client bugs (invalid bodies...), errors are emulator crashes.
+``personality`` is one of PERSONALITIES: "2.9" (the v2 API), "3.0", "3.2", "3.3.6", "3.4"
+(v3). The old ``api="v2"|"v3"`` still works and means "2.9" or "3.4"; ``personality`` wins.
+End every test with ``assert fake.violations == [] and fake.errors == []``: violations are
+client bugs (invalid bodies, unknown fields...), errors are emulator crashes.
 
-Introspection: ``version``, ``backends`` (deep copy), ``server(b, s)``,
+What a caller must know (changes from the emulator before personalities):
+
+* ``reload_delay`` defaults to 5 s, dataplaneapi's ``--reload-delay`` (0 also means 5 s, as
+  there). Reloads run on a ticker: a commit answers 202 + ``Reload-Id`` and its reload runs
+  at the next tick. Tests pass a short delay (0.05) and call ``fake.wait_reloads()`` before
+  asserting on ``fake.reloads``, ``running_backends`` or reload records.
+* Unknown body fields are answered 2xx and forgotten by every release; the emulator no
+  longer answers 422 for them (``reject_unknown_fields=True`` brings that back). Each one is
+  still a violation, and is listed in ``fake.forgotten`` as (model, dotted path).
+* What HAProxy runs is kept apart from what the API answers: ``running_backends``,
+  ``running_render()``; ``file_text()`` is what the configuration file holds.
+* The header is sent as Go writes it: ``Reload-Id`` (HTTP header names are case-insensitive).
+* New: ``personality``, ``traits`` (the Personality), ``forgotten``, ``forget_fields=``,
+  ``rng=``, ``reload_retention=``, ``reload_duration``, ``restart()``, ``reload_fail(n)``,
+  ``wait_reloads(timeout)``, ``pending_reload``, ``reloading``, ``reload_history``,
+  ``running_backends``, ``running_render()``, ``file_text()``, ``operational_states``,
+  ``restarts``. The command line takes ``--personality`` and ``--reload-delay`` (default 5).
+
+Introspection: ``version``, ``backends`` (deep copy of what the API answers), ``server(b, s)``,
 ``open_transactions()``, ``transactions()``, ``requests`` (``reset_requests()``,
-``count_requests()``), ``reloads``, ``runtime_changes``, ``commits``, ``checks``,
-``check_failures``, ``last_check_output``, ``unrendered``, ``render()``, ``admin_states``
-(runtime drains under way); ``sessions[(backend, server)] = n`` sets a server's current
+``count_requests()``), ``reloads`` (HAProxy reloads performed, failed ones too),
+``reload_history``, ``runtime_changes``, ``commits``, ``checks``, ``check_failures``,
+``last_check_output``, ``unrendered``, ``render()``, ``admin_states`` (runtime states that
+differ from what HAProxy loaded); ``sessions[(backend, server)] = n`` sets a server's current
 sessions for the native stats (a live HAProxy reports its own).
-Faults: ``add_fault(method, PATH_..., status=, message=, delay=, drop=, times=,
-after=)``. Changes behind the client's back: ``seed()``, ``edit_server()``,
-``remove_server()``, ``remove_backend()``. A real HAProxy: ``live=True`` or
-``live=LiveHAProxy(...)`` (``fake.live.reload_count()`` is HAProxy's own count).
+Faults: ``add_fault(method, PATH_..., status=, message=, delay=, drop=, times=, after=)``;
+``reload_fail(n)`` / ``fail_reloads`` (the next n reloads fail), ``reload_duration`` (seconds
+a reload takes), ``runtime_broken``, ``runtime_gap``; ``restart()`` (dataplaneapi restarts).
+Changes behind the client's back (another party wrote the file and HAProxy reloaded it):
+``seed()``, ``edit_server()``, ``remove_server()``, ``remove_backend()``. A real HAProxy:
+``live=True`` or ``live=LiveHAProxy(...)`` (``fake.live.reload_count()`` is HAProxy's own count).
 
 Standalone, until SIGTERM or Ctrl-C::
 
-    python3 testing/fake_dataplane.py --port 5555 --api v3 \\
+    python3 testing/fake_dataplane.py --port 5555 --personality 3.2 [--reload-delay 5] \\
         [--user admin --password adminpwd] [--base-config FILE] [--seed FILE.json] \\
         [--no-check] [--live] [--haproxy /usr/sbin/haproxy]
 
-What it does the way dataplaneapi does (read in haproxytech/dataplaneapi
-handlers/transaction.go, handlers/server.go, handlers/runtime.go, misc/misc.go,
-rate/, adapters/adapters.go, handlers/configuration/*/ for 3.4; and
-haproxytech/client-native configuration/transaction.go, server.go,
-configuration.go, structured_backends.go, errors.go):
+THE TABLE: behaviours that differ between releases, or from this emulator's old behaviour
+----------------------------------------------------------------------------------------
 
-* every write takes exactly one of ``transaction_id`` or ``version``; a plain
-  (versioned) write is an implicit transaction committed at once, so it is
-  checked with ``haproxy -c`` and bumps the version by one, changed or not;
-* a write that fails inside an explicit transaction leaves the transaction open
-  (client-native's HandleError deletes only implicit ones), holding whatever the
-  write changed before it failed; the emulator's own writes fail before they
-  change anything (as schema errors do), and ``add_fault(..., after=True)`` stands
-  in for a write that failed half-way (client-native's structured backend edit
-  deletes the section before rebuilding it);
-* a commit bumps the version by one (even when empty), asks for a reload and
-  marks every other open transaction outdated, which drops it: a write in it
-  answers 400 "transaction does not exist", its commit 406 (dataplaneapi 2.9
-  misc/misc.go:84-89, handlers/transaction.go:88-94,163-201); at most
-  ``max_open_transactions`` (20) may be in progress;
-* a commit answers 202 with a ``Reload-ID``; the reload runs ``reload_delay``
-  later, is shared by every reload asked for meanwhile, and can fail
-  (``fail_reloads``); ``GET /services/haproxy/reloads/{id}`` says in_progress,
-  succeeded or failed (haproxy/reload_agent.go);
-* a full-section POST/PUT rebuilds the backend from the body alone: child lists
-  it lacks are gone, the section moves to the end of the file, servers are
-  written in string order of their names (srv1, srv10, srv2: client-native
-  6.2.7+ configuration/structured_backends.go);
-* a plain server PUT whose difference from the server on disk is limited to
-  weight, address, port, maintenance, agent-check, agent-addr, agent-send and
-  health_check_port is applied with runtime commands, in dataplaneapi's order
-  (state before address: unparking in one PUT is ready at the parked address for
-  a moment; ``runtime_gap`` widens that moment), and answers 200 without a
-  reload (``changeThroughRuntimeAPI``); a failed runtime command
-  (``runtime_broken``) or any other plain write reloads and answers 202;
-* the runtime server endpoint (v2 ``/runtime/servers/{name}?backend=``, v3
-  ``/runtime/backends/{b}/servers/{name}``) sets the admin state with ``set server
-  B/S state ...`` (only when it differs), answers 200 with the runtime server, writes
-  nothing, reloads nothing and leaves the version alone; an unknown backend or server
-  is 404; every reload forgets the runtime state (dataplaneapi v3.2
-  handlers/runtime_server.go:106-157). ``/services/haproxy/stats/native`` answers v2 with
-  a list of collections and v3 with one, filtered as handlers/stats.go does (400 for a
-  name without a type, or a server without its parent); live, scur comes from ``show stat``;
-* a plain server POST is added at runtime (201, no reload) when neither the
-  backend nor the defaults carry a ``default_server`` and the server has no
-  ``id``; dataplaneapi 2.9.x never does this (it converts into a nil pointer),
-  so the v2 emulator, which serves the 2.9 specification, reloads by default
-  (``runtime_add_server`` overrides either way).
+Sources: dataplaneapi = github.com/haproxytech/dataplaneapi, cn = github.com/haproxytech/
+client-native, read at the tags named (file:lines at that tag). Releases played: 2.9 =
+dataplaneapi v2.9.27 (cn v5.1.28, go-swagger, v2 API); 3.0 = v3.0.23 (cn v6.0.27, go-swagger);
+3.2 = v3.2.15 (cn v6.2.17, go-swagger); 3.3.6 (cn v6.3.10; the first release on chi +
+oapi-codegen, UPGRADE.md); 3.4 = v3.4.2 (cn v6.4.1, chi + oapi-codegen). cn v5.1.28, v6.0.27,
+v6.2.17, v6.3.10 and v6.4.1 are not in the snapshot read; the nearest tags were read (v5.1.27,
+v6.0.26 = head of branch v6.0, v6.2.16, v6.3.9, v6.4.0) and dataplaneapi's embedded spec
+checked for the fields concerned.
 
-Where it is deliberately stricter than dataplaneapi, so that client bugs fail
-loudly (all of these are recorded in ``fake.violations``):
+a. Server order after a full-section POST/PUT (v3 only; 2.9 has no full_section).
+   3.0: Go map order, a new random order per write (``rng=`` seeds it). 3.2, 3.3.6, 3.4:
+   string order of the names (srv1, srv10, srv2). GET answers the map with sorted keys in
+   every release (Go's JSON encoder).
+   cn v6.0.26 configuration/structured_backends.go:294 ranges over b.Servers (a map); cn
+   v6.2.7 :293-304 sorts the names (commit f16d6633), first taken by dataplaneapi v3.2.8
+   (go.mod: v3.2.7 cn v6.2.6, v3.2.8 cn v6.2.7); the v6.0 and v6.1 branches never got it.
 
-* request bodies must match the specification; ``null`` is accepted only where
-  the model is nullable (Go would quietly read ``null`` as "unset");
-* an unknown field is dropped silently by both go-swagger (v2, 3.0-3.2) and the
-  3.4 handlers, which decode into Go structs; the emulator records it, and the
-  v3 emulator also answers 422 because the published v3.4 OpenAPI models say
-  ``additionalProperties: false``;
-* a v3 backend POST/PUT that carries ``servers`` without ``full_section=true``
-  is recorded (dataplaneapi ignores those servers).
+b. Unknown body fields: every release answers 2xx and forgets them (before: the emulator
+   answered 422 on v3). go-swagger (2.9, 3.0, 3.2) decodes with the route's JSON consumer and
+   only runs Validate (dataplaneapi v2.9.27 operations/backend/create_backend_parameters.go:
+   93-102); the oapi releases check the body only against a stub schema (``backend: {type:
+   object, x-go-type: models.Backend}`` in the spec embedded in handlers/configuration/backend/
+   backend.gen.go; validator handlers/middleware/middleware.go:48-129) and decode it with
+   respond.DecodeJSON, a json.Decoder without DisallowUnknownFields, then Validate
+   (v3.3.6 and v3.4.2 handlers/respond/respond.go:187-211). Each release's models are its
+   own: 3.0 lacks the backend and server fields added in cn 6.1/6.2 (metadata,
+   hash_preserve_affinity, ... see Personality.absent), 3.3.6 lacks use_small_buffers,
+   filter_sequence_list, quic-cc-algo, quic_cc_algo_max_window. Recorded in violations and
+   ``fake.forgotten``.
+   Body errors: go-swagger serves the first error, body code 6xx; the oapi releases serve
+   every leaf error joined by newlines with code 422 (v3.4.2 respond.go:217-238; UPGRADE.md).
+   Query parameter errors: go-swagger 422 (6xx); oapi-codegen 400 "Query argument X is
+   required, but not found" / "Invalid format for parameter X: ..." (v3.4.2
+   handlers/dataplane/transactions/transactions.gen.go:174-183, 320-322, 342-344).
 
-Status codes of schema violations are those of the real servers: 422 for
-bodies (go-swagger and the 3.4 validator both use it), 400 for malformed JSON.
+c. Backend ``http_proxy``: kept by 2.9, 3.0, 3.2 (it is in their models; HAProxy 2.6 then
+   refuses ``option http_proxy`` at commit, 400); 3.3.6 and 3.4: not in the model, 2xx and
+   forgotten (a violation, and ("backend", "http_proxy") in fake.forgotten). cn commit
+   2ae50a48 "remove unsupported http-use-htx and http-proxy options" is in v6.3.9, not in
+   v6.3.8; dataplaneapi v3.3.5 go.mod takes cn v6.3.8, v3.3.6 takes v6.3.10 (its embedded spec
+   lost http_proxy; v3.3.5's, v3.2.15's and v3.0.23's still have it). ``forget_fields=
+   {"backend": {...}, "server": {...}}`` makes any field behave so (2xx, not kept, listed in
+   fake.forgotten, not a violation).
+
+d. Runtime server endpoint for an unknown backend or server (v2 /runtime/servers/{name}?
+   backend=B, v3 /runtime/backends/{B}/servers/{name}): client-native's "no data for B/S: not
+   found" (cn v5.1.27 runtime/runtime_client.go:458). GET: 404 everywhere (isNotFoundError).
+   PUT: 500 on 2.9 and 3.0 (and 3.1): misc.HandleError's default case (dataplaneapi v2.9.27
+   and v3.0.23 misc/misc.go:100-103); 404 from 3.2.0, which maps cn's ErrNotFound (v3.2.15
+   misc/misc.go:103; v3.4.2 :100-104). "Unknown" now means: not in what HAProxy runs (after
+   a failed reload, or before the tick, the API knows servers HAProxy does not).
+
+e. Runtime server PUT body: 2.9, 3.0, 3.2 apply operational_state then admin_state
+   (v2.9.27 handlers/runtime_server.go:105-153; v3.0.23/v3.2.15 :106-153); address and port are
+   read-only fields of that model (ignored: a violation) and weight is not in it (forgotten).
+   3.3.6, 3.4 also apply weight, then address/port ("set server B/S addr A port P"), each only
+   when it differs (from v3.3.1 handlers/runtime_server.go:107-211, cn v6.3.2 models/
+   runtime_server.go:155; v3.4.2 handlers/runtime/servers/servers.go:183-293).
+
+f. Reloads on a ticker (same code in every release: v2.9.27 haproxy/reload_agent.go and
+   v3.4.2 reload_agent/reload_agent.go differ in imports and the runtime interface only).
+   A ticker of reload_delay (default 5 s; 0 means 5 s: :115-123 / v3.4.2 :110-118; config
+   v2.9.27 configuration/configuration.go:61) runs the one pending reload at each tick
+   (handleReloads :180-193); every reloading write since the last tick gets the same id
+   (Reload :257-266), "YYYY-MM-DD-N" with N from 0 per start (newReload :331-338). The agent
+   holds its cache lock for the whole reload (handleReload :153-178): GET
+   /services/haproxy/reloads[/{id}] and every write asking for a reload wait until it ends,
+   then the write gets the next id. GET /reloads/{id} (GetReload :420-471): pending ->
+   {"status": "in_progress"} with the running reload's id, which is empty then, so no "id"
+   (:430-435); failed ones kept for --reload-retention days (1; :354-387); the last success;
+   an id without record older than the last success (by date, or else by counter alone)
+   -> a made-up {"id", "status": "succeeded"} (:446-468); else 404 "Reload with ID X does not
+   exist" (handlers/reloads.go:40-52). A malformed id: 422 (go-swagger) / 400 (oapi), pattern
+   ^\\d{4}-\\d{2}-\\d{2}-\\d+$. GET /reloads (GetReloads :389-418): failed ones (map order),
+   last success, running, pending. ``wait_reloads()`` waits for the tick; ``reload_duration``
+   makes a reload take time.
+
+g. Failed reloads: the agent copies the file to .bck, copies the last-known-good copy over
+   the file, and removes the .bck on return (:208-223; v3.4.2 :203-218): HAProxy is neither
+   restarted nor reloaded with it, and the failed configuration survives only in memory.
+   Every GET keeps answering the committed configuration (cn's in-memory parser); the file
+   watcher does not reload the restored file, which carries a valid "# _md5hash" line
+   (dataplaneapi v2.9.27 configuration/watcher.go:79-81, 99-113; client-native/cn.go:40
+   UseMd5Hash). A successful reload copies the file as it is then to the last-known-good copy
+   (:227). The next commit writes its whole configuration to the file (cn v5.1.27
+   configuration/transaction.go:201; transactions start from the in-memory parser: persistent
+   transactions save it to their file, :546-566, and parse that, configuration.go:104-142),
+   so its reload brings HAProxy up to date. Emulated: ``running_backends``/``running_render()``
+   (what HAProxy runs), ``file_text()``; live, the last-known-good text is written back to
+   the file HAProxy reads.
+
+h. force_reload=true (commit 200, create 201, replace 200, delete 204): synchronous. With a
+   reload pending it runs now, recorded under its id; otherwise a reload with the id "force"
+   that no record keeps (ForceReload :268-284). A failure is a ReloadError "Reload failed:
+   ERR, OUTPUT" answered 400 (misc.HandleError v2.9.27 misc/misc.go:92-95, v3.4.2 :89-92); the
+   change stays committed. ``fake.reload_history`` lists both kinds.
+
+i. restart(): the pending reload is lost, the records are forgotten, the counter restarts at
+   0 (so an old "-0" id can answer for the new one), a new ticker period begins, the file
+   becomes the last-known-good copy (NewReloadAgent :93-137). The configuration and version
+   are read from the file (cn interface.go:79-145, version from "# _version", configuration.go:
+   182-191): after a failed reload that is the last-known-good one, and the version goes back.
+   In-progress transactions survive with their version, failed/outdated ones stay listed
+   (persistent transactions, dataplaneapi client-native/cn.go:37; cn transaction-handling.go:
+   36-59). No reload at startup (no Reload() call outside the handlers, configure_data_plane.go).
+
+j. Transactions: 429 "cannot start a new transaction, reached the maximum amount of 20 active
+   transactions available" when 20 are in progress (only in_progress count: v2.9.27
+   configure_data_plane.go:302-321, rate/threshold_limit.go:22-27). A commit marks every other
+   in_progress transaction whose version is <= the committed one's outdated (handlers/
+   transaction.go:190-201). GET /transactions lists the transaction directory in name order:
+   failed/, in-progress files, outdated/, each by id (cn transaction.go:447-514); failed and
+   outdated ones carry no "_version" (their version is read with the id as a file path and
+   comes back 0, :533-536, 668-691, transaction-handling.go:78-91); ?status= takes failed or
+   in_progress (422/400 otherwise). A plain write that fails ``haproxy -c`` is listed as a
+   failed transaction (SaveData :697-724).
+
+k. Plain (versioned) server PUT, changeThroughRuntimeAPI (v2.9.27 handlers/runtime.go:29-238;
+   v3.4.2 handlers/configuration/server/server.go:295-437): the file is written first; no
+   runtime client -> reload; no difference -> 200; a difference outside Weight, Address, Port,
+   Maintenance, AgentCheck, AgentAddr, AgentSend, HealthCheckPort -> reload. Otherwise the
+   commands go out in models.Server's field order (agent-addr, agent-check, agent-send,
+   health_check_port, maintenance, weight, address, port: cn models/server.go, server_params.go)
+   and a pointer field (weight, health_check_port, port) that differs and is absent from the
+   new body panics at its dereference, after the commands before it were sent; the recovered
+   panic, or a failed command, means a reload: 202 + Reload-Id (with force_reload 200).
+   Commands now act on what HAProxy runs (a server it does not run: "No such server.", reload).
+
+l. Also: DELETE of a missing transaction 404 "transaction does not exist: transaction file X
+   does not exist", GET/commit 404 "... transaction X does not exist" (transaction.go:82-117,
+   155-162; cn :609); a write or read with an outdated transaction_id 400 "transaction does
+   not exist: ID", GET version?transaction_id= of one 400 too (was 404: cn version.go:23-34);
+   commit of an outdated or failed one 406, of a stale one 409 (then outdated); plain writes
+   answer 202 + Reload-Id, 200/201/204 when forced or applied at runtime; the oapi releases
+   authenticate before routing (401 for unknown paths without credentials, UPGRADE.md);
+   a plain server POST is added at runtime (201) on 3.x only when no default_server applies
+   and HAProxy runs the backend (2.9 converts into a nil pointer and always reloads:
+   handlers/server.go:113-130); runtime_server answers carry weight on 3.3.6+.
+
+The same in every release (and as before):
+
+* every write takes exactly one of ``transaction_id`` or ``version``; a plain (versioned)
+  write is an implicit transaction committed at once: checked with ``haproxy -c``, version
+  + 1 whether anything changed or not, file written, then a reload asked for;
+* a write that fails inside an explicit transaction leaves the transaction open (cn's
+  HandleError deletes only implicit ones), holding whatever the write changed before it
+  failed; the emulator's writes fail before they change anything (as schema errors do), and
+  ``add_fault(..., after=True)`` stands in for a write that failed half-way;
+* a full-section POST/PUT rebuilds the backend from the body alone: child lists it lacks are
+  gone, the section moves to the end of the file; POST of an existing one is 404 "backend X
+  already exist" (cn structured_backends.go:114-128);
+* unparking in one plain PUT sends ``set server ... state ready`` before ``set server ...
+  addr`` (the field order of k): the server is ready at the parked address for a moment
+  (``runtime_gap`` widens it);
+* the runtime server endpoint and native stats ask HAProxy: no version, no reload, nothing
+  written; a successful reload forgets runtime state, a failed one keeps the old workers
+  and theirs. Native stats: v2 a list of collections, v3 one (handlers/stats.go).
+
+Deliberately stricter than dataplaneapi (each recorded in ``fake.violations``):
+
+* ``null`` is accepted only where the model is nullable (Go would read it as "unset");
+* an unknown field, a field the release's model lacks, or a read-only runtime_server field
+  is answered as the release answers it (2xx, forgotten or ignored) but recorded;
+* a v3 backend POST/PUT that carries ``servers`` without ``full_section=true`` (dataplaneapi
+  ignores those servers);
+* 3.0 is validated with the 3.2 specification minus the fields 3.0 lacks, and 3.3.6 with
+  the 3.4 one minus the fields 3.3.6 lacks: enum or pattern differences between those
+  releases, if any, are not modelled (none in the backend and server models).
+
+As lenient as the real server: unknown fields (2xx, dropped), the runtime PUT's read-only
+fields (ignored), the made-up "succeeded" for old reload ids. Reproduced on purpose: a
+commit whose file write lands while a reload runs that then fails loses its file to the
+last-known-good copy, as the agent's copy does. Not emulated: the rollback commands of a
+failed runtime server PUT (here a failure is always the first command's) and Go's
+writer-preferring RWMutex.
 """
 from __future__ import annotations
 
 import argparse
 import base64
 import copy
+import dataclasses
 import datetime
 import hashlib
 import json
 import os
+import random
 import re
 import shutil
 import signal
@@ -130,6 +272,9 @@ HAPROXY_BIN = os.environ.get("FAKE_DATAPLANE_HAPROXY", "/usr/sbin/haproxy")
 DEFAULT_USERNAME = "admin"
 DEFAULT_PASSWORD = "adminpwd"
 MAX_OPEN_TRANSACTIONS = 20      # dataplaneapi's --max-open-transactions default
+DEFAULT_RELOAD_DELAY = 5.0      # dataplaneapi's --reload-delay default (and what 0 means there)
+DEFAULT_RELOAD_RETENTION = 1    # dataplaneapi's --reload-retention default, in days
+RELOAD_ID_PATTERN = r"^\d{4}-\d{2}-\d{2}-\d+$"   # the reload id path parameter's pattern
 MAX_FAULT_DELAY = 60.0          # an injected hang never lasts longer than this
 CHECK_TIMEOUT = 60.0            # seconds allowed for one `haproxy -c`
 
@@ -138,7 +283,56 @@ SPEC_FILES = {
     "v3": "dataplaneapi-v3.yaml",                   # client-native v6.2 (dataplaneapi 3.2)
     "v3.4": "dataplaneapi-v3.4-openapi3.yaml",      # dataplaneapi 3.4, OpenAPI 3
 }
-API_RELEASE = {"v2": "v2.9.9", "v3": "v3.4.2"}      # what /info claims to be
+
+
+@dataclasses.dataclass(frozen=True)
+class Personality:
+    """One dataplaneapi release as the emulator plays it (see the TABLE in the module docstring)."""
+    name: str
+    api: str                    # "v2" or "v3": paths, wrapped or bare GET bodies
+    release: str                # what GET /info claims
+    client_native: str          # the client-native release its go.mod takes
+    spec: str                   # key of SPEC_FILES whose models decode the bodies
+    flavor: str                 # "swagger" (go-swagger server) or "oapi" (chi + oapi-codegen server)
+    server_order: str           # full-section servers: "file" (v2: none), "random" (Go map), "name"
+    runtime_put_missing: int    # runtime server PUT for an unknown backend/server
+    runtime_put_fields: tuple   # runtime server PUT body fields applied, in the handler's order
+    runtime_add_server: bool    # a plain server POST may use runtime `add server`
+    # Fields the spec file models have but this release's models lack, by definition name
+    # (the spec files in spec/ are one per family; these are the differences measured with
+    # client-native v6.0.26 vs v6.2.16 and dataplaneapi v3.3.6 vs v3.4.2 specifications).
+    absent: dict = dataclasses.field(default_factory=dict)
+
+
+_SERVER_FIELDS_AFTER_6_0 = frozenset({"check-pool-conn-name", "check-reuse-pool", "idle_ping", "init-state",
+                                      "sslv3", "strict-maxconn", "tlsv10", "tlsv11", "tlsv12", "tlsv13"})
+
+# The releases the emulator plays; the letters are the rows of the TABLE in the module docstring:
+# server_order (a), spec/absent (b, c), flavor (b, l), runtime_put_missing (d),
+# runtime_put_fields (e), runtime_add_server (l). The reload agent (f-i), transactions (j)
+# and changeThroughRuntimeAPI (k) are the same code in every release.
+PERSONALITIES = {
+    "2.9": Personality("2.9", "v2", "v2.9.27", "v5.1.28", "v2", "swagger", "file", 500,
+                       ("operational_state", "admin_state"), False),
+    "3.0": Personality("3.0", "v3", "v3.0.23", "v6.0.27", "v3", "swagger", "random", 500,
+                       ("operational_state", "admin_state"), True,
+                       {"backend_base": frozenset({"accept_unsafe_violations_in_http_response",
+                                                   "hash_preserve_affinity", "http-drop-request-trailers",
+                                                   "metadata"}),
+                        "server_params": _SERVER_FIELDS_AFTER_6_0,
+                        "httpchk_params": frozenset({"host"})}),
+    "3.2": Personality("3.2", "v3", "v3.2.15", "v6.2.17", "v3", "swagger", "name", 404,
+                       ("operational_state", "admin_state"), True),
+    "3.3.6": Personality("3.3.6", "v3", "v3.3.6", "v6.3.10", "v3.4", "oapi", "name", 404,
+                         ("operational_state", "admin_state", "weight", "address", "port"), True,
+                         {"backend_base": frozenset({"use_small_buffers"}),
+                          "backend": frozenset({"filter_sequence_list"}),
+                          "server_params": frozenset({"quic-cc-algo", "quic_cc_algo_max_window"})}),
+    "3.4": Personality("3.4", "v3", "v3.4.2", "v6.4.1", "v3.4", "oapi", "name", 404,
+                       ("operational_state", "admin_state", "weight", "address", "port"), True),
+}
+API_PERSONALITY = {"v2": "2.9", "v3": "3.4"}        # the old api= argument
+API_RELEASE = {api: PERSONALITIES[name].release for api, name in API_PERSONALITY.items()}
 
 IN_PROGRESS, SUCCESS, FAILED, OUTDATED = "in_progress", "success", "failed", "outdated"
 
@@ -198,12 +392,35 @@ def default_spec_dir() -> str:
     raise FileNotFoundError("Data Plane API specifications not found; set FAKE_DATAPLANE_SPEC_DIR")
 
 
-def load_models(path: str) -> "SpecModels":
-    """The models of one specification file, parsed once per process."""
+def load_models(path: str, absent: dict | None = None) -> "SpecModels":
+    """The models of one specification file, parsed once per process; `absent` removes
+    fields ({definition: field names}) that an older or newer release's models lack."""
+    key = (path, tuple(sorted((name, tuple(sorted(fields))) for name, fields in (absent or {}).items())))
     with _SPEC_LOCK:
-        if path not in _SPEC_CACHE:
-            _SPEC_CACHE[path] = SpecModels(_read_spec_schemas(path), os.path.basename(path))
-        return _SPEC_CACHE[path]
+        if key not in _SPEC_CACHE:
+            schemas = _read_spec_schemas(path)
+            label = os.path.basename(path)
+            if absent:
+                schemas = _without_fields(schemas, absent)
+                label += " without " + ", ".join(f"{n}.{f}" for n, fs in sorted(absent.items()) for f in sorted(fs))
+            _SPEC_CACHE[key] = SpecModels(schemas, label)
+        return _SPEC_CACHE[key]
+
+
+def _without_fields(schemas: dict, absent: dict) -> dict:
+    """A copy of `schemas` whose named definitions (and their inline allOf parts) lack the fields."""
+    out = dict(schemas)
+    for name, fields in absent.items():
+        if name not in out:
+            continue
+        node = copy.deepcopy(out[name])
+        for part in [node] + [p for p in node.get("allOf", ()) if "$ref" not in p]:
+            for f in fields:
+                part.get("properties", {}).pop(f, None)
+            if "required" in part:
+                part["required"] = [r for r in part["required"] if r not in fields]
+        out[name] = node
+    return out
 
 
 def _read_spec_schemas(path: str) -> dict:
@@ -469,15 +686,22 @@ def _replace_key(mapping: dict, old: str, new: str, value) -> dict:
 
 
 class _Transaction:
+    """One transaction, as its file in the transaction directory: in progress at the top,
+    failed and outdated ones moved to subdirectories (client-native configuration/transaction.go)."""
     __slots__ = ("id", "version", "status", "config")
 
-    def __init__(self, version: int, config: _Config):
-        self.id = str(uuid.uuid4())
+    def __init__(self, version: int, config: _Config, tid: str | None = None, status: str = IN_PROGRESS):
+        self.id = tid or str(uuid.uuid4())
         self.version = version
-        self.status = IN_PROGRESS
+        self.status = status
         self.config = config
 
     def as_json(self) -> dict:
+        """A failed or outdated transaction has no parser left and its version is read with
+        the transaction id given as a file path (client-native v5.1.27 transaction.go:533-536,
+        668-691; transaction-handling.go:78-91): 0, which `omitempty` leaves out."""
+        if self.status != IN_PROGRESS:
+            return {"id": self.id, "status": self.status}
         return {"_version": self.version, "id": self.id, "status": self.status}
 
 
@@ -1007,19 +1231,35 @@ class _Request:
 
 
 class _Response:
-    def __init__(self, status: int, body=None, headers: dict | None = None):
+    def __init__(self, status: int, body=None, headers: dict | None = None, reload: str | None = None):
         self.status = status
         self.body = body          # JSON-able, or str for text/plain, or None for no body
         self.headers = headers or {}
+        self.reload = reload      # "schedule" or "force": asked of the reload agent once unlocked
+
+
+class _ReloadAgent:
+    """The reload agent's cache (dataplaneapi haproxy/reload_agent.go, reload_agent/ from 3.3.6):
+    failed reloads by id, the last success, the reload running (current) and the one pending
+    (next), and the id counter. Guarded by FakeDataPlane._agent_lock, which is held for the
+    whole of a reload as the agent holds its cache lock."""
+
+    def __init__(self):
+        self.failed: dict[str, dict] = {}
+        self.last_success: dict | None = None
+        self.next = ""
+        self.current = ""
+        self.index = 0
 
 
 # === The emulator ===
 
 class FakeDataPlane:
-    """An HAProxy Data Plane API emulator (one API version per instance).
+    """An HAProxy Data Plane API emulator (one dataplaneapi release per instance).
 
     Constructor arguments:
-      api                   "v2" or "v3"
+      api                   "v2" or "v3" (kept for old callers): personality "2.9" or "3.4"
+      personality           one of PERSONALITIES ("2.9", "3.0", "3.2", "3.3.6", "3.4"); wins over api
       port                  TCP port on 127.0.0.1; 0 picks a free one
       username, password    basic auth; password=None disables auth
       base_config           text placed after `defaults` (frontends...); default:
@@ -1028,52 +1268,83 @@ class FakeDataPlane:
       haproxy_bin           the haproxy binary used for checks and live mode
       max_open_transactions 429 beyond this many transactions in progress
       runtime_add_server    plain server POST may use runtime `add server`
-                            (default: True for v3, False for v2 = dataplaneapi 2.9)
-      reject_unknown_fields answer 422 for unknown body fields (default: v3 only)
+                            (default: the personality's; False for 2.9)
+      reject_unknown_fields answer 422 for unknown body fields (default False: no release
+                            does; they are recorded in violations and forgotten either way)
+      forget_fields         {model: {field, ...}}: the server answers 2xx for these fields
+                            and does not keep them ("backend", "server"; servers inside a
+                            full-section backend count as "server"); see fake.forgotten
+      rng                   a random.Random or a seed, for Go's map order (personality 3.0)
       live                  None, True, or a LiveHAProxy: drive a real HAProxy
       spec_dir              where the specification files are
-      reload_delay          seconds between a commit and its reload, which every reload
-                            requested meanwhile shares (dataplaneapi's reload-delay, 5 s by
-                            default there); 0 (the default here) reloads at once
+      reload_delay          the reload agent's ticker period in seconds (dataplaneapi's
+                            --reload-delay): at each tick the one pending reload runs, shared
+                            by every reload asked for since the last tick. Default 5 s, as
+                            there; 0 also means 5 s there and here. Tests pass e.g. 0.05.
+      reload_retention      days a failed reload stays listed (--reload-retention, 1)
     """
 
-    def __init__(self, api: str = "v3", *, port: int = 0, username: str = DEFAULT_USERNAME,
+    def __init__(self, api: str | None = None, *, personality: str | None = None,
+                 port: int = 0, username: str = DEFAULT_USERNAME,
                  password: str | None = DEFAULT_PASSWORD, base_config: str | None = None,
                  check_config: bool = True, haproxy_bin: str = HAPROXY_BIN,
                  max_open_transactions: int = MAX_OPEN_TRANSACTIONS,
                  runtime_add_server: bool | None = None, reject_unknown_fields: bool | None = None,
                  live: "LiveHAProxy | bool | None" = None, spec_dir: str | None = None,
-                 reload_delay: float = 0.0):
-        if api not in ("v2", "v3"):
+                 reload_delay: float = DEFAULT_RELOAD_DELAY, reload_retention: float = DEFAULT_RELOAD_RETENTION,
+                 forget_fields: dict | None = None,
+                 rng: random.Random | int | None = None):
+        if api is not None and api not in API_PERSONALITY:
             raise ValueError(f"api must be 'v2' or 'v3', got {api!r}")
+        if personality is None:
+            personality = API_PERSONALITY[api or "v3"]
+        if personality not in PERSONALITIES:
+            raise ValueError(f"personality must be one of {sorted(PERSONALITIES)}, got {personality!r}")
         if check_config and not os.access(haproxy_bin, os.X_OK):
             raise FileNotFoundError(f"haproxy binary not found: {haproxy_bin}")
-        self.api = api
-        self.base = "/" + api
+        self.personality = personality
+        self.traits = PERSONALITIES[personality]
+        self.api = self.traits.api
+        self.base = "/" + self.api
         self.username, self.password = username, password
         self.check_config = check_config
         self.haproxy_bin = haproxy_bin
         self.max_open_transactions = max_open_transactions
-        self.runtime_add_server = api == "v3" if runtime_add_server is None else runtime_add_server
-        self.reject_unknown_fields = api == "v3" if reject_unknown_fields is None else reject_unknown_fields
+        self.runtime_add_server = self.traits.runtime_add_server if runtime_add_server is None \
+            else runtime_add_server
+        self.reject_unknown_fields = bool(reject_unknown_fields)
+        self.forget_fields = {model: set(fields) for model, fields in (forget_fields or {}).items()}
+        self._rng = rng if isinstance(rng, random.Random) else random.Random(rng)
         self.live = LiveHAProxy(haproxy_bin=haproxy_bin) if live is True else (live or None)
         self.frontend_port = _free_port()
         self.base_config = base_config if base_config is not None else frontend_config(self.frontend_port)
         spec_dir = spec_dir or default_spec_dir()
-        self._models = load_models(os.path.join(spec_dir, SPEC_FILES[api]))
-        self._strict_models = load_models(os.path.join(spec_dir, SPEC_FILES["v3.4"])) \
-            if api == "v3" else self._models
+        self._models = load_models(os.path.join(spec_dir, SPEC_FILES[self.traits.spec]), self.traits.absent)
 
         self._lock = threading.RLock()
         self._config = _Config()
         self._version = 1
         self._transactions: dict[str, _Transaction] = {}
         self._faults: list[Fault] = []
-        self._reload_log: dict[str, dict] = {}
-        self.reload_delay = reload_delay
-        self._reload_index = 0
-        self._next_reload: str | None = None     # scheduled, shared by every reload asked for
-        self._reload_timer: threading.Timer | None = None
+        # The reload agent and what it reloads. The configuration file (_disk) is what commits
+        # write; the last-known-good copy (_lkg) is the file as of the last successful reload;
+        # HAProxy runs what it loaded then (_running_base), changed since by runtime commands
+        # (_running). Each is a (_Config, version) pair or a _Config; committed _Configs are
+        # never written to, so sharing them is safe.
+        self.reload_delay = float(reload_delay) if reload_delay and reload_delay > 0 else DEFAULT_RELOAD_DELAY
+        self.reload_retention = reload_retention
+        self.reload_duration = 0.0               # seconds one reload takes (not live: emulated)
+        self._agent = _ReloadAgent()
+        self._agent_lock = threading.Lock()      # the agent's cache lock: held during a reload
+        self._commit_lock = threading.Lock()     # the commit handler's mutex
+        self._haproxy_lock = threading.Lock()    # one HAProxy reload at a time
+        self._ticker_thread: threading.Thread | None = None
+        self._ticker_wake = threading.Event()    # stop() or restart()
+        self._clock = time.time                  # reload timestamps and retention (tests may replace)
+        self._disk = (self._config, self._version)
+        self._lkg = self._disk
+        self._running_base = self._disk
+        self._running = self._config
         self._routes = self._build_routes()
         self._tmpdir: str | None = None         # for `haproxy -c` files, made on first use
         self._stopping = threading.Event()
@@ -1084,16 +1355,19 @@ class FakeDataPlane:
         # Introspection for tests (read them; reset_requests() clears requests).
         self.requests: list[RecordedRequest] = []
         self.violations: list[str] = []       # client bugs: assert fake.violations == []
+        self.forgotten: list[tuple[str, str]] = []   # (model, field) answered 2xx and not kept
         self.errors: list[str] = []           # emulator crashes (answered 500)
         self.runtime_changes: list[str] = []  # runtime commands dataplaneapi would issue
-        self.reloads = 0                      # reloads dataplaneapi would perform
+        self.reloads = 0                      # HAProxy reloads performed (failed ones too)
+        self.reload_history: list[dict] = []  # {"id", "status", "recorded"} of every reload performed
         self.external_reloads = 0             # live reloads caused by seed()/edit_*()
+        self.restarts = 0                     # restart() calls
         self.commits = 0
         self.checks = 0
         self.check_failures = 0
         self.last_check_output = ""
         self.unrendered: list[str] = []       # fields the renderer could not express
-        # Faults of HAProxy itself (set them directly):
+        # Faults of HAProxy itself (set them directly, or reload_fail()):
         self.fail_reloads = 0                 # the next N reloads fail (reload command exits non-zero)
         self.runtime_broken = False           # every runtime command fails (no runtime socket)
         self.runtime_gap = 0.0                # seconds between two runtime commands of one write
@@ -1101,12 +1375,13 @@ class FakeDataPlane:
         # at runtime ("drain"), forgotten by every reload as HAProxy forgets them; and, without
         # a live HAProxy, each server's current sessions (scur) as a test sets them.
         self.admin_states: dict[tuple[str, str], str] = {}
+        self.operational_states: dict[tuple[str, str], str] = {}   # `set server ... health` at runtime
         self.sessions: dict[tuple[str, str], int] = {}
 
     # --- lifecycle ---
 
     def start(self) -> "FakeDataPlane":
-        """Listen on 127.0.0.1 (and start the live HAProxy, if any)."""
+        """Listen on 127.0.0.1, start the reload agent's ticker (and the live HAProxy, if any)."""
         self._stopping.clear()
         if self.live is not None and not self.live.running:
             with self._lock:
@@ -1117,16 +1392,18 @@ class FakeDataPlane:
         self._server.block_on_close = False
         self._server.fake = self
         self._thread = threading.Thread(target=self._server.serve_forever, kwargs={"poll_interval": 0.05},
-                                        name=f"fake-dataplane-{self.api}", daemon=True)
+                                        name=f"fake-dataplane-{self.personality}", daemon=True)
         self._thread.start()
+        if self._ticker_thread is None:
+            self._ticker_thread = threading.Thread(target=self._ticker, name="fake-dataplane-reloads",
+                                                   daemon=True)
+            self._ticker_thread.start()
         return self
 
     def stop(self) -> None:
-        """Stop serving (interrupting injected hangs) and stop the live HAProxy."""
+        """Stop serving (interrupting injected hangs), the ticker, and the live HAProxy."""
         self._stopping.set()
-        with self._lock:
-            if self._reload_timer is not None:
-                self._reload_timer.cancel()
+        self._ticker_wake.set()
         if self._server is not None:
             self._server.shutdown()
             self._server.server_close()
@@ -1134,6 +1411,9 @@ class FakeDataPlane:
         if self._thread is not None:
             self._thread.join(timeout=5)
             self._thread = None
+        if self._ticker_thread is not None:
+            self._ticker_thread.join(timeout=10)
+            self._ticker_thread = None
         if self.live is not None:
             self.live.cleanup()
         if self._tmpdir is not None:
@@ -1200,9 +1480,86 @@ class FakeDataPlane:
                        if (method is None or r.method == method) and (path is None or re.search(path, r.path)))
 
     def render(self) -> str:
-        """The haproxy.cfg of the committed configuration."""
+        """The haproxy.cfg of the committed configuration (what every GET answers)."""
         with self._lock:
             return self._render(self._config, self._version)
+
+    def file_text(self) -> str:
+        """What the configuration file holds: the last commit's, or after a failed reload the
+        last-known-good copy put back (a restart() reads it)."""
+        with self._lock:
+            return self._render(*self._disk)
+
+    def running_render(self) -> str:
+        """The haproxy.cfg HAProxy loaded at its last successful reload (what it runs, but
+        for runtime changes since: see running_backends)."""
+        with self._lock:
+            return self._render(*self._running_base)
+
+    @property
+    def running_backends(self) -> dict:
+        """What HAProxy runs, like `backends`: the last successful reload's configuration with
+        the runtime changes made since (addresses, ports, weights, servers added at runtime;
+        admin states are in admin_states)."""
+        with self._lock:
+            return {name: {**copy.deepcopy(b.fields), "servers": copy.deepcopy(b.servers)}
+                    for name, b in self._running.backends.items()}
+
+    @property
+    def pending_reload(self) -> str | None:
+        """The id of the reload waiting for the next tick, if any."""
+        return self._agent.next or None
+
+    @property
+    def reloading(self) -> bool:
+        """A reload is running (GET /services/haproxy/reloads/... waits for it)."""
+        return bool(self._agent.current)
+
+    def wait_reloads(self, timeout: float = 10.0) -> bool:
+        """Wait until no reload is pending or running (the next tick came and went): True,
+        or False after `timeout` seconds."""
+        deadline = time.monotonic() + timeout
+        while True:
+            if self._agent_lock.acquire(timeout=max(0.0, deadline - time.monotonic())):
+                try:
+                    if not self._agent.next and not self._agent.current:
+                        return True
+                finally:
+                    self._agent_lock.release()
+            if time.monotonic() >= deadline:
+                return False
+            time.sleep(min(0.01, self.reload_delay / 4))
+
+    def restart(self) -> None:
+        """Restart dataplaneapi (HAProxy keeps running):
+
+        * the reload agent starts afresh (NewReloadAgent, v2.9.27 haproxy/reload_agent.go:93-137):
+          a pending reload is lost and never runs, the records are forgotten (old ids answer
+          404, or a made-up "succeeded" once a newer success exists, GetReload :446-468), the
+          id counter starts at 0 again, the ticker starts a new period, and the file as it is
+          becomes the last-known-good copy ("assume it is valid when starting", :129-132);
+        * the configuration is read from the file (client-native configuration.New,
+          v5.1.27 configuration/interface.go:120-142), version from its `# _version` line:
+          after a failed reload that is the last-known-good configuration, so the version
+          can go back and what the API answered before is gone;
+        * transactions live as files in the transaction directory (persistent transactions,
+          dataplaneapi client-native/cn.go:37): in_progress ones are loaded again with their
+          own version (InitTransactionParsers, transaction-handling.go:36-59), failed and
+          outdated ones stay listed;
+        * nothing reloads HAProxy at startup (no Reload() call outside the handlers).
+        """
+        with self._agent_lock:                    # a reload under way ends first
+            with self._lock:
+                self._config, self._version = self._disk
+                self._lkg = self._disk
+                self._agent = _ReloadAgent()
+                self.restarts += 1
+            self._ticker_wake.set()
+
+    def reload_fail(self, n: int = 1) -> None:
+        """The next `n` reloads fail (as fail_reloads += n)."""
+        with self._lock:
+            self.fail_reloads += n
 
     # --- fault injection ---
 
@@ -1285,20 +1642,25 @@ class FakeDataPlane:
 
     def _seed_body(self, model: str, body: dict) -> dict:
         problems = self._models.schema_errors(model, self._models.normalize(model, body, keep_null=True)) + [
-            (616, f"{path} is an unknown field") for path in self._strict_models.unknown_fields(model, body)]
+            (616, f"{path} is an unknown field") for path in self._models.unknown_fields(model, body)]
         if problems:
             raise SeedError(f"invalid {model} {body.get('name')!r}: " + "; ".join(m for _, m in problems))
         return self._models.normalize(model, body)
 
     def _install_external(self, config: _Config, bump: bool) -> None:
+        """Another party wrote the file and HAProxy reloaded it: API, file, last-known-good
+        copy and HAProxy all hold `config` (the reload agent's records are not touched)."""
         self._check(config, "seed", version=self._version + bump, error=SeedError)
         self._config = config
         self._version += bump
+        self._disk = self._lkg = self._running_base = (config, self._version)
+        self._running = config
         if self.live is not None and self.live.running:
             self.live.write_config(self._render(config, self._version))
             self.live.reload()
             self.external_reloads += 1
         self.admin_states.clear()
+        self.operational_states.clear()
 
     # --- state transitions shared by the endpoints ---
 
@@ -1326,56 +1688,166 @@ class FakeDataPlane:
             raise error(400, message) if error is ApiError else error(message)
 
     def _install(self, config: _Config) -> None:
-        """Make a checked configuration current; the version moves on by one."""
+        """Make a checked configuration current; the version moves on by one. The commit
+        saves the transaction's parser over the configuration file (client-native
+        configuration/transaction.go commitTransaction, v5.1.27:201), so the file holds it too."""
         self._config = config
         self._version += 1
+        self._disk = (config, self._version)
         if self.live is not None and self.live.running:
             self.live.write_config(self._render(config, self._version))
 
-    def _reload(self) -> str:
-        """Ask for a reload and return its id, as dataplaneapi's reload agent does
-        (haproxy/reload_agent.go): the reload runs `reload_delay` later, and every reload
-        asked for until then gets the same id; GET /services/haproxy/reloads/{id} says
-        in_progress until it ran, then succeeded or failed. reload_delay 0: at once."""
-        if self._next_reload is None:
-            self._next_reload = f"{datetime.date.today():%Y-%m-%d}-{self._reload_index}"
-            self._reload_index += 1
-            self._reload_log[self._next_reload] = {"id": self._next_reload, "status": "in_progress"}
-            if self.reload_delay > 0:
-                self._reload_timer = threading.Timer(self.reload_delay, self._run_reload)
-                self._reload_timer.daemon = True
-                self._reload_timer.start()
-        reload_id = self._next_reload
-        if self.reload_delay <= 0:
-            self._run_reload()
-        return reload_id
+    # --- the reload agent (dataplaneapi v2.9.27 haproxy/reload_agent.go; v3.4.2 reload_agent/) ---
+    #
+    # Nothing here may be called with self._lock held: the agent lock is held for the whole
+    # of a reload, and the reload takes self._lock at its end.
 
-    def _run_reload(self) -> None:
-        """Perform the scheduled reload (on the live HAProxy, if any) and record how it went."""
-        with self._lock:
-            reload_id, self._next_reload = self._next_reload, None
-            if reload_id is None or self._stopping.is_set():
-                return
-            self.reloads += 1
-            entry = {"id": reload_id, "status": "succeeded", "reload_timestamp": int(time.time())}
-            if self.fail_reloads > 0:
-                self.fail_reloads -= 1
-                entry.update(status="failed", response="[ALERT] reload failed (injected fault)")
+    def _ticker(self) -> None:
+        """handleReloads (v2.9.27 :180-193): a time.Ticker of reload_delay; at each tick the
+        pending reload, if any, runs. A tick that falls while a reload runs stays buffered
+        (Go's ticker channel holds one), the rest are dropped; restart() restarts the phase."""
+        origin, k, immediate = time.monotonic(), 1, False
+        while True:
+            wait = 0.0 if immediate else origin + k * self.reload_delay - time.monotonic()
+            immediate = False
+            if self._ticker_wake.wait(max(0.0, wait)):
+                if self._stopping.is_set():
+                    return
+                self._ticker_wake.clear()                  # restart(): a new agent, a new ticker
+                origin, k = time.monotonic(), 1
+                continue
+            try:
+                with self._agent_lock:
+                    if self._stopping.is_set():
+                        return
+                    if self._agent.next:
+                        self._agent_handle(self._agent.next)
+            except Exception as exc:  # noqa: BLE001    # an emulator bug: make it visible
+                self.errors.append(f"reload ticker: {exc!r}")
+            k += 1
+            now = time.monotonic()
+            if origin + k * self.reload_delay <= now:      # ticks passed while reloading
+                immediate = True
+                k = int((now - origin) // self.reload_delay) + 1
+
+    def _agent_schedule(self) -> str:
+        """Reload() (v2.9.27 :257-266): the pending reload's id, or a new one, "YYYY-MM-DD-N"
+        with N counting from 0 since the agent started (newReload :331-338). It waits while a
+        reload runs (the cache lock), as the real handler does."""
+        with self._agent_lock:
+            agent = self._agent
+            if not agent.next:
+                agent.next = f"{datetime.date.today():%Y-%m-%d}-{agent.index}"
+                agent.index += 1
+            return agent.next
+
+    def _agent_handle(self, reload_id: str) -> tuple[bool, str, str]:
+        """handleReload (v2.9.27 :153-178), called with the agent lock held: run the reload
+        and record it; failed ones are kept (and older ones past the retention dropped,
+        failReload/clearReloads :354-387), a success replaces the last success."""
+        agent = self._agent
+        agent.current = reload_id
+        try:
+            ok, err, response = self._reload_haproxy(reload_id)
+            record = {"id": reload_id, "reload_timestamp": int(self._clock()),
+                      "status": "succeeded" if ok else "failed"}
+            if response:
+                record["response"] = response
+            if ok:
+                agent.last_success = record
+            else:
+                agent.failed[reload_id] = record
+                now = int(self._clock())
+                for key in [k for k, v in agent.failed.items()
+                            if now - v["reload_timestamp"] > self.reload_retention * 86400]:
+                    del agent.failed[key]
+            return ok, err, response
+        finally:
+            agent.current = ""
+            agent.next = ""
+
+    def _agent_force(self) -> str | None:
+        """ForceReload (v2.9.27 :268-284): the pending reload now, recorded as any other;
+        or, none pending, a reload with the id "force" that no record keeps. A failure is a
+        ReloadError "Reload failed: ERR, OUTPUT" (the handlers answer it 400, misc.HandleError
+        v2.9.27 misc/misc.go:92-95). Returns that message, or None."""
+        with self._agent_lock:
+            pending = self._agent.next
+            if pending:
+                ok, err, response = self._agent_handle(pending)
+                return None if ok else f"Reload failed: {err}, {response}"
+        ok, err, response = self._reload_haproxy("force")
+        return None if ok else f"Reload failed: {err}, {response}"
+
+    def _reload_haproxy(self, reload_id: str) -> tuple[bool, str, str]:
+        """reloadHAProxy (v2.9.27 :195-229): (succeeded, error, output). On failure the
+        configuration file is copied aside (.bck), the last-known-good copy is copied over it
+        and the .bck removed: HAProxy keeps its old workers, nothing reloads the restored file,
+        and the API keeps answering its in-memory configuration. On success the file, as it is
+        now, becomes the last-known-good copy."""
+        with self._haproxy_lock:
+            loaded = self._disk                     # what HAProxy reads when it reloads
+            if self.reload_duration > 0:
+                self._stopping.wait(self.reload_duration)
+            with self._lock:
+                injected = self.fail_reloads > 0
+                if injected:
+                    self.fail_reloads -= 1
+            if injected:
+                ok, err, response = False, "executing reload command failed: exit status 1", \
+                    "[ALERT] (fake_dataplane) : config : reload failed (injected fault)"
             elif self.live is not None and self.live.running:
-                ok, message = self.live.reload()
-                if not ok:
-                    entry.update(status="failed", response=message)
-            if entry["status"] == "succeeded":
-                self.admin_states.clear()     # new workers: HAProxy's runtime state does not survive
-            self._reload_log[reload_id] = entry
+                try:
+                    ok, message = self.live.reload()
+                except (OSError, RuntimeError, TimeoutError) as exc:
+                    ok, message = False, str(exc)
+                err, response = ("", "") if ok else ("reload through the master socket failed", message)
+            else:
+                ok, err, response = True, "", ""
+            with self._lock:
+                self.reloads += 1
+                self.reload_history.append({"id": reload_id, "status": "succeeded" if ok else "failed",
+                                            "recorded": reload_id != "force"})
+                if ok:
+                    self._running_base = loaded
+                    self._running = loaded[0]
+                    self._lkg = self._disk          # copyFile(configFile, lkgConfigFile) :227
+                    self.admin_states.clear()       # new workers: runtime state does not survive
+                    self.operational_states.clear()
+                else:
+                    self._disk = self._lkg
+                    if self.live is not None and self.live.running:
+                        self.live.write_config(self._render(*self._lkg))
+        return ok, err, response
+
+    def _finish(self, response: _Response) -> _Response:
+        """What a handler asks of the reload agent after its change (self._lock released)."""
+        if response.reload == "schedule":
+            response.headers["Reload-Id"] = self._agent_schedule()   # Go's canonical spelling
+        elif response.reload == "force":
+            error = self._agent_force()
+            if error is not None:
+                return _Response(400, {"code": 400, "message": error})
+        return response
 
     def _commit_implicit(self, config: _Config) -> None:
-        """A plain write is client-native's implicit transaction: check, then install."""
-        self._check(config, str(uuid.uuid4()), version=self._version + 1)
+        """A plain write is client-native's implicit transaction: check, then install. One
+        that fails the check is moved to the failed transactions like any other
+        (SaveData -> CommitTransaction -> failTransaction, v5.1.27 transaction.go:697-724)."""
+        tid = str(uuid.uuid4())
+        try:
+            self._check(config, tid, version=self._version + 1)
+        except ApiError:
+            self._transactions[tid] = _Transaction(self._version, config, tid, FAILED)
+            raise
         self._install(config)
 
-    def _runtime(self, commands: list[str]) -> bool:
-        """Issue runtime commands (on the live HAProxy, if any); False if one failed."""
+    def _runtime(self, commands: list[str], added: dict | None = None) -> bool:
+        """Issue runtime commands to HAProxy (the live one, if any), one at a time; False at
+        the first that fails. Without a live HAProxy a command for a server HAProxy does not
+        run fails as HAProxy answers it (after a failed reload, or before the tick). What
+        succeeds changes what HAProxy runs (running_backends, admin_states); `added` is the
+        server an `add server` command adds."""
         for n, command in enumerate(commands):
             if self.runtime_broken:
                 self.runtime_changes.append(f"# failed: {command}: no runtime socket")
@@ -1385,28 +1857,92 @@ class FakeDataPlane:
             self.runtime_changes.append(command)
             if self.live is not None and self.live.running:
                 ok, answer = self.live.runtime(command)
-                if not ok:
-                    self.runtime_changes.append(f"# failed: {answer}")
-                    return False
-            if state := re.fullmatch(r"set server (\S+)/(\S+) state (\S+)", command):
-                # Kept while it differs from what the file says (until a reload): the real API
-                # reads the state back from HAProxy (runtime_server.go v3.2.0:147-152).
-                key, filed = (state[1], state[2]), self._filed_admin_state(state[1], state[2])
-                self.admin_states.pop(key, None)
-                if state[3] != filed:
-                    self.admin_states[key] = state[3]
+            else:
+                answer = self._emulated_runtime_error(command)
+                ok = answer is None
+            if not ok:
+                self.runtime_changes.append(f"# failed: {answer}")
+                return False
+            self._apply_runtime(command, added)
         return True
 
+    _RUNTIME_TARGET = re.compile(r"^(add server|set server|enable server|disable server|enable agent|"
+                                 r"disable agent) (\S+)/(\S+)(?: (.*))?$")
+
+    def _emulated_runtime_error(self, command: str) -> str | None:
+        match = self._RUNTIME_TARGET.match(command)
+        if match is None:
+            return None
+        verb, backend, name = match[1], match[2], match[3]
+        running = self._running.backends.get(backend)
+        if running is None:
+            return "No such backend."
+        if verb == "add server":
+            return "Already exists a server with the same name in backend." if name in running.servers else None
+        return None if name in running.servers else "No such server."
+
+    def _apply_runtime(self, command: str, added: dict | None) -> None:
+        match = self._RUNTIME_TARGET.match(command)
+        if match is None:
+            return
+        verb, backend, name, rest = match[1], match[2], match[3], match[4] or ""
+        key, words = (backend, name), rest.split()
+        if verb == "add server" and added is not None:
+            self._patch_running(backend, name, add=added)
+            if added.get("maintenance") != "enabled":
+                self.admin_states[key] = "maint"       # HAProxy before 3.0 adds it in maintenance
+            return
+        state = None
+        if verb == "enable server":
+            state = "ready"
+        elif verb == "disable server":
+            state = "maint"
+        elif verb in ("enable agent", "disable agent"):
+            self._patch_running(backend, name, {"agent-check": "enabled" if verb == "enable agent" else "disabled"})
+        elif words[:1] == ["state"]:
+            state = words[1]
+        elif words[:1] == ["health"]:
+            self.operational_states[key] = words[1]
+        elif words[:1] == ["addr"]:
+            port = int(words[3]) if words[2:3] == ["port"] else None
+            self._patch_running(backend, name, {"address": words[1], **({"port": port} if port else {})})
+        elif words[:1] == ["weight"]:
+            self._patch_running(backend, name, {"weight": int(words[1])})
+        elif words[:1] == ["check-port"]:
+            self._patch_running(backend, name, {"health_check_port": int(words[1])})
+        elif words[:1] in (["agent-addr"], ["agent-send"]):
+            self._patch_running(backend, name, {words[0]: " ".join(words[1:]) or None})
+        if state is not None:
+            # Kept while it differs from what HAProxy loaded (until a reload): the real API
+            # reads the state back from HAProxy (runtime_server.go v3.2.0:147-152).
+            self.admin_states.pop(key, None)
+            if state != self._filed_admin_state(backend, name):
+                self.admin_states[key] = state
+
+    def _patch_running(self, backend: str, name: str, changes: dict | None = None, add: dict | None = None) -> None:
+        if backend not in self._running.backends:
+            return
+        self._running = self._running.fork()
+        target = self._running.writable(backend)
+        if add is not None:
+            target.servers[name] = dict(add)
+        elif name in target.servers:
+            merged = {**target.servers[name], **(changes or {})}
+            target.servers[name] = {k: v for k, v in merged.items() if v is not None}
+
+    def _running_server(self, backend: str, name: str) -> dict | None:
+        return self._running.backends.get(backend, _Backend({})).servers.get(name)
+
     def _filed_admin_state(self, backend: str, name: str) -> str:
-        server = self._config.backends.get(backend, _Backend({})).servers.get(name, {})
+        server = self._running_server(backend, name) or {}
         return "maint" if server.get("maintenance") == "enabled" else "ready"
 
     def _reloading_answer(self, force: bool, forced_status: int, payload) -> _Response:
-        """The answer of a plain write that needs a reload: 202 + Reload-ID, or forced."""
-        reload_id = self._reload()
+        """The answer of a plain write that needs a reload: 202 + Reload-Id once the agent
+        gave one, or with force_reload the forced reload's status (or its 400)."""
         if force:
-            return _Response(forced_status, payload)
-        return _Response(202, payload, {"Reload-ID": reload_id})
+            return _Response(forced_status, payload, reload="force")
+        return _Response(202, payload, reload="schedule")
 
     # --- request plumbing ---
 
@@ -1425,9 +1961,9 @@ class FakeDataPlane:
         value = req.query.get(name)
         if value is None or value == "":
             if required:
-                if self.api == "v2":
+                if self.traits.flavor == "swagger":
                     raise ApiError(422, f"{name} in query is required", 602)
-                raise ApiError(400, f"{name} in query: value is required but missing")
+                raise ApiError(400, f"Query argument {name} is required, but not found")
             return 0
         try:
             return int(value)
@@ -1435,9 +1971,11 @@ class FakeDataPlane:
             raise self._param_error(name, "int64", value) from None
 
     def _param_error(self, name: str, kind: str, value: str) -> ApiError:
-        if self.api == "v2":    # go-swagger: validation errors are 422 with a 6xx body code
+        if self.traits.flavor == "swagger":   # go-swagger: 422 with a 6xx body code
             return ApiError(422, f'{name} in query must be of type {kind}: "{value}"', 601)
-        return ApiError(400, f"{name} in query: value {value} is not a valid {kind}")
+        # oapi-codegen's parameter binding (e.g. v3.4.2 transactions.gen.go:174-183, 342-344)
+        return ApiError(400, f"Invalid format for parameter {name}: error binding string parameter: "
+                             f'parsing "{value}": invalid syntax')
 
     def _write_params(self, req: _Request) -> tuple[str, int, bool]:
         """(transaction id, version, force_reload) of a write, with dataplaneapi's checks."""
@@ -1494,24 +2032,34 @@ class FakeDataPlane:
             raise ApiError(422, "data in body must be of type object", 601)
         checked = self._models.normalize(model, data, keep_null=True)
         problems = self._models.schema_errors(model, checked)
-        if self._strict_models is not self._models:     # one complaint per field is enough
-            reported = {message.split(" in body")[0] for _, message in problems}
-            problems += [(code, message) for code, message in self._strict_models.schema_errors(model, checked)
-                         if message.split(" in body")[0] not in reported]
-        unknown = self._strict_models.unknown_fields(model, data)
+        # Unknown fields: go-swagger's JSON consumer and the oapi handlers' respond.DecodeJSON
+        # both decode into client-native's Go structs without unknown-field checks, so every
+        # release answers 2xx and forgets them (the client bug is recorded all the same).
+        unknown = self._models.unknown_fields(model, data)
         for path in unknown:
-            self._violation(req, f"{path} is not a field of the {model} model "
-                                 f"({'rejected' if self.reject_unknown_fields else 'dropped by dataplaneapi'})")
+            self._violation(req, f"{path} is not a field of the {model} model of dataplaneapi "
+                                 f"{self.traits.release} "
+                                 f"({'rejected' if self.reject_unknown_fields else 'answered 2xx and forgotten'})")
         if self.reject_unknown_fields:
             problems += [(616, f"{path} in body is a forbidden property") for path in unknown]
         if problems:
             for _, message in problems:
                 if "forbidden property" not in message:
                     self._violation(req, message)
-            if self.api == "v2":
+            if self.traits.flavor == "swagger":     # go-swagger serves the first error, 6xx code
                 raise ApiError(422, problems[0][1], problems[0][0])
-            raise ApiError(422, "\n".join(m for _, m in problems))
-        return self._models.normalize(model, data)
+            raise ApiError(422, "\n".join(m for _, m in problems))   # respond.Unprocessable: all
+        self.forgotten += [(model, path) for path in unknown]
+        return self._forget(model, self._models.normalize(model, data))
+
+    def _forget(self, model: str, data: dict) -> dict:
+        """Drop the fields forget_fields names (a server whose models lack them)."""
+        dropped = [f for f in self.forget_fields.get(model, ()) if f in data]
+        out = {k: v for k, v in data.items() if k not in dropped}
+        self.forgotten += [(model, f) for f in dropped]
+        if model == "backend" and isinstance(out.get("servers"), dict) and self.forget_fields.get("server"):
+            out["servers"] = {name: self._forget("server", server) for name, server in out["servers"].items()}
+        return out
 
     def _full_section(self, req: _Request) -> bool:
         return self.api == "v3" and self._flag(req, "full_section")
@@ -1550,10 +2098,10 @@ class FakeDataPlane:
             ("GET", "/services/haproxy/transactions", self._list_transactions),
             ("POST", "/services/haproxy/transactions", self._start_transaction),
             ("GET", "/services/haproxy/transactions/(?P<id>[^/]+)", self._get_transaction),
-            ("PUT", "/services/haproxy/transactions/(?P<id>[^/]+)", self._commit_transaction),
+            ("PUT", "/services/haproxy/transactions/(?P<id>[^/]+)", self._commit_transaction, "commit"),
             ("DELETE", "/services/haproxy/transactions/(?P<id>[^/]+)", self._delete_transaction),
-            ("GET", "/services/haproxy/reloads", self._list_reloads),
-            ("GET", "/services/haproxy/reloads/(?P<id>[^/]+)", self._get_reload),
+            ("GET", "/services/haproxy/reloads", self._list_reloads, "unlocked"),
+            ("GET", "/services/haproxy/reloads/(?P<id>[^/]+)", self._get_reload, "unlocked"),
             ("GET", backends, self._list_backends),
             ("POST", backends, self._create_backend),
             ("GET", backends + "/(?P<name>[^/]+)", self._get_backend),
@@ -1568,7 +2116,7 @@ class FakeDataPlane:
             ("PUT", runtime + "/(?P<name>[^/]+)", self._replace_runtime_server),
             ("GET", "/services/haproxy/stats/native", self._get_native_stats),
         ]
-        return [(method, re.compile(pattern), handler) for method, pattern, handler in table]
+        return [(method, re.compile(pattern), handler, set(options)) for method, pattern, handler, *options in table]
 
     def handle(self, method: str, target: str, headers, body: bytes) -> _Response | None:
         """Answer one HTTP request; None means: drop the connection without an answer."""
@@ -1593,8 +2141,7 @@ class FakeDataPlane:
             response = None if fault.drop else \
                 _Response(fault.status, {"code": fault.status, "message": fault.message})
         else:
-            with self._lock:
-                response = self._dispatch(method, parts.path, query, headers, body)
+            response = self._serve(method, parts.path, query, headers, body)
             if fault is not None and fault.after and (fault.drop or fault.status):
                 response = None if fault.drop else \
                     _Response(fault.status, {"code": fault.status, "message": fault.message})
@@ -1613,12 +2160,45 @@ class FakeDataPlane:
         tx = self._transactions.get(tid)
         return tx.version if tx is not None and tx.status == IN_PROGRESS else 0
 
-    def _dispatch(self, method, path, query, headers, body) -> _Response:
+    def _serve(self, method, path, query, headers, body) -> _Response:
+        """Route, run the handler (under self._lock unless it is the reload agent's own),
+        then ask the reload agent what the handler needs (outside self._lock). A commit
+        holds the commit mutex throughout, as CommitTransactionHandlerImpl does."""
+        routed = self._route(method, path, query, headers, body)
+        if isinstance(routed, _Response):
+            return routed
+        handler, req, options = routed
+        commit = "commit" in options
+        if commit:
+            self._commit_lock.acquire()
+        try:
+            if "unlocked" in options:
+                response = self._call(handler, req)
+            else:
+                with self._lock:
+                    response = self._call(handler, req)
+            try:
+                return self._finish(response)
+            except Exception as exc:  # noqa: BLE001    # an emulator bug: make it visible
+                self.errors.append(f"{req.method} {req.path} (reload agent): {exc!r}")
+                return _Response(500, {"code": 500, "message": f"fake_dataplane internal error: {exc!r}"})
+        finally:
+            if commit:
+                self._commit_lock.release()
+
+    def _route(self, method, path, query, headers, body):
+        """(handler, request, options) or the error answer. The go-swagger servers route
+        first (unknown path 404, wrong method 405) and authenticate matched routes; the
+        oapi servers authenticate every request first (UPGRADE.md, dataplaneapi v3.3.6)."""
+        unauthorized = _Response(401, {"code": 401, "message": "unauthenticated for invalid credentials"},
+                                 {"WWW-Authenticate": 'Basic realm="API"'})
+        if self.traits.flavor == "oapi" and not self._authorized(headers):
+            return unauthorized
         if path != self.base and not path.startswith(self.base + "/"):
             return _Response(404, {"code": 404, "message": f"path {path} was not found"})
         rel = path[len(self.base):]
         allowed = []
-        for route_method, pattern, handler in self._routes:
+        for route_method, pattern, handler, options in self._routes:
             match = pattern.fullmatch(rel)
             if match is None:
                 continue
@@ -1626,21 +2206,22 @@ class FakeDataPlane:
                 allowed.append(route_method)
                 continue
             if not self._authorized(headers):
-                return _Response(401, {"code": 401, "message": "unauthenticated for invalid credentials"},
-                                 {"WWW-Authenticate": 'Basic realm="API"'})
+                return unauthorized
             params = {k: unquote(v) for k, v in match.groupdict().items()}
-            req = _Request(method, path, rel, query, headers, body, params)
-            try:
-                return handler(req)
-            except ApiError as exc:
-                return _Response(exc.status, {"code": exc.code, "message": exc.message})
-            except Exception as exc:             # an emulator bug: make it visible to tests
-                self.errors.append(f"{method} {path}: {exc!r}")
-                return _Response(500, {"code": 500, "message": f"fake_dataplane internal error: {exc!r}"})
+            return handler, _Request(method, path, rel, query, headers, body, params), options
         if allowed:
             return _Response(405, {"code": 405, "message": f"method {method} is not allowed for path {path}"},
                              {"Allow": ", ".join(allowed)})
         return _Response(404, {"code": 404, "message": f"path {path} was not found"})
+
+    def _call(self, handler, req: _Request) -> _Response:
+        try:
+            return handler(req)
+        except ApiError as exc:
+            return _Response(exc.status, {"code": exc.code, "message": exc.message})
+        except Exception as exc:             # an emulator bug: make it visible to tests
+            self.errors.append(f"{req.method} {req.path}: {exc!r}")
+            return _Response(500, {"code": 500, "message": f"fake_dataplane internal error: {exc!r}"})
 
     def _authorized(self, headers) -> bool:
         if self.password is None:
@@ -1651,7 +2232,7 @@ class FakeDataPlane:
     # --- endpoints: info, version, raw ---
 
     def _get_info(self, req: _Request) -> _Response:
-        return _Response(200, {"api": {"version": f"{API_RELEASE[self.api]} fake_dataplane",
+        return _Response(200, {"api": {"version": f"{self.traits.release} fake_dataplane",
                                        "build_date": "2025-01-01T00:00:00.000Z"},
                                "system": {"hostname": socket.gethostname(),
                                           "time": int(time.time() * 1000)}})
@@ -1661,8 +2242,8 @@ class FakeDataPlane:
         if not tid:
             return _Response(200, self._version)
         tx = self._transactions.get(tid)
-        if tx is None or tx.status != IN_PROGRESS:
-            raise ApiError(404, f"transaction does not exist: transaction {tid} does not exist")
+        if tx is None or tx.status != IN_PROGRESS:       # GetParser: ErrTransactionDoesNotExist
+            raise ApiError(400, f"transaction does not exist: {tid}")
         return _Response(200, tx.version)
 
     def _get_raw(self, req: _Request) -> _Response:
@@ -1679,9 +2260,18 @@ class FakeDataPlane:
         return tx
 
     def _list_transactions(self, req: _Request) -> _Response:
+        """parseTransactions (client-native v5.1.27 transaction.go:447-514) reads the
+        transaction directory in name order: the `failed` subdirectory, the in-progress
+        files, the `outdated` subdirectory, each by id; ?status= takes failed or in_progress."""
         status = req.query.get("status", "")
-        return _Response(200, [t.as_json() for t in self._transactions.values()
-                               if not status or t.status == status])
+        if status not in ("", FAILED, IN_PROGRESS):
+            if self.traits.flavor == "swagger":
+                raise ApiError(422, "status in query should be one of [failed in_progress]", 606)
+            raise ApiError(400, 'status in query: value is not one of the allowed values ["failed","in_progress"]')
+        rank = {FAILED: 0, IN_PROGRESS: 1, OUTDATED: 2}
+        listed = sorted((t for t in self._transactions.values() if not status or t.status == status),
+                        key=lambda t: (rank[t.status], t.id))
+        return _Response(200, [t.as_json() for t in listed])
 
     def _start_transaction(self, req: _Request) -> _Response:
         version = self._int_param(req, "version", required=True)
@@ -1700,8 +2290,12 @@ class FakeDataPlane:
         return _Response(200, self._tx_or_404(req.params["id"]).as_json())
 
     def _delete_transaction(self, req: _Request) -> _Response:
-        tx = self._tx_or_404(req.params["id"])
-        del self._transactions[tx.id]
+        """Removes the file wherever it is (in progress, failed or outdated); none: 404
+        (handlers/transaction.go v2.9.27:82-98, the message of GetTransactionFile :609)."""
+        tid = req.params["id"]
+        if tid not in self._transactions:
+            raise ApiError(404, f"transaction does not exist: transaction file {tid} does not exist")
+        del self._transactions[tid]
         return _Response(204)
 
     def _commit_transaction(self, req: _Request) -> _Response:
@@ -1730,21 +2324,59 @@ class FakeDataPlane:
     # --- endpoints: reloads ---
 
     def _list_reloads(self, req: _Request) -> _Response:
-        return _Response(200, list(self._reload_log.values()))
+        """GetReloads (v2.9.27 haproxy/reload_agent.go:389-418): the failed reloads (a Go
+        map: in no order), the last success, the running one and the pending one."""
+        with self._agent_lock:
+            agent = self._agent
+            failed = [dict(r) for r in agent.failed.values()]
+            self._rng.shuffle(failed)
+            listed = failed + ([dict(agent.last_success)] if agent.last_success else [])
+            listed += [{"id": rid, "status": "in_progress"} for rid in (agent.current, agent.next) if rid]
+        return _Response(200, listed)
 
     def _get_reload(self, req: _Request) -> _Response:
-        # Unwrapped in v2 too: the reload model is not a configuration object.
-        entry = self._reload_log.get(req.params["id"])
+        """GetReload (v2.9.27 :420-471), unwrapped in v2 too (the reload model is not a
+        configuration object). It waits while a reload runs (the agent's cache lock)."""
+        reload_id = req.params["id"]
+        if not re.fullmatch(RELOAD_ID_PATTERN, reload_id):
+            if self.traits.flavor == "swagger":
+                raise ApiError(422, f"id in path should match '{RELOAD_ID_PATTERN}'", 605)
+            raise ApiError(400, f'id in path: string doesn\'t match the regular expression "{RELOAD_ID_PATTERN}"')
+        with self._agent_lock:
+            entry = self._reload_record(reload_id)
         if entry is None:
-            raise ApiError(404, f"Reload with ID {req.params['id']} does not exist")
+            raise ApiError(404, f"Reload with ID {reload_id} does not exist")
         return _Response(200, entry)
+
+    def _reload_record(self, reload_id: str) -> dict | None:
+        """GetReload's answer, quirks included: the pending reload answers in_progress with
+        the id of the running one, which is empty then (Go leaves it out, :430-435); an id
+        without a record that is older than the last success, by date or else by counter
+        alone, answers a made-up "succeeded" (:446-468)."""
+        agent = self._agent
+        if agent.current == reload_id:
+            return {"id": reload_id, "status": "in_progress"}
+        if agent.next == reload_id:
+            return {"status": "in_progress", **({"id": agent.current} if agent.current else {})}
+        if reload_id in agent.failed:
+            return dict(agent.failed[reload_id])
+        if agent.last_success is None:
+            return None
+        if agent.last_success["id"] == reload_id:
+            return dict(agent.last_success)
+        last, asked = _reload_id_parts(agent.last_success["id"]), _reload_id_parts(reload_id)
+        if last is None or asked is None:
+            return None
+        if asked[0] < last[0] or last[1] > asked[1]:
+            return {"id": reload_id, "status": "succeeded"}
+        return None
 
     # --- endpoints: backends ---
 
     def _backend_json(self, name: str, backend: _Backend, full: bool) -> dict:
         data = dict(backend.fields, name=name)
         if full and backend.servers:               # omitempty: no "servers" key when there are none
-            data["servers"] = dict(backend.servers)
+            data["servers"] = dict(sorted(backend.servers.items()))    # Go's JSON sorts map keys
         return data
 
     def _list_backends(self, req: _Request) -> _Response:
@@ -1762,12 +2394,18 @@ class FakeDataPlane:
                                                                      self._full_section(req))))
 
     def _split_backend_body(self, req: _Request, data: dict, full: bool) -> tuple[dict, dict]:
-        """(backend fields, servers sorted by name as client-native writes them)."""
+        """(backend fields, servers in the order client-native writes them): Go map order
+        (random) up to client-native 6.2.6, string order of the names from 6.2.7
+        (configuration/structured_backends.go: v6.0.26 :294 ranges over the map; v6.2.7
+        :293-304 sorts the names first)."""
         servers = data.pop("servers", None) or {}
         if servers and not full:
             self._violation(req, "servers sent without full_section=true are ignored by dataplaneapi")
             return data, {}
-        return data, {s["name"]: s for _, s in sorted(servers.items())}
+        items = sorted(servers.items())
+        if self.traits.server_order == "random":
+            self._rng.shuffle(items)
+        return data, {s["name"]: s for _, s in items}
 
     def _create_backend(self, req: _Request) -> _Response:
         tid, version, force = self._write_params(req)
@@ -1850,14 +2488,15 @@ class FakeDataPlane:
         if force:
             return self._reloading_answer(True, 201, server)
         if self._runtime_add_possible(config.backends[parent], server) \
-                and self._runtime(runtime_add_commands(parent, server)):
+                and self._runtime(runtime_add_commands(parent, server), added=server):
             return _Response(201, server)
         return self._reloading_answer(False, 201, server)
 
     def _runtime_add_possible(self, backend: _Backend, server: dict) -> bool:
         """dataplaneapi adds at runtime when no default_server applies and the server
         converts to its runtime model (a numeric `id` does not)."""
-        return self.runtime_add_server and not backend.fields.get("default_server") and "id" not in server
+        return self.runtime_add_server and not self.runtime_broken \
+            and not backend.fields.get("default_server") and "id" not in server
 
     def _replace_server(self, req: _Request) -> _Response:
         tid, version, force = self._write_params(req)
@@ -1874,9 +2513,12 @@ class FakeDataPlane:
         target.servers = _replace_key(target.servers, name, server["name"], server)
         if tid:
             return _Response(202, server)
-        self._commit_implicit(config)
+        self._commit_implicit(config)      # the file is written (version + 1) whatever follows
+        if self.runtime_broken:            # no runtime client: reload before comparing anything
+            return self._reloading_answer(force, 200, server)
+        # changeThroughRuntimeAPI: the commands up to a nil pointer go out, then a reload
         commands, reload_needed = runtime_plan(parent, server, ondisk)
-        if not reload_needed and self._runtime(commands):
+        if self._runtime(commands) and not reload_needed:
             return _Response(200, server)
         return self._reloading_answer(force, 200, server)
 
@@ -1895,52 +2537,81 @@ class FakeDataPlane:
     # --- endpoints: runtime servers and native stats (no reload, no new version) ---
 
     def _runtime_server(self, req: _Request) -> tuple[str, str, dict]:
-        """(backend, name, server) of a runtime server request: the running configuration's
-        (the file as last written: HAProxy itself is asked by the real API). An unknown backend
+        """(backend, name, server) of a runtime server request, as HAProxy runs it (the real
+        API asks HAProxy: `show servers state`). No runtime client: 500. An unknown backend
         or server is client-native's "no data for B/S: not found" (runtime_client.go
-        GetServerState): 404, but 500 for a v2 PUT (v2.9 misc.HandleError has no not-found
-        branch); v2 requires ?backend= (422)."""
+        GetServerState): GET 404 (isNotFoundError); PUT passes it to misc.HandleError, which
+        maps client-native's ErrNotFound to 404 only from 3.2 (v3.2.15 misc/misc.go:103;
+        v2.9.27 :100-103 and v3.0.23 :100-103 answer 500). v2 requires ?backend= (422)."""
         parent = req.params["parent"] if self.api == "v3" else req.query.get("backend", "")
         if not parent:
             raise ApiError(422, "backend in query is required", 602)
-        server = self._config.backends.get(parent, _Backend({})).servers.get(req.params["name"])
+        if self.runtime_broken:
+            raise ApiError(500, "no valid runtime found")
+        server = self._running_server(parent, req.params["name"])
         if server is None:
-            status = 500 if self.api == "v2" and req.method == "PUT" else 404
+            status = self.traits.runtime_put_missing if req.method == "PUT" else 404
             raise ApiError(status, f"no data for {parent}/{req.params['name']}: not found")
         return parent, req.params["name"], server
 
     def _runtime_server_json(self, backend: str, name: str, server: dict) -> dict:
         admin = self.admin_states.get((backend, name)) or \
             ("maint" if server.get("maintenance") == "enabled" else "ready")
+        operational = self.operational_states.get((backend, name)) or ("down" if admin == "maint" else "up")
         data = {"name": name, "address": server.get("address"), "admin_state": admin,
-                "operational_state": "down" if admin == "maint" else "up"}
-        return {**data, "port": server["port"]} if server.get("port") is not None else data
+                "operational_state": operational}
+        if server.get("port") is not None:
+            data["port"] = server["port"]
+        if "weight" in self.traits.runtime_put_fields:      # the model has it from 3.3.1
+            data["weight"] = server.get("weight", 1)
+        return data
 
     def _get_runtime_server(self, req: _Request) -> _Response:
         return _Response(200, self._runtime_server_json(*self._runtime_server(req)))
 
     def _replace_runtime_server(self, req: _Request) -> _Response:
-        """Set the admin (and operational) state at runtime: `set server B/S state ...`,
-        sent only when it differs; nothing is written, nothing reloads (handlers/
-        runtime_server.go:106-157)."""
+        """Change a server at runtime; nothing is written, nothing reloads. Up to 3.3.0 only
+        operational_state and admin_state are applied (v2.9.27 handlers/runtime_server.go:
+        105-153; address and port are read-only fields of that model, weight is not in it);
+        from 3.3.1 weight, then address/port too (v3.3.1 handlers/runtime_server.go:107-211,
+        v3.4.2 handlers/runtime/servers/servers.go:183-293). Each command only when the value
+        differs from HAProxy's. (The rollback commands sent after a failed command are not
+        emulated: here a failure is the first command's.)"""
         backend, name, server = self._runtime_server(req)
         body = self._body(req, "runtime_server")
+        fields = self.traits.runtime_put_fields
+        for f in ("address", "port"):
+            if f in body and f not in fields:
+                self._violation(req, f"{f} is read-only in the runtime_server model of dataplaneapi "
+                                     f"{self.traits.release}: ignored")
         now = self._runtime_server_json(backend, name, server)
+        target = f"{backend}/{name}"
         commands = []
         if body.get("operational_state") and body["operational_state"] != now["operational_state"]:
-            commands.append(f"set server {backend}/{name} health {body['operational_state']}")
+            commands.append(f"set server {target} health {body['operational_state']}")
         if body.get("admin_state") and body["admin_state"] != now["admin_state"]:
-            commands.append(f"set server {backend}/{name} state {body['admin_state']}")
+            commands.append(f"set server {target} state {body['admin_state']}")
+        # rs.Weight is HAProxy's user weight, 1 when the configuration sets none (cn v6.4.0
+        # runtime/servers.go:211-215)
+        if "weight" in fields and body.get("weight") is not None and body["weight"] != server.get("weight", 1):
+            commands.append(f"set server {target} weight {body['weight']}")
+        if "address" in fields:
+            address_changed = bool(body.get("address")) and body["address"] != server.get("address")
+            port_changed = body.get("port") is not None and body["port"] != server.get("port")
+            if address_changed or port_changed:
+                address = body.get("address") or server.get("address", "")
+                port = body["port"] if body.get("port") is not None else server.get("port")
+                commands.append(f"set server {target} addr {address}" + (f" port {port}" if port else ""))
         if not self._runtime(commands):
             raise ApiError(500, f"runtime error: {self.runtime_changes[-1]}")
-        return _Response(200, self._runtime_server_json(backend, name, server))
+        return _Response(200, self._runtime_server_json(backend, name, self._running_server(backend, name)))
 
     def _get_native_stats(self, req: _Request) -> _Response:
         """HAProxy's stats: v2 a list of collections (one per runtime API), v3 one collection;
         filtered the way dataplaneapi's handlers/stats.go GetStatsHandlerImpl does."""
         kind, name, parent = (req.query.get(k) for k in ("type", "name", "parent"))
         if kind is not None and kind not in ("frontend", "backend", "server"):
-            raise ApiError(422 if self.api == "v2" else 400,
+            raise ApiError(422 if self.traits.flavor == "swagger" else 400,
                            "type in query should be one of [frontend backend server]", 606)
         if name is not None and kind is None:
             raise ApiError(400, "Type required when filtering by name")
@@ -1957,7 +2628,7 @@ class FakeDataPlane:
         live HAProxy, else from `sessions` and the admin states."""
         shown = self.live.show_stat() if self.live is not None and self.live.running else None
         items = []
-        for backend, b in self._config.backends.items():
+        for backend, b in self._running.backends.items():
             items.append({"type": "backend", "name": backend, "stats": {}})
             for name, server in b.servers.items():
                 admin = self._runtime_server_json(backend, name, server)["admin_state"]
@@ -1967,6 +2638,15 @@ class FakeDataPlane:
                         admin, "UP" if server.get("check") == "enabled" else "no check")}
                 items.append({"type": "server", "name": name, "backend_name": backend, "stats": stats})
         return items
+
+
+def _reload_id_parts(reload_id: str) -> tuple[datetime.date, int] | None:
+    """(date, counter) of a reload id, as getTimeIndexFromID reads it; None if unreadable."""
+    date, _, index = reload_id.rpartition("-")
+    try:
+        return datetime.datetime.strptime(date, "%Y-%m-%d").date(), int(index)
+    except ValueError:
+        return None
 
 
 # === Runtime rules (dataplaneapi's changeThroughRuntimeAPI) ===
@@ -2085,7 +2765,9 @@ class _Handler(BaseHTTPRequestHandler):
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description="HAProxy Data Plane API emulator (test bed).")
     parser.add_argument("--port", type=int, default=5555, help="port on 127.0.0.1 (0 = any free port)")
-    parser.add_argument("--api", choices=("v2", "v3"), default="v3")
+    parser.add_argument("--api", choices=("v2", "v3"), help="v2 = --personality 2.9, v3 = --personality 3.4")
+    parser.add_argument("--personality", choices=tuple(PERSONALITIES),
+                        help="the dataplaneapi release to behave as (default 3.4; wins over --api)")
     parser.add_argument("--user", default=DEFAULT_USERNAME)
     parser.add_argument("--password", default=DEFAULT_PASSWORD)
     parser.add_argument("--no-auth", action="store_true", help="accept requests without credentials")
@@ -2094,8 +2776,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--no-check", action="store_true", help="skip `haproxy -c`")
     parser.add_argument("--live", action="store_true", help="run and reload a real HAProxy")
     parser.add_argument("--haproxy", default=HAPROXY_BIN, help="haproxy binary")
-    parser.add_argument("--reload-delay", type=float, default=0.0,
-                        help="seconds from a commit to its (shared) reload, like dataplaneapi's reload-delay")
+    parser.add_argument("--reload-delay", type=float, default=DEFAULT_RELOAD_DELAY,
+                        help="the reload ticker's period in seconds, like dataplaneapi's --reload-delay "
+                             "(default 5; 0 means 5 there and here)")
     return parser
 
 
@@ -2105,7 +2788,7 @@ def main(argv=None) -> int:
     if args.base_config:
         with open(args.base_config, encoding="utf-8") as f:
             base_config = f.read()
-    fake = FakeDataPlane(args.api, port=args.port, username=args.user,
+    fake = FakeDataPlane(args.api, personality=args.personality, port=args.port, username=args.user,
                          password=None if args.no_auth else args.password, base_config=base_config,
                          check_config=not args.no_check, haproxy_bin=args.haproxy, live=args.live or None,
                          reload_delay=args.reload_delay)
@@ -2116,7 +2799,7 @@ def main(argv=None) -> int:
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, lambda *_: stop.set())
     fake.start()
-    print(f"fake dataplaneapi {args.api} listening on {fake.url}{fake.base}", flush=True)
+    print(f"fake dataplaneapi {fake.traits.release} ({fake.api}) listening on {fake.url}{fake.base}", flush=True)
     try:
         while not stop.wait(0.5):
             pass
