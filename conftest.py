@@ -48,16 +48,34 @@ def arm(monkeypatch):
         yield fake
 
 
-@pytest.fixture(params=["v2", "v3"])
-def dataplane(request):
-    """A Data Plane API emulator (v2 and v3) that checks every body against the official
-    specification and every committed configuration with the real `haproxy -c`."""
+# The emulator reloads on dataplaneapi's ticker; 5 s there, shortened (never to 0) in tests.
+RELOAD_DELAY = 0.05
+# Every dataplaneapi release the emulator plays, and the two the bulk of the tests run against
+# (the v2 API of 2.9, and the newest v3).
+PERSONALITIES = ("2.9", "3.0", "3.2", "3.3.6", "3.4")
+
+
+def _emulator(personality: str):
     from fake_dataplane import FakeDataPlane
-    with FakeDataPlane(api=request.param) as fake:
+    with FakeDataPlane(personality=personality, reload_delay=RELOAD_DELAY) as fake:
         yield fake
         assert fake.violations == [], fake.violations
         assert fake.errors == [], fake.errors
         assert fake.check_failures == 0, fake.last_check_output
+
+
+@pytest.fixture(params=["2.9", "3.4"])
+def dataplane(request):
+    """A Data Plane API emulator (dataplaneapi 2.9: v2, and 3.4: v3) that checks every body
+    against the official specification and every committed configuration with the real
+    `haproxy -c`, and reloads on a (short) ticker."""
+    yield from _emulator(request.param)
+
+
+@pytest.fixture(params=PERSONALITIES)
+def any_dataplane(request):
+    """The emulator as each dataplaneapi release it plays (see fake_dataplane.PERSONALITIES)."""
+    yield from _emulator(request.param)
 
 
 @pytest.fixture(scope="session")

@@ -60,7 +60,7 @@ def _serve_emulator(conn, api: str, live: bool) -> None:
     asked between cycles (no request in flight): "counts", or "check" (seconds of one `haproxy -c` of
     the current configuration, best of 3)."""
     from fake_dataplane import FakeDataPlane, haproxy_check
-    fake = FakeDataPlane(api=api, check_config=live, live=live or None).start()
+    fake = FakeDataPlane(api=api, check_config=live, live=live or None, reload_delay=0.05).start()
     try:
         conn.send((fake.url, fake.password))
         with tempfile.TemporaryDirectory(prefix="bench-check-") as workdir:

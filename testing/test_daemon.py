@@ -29,7 +29,7 @@ sys.path.insert(0, ROOT)
 import haproxy_azure_discovery as m  # noqa: E402
 from fake_arm import DEFAULT_SUBSCRIPTION, FakeArm, Vm, make_estate, service_tags  # noqa: E402
 from fake_dataplane import FakeDataPlane  # noqa: E402
-from conftest import free_port, wait_for  # noqa: E402
+from conftest import RELOAD_DELAY, free_port, wait_for  # noqa: E402
 
 
 
@@ -69,7 +69,7 @@ class Daemon:
     def __init__(self, tmp_path, watchdog_usec: int = 0, interval: float = 0.5):
         self.tmp = tmp_path
         self.arm = FakeArm(make_estate(vms=6), page_size=2).start()
-        self.dp = FakeDataPlane(api="v3").start()
+        self.dp = FakeDataPlane(api="v3", reload_delay=RELOAD_DELAY).start()
         self.notify = Notifications(str(tmp_path / "notify"))
         self.config_path = str(tmp_path / "config.json")
         self.interval, self.watchdog_usec = interval, watchdog_usec
@@ -184,7 +184,7 @@ def test_ready_after_the_start_budget_when_the_first_cycle_is_slow(tmp_path, arm
     notifier = m.Notifier({"NOTIFY_SOCKET": notify.path})
     started = time.monotonic()
     try:
-        with FakeDataPlane(api="v3") as dp:
+        with FakeDataPlane(api="v3", reload_delay=RELOAD_DELAY) as dp:
             cfg = dataclasses.replace(cfg, haproxy=dataclasses.replace(cfg.haproxy, base_url=dp.url,
                                                                        password=dp.password))
             m.run_forever(lambda: cfg, lambda c: m.AzureSource(c), lambda c: m.DataPlane(c.haproxy), Scripted(),
@@ -328,7 +328,7 @@ def test_two_hundred_reloads_leave_the_socket_count_flat(arm):
     of this process after 200 reloads (and cycles) are those after 10."""
     arm.estate = make_estate(vms=3)
     counts = {}
-    with FakeDataPlane(api="v3") as dp:
+    with FakeDataPlane(api="v3", reload_delay=RELOAD_DELAY) as dp:
         cfg = m.parse_config({"azure": {"subscription_id": DEFAULT_SUBSCRIPTION, "resource_manager_url": arm.url,
                                         "retries": 1, "timeout": 5},
                               "haproxy": {"base_url": dp.url, "password": dp.password}}, {})
@@ -379,7 +379,7 @@ def test_retry_after_is_capped_at_the_azure_timeout(arm):
 
 def test_a_new_skip_in_a_steady_estate_is_warned_about_once(arm, caplog):
     arm.estate = make_estate(vms=2)
-    with FakeDataPlane(api="v3") as dp:
+    with FakeDataPlane(api="v3", reload_delay=RELOAD_DELAY) as dp:
         cfg = m.parse_config({"azure": {"subscription_id": DEFAULT_SUBSCRIPTION, "resource_manager_url": arm.url,
                                         "retries": 1, "timeout": 5},
                               "haproxy": {"base_url": dp.url, "password": dp.password}}, {})
@@ -400,3 +400,65 @@ def test_a_new_skip_in_a_steady_estate_is_warned_about_once(arm, caplog):
     warned = [r.getMessage() for r in caplog.records if getattr(r, "event", "") == "skip"]
     assert cycles == ["applied", "steady", "steady", "steady", "steady"]
     assert len(warned) == 1 and "vm-bad-port" in warned[0] and "80x" in warned[0], warned
+
+
+# --- reloads that fail ----------------------------------------------------------------------------
+def _get(url: str) -> tuple[int, str]:
+    try:
+        with urllib.request.urlopen(url, timeout=2) as resp:
+            return resp.status, resp.read().decode()
+    except urllib.error.HTTPError as exc:
+        return exc.code, exc.read().decode()
+
+
+def test_the_daemon_makes_two_failed_reloads_good_and_shows_the_debt_meanwhile(daemon):
+    """A change whose reload fails, and the reload that should make it good fails too: the daemon
+    says so each cycle (an error line, /healthz 503 naming the target, haproxy_config_behind 1),
+    backs off, and reloads until one succeeds; then HAProxy runs what the API shows."""
+    bed = daemon()
+    port = free_port()
+    bed.write_config(metrics={"listen": f"127.0.0.1:{port}"})
+    bed.start()
+    wait_for(lambda: any(e.get("result") == "applied" for e in bed.events("cycle")), 30, "the first sync")
+    bed.dp.reload_fail(2)
+    bed.arm.estate.add_vm(Vm(name="vm-new", private_ip="10.0.9.9", tags=service_tags("web", 8080)))
+    seen = {"health": set(), "behind": set()}
+
+    def watch():
+        status, body = _get(f"http://127.0.0.1:{port}/healthz")
+        seen["health"].add((status, body.strip()))
+        metrics = _get(f"http://127.0.0.1:{port}/metrics")[1]
+        seen["behind"].update(line for line in metrics.splitlines() if "haproxy_config_behind" in line)
+        return bed.events("config_caught_up")
+    wait_for(watch, 60, "the debt made good")
+    wait_for(lambda: watch() and any("haproxy_config_behind" in x and x.endswith(" 0") for x in seen["behind"]),
+             10, "the gauge back to 0")
+    code, took = bed.stop()
+    assert code == 0 and took < 2
+    behind = bed.events("config_behind")
+    assert len(behind) == 2 and all(e["level"] == "error" for e in behind)        # one each owing cycle
+    assert any(s == 503 and "older configuration than the Data Plane API shows" in b and bed.dp.url in b
+               for s, b in seen["health"]), seen["health"]
+    assert {x.rsplit(" ", 1)[1] for x in seen["behind"]} == {"0", "1"}
+    bed.dp.wait_reloads()
+    assert bed.dp.running_backends == bed.dp.backends and bed.dp.reloads >= 4
+
+
+def test_status_says_haproxy_runs_an_older_configuration(arm, tmp_path, capsys):
+    arm.estate = make_estate(vms=2)
+    with FakeDataPlane(api="v3", reload_delay=RELOAD_DELAY) as dp:
+        dp.reload_fail(10)
+        raw = {"azure": {"subscription_id": DEFAULT_SUBSCRIPTION, "resource_manager_url": arm.url, "retries": 1},
+               "haproxy": {"base_url": dp.url, "password": dp.password, "timeout": 3},
+               "logging": {"format": "text"}}
+        path = tmp_path / "config.json"
+        path.write_text(json.dumps(raw))
+        assert m.main(["--once", "-c", str(path)]) == 1
+        capsys.readouterr()
+        assert m.main(["--status", "-c", str(path)]) == 0
+        out = capsys.readouterr().out
+        assert "in sync" in out and "!HAProxy runs an older configuration than the Data Plane API shows: reload " \
+            in out and "failed at" in out and "(injected fault)" in out
+        assert m.main(["--status", "--json", "-c", str(path)]) == 0
+        view = json.loads(capsys.readouterr().out)
+        assert view["targets"][0]["behind"].startswith("HAProxy runs an older configuration")

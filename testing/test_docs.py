@@ -233,8 +233,9 @@ def test_quick_start_matches_the_unit():
 def fakes():
     """The fake Resource Manager (3 VMs of service web, port 8080) and a v3 Data Plane API emulator."""
     from fake_arm import FakeArm, make_estate
+    from conftest import RELOAD_DELAY
     from fake_dataplane import FakeDataPlane
-    with FakeArm(make_estate(vms=3)) as arm, FakeDataPlane(api="v3") as dp:
+    with FakeArm(make_estate(vms=3)) as arm, FakeDataPlane(api="v3", reload_delay=RELOAD_DELAY) as dp:
         yield arm, dp
         assert dp.violations == [] and dp.errors == []
 

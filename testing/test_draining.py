@@ -24,7 +24,7 @@ from fake_arm import DEFAULT_SUBSCRIPTION, FakeArm, make_estate
 from fake_dataplane import FakeDataPlane, LiveHAProxy
 from instances import Instances, hits
 
-from conftest import free_port, wait_for
+from conftest import RELOAD_DELAY, free_port, wait_for
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -65,7 +65,7 @@ class DrainBed:
         self.backend = f"azure-web-{self.port}-eastus"
         base = (f"frontend fe_main\n    mode http\n    bind 127.0.0.1:{self.frontend}\n"
                 f"    use_backend %[str({self.backend})]\n")
-        self.dp = FakeDataPlane(api=api, base_config=base, live=LiveHAProxy()).start()
+        self.dp = FakeDataPlane(api=api, reload_delay=RELOAD_DELAY, base_config=base, live=LiveHAProxy()).start()
         self.instances = Instances({p.inst.name: p.inst.private_ip for p in self.arm.estate.machines()},
                                    port=self.port)
         config = {"azure": {"subscription_id": DEFAULT_SUBSCRIPTION, "resource_manager_url": "${FAKE_ARM_URL}",

@@ -26,7 +26,7 @@ sys.path.insert(0, ROOT)
 from fake_arm import DEFAULT_SUBSCRIPTION, FakeArm, Vm, make_estate, service_tags  # noqa: E402
 from fake_dataplane import PATH_SERVERS, FakeDataPlane, LiveHAProxy  # noqa: E402
 from instances import Instances, hits  # noqa: E402
-from conftest import free_port, wait_for  # noqa: E402
+from conftest import RELOAD_DELAY, free_port, wait_for  # noqa: E402
 
 DRAIN_TAG = {"maintenance": "drain"}
 
@@ -44,7 +44,7 @@ class Bed:
         base = (f"frontend fe_main\n    mode http\n    bind 127.0.0.1:{self.frontend}\n"
                 "    use_backend %[req.hdr(x-backend)]\n")
         self.live = LiveHAProxy()
-        self.dp = FakeDataPlane(api=api, base_config=base, live=self.live).start()
+        self.dp = FakeDataPlane(api=api, reload_delay=RELOAD_DELAY, base_config=base, live=self.live).start()
         self.instances = Instances(port=self.port)
         self.sync_instances()
         self.config_path = str(tmp_path / "config.json")

@@ -23,7 +23,7 @@ sys.path.insert(0, os.path.dirname(HERE))
 import haproxy_azure_discovery as m  # noqa: E402
 from fake_arm import DEFAULT_SUBSCRIPTION, FakeArm, Vm, make_estate, service_tags  # noqa: E402
 from fake_dataplane import PATH_TRANSACTION, PATH_TRANSACTIONS, FakeDataPlane  # noqa: E402
-from conftest import azure_env  # noqa: E402
+from conftest import RELOAD_DELAY, azure_env  # noqa: E402
 
 INTERVAL, BASE = 10.0, 1.0
 WEB = "azure-web-8080-eastus"
@@ -89,7 +89,7 @@ def live(dp) -> set[str]:
 
 @pytest.fixture
 def bed(monkeypatch):
-    with FakeArm(make_estate(vms=4), page_size=3) as arm, FakeDataPlane(api="v3") as dp:
+    with FakeArm(make_estate(vms=4), page_size=3) as arm, FakeDataPlane(api="v3", reload_delay=RELOAD_DELAY) as dp:
         azure_env(monkeypatch, arm)
         stream = io.StringIO()
         m.setup_logging("DEBUG", "json", [dp.password], stream)

@@ -239,8 +239,9 @@ def test_run(target, args, extra_env, code, must, must_not):
 def fakes():
     """The fake Resource Manager (3 VMs) and the Data Plane emulator, for a real --once."""
     from fake_arm import FakeArm, make_estate
+    from conftest import RELOAD_DELAY
     from fake_dataplane import FakeDataPlane
-    with FakeArm(make_estate(vms=3)) as arm, FakeDataPlane(api="v3") as dp:
+    with FakeArm(make_estate(vms=3)) as arm, FakeDataPlane(api="v3", reload_delay=RELOAD_DELAY) as dp:
         yield arm, dp
         assert dp.violations == [] and dp.errors == []
 

@@ -18,7 +18,7 @@ import haproxy_azure_discovery as m  # noqa: E402
 from fake_arm import DEFAULT_SUBSCRIPTION, FakeArm, Vm, make_estate, service_tags  # noqa: E402
 from fake_dataplane import FakeDataPlane, LiveHAProxy  # noqa: E402
 from instances import Instances, hits  # noqa: E402
-from conftest import azure_env, free_port, wait_for  # noqa: E402
+from conftest import RELOAD_DELAY, azure_env, free_port, wait_for  # noqa: E402
 
 
 class Scaling:
@@ -31,7 +31,7 @@ class Scaling:
         self.live = LiveHAProxy()
         base = (f"frontend fe_main\n    mode http\n    bind 127.0.0.1:{self.frontend}\n"
                 "    use_backend %[str(azure-web-" + str(self.port) + "-eastus)]\n")
-        self.dp = FakeDataPlane(api=api, base_config=base, live=self.live).start()
+        self.dp = FakeDataPlane(api=api, reload_delay=RELOAD_DELAY, base_config=base, live=self.live).start()
         self.instances = Instances(port=self.port)
         raw = {"azure": {"subscription_id": DEFAULT_SUBSCRIPTION, "resource_manager_url": self.arm.url,
                          "retries": 1, "timeout": 5},

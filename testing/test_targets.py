@@ -21,7 +21,7 @@ from fake_arm import DEFAULT_SUBSCRIPTION, make_estate
 from fake_dataplane import FakeDataPlane
 
 import haproxy_azure_discovery as m
-from conftest import free_port, wait_for
+from conftest import RELOAD_DELAY, free_port, wait_for
 
 WEB = "azure-web-8080-eastus"
 TXN_COMMIT = r"/services/haproxy/transactions/[^/]+$"
@@ -31,8 +31,8 @@ TXN_COMMIT = r"/services/haproxy/transactions/[^/]+$"
 def pair(arm):
     """Three running VMs of one service, a v2 and a v3 emulator with passwords of their own."""
     arm.estate = make_estate(vms=3)
-    with FakeDataPlane(api="v2", password="v2-pass-word", port=free_port()) as v2, \
-            FakeDataPlane(api="v3", password="v3-pass-word", port=free_port()) as v3:
+    with FakeDataPlane(api="v2", reload_delay=RELOAD_DELAY, password="v2-pass-word", port=free_port()) as v2, \
+            FakeDataPlane(api="v3", reload_delay=RELOAD_DELAY, password="v3-pass-word", port=free_port()) as v3:
         yield arm, v2, v3
         for fake in (v2, v3):
             assert fake.violations == [] and fake.errors == [] and fake.open_transactions() == []
