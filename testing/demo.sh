@@ -71,7 +71,7 @@ echo "    $FAKE_ARM_URL (token from its managed-identity endpoint: DefaultAzureC
 say "Starting the Data Plane API emulator with a real HAProxy (frontend 127.0.0.1:$frontend)"
 printf 'frontend fe_main\n    mode http\n    bind 127.0.0.1:%s\n    use_backend %%[str(%s)]\n' \
     "$frontend" "$backend" > "$work/frontend.cfg"
-$py testing/fake_dataplane.py --port "$dataplane" --api v3 --password demo-password \
+$py testing/fake_dataplane.py --port "$dataplane" --api v3 --reload-delay 1 --password demo-password \
     --base-config "$work/frontend.cfg" --live > "$work/dataplane.log" 2>&1 & pids+=($!)
 for _ in $(seq 100); do
     $py -c "import urllib.request as u; u.urlopen('http://127.0.0.1:$dataplane/v3/info')" 2>/dev/null && break
@@ -92,7 +92,7 @@ EOF
 # The daemon of steps 4 and 5 polls every second and drains for 10 s at most, so that the demo
 # is short; its metrics listener serves the state view at /state.
 $py -c 'import json, sys; c = json.load(open(sys.argv[1])); c["polling"] = {"interval_seconds": 1, "jitter_seconds": 0}
-c["safety"] = {"drain_seconds": 10}; c["metrics"] = {"listen": "127.0.0.1:" + sys.argv[3]}
+c["safety"] = {"drain_seconds": 10, "drain_confirm_seconds": 2}; c["metrics"] = {"listen": "127.0.0.1:" + sys.argv[3]}
 json.dump(c, open(sys.argv[2], "w"))' "$work/config.json" "$work/daemon.json" "$metrics"
 export DP_PASSWORD=demo-password
 echo "    daemon configuration: $work/config.json"
@@ -118,17 +118,19 @@ sleep 4
 echo "-- the daemon's log (JSON lines, shown here by their msg):"
 grep -o '"msg": "[^"]*"' "$work/daemon.log" | uniq -c | sed 's/^/   /'
 echo "   3 of 5 live servers going at once is more than safety.max_drain_percent (50%):"
-echo "   the mass-drain guard held them until the same discovery was seen twice in a row."
+echo "   the mass-drain guard held them until the same discovery was seen twice in a row and for"
+echo "   safety.drain_confirm_seconds (2 s here, 300 by default)."
 echo "-- 12 requests through HAProxy answered by:"
 $py testing/instances.py --hits "http://127.0.0.1:$frontend/" 12
 echo "-- a steady cycle costs one Data Plane request:"
 grep '"result": "steady"' "$work/daemon.log" | tail -1 | grep -o '"dataplane_requests": [0-9]*' | sed 's/^/    /'
 
 say "5. Graceful draining: vm-0001 is scaled in while an 8-second request to it is in flight"
-reloads() {   # HAProxy reloads so far, as the Data Plane API lists them
+reloads() {   # HAProxy reloads so far, as the Data Plane API numbers them (reload ids DATE-N, N from 0)
     $py -c 'import base64, json, sys, urllib.request
 auth = "Basic " + base64.b64encode(("admin:" + sys.argv[2]).encode()).decode()
-print(len(json.load(urllib.request.urlopen(urllib.request.Request(sys.argv[1], headers={"Authorization": auth})))))' \
+records = json.load(urllib.request.urlopen(urllib.request.Request(sys.argv[1], headers={"Authorization": auth})))
+print(max((int(r["id"].rsplit("-", 1)[1]) + 1 for r in records if r.get("id", "")[:1].isdigit()), default=0))' \
         "http://127.0.0.1:$dataplane/v3/services/haproxy/reloads" "$DP_PASSWORD"
 }
 before=$(reloads)

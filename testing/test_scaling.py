@@ -126,8 +126,9 @@ def test_scale_events_and_reloads(scaling, mode, api):
 
 def test_partial_listing_is_held_then_applied(scaling):
     """Azure answers 200 but lacks most instances: nothing parks in the first cycle; if the
-    result persists, the second cycle parks them. A few genuinely gone are never held."""
-    bed = scaling("hybrid", vms=8)
+    result persists (drain_confirm_seconds 0 here), the second cycle parks them. A few
+    genuinely gone are never held."""
+    bed = scaling("hybrid", vms=8, safety={"drain_confirm_seconds": 0})
     bed.cycle()
     everyone = set(bed.running())
     bed.answering(everyone)
