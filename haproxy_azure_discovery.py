@@ -2283,10 +2283,13 @@ def _power_states(items: Iterable[Mapping]) -> dict[str, str]:
     return powers
 
 
-def instances_from_azure(listing: AzureListing, cfg: AzureConfig) -> list[Instance]:
+def instances_from_azure(listing: AzureListing, cfg: AzureConfig,
+                         skipped: list[Skip] | None = None) -> list[Instance]:
     """Join the listings into instances: NICs by their lower-cased virtualMachine id,
     power states and scale sets by lower-cased id. An instance whose NIC or address
-    is missing still comes back (address None); a second sighting counts once."""
+    is missing still comes back (address None); a second sighting counts once. An item
+    whose tags are not an object cannot be judged: a Skip in `skipped`. AzureError for an
+    item without an id: it could be any instance, and leaving it out would drain it."""
     # Twenty thousand instances a cycle at the largest estates: one pass per listing, a
     # plain dict lookup per instance for each of them, and ids and fields read in place
     # where a helper's call would cost more than the work in it (issue 12: the join's CPU).
@@ -2301,22 +2304,33 @@ def instances_from_azure(listing: AzureListing, cfg: AzureConfig) -> list[Instan
         for raw in raws:
             vid = raw.get("id")
             vid = vid.lower() if isinstance(vid, str) else ""
-            if not vid or vid in out:
+            if vid in out:
                 continue
+            if not vid:
+                raise AzureError(f"the {'scale-set instance' if uniform else 'VM'} listing holds an item without "
+                                 f"an id (name {shorten(json.dumps(raw.get('name')), 80)}): its instance cannot "
+                                 "be told; nothing is applied this cycle")
             props = raw.get("properties") or {}
             set_id = _scale_set_of(vid) if uniform else _id((props.get("virtualMachineScaleSet") or {}).get("id"))
             tags = _tags(raw)
+            if tags is None:
+                if skipped is not None:
+                    skipped.append(Skip(_printable(vid.rsplit("/", 1)[-1]), "its tags are not an object (as Azure "
+                                        "lists them): it cannot be told whether it serves", _printable(vid)))
+                continue
             kind = "uniform" if uniform else "flexible" if set_id else "vm"
             if set_id:
                 if set_id not in set_tags:
-                    set_tags[set_id] = _tags(sets.get(set_id, {}))
+                    set_tags[set_id] = _tags(sets.get(set_id, {})) or {}
                 tags = {**set_tags[set_id], **tags}
             mine = nics.get(vid)
             nic = _primary(mine) if mine else None
             address = nic_address(nic, pips, cfg) if nic else None
             view = props.get("instanceView")
             state = (view and power_state(view)) or powers.get(vid, "unknown")
-            name = raw.get("name") or vid.rsplit("/", 1)[-1]
+            name = raw.get("name")
+            if not isinstance(name, str) or not name:
+                name = vid.rsplit("/", 1)[-1]       # a name Azure gives no other shape
             if uniform and raw.get("instanceId") is not None:
                 name = f"{set_id.rsplit('/', 1)[-1]}_{raw['instanceId']}"
             location = raw.get("location")
@@ -2328,10 +2342,43 @@ def instances_from_azure(listing: AzureListing, cfg: AzureConfig) -> list[Instan
     return list(out.values())
 
 
-def _tags(raw: Mapping) -> dict[str, str]:
+def impossible(listing: AzureListing, instances: Sequence[Instance], cfg: Config, graph: bool = False) -> str | None:
+    """Why these answers cannot describe Azure as it is, or None. A few items missing between
+    two listings is the normal race (those instances are skipped); these are not: VMs that
+    reference network interfaces with none listed at all, no power state for any VM, a tagged
+    Uniform scale set with capacity and no instance. Applied, they would park everything."""
+    def nic_vm(nic: Mapping) -> str:
+        return _id(((nic.get("properties") or {}).get("virtualMachine") or {}).get("id"))
+    referencing = sum(1 for v in listing.vms if ((v.get("properties") or {}).get("networkProfile") or {})
+                      .get("networkInterfaces"))
+    if referencing and not any("/virtualmachinescalesets/" not in nic_vm(n) for n in listing.nics):
+        return f"{referencing} VMs reference network interfaces, and the network interface listing has none"
+    if listing.set_instances and not any("/virtualmachinescalesets/" in nic_vm(n) for n in listing.nics):
+        return (f"{len(listing.set_instances)} scale-set instances are listed, and none of their network "
+                "interfaces")
+    vms = [i for i in instances if i.kind != "uniform"]
+    if cfg.azure.running_only and vms and all(i.power_state == "unknown" for i in vms):
+        return f"none of the {len(vms)} VMs listed has a power state"
+    listed = {_scale_set_of(_id(i.get("id"))) for i in listing.set_instances}
+    for s in scale_sets_to_list(listing.scale_sets, cfg):
+        capacity = (s.get("sku") or {}).get("capacity") if isinstance(s.get("sku"), dict) else None
+        if _is_int(capacity) and capacity > 0 and _id(s.get("id")) not in listed:
+            name = shorten(str(s.get("name") or s.get("id")), 100)
+            if graph:
+                return (f"scale set {name} has capacity {capacity}, and Resource Graph's ComputeResources table "
+                        f"has no instance of it (this cloud's ComputeResources may lack Uniform scale-set "
+                        'instances): use azure.source "arm" in this cloud')
+            return f"scale set {name} has capacity {capacity}, and its instance listing is empty"
+    return None
+
+
+def _tags(raw: Mapping) -> dict[str, str] | None:
+    """An item's tags as strings; {} without any; None when they are not an object."""
     tags = raw.get("tags")
     # A comprehension: half the cost of dict(zip(map(...), map(...))) for an instance's few tags.
-    return {str(k): str(v) for k, v in tags.items()} if isinstance(tags, dict) else {}
+    if isinstance(tags, dict):
+        return {str(k): str(v) for k, v in tags.items()}
+    return {} if tags is None else None
 
 
 def scale_sets_to_list(scale_sets: Iterable[Mapping], cfg: Config) -> list[Mapping]:
@@ -2339,7 +2386,7 @@ def scale_sets_to_list(scale_sets: Iterable[Mapping], cfg: Config) -> list[Mappi
     service-name tag. (Flexible members are ordinary VMs in the VM listing.)"""
     return [s for s in scale_sets
             if (_props(s).get("orchestrationMode") or "Uniform").lower() == "uniform"
-            and cfg.tags.service_name_tag.lower() in folded(_tags(s))]
+            and cfg.tags.service_name_tag.lower() in folded(_tags(s) or {})]
 
 
 def _resource_group(resource_id: str) -> str:
@@ -2459,7 +2506,8 @@ def quota_wait(headers: Mapping[str, str]) -> float | None:
     """Seconds until Resource Graph's per-user window resets, when its quota is spent
     (x-ms-user-quota-remaining 0, x-ms-user-quota-resets-after "hh:mm:ss"); else None."""
     remaining, resets = headers.get("x-ms-user-quota-remaining"), headers.get("x-ms-user-quota-resets-after")
-    if remaining is None or resets is None or not remaining.strip().isdigit() or int(remaining) > 0:
+    if remaining is None or resets is None or not (remaining := remaining.strip()).isascii() \
+            or not remaining.isdigit() or int(remaining) > 0:
         return None
     match = re.fullmatch(r"\s*(\d+):(\d{1,2}):(\d{1,2}(?:\.\d+)?)\s*", resets)
     if not match:
@@ -2612,27 +2660,32 @@ class AzureSource:
             token = pool.submit(self._token)
             self._wait(pool, [token])
             token.result()
+            skipped: list[Skip] = []
             with collector_paused():
-                instances = self._discover(pool)
+                instances = self._discover(pool, skipped)
         finally:
             pool.close()
         self._check_vm_list_budget()
-        return Discovery(tuple(instances), (), self.requests - before)
+        return Discovery(tuple(instances), tuple(skipped), self.requests - before)
 
-    def _discover(self, pool: _Pool) -> list[Instance]:
-        if self.cfg.azure.source == "resource_graph":
-            return self._join(self._query_graph())
-        listing = AzureListing()
-        denied = self._list_all(pool, listing)
-        instances = self._join(listing)
-        return self._power_states_one_by_one(pool, instances) if denied else instances
+    def _discover(self, pool: _Pool, skipped: list[Skip]) -> list[Instance]:
+        graph = self.cfg.azure.source == "resource_graph"
+        listing = self._query_graph() if graph else AzureListing()
+        denied = not graph and self._list_all(pool, listing)
+        instances = self._join(listing, skipped)
+        if denied:
+            instances = self._power_states_one_by_one(pool, instances)
+        problem = impossible(listing, instances, self.cfg, graph)
+        if problem:
+            raise AzureError(f"Azure's answers cannot be true: {problem}; nothing is applied this cycle")
+        return instances
 
-    def _join(self, listing: AzureListing) -> list[Instance]:
+    def _join(self, listing: AzureListing, skipped: list[Skip]) -> list[Instance]:
         """instances_from_azure; an item not shaped as Azure documents it (an item or a field
         that should be an object and is not) fails the discovery as a malformed page does:
         dropping that one item would drain its server."""
         try:
-            return instances_from_azure(listing, self.cfg.azure)
+            return instances_from_azure(listing, self.cfg.azure, skipped)
         except (AttributeError, TypeError) as exc:
             raise AzureError(f"joining the listings failed: an item is not shaped as Azure documents it "
                              f"({str(exc)[:100]})") from None
