@@ -275,6 +275,10 @@ class TransactionConflict(DataPlaneError):
     """The configuration version moved (409) or the transaction is outdated (406): re-plan."""
 
 
+class CommitRefused(DataPlaneError):
+    """A commit the Data Plane API refused: the configuration it would make fails `haproxy -c`."""
+
+
 class ReloadFailed(DataPlaneError):
     """A reload of HAProxy failed, never confirmed, or is unknown to the Data Plane API: HAProxy
     may run an older configuration than the API shows (dataplaneapi puts the last good file
@@ -684,6 +688,7 @@ class HAProxyConfig:
     ca_file: str = ""
     apply_mode: str = "transaction"
     hybrid_max_writes: int = 25
+    max_answer_mb: int = 64         # the largest answer read (100,000 servers in full sections: some 30 MiB)
     backend: BackendConfig = BackendConfig()
     server: ServerConfig = ServerConfig()
     server_slots: SlotsConfig = SlotsConfig()
@@ -926,6 +931,7 @@ CHECKS: dict[str, Callable[[Any], str | None]] = {
     "haproxy.timeout": lambda v: _positive(v) or _at_most(HOUR, " s")(v),
     "haproxy.apply_mode": _one_of("transaction", "hybrid"),
     "haproxy.hybrid_max_writes": _between(1, 100000),
+    "haproxy.max_answer_mb": _between(1, 4096),
     "haproxy.backend.name_prefix": _matches(re.compile(r"[A-Za-z0-9_.:-]{1,32}"),
                                             "must be 1-32 of A-Z a-z 0-9 _ . : -"),
     "haproxy.backend.name_separator": _matches(re.compile(r"[_.:-]{1,3}"), "must be 1-3 of _ . : -"),
@@ -3380,8 +3386,9 @@ class _DeadlineHandler(urllib.request.HTTPHandler, urllib.request.HTTPSHandler):
         return self.do_open(functools.partial(_WatchedHTTPS, watch=self._watch), req, context=self._context)
 
 
-MAX_ERROR_BODY = 64 * 1024      # an error answer is read this far, no further
-MAX_BODY = 512 * 1024 * 1024    # and any answer: far beyond 100,000 servers in full sections
+MAX_ERROR_BODY = 64 * 1024      # an error answer is read this far, no further (any answer: max_answer_mb)
+CLEANUP_TIMEOUT = 1.5           # seconds the delete of a transaction left behind may take, after a shutdown
+DRAIN_CALL_TIMEOUT = 5.0        # seconds a drain's runtime or stats call may take: it never holds the cycle
 
 
 def basic_credentials(cfg: HAProxyConfig) -> str:
@@ -3397,9 +3404,16 @@ class DataPlane:
     that is not the JSON the API documents is an error naming what came instead, and
     haproxy.timeout bounds each whole request, body included."""
 
-    def __init__(self, cfg: HAProxyConfig, progress: Callable[[], None] = lambda: None):
+    def __init__(self, cfg: HAProxyConfig, progress: Callable[[], None] = lambda: None,
+                 stop: Flag | None = None):
         self.cfg = cfg
         self._progress = progress      # the watchdog's keep-alive, while a reload is waited for
+        # Shutdown cuts the request in flight (its socket), whatever it waits for; the delete of
+        # a transaction left behind goes out after it, with a short deadline of its own.
+        self._stop, self._closed = stop or Flag(), Flag()
+        self._guard: threading.Thread | None = None
+        self._stopping = self._urgent = False
+        self._max_body = cfg.max_answer_mb * 2**20
         self.api = None if cfg.api_version == "auto" else cfg.api_version
         self.release: tuple[int, ...] | None = None    # dataplaneapi's (major, minor, patch), from /info
         self.requests = 0
@@ -3417,22 +3431,40 @@ class DataPlane:
 
     def _watch(self, sock: socket.socket) -> None:
         self._socket = sock
+        if self._stopping and not self._urgent:     # shutdown came before the connection did
+            self._cut()
 
     def _expire(self) -> None:
         """The deadline passed: cut the connection, whatever it is waiting for."""
         self._expired = True
+        self._cut()
+
+    def _cut(self) -> None:
         if self._socket is not None:
             try:
                 self._socket.shutdown(socket.SHUT_RDWR)
             except OSError:
                 pass
 
+    def _watch_stop(self) -> None:
+        """The stop guard's thread: at shutdown, the request in flight is cut at once."""
+        if wait_any([self._stop, self._closed], math.inf) is self._stop:
+            self._stopping = True
+            if not self._urgent:
+                self._cut()
+
+    def close(self) -> None:
+        """Ends the stop guard's thread (a reload replaces the client)."""
+        self._closed.set()
+
     def request(self, method: str, path: str, query: Mapping[str, Any] | None = None,
                 body: Any = None, api: str | None = None,
-                expect: Callable[[Any], bool] | None = None, shape: str = ""
-                ) -> tuple[int, Any, Mapping[str, str]]:
-        """One request; DataPlaneError (TransactionConflict for 406/409) on failure. With
-        `expect`, a 2xx payload it rejects is an error saying it is not `shape`."""
+                expect: Callable[[Any], bool] | None = None, shape: str = "",
+                timeout: float | None = None, urgent: bool = False) -> tuple[int, Any, Mapping[str, str]]:
+        """One request; DataPlaneError (TransactionConflict for 406/409) on failure, Aborted on
+        shutdown. With `expect`, a 2xx payload it rejects is an error saying it is not `shape`.
+        `timeout` shortens haproxy.timeout; `urgent`: sent and waited for even after shutdown
+        (the delete of a transaction that must not stay open)."""
         api = api or self.api or self.probe()
         where = f"{method} /{api}{path}"
         url = f"{self.cfg.base_url.rstrip('/')}/{api}{path}"
@@ -3441,7 +3473,8 @@ class DataPlane:
         data = None if body is None else json.dumps(body).encode()
         headers = {**self._headers, **({"Content-Type": "application/json"} if data else {})}
         self.requests += 1
-        status, raw, got = self._exchange(where, urllib.request.Request(url, data, headers, method=method))
+        status, raw, got = self._exchange(where, urllib.request.Request(url, data, headers, method=method),
+                                          min(timeout or self.cfg.timeout, self.cfg.timeout), urgent)
         if 300 <= status < 400:
             location = shorten(str(got.get("Location") or "(none)"), 200, self._secrets)
             raise DataPlaneError(f"{where}: HTTP {status} redirect to {location} not followed "
@@ -3455,34 +3488,48 @@ class DataPlane:
             raise self._malformed(where, status, got, raw, f"not {shape}")
         return status, payload, got
 
-    def _exchange(self, where: str, req: urllib.request.Request) -> tuple[int, bytes, Any]:
-        """Send and read the whole answer before haproxy.timeout runs out."""
-        self._socket, self._expired = None, False
-        timer = threading.Timer(self.cfg.timeout, self._expire)
+    def _exchange(self, where: str, req: urllib.request.Request, timeout: float,
+                  urgent: bool) -> tuple[int, bytes, Any]:
+        """Send and read the whole answer before `timeout` runs out, and no longer than shutdown
+        allows (unless `urgent`); at most haproxy.max_answer_mb of it."""
+        if self._stop.is_set() and not urgent:
+            raise Aborted(f"shutdown requested: {where} not sent")
+        if self._guard is None:
+            self._guard = threading.Thread(target=self._watch_stop, name="dataplane-stop", daemon=True)
+            self._guard.start()
+        self._socket, self._expired, self._urgent = None, False, urgent
+        timer = threading.Timer(timeout, self._expire)
         timer.daemon = True
         timer.start()
         try:
             try:
-                with self._opener.open(req, timeout=self.cfg.timeout) as resp:
-                    answer = resp.status, resp.read(MAX_BODY + 1), resp.headers
+                with self._opener.open(req, timeout=timeout) as resp:
+                    answer = resp.status, resp.read(self._max_body + 1), resp.headers
             except urllib.error.HTTPError as exc:
                 with exc:
                     answer = exc.code, exc.read(MAX_ERROR_BODY), exc.headers
         except (urllib.error.URLError, OSError, http.client.HTTPException, ValueError) as exc:
+            if self._stopping and not urgent:
+                raise Aborted(f"shutdown requested: {where} abandoned") from None
             if self._expired:
-                raise DataPlaneError(f"{where}: timed out, no complete answer within haproxy.timeout "
-                                     f"({self.cfg.timeout:g} s)") from None
+                raise DataPlaneError(f"{where}: timed out, {self._late(timeout)}") from None
             reason = getattr(exc, "reason", None) or exc
             raise DataPlaneError(self._mask(f"{where}: {reason}")) from None
         finally:
             timer.cancel()
-            self._socket = None
+            self._socket, self._urgent = None, False
+        if self._stopping and not urgent:
+            raise Aborted(f"shutdown requested: {where} abandoned")
         if self._expired:
-            raise DataPlaneError(
-                f"{where}: timed out, no complete answer within haproxy.timeout ({self.cfg.timeout:g} s)")
-        if len(answer[1]) > MAX_BODY:
-            raise DataPlaneError(f"{where}: HTTP {answer[0]} answer is larger than {MAX_BODY} bytes", answer[0])
+            raise DataPlaneError(f"{where}: timed out, {self._late(timeout)}")
+        if len(answer[1]) > self._max_body:
+            raise DataPlaneError(f"{where}: HTTP {answer[0]} answer is larger than haproxy.max_answer_mb "
+                                 f"({self.cfg.max_answer_mb} MiB)", answer[0])
         return answer
+
+    def _late(self, timeout: float) -> str:
+        bound = "haproxy.timeout" if timeout == self.cfg.timeout else "the bound of this call"
+        return f"no complete answer within {bound} ({timeout:g} s)"
 
     def _decode(self, where: str, status: int, headers: Any, raw: bytes) -> Any:
         if not raw.strip():
@@ -3602,22 +3649,53 @@ class DataPlane:
         """Every write of the plan in one transaction started at `version`, then commit.
 
         A backend whose write the API refuses (400/422) is left out and named in `refused`;
-        the others then go in a fresh transaction. The refused transaction cannot be
-        committed as it is: client-native keeps an explicit transaction open after a failed
+        the others then go in a fresh transaction. When the commit itself is refused because
+        the resulting configuration fails `haproxy -c` (400), one bad value would keep every
+        backend out: the backends are committed in halves, and halves of those, until the
+        ones HAProxy refuses are named in `refused` and the others are applied. TransactionConflict
+        when the configuration moved under it."""
+        refused = {} if refused is None else refused
+        groups, reloads = [list(plan.backends)], []
+        while groups:
+            group = [b for b in groups.pop(0) if b.name not in refused]
+            if not group:
+                continue
+            try:
+                done = self._commit(group, version, stop, refused)
+            except CommitRefused as exc:
+                if len(group) == 1:
+                    refused[group[0].name] = str(exc)
+                else:
+                    groups[:0] = [group[:len(group) // 2], group[len(group) // 2:]]
+                continue
+            reloads += [r for r in done.reloads if r not in reloads]
+            if done.version is not None or groups:
+                version = done.version if done.version is not None else self.version()
+        return Applied(version, tuple(reloads))
+
+    def _commit(self, backends: Sequence[BackendPlan], version: int, stop: StopFlag,
+                refused: dict[str, str]) -> Applied:
+        """These backends' writes in one transaction, committed. The refused transaction cannot
+        be committed as it is: client-native keeps an explicit transaction open after a failed
         write, holding whatever that write changed before it failed (configuration/
         transaction.go HandleError; structured_backends.go EditStructuredBackend deletes the
         section before rebuilding it). Whatever happens before a commit, the transaction is
-        deleted. TransactionConflict when the configuration moved under it.
-        """
-        refused = {} if refused is None else refused
-        for _ in range(len(plan.backends) + 1):     # each pass refuses one more backend, or commits
-            backends = [b for b in plan.backends if b.name not in refused]
+        deleted; a commit refused by the configuration check (400: the transaction is marked
+        failed) is CommitRefused."""
+        for _ in range(len(backends) + 1):      # each pass refuses one more backend, or commits
+            backends = [b for b in backends if b.name not in refused]
             if not backends:
                 return Applied(version)
             txn, committed = self._start_transaction(version), False
             try:
                 if self._write_backends(backends, txn, stop, refused):
-                    status, _, headers = self.request("PUT", f"/services/haproxy/transactions/{txn}")
+                    try:
+                        status, _, headers = self.request("PUT", f"/services/haproxy/transactions/{txn}")
+                    except DataPlaneError as exc:
+                        if exc.status == 400 and not isinstance(exc, TransactionConflict):
+                            raise CommitRefused(f"HAProxy refuses the configuration with it: {exc.body}",
+                                                400, exc.body) from None
+                        raise
                     committed = True
                     return Applied(_int_header(headers.get("Configuration-Version")), _reload_ids(status, headers))
             finally:
@@ -3708,7 +3786,7 @@ class DataPlane:
     def _delete_transaction(self, txn: str) -> None:
         """Delete a transaction; one that is already gone is fine; a failure is logged."""
         try:
-            self.request("DELETE", f"/services/haproxy/transactions/{txn}")
+            self.request("DELETE", f"/services/haproxy/transactions/{txn}", timeout=CLEANUP_TIMEOUT, urgent=True)
         except DataPlaneError as exc:
             if exc.status != 404:
                 log.error("could not delete transaction %s: %s", txn, exc,
@@ -3838,13 +3916,13 @@ class DataPlane:
         state ...` on the runtime API, no reload, nothing written to the file, so a reload
         forgets it (dataplaneapi v3.2 handlers/runtime_server.go:106-157)."""
         path, query = self._runtime_server_path(backend, server)
-        self.request("PUT", path, query, {"admin_state": admin_state},
+        self.request("PUT", path, query, {"admin_state": admin_state}, timeout=DRAIN_CALL_TIMEOUT,
                      expect=lambda p: p is None or isinstance(p, dict), shape="a runtime server")
 
     def admin_state(self, backend: str, server: str) -> str | None:
         """The server's runtime admin state ("ready", "maint", "drain"); None if not given."""
         path, query = self._runtime_server_path(backend, server)
-        _, payload, _ = self.request("GET", path, query, expect=lambda p: isinstance(p, dict),
+        _, payload, _ = self.request("GET", path, query, timeout=DRAIN_CALL_TIMEOUT, expect=lambda p: isinstance(p, dict),
                                      shape="a runtime server")
         state = payload.get("admin_state")
         return state if isinstance(state, str) else None
@@ -3853,9 +3931,8 @@ class DataPlane:
         """Current sessions (`scur`) of these servers of one backend, from HAProxy's native
         stats: one request for the backend's servers, however many drain at once. None for
         a server the answer does not name or gives no count for."""
-        _, payload, _ = self.request("GET", "/services/haproxy/stats/native",
-                                     {"type": "server", "parent": backend},
-                                     expect=_native_stats, shape="native stats")
+        _, payload, _ = self.request("GET", "/services/haproxy/stats/native", {"type": "server", "parent": backend},
+                                     expect=_native_stats, shape="native stats", timeout=DRAIN_CALL_TIMEOUT)
         counts = current_sessions(payload, backend)
         return {s: counts.get(s) for s in servers}
 
@@ -4256,17 +4333,17 @@ def _decide(groups: Mapping[ServiceKey, list[Member]], skipped: Sequence[Skip], 
 def _drain(target: Target, backend: str, servers: Sequence[str]) -> dict[str, int | None]:
     """Set these servers of one backend to drain, then read their sessions (one stats
     request for the backend). A drain the API refuses is no drain: the server would only
-    stay in rotation, so it counts as done (0, parked now). A count the API does not give
-    is unknown: it drains until its time is up. No answer at all fails the cycle."""
-    counts: dict[str, int | None] = {s: 0 for s in servers if not _admin_state(target, backend, s, "drain")}
-    draining = [s for s in servers if s not in counts]
+    stay in rotation, so it counts as done (0, parked now). A drain or a count that does
+    not come (no answer, an error, past DRAIN_CALL_TIMEOUT) is unknown: the server drains
+    until its time is up, and the rest of the cycle goes on."""
+    results = {s: _admin_state(target, backend, s, "drain") for s in servers}
+    counts: dict[str, int | None] = {s: None if set_ is None else 0 for s, set_ in results.items() if not set_}
+    draining = [s for s, set_ in results.items() if set_]
     if not draining:
         return counts
     try:
         read, why = target.sessions(backend, draining), "the native stats give no count for it"
     except DataPlaneError as exc:
-        if exc.status is None:
-            raise
         read, why = dict.fromkeys(draining), str(exc)
     for s in draining:
         if read.get(s) is None:
@@ -4282,26 +4359,25 @@ def _under_way(target: Target, plan: Plan) -> dict[str, dict[str, Drain]]:
     for d in plan.draining:
         try:
             running = target.admin_state(d.backend, d.server) == "drain"
-        except DataPlaneError as exc:
-            if exc.status is None:
-                raise
+        except DataPlaneError:
             running = False          # unknown: shown as a drain to start
         if running:
             out.setdefault(d.backend, {})[d.server] = d._replace(since=math.nan, until=math.nan)
     return out
 
 
-def _admin_state(target: Target, backend: str, server: str, admin_state: str) -> bool:
-    """One runtime admin-state write; False (with a warning) when the API refuses it."""
+def _admin_state(target: Target, backend: str, server: str, admin_state: str) -> bool | None:
+    """One runtime admin-state write: True when done, False (a warning) when the API refuses it
+    (4xx), None (a warning) when it failed otherwise (no answer in time, a server error)."""
     try:
         target.set_admin_state(backend, server, admin_state)
     except DataPlaneError as exc:
-        if exc.status is None:
-            raise
-        log.warning("server %s/%s: could not set it %s at runtime%s: %s", backend, server, admin_state,
-                    " (parked now instead)" if admin_state == "drain" else "", exc,
+        refused = exc.status is not None and 400 <= exc.status < 500
+        then = (" (parked now instead)" if refused else " (it drains until its time is up)") \
+            if admin_state == "drain" else ""
+        log.warning("server %s/%s: could not set it %s at runtime%s: %s", backend, server, admin_state, then, exc,
                     extra={"event": "admin_state_failed", "backend": backend, "server": server})
-        return False
+        return False if refused else None
     return True
 
 
@@ -4806,7 +4882,7 @@ def wait_any(flags: Sequence[Flag], seconds: float) -> Flag | None:
         if left <= 0:
             return None
         try:
-            select.select([f._wake_r for f in flags], [], [], left)
+            select.select([f._wake_r for f in flags], [], [], None if math.isinf(left) else left)
         except (OSError, ValueError):     # closed meanwhile: a slice of sleep instead
             time.sleep(min(left, WAIT_SLICE))
 
@@ -5130,7 +5206,7 @@ def main(argv: Sequence[str] | None = None, env: Mapping[str, str] | None = None
             setup_logging(args.log_level or c.logging.level, c.logging.format, secrets)
         return run_forever(lambda: load_config(path, env),
                            lambda c: AzureSource(c, env, signals.stop, notifier.keepalive),
-                           lambda c: DataPlane(c.haproxy, notifier.keepalive), signals,
+                           lambda c: DataPlane(c.haproxy, notifier.keepalive, signals.stop), signals,
                            configure=configure, notifier=notifier)
     except ConfigError as exc:
         for problem in exc.problems:
@@ -5154,7 +5230,7 @@ def _once_or_dry_run(cfg: Config, env: Mapping[str, str], dry_run: bool, stop: S
                      say: Callable[[str], None]) -> int:
     """--once and --dry-run: one cycle over every target; the plans (dry run) on stdout.
     A failed discovery raises; a failed target is one error line, and exit 1."""
-    runs = _targets(cfg)
+    runs = _targets(cfg, stop)
     reports = run_cycle(AzureSource(cfg, env, stop), runs, stop, dry_run=dry_run)
     for report in reports:
         if dry_run and report.plan is not None:
@@ -5163,8 +5239,8 @@ def _once_or_dry_run(cfg: Config, env: Mapping[str, str], dry_run: bool, stop: S
     return _failed(reports, len(runs) > 1, say)
 
 
-def _targets(cfg: Config) -> list[TargetRun]:
-    return [TargetRun(name, c, DataPlane(c.haproxy)) for name, c in target_configs(cfg)]
+def _targets(cfg: Config, stop: Flag) -> list[TargetRun]:
+    return [TargetRun(name, c, DataPlane(c.haproxy, stop=stop)) for name, c in target_configs(cfg)]
 
 
 def _failed(reports: Sequence[CycleReport], several: bool, say: Callable[[str], None]) -> int:
@@ -5185,7 +5261,7 @@ def _run_status(cfg: Config, env: Mapping[str, str], as_json: bool, stop: StopFl
     """--status: discover, read every target, print both side by side; change nothing. Drift
     is shown, not an error (the daemon repairs it); a target that cannot be read is shown as
     unreachable and makes the exit code 1, as an unreachable Azure does."""
-    runs = _targets(cfg)
+    runs = _targets(cfg, stop)
     reports = run_cycle(AzureSource(cfg, env), runs, stop, dry_run=True)
     view = combined_view([r.view for r in reports if r.view])
     say(json.dumps(view, indent=1, sort_keys=True) if as_json else format_status(view).rstrip("\n"), sys.stdout)

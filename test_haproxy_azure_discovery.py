@@ -2486,11 +2486,10 @@ class TestHostileDataPlane:
                             m.Flag(), m.CycleReport())
         assert dataplane.open_transactions() == []
 
-    def test_an_endless_answer_is_cut_at_the_size_bound(self, monkeypatch):
-        monkeypatch.setattr(m, "MAX_BODY", 1000)
-        with Meddler(lambda *_: (200, JSON, "[" + "1," * 2000 + "1]")) as front:
-            with pytest.raises(m.DataPlaneError, match="answer is larger than 1000 bytes"):
-                meddled(front.url).version()
+    def test_an_endless_answer_is_cut_at_the_size_bound(self):
+        with Meddler(lambda *_: (200, JSON, "[" + "1," * 600_000 + "1]")) as front:
+            with pytest.raises(m.DataPlaneError, match=r"answer is larger than haproxy.max_answer_mb \(1 MiB\)"):
+                meddled(front.url, max_answer_mb=1).version()
 
     def test_a_body_trickled_past_the_timeout(self):
         started = time.monotonic()

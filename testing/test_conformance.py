@@ -61,7 +61,7 @@ def _master(path: str, command: str) -> str:
             except (ConnectionRefusedError, FileNotFoundError):
                 time.sleep(0.1)
                 continue
-            sock.sendall(command.encode() + b"\n")
+            sock.sendall(command.encode() + b"; quit\n")          # the master CLI keeps a connection open
             data = b""
             while chunk := sock.recv(65536):
                 data += chunk
