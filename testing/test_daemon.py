@@ -462,3 +462,30 @@ def test_status_says_haproxy_runs_an_older_configuration(arm, tmp_path, capsys):
         assert m.main(["--status", "--json", "-c", str(path)]) == 0
         view = json.loads(capsys.readouterr().out)
         assert view["targets"][0]["behind"].startswith("HAProxy runs an older configuration")
+
+
+# --- a stop that waits for nothing ---------------------------------------------------------------
+@pytest.mark.parametrize("where, mode", [("version", "transaction"), ("write", "transaction"),
+                                         ("commit", "transaction"), ("version", "hybrid"), ("write", "hybrid")])
+def test_sigterm_during_a_hung_data_plane_request_exits_within_two_seconds(daemon, where, mode):
+    """The Data Plane API hangs (40 s, haproxy.timeout 60) in the version read, a write or the
+    commit: SIGTERM cuts the request, deletes the transaction left open, and exits 0 within 2 s."""
+    from fake_dataplane import PATH_TRANSACTION, PATH_VERSION
+    bed = daemon()
+    bed.write_config(haproxy={"timeout": 60, "apply_mode": mode, "server_slots": {"base": 4}},
+                     safety={"drain_seconds": 0})
+    bed.start()
+    wait_for(lambda: any(e.get("result") == "applied" for e in bed.events("cycle")), 30, "the first sync")
+    method, path = {"version": ("GET", PATH_VERSION), "commit": ("PUT", PATH_TRANSACTION),
+                    "write": ("PUT", r"/servers/|/backends/azure")}[where]
+    hang = bed.dp.add_fault(method, path, delay=40, times=None)
+    if where != "version":
+        bed.arm.estate.remove("vm-0001")          # a change: a write (and a commit) to send
+    wait_for(lambda: hang.hits, 20, f"the hung {where}")
+    time.sleep(0.3)
+    code, took = bed.stop()
+    assert code == 0 and took < 2, (code, took)
+    bed.dp.clear_faults()
+    assert bed.dp.open_transactions() == []
+    assert any(e["event"] in ("shutdown", "stopped") for e in map(json.loads, filter(
+        lambda line: line.startswith("{"), bed.lines())))

@@ -336,6 +336,39 @@ def test_two_daemons_on_one_haproxy_agree_without_a_leader(dataplane):
     assert dataplane.open_transactions() == []
 
 
+def test_a_value_only_haproxy_refuses_leaves_out_its_backend_alone(dataplane, caplog):
+    """`source 999.1.1.1` passes every check of the program and the API's model, and fails
+    `haproxy -c` at the commit, which would take every backend of the transaction with it: the
+    backends go in halves until the one HAProxy refuses is named; the others are applied."""
+    h = Harness(dataplane, services={"api": {"server": {"params": {"source": "999.1.1.1"}}}})
+    served = [*estate("web", 1, 2), *estate("api", 1, 2), *estate("img", 1, 1)]
+    with caplog.at_level(logging.ERROR, logger="haproxy_azure_discovery"):
+        report = h.cycle(served)
+    assert report.result == "partial" and list(report.refused) == ["azure-api-8080-eastus"]
+    assert "HAProxy refuses the configuration with it" in report.refused["azure-api-8080-eastus"]
+    assert sorted(dataplane.backends) == ["azure-img-8080-eastus", WEB]
+    assert h.servers(WEB)["srv1"] != "parked" and dataplane.open_transactions() == []
+    assert any("backend azure-api-8080-eastus refused" in r.getMessage() for r in caplog.records)
+    dataplane.check_failures = 0                 # the emulator's own count of the checks that failed
+
+
+@pytest.mark.parametrize("fault", ["hang", "fail"])
+def test_a_drain_whose_calls_hang_or_fail_holds_nothing_else_up(dataplane, fault):
+    from fake_dataplane import PATH_SERVERS
+    h = Harness(dataplane, haproxy={"apply_mode": "hybrid"}, safety={"drain_seconds": 30})
+    h.cycle(estate("web", 1, 2))
+    kind = {"delay": 20} if fault == "hang" else {"status": 500, "message": "runtime API unavailable"}
+    dataplane.add_fault("PUT", r"/runtime/.*" + PATH_SERVERS, times=None, **kind)
+    dataplane.add_fault("GET", r"/stats/native", times=None, **kind)
+    started = time.monotonic()
+    report = h.cycle([*estate("web", 2, 1), make_instance(9)])          # web1 leaves, vm9 comes
+    took = time.monotonic() - started
+    assert report.result == "applied" and "10.0.0.13:8080" in h.servers(WEB).values()   # vm9 added
+    assert [d.server for d in report.plan.draining] == ["srv1"]         # web1 drains by its timer
+    assert took < m.DRAIN_CALL_TIMEOUT + 3, took
+    dataplane.clear_faults()
+
+
 def _listener(address: str, port: int) -> tuple[socket.socket, list[int]]:
     """A TCP listener that counts the connections it gets."""
     sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
