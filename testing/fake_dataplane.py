@@ -233,6 +233,19 @@ Deliberately stricter than dataplaneapi (each recorded in ``fake.violations``):
   the 3.4 one minus the fields 3.3.6 lacks: enum or pattern differences between those
   releases, if any, are not modelled (none in the backend and server models).
 
+Measured against the real servers (testing/test_conformance.py and testing/differential.py,
+dataplaneapi 2.9.27, 3.2.15 and 3.4.2 built here, on HAProxy 3.0.11 and Debian's 2.6.12; see
+docs/development.md): with HAProxy 3.0 the program's 400-570 requests per release agree in
+order, status, Reload-Id/Configuration-Version headers, answer shapes and the backends' end
+state, once three differences were fixed here: /info's ``system`` is {}; a succeeded reload's
+record carries HAProxy's output as ``response``; runtime_server answers carry ``id`` (and from
+3.3.6 the whole ``show servers state`` line). Kept on purpose: the emulator plays dataplaneapi
+over HAProxy 2.7+, which it reloads through the master socket. Over HAProxy 2.6 dataplaneapi
+runs its reload_cmd instead: the master CLI's ``reload`` returns before the reload ends, so a
+reload HAProxy refuses is recorded "succeeded" (and its record has no ``response``), and the
+runtime API does not see the servers added since dataplaneapi started (PUT /runtime/...: 500
+"no data for B/S" on 2.9, 404 on 3.x), so a drain is refused and the server parked at once.
+
 As lenient as the real server: unknown fields (2xx, dropped), the runtime PUT's read-only
 fields (ignored), the made-up "succeeded" for old reload ids. Reproduced on purpose: a
 commit whose file write lands while a reload runs that then fails loses its file to the
@@ -1804,6 +1817,10 @@ class FakeDataPlane:
                 err, response = ("", "") if ok else ("reload through the master socket failed", message)
             else:
                 ok, err, response = True, "", ""
+            if ok and not response:
+                # What HAProxy 2.7+ says when it reloads through the master socket (the record's
+                # `response`, seen from dataplaneapi 2.9.27, 3.2.15 and 3.4.2 on HAProxy 3.0.11).
+                response = "[NOTICE]   (0) : haproxy version is 2.6 (fake_dataplane)\n"
             with self._lock:
                 self.reloads += 1
                 self.reload_history.append({"id": reload_id, "status": "succeeded" if ok else "failed",
@@ -2234,8 +2251,7 @@ class FakeDataPlane:
     def _get_info(self, req: _Request) -> _Response:
         return _Response(200, {"api": {"version": f"{self.traits.release} fake_dataplane",
                                        "build_date": "2025-01-01T00:00:00.000Z"},
-                               "system": {"hostname": socket.gethostname(),
-                                          "time": int(time.time() * 1000)}})
+                               "system": {}})      # as dataplaneapi 2.9.27 to 3.4.2 answered here
 
     def _get_version(self, req: _Request) -> _Response:
         tid = req.query.get("transaction_id", "")
@@ -2558,12 +2574,22 @@ class FakeDataPlane:
         admin = self.admin_states.get((backend, name)) or \
             ("maint" if server.get("maintenance") == "enabled" else "ready")
         operational = self.operational_states.get((backend, name)) or ("down" if admin == "maint" else "up")
-        data = {"name": name, "address": server.get("address"), "admin_state": admin,
+        servers = list(self._running.backends.get(backend, _Backend({})).servers)
+        number = server.get("id") or (servers.index(name) + 1 if name in servers else 1)
+        data = {"name": name, "id": str(number), "address": server.get("address"), "admin_state": admin,
                 "operational_state": operational}
         if server.get("port") is not None:
             data["port"] = server["port"]
         if "weight" in self.traits.runtime_put_fields:      # the model has it from 3.3.1
-            data["weight"] = server.get("weight", 1)
+            weight = server.get("weight", 1)
+            # client-native 6.3+'s runtime_server carries `show servers state` whole (as dataplaneapi
+            # 3.4.2 answered on HAProxy 3.0.11; the values are the ones a plain server has).
+            data.update({"weight": weight, "iweight": weight, "uweight": weight, "forced_id": number
+                         if server.get("id") else 0, "backend_name": backend, "backend_id": 1,
+                         "backend_forced_id": 0, "agent_addr": "-", "agent_port": 0, "agent_state": 0,
+                         "check_addr": "-", "check_port": 0, "check_health": 0, "check_result": 2,
+                         "check_state": 6, "check_status": 8, "fqdn": "-", "srvrecord": "-",
+                         "last_time_change": 0, "use_ssl": server.get("ssl") == "enabled"})
         return data
 
     def _get_runtime_server(self, req: _Request) -> _Response:
