@@ -225,7 +225,9 @@ RUNTIME_FIELDS = frozenset({"address", "port", "maintenance", "weight", "agent-c
 
 # A custom cloud's endpoints document: GET {resource_manager_url}/metadata/endpoints (Azure Stack Hub
 # and Azure's own clouds serve it; azure-cli and Terraform read it to register a cloud).
-CLOUD_METADATA_API = "2022-09-01"
+# Azure's clouds answer 2022-09-01; Azure Stack Hub documents only 2015-01-01 (both shapes carry
+# authentication.loginEndpoint and audiences).
+CLOUD_METADATA_APIS = ("2022-09-01", "2015-01-01")
 # (Resource Manager endpoint = token audience, login authority) per azure.cloud.
 CLOUDS = {
     "public": ("https://management.azure.com", "login.microsoftonline.com"),
@@ -387,6 +389,8 @@ class Discovery:
     instances: tuple[Instance, ...]
     skipped: tuple[Skip, ...] = ()
     requests: int = 0
+    quota: Mapping[str, int] = field(default_factory=dict)   # Azure's read buckets: the least left
+    wait: float = 0.0            # the next cycle waits this long at least, for the buckets to refill
 
 
 class ServiceKey(typing.NamedTuple):     # a dict key of every cycle: hashed in C, ordered as a tuple
@@ -2542,6 +2546,47 @@ def vm_list_budget_warning(calls_per_cycle: int, interval: float) -> str | None:
             'azure.source to "resource_graph"')
 
 
+# Refill of Azure's read buckets, per minute (Microsoft's "Compute throttling limits" for the
+# subscription and region; Resource Manager's reads: a token bucket of 25 a second for a
+# principal). The 30-minute labels have no figures there: their 3-minute siblings govern.
+QUOTA_REFILL_PER_MINUTE = {
+    "HighCostGet3Min": 300, "HighCostGetVMScaleSet3Min": 360, "VMScaleSetVMViews3Min": 2000,
+    "LowCostGet3Min": 8000, "subscription-reads": 1500, "resource-graph": 180,
+}
+
+
+def quota_headers(headers: Mapping[str, str]) -> dict[str, int]:
+    """The read buckets an answer reports and what is left in each: Compute's
+    x-ms-ratelimit-remaining-resource ("Microsoft.Compute/HighCostGet3Min;159,..."), Resource
+    Manager's x-ms-ratelimit-remaining-subscription-reads and Resource Graph's
+    x-ms-user-quota-remaining. What is not a whole number is left out."""
+    found: dict[str, int] = {}
+    for part in str(headers.get("x-ms-ratelimit-remaining-resource") or "").split(","):
+        name, _, left = part.strip().rpartition(";")
+        if name and left.isascii() and left.isdigit():
+            found[name.rsplit("/", 1)[-1]] = int(left)
+    for key, bucket in (("x-ms-ratelimit-remaining-subscription-reads", "subscription-reads"),
+                        ("x-ms-user-quota-remaining", "resource-graph")):
+        left = str(headers.get(key) or "").strip()
+        if left.isascii() and left.isdigit():
+            found[bucket] = int(left)
+    return found
+
+
+def quota_wait_seconds(left: Mapping[str, int], used: Mapping[str, int], interval: float) -> tuple[float, str]:
+    """How long the next cycle must wait, at least, so that what it will use of each bucket
+    (this cycle's use) has refilled: (seconds, the bucket that says so); (0, "") when the
+    polling interval is enough. A bucket whose refill is unknown does not count."""
+    worst, why = 0.0, ""
+    for bucket, need in used.items():
+        rate = QUOTA_REFILL_PER_MINUTE.get(bucket)
+        if rate and need > left.get(bucket, need):
+            wait = (need - left[bucket]) * 60 / rate
+            if wait > interval and wait > worst:
+                worst, why = wait, bucket
+    return worst, why
+
+
 def needs_cloud_metadata(cfg: AzureConfig) -> bool:
     """A Resource Manager URL without a named cloud: its own metadata says how to log in,
     unless both the token audience and the login endpoint are configured."""
@@ -2602,6 +2647,9 @@ class AzureSource:
         self.requests = 0
         self._warned_fallback = self._warned_budget = False
         self._vm_list_calls: dict[str, int] = {}    # VM list pages per subscription, this cycle
+        self._left: dict[str, int] = {}             # each read bucket: the least left, this cycle
+        self._used: dict[str, int] = {}             # ... and the answers that reported it
+        self._stretched = ""                        # the bucket the polling interval is stretched for
         self._base = (cfg.azure.resource_manager_url or CLOUDS[cfg.azure.cloud or "public"][0]).rstrip("/")
         self._client: Any = None
         self._credential: Any = None
@@ -2618,7 +2666,8 @@ class AzureSource:
         self._credential = _SharedToken(_credential(azure, self._identity, login, self._env))
         # One client carries the pipeline for every listing: all of them go to Resource
         # Manager, with its endpoint, token scope and read quota.
-        policies = _listing_policies(self._credential, self._scope, _retry_policy(azure, self._check), self._count)
+        retry = _retry_policy(azure, self._check, self._progress, self._stop)
+        policies = _listing_policies(self._credential, self._scope, retry, self._count)
         transport = _page_transport(environment_settings(self._base), azure.workers,
                                     connect=min(10.0, azure.timeout), read=azure.timeout)
         self._client = self._compute(
@@ -2629,11 +2678,14 @@ class AzureSource:
         """GET {resource_manager_url}/metadata/endpoints (unauthenticated) for a custom cloud's token
         audience and login endpoint; read once, on the first discovery."""
         from azure.core import PipelineClient
-        url = f"{self._base}/metadata/endpoints?api-version={CLOUD_METADATA_API}"
         try:
             with PipelineClient(self._base) as client:
-                response = client.send_request(self._request("GET", url), connection_timeout=min(
-                    10.0, self.cfg.azure.timeout), read_timeout=self.cfg.azure.timeout)
+                for version in CLOUD_METADATA_APIS:
+                    url = f"{self._base}/metadata/endpoints?api-version={version}"
+                    response = client.send_request(self._request("GET", url), connection_timeout=min(
+                        10.0, self.cfg.azure.timeout), read_timeout=self.cfg.azure.timeout)
+                    if response.status_code not in (400, 404):    # an api-version it does not serve
+                        break
                 document = response.json() if response.status_code == 200 else None
         except self._errors.AzureError as exc:
             raise AzureError(f"cloud metadata from {url}: {_sdk_message(exc, self._secrets)}") from None
@@ -2657,7 +2709,7 @@ class AzureSource:
         if self._client is None:
             self._connect(cloud_endpoints(self.cfg.azure, self._cloud_metadata()))
         before = self.requests
-        self._vm_list_calls = {}
+        self._vm_list_calls, self._left, self._used = {}, {}, {}
         self._deadline = time.monotonic() + self.cfg.azure.discovery_deadline_seconds
         pool = _Pool(self.cfg.azure.workers)
         try:
@@ -2672,7 +2724,31 @@ class AzureSource:
         finally:
             pool.close()
         self._check_vm_list_budget()
-        return Discovery(tuple(instances), tuple(skipped), self.requests - before)
+        return Discovery(tuple(instances), tuple(skipped), self.requests - before, dict(self._left), self._stretch())
+
+    def _stretch(self) -> float:
+        """The wait Azure's buckets ask for before the next cycle, said once when it begins and
+        once when it ends."""
+        interval = self.cfg.polling.interval_seconds
+        wait, bucket = quota_wait_seconds(self._left, self._used, interval)
+        if bucket and not self._stretched:
+            log.warning("Azure's read bucket %s has %d requests left and a cycle takes %d: the next cycles wait "
+                        "%.0f s (polling.interval_seconds is %g) until it refills", bucket, self._left[bucket],
+                        self._used[bucket], wait, interval, extra={"event": "azure_quota_stretch", "bucket": bucket})
+        elif self._stretched and not bucket:
+            log.info("Azure's read buckets refilled: polling every %g s again", interval,
+                     extra={"event": "azure_quota_normal", "bucket": self._stretched})
+        self._stretched = bucket
+        return wait
+
+    def _observe(self, headers: Mapping[str, str]) -> None:
+        """An answer's read buckets (quota_headers), kept for this cycle's stretch and gauges."""
+        found = quota_headers(headers)
+        if found:
+            with self._lock:
+                for bucket, left in found.items():
+                    self._left[bucket] = min(left, self._left.get(bucket, left))
+                    self._used[bucket] = self._used.get(bucket, 0) + 1
 
     def _discover(self, pool: _Pool, skipped: list[Skip]) -> list[Instance]:
         graph = self.cfg.azure.source == "resource_graph"
@@ -2951,6 +3027,7 @@ class AzureSource:
         Graph's window resets, when the answer says when that is."""
         try:
             response = self._fetch(request)
+            self._observe(response.headers)
             if response.status_code == 429 and (pause := quota_wait(response.headers)) is not None:
                 self._pause(pause)
                 response = self._fetch(request)
@@ -3266,20 +3343,29 @@ class _SharedToken:
             close()
 
 
-def _retry_policy(cfg: AzureConfig, check: Callable[[], None]) -> Any:
+def _retry_policy(cfg: AzureConfig, check: Callable[[], None], progress: Callable[[], None],
+                  stop: Flag) -> Any:
     """azure-core's RetryPolicy, with every wait (a 429's Retry-After included) capped at
-    azure.timeout and cut short by `check` (shutdown, a failed sibling). Uncapped, one
-    Retry-After could outlast systemd's watchdog; with the cap one page takes at most
-    (2 x retries + 1) x azure.timeout."""
+    azure.timeout and cut short by `check` (shutdown, a failed sibling); the watchdog hears
+    from every second of it. Uncapped, one Retry-After could outlast systemd's watchdog; with
+    the cap one page takes at most (2 x retries + 1) x azure.timeout. POST is retried too: the
+    program's only POST is a Resource Graph query, which reads (azure-core retries a POST only
+    on 500/503/504 or with Retry-After: a 408, a 429 without it, a 502 or a timeout would fail
+    the cycle)."""
     from azure.core.pipeline.policies import RetryPolicy
 
     class CappedRetry(RetryPolicy):
+        def __init__(self, **kwargs: Any) -> None:
+            super().__init__(**kwargs)
+            self._method_whitelist = frozenset({*self._method_whitelist, "POST"})
+
         def sleep(self, settings: dict, transport: Any, response: Any = None) -> None:
             after = self.get_retry_after(response) if response else None
             deadline = time.monotonic() + min(after or self.get_backoff_time(settings), cfg.timeout)
             while (left := deadline - time.monotonic()) > 0:
                 check()
-                time.sleep(min(left, WAIT_SLICE))
+                progress()
+                stop.wait(min(left, 1.0))
             check()
 
     return CappedRetry(retry_total=cfg.retries)
@@ -3320,6 +3406,9 @@ def _credential(cfg: AzureConfig, identity: Any, authority: str, env: Mapping[st
     """The credential of azure.credential_type, for the cloud's login authority."""
     client_id = cfg.managed_identity_client_id or None
     kind = cfg.credential_type
+    # MSAL checks an authority it does not know with login.microsoftonline.com, which an Azure
+    # Stack Hub or air-gapped cloud cannot reach: its own metadata named it.
+    known = authority in {login for _, login in CLOUDS.values()}
     try:
         if kind == "managed_identity":
             return identity.ManagedIdentityCredential(client_id=client_id)
@@ -3333,12 +3422,12 @@ def _credential(cfg: AzureConfig, identity: Any, authority: str, env: Mapping[st
             if missing:
                 raise ConfigError([f"azure.credential_type: client_secret needs {', '.join(missing)} "
                                    "in the environment"])
-            # MSAL checks an authority it does not know with login.microsoftonline.com, which an
-            # Azure Stack Hub or air-gapped cloud cannot reach: its own metadata named it.
-            known = authority in {login for _, login in CLOUDS.values()}
             return identity.ClientSecretCredential(*(env[n] for n in names), authority=authority,
                                                    disable_instance_discovery=not known)
-        return identity.DefaultAzureCredential(authority=authority, managed_identity_client_id=client_id)
+        # DefaultAzureCredential hands the authority (and the switch) to the credentials it tries:
+        # client-secret variables in a private cloud log in at that cloud's endpoint.
+        return identity.DefaultAzureCredential(authority=authority, managed_identity_client_id=client_id,
+                                               disable_instance_discovery=not known)
     except ValueError as exc:  # e.g. workload identity without its environment variables
         raise ConfigError([f"azure.credential_type: {kind}: {exc}"]) from None
 
@@ -4141,6 +4230,8 @@ class CycleReport:
     skipped: int = 0
     skips: tuple[Skip, ...] | None = None   # None until discovery has succeeded
     azure_requests: int = 0
+    azure_quota: Mapping[str, int] = field(default_factory=dict)   # Azure's read buckets: the least left
+    azure_wait: float = 0.0       # the next cycle waits this long at least (Azure's buckets refill)
     dataplane_requests: int = 0
     transactions: dict[str, int] = field(default_factory=dict)   # "committed", "conflict", ...
     reloads: int = 0              # HAProxy reloads the cycle's writes caused (Reload-IDs seen)
@@ -4167,7 +4258,7 @@ class Seen:
 def discover(cfg: Config, source: Source, stop: StopFlag, report: CycleReport) -> Seen:
     """Read Azure once and group what it holds; fills the discovery part of `report`."""
     discovery = source.discover()
-    report.azure_requests = discovery.requests
+    report.azure_requests, report.azure_quota, report.azure_wait = discovery.requests, discovery.quota, discovery.wait
     groups, skipped = select_instances(discovery.instances, cfg)
     skipped = [*discovery.skipped, *skipped]
     report.instances, report.skipped = sum(map(len, groups.values())), len(skipped)
@@ -4459,7 +4550,8 @@ def run_cycle(source: Source, runs: Sequence[TargetRun], stop: StopFlag, dry_run
     seen = discover(runs[0].cfg, source, stop, first)
     _log_skips(first, memory or runs[0].state)
     reports = [CycleReport(target=run.name, instances=first.instances, skipped=first.skipped,
-                           skips=first.skips, azure_requests=first.azure_requests) for run in runs]
+                           skips=first.skips, azure_requests=first.azure_requests, azure_quota=first.azure_quota,
+                           azure_wait=first.azure_wait) for run in runs]
     if len(runs) == 1:
         _target_cycle(runs[0], reports[0], seen, stop, dry_run, started, now, clock)
     else:
@@ -4641,6 +4733,8 @@ class Metrics:
         """A cycle's reports, one per target it ran on: the discovery's figures once."""
         with self._lock:
             self._inc("azure_requests_total", "", reports[0].azure_requests)
+            for bucket, left in reports[0].azure_quota.items():
+                self.gauges[("azure_quota_remaining", f'bucket="{_label_value(bucket)}"')] = left
             self.gauges[("instances_discovered", "")] = reports[0].instances
             self.gauges[("instances_skipped", "")] = reports[0].skipped
             for report in reports:
@@ -5028,7 +5122,7 @@ def _daemon_cycle(using: _InUse, stop: StopFlag, rand: Callable[[], float],
             log.warning("cycle failed: %s", report.error,
                         extra={"event": "cycle_failed", "failures": run.failures, "target": run.name})
     if any(not run.failures for run in using.runs):
-        delay, wall = next_delay(0, using.cfg.polling, rand()), time.time()
+        delay, wall = max(next_delay(0, using.cfg.polling, rand()), reports[0].azure_wait), time.time()
         return reports, min(drain_wake(delay, run.state, wall) for run in using.runs if not run.failures)
     return reports, max(0.0, round(min(run.due for run in using.runs) - now, 6))
 
