@@ -13,7 +13,7 @@ parks. With haproxy.targets, one discovery feeds several HAProxy hosts, each pla
 applied and backed off on its own.
 
 Usage:
-    haproxy-azure-discovery [-c FILE] [--once | --dry-run | --validate | --status [--json]]
+    haproxy-azure-discovery [-c FILE] [--once [--confirm-drain] | --dry-run | --validate | --status [--json]]
                             [--log-level LEVEL] [--version]
 
     --validate   check the configuration only (no network, no Azure SDK)

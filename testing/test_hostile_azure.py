@@ -213,3 +213,24 @@ def test_a_rejected_discovery_is_logged_without_a_traceback(arm, tmp_path, capsy
     err = capsys.readouterr().err
     assert "error: Azure's answers cannot be true: 2 VMs reference network interfaces" in err
     assert "Traceback" not in err and logging.getLogger("haproxy_azure_discovery") is not None
+
+
+def test_once_confirm_drain_applies_what_the_guard_holds(arm, dataplane, tmp_path, capsys):
+    import json
+    arm.estate = make_estate(vms=4)
+    raw = {"azure": {"subscription_id": make_config().azure.subscription_id, "resource_manager_url": arm.url,
+                     "retries": 1},
+           "haproxy": {"base_url": dataplane.url, "password": dataplane.password, "timeout": 3},
+           "safety": {"drain_seconds": 0}, "logging": {"format": "text"}}
+    path = tmp_path / "config.json"
+    path.write_text(json.dumps(raw))
+    assert m.main(["--once", "-c", str(path)]) == 0
+    for name in ("vm-0001", "vm-0002", "vm-0003"):
+        arm.estate.remove(name)
+
+    def live():
+        return sum(s.get("maintenance") != "enabled" for s in dataplane.backends[WEB]["servers"].values())
+    assert m.main(["--once", "-c", str(path)]) == 0 and live() == 4          # held: 3 of 4 at once
+    assert "--once --confirm-drain" in capsys.readouterr().err
+    assert m.main(["--once", "--confirm-drain", "-c", str(path)]) == 0 and live() == 1
+    assert m.main(["--dry-run", "--confirm-drain", "-c", str(path)]) == 2
