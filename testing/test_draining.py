@@ -151,6 +151,7 @@ def bed(request, tmp_path):
 def test_a_leaving_instance_finishes_its_requests_and_gets_no_new_ones(bed):
     wait_for(lambda: set(hits(bed.url(), 9)) == {"vm-0000", "vm-0001", "vm-0002"}, 30,
              "all three instances to answer through HAProxy")
+    bed.dp.wait_reloads()                 # the first sync's reload came (HAProxy may have started with it)
     reloads, live_reloads = bed.dp.reloads, bed.live_reloads()
 
     # 1. vm-0001 leaves with a request of twice drain_seconds in flight: parked at the deadline.
