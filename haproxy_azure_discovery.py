@@ -465,8 +465,8 @@ class BackendPlan:
     changes: tuple[ServerChange, ...]
     slots: int
     live: int
-    desired: str = ""                    # a digest of the desired state (fields and servers)
-    differs: frozenset[str] | None = None   # what differs from HAProxy's (_differing); None: created
+    wanted: Mapping[str, Any] = field(default_factory=dict)   # the fields the program sets (before `fields`
+                                                              # adds what HAProxy holds)
 
     @property
     def structural(self) -> bool:
@@ -570,8 +570,8 @@ class Settled(typing.NamedTuple):
 
 class Rewrite(typing.NamedTuple):
     """A backend written with one desired state in `count` cycles running; `keys`: what differed
-    every time (BackendPlan.differs, intersected; None while it was only created)."""
-    desired: str
+    from HAProxy every time after the first (_differing, intersected; None the first time)."""
+    desired: tuple[Mapping[str, Any], Mapping[str, Any]]     # (BackendPlan.wanted, .servers)
     keys: frozenset[str] | None
     count: int
 
@@ -1674,13 +1674,10 @@ def plan_backend(name: str, slots: Sequence[Member | None], actual: BackendState
     fields_changed = actual is not None and _differs(want_fields, actual.fields)
     if actual is not None and not changes and not fields_changed:
         return None
-    desired = hashlib.sha256(json.dumps([want_fields, servers], sort_keys=True, default=str).encode()).hexdigest()
-    differs = None if actual is None else _differing(want_fields, actual.fields, changes)
-    if actual is not None:
-        want_fields = {**actual.fields, **want_fields}
-    return BackendPlan(name=name, create=actual is None, fields_changed=fields_changed, fields=want_fields,
+    return BackendPlan(name=name, create=actual is None, fields_changed=fields_changed,
+                       fields=want_fields if actual is None else {**actual.fields, **want_fields},
                        servers=servers, changes=tuple(changes), slots=len(slots),
-                       live=len(slots) - slots.count(None), desired=desired[:16], differs=differs)
+                       live=len(slots) - slots.count(None), wanted=want_fields)
 
 
 def _differing(want: Mapping[str, Any], have: Mapping[str, Any], changes: Sequence[ServerChange]) -> frozenset[str]:
@@ -1789,21 +1786,23 @@ def plan_cycle(groups: Mapping[ServiceKey, list[Member]], skipped: Sequence[Skip
                     draining={n: k for n, k in kept.items() if k}, settled=settled)
 
 
-def rewrite_guard(plan: Plan, before: Mapping[str, Rewrite], limit: int = REWRITE_LIMIT
-                  ) -> tuple[dict[str, Rewrite], dict[str, frozenset[str]]]:
+def rewrite_guard(plan: Plan, actual: Mapping[str, BackendState], before: Mapping[str, Rewrite],
+                  limit: int = REWRITE_LIMIT) -> tuple[dict[str, Rewrite], dict[str, frozenset[str]]]:
     """(the rewrites once `plan` is applied, the backends whose write loop ends now, with what
     differed every time). A backend planned with the desired state it was written with the
     cycle before counts on; written so `limit` times and still read back different, the fields
     that differed each time are what the server does not keep. Whatever the cause (a field
-    the release forgets, another writer undoing ours), no write loop outlives `limit` cycles."""
+    the release forgets, another writer undoing ours), no write loop outlives `limit` cycles.
+    (What differs is worked out only for a backend written again: most are written once.)"""
     after, looping = {}, {}
     for b in plan.backends:
-        last = before.get(b.name)
-        if last is None or last.desired != b.desired:
-            after[b.name] = Rewrite(b.desired, b.differs, 1)
+        desired, last = (b.wanted, b.servers), before.get(b.name)
+        if last is None or last.desired != desired or b.name not in actual:
+            after[b.name] = Rewrite(desired, None, 1)
             continue
-        keys = b.differs if last.keys is None else last.keys if b.differs is None else last.keys & b.differs
-        after[b.name] = Rewrite(b.desired, keys, last.count + 1)
+        differs = _differing(b.wanted, actual[b.name].fields, b.changes)
+        keys = differs if last.keys is None else last.keys & differs
+        after[b.name] = Rewrite(desired, keys, last.count + 1)
         if last.count >= limit and keys:
             looping[b.name] = keys
     return after, looping
@@ -4302,11 +4301,11 @@ def reconcile_target(cfg: Config, seen: Seen, target: Target, state: State, stop
             report.view = status_view(groups, skipped, actual, decision, cfg, name, now,
                                       state.draining or _under_way(target, decision.plan))
             return decision.plan
-        rewrites, looping = rewrite_guard(decision.plan, state.rewrites)
+        rewrites, looping = rewrite_guard(decision.plan, actual, state.rewrites)
         if looping and _end_write_loops(looping, state, name, report):
             cfg = without_fields(cfg, state.unkept)         # and plan again without them
             decision, sessions = _decide(groups, skipped, actual, state, cfg, target, now, dry_run)
-            rewrites, looping = rewrite_guard(decision.plan, state.rewrites)
+            rewrites, looping = rewrite_guard(decision.plan, actual, state.rewrites)
         plan = decision.plan
         report.refused = {b: f"written with the same desired state {REWRITE_LIMIT} cycles running and read back "
                              f"different each time ({', '.join(sorted(keys))}): not written again until it changes"

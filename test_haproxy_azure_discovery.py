@@ -2923,16 +2923,19 @@ class TestApply:
         assert report.result == "applied"          # another desired state: written again
 
     def test_rewrite_guard_counts_one_desired_state_written_again_and_again(self):
-        def plan(desired, differs):
-            return m.Plan(backends=(m.BackendPlan("b", differs is None, True, {}, {}, (), 1, 1, desired, differs),))
+        servers = {"srv1": {"name": "srv1", "address": "10.0.0.4", "port": 80, "maintenance": "disabled"}}
+
+        def plan(wanted):
+            change = m.ServerChange("update", "srv1", servers["srv1"], {**servers["srv1"], "maintenance": "enabled"})
+            return m.Plan(backends=(m.BackendPlan("b", False, True, wanted, servers, (change,), 1, 1, wanted),))
+        actual = {"b": m.BackendState("b", {"name": "b", "a": 2}, {})}
         rewrites, looping = {}, {}
-        for differs in (None, frozenset({"backend.a", "backend.b"}), frozenset({"backend.a"}),
-                        frozenset({"backend.a", "server.x"})):
-            rewrites, looping = m.rewrite_guard(plan("d1", differs), rewrites)
-        assert rewrites["b"] == m.Rewrite("d1", frozenset({"backend.a"}), 4) and looping == {"b": {"backend.a"}}
-        rewrites, looping = m.rewrite_guard(plan("d2", frozenset({"backend.a"})), rewrites)
+        for _ in range(4):
+            rewrites, looping = m.rewrite_guard(plan({"name": "b", "a": 1}), actual, rewrites)
+        assert rewrites["b"].count == 4 and looping == {"b": {"backend.a", "server.maintenance"}}
+        rewrites, looping = m.rewrite_guard(plan({"name": "b", "a": 3}), actual, rewrites)
         assert rewrites["b"].count == 1 and looping == {}                  # another desired state: anew
-        assert m.rewrite_guard(m.Plan(), rewrites) == ({}, {})            # not planned: the streak ends
+        assert m.rewrite_guard(m.Plan(), actual, rewrites) == ({}, {})    # not planned: the streak ends
 
     def test_a_reload_debt_is_paid_before_anything_is_steady(self):
         target = MemoryTarget(reload_fails=2)
