@@ -235,6 +235,10 @@ CLOUDS = {
     "usgovernment": ("https://management.usgovcloudapi.net", "login.microsoftonline.us"),
 }
 
+
+# How often a thread waiting on the listings (or in a retry's wait) looks at the stop flag.
+WAIT_SLICE = 0.1
+
 log = logging.getLogger("haproxy_azure_discovery")
 
 
@@ -303,6 +307,7 @@ class Aborted(DiscoveryError):
     """Shutdown was requested in the middle of a cycle."""
 
 
+# === Masking secrets ===
 # Anything shaped like a credential, whoever wrote it: Authorization values, bearer tokens,
 # the managed-identity header, and key=value pairs with a secret-sounding key (not our own
 # key paths such as "haproxy.password: is required").
@@ -342,23 +347,71 @@ def secret_values(env: Mapping[str, str]) -> list[str]:
     return [v for k, v in env.items() if SECRET_VAR_RE.fullmatch(k) and v]
 
 
-@contextlib.contextmanager
-def collector_paused() -> Iterator[None]:
-    """The cyclic garbage collector off for a block (or a decorated function), back on after
-    it unless it was off before. For the cycle's bulk work, which allocates far more objects
-    than the collector's thresholds and creates no reference cycles: the collector's passes
-    over everything alive (full ones included) then cost a quarter of it and free nothing.
-    An Azure discovery decodes tens of megabytes of JSON kept until the join (20,000
-    instances: 0.8-1.0 s of 3.3 s of CPU; a collection right after one finds no unreachable
-    object); the core builds members, slots and plans (10,000 instances: 40-80 ms of a cycle).
-    Reference counting frees everything meanwhile; the collector resumes after the block."""
-    was_enabled = gc.isenabled()
-    gc.disable()
-    try:
-        yield
-    finally:
-        if was_enabled:
-            gc.enable()
+# === Stop flag ===
+class StopFlag(typing.Protocol):
+    """Shutdown, as every loop between requests and every wait of the program sees it (Flag:
+    set by SIGTERM/SIGINT). A wait on it ends as soon as it is set: True then."""
+
+    def is_set(self) -> bool: ...
+
+    def wait(self, seconds: float) -> bool: ...
+
+
+class Flag:
+    """A flag a signal handler may set, and that every wait in the program waits on (the
+    StopFlag of the daemon, --once and the tests alike). threading.Event.set() takes a lock
+    that the interrupted main thread may hold at that moment (inside Event.wait or clear):
+    Python runs handlers between two bytecodes of the main thread, so that can deadlock.
+    Setting writes one attribute and one byte to a self-pipe, which wakes every waiter, in
+    any thread, at once; only clear() empties the pipe."""
+
+    def __init__(self) -> None:
+        self._value = False
+        self._wake_r, self._wake_w = socket.socketpair()
+        for end in (self._wake_r, self._wake_w):
+            end.setblocking(False)
+
+    def set(self) -> None:
+        self._value = True
+        try:
+            self._wake_w.send(b"!")
+        except OSError:           # full (waiters are woken already) or closed
+            pass
+
+    def clear(self) -> None:
+        self._value = False
+        try:
+            while self._wake_r.recv(64):
+                pass
+        except OSError:           # BlockingIOError: empty
+            pass
+
+    def is_set(self) -> bool:
+        return self._value
+
+    def wait(self, seconds: float) -> bool:
+        """Until the flag is set or `seconds` pass; True when it is set."""
+        return wait_any([self], seconds) is not None
+
+    def close(self) -> None:
+        self._wake_r.close()
+        self._wake_w.close()
+
+
+def wait_any(flags: Sequence[Flag], seconds: float) -> Flag | None:
+    """Wait until one of `flags` is set (that one) or `seconds` pass (None)."""
+    deadline = time.monotonic() + seconds
+    while True:
+        for flag in flags:
+            if flag.is_set():
+                return flag
+        left = deadline - time.monotonic()
+        if left <= 0:
+            return None
+        try:
+            select.select([f._wake_r for f in flags], [], [], None if math.isinf(left) else left)
+        except (OSError, ValueError):     # closed meanwhile: a slice of sleep instead
+            time.sleep(min(left, WAIT_SLICE))
 
 
 # === Domain model ===
@@ -509,15 +562,6 @@ class Applied:
     the Data Plane API did not say) and the reloads it caused, by Reload-ID."""
     version: int | None
     reloads: tuple[str, ...] = ()
-
-
-class StopFlag(typing.Protocol):
-    """Shutdown, as every loop between requests and every wait of the program sees it (Flag:
-    set by SIGTERM/SIGINT). A wait on it ends as soon as it is set: True then."""
-
-    def is_set(self) -> bool: ...
-
-    def wait(self, seconds: float) -> bool: ...
 
 
 class Source(typing.Protocol):
@@ -1285,6 +1329,25 @@ def find_config(path: str | None) -> str:
 
 
 # === Discovery: filter and group ===
+@contextlib.contextmanager
+def collector_paused() -> Iterator[None]:
+    """The cyclic garbage collector off for a block (or a decorated function), back on after
+    it unless it was off before. For the cycle's bulk work, which allocates far more objects
+    than the collector's thresholds and creates no reference cycles: the collector's passes
+    over everything alive (full ones included) then cost a quarter of it and free nothing.
+    An Azure discovery decodes tens of megabytes of JSON kept until the join (20,000
+    instances: 0.8-1.0 s of 3.3 s of CPU; a collection right after one finds no unreachable
+    object); the core builds members, slots and plans (10,000 instances: 40-80 ms of a cycle).
+    Reference counting frees everything meanwhile; the collector resumes after the block."""
+    was_enabled = gc.isenabled()
+    gc.disable()
+    try:
+        yield
+    finally:
+        if was_enabled:
+            gc.enable()
+
+
 @functools.lru_cache(maxsize=4096)      # a few distinct tag values, thousands of instances
 def _port(value: str | None) -> int | None:
     # Spaces and tabs around the digits are forgiven; nothing else (str.strip() would also
@@ -1979,6 +2042,7 @@ def _held_members(names: Sequence[str], actual: BackendState | None,
             for n in names]
 
 
+# === Views ===
 def utc(seconds: float) -> str:
     """A wall-clock time as people read it in logs: RFC 3339, UTC, whole seconds."""
     return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(seconds))
@@ -2148,7 +2212,341 @@ def _label(change: ServerChange) -> str:
     return f" ({change.label})" if change.label and change.body and _is_live(change.body) else ""
 
 
-# === Azure adapter ===
+# === Azure transport ===
+def _origin(url: str) -> tuple[str, str, int | None]:
+    """(scheme, host, port) of a URL, lower-cased, the default port spelt out."""
+    u = urllib.parse.urlsplit(url)
+    try:
+        port = u.port or {"https": 443, "http": 80}.get(u.scheme.lower())
+    except ValueError:
+        port = -1
+    return u.scheme.lower(), (u.hostname or "").lower(), port
+
+
+def _json_kind(value: Any) -> str:
+    return "null" if value is None else {str: "a string", list: "a list", bool: "a boolean"}.get(
+        type(value), "a number" if isinstance(value, (int, float)) else type(value).__name__)
+
+
+def environment_settings(url: str) -> dict[str, Any]:
+    """The proxy and CA bundle that requests would take from the environment (HTTPS_PROXY,
+    NO_PROXY, REQUESTS_CA_BUNDLE...) for `url`, read once, for the listings' transport (the
+    credential's own requests still read them). Every listing goes to Resource Manager's host,
+    so one answer holds."""
+    import requests
+    found = requests.Session().merge_environment_settings(url, {}, None, None, None)
+    settings: dict[str, Any] = {}
+    if found["proxies"]:
+        settings["proxies"] = dict(found["proxies"])
+    if isinstance(found["verify"], str):
+        settings["connection_verify"] = found["verify"]
+    return settings
+
+
+def _page_transport(settings: Mapping[str, Any], workers: int, connect: float, read: float) -> Any:
+    """An azure-core transport for the listings over urllib3 (requests' own connection layer) instead
+    of requests: the pipeline's policies (credential, retries honouring Retry-After, redirects, the
+    request hook) are unchanged above it. requests' request preparation, session merging and
+    response wrapping cost more CPU than everything else in the pipeline: 2.45 -> 1.43 ms a 64 kB
+    page here, 0.6 s of CPU a cycle at 20,000 instances. A page is read whole (gzip, as requests
+    asks for it); errors map to the exceptions azure-core's retry policy acts on, as its own
+    transport maps requests'. `settings` are environment_settings': proxy and CA bundle. The
+    credential keeps azure-core's own transport."""
+    import urllib3
+    from azure.core import exceptions as errors
+    from azure.core.pipeline.transport import HttpTransport
+
+    proxy = (settings.get("proxies") or {}).get("https")
+    ca = settings.get("connection_verify") or _default_ca_bundle()
+    where = {"ca_cert_dir" if os.path.isdir(ca) else "ca_certs": ca, "maxsize": workers}
+    sockets = threading.local()         # .holder: where the connection in use puts its socket
+
+    class Watched:
+        """A connection that hands its socket over once a request went out on it (a new or a
+        kept-alive one), so that a deadline can cut the answer short however slowly it comes."""
+        def request(self, *args: Any, **kwargs: Any) -> None:
+            super().request(*args, **kwargs)    # type: ignore[misc]
+            holder = getattr(sockets, "holder", None)
+            if holder is not None:
+                holder.append(self.sock)        # type: ignore[attr-defined]
+
+    class WatchedHTTP(Watched, urllib3.connection.HTTPConnection):
+        pass
+
+    class WatchedHTTPS(Watched, urllib3.connection.HTTPSConnection):
+        pass
+
+    class HTTPPool(urllib3.HTTPConnectionPool):
+        ConnectionCls = WatchedHTTP
+
+    class HTTPSPool(urllib3.HTTPSConnectionPool):
+        ConnectionCls = WatchedHTTPS
+
+    def cut(holder: list[Any], expired: list[bool]) -> None:
+        expired.append(True)
+        for sock in holder:
+            with contextlib.suppress(OSError):
+                sock.shutdown(socket.SHUT_RDWR)
+    if proxy and urllib3.util.parse_url(proxy).scheme not in ("http", "https"):
+        raise AzureError(f"proxy {urllib3.util.parse_url(proxy).scheme}:// (HTTPS_PROXY or ALL_PROXY) is not "
+                         "supported for Resource Manager: use an http:// or https:// proxy")
+
+    def mapped(exc: Exception) -> Exception:
+        """urllib3's errors as the exceptions azure-core's retry policy acts on, as its own
+        transport maps requests'."""
+        if isinstance(exc, urllib3.exceptions.NewConnectionError):       # before ConnectTimeoutError, its base
+            return errors.ServiceRequestError(exc, error=exc)
+        if isinstance(exc, urllib3.exceptions.ConnectTimeoutError):
+            return errors.ServiceRequestTimeoutError(exc, error=exc)
+        if isinstance(exc, urllib3.exceptions.ReadTimeoutError):
+            return errors.ServiceResponseTimeoutError(exc, error=exc)
+        if isinstance(exc, (urllib3.exceptions.ProtocolError, urllib3.exceptions.DecodeError)):
+            return errors.ServiceResponseError(exc, error=exc)           # sent; the answer broke
+        return errors.ServiceRequestError(exc, error=exc)                # TLS, proxy: not sent
+
+    class PageTransport(HttpTransport):
+        def __init__(self) -> None:
+            self.pool: Any = None
+            self._lock = threading.Lock()       # the listing threads' first pages arrive together
+
+        def open(self) -> None:
+            with self._lock:
+                if self.pool is None and proxy:
+                    auth = urllib3.util.parse_url(proxy).auth       # user:password in the proxy's URL
+                    headers = urllib3.make_headers(proxy_basic_auth=urllib.parse.unquote(auth)) if auth else None
+                    self.pool = urllib3.ProxyManager(proxy, proxy_headers=headers, **where)
+                elif self.pool is None:
+                    self.pool = urllib3.PoolManager(**where)
+                if self.pool is not None:
+                    self.pool.pool_classes_by_scheme = {"http": HTTPPool, "https": HTTPSPool}
+
+        def close(self) -> None:
+            with self._lock:
+                if self.pool is not None:
+                    self.pool.clear()
+                    self.pool = None
+
+        def __exit__(self, *_exc: object) -> None:
+            self.close()
+
+        def send(self, request: Any, **options: Any) -> Any:
+            if (pool := self.pool) is None:
+                self.open()
+                pool = self.pool
+            timeout = urllib3.Timeout(connect=options.get("connection_timeout", connect),
+                                      read=options.get("read_timeout", read))
+            body = request.content.encode() if isinstance(request.content, str) else request.content
+            # A whole answer within the read timeout, not a read: a page trickled a byte at a time
+            # would pass every read's timeout and never end.
+            holder, expired = [], []
+            sockets.holder = holder
+            deadline = threading.Timer(options.get("read_timeout", read), cut, (holder, expired))
+            deadline.daemon = True
+            deadline.start()
+            try:
+                raw = pool.urlopen(request.method, request.url, body=body, retries=False,
+                                   headers={"Accept-Encoding": "gzip, deflate", **request.headers},
+                                   redirect=False, timeout=timeout, preload_content=True,
+                                   enforce_content_length=True)
+            except urllib3.exceptions.HTTPError as exc:
+                if expired:
+                    raise errors.ServiceResponseTimeoutError(
+                        f"no whole answer within {options.get('read_timeout', read):g} s (azure.timeout)",
+                        error=exc) from exc
+                raise mapped(exc) from exc
+            finally:
+                deadline.cancel()
+                sockets.holder = None
+            if expired:
+                raise errors.ServiceResponseTimeoutError(
+                    f"no whole answer within {options.get('read_timeout', read):g} s (azure.timeout)")
+            return _Page(request, raw.status, raw.reason or "", raw.headers, raw.data)
+
+    return PageTransport()
+
+
+def _default_ca_bundle() -> str:
+    """requests' CA bundle (certifi's), which the listings used before they had a transport of their own."""
+    from requests.utils import DEFAULT_CA_BUNDLE_PATH
+    return DEFAULT_CA_BUNDLE_PATH
+
+
+@dataclass
+class _Page:
+    """A listing's response, read whole: what the pipeline's policies and AzureSource._send read of
+    an azure.core.rest.HttpResponse."""
+    request: Any
+    status_code: int
+    reason: str
+    headers: Mapping[str, str]          # urllib3's: case-insensitive
+    content: bytes
+    is_closed: bool = True
+    is_stream_consumed: bool = True
+
+    @property
+    def content_type(self) -> str | None:
+        return self.headers.get("Content-Type")
+
+    @property
+    def url(self) -> str:
+        return self.request.url
+
+    def body(self) -> bytes:
+        return self.content
+
+    read = body
+
+    def text(self, encoding: str | None = None) -> str:
+        return self.content.decode(encoding or "utf-8", "replace")
+
+    def json(self) -> Any:
+        return json.loads(self.content)
+
+    def iter_bytes(self, **_options: Any) -> Iterator[bytes]:
+        yield self.content
+
+    iter_raw = iter_bytes
+
+    def raise_for_status(self) -> None:
+        if self.status_code >= 400:
+            from azure.core.exceptions import HttpResponseError
+            raise HttpResponseError(response=self)
+
+    def close(self) -> None:
+        pass
+
+
+_worker = threading.local()      # .pool: the _Pool a listing thread works for
+
+
+class _Pool:
+    """A bounded pool of daemon threads for one discovery's listings. Unlike
+    ThreadPoolExecutor's workers, which the interpreter joins at exit, a request still in
+    flight when shutdown is requested cannot hold the process past systemd's stop timeout;
+    once closed (or failed), its threads give up at their next page."""
+
+    def __init__(self, workers: int, name: str = "azure"):
+        self.closed = False
+        self.failed: BaseException | None = None    # the first listing's failure
+        self._jobs: queue.SimpleQueue = queue.SimpleQueue()
+        self._futures: list[concurrent.futures.Future] = []
+        self._threads = [threading.Thread(target=self._work, name=f"{name}-{n}", daemon=True)
+                         for n in range(workers)]
+        for thread in self._threads:
+            thread.start()
+
+    def submit(self, fn: Callable, *args: Any) -> concurrent.futures.Future:
+        future: concurrent.futures.Future = concurrent.futures.Future()
+        self._futures.append(future)
+        self._jobs.put((future, fn, args))
+        return future
+
+    def _work(self) -> None:
+        _worker.pool = self
+        while (job := self._jobs.get()) is not None:
+            future, fn, args = job
+            if not future.set_running_or_notify_cancel():
+                continue
+            try:
+                future.set_result(fn(*args))
+            except BaseException as exc:  # noqa: BLE001 - handed to whoever waits on the future
+                future.set_exception(exc)
+
+    def close(self) -> None:
+        """Cancel the jobs not started; the threads finish their request, then exit."""
+        self.closed = True
+        for future in self._futures:
+            future.cancel()
+        for _ in self._threads:
+            self._jobs.put(None)
+
+
+class _SharedToken:
+    """The credential, behind a lock and a cache shared by every listing thread: the SDK's
+    bearer-token policy is per client and unlocked, so concurrent first requests would each
+    fetch a token. Refreshes 5 minutes before expiry, as azure-core's policy does."""
+
+    def __init__(self, credential: Any):
+        self.credential = credential
+        self._lock = threading.Lock()
+        self._tokens: dict[tuple, Any] = {}
+
+    def get_token(self, *scopes: str, **kwargs: Any) -> Any:
+        if kwargs.get("claims"):            # a claims challenge wants a fresh token
+            return self.credential.get_token(*scopes, **kwargs)
+        key = (scopes, tuple(sorted(kwargs.items())))
+        with self._lock:
+            token = self._tokens.get(key)
+            if token is None or token.expires_on - time.time() < 300:
+                token = self._tokens[key] = self.credential.get_token(*scopes, **kwargs)
+            return token
+
+    def close(self) -> None:
+        close = getattr(self.credential, "close", None)
+        if close is not None:
+            close()
+
+
+def _retry_policy(cfg: AzureConfig, check: Callable[[], None], progress: Callable[[], None],
+                  stop: Flag) -> Any:
+    """azure-core's RetryPolicy, with every wait (a 429's Retry-After included) capped at
+    azure.timeout and cut short by `check` (shutdown, a failed sibling); the watchdog hears
+    from every second of it. Uncapped, one Retry-After could outlast systemd's watchdog; with
+    the cap one page takes at most (2 x retries + 1) x azure.timeout. POST is retried too: the
+    program's only POST is a Resource Graph query, which reads (azure-core retries a POST only
+    on 500/503/504 or with Retry-After: a 408, a 429 without it, a 502 or a timeout would fail
+    the cycle)."""
+    from azure.core.pipeline.policies import RetryPolicy
+
+    class CappedRetry(RetryPolicy):
+        def __init__(self, **kwargs: Any) -> None:
+            super().__init__(**kwargs)
+            self._method_whitelist = frozenset({*self._method_whitelist, "POST"})
+
+        def sleep(self, settings: dict, transport: Any, response: Any = None) -> None:
+            after = self.get_retry_after(response) if response else None
+            deadline = time.monotonic() + min(after or self.get_backoff_time(settings), cfg.timeout)
+            while (left := deadline - time.monotonic()) > 0:
+                check()
+                progress()
+                stop.wait(min(left, 1.0))
+            check()
+
+    return CappedRetry(retry_total=cfg.retries)
+
+
+def _listing_policies(credential: Any, scope: str, retry: Any, hook: Callable[[Any], None]) -> list[Any]:
+    """The management client's pipeline (azure-mgmt-compute's ComputeManagementClient) without the
+    policies that do nothing for a listing: content decoding (_page_transport reads a page whole),
+    resource-provider registration (acts on writes' 409 only), network trace, distributed tracing
+    and HTTP logging (the SDK's loggers stay at WARNING, and INFO is where they speak), and the
+    proxy policy (the transport has the proxy). Each costs CPU on every page; together 15-20% of
+    the pipeline's with requests' transport (1.85-2.1 ms a 64 kB page, from 2.4)."""
+    from azure.core.pipeline import policies
+    from azure.mgmt.core.policies import ARMChallengeAuthenticationPolicy
+    # The same order as the client's own list; the user agent names this program before the SDK.
+    return [policies.RequestIdPolicy(), policies.UserAgentPolicy(user_agent=f"haproxy-azure-discovery/{__version__}"),
+            retry, ARMChallengeAuthenticationPolicy(credential, scope),
+            policies.CustomHookPolicy(raw_request_hook=hook), policies.SensitiveHeaderCleanupPolicy()]
+
+
+def _arm_error(response: Any, secrets: Iterable[str] = ()) -> str:
+    """The code and message of a Resource Manager error body, masked and bounded."""
+    try:
+        error = response.json().get("error") or {}
+        text = f"{error.get('code', '')}: {error.get('message', '')}"
+    except (ValueError, AttributeError):
+        text = response.text()[:MAX_ERROR_BODY]
+    return shorten(text, 300, secrets)
+
+
+def _sdk_message(exc: Exception, secrets: Iterable[str] = ()) -> str:
+    status = getattr(exc, "status_code", None)
+    text = shorten(str(getattr(exc, "message", None) or exc), 300, secrets)
+    return (f"HTTP {status}: " if status else "") + f"{type(exc).__name__}: {text}"
+
+
+# === Azure: what the listings mean ===
 def _azure_sdk() -> tuple[Any, Any, Any, Any]:
     """Import the Azure SDK on first use; DependencyError (exit 69) if absent."""
     try:
@@ -2407,8 +2805,6 @@ def _resource_group(resource_id: str) -> str:
 # version, and extra query. The Microsoft.Compute endpoints for a scale set's NICs and public
 # IPs only exist in an old network API version.
 COMPUTE_API, NETWORK_API, VMSS_NETWORK_API = "2024-07-01", "2024-05-01", "2018-10-01"
-# How often a thread waiting on the listings (or in a retry's wait) looks at the stop flag.
-WAIT_SLICE = 0.1
 LISTINGS = {
     "VMs": ("/providers/Microsoft.Compute/virtualMachines", COMPUTE_API, {}),
     "VM power states": ("/providers/Microsoft.Compute/virtualMachines", COMPUTE_API, {"statusOnly": "true"}),
@@ -3055,209 +3451,6 @@ class AzureSource:
         return response
 
 
-def _origin(url: str) -> tuple[str, str, int | None]:
-    """(scheme, host, port) of a URL, lower-cased, the default port spelt out."""
-    u = urllib.parse.urlsplit(url)
-    try:
-        port = u.port or {"https": 443, "http": 80}.get(u.scheme.lower())
-    except ValueError:
-        port = -1
-    return u.scheme.lower(), (u.hostname or "").lower(), port
-
-
-def _json_kind(value: Any) -> str:
-    return "null" if value is None else {str: "a string", list: "a list", bool: "a boolean"}.get(
-        type(value), "a number" if isinstance(value, (int, float)) else type(value).__name__)
-
-
-def environment_settings(url: str) -> dict[str, Any]:
-    """The proxy and CA bundle that requests would take from the environment (HTTPS_PROXY,
-    NO_PROXY, REQUESTS_CA_BUNDLE...) for `url`, read once, for the listings' transport (the
-    credential's own requests still read them). Every listing goes to Resource Manager's host,
-    so one answer holds."""
-    import requests
-    found = requests.Session().merge_environment_settings(url, {}, None, None, None)
-    settings: dict[str, Any] = {}
-    if found["proxies"]:
-        settings["proxies"] = dict(found["proxies"])
-    if isinstance(found["verify"], str):
-        settings["connection_verify"] = found["verify"]
-    return settings
-
-
-def _page_transport(settings: Mapping[str, Any], workers: int, connect: float, read: float) -> Any:
-    """An azure-core transport for the listings over urllib3 (requests' own connection layer) instead
-    of requests: the pipeline's policies (credential, retries honouring Retry-After, redirects, the
-    request hook) are unchanged above it. requests' request preparation, session merging and
-    response wrapping cost more CPU than everything else in the pipeline: 2.45 -> 1.43 ms a 64 kB
-    page here, 0.6 s of CPU a cycle at 20,000 instances. A page is read whole (gzip, as requests
-    asks for it); errors map to the exceptions azure-core's retry policy acts on, as its own
-    transport maps requests'. `settings` are environment_settings': proxy and CA bundle. The
-    credential keeps azure-core's own transport."""
-    import urllib3
-    from azure.core import exceptions as errors
-    from azure.core.pipeline.transport import HttpTransport
-
-    proxy = (settings.get("proxies") or {}).get("https")
-    ca = settings.get("connection_verify") or _default_ca_bundle()
-    where = {"ca_cert_dir" if os.path.isdir(ca) else "ca_certs": ca, "maxsize": workers}
-    sockets = threading.local()         # .holder: where the connection in use puts its socket
-
-    class Watched:
-        """A connection that hands its socket over once a request went out on it (a new or a
-        kept-alive one), so that a deadline can cut the answer short however slowly it comes."""
-        def request(self, *args: Any, **kwargs: Any) -> None:
-            super().request(*args, **kwargs)    # type: ignore[misc]
-            holder = getattr(sockets, "holder", None)
-            if holder is not None:
-                holder.append(self.sock)        # type: ignore[attr-defined]
-
-    class WatchedHTTP(Watched, urllib3.connection.HTTPConnection):
-        pass
-
-    class WatchedHTTPS(Watched, urllib3.connection.HTTPSConnection):
-        pass
-
-    class HTTPPool(urllib3.HTTPConnectionPool):
-        ConnectionCls = WatchedHTTP
-
-    class HTTPSPool(urllib3.HTTPSConnectionPool):
-        ConnectionCls = WatchedHTTPS
-
-    def cut(holder: list[Any], expired: list[bool]) -> None:
-        expired.append(True)
-        for sock in holder:
-            with contextlib.suppress(OSError):
-                sock.shutdown(socket.SHUT_RDWR)
-    if proxy and urllib3.util.parse_url(proxy).scheme not in ("http", "https"):
-        raise AzureError(f"proxy {urllib3.util.parse_url(proxy).scheme}:// (HTTPS_PROXY or ALL_PROXY) is not "
-                         "supported for Resource Manager: use an http:// or https:// proxy")
-
-    def mapped(exc: Exception) -> Exception:
-        """urllib3's errors as the exceptions azure-core's retry policy acts on, as its own
-        transport maps requests'."""
-        if isinstance(exc, urllib3.exceptions.NewConnectionError):       # before ConnectTimeoutError, its base
-            return errors.ServiceRequestError(exc, error=exc)
-        if isinstance(exc, urllib3.exceptions.ConnectTimeoutError):
-            return errors.ServiceRequestTimeoutError(exc, error=exc)
-        if isinstance(exc, urllib3.exceptions.ReadTimeoutError):
-            return errors.ServiceResponseTimeoutError(exc, error=exc)
-        if isinstance(exc, (urllib3.exceptions.ProtocolError, urllib3.exceptions.DecodeError)):
-            return errors.ServiceResponseError(exc, error=exc)           # sent; the answer broke
-        return errors.ServiceRequestError(exc, error=exc)                # TLS, proxy: not sent
-
-    class PageTransport(HttpTransport):
-        def __init__(self) -> None:
-            self.pool: Any = None
-            self._lock = threading.Lock()       # the listing threads' first pages arrive together
-
-        def open(self) -> None:
-            with self._lock:
-                if self.pool is None and proxy:
-                    auth = urllib3.util.parse_url(proxy).auth       # user:password in the proxy's URL
-                    headers = urllib3.make_headers(proxy_basic_auth=urllib.parse.unquote(auth)) if auth else None
-                    self.pool = urllib3.ProxyManager(proxy, proxy_headers=headers, **where)
-                elif self.pool is None:
-                    self.pool = urllib3.PoolManager(**where)
-                if self.pool is not None:
-                    self.pool.pool_classes_by_scheme = {"http": HTTPPool, "https": HTTPSPool}
-
-        def close(self) -> None:
-            with self._lock:
-                if self.pool is not None:
-                    self.pool.clear()
-                    self.pool = None
-
-        def __exit__(self, *_exc: object) -> None:
-            self.close()
-
-        def send(self, request: Any, **options: Any) -> Any:
-            if (pool := self.pool) is None:
-                self.open()
-                pool = self.pool
-            timeout = urllib3.Timeout(connect=options.get("connection_timeout", connect),
-                                      read=options.get("read_timeout", read))
-            body = request.content.encode() if isinstance(request.content, str) else request.content
-            # A whole answer within the read timeout, not a read: a page trickled a byte at a time
-            # would pass every read's timeout and never end.
-            holder, expired = [], []
-            sockets.holder = holder
-            deadline = threading.Timer(options.get("read_timeout", read), cut, (holder, expired))
-            deadline.daemon = True
-            deadline.start()
-            try:
-                raw = pool.urlopen(request.method, request.url, body=body, retries=False,
-                                   headers={"Accept-Encoding": "gzip, deflate", **request.headers},
-                                   redirect=False, timeout=timeout, preload_content=True,
-                                   enforce_content_length=True)
-            except urllib3.exceptions.HTTPError as exc:
-                if expired:
-                    raise errors.ServiceResponseTimeoutError(
-                        f"no whole answer within {options.get('read_timeout', read):g} s (azure.timeout)",
-                        error=exc) from exc
-                raise mapped(exc) from exc
-            finally:
-                deadline.cancel()
-                sockets.holder = None
-            if expired:
-                raise errors.ServiceResponseTimeoutError(
-                    f"no whole answer within {options.get('read_timeout', read):g} s (azure.timeout)")
-            return _Page(request, raw.status, raw.reason or "", raw.headers, raw.data)
-
-    return PageTransport()
-
-
-def _default_ca_bundle() -> str:
-    """requests' CA bundle (certifi's), which the listings used before they had a transport of their own."""
-    from requests.utils import DEFAULT_CA_BUNDLE_PATH
-    return DEFAULT_CA_BUNDLE_PATH
-
-
-@dataclass
-class _Page:
-    """A listing's response, read whole: what the pipeline's policies and AzureSource._send read of
-    an azure.core.rest.HttpResponse."""
-    request: Any
-    status_code: int
-    reason: str
-    headers: Mapping[str, str]          # urllib3's: case-insensitive
-    content: bytes
-    is_closed: bool = True
-    is_stream_consumed: bool = True
-
-    @property
-    def content_type(self) -> str | None:
-        return self.headers.get("Content-Type")
-
-    @property
-    def url(self) -> str:
-        return self.request.url
-
-    def body(self) -> bytes:
-        return self.content
-
-    read = body
-
-    def text(self, encoding: str | None = None) -> str:
-        return self.content.decode(encoding or "utf-8", "replace")
-
-    def json(self) -> Any:
-        return json.loads(self.content)
-
-    def iter_bytes(self, **_options: Any) -> Iterator[bytes]:
-        yield self.content
-
-    iter_raw = iter_bytes
-
-    def raise_for_status(self) -> None:
-        if self.status_code >= 400:
-            from azure.core.exceptions import HttpResponseError
-            raise HttpResponseError(response=self)
-
-    def close(self) -> None:
-        pass
-
-
 def in_resource_groups(items: list[Mapping], groups: Sequence[str]) -> list[Mapping]:
     """The items whose resource group is one of `groups` (all of them when none are configured)."""
     wanted = {g.lower() for g in groups}
@@ -3269,136 +3462,6 @@ def could_serve(inst: Instance, cfg: Config) -> bool:
     in Azure) and passes the tag allowlist and denylist."""
     name_tag = cfg.tags.service_name_tag.lower()
     return any(k.lower() == name_tag for k in inst.tags) and tags_match(inst.tags, cfg.tags)
-
-
-_worker = threading.local()      # .pool: the _Pool a listing thread works for
-
-
-class _Pool:
-    """A bounded pool of daemon threads for one discovery's listings. Unlike
-    ThreadPoolExecutor's workers, which the interpreter joins at exit, a request still in
-    flight when shutdown is requested cannot hold the process past systemd's stop timeout;
-    once closed (or failed), its threads give up at their next page."""
-
-    def __init__(self, workers: int, name: str = "azure"):
-        self.closed = False
-        self.failed: BaseException | None = None    # the first listing's failure
-        self._jobs: queue.SimpleQueue = queue.SimpleQueue()
-        self._futures: list[concurrent.futures.Future] = []
-        self._threads = [threading.Thread(target=self._work, name=f"{name}-{n}", daemon=True)
-                         for n in range(workers)]
-        for thread in self._threads:
-            thread.start()
-
-    def submit(self, fn: Callable, *args: Any) -> concurrent.futures.Future:
-        future: concurrent.futures.Future = concurrent.futures.Future()
-        self._futures.append(future)
-        self._jobs.put((future, fn, args))
-        return future
-
-    def _work(self) -> None:
-        _worker.pool = self
-        while (job := self._jobs.get()) is not None:
-            future, fn, args = job
-            if not future.set_running_or_notify_cancel():
-                continue
-            try:
-                future.set_result(fn(*args))
-            except BaseException as exc:  # noqa: BLE001 - handed to whoever waits on the future
-                future.set_exception(exc)
-
-    def close(self) -> None:
-        """Cancel the jobs not started; the threads finish their request, then exit."""
-        self.closed = True
-        for future in self._futures:
-            future.cancel()
-        for _ in self._threads:
-            self._jobs.put(None)
-
-
-class _SharedToken:
-    """The credential, behind a lock and a cache shared by every listing thread: the SDK's
-    bearer-token policy is per client and unlocked, so concurrent first requests would each
-    fetch a token. Refreshes 5 minutes before expiry, as azure-core's policy does."""
-
-    def __init__(self, credential: Any):
-        self.credential = credential
-        self._lock = threading.Lock()
-        self._tokens: dict[tuple, Any] = {}
-
-    def get_token(self, *scopes: str, **kwargs: Any) -> Any:
-        if kwargs.get("claims"):            # a claims challenge wants a fresh token
-            return self.credential.get_token(*scopes, **kwargs)
-        key = (scopes, tuple(sorted(kwargs.items())))
-        with self._lock:
-            token = self._tokens.get(key)
-            if token is None or token.expires_on - time.time() < 300:
-                token = self._tokens[key] = self.credential.get_token(*scopes, **kwargs)
-            return token
-
-    def close(self) -> None:
-        close = getattr(self.credential, "close", None)
-        if close is not None:
-            close()
-
-
-def _retry_policy(cfg: AzureConfig, check: Callable[[], None], progress: Callable[[], None],
-                  stop: Flag) -> Any:
-    """azure-core's RetryPolicy, with every wait (a 429's Retry-After included) capped at
-    azure.timeout and cut short by `check` (shutdown, a failed sibling); the watchdog hears
-    from every second of it. Uncapped, one Retry-After could outlast systemd's watchdog; with
-    the cap one page takes at most (2 x retries + 1) x azure.timeout. POST is retried too: the
-    program's only POST is a Resource Graph query, which reads (azure-core retries a POST only
-    on 500/503/504 or with Retry-After: a 408, a 429 without it, a 502 or a timeout would fail
-    the cycle)."""
-    from azure.core.pipeline.policies import RetryPolicy
-
-    class CappedRetry(RetryPolicy):
-        def __init__(self, **kwargs: Any) -> None:
-            super().__init__(**kwargs)
-            self._method_whitelist = frozenset({*self._method_whitelist, "POST"})
-
-        def sleep(self, settings: dict, transport: Any, response: Any = None) -> None:
-            after = self.get_retry_after(response) if response else None
-            deadline = time.monotonic() + min(after or self.get_backoff_time(settings), cfg.timeout)
-            while (left := deadline - time.monotonic()) > 0:
-                check()
-                progress()
-                stop.wait(min(left, 1.0))
-            check()
-
-    return CappedRetry(retry_total=cfg.retries)
-
-
-def _listing_policies(credential: Any, scope: str, retry: Any, hook: Callable[[Any], None]) -> list[Any]:
-    """The management client's pipeline (azure-mgmt-compute's ComputeManagementClient) without the
-    policies that do nothing for a listing: content decoding (_page_transport reads a page whole),
-    resource-provider registration (acts on writes' 409 only), network trace, distributed tracing
-    and HTTP logging (the SDK's loggers stay at WARNING, and INFO is where they speak), and the
-    proxy policy (the transport has the proxy). Each costs CPU on every page; together 15-20% of
-    the pipeline's with requests' transport (1.85-2.1 ms a 64 kB page, from 2.4)."""
-    from azure.core.pipeline import policies
-    from azure.mgmt.core.policies import ARMChallengeAuthenticationPolicy
-    # The same order as the client's own list; the user agent names this program before the SDK.
-    return [policies.RequestIdPolicy(), policies.UserAgentPolicy(user_agent=f"haproxy-azure-discovery/{__version__}"),
-            retry, ARMChallengeAuthenticationPolicy(credential, scope),
-            policies.CustomHookPolicy(raw_request_hook=hook), policies.SensitiveHeaderCleanupPolicy()]
-
-
-def _arm_error(response: Any, secrets: Iterable[str] = ()) -> str:
-    """The code and message of a Resource Manager error body, masked and bounded."""
-    try:
-        error = response.json().get("error") or {}
-        text = f"{error.get('code', '')}: {error.get('message', '')}"
-    except (ValueError, AttributeError):
-        text = response.text()[:MAX_ERROR_BODY]
-    return shorten(text, 300, secrets)
-
-
-def _sdk_message(exc: Exception, secrets: Iterable[str] = ()) -> str:
-    status = getattr(exc, "status_code", None)
-    text = shorten(str(getattr(exc, "message", None) or exc), 300, secrets)
-    return (f"HTTP {status}: " if status else "") + f"{type(exc).__name__}: {text}"
 
 
 def _credential(cfg: AzureConfig, identity: Any, authority: str, env: Mapping[str, str]) -> TokenCredential:
@@ -3431,7 +3494,7 @@ def _credential(cfg: AzureConfig, identity: Any, authority: str, env: Mapping[st
         raise ConfigError([f"azure.credential_type: {kind}: {exc}"]) from None
 
 
-# === Data Plane adapter ===
+# === Data Plane transport ===
 class _NoRedirect(urllib.request.HTTPRedirectHandler):
     """A 3xx comes back as an answer, never followed: the Basic credentials would go along."""
 
@@ -3484,6 +3547,7 @@ def basic_credentials(cfg: HAProxyConfig) -> str:
     return base64.b64encode(f"{cfg.username}:{cfg.password}".encode()).decode()
 
 
+# === Data Plane API ===
 class DataPlane:
     """The HAProxy Data Plane API over urllib: v2 (wrapped bodies, ?backend=) or v3 (bare
     bodies, nested servers, full sections). Counts its requests.
@@ -4652,53 +4716,7 @@ def _log_report(report: CycleReport, state: State) -> None:
                     "duration_ms": round(report.duration * 1000)})
 
 
-# === Daemon loop ===
-def sd_notify(message: str, env: Mapping[str, str] | None = None) -> bool:
-    """Send a systemd notification (READY=1, WATCHDOG=1, STATUS=...); no-op without
-    NOTIFY_SOCKET. Never raises: the daemon must not fail because systemd went away."""
-    address = (os.environ if env is None else env).get("NOTIFY_SOCKET", "")
-    if not address.startswith(("/", "@")):
-        return False
-    if address.startswith("@"):
-        address = "\0" + address[1:]             # abstract socket namespace
-    try:
-        with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM | socket.SOCK_CLOEXEC) as sock:
-            sock.connect(address)
-            sock.sendall(message.encode())
-        return True
-    except OSError:
-        return False
-
-
-class Notifier:
-    """systemd notifications from any thread: READY=1 once, and WATCHDOG=1 whenever work
-    progresses (after every Azure page, at each cycle's start, in the sleep), so that only
-    a real hang starves the watchdog, however slow Azure is."""
-
-    def __init__(self, env: Mapping[str, str] | None = None):
-        self.env = os.environ if env is None else env
-        self.ready = False
-        self._lock = threading.Lock()
-        try:     # WATCHDOG_PID names the process the watchdog is for (sd_watchdog_enabled(3))
-            ours = self.env.get("WATCHDOG_PID", str(os.getpid())) == str(os.getpid())
-            usec = int(self.env.get("WATCHDOG_USEC") or 0) if ours else 0
-        except ValueError:
-            usec = 0
-        # Keep-alives at least every half of WATCHDOG_USEC, as sd_watchdog_enabled(3) advises.
-        self.interval = usec / 2e6 or None
-
-    def keepalive(self) -> None:
-        if self.interval:
-            sd_notify("WATCHDOG=1", self.env)
-
-    def notify(self, message: str, ready: bool = False) -> None:
-        """Send `message`, preceded by READY=1 when `ready` and not sent before."""
-        with self._lock:
-            first = ready and not self.ready
-            self.ready = self.ready or ready
-        sd_notify(("READY=1\n" if first else "") + message, self.env)
-
-
+# === Metrics and health endpoint ===
 class Metrics:
     """Counters and gauges in the Prometheus text format; updated by the loop only. What is
     per target carries the label target="NAME"; what is per discovery carries none."""
@@ -4923,61 +4941,51 @@ def serve_metrics(listen: str, metrics: Metrics) -> http.server.ThreadingHTTPSer
     return server
 
 
-class Flag:
-    """A flag a signal handler may set, and that every wait in the program waits on (the
-    StopFlag of the daemon, --once and the tests alike). threading.Event.set() takes a lock
-    that the interrupted main thread may hold at that moment (inside Event.wait or clear):
-    Python runs handlers between two bytecodes of the main thread, so that can deadlock.
-    Setting writes one attribute and one byte to a self-pipe, which wakes every waiter, in
-    any thread, at once; only clear() empties the pipe."""
-
-    def __init__(self) -> None:
-        self._value = False
-        self._wake_r, self._wake_w = socket.socketpair()
-        for end in (self._wake_r, self._wake_w):
-            end.setblocking(False)
-
-    def set(self) -> None:
-        self._value = True
-        try:
-            self._wake_w.send(b"!")
-        except OSError:           # full (waiters are woken already) or closed
-            pass
-
-    def clear(self) -> None:
-        self._value = False
-        try:
-            while self._wake_r.recv(64):
-                pass
-        except OSError:           # BlockingIOError: empty
-            pass
-
-    def is_set(self) -> bool:
-        return self._value
-
-    def wait(self, seconds: float) -> bool:
-        """Until the flag is set or `seconds` pass; True when it is set."""
-        return wait_any([self], seconds) is not None
-
-    def close(self) -> None:
-        self._wake_r.close()
-        self._wake_w.close()
+# === Daemon ===
+def sd_notify(message: str, env: Mapping[str, str] | None = None) -> bool:
+    """Send a systemd notification (READY=1, WATCHDOG=1, STATUS=...); no-op without
+    NOTIFY_SOCKET. Never raises: the daemon must not fail because systemd went away."""
+    address = (os.environ if env is None else env).get("NOTIFY_SOCKET", "")
+    if not address.startswith(("/", "@")):
+        return False
+    if address.startswith("@"):
+        address = "\0" + address[1:]             # abstract socket namespace
+    try:
+        with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM | socket.SOCK_CLOEXEC) as sock:
+            sock.connect(address)
+            sock.sendall(message.encode())
+        return True
+    except OSError:
+        return False
 
 
-def wait_any(flags: Sequence[Flag], seconds: float) -> Flag | None:
-    """Wait until one of `flags` is set (that one) or `seconds` pass (None)."""
-    deadline = time.monotonic() + seconds
-    while True:
-        for flag in flags:
-            if flag.is_set():
-                return flag
-        left = deadline - time.monotonic()
-        if left <= 0:
-            return None
-        try:
-            select.select([f._wake_r for f in flags], [], [], None if math.isinf(left) else left)
-        except (OSError, ValueError):     # closed meanwhile: a slice of sleep instead
-            time.sleep(min(left, WAIT_SLICE))
+class Notifier:
+    """systemd notifications from any thread: READY=1 once, and WATCHDOG=1 whenever work
+    progresses (after every Azure page, at each cycle's start, in the sleep), so that only
+    a real hang starves the watchdog, however slow Azure is."""
+
+    def __init__(self, env: Mapping[str, str] | None = None):
+        self.env = os.environ if env is None else env
+        self.ready = False
+        self._lock = threading.Lock()
+        try:     # WATCHDOG_PID names the process the watchdog is for (sd_watchdog_enabled(3))
+            ours = self.env.get("WATCHDOG_PID", str(os.getpid())) == str(os.getpid())
+            usec = int(self.env.get("WATCHDOG_USEC") or 0) if ours else 0
+        except ValueError:
+            usec = 0
+        # Keep-alives at least every half of WATCHDOG_USEC, as sd_watchdog_enabled(3) advises.
+        self.interval = usec / 2e6 or None
+
+    def keepalive(self) -> None:
+        if self.interval:
+            sd_notify("WATCHDOG=1", self.env)
+
+    def notify(self, message: str, ready: bool = False) -> None:
+        """Send `message`, preceded by READY=1 when `ready` and not sent before."""
+        with self._lock:
+            first = ready and not self.ready
+            self.ready = self.ready or ready
+        sd_notify(("READY=1\n" if first else "") + message, self.env)
 
 
 class Signals:
