@@ -3547,39 +3547,102 @@ def basic_credentials(cfg: HAProxyConfig) -> str:
     return base64.b64encode(f"{cfg.username}:{cfg.password}".encode()).decode()
 
 
-# === Data Plane API ===
-class DataPlane:
-    """The HAProxy Data Plane API over urllib: v2 (wrapped bodies, ?backend=) or v3 (bare
-    bodies, nested servers, full sections). Counts its requests.
+class _JsonHttp:
+    """JSON over HTTP for the Data Plane API, trusting nothing that answers: a deadline for the
+    whole answer (a watched socket is cut when it passes, however slowly the answer trickles
+    in), no proxy, no redirect followed (the Basic credentials would go along), at most
+    haproxy.max_answer_mb read, an answer that is not JSON an error naming what came instead,
+    every error text masked before it is shortened. Shutdown (`stop`) cuts the request in
+    flight at once; an `urgent` one (the delete of a transaction that must not stay open) goes
+    out after it, with a short deadline of its own."""
 
-    Whatever answers is distrusted: a redirect is an error (never followed), an answer
-    that is not the JSON the API documents is an error naming what came instead, and
-    haproxy.timeout bounds each whole request, body included."""
-
-    def __init__(self, cfg: HAProxyConfig, progress: Callable[[], None] = lambda: None,
-                 stop: Flag | None = None):
+    def __init__(self, cfg: HAProxyConfig, stop: Flag | None = None):
         self.cfg = cfg
-        self._progress = progress      # the watchdog's keep-alive, while a reload is waited for
-        # Shutdown cuts the request in flight (its socket), whatever it waits for; the delete of
-        # a transaction left behind goes out after it, with a short deadline of its own.
-        self._stop, self._closed = stop or Flag(), Flag()
-        self._guard: threading.Thread | None = None
-        self._stopping = self._urgent = False
-        self._max_body = cfg.max_answer_mb * 2**20
-        self.api = None if cfg.api_version == "auto" else cfg.api_version
-        self.release: tuple[int, ...] | None = None    # dataplaneapi's (major, minor, patch), from /info
-        self.requests = 0
-        self._secrets = [cfg.password, basic_credentials(cfg)]
+        self.secrets = [cfg.password, basic_credentials(cfg)]
         self._headers = {"Authorization": f"Basic {basic_credentials(cfg)}", "Accept": "application/json",
                          "User-Agent": f"haproxy-azure-discovery/{__version__}"}
+        self._max_body = cfg.max_answer_mb * 2**20
+        self._stop, self._closed = stop or Flag(), Flag()
+        self._guard: threading.Thread | None = None
+        self._stopping = self._urgent = self._expired = False
+        self._socket: socket.socket | None = None
         context = ssl.create_default_context(cafile=cfg.ca_file or None)
         if not cfg.verify_ssl:
             context.check_hostname, context.verify_mode = False, ssl.CERT_NONE
-        self._socket: socket.socket | None = None
-        self._expired = False
         # The Data Plane API is local to HAProxy: no proxy from the environment applies.
         self._opener = urllib.request.build_opener(urllib.request.ProxyHandler({}), _NoRedirect(),
                                                    _DeadlineHandler(context, self._watch))
+
+    def request(self, method: str, url: str, where: str, body: Any = None,
+                expect: Callable[[Any], bool] | None = None, shape: str = "",
+                timeout: float | None = None, urgent: bool = False) -> tuple[int, Any, Mapping[str, str]]:
+        """One request (`where` names it in errors); DataPlaneError (TransactionConflict for
+        406/409) on failure, Aborted on shutdown. With `expect`, a 2xx payload it rejects is
+        an error saying it is not `shape`. `timeout` shortens haproxy.timeout."""
+        data = None if body is None else json.dumps(body).encode()
+        headers = {**self._headers, **({"Content-Type": "application/json"} if data else {})}
+        status, raw, got = self._exchange(where, urllib.request.Request(url, data, headers, method=method),
+                                          min(timeout or self.cfg.timeout, self.cfg.timeout), urgent)
+        if 300 <= status < 400:
+            location = shorten(str(got.get("Location") or "(none)"), 200, self.secrets)
+            raise DataPlaneError(f"{where}: HTTP {status} redirect to {location} not followed "
+                                 "(haproxy.base_url must be the Data Plane API itself)", status)
+        if status >= 400:
+            message = self._error_message(raw)
+            error = TransactionConflict if status in (406, 409) else DataPlaneError
+            raise error(f"{where}: HTTP {status} {message}", status, message)
+        payload = self._decode(where, status, got, raw)
+        if expect is not None and not expect(payload):
+            raise self._malformed(where, status, got, raw, f"not {shape}")
+        return status, payload, got
+
+    def mask(self, text: str) -> str:
+        return redact(text, self.secrets)
+
+    def close(self) -> None:
+        """Ends the stop guard's thread (a reload replaces the client)."""
+        self._closed.set()
+
+    def _exchange(self, where: str, req: urllib.request.Request, timeout: float,
+                  urgent: bool) -> tuple[int, bytes, Any]:
+        """Send and read the whole answer before `timeout` runs out, and no longer than shutdown
+        allows (unless `urgent`); at most haproxy.max_answer_mb of it."""
+        if self._stop.is_set() and not urgent:
+            raise Aborted(f"shutdown requested: {where} not sent")
+        if self._guard is None:
+            self._guard = threading.Thread(target=self._watch_stop, name="dataplane-stop", daemon=True)
+            self._guard.start()
+        self._socket, self._expired, self._urgent = None, False, urgent
+        timer = threading.Timer(timeout, self._expire)
+        timer.daemon = True
+        timer.start()
+        try:
+            answer = self._open(req, timeout)
+        except (urllib.error.URLError, OSError, http.client.HTTPException, ValueError) as exc:
+            if self._stopping and not urgent:
+                raise Aborted(f"shutdown requested: {where} abandoned") from None
+            if self._expired:
+                raise DataPlaneError(f"{where}: timed out, {self._late(timeout)}") from None
+            raise DataPlaneError(self.mask(f"{where}: {getattr(exc, 'reason', None) or exc}")) from None
+        finally:
+            timer.cancel()
+            self._socket, self._urgent = None, False
+        if self._stopping and not urgent:
+            raise Aborted(f"shutdown requested: {where} abandoned")
+        if self._expired:
+            raise DataPlaneError(f"{where}: timed out, {self._late(timeout)}")
+        if len(answer[1]) > self._max_body:
+            raise DataPlaneError(f"{where}: HTTP {answer[0]} answer is larger than haproxy.max_answer_mb "
+                                 f"({self.cfg.max_answer_mb} MiB)", answer[0])
+        return answer
+
+    def _open(self, req: urllib.request.Request, timeout: float) -> tuple[int, bytes, Any]:
+        try:
+            with self._opener.open(req, timeout=timeout) as resp:
+                return resp.status, resp.read(self._max_body + 1), resp.headers
+        except urllib.error.HTTPError as exc:
+            with exc:
+                return exc.code, exc.read(MAX_ERROR_BODY), exc.headers
 
     def _watch(self, sock: socket.socket) -> None:
         self._socket = sock
@@ -3605,80 +3668,6 @@ class DataPlane:
             if not self._urgent:
                 self._cut()
 
-    def close(self) -> None:
-        """Ends the stop guard's thread (a reload replaces the client)."""
-        self._closed.set()
-
-    def request(self, method: str, path: str, query: Mapping[str, Any] | None = None,
-                body: Any = None, api: str | None = None,
-                expect: Callable[[Any], bool] | None = None, shape: str = "",
-                timeout: float | None = None, urgent: bool = False) -> tuple[int, Any, Mapping[str, str]]:
-        """One request; DataPlaneError (TransactionConflict for 406/409) on failure, Aborted on
-        shutdown. With `expect`, a 2xx payload it rejects is an error saying it is not `shape`.
-        `timeout` shortens haproxy.timeout; `urgent`: sent and waited for even after shutdown
-        (the delete of a transaction that must not stay open)."""
-        api = api or self.api or self.probe()
-        where = f"{method} /{api}{path}"
-        url = f"{self.cfg.base_url.rstrip('/')}/{api}{path}"
-        if query:
-            url += "?" + urllib.parse.urlencode({k: v for k, v in query.items() if v is not None})
-        data = None if body is None else json.dumps(body).encode()
-        headers = {**self._headers, **({"Content-Type": "application/json"} if data else {})}
-        self.requests += 1
-        status, raw, got = self._exchange(where, urllib.request.Request(url, data, headers, method=method),
-                                          min(timeout or self.cfg.timeout, self.cfg.timeout), urgent)
-        if 300 <= status < 400:
-            location = shorten(str(got.get("Location") or "(none)"), 200, self._secrets)
-            raise DataPlaneError(f"{where}: HTTP {status} redirect to {location} not followed "
-                                 "(haproxy.base_url must be the Data Plane API itself)", status)
-        if status >= 400:
-            message = self._error_message(raw)
-            error = TransactionConflict if status in (406, 409) else DataPlaneError
-            raise error(f"{where}: HTTP {status} {message}", status, message)
-        payload = self._decode(where, status, got, raw)
-        if expect is not None and not expect(payload):
-            raise self._malformed(where, status, got, raw, f"not {shape}")
-        return status, payload, got
-
-    def _exchange(self, where: str, req: urllib.request.Request, timeout: float,
-                  urgent: bool) -> tuple[int, bytes, Any]:
-        """Send and read the whole answer before `timeout` runs out, and no longer than shutdown
-        allows (unless `urgent`); at most haproxy.max_answer_mb of it."""
-        if self._stop.is_set() and not urgent:
-            raise Aborted(f"shutdown requested: {where} not sent")
-        if self._guard is None:
-            self._guard = threading.Thread(target=self._watch_stop, name="dataplane-stop", daemon=True)
-            self._guard.start()
-        self._socket, self._expired, self._urgent = None, False, urgent
-        timer = threading.Timer(timeout, self._expire)
-        timer.daemon = True
-        timer.start()
-        try:
-            try:
-                with self._opener.open(req, timeout=timeout) as resp:
-                    answer = resp.status, resp.read(self._max_body + 1), resp.headers
-            except urllib.error.HTTPError as exc:
-                with exc:
-                    answer = exc.code, exc.read(MAX_ERROR_BODY), exc.headers
-        except (urllib.error.URLError, OSError, http.client.HTTPException, ValueError) as exc:
-            if self._stopping and not urgent:
-                raise Aborted(f"shutdown requested: {where} abandoned") from None
-            if self._expired:
-                raise DataPlaneError(f"{where}: timed out, {self._late(timeout)}") from None
-            reason = getattr(exc, "reason", None) or exc
-            raise DataPlaneError(self._mask(f"{where}: {reason}")) from None
-        finally:
-            timer.cancel()
-            self._socket, self._urgent = None, False
-        if self._stopping and not urgent:
-            raise Aborted(f"shutdown requested: {where} abandoned")
-        if self._expired:
-            raise DataPlaneError(f"{where}: timed out, {self._late(timeout)}")
-        if len(answer[1]) > self._max_body:
-            raise DataPlaneError(f"{where}: HTTP {answer[0]} answer is larger than haproxy.max_answer_mb "
-                                 f"({self.cfg.max_answer_mb} MiB)", answer[0])
-        return answer
-
     def _late(self, timeout: float) -> str:
         bound = "haproxy.timeout" if timeout == self.cfg.timeout else "the bound of this call"
         return f"no complete answer within {bound} ({timeout:g} s)"
@@ -3695,10 +3684,10 @@ class DataPlane:
 
     def _malformed(self, where: str, status: int, headers: Any, raw: bytes, what: str) -> DataPlaneError:
         """The error for a 2xx answer the API does not give: what came, masked and bounded."""
-        kind = shorten(str(headers.get("Content-Type") or "no content type"), 80, self._secrets)
-        sample = shorten(raw[:MAX_ERROR_BODY].decode("utf-8", "replace"), 200, self._secrets)
-        return DataPlaneError(self._mask(f"{where}: HTTP {status} answer is {what} ({kind}): "
-                                         f"{json.dumps(sample, ensure_ascii=False)}"), status)
+        kind = shorten(str(headers.get("Content-Type") or "no content type"), 80, self.secrets)
+        sample = shorten(raw[:MAX_ERROR_BODY].decode("utf-8", "replace"), 200, self.secrets)
+        return DataPlaneError(self.mask(f"{where}: HTTP {status} answer is {what} ({kind}): "
+                                        f"{json.dumps(sample, ensure_ascii=False)}"), status)
 
     def _error_message(self, raw: bytes) -> str:
         """The message of an error answer, bounded, on one line, masked."""
@@ -3707,10 +3696,42 @@ class DataPlane:
             text = payload.get("message", "") if isinstance(payload, dict) else str(payload)
         except (ValueError, RecursionError):
             text = raw.decode("utf-8", "replace")
-        return shorten(str(text), 300, self._secrets)
+        return shorten(str(text), 300, self.secrets)
+
+
+# === Data Plane API ===
+class DataPlane:
+    """What the HAProxy Data Plane API's calls mean, v2 (wrapped bodies, ?backend=) or v3
+    (bare bodies, nested servers, full sections): versions, backends, transactions, runtime
+    writes, reloads. Knows nothing of sockets: _JsonHttp carries every request. Counts them."""
+
+    def __init__(self, cfg: HAProxyConfig, progress: Callable[[], None] = lambda: None,
+                 stop: Flag | None = None):
+        self.cfg = cfg
+        self.http = _JsonHttp(cfg, stop)
+        self._progress = progress      # the watchdog's keep-alive, while a reload is waited for
+        self.api = None if cfg.api_version == "auto" else cfg.api_version
+        self.release: tuple[int, ...] | None = None    # dataplaneapi's (major, minor, patch), from /info
+        self.requests = 0
+
+    def close(self) -> None:
+        self.http.close()
+
+    def request(self, method: str, path: str, query: Mapping[str, Any] | None = None,
+                body: Any = None, api: str | None = None,
+                expect: Callable[[Any], bool] | None = None, shape: str = "",
+                timeout: float | None = None, urgent: bool = False) -> tuple[int, Any, Mapping[str, str]]:
+        """One request to `path` of the API in use (probed first with api_version auto); see
+        _JsonHttp.request."""
+        api = api or self.api or self.probe()
+        url = f"{self.cfg.base_url.rstrip('/')}/{api}{path}"
+        if query:
+            url += "?" + urllib.parse.urlencode({k: v for k, v in query.items() if v is not None})
+        self.requests += 1
+        return self.http.request(method, url, f"{method} /{api}{path}", body, expect, shape, timeout, urgent)
 
     def _mask(self, text: str) -> str:
-        return redact(text, self._secrets)
+        return self.http.mask(text)
 
     def probe(self) -> str:
         """api_version auto: /v3/info, then /v2/info."""
