@@ -559,9 +559,11 @@ class Plan:
 @dataclass(frozen=True)
 class Applied:
     """What applying a plan left behind: the configuration version it ended at (None when
-    the Data Plane API did not say) and the reloads it caused, by Reload-ID."""
+    the Data Plane API did not say), the reloads it caused, by Reload-ID, and the backends
+    the API refused (their writes left out), with its reason."""
     version: int | None
     reloads: tuple[str, ...] = ()
+    refused: Mapping[str, str] = field(default_factory=dict)
 
 
 class Source(typing.Protocol):
@@ -580,11 +582,9 @@ class Target(typing.Protocol):
 
     def read_backends(self, prefix: str) -> dict[str, BackendState]: ...
 
-    def apply_transaction(self, plan: Plan, version: int, stop: StopFlag,
-                          refused: dict[str, str] | None = None) -> Applied: ...
+    def apply_transaction(self, plan: Plan, version: int, stop: StopFlag) -> Applied: ...
 
-    def apply_runtime(self, plan: Plan, version: int, stop: StopFlag,
-                      refused: dict[str, str] | None = None) -> Applied: ...
+    def apply_runtime(self, plan: Plan, version: int, stop: StopFlag) -> Applied: ...
 
     def await_reloads(self, reloads: Sequence[str], stop: StopFlag) -> None: ...
 
@@ -3787,194 +3787,25 @@ class DataPlane:
             self.release = _release(info)
         return frozenset(k for k, since in FIELDS_GONE.items() if self.api == "v3" and self.release >= since)
 
-    def _writes(self, b: BackendPlan) -> list[tuple[str, str, dict[str, Any], Any]]:
-        """The requests (method, path, query, body) that apply one backend's plan inside a
-        transaction. v3: one full-section write carrying every field and child list read and
-        every server, ours and others' (client-native structured_backends.go rebuilds the
-        section from the body alone). v2 has no full sections: one request per change."""
-        conf = "/services/haproxy/configuration"
-        if self.api == "v3":
-            full = {**b.fields, "servers": b.servers}
-            if b.create:
-                return [("POST", f"{conf}/backends", {"full_section": "true"}, full)]
-            return [("PUT", f"{conf}/backends/{_q(b.name)}", {"full_section": "true"}, full)]
-        if b.create:
-            return [("POST", f"{conf}/backends", {}, b.fields),
-                    *(("POST", f"{conf}/servers", {"backend": b.name}, body) for body in b.servers.values())]
-        out = [("PUT", f"{conf}/backends/{_q(b.name)}", {}, b.fields)] if b.fields_changed else []
-        for c in b.changes:
-            if c.action == "add":
-                out.append(("POST", f"{conf}/servers", {"backend": b.name}, c.body))
-            elif c.action == "update":
-                out.append(("PUT", f"{conf}/servers/{c.name}", {"backend": b.name}, c.body))
-            else:
-                out.append(("DELETE", f"{conf}/servers/{c.name}", {"backend": b.name}, None))
-        return out
-
     def _server_path(self, backend: str, server: str) -> tuple[str, dict[str, str]]:
         conf = "/services/haproxy/configuration"
         if self.api == "v3":
             return f"{conf}/backends/{_q(backend)}/servers/{server}", {}
         return f"{conf}/servers/{server}", {"backend": backend}
 
-    def apply_transaction(self, plan: Plan, version: int, stop: StopFlag,
-                          refused: dict[str, str] | None = None) -> Applied:
-        """Every write of the plan in one transaction started at `version`, then commit.
+    def apply_transaction(self, plan: Plan, version: int, stop: StopFlag) -> Applied:
+        """The plan written in transactions: _Transactions.apply."""
+        return _Transactions(self).apply(plan, version, stop)
 
-        A backend whose write the API refuses (400/422) is left out and named in `refused`;
-        the others then go in a fresh transaction. When the commit itself is refused because
-        the resulting configuration fails `haproxy -c` (400), one bad value would keep every
-        backend out: the backends are committed in halves, and halves of those, until the
-        ones HAProxy refuses are named in `refused` and the others are applied. TransactionConflict
-        when the configuration moved under it."""
-        refused = {} if refused is None else refused
-        groups, reloads = [list(plan.backends)], []
-        while groups:
-            group = [b for b in groups.pop(0) if b.name not in refused]
-            if not group:
-                continue
-            try:
-                done = self._commit(group, version, stop, refused)
-            except CommitRefused as exc:
-                if len(group) == 1:
-                    refused[group[0].name] = str(exc)
-                else:
-                    groups[:0] = [group[:len(group) // 2], group[len(group) // 2:]]
-                continue
-            reloads += [r for r in done.reloads if r not in reloads]
-            if done.version is not None or groups:
-                version = done.version if done.version is not None else self.version()
-        return Applied(version, tuple(reloads))
-
-    def _commit(self, backends: Sequence[BackendPlan], version: int, stop: StopFlag,
-                refused: dict[str, str]) -> Applied:
-        """These backends' writes in one transaction, committed. The refused transaction cannot
-        be committed as it is: client-native keeps an explicit transaction open after a failed
-        write, holding whatever that write changed before it failed (configuration/
-        transaction.go HandleError; structured_backends.go EditStructuredBackend deletes the
-        section before rebuilding it). Whatever happens before a commit, the transaction is
-        deleted; a commit refused by the configuration check (400: the transaction is marked
-        failed) is CommitRefused."""
-        for _ in range(len(backends) + 1):      # each pass refuses one more backend, or commits
-            backends = [b for b in backends if b.name not in refused]
-            if not backends:
-                return Applied(version)
-            txn, committed = self._start_transaction(version), False
-            try:
-                if self._write_backends(backends, txn, stop, refused):
-                    try:
-                        status, _, headers = self.request("PUT", f"/services/haproxy/transactions/{txn}")
-                    except DataPlaneError as exc:
-                        if exc.status == 400 and not isinstance(exc, TransactionConflict):
-                            raise CommitRefused(f"HAProxy refuses the configuration with it: {exc.body}",
-                                                400, exc.body) from None
-                        raise
-                    committed = True
-                    return Applied(_int_header(headers.get("Configuration-Version")), _reload_ids(status, headers))
-            finally:
-                if not committed:
-                    self._delete_transaction(txn)
-        raise DataPlaneError("the Data Plane API kept refusing backends")  # pragma: no cover
-
-    def _start_transaction(self, version: int) -> str:
-        """A new transaction at `version`, its id. dataplaneapi refuses one past
-        --max-open-transactions (20) in progress (429: handlers/transaction.go,
-        configure_data_plane.go actualCount counts status in_progress); then the transactions
-        that can never commit are deleted and the start is tried once more."""
-        path = "/services/haproxy/transactions"
-        for attempt in (1, 2):
-            try:
-                _, payload, _ = self.request("POST", path, {"version": version},
-                                             expect=_transaction, shape="a transaction")
-                return payload["id"]
-            except DataPlaneError as exc:
-                if exc.status != 429 or attempt == 2 or not self._delete_dead_transactions(version):
-                    if exc.status == 429:
-                        raise DataPlaneError(f"{exc}; {self._transactions_advice(version)}", 429) from None
-                    raise
-        raise AssertionError("unreachable")  # pragma: no cover
-
-    def _open_transactions(self) -> list[Mapping[str, Any]]:
-        _, payload, _ = self.request("GET", "/services/haproxy/transactions", expect=_transactions,
-                                     shape="a list of transactions")
-        return payload or []
-
-    def _delete_dead_transactions(self, version: int) -> int:
-        """Delete the transactions that can never commit: outdated, failed, or started on a
-        version older than `version` (a commit checks it: client-native commitTransaction). An
-        in_progress transaction on the current version may be another client's, about to
-        commit: never touched. The number deleted."""
-        dead = [t["id"] for t in self._open_transactions()
-                if t.get("status") in ("outdated", "failed")
-                or (t.get("status") == "in_progress" and _is_int(t.get("_version")) and t["_version"] < version)]
-        for txn in dead:
-            self._delete_transaction(txn)
-        if dead:
-            log.warning("the Data Plane API had too many open transactions: deleted %d that could never "
-                        "commit (outdated, failed or on a version older than %d)", len(dead), version,
-                        extra={"event": "transactions_deleted", "count": len(dead)})
-        return len(dead)
-
-    def _transactions_advice(self, version: int) -> str:
-        live = [t["id"] for t in self._open_transactions() if t.get("status") == "in_progress"]
-        return (f"{len(live)} transaction(s) in progress on version {version}, none of them this "
-                "program's: another client's, or leaked by a client that died mid-transaction. They "
-                "are not deleted here (one may be about to commit); if no other client writes to this "
-                f"HAProxy, delete them (DELETE /{self.api}/services/haproxy/transactions/ID: "
-                f"{', '.join(live[:5])}{' ...' if len(live) > 5 else ''}) or restart dataplaneapi")
-
-    def _write_backends(self, backends: Sequence[BackendPlan], txn: str, stop: StopFlag,
-                        refused: dict[str, str]) -> bool:
-        """Send each backend's writes in transaction `txn`; False when one was refused."""
-        clean = True
-        for b in backends:
-            try:
-                for method, path, query, body in self._writes(b):
-                    if stop.is_set():
-                        raise Aborted("shutdown requested: transaction abandoned")
-                    self.request(method, path, {**query, "transaction_id": txn}, body)
-            except DataPlaneError as exc:
-                if exc.status not in REFUSED_STATUSES or isinstance(exc, TransactionConflict):
-                    raise
-                # A peer's commit while ours is open marks ours outdated and drops it: the next
-                # write gets 400 "transaction ... does not exist", not 406/409 (dataplaneapi 2.9
-                # misc/misc.go:84-89, handlers/transaction.go:88-94). That is a conflict.
-                if not self.transaction_open(txn):
-                    raise TransactionConflict(f"transaction {txn} ended under us (another client "
-                                              f"committed): {exc}", 409) from None
-                refused[b.name], clean = str(exc), False
-        return clean
-
-    def transaction_open(self, txn: str) -> bool:
-        """Whether transaction `txn` is still in progress (a peer's commit ends it)."""
-        try:
-            _, payload, _ = self.request("GET", f"/services/haproxy/transactions/{txn}",
-                                         expect=_transaction, shape="a transaction")
-        except DataPlaneError as exc:
-            if exc.status == 404:
-                return False
-            raise
-        return payload.get("status") == "in_progress"
-
-    def _delete_transaction(self, txn: str) -> None:
-        """Delete a transaction; one that is already gone is fine; a failure is logged."""
-        try:
-            self.request("DELETE", f"/services/haproxy/transactions/{txn}", timeout=CLEANUP_TIMEOUT, urgent=True)
-        except DataPlaneError as exc:
-            if exc.status != 404:
-                log.error("could not delete transaction %s: %s", txn, exc,
-                          extra={"event": "transaction_leak", "transaction": txn})
-
-    def apply_runtime(self, plan: Plan, version: int, stop: StopFlag,
-                      refused: dict[str, str] | None = None) -> Applied:
+    def apply_runtime(self, plan: Plan, version: int, stop: StopFlag) -> Applied:
         """Hybrid mode: each change a plain versioned server PUT, which dataplaneapi applies
         through HAProxy's runtime API and answers 200, or answers 202 when it had to reload
         after all (a field outside the runtime set, a failed runtime command, no runtime
         socket: dataplaneapi 3.4 handlers/configuration/server/server.go:275-384). A backend
-        with a refused PUT (400/422: nothing written) is named in `refused` and its other
-        changes wait."""
-        refused = {} if refused is None else refused
+        with a refused PUT (400/422: nothing written) is named in Applied.refused and its
+        other changes wait."""
         reloads: list[str] = []
+        refused = {}
         for b in plan.backends:
             try:
                 for c in b.changes:
@@ -3986,7 +3817,7 @@ class DataPlane:
                 if exc.status not in REFUSED_STATUSES or isinstance(exc, TransactionConflict):
                     raise
                 refused[b.name] = str(exc)
-        return Applied(version, tuple(reloads))
+        return Applied(version, tuple(reloads), refused)
 
     def _runtime_write(self, backend: str, server: str, body: Mapping[str, Any], version: int,
                        reloads: list[str]) -> int:
@@ -4068,14 +3899,14 @@ class DataPlane:
         and the records then show the debt paid. (A force_reload commit reloads at once but,
         with no reload pending, records nothing: a fresh process would read the old failure
         as the latest record and reload again.) ReloadFailed when it fails too."""
-        txn, committed = self._start_transaction(version), False
+        transactions = _Transactions(self)
+        txn, committed = transactions.start(version), False
         try:
-            status, _, headers = self.request("PUT", f"/services/haproxy/transactions/{txn}")
+            done = transactions._commit_transaction(txn)
             committed = True
         finally:
             if not committed:
-                self._delete_transaction(txn)
-        done = Applied(_int_header(headers.get("Configuration-Version")), _reload_ids(status, headers))
+                transactions.delete(txn)
         self.await_reloads(done.reloads, stop)
         return done
 
@@ -4109,6 +3940,194 @@ class DataPlane:
         counts = current_sessions(payload, backend)
         return {s: counts.get(s) for s in servers}
 
+
+
+class _Transactions:
+    """How a plan's backends are written through Data Plane transactions: each backend's
+    writes (the v3 full section or v2's request per change), a transaction started at the
+    version read, committed; a backend the API refuses left out, the others committed
+    without it; transactions that can never commit cleaned up. Sends through its DataPlane."""
+
+    def __init__(self, dp: "DataPlane"):
+        self.dp = dp
+
+    def _writes(self, b: BackendPlan) -> list[tuple[str, str, dict[str, Any], Any]]:
+        """The requests (method, path, query, body) that apply one backend's plan inside a
+        transaction. v3: one full-section write carrying every field and child list read and
+        every server, ours and others' (client-native structured_backends.go rebuilds the
+        section from the body alone). v2 has no full sections: one request per change."""
+        conf = "/services/haproxy/configuration"
+        if self.dp.api == "v3":
+            full = {**b.fields, "servers": b.servers}
+            if b.create:
+                return [("POST", f"{conf}/backends", {"full_section": "true"}, full)]
+            return [("PUT", f"{conf}/backends/{_q(b.name)}", {"full_section": "true"}, full)]
+        if b.create:
+            return [("POST", f"{conf}/backends", {}, b.fields),
+                    *(("POST", f"{conf}/servers", {"backend": b.name}, body) for body in b.servers.values())]
+        out = [("PUT", f"{conf}/backends/{_q(b.name)}", {}, b.fields)] if b.fields_changed else []
+        for c in b.changes:
+            if c.action == "add":
+                out.append(("POST", f"{conf}/servers", {"backend": b.name}, c.body))
+            elif c.action == "update":
+                out.append(("PUT", f"{conf}/servers/{c.name}", {"backend": b.name}, c.body))
+            else:
+                out.append(("DELETE", f"{conf}/servers/{c.name}", {"backend": b.name}, None))
+        return out
+
+    def apply(self, plan: Plan, version: int, stop: StopFlag) -> Applied:
+        """Every write of the plan in one transaction started at `version`, then commit.
+
+        A backend whose write the API refuses (400/422) is left out and named in the result's
+        `refused`; the others then go in a fresh transaction. When the commit itself is
+        refused because the resulting configuration fails `haproxy -c` (400), one bad value
+        would keep every backend out: the backends are committed in halves, and halves of
+        those, until the ones HAProxy refuses are named and the others are applied.
+        TransactionConflict when the configuration moved under it."""
+        groups, reloads, refused = [list(plan.backends)], [], {}
+        while groups:
+            group = [b for b in groups.pop(0) if b.name not in refused]
+            if not group:
+                continue
+            try:
+                done = self._commit(group, version, stop)
+            except CommitRefused as exc:
+                if len(group) == 1:
+                    refused[group[0].name] = str(exc)
+                else:
+                    groups[:0] = [group[:len(group) // 2], group[len(group) // 2:]]
+                continue
+            refused.update(done.refused)
+            reloads += [r for r in done.reloads if r not in reloads]
+            if done.version is not None or groups:
+                version = done.version if done.version is not None else self.dp.version()
+        return Applied(version, tuple(reloads), refused)
+
+    def _commit(self, backends: Sequence[BackendPlan], version: int, stop: StopFlag) -> Applied:
+        """These backends' writes in one transaction, committed; the ones whose writes were
+        refused are left out (Applied.refused). The refused transaction cannot be committed
+        as it is: client-native keeps an explicit transaction open after a failed write,
+        holding whatever that write changed before it failed (configuration/transaction.go
+        HandleError; structured_backends.go EditStructuredBackend deletes the section before
+        rebuilding it). Whatever happens before a commit, the transaction is deleted; a
+        commit refused by the configuration check (400: the transaction is marked failed)
+        is CommitRefused."""
+        refused: dict[str, str] = {}
+        for _ in range(len(backends) + 1):      # each pass refuses one more backend, or commits
+            backends = [b for b in backends if b.name not in refused]
+            if not backends:
+                return Applied(version, (), refused)
+            txn, committed = self.start(version), False
+            try:
+                more = self._write_backends(backends, txn, stop)
+                if not more:
+                    done = self._commit_transaction(txn)
+                    committed = True
+                    return dataclasses.replace(done, refused=refused)
+                refused.update(more)
+            finally:
+                if not committed:
+                    self.delete(txn)
+        raise DataPlaneError("the Data Plane API kept refusing backends")  # pragma: no cover
+
+    def _commit_transaction(self, txn: str) -> Applied:
+        try:
+            status, _, headers = self.dp.request("PUT", f"/services/haproxy/transactions/{txn}")
+        except DataPlaneError as exc:
+            if exc.status == 400 and not isinstance(exc, TransactionConflict):
+                raise CommitRefused(f"HAProxy refuses the configuration with it: {exc.body}",
+                                    400, exc.body) from None
+            raise
+        return Applied(_int_header(headers.get("Configuration-Version")), _reload_ids(status, headers))
+
+    def start(self, version: int) -> str:
+        """A new transaction at `version`, its id. dataplaneapi refuses one past
+        --max-open-transactions (20) in progress (429: handlers/transaction.go,
+        configure_data_plane.go actualCount counts status in_progress); then the transactions
+        that can never commit are deleted and the start is tried once more."""
+        path = "/services/haproxy/transactions"
+        for attempt in (1, 2):
+            try:
+                _, payload, _ = self.dp.request("POST", path, {"version": version},
+                                             expect=_transaction, shape="a transaction")
+                return payload["id"]
+            except DataPlaneError as exc:
+                if exc.status != 429 or attempt == 2 or not self._delete_dead_transactions(version):
+                    if exc.status == 429:
+                        raise DataPlaneError(f"{exc}; {self._transactions_advice(version)}", 429) from None
+                    raise
+        raise AssertionError("unreachable")  # pragma: no cover
+
+    def _open_transactions(self) -> list[Mapping[str, Any]]:
+        _, payload, _ = self.dp.request("GET", "/services/haproxy/transactions", expect=_transactions,
+                                     shape="a list of transactions")
+        return payload or []
+
+    def _delete_dead_transactions(self, version: int) -> int:
+        """Delete the transactions that can never commit: outdated, failed, or started on a
+        version older than `version` (a commit checks it: client-native commitTransaction). An
+        in_progress transaction on the current version may be another client's, about to
+        commit: never touched. The number deleted."""
+        dead = [t["id"] for t in self._open_transactions()
+                if t.get("status") in ("outdated", "failed")
+                or (t.get("status") == "in_progress" and _is_int(t.get("_version")) and t["_version"] < version)]
+        for txn in dead:
+            self.delete(txn)
+        if dead:
+            log.warning("the Data Plane API had too many open transactions: deleted %d that could never "
+                        "commit (outdated, failed or on a version older than %d)", len(dead), version,
+                        extra={"event": "transactions_deleted", "count": len(dead)})
+        return len(dead)
+
+    def _transactions_advice(self, version: int) -> str:
+        live = [t["id"] for t in self._open_transactions() if t.get("status") == "in_progress"]
+        return (f"{len(live)} transaction(s) in progress on version {version}, none of them this "
+                "program's: another client's, or leaked by a client that died mid-transaction. They "
+                "are not deleted here (one may be about to commit); if no other client writes to this "
+                f"HAProxy, delete them (DELETE /{self.dp.api}/services/haproxy/transactions/ID: "
+                f"{', '.join(live[:5])}{' ...' if len(live) > 5 else ''}) or restart dataplaneapi")
+
+    def _write_backends(self, backends: Sequence[BackendPlan], txn: str,
+                        stop: StopFlag) -> dict[str, str]:
+        """Send each backend's writes in transaction `txn`; the backends refused, and why."""
+        refused = {}
+        for b in backends:
+            try:
+                for method, path, query, body in self._writes(b):
+                    if stop.is_set():
+                        raise Aborted("shutdown requested: transaction abandoned")
+                    self.dp.request(method, path, {**query, "transaction_id": txn}, body)
+            except DataPlaneError as exc:
+                if exc.status not in REFUSED_STATUSES or isinstance(exc, TransactionConflict):
+                    raise
+                # A peer's commit while ours is open marks ours outdated and drops it: the next
+                # write gets 400 "transaction ... does not exist", not 406/409 (dataplaneapi 2.9
+                # misc/misc.go:84-89, handlers/transaction.go:88-94). That is a conflict.
+                if not self.transaction_open(txn):
+                    raise TransactionConflict(f"transaction {txn} ended under us (another client "
+                                              f"committed): {exc}", 409) from None
+                refused[b.name] = str(exc)
+        return refused
+
+    def transaction_open(self, txn: str) -> bool:
+        """Whether transaction `txn` is still in progress (a peer's commit ends it)."""
+        try:
+            _, payload, _ = self.dp.request("GET", f"/services/haproxy/transactions/{txn}",
+                                         expect=_transaction, shape="a transaction")
+        except DataPlaneError as exc:
+            if exc.status == 404:
+                return False
+            raise
+        return payload.get("status") == "in_progress"
+
+    def delete(self, txn: str) -> None:
+        """Delete a transaction; one that is already gone is fine; a failure is logged."""
+        try:
+            self.dp.request("DELETE", f"/services/haproxy/transactions/{txn}", timeout=CLEANUP_TIMEOUT, urgent=True)
+        except DataPlaneError as exc:
+            if exc.status != 404:
+                log.error("could not delete transaction %s: %s", txn, exc,
+                          extra={"event": "transaction_leak", "transaction": txn})
 
 def _runtime_steps(change: ServerChange) -> list[Mapping[str, Any]]:
     """The bodies of one hybrid write. dataplaneapi lifts maintenance before it changes the
@@ -4569,7 +4588,10 @@ def _runtime_states(plan: Plan, target: Target, report: CycleReport) -> None:
 
 def _apply(plan: Plan, target: Target, version: int, stop: StopFlag, cfg: Config,
            report: CycleReport) -> int | None:
-    """Transaction or runtime writes, as the mode and the plan say; the version it ends at."""
+    """Transaction or runtime writes, as the mode and the plan say, leaving out the backends
+    already in report.refused (the rewrite guard's); the version it ends at. The backends
+    the API refuses join report.refused."""
+    plan = dataclasses.replace(plan, backends=tuple(b for b in plan.backends if b.name not in report.refused))
     if plan.empty:
         return version     # an empty transaction would still reload HAProxy: send none
     # Hybrid: runtime writes need no reload, but the Data Plane API checks the whole
@@ -4577,17 +4599,17 @@ def _apply(plan: Plan, target: Target, version: int, stop: StopFlag, cfg: Config
     # transaction (one check, one reload) is quicker.
     if (cfg.haproxy.apply_mode == "hybrid" and plan.runtime_only
             and plan.runtime_writes <= cfg.haproxy.hybrid_max_writes):
-        done = target.apply_runtime(plan, version, stop, report.refused)
+        done = target.apply_runtime(plan, version, stop)
     else:
         try:
-            done = target.apply_transaction(plan, version, stop, report.refused)
-        except TransactionConflict:
+            done = target.apply_transaction(plan, version, stop)
+        except DiscoveryError as exc:
+            if not isinstance(exc, TransactionConflict):
+                report.transactions["failed"] = report.transactions.get("failed", 0) + 1
             raise
-        except DiscoveryError:
-            report.transactions["failed"] = report.transactions.get("failed", 0) + 1
-            raise
-        if len(report.refused) < len(plan.backends):
+        if len(done.refused) < len(plan.backends):
             report.transactions["committed"] = report.transactions.get("committed", 0) + 1
+    report.refused.update(done.refused)
     # Only a reload that ran makes the new version HAProxy's: until then (or when it
     # failed) the cycle has not applied anything, and the next one plans again.
     report.reloads += len(done.reloads)

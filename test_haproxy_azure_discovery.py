@@ -2806,10 +2806,7 @@ class MemoryTarget:
         self.requests += 1
         return {n: b for n, b in self.backends.items() if n.startswith(prefix)}
 
-    def apply_transaction(self, plan, version, stop, refused=None):
-        plan = dataclasses.replace(plan, backends=tuple(b for b in plan.backends if b.name not in (refused or {})))
-        if plan.empty:                          # as DataPlane: nothing left to write, no transaction
-            return m.Applied(version)
+    def apply_transaction(self, plan, version, stop):
         self.calls.append(("transaction", version))
         self.ver += 1
         if self.conflicts:
@@ -2818,7 +2815,7 @@ class MemoryTarget:
         self.backends = m.state_after(self.backends, plan)
         return m.Applied(self.ver, (f"reload-{self.ver}",))
 
-    def apply_runtime(self, plan, version, stop, refused=None):
+    def apply_runtime(self, plan, version, stop):
         self.calls.append(("runtime", plan.runtime_writes))
         self.backends = m.state_after(self.backends, plan)
         self.ver += plan.runtime_writes
@@ -2885,8 +2882,8 @@ class TestApply:
 
     def test_a_field_the_server_forgets_ends_its_write_loop_after_three_writes(self, caplog):
         class Forgetful(MemoryTarget):          # keeps no `retries`, as a release without it in its model
-            def apply_transaction(self, plan, version, stop, refused=None):
-                done = super().apply_transaction(plan, version, stop, refused)
+            def apply_transaction(self, plan, version, stop):
+                done = super().apply_transaction(plan, version, stop)
                 self.backends = {n: m.BackendState(n, {k: v for k, v in b.fields.items() if k != "retries"},
                                                    b.servers) for n, b in self.backends.items()}
                 return done
@@ -2905,8 +2902,8 @@ class TestApply:
 
     def test_a_write_another_writer_undoes_each_time_is_held_after_three(self):
         class Undone(MemoryTarget):             # someone puts srv1 back in maintenance after every write
-            def apply_transaction(self, plan, version, stop, refused=None):
-                done = super().apply_transaction(plan, version, stop, refused)
+            def apply_transaction(self, plan, version, stop):
+                done = super().apply_transaction(plan, version, stop)
                 b = self.backends[WEB]
                 self.backends[WEB] = m.BackendState(WEB, b.fields, {**b.servers, "srv1": {
                     **b.servers["srv1"], "maintenance": "enabled"}})
@@ -3410,7 +3407,7 @@ class TestOperations:
                 time.sleep(0.25)
 
         class OneBackend(EmptyDataPlane):
-            def apply_transaction(self, plan, version, stop, refused=None):
+            def apply_transaction(self, plan, version, stop):
                 return m.Applied(version + 1, ("r1",))
 
         m.run_forever(lambda: cfg, lambda c: ScriptedSource(*results), lambda c: OneBackend(), Probing(),
