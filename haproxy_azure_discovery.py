@@ -3023,9 +3023,8 @@ class AzureSource:
     or asks Azure Resource Graph for them ("resource_graph"): requests grow with pages, never
     with instances. Independent listings run concurrently; both sources share one page loop.
 
-    Pages go through the SDK client's pipeline (credential, retries honouring Retry-After,
-    timeouts) with send_request and stay JSON: the SDK's model objects would cost 35 times
-    the CPU of the JSON itself, seconds per cycle for a large estate.
+    Pages go through _ArmPager, the SDK client's pipeline, and stay JSON: the SDK's model
+    objects would cost far more CPU than the JSON itself, seconds per cycle for a large estate.
 
     `stop` ends a discovery between pages (Aborted); `progress` is called after every page,
     from the listing threads: the daemon's watchdog keep-alive.
@@ -3033,84 +3032,39 @@ class AzureSource:
 
     def __init__(self, cfg: Config, env: Mapping[str, str] | None = None, stop: StopFlag | None = None,
                  progress: Callable[[], None] = lambda: None):
-        self._identity, self._compute, self._errors, self._request = _azure_sdk()
         self.cfg = cfg
-        self._env = os.environ if env is None else env
-        self._secrets = secret_values(self._env)     # masked before any answer is cut short
-        self._lock = threading.Lock()
         self._stop, self._progress = stop or Flag(), progress
-        self.requests = 0
+        self.pager = _ArmPager(cfg, os.environ if env is None else env, self._stop, self._check, progress)
+        self._lock = threading.Lock()
         self._warned_fallback = self._warned_budget = False
         self._vm_list_calls: dict[str, int] = {}    # VM list pages per subscription, this cycle
-        self._left: dict[str, int] = {}             # each read bucket: the least left, this cycle
-        self._used: dict[str, int] = {}             # ... and the answers that reported it
         self._stretched = ""                        # the bucket the polling interval is stretched for
-        self._base = (cfg.azure.resource_manager_url or CLOUDS[cfg.azure.cloud or "public"][0]).rstrip("/")
-        self._client: Any = None
-        self._credential: Any = None
         self._deadline = math.inf           # of the discovery under way (monotonic)
         if not needs_cloud_metadata(cfg.azure):
-            self._connect(cloud_endpoints(cfg.azure, None))
+            self.pager.connect(cloud_endpoints(cfg.azure, None))
         else:   # connected at the first discovery; a credential without its environment fails now
-            _credential(cfg.azure, self._identity, CLOUDS["public"][1], self._env)
+            self.pager.credential_only()
 
-    def _connect(self, endpoints: tuple[str, str]) -> None:
-        audience, login = endpoints
-        azure = self.cfg.azure
-        self._scope = audience.rstrip("/") + "/.default"
-        self._credential = _SharedToken(_credential(azure, self._identity, login, self._env))
-        # One client carries the pipeline for every listing: all of them go to Resource
-        # Manager, with its endpoint, token scope and read quota.
-        retry = _retry_policy(azure, self._check, self._progress, self._stop)
-        policies = _listing_policies(self._credential, self._scope, retry, self._count)
-        transport = _page_transport(environment_settings(self._base), azure.workers,
-                                    connect=min(10.0, azure.timeout), read=azure.timeout)
-        self._client = self._compute(
-            self._credential, azure.subscriptions[0], base_url=self._base, credential_scopes=[self._scope],
-            policies=policies, transport=transport)
-
-    def _cloud_metadata(self) -> Any:
-        """GET {resource_manager_url}/metadata/endpoints (unauthenticated) for a custom cloud's token
-        audience and login endpoint; read once, on the first discovery."""
-        from azure.core import PipelineClient
-        try:
-            with PipelineClient(self._base) as client:
-                for version in CLOUD_METADATA_APIS:
-                    url = f"{self._base}/metadata/endpoints?api-version={version}"
-                    response = client.send_request(self._request("GET", url), connection_timeout=min(
-                        10.0, self.cfg.azure.timeout), read_timeout=self.cfg.azure.timeout)
-                    if response.status_code not in (400, 404):    # an api-version it does not serve
-                        break
-                document = response.json() if response.status_code == 200 else None
-        except self._errors.AzureError as exc:
-            raise AzureError(f"cloud metadata from {url}: {_sdk_message(exc, self._secrets)}") from None
-        except ValueError as exc:
-            raise AzureError(f"cloud metadata from {url}: not JSON ({str(exc)[:100]})") from None
-        if document is None:
-            raise AzureError(f"cloud metadata from {url}: HTTP {response.status_code}")
-        return document
-
-    def _count(self, _request: Any) -> None:
-        with self._lock:
-            self.requests += 1
+    @property
+    def requests(self) -> int:
+        return self.pager.requests
 
     def close(self) -> None:
         """Close the client's connections and the credential's (a reload replaces both)."""
-        if self._client is not None:
-            self._client.close()
-            self._credential.close()
+        self.pager.close()
 
     def discover(self) -> Discovery:
-        if self._client is None:
-            self._connect(cloud_endpoints(self.cfg.azure, self._cloud_metadata()))
+        if not self.pager.connected:
+            self.pager.connect(cloud_endpoints(self.cfg.azure, self.pager.cloud_metadata()))
         before = self.requests
-        self._vm_list_calls, self._left, self._used = {}, {}, {}
+        self._vm_list_calls = {}
+        self.pager.new_cycle()
         self._deadline = time.monotonic() + self.cfg.azure.discovery_deadline_seconds
         pool = _Pool(self.cfg.azure.workers)
         try:
             # One token before the fan-out: the SDK's bearer-token policy has no lock, so
             # the first pages of every worker would each fetch one.
-            token = pool.submit(self._token)
+            token = pool.submit(self.pager.token)
             self._wait(pool, [token])
             token.result()
             skipped: list[Skip] = []
@@ -3119,31 +3073,23 @@ class AzureSource:
         finally:
             pool.close()
         self._check_vm_list_budget()
-        return Discovery(tuple(instances), tuple(skipped), self.requests - before, dict(self._left), self._stretch())
+        return Discovery(tuple(instances), tuple(skipped), self.requests - before, dict(self.pager.left), self._stretch())
 
     def _stretch(self) -> float:
         """The wait Azure's buckets ask for before the next cycle, said once when it begins and
         once when it ends."""
         interval = self.cfg.polling.interval_seconds
-        wait, bucket = quota_wait_seconds(self._left, self._used, interval)
+        left, used = self.pager.left, self.pager.used
+        wait, bucket = quota_wait_seconds(left, used, interval)
         if bucket and not self._stretched:
             log.warning("Azure's read bucket %s has %d requests left and a cycle takes %d: the next cycles wait "
-                        "%.0f s (polling.interval_seconds is %g) until it refills", bucket, self._left[bucket],
-                        self._used[bucket], wait, interval, extra={"event": "azure_quota_stretch", "bucket": bucket})
+                        "%.0f s (polling.interval_seconds is %g) until it refills", bucket, left[bucket],
+                        used[bucket], wait, interval, extra={"event": "azure_quota_stretch", "bucket": bucket})
         elif self._stretched and not bucket:
             log.info("Azure's read buckets refilled: polling every %g s again", interval,
                      extra={"event": "azure_quota_normal", "bucket": self._stretched})
         self._stretched = bucket
         return wait
-
-    def _observe(self, headers: Mapping[str, str]) -> None:
-        """An answer's read buckets (quota_headers), kept for this cycle's stretch and gauges."""
-        found = quota_headers(headers)
-        if found:
-            with self._lock:
-                for bucket, left in found.items():
-                    self._left[bucket] = min(left, self._left.get(bucket, left))
-                    self._used[bucket] = self._used.get(bucket, 0) + 1
 
     def _discover(self, pool: _Pool, skipped: list[Skip]) -> list[Instance]:
         graph = self.cfg.azure.source == "resource_graph"
@@ -3174,12 +3120,6 @@ class AzureSource:
         if warning and not self._warned_budget:
             self._warned_budget = True
             log.warning(warning, extra={"event": "azure_quota_warning"})
-
-    def _token(self) -> None:
-        try:
-            self._credential.get_token(self._scope)
-        except self._errors.AzureError as exc:
-            raise AzureError(f"getting a token for {self._scope} failed: {_sdk_message(exc, self._secrets)}") from None
 
     def _check(self) -> None:
         """In a listing thread, between pages and retries: stop on shutdown, when a sibling
@@ -3287,9 +3227,9 @@ class AzureSource:
     def _power_state_of(self, inst: Instance) -> str | None:
         """GET {vm}/instanceView (VirtualMachines_InstanceView); None when the VM is gone (404)."""
         self._check()
-        url = f"{self._base}{urllib.parse.quote(inst.id)}/instanceView?api-version={COMPUTE_API}"
+        url = f"{self.pager.base}{urllib.parse.quote(inst.id)}/instanceView?api-version={COMPUTE_API}"
         try:
-            view, _ = self._send(self._request("GET", url), f"instance view of {inst.name}")
+            view, _ = self.pager.send(self.pager.request("GET", url), f"instance view of {inst.name}")
         except AzureError as exc:
             if exc.status == 404:
                 return None
@@ -3311,7 +3251,7 @@ class AzureSource:
 
     def _graph_rows(self, table: str, groups: Sequence[str]) -> list[Mapping]:
         """Every row of one Resource Graph query, page by page ($skipToken)."""
-        url = f"{self._base}/providers/Microsoft.ResourceGraph/resources?api-version={GRAPH_API}"
+        url = f"{self.pager.base}/providers/Microsoft.ResourceGraph/resources?api-version={GRAPH_API}"
         query = graph_query(table, groups, self.cfg.azure.address == "public")
         what, seen = f"Resource Graph query of {table}", set()
 
@@ -3323,11 +3263,11 @@ class AzureSource:
             if page is not None:
                 if not page.get("$skipToken"):
                     return None
-                options["$skipToken"] = self._fresh_link(what, page["$skipToken"], seen, "$skipToken")
+                options["$skipToken"] = self.pager.fresh_link(what, page["$skipToken"], seen, "$skipToken")
             body = {"subscriptions": list(self.cfg.azure.subscriptions), "query": query, "options": options}
-            return self._request("POST", url, json=body)
+            return self.pager.request("POST", url, json=body)
         totals: list[Any] = []
-        rows = self._paged(what, next_request, "data", totals)
+        rows = self.pager.paged(what, next_request, "data", totals)
         # Paging is exact only when each page agrees on the total and the rows add up to it with
         # no id twice (Microsoft: unsorted results are "random and not repeatable"; a change
         # while paging gives duplicates or missing rows). A missing VM or NIC would be drained.
@@ -3343,7 +3283,7 @@ class AzureSource:
         """Every item of one Resource Manager listing, following nextLink."""
         path, api_version, query = LISTINGS[kind]
         scope = f"/subscriptions/{sub}" + (f"/resourceGroups/{_q(rg)}" if rg else "")
-        url = (f"{self._base}{scope}{path.format(set=_q(scale_set))}?"
+        url = (f"{self.pager.base}{scope}{path.format(set=_q(scale_set))}?"
                + urllib.parse.urlencode({"api-version": api_version, **query}))
         what = f"listing {kind} {scale_set + ' in ' if scale_set else 'of '}{scope[1:]}"
         seen: set[str] = set()
@@ -3351,14 +3291,114 @@ class AzureSource:
         def next_request(page: Mapping | None) -> Any:
             link = url if page is None else page.get("nextLink")
             if link:
-                link = self._fresh_link(what, link, seen, "nextLink")
+                link = self.pager.fresh_link(what, link, seen, "nextLink")
             if link and kind in VM_LIST_KINDS:
                 with self._lock:
                     self._vm_list_calls[sub] = self._vm_list_calls.get(sub, 0) + 1
-            return self._request("GET", link) if link else None
-        return self._paged(what, next_request, "value")
+            return self.pager.request("GET", link) if link else None
+        return self.pager.paged(what, next_request, "value")
 
-    def _fresh_link(self, what: str, link: Any, seen: set[str], kind: str) -> str:
+class _ArmPager:
+    """Resource Manager's transport for the listings: one SDK client and its pipeline
+    (credential, retries honouring Retry-After, timeouts) over _page_transport; a request
+    sent and its page read whole and decoded once; pages followed on the same origin only,
+    never the same link twice, at most azure.max_pages; Resource Graph's window waited
+    for; Azure's read buckets read from every answer. Counts requests. `check` runs between
+    pages and retries (it raises to stop the listing); `progress` after every page."""
+
+    def __init__(self, cfg: Config, env: Mapping[str, str], stop: StopFlag,
+                 check: Callable[[], None], progress: Callable[[], None]):
+        self._identity, self._compute, self._errors, self._request = _azure_sdk()
+        self.cfg, self._env, self._stop = cfg, env, stop
+        self.check, self._progress = check, progress
+        self._secrets = secret_values(env)      # masked before any answer is cut short
+        self._lock = threading.Lock()
+        self.requests = 0
+        self.left: dict[str, int] = {}          # each read bucket: the least left, this cycle
+        self.used: dict[str, int] = {}          # ... and the answers that reported it
+        self.base = (cfg.azure.resource_manager_url or CLOUDS[cfg.azure.cloud or "public"][0]).rstrip("/")
+        self._client: Any = None
+        self._credential: Any = None
+        self.scope = ""
+
+    @property
+    def connected(self) -> bool:
+        return self._client is not None
+
+    def request(self, method: str, url: str, **kwargs: Any) -> Any:
+        """An SDK HttpRequest for `url` (sent by send)."""
+        return self._request(method, url, **kwargs)
+
+    def new_cycle(self) -> None:
+        self.left, self.used = {}, {}
+
+    def credential_only(self) -> None:
+        """Before the cloud's endpoints are known (read at the first discovery): a credential
+        without its environment fails now, not then."""
+        _credential(self.cfg.azure, self._identity, CLOUDS["public"][1], self._env)
+
+    def connect(self, endpoints: tuple[str, str]) -> None:
+        audience, login = endpoints
+        azure = self.cfg.azure
+        self.scope = audience.rstrip("/") + "/.default"
+        self._credential = _SharedToken(_credential(azure, self._identity, login, self._env))
+        # One client carries the pipeline for every listing: all of them go to Resource
+        # Manager, with its endpoint, token scope and read quota.
+        retry = _retry_policy(azure, self.check, self._progress, self._stop)
+        policies = _listing_policies(self._credential, self.scope, retry, self._count)
+        transport = _page_transport(environment_settings(self.base), azure.workers,
+                                    connect=min(10.0, azure.timeout), read=azure.timeout)
+        self._client = self._compute(
+            self._credential, azure.subscriptions[0], base_url=self.base, credential_scopes=[self.scope],
+            policies=policies, transport=transport)
+
+    def cloud_metadata(self) -> Any:
+        """GET {resource_manager_url}/metadata/endpoints (unauthenticated) for a custom cloud's token
+        audience and login endpoint; read once, on the first discovery."""
+        from azure.core import PipelineClient
+        try:
+            with PipelineClient(self.base) as client:
+                for version in CLOUD_METADATA_APIS:
+                    url = f"{self.base}/metadata/endpoints?api-version={version}"
+                    response = client.send_request(self._request("GET", url), connection_timeout=min(
+                        10.0, self.cfg.azure.timeout), read_timeout=self.cfg.azure.timeout)
+                    if response.status_code not in (400, 404):    # an api-version it does not serve
+                        break
+                document = response.json() if response.status_code == 200 else None
+        except self._errors.AzureError as exc:
+            raise AzureError(f"cloud metadata from {url}: {_sdk_message(exc, self._secrets)}") from None
+        except ValueError as exc:
+            raise AzureError(f"cloud metadata from {url}: not JSON ({str(exc)[:100]})") from None
+        if document is None:
+            raise AzureError(f"cloud metadata from {url}: HTTP {response.status_code}")
+        return document
+
+    def _count(self, _request: Any) -> None:
+        with self._lock:
+            self.requests += 1
+
+    def close(self) -> None:
+        """Close the client's connections and the credential's (a reload replaces both)."""
+        if self._client is not None:
+            self._client.close()
+            self._credential.close()
+
+    def token(self) -> None:
+        try:
+            self._credential.get_token(self.scope)
+        except self._errors.AzureError as exc:
+            raise AzureError(f"getting a token for {self.scope} failed: {_sdk_message(exc, self._secrets)}") from None
+
+    def _observe(self, headers: Mapping[str, str]) -> None:
+        """An answer's read buckets (quota_headers), kept for this cycle's stretch and gauges."""
+        found = quota_headers(headers)
+        if found:
+            with self._lock:
+                for bucket, left in found.items():
+                    self.left[bucket] = min(left, self.left.get(bucket, left))
+                    self.used[bucket] = self.used.get(bucket, 0) + 1
+
+    def fresh_link(self, what: str, link: Any, seen: set[str], kind: str) -> str:
         """A listing's next link (or Resource Graph's $skipToken) as it may be followed: a
         string, seen nowhere before in this listing (else the listing would never end), and,
         for a link, at the configured endpoint's own scheme, host and port (the bearer token
@@ -3366,14 +3406,14 @@ class AzureSource:
         if not isinstance(link, str):
             raise AzureError(f"{what} failed: malformed page ({kind} is not a string)")
         shown = shorten(link, 200, self._secrets)
-        if kind == "nextLink" and _origin(link) != _origin(self._base):
-            raise AzureError(f"{what} failed: nextLink {shown} leads away from {self._base}: not followed")
+        if kind == "nextLink" and _origin(link) != _origin(self.base):
+            raise AzureError(f"{what} failed: nextLink {shown} leads away from {self.base}: not followed")
         if link in seen:
             raise AzureError(f"{what} failed: {kind} {shown} came twice: the listing would never end")
         seen.add(link)
         return link
 
-    def _paged(self, what: str, next_request: Callable[[Mapping | None], Any], key: str,
+    def paged(self, what: str, next_request: Callable[[Mapping | None], Any], key: str,
                totals: list[Any] | None = None) -> list[Mapping]:
         """The page loop of every listing and query: `next_request(previous page)` builds the
         next request (None: done); each page's `key` must be a list of objects; `totals`
@@ -3383,10 +3423,10 @@ class AzureSource:
         page: Mapping | None = None
         pages = 0
         while (request := next_request(page)) is not None:
-            self._check()
+            self.check()
             if (pages := pages + 1) > self.cfg.azure.max_pages:
                 raise AzureError(f"{what} failed: more than azure.max_pages ({self.cfg.azure.max_pages}) pages")
-            page, headers = self._send(request, what)
+            page, headers = self.send(request, what)
             found = page.get(key)
             if not isinstance(found, list):
                 # A 200 without the list would read as an empty estate and park everything.
@@ -3401,31 +3441,31 @@ class AzureSource:
             self._progress()
             pause = quota_wait(headers)
             if pause is not None:      # Resource Graph's per-user window is spent: wait for its reset
-                self._pause(pause)
+                self.pause(pause)
         return items
 
-    def _pause(self, seconds: float) -> None:
+    def pause(self, seconds: float) -> None:
         """Wait for Resource Graph's per-user window to reset (at most 60 s: quota_wait), in
         short slices: a shutdown ends the wait; the watchdog hears from every slice."""
         deadline, heard = time.monotonic() + seconds, -math.inf
         while (left := deadline - time.monotonic()) > 0:
-            self._check()
+            self.check()
             if time.monotonic() - heard >= 1:
                 self._progress()
                 heard = time.monotonic()
             time.sleep(min(left, WAIT_SLICE))
-        self._check()
+        self.check()
 
-    def _send(self, request: Any, what: str) -> tuple[Mapping, Mapping[str, str]]:
+    def send(self, request: Any, what: str) -> tuple[Mapping, Mapping[str, str]]:
         """One request through the SDK pipeline (credential, retries, timeouts): its JSON object
         and headers. A 429 that outlives the SDK's retries is tried once more after Resource
         Graph's window resets, when the answer says when that is."""
         try:
-            response = self._fetch(request)
+            response = self.fetch(request)
             self._observe(response.headers)
             if response.status_code == 429 and (pause := quota_wait(response.headers)) is not None:
-                self._pause(pause)
-                response = self._fetch(request)
+                self.pause(pause)
+                response = self.fetch(request)
             if 300 <= response.status_code < 400:
                 location = shorten(str(response.headers.get("Location") or "(none)"), 200, self._secrets)
                 raise AzureError(f"{what} failed: HTTP {response.status_code} redirect to {location} not "
@@ -3443,7 +3483,7 @@ class AzureSource:
             raise AzureError(f"{what} failed: malformed page (not a JSON object)")
         return page, response.headers
 
-    def _fetch(self, request: Any) -> Any:
+    def fetch(self, request: Any) -> Any:
         """The response with its body read: _page_transport reads a page whole, and no policy of
         the listings' pipeline decodes it (_send decodes its JSON once)."""
         response = self._client.send_request(request, stream=True)

@@ -171,7 +171,7 @@ def child_ours(source_kind: str = "arm") -> dict:
 
 def count_bytes(source) -> list[int]:
     """Response body bytes of every request the source sends from now on (one list item each)."""
-    send, received = source._client.send_request, []
+    send, received = source.pager._client.send_request, []
 
     def counting(request, **kwargs):
         response = send(request, **kwargs)
@@ -179,7 +179,7 @@ def count_bytes(source) -> list[int]:
         # is not there yet. list.append is atomic: the pool's threads share it.
         received.append(len(response.read()))
         return response
-    source._client.send_request = counting
+    source.pager._client.send_request = counting
     return received
 
 

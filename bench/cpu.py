@@ -10,7 +10,7 @@ with one discovery, then measures, all as `time.process_time()` of its own proce
 
 - whole discoveries (`AzureSource.discover()`, 8 workers), `--runs` of them: best and median CPU;
 - the pages of the subscription's VM list fetched again one by one through the SDK client's pipeline
-  as a discovery fetches them (`AzureSource._fetch`: the listings' policies over the program's own
+  as a discovery fetches them (`_ArmPager.fetch`: the listings' policies over the program's own
   urllib3 transport, then the body bytes): CPU per page; the same pages through the same policies
   over azure-core's own transport (requests), as the program fetched them before it had a transport
   of its own: CPU per page; and `json.loads` of the same bodies: CPU per page; all with the collector
@@ -52,27 +52,27 @@ def child(runs: int) -> dict:
         discovers.append(time.process_time() - cpu)
 
     path, api_version, query = m.LISTINGS["VMs"]
-    url = (f"{source._base}/subscriptions/{azure_discovery.SUBSCRIPTION}{path}?"
+    url = (f"{source.pager.base}/subscriptions/{azure_discovery.SUBSCRIPTION}{path}?"
            + urllib.parse.urlencode({"api-version": api_version, **query}))
     urls = []
     while url:
         urls.append(url)
-        url = json.loads(source._client.send_request(source._request("GET", url)).body()).get("nextLink")
+        url = json.loads(source.pager._client.send_request(source.pager.request("GET", url)).body()).get("nextLink")
     from azure.core.pipeline import Pipeline
     from azure.core.pipeline.transport import RequestsTransport
     sdk = Pipeline(RequestsTransport(use_env_settings=False, connection_verify=os.environ["REQUESTS_CA_BUNDLE"]),
-                   m._listing_policies(source._credential, source._scope, m._retry_policy(cfg.azure, source._check),
-                                       source._count))
+                   m._listing_policies(source.pager._credential, source.pager.scope, m._retry_policy(cfg.azure, source._check),
+                                       source.pager._count))
     pipelines, sdk_pipelines, decodings = [], [], []
     for _ in range(runs):                   # as a discovery fetches and decodes: _fetch, collector paused
         with m.collector_paused():
             cpu, bodies = time.process_time(), []
             for url in urls:
-                bodies.append(source._fetch(source._request("GET", url)).body())
+                bodies.append(source.pager.fetch(source.pager.request("GET", url)).body())
             pipelines.append((time.process_time() - cpu) / len(urls))
             cpu = time.process_time()
             for url in urls:
-                response = sdk.run(source._request("GET", url), stream=True).http_response
+                response = sdk.run(source.pager.request("GET", url), stream=True).http_response
                 response.read()
             sdk_pipelines.append((time.process_time() - cpu) / len(urls))
             cpu = time.process_time()

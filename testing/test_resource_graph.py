@@ -90,9 +90,9 @@ def test_the_fake_answers_a_bad_query_with_400(arm):
     import azure.core.exceptions
     source = m.AzureSource(config(arm, source="resource_graph"))
     source.discover()                              # connects (and reads the cloud metadata)
-    request = source._request("POST", f"{arm.url}/providers/Microsoft.ResourceGraph/resources?api-version=2022-10-01",
+    request = source.pager.request("POST", f"{arm.url}/providers/Microsoft.ResourceGraph/resources?api-version=2022-10-01",
                               json={"subscriptions": [SUB], "query": "Resources | project id, vmSize"})
-    response = source._client.send_request(request)
+    response = source.pager._client.send_request(request)
     assert response.status_code == 400 and response.json()["error"]["details"][0]["code"] == "InvalidQuery"
     with pytest.raises(azure.core.exceptions.HttpResponseError):
         response.raise_for_status()
@@ -161,10 +161,11 @@ def test_the_daemon_hooks_reach_resource_graph_pages(arm):
     Resource Graph as for the listings (one page loop)."""
     arm.estate = make_estate(vms=1300)                # 3 pages of Resources
     heard, stop = [], m.Flag()
-    source = m.AzureSource(config(arm, source="resource_graph"), None, stop, lambda: heard.append(1))
+    progress = [lambda: heard.append(1)]
+    source = m.AzureSource(config(arm, source="resource_graph"), None, stop, lambda: progress[0]())
     assert len(source.discover().instances) == 1300 and len(heard) >= 3
     arm.reset_counts()
-    source._progress = lambda: stop.set()             # shutdown asked for after the first page
+    progress[0] = stop.set                            # shutdown asked for after the first page
     with pytest.raises(m.Aborted):
         source.discover()
     assert arm.counts["graph"] == 1
