@@ -61,7 +61,7 @@ def child(runs: int) -> dict:
     from azure.core.pipeline import Pipeline
     from azure.core.pipeline.transport import RequestsTransport
     sdk = Pipeline(RequestsTransport(use_env_settings=False, connection_verify=os.environ["REQUESTS_CA_BUNDLE"]),
-                   m._listing_policies(source.pager._credential, source.pager.scope, m._retry_policy(cfg.azure, source._check),
+                   m._listing_policies(source.pager._credential, source.pager.scope, m._retry_policy(cfg.azure, source._check, lambda: None, m.Flag()),
                                        source.pager._count))
     pipelines, sdk_pipelines, decodings = [], [], []
     for _ in range(runs):                   # as a discovery fetches and decodes: _fetch, collector paused
