@@ -2243,30 +2243,20 @@ def environment_settings(url: str) -> dict[str, Any]:
     return settings
 
 
-def _page_transport(settings: Mapping[str, Any], workers: int, connect: float, read: float) -> Any:
-    """An azure-core transport for the listings over urllib3 (requests' own connection layer) instead
-    of requests: the pipeline's policies (credential, retries honouring Retry-After, redirects, the
-    request hook) are unchanged above it. requests' request preparation, session merging and
-    response wrapping cost more CPU than everything else in the pipeline: 2.45 -> 1.43 ms a 64 kB
-    page here, 0.6 s of CPU a cycle at 20,000 instances. A page is read whole (gzip, as requests
-    asks for it); errors map to the exceptions azure-core's retry policy acts on, as its own
-    transport maps requests'. `settings` are environment_settings': proxy and CA bundle. The
-    credential keeps azure-core's own transport."""
-    import urllib3
-    from azure.core import exceptions as errors
-    from azure.core.pipeline.transport import HttpTransport
+_sockets = threading.local()        # .holder: where the connection in use puts its socket
 
-    proxy = (settings.get("proxies") or {}).get("https")
-    ca = settings.get("connection_verify") or _default_ca_bundle()
-    where = {"ca_cert_dir" if os.path.isdir(ca) else "ca_certs": ca, "maxsize": workers}
-    sockets = threading.local()         # .holder: where the connection in use puts its socket
+
+@functools.cache
+def _watched_pools() -> dict[str, type]:
+    """urllib3's connection pools, with connections that hand their socket over once a request
+    went out on them (a new or a kept-alive one), so that a deadline can cut the answer short
+    however slowly it comes. Built at first use: urllib3 comes with the Azure SDK."""
+    import urllib3
 
     class Watched:
-        """A connection that hands its socket over once a request went out on it (a new or a
-        kept-alive one), so that a deadline can cut the answer short however slowly it comes."""
         def request(self, *args: Any, **kwargs: Any) -> None:
             super().request(*args, **kwargs)    # type: ignore[misc]
-            holder = getattr(sockets, "holder", None)
+            holder = getattr(_sockets, "holder", None)
             if holder is not None:
                 holder.append(self.sock)        # type: ignore[attr-defined]
 
@@ -2281,88 +2271,112 @@ def _page_transport(settings: Mapping[str, Any], workers: int, connect: float, r
 
     class HTTPSPool(urllib3.HTTPSConnectionPool):
         ConnectionCls = WatchedHTTPS
+    return {"http": HTTPPool, "https": HTTPSPool}
 
-    def cut(holder: list[Any], expired: list[bool]) -> None:
-        expired.append(True)
-        for sock in holder:
-            with contextlib.suppress(OSError):
-                sock.shutdown(socket.SHUT_RDWR)
-    if proxy and urllib3.util.parse_url(proxy).scheme not in ("http", "https"):
-        raise AzureError(f"proxy {urllib3.util.parse_url(proxy).scheme}:// (HTTPS_PROXY or ALL_PROXY) is not "
-                         "supported for Resource Manager: use an http:// or https:// proxy")
 
-    def mapped(exc: Exception) -> Exception:
-        """urllib3's errors as the exceptions azure-core's retry policy acts on, as its own
-        transport maps requests'."""
-        if isinstance(exc, urllib3.exceptions.NewConnectionError):       # before ConnectTimeoutError, its base
-            return errors.ServiceRequestError(exc, error=exc)
-        if isinstance(exc, urllib3.exceptions.ConnectTimeoutError):
-            return errors.ServiceRequestTimeoutError(exc, error=exc)
-        if isinstance(exc, urllib3.exceptions.ReadTimeoutError):
-            return errors.ServiceResponseTimeoutError(exc, error=exc)
-        if isinstance(exc, (urllib3.exceptions.ProtocolError, urllib3.exceptions.DecodeError)):
-            return errors.ServiceResponseError(exc, error=exc)           # sent; the answer broke
-        return errors.ServiceRequestError(exc, error=exc)                # TLS, proxy: not sent
+def _sdk_transport_error(exc: Exception) -> Exception:
+    """urllib3's errors as the exceptions azure-core's retry policy acts on, as its own
+    transport maps requests'."""
+    import urllib3
+    from azure.core import exceptions as errors
+    if isinstance(exc, urllib3.exceptions.NewConnectionError):       # before ConnectTimeoutError, its base
+        return errors.ServiceRequestError(exc, error=exc)
+    if isinstance(exc, urllib3.exceptions.ConnectTimeoutError):
+        return errors.ServiceRequestTimeoutError(exc, error=exc)
+    if isinstance(exc, urllib3.exceptions.ReadTimeoutError):
+        return errors.ServiceResponseTimeoutError(exc, error=exc)
+    if isinstance(exc, (urllib3.exceptions.ProtocolError, urllib3.exceptions.DecodeError)):
+        return errors.ServiceResponseError(exc, error=exc)           # sent; the answer broke
+    return errors.ServiceRequestError(exc, error=exc)                # TLS, proxy: not sent
 
-    class PageTransport(HttpTransport):
-        def __init__(self) -> None:
-            self.pool: Any = None
-            self._lock = threading.Lock()       # the listing threads' first pages arrive together
 
-        def open(self) -> None:
-            with self._lock:
-                if self.pool is None and proxy:
-                    auth = urllib3.util.parse_url(proxy).auth       # user:password in the proxy's URL
-                    headers = urllib3.make_headers(proxy_basic_auth=urllib.parse.unquote(auth)) if auth else None
-                    self.pool = urllib3.ProxyManager(proxy, proxy_headers=headers, **where)
-                elif self.pool is None:
-                    self.pool = urllib3.PoolManager(**where)
-                if self.pool is not None:
-                    self.pool.pool_classes_by_scheme = {"http": HTTPPool, "https": HTTPSPool}
+def _cut(holder: list[Any], expired: list[bool]) -> None:
+    """A request's deadline passed: cut its connection, whatever it is waiting for."""
+    expired.append(True)
+    for sock in holder:
+        with contextlib.suppress(OSError):
+            sock.shutdown(socket.SHUT_RDWR)
 
-        def close(self) -> None:
-            with self._lock:
-                if self.pool is not None:
-                    self.pool.clear()
-                    self.pool = None
 
-        def __exit__(self, *_exc: object) -> None:
-            self.close()
+class _PageTransport:
+    """An azure-core transport for the listings over urllib3 (requests' own connection layer)
+    instead of requests: the pipeline's policies (credential, retries honouring Retry-After,
+    redirects, the request hook) are unchanged above it. requests' request preparation,
+    session merging and response wrapping cost more CPU than everything else in the
+    pipeline (bench/RESULTS.md). A page is read whole (gzip, as requests asks for it) within
+    the read timeout; errors map to the exceptions azure-core's retry policy acts on.
+    `settings` are environment_settings': proxy and CA bundle. The credential keeps
+    azure-core's own transport."""
 
-        def send(self, request: Any, **options: Any) -> Any:
-            if (pool := self.pool) is None:
-                self.open()
-                pool = self.pool
-            timeout = urllib3.Timeout(connect=options.get("connection_timeout", connect),
-                                      read=options.get("read_timeout", read))
-            body = request.content.encode() if isinstance(request.content, str) else request.content
-            # A whole answer within the read timeout, not a read: a page trickled a byte at a time
-            # would pass every read's timeout and never end.
-            holder, expired = [], []
-            sockets.holder = holder
-            deadline = threading.Timer(options.get("read_timeout", read), cut, (holder, expired))
-            deadline.daemon = True
-            deadline.start()
-            try:
-                raw = pool.urlopen(request.method, request.url, body=body, retries=False,
-                                   headers={"Accept-Encoding": "gzip, deflate", **request.headers},
-                                   redirect=False, timeout=timeout, preload_content=True,
-                                   enforce_content_length=True)
-            except urllib3.exceptions.HTTPError as exc:
-                if expired:
-                    raise errors.ServiceResponseTimeoutError(
-                        f"no whole answer within {options.get('read_timeout', read):g} s (azure.timeout)",
-                        error=exc) from exc
-                raise mapped(exc) from exc
-            finally:
-                deadline.cancel()
-                sockets.holder = None
+    def __init__(self, settings: Mapping[str, Any], workers: int, connect: float, read: float):
+        import urllib3
+        self._proxy = (settings.get("proxies") or {}).get("https")
+        if self._proxy and urllib3.util.parse_url(self._proxy).scheme not in ("http", "https"):
+            raise AzureError(f"proxy {urllib3.util.parse_url(self._proxy).scheme}:// (HTTPS_PROXY or "
+                             "ALL_PROXY) is not supported for Resource Manager: use an http:// or "
+                             "https:// proxy")
+        ca = settings.get("connection_verify") or _default_ca_bundle()
+        self._where = {"ca_cert_dir" if os.path.isdir(ca) else "ca_certs": ca, "maxsize": workers}
+        self._connect, self._read = connect, read
+        self.pool: Any = None
+        self._lock = threading.Lock()       # the listing threads' first pages arrive together
+
+    def open(self) -> None:
+        import urllib3
+        with self._lock:
+            if self.pool is None and self._proxy:
+                auth = urllib3.util.parse_url(self._proxy).auth       # user:password in the proxy's URL
+                headers = urllib3.make_headers(proxy_basic_auth=urllib.parse.unquote(auth)) if auth else None
+                self.pool = urllib3.ProxyManager(self._proxy, proxy_headers=headers, **self._where)
+            elif self.pool is None:
+                self.pool = urllib3.PoolManager(**self._where)
+            self.pool.pool_classes_by_scheme = _watched_pools()
+
+    def close(self) -> None:
+        with self._lock:
+            if self.pool is not None:
+                self.pool.clear()
+                self.pool = None
+
+    def __enter__(self) -> "_PageTransport":
+        self.open()
+        return self
+
+    def __exit__(self, *_exc: object) -> None:
+        self.close()
+
+    def send(self, request: Any, **options: Any) -> "_Page":
+        """One request, its answer read whole before the read timeout runs out: a page
+        trickled a byte at a time would pass every read's timeout and never end."""
+        import urllib3
+        from azure.core.exceptions import ServiceResponseTimeoutError
+        if (pool := self.pool) is None:
+            self.open()
+            pool = self.pool
+        read = options.get("read_timeout", self._read)
+        timeout = urllib3.Timeout(connect=options.get("connection_timeout", self._connect), read=read)
+        body = request.content.encode() if isinstance(request.content, str) else request.content
+        holder, expired = [], []
+        _sockets.holder = holder
+        deadline = threading.Timer(read, _cut, (holder, expired))
+        deadline.daemon = True
+        deadline.start()
+        late = f"no whole answer within {read:g} s (azure.timeout)"
+        try:
+            raw = pool.urlopen(request.method, request.url, body=body, retries=False,
+                               headers={"Accept-Encoding": "gzip, deflate", **request.headers},
+                               redirect=False, timeout=timeout, preload_content=True,
+                               enforce_content_length=True)
+        except urllib3.exceptions.HTTPError as exc:
             if expired:
-                raise errors.ServiceResponseTimeoutError(
-                    f"no whole answer within {options.get('read_timeout', read):g} s (azure.timeout)")
-            return _Page(request, raw.status, raw.reason or "", raw.headers, raw.data)
-
-    return PageTransport()
+                raise ServiceResponseTimeoutError(late, error=exc) from exc
+            raise _sdk_transport_error(exc) from exc
+        finally:
+            deadline.cancel()
+            _sockets.holder = None
+        if expired:
+            raise ServiceResponseTimeoutError(late)
+        return _Page(request, raw.status, raw.reason or "", raw.headers, raw.data)
 
 
 def _default_ca_bundle() -> str:
@@ -2517,7 +2531,7 @@ def _retry_policy(cfg: AzureConfig, check: Callable[[], None], progress: Callabl
 
 def _listing_policies(credential: Any, scope: str, retry: Any, hook: Callable[[Any], None]) -> list[Any]:
     """The management client's pipeline (azure-mgmt-compute's ComputeManagementClient) without the
-    policies that do nothing for a listing: content decoding (_page_transport reads a page whole),
+    policies that do nothing for a listing: content decoding (_PageTransport reads a page whole),
     resource-provider registration (acts on writes' 409 only), network trace, distributed tracing
     and HTTP logging (the SDK's loggers stay at WARNING, and INFO is where they speak), and the
     proxy policy (the transport has the proxy). Each costs CPU on every page; together 15-20% of
@@ -3300,7 +3314,7 @@ class AzureSource:
 
 class _ArmPager:
     """Resource Manager's transport for the listings: one SDK client and its pipeline
-    (credential, retries honouring Retry-After, timeouts) over _page_transport; a request
+    (credential, retries honouring Retry-After, timeouts) over _PageTransport; a request
     sent and its page read whole and decoded once; pages followed on the same origin only,
     never the same link twice, at most azure.max_pages; Resource Graph's window waited
     for; Azure's read buckets read from every answer. Counts requests. `check` runs between
@@ -3346,7 +3360,7 @@ class _ArmPager:
         # Manager, with its endpoint, token scope and read quota.
         retry = _retry_policy(azure, self.check, self._progress, self._stop)
         policies = _listing_policies(self._credential, self.scope, retry, self._count)
-        transport = _page_transport(environment_settings(self.base), azure.workers,
+        transport = _PageTransport(environment_settings(self.base), azure.workers,
                                     connect=min(10.0, azure.timeout), read=azure.timeout)
         self._client = self._compute(
             self._credential, azure.subscriptions[0], base_url=self.base, credential_scopes=[self.scope],
@@ -3484,7 +3498,7 @@ class _ArmPager:
         return page, response.headers
 
     def fetch(self, request: Any) -> Any:
-        """The response with its body read: _page_transport reads a page whole, and no policy of
+        """The response with its body read: _PageTransport reads a page whole, and no policy of
         the listings' pipeline decodes it (_send decodes its JSON once)."""
         response = self._client.send_request(request, stream=True)
         response.read()

@@ -1950,7 +1950,7 @@ class TestPageTransport:
     @staticmethod
     def send(url, **options):
         from azure.core.rest import HttpRequest
-        transport = m._page_transport({}, workers=1, connect=2, read=2)
+        transport = m._PageTransport({}, workers=1, connect=2, read=2)
         try:
             return transport.send(HttpRequest("GET", url), **options)
         finally:
