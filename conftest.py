@@ -28,6 +28,25 @@ def wait_for(predicate, timeout: float, what: str):
     raise AssertionError(f"timed out after {timeout} s waiting for {what}")
 
 
+def steps(daemon, cycles: int, between=lambda delay: None, stop=None) -> list[float]:
+    """Drive `daemon` as its loop does, `cycles` steps at most (fewer if a shutdown cuts one
+    short), with `between(delay)` run where the loop would sleep; the sleeps asked for between
+    cycles. The daemon is closed after."""
+    import haproxy_azure_discovery as m
+    stop, delays = stop or m.Flag(), []
+    try:
+        for n in range(cycles):
+            delay = daemon.step(stop)
+            if delay is None:
+                break
+            if n < cycles - 1:
+                delays.append(delay)
+                between(delay)
+    finally:
+        daemon.close()
+    return delays
+
+
 def azure_env(monkeypatch, fake=None) -> None:
     """Clear every variable that could steer the Azure SDK's credentials; with a fake of
     Resource Manager, set the ones that make DefaultAzureCredential ask it for tokens."""

@@ -2082,9 +2082,9 @@ def format_plan(plan: Plan) -> str:
 
 
 @collector_paused()
-def status_view(groups: Mapping[ServiceKey, list[Member]], skipped: Sequence[Skip],
-                actual: Mapping[str, BackendState], decision: Decision, cfg: Config, target: str,
-                now: float = 0.0, draining: Mapping[str, Mapping[str, Drain]] | None = None) -> dict[str, Any]:
+def status_view(seen: "Seen", actual: Mapping[str, BackendState], decision: Decision, cfg: Config,
+                target: str, now: float = 0.0,
+                draining: Mapping[str, Mapping[str, Drain]] | None = None) -> dict[str, Any]:
     """Discovery and one target's backends side by side: per backend its slots, with the
     instance in each live slot, each draining slot's start and seconds left (at `now`;
     `draining`: the drains under way), and what the plan would change marked as drift
@@ -2094,7 +2094,7 @@ def status_view(groups: Mapping[ServiceKey, list[Member]], skipped: Sequence[Ski
     planned = {b.name: b for b in decision.plan.backends}
     held = dict.fromkeys(decision.plan.held, decision.drain_since)
     # The instance serving a slot is the one discovered at the address HAProxy holds.
-    members = {backend_name(k, cfg.haproxy.backend): {(m.address, m.port): m for m in ms} for k, ms in groups.items()}
+    members = {backend_name(k, cfg.haproxy.backend): {(m.address, m.port): m for m in ms} for k, ms in seen.groups.items()}
     backends = [_backend_view(name, actual.get(name), planned.get(name), members.get(name, {}), held,
                               draining.get(name, {}), decision.draining.get(name, {}), now)
                 for name in sorted(set(actual) | set(planned))]
@@ -2102,7 +2102,7 @@ def status_view(groups: Mapping[ServiceKey, list[Member]], skipped: Sequence[Ski
     if held:
         entry["held"] = {"servers": len(held), "since": utc(decision.drain_since)
                          if decision.drain_since is not None else None}
-    return {"discovery": discovery_view(groups, skipped, cfg), "targets": [entry]}
+    return {"discovery": discovery_view(seen.groups, seen.skipped, cfg), "targets": [entry]}
 
 
 def discovery_view(groups: Mapping[ServiceKey, list[Member]], skipped: Sequence[Skip], cfg: Config) -> dict[str, Any]:
@@ -4412,10 +4412,38 @@ class Seen:
     fingerprint: str
 
 
+@dataclass(frozen=True)
+class Clocks:
+    """The two clocks: `monotonic` times intervals, deadlines and backoff; `wall` is what a
+    person is shown, and what drains are timed by (HAProxy's drains outlive this process)."""
+    monotonic: Callable[[], float] = time.monotonic
+    wall: Callable[[], float] = time.time
+
+
+@dataclass(frozen=True)
+class Pass:
+    """What every target's part of one cycle shares: the discovery, the shutdown flag,
+    whether it only looks (--dry-run, --status), when it began (monotonic), the clocks."""
+    seen: Seen
+    stop: StopFlag
+    dry_run: bool = False
+    started: float = 0.0
+    clocks: Clocks = Clocks()
+
+
+class _Look(typing.NamedTuple):
+    """What one attempt at a target planned with: the configuration (less the fields its
+    Data Plane API does not keep), the backends read, and the wall clock's time then."""
+    cfg: Config
+    actual: Mapping[str, BackendState]
+    now: float
+
+
 def discover(cfg: Config, source: Source, stop: StopFlag, report: CycleReport) -> Seen:
     """Read Azure once and group what it holds; fills the discovery part of `report`."""
     discovery = source.discover()
-    report.azure_requests, report.azure_quota, report.azure_wait = discovery.requests, discovery.quota, discovery.wait
+    report.azure_requests, report.azure_quota = discovery.requests, discovery.quota
+    report.azure_wait = discovery.wait
     groups, skipped = select_instances(discovery.instances, cfg)
     skipped = [*discovery.skipped, *skipped]
     report.instances, report.skipped = sum(map(len, groups.values())), len(skipped)
@@ -4425,89 +4453,110 @@ def discover(cfg: Config, source: Source, stop: StopFlag, report: CycleReport) -
     return Seen(groups, skipped, fingerprint(groups))
 
 
-def reconcile_target(cfg: Config, seen: Seen, target: Target, state: State, stop: StopFlag,
-                     report: CycleReport, dry_run: bool = False, clock: Callable[[], float] = time.time
-                     ) -> Plan | None:
-    """Plan against what HAProxy holds, apply; re-plan on a conflict. `clock` is the wall
-    clock drains are timed by.
+def reconcile_target(run: "TargetRun", p: Pass, report: CycleReport) -> Plan | None:
+    """Plan against what HAProxy holds, apply; re-plan on a conflict. Fills `report` as it
+    goes; the plan applied (None when steady).
 
     Steady state costs one Data Plane request: the configuration version, when it and
     the discovery are what the last cycle left and nothing is draining. The version is
     read before the backends it guards, so a change landing between the two reads is a
-    conflict, not overwritten. Fills `report` as it goes.
+    conflict, not overwritten.
     """
-    groups, skipped, fp = seen.groups, seen.skipped, seen.fingerprint
-    name = report.target or cfg.haproxy.base_url
-    prefix = cfg.haproxy.backend.name_prefix + cfg.haproxy.backend.name_separator
-    if not state.looked:
-        _first_look(cfg, target, state, name)
-    cfg = without_fields(cfg, state.unkept)
+    if not run.state.looked:
+        _first_look(run)
     for attempt in range(1, MAX_ATTEMPTS + 1):
-        version = target.version()
-        if state.debt is not None and not dry_run:
-            try:
-                version = _pay_debt(target, state, version, stop, report)
-            except TransactionConflict:
-                continue
-        if attempt == 1 and not dry_run and state.fingerprint == fp and version == state.version \
-                and not state.draining:
-            report.result = "steady"
-            return None
-        actual, now = target.read_backends(prefix), clock()
-        decision, sessions = _decide(groups, skipped, actual, state, cfg, target, now, dry_run)
-        if dry_run:
-            report.view = status_view(groups, skipped, actual, decision, cfg, name, now,
-                                      state.draining or _under_way(target, decision.plan))
-            return decision.plan
-        rewrites, looping = rewrite_guard(decision.plan, actual, state.rewrites)
-        if looping and _end_write_loops(looping, state, name, report):
-            cfg = without_fields(cfg, state.unkept)         # and plan again without them
-            decision, sessions = _decide(groups, skipped, actual, state, cfg, target, now, dry_run)
-            rewrites, looping = rewrite_guard(decision.plan, actual, state.rewrites)
-        plan = decision.plan
-        report.refused = {b: f"written with the same desired state {REWRITE_LIMIT} cycles running and read back "
-                             f"different each time ({', '.join(sorted(keys))}): not written again until it changes"
-                          for b, keys in looping.items()}
         try:
-            new_version = _apply(plan, target, version, stop, cfg, report)
-        except ReloadFailed as exc:
-            state.debt, report.reload_failures = exc, report.reload_failures + 1
-            raise
+            return _attempt(run, p, report, attempt)
         except TransactionConflict as exc:
             report.transactions["conflict"] = report.transactions.get("conflict", 0) + 1
             log.warning("configuration changed under us (attempt %d of %d): %s", attempt, MAX_ATTEMPTS,
                         exc, extra={"event": "conflict", "attempt": attempt})
-            continue
-        _runtime_states(plan, target, report)
-        _record(decision, new_version, state, report)
-        state.rewrites = rewrites
-        # What HAProxy holds now, planned again: the view's drift (a held drain, a refused
-        # backend), and whether this is a fixpoint. The shortcut is only taken from one: slots
-        # parked now that a later shrink may remove need the next cycle to plan again.
-        done = state_after(actual, Plan(tuple(b for b in plan.backends if b.name not in report.refused)))
-        after = decision if plan.empty else plan_cycle(groups, skipped, done, state, cfg, now, sessions)
-        after = dataclasses.replace(after, plan=dataclasses.replace(after.plan, held=plan.held),
-                                    drain_since=decision.drain_since)
-        report.view = status_view(groups, skipped, done, after, cfg, name, now, state.draining)
-        settled = not plan.held and not report.refused and after.plan.empty
-        state.fingerprint = fp if settled else None
-        report.plan = plan
-        report.result = ("partial" if report.refused else "held" if plan.held
-                         else "applied" if not plan.empty or report.reloads else "draining" if plan.draining else "unchanged")
-        _log_refused(report.refused, groups, cfg)
-        return plan
     raise DataPlaneError(f"gave up after {MAX_ATTEMPTS} attempts: the configuration kept changing")
 
 
-def _first_look(cfg: Config, target: Target, state: State, name: str) -> None:
+def _attempt(run: "TargetRun", p: Pass, report: CycleReport, attempt: int) -> Plan | None:
+    """One try at a target: a reload it owes first, then steady, a look (dry run), or the
+    plan applied and what HAProxy holds after it recorded."""
+    state, target = run.state, run.dp
+    version = target.version()
+    if state.debt is not None and not p.dry_run:
+        version = _pay_debt(target, state, version, p.stop, report)
+    if attempt == 1 and not p.dry_run and state.fingerprint == p.seen.fingerprint \
+            and version == state.version and not state.draining:
+        report.result = "steady"
+        return None
+    cfg = without_fields(run.cfg, state.unkept)
+    prefix = cfg.haproxy.backend.name_prefix + cfg.haproxy.backend.name_separator
+    look = _Look(cfg, target.read_backends(prefix), p.clocks.wall())
+    decision, sessions = _decide(run, p, look)
+    if p.dry_run:
+        draining = state.draining or _under_way(target, decision.plan)
+        report.view = status_view(p.seen, look.actual, decision, cfg, run.name, look.now, draining)
+        return decision.plan
+    decision, sessions, look, rewrites = _guard_rewrites(run, p, look, decision, sessions, report)
+    try:
+        new_version = _apply(decision.plan, target, version, p.stop, look.cfg, report)
+    except ReloadFailed as exc:
+        state.debt, report.reload_failures = exc, report.reload_failures + 1
+        raise
+    _runtime_states(decision.plan, target, report)
+    _record(decision, new_version, state, report)
+    state.rewrites = rewrites
+    _conclude(run, p, look, decision, sessions, report)
+    return decision.plan
+
+
+def _guard_rewrites(run: "TargetRun", p: Pass, look: _Look, decision: "Decision",
+                    sessions: dict[str, int | None], report: CycleReport
+                    ) -> tuple["Decision", dict[str, int | None], _Look, dict[str, Rewrite]]:
+    """The rewrite guard (rewrite_guard) on the plan: a backend written with the same desired
+    state REWRITE_LIMIT cycles running and read back different each time is refused (not
+    written again until it changes); fields found not kept are planned without from now on.
+    The guard's count, for State.rewrites once the writes are done."""
+    rewrites, looping = rewrite_guard(decision.plan, look.actual, run.state.rewrites)
+    if looping and _end_write_loops(looping, run.state, run.name, report):
+        look = look._replace(cfg=without_fields(look.cfg, run.state.unkept))   # plan again without them
+        decision, sessions = _decide(run, p, look)
+        rewrites, looping = rewrite_guard(decision.plan, look.actual, run.state.rewrites)
+    report.refused = {b: f"written with the same desired state {REWRITE_LIMIT} cycles running and read "
+                         f"back different each time ({', '.join(sorted(keys))}): not written again until "
+                         "it changes" for b, keys in looping.items()}
+    return decision, sessions, look, rewrites
+
+
+def _conclude(run: "TargetRun", p: Pass, look: _Look, decision: "Decision",
+              sessions: dict[str, int | None], report: CycleReport) -> None:
+    """After the writes: what HAProxy holds now, planned again, for the view's drift (a held
+    drain, a refused backend) and to know whether this is a fixpoint. The shortcut to steady
+    is only taken from one: slots parked now that a later shrink may remove need the next
+    cycle to plan again."""
+    plan, seen, state = decision.plan, p.seen, run.state
+    done = state_after(look.actual, Plan(tuple(b for b in plan.backends if b.name not in report.refused)))
+    after = decision if plan.empty else plan_cycle(seen.groups, seen.skipped, done, state, look.cfg,
+                                                   look.now, sessions)
+    after = dataclasses.replace(after, plan=dataclasses.replace(after.plan, held=plan.held),
+                                drain_since=decision.drain_since)
+    report.view = status_view(seen, done, after, look.cfg, run.name, look.now, state.draining)
+    settled = not plan.held and not report.refused and after.plan.empty
+    state.fingerprint = seen.fingerprint if settled else None
+    report.plan = plan
+    report.result = ("partial" if report.refused else "held" if plan.held
+                     else "applied" if not plan.empty or report.reloads
+                     else "draining" if plan.draining else "unchanged")
+    _log_refused(report.refused, seen.groups, look.cfg)
+
+
+def _first_look(run: "TargetRun") -> None:
     """What a fresh State learns from its target once: a reload HAProxy still owes (from the
     API's reload records), and the fields its release answers 2xx to and forgets."""
-    state.debt = state.debt or target.reload_debt()
-    gone = target.dropped_fields()
-    for key in sorted(gone & configured_fields(cfg)):
-        log.warning("the Data Plane API at %s does not keep %s (gone since dataplaneapi %s); it is ignored "
-                    "from now on: remove it from the configuration", name, key.replace(".", " field ", 1),
-                    ".".join(map(str, FIELDS_GONE[key])), extra={"event": "field_ignored", "field": key})
+    state = run.state
+    state.debt = state.debt or run.dp.reload_debt()
+    gone = run.dp.dropped_fields()
+    for key in sorted(gone & configured_fields(run.cfg)):
+        log.warning("the Data Plane API at %s does not keep %s (gone since dataplaneapi %s); it is "
+                    "ignored from now on: remove it from the configuration", run.name,
+                    key.replace(".", " field ", 1), ".".join(map(str, FIELDS_GONE[key])),
+                    extra={"event": "field_ignored", "field": key})
     state.unkept |= gone
     state.looked = True
 
@@ -4562,20 +4611,20 @@ def _record(decision: Decision, version: int | None, state: State, report: Cycle
     state.settled = {n: s for n, s in decision.settled.items() if n not in report.refused}
 
 
-def _decide(groups: Mapping[ServiceKey, list[Member]], skipped: Sequence[Skip], actual: Mapping[str, BackendState],
-            state: State, cfg: Config, target: Target, now: float, dry_run: bool
-            ) -> tuple[Decision, dict[str, int | None]]:
+def _decide(run: "TargetRun", p: Pass, look: _Look) -> tuple[Decision, dict[str, int | None]]:
     """plan_cycle, and the sessions it was given. With servers to drain, each is set to
     drain (again: a reload forgets it), its sessions are read once no new ones can come,
     and the cycle is planned again: a server with none left is parked now."""
-    decision = plan_cycle(groups, skipped, actual, state, cfg, now)
-    if dry_run or not decision.plan.draining:
+    groups, skipped = p.seen.groups, p.seen.skipped
+    decision = plan_cycle(groups, skipped, look.actual, run.state, look.cfg, look.now)
+    if p.dry_run or not decision.plan.draining:
         return decision, {}
     by_backend: dict[str, list[str]] = {}
     for d in decision.plan.draining:
         by_backend.setdefault(d.backend, []).append(d.server)
-    sessions = {f"{b}/{s}": n for b, servers in by_backend.items() for s, n in _drain(target, b, servers).items()}
-    return plan_cycle(groups, skipped, actual, state, cfg, now, sessions), sessions
+    sessions = {f"{b}/{s}": n for b, servers in by_backend.items()
+                for s, n in _drain(run.dp, b, servers).items()}
+    return plan_cycle(groups, skipped, look.actual, run.state, look.cfg, look.now, sessions), sessions
 
 
 def _drain(target: Target, backend: str, servers: Sequence[str]) -> dict[str, int | None]:
@@ -4698,27 +4747,24 @@ class TargetRun:
 
 
 def run_cycle(source: Source, runs: Sequence[TargetRun], stop: StopFlag, dry_run: bool = False,
-              memory: State | None = None, now: Callable[[], float] = time.monotonic,
-              clock: Callable[[], float] = time.time) -> list[CycleReport]:
+              memory: State | None = None, clocks: Clocks = Clocks()) -> list[CycleReport]:
     """One discovery, planned and applied to each of `runs` independently and at the same
     time: a report per target, a failed one with its `failure`. A target that fails, or
     hangs until its timeout, costs the others nothing. A failed discovery raises (nothing
     is applied anywhere), and so does a shutdown, once every target has stopped.
-    `memory` keeps the skips already warned about (default: the first target's state).
-    `now` times the cycle; `clock` is the wall clock drains are timed by."""
-    started, first = now(), CycleReport()
-    seen = discover(runs[0].cfg, source, stop, first)
+    `memory` keeps the skips already warned about (default: the first target's state)."""
+    started, first = clocks.monotonic(), CycleReport()
+    p = Pass(discover(runs[0].cfg, source, stop, first), stop, dry_run, started, clocks)
     _log_skips(first, memory or runs[0].state)
     reports = [CycleReport(target=run.name, instances=first.instances, skipped=first.skipped,
-                           skips=first.skips, azure_requests=first.azure_requests, azure_quota=first.azure_quota,
-                           azure_wait=first.azure_wait) for run in runs]
+                           skips=first.skips, azure_requests=first.azure_requests,
+                           azure_quota=first.azure_quota, azure_wait=first.azure_wait) for run in runs]
     if len(runs) == 1:
-        _target_cycle(runs[0], reports[0], seen, stop, dry_run, started, now, clock)
+        _target_cycle(runs[0], p, reports[0])
     else:
         pool = _Pool(min(len(runs), TARGET_WORKERS), "target")
         try:
-            for job in [pool.submit(_target_cycle, run, report, seen, stop, dry_run, started, now, clock)
-                        for run, report in zip(runs, reports)]:
+            for job in [pool.submit(_target_cycle, run, p, report) for run, report in zip(runs, reports)]:
                 job.result()
         finally:
             pool.close()
@@ -4728,45 +4774,50 @@ def run_cycle(source: Source, runs: Sequence[TargetRun], stop: StopFlag, dry_run
     return reports
 
 
-def _target_cycle(run: TargetRun, report: CycleReport, seen: Seen, stop: StopFlag, dry_run: bool,
-                  started: float, now: Callable[[], float], clock: Callable[[], float]) -> None:
+def _target_cycle(run: TargetRun, p: Pass, report: CycleReport) -> None:
     """One target's part of a cycle; whatever happens ends in `report`, and every line it
     logs carries the target's name."""
     _log_context.target = run.name
     try:
-        _reconcile_into(run, report, seen, stop, dry_run, started, now, clock)
-        if not dry_run and report.failure is None:
+        _reconcile_into(run, p, report)
+        if not p.dry_run and report.failure is None:
             _log_report(report, run.state)
     finally:
         _log_context.target = None
 
 
-def _reconcile_into(run: TargetRun, report: CycleReport, seen: Seen, stop: StopFlag, dry_run: bool,
-                    started: float, now: Callable[[], float], clock: Callable[[], float]) -> None:
+def _reconcile_into(run: TargetRun, p: Pass, report: CycleReport) -> None:
+    """reconcile_target, its failure (whatever it is: it is this target's own) and its
+    figures in `report`."""
     before = run.dp.requests
     try:
-        report.plan = reconcile_target(run.cfg, seen, run.dp, run.state, stop, report, dry_run,
-                                       clock) or report.plan
+        report.plan = reconcile_target(run, p, report) or report.plan
     except Exception as exc:  # one target's failure, whatever it is, is its own
-        report.result, report.failure = "failed", exc
-        report.error = str(exc) if isinstance(exc, DiscoveryError) else f"unexpected {type(exc).__name__}: {exc}"
-        report.view = {"discovery": discovery_view(seen.groups, seen.skipped, run.cfg),
-                       "targets": [{"target": run.name, "ok": False, "error": report.error}]}
-        if not isinstance(exc, DiscoveryError):
-            log.exception("cycle failed unexpectedly",
-                          extra={"event": "cycle_failed", "failures": run.failures + 1, "target": run.name})
+        _target_failed(run, p, report, exc)
     finally:
-        report.duration, report.dataplane_requests = now() - started, run.dp.requests - before
+        report.duration = p.clocks.monotonic() - p.started
+        report.dataplane_requests = run.dp.requests - before
         report.behind = run.state.debt
         report.held_since = run.state.drain_since if report.plan is not None and report.plan.held else None
         for t in report.view["targets"] if report.view and report.behind else ():
             t["behind"] = str(report.behind)
 
 
+def _target_failed(run: TargetRun, p: Pass, report: CycleReport, exc: Exception) -> None:
+    report.result, report.failure = "failed", exc
+    known = isinstance(exc, DiscoveryError)
+    report.error = str(exc) if known else f"unexpected {type(exc).__name__}: {exc}"
+    report.view = {"discovery": discovery_view(p.seen.groups, p.seen.skipped, run.cfg),
+                   "targets": [{"target": run.name, "ok": False, "error": report.error}]}
+    if not known:
+        log.exception("cycle failed unexpectedly",
+                      extra={"event": "cycle_failed", "failures": run.failures + 1, "target": run.name})
+
+
 def one_cycle(cfg: Config, source: Source, dp: Target, state: State, stop: StopFlag,
-              now: Callable[[], float] = time.monotonic, clock: Callable[[], float] = time.time) -> CycleReport:
+              clocks: Clocks = Clocks()) -> CycleReport:
     """run_cycle() for one target (its name: haproxy.base_url); its failure raises."""
-    (report,) = run_cycle(source, [TargetRun(cfg.haproxy.base_url, cfg, dp, state)], stop, now=now, clock=clock)
+    (report,) = run_cycle(source, [TargetRun(cfg.haproxy.base_url, cfg, dp, state)], stop, clocks=clocks)
     if report.failure is not None:
         raise report.failure
     return report
@@ -5157,78 +5208,141 @@ class _InUse:
     memory: State = field(default_factory=State)    # the skips already warned about
 
 
-def run_forever(load: Callable[[], Config], make_source: Callable[[Config], Source],
-                make_dataplane: Callable[[Config], Target], signals: Signals,
-                max_cycles: int | None = None, rand: Callable[[], float] = random.random,
-                env: Mapping[str, str] | None = None, configure: Callable[[Config], None] = lambda cfg: None,
-                notifier: Notifier | None = None, start_budget: float = START_BUDGET,
-                clock: Callable[[], float] = time.monotonic) -> int:
-    """The daemon: a cycle, then sleep (interval + jitter, or backoff while every target
-    fails), until `signals.stop`. A failing target backs off alone: it sits out the cycles
-    until its backoff ends. SIGHUP puts a re-read configuration to use (`configure` applies
-    its logging) or keeps the old one, and forgets all state. Returns the exit code.
-    `make_dataplane` is called once per target, with that target's configuration."""
-    notifier = notifier or Notifier(env)
-    cfg = load()
-    metrics = Metrics(cfg.polling.interval_seconds, clock)
-    using = _put_to_use(cfg, None, metrics, make_source, make_dataplane, configure)
-    budget = threading.Timer(start_budget, notifier.notify, (
-        f"WATCHDOG=1\nSTATUS=ready after the {start_budget:g} s start budget; first cycle still running",
-        True))
-    budget.daemon = True
-    budget.start()
-    cycles = 0
-    try:
-        while not signals.stop.is_set() and (max_cycles is None or cycles < max_cycles):
-            if signals.reload.is_set():
-                signals.reload.clear()
-                using = _reload(load, using, metrics, make_source, make_dataplane, configure)
-            notifier.keepalive()
-            done = _daemon_cycle(using, signals.stop, rand, clock)
-            if done is None:
-                break
-            (reports, delay), cycles = done, cycles + 1
-            metrics.record(reports, time.time())
+class Daemon:
+    """The daemon: owns what lives between cycles (the configuration in use, its Azure
+    source, its targets with their state and backoff, the metrics and their listener).
+    `step` is one cycle, `reload` puts a re-read configuration to use, `run` is the loop.
+
+    `load` reads the configuration; `make_source` and `make_dataplane` build the Azure
+    source and each target's Data Plane client for it (once per target, with that
+    target's configuration); `configure` applies its logging."""
+
+    def __init__(self, load: Callable[[], Config], make_source: Callable[[Config], Source],
+                 make_dataplane: Callable[[Config], Target],
+                 configure: Callable[[Config], None] = lambda cfg: None,
+                 notifier: Notifier | None = None, clocks: Clocks = Clocks(),
+                 rand: Callable[[], float] = random.random):
+        self._load, self._make_source, self._make_dataplane = load, make_source, make_dataplane
+        self._configure, self.clocks, self._rand = configure, clocks, rand
+        self.notifier = notifier or Notifier()
+        cfg = load()
+        self.metrics = Metrics(cfg.polling.interval_seconds, clocks.monotonic)
+        self.using = self._put_to_use(cfg, None)
+        self.cycles = 0
+        self.reports: list[CycleReport] = []     # the last cycle's
+
+    def step(self, stop: StopFlag) -> float | None:
+        """One cycle over the targets that are due (a failing target backs off alone: it sits
+        out the cycles until its backoff ends); the seconds to sleep after it: the interval
+        and jitter (less when a drain's time is up sooner), or the backoff while every
+        target fails. None when a shutdown cut it short."""
+        self.notifier.keepalive()
+        due = _due(self.using.runs, self.clocks.monotonic())
+        try:
+            self.reports = run_cycle(self.using.source, due, stop, memory=self.using.memory,
+                                     clocks=self.clocks)
+        except Aborted:
+            log.info("cycle aborted for shutdown", extra={"event": "shutdown"})
+            return None
+        except Exception as exc:  # the daemon outlives bugs; they are logged whole
+            self.reports = _discovery_failed(exc, due)
+        self.cycles += 1
+        delay = self._delay(due)
+        self.metrics.record(self.reports, self.clocks.wall())
+        first = self.cycles == 1 and not self.notifier.ready     # else READY came with the start budget
+        self.notifier.notify("WATCHDOG=1\nSTATUS=" + _status(self.reports, self.using.runs, first),
+                             ready=True)
+        return delay
+
+    def _delay(self, due: Sequence[TargetRun]) -> float:
+        """Each target's backoff after this cycle, and the sleep before the next."""
+        now, runs = self.clocks.monotonic(), self.using.runs
+        for run, report in zip(due, self.reports):
+            run.failures = run.failures + 1 if report.result == "failed" else 0
+            run.due = now + next_delay(run.failures, run.cfg.polling, self._rand()) if run.failures else 0.0
+            if isinstance(report.failure, DiscoveryError):     # (a bug was logged whole already)
+                log.warning("cycle failed: %s", report.error,
+                            extra={"event": "cycle_failed", "failures": run.failures, "target": run.name})
+        if any(not run.failures for run in runs):
+            delay = max(next_delay(0, self.using.cfg.polling, self._rand()), self.reports[0].azure_wait)
+            wall = self.clocks.wall()
+            return min(drain_wake(delay, run.state, wall) for run in runs if not run.failures)
+        return max(0.0, round(min(run.due for run in runs) - now, 6))
+
+    def reload(self) -> None:
+        """SIGHUP: a re-read configuration wholly in use, with all state forgotten, or (with
+        an error) the old one still."""
+        try:
+            new = self._put_to_use(self._load(), self.using)
+        except Exception as exc:  # noqa: BLE001 - any failure keeps the old configuration running
+            self._configure(self.using.cfg)
+            message = str(exc) if isinstance(exc, DiscoveryError) else f"{type(exc).__name__}: {exc}"
+            log.error("configuration reload failed, keeping the old one: %s", message,
+                      extra={"event": "reload_failed"})
+            return
+        _retire(self.using, new)
+        self.using = new
+        log.info("configuration reloaded; next cycle reconciles everything", extra={"event": "reloaded"})
+        if new.listen != new.cfg.metrics.listen:
+            log.warning("metrics.listen %s needs a restart: %s holds its port", new.cfg.metrics.listen,
+                        new.listen, extra={"event": "restart_needed"})
+
+    def run(self, signals: "Signals", max_cycles: int | None = None,
+            start_budget: float = START_BUDGET) -> int:
+        """Cycles and sleeps until `signals.stop` (or `max_cycles`); READY=1 after the first
+        cycle, or at `start_budget` seconds if that comes first. Returns the exit code."""
+        budget = threading.Timer(start_budget, self.notifier.notify, (
+            f"WATCHDOG=1\nSTATUS=ready after the {start_budget:g} s start budget; first cycle still "
+            "running", True))
+        budget.daemon = True
+        budget.start()
+        try:
+            while not signals.stop.is_set() and (max_cycles is None or self.cycles < max_cycles):
+                if signals.reload.is_set():
+                    signals.reload.clear()
+                    self.reload()
+                delay = self.step(signals.stop)
+                budget.cancel()
+                if delay is None:
+                    break
+                if max_cycles is None or self.cycles < max_cycles:
+                    signals.sleep(delay, self.notifier)
+        finally:
             budget.cancel()
-            first = cycles == 1 and not notifier.ready     # else READY came with the start budget
-            notifier.notify("WATCHDOG=1\nSTATUS=" + _status(reports, using.runs, first), ready=True)
-            if max_cycles is None or cycles < max_cycles:
-                signals.sleep(delay, notifier)
-    finally:
-        budget.cancel()
-        _retire(using, None)
-    log.info("stopped", extra={"event": "stopped", "cycles": cycles})
-    return EX_OK
+            self.close()
+        log.info("stopped", extra={"event": "stopped", "cycles": self.cycles})
+        return EX_OK
+
+    def close(self) -> None:
+        """Close the clients and the listener."""
+        _retire(self.using, None)
+
+    def _put_to_use(self, cfg: Config, old: _InUse | None) -> _InUse:
+        """Build what `cfg` runs with; whatever fails, what was built so far is closed again."""
+        using = _InUse(cfg, self._make_source(cfg))
+        try:
+            for name, target_cfg in target_configs(cfg):
+                using.runs.append(TargetRun(name, target_cfg, self._make_dataplane(target_cfg)))
+            using.server, using.listen = _listener(cfg.metrics.listen, old, self.metrics)
+            self._configure(cfg)
+        except BaseException:
+            _retire(using, old)
+            raise
+        self.metrics.interval = cfg.polling.interval_seconds
+        self.metrics.use([run.name for run in using.runs])
+        return using
 
 
-def _daemon_cycle(using: _InUse, stop: StopFlag, rand: Callable[[], float],
-                  clock: Callable[[], float]) -> tuple[list[CycleReport], float] | None:
-    """One cycle of the daemon over the targets that are due: their reports, and how long to
-    sleep after it; None once aborted. A failed discovery fails every target it was for."""
-    due = _due(using.runs, clock())
-    try:
-        reports = run_cycle(using.source, due, stop, memory=using.memory)
-    except Aborted:
-        log.info("cycle aborted for shutdown", extra={"event": "shutdown"})
-        return None
-    except Exception as exc:  # the daemon outlives bugs; they are logged whole
-        reports = [CycleReport(target=run.name, error=str(exc) if isinstance(exc, DiscoveryError)
-                               else "unexpected error") for run in due]
-        if isinstance(exc, DiscoveryError):
-            log.warning("cycle failed: %s", exc, extra={"event": "cycle_failed", "failures": due[0].failures + 1})
-        else:
-            log.exception("cycle failed unexpectedly", extra={"event": "cycle_failed", "failures": due[0].failures + 1})
-    now = clock()
-    for run, report in zip(due, reports):
-        run.failures = run.failures + 1 if report.result == "failed" else 0
-        run.due = now + next_delay(run.failures, run.cfg.polling, rand()) if run.failures else 0.0
-        if isinstance(report.failure, DiscoveryError):     # (a bug was logged whole already)
-            log.warning("cycle failed: %s", report.error,
-                        extra={"event": "cycle_failed", "failures": run.failures, "target": run.name})
-    if any(not run.failures for run in using.runs):
-        delay, wall = max(next_delay(0, using.cfg.polling, rand()), reports[0].azure_wait), time.time()
-        return reports, min(drain_wake(delay, run.state, wall) for run in using.runs if not run.failures)
-    return reports, max(0.0, round(min(run.due for run in using.runs) - now, 6))
+def _discovery_failed(exc: Exception, due: Sequence[TargetRun]) -> list[CycleReport]:
+    """A failed cycle's reports: every target it was for failed with it."""
+    known = isinstance(exc, DiscoveryError)
+    reports = [CycleReport(target=run.name, error=str(exc) if known else "unexpected error") for run in due]
+    if known:
+        log.warning("cycle failed: %s", exc, extra={"event": "cycle_failed", "failures": due[0].failures + 1})
+    else:
+        log.exception("cycle failed unexpectedly",
+                      extra={"event": "cycle_failed", "failures": due[0].failures + 1})
+    return reports
 
 
 def _due(runs: Sequence[TargetRun], now: float) -> list[TargetRun]:
@@ -5248,23 +5362,6 @@ def _status(reports: Sequence[CycleReport], runs: Sequence[TargetRun], first: bo
     each = ", ".join(f"{run.name} {results.get(run.name, 'backing off')}"
                      + (f" ({run.failures} in a row)" if run.failures else "") for run in runs)
     return f"{ready}last cycle: {report.instances} instances, {report.skipped} skipped; targets: {each}"[:200]
-
-
-def _put_to_use(cfg: Config, old: _InUse | None, metrics: Metrics, make_source: Callable,
-                make_dataplane: Callable, configure: Callable[[Config], None]) -> _InUse:
-    """Build what `cfg` runs with; whatever fails, what was built so far is closed again."""
-    using = _InUse(cfg, make_source(cfg))
-    try:
-        for name, target_cfg in target_configs(cfg):
-            using.runs.append(TargetRun(name, target_cfg, make_dataplane(target_cfg)))
-        using.server, using.listen = _listener(cfg.metrics.listen, old, metrics)
-        configure(cfg)
-    except BaseException:
-        _retire(using, old)
-        raise
-    metrics.interval = cfg.polling.interval_seconds
-    metrics.use([run.name for run in using.runs])
-    return using
 
 
 def _listener(listen: str, old: _InUse | None, metrics: Metrics) -> tuple[Any, str]:
@@ -5294,25 +5391,6 @@ def _retire(using: _InUse, successor: _InUse | None) -> None:
     if using.server is not None and (successor is None or using.server is not successor.server):
         using.server.shutdown()
         using.server.server_close()
-
-
-def _reload(load: Callable[[], Config], using: _InUse, metrics: Metrics, make_source: Callable,
-            make_dataplane: Callable, configure: Callable[[Config], None]) -> _InUse:
-    """SIGHUP: the new configuration wholly in use, or (with an error) the old one still."""
-    try:
-        new = _put_to_use(load(), using, metrics, make_source, make_dataplane, configure)
-    except Exception as exc:  # noqa: BLE001 - any failure keeps the old configuration running
-        configure(using.cfg)
-        message = str(exc) if isinstance(exc, DiscoveryError) else f"{type(exc).__name__}: {exc}"
-        log.error("configuration reload failed, keeping the old one: %s", message,
-                  extra={"event": "reload_failed"})
-        return using
-    _retire(using, new)
-    log.info("configuration reloaded; next cycle reconciles everything", extra={"event": "reloaded"})
-    if new.listen != new.cfg.metrics.listen:
-        log.warning("metrics.listen %s needs a restart: %s holds its port", new.cfg.metrics.listen, new.listen,
-                    extra={"event": "restart_needed"})
-    return new
 
 
 # === CLI ===
@@ -5402,10 +5480,10 @@ def main(argv: Sequence[str] | None = None, env: Mapping[str, str] | None = None
             nonlocal secrets
             secrets = secrets_of(c, env)
             setup_logging(args.log_level or c.logging.level, c.logging.format, secrets)
-        return run_forever(lambda: load_config(path, env),
-                           lambda c: AzureSource(c, env, signals.stop, notifier.keepalive),
-                           lambda c: DataPlane(c.haproxy, notifier.keepalive, signals.stop), signals,
-                           configure=configure, notifier=notifier)
+        return Daemon(lambda: load_config(path, env),
+                      lambda c: AzureSource(c, env, signals.stop, notifier.keepalive),
+                      lambda c: DataPlane(c.haproxy, notifier.keepalive, signals.stop),
+                      configure=configure, notifier=notifier).run(signals)
     except ConfigError as exc:
         for problem in exc.problems:
             say(f"error: {path}: {problem}" if not problem.startswith(path) else f"error: {problem}")

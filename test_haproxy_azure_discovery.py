@@ -29,7 +29,7 @@ import urllib.parse
 import pytest
 
 import haproxy_azure_discovery as m
-from conftest import free_port
+from conftest import free_port, steps
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 SUB = "00000000-0000-0000-0000-000000000001"
@@ -1405,11 +1405,12 @@ class TestDraining:
     def test_the_view_shows_a_drain_under_way_and_one_a_cycle_would_start(self):
         actual, state, cfg = self.synced([make_instance(1), make_instance(2)])
         groups, skipped = m.select_instances([make_instance(1)], cfg)
+        seen = m.Seen(groups, skipped, m.fingerprint(groups))
         d = run_plan([make_instance(1)], actual, state, cfg, drain=30, now=self.T)
-        fresh = m.status_view(groups, skipped, actual, d, cfg, "t", self.T)
+        fresh = m.status_view(seen, actual, d, cfg, "t", self.T)
         srv2 = fresh["targets"][0]["backends"][0]["servers"][1]
         assert srv2["state"] == "live" and srv2["drift"] == "want draining (its instance left), then parked"
-        view = m.status_view(groups, skipped, actual, d, cfg, "t", self.T + 12, d.draining)
+        view = m.status_view(seen, actual, d, cfg, "t", self.T + 12, d.draining)
         (b,) = view["targets"][0]["backends"]
         assert b["servers"][1] == {"slot": "srv2", "state": "draining", "since": "2027-01-15T08:00:00Z",
                                    "seconds_left": 18, "address": "10.0.0.6:8080", "instance": None}
@@ -2021,10 +2022,11 @@ class Harness:
         self.dp, self.state, self.stop = (m.DataPlane(self.cfg.haproxy), m.State(),
                                         m.Flag())
 
-    def cycle(self, instances, **kw) -> m.CycleReport:
+    def cycle(self, instances, clock=time.time) -> m.CycleReport:
+        """One cycle over these instances; `clock` is the wall clock (drains are timed by it)."""
         self.fake.reset_requests()
         return m.one_cycle(self.cfg, ScriptedSource(m.Discovery(tuple(instances))), self.dp, self.state,
-                           self.stop, **kw)
+                           self.stop, m.Clocks(wall=clock))
 
     def writes(self):
         return [(r.method, r.path) for r in self.fake.requests if r.method != "GET"]
@@ -2078,16 +2080,15 @@ class TestDataPlane:
                    *[m.Discovery((make_instance(1), make_instance(3, service="api")),)] * 3]
         pages = []
 
-        class Probing(RecordingSignals):
-            def sleep(self, seconds, watchdog=None):
-                with urllib.request.urlopen(url + "/metrics", timeout=5) as r:
-                    metrics = r.read().decode()
-                with urllib.request.urlopen(url + "/state", timeout=5) as r:
-                    assert r.headers["Content-Type"] == "application/json"
-                    pages.append((metrics, json.loads(r.read())))
+        def probe(_delay):
+            with urllib.request.urlopen(url + "/metrics", timeout=5) as r:
+                metrics = r.read().decode()
+            with urllib.request.urlopen(url + "/state", timeout=5) as r:
+                assert r.headers["Content-Type"] == "application/json"
+                pages.append((metrics, json.loads(r.read())))
 
-        m.run_forever(lambda: cfg, lambda c: ScriptedSource(*estates), lambda c: m.DataPlane(c.haproxy),
-                      Probing(), max_cycles=4, rand=lambda: 0.0)
+        steps(m.Daemon(lambda: cfg, lambda c: ScriptedSource(*estates), lambda c: m.DataPlane(c.haproxy),
+                       rand=lambda: 0.0), 4, probe)
         (metrics1, state1), (metrics2, state2), (metrics3, state3) = pages
         assert f'cycles_total{{target="{dataplane.url}",result="steady"}} 1' in metrics3
         assert state3 == state2   # a steady cycle keeps it
@@ -2729,11 +2730,10 @@ class TestDrainingDataPlane:
     def test_the_daemon_wakes_when_the_drain_is_due(self, dataplane):
         cfg = dp_config(dataplane, safety={"drain_seconds": 5}, polling={"jitter_seconds": 0})
         dataplane.sessions[(WEB, "srv2")] = 1
-        signals = RecordingSignals()
         both, one = (m.Discovery((make_instance(1), make_instance(2))), m.Discovery((make_instance(1),)))
-        m.run_forever(lambda: cfg, lambda c: ScriptedSource(both, one), lambda c: m.DataPlane(c.haproxy),
-                      signals, max_cycles=3, rand=lambda: 0.0)
-        assert signals.sleeps[0] == 30 and 4.5 < signals.sleeps[1] <= 5 + m.DRAIN_SLACK
+        sleeps = steps(m.Daemon(lambda: cfg, lambda c: ScriptedSource(both, one),
+                                lambda c: m.DataPlane(c.haproxy), rand=lambda: 0.0), 3)
+        assert sleeps[0] == 30 and 4.5 < sleeps[1] <= 5 + m.DRAIN_SLACK
 
     def test_an_instance_back_during_its_drain_is_ready_again(self, dataplane):
         h, clock = self.bed(dataplane)
@@ -2844,7 +2844,8 @@ class MemoryTarget:
 
 def reconcile(cfg, source, target, state, stop, report):
     """One target's cycle as the daemon runs it: discover, then plan and apply."""
-    return m.reconcile_target(cfg, m.discover(cfg, source, stop, report), target, state, stop, report)
+    run = m.TargetRun(cfg.haproxy.base_url, cfg, target, state)
+    return m.reconcile_target(run, m.Pass(m.discover(cfg, source, stop, report), stop), report)
 
 
 class TestApply:
@@ -3059,32 +3060,19 @@ class EmptyDataPlane:
         return frozenset()
 
 
-class RecordingSignals(m.Signals):
-    def __init__(self):
-        super().__init__()
-        self.sleeps = []
-
-    def sleep(self, seconds, watchdog=None):
-        self.sleeps.append(seconds)
-
-
 class TestLoop:
     def test_backoff_grows_and_resets(self):
         ok = m.Discovery(())
         fail = m.AzureError("listing failed")
         source = ScriptedSource(fail, fail, fail, ok, fail, ok)
-        signals = RecordingSignals()
         cfg = make_config(polling={"jitter_seconds": 0})
-        assert m.run_forever(lambda: cfg, lambda c: source, lambda c: EmptyDataPlane(), signals,
-                             max_cycles=7, rand=lambda: 0.0) == 0
-        assert signals.sleeps == [5, 10, 20, 30, 5, 30]
+        daemon = m.Daemon(lambda: cfg, lambda c: source, lambda c: EmptyDataPlane(), rand=lambda: 0.0)
+        assert steps(daemon, 7) == [5, 10, 20, 30, 5, 30]
 
     def test_unexpected_errors_are_logged_and_the_loop_goes_on(self, caplog):
         source = ScriptedSource(KeyError("bug"), m.Discovery(()))
-        signals = RecordingSignals()
-        m.run_forever(make_config, lambda c: source, lambda c: EmptyDataPlane(), signals, max_cycles=2,
-                      rand=lambda: 0.0)
-        assert signals.sleeps == [5]
+        daemon = m.Daemon(make_config, lambda c: source, lambda c: EmptyDataPlane(), rand=lambda: 0.0)
+        assert steps(daemon, 2) == [5]
         assert any(r.exc_info and "cycle failed unexpectedly" in r.getMessage() for r in caplog.records)
 
     def test_sighup_keeps_the_old_config_when_the_new_one_is_invalid(self):
@@ -3096,28 +3084,21 @@ class TestLoop:
             if isinstance(c, Exception):
                 raise c
             return c
-        signals = RecordingSignals()
         sources = []
 
         def make_source(c):
             sources.append(c)
             return ScriptedSource(m.Discovery(()))
-        original_sleep = signals.sleep
-
-        def sleep(seconds, watchdog=None):
-            original_sleep(seconds)
-            signals.reload.set()
-        signals.sleep = sleep
-        m.run_forever(load, make_source, lambda c: EmptyDataPlane(), signals, max_cycles=3, rand=lambda: 0.0)
-        assert signals.sleeps == [60, 60]        # the invalid config changed nothing ...
+        daemon = m.Daemon(load, make_source, lambda c: EmptyDataPlane(), rand=lambda: 0.0)
+        assert steps(daemon, 3, lambda delay: daemon.reload()) == [60, 60]   # the invalid config changed nothing ...
         assert [c.polling.interval_seconds for c in sources] == [60, 90]   # ... the valid one did
 
     def test_stop_interrupts_the_sleep(self):
         signals = m.Signals()
         threading.Timer(0.2, lambda: signals._set(signals.stop)).start()
         started = time.monotonic()
-        m.run_forever(lambda: make_config(polling={"interval_seconds": 600}),
-                      lambda c: ScriptedSource(m.Discovery(())), lambda c: EmptyDataPlane(), signals)
+        m.Daemon(lambda: make_config(polling={"interval_seconds": 600}),
+                 lambda c: ScriptedSource(m.Discovery(())), lambda c: EmptyDataPlane()).run(signals)
         assert time.monotonic() - started < 5
 
     def test_real_signals_wake_the_sleep_through_the_self_pipe(self):
@@ -3153,11 +3134,8 @@ class TestLoop:
                 raise FileNotFoundError(2, "No such file or directory")
             return EmptyDataPlane()
         configs = [make_config(polling={"interval_seconds": i, "jitter_seconds": 0}) for i in (60, 90, 120)]
-        signals = RecordingSignals()
-        signals.sleep = lambda seconds, watchdog=None: (signals.sleeps.append(seconds), signals.reload.set())
-        m.run_forever(lambda: configs.pop(0), make_source, make_dataplane, signals, max_cycles=3,
-                      rand=lambda: 0.0)
-        assert signals.sleeps == [60, 60]            # the reload to 90 failed, the one to 120 worked
+        daemon = m.Daemon(lambda: configs.pop(0), make_source, make_dataplane, rand=lambda: 0.0)
+        assert steps(daemon, 3, lambda delay: daemon.reload()) == [60, 60]   # the reload to 90 failed, the one to 120 worked
         assert built == [60, 90, 120] and closed == [90, 60, 120]   # each client closed once
         failed = [r.getMessage() for r in caplog.records if getattr(r, "event", "") == "reload_failed"]
         assert failed == ["configuration reload failed, keeping the old one: "
@@ -3175,11 +3153,10 @@ class TestLoop:
         def configure(c):
             seen.append(c)
             m.setup_logging(c.logging.level, c.logging.format, m.secrets_of(c, {}), stream)
-        signals = RecordingSignals()
-        signals.sleep = lambda seconds, watchdog=None: signals.reload.set()
         try:
-            m.run_forever(load, lambda c: ScriptedSource(m.Discovery(())), lambda c: EmptyDataPlane(), signals,
-                          max_cycles=2, configure=configure)
+            daemon = m.Daemon(load, lambda c: ScriptedSource(m.Discovery(())), lambda c: EmptyDataPlane(),
+                              configure=configure)
+            steps(daemon, 2, lambda delay: daemon.reload())
             m.log.warning("password n3w-s3cret in a message")
             m.log.info("not at WARNING")
         finally:
@@ -3196,19 +3173,17 @@ class TestLoop:
         configs = [make_config(metrics={"listen": f"127.0.0.1:{port}"}, polling={"jitter_seconds": 0}),
                    make_config(metrics={"listen": f"0.0.0.0:{port}"},
                                polling={"interval_seconds": 90, "jitter_seconds": 0})]
-        signals = RecordingSignals()
         served = []
 
-        def sleep(seconds, watchdog=None):
-            signals.sleeps.append(seconds)
-            if len(signals.sleeps) == 1:
-                signals.reload.set()
+        def between(delay):
+            if not served:
+                daemon.reload()
             with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5) as r:
                 served.append(r.status)
-        signals.sleep = sleep
-        m.run_forever(lambda: configs.pop(0), lambda c: ScriptedSource(m.Discovery(())),
-                      lambda c: EmptyDataPlane(), signals, max_cycles=3, rand=lambda: 0.0)
-        assert signals.sleeps == [30, 90] and served == [200, 200]    # the rest of the reload applied
+        daemon = m.Daemon(lambda: configs.pop(0), lambda c: ScriptedSource(m.Discovery(())),
+                          lambda c: EmptyDataPlane(), rand=lambda: 0.0)
+        sleeps = steps(daemon, 3, between)
+        assert sleeps == [30, 90] and served == [200, 200]    # the rest of the reload applied
         restart = [r.getMessage() for r in caplog.records if getattr(r, "event", "") == "restart_needed"]
         assert restart == [f"metrics.listen 0.0.0.0:{port} needs a restart: 127.0.0.1:{port} holds its port"]
 
@@ -3259,18 +3234,18 @@ class TestTargetBackoff:
                     raise m.DataPlaneError("refused")
                 return super().version()
         now = [0.0]
-        signals = RecordingSignals()
-        signals.sleep = lambda seconds, watchdog=None: (signals.sleeps.append(seconds),
-                                                        now.__setitem__(0, now[0] + seconds))
-        m.run_forever(lambda: cfg, lambda c: ScriptedSource(m.Discovery(())), lambda c: FailingB(c.haproxy.base_url),
-                      signals, max_cycles=4, rand=lambda: 0.0, clock=lambda: now[0])
-        assert signals.sleeps == [30, 30, 30]
+        clocks = m.Clocks(monotonic=lambda: now[0])
+
+        def sleep(seconds):
+            now[0] += seconds
+        daemon = m.Daemon(lambda: cfg, lambda c: ScriptedSource(m.Discovery(())),
+                          lambda c: FailingB(c.haproxy.base_url), clocks=clocks, rand=lambda: 0.0)
+        assert steps(daemon, 4, sleep) == [30, 30, 30]
         only_b = make_config(polling={"jitter_seconds": 0},
                              haproxy={"password": "p", "targets": [{"base_url": "http://b:5555"}]})
-        signals.sleeps.clear()
-        m.run_forever(lambda: only_b, lambda c: ScriptedSource(m.Discovery(())), lambda c: FailingB(c.haproxy.base_url),
-                      signals, max_cycles=4, rand=lambda: 0.0, clock=lambda: now[0])
-        assert signals.sleeps == [5, 10, 20]           # every target failing: the backoff is the sleep
+        daemon = m.Daemon(lambda: only_b, lambda c: ScriptedSource(m.Discovery(())),
+                          lambda c: FailingB(c.haproxy.base_url), clocks=clocks, rand=lambda: 0.0)
+        assert steps(daemon, 4, sleep) == [5, 10, 20]     # every target failing: the backoff is the sleep
 
     def test_status_names_each_target(self):
         runs = [self.run("hap-1"), self.run("hap-2", 3), self.run("hap-3", 1)]
@@ -3357,8 +3332,7 @@ class TestOperations:
 
     def test_ready_once_then_watchdog_and_status_each_cycle(self, notify_socket):
         source = ScriptedSource(m.Discovery(()), m.AzureError("listing VMs failed: HTTP 500"), m.Discovery(()))
-        m.run_forever(make_config, lambda c: source, lambda c: EmptyDataPlane(), RecordingSignals(),
-                      max_cycles=3, rand=lambda: 0.0)
+        steps(m.Daemon(make_config, lambda c: source, lambda c: EmptyDataPlane(), rand=lambda: 0.0), 3)
         messages = received(notify_socket)
         assert messages == [
             "READY=1\nWATCHDOG=1\nSTATUS=ready after the first cycle; last cycle unchanged: 0 instances, 0 skipped",
@@ -3393,25 +3367,26 @@ class TestOperations:
                    m.AzureError("down"), m.AzureError("down")]
         pages = {}
 
-        class Probing(RecordingSignals):
-            def sleep(self, seconds, watchdog=None):
-                super().sleep(seconds)
-                url = f"http://127.0.0.1:{port}"
-                with urllib.request.urlopen(url + "/metrics", timeout=5) as r:
-                    pages[len(self.sleeps)] = r.read().decode()
-                try:
-                    with urllib.request.urlopen(url + "/healthz", timeout=5) as r:
-                        pages[f"health{len(self.sleeps)}"] = r.status
-                except urllib.error.HTTPError as e:
-                    pages[f"health{len(self.sleeps)}"] = e.code
-                time.sleep(0.25)
+        sleeps = []
+
+        def probe(delay):
+            sleeps.append(delay)
+            url = f"http://127.0.0.1:{port}"
+            with urllib.request.urlopen(url + "/metrics", timeout=5) as r:
+                pages[len(sleeps)] = r.read().decode()
+            try:
+                with urllib.request.urlopen(url + "/healthz", timeout=5) as r:
+                    pages[f"health{len(sleeps)}"] = r.status
+            except urllib.error.HTTPError as e:
+                pages[f"health{len(sleeps)}"] = e.code
+            time.sleep(0.25)
 
         class OneBackend(EmptyDataPlane):
             def apply_transaction(self, plan, version, stop):
                 return m.Applied(version + 1, ("r1",))
 
-        m.run_forever(lambda: cfg, lambda c: ScriptedSource(*results), lambda c: OneBackend(), Probing(),
-                      max_cycles=5, rand=lambda: 0.0)
+        steps(m.Daemon(lambda: cfg, lambda c: ScriptedSource(*results), lambda c: OneBackend(),
+                       rand=lambda: 0.0), 5, probe)
         first, last = pages[1], pages[4]
         t = 'target="http://localhost:5555"'       # per target: labelled; per discovery: not
         assert f'haproxy_azure_discovery_cycles_total{{{t},result="applied"}} 1' in first

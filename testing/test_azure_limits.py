@@ -17,7 +17,7 @@ sys.path.insert(0, HERE)
 sys.path.insert(0, os.path.dirname(HERE))
 
 import haproxy_azure_discovery as m  # noqa: E402
-from conftest import azure_env  # noqa: E402
+from conftest import azure_env, steps  # noqa: E402
 from fake_arm import AZURE_CHINA_COMPUTE_TYPES, make_estate  # noqa: E402
 from test_haproxy_azure_discovery import arm_config, dp_config  # noqa: E402
 
@@ -125,15 +125,13 @@ def test_a_throttled_compute_bucket_shows_and_stretches_the_interval(arm, caplog
 
 
 def test_the_daemon_sleeps_as_long_as_the_buckets_ask():
-    from test_haproxy_azure_discovery import EmptyDataPlane, RecordingSignals, make_config
+    from test_haproxy_azure_discovery import EmptyDataPlane, make_config
 
     class Waiting:
         def discover(self):
             return m.Discovery((), (), 3, {"HighCostGet3Min": 2}, 200.0)
-    signals = RecordingSignals()
     cfg = make_config(polling={"interval_seconds": 30, "jitter_seconds": 0})
-    assert m.run_forever(lambda: cfg, lambda c: Waiting(), lambda c: EmptyDataPlane(), signals, max_cycles=2) == 0
-    assert signals.sleeps == [200.0]
+    assert steps(m.Daemon(lambda: cfg, lambda c: Waiting(), lambda c: EmptyDataPlane()), 2) == [200.0]
 
 
 def test_a_429_waits_its_retry_after_with_keepalives(arm):

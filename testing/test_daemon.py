@@ -29,7 +29,7 @@ sys.path.insert(0, ROOT)
 import haproxy_azure_discovery as m  # noqa: E402
 from fake_arm import DEFAULT_SUBSCRIPTION, FakeArm, Vm, make_estate, service_tags  # noqa: E402
 from fake_dataplane import FakeDataPlane  # noqa: E402
-from conftest import RELOAD_DELAY, free_port, wait_for  # noqa: E402
+from conftest import RELOAD_DELAY, free_port, steps, wait_for  # noqa: E402
 
 
 
@@ -177,18 +177,14 @@ def test_ready_after_the_start_budget_when_the_first_cycle_is_slow(tmp_path, arm
                                     "retries": 1, "timeout": 5},
                           "haproxy": {"password": "pw"}}, {})
 
-    class Scripted(m.Signals):
-        def sleep(self, seconds, watchdog=None):
-            pass
-
     notifier = m.Notifier({"NOTIFY_SOCKET": notify.path})
     started = time.monotonic()
     try:
         with FakeDataPlane(api="v3", reload_delay=RELOAD_DELAY) as dp:
             cfg = dataclasses.replace(cfg, haproxy=dataclasses.replace(cfg.haproxy, base_url=dp.url,
                                                                        password=dp.password))
-            m.run_forever(lambda: cfg, lambda c: m.AzureSource(c), lambda c: m.DataPlane(c.haproxy), Scripted(),
-                          max_cycles=1, notifier=notifier, start_budget=0.5)
+            m.Daemon(lambda: cfg, lambda c: m.AzureSource(c), lambda c: m.DataPlane(c.haproxy),
+                     notifier=notifier).run(m.Signals(), max_cycles=1, start_budget=0.5)
         time.sleep(0.3)
     finally:
         notify.close()
@@ -333,18 +329,15 @@ def test_two_hundred_reloads_leave_the_socket_count_flat(arm):
                                         "retries": 1, "timeout": 5},
                               "haproxy": {"base_url": dp.url, "password": dp.password}}, {})
 
-        class Reloading(m.Signals):
-            def sleep(self, seconds, watchdog=None):
-                self.reload.set()
-                reloads = len(counts.setdefault("cycles", []))
-                counts["cycles"].append(1)
-                if reloads in (10, 200):
-                    counts[reloads] = socket_count()
+        def reload(_delay):
+            daemon.reload()
+            reloads = len(counts.setdefault("cycles", []))
+            counts["cycles"].append(1)
+            if reloads in (10, 200):
+                counts[reloads] = socket_count()
 
-        signals = Reloading()
-        m.run_forever(lambda: cfg, lambda c: m.AzureSource(c), lambda c: m.DataPlane(c.haproxy), signals,
-                      max_cycles=202)
-        signals.restore()
+        daemon = m.Daemon(lambda: cfg, lambda c: m.AzureSource(c), lambda c: m.DataPlane(c.haproxy))
+        steps(daemon, 202, reload)
         assert dp.open_transactions() == []
     assert counts[200] - counts[10] <= 5, counts      # a client left open per reload would add ~190
     print(f"\n200 reloads: sockets {counts[10]} after 10, {counts[200]} after 200")
@@ -385,17 +378,15 @@ def test_a_new_skip_in_a_steady_estate_is_warned_about_once(arm, caplog):
                               "haproxy": {"base_url": dp.url, "password": dp.password}}, {})
         results = []
 
-        class Hook(m.Signals):
-            def sleep(self, seconds, watchdog=None):
-                if len(results) == 1:
-                    arm.estate.add_vm(Vm(name="vm-bad-port", private_ip="10.0.9.9", tags=service_tags("web", "80x"),
-                                         subscription=DEFAULT_SUBSCRIPTION, resource_group="rg-app-0",
-                                         location="eastus"))
-                results.append(None)
+        def hook(_delay):
+            if len(results) == 1:
+                arm.estate.add_vm(Vm(name="vm-bad-port", private_ip="10.0.9.9", tags=service_tags("web", "80x"),
+                                     subscription=DEFAULT_SUBSCRIPTION, resource_group="rg-app-0",
+                                     location="eastus"))
+            results.append(None)
 
         with caplog.at_level("INFO", logger="haproxy_azure_discovery"):
-            m.run_forever(lambda: cfg, lambda c: m.AzureSource(c), lambda c: m.DataPlane(c.haproxy), Hook(),
-                          max_cycles=5)
+            steps(m.Daemon(lambda: cfg, lambda c: m.AzureSource(c), lambda c: m.DataPlane(c.haproxy)), 5, hook)
     cycles = [r.result for r in caplog.records if getattr(r, "event", "") == "cycle"]
     warned = [r.getMessage() for r in caplog.records if getattr(r, "event", "") == "skip"]
     assert cycles == ["applied", "steady", "steady", "steady", "steady"]

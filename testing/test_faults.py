@@ -23,7 +23,7 @@ sys.path.insert(0, os.path.dirname(HERE))
 import haproxy_azure_discovery as m  # noqa: E402
 from fake_arm import DEFAULT_SUBSCRIPTION, FakeArm, Vm, make_estate, service_tags  # noqa: E402
 from fake_dataplane import PATH_TRANSACTION, PATH_TRANSACTIONS, FakeDataPlane  # noqa: E402
-from conftest import RELOAD_DELAY, azure_env  # noqa: E402
+from conftest import RELOAD_DELAY, azure_env, steps  # noqa: E402
 
 INTERVAL, BASE = 10.0, 1.0
 WEB = "azure-web-8080-eastus"
@@ -63,18 +63,6 @@ MATRIX = [
     ("dataplane connection refused", refused, "FFF"),
     ("dataplane hang past the timeout", dataplane("GET", ".", delay=2.5, times=None), "FFF"),
 ]
-
-
-class Signals(m.Signals):
-    """Records the sleeps instead of sleeping, and runs a hook between cycles."""
-
-    def __init__(self, hook):
-        super().__init__()
-        self.sleeps, self.hook = [], hook
-
-    def sleep(self, seconds, watchdog=None):
-        self.sleeps.append(seconds)
-        self.hook(len(self.sleeps))
 
 
 def vm(name: str, address: str) -> Vm:
@@ -120,7 +108,8 @@ def test_fault_matrix(bed, name, fault, outcome):
     clients: list[m.DataPlane] = []
     seen: list[tuple[set, list]] = []
 
-    def between_cycles(n):
+    def between_cycles(_delay):
+        n = len(seen) + 1
         seen.append((live(dp), dp.open_transactions()))
         if n == 1:                       # the estate changes while the fault is on
             arm.estate.remove("vm-0000")
@@ -136,9 +125,8 @@ def test_fault_matrix(bed, name, fault, outcome):
         clients.append(m.DataPlane(c.haproxy))
         return clients[0]
 
-    signals = Signals(between_cycles)
-    m.run_forever(lambda: cfg, lambda c: m.AzureSource(c), make_dataplane, signals, max_cycles=5,
-                  rand=lambda: 0.0)
+    sleeps = steps(m.Daemon(lambda: cfg, lambda c: m.AzureSource(c), make_dataplane, rand=lambda: 0.0), 5,
+                   between_cycles)
     before = {"10.0.0.4", "10.0.0.5", "10.0.0.6", "10.0.0.7"}
     after = {"10.0.0.5", "10.0.0.6", "10.0.0.7", "10.0.1.1"}
     assert seen[0] == (before, [])
@@ -151,9 +139,9 @@ def test_fault_matrix(bed, name, fault, outcome):
             assert seen[k - 1][0] == (after if "O" in outcome[:k - 2] else before), f"cycle {k} drained"
         else:
             assert seen[k - 1][0] == after, f"cycle {k} did not converge"
-    assert signals.sleeps == [INTERVAL, *expected_sleeps]   # growth 1, 2, 4 s; reset after success
+    assert sleeps == [INTERVAL, *expected_sleeps]   # growth 1, 2, 4 s; reset after success
     assert live(dp) == after and dp.open_transactions() == []
-    print(f"\n{name}: cycles 2-4 {outcome}, sleeps {signals.sleeps}")
+    print(f"\n{name}: cycles 2-4 {outcome}, sleeps {sleeps}")
 
 
 def rss_kb() -> int:

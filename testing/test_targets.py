@@ -21,7 +21,7 @@ from fake_arm import DEFAULT_SUBSCRIPTION, make_estate
 from fake_dataplane import FakeDataPlane
 
 import haproxy_azure_discovery as m
-from conftest import RELOAD_DELAY, free_port, wait_for
+from conftest import RELOAD_DELAY, free_port, steps, wait_for
 
 WEB = "azure-web-8080-eastus"
 TXN_COMMIT = r"/services/haproxy/transactions/[^/]+$"
@@ -199,33 +199,31 @@ def test_the_healthy_target_stays_steady_while_the_other_backs_off(pair, caplog,
     cfg = m.parse_config(raw_config(arm, target(v2, "hap-v2"), target(v3, "hap-v3", timeout=1),
                                     polling={"interval_seconds": 30, "jitter_seconds": 0},
                                     metrics={"listen": f"127.0.0.1:{port}"}), {})
-    clock, cycles = Clock(), []
+    clock, cycles, logged = Clock(), [], [0]
 
-    class Watching(m.Signals):
-        def sleep(self, seconds, watchdog=None):
-            with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5) as r:
-                metrics = r.read().decode()
-            try:
-                with urllib.request.urlopen(f"http://127.0.0.1:{port}/healthz", timeout=5) as r:
-                    health = r.status, r.read().decode()
-            except urllib.error.HTTPError as e:
-                health = e.code, e.read().decode()
-            tried = {r.target for r in caplog.records[self.seen:] if getattr(r, "event", "") in ("cycle", "cycle_failed")}
-            self.seen = len(caplog.records)
-            cycles.append({"sleep": seconds, "v2": v2.count_requests(), "v3": v3.count_requests(), "tried": tried,
-                           "health": health, "metrics": metrics})
-            v2.reset_requests()
-            v3.reset_requests()
-            clock.now += seconds
-            if len(cycles) == 1:            # the v3 host goes down ...
-                v3.stop() if down == "refused" else v3.add_fault("*", r".*", delay=5, times=None)
-            if len(cycles) == 9:            # ... and comes back (on the same port)
-                v3.start() if down == "refused" else v3.clear_faults()
-    signals = Watching()
-    signals.seen = 0
+    def watch(seconds):
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5) as r:
+            metrics = r.read().decode()
+        try:
+            with urllib.request.urlopen(f"http://127.0.0.1:{port}/healthz", timeout=5) as r:
+                health = r.status, r.read().decode()
+        except urllib.error.HTTPError as e:
+            health = e.code, e.read().decode()
+        tried = {r.target for r in caplog.records[logged[0]:]
+                 if getattr(r, "event", "") in ("cycle", "cycle_failed")}
+        logged[0] = len(caplog.records)
+        cycles.append({"sleep": seconds, "v2": v2.count_requests(), "v3": v3.count_requests(), "tried": tried,
+                       "health": health, "metrics": metrics})
+        v2.reset_requests()
+        v3.reset_requests()
+        clock.now += seconds
+        if len(cycles) == 1:            # the v3 host goes down ...
+            v3.stop() if down == "refused" else v3.add_fault("*", r".*", delay=5, times=None)
+        if len(cycles) == 9:            # ... and comes back (on the same port)
+            v3.start() if down == "refused" else v3.clear_faults()
     with caplog.at_level(logging.INFO, logger="haproxy_azure_discovery"):
-        m.run_forever(lambda: cfg, lambda c: m.AzureSource(c), lambda c: m.DataPlane(c.haproxy), signals,
-                      max_cycles=12, rand=lambda: 0.0, clock=clock)
+        steps(m.Daemon(lambda: cfg, lambda c: m.AzureSource(c), lambda c: m.DataPlane(c.haproxy),
+                       clocks=m.Clocks(monotonic=clock), rand=lambda: 0.0), 12, watch)
     assert live(v2) == WANT and live(v3) == WANT
     assert [c["v2"] for c in cycles[1:]] == [1] * 10               # steady: GET configuration/version
     tried = ["hap-v3" in c["tried"] for c in cycles]
@@ -263,11 +261,8 @@ def test_a_reload_puts_a_new_targets_list_to_use(pair):
         made.append(c.haproxy.base_url)
         return Closing(c.haproxy)
 
-    class Reloading(m.Signals):
-        def sleep(self, seconds, watchdog=None):
-            self.reload.set()
-    m.run_forever(lambda: configs.pop(0) if configs else m.parse_config(raw_config(arm, target(v3, "hap-v3")), {}),
-                  lambda c: m.AzureSource(c), make, Reloading(), max_cycles=2)
+    daemon = m.Daemon(lambda: configs.pop(0), lambda c: m.AzureSource(c), make)
+    steps(daemon, 2, lambda delay: daemon.reload())
     assert made == [v2.url, v3.url] and closed == [v2.url, v3.url]
     assert live(v2) == WANT and live(v3) == WANT
 
