@@ -53,7 +53,8 @@ Faults: ``add_fault(method, PATH_..., status=, message=, delay=, drop=, times=, 
 a reload takes), ``runtime_broken``, ``runtime_gap``; ``restart()`` (dataplaneapi restarts).
 Changes behind the client's back (another party wrote the file and HAProxy reloaded it):
 ``seed()``, ``edit_server()``, ``remove_server()``, ``remove_backend()``. A real HAProxy:
-``live=True`` or ``live=LiveHAProxy(...)`` (``fake.live.reload_count()`` is HAProxy's own count).
+``live=True`` or ``live=LiveHAProxy(...)`` (testing/live_haproxy.py; ``fake.live.reload_count()``
+is HAProxy's own count).
 
 Standalone, until SIGTERM or Ctrl-C::
 
@@ -279,9 +280,10 @@ from urllib.parse import parse_qs, unquote, urlsplit
 
 import jsonschema
 
+from live_haproxy import HAPROXY_BIN, LiveHAProxy   # the haproxy binary; a real HAProxy (live=)
+
 # === Constants ===
 
-HAPROXY_BIN = os.environ.get("FAKE_DATAPLANE_HAPROXY", "/usr/sbin/haproxy")
 DEFAULT_USERNAME = "admin"
 DEFAULT_PASSWORD = "adminpwd"
 MAX_OPEN_TRANSACTIONS = 20      # dataplaneapi's --max-open-transactions default
@@ -994,207 +996,6 @@ def check_error_message(status: int, output: str, transaction_id: str) -> str:
     return "\n".join(parts)
 
 
-# === Live HAProxy ===
-
-def _unix_command(path: str, command: str, timeout: float = 5.0) -> str:
-    """Send one command to an HAProxy CLI socket and return the whole answer."""
-    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
-        sock.settimeout(timeout)
-        sock.connect(path)
-        sock.sendall(command.encode() + b"\n")
-        chunks = []
-        while True:
-            chunk = sock.recv(65536)
-            if not chunk:
-                break
-            chunks.append(chunk)
-    return b"".join(chunks).decode(errors="replace")
-
-
-_RUNTIME_OK = re.compile(r"^$|changed from|no need to change|New server registered", re.S)
-
-
-class LiveHAProxy:
-    """A real HAProxy in master-worker mode, driven the way dataplaneapi drives it.
-
-    The emulator writes each new configuration to `cfg_path`, reloads through
-    the master CLI (`reload`) and applies runtime-capable server changes on the
-    stats socket. Everything lives in `workdir` (unix sockets, pid file, log).
-    """
-
-    def __init__(self, workdir: str | None = None, haproxy_bin: str = HAPROXY_BIN,
-                 timeout: float = 10.0):
-        self._own_workdir = workdir is None
-        self.workdir = workdir or tempfile.mkdtemp(prefix="fdp-live-")
-        self.haproxy_bin = haproxy_bin
-        self.timeout = timeout
-        self.cfg_path = os.path.join(self.workdir, "haproxy.cfg")
-        self.master_socket = os.path.join(self.workdir, "master.sock")
-        self.stats_socket = os.path.join(self.workdir, "stats.sock")
-        self.pid_file = os.path.join(self.workdir, "haproxy.pid")
-        self.log_path = os.path.join(self.workdir, "haproxy.log")
-        self._proc: subprocess.Popen | None = None
-
-    @property
-    def running(self) -> bool:
-        return self._proc is not None and self._proc.poll() is None
-
-    def global_lines(self) -> list[str]:
-        """Lines for the global section: the admin stats socket that also hands over listeners."""
-        return [f"stats socket {self.stats_socket} mode 600 level admin expose-fd listeners",
-                "stats timeout 30s"]
-
-    def write_config(self, text: str) -> None:
-        tmp = self.cfg_path + ".tmp"
-        with open(tmp, "w", encoding="utf-8") as f:
-            f.write(text)
-        os.replace(tmp, self.cfg_path)
-
-    def start(self, text: str) -> None:
-        """Write `text` and start `haproxy -W -S master.sock -f cfg -p pidfile`."""
-        self.write_config(text)
-        with open(self.log_path, "ab") as log:
-            self._proc = subprocess.Popen(
-                [self.haproxy_bin, "-W", "-S", self.master_socket, "-f", self.cfg_path,
-                 "-p", self.pid_file],
-                stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,
-                start_new_session=True)     # its own process group: stop() kills master and workers
-        try:
-            self._wait_for(lambda: self._worker_pid_if_ready(None) and self._master_answers(),
-                           "HAProxy to start")
-        except Exception:
-            self.stop()
-            raise
-
-    def reload(self) -> tuple[bool, str]:
-        """Reload through the master CLI and wait for the new worker: (succeeded, message)."""
-        before = self.show_proc()
-        try:
-            _unix_command(self.master_socket, "reload", timeout=self.timeout)
-        except OSError:
-            pass                             # the master closes the CLI while it re-executes
-        state = self._wait_for(lambda: self._reload_settled(before), "HAProxy to reload")
-        if state["failed"] > before["failed"]:
-            return False, "reload failed: " + self.log_tail(4)
-        self._wait_for(lambda: self._worker_pid_if_ready(state["workers"][0]), "the new worker")
-        return True, ""
-
-    def runtime(self, command: str) -> tuple[bool, str]:
-        """Run a stats-socket command: (looks successful, answer)."""
-        try:
-            answer = _unix_command(self.stats_socket, command, timeout=self.timeout).strip()
-        except OSError as exc:
-            return False, str(exc)
-        return bool(_RUNTIME_OK.search(answer)), answer
-
-    def show_stat(self) -> dict:
-        """{(backend, server): {"scur": n, "status": "UP"...}} from `show stat` (CSV)."""
-        _, answer = self.runtime("show stat")
-        lines = answer.lstrip("# ").splitlines()
-        if not lines:
-            return {}
-        head = lines[0].split(",")
-        out = {}
-        for line in lines[1:]:
-            row = dict(zip(head, line.split(",")))
-            if row.get("svname") not in (None, "FRONTEND", "BACKEND") and row.get("scur", "").isdigit():
-                out[(row["pxname"], row["svname"])] = {"scur": int(row["scur"]), "status": row.get("status", "")}
-        return out
-
-    def master(self, command: str) -> str:
-        """Run a master CLI command (the master keeps the connection open, hence `; quit`)."""
-        return _unix_command(self.master_socket, f"{command}; quit", timeout=self.timeout)
-
-    def show_proc(self) -> dict:
-        """Parse `show proc`: {"reloads": N, "failed": N, "workers": [current worker pids]}."""
-        text = self.master("show proc")
-        head = re.search(r"^\d+\s+master\s+(\d+)\s+\[failed:\s*(\d+)\]", text, re.M)
-        if not head:
-            raise RuntimeError(f"unexpected `show proc` answer: {text!r}")
-        section = text.split("# workers", 1)[1].split("#", 1)[0] if "# workers" in text else ""
-        workers = [int(line.split()[0]) for line in section.splitlines() if line.strip()]
-        return {"reloads": int(head.group(1)), "failed": int(head.group(2)), "workers": workers}
-
-    def reload_count(self) -> int:
-        """Reloads HAProxy's master reports in `show proc` (it counts failed ones too)."""
-        return self.show_proc()["reloads"]
-
-    def log_tail(self, lines: int = 20) -> str:
-        try:
-            with open(self.log_path, encoding="utf-8", errors="replace") as f:
-                return "".join(f.readlines()[-lines:])
-        except OSError:
-            return ""
-
-    def stop(self) -> None:
-        """Stop the master and every worker (their process group), then reap them."""
-        proc, self._proc = self._proc, None
-        if proc is None:
-            return
-        for sig, wait in ((signal.SIGTERM, 5.0), (signal.SIGKILL, 5.0)):
-            try:
-                os.killpg(proc.pid, sig)
-            except ProcessLookupError:
-                break
-            try:
-                proc.wait(timeout=wait)
-                break
-            except subprocess.TimeoutExpired:
-                continue
-        try:                                   # workers orphaned by the master's death
-            os.killpg(proc.pid, signal.SIGKILL)
-        except ProcessLookupError:
-            pass
-
-    def cleanup(self) -> None:
-        """Stop, and remove the work directory if this object created it."""
-        self.stop()
-        if self._own_workdir:
-            shutil.rmtree(self.workdir, ignore_errors=True)
-
-    def _worker_pid_if_ready(self, wanted: int | None):
-        """The pid answering on the stats socket, once it is `wanted` (or any, if None)."""
-        if self._proc is None or self._proc.poll() is not None:
-            raise RuntimeError("HAProxy exited:\n" + self.log_tail())
-        try:
-            info = _unix_command(self.stats_socket, "show info", timeout=1.0)
-        except OSError:
-            return None
-        pid = re.search(r"^Pid: (\d+)", info, re.M)
-        if pid and (wanted is None or int(pid.group(1)) == wanted):
-            return int(pid.group(1))
-        return None
-
-    def _master_answers(self) -> bool:
-        """The master CLI listens a moment after the first worker is up."""
-        try:
-            self.show_proc()
-        except (OSError, RuntimeError):
-            return False
-        return True
-
-    def _reload_settled(self, before: dict):
-        try:
-            state = self.show_proc()
-        except (OSError, RuntimeError):
-            return None
-        if state["failed"] > before["failed"]:
-            return state
-        if state["reloads"] > before["reloads"] and state["workers"] \
-                and state["workers"][0] not in before["workers"]:
-            return state
-        return None
-
-    def _wait_for(self, probe, what: str):
-        deadline = time.monotonic() + self.timeout
-        while time.monotonic() < deadline:
-            result = probe()
-            if result:
-                return result
-            time.sleep(0.02)
-        raise TimeoutError(f"timed out waiting for {what}:\n{self.log_tail()}")
-
-
 # === Faults and recorded requests ===
 
 class Fault:
@@ -1267,192 +1068,30 @@ class _ReloadAgent:
 
 # === The emulator ===
 
-class FakeDataPlane:
-    """An HAProxy Data Plane API emulator (one dataplaneapi release per instance).
+# FakeDataPlane is made of parts that share one instance, its state and its self._lock:
+#
+#   the store      _ConfigStore    versions, the committed configuration (backends and servers),
+#                                  transactions, the `haproxy -c` check, edits behind the client's back
+#                  _ReloadStore    the reload agent: ticker, reload ids and records, HAProxy reloads
+#                  _RuntimeStore   what HAProxy runs: runtime commands and runtime state
+#                  _Store          the three together, and the state they keep (its __init__)
+#   the front      _Requests       query parameters and bodies, checked the way the release checks
+#                  _Router         the route table, authentication, faults, recorded requests
+#   the endpoints, one class per resource (the route table names each handler):
+#                  _InfoEndpoints         /info, configuration/version, configuration/raw
+#                  _TransactionEndpoints  /services/haproxy/transactions[/{id}]
+#                  _ReloadEndpoints       /services/haproxy/reloads[/{id}]
+#                  _BackendEndpoints      configuration/backends[/{name}]
+#                  _ServerEndpoints       configuration/[backends/{parent}/]servers[/{name}]
+#                  _RuntimeEndpoints      runtime/[backends/{parent}/]servers/{name}, stats/native
+#
+# Handlers run under self._lock (but for the reload agent's own); see _Router._serve.
 
-    Constructor arguments:
-      api                   "v2" or "v3" (kept for old callers): personality "2.9" or "3.4"
-      personality           one of PERSONALITIES ("2.9", "3.0", "3.2", "3.3.6", "3.4"); wins over api
-      port                  TCP port on 127.0.0.1; 0 picks a free one
-      username, password    basic auth; password=None disables auth
-      base_config           text placed after `defaults` (frontends...); default:
-                            frontend_config(self.frontend_port) with no backend
-      check_config          run `haproxy -c` on every change (False for big benchmarks)
-      haproxy_bin           the haproxy binary used for checks and live mode
-      max_open_transactions 429 beyond this many transactions in progress
-      runtime_add_server    plain server POST may use runtime `add server`
-                            (default: the personality's; False for 2.9)
-      reject_unknown_fields answer 422 for unknown body fields (default False: no release
-                            does; they are recorded in violations and forgotten either way)
-      forget_fields         {model: {field, ...}}: the server answers 2xx for these fields
-                            and does not keep them ("backend", "server"; servers inside a
-                            full-section backend count as "server"); see fake.forgotten
-      rng                   a random.Random or a seed, for Go's map order (personality 3.0)
-      live                  None, True, or a LiveHAProxy: drive a real HAProxy
-      spec_dir              where the specification files are
-      reload_delay          the reload agent's ticker period in seconds (dataplaneapi's
-                            --reload-delay): at each tick the one pending reload runs, shared
-                            by every reload asked for since the last tick. Default 5 s, as
-                            there; 0 also means 5 s there and here. Tests pass e.g. 0.05.
-      reload_retention      days a failed reload stays listed (--reload-retention, 1)
-    """
 
-    def __init__(self, api: str | None = None, *, personality: str | None = None,
-                 port: int = 0, username: str = DEFAULT_USERNAME,
-                 password: str | None = DEFAULT_PASSWORD, base_config: str | None = None,
-                 check_config: bool = True, haproxy_bin: str = HAPROXY_BIN,
-                 max_open_transactions: int = MAX_OPEN_TRANSACTIONS,
-                 runtime_add_server: bool | None = None, reject_unknown_fields: bool | None = None,
-                 live: "LiveHAProxy | bool | None" = None, spec_dir: str | None = None,
-                 reload_delay: float = DEFAULT_RELOAD_DELAY, reload_retention: float = DEFAULT_RELOAD_RETENTION,
-                 forget_fields: dict | None = None,
-                 rng: random.Random | int | None = None):
-        if api is not None and api not in API_PERSONALITY:
-            raise ValueError(f"api must be 'v2' or 'v3', got {api!r}")
-        if personality is None:
-            personality = API_PERSONALITY[api or "v3"]
-        if personality not in PERSONALITIES:
-            raise ValueError(f"personality must be one of {sorted(PERSONALITIES)}, got {personality!r}")
-        if check_config and not os.access(haproxy_bin, os.X_OK):
-            raise FileNotFoundError(f"haproxy binary not found: {haproxy_bin}")
-        self.personality = personality
-        self.traits = PERSONALITIES[personality]
-        self.api = self.traits.api
-        self.base = "/" + self.api
-        self.username, self.password = username, password
-        self.check_config = check_config
-        self.haproxy_bin = haproxy_bin
-        self.max_open_transactions = max_open_transactions
-        self.runtime_add_server = self.traits.runtime_add_server if runtime_add_server is None \
-            else runtime_add_server
-        self.reject_unknown_fields = bool(reject_unknown_fields)
-        self.forget_fields = {model: set(fields) for model, fields in (forget_fields or {}).items()}
-        self._rng = rng if isinstance(rng, random.Random) else random.Random(rng)
-        self.live = LiveHAProxy(haproxy_bin=haproxy_bin) if live is True else (live or None)
-        self.frontend_port = _free_port()
-        self.base_config = base_config if base_config is not None else frontend_config(self.frontend_port)
-        spec_dir = spec_dir or default_spec_dir()
-        self._models = load_models(os.path.join(spec_dir, SPEC_FILES[self.traits.spec]), self.traits.absent)
-
-        self._lock = threading.RLock()
-        self._config = _Config()
-        self._version = 1
-        self._transactions: dict[str, _Transaction] = {}
-        self._faults: list[Fault] = []
-        # The reload agent and what it reloads. The configuration file (_disk) is what commits
-        # write; the last-known-good copy (_lkg) is the file as of the last successful reload;
-        # HAProxy runs what it loaded then (_running_base), changed since by runtime commands
-        # (_running). Each is a (_Config, version) pair or a _Config; committed _Configs are
-        # never written to, so sharing them is safe.
-        self.reload_delay = float(reload_delay) if reload_delay and reload_delay > 0 else DEFAULT_RELOAD_DELAY
-        self.reload_retention = reload_retention
-        self.reload_duration = 0.0               # seconds one reload takes (not live: emulated)
-        self._agent = _ReloadAgent()
-        self._agent_lock = threading.Lock()      # the agent's cache lock: held during a reload
-        self._commit_lock = threading.Lock()     # the commit handler's mutex
-        self._haproxy_lock = threading.Lock()    # one HAProxy reload at a time
-        self._ticker_thread: threading.Thread | None = None
-        self._ticker_wake = threading.Event()    # stop() or restart()
-        self._clock = time.time                  # reload timestamps and retention (tests may replace)
-        self._disk = (self._config, self._version)
-        self._lkg = self._disk
-        self._running_base = self._disk
-        self._running = self._config
-        self._routes = self._build_routes()
-        self._tmpdir: str | None = None         # for `haproxy -c` files, made on first use
-        self._stopping = threading.Event()
-        self._server: ThreadingHTTPServer | None = None
-        self._thread: threading.Thread | None = None
-        self._requested_port = port
-
-        # Introspection for tests (read them; reset_requests() clears requests).
-        self.requests: list[RecordedRequest] = []
-        self.violations: list[str] = []       # client bugs: assert fake.violations == []
-        self.forgotten: list[tuple[str, str]] = []   # (model, field) answered 2xx and not kept
-        self.errors: list[str] = []           # emulator crashes (answered 500)
-        self.runtime_changes: list[str] = []  # runtime commands dataplaneapi would issue
-        self.reloads = 0                      # HAProxy reloads performed (failed ones too)
-        self.reload_history: list[dict] = []  # {"id", "status", "recorded"} of every reload performed
-        self.external_reloads = 0             # live reloads caused by seed()/edit_*()
-        self.restarts = 0                     # restart() calls
-        self.commits = 0
-        self.checks = 0
-        self.check_failures = 0
-        self.last_check_output = ""
-        self.unrendered: list[str] = []       # fields the renderer could not express
-        # Faults of HAProxy itself (set them directly, or reload_fail()):
-        self.fail_reloads = 0                 # the next N reloads fail (reload command exits non-zero)
-        self.runtime_broken = False           # every runtime command fails (no runtime socket)
-        self.runtime_gap = 0.0                # seconds between two runtime commands of one write
-        # Runtime server state (the runtime server and native stats endpoints): admin states set
-        # at runtime ("drain"), forgotten by every reload as HAProxy forgets them; and, without
-        # a live HAProxy, each server's current sessions (scur) as a test sets them.
-        self.admin_states: dict[tuple[str, str], str] = {}
-        self.operational_states: dict[tuple[str, str], str] = {}   # `set server ... health` at runtime
-        self.sessions: dict[tuple[str, str], int] = {}
-
-    # --- lifecycle ---
-
-    def start(self) -> "FakeDataPlane":
-        """Listen on 127.0.0.1, start the reload agent's ticker (and the live HAProxy, if any)."""
-        self._stopping.clear()
-        if self.live is not None and not self.live.running:
-            with self._lock:
-                self._check(self._config, "start", version=self._version, error=SeedError)
-                self.live.start(self._render(self._config, self._version))
-        self._server = ThreadingHTTPServer(("127.0.0.1", self._requested_port), _Handler)
-        self._server.daemon_threads = True
-        self._server.block_on_close = False
-        self._server.fake = self
-        self._thread = threading.Thread(target=self._server.serve_forever, kwargs={"poll_interval": 0.05},
-                                        name=f"fake-dataplane-{self.personality}", daemon=True)
-        self._thread.start()
-        if self._ticker_thread is None:
-            self._ticker_thread = threading.Thread(target=self._ticker, name="fake-dataplane-reloads",
-                                                   daemon=True)
-            self._ticker_thread.start()
-        return self
-
-    def stop(self) -> None:
-        """Stop serving (interrupting injected hangs), the ticker, and the live HAProxy."""
-        self._stopping.set()
-        self._ticker_wake.set()
-        if self._server is not None:
-            self._server.shutdown()
-            self._server.server_close()
-            self._server = None
-        if self._thread is not None:
-            self._thread.join(timeout=5)
-            self._thread = None
-        if self._ticker_thread is not None:
-            self._ticker_thread.join(timeout=10)
-            self._ticker_thread = None
-        if self.live is not None:
-            self.live.cleanup()
-        if self._tmpdir is not None:
-            shutil.rmtree(self._tmpdir, ignore_errors=True)
-            self._tmpdir = None
-
-    def __enter__(self) -> "FakeDataPlane":
-        return self.start()
-
-    def __exit__(self, *exc) -> None:
-        self.stop()
-
-    @property
-    def port(self) -> int:
-        return self._server.server_address[1] if self._server else self._requested_port
-
-    @property
-    def url(self) -> str:
-        """Base URL for the client (without /v2 or /v3)."""
-        return f"http://127.0.0.1:{self.port}"
-
-    @property
-    def api_url(self) -> str:
-        return self.url + self.base
-
-    # --- introspection ---
+class _ConfigStore:
+    """The configuration dataplaneapi keeps: the version, the committed configuration (what every
+    GET answers) and the file, the transactions, the `haproxy -c` check of every change, and the
+    changes another party makes behind the client's back. Part of _Store."""
 
     @property
     def version(self) -> int:
@@ -1482,16 +1121,6 @@ class FakeDataPlane:
         with self._lock:
             return {t.id: t.status for t in self._transactions.values()}
 
-    def reset_requests(self) -> None:
-        with self._lock:
-            self.requests.clear()
-
-    def count_requests(self, method: str | None = None, path: str | None = None) -> int:
-        """How many recorded requests match `method` and the regex `path` (searched in the full path)."""
-        with self._lock:
-            return sum(1 for r in self.requests
-                       if (method is None or r.method == method) and (path is None or re.search(path, r.path)))
-
     def render(self) -> str:
         """The haproxy.cfg of the committed configuration (what every GET answers)."""
         with self._lock:
@@ -1502,107 +1131,6 @@ class FakeDataPlane:
         last-known-good copy put back (a restart() reads it)."""
         with self._lock:
             return self._render(*self._disk)
-
-    def running_render(self) -> str:
-        """The haproxy.cfg HAProxy loaded at its last successful reload (what it runs, but
-        for runtime changes since: see running_backends)."""
-        with self._lock:
-            return self._render(*self._running_base)
-
-    @property
-    def running_backends(self) -> dict:
-        """What HAProxy runs, like `backends`: the last successful reload's configuration with
-        the runtime changes made since (addresses, ports, weights, servers added at runtime;
-        admin states are in admin_states)."""
-        with self._lock:
-            return {name: {**copy.deepcopy(b.fields), "servers": copy.deepcopy(b.servers)}
-                    for name, b in self._running.backends.items()}
-
-    @property
-    def pending_reload(self) -> str | None:
-        """The id of the reload waiting for the next tick, if any."""
-        return self._agent.next or None
-
-    @property
-    def reloading(self) -> bool:
-        """A reload is running (GET /services/haproxy/reloads/... waits for it)."""
-        return bool(self._agent.current)
-
-    def wait_reloads(self, timeout: float = 10.0) -> bool:
-        """Wait until no reload is pending or running (the next tick came and went): True,
-        or False after `timeout` seconds."""
-        deadline = time.monotonic() + timeout
-        while True:
-            if self._agent_lock.acquire(timeout=max(0.0, deadline - time.monotonic())):
-                try:
-                    if not self._agent.next and not self._agent.current:
-                        return True
-                finally:
-                    self._agent_lock.release()
-            if time.monotonic() >= deadline:
-                return False
-            time.sleep(min(0.01, self.reload_delay / 4))
-
-    def restart(self) -> None:
-        """Restart dataplaneapi (HAProxy keeps running):
-
-        * the reload agent starts afresh (NewReloadAgent, v2.9.27 haproxy/reload_agent.go:93-137):
-          a pending reload is lost and never runs, the records are forgotten (old ids answer
-          404, or a made-up "succeeded" once a newer success exists, GetReload :446-468), the
-          id counter starts at 0 again, the ticker starts a new period, and the file as it is
-          becomes the last-known-good copy ("assume it is valid when starting", :129-132);
-        * the configuration is read from the file (client-native configuration.New,
-          v5.1.27 configuration/interface.go:120-142), version from its `# _version` line:
-          after a failed reload that is the last-known-good configuration, so the version
-          can go back and what the API answered before is gone;
-        * transactions live as files in the transaction directory (persistent transactions,
-          dataplaneapi client-native/cn.go:37): in_progress ones are loaded again with their
-          own version (InitTransactionParsers, transaction-handling.go:36-59), failed and
-          outdated ones stay listed;
-        * nothing reloads HAProxy at startup (no Reload() call outside the handlers).
-        """
-        with self._agent_lock:                    # a reload under way ends first
-            with self._lock:
-                self._config, self._version = self._disk
-                self._lkg = self._disk
-                self._agent = _ReloadAgent()
-                self.restarts += 1
-            self._ticker_wake.set()
-
-    def reload_fail(self, n: int = 1) -> None:
-        """The next `n` reloads fail (as fail_reloads += n)."""
-        with self._lock:
-            self.fail_reloads += n
-
-    # --- fault injection ---
-
-    def add_fault(self, method: str, path: str, *, status: int | None = None, message: str | None = None,
-                  delay: float = 0.0, drop: bool = False, times: int | None = 1,
-                  after: bool = False) -> Fault:
-        """Inject a fault into requests matching `method` ("*" = any) and the regex `path`.
-
-        The path is matched without its /v2|/v3 prefix (see the PATH_* constants).
-        delay: wait this long first (capped at MAX_FAULT_DELAY; stop() interrupts);
-        status: answer {"code": status, "message": message} instead of handling;
-        drop: close the connection without an answer;
-        after: handle the request normally first, then replace the answer (a lost answer);
-        times: how many requests it hits (None = until removed). Returns the Fault (.hits).
-        """
-        fault = Fault(method, path, status, message, delay, drop, times, after)
-        with self._lock:
-            self._faults.append(fault)
-        return fault
-
-    def remove_fault(self, fault: Fault) -> None:
-        with self._lock:
-            if fault in self._faults:
-                self._faults.remove(fault)
-
-    def clear_faults(self) -> None:
-        with self._lock:
-            self._faults.clear()
-
-    # --- edits behind the client's back ---
 
     def seed(self, backends: dict, *, replace: bool = True, bump: bool = True) -> None:
         """Install `backends` as if another party changed the configuration.
@@ -1675,8 +1203,6 @@ class FakeDataPlane:
         self.admin_states.clear()
         self.operational_states.clear()
 
-    # --- state transitions shared by the endpoints ---
-
     def _render(self, config: _Config, version: int) -> str:
         unrendered: list[str] = []
         text = render_haproxy_cfg(config.backends, version=version, base_config=self.base_config,
@@ -1710,10 +1236,106 @@ class FakeDataPlane:
         if self.live is not None and self.live.running:
             self.live.write_config(self._render(config, self._version))
 
-    # --- the reload agent (dataplaneapi v2.9.27 haproxy/reload_agent.go; v3.4.2 reload_agent/) ---
-    #
-    # Nothing here may be called with self._lock held: the agent lock is held for the whole
-    # of a reload, and the reload takes self._lock at its end.
+    def _commit_implicit(self, config: _Config) -> None:
+        """A plain write is client-native's implicit transaction: check, then install. One
+        that fails the check is moved to the failed transactions like any other
+        (SaveData -> CommitTransaction -> failTransaction, v5.1.27 transaction.go:697-724)."""
+        tid = str(uuid.uuid4())
+        try:
+            self._check(config, tid, version=self._version + 1)
+        except ApiError:
+            self._transactions[tid] = _Transaction(self._version, config, tid, FAILED)
+            raise
+        self._install(config)
+
+    def _target(self, tid: str, version: int) -> _Config:
+        """The configuration a write changes: the transaction's, or a fork for a plain write."""
+        if tid:
+            tx = self._transactions.get(tid)
+            # An outdated transaction is dropped: not 406/409 but 400 "does not exist"
+            # (dataplaneapi 2.9 misc/misc.go:84-89, handlers/transaction.go:88-94).
+            if tx is None or tx.status != IN_PROGRESS:
+                raise ApiError(400, f"transaction does not exist: {tid}")
+            return tx.config
+        if version != self._version:
+            raise ApiError(409, f"version mismatch: version in configuration file is {self._version}, "
+                                f"given version is {version}")
+        return self._config.fork()
+
+    def _read_config(self, req: _Request) -> tuple[_Config, int]:
+        """The configuration (and version) a read sees: committed, or the transaction's."""
+        tid = req.query.get("transaction_id", "")
+        if not tid:
+            return self._config, self._version
+        tx = self._transactions.get(tid)
+        if tx is None or tx.status != IN_PROGRESS:
+            raise ApiError(400, f"transaction does not exist: {tid}")
+        return tx.config, tx.version
+
+
+class _ReloadStore:
+    """The reload agent (dataplaneapi v2.9.27 haproxy/reload_agent.go; v3.4.2 reload_agent/): its
+    ticker, the pending and running reload, the records of past ones, and HAProxy's reloads
+    (rows f to i of the TABLE). Part of _Store.
+
+    Nothing here may be called with self._lock held: the agent lock is held for the whole
+    of a reload, and the reload takes self._lock at its end."""
+
+    @property
+    def pending_reload(self) -> str | None:
+        """The id of the reload waiting for the next tick, if any."""
+        return self._agent.next or None
+
+    @property
+    def reloading(self) -> bool:
+        """A reload is running (GET /services/haproxy/reloads/... waits for it)."""
+        return bool(self._agent.current)
+
+    def wait_reloads(self, timeout: float = 10.0) -> bool:
+        """Wait until no reload is pending or running (the next tick came and went): True,
+        or False after `timeout` seconds."""
+        deadline = time.monotonic() + timeout
+        while True:
+            if self._agent_lock.acquire(timeout=max(0.0, deadline - time.monotonic())):
+                try:
+                    if not self._agent.next and not self._agent.current:
+                        return True
+                finally:
+                    self._agent_lock.release()
+            if time.monotonic() >= deadline:
+                return False
+            time.sleep(min(0.01, self.reload_delay / 4))
+
+    def restart(self) -> None:
+        """Restart dataplaneapi (HAProxy keeps running):
+
+        * the reload agent starts afresh (NewReloadAgent, v2.9.27 haproxy/reload_agent.go:93-137):
+          a pending reload is lost and never runs, the records are forgotten (old ids answer
+          404, or a made-up "succeeded" once a newer success exists, GetReload :446-468), the
+          id counter starts at 0 again, the ticker starts a new period, and the file as it is
+          becomes the last-known-good copy ("assume it is valid when starting", :129-132);
+        * the configuration is read from the file (client-native configuration.New,
+          v5.1.27 configuration/interface.go:120-142), version from its `# _version` line:
+          after a failed reload that is the last-known-good configuration, so the version
+          can go back and what the API answered before is gone;
+        * transactions live as files in the transaction directory (persistent transactions,
+          dataplaneapi client-native/cn.go:37): in_progress ones are loaded again with their
+          own version (InitTransactionParsers, transaction-handling.go:36-59), failed and
+          outdated ones stay listed;
+        * nothing reloads HAProxy at startup (no Reload() call outside the handlers).
+        """
+        with self._agent_lock:                    # a reload under way ends first
+            with self._lock:
+                self._config, self._version = self._disk
+                self._lkg = self._disk
+                self._agent = _ReloadAgent()
+                self.restarts += 1
+            self._ticker_wake.set()
+
+    def reload_fail(self, n: int = 1) -> None:
+        """The next `n` reloads fail (as fail_reloads += n)."""
+        with self._lock:
+            self.fail_reloads += n
 
     def _ticker(self) -> None:
         """handleReloads (v2.9.27 :180-193): a time.Ticker of reload_delay; at each tick the
@@ -1847,17 +1469,33 @@ class FakeDataPlane:
                 return _Response(400, {"code": 400, "message": error})
         return response
 
-    def _commit_implicit(self, config: _Config) -> None:
-        """A plain write is client-native's implicit transaction: check, then install. One
-        that fails the check is moved to the failed transactions like any other
-        (SaveData -> CommitTransaction -> failTransaction, v5.1.27 transaction.go:697-724)."""
-        tid = str(uuid.uuid4())
-        try:
-            self._check(config, tid, version=self._version + 1)
-        except ApiError:
-            self._transactions[tid] = _Transaction(self._version, config, tid, FAILED)
-            raise
-        self._install(config)
+    def _reloading_answer(self, force: bool, forced_status: int, payload) -> _Response:
+        """The answer of a plain write that needs a reload: 202 + Reload-Id once the agent
+        gave one, or with force_reload the forced reload's status (or its 400)."""
+        if force:
+            return _Response(forced_status, payload, reload="force")
+        return _Response(202, payload, reload="schedule")
+
+
+class _RuntimeStore:
+    """What HAProxy runs: the configuration of its last successful reload changed since by runtime
+    commands (addresses, weights, servers added), and the runtime states (admin, operational) that
+    the next reload forgets. Runtime commands go to the live HAProxy, if any. Part of _Store."""
+
+    def running_render(self) -> str:
+        """The haproxy.cfg HAProxy loaded at its last successful reload (what it runs, but
+        for runtime changes since: see running_backends)."""
+        with self._lock:
+            return self._render(*self._running_base)
+
+    @property
+    def running_backends(self) -> dict:
+        """What HAProxy runs, like `backends`: the last successful reload's configuration with
+        the runtime changes made since (addresses, ports, weights, servers added at runtime;
+        admin states are in admin_states)."""
+        with self._lock:
+            return {name: {**copy.deepcopy(b.fields), "servers": copy.deepcopy(b.servers)}
+                    for name, b in self._running.backends.items()}
 
     def _runtime(self, commands: list[str], added: dict | None = None) -> bool:
         """Issue runtime commands to HAProxy (the live one, if any), one at a time; False at
@@ -1954,14 +1592,72 @@ class FakeDataPlane:
         server = self._running_server(backend, name) or {}
         return "maint" if server.get("maintenance") == "enabled" else "ready"
 
-    def _reloading_answer(self, force: bool, forced_status: int, payload) -> _Response:
-        """The answer of a plain write that needs a reload: 202 + Reload-Id once the agent
-        gave one, or with force_reload the forced reload's status (or its 400)."""
-        if force:
-            return _Response(forced_status, payload, reload="force")
-        return _Response(202, payload, reload="schedule")
 
-    # --- request plumbing ---
+class _Store(_RuntimeStore, _ReloadStore, _ConfigStore):
+    """The emulator's state: what dataplaneapi, its reload agent and HAProxy hold between requests."""
+
+    def __init__(self, *, check_config: bool, haproxy_bin: str, live: LiveHAProxy | bool | None,
+                 base_config: str | None, reload_delay: float, reload_retention: float):
+        self.check_config = check_config
+        self.haproxy_bin = haproxy_bin
+        self.live = LiveHAProxy(haproxy_bin=haproxy_bin) if live is True else (live or None)
+        self.frontend_port = _free_port()
+        self.base_config = base_config if base_config is not None else frontend_config(self.frontend_port)
+
+        self._lock = threading.RLock()
+        self._config = _Config()
+        self._version = 1
+        self._transactions: dict[str, _Transaction] = {}
+        # The reload agent and what it reloads. The configuration file (_disk) is what commits
+        # write; the last-known-good copy (_lkg) is the file as of the last successful reload;
+        # HAProxy runs what it loaded then (_running_base), changed since by runtime commands
+        # (_running). Each is a (_Config, version) pair or a _Config; committed _Configs are
+        # never written to, so sharing them is safe.
+        self.reload_delay = float(reload_delay) if reload_delay and reload_delay > 0 else DEFAULT_RELOAD_DELAY
+        self.reload_retention = reload_retention
+        self.reload_duration = 0.0               # seconds one reload takes (not live: emulated)
+        self._agent = _ReloadAgent()
+        self._agent_lock = threading.Lock()      # the agent's cache lock: held during a reload
+        self._haproxy_lock = threading.Lock()    # one HAProxy reload at a time
+        self._ticker_thread: threading.Thread | None = None
+        self._ticker_wake = threading.Event()    # stop() or restart()
+        self._clock = time.time                  # reload timestamps and retention (tests may replace)
+        self._disk = (self._config, self._version)
+        self._lkg = self._disk
+        self._running_base = self._disk
+        self._running = self._config
+        self._tmpdir: str | None = None         # for `haproxy -c` files, made on first use
+        self._stopping = threading.Event()
+
+        # Introspection for tests (read them).
+        self.errors: list[str] = []           # emulator crashes (answered 500)
+        self.runtime_changes: list[str] = []  # runtime commands dataplaneapi would issue
+        self.reloads = 0                      # HAProxy reloads performed (failed ones too)
+        self.reload_history: list[dict] = []  # {"id", "status", "recorded"} of every reload performed
+        self.external_reloads = 0             # live reloads caused by seed()/edit_*()
+        self.restarts = 0                     # restart() calls
+        self.commits = 0
+        self.checks = 0
+        self.check_failures = 0
+        self.last_check_output = ""
+        self.unrendered: list[str] = []       # fields the renderer could not express
+        # Faults of HAProxy itself (set them directly, or reload_fail()):
+        self.fail_reloads = 0                 # the next N reloads fail (reload command exits non-zero)
+        self.runtime_broken = False           # every runtime command fails (no runtime socket)
+        self.runtime_gap = 0.0                # seconds between two runtime commands of one write
+        # Runtime server state (the runtime server and native stats endpoints): admin states set
+        # at runtime ("drain"), forgotten by every reload as HAProxy forgets them; and, without
+        # a live HAProxy, each server's current sessions (scur) as a test sets them.
+        self.admin_states: dict[tuple[str, str], str] = {}
+        self.operational_states: dict[tuple[str, str], str] = {}   # `set server ... health` at runtime
+        self.sessions: dict[tuple[str, str], int] = {}
+
+
+class _Requests:
+    """Reading a request the way the release reads it: flags and integers in the query (go-swagger
+    or oapi-codegen errors), a write's transaction_id/version/force_reload, the body checked
+    against the release's models (violations, forgotten fields: rows b, c), v2's wrapping and
+    parents."""
 
     def _violation(self, req: _Request, message: str) -> None:
         self.violations.append(f"{req.method} {req.path}: {message}")
@@ -2007,30 +1703,6 @@ class FakeDataPlane:
             raise ApiError(400, "version or transaction not specified: "
                                 "version or transaction not specified, specify only one")
         return tid, version, force
-
-    def _target(self, tid: str, version: int) -> _Config:
-        """The configuration a write changes: the transaction's, or a fork for a plain write."""
-        if tid:
-            tx = self._transactions.get(tid)
-            # An outdated transaction is dropped: not 406/409 but 400 "does not exist"
-            # (dataplaneapi 2.9 misc/misc.go:84-89, handlers/transaction.go:88-94).
-            if tx is None or tx.status != IN_PROGRESS:
-                raise ApiError(400, f"transaction does not exist: {tid}")
-            return tx.config
-        if version != self._version:
-            raise ApiError(409, f"version mismatch: version in configuration file is {self._version}, "
-                                f"given version is {version}")
-        return self._config.fork()
-
-    def _read_config(self, req: _Request) -> tuple[_Config, int]:
-        """The configuration (and version) a read sees: committed, or the transaction's."""
-        tid = req.query.get("transaction_id", "")
-        if not tid:
-            return self._config, self._version
-        tx = self._transactions.get(tid)
-        if tx is None or tx.status != IN_PROGRESS:
-            raise ApiError(400, f"transaction does not exist: {tid}")
-        return tx.config, tx.version
 
     def _body(self, req: _Request, model: str) -> dict:
         """The request body validated against `model`, normalized the way Go echoes it."""
@@ -2100,7 +1772,10 @@ class FakeDataPlane:
             raise ApiError(501, f"fake_dataplane emulates backend servers only, not {parent_type}")
         return parent_name
 
-    # --- routing ---
+
+class _Router:
+    """From an HTTP request to a handler and back: the route table, authentication, the
+    Configuration-Version header, injected faults and the recorded requests."""
 
     def _build_routes(self) -> list:
         backends = "/services/haproxy/configuration/backends"
@@ -2246,7 +1921,45 @@ class FakeDataPlane:
         expected = base64.b64encode(f"{self.username}:{self.password}".encode()).decode()
         return headers.get("Authorization", "") == f"Basic {expected}"
 
-    # --- endpoints: info, version, raw ---
+    def add_fault(self, method: str, path: str, *, status: int | None = None, message: str | None = None,
+                  delay: float = 0.0, drop: bool = False, times: int | None = 1,
+                  after: bool = False) -> Fault:
+        """Inject a fault into requests matching `method` ("*" = any) and the regex `path`.
+
+        The path is matched without its /v2|/v3 prefix (see the PATH_* constants).
+        delay: wait this long first (capped at MAX_FAULT_DELAY; stop() interrupts);
+        status: answer {"code": status, "message": message} instead of handling;
+        drop: close the connection without an answer;
+        after: handle the request normally first, then replace the answer (a lost answer);
+        times: how many requests it hits (None = until removed). Returns the Fault (.hits).
+        """
+        fault = Fault(method, path, status, message, delay, drop, times, after)
+        with self._lock:
+            self._faults.append(fault)
+        return fault
+
+    def remove_fault(self, fault: Fault) -> None:
+        with self._lock:
+            if fault in self._faults:
+                self._faults.remove(fault)
+
+    def clear_faults(self) -> None:
+        with self._lock:
+            self._faults.clear()
+
+    def reset_requests(self) -> None:
+        with self._lock:
+            self.requests.clear()
+
+    def count_requests(self, method: str | None = None, path: str | None = None) -> int:
+        """How many recorded requests match `method` and the regex `path` (searched in the full path)."""
+        with self._lock:
+            return sum(1 for r in self.requests
+                       if (method is None or r.method == method) and (path is None or re.search(path, r.path)))
+
+
+class _InfoEndpoints:
+    """GET /info, GET /services/haproxy/configuration/version and .../configuration/raw."""
 
     def _get_info(self, req: _Request) -> _Response:
         return _Response(200, {"api": {"version": f"{self.traits.release} fake_dataplane",
@@ -2267,7 +1980,9 @@ class FakeDataPlane:
         text = self._render(config, version)
         return _Response(200, self._wrap(version, text) if self.api == "v2" else text)
 
-    # --- endpoints: transactions ---
+
+class _TransactionEndpoints:
+    """/services/haproxy/transactions: list, start; /transactions/{id}: get, commit, delete (rows j, l)."""
 
     def _tx_or_404(self, tid: str) -> _Transaction:
         tx = self._transactions.get(tid)
@@ -2337,7 +2052,9 @@ class FakeDataPlane:
         payload = {"_version": tx.version, "id": tx.id, "status": SUCCESS}
         return self._reloading_answer(force, 200, payload)
 
-    # --- endpoints: reloads ---
+
+class _ReloadEndpoints:
+    """GET /services/haproxy/reloads and /reloads/{id}: the reload agent's records (row f)."""
 
     def _list_reloads(self, req: _Request) -> _Response:
         """GetReloads (v2.9.27 haproxy/reload_agent.go:389-418): the failed reloads (a Go
@@ -2387,7 +2104,10 @@ class FakeDataPlane:
             return {"id": reload_id, "status": "succeeded"}
         return None
 
-    # --- endpoints: backends ---
+
+class _BackendEndpoints:
+    """/services/haproxy/configuration/backends[/{name}]: list, get, create, replace, delete;
+    full sections on v3 (row a)."""
 
     def _backend_json(self, name: str, backend: _Backend, full: bool) -> dict:
         data = dict(backend.fields, name=name)
@@ -2471,7 +2191,11 @@ class FakeDataPlane:
         self._commit_implicit(config)
         return self._reloading_answer(force, 204, None)
 
-    # --- endpoints: servers ---
+
+class _ServerEndpoints:
+    """Configuration servers (v2 /services/haproxy/configuration/servers?backend=B, v3
+    /services/haproxy/configuration/backends/{B}/servers): list, get, create, replace, delete
+    (rows k, l)."""
 
     def _list_servers(self, req: _Request) -> _Response:
         parent = self._parent(req)
@@ -2550,7 +2274,11 @@ class FakeDataPlane:
         self._commit_implicit(config)
         return self._reloading_answer(force, 204, None)
 
-    # --- endpoints: runtime servers and native stats (no reload, no new version) ---
+
+class _RuntimeEndpoints:
+    """Runtime servers (v2 /services/haproxy/runtime/servers/{name}?backend=B, v3
+    /services/haproxy/runtime/backends/{B}/servers/{name}) and /services/haproxy/stats/native:
+    no reload, no new version (rows d, e)."""
 
     def _runtime_server(self, req: _Request) -> tuple[str, str, dict]:
         """(backend, name, server) of a runtime server request, as HAProxy runs it (the real
@@ -2664,6 +2392,144 @@ class FakeDataPlane:
                         admin, "UP" if server.get("check") == "enabled" else "no check")}
                 items.append({"type": "server", "name": name, "backend_name": backend, "stats": stats})
         return items
+
+
+class FakeDataPlane(_InfoEndpoints, _TransactionEndpoints, _ReloadEndpoints, _BackendEndpoints,
+                    _ServerEndpoints, _RuntimeEndpoints, _Router, _Requests, _Store):
+    """An HAProxy Data Plane API emulator (one dataplaneapi release per instance).
+
+    Constructor arguments:
+      api                   "v2" or "v3" (kept for old callers): personality "2.9" or "3.4"
+      personality           one of PERSONALITIES ("2.9", "3.0", "3.2", "3.3.6", "3.4"); wins over api
+      port                  TCP port on 127.0.0.1; 0 picks a free one
+      username, password    basic auth; password=None disables auth
+      base_config           text placed after `defaults` (frontends...); default:
+                            frontend_config(self.frontend_port) with no backend
+      check_config          run `haproxy -c` on every change (False for big benchmarks)
+      haproxy_bin           the haproxy binary used for checks and live mode
+      max_open_transactions 429 beyond this many transactions in progress
+      runtime_add_server    plain server POST may use runtime `add server`
+                            (default: the personality's; False for 2.9)
+      reject_unknown_fields answer 422 for unknown body fields (default False: no release
+                            does; they are recorded in violations and forgotten either way)
+      forget_fields         {model: {field, ...}}: the server answers 2xx for these fields
+                            and does not keep them ("backend", "server"; servers inside a
+                            full-section backend count as "server"); see fake.forgotten
+      rng                   a random.Random or a seed, for Go's map order (personality 3.0)
+      live                  None, True, or a LiveHAProxy: drive a real HAProxy
+      spec_dir              where the specification files are
+      reload_delay          the reload agent's ticker period in seconds (dataplaneapi's
+                            --reload-delay): at each tick the one pending reload runs, shared
+                            by every reload asked for since the last tick. Default 5 s, as
+                            there; 0 also means 5 s there and here. Tests pass e.g. 0.05.
+      reload_retention      days a failed reload stays listed (--reload-retention, 1)
+    """
+
+    def __init__(self, api: str | None = None, *, personality: str | None = None,
+                 port: int = 0, username: str = DEFAULT_USERNAME,
+                 password: str | None = DEFAULT_PASSWORD, base_config: str | None = None,
+                 check_config: bool = True, haproxy_bin: str = HAPROXY_BIN,
+                 max_open_transactions: int = MAX_OPEN_TRANSACTIONS,
+                 runtime_add_server: bool | None = None, reject_unknown_fields: bool | None = None,
+                 live: "LiveHAProxy | bool | None" = None, spec_dir: str | None = None,
+                 reload_delay: float = DEFAULT_RELOAD_DELAY, reload_retention: float = DEFAULT_RELOAD_RETENTION,
+                 forget_fields: dict | None = None,
+                 rng: random.Random | int | None = None):
+        if api is not None and api not in API_PERSONALITY:
+            raise ValueError(f"api must be 'v2' or 'v3', got {api!r}")
+        if personality is None:
+            personality = API_PERSONALITY[api or "v3"]
+        if personality not in PERSONALITIES:
+            raise ValueError(f"personality must be one of {sorted(PERSONALITIES)}, got {personality!r}")
+        if check_config and not os.access(haproxy_bin, os.X_OK):
+            raise FileNotFoundError(f"haproxy binary not found: {haproxy_bin}")
+        self.personality = personality
+        self.traits = PERSONALITIES[personality]
+        self.api = self.traits.api
+        self.base = "/" + self.api
+        self.username, self.password = username, password
+        self.max_open_transactions = max_open_transactions
+        self.runtime_add_server = self.traits.runtime_add_server if runtime_add_server is None \
+            else runtime_add_server
+        self.reject_unknown_fields = bool(reject_unknown_fields)
+        self.forget_fields = {model: set(fields) for model, fields in (forget_fields or {}).items()}
+        self._rng = rng if isinstance(rng, random.Random) else random.Random(rng)
+        super().__init__(check_config=check_config, haproxy_bin=haproxy_bin, live=live, base_config=base_config,
+                         reload_delay=reload_delay, reload_retention=reload_retention)
+        spec_dir = spec_dir or default_spec_dir()
+        self._models = load_models(os.path.join(spec_dir, SPEC_FILES[self.traits.spec]), self.traits.absent)
+
+        self._faults: list[Fault] = []
+        self._commit_lock = threading.Lock()     # the commit handler's mutex
+        self._routes = self._build_routes()
+        self._server: ThreadingHTTPServer | None = None
+        self._thread: threading.Thread | None = None
+        self._requested_port = port
+
+        # Introspection for tests (read them; reset_requests() clears requests; the store's are in
+        # _Store.__init__).
+        self.requests: list[RecordedRequest] = []
+        self.violations: list[str] = []       # client bugs: assert fake.violations == []
+        self.forgotten: list[tuple[str, str]] = []   # (model, field) answered 2xx and not kept
+
+    def start(self) -> "FakeDataPlane":
+        """Listen on 127.0.0.1, start the reload agent's ticker (and the live HAProxy, if any)."""
+        self._stopping.clear()
+        if self.live is not None and not self.live.running:
+            with self._lock:
+                self._check(self._config, "start", version=self._version, error=SeedError)
+                self.live.start(self._render(self._config, self._version))
+        self._server = ThreadingHTTPServer(("127.0.0.1", self._requested_port), _Handler)
+        self._server.daemon_threads = True
+        self._server.block_on_close = False
+        self._server.fake = self
+        self._thread = threading.Thread(target=self._server.serve_forever, kwargs={"poll_interval": 0.05},
+                                        name=f"fake-dataplane-{self.personality}", daemon=True)
+        self._thread.start()
+        if self._ticker_thread is None:
+            self._ticker_thread = threading.Thread(target=self._ticker, name="fake-dataplane-reloads",
+                                                   daemon=True)
+            self._ticker_thread.start()
+        return self
+
+    def stop(self) -> None:
+        """Stop serving (interrupting injected hangs), the ticker, and the live HAProxy."""
+        self._stopping.set()
+        self._ticker_wake.set()
+        if self._server is not None:
+            self._server.shutdown()
+            self._server.server_close()
+            self._server = None
+        if self._thread is not None:
+            self._thread.join(timeout=5)
+            self._thread = None
+        if self._ticker_thread is not None:
+            self._ticker_thread.join(timeout=10)
+            self._ticker_thread = None
+        if self.live is not None:
+            self.live.cleanup()
+        if self._tmpdir is not None:
+            shutil.rmtree(self._tmpdir, ignore_errors=True)
+            self._tmpdir = None
+
+    def __enter__(self) -> "FakeDataPlane":
+        return self.start()
+
+    def __exit__(self, *exc) -> None:
+        self.stop()
+
+    @property
+    def port(self) -> int:
+        return self._server.server_address[1] if self._server else self._requested_port
+
+    @property
+    def url(self) -> str:
+        """Base URL for the client (without /v2 or /v3)."""
+        return f"http://127.0.0.1:{self.port}"
+
+    @property
+    def api_url(self) -> str:
+        return self.url + self.base
 
 
 def _reload_id_parts(reload_id: str) -> tuple[datetime.date, int] | None:

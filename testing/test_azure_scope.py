@@ -12,7 +12,7 @@ from fake_arm import make_estate
 SUB = "00000000-0000-0000-0000-000000000001"
 
 
-def tricky_estate():
+def two_groups_sets_in_rg_a_estate():
     """rg-a and rg-b: VMs, a Uniform and two Flexible sets. vm-0002 and vm-0004 carry no tags; fvmss-01
     (in rg-a with its members) has none either; vm-0000 is stopped, fvmss-00_1 deallocated, uvmss-00_0
     stopped."""
@@ -54,7 +54,7 @@ def tagged_vm_ids(arm, groups):
 
 @pytest.fixture
 def estate_arm(arm):
-    arm.estate = tricky_estate()
+    arm.estate = two_groups_sets_in_rg_a_estate()
     return arm
 
 

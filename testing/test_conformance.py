@@ -142,7 +142,8 @@ class EmulatorBed(Bed):
     """The emulator as one dataplaneapi release, a real HAProxy under it."""
 
     def __init__(self, personality: str):
-        from fake_dataplane import FakeDataPlane, LiveHAProxy
+        from fake_dataplane import FakeDataPlane
+        from live_haproxy import LiveHAProxy
         port = free_port()
         base = (f"frontend conformance\n    mode http\n    bind 127.0.0.1:{port}\n"
                 "    use_backend %[req.hdr(x-backend)] if { req.hdr(x-backend) -m found }\n")

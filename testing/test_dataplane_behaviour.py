@@ -24,7 +24,8 @@ sys.path.insert(0, os.path.dirname(HERE))
 
 import haproxy_azure_discovery as m  # noqa: E402
 from conftest import PERSONALITIES, RELOAD_DELAY, _emulator  # noqa: E402
-from fake_dataplane import FakeDataPlane, LiveHAProxy  # noqa: E402
+from fake_dataplane import FakeDataPlane  # noqa: E402
+from live_haproxy import LiveHAProxy  # noqa: E402
 from test_fake_dataplane import Api  # noqa: E402
 from test_haproxy_azure_discovery import WEB, Harness, ScriptedSource, make_instance  # noqa: E402
 

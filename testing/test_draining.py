@@ -21,8 +21,9 @@ import urllib.request
 
 import pytest
 from fake_arm import DEFAULT_SUBSCRIPTION, FakeArm, make_estate
-from fake_dataplane import FakeDataPlane, LiveHAProxy
+from fake_dataplane import FakeDataPlane
 from instances import Instances, hits
+from live_haproxy import LiveHAProxy
 
 from conftest import RELOAD_DELAY, free_port, wait_for
 

@@ -24,8 +24,9 @@ sys.path.insert(0, HERE)
 sys.path.insert(0, ROOT)
 
 from fake_arm import DEFAULT_SUBSCRIPTION, FakeArm, Vm, make_estate, service_tags  # noqa: E402
-from fake_dataplane import PATH_SERVERS, FakeDataPlane, LiveHAProxy  # noqa: E402
+from fake_dataplane import PATH_SERVERS, FakeDataPlane  # noqa: E402
 from instances import Instances, hits  # noqa: E402
+from live_haproxy import LiveHAProxy  # noqa: E402
 from conftest import PERSONALITIES, RELOAD_DELAY, free_port, wait_for  # noqa: E402
 
 DRAIN_TAG = {"maintenance": "drain"}

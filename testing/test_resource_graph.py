@@ -23,7 +23,7 @@ def seen(arm, **azure) -> dict[str, tuple[str | None, str]]:
     return {i.id: (i.address, i.power_state) for i in discovery.instances}
 
 
-def tricky_estate():
+def two_subscriptions_odd_nics_estate():
     """Two subscriptions; VMs, Uniform and Flexible members; stopped and deallocated machines; public
     addresses and IPv6 everywhere; second (non-primary) NICs on a VM, a Flexible member and a Uniform
     instance; a VM whose NIC is gone; an untagged Uniform set."""
@@ -39,7 +39,7 @@ def tricky_estate():
 
 @pytest.mark.parametrize("address, ip_version", [("private", "ipv4"), ("public", "ipv4"), ("private", "ipv6")])
 def test_both_sources_find_the_same_instances(arm, address, ip_version):
-    arm.estate = tricky_estate()
+    arm.estate = two_subscriptions_odd_nics_estate()
     both = dict(subscription_ids=[SUB2], address=address, ip_version=ip_version)
     listed = seen(arm, **both)
     arm.reset_counts()
@@ -99,7 +99,7 @@ def test_the_fake_answers_a_bad_query_with_400(arm):
 
 
 def test_resource_groups_become_a_where_and_roles_narrow_the_rows(arm):
-    arm.estate = tricky_estate()
+    arm.estate = two_subscriptions_odd_nics_estate()
     listed = seen(arm, subscription_ids=[SUB2], resource_groups=["rg-a"])
     graphed = seen(arm, subscription_ids=[SUB2], resource_groups=["rg-a"], source="resource_graph")
     assert graphed == listed and graphed

@@ -16,8 +16,9 @@ sys.path.insert(0, os.path.dirname(HERE))
 
 import haproxy_azure_discovery as m  # noqa: E402
 from fake_arm import DEFAULT_SUBSCRIPTION, FakeArm, Vm, make_estate, service_tags  # noqa: E402
-from fake_dataplane import FakeDataPlane, LiveHAProxy  # noqa: E402
+from fake_dataplane import FakeDataPlane  # noqa: E402
 from instances import Instances, hits  # noqa: E402
+from live_haproxy import LiveHAProxy  # noqa: E402
 from conftest import RELOAD_DELAY, azure_env, free_port, wait_for  # noqa: E402
 
 
