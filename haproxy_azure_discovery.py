@@ -2442,6 +2442,7 @@ class _Pool:
     def __init__(self, workers: int, name: str = "azure"):
         self.closed = False
         self.failed: BaseException | None = None    # the first listing's failure
+        self._lock = threading.Lock()
         self._jobs: queue.SimpleQueue = queue.SimpleQueue()
         self._futures: list[concurrent.futures.Future] = []
         self._threads = [threading.Thread(target=self._work, name=f"{name}-{n}", daemon=True)
@@ -2454,6 +2455,40 @@ class _Pool:
         self._futures.append(future)
         self._jobs.put((future, fn, args))
         return future
+
+    def listing(self, fn: Callable, *args: Any) -> concurrent.futures.Future:
+        """submit `fn`, whose failure (other than a shutdown) is recorded first as the pool's,
+        so that its sibling listings stop at their next page."""
+        return self.submit(self._failing_first, fn, *args)
+
+    def _failing_first(self, fn: Callable, *args: Any) -> Any:
+        try:
+            return fn(*args)
+        except Aborted:
+            raise
+        except BaseException as exc:
+            with self._lock:
+                self.failed = self.failed or exc
+            raise
+
+    def wait(self, jobs: Sequence[concurrent.futures.Future], stop: StopFlag) -> None:
+        """Wait for `jobs` in short slices, so that a shutdown (Aborted) or a failed listing
+        (its error) ends the wait at once rather than after every remaining page."""
+        while True:
+            if self.failed is not None:
+                raise self.failed
+            if stop.is_set():
+                raise Aborted("shutdown requested: Azure listing abandoned")
+            pending = [job for job in jobs if not job.done()]
+            if not pending:
+                return
+            concurrent.futures.wait(pending, timeout=WAIT_SLICE, return_when=concurrent.futures.FIRST_EXCEPTION)
+
+    @staticmethod
+    def abandoned() -> bool:
+        """In a listing thread: whether the discovery it works for is over (closed) or failed."""
+        pool = getattr(_worker, "pool", None)
+        return pool is not None and (pool.closed or pool.failed is not None)
 
     def _work(self) -> None:
         _worker.pool = self
@@ -3052,7 +3087,6 @@ class AzureSource:
         self._lock = threading.Lock()
         self._warned_fallback = self._warned_budget = False
         self._vm_list_calls: dict[str, int] = {}    # VM list pages per subscription, this cycle
-        self._stretched = ""                        # the bucket the polling interval is stretched for
         self._deadline = math.inf           # of the discovery under way (monotonic)
         if not needs_cloud_metadata(cfg.azure):
             self.pager.connect(cloud_endpoints(cfg.azure, None))
@@ -3079,7 +3113,7 @@ class AzureSource:
             # One token before the fan-out: the SDK's bearer-token policy has no lock, so
             # the first pages of every worker would each fetch one.
             token = pool.submit(self.pager.token)
-            self._wait(pool, [token])
+            pool.wait([token], self._stop)
             token.result()
             skipped: list[Skip] = []
             with collector_paused():
@@ -3087,23 +3121,7 @@ class AzureSource:
         finally:
             pool.close()
         self._check_vm_list_budget()
-        return Discovery(tuple(instances), tuple(skipped), self.requests - before, dict(self.pager.left), self._stretch())
-
-    def _stretch(self) -> float:
-        """The wait Azure's buckets ask for before the next cycle, said once when it begins and
-        once when it ends."""
-        interval = self.cfg.polling.interval_seconds
-        left, used = self.pager.left, self.pager.used
-        wait, bucket = quota_wait_seconds(left, used, interval)
-        if bucket and not self._stretched:
-            log.warning("Azure's read bucket %s has %d requests left and a cycle takes %d: the next cycles wait "
-                        "%.0f s (polling.interval_seconds is %g) until it refills", bucket, left[bucket],
-                        used[bucket], wait, interval, extra={"event": "azure_quota_stretch", "bucket": bucket})
-        elif self._stretched and not bucket:
-            log.info("Azure's read buckets refilled: polling every %g s again", interval,
-                     extra={"event": "azure_quota_normal", "bucket": self._stretched})
-        self._stretched = bucket
-        return wait
+        return Discovery(tuple(instances), tuple(skipped), self.requests - before, dict(self.pager.left), self.pager.stretch())
 
     def _discover(self, pool: _Pool, skipped: list[Skip]) -> list[Instance]:
         graph = self.cfg.azure.source == "resource_graph"
@@ -3143,33 +3161,8 @@ class AzureSource:
         if time.monotonic() > self._deadline:
             raise AzureError(f"the discovery took longer than azure.discovery_deadline_seconds "
                              f"({self.cfg.azure.discovery_deadline_seconds:g} s): given up")
-        pool = getattr(_worker, "pool", None)
-        if pool is not None and (pool.closed or pool.failed is not None):
+        if _Pool.abandoned():
             raise Aborted("Azure listing abandoned: the discovery failed")
-
-    def _wait(self, pool: _Pool, jobs: Sequence[concurrent.futures.Future]) -> None:
-        """Wait for `jobs` in short slices, so that a shutdown (Aborted) or a failed listing
-        (its error) ends the wait at once rather than after every remaining page."""
-        while True:
-            if pool.failed is not None:
-                raise pool.failed
-            if self._stop.is_set():
-                raise Aborted("shutdown requested: Azure listing abandoned")
-            pending = [job for job in jobs if not job.done()]
-            if not pending:
-                return
-            concurrent.futures.wait(pending, timeout=WAIT_SLICE, return_when=concurrent.futures.FIRST_EXCEPTION)
-
-    def _listing(self, fn: Callable, *args: Any) -> Any:
-        """`fn` in a listing thread; its failure is recorded first, so that siblings stop."""
-        try:
-            return fn(*args)
-        except Aborted:
-            raise
-        except BaseException as exc:
-            with self._lock:
-                _worker.pool.failed = _worker.pool.failed or exc
-            raise
 
     def _list_all(self, pool: _Pool, listing: AzureListing) -> bool:
         """Phase one lists per subscription (or resource group); phase two lists each
@@ -3180,7 +3173,7 @@ class AzureSource:
         jobs: list[tuple[list, concurrent.futures.Future]] = []
 
         def submit(into: list, kind: str, sub: str, rg: str | None, scale_set: str = "") -> None:
-            jobs.append((into, pool.submit(self._listing, self._pages, kind, sub, rg, scale_set)))
+            jobs.append((into, pool.listing(self._pages, kind, sub, rg, scale_set)))
 
         set_jobs, status_jobs = [], []
         for sub in azure.subscriptions:
@@ -3189,14 +3182,14 @@ class AzureSource:
                 submit(listing.nics, "network interfaces", sub, rg)
                 if public:
                     submit(listing.public_ips, "public IPs", sub, rg)
-                set_jobs.append((sub, pool.submit(self._listing, self._pages, "scale sets", sub, rg)))
+                set_jobs.append((sub, pool.listing(self._pages, "scale sets", sub, rg)))
             if azure.running_only:
                 # Power states come from the status-only list, which exists subscription-wide only
                 # (VirtualMachines_ListAll statusOnly); a VM list may carry `$expand=instanceView`
                 # only with a scale-set `$filter` (Compute REST reference, VirtualMachines_List).
                 # Not through _listing: a 403 here is no failure of the discovery (see below).
                 status_jobs.append(pool.submit(self._pages, "VM power states", sub, None))
-        self._wait(pool, [job for _, job in set_jobs])
+        pool.wait([job for _, job in set_jobs], self._stop)
         for sub, job in set_jobs:
             sets = job.result()
             listing.scale_sets += sets
@@ -3206,7 +3199,7 @@ class AzureSource:
                 submit(listing.nics, "network interfaces of scale set", sub, rg, name)
                 if public:
                     submit(listing.public_ips, "public IPs of scale set", sub, rg, name)
-        self._wait(pool, status_jobs)
+        pool.wait(status_jobs, self._stop)
         denied = False
         for job in status_jobs:
             try:
@@ -3216,7 +3209,7 @@ class AzureSource:
                 if not groups or exc.status != 403:
                     raise
                 denied = True
-        self._wait(pool, [job for _, job in jobs])
+        pool.wait([job for _, job in jobs], self._stop)
         for into, job in jobs:
             into += job.result()
         return denied
@@ -3233,8 +3226,8 @@ class AzureSource:
                         "states cost one instance-view request per tagged VM, %d this cycle; grant Reader on "
                         "the subscription, or set azure.source to \"resource_graph\"", len(wanted),
                         extra={"event": "azure_power_state_fallback", "count": len(wanted)})
-        jobs = [pool.submit(self._listing, self._power_state_of, i) for i in wanted]
-        self._wait(pool, jobs)
+        jobs = [pool.listing(self._power_state_of, i) for i in wanted]
+        pool.wait(jobs, self._stop)
         states = {i.id: job.result() for i, job in zip(wanted, jobs)}
         return [i._replace(power_state=states[i.id]) if states.get(i.id) else i for i in instances]
 
@@ -3330,6 +3323,7 @@ class _ArmPager:
         self.requests = 0
         self.left: dict[str, int] = {}          # each read bucket: the least left, this cycle
         self.used: dict[str, int] = {}          # ... and the answers that reported it
+        self._stretched = ""                    # the bucket the polling interval is stretched for
         self.base = (cfg.azure.resource_manager_url or CLOUDS[cfg.azure.cloud or "public"][0]).rstrip("/")
         self._client: Any = None
         self._credential: Any = None
@@ -3345,6 +3339,22 @@ class _ArmPager:
 
     def new_cycle(self) -> None:
         self.left, self.used = {}, {}
+
+    def stretch(self) -> float:
+        """The wait Azure's buckets ask for before the next cycle, said once when it begins and
+        once when it ends."""
+        interval = self.cfg.polling.interval_seconds
+        left, used = self.left, self.used
+        wait, bucket = quota_wait_seconds(left, used, interval)
+        if bucket and not self._stretched:
+            log.warning("Azure's read bucket %s has %d requests left and a cycle takes %d: the next cycles wait "
+                        "%.0f s (polling.interval_seconds is %g) until it refills", bucket, left[bucket],
+                        used[bucket], wait, interval, extra={"event": "azure_quota_stretch", "bucket": bucket})
+        elif self._stretched and not bucket:
+            log.info("Azure's read buckets refilled: polling every %g s again", interval,
+                     extra={"event": "azure_quota_normal", "bucket": self._stretched})
+        self._stretched = bucket
+        return wait
 
     def credential_only(self) -> None:
         """Before the cloud's endpoints are known (read at the first discovery): a credential
