@@ -1106,22 +1106,27 @@ def _build(cls: type, raw: Any, env: Mapping[str, str], path: str, problems: lis
             kwargs[name] = _build_targets(raw[name], env, problems)
             continue
         try:
-            _build_value(kwargs, name, raw[name], hints[name], env, key, problems, check)
+            ok, value = _build_value(raw[name], hints[name], env, key, problems, check)
+            if ok:
+                kwargs[name] = value
         except Exception as exc:  # noqa: BLE001 - whatever the value does, it is this key's problem
             problems.append(f"{key}: cannot be read ({type(exc).__name__}: {str(exc)[:100]})")
     return cls(**kwargs)
 
 
-def _build_value(kwargs: dict, name: str, raw: Any, hint: Any, env: Mapping[str, str], key: str,
-                 problems: list[str], check: str) -> None:
+def _build_value(raw: Any, hint: Any, env: Mapping[str, str], key: str, problems: list[str],
+                 check: str) -> tuple[bool, Any]:
+    """`raw` interpolated, coerced to `hint` and checked (CHECKS[check]): (True, the value),
+    or (False, None) with the problem appended (named by `key`)."""
     before = len(problems)
     value = _coerce(_interpolate_all(raw, env, key, problems), hint, key, problems)
-    if len(problems) == before:
-        problem = CHECKS.get(check, lambda v: None)(value)
-        if problem:
-            problems.append(f"{key}: {problem}")
-        else:
-            kwargs[name] = value
+    if len(problems) > before:
+        return False, None
+    problem = CHECKS.get(check, lambda v: None)(value)
+    if problem:
+        problems.append(f"{key}: {problem}")
+        return False, None
+    return True, value
 
 
 def _build_services(raw: Any, env: Mapping[str, str], problems: list[str]) -> dict[str, ServiceConfig]:
@@ -1805,6 +1810,7 @@ def plan_cycle(groups: Mapping[ServiceKey, list[Member]], skipped: Sequence[Skip
     slot, live, until its time is up or its sessions are 0 (`sessions` by "backend/server",
     read once the drain is in effect; None: not read), and is parked then.
     """
+    r = _Round(groups, actual, state, cfg, now, sessions)
     desired = {backend_name(k, cfg.haproxy.backend): ms for k, ms in groups.items()}
     prefix = cfg.haproxy.backend.name_prefix + cfg.haproxy.backend.name_separator
     names = sorted(set(desired) | {n for n in actual if n.startswith(prefix)})
@@ -1817,14 +1823,9 @@ def plan_cycle(groups: Mapping[ServiceKey, list[Member]], skipped: Sequence[Skip
     drains = {n: d for n, a in work.items() if (d := a.leaving())}
     live = sum(len(a.live) for a in work.values()) + sum(len(s.slots) - s.slots.count(None) for s in same.values())
     # Without a drain the guard holds nothing and nothing drains on.
-    held, guard, kept, fp = (_drain_decisions(drains, work, live, actual, state, groups, cfg.safety, now, sessions)
-                             if drains else ({}, Guard(False, 0, None), {}, None))
-    for n, names_drained in drains.items():
-        # Serve the held and the draining servers as if they were still discovered: they
-        # keep their slots, and new instances take parked slots (or the backend grows).
-        stay = [s for s in names_drained if s in kept.get(n, ()) or s in held.get(n, ())]
-        if stay:
-            work[n].match(_held_members(stay, actual[n], state.assignments.get(n, {})))
+    held, guard, kept, fp = (_drain_decisions(r, drains, work, live) if drains
+                             else ({}, Guard(False, 0, None), {}, None))
+    _serve_held(r, drains, work, held, kept)
     slots = {n: same[n].slots if n in same else work[n].slots(settings[n].server_slots) for n in names}
     taken_ids = {n: same[n].foreign_ids if n in same else work[n].foreign_ids for n in names}
     # A member placed this cycle changes its slot: in_sync could only say no, after most of a pass.
@@ -1910,15 +1911,23 @@ def _still_settled(names: Iterable[str], desired: Mapping[str, list[Member]], ac
     return out
 
 
-def _drain_decisions(drains: Mapping[str, list[str]], work: Mapping[str, SlotAssignment], live: int,
-                     actual: Mapping[str, BackendState], state: State,
-                     groups: Mapping[ServiceKey, list[Member]], cfg: SafetyConfig, now: float,
-                     sessions: Mapping[str, int | None] | None
-                     ) -> tuple[dict[str, list[str]], Guard, dict[str, dict[str, Drain]], str | None]:
+class _Round(typing.NamedTuple):
+    """What plan_cycle plans from, as its helpers share it."""
+    groups: Mapping[ServiceKey, list[Member]]
+    actual: Mapping[str, BackendState]
+    state: State
+    cfg: Config
+    now: float
+    sessions: Mapping[str, int | None] | None     # by "backend/server"; None: not read
+
+
+def _drain_decisions(r: _Round, drains: Mapping[str, list[str]], work: Mapping[str, SlotAssignment],
+                     live: int) -> tuple[dict[str, list[str]], Guard, dict[str, dict[str, Drain]], str | None]:
     """(the servers the guard holds live, its verdict, the servers that drain on: backend ->
     server -> Drain, the discovery's fingerprint where the guard needs it). The guard counts
     drain starts as parks (a server draining already was counted when it began); a held
     start does not start draining."""
+    actual, state, groups, cfg, now = r.actual, r.state, r.groups, r.cfg.safety, r.now
     before = {n: _drained_before(d, actual[n], state.draining.get(n, {})) for n, d in drains.items()}
     starts = {n: [s for s in d if s not in before[n]] for n, d in drains.items()}
     started = sum(map(len, starts.values()))
@@ -1931,10 +1940,19 @@ def _drain_decisions(drains: Mapping[str, list[str]], work: Mapping[str, SlotAss
         seen = state.drain_fingerprint == fp
         guard = drain_held(started, live_now, not groups, state.drain_streak if seen else 0,
                            state.drain_since if seen else None, now, cfg)
-    kept = {n: _keep_draining(n, list(before[n]) if guard.held else d, work[n].taken, actual[n], before[n],
-                              state.assignments.get(n, {}), cfg.drain_seconds, now, sessions)
+    kept = {n: _keep_draining(r, n, list(before[n]) if guard.held else d, work[n].taken, before[n])
             for n, d in drains.items()}
     return ({n: d for n, d in starts.items() if d} if guard.held else {}), guard, kept, fp
+
+
+def _serve_held(r: _Round, drains: Mapping[str, list[str]], work: Mapping[str, SlotAssignment],
+                held: Mapping[str, list[str]], kept: Mapping[str, Mapping[str, Drain]]) -> None:
+    """Serve the held and the draining servers as if they were still discovered: they keep
+    their slots, and new instances take parked slots (or the backend grows)."""
+    for n, names in drains.items():
+        stay = [s for s in names if s in kept.get(n, ()) or s in held.get(n, ())]
+        if stay:
+            work[n].match(_held_members(stay, r.actual[n], r.state.assignments.get(n, {})))
 
 
 def _drained_before(names: Sequence[str], actual: BackendState, previous: Mapping[str, Drain]) -> dict[str, Drain]:
@@ -1943,13 +1961,13 @@ def _drained_before(names: Sequence[str], actual: BackendState, previous: Mappin
             and (d.address, d.port) == (actual.servers[n].get("address"), actual.servers[n].get("port"))}
 
 
-def _keep_draining(name: str, servers: Sequence[str], taken: Mapping[int, Member], actual: BackendState,
-                   before: Mapping[str, Drain], previous: Mapping[str, str], seconds: float, now: float,
-                   sessions: Mapping[str, int | None] | None) -> dict[str, Drain]:
+def _keep_draining(r: _Round, name: str, servers: Sequence[str], taken: Mapping[int, Member],
+                   before: Mapping[str, Drain]) -> dict[str, Drain]:
     """Which of these leaving servers drain on this cycle: not with drain_seconds 0, not
     past their time, not once their sessions are 0. A slot re-pointed to the same
     instance's new address is no drain: that instance did not leave."""
-    kept = {}
+    actual, previous, now, sessions = r.actual[name], r.state.assignments.get(name, {}), r.now, r.sessions
+    seconds, kept = r.cfg.safety.drain_seconds, {}
     for s in servers:
         member = taken.get(slot_index(s))
         if not seconds or (member is not None and previous.get(member.instance) == s):
@@ -2095,8 +2113,8 @@ def status_view(seen: "Seen", actual: Mapping[str, BackendState], decision: Deci
     held = dict.fromkeys(decision.plan.held, decision.drain_since)
     # The instance serving a slot is the one discovered at the address HAProxy holds.
     members = {backend_name(k, cfg.haproxy.backend): {(m.address, m.port): m for m in ms} for k, ms in seen.groups.items()}
-    backends = [_backend_view(name, actual.get(name), planned.get(name), members.get(name, {}), held,
-                              draining.get(name, {}), decision.draining.get(name, {}), now)
+    backends = [_backend_view(name, actual.get(name), planned.get(name), members.get(name, {}),
+                              _Drains(held, draining.get(name, {}), decision.draining.get(name, {}), now))
                 for name in sorted(set(actual) | set(planned))]
     entry = {"target": target, "ok": True, "backends": backends, "drift": sum(b["drift"] for b in backends)}
     if held:
@@ -2122,10 +2140,19 @@ def combined_view(views: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
     return {"discovery": views[0]["discovery"], "targets": [t for v in views for t in v["targets"]]}
 
 
+class _Drains(typing.NamedTuple):
+    """The drains one backend's view shows: the servers the guard holds live (all backends',
+    "backend/server" -> since), those draining (server -> Drain), those the plan would start
+    draining, and the time their seconds left are counted from."""
+    held: Mapping[str, float | None]
+    draining: Mapping[str, Drain]
+    to_drain: Mapping[str, Drain]
+    now: float
+
+
 def _backend_view(name: str, actual: BackendState | None, plan: BackendPlan | None,
-                  members: Mapping[tuple[str, int], Member], held: Mapping[str, float | None],
-                  draining: Mapping[str, Drain],
-                  to_drain: Mapping[str, Drain], now: float) -> dict[str, Any]:
+                  members: Mapping[tuple[str, int], Member], drains: _Drains) -> dict[str, Any]:
+    held, draining, to_drain, now = drains
     have = actual.servers if actual else {}
     changes = {c.name: c for c in plan.changes} if plan else {}
     slots = []
@@ -3611,6 +3638,12 @@ def basic_credentials(cfg: HAProxyConfig) -> str:
     return base64.b64encode(f"{cfg.username}:{cfg.password}".encode()).decode()
 
 
+class Shape(typing.NamedTuple):
+    """What a 2xx answer's payload must be: a test, and its name for the error."""
+    test: Callable[[Any], bool]
+    name: str
+
+
 class _JsonHttp:
     """JSON over HTTP for the Data Plane API, trusting nothing that answers: a deadline for the
     whole answer (a watched socket is cut when it passes, however slowly the answer trickles
@@ -3637,12 +3670,11 @@ class _JsonHttp:
         self._opener = urllib.request.build_opener(urllib.request.ProxyHandler({}), _NoRedirect(),
                                                    _DeadlineHandler(context, self._watch))
 
-    def request(self, method: str, url: str, where: str, body: Any = None,
-                expect: Callable[[Any], bool] | None = None, shape: str = "",
+    def request(self, method: str, url: str, where: str, body: Any = None, shape: Shape | None = None,
                 timeout: float | None = None, urgent: bool = False) -> tuple[int, Any, Mapping[str, str]]:
         """One request (`where` names it in errors); DataPlaneError (TransactionConflict for
-        406/409) on failure, Aborted on shutdown. With `expect`, a 2xx payload it rejects is
-        an error saying it is not `shape`. `timeout` shortens haproxy.timeout."""
+        406/409) on failure, Aborted on shutdown. With a `shape`, a 2xx payload that fails its
+        test is an error saying it is not that. `timeout` shortens haproxy.timeout."""
         data = None if body is None else json.dumps(body).encode()
         headers = {**self._headers, **({"Content-Type": "application/json"} if data else {})}
         status, raw, got = self._exchange(where, urllib.request.Request(url, data, headers, method=method),
@@ -3656,8 +3688,8 @@ class _JsonHttp:
             error = TransactionConflict if status in (406, 409) else DataPlaneError
             raise error(f"{where}: HTTP {status} {message}", status, message)
         payload = self._decode(where, status, got, raw)
-        if expect is not None and not expect(payload):
-            raise self._malformed(where, status, got, raw, f"not {shape}")
+        if shape is not None and not shape.test(payload):
+            raise self._malformed(where, status, got, raw, f"not {shape.name}")
         return status, payload, got
 
     def mask(self, text: str) -> str:
@@ -3781,18 +3813,17 @@ class DataPlane:
     def close(self) -> None:
         self.http.close()
 
-    def request(self, method: str, path: str, query: Mapping[str, Any] | None = None,
-                body: Any = None, api: str | None = None,
-                expect: Callable[[Any], bool] | None = None, shape: str = "",
-                timeout: float | None = None, urgent: bool = False) -> tuple[int, Any, Mapping[str, str]]:
+    def request(self, method: str, path: str, query: Mapping[str, Any] | None = None, body: Any = None,
+                shape: Shape | None = None, timeout: float | None = None,
+                urgent: bool = False) -> tuple[int, Any, Mapping[str, str]]:
         """One request to `path` of the API in use (probed first with api_version auto); see
         _JsonHttp.request."""
-        api = api or self.api or self.probe()
+        api = self.api or self.probe()
         url = f"{self.cfg.base_url.rstrip('/')}/{api}{path}"
         if query:
             url += "?" + urllib.parse.urlencode({k: v for k, v in query.items() if v is not None})
         self.requests += 1
-        return self.http.request(method, url, f"{method} /{api}{path}", body, expect, shape, timeout, urgent)
+        return self.http.request(method, url, f"{method} /{api}{path}", body, shape, timeout, urgent)
 
     def _mask(self, text: str) -> str:
         return self.http.mask(text)
@@ -3800,8 +3831,10 @@ class DataPlane:
     def probe(self) -> str:
         """api_version auto: /v3/info, then /v2/info."""
         for api in ("v3", "v2"):
+            self.requests += 1
             try:
-                _, info, _ = self.request("GET", "/info", api=api)
+                _, info, _ = self.http.request("GET", f"{self.cfg.base_url.rstrip('/')}/{api}/info",
+                                               f"GET /{api}/info")
             except DataPlaneError as exc:
                 if exc.status in (404, 405):
                     continue
@@ -3816,7 +3849,7 @@ class DataPlane:
 
     def version(self) -> int:
         _, payload, _ = self.request("GET", "/services/haproxy/configuration/version",
-                                     expect=lambda p: _is_int(self._data(p)), shape="an integer version")
+                                     shape=Shape(lambda p: _is_int(self._data(p)), "an integer version"))
         return self._data(payload)
 
     def read_backends(self, prefix: str) -> dict[str, BackendState]:
@@ -3829,15 +3862,14 @@ class DataPlane:
             self.probe()
         if self.api == "v3":
             _, payload, _ = self.request("GET", f"{conf}/backends", {"full_section": "true"},
-                                         expect=_full_sections, shape="a list of backends")
+                                         shape=Shape(_full_sections, "a list of backends"))
             return {b["name"]: _backend_state(b) for b in payload or [] if b["name"].startswith(prefix)}
-        _, payload, _ = self.request("GET", f"{conf}/backends", expect=_wrapped_list,
-                                     shape='{"_version": integer, "data": list of backends}')
+        _, payload, _ = self.request("GET", f"{conf}/backends", shape=Shape(_wrapped_list, '{"_version": integer, "data": list of backends}'))
         found = {}
         for b in payload["data"]:
             if b["name"].startswith(prefix):
                 _, servers, _ = self.request("GET", f"{conf}/servers", {"backend": b["name"]},
-                                             expect=_wrapped_servers, shape='{"data": list of servers}')
+                                             shape=Shape(_wrapped_servers, '{"data": list of servers}'))
                 found[b["name"]] = BackendState(b["name"], b, {s["name"]: s for s in servers["data"]})
         return found
 
@@ -3928,7 +3960,7 @@ class DataPlane:
         """("succeeded" | "failed" | "in_progress" | "unknown", the record) of one reload."""
         try:
             _, payload, _ = self.request("GET", f"/services/haproxy/reloads/{_q(reload_id)}",
-                                         expect=lambda p: isinstance(p, dict), shape="a reload")
+                                         shape=Shape(lambda p: isinstance(p, dict), "a reload"))
         except DataPlaneError as exc:
             if exc.status == 404:
                 return "unknown", {}
@@ -3945,8 +3977,7 @@ class DataPlane:
         are DATE-N, N counting reloads since dataplaneapi started: their order is the records'.
         The records do not outlive a dataplaneapi restart: a debt from before one is known only
         to the daemon that saw it."""
-        _, payload, _ = self.request("GET", "/services/haproxy/reloads", expect=_reloads,
-                                     shape="a list of reloads")
+        _, payload, _ = self.request("GET", "/services/haproxy/reloads", shape=Shape(_reloads, "a list of reloads"))
         done = [r for r in payload or [] if r.get("status") in ("failed", "succeeded")
                 and _reload_order(r.get("id")) is not None]
         latest = max(done, key=lambda r: _reload_order(r["id"]), default=None)
@@ -3985,13 +4016,12 @@ class DataPlane:
         forgets it (dataplaneapi v3.2 handlers/runtime_server.go:106-157)."""
         path, query = self._runtime_server_path(backend, server)
         self.request("PUT", path, query, {"admin_state": admin_state}, timeout=DRAIN_CALL_TIMEOUT,
-                     expect=lambda p: p is None or isinstance(p, dict), shape="a runtime server")
+                     shape=Shape(lambda p: p is None or isinstance(p, dict), "a runtime server"))
 
     def admin_state(self, backend: str, server: str) -> str | None:
         """The server's runtime admin state ("ready", "maint", "drain"); None if not given."""
         path, query = self._runtime_server_path(backend, server)
-        _, payload, _ = self.request("GET", path, query, timeout=DRAIN_CALL_TIMEOUT, expect=lambda p: isinstance(p, dict),
-                                     shape="a runtime server")
+        _, payload, _ = self.request("GET", path, query, timeout=DRAIN_CALL_TIMEOUT, shape=Shape(lambda p: isinstance(p, dict), "a runtime server"))
         state = payload.get("admin_state")
         return state if isinstance(state, str) else None
 
@@ -4000,7 +4030,7 @@ class DataPlane:
         stats: one request for the backend's servers, however many drain at once. None for
         a server the answer does not name or gives no count for."""
         _, payload, _ = self.request("GET", "/services/haproxy/stats/native", {"type": "server", "parent": backend},
-                                     expect=_native_stats, shape="native stats", timeout=DRAIN_CALL_TIMEOUT)
+                                     shape=Shape(_native_stats, "native stats"), timeout=DRAIN_CALL_TIMEOUT)
         counts = current_sessions(payload, backend)
         return {s: counts.get(s) for s in servers}
 
@@ -4113,7 +4143,7 @@ class _Transactions:
         for attempt in (1, 2):
             try:
                 _, payload, _ = self.dp.request("POST", path, {"version": version},
-                                             expect=_transaction, shape="a transaction")
+                                             shape=Shape(_transaction, "a transaction"))
                 return payload["id"]
             except DataPlaneError as exc:
                 if exc.status != 429 or attempt == 2 or not self._delete_dead_transactions(version):
@@ -4123,8 +4153,7 @@ class _Transactions:
         raise AssertionError("unreachable")  # pragma: no cover
 
     def _open_transactions(self) -> list[Mapping[str, Any]]:
-        _, payload, _ = self.dp.request("GET", "/services/haproxy/transactions", expect=_transactions,
-                                     shape="a list of transactions")
+        _, payload, _ = self.dp.request("GET", "/services/haproxy/transactions", shape=Shape(_transactions, "a list of transactions"))
         return payload or []
 
     def _delete_dead_transactions(self, version: int) -> int:
@@ -4177,7 +4206,7 @@ class _Transactions:
         """Whether transaction `txn` is still in progress (a peer's commit ends it)."""
         try:
             _, payload, _ = self.dp.request("GET", f"/services/haproxy/transactions/{txn}",
-                                         expect=_transaction, shape="a transaction")
+                                         shape=Shape(_transaction, "a transaction"))
         except DataPlaneError as exc:
             if exc.status == 404:
                 return False

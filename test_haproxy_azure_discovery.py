@@ -2231,8 +2231,8 @@ class TestDataPlane:
         h = Harness(dataplane)
         original = h.dp.request
 
-        def request(method, path, query=None, body=None, api=None, **kw):
-            result = original(method, path, query, body, api, **kw)
+        def request(method, path, query=None, body=None, **kw):
+            result = original(method, path, query, body, **kw)
             if query and "transaction_id" in query:
                 h.stop.set()             # SIGTERM arrives after the first write
             return result
@@ -2299,8 +2299,8 @@ class TestDataPlane:
         peer = m.DataPlane(h.cfg.haproxy)
         original, done = h.dp.request, []
 
-        def request(method, path, query=None, body=None, api=None, **kw):
-            result = original(method, path, query, body, api, **kw)
+        def request(method, path, query=None, body=None, **kw):
+            result = original(method, path, query, body, **kw)
             if query and "transaction_id" in query and not done:
                 done.append(1)      # another client commits: ours is outdated and dropped
                 _, txn, _ = peer.request("POST", "/services/haproxy/transactions", {"version": peer.version()})

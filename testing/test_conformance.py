@@ -502,8 +502,8 @@ def test_a_peer_commit_during_our_transaction_is_replanned(flow):
     flow.bed.settle()
     original, peer = d.dp.request, []
 
-    def request(method, path, query=None, body=None, api=None, **kw):
-        result = original(method, path, query, body, api, **kw)
+    def request(method, path, query=None, body=None, **kw):
+        result = original(method, path, query, body, **kw)
         if method == "POST" and path == "/services/haproxy/transactions" and not peer:
             status, _, txn = flow.bed.raw("POST", "/services/haproxy/transactions", version=flow.bed.version())
             peer.append(flow.bed.raw("PUT", f"/services/haproxy/transactions/{txn['id']}")[0])

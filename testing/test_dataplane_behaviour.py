@@ -141,8 +141,8 @@ def test_a_peer_commit_mid_transaction_drops_ours_and_we_replan(dataplane):
     h.cycle(estate("web", 1, 2))
     original, peer = h.dp.request, Api(dataplane)
 
-    def request(method, path, query=None, body=None, api=None, **kw):
-        result = original(method, path, query, body, api, **kw)
+    def request(method, path, query=None, body=None, **kw):
+        result = original(method, path, query, body, **kw)
         if method == "POST" and path == "/services/haproxy/transactions" and not peer_commits:
             status, _, txn = peer.call("POST", f"/services/haproxy/transactions?version={dataplane.version}")
             assert status == 201
