@@ -491,6 +491,29 @@ def profile_section(p: dict, n: int) -> list[str]:
     return lines + [""]
 
 
+def instructions_lines(d: dict) -> list[str]:
+    """--instructions' result as a short subsection."""
+    import re
+
+    def short(name: str) -> str:
+        found = re.search(r"\s*\[([^\]]*)\]$", name)                  # the object file
+        name = name[:found.start()] if found else name
+        where, _, function = name.rpartition(":")
+        if where == "???":                                            # no symbol: the library it is in
+            return f"{Path(found[1]).name if found else '?'} ({function})"
+        return f"{Path(where).name}:{function}" if where else name
+    lines = [f"### Instructions of one Resource Graph discovery of {d['n']:,} instances (callgrind)", "",
+             f"`python bench/graph_scale.py --instructions {d['n']}`: `valgrind --tool=callgrind` over a child that "
+             "runs a warm-up discovery and one more, minus a child that runs the warm-up alone, `PYTHONHASHSEED=0`: "
+             f"{d['discovery'] / 1e9:.2f} billion instructions for the one discovery "
+             f"({d['child_1']['requests']} queries, {d['child_1']['instances']:,} instances). The C functions "
+             "with the most own instructions in that difference:", "",
+             "| function | instructions, millions | share |", "|---|---:|---:|"]
+    for name, count in d["functions"][1:16]:
+        lines.append(f"| `{short(name)}` | {count / 1e6:,.0f} | {count / d['discovery']:.0%} |")
+    return lines + [""]
+
+
 # === Fleet arithmetic: Microsoft's documented limits, the requests a discovery makes ===
 INTERVAL = 30.0                   # polling.interval_seconds
 ARM_PAGE, GRAPH_PAGE_ROWS = 100, 1000
@@ -648,7 +671,7 @@ def fleet(rows: list[dict]) -> list[str]:
 SECTION1 = {1000: (33, 3), 5000: (159, 11), 10000: (315, 21), 20000: (630, 41)}
 
 
-def report(rows: list[dict]) -> list[str]:
+def report(rows: list[dict], instructions_result: dict | None = None) -> list[str]:
     load = rows[0].get("load", "")
     lines = ["## 6. Scale: 50,000 and 100,000 instances, Resource Graph and the listings (bench/graph_scale.py)", "",
              "Estate: bench/azure_discovery.py's shape at " + "; ".join(
@@ -673,6 +696,8 @@ def report(rows: list[dict]) -> list[str]:
     big = next((r for r in rows if r.get("profile")), None)
     if big:
         lines += profile_section(big["profile"], big["n"])
+    if instructions_result:
+        lines += instructions_lines(instructions_result)
     return lines + fleet(rows)
 
 
@@ -688,6 +713,7 @@ def main() -> None:
                         help="only count one Resource Graph discovery's instructions at N instances under callgrind "
                              "(about half an hour at 100,000) and print them as JSON")
     parser.add_argument("--from-json", help="print the sections from raw results written earlier, measuring nothing")
+    parser.add_argument("--instructions-json", help="with --from-json: --instructions' output, for its subsection")
     parser.add_argument("--child", choices=CHILDREN, help=argparse.SUPPRESS)
     parser.add_argument("--serve", nargs=2, metavar=("ESTATE", "STATE_DIR"), help=argparse.SUPPRESS)
     parser.add_argument("--page-size", type=int, default=100, help=argparse.SUPPRESS)
@@ -708,7 +734,8 @@ def main() -> None:
                    args.profile)
         if args.json:
             Path(args.json).write_text(json.dumps(rows, indent=1))
-    print("\n".join(report(rows)))
+    counted = json.loads(Path(args.instructions_json).read_text()) if args.instructions_json else None
+    print("\n".join(report(rows, counted)))
 
 
 if __name__ == "__main__":
