@@ -584,10 +584,24 @@ def hosts(source: str, n: int, principals: str) -> float:
     return min(fits) if fits else float("inf")
 
 
-def max_instances(source: str, limit: int = 400_000, step: int = 50) -> int:
+def fits(source: str, n: int, count: int = 1, principals: str = "shared") -> bool:
+    """Whether `count` daemons, each discovering n instances every INTERVAL seconds in one subscription,
+    stay within every bucket (one daemon: count 1)."""
+    for bucket, used in uses(n)[source].items():
+        cap = per_cycle(bucket)
+        if bucket in ("graph", "arm_reads") and principals == "own":
+            if used > cap or (bucket == "arm_reads" and used * count > cap * ALL_PRINCIPALS):
+                return False
+        elif used * count > cap:
+            return False
+    return True
+
+
+def max_instances(source: str, count: int = 1, principals: str = "shared", limit: int = 400_000,
+                  step: int = 50) -> int:
     best = 0
     for n in range(step, limit, step):
-        if all(used <= per_cycle(b) for b, used in uses(n)[source].items()):
+        if fits(source, n, count, principals):
             best = n
         elif n > 2 * best + 10_000:
             break
@@ -659,6 +673,14 @@ def fleet(rows: list[dict]) -> list[str]:
                 h = hosts(source, n, principals)
                 cells.append("no limit" if h == float("inf") else f"{int(h):,}")
             lines.append(f"| {label}, (b) one daemon per host, {text} | {n_max:,} for one host | " + " | ".join(cells) + " |")
+    counts = (1, 2, 5, 10, 20, 50)
+    lines += ["", "The other way round: the largest estate (instances, this shape) that H hosts can each discover every "
+              "30 s, one daemon per host:", "",
+              "| source | " + " | ".join(f"H = {h}" for h in counts) + " |", "|---|" + "---:|" * len(counts)]
+    for source, label in (("arm", "`arm`"), ("graph", "`resource_graph`")):
+        for principals, text in (("shared", "one identity"), ("own", "an identity each")):
+            lines.append(f"| {label}, {text} | "
+                         + " | ".join(f"{max_instances(source, h, principals):,}" for h in counts) + " |")
     lines += ["", "0 = even one discovery every 30 s is throttled: the shortest sustainable interval for one daemon "
               "(the largest of used ÷ refill over the buckets it draws from) is then:", "",
               "| source | " + " | ".join(f"{n:,}" for n in sizes) + " |", "|---|" + "---:|" * len(sizes)]
