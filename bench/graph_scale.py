@@ -628,7 +628,14 @@ def fleet(rows: list[dict]) -> list[str]:
     for bucket, (what, scope, size, rate, source) in LIMITS.items():
         lines.append(f"| {what} | {scope} | {size:,} | {rate * 60:,.0f} a minute | {per_cycle(bucket):,.0f} | {source} |")
     shape = azure_discovery.shape(100_000)
-    lines += ["", "Requests of one discovery of N instances in this estate's shape (V = standalone VMs + Flexible "
+    lines += ["", "Sources: https://learn.microsoft.com/azure/governance/resource-graph/concepts/guidance-for-throttled-requests, "
+              "https://learn.microsoft.com/azure/virtual-machines/compute-throttling-limits, "
+              "https://learn.microsoft.com/troubleshoot/azure/virtual-machines/windows/troubleshooting-throttling-errors, "
+              "https://learn.microsoft.com/azure/azure-resource-manager/management/request-limits-and-throttling. "
+              "Resource Graph's POST goes to a tenant-level path; Resource Manager's tenant reads (250, 25 a second per "
+              "principal) would allow 750 in 30 s, above Resource Graph's own 90, so they never bind here. Microsoft "
+              "Network documents no per-operation buckets for the NIC list: only Resource Manager's reads count it.",
+              "", "Requests of one discovery of N instances in this estate's shape (V = standalone VMs + Flexible "
               "members ≈ 0.85 N, each with one NIC; S = Uniform scale sets of 50 with the service tag ≈ 0.003 N; "
               f"public IPs off; Resource Manager pages of {ARM_PAGE} items, as the fake serves them: Azure documents "
               "none, and users report 50 for the VM list, which would double every ARM page count below; Resource "
@@ -688,6 +695,19 @@ def fleet(rows: list[dict]) -> list[str]:
               "| source | " + " | ".join(f"{n:,}" for n in sizes) + " |", "|---|" + "---:|" * len(sizes)]
     for source, label in (("arm", "`arm`"), ("graph", "`resource_graph`")):
         lines.append(f"| {label} | " + " | ".join(f"{min_interval(source, n):.0f} s" for n in sizes) + " |")
+    arm_max, graph_max = max_instances("arm"), max_instances("graph")
+    lines += ["", f"In short: at {INTERVAL:.0f} s one subscription can be discovered by the listings up to about "
+              f"{arm_max:,} instances (Compute's \"High Cost Get VM\" bucket, shared by every caller of the "
+              "subscription: two VM lists of ⌈V/100⌉ pages each cycle; Resource Manager's per-principal reads would "
+              f"allow {max(n for n in range(50, 100_000, 50) if uses(n)['arm']['arm_reads'] <= per_cycle('arm_reads')):,}), "
+              f"and by Resource Graph up to about {graph_max:,} (15 queries per 5 s: 90 pages of 1,000 rows, two rows "
+              "an instance). One daemon feeding many targets costs Azure the same whatever the number of HAProxy "
+              "hosts; a daemon per host multiplies the listings' Compute calls by the hosts, whatever identities "
+              f"they run as, so the listings fit several hosts only for small estates ({hosts('arm', 1000, 'shared'):.0f} "
+              f"hosts at 1,000 instances, {hosts('arm', 5000, 'shared'):.0f} at 5,000), and Resource Graph scales with hosts only when each host has an identity of its own "
+              "(the quota is per principal; the estate is still capped at "
+              f"{graph_max:,} for each). Past those sizes the daemon stretches its interval itself (azure_quota_"
+              "remaining, the stretched interval): the last table is the interval it settles at.", ""]
     return lines + [""]
 
 
