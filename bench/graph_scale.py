@@ -29,10 +29,17 @@ client (`Discovery.requests`) and by the fake (`GET /_counts`), and must agree. 
 after the warm-up discovery and after the last one (checked against /proc's VmHWM: the parent stays
 small, since Linux carries ru_maxrss across exec).
 
---profile: one more child at the largest size runs one Resource Graph discovery after the warm-up under
-pyinstrument (the call tree, main thread: the Graph source pages in it), one under cProfile (flat:
-each function's own time), and one with a sampler thread reading the process's VmRSS every 5 ms,
-marked with the stages of a discovery (each query's pages, `listing_from_graph`, the join, the checks).
+--profile (needs pyinstrument: `pip install pyinstrument`): one more child at the largest size, five
+Resource Graph discoveries in one fresh process: the first marks VmRSS at each stage of a discovery (each
+query's pages, `listing_from_graph`, the join, the checks) and samples it every 5 ms; the second marks the
+CPU at each stage, with the CPU of `AzureSource._fetch` (a page through the pipeline) and of the program's
+`json.loads` added up; the third marks the Python heap under tracemalloc; the fourth runs under
+pyinstrument, the fifth under cProfile (call counts; its per-call overhead makes its seconds no measure of
+the discovery's).
+
+--instructions N: one Resource Graph discovery's instructions at N instances under callgrind (a child
+running a warm-up and one discovery, minus one running the warm-up alone), printed as JSON; with
+--from-json and --instructions-json the sections include them. About half an hour at 100,000.
 """
 import argparse
 import cProfile
