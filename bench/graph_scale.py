@@ -642,7 +642,10 @@ def fleet(rows: list[dict]) -> list[str]:
               "https://learn.microsoft.com/azure/azure-resource-manager/management/request-limits-and-throttling. "
               "Resource Graph's POST goes to a tenant-level path; Resource Manager's tenant reads (250, 25 a second per "
               "principal) would allow 750 in 30 s, above Resource Graph's own 90, so they never bind here. Microsoft "
-              "Network documents no per-operation buckets for the NIC list: only Resource Manager's reads count it.",
+              "Network documents no per-operation buckets for the NIC list: only Resource Manager's reads count it. "
+              "Compute's buckets are per region, and Microsoft does not say in which region's bucket a "
+              "subscription-wide list counts; the figures assume one (the fake counts it in one), as a subscription "
+              "whose VMs span regions would otherwise get more.",
               "", "Requests of one discovery of N instances in this estate's shape (V = standalone VMs + Flexible "
               "members ≈ 0.85 N, each with one NIC; S = Uniform scale sets of 50 with the service tag ≈ 0.003 N; "
               f"public IPs off; Resource Manager pages of {ARM_PAGE} items, as the fake serves them: Azure documents "
