@@ -1,13 +1,16 @@
 #!/usr/bin/env python3
 """The whole benchmark in one command: prints the tables and writes bench/RESULTS.md.
 
-Usage: python bench/bench.py [--sizes 1000,5000,10000,20000] [--quick] [--repeats N] [--out FILE]
+Usage: python bench/bench.py [--sizes 1000,5000,10000,20000] [--quick] [--repeats N] [--scale] [--out FILE]
 
   1. Azure: requests and cost of one discovery cycle, ours against per-VM lookups (bench/azure_discovery.py)
   2. Data Plane API: requests, transactions, reloads and CPU per scenario, both apply modes (bench/dataplane.py)
   3. Reloads on a real HAProxy: 10 scale events within the slots, then growth (bench/dataplane.py)
   4. The pure core: 10,000 instances in 1,000 services (bench/core.py)
   5. Where an Azure discovery's CPU goes at the largest size: SDK pipeline, JSON decoding, join (bench/cpu.py)
+  6. and 7. Scale: 50,000 and 100,000 instances with Resource Graph and the listings, where that time and memory
+     go, and the fleet arithmetic of Azure's limits (bench/graph_scale.py, about 25 minutes): only with --scale;
+     without it these sections of the existing --out file are kept as they are.
 
 --quick: sizes 1000,5000 (unless --sizes says otherwise) and one run of each sequence instead of three.
 Every measurement runs in a child process; this one only orchestrates and stays small (the children's
@@ -30,6 +33,7 @@ from pathlib import Path
 import azure_discovery
 import cpu
 import dataplane
+import graph_scale
 
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
@@ -58,6 +62,19 @@ def core(repeats: int) -> list[str]:
     for k, (label, _, backends) in enumerate(runs[0]):
         lines.append(f"| {label} | {statistics.median(int(r[k][1]) for r in runs):,.0f} | {int(backends):,} |")
     return lines + [""]
+
+
+KEPT_FROM = "## 6. "       # bench/graph_scale.py's sections: kept from the last --out unless --scale reruns them
+
+
+def kept_sections(path: Path) -> list[str]:
+    """Sections 6 and 7 of an existing results file (everything from the heading of section 6 on), as they are."""
+    try:
+        lines = path.read_text().splitlines()
+    except OSError:
+        return []
+    start = next((i for i, line in enumerate(lines) if line.startswith(KEPT_FROM)), None)
+    return [] if start is None else lines[start:] + [""]
 
 
 def machine() -> str:
@@ -106,6 +123,9 @@ def main() -> None:
     parser.add_argument("--sizes", help="estate sizes, instances in total (default 1000,5000,10000,20000)")
     parser.add_argument("--quick", action="store_true", help="sizes 1000,5000 and one run of each sequence")
     parser.add_argument("--repeats", type=int, help="runs of each Data Plane sequence and of the core (default 3)")
+    parser.add_argument("--scale", action="store_true",
+                        help="rerun sections 6 and 7 (bench/graph_scale.py: 50,000 and 100,000 instances, about "
+                             "25 minutes) instead of keeping them from --out")
     parser.add_argument("--out", default=str(HERE / "RESULTS.md"))
     args = parser.parse_args()
     args.sizes = [int(s) for s in (args.sizes or ("1000,5000" if args.quick else "1000,5000,10000,20000")).split(",")]
@@ -113,13 +133,18 @@ def main() -> None:
 
     measured, before = program(), digest()
     runtimes, sections = {}, []
-    for part, measure in (("Azure", lambda: azure_discovery.report(azure_discovery.run(args.sizes))),
-                          ("Data Plane", lambda: dataplane.report(dataplane.run(args.sizes, args.repeats))),
-                          ("core", lambda: core(args.repeats)),
-                          ("CPU", lambda: cpu.report(cpu.run(max(args.sizes), 5), 5))):
+    parts = [("Azure", lambda: azure_discovery.report(azure_discovery.run(args.sizes))),
+             ("Data Plane", lambda: dataplane.report(dataplane.run(args.sizes, args.repeats))),
+             ("core", lambda: core(args.repeats)),
+             ("CPU", lambda: cpu.report(cpu.run(max(args.sizes), 5), 5))]
+    if args.scale:
+        parts.append(("scale", lambda: graph_scale.report(graph_scale.run(graph_scale.SIZES, 5, 3, True))))
+    for part, measure in parts:
         started = time.monotonic()
         sections += measure()
         runtimes[part] = time.monotonic() - started
+    if not args.scale:
+        sections += kept_sections(Path(args.out))
     text = "\n".join(header(args, measured, runtimes) + sections)
     print(text)
     if digest() != before:
