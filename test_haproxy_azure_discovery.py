@@ -2008,10 +2008,13 @@ class TestPageTransport:
 
 
 # --- Data Plane adapter and apply ------------------------------------------------------
+def dp_section(fake, **haproxy) -> dict:
+    """The haproxy section for the emulator `fake`; keyword arguments are keys over it."""
+    return {"base_url": fake.url, "username": fake.username, "password": fake.password, "timeout": 3, **haproxy}
+
+
 def dp_config(fake, **sections):
-    haproxy = {"base_url": fake.url, "username": fake.username, "password": fake.password, "timeout": 3,
-               **sections.pop("haproxy", {})}
-    return make_config(haproxy=haproxy, **sections)
+    return make_config(haproxy=dp_section(fake, **sections.pop("haproxy", {})), **sections)
 
 
 class Harness:
