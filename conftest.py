@@ -67,6 +67,37 @@ def arm(monkeypatch):
         yield fake
 
 
+class ArmConfig:
+    """Configurations pointing at one fake of Resource Manager: `raw(**sections)` the dict,
+    calling it the parsed Config. Each keyword is a section merged one level deep over the
+    defaults (subscription DEFAULT_SUBSCRIPTION, the fake's URL, 1 retry, a 5 s timeout, a
+    Data Plane API password), so `azure={"source": "resource_graph"}` keeps the other azure keys."""
+
+    def __init__(self, fake):
+        self.fake = fake
+
+    def raw(self, **sections) -> dict:
+        from fake_arm import DEFAULT_SUBSCRIPTION
+        raw = {"azure": {"subscription_id": DEFAULT_SUBSCRIPTION, "resource_manager_url": self.fake.url,
+                         "retries": 1, "timeout": 5},
+               "haproxy": {"password": "pw"}}
+        for name, values in sections.items():
+            base = raw.get(name)
+            raw[name] = {**base, **values} if isinstance(base, dict) and isinstance(values, dict) else values
+        return raw
+
+    def __call__(self, **sections):
+        import haproxy_azure_discovery as m
+        return m.parse_config(self.raw(**sections), {})
+
+
+@pytest.fixture
+def arm_config(arm):
+    """Configurations pointing at `arm`: arm_config(**sections) -> Config, arm_config.raw(**sections)
+    -> dict (see ArmConfig)."""
+    return ArmConfig(arm)
+
+
 # The emulator reloads on dataplaneapi's ticker; 5 s there, shortened (never to 0) in tests.
 RELOAD_DELAY = 0.05
 # Every dataplaneapi release the emulator plays, and the two the bulk of the tests run against

@@ -1635,12 +1635,9 @@ class ConnectProxy:
                     pass
 
 
-def arm_config(fake, **azure):
-    return make_config(azure={"resource_manager_url": fake.url, "retries": 1, "timeout": 5, **azure})
-
-
-def discovered(fake, **azure):
-    cfg = arm_config(fake, **azure)
+def discovered(arm_config, **azure):
+    """One discovery with these azure keys over arm_config's: (the Discovery, its instances by name, the Config)."""
+    cfg = arm_config(azure=azure)
     discovery = m.AzureSource(cfg).discover()
     return discovery, {i.name: i for i in discovery.instances}, cfg
 
@@ -1648,13 +1645,13 @@ def discovered(fake, **azure):
 class TestAzure:
     """The real SDK and DefaultAzureCredential against the HTTPS fake of Resource Manager."""
 
-    def test_every_kind_of_instance(self, arm):
+    def test_every_kind_of_instance(self, arm, arm_config):
         from fake_arm import make_estate
         arm.estate = make_estate(vms=3, uniform_sets=1, flexible_sets=1, per_set=2,
                                  regions=("eastus", "westeurope"), services=(("web", 8080), ("api", 9000)),
                                  overrides={"vm-0001": {"power_state": "deallocated"}})
         arm.estate.update("uvmss-00_1", tags={"HAProxy:Instance:Port": "9443"})
-        discovery, found, cfg = discovered(arm)
+        discovery, found, cfg = discovered(arm_config)
         expected = {p.inst.name: p for p in arm.estate.machines()}
         assert sorted(found) == sorted(expected)
         for name, p in expected.items():
@@ -1670,61 +1667,62 @@ class TestAzure:
         assert served["vm-0000"] == ("web", 8080, "eastus", 8080)
         assert served["vm-0001" if "vm-0001" in served else "vm-0002"][2] == "westeurope"
 
-    def test_discovery_leaves_the_collector_as_it_found_it(self, arm, monkeypatch):
+    def test_discovery_leaves_the_collector_as_it_found_it(self, arm, arm_config, monkeypatch):
         from fake_arm import make_estate
         arm.estate = make_estate(vms=3)
         seen = []
         join = m.instances_from_azure
         monkeypatch.setattr(m, "instances_from_azure", lambda *a: seen.append(gc.isenabled()) or join(*a))
         assert gc.isenabled()
-        discovered(arm)
+        discovered(arm_config)
         assert seen == [False] and gc.isenabled()
         gc.disable()
         try:
-            discovered(arm)
+            discovered(arm_config)
             assert seen == [False, False] and not gc.isenabled()
         finally:
             gc.enable()
 
-    def test_running_only_off_serves_stopped_instances(self, arm):
+    def test_running_only_off_serves_stopped_instances(self, arm, arm_config):
         from fake_arm import make_estate
         arm.estate = make_estate(vms=4, overrides={"vm-0000": {"power_state": "stopped"}})
-        discovery, found, cfg = discovered(arm, running_only=False)
+        discovery, found, cfg = discovered(arm_config, running_only=False)
         assert found["vm-0000"].power_state == "unknown"      # not asked for: no power-state request
         assert arm.counts["vms_status"] == 0 and arm.counts["vm_instance_view"] == 0
         groups, _ = m.select_instances(discovery.instances, cfg)
         assert sum(map(len, groups.values())) == 4
 
-    def test_resource_groups_and_subscriptions(self, arm):
+    def test_resource_groups_and_subscriptions(self, arm, arm_config):
         from fake_arm import make_estate
         subs = ("00000000-0000-0000-0000-00000000000a", "00000000-0000-0000-0000-00000000000b")
         arm.estate = make_estate(vms=8, uniform_sets=2, per_set=2, subscriptions=subs,
                                  resource_groups=("rg-a", "rg-b"))
         everything = {p.inst.name for p in arm.estate.machines()}
-        _, found, _ = discovered(arm, subscription_id=subs[0], subscription_ids=[subs[1]])
+        _, found, _ = discovered(arm_config, subscription_id=subs[0], subscription_ids=[subs[1]])
         assert set(found) == everything
         arm.reset_counts()
-        _, found, _ = discovered(arm, subscription_id=subs[0], subscription_ids=[subs[1]], resource_groups=["RG-A"])
+        _, found, _ = discovered(arm_config, subscription_id=subs[0], subscription_ids=[subs[1]],
+                                 resource_groups=["RG-A"])
         assert set(found) == {p.inst.name for p in arm.estate.machines() if p.home.resource_group == "rg-a"}
         # Power states from each subscription's status-only list, the only documented way to list them.
         assert arm.counts["vms"] == 0 and arm.counts["vms_rg"] == 2 and arm.counts["vms_status"] == 2
         assert all("$expand" not in r.query for r in arm.requests if r.endpoint in ("vms", "vms_rg"))
 
-    def test_public_and_ipv6_addresses(self, arm):
+    def test_public_and_ipv6_addresses(self, arm, arm_config):
         from fake_arm import make_estate
         arm.estate = make_estate(vms=2, uniform_sets=1, per_set=2, ipv6_base="fd00::10", public_ip_base="20.0.0.1")
-        _, found, _ = discovered(arm, address="public")
+        _, found, _ = discovered(arm_config, address="public")
         assert {n: i.address for n, i in found.items()} == {p.inst.name: p.inst.public_ip
                                                           for p in arm.estate.machines()}
         assert arm.counts["pips"] == 1 and arm.counts["vmss_pips"] == 1
-        _, found, _ = discovered(arm, ip_version="ipv6")
+        _, found, _ = discovered(arm_config, ip_version="ipv6")
         assert {n: i.address for n, i in found.items()} == {p.inst.name: p.inst.private_ipv6
                                                           for p in arm.estate.machines()}
 
-    def test_missing_nic_skips_one_instance(self, arm):
+    def test_missing_nic_skips_one_instance(self, arm, arm_config):
         from fake_arm import make_estate
         arm.estate = make_estate(vms=3, overrides={"vm-0001": {"has_nic": False}})
-        discovery, found, cfg = discovered(arm)
+        discovery, found, cfg = discovered(arm_config)
         groups, skipped = m.select_instances(discovery.instances, cfg)
         assert [s.instance for s in skipped] == ["vm-0001"] and "network interface" in skipped[0].reason
         assert sorted(mb.label for ms in groups.values() for mb in ms) == ["vm-0000", "vm-0002"]
@@ -1740,45 +1738,45 @@ class TestAzure:
         (dict(kind="no_value", endpoint="vms", times=None), "failed"),
         (dict(kind="403", endpoint="vmss_vms", times=None), "failed"),
     ])
-    def test_faults(self, arm, fault, outcome):
+    def test_faults(self, arm, arm_config, fault, outcome):
         from fake_arm import make_estate
         arm.estate = make_estate(vms=150, uniform_sets=1, per_set=3)
         arm.add_fault(**fault)
         if outcome == "ok":
-            discovery, found, _ = discovered(arm, timeout=2)
+            discovery, found, _ = discovered(arm_config, timeout=2)
             assert len(found) == 153
         else:
             with pytest.raises(m.AzureError, match="listing .* failed"):
-                discovered(arm, timeout=2)
+                discovered(arm_config, timeout=2)
 
     @pytest.mark.parametrize("endpoint", ["vms", "nics", "vmss_vms"])
-    def test_an_item_not_shaped_as_documented_fails_the_discovery_by_name(self, arm, endpoint):
+    def test_an_item_not_shaped_as_documented_fails_the_discovery_by_name(self, arm, arm_config, endpoint):
         # Not a traceback, and not the item dropped (its server would drain): the cycle fails, as
         # for a malformed page, and nothing is applied.
         from fake_arm import make_estate
         arm.estate = make_estate(vms=3, uniform_sets=1, per_set=2)
         arm.add_fault("bad_item", endpoint=endpoint, times=None)
         with pytest.raises(m.AzureError, match=r"failed: malformed page 1 \(item \d is a string, not an object\)"):
-            discovered(arm)
+            discovered(arm_config)
 
     @pytest.mark.parametrize("cloud, resource", [("public", "https://management.azure.com"),
                                                   ("china", "https://management.chinacloudapi.cn"),
                                                   ("usgovernment", "https://management.usgovcloudapi.net")])
-    def test_token_scope_follows_the_cloud(self, arm, cloud, resource):
+    def test_token_scope_follows_the_cloud(self, arm, arm_config, cloud, resource):
         from fake_arm import make_estate
         arm.estate = make_estate(vms=1)
         arm.cloud_audiences = [resource + "/"]          # the fake takes tokens for this cloud only
-        _, found, _ = discovered(arm, cloud=cloud)
+        _, found, _ = discovered(arm_config, cloud=cloud)
         assert list(found) == ["vm-0000"]
         tokens = [r for r in arm.requests if r.endpoint == "token"]
         assert tokens and {str(t.query.get("resource")).rstrip("/") for t in tokens} == {resource}
         assert arm.counts["metadata"] == 0          # a named cloud needs no metadata
 
-    def test_custom_cloud_takes_audience_and_login_from_its_metadata(self, arm):
+    def test_custom_cloud_takes_audience_and_login_from_its_metadata(self, arm, arm_config):
         from fake_arm import make_estate
         arm.estate = make_estate(vms=2)
         arm.cloud_audiences = ["https://management.stack.example/", "https://management.azure.com/"]
-        cfg = arm_config(arm)
+        cfg = arm_config()
         source = m.AzureSource(cfg)
         assert arm.counts["metadata"] == 0            # read on the first discovery, inside the cycle
         assert len(source.discover().instances) == 2 and len(source.discover().instances) == 2
@@ -1791,11 +1789,11 @@ class TestAzure:
         env = {"AZURE_TENANT_ID": arm.tenant_id, "AZURE_CLIENT_ID": arm.client_id,
                "AZURE_CLIENT_SECRET": arm.client_secret}
         arm.reset_counts()
-        assert len(m.AzureSource(arm_config(arm, credential_type="client_secret"), env).discover().instances) == 2
+        assert len(m.AzureSource(arm_config(azure={"credential_type": "client_secret"}), env).discover().instances) == 2
         assert arm.counts["aad_token"] >= 1 and arm.counts["metadata"] == 1 and arm.counts["token"] == 0
 
     @pytest.mark.parametrize("no_proxy, tunnels", [("", True), ("127.0.0.1,localhost", False)])
-    def test_proxy_from_the_environment_is_used_unless_no_proxy_names_the_host(self, arm, monkeypatch,
+    def test_proxy_from_the_environment_is_used_unless_no_proxy_names_the_host(self, arm, arm_config, monkeypatch,
                                                                                 no_proxy, tunnels):
         # The proxy settings are read once when the client is built: HTTPS_PROXY and NO_PROXY still rule.
         from fake_arm import make_estate
@@ -1806,41 +1804,42 @@ class TestAzure:
         with ConnectProxy() as proxy:
             monkeypatch.setenv("HTTPS_PROXY", proxy.url)
             monkeypatch.setenv("NO_PROXY", no_proxy)
-            source = m.AzureSource(arm_config(arm))
+            source = m.AzureSource(arm_config())
             assert len(source.discover().instances) == 2 and len(source.discover().instances) == 2
         host = urllib.parse.urlsplit(arm.url).netloc
         assert (proxy.tunnels and set(proxy.tunnels) == {host}) if tunnels else not proxy.tunnels
 
-    def test_proxy_credentials_in_its_url_are_sent_to_the_proxy(self, arm, monkeypatch):
+    def test_proxy_credentials_in_its_url_are_sent_to_the_proxy(self, arm, arm_config, monkeypatch):
         from fake_arm import make_estate
         arm.estate = make_estate(vms=2)
         for key in ("https_proxy", "NO_PROXY", "no_proxy"):
             monkeypatch.delenv(key, raising=False)
         with ConnectProxy() as proxy:
             monkeypatch.setenv("HTTPS_PROXY", proxy.url.replace("//", "//ops:p%40ss@"))
-            assert len(m.AzureSource(arm_config(arm)).discover().instances) == 2
+            assert len(m.AzureSource(arm_config()).discover().instances) == 2
         assert proxy.auth and set(proxy.auth) == {"Basic " + base64.b64encode(b"ops:p@ss").decode()}
 
-    def test_a_proxy_the_listings_cannot_use_is_refused_by_name(self, arm, monkeypatch):
+    def test_a_proxy_the_listings_cannot_use_is_refused_by_name(self, arm, arm_config, monkeypatch):
         monkeypatch.setenv("HTTPS_PROXY", "socks5://127.0.0.1:1080")
         monkeypatch.delenv("NO_PROXY", raising=False)
         monkeypatch.delenv("no_proxy", raising=False)
         with pytest.raises(m.AzureError, match=r"proxy socks5:// \(HTTPS_PROXY or ALL_PROXY\) is not supported"):
-            m.AzureSource(arm_config(arm, token_audience="https://management.azure.com/", login_endpoint=arm.url))
+            m.AzureSource(arm_config(azure={"token_audience": "https://management.azure.com/",
+                                            "login_endpoint": arm.url}))
 
-    def test_explicit_audience_and_login_need_no_metadata(self, arm):
+    def test_explicit_audience_and_login_need_no_metadata(self, arm, arm_config):
         from fake_arm import make_estate
         arm.estate = make_estate(vms=1)
-        cfg = arm_config(arm, token_audience="https://management.private.example/", login_endpoint=arm.url)
+        cfg = arm_config(azure={"token_audience": "https://management.private.example/", "login_endpoint": arm.url})
         arm.cloud_audiences = ["https://management.private.example/"]
         assert len(m.AzureSource(cfg).discover().instances) == 1
         assert arm.counts["metadata"] == 0
         assert {r.query["resource"].rstrip("/") for r in arm.requests if r.endpoint == "token"} == {
             "https://management.private.example"}
 
-    def test_missing_cloud_metadata_fails_the_cycle_clearly(self, arm):
+    def test_missing_cloud_metadata_fails_the_cycle_clearly(self, arm, arm_config):
         arm.add_fault("404", endpoint="metadata", times=None)
-        source = m.AzureSource(arm_config(arm))
+        source = m.AzureSource(arm_config())
         with pytest.raises(m.AzureError, match=r"cloud metadata from https://.*/metadata/endpoints.*HTTP 404"):
             source.discover()
 
@@ -1892,7 +1891,7 @@ class TestAzure:
             m._credential(make_config(azure={"credential_type": kind}).azure, azure.identity,
                           "login.microsoftonline.com", {})
 
-    def test_requests_grow_with_pages_not_instances(self, arm):
+    def test_requests_grow_with_pages_not_instances(self, arm, arm_config):
         """Subscription scope, private addresses: with P(n) = ceil(n / page) pages (at least 1),
         requests = 2 P(VMs incl. Flexible members) [full + status-only] + P(NICs) + P(scale sets)
                    + sum over tagged Uniform sets of 2 P(instances) [instances + their NICs]."""
@@ -1908,14 +1907,14 @@ class TestAzure:
         for vms in (2000, 4000):
             arm.estate = make_estate(vms=vms, uniform_sets=20, per_set=50)
             arm.reset_counts()
-            discovery, found, _ = discovered(arm)
+            discovery, found, _ = discovered(arm_config)
             assert len(found) == vms + 1000
             azure = arm.counts["total"] - arm.counts["token"] - arm.counts["metadata"]
             assert azure == discovery.requests == formula(vms, 20, 50)
             results.append(azure)
         assert results == [2 * 20 + 20 + 1 + 40, 2 * 40 + 40 + 1 + 40]   # 101, then 161: pages only
 
-    def test_warns_once_when_vm_list_calls_would_outrun_computes_refill(self, arm, caplog):
+    def test_warns_once_when_vm_list_calls_would_outrun_computes_refill(self, arm, arm_config, caplog):
         """200 VMs at 10 a page: 20 pages of VMs and 20 of power states a cycle. Every 7 s that is 343
         VM list calls a minute, over Compute's 300; every 30 s, 80."""
         from fake_arm import make_estate
@@ -1924,18 +1923,17 @@ class TestAzure:
 
         def warnings():
             return [r.getMessage() for r in caplog.records if getattr(r, "event", "") == "azure_quota_warning"]
-        m.AzureSource(make_config(azure={"resource_manager_url": arm.url}, polling={"interval_seconds": 30})
-                      ).discover()
+        own = {"retries": 3, "timeout": 30}           # the program's defaults
+        m.AzureSource(arm_config(azure=own, polling={"interval_seconds": 30})).discover()
         assert warnings() == []
-        source = m.AzureSource(make_config(azure={"resource_manager_url": arm.url},
-                                           polling={"interval_seconds": 7}))
+        source = m.AzureSource(arm_config(azure=own, polling={"interval_seconds": 7}))
         source.discover()
         source.discover()
         [warning] = warnings()
         assert "40 VM list calls" in warning and "343 a minute" in warning and "resource_graph" in warning
         caplog.clear()
-        m.AzureSource(make_config(azure={"resource_manager_url": arm.url, "source": "resource_graph"},
-                                  polling={"interval_seconds": 7})).discover()
+        m.AzureSource(arm_config(azure={**own, "source": "resource_graph"},
+                                 polling={"interval_seconds": 7})).discover()
         assert warnings() == []
 
     @pytest.mark.parametrize("calls, interval, warned", [(150, 30, False), (151, 30, True), (10, 1, True),
@@ -2008,10 +2006,13 @@ class TestPageTransport:
 
 
 # --- Data Plane adapter and apply ------------------------------------------------------
+def dp_section(fake, **haproxy) -> dict:
+    """The haproxy section for the emulator `fake`; keyword arguments are keys over it."""
+    return {"base_url": fake.url, "username": fake.username, "password": fake.password, "timeout": 3, **haproxy}
+
+
 def dp_config(fake, **sections):
-    haproxy = {"base_url": fake.url, "username": fake.username, "password": fake.password, "timeout": 3,
-               **sections.pop("haproxy", {})}
-    return make_config(haproxy=haproxy, **sections)
+    return make_config(haproxy=dp_section(fake, **sections.pop("haproxy", {})), **sections)
 
 
 class Harness:
@@ -2409,13 +2410,13 @@ class TestHostileDataPlane:
         assert elsewhere.seen == []
 
     def test_once_against_a_redirecting_api_exits_1_and_sends_no_credentials_away(
-            self, tmp_path, arm, monkeypatch, capsys):
+            self, tmp_path, arm, arm_config, monkeypatch, capsys):
         from fake_arm import make_estate
         arm.estate = make_estate(vms=2)
         with Meddler(lambda *_: (200, JSON, "{}")) as elsewhere, \
                 Meddler(lambda meth, path: (302, {"Location": elsewhere.url + path}, "")) as front:
-            raw = {"azure": {"subscription_id": SUB, "resource_manager_url": arm.url, "retries": 1},
-                   "haproxy": {"base_url": front.url, "password": PASSWORD, "timeout": 3}}
+            raw = arm_config.raw(azure={"timeout": 30},
+                                 haproxy={"base_url": front.url, "password": PASSWORD, "timeout": 3})
             assert m.main(["--once", "-c", write_config(tmp_path, raw)]) == 1
         err = capsys.readouterr().err
         assert "HTTP 302 redirect to" in err.splitlines()[-1] and elsewhere.seen == []
@@ -2522,7 +2523,8 @@ class TestHostileDataPlane:
             listener.close()
         assert time.monotonic() - started < 2.5
 
-    def test_an_error_body_echoing_the_secrets_is_masked_everywhere(self, tmp_path, arm, monkeypatch, capsys):
+    def test_an_error_body_echoing_the_secrets_is_masked_everywhere(self, tmp_path, arm, arm_config, monkeypatch,
+                                                                     capsys):
         from fake_arm import make_estate
         arm.estate = make_estate(vms=1)
         basic = m.basic_credentials(m.HAProxyConfig(username="admin", password=PASSWORD))
@@ -2533,9 +2535,9 @@ class TestHostileDataPlane:
                 meddled(front.url).version()
             assert PASSWORD not in str(err.value) and basic not in str(err.value) and "***" in str(err.value)
             monkeypatch.setenv("DP_PASSWORD", PASSWORD)
-            raw = {"azure": {"subscription_id": SUB, "resource_manager_url": arm.url, "retries": 1},
-                   "haproxy": {"base_url": front.url, "password": "${DP_PASSWORD}", "timeout": 3},
-                   "logging": {"format": "text", "level": "DEBUG"}}
+            raw = arm_config.raw(azure={"timeout": 30},
+                                 haproxy={"base_url": front.url, "password": "${DP_PASSWORD}", "timeout": 3},
+                                 logging={"format": "text", "level": "DEBUG"})
             for mode in ("--once", "--dry-run"):
                 assert m.main([mode, "-c", write_config(tmp_path, raw)]) == 1
         out, err = capsys.readouterr()
@@ -3530,20 +3532,21 @@ class TestCli:
 class TestOnce:
     """The CLI's --once and --dry-run against the fake Resource Manager and the emulator."""
 
-    def config(self, tmp_path, arm, dataplane, **extra):
-        raw = {"azure": {"subscription_id": SUB, "resource_manager_url": "${FAKE_ARM_URL}", "retries": 1},
-               "haproxy": {"base_url": dataplane.url, "password": "${DP_PASSWORD}", "timeout": 5,
-                           "server_slots": {"base": 4}},
-               "logging": {"format": "json"}, **extra}
+    def config(self, tmp_path, arm_config, dataplane, azure=None, **extra):
+        """arm_config's, the emulator's haproxy section (`haproxy` replaces it whole), JSON logs."""
+        haproxy = extra.pop("haproxy", {"base_url": dataplane.url, "password": "${DP_PASSWORD}", "timeout": 5,
+                                        "server_slots": {"base": 4}})
+        raw = arm_config.raw(azure={"timeout": 30, **(azure or {})}, haproxy=haproxy, logging={"format": "json"},
+                             **extra)
         return write_config(tmp_path, raw)
 
-    def test_once_syncs_the_estate(self, tmp_path, arm, dataplane, monkeypatch, capsys):
+    def test_once_syncs_the_estate(self, tmp_path, arm, arm_config, dataplane, monkeypatch, capsys):
         from fake_arm import make_estate
         arm.estate = make_estate(vms=3, uniform_sets=1, flexible_sets=1, per_set=2,
                                  services=(("web", 8080), ("api", 9000)),
                                  overrides={"vm-0002": {"power_state": "stopped"}})
         monkeypatch.setenv("DP_PASSWORD", dataplane.password)
-        assert m.main(["--once", "-c", self.config(tmp_path, arm, dataplane)]) == 0
+        assert m.main(["--once", "-c", self.config(tmp_path, arm_config, dataplane)]) == 0
         expected = {}
         for p in arm.estate.machines():
             if p.inst.power_state == "running":
@@ -3561,12 +3564,13 @@ class TestOnce:
         assert lines[-1]["event"] == "cycle" and lines[-1]["result"] == "applied"
         assert dataplane.password not in err and arm.token not in err
 
-    def test_dry_run_prints_the_plan_and_changes_nothing(self, tmp_path, arm, dataplane, monkeypatch, capsys):
+    def test_dry_run_prints_the_plan_and_changes_nothing(self, tmp_path, arm, arm_config, dataplane, monkeypatch,
+                                                          capsys):
         from fake_arm import make_estate
         arm.estate = make_estate(vms=2)
         monkeypatch.setenv("DP_PASSWORD", dataplane.password)
         version = dataplane.version
-        assert m.main(["--dry-run", "-c", self.config(tmp_path, arm, dataplane)]) == 0
+        assert m.main(["--dry-run", "-c", self.config(tmp_path, arm_config, dataplane)]) == 0
         assert capsys.readouterr().out == textwrap.dedent("""\
             backend azure-web-8080-eastus (create, 4 slots, 2 live)
               + srv1 10.0.0.4:8080
@@ -3578,11 +3582,11 @@ class TestOnce:
         assert dataplane.version == version and dataplane.backends == {}
         assert not [r for r in dataplane.requests if r.method != "GET"]
 
-    def test_status_shows_both_sides_and_marks_drift(self, tmp_path, arm, dataplane, monkeypatch, capsys):
+    def test_status_shows_both_sides_and_marks_drift(self, tmp_path, arm, arm_config, dataplane, monkeypatch, capsys):
         from fake_arm import make_estate
         arm.estate = make_estate(vms=3)
         monkeypatch.setenv("DP_PASSWORD", dataplane.password)
-        path = self.config(tmp_path, arm, dataplane)
+        path = self.config(tmp_path, arm_config, dataplane)
         assert m.main(["--once", "-c", path]) == 0
         capsys.readouterr()
         assert m.main(["--status", "-c", path]) == 0
@@ -3617,13 +3621,13 @@ class TestOnce:
         assert dataplane.version == version      # --status changes nothing
         assert dataplane.count_requests("PUT") + dataplane.count_requests("POST") == writes
 
-    def test_status_and_dry_run_see_a_drain_under_way(self, tmp_path, arm, dataplane, monkeypatch, capsys):
+    def test_status_and_dry_run_see_a_drain_under_way(self, tmp_path, arm, arm_config, dataplane, monkeypatch, capsys):
         """--once starts a drain (the server still has sessions) and exits; a later --status,
         which has no memory, reads from HAProxy that it runs and marks no drift."""
         from fake_arm import make_estate
         arm.estate = make_estate(vms=3)
         monkeypatch.setenv("DP_PASSWORD", dataplane.password)
-        path = self.config(tmp_path, arm, dataplane)
+        path = self.config(tmp_path, arm_config, dataplane)
         assert m.main(["--once", "-c", path]) == 0
         dataplane.sessions[(WEB, "srv2")] = 1
         arm.estate.update("vm-0001", power_state="deallocating")
@@ -3639,9 +3643,9 @@ class TestOnce:
         dataplane.sessions[(WEB, "srv2")] = 0           # its last session ended: the next run parks it
         assert m.main(["--once", "-c", path]) == 0 and dataplane.server(WEB, "srv2")["maintenance"] == "enabled"
 
-    def test_status_of_an_unreachable_haproxy_is_exit_1(self, tmp_path, arm, monkeypatch, capsys):
-        raw = {"azure": {"subscription_id": SUB, "resource_manager_url": "${FAKE_ARM_URL}", "retries": 1},
-               "haproxy": {"base_url": f"http://127.0.0.1:{free_port()}", "password": "p", "timeout": 2}}
+    def test_status_of_an_unreachable_haproxy_is_exit_1(self, tmp_path, arm_config, monkeypatch, capsys):
+        raw = arm_config.raw(azure={"timeout": 30},
+                             haproxy={"base_url": f"http://127.0.0.1:{free_port()}", "password": "p", "timeout": 2})
         assert m.main(["--status", "-c", write_config(tmp_path, raw)]) == 1
         assert capsys.readouterr().err.strip().splitlines()[-1].startswith("error: ")
 
@@ -3649,21 +3653,21 @@ class TestOnce:
         assert m.main(["--once", "--json"]) == 2
         assert "--json goes with --status" in capsys.readouterr().err
 
-    def test_once_fails_with_exit_1_and_one_error_line(self, tmp_path, arm, dataplane, monkeypatch, capsys):
+    def test_once_fails_with_exit_1_and_one_error_line(self, tmp_path, arm, arm_config, dataplane, monkeypatch, capsys):
         monkeypatch.setenv("DP_PASSWORD", dataplane.password)
         arm.add_fault("500", endpoint="nics", times=None)
-        assert m.main(["--once", "-c", self.config(tmp_path, arm, dataplane)]) == 1
+        assert m.main(["--once", "-c", self.config(tmp_path, arm_config, dataplane)]) == 1
         err = capsys.readouterr().err.splitlines()
         assert err[-1].startswith("error: listing network interfaces of subscription") and "HTTP 500" in err[-1]
         assert dataplane.backends == {}
 
-    def test_sigterm_during_once_leaves_no_transaction(self, tmp_path, arm, dataplane):
+    def test_sigterm_during_once_leaves_no_transaction(self, tmp_path, arm, arm_config, dataplane):
         from fake_arm import make_estate
         arm.estate = make_estate(vms=2)
         dataplane.add_fault("POST", r"/backends$", delay=10, times=None)
         env = {**os.environ, "DP_PASSWORD": dataplane.password}
         proc = subprocess.Popen([sys.executable, "haproxy_azure_discovery.py", "--once", "-c",
-                                 self.config(tmp_path, arm, dataplane, haproxy={
+                                 self.config(tmp_path, arm_config, dataplane, haproxy={
                                      "base_url": dataplane.url, "password": "${DP_PASSWORD}", "timeout": 3})],
                                 cwd=HERE, env=env, stderr=subprocess.PIPE, text=True)
         deadline = time.monotonic() + 30
@@ -3674,7 +3678,7 @@ class TestOnce:
         dataplane.clear_faults()
         assert dataplane.open_transactions() == [] and dataplane.backends == {}
 
-    def test_one_hostile_vm_among_healthy_services(self, tmp_path, arm, dataplane, monkeypatch, capsys):
+    def test_one_hostile_vm_among_healthy_services(self, tmp_path, arm, arm_config, dataplane, monkeypatch, capsys):
         """A VM tagged "web\\n", ten untagged VMs, one with lower-case tag names: exit 0,
         every healthy service applied, one warning naming the hostile VM, nothing else skipped."""
         from fake_arm import make_estate
@@ -3684,7 +3688,7 @@ class TestOnce:
             "vm-0001": {"tags": {"haproxy:service:name": "api", "HAPROXY:SERVICE:PORT": "9000"}},
             **untagged})
         monkeypatch.setenv("DP_PASSWORD", dataplane.password)
-        assert m.main(["--once", "-c", self.config(tmp_path, arm, dataplane)]) == 0
+        assert m.main(["--once", "-c", self.config(tmp_path, arm_config, dataplane)]) == 0
         live = {n: sorted(s["address"] for s in b["servers"].values() if s.get("maintenance") != "enabled")
                 for n, b in dataplane.backends.items()}
         assert live == {"azure-api-9000-eastus": ["10.0.0.5", "10.0.0.7"],
@@ -3696,13 +3700,13 @@ class TestOnce:
         assert '"web\\n" is not a service name' in warnings[0]["msg"]
         assert lines[-1]["event"] == "cycle" and lines[-1]["skipped"] == 1 and lines[-1]["instances"] == 3
 
-    def test_once_with_a_refused_backend_applies_the_rest_and_exits_1(self, tmp_path, arm, dataplane,
+    def test_once_with_a_refused_backend_applies_the_rest_and_exits_1(self, tmp_path, arm, arm_config, dataplane,
                                                                       monkeypatch, capsys):
         from fake_arm import make_estate
         arm.estate = make_estate(vms=2, services=(("web", 8080), ("api", 9000)))
         monkeypatch.setenv("DP_PASSWORD", dataplane.password)
         dataplane.add_fault("POST", r"/backends$", status=422, message="invalid")   # the first: azure-api-…
-        assert m.main(["--once", "-c", self.config(tmp_path, arm, dataplane)]) == 1
+        assert m.main(["--once", "-c", self.config(tmp_path, arm_config, dataplane)]) == 1
         err = capsys.readouterr().err.splitlines()
         assert sorted(dataplane.backends) == ["azure-web-8080-eastus"] and dataplane.open_transactions() == []
         refused = [json.loads(line) for line in err[:-1] if '"backend_refused"' in line]
@@ -3712,7 +3716,7 @@ class TestOnce:
 
 
     @pytest.mark.parametrize("source", ["arm", "resource_graph"])
-    def test_once_in_a_resource_group_with_a_group_only_reader(self, tmp_path, arm, dataplane, monkeypatch,
+    def test_once_in_a_resource_group_with_a_group_only_reader(self, tmp_path, arm, arm_config, dataplane, monkeypatch,
                                                                source):
         """Both sources, Reader on rg-a only, public addresses: the running, tagged instances of rg-a."""
         from fake_arm import make_estate
@@ -3720,9 +3724,8 @@ class TestOnce:
                                  overrides={"vm-0002": {"power_state": "stopped"}, "vm-0004": {"tags": {}}})
         arm.reader_groups = {"rg-a"}
         monkeypatch.setenv("DP_PASSWORD", dataplane.password)
-        path = self.config(tmp_path, arm, dataplane, azure={
-            "subscription_id": SUB, "resource_manager_url": "${FAKE_ARM_URL}", "retries": 1, "source": source,
-            "resource_groups": ["rg-a"], "address": "public"})
+        path = self.config(tmp_path, arm_config, dataplane, azure={
+            "source": source, "resource_groups": ["rg-a"], "address": "public"})
         assert m.main(["--once", "-c", path]) == 0
         live = {f"{s['address']}:{s['port']}" for b in dataplane.backends.values() for s in b["servers"].values()
                 if s.get("maintenance") != "enabled"}

@@ -9,8 +9,6 @@ import pytest
 import haproxy_azure_discovery as m
 from fake_arm import make_estate
 
-SUB = "00000000-0000-0000-0000-000000000001"
-
 
 def two_groups_sets_in_rg_a_estate():
     """rg-a and rg-b: VMs, a Uniform and two Flexible sets. vm-0002 and vm-0004 carry no tags; fvmss-01
@@ -25,9 +23,9 @@ def two_groups_sets_in_rg_a_estate():
     return estate
 
 
-def run(arm, **azure):
-    cfg = m.parse_config({"azure": {"subscription_id": SUB, "resource_manager_url": arm.url, "retries": 1,
-                                    "timeout": 5, **azure}, "haproxy": {"password": "pw"}}, {})
+def run(arm_config, **azure):
+    """One discovery with these azure keys over arm_config's: the source, the Discovery, the names served."""
+    cfg = arm_config(azure=azure)
     source = m.AzureSource(cfg)
     discovery = source.discover()
     groups, _ = m.select_instances(discovery.instances, cfg)
@@ -59,36 +57,36 @@ def estate_arm(arm):
 
 
 class TestSubscriptionScope:
-    def test_with_subscription_read_lists_power_states_once(self, estate_arm):
+    def test_with_subscription_read_lists_power_states_once(self, estate_arm, arm_config):
         arm = estate_arm
-        _, discovery, served = run(arm)
+        _, discovery, served = run(arm_config)
         assert served == expected(arm) and "vm-0000" not in served and "vm-0002" not in served
         assert arm.counts["vms_status"] == 1 and arm.counts["vm_instance_view"] == 0
         assert all("$expand" not in r.query for r in arm.requests if r.endpoint in ("vms", "vms_rg"))
 
-    def test_without_subscription_read_fails_clearly(self, estate_arm):
+    def test_without_subscription_read_fails_clearly(self, estate_arm, arm_config):
         arm = estate_arm
         arm.reader_groups = {"rg-a"}
         with pytest.raises(m.AzureError, match=r"HTTP 403 AuthorizationFailed: .*does not have authorization"):
-            run(arm)
+            run(arm_config)
 
 
 class TestResourceGroupScope:
-    def test_with_subscription_read_filters_the_status_list_to_the_groups(self, estate_arm):
+    def test_with_subscription_read_filters_the_status_list_to_the_groups(self, estate_arm, arm_config):
         arm = estate_arm
-        _, discovery, served = run(arm, resource_groups=["RG-A"])
+        _, discovery, served = run(arm_config, resource_groups=["RG-A"])
         assert served == expected(arm, {"rg-a"})
         assert arm.counts["vms_status"] == 1 and arm.counts["vms"] == 0 and arm.counts["vm_instance_view"] == 0
         assert all(i.power_state != "unknown" for i in discovery.instances)
 
-    def test_reader_on_the_group_only(self, estate_arm, caplog):
+    def test_reader_on_the_group_only(self, estate_arm, arm_config, caplog):
         """The issue's run: subscription-wide lists answer 403, `$expand` without `$filter` would answer
         400; exactly the running, tagged, in-scope instances are served, with one instance-view request
         per tagged VM and none for untagged ones, and one warning naming the cost and the remedy."""
         arm = estate_arm
         arm.reader_groups = {"rg-a"}
         caplog.set_level(logging.WARNING, logger="haproxy_azure_discovery")
-        source, discovery, served = run(arm, resource_groups=["rg-a"])
+        source, discovery, served = run(arm_config, resource_groups=["rg-a"])
         assert served == expected(arm, {"rg-a"})
         assert {"vm-0000", "fvmss-00_1", "uvmss-00_0"}.isdisjoint(served) and "vm-0006" in served
         views = {r.path.lower().removesuffix("/instanceview") for r in arm.requests
@@ -105,14 +103,14 @@ class TestResourceGroupScope:
         assert "403" in message and "per tagged VM" in message and "Reader on the subscription" in message
         assert "resource_graph" in message
 
-    def test_reader_on_the_group_only_and_power_states_not_wanted(self, estate_arm):
+    def test_reader_on_the_group_only_and_power_states_not_wanted(self, estate_arm, arm_config):
         arm = estate_arm
         arm.reader_groups = {"rg-a"}
-        _, discovery, served = run(arm, resource_groups=["rg-a"], running_only=False)
+        _, discovery, served = run(arm_config, resource_groups=["rg-a"], running_only=False)
         assert "vm-0000" in served and arm.counts["vms_status"] == 0 and arm.counts["vm_instance_view"] == 0
 
-    def test_a_group_outside_the_role_fails_the_discovery(self, estate_arm):
+    def test_a_group_outside_the_role_fails_the_discovery(self, estate_arm, arm_config):
         arm = estate_arm
         arm.reader_groups = {"rg-a"}
         with pytest.raises(m.AzureError, match="403 AuthorizationFailed"):
-            run(arm, resource_groups=["rg-a", "rg-b"])
+            run(arm_config, resource_groups=["rg-a", "rg-b"])

@@ -27,7 +27,7 @@ sys.path.insert(0, HERE)
 sys.path.insert(0, ROOT)
 
 import haproxy_azure_discovery as m  # noqa: E402
-from fake_arm import DEFAULT_SUBSCRIPTION, FakeArm, Vm, make_estate, service_tags  # noqa: E402
+from fake_arm import DEFAULT_SUBSCRIPTION, Vm, make_estate, service_tags  # noqa: E402
 from fake_dataplane import FakeDataPlane  # noqa: E402
 from conftest import RELOAD_DELAY, free_port, steps, wait_for  # noqa: E402
 
@@ -66,9 +66,9 @@ class Notifications:
 class Daemon:
     """Fake Azure (6 VMs, 2 a page) + emulator + the daemon process with a notify socket."""
 
-    def __init__(self, tmp_path, watchdog_usec: int = 0, interval: float = 0.5):
-        self.tmp = tmp_path
-        self.arm = FakeArm(make_estate(vms=6), page_size=2).start()
+    def __init__(self, tmp_path, arm, arm_config, watchdog_usec: int = 0, interval: float = 0.5):
+        self.tmp, self.arm, self.arm_config = tmp_path, arm, arm_config
+        arm.estate, arm.page_size = make_estate(vms=6), 2
         self.dp = FakeDataPlane(api="v3", reload_delay=RELOAD_DELAY).start()
         self.notify = Notifications(str(tmp_path / "notify"))
         self.config_path = str(tmp_path / "config.json")
@@ -77,13 +77,13 @@ class Daemon:
         self.proc: subprocess.Popen | None = None
 
     def write_config(self, haproxy=None, **sections) -> None:
-        raw = {"azure": {"subscription_id": DEFAULT_SUBSCRIPTION, "resource_manager_url": "${FAKE_ARM_URL}",
-                         "retries": 1, "timeout": 5},
-               "haproxy": {"base_url": self.dp.url, "password": "${DP_PASSWORD}", "timeout": 3,
-                           "server_slots": {"base": 4}, **(haproxy or {})},
-               "polling": {"interval_seconds": self.interval, "jitter_seconds": 0, "backoff_base_seconds": 0.5,
-                           "max_backoff_seconds": 1},
-               "logging": {"level": "INFO", "format": "json"}, **sections}
+        """arm_config's, the emulator with keys of `haproxy` over it, and this bed's polling and logging
+        (unless `polling` or `logging` replaces them)."""
+        sections.setdefault("polling", {"interval_seconds": self.interval, "jitter_seconds": 0,
+                                        "backoff_base_seconds": 0.5, "max_backoff_seconds": 1})
+        sections.setdefault("logging", {"level": "INFO", "format": "json"})
+        raw = self.arm_config.raw(haproxy={"base_url": self.dp.url, "password": "${DP_PASSWORD}", "timeout": 3,
+                                           "server_slots": {"base": 4}, **(haproxy or {})}, **sections)
         with open(self.config_path + ".tmp", "w") as f:
             json.dump(raw, f)
         os.replace(self.config_path + ".tmp", self.config_path)
@@ -124,7 +124,6 @@ class Daemon:
             self.proc.wait()
         self.notify.close()
         self.dp.stop()
-        self.arm.stop()
         text = self.log_path.read_text() if self.proc else ""
         for secret in (self.dp.password, self.arm.token, self.arm.identity_header):
             assert secret not in text
@@ -132,11 +131,11 @@ class Daemon:
 
 
 @pytest.fixture
-def daemon(tmp_path):
+def daemon(tmp_path, arm, arm_config):
     beds = []
 
     def make(**kw) -> Daemon:
-        beds.append(Daemon(tmp_path, **kw))
+        beds.append(Daemon(tmp_path, arm, arm_config, **kw))
         return beds[-1]
     yield make
     for bed in beds:
@@ -167,15 +166,13 @@ def test_slow_pages_never_starve_the_watchdog(daemon):
           f"longest gap {max(gaps):.2f} s (WATCHDOG_USEC/2 = 1 s, a page {page} s)")
 
 
-def test_ready_after_the_start_budget_when_the_first_cycle_is_slow(tmp_path, arm, monkeypatch):
+def test_ready_after_the_start_budget_when_the_first_cycle_is_slow(tmp_path, arm, arm_config, monkeypatch):
     """READY=1 comes at the start budget, with a STATUS saying so, while the first cycle lists."""
     notify = Notifications(str(tmp_path / "notify"))
     arm.estate = make_estate(vms=4)
     arm.page_size = 2
     arm.add_fault("slow", endpoint="vms", delay=1.0, times=None)
-    cfg = m.parse_config({"azure": {"subscription_id": DEFAULT_SUBSCRIPTION, "resource_manager_url": arm.url,
-                                    "retries": 1, "timeout": 5},
-                          "haproxy": {"password": "pw"}}, {})
+    cfg = arm_config()
 
     notifier = m.Notifier({"NOTIFY_SOCKET": notify.path})
     started = time.monotonic()
@@ -214,15 +211,14 @@ def test_sigterm_during_a_slow_listing_exits_within_two_seconds(daemon):
     print(f"\nSIGTERM during a 4 s page: exit {code} after {took:.2f} s, no request after it")
 
 
-def test_a_failed_listing_stops_its_siblings(arm):
+def test_a_failed_listing_stops_its_siblings(arm, arm_config):
     """The NIC listing fails while the VM listing has slow pages left: discovery fails at once and
     the VM listing requests no further page."""
     arm.estate = make_estate(vms=6)
     arm.page_size = 2
     arm.add_fault("slow", endpoint="vms", delay=1.0, times=None)
     arm.add_fault("500", endpoint="nics", times=None)
-    cfg = m.parse_config({"azure": {"subscription_id": DEFAULT_SUBSCRIPTION, "resource_manager_url": arm.url,
-                                    "retries": 0, "timeout": 5}, "haproxy": {"password": "pw"}}, {})
+    cfg = arm_config(azure={"retries": 0})
     source = m.AzureSource(cfg)
     started = time.monotonic()
     with pytest.raises(m.AzureError, match="network interfaces"):
@@ -319,15 +315,13 @@ def socket_count() -> int:
     return count
 
 
-def test_two_hundred_reloads_leave_the_socket_count_flat(arm):
+def test_two_hundred_reloads_leave_the_socket_count_flat(arm, arm_config):
     """Each reload builds a new Azure client and credential and closes the old ones: the sockets
     of this process after 200 reloads (and cycles) are those after 10."""
     arm.estate = make_estate(vms=3)
     counts = {}
     with FakeDataPlane(api="v3", reload_delay=RELOAD_DELAY) as dp:
-        cfg = m.parse_config({"azure": {"subscription_id": DEFAULT_SUBSCRIPTION, "resource_manager_url": arm.url,
-                                        "retries": 1, "timeout": 5},
-                              "haproxy": {"base_url": dp.url, "password": dp.password}}, {})
+        cfg = arm_config(haproxy={"base_url": dp.url, "password": dp.password})
 
         def reload(_delay):
             daemon.reload()
@@ -344,10 +338,9 @@ def test_two_hundred_reloads_leave_the_socket_count_flat(arm):
 
 
 # --- Azure: tokens, Retry-After, skips -------------------------------------------------------------
-def test_one_token_for_the_first_fan_out(arm):
+def test_one_token_for_the_first_fan_out(arm, arm_config):
     arm.estate = make_estate(vms=4, uniform_sets=3, per_set=2, resource_groups=("rg-a", "rg-b"))
-    cfg = m.parse_config({"azure": {"subscription_id": DEFAULT_SUBSCRIPTION, "resource_manager_url": arm.url,
-                                    "retries": 1, "timeout": 5}, "haproxy": {"password": "pw"}}, {})
+    cfg = arm_config()
     source = m.AzureSource(cfg)
     source.discover()
     source.discover()
@@ -356,13 +349,12 @@ def test_one_token_for_the_first_fan_out(arm):
     source.close()
 
 
-def test_retry_after_is_capped_at_the_azure_timeout(arm):
+def test_retry_after_is_capped_at_the_azure_timeout(arm, arm_config):
     """A 429 asking for 100 s is retried after azure.timeout (1 s): one page cannot outlast the
     watchdog however long Resource Manager asks us to wait."""
     arm.estate = make_estate(vms=2)
     arm.add_fault("429", endpoint="vms", retry_after=100)
-    cfg = m.parse_config({"azure": {"subscription_id": DEFAULT_SUBSCRIPTION, "resource_manager_url": arm.url,
-                                    "retries": 1, "timeout": 1}, "haproxy": {"password": "pw"}}, {})
+    cfg = arm_config(azure={"timeout": 1})
     source = m.AzureSource(cfg)
     started = time.monotonic()
     assert len(source.discover().instances) == 2
@@ -370,12 +362,10 @@ def test_retry_after_is_capped_at_the_azure_timeout(arm):
     source.close()
 
 
-def test_a_new_skip_in_a_steady_estate_is_warned_about_once(arm, caplog):
+def test_a_new_skip_in_a_steady_estate_is_warned_about_once(arm, arm_config, caplog):
     arm.estate = make_estate(vms=2)
     with FakeDataPlane(api="v3", reload_delay=RELOAD_DELAY) as dp:
-        cfg = m.parse_config({"azure": {"subscription_id": DEFAULT_SUBSCRIPTION, "resource_manager_url": arm.url,
-                                        "retries": 1, "timeout": 5},
-                              "haproxy": {"base_url": dp.url, "password": dp.password}}, {})
+        cfg = arm_config(haproxy={"base_url": dp.url, "password": dp.password})
         results = []
 
         def hook(_delay):
@@ -435,13 +425,12 @@ def test_the_daemon_makes_two_failed_reloads_good_and_shows_the_debt_meanwhile(d
     assert bed.dp.running_backends == bed.dp.backends and bed.dp.reloads >= 4
 
 
-def test_status_says_haproxy_runs_an_older_configuration(arm, tmp_path, capsys):
+def test_status_says_haproxy_runs_an_older_configuration(arm, arm_config, tmp_path, capsys):
     arm.estate = make_estate(vms=2)
     with FakeDataPlane(api="v3", reload_delay=RELOAD_DELAY) as dp:
         dp.reload_fail(10)
-        raw = {"azure": {"subscription_id": DEFAULT_SUBSCRIPTION, "resource_manager_url": arm.url, "retries": 1},
-               "haproxy": {"base_url": dp.url, "password": dp.password, "timeout": 3},
-               "logging": {"format": "text"}}
+        raw = arm_config.raw(azure={"timeout": 30}, haproxy={"base_url": dp.url, "password": dp.password, "timeout": 3},
+                             logging={"format": "text"})
         path = tmp_path / "config.json"
         path.write_text(json.dumps(raw))
         assert m.main(["--once", "-c", str(path)]) == 1

@@ -20,7 +20,7 @@ import time
 import urllib.request
 
 import pytest
-from fake_arm import DEFAULT_SUBSCRIPTION, FakeArm, make_estate
+from fake_arm import make_estate
 from fake_dataplane import FakeDataPlane
 from instances import Instances, hits
 from live_haproxy import LiveHAProxy
@@ -52,32 +52,31 @@ class LongRequest(threading.Thread):
 class DrainBed:
     """Three instances of service web behind a real HAProxy, and the daemon in hybrid mode."""
 
-    def __init__(self, tmp_path, api: str):
-        self.arm = self.dp = self.instances = self.log = self.proc = None
+    def __init__(self, tmp_path, arm, arm_config, api: str):
+        self.arm = arm
+        self.dp = self.instances = self.log = self.proc = None
         try:
-            self._start(tmp_path, api)
+            self._start(tmp_path, arm_config, api)
         except BaseException:
             self.close()                      # what started before the failure stops with it
             raise
 
-    def _start(self, tmp_path, api: str) -> None:
+    def _start(self, tmp_path, arm_config, api: str) -> None:
         self.port, self.frontend = free_port(), free_port()
-        self.arm = FakeArm(make_estate(vms=3, ip_base="127.0.0.2", services=(("web", self.port),))).start()
+        self.arm.estate = make_estate(vms=3, ip_base="127.0.0.2", services=(("web", self.port),))
         self.backend = f"azure-web-{self.port}-eastus"
         base = (f"frontend fe_main\n    mode http\n    bind 127.0.0.1:{self.frontend}\n"
                 f"    use_backend %[str({self.backend})]\n")
         self.dp = FakeDataPlane(api=api, reload_delay=RELOAD_DELAY, base_config=base, live=LiveHAProxy()).start()
         self.instances = Instances({p.inst.name: p.inst.private_ip for p in self.arm.estate.machines()},
                                    port=self.port)
-        config = {"azure": {"subscription_id": DEFAULT_SUBSCRIPTION, "resource_manager_url": "${FAKE_ARM_URL}",
-                            "retries": 1, "timeout": 5},
-                  "haproxy": {"base_url": self.dp.url, "password": "${DP_PASSWORD}", "timeout": 5,
-                              "apply_mode": "hybrid", "server_slots": {"base": 4},
-                              "server": {"params": {"inter": 500, "fall": 2, "rise": 1}}},
-                  # the last instance leaving is drained at once here: the guard is not what is tested
-                  "safety": {"drain_seconds": DRAIN_SECONDS, "drain_confirm_cycles": 1, "drain_confirm_seconds": 0},
-                  "polling": {"interval_seconds": 0.5, "jitter_seconds": 0},
-                  "logging": {"level": "INFO", "format": "json"}}
+        config = arm_config.raw(
+            haproxy={"base_url": self.dp.url, "password": "${DP_PASSWORD}", "timeout": 5, "apply_mode": "hybrid",
+                     "server_slots": {"base": 4}, "server": {"params": {"inter": 500, "fall": 2, "rise": 1}}},
+            # the last instance leaving is drained at once here: the guard is not what is tested
+            safety={"drain_seconds": DRAIN_SECONDS, "drain_confirm_cycles": 1, "drain_confirm_seconds": 0},
+            polling={"interval_seconds": 0.5, "jitter_seconds": 0},
+            logging={"level": "INFO", "format": "json"})
         self.config_path, self.log_path = tmp_path / "config.json", tmp_path / "daemon.log"
         self.config_path.write_text(json.dumps(config))
         env = {"PATH": os.environ["PATH"], "DP_PASSWORD": self.dp.password, **self.arm.env()}
@@ -137,14 +136,14 @@ class DrainBed:
             except subprocess.TimeoutExpired:
                 self.proc.kill()
                 self.proc.wait(timeout=5)
-        for part, stop in ((self.log, "close"), (self.instances, "close"), (self.dp, "stop"), (self.arm, "stop")):
+        for part, stop in ((self.log, "close"), (self.instances, "close"), (self.dp, "stop")):
             if part is not None:
                 getattr(part, stop)()
 
 
 @pytest.fixture(params=["v3", "v2"])
-def bed(request, tmp_path):
-    bed = DrainBed(tmp_path, request.param)
+def bed(request, tmp_path, arm, arm_config):
+    bed = DrainBed(tmp_path, arm, arm_config, request.param)
     yield bed
     bed.close()
 

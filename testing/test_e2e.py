@@ -23,7 +23,7 @@ ROOT = os.path.dirname(HERE)
 sys.path.insert(0, HERE)
 sys.path.insert(0, ROOT)
 
-from fake_arm import DEFAULT_SUBSCRIPTION, FakeArm, Vm, make_estate, service_tags  # noqa: E402
+from fake_arm import DEFAULT_SUBSCRIPTION, Vm, make_estate, service_tags  # noqa: E402
 from fake_dataplane import PATH_SERVERS, FakeDataPlane  # noqa: E402
 from instances import Instances, hits  # noqa: E402
 from live_haproxy import LiveHAProxy  # noqa: E402
@@ -37,11 +37,12 @@ DRAIN_TAG = {"maintenance": "drain"}
 class Bed:
     """Fake Azure + emulator with a live HAProxy + instance servers + the daemon process."""
 
-    def __init__(self, tmp_path, personality: str, command: list[str], apply_mode: str = "transaction"):
+    def __init__(self, tmp_path, arm, arm_config, personality: str, command: list[str],
+                 apply_mode: str = "transaction"):
         self.tmp, self.command, self.port = tmp_path, command, free_port()
         self.frontend = free_port()
-        self.arm = FakeArm(make_estate(vms=3, ip_base="127.0.0.2", services=(("web", self.port),)),
-                           page_size=2).start()
+        self.arm, self.arm_config = arm, arm_config
+        arm.estate, arm.page_size = make_estate(vms=3, ip_base="127.0.0.2", services=(("web", self.port),)), 2
         base = (f"frontend fe_main\n    mode http\n    bind 127.0.0.1:{self.frontend}\n"
                 "    use_backend %[req.hdr(x-backend)]\n")
         self.live = LiveHAProxy()
@@ -111,17 +112,16 @@ class Bed:
 
     # --- the daemon ---
     def write_config(self, **extra) -> None:
-        raw = {"azure": {"subscription_id": DEFAULT_SUBSCRIPTION, "resource_manager_url": "${FAKE_ARM_URL}",
-                         "retries": 1, "timeout": 5},
-               "tags": {"denylist": extra.pop("denylist", {})},
-               "haproxy": {"base_url": self.dp.url, "password": "${DP_PASSWORD}", "timeout": 3,
-                           "apply_mode": extra.pop("apply_mode", "transaction"), "server_slots": {"base": 4},
-                           "server": {"params": {"inter": 500, "fall": 2, "rise": 1}}},
-               "polling": {"interval_seconds": 0.3, "jitter_seconds": 0, "backoff_base_seconds": 0.3,
-                           "max_backoff_seconds": 1},
-               # the mass-drain guard confirms by cycles here, not by its 300 s: the scenarios are short
-               "safety": {"drain_confirm_seconds": 0},
-               "logging": {"level": "DEBUG", "format": "json"}}
+        raw = self.arm_config.raw(
+            tags={"denylist": extra.pop("denylist", {})},
+            haproxy={"base_url": self.dp.url, "password": "${DP_PASSWORD}", "timeout": 3,
+                     "apply_mode": extra.pop("apply_mode", "transaction"), "server_slots": {"base": 4},
+                     "server": {"params": {"inter": 500, "fall": 2, "rise": 1}}},
+            polling={"interval_seconds": 0.3, "jitter_seconds": 0, "backoff_base_seconds": 0.3,
+                     "max_backoff_seconds": 1},
+            # the mass-drain guard confirms by cycles here, not by its 300 s: the scenarios are short
+            safety={"drain_confirm_seconds": 0},
+            logging={"level": "DEBUG", "format": "json"})
         with open(self.config_path + ".tmp", "w") as f:
             json.dump(raw, f)
         os.replace(self.config_path + ".tmp", self.config_path)
@@ -149,7 +149,6 @@ class Bed:
             self.stop(signal.SIGKILL)
         self.instances.close()
         self.dp.stop()
-        self.arm.stop()
 
     def secrets(self) -> list[str]:
         return [self.dp.password, self.arm.token, self.arm.identity_header]
@@ -175,7 +174,9 @@ def bed(request, tmp_path):
     flavour, personality = request.param
     command = [sys.executable, os.path.join(ROOT, "haproxy_azure_discovery.py")] if flavour == "module" \
         else ["python3", str(request.getfixturevalue("pyz"))]
-    bed = Bed(tmp_path, personality, command)
+    # The fake Resource Manager only after the build: its environment (its own CA bundle) is not the build's.
+    arm, arm_config = request.getfixturevalue("arm"), request.getfixturevalue("arm_config")
+    bed = Bed(tmp_path, arm, arm_config, personality, command)
     yield bed
     bed.close()
 

@@ -21,9 +21,9 @@ sys.path.insert(0, HERE)
 sys.path.insert(0, os.path.dirname(HERE))
 
 import haproxy_azure_discovery as m  # noqa: E402
-from fake_arm import DEFAULT_SUBSCRIPTION, FakeArm, Vm, make_estate, service_tags  # noqa: E402
+from fake_arm import DEFAULT_SUBSCRIPTION, Vm, make_estate, service_tags  # noqa: E402
 from fake_dataplane import PATH_TRANSACTION, PATH_TRANSACTIONS, FakeDataPlane  # noqa: E402
-from conftest import RELOAD_DELAY, azure_env, steps  # noqa: E402
+from conftest import RELOAD_DELAY, steps  # noqa: E402
 
 INTERVAL, BASE = 10.0, 1.0
 WEB = "azure-web-8080-eastus"
@@ -76,9 +76,9 @@ def live(dp) -> set[str]:
 
 
 @pytest.fixture
-def bed(monkeypatch):
-    with FakeArm(make_estate(vms=4), page_size=3) as arm, FakeDataPlane(api="v3", reload_delay=RELOAD_DELAY) as dp:
-        azure_env(monkeypatch, arm)
+def bed(arm):
+    arm.estate, arm.page_size = make_estate(vms=4), 3
+    with FakeDataPlane(api="v3", reload_delay=RELOAD_DELAY) as dp:
         stream = io.StringIO()
         m.setup_logging("DEBUG", "json", [dp.password], stream)
         yield arm, dp, stream
@@ -92,19 +92,19 @@ def bed(monkeypatch):
             logging_root.removeHandler(handler)
 
 
-def config(arm, dp, **sections):
-    return m.parse_config({
-        "azure": {"subscription_id": DEFAULT_SUBSCRIPTION, "resource_manager_url": arm.url, "retries": 1,
-                  "timeout": 1.5},
-        "haproxy": {"base_url": dp.url, "password": dp.password, "timeout": 1.5},
-        "polling": {"interval_seconds": INTERVAL, "jitter_seconds": 0, "backoff_base_seconds": BASE,
-                    "max_backoff_seconds": 100}, **sections}, {})
+def config(arm_config, dp, **sections):
+    """arm_config's with 1.5 s timeouts on both sides, the emulator, and this module's polling (unless
+    `polling` replaces it)."""
+    sections.setdefault("polling", {"interval_seconds": INTERVAL, "jitter_seconds": 0, "backoff_base_seconds": BASE,
+                                    "max_backoff_seconds": 100})
+    return arm_config(azure={"timeout": 1.5}, haproxy={"base_url": dp.url, "password": dp.password, "timeout": 1.5},
+                      **sections)
 
 
 @pytest.mark.parametrize("name, fault, outcome", MATRIX, ids=[row[0] for row in MATRIX])
-def test_fault_matrix(bed, name, fault, outcome):
+def test_fault_matrix(bed, arm_config, name, fault, outcome):
     arm, dp, _ = bed
-    cfg = config(arm, dp)
+    cfg = config(arm_config, dp)
     clients: list[m.DataPlane] = []
     seen: list[tuple[set, list]] = []
 
@@ -149,12 +149,12 @@ def rss_kb() -> int:
         return next(int(line.split()[1]) for line in f if line.startswith("VmRSS:"))
 
 
-def test_soak(bed):
+def test_soak(bed, arm_config):
     """200 cycles of seeded random churn with faults sprinkled in; at the end HAProxy equals
     the desired state, nothing is open, no backend was deleted, memory did not grow."""
     arm, dp, stream = bed
     rng = random.Random(2026)
-    cfg = config(arm, dp, safety={"max_drain_percent": 100}, polling={
+    cfg = config(arm_config, dp, safety={"max_drain_percent": 100}, polling={
         "interval_seconds": 1, "jitter_seconds": 0, "backoff_base_seconds": 1, "max_backoff_seconds": 1})
     source, client, state, stop = m.AzureSource(cfg), m.DataPlane(cfg.haproxy), m.State(), m.Flag()
     names, counter, rss = ["vm-0000", "vm-0001", "vm-0002", "vm-0003"], 0, []

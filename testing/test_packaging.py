@@ -236,26 +236,25 @@ def test_run(target, args, extra_env, code, must, must_not):
 
 
 @pytest.fixture
-def fakes():
+def fakes(arm):
     """The fake Resource Manager (3 VMs) and the Data Plane emulator, for a real --once."""
-    from fake_arm import FakeArm, make_estate
+    from fake_arm import make_estate
     from conftest import RELOAD_DELAY
     from fake_dataplane import FakeDataPlane
-    with FakeArm(make_estate(vms=3)) as arm, FakeDataPlane(api="v3", reload_delay=RELOAD_DELAY) as dp:
+    arm.estate = make_estate(vms=3)
+    with FakeDataPlane(api="v3", reload_delay=RELOAD_DELAY) as dp:
         yield arm, dp
         assert dp.violations == [] and dp.errors == []
 
 
-def test_once_against_the_fakes(target, fakes, tmp_path):
+def test_once_against_the_fakes(target, fakes, arm_config, tmp_path):
     """The .pyz alone, in a clean environment, runs a whole cycle: the real SDK carried inside
     gets its token from the fake's managed identity and lists the estate; the emulator ends
     up holding it."""
     arm, dp = fakes
     config = tmp_path / "once.json"
-    config.write_text(json.dumps({
-        "azure": {"subscription_id": "00000000-0000-0000-0000-000000000001",
-                  "resource_manager_url": arm.url, "retries": 1},
-        "haproxy": {"base_url": dp.url, "password": "${DP_PASSWORD}"}}))
+    config.write_text(json.dumps(arm_config.raw(azure={"timeout": 30},
+                                                haproxy={"base_url": dp.url, "password": "${DP_PASSWORD}"})))
     env = {k: v for k, v in arm.env().items() if k != "FAKE_ARM_URL"}
     result = target.run(["--once", "-c", str(config)], DP_PASSWORD=dp.password, **env)
     assert result.returncode == 0, result.stderr[-3000:]

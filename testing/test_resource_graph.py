@@ -12,14 +12,9 @@ SUB = "00000000-0000-0000-0000-000000000001"
 SUB2 = "00000000-0000-0000-0000-000000000002"
 
 
-def config(arm, **azure):
-    return m.parse_config({"azure": {"subscription_id": SUB, "resource_manager_url": arm.url, "retries": 1,
-                                     "timeout": 5, **azure}, "haproxy": {"password": "pw"}}, {})
-
-
-def seen(arm, **azure) -> dict[str, tuple[str | None, str]]:
-    """id -> (address, power state), as one discovery found them."""
-    discovery = m.AzureSource(config(arm, **azure)).discover()
+def seen(arm_config, **azure) -> dict[str, tuple[str | None, str]]:
+    """id -> (address, power state), as one discovery with these azure keys found them."""
+    discovery = m.AzureSource(arm_config(azure=azure)).discover()
     return {i.id: (i.address, i.power_state) for i in discovery.instances}
 
 
@@ -38,12 +33,12 @@ def two_subscriptions_odd_nics_estate():
 
 
 @pytest.mark.parametrize("address, ip_version", [("private", "ipv4"), ("public", "ipv4"), ("private", "ipv6")])
-def test_both_sources_find_the_same_instances(arm, address, ip_version):
+def test_both_sources_find_the_same_instances(arm, arm_config, address, ip_version):
     arm.estate = two_subscriptions_odd_nics_estate()
     both = dict(subscription_ids=[SUB2], address=address, ip_version=ip_version)
-    listed = seen(arm, **both)
+    listed = seen(arm_config, **both)
     arm.reset_counts()
-    graphed = seen(arm, source="resource_graph", **both)
+    graphed = seen(arm_config, source="resource_graph", **both)
     assert graphed == listed
     # ... and they are the estate's (Uniform instances of tagged sets only: no other can be served).
     assert not any("/uvmss-01/" in vid for vid in graphed)
@@ -86,9 +81,9 @@ def test_the_fake_refuses_undocumented_queries(query, problem):
         parse_graph_query(query)
 
 
-def test_the_fake_answers_a_bad_query_with_400(arm):
+def test_the_fake_answers_a_bad_query_with_400(arm, arm_config):
     import azure.core.exceptions
-    source = m.AzureSource(config(arm, source="resource_graph"))
+    source = m.AzureSource(arm_config(azure={"source": "resource_graph"}))
     source.discover()                              # connects (and reads the cloud metadata)
     request = source.pager.request("POST", f"{arm.url}/providers/Microsoft.ResourceGraph/resources?api-version=2022-10-01",
                               json={"subscriptions": [SUB], "query": "Resources | project id, vmSize"})
@@ -98,51 +93,51 @@ def test_the_fake_answers_a_bad_query_with_400(arm):
         response.raise_for_status()
 
 
-def test_resource_groups_become_a_where_and_roles_narrow_the_rows(arm):
+def test_resource_groups_become_a_where_and_roles_narrow_the_rows(arm, arm_config):
     arm.estate = two_subscriptions_odd_nics_estate()
-    listed = seen(arm, subscription_ids=[SUB2], resource_groups=["rg-a"])
-    graphed = seen(arm, subscription_ids=[SUB2], resource_groups=["rg-a"], source="resource_graph")
+    listed = seen(arm_config, subscription_ids=[SUB2], resource_groups=["rg-a"])
+    graphed = seen(arm_config, subscription_ids=[SUB2], resource_groups=["rg-a"], source="resource_graph")
     assert graphed == listed and graphed
     assert all("/resourcegroups/rg-a/" in vid for vid in graphed)
     queries = [r for r in arm.requests if r.endpoint == "graph"]
     assert queries and all(r.method == "POST" for r in queries)
     # A Reader role on rg-a only: Resource Graph answers with what the principal may read, no 403.
     arm.reader_groups = {"rg-a"}
-    assert seen(arm, subscription_ids=[SUB2], source="resource_graph") == graphed
+    assert seen(arm_config, subscription_ids=[SUB2], source="resource_graph") == graphed
 
 
-def test_pages_follow_the_skip_token_and_the_quota_is_waited_for(arm):
+def test_pages_follow_the_skip_token_and_the_quota_is_waited_for(arm, arm_config):
     """1,300 VMs: 2,600 rows of Resources, three pages of 1,000. With a quota of 2 queries a second, the
     third page waits for the window to reset instead of drawing a 429."""
     arm.estate = make_estate(vms=1300, not_running=0.1, seed=3)
     arm.graph_quota, arm.graph_window = 2, 1.0
     started = time.monotonic()
-    found = seen(arm, source="resource_graph")
+    found = seen(arm_config, source="resource_graph")
     assert time.monotonic() - started >= 0.5
     assert len(found) == 1300 and arm.counts["graph"] == 3 and arm.counts.get("graph_throttled", 0) == 0
     tokens = [r for r in arm.requests if r.endpoint == "graph"]
     assert len(tokens) == 3
     arm.graph_quota = 1000
-    assert seen(arm) == found                       # and the listings agree
+    assert seen(arm_config) == found                # and the listings agree
 
 
-def test_a_429_is_retried_and_a_failing_query_fails_the_discovery(arm):
+def test_a_429_is_retried_and_a_failing_query_fails_the_discovery(arm, arm_config):
     arm.estate = make_estate(vms=5)
     arm.add_fault("429", endpoint="graph", retry_after=1)
-    assert len(seen(arm, source="resource_graph")) == 5 and arm.counts["graph"] == 2
+    assert len(seen(arm_config, source="resource_graph")) == 5 and arm.counts["graph"] == 2
     arm.add_fault("500", endpoint="graph", times=None)
     with pytest.raises(m.AzureError, match="Resource Graph query of Resources failed: HTTP 500"):
-        seen(arm, source="resource_graph")
+        seen(arm_config, source="resource_graph")
 
 
-def test_a_truncated_result_fails_rather_than_drains(arm, monkeypatch):
+def test_a_truncated_result_fails_rather_than_drains(arm, arm_config, monkeypatch):
     """Resource Graph cuts a result it cannot page (no id column) at $top and says so: that page must not
     pass for the whole estate."""
     arm.estate = make_estate(vms=600)
     monkeypatch.setattr(m, "GRAPH_QUERY", m.GRAPH_QUERY.replace("| project id, ", "| project ")
                         .replace("\n| order by id asc", ""))
     with pytest.raises(m.AzureError, match="result truncated"):
-        seen(arm, source="resource_graph")
+        seen(arm_config, source="resource_graph")
 
 
 @pytest.mark.parametrize("headers, wait", [
@@ -156,13 +151,13 @@ def test_quota_wait(headers, wait):
     assert m.quota_wait(headers) == wait
 
 
-def test_the_daemon_hooks_reach_resource_graph_pages(arm):
+def test_the_daemon_hooks_reach_resource_graph_pages(arm, arm_config):
     """The keep-alive hears from every page, and a shutdown ends the discovery between pages, for
     Resource Graph as for the listings (one page loop)."""
     arm.estate = make_estate(vms=1300)                # 3 pages of Resources
     heard, stop = [], m.Flag()
     progress = [lambda: heard.append(1)]
-    source = m.AzureSource(config(arm, source="resource_graph"), None, stop, lambda: progress[0]())
+    source = m.AzureSource(arm_config(azure={"source": "resource_graph"}), None, stop, lambda: progress[0]())
     assert len(source.discover().instances) == 1300 and len(heard) >= 3
     arm.reset_counts()
     progress[0] = stop.set                            # shutdown asked for after the first page

@@ -15,30 +15,27 @@ sys.path.insert(0, HERE)
 sys.path.insert(0, os.path.dirname(HERE))
 
 import haproxy_azure_discovery as m  # noqa: E402
-from fake_arm import DEFAULT_SUBSCRIPTION, FakeArm, Vm, make_estate, service_tags  # noqa: E402
+from fake_arm import DEFAULT_SUBSCRIPTION, Vm, make_estate, service_tags  # noqa: E402
 from fake_dataplane import FakeDataPlane  # noqa: E402
 from instances import Instances, hits  # noqa: E402
 from live_haproxy import LiveHAProxy  # noqa: E402
-from conftest import RELOAD_DELAY, azure_env, free_port, wait_for  # noqa: E402
+from conftest import RELOAD_DELAY, free_port, wait_for  # noqa: E402
 
 
 class Scaling:
     """In-process cycles (real SDK, real client) against a live HAProxy behind the emulator."""
 
-    def __init__(self, monkeypatch, mode: str, api: str = "v3", vms: int = 3, **sections):
+    def __init__(self, arm, arm_config, mode: str, api: str = "v3", vms: int = 3, **sections):
         self.port, self.frontend = free_port(), free_port()
-        self.arm = FakeArm(make_estate(vms=vms, ip_base="127.0.0.2", services=(("web", self.port),))).start()
-        azure_env(monkeypatch, self.arm)
+        self.arm = arm
+        arm.estate = make_estate(vms=vms, ip_base="127.0.0.2", services=(("web", self.port),))
         self.live = LiveHAProxy()
         base = (f"frontend fe_main\n    mode http\n    bind 127.0.0.1:{self.frontend}\n"
                 "    use_backend %[str(azure-web-" + str(self.port) + "-eastus)]\n")
         self.dp = FakeDataPlane(api=api, reload_delay=RELOAD_DELAY, base_config=base, live=self.live).start()
         self.instances = Instances(port=self.port)
-        raw = {"azure": {"subscription_id": DEFAULT_SUBSCRIPTION, "resource_manager_url": self.arm.url,
-                         "retries": 1, "timeout": 5},
-               "haproxy": {"base_url": self.dp.url, "password": self.dp.password, "apply_mode": mode,
-                           "server": {"params": {"inter": 300, "rise": 1, "fall": 1}}}, **sections}
-        self.cfg = m.parse_config(raw, {})
+        self.cfg = arm_config(haproxy={"base_url": self.dp.url, "password": self.dp.password, "apply_mode": mode,
+                                       "server": {"params": {"inter": 300, "rise": 1, "fall": 1}}}, **sections)
         self.source, self.client = m.AzureSource(self.cfg), m.DataPlane(self.cfg.haproxy)
         self.state, self.stop = m.State(), m.Flag()
         self.next_ip = 2 + vms
@@ -78,15 +75,14 @@ class Scaling:
     def close(self) -> None:
         self.instances.close()
         self.dp.stop()
-        self.arm.stop()
 
 
 @pytest.fixture
-def scaling(monkeypatch):
+def scaling(arm, arm_config):
     beds = []
 
     def make(mode, **kw):
-        beds.append(Scaling(monkeypatch, mode, **kw))
+        beds.append(Scaling(arm, arm_config, mode, **kw))
         return beds[-1]
     yield make
     for bed in beds:

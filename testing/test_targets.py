@@ -17,7 +17,7 @@ import urllib.error
 import urllib.request
 
 import pytest
-from fake_arm import DEFAULT_SUBSCRIPTION, make_estate
+from fake_arm import make_estate
 from fake_dataplane import FakeDataPlane
 
 import haproxy_azure_discovery as m
@@ -38,12 +38,11 @@ def pair(arm):
             assert fake.violations == [] and fake.errors == [] and fake.open_transactions() == []
 
 
-def raw_config(arm, *targets, **sections) -> dict:
-    return {"azure": {"subscription_id": DEFAULT_SUBSCRIPTION, "resource_manager_url": arm.url, "retries": 1,
-                      "timeout": 5},
-            "haproxy": {"password": "unused-top", "timeout": 3, "server_slots": {"base": 4},
-                        "targets": list(targets)},
-            "logging": {"format": "json"}, **sections}
+def raw_config(arm_config, *targets, **sections) -> dict:
+    """arm_config's, with these Data Plane API targets (and a top-level password none of them uses)."""
+    return arm_config.raw(haproxy={"password": "unused-top", "timeout": 3, "server_slots": {"base": 4},
+                                   "targets": list(targets)},
+                          logging={"format": "json"}, **sections)
 
 
 def target(fake: FakeDataPlane, name: str, **keys) -> dict:
@@ -85,7 +84,7 @@ class Holding:
 
 # --- --once, --dry-run, --status ----------------------------------------------------------------
 @pytest.mark.parametrize("down", ["refused", "timeout"])
-def test_once_converges_the_healthy_target_and_names_the_down_one(pair, tmp_path, capsys, down):
+def test_once_converges_the_healthy_target_and_names_the_down_one(pair, arm_config, tmp_path, capsys, down):
     arm, v2, v3 = pair
     if down == "refused":
         bad = {"name": "hap-down", "base_url": f"http://127.0.0.1:{free_port()}", "password": "p"}
@@ -93,7 +92,7 @@ def test_once_converges_the_healthy_target_and_names_the_down_one(pair, tmp_path
         v3.add_fault("*", r".*", delay=5, times=None)
         bad = target(v3, "hap-down", timeout=1)
     path = tmp_path / "config.json"
-    path.write_text(json.dumps(raw_config(arm, bad, target(v2, "hap-v2"))))
+    path.write_text(json.dumps(raw_config(arm_config, bad, target(v2, "hap-v2"))))
     assert m.main(["--once", "-c", str(path)]) == 1
     err = capsys.readouterr().err.splitlines()
     assert live(v2) == WANT and v2.commits == 1
@@ -105,10 +104,10 @@ def test_once_converges_the_healthy_target_and_names_the_down_one(pair, tmp_path
     assert arm.counts["vms"] == 1          # Azure read once for both
 
 
-def test_a_hanging_target_does_not_delay_the_others_writes(pair, tmp_path, capsys):
+def test_a_hanging_target_does_not_delay_the_others_writes(pair, arm_config, tmp_path, capsys):
     """The hung host is listed first and holds its connection until the test has seen the other
     target's commit: a cycle that applied targets one after the other could never get there."""
-    arm, v2, _ = pair
+    _, v2, _ = pair
     hung, seen, done = Holding(), {}, []
 
     def watch():
@@ -119,7 +118,7 @@ def test_a_hanging_target_does_not_delay_the_others_writes(pair, tmp_path, capsy
             hung.close()
     path = tmp_path / "config.json"
     path.write_text(json.dumps(raw_config(
-        arm, {"name": "hap-hung", "base_url": hung.url, "password": "p", "timeout": 60}, target(v2, "hap-v2"))))
+        arm_config, {"name": "hap-hung", "base_url": hung.url, "password": "p", "timeout": 60}, target(v2, "hap-v2"))))
     threading.Thread(target=watch, daemon=True).start()
     code = m.main(["--once", "-c", str(path)])
     done.append(code)
@@ -129,13 +128,13 @@ def test_a_hanging_target_does_not_delay_the_others_writes(pair, tmp_path, capsy
     assert len(errors) == 1 and errors[0].startswith("error: target hap-hung: "), errors
 
 
-def test_a_second_targets_password_is_masked_in_its_error_line(pair, tmp_path, capsys):
-    arm, v2, v3 = pair
+def test_a_second_targets_password_is_masked_in_its_error_line(pair, arm_config, tmp_path, capsys):
+    _, v2, v3 = pair
     basic = m.basic_credentials(m.HAProxyConfig(username=v3.username, password=v3.password))
     v3.add_fault("GET", r".*", status=500, message=f"bad login {v3.password} (Authorization: Basic {basic})",
                  times=None)
     path = tmp_path / "config.json"
-    path.write_text(json.dumps(raw_config(arm, target(v2, "hap-v2"), target(v3, "hap-v3"))))
+    path.write_text(json.dumps(raw_config(arm_config, target(v2, "hap-v2"), target(v3, "hap-v3"))))
     assert m.main(["--once", "-c", str(path)]) == 1
     err = capsys.readouterr().err
     (line,) = [x for x in err.splitlines() if x.startswith("error:")]
@@ -143,10 +142,10 @@ def test_a_second_targets_password_is_masked_in_its_error_line(pair, tmp_path, c
     assert v3.password not in err and basic not in err and v2.password not in err
 
 
-def test_dry_run_prints_each_targets_plan_and_changes_nothing(pair, tmp_path, capsys):
-    arm, v2, v3 = pair
+def test_dry_run_prints_each_targets_plan_and_changes_nothing(pair, arm_config, tmp_path, capsys):
+    _, v2, v3 = pair
     path = tmp_path / "config.json"
-    path.write_text(json.dumps(raw_config(arm, target(v2, "hap-v2"), target(v3, "hap-v3"))))
+    path.write_text(json.dumps(raw_config(arm_config, target(v2, "hap-v2"), target(v3, "hap-v3"))))
     assert m.main(["--once", "-c", str(path)]) == 0
     v3.edit_server(WEB, "srv2", maintenance="enabled")      # drift on one host only
     capsys.readouterr()
@@ -158,11 +157,11 @@ def test_dry_run_prints_each_targets_plan_and_changes_nothing(pair, tmp_path, ca
     assert v3.server(WEB, "srv2")["maintenance"] == "enabled"
 
 
-def test_status_shows_an_unreachable_target_beside_the_others(pair, tmp_path, capsys):
-    arm, v2, _ = pair
+def test_status_shows_an_unreachable_target_beside_the_others(pair, arm_config, tmp_path, capsys):
+    _, v2, _ = pair
     down = f"http://127.0.0.1:{free_port()}"
     path = tmp_path / "config.json"
-    path.write_text(json.dumps(raw_config(arm, target(v2, "hap-v2"), {"base_url": down, "password": "p"})))
+    path.write_text(json.dumps(raw_config(arm_config, target(v2, "hap-v2"), {"base_url": down, "password": "p"})))
     assert m.main(["--once", "-c", str(path)]) == 1
     capsys.readouterr()
     assert m.main(["--status", "-c", str(path)]) == 1
@@ -189,14 +188,14 @@ class Clock:
 
 
 @pytest.mark.parametrize("down", ["refused", "hang"])
-def test_the_healthy_target_stays_steady_while_the_other_backs_off(pair, caplog, down):
+def test_the_healthy_target_stays_steady_while_the_other_backs_off(pair, arm_config, caplog, down):
     """Both converge; then the v3 host goes down (its port refuses connections, or it answers
     nothing within its 1 s timeout): the v2 host costs exactly one request per cycle, the v3 one
     is tried only as its backoff (5, 10, 20, 40, 80 s at a 30 s interval) allows, /healthz turns
     503 naming it, and it comes back steady."""
     arm, v2, v3 = pair
     port = free_port()
-    cfg = m.parse_config(raw_config(arm, target(v2, "hap-v2"), target(v3, "hap-v3", timeout=1),
+    cfg = m.parse_config(raw_config(arm_config, target(v2, "hap-v2"), target(v3, "hap-v3", timeout=1),
                                     polling={"interval_seconds": 30, "jitter_seconds": 0},
                                     metrics={"listen": f"127.0.0.1:{port}"}), {})
     clock, cycles, logged = Clock(), [], [0]
@@ -247,10 +246,10 @@ def test_the_healthy_target_stays_steady_while_the_other_backs_off(pair, caplog,
     assert arm.counts["vms"] == 12                                             # one discovery per cycle
 
 
-def test_a_reload_puts_a_new_targets_list_to_use(pair):
-    arm, v2, v3 = pair
-    configs = [m.parse_config(raw_config(arm, target(v2, "hap-v2")), {}),
-               m.parse_config(raw_config(arm, target(v3, "hap-v3")), {})]
+def test_a_reload_puts_a_new_targets_list_to_use(pair, arm_config):
+    _, v2, v3 = pair
+    configs = [m.parse_config(raw_config(arm_config, target(v2, "hap-v2")), {}),
+               m.parse_config(raw_config(arm_config, target(v3, "hap-v3")), {})]
     made, closed = [], []
 
     class Closing(m.DataPlane):
@@ -267,11 +266,11 @@ def test_a_reload_puts_a_new_targets_list_to_use(pair):
     assert live(v2) == WANT and live(v3) == WANT
 
 
-def test_each_target_drains_on_its_own(pair):
+def test_each_target_drains_on_its_own(pair, arm_config):
     """A leaving instance drains on the target where it still has sessions, and is parked at
     once where it has none; each target keeps its own drains."""
     arm, v2, v3 = pair
-    cfg = m.parse_config(raw_config(arm, target(v2, "hap-v2"), target(v3, "hap-v3"),
+    cfg = m.parse_config(raw_config(arm_config, target(v2, "hap-v2"), target(v3, "hap-v3"),
                                     safety={"drain_seconds": 30}), {})
     runs = [m.TargetRun(name, c, m.DataPlane(c.haproxy)) for name, c in m.target_configs(cfg)]
     source, stop = m.AzureSource(cfg), m.Flag()
