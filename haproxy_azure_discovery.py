@@ -421,7 +421,7 @@ class Instance(typing.NamedTuple):
     cycle at the largest estates, and a frozen dataclass's __init__ (a call per field) was a
     seventh of its CPU."""
     id: str                      # lower-cased ARM resource id: the identity
-    name: str
+    name: str                    # for people: printable (instances_from_azure escapes it)
     region: str
     tags: Mapping[str, str]
     address: str | None          # chosen per azure.address / azure.ip_version; None = none found
@@ -1443,10 +1443,6 @@ def tags_match(tags: Mapping[str, str], cfg: TagsConfig) -> bool:
             and not any(tags.get(k.lower()) == v for k, v in cfg.denylist.items()))
 
 
-_by_instance = operator.attrgetter("instance")     # sort keys without a Python call per item
-_first = operator.itemgetter(0)
-
-
 @collector_paused()
 def select_instances(instances: Iterable[Instance], cfg: Config
                      ) -> tuple[dict[ServiceKey, list[Member]], list[Skip]]:
@@ -1456,43 +1452,52 @@ def select_instances(instances: Iterable[Instance], cfg: Config
     not Skips: only instances that carry the service tags but cannot be served are.
     """
     groups: dict[ServiceKey, list[Member]] = {}
-    skipped: list[tuple[str, Skip]] = []          # (instance id, why)
+    skipped: list[Skip] = []
     seen: set[str] = set()
     # service_of reads the tags and the region only: thousands of instances share a handful of
     # answers, and its checks (tag folding, patterns) are the costliest part of this loop.
-    services: dict[tuple, Any] = {}   # (tags, region) -> None, a Skip, or (port, the service's members)
-    filtering = bool(cfg.tags.allowlist or cfg.tags.denylist)     # tags_match is always True otherwise
-    running_only, new_member = cfg.azure.running_only, tuple.__new__     # Member(...) without its Python __new__
-    # Instances are read in the order they came (the order they sit in memory: reading them by
-    # id costs twice as much); members and skips are put in instance-id order at the end.
+    # (tags, region) -> None, a Skip, or (port, weight, the list of the service's members)
+    services: dict[tuple, tuple[int, int | None, list[Member]] | Skip | None] = {}
+    filtering = bool(cfg.tags.allowlist or cfg.tags.denylist)     # tags_match is True otherwise
     for inst in instances:
-        iid, name, region, tags, address, power, _ = inst      # a named tuple: one unpacking, not 6 lookups
+        iid, name, region, tags, address, power, _ = inst      # one unpacking, not nine lookups
         if iid in seen or (filtering and not tags_match(tags, cfg.tags)):
             continue
         seen.add(iid)
-        if power in LEAVING_STATES or (running_only and power != "running"):
+        if power in LEAVING_STATES or (cfg.azure.running_only and power != "running"):
             continue
         answer = (tuple(tags.items()), region)
-        found = services.get(answer, services)          # services itself: not asked yet
-        if found is services:
-            found = service_of(inst, cfg)
-            if found is not None and not isinstance(found, Skip):
-                found = (found[1], found[2], groups.setdefault(found[0], []))    # (port, weight, the group's list)
-            services[answer] = found
+        try:
+            found = services[answer]
+        except KeyError:
+            found = services[answer] = _service_group(inst, cfg, groups)
         if found is None:
             continue
         if isinstance(found, Skip):
-            skipped.append((iid, _skip(inst, found.reason)))
+            skipped.append(_skip(inst, found.reason))
         elif address is None:
-            skipped.append((iid, _skip(inst, f"no {cfg.azure.address} {cfg.azure.ip_version} address: "
-                                             "primary network interface or IP configuration missing")))
+            skipped.append(_skip(inst, f"no {cfg.azure.address} {cfg.azure.ip_version} address: "
+                                       "primary network interface or IP configuration missing"))
         else:
             port, weight, group = found
-            # _printable's own first test, inlined: almost every name is printable and short.
-            label = name if name.isprintable() and len(name) <= 200 else _printable(name)
-            group.append(new_member(Member, (iid, label, address, port, weight)))
+            group.append(Member(iid, name, address, port, weight))
+    # Instances are read in the order they came (the order they sit in memory: reading them by
+    # id costs twice as much); members and skips are put in instance-id order at the end.
     return ({k: sorted(ms, key=_by_instance) for k, ms in groups.items() if ms},
-            [skip for _, skip in sorted(skipped, key=_first)])
+            sorted(skipped, key=_by_id))
+
+
+_by_instance, _by_id = operator.attrgetter("instance"), operator.attrgetter("id")     # sort keys
+
+
+def _service_group(inst: Instance, cfg: Config, groups: dict[ServiceKey, list[Member]]
+                   ) -> tuple[int, int | None, list[Member]] | Skip | None:
+    """service_of, with the service's list of members in `groups` in place of its key."""
+    found = service_of(inst, cfg)
+    if found is None or isinstance(found, Skip):
+        return found
+    key, port, weight = found
+    return port, weight, groups.setdefault(key, [])
 
 
 def backend_name(key: ServiceKey, cfg: BackendConfig) -> str:
@@ -1574,7 +1579,7 @@ class SlotAssignment:
 
     def __init__(self, servers: Mapping[str, Mapping[str, Any]], previous: Mapping[str, str]):
         ours = self.ours = {i: s for name, s in servers.items() if (i := slot_index(name))}    # by slot number
-        self.live = {i for i, s in ours.items() if s.get("maintenance") != "enabled"}      # _is_live, inlined
+        self.live = {i for i, s in ours.items() if _is_live(s)}
         # Server ids held by servers of others in the backend: HAProxy refuses two servers with
         # one id, so the slot whose number is taken goes without an explicit id.
         self.foreign_ids = {} if len(ours) == len(servers) else {
@@ -1655,20 +1660,12 @@ def slot_fields(cfg: HAProxyConfig) -> tuple[dict[str, Any], dict[str, Any]]:
 
 def server_body(name: str, member: Member | None, cfg: HAProxyConfig, with_id: bool = True,
                 fields: tuple[dict[str, Any], dict[str, Any]] | None = None) -> dict[str, Any]:
-    """The Data Plane server object for slot `name`, serving `member` or parked (None);
-    `fields`: slot_fields(cfg), when the caller has it. srvN carries `id` N: HAProxy
-    numbers servers without one in file order, consistent hashing and id-based persistence
-    follow those numbers, and a full-section write reorders the file (see SlotAssignment.foreign_ids)."""
-    live, parked = fields or slot_fields(cfg)
-    if member is None:
-        body = {"name": name, "id": slot_index(name), **parked}
-    else:
-        body = {"name": name, "id": slot_index(name), "address": member.address, "port": member.port, **live}
-        if member.weight is not None:
-            body["weight"] = member.weight        # the instance's weight tag wins over params
-    if not with_id:
-        del body["id"]
-    return body
+    """The Data Plane server object for slot `name`, serving `member` or parked (None), as a
+    new server (slot_body says what it is over a server on disk); `fields`: slot_fields(cfg),
+    when the caller has it. srvN carries `id` N: HAProxy numbers servers without one in file
+    order, consistent hashing and id-based persistence follow those numbers, and a
+    full-section write reorders the file (see SlotAssignment.foreign_ids)."""
+    return slot_body(name, member, None, cfg, with_id, fields or slot_fields(cfg))
 
 
 def backend_fields(name: str, cfg: BackendConfig) -> dict[str, Any]:
@@ -1693,19 +1690,49 @@ def _differs(want: Mapping[str, Any], have: Mapping[str, Any]) -> bool:
     return any(not _same_value(v, have.get(k)) for k, v in want.items())
 
 
-def _keep_pointers(body: dict[str, Any], live: bool, have: Mapping[str, Any], hybrid: bool) -> None:
-    """What a slot's body says of the pointer fields the server on disk has and it would not
-    set. A weight nobody asked for (a weight tag removed, a slot refilled after a weighted
-    instance) goes back to HAProxy's default, 1, rather than stay (0 = no traffic). In hybrid
-    mode the body drops none of them, parked or live: dataplaneapi's runtime path dereferences
-    the new value of each changed runtime field, and a nil one panics into a reload, after the
-    runtime commands before it went out (v2.9 handlers/runtime.go changeThroughRuntimeAPI; v3.4
-    handlers/configuration/server/server.go). A health-check port stays as HAProxy holds it."""
-    weight = have.get("weight")
-    if "weight" not in body and weight is not None and (hybrid or (live and weight != 1)):
-        body["weight"] = 1
-    if hybrid and "health_check_port" not in body and have.get("health_check_port") is not None:
-        body["health_check_port"] = have["health_check_port"]
+def slot_body(name: str, member: Member | None, have: Mapping[str, Any] | None,
+              cfg: HAProxyConfig, with_id: bool, fields: tuple[dict[str, Any], dict[str, Any]]
+              ) -> dict[str, Any]:
+    """What slot `name` should hold, serving `member` or parked (None), over the server on
+    disk `have` (None: a new one); `fields`: slot_fields(cfg)."""
+    body: dict[str, Any] = {"name": name}
+    if with_id:
+        body["id"] = slot_index(name)
+    if member is not None:
+        body["address"], body["port"] = member.address, member.port
+    body.update(slot_settings(member, have, fields, cfg.apply_mode == "hybrid"))
+    return body
+
+
+def slot_settings(member: Member | None, have: Mapping[str, Any] | None,
+                  fields: tuple[dict[str, Any], dict[str, Any]], hybrid: bool) -> Mapping[str, Any]:
+    """The one statement of a slot's fields past its name, id, address and port (plan_backend
+    writes them, in_sync compares them): the live or parked fields of slot_fields, and
+
+    - the instance's weight tag, which wins over params;
+    - a weight nobody asked for (a weight tag removed, a slot refilled after a weighted
+      instance) back to HAProxy's default, 1, rather than kept (0 = no traffic);
+    - in hybrid mode, parked or live, none of the pointer fields the server on disk has:
+      dataplaneapi's runtime path dereferences the new value of each changed runtime field,
+      and a nil one panics into a reload, after the runtime commands before it went out
+      (v2.9 handlers/runtime.go changeThroughRuntimeAPI; v3.4 handlers/configuration/server/
+      server.go). A health-check port stays as HAProxy holds it.
+
+    Most slots need none of these: the shared dict comes back, not a copy."""
+    settings = fields[0] if member is not None else fields[1]
+    if member is not None and member.weight is not None:
+        settings = {**settings, "weight": member.weight}
+    elif have and "weight" not in settings and have.get("weight") is not None \
+            and (hybrid or (member is not None and have["weight"] != 1)):
+        settings = {**settings, "weight": 1}
+    if hybrid and have and "health_check_port" not in settings \
+            and have.get("health_check_port") is not None:
+        settings = {**settings, "health_check_port": have["health_check_port"]}
+    return settings
+
+
+def _changed(body: Mapping[str, Any], have: Mapping[str, Any]) -> bool:
+    return not body.items() <= have.items() and _differs(body, have)     # the first test is C
 
 
 def plan_backend(name: str, slots: Sequence[Member | None], actual: BackendState | None,
@@ -1726,16 +1753,13 @@ def plan_backend(name: str, slots: Sequence[Member | None], actual: BackendState
                 servers[n] = s
             elif i > len(slots):                    # slots are srv1..srv<len(slots)>
                 beyond.append((i, n))
-    changes, fields, hybrid = [], slot_fields(cfg), cfg.apply_mode == "hybrid"
+    changes, fields = [], slot_fields(cfg)
     for j, (n, member) in enumerate(zip(slot_names(len(slots)), slots), 1):
-        body = server_body(n, member, cfg, j not in taken_ids, fields)
         have = have_servers.get(n)
-        if have:
-            _keep_pointers(body, member is not None, have, hybrid)
-        servers[n] = body
+        body = servers[n] = slot_body(n, member, have, cfg, j not in taken_ids, fields)
         if have is None:
             changes.append(ServerChange("add", n, body, None, member.label if member else ""))
-        elif not body.items() <= have.items() and _differs(body, have):    # the first test is C
+        elif _changed(body, have):
             changes.append(ServerChange("update", n, body, have, member.label if member else ""))
     for _, n in sorted(beyond):
         changes.append(ServerChange("delete", n, None, have_servers[n]))
@@ -1762,29 +1786,19 @@ def _differing(want: Mapping[str, Any], have: Mapping[str, Any], changes: Sequen
 
 def in_sync(name: str, slots: Sequence[Member | None], actual: BackendState | None,
             cfg: HAProxyConfig, taken_ids: Mapping[int, str]) -> bool:
-    """True when `actual` holds every slot as plan_backend would write it, no slot of ours
-    lies beyond them and the backend's fields are as configured: a backend with nothing to
-    plan and nothing to drain. Most backends in most cycles: told without building a body."""
+    """True when plan_backend has nothing to write: `actual` holds every slot as slot_body
+    says, no slot of ours lies beyond them and the backend's fields are as configured (most
+    backends in most cycles: told without building a body)."""
     if actual is None or _differs(backend_fields(name, cfg.backend), actual.fields):
         return False
-    have, (live, parked), hybrid = actual.servers, slot_fields(cfg), cfg.apply_mode == "hybrid"
+    have, fields, hybrid = actual.servers, slot_fields(cfg), cfg.apply_mode == "hybrid"
     for j, (n, m) in enumerate(zip(slot_names(len(slots)), slots), 1):
         h = have.get(n)
         if h is None or h.get("name") != n or (j not in taken_ids and h.get("id") != j):
             return False
-        if m is None:
-            want = parked
-            if hybrid and "weight" not in parked and h.get("weight") not in (None, 1):
-                return False      # _keep_pointers: back to 1
-        elif h.get("address") != m.address or h.get("port") != m.port:
+        if m is not None and (h.get("address") != m.address or h.get("port") != m.port):
             return False
-        elif m.weight is not None:
-            want = {**live, "weight": m.weight}     # the instance's weight tag wins over params
-        elif "weight" in live or h.get("weight") in (None, 1):
-            want = live
-        else:
-            return False          # _keep_pointers sets a weight nobody asked for back to 1
-        if not want.items() <= h.items():
+        if not slot_settings(m, h, fields, hybrid).items() <= h.items():     # _changed's C half
             return False
     return max(filter(None, map(slot_index, have)), default=0) <= len(slots)
 
@@ -2738,19 +2752,17 @@ def _scale_set_of(instance_id: str) -> str:
 
 def _nics_by_vm(nics: Iterable[Mapping]) -> dict[str, list[Mapping]]:
     """NICs by the lower-cased id of their virtualMachine; a NIC listed twice (ids compared
-    lower-cased) counts once, as first seen."""
+    lower-cased) counts once, as first seen. (Here and in _power_states, _id and _props are
+    written out: over every NIC and every power state, their calls are a tenth of the join.)"""
     by_vm: dict[str, list[Mapping]] = {}
     seen: set[str] = set()
     for nic in nics:
-        # _id and _ref written out: for twenty thousand NICs a call costs more than its work.
         nid = nic.get("id")
-        nid = nid.lower() if isinstance(nid, str) else ""
-        if nid in seen:
-            continue
-        seen.add(nid)
-        vid = ((nic.get("properties") or {}).get("virtualMachine") or {}).get("id")
-        vid = vid.lower() if isinstance(vid, str) else ""
-        by_vm.setdefault(vid, []).append(nic)
+        nid = nid.lower() if isinstance(nid, str) else ""                  # _id
+        if nid not in seen:
+            seen.add(nid)
+            vid = ((nic.get("properties") or {}).get("virtualMachine") or {}).get("id")
+            by_vm.setdefault(vid.lower() if isinstance(vid, str) else "", []).append(nic)   # _ref
     return by_vm
 
 
@@ -2758,11 +2770,9 @@ def _power_states(items: Iterable[Mapping]) -> dict[str, str]:
     """power_state by lower-cased id, for the items (the status-only VM list) that have one."""
     powers: dict[str, str] = {}
     for item in items:
-        # _props and _id written out: a call costs more than its work, twenty thousand times.
-        state = power_state((item.get("properties") or {}).get("instanceView"))
-        if state:
+        if state := power_state((item.get("properties") or {}).get("instanceView")):   # _props
             vid = item.get("id")
-            powers[vid.lower() if isinstance(vid, str) else ""] = state
+            powers[vid.lower() if isinstance(vid, str) else ""] = state                 # _id
     return powers
 
 
@@ -2773,56 +2783,75 @@ def instances_from_azure(listing: AzureListing, cfg: AzureConfig,
     is missing still comes back (address None); a second sighting counts once. An item
     whose tags are not an object cannot be judged: a Skip in `skipped`. AzureError for an
     item without an id: it could be any instance, and leaving it out would drain it."""
-    # Twenty thousand instances a cycle at the largest estates: one pass per listing, a
-    # plain dict lookup per instance for each of them, and ids and fields read in place
-    # where a helper's call would cost more than the work in it (issue 12: the join's CPU).
-    nics = _nics_by_vm(listing.nics)
-    pips = {_id(p.get("id")): p for p in listing.public_ips}
-    powers = _power_states(listing.statuses)
-    sets = {_id(s.get("id")): s for s in listing.scale_sets}
-    set_tags: dict[str, dict[str, str]] = {}
-    regions: dict[str, str] = {}        # a handful of locations, each normalised once
+    join = _Join(listing, cfg)          # one pass per listing, then one lookup per instance
     out: dict[str, Instance] = {}
     for uniform, raws in ((False, listing.vms), (True, listing.set_instances)):
         for raw in raws:
-            vid = raw.get("id")
-            vid = vid.lower() if isinstance(vid, str) else ""
+            vid = _id(raw.get("id"))
+            if not vid:
+                raise _without_id(raw, uniform)
             if vid in out:
                 continue
-            if not vid:
-                raise AzureError(f"the {'scale-set instance' if uniform else 'VM'} listing holds an item without "
-                                 f"an id (name {shorten(json.dumps(raw.get('name')), 80)}): its instance cannot "
-                                 "be told; nothing is applied this cycle")
-            props = raw.get("properties") or {}
-            set_id = _scale_set_of(vid) if uniform else _id((props.get("virtualMachineScaleSet") or {}).get("id"))
-            tags = _tags(raw)
-            if tags is None:
-                if skipped is not None:
-                    skipped.append(Skip(_printable(vid.rsplit("/", 1)[-1]), "its tags are not an object (as Azure "
-                                        "lists them): it cannot be told whether it serves", _printable(vid)))
-                continue
-            kind = "uniform" if uniform else "flexible" if set_id else "vm"
-            if set_id:
-                if set_id not in set_tags:
-                    set_tags[set_id] = _tags(sets.get(set_id, {})) or {}
-                tags = {**set_tags[set_id], **tags}
-            mine = nics.get(vid)
-            nic = _primary(mine) if mine else None
-            address = nic_address(nic, pips, cfg) if nic else None
-            view = props.get("instanceView")
-            state = (view and power_state(view)) or powers.get(vid, "unknown")
-            name = raw.get("name")
-            if not isinstance(name, str) or not name:
-                name = vid.rsplit("/", 1)[-1]       # a name Azure gives no other shape
-            if uniform and raw.get("instanceId") is not None:
-                name = f"{set_id.rsplit('/', 1)[-1]}_{raw['instanceId']}"
-            location = raw.get("location")
-            if not isinstance(location, str):
-                location = str(location or "")
-            if location not in regions:
-                regions[location] = location.replace(" ", "").lower()
-            out[vid] = Instance(vid, name, regions[location], tags, address, state, kind)
+            instance = join.instance(raw, vid, uniform)
+            if instance is not None:
+                out[vid] = instance
+            elif skipped is not None:
+                skipped.append(Skip(_printable(vid.rsplit("/", 1)[-1]), "its tags are not an object "
+                                    "(as Azure lists them): it cannot be told whether it serves",
+                                    _printable(vid)))
     return list(out.values())
+
+
+def _without_id(raw: Mapping, uniform: bool) -> AzureError:
+    return AzureError(f"the {'scale-set instance' if uniform else 'VM'} listing holds an item without "
+                     f"an id (name {shorten(json.dumps(raw.get('name')), 80)}): its instance cannot "
+                     "be told; nothing is applied this cycle")
+
+
+class _Join:
+    """The listings other than the instances', each read once and keyed by lower-cased id."""
+
+    def __init__(self, listing: AzureListing, cfg: AzureConfig):
+        self.cfg = cfg
+        self.nics = _nics_by_vm(listing.nics)
+        self.public_ips = {_id(p.get("id")): p for p in listing.public_ips}
+        self.powers = _power_states(listing.statuses)
+        self.sets = {_id(s.get("id")): s for s in listing.scale_sets}
+        self.set_tags: dict[str, dict[str, str]] = {}
+
+    def instance(self, raw: Mapping, vid: str, uniform: bool) -> Instance | None:
+        """The Instance of one listed VM or scale-set instance; None when its tags are not an
+        object. A scale set's tags are its instances' too, theirs taking precedence."""
+        props = _props(raw)
+        set_id = _scale_set_of(vid) if uniform else _id((props.get("virtualMachineScaleSet") or {}).get("id"))
+        tags = _tags(raw)
+        if tags is None:
+            return None
+        if set_id:
+            if set_id not in self.set_tags:
+                self.set_tags[set_id] = _tags(self.sets.get(set_id, {})) or {}
+            tags = {**self.set_tags[set_id], **tags}
+        nics = self.nics.get(vid)
+        nic = _primary(nics) if nics else None
+        address = nic_address(nic, self.public_ips, self.cfg) if nic else None
+        state = power_state(props.get("instanceView")) or self.powers.get(vid, "unknown")
+        kind = "uniform" if uniform else "flexible" if set_id else "vm"
+        return Instance(vid, _instance_name(raw, vid, set_id if uniform else ""),
+                        _region(raw.get("location")), tags, address, state, kind)
+
+
+def _instance_name(raw: Mapping, vid: str, uniform_set: str) -> str:
+    """A Uniform instance is SET_N, as Azure names its computer; any other its name; escaped
+    for a log line."""
+    if uniform_set and raw.get("instanceId") is not None:
+        return _printable(f"{uniform_set.rsplit('/', 1)[-1]}_{raw['instanceId']}")
+    name = raw.get("name")
+    return _printable(name if isinstance(name, str) and name else vid.rsplit("/", 1)[-1])
+
+
+def _region(location: Any) -> str:
+    """A location as a region name: 'East US' -> 'eastus'."""
+    return (location if isinstance(location, str) else str(location or "")).replace(" ", "").lower()
 
 
 def impossible(listing: AzureListing, instances: Sequence[Instance], cfg: Config, graph: bool = False) -> str | None:
@@ -5042,10 +5071,10 @@ METRICS_DEADLINE, METRICS_CONNECTIONS = 5.0, 16
 class _MetricsServer(http.server.ThreadingHTTPServer):
     daemon_threads = True
 
-    def __init__(self, address: tuple[str, int], handler: type, family: socket.AddressFamily):
-        self.address_family = family
+    def __init__(self, address: tuple[str, int], metrics: Metrics, family: socket.AddressFamily):
+        self.address_family, self.metrics = family, metrics
         self._slots = threading.BoundedSemaphore(METRICS_CONNECTIONS)
-        super().__init__(address, handler)
+        super().__init__(address, _MetricsHandler)
 
     def process_request(self, request: Any, client_address: Any) -> None:
         if not self._slots.acquire(blocking=False):
@@ -5060,68 +5089,77 @@ class _MetricsServer(http.server.ThreadingHTTPServer):
             self._slots.release()
 
 
+class _MetricsHandler(http.server.BaseHTTPRequestHandler):
+    """/metrics, /state and /healthz, each connection cut after METRICS_DEADLINE seconds."""
+    timeout = METRICS_DEADLINE            # per read; the timer below bounds the whole
+    server: _MetricsServer
+
+    def setup(self) -> None:
+        super().setup()
+        self._deadline = threading.Timer(METRICS_DEADLINE, self._cut)
+        self._deadline.daemon = True
+        self._deadline.start()
+
+    def _cut(self) -> None:
+        try:
+            self.connection.shutdown(socket.SHUT_RDWR)
+        except OSError:
+            pass
+
+    def finish(self) -> None:
+        self._deadline.cancel()
+        try:
+            super().finish()
+        except OSError:
+            pass
+
+    def do_GET(self) -> None:  # noqa: N802 - the stdlib's name
+        self.wfile.write(self._answer())
+
+    def do_HEAD(self) -> None:  # noqa: N802
+        self._answer()
+
+    def _answer(self) -> bytes:
+        """Sends the status and headers; returns the body."""
+        status, kind, body = metrics_page(self.path, self.server.metrics)
+        data = body.encode()
+        self.send_response(status)
+        self.send_header("Content-Type", kind)
+        self.send_header("Content-Length", str(len(data)))
+        self.end_headers()
+        return data
+
+    def log_message(self, *args: Any) -> None:
+        pass
+
+
+def metrics_page(path: str, metrics: Metrics) -> tuple[int, str, str]:
+    """(status, content type, body) of one page of the metrics listener."""
+    if path == "/metrics":
+        return 200, "text/plain; version=0.0.4; charset=utf-8", metrics.render()
+    if path == "/state":
+        state = metrics.state()
+        if not state:
+            return 503, "application/json", '{"error": "no cycle has read HAProxy yet"}\n'
+        return 200, "application/json", state
+    if path == "/healthz":
+        stale, behind = metrics.stale(), dict(metrics.behind)
+        named = f" for {', '.join(stale)}" if len(metrics.targets) > 1 else ""
+        problems = ([f"no successful cycle recently{named}"] if stale else []) + [
+            f"{t}: {why}" for t, why in sorted(behind.items())]
+        if problems:
+            return 503, "text/plain; charset=utf-8", "\n".join(problems) + "\n"
+        return 200, "text/plain; charset=utf-8", "ok\n"
+    return 404, "text/plain; charset=utf-8", "not found\n"
+
+
 def serve_metrics(listen: str, metrics: Metrics) -> http.server.ThreadingHTTPServer:
     """/metrics and /healthz (GET or HEAD) from daemon threads that never block the loop.
     ConfigError when metrics.listen cannot be bound."""
     host, port = listen_address(listen) or ("", 0)
-
-    class Handler(http.server.BaseHTTPRequestHandler):
-        timeout = METRICS_DEADLINE            # per read; the timer below bounds the whole
-
-        def setup(self) -> None:
-            super().setup()
-            self._deadline = threading.Timer(METRICS_DEADLINE, self._cut)
-            self._deadline.daemon = True
-            self._deadline.start()
-
-        def _cut(self) -> None:
-            try:
-                self.connection.shutdown(socket.SHUT_RDWR)
-            except OSError:
-                pass
-
-        def finish(self) -> None:
-            self._deadline.cancel()
-            try:
-                super().finish()
-            except OSError:
-                pass
-
-        def do_GET(self) -> None:  # noqa: N802 - the stdlib's name
-            data = self._answer()
-            self.wfile.write(data)
-
-        def do_HEAD(self) -> None:  # noqa: N802
-            self._answer()
-
-        def _answer(self) -> bytes:
-            kind = "text/plain; version=0.0.4; charset=utf-8"
-            if self.path == "/metrics":
-                status, body = 200, metrics.render()
-            elif self.path == "/state":
-                kind, state = "application/json", metrics.state()
-                status, body = (200, state) if state else (503, '{"error": "no cycle has read HAProxy yet"}\n')
-            elif self.path == "/healthz":
-                stale, behind = metrics.stale(), dict(metrics.behind)
-                named = f" for {', '.join(stale)}" if len(metrics.targets) > 1 else ""
-                problems = ([f"no successful cycle recently{named}"] if stale else []) + [
-                    f"{t}: {why}" for t, why in sorted(behind.items())]
-                status, body = (503, "\n".join(problems) + "\n") if problems else (200, "ok\n")
-            else:
-                status, body = 404, "not found\n"
-            data = body.encode()
-            self.send_response(status)
-            self.send_header("Content-Type", kind)
-            self.send_header("Content-Length", str(len(data)))
-            self.end_headers()
-            return data
-
-        def log_message(self, *args: Any) -> None:
-            pass
-
     family = socket.AF_INET6 if ":" in host else socket.AF_INET
     try:
-        server = _MetricsServer((host, port), Handler, family)
+        server = _MetricsServer((host, port), metrics, family)
     except OSError as exc:
         raise ConfigError([f"metrics.listen: cannot listen on {listen}: {exc.strerror or exc}"]) from None
     threading.Thread(target=server.serve_forever, name="metrics", daemon=True).start()
@@ -5478,51 +5516,15 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None, env: Mapping[str, str] | None = None) -> int:
     """The program; `env` stands for the process environment (os.environ by default)."""
-    parser = build_parser()
-    try:
-        args = parser.parse_args(argv)
-        if args.json and not args.status:
-            parser.error("--json goes with --status")
-        if args.confirm_drain and not args.once:
-            parser.error("--confirm-drain goes with --once")
-    except SystemExit as exc:     # --help, --version, usage errors: argparse has printed
-        return exc.code if isinstance(exc.code, int) else EX_USAGE
+    args = parse_arguments(argv)
+    if isinstance(args, int):
+        return args
     env = dict(os.environ if env is None else env)
     path = find_config(args.config)
     signals = Signals()
-    secrets = secret_values(env)      # every line printed here is masked, as log lines are
-
-    def say(line: str, stream: Any = sys.stderr) -> None:
-        print(redact(line, secrets), file=stream)
+    say = _Say(secret_values(env))      # every line printed here is masked, as log lines are
     try:
-        cfg = load_config(path, env)
-        secrets = secrets_of(cfg, env)
-        if args.confirm_drain:      # the guard lets through what it sees now
-            cfg = dataclasses.replace(cfg, safety=dataclasses.replace(
-                cfg.safety, drain_confirm_cycles=1, drain_confirm_seconds=0.0))
-        if args.validate:
-            for warning in config_warnings(cfg):
-                say(f"warning: {warning}")
-            say(f"{path}: configuration ok", sys.stdout)
-            return EX_OK
-        setup_logging(args.log_level or cfg.logging.level, cfg.logging.format, secrets, env=env)
-        for warning in config_warnings(cfg):
-            log.warning(warning, extra={"event": "config_warning"})
-        signals.install()
-        if args.status:
-            return _run_status(cfg, env, args.json, signals.stop, say)
-        if args.dry_run or args.once:
-            return _once_or_dry_run(cfg, env, args.dry_run, signals.stop, say)
-        notifier = Notifier(env)
-
-        def configure(c: Config) -> None:      # a reload's logging, and its secrets masked everywhere
-            nonlocal secrets
-            secrets = secrets_of(c, env)
-            setup_logging(args.log_level or c.logging.level, c.logging.format, secrets)
-        return Daemon(lambda: load_config(path, env),
-                      lambda c: AzureSource(c, env, signals.stop, notifier.keepalive),
-                      lambda c: DataPlane(c.haproxy, notifier.keepalive, signals.stop),
-                      configure=configure, notifier=notifier).run(signals)
+        return _command(args, path, env, signals, say)
     except ConfigError as exc:
         for problem in exc.problems:
             say(f"error: {path}: {problem}" if not problem.startswith(path) else f"error: {problem}")
@@ -5539,6 +5541,69 @@ def main(argv: Sequence[str] | None = None, env: Mapping[str, str] | None = None
         return EX_FAIL
     finally:
         signals.restore()
+
+
+def parse_arguments(argv: Sequence[str] | None) -> argparse.Namespace | int:
+    """The command line, or the exit code when argparse has already printed (--help,
+    --version, a usage error)."""
+    parser = build_parser()
+    try:
+        args = parser.parse_args(argv)
+        if args.json and not args.status:
+            parser.error("--json goes with --status")
+        if args.confirm_drain and not args.once:
+            parser.error("--confirm-drain goes with --once")
+    except SystemExit as exc:
+        return exc.code if isinstance(exc.code, int) else EX_USAGE
+    return args
+
+
+class _Say:
+    """Prints one line for people, the secrets it knows masked (stderr unless told)."""
+
+    def __init__(self, secrets: Iterable[str]):
+        self.secrets = secrets
+
+    def __call__(self, line: str, stream: Any = None) -> None:
+        print(redact(line, self.secrets), file=stream or sys.stderr)
+
+
+def _command(args: argparse.Namespace, path: str, env: Mapping[str, str], signals: Signals,
+             say: _Say) -> int:
+    """What the command line asks for, with the configuration at `path`."""
+    cfg = load_config(path, env)
+    say.secrets = secrets_of(cfg, env)
+    if args.confirm_drain:      # the guard lets through what it sees now
+        cfg = dataclasses.replace(cfg, safety=dataclasses.replace(
+            cfg.safety, drain_confirm_cycles=1, drain_confirm_seconds=0.0))
+    if args.validate:
+        for warning in config_warnings(cfg):
+            say(f"warning: {warning}")
+        say(f"{path}: configuration ok", sys.stdout)
+        return EX_OK
+    setup_logging(args.log_level or cfg.logging.level, cfg.logging.format, say.secrets, env=env)
+    for warning in config_warnings(cfg):
+        log.warning(warning, extra={"event": "config_warning"})
+    signals.install()
+    if args.status:
+        return _run_status(cfg, env, args.json, signals.stop, say)
+    if args.dry_run or args.once:
+        return _once_or_dry_run(cfg, env, args.dry_run, signals.stop, say)
+    return _run_daemon(args, path, env, signals, say)
+
+
+def _run_daemon(args: argparse.Namespace, path: str, env: Mapping[str, str], signals: Signals,
+                say: _Say) -> int:
+    """The daemon until a signal ends it; a reload re-reads `path`."""
+    notifier = Notifier(env)
+
+    def configure(c: Config) -> None:      # a reload's logging, and its secrets masked everywhere
+        say.secrets = secrets_of(c, env)
+        setup_logging(args.log_level or c.logging.level, c.logging.format, say.secrets)
+    return Daemon(lambda: load_config(path, env),
+                  lambda c: AzureSource(c, env, signals.stop, notifier.keepalive),
+                  lambda c: DataPlane(c.haproxy, notifier.keepalive, signals.stop),
+                  configure=configure, notifier=notifier).run(signals)
 
 
 def _once_or_dry_run(cfg: Config, env: Mapping[str, str], dry_run: bool, stop: StopFlag,
