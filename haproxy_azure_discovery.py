@@ -4920,17 +4920,21 @@ class Metrics:
         "cycles_total": ("counter", "Cycles, by result: steady, unchanged, draining, applied, "
                          "held, partial, failed"),
         "dataplane_requests_total": ("counter", "Requests sent to the Data Plane API"),
+        "drain_deadline_timestamp_seconds": ("gauge", "When the first draining server is due to "
+                                             "be parked (Unix time; 0: none draining)"),
         "drain_held_since_timestamp_seconds": ("gauge", "Since when the mass-drain guard holds "
                                                "servers live (Unix time; 0: not holding)"),
         "fields_ignored_total": ("counter", "Fields found not kept by the Data Plane API"),
         "haproxy_config_behind": ("gauge", "1 while HAProxy owes a reload: it may run an older "
                                   "configuration than the Data Plane API shows"),
         "held_drains_total": ("counter", "Parks the mass-drain guard held back, cycle after cycle"),
-        "instances_discovered": ("gauge", "Instances the last discovery serves"),
-        "instances_skipped": ("gauge", "Instances with the service tags that the last discovery "
-                              "skipped (a bad tag value, no address)"),
+        "instances_discovered": ("gauge", "Instances the last successful discovery serves"),
+        "instances_skipped": ("gauge", "Instances with the service tags that the last successful "
+                              "discovery skipped (a bad tag value, no address)"),
         "last_success_timestamp_seconds": ("gauge", "When the last successful cycle ended "
                                            "(Unix time)"),
+        "polling_interval_seconds": ("gauge", "polling.interval_seconds: /healthz fails after "
+                                     "three of them without a successful cycle"),
         "reload_failures_total": ("counter", "HAProxy reloads seen failing, lost or never "
                                   "confirmed"),
         "reloads_total": ("counter", "HAProxy reloads our writes caused"),
@@ -4973,8 +4977,9 @@ class Metrics:
             self._inc("azure_requests_total", "", reports[0].azure_requests)
             for bucket, left in reports[0].azure_quota.items():
                 self.gauges[("azure_quota_remaining", f'bucket="{_label_value(bucket)}"')] = left
-            self.gauges[("instances_discovered", "")] = reports[0].instances
-            self.gauges[("instances_skipped", "")] = reports[0].skipped
+            if reports[0].skips is not None:      # a failed discovery keeps the last figures
+                self.gauges[("instances_discovered", "")] = reports[0].instances
+                self.gauges[("instances_skipped", "")] = reports[0].skipped
             for report in reports:
                 self._record_target(report, now)
             if any(r.view is not None for r in reports):     # steady cycles read no backends
@@ -5005,6 +5010,8 @@ class Metrics:
             self._inc("held_drains_total", t, len(plan.held))
             self.gauges[("servers_held", t)] = len(plan.held)
             self.gauges[("drain_held_since_timestamp_seconds", t)] = report.held_since or 0
+            self.gauges[("drain_deadline_timestamp_seconds", t)] = min(
+                (d.until for d in plan.draining), default=0)
             self.gauges[("services", "")] = plan.services
             self.gauges.update({("backends", t): plan.our_backends, ("servers_live", t): plan.live,
                                 ("servers_parked", t): plan.slots - plan.live - len(plan.draining),
@@ -5036,7 +5043,8 @@ class Metrics:
     def render(self) -> str:
         """Every sample, grouped by family under its # HELP and # TYPE lines."""
         with self._lock:
-            samples = [*self.counters.items(), *self.gauges.items(), *self.backend_gauges.items()]
+            samples = [*self.counters.items(), *self.gauges.items(), *self.backend_gauges.items(),
+                       (("polling_interval_seconds", ""), self.interval)]
         lines, family = [], None
         for (name, label), value in sorted(samples, key=lambda s: (_family(s[0][0]), s[0])):
             if _family(name) != family:
