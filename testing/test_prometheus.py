@@ -155,6 +155,8 @@ def test_promtool_checks_a_live_metrics_page(arm, arm_config):
     assert deadline and float(deadline.group(1)) > time.time()     # due in safety.drain_seconds
     assert f"{PREFIX}azure_quota_remaining{{bucket=" in first
     for page in pages:
+        families = set(re.findall(rf"^# TYPE {PREFIX}(\S+) ", page, re.MULTILINE))
+        assert families <= set(m.Metrics.HELP), families - set(m.Metrics.HELP)   # no "untyped"
         result = promtool("check", "metrics", stdin=page)
         assert (result.returncode, result.stdout + result.stderr) == (0, ""), page
 
