@@ -4937,6 +4937,44 @@ class Metrics:
     """Counters and gauges in the Prometheus text format; updated by the loop only. What is
     per target carries the label target="NAME"; what is per discovery carries none."""
 
+    # Each family's type and help line (# TYPE, # HELP), by name without the prefix.
+    HELP = {
+        "azure_quota_remaining": ("gauge", "The least left in each of Azure's read buckets "
+                                  "during the last discovery, by bucket"),
+        "azure_requests_total": ("counter", "Requests sent to Azure by discoveries"),
+        "backends": ("gauge", "Our backends in HAProxy"),
+        "backends_refused_total": ("counter", "Backend writes the Data Plane API refused "
+                                   "(400, 422)"),
+        "cycle_duration_seconds": ("summary", "Time the cycles took"),
+        "cycles_total": ("counter", "Cycles, by result: steady, unchanged, draining, applied, "
+                         "held, partial, failed"),
+        "dataplane_requests_total": ("counter", "Requests sent to the Data Plane API"),
+        "drain_deadline_timestamp_seconds": ("gauge", "When the first draining server is due to "
+                                             "be parked (Unix time; 0: none draining)"),
+        "drain_held_since_timestamp_seconds": ("gauge", "Since when the mass-drain guard holds "
+                                               "servers live (Unix time; 0: not holding)"),
+        "fields_ignored_total": ("counter", "Fields found not kept by the Data Plane API"),
+        "haproxy_config_behind": ("gauge", "1 while HAProxy owes a reload: it may run an older "
+                                  "configuration than the Data Plane API shows"),
+        "held_drains_total": ("counter", "Parks the mass-drain guard held back, cycle after cycle"),
+        "instances_discovered": ("gauge", "Instances the last successful discovery serves"),
+        "instances_skipped": ("gauge", "Instances with the service tags that the last successful "
+                              "discovery skipped (a bad tag value, no address)"),
+        "last_success_timestamp_seconds": ("gauge", "When the last successful cycle ended "
+                                           "(Unix time)"),
+        "polling_interval_seconds": ("gauge", "polling.interval_seconds: /healthz fails after "
+                                     "three of them without a successful cycle"),
+        "reload_failures_total": ("counter", "HAProxy reloads seen failing, lost or never "
+                                  "confirmed"),
+        "reloads_total": ("counter", "HAProxy reloads our writes caused"),
+        "servers_draining": ("gauge", "Servers draining, per target and per backend"),
+        "servers_held": ("gauge", "Servers the mass-drain guard keeps live"),
+        "servers_live": ("gauge", "Servers pointing at an instance, per target and per backend"),
+        "servers_parked": ("gauge", "Servers parked in maintenance, per target and per backend"),
+        "services": ("gauge", "Services discovered"),
+        "transactions_total": ("counter", "Data Plane API transactions, by result"),
+    }
+
     def __init__(self, interval: float, clock: Callable[[], float] = time.monotonic):
         self.interval, self.clock = interval, clock      # health is measured on `clock`
         self._lock = threading.Lock()
@@ -4968,8 +5006,9 @@ class Metrics:
             self._inc("azure_requests_total", "", reports[0].azure_requests)
             for bucket, left in reports[0].azure_quota.items():
                 self.gauges[("azure_quota_remaining", f'bucket="{_label_value(bucket)}"')] = left
-            self.gauges[("instances_discovered", "")] = reports[0].instances
-            self.gauges[("instances_skipped", "")] = reports[0].skipped
+            if reports[0].skips is not None:      # a failed discovery keeps the last figures
+                self.gauges[("instances_discovered", "")] = reports[0].instances
+                self.gauges[("instances_skipped", "")] = reports[0].skipped
             for report in reports:
                 self._record_target(report, now)
             if any(r.view is not None for r in reports):     # steady cycles read no backends
@@ -4981,6 +5020,7 @@ class Metrics:
     def _record_target(self, report: CycleReport, now: float) -> None:
         t = _target_label(report.target)
         self._inc("cycles_total", f'{t},result="{report.result}"')
+        self._inc("cycle_duration_seconds_count", t)
         for name, by in (("cycle_duration_seconds_sum", report.duration), ("reloads_total", report.reloads),
                          ("dataplane_requests_total", report.dataplane_requests),
                          ("backends_refused_total", len(report.refused)),
@@ -4999,6 +5039,8 @@ class Metrics:
             self._inc("held_drains_total", t, len(plan.held))
             self.gauges[("servers_held", t)] = len(plan.held)
             self.gauges[("drain_held_since_timestamp_seconds", t)] = report.held_since or 0
+            self.gauges[("drain_deadline_timestamp_seconds", t)] = min(
+                (d.until for d in plan.draining), default=0)
             self.gauges[("services", "")] = plan.services
             self.gauges.update({("backends", t): plan.our_backends, ("servers_live", t): plan.live,
                                 ("servers_parked", t): plan.slots - plan.live - len(plan.draining),
@@ -5028,10 +5070,19 @@ class Metrics:
         return not self.stale(now)
 
     def render(self) -> str:
+        """Every sample, grouped by family under its # HELP and # TYPE lines."""
         with self._lock:
-            lines = [f"haproxy_azure_discovery_{n}{{{lbl}}} {v:g}" if lbl else f"haproxy_azure_discovery_{n} {v:g}"
-                     for (n, lbl), v in [*sorted(self.counters.items()), *sorted(self.gauges.items()),
-                                         *sorted(self.backend_gauges.items())]]
+            samples = [*self.counters.items(), *self.gauges.items(), *self.backend_gauges.items(),
+                       (("polling_interval_seconds", ""), self.interval)]
+        lines, family = [], None
+        for (name, label), value in sorted(samples, key=lambda s: (_family(s[0][0]), s[0])):
+            if _family(name) != family:
+                family = _family(name)
+                kind, text = self.HELP.get(family, ("untyped", family))
+                lines += [f"# HELP haproxy_azure_discovery_{family} {text}",
+                          f"# TYPE haproxy_azure_discovery_{family} {kind}"]
+            series = f"haproxy_azure_discovery_{name}" + (f"{{{label}}}" if label else "")
+            lines.append(f"{series} {_sample(value)}")
         return "\n".join(lines) + "\n"
 
     def state(self) -> str | None:
@@ -5041,6 +5092,18 @@ class Metrics:
             view = {"discovery": self.discovery, "targets": [self.views[t] for t in self.targets or self.views
                                                              if t in self.views]}
             return json.dumps(view, indent=1, sort_keys=True) + "\n"
+
+
+def _family(name: str) -> str:
+    """The metric family a sample's name belongs to: a summary's _sum and _count are its."""
+    base = name.rpartition("_")[0]
+    return base if name.endswith(("_sum", "_count")) and base in Metrics.HELP else name
+
+
+def _sample(value: float) -> str:
+    """A sample's value, exact: `g` would cut a timestamp to six digits (hours)."""
+    value = float(value)
+    return str(int(value)) if value.is_integer() and abs(value) < 1e15 else repr(value)
 
 
 def _target_label(name: str) -> str:

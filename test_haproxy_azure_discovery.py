@@ -3275,7 +3275,8 @@ class TestTargetBackoff:
                                                              "drift": 0}
         metrics.use(["b"])
         assert [t["target"] for t in json.loads(metrics.state())["targets"]] == ["b"]
-        gauges = [line for line in metrics.render().splitlines() if not line.split("{")[0].endswith(("_total", "_sum"))]
+        gauges = [line for line in metrics.render().splitlines()
+                  if not line.split("{")[0].endswith(("_total", "_sum", "_count"))]
         assert not [line for line in gauges if 'target="a"' in line]       # its counters stay: they only grow
 
     def test_health_needs_every_target_and_a_reload_gives_a_new_one_three_intervals(self):
@@ -3401,6 +3402,51 @@ class TestOperations:
         assert pages["health1"] == 200 and pages["health4"] == 503   # no success for 3 intervals
         with pytest.raises(OSError):     # the server is gone with the loop
             urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=2)
+
+    def test_metrics_render_exact_values_each_family_once_under_help_and_type(self):
+        metrics = m.Metrics(30)
+        view = {"discovery": {}, "targets": [{"target": "t", "ok": True, "backends": [
+            {"backend": WEB, "servers": [{"slot": "srv1", "state": "live"}]}]}]}
+        plan = m.Plan(live=1, slots=10, our_backends=1)
+        metrics.record([m.CycleReport(result="applied", target="t", plan=plan, view=view, skips=(),
+                                      duration=0.25)], 1796630000.123)
+        metrics.record([m.CycleReport(target="t", error="down")], 1796630031.5)
+        lines = metrics.render().splitlines()
+        last = 'haproxy_azure_discovery_last_success_timestamp_seconds{target="t"}'
+        assert f"{last} 1796630000.123" in lines        # not 1.79663e+09: hours off
+        assert "haproxy_azure_discovery_polling_interval_seconds 30" in lines
+        assert 'haproxy_azure_discovery_cycle_duration_seconds_count{target="t"} 2' in lines
+        assert "# TYPE haproxy_azure_discovery_cycle_duration_seconds summary" in lines
+        families = [line.split()[2] for line in lines if line.startswith("# TYPE ")]
+        helped = [line.split()[2] for line in lines if line.startswith("# HELP ")]
+        assert families == helped and len(families) == len(set(families))
+        assert {f.removeprefix("haproxy_azure_discovery_") for f in families} <= set(m.Metrics.HELP)
+        live = [n for n, line in enumerate(lines)
+                if line.startswith("haproxy_azure_discovery_servers_live")]
+        assert len(live) == 2 and live[1] == live[0] + 1     # one family: per target, per backend
+        assert lines[live[0] - 1] == "# TYPE haproxy_azure_discovery_servers_live gauge"
+
+    def test_a_failed_discovery_keeps_the_instance_gauges(self):
+        metrics = m.Metrics(30)
+        metrics.record([m.CycleReport(result="applied", target="t", instances=5, skipped=2,
+                                      skips=())], 0)
+        metrics.record([m.CycleReport(target="t", error="listing failed")], 0)       # skips None
+        text = metrics.render()
+        assert "haproxy_azure_discovery_instances_discovered 5\n" in text
+        assert "haproxy_azure_discovery_instances_skipped 2\n" in text
+
+    def test_drain_deadline_is_the_first_drains_end_and_holds_while_cycles_fail(self):
+        metrics = m.Metrics(30)
+        drains = (m.Drain(WEB, "srv2", "10.0.0.5", 80, 100.0, 130.0),
+                  m.Drain(WEB, "srv1", "10.0.0.4", 80, 90.0, 120.0))
+        gauge = 'haproxy_azure_discovery_drain_deadline_timestamp_seconds{target="t"} '
+        draining = m.Plan(draining=drains)
+        metrics.record([m.CycleReport(result="draining", target="t", plan=draining)], 0)
+        assert gauge + "120\n" in metrics.render()
+        metrics.record([m.CycleReport(target="t", error="down")], 0)       # no plan: it holds
+        assert gauge + "120\n" in metrics.render()
+        metrics.record([m.CycleReport(result="applied", target="t", plan=m.Plan())], 0)
+        assert gauge + "0\n" in metrics.render()
 
     def test_metrics_listener_binds_ipv6_and_answers_head(self):
         import http.client
