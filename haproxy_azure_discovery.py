@@ -435,6 +435,7 @@ class Skip:
     instance: str                # the instance's name, for people
     reason: str
     id: str = ""                 # the resource id, for the operator who must find it
+    rule: str = field(default="", compare=False)    # the rule it failed (RULES), for --explain
 
 
 @dataclass(frozen=True)
@@ -1374,22 +1375,25 @@ def service_of(inst: Instance, cfg: Config) -> tuple[ServiceKey, int, int | None
     port_tag = tags.get(t.service_port_tag.lower())
     if not NAME_RE.fullmatch(name):
         return _skip(inst, f"tag {t.service_name_tag} {_shown(name)} is not a service name "
-                           "(1-64 of A-Z a-z 0-9 _ . : -)")
+                           "(1-64 of A-Z a-z 0-9 _ . : -)", "service name")
     port = _port(port_tag)
     if port is None:
-        return _skip(inst, f"tag {t.service_port_tag} {_shown(port_tag)} is not a port (1-65535)")
+        return _skip(inst, f"tag {t.service_port_tag} {_shown(port_tag)} is not a port (1-65535)",
+                     "service port")
     serve_port = port
     if (own := tags.get(t.instance_port_tag.lower())) is not None:
         serve_port = _port(own)
         if serve_port is None:
-            return _skip(inst, f"tag {t.instance_port_tag} {_shown(own)} is not a port (1-65535)")
+            return _skip(inst, f"tag {t.instance_port_tag} {_shown(own)} is not a port (1-65535)",
+                         "service port")
     weight = None
     if (own := tags.get(t.instance_weight_tag.lower())) is not None:
         weight = _weight(own)
         if weight is None:
-            return _skip(inst, f"tag {t.instance_weight_tag} {_shown(own)} is not a weight (0-{MAX_WEIGHT})")
+            return _skip(inst, f"tag {t.instance_weight_tag} {_shown(own)} is not a weight "
+                               f"(0-{MAX_WEIGHT})", "weight")
     if not REGION_RE.fullmatch(inst.region):
-        return _skip(inst, f"location {_shown(inst.region)} is not a region name")
+        return _skip(inst, f"location {_shown(inst.region)} is not a region name", "region")
     return ServiceKey(name, port, inst.region), serve_port, weight
 
 
@@ -1413,8 +1417,8 @@ def folded(tags: Mapping[str, str]) -> dict[str, str]:
     return out
 
 
-def _skip(inst: Instance, reason: str) -> Skip:
-    return Skip(_printable(inst.name), reason, _printable(inst.id))
+def _skip(inst: Instance, reason: str, rule: str = "") -> Skip:
+    return Skip(_printable(inst.name), reason, _printable(inst.id), rule)
 
 
 def _printable(text: str) -> str:
@@ -1474,10 +1478,9 @@ def select_instances(instances: Iterable[Instance], cfg: Config
         if found is None:
             continue
         if isinstance(found, Skip):
-            skipped.append(_skip(inst, found.reason))
+            skipped.append(_skip(inst, found.reason, found.rule))
         elif address is None:
-            skipped.append(_skip(inst, f"no {cfg.azure.address} {cfg.azure.ip_version} address: "
-                                       "primary network interface or IP configuration missing"))
+            skipped.append(_skip(inst, no_address(cfg.azure), "address"))
         else:
             port, weight, group = found
             group.append(Member(iid, name, address, port, weight))
@@ -1488,6 +1491,11 @@ def select_instances(instances: Iterable[Instance], cfg: Config
 
 
 _by_instance, _by_id = operator.attrgetter("instance"), operator.attrgetter("id")     # sort keys
+
+
+def no_address(cfg: AzureConfig) -> str:
+    return (f"no {cfg.address} {cfg.ip_version} address: primary network interface or IP "
+            "configuration missing")
 
 
 def _service_group(inst: Instance, cfg: Config, groups: dict[ServiceKey, list[Member]]
@@ -2033,7 +2041,7 @@ def _beyond_max(desired: dict[str, list[Member]], state: State,
             ordered = sorted(members, key=lambda mb: (mb.instance not in held, mb.instance))
             desired[name] = ordered[:cfg.max]
             skips += [Skip(mb.label, f"backend {name} is full (haproxy.server_slots.max = {cfg.max})",
-                           mb.instance) for mb in ordered[cfg.max:]]
+                           mb.instance, "server_slots.max") for mb in ordered[cfg.max:]]
     return skips
 
 
@@ -2798,7 +2806,7 @@ def instances_from_azure(listing: AzureListing, cfg: AzureConfig,
             elif skipped is not None:
                 skipped.append(Skip(_printable(vid.rsplit("/", 1)[-1]), "its tags are not an object "
                                     "(as Azure lists them): it cannot be told whether it serves",
-                                    _printable(vid)))
+                                    _printable(vid), "tags"))
     return list(out.values())
 
 
@@ -5533,6 +5541,228 @@ def _retire(using: _InUse, successor: _InUse | None) -> None:
         using.server.server_close()
 
 
+# === Explain ===
+# --explain NAME|ID: one discovery and every target read and planned as --status does (no
+# write), then one instance's story: where it was found, each rule it passed or failed, its
+# service, its slot in each target, and a verdict.
+
+class _Remembered:
+    """A Source that keeps the discovery it returned: --explain reads every instance listed,
+    those the selection left out too."""
+
+    def __init__(self, source: Source):
+        self.source, self.discovery = source, Discovery(())
+
+    def discover(self) -> Discovery:
+        self.discovery = self.source.discover()
+        return self.discovery
+
+
+def explain(query: str, discovery: Discovery, reports: Sequence[CycleReport],
+            runs: Sequence[TargetRun], cfg: Config) -> dict[str, Any]:
+    """The story of the instance `query` names (its name or resource id, any case), as data:
+    "exit" 0 when it is served on every target, 1 when not, 2 when no instance or more than
+    one answers to it."""
+    q = query.strip().lower()
+    hits = [i for i in discovery.instances if q in _names_of(i.name, i.id)]
+    unreadable = [k for k in discovery.skipped if q in _names_of(k.instance, k.id)]
+    if len(hits) + len(unreadable) != 1:
+        return _not_found(query, [i.id for i in hits] + [k.id for k in unreadable],
+                          len(discovery.instances), cfg)
+    if unreadable:
+        skip = unreadable[0]
+        story = {"query": query, "found": True, "instance": {"name": skip.instance, "id": skip.id},
+                 "rules": [{"rule": "tags", "ok": False, "detail": skip.reason}], "targets": []}
+        return {**story, "served": False, "verdict": f"not served: {skip.reason}", "exit": EX_FAIL}
+    inst = hits[0]
+    rules = instance_rules(inst, cfg, [k for r in reports if r.plan for k in r.plan.skipped])
+    found = service_of(inst, cfg)
+    story = {"query": query, "found": True, "instance": _instance_facts(inst, cfg),
+             "tags": folded(inst.tags), "rules": rules, "service": None, "targets": []}
+    if isinstance(found, tuple):        # its slots, even when a rule fails: it may be draining
+        key, port, _ = found
+        story["service"] = {"service": key.name, "port": key.port, "region": key.region}
+        story["targets"] = [_slot_story(run, report, key, (inst.address, port))
+                            for run, report in zip(runs, reports)]
+    failed = next((r["detail"] for r in rules if r["ok"] is False), None)
+    return {**story, **_verdict(story["targets"], failed)}
+
+
+def _names_of(name: str, iid: str) -> tuple[str, ...]:
+    return name.lower(), iid.lower(), iid.rsplit("/", 1)[-1].lower()
+
+
+def _not_found(query: str, matches: Sequence[str], listed: int, cfg: Config) -> dict[str, Any]:
+    a = cfg.azure
+    scope = {"subscriptions": list(a.subscriptions), "resource_groups": list(a.resource_groups),
+             "cloud": a.cloud or a.resource_manager_url or "public", "source": a.source}
+    if matches:
+        verdict = f"{len(matches)} instances answer to {query!r}: name one by its resource id"
+    else:
+        verdict = (f"not found among the {listed} instances listed in subscription(s) "
+                   f"{', '.join(a.subscriptions)}, "
+                   + (f"resource group(s) {', '.join(a.resource_groups)}" if a.resource_groups
+                      else "every resource group")
+                   + f", cloud {scope['cloud']}: is it in another subscription, resource group or "
+                   "cloud? (Uniform scale-set instances are listed only for sets that carry the "
+                   f"{cfg.tags.service_name_tag} tag.)")
+    return {"query": query, "found": False, "matches": list(matches), "listed": scope,
+            "served": False, "verdict": verdict, "exit": EX_USAGE}
+
+
+def _instance_facts(inst: Instance, cfg: Config) -> dict[str, Any]:
+    parts = inst.id.split("/")
+    where = {k.lower(): v for k, v in zip(parts[1::2], parts[2::2])}
+    listing = {"vm": "the VM listing",
+               "flexible": "the VM listing (a Flexible scale-set member)",
+               "uniform": f"the instances of Uniform scale set {where.get('virtualmachinescalesets')}"}
+    source = "Resource Graph" if cfg.azure.source == "resource_graph" else "Resource Manager"
+    return {"name": inst.name, "id": inst.id, "kind": inst.kind, "region": inst.region,
+            "power_state": inst.power_state, "address": inst.address,
+            "listing": f"{listing[inst.kind]} ({source})",
+            "subscription": where.get("subscriptions"), "resource_group": where.get("resourcegroups")}
+
+
+def instance_rules(inst: Instance, cfg: Config, plan_skips: Sequence[Skip]) -> list[dict[str, Any]]:
+    """Each rule of the selection, in order, with whether `inst` passes it ("ok": True, False,
+    or None when an earlier rule of its tags decided and it was not checked) and why."""
+    t, tags, a = cfg.tags, folded(inst.tags), cfg.azure
+    name = tags.get(t.service_name_tag.lower())
+    rules = [("service-name tag", name is not None, f"{t.service_name_tag} = {_shown(name)}"
+              if name is not None else f"no {t.service_name_tag} tag: not an instance to serve")]
+    rules += _service_rules(service_of(inst, cfg) if name is not None else None, name is not None)
+    missing = [f"{k}={v}" for k, v in t.allowlist.items() if tags.get(k.lower()) != v]
+    present = [f"{k}={v}" for k, v in t.denylist.items() if tags.get(k.lower()) == v]
+    leaving = inst.power_state in LEAVING_STATES
+    stopped = a.running_only and inst.power_state != "running"
+    rules += [
+        ("allowlist", not missing, f"allowlist tag {missing[0]} missing" if missing
+         else "every allowlist tag present" if t.allowlist else "no allowlist"),
+        ("denylist", not present, f"denylist tag {present[0]}" if present
+         else "no denylist tag present" if t.denylist else "no denylist"),
+        ("power state", not (leaving or stopped), f"power state {inst.power_state}"
+         + (" (on its way out)" if leaving else " (azure.running_only)" if stopped else "")),
+        ("address", inst.address is not None, inst.address or no_address(a)),
+    ]
+    full = next((k for k in plan_skips if k.id == inst.id and k.rule == "server_slots.max"), None)
+    rules.append(("server_slots.max", full is None,
+                  full.reason if full else "within haproxy.server_slots.max"))
+    return [{"rule": r, "ok": ok, "detail": detail} for r, ok, detail in rules]
+
+
+def _service_rules(found: tuple | Skip | None, tagged: bool) -> list[tuple[str, bool | None, str]]:
+    """service_of's checks, in its order: the one that failed, those before it passed."""
+    rules = []
+    for rule in ("service name", "service port", "weight", "region"):
+        if not tagged or (rules and rules[-1][1] is not True):
+            rules.append((rule, None, "not checked"))
+        elif isinstance(found, Skip) and found.rule == rule:
+            rules.append((rule, False, found.reason))
+        else:
+            rules.append((rule, True, _passed(rule, found)))
+    return rules
+
+
+def _passed(rule: str, found: tuple | Skip | None) -> str:
+    if not isinstance(found, tuple):
+        return "valid"
+    key, port, weight = found
+    return {"service name": key.name, "service port": f"{key.port}" + (
+                f" (served on {port})" if port != key.port else ""),
+            "weight": "no weight tag" if weight is None else f"{weight}",
+            "region": key.region}[rule]
+
+
+def _slot_story(run: TargetRun, report: CycleReport, key: ServiceKey,
+                endpoint: tuple[str | None, int]) -> dict[str, Any]:
+    """Where one target holds the instance: the slot at its address in HAProxy (live or
+    draining), else the slot the next cycle would write it to, else nowhere."""
+    backend = backend_name(key, run.cfg.haproxy.backend)
+    entry: dict[str, Any] = {"target": report.target, "backend": backend, "slot": None,
+                             "state": "unknown" if report.failure else "missing"}
+    if report.failure is not None or not report.view:
+        return {**entry, "detail": report.error or "not read"}
+    view = next((b for t in report.view["targets"] for b in t["backends"]
+                 if b["backend"] == backend), {"servers": []})
+    slots = {v["slot"]: v for v in view["servers"]}
+    at = _endpoint({"address": endpoint[0], "port": endpoint[1]})
+    here = next((v for v in slots.values() if v.get("address") == at), None)
+    if here is None:
+        planned = next((b for b in report.plan.backends if b.name == backend), None) if report.plan else None
+        name = next((n for n, body in (planned.servers.items() if planned else ())
+                     if (body.get("address"), body.get("port")) == endpoint), None)
+        if name is None:
+            return {**entry, "detail": _no_slot(slots, service_haproxy(run.cfg, key.name))}
+        here = slots.get(name, {"slot": name, "state": "missing"})
+        entry["detail"] = f"not in HAProxy yet: the next cycle writes it to {name}"
+    entry.update(slot=here["slot"], state=here["state"])
+    for k in ("seconds_left", "drift"):
+        if k in here:
+            entry[k] = here[k]
+    return entry
+
+
+def _no_slot(slots: Mapping[str, Mapping[str, Any]], cfg: HAProxyConfig) -> str:
+    """Why a selected instance has no slot in a backend (`slots`: its view's, by name)."""
+    if len(slots) < cfg.server_slots.max:
+        return "not in HAProxy, and no cycle would put it there now"
+    draining = [n for n, v in slots.items() if v["state"] == "draining"]
+    return (f"waits for a slot: the backend has its {len(slots)} (haproxy.server_slots.max)"
+            + (f", {', '.join(draining)} draining" if draining else ""))
+
+
+def _verdict(targets: Sequence[Mapping[str, Any]], failed: str | None) -> dict[str, Any]:
+    """Served when every rule passed and every target holds it live; else why not: the first
+    rule it failed, and where it is not live (draining, with the seconds left)."""
+    live = [t for t in targets if t["state"] == "live"]
+    if failed is None and targets and len(live) == len(targets):
+        slots = sorted({t["slot"] for t in live})
+        on = " and ".join(t["target"] for t in live)
+        return {"served": True, "verdict": f"served by {', '.join(slots)} on {on}", "exit": EX_OK}
+    why = [failed] if failed else []
+    for t in targets:
+        if t["state"] == "draining":
+            left = t.get("seconds_left")
+            why.append(f"draining on {t['target']} ({t['slot']}"
+                       + (f", {left} s left)" if left is not None else ")"))
+        elif t["state"] != "live" and failed is None:
+            why.append(f"{t.get('detail') or t.get('drift') or t['state']} (on {t['target']})")
+    return {"served": False, "verdict": "not served: " + ("; ".join(why) or "not selected"),
+            "exit": EX_FAIL}
+
+
+def format_explain(story: Mapping[str, Any]) -> str:
+    """The story for people, one fact a line, the verdict last."""
+    if not story["found"]:
+        lines = [f"{story['query']}: {story['verdict']}"]
+        lines += [f"  {m}" for m in story["matches"]]
+        return "\n".join(lines) + "\n"
+    inst = story["instance"]
+    lines = [f"{inst['name']}  {inst['id']}"]
+    if "listing" in inst:
+        lines.append(f"  found in {inst['listing']}, subscription {inst['subscription']}, resource "
+                     f"group {inst['resource_group']}; region {inst['region']}, power state "
+                     f"{inst['power_state']}, address {inst['address'] or 'none'}")
+    if story.get("tags") is not None:
+        lines.append("  tags: " + (", ".join(f"{k}={v}" for k, v in sorted(story["tags"].items()))
+                                   or "none"))
+    for r in story["rules"]:
+        mark = {True: "ok", False: "FAIL", None: "-"}[r["ok"]]
+        lines.append(f"  {mark:<4} {r['rule']:<17} {r['detail']}")
+    if story.get("service"):
+        sv = story["service"]
+        lines.append(f"  service {sv['service']} port {sv['port']} in {sv['region']}")
+    for t in story["targets"]:
+        where = f"{t['slot']} {t['state']}" if t["slot"] else t["state"]
+        extra = [t[k] for k in ("drift", "detail") if t.get(k)]
+        if t.get("seconds_left") is not None:
+            extra.insert(0, f"{t['seconds_left']} s left")
+        lines.append(f"  target {t['target']}: backend {t['backend']}, {where}"
+                     + (f" ({'; '.join(extra)})" if extra else ""))
+    lines.append(f"verdict: {story['verdict']}")
+    return "\n".join(lines) + "\n"
+
+
 # === CLI ===
 class _VersionAction(argparse.Action):
     """--version: this program, and the Azure SDK packages found (read from their
@@ -5570,7 +5800,10 @@ def build_parser() -> argparse.ArgumentParser:
     mode.add_argument("--validate", action="store_true", help="check the configuration and exit")
     mode.add_argument("--status", action="store_true",
                       help="print discovery and HAProxy's backends side by side, differences marked; change nothing")
-    parser.add_argument("--json", action="store_true", help="with --status: print it as JSON")
+    mode.add_argument("--explain", metavar="NAME|ID",
+                      help="why one VM or scale-set instance is (not) served: its rules, its slot in "
+                           "each target, a verdict; change nothing (exit 0 served, 1 not, 2 not found)")
+    parser.add_argument("--json", action="store_true", help="with --status or --explain: print it as JSON")
     parser.add_argument("--log-level", choices=("DEBUG", "INFO", "WARNING", "ERROR"), type=str.upper,
                         help="override logging.level")
     parser.add_argument("--version", action=_VersionAction)
@@ -5612,8 +5845,8 @@ def parse_arguments(argv: Sequence[str] | None) -> argparse.Namespace | int:
     parser = build_parser()
     try:
         args = parser.parse_args(argv)
-        if args.json and not args.status:
-            parser.error("--json goes with --status")
+        if args.json and not (args.status or args.explain):
+            parser.error("--json goes with --status or --explain")
         if args.confirm_drain and not args.once:
             parser.error("--confirm-drain goes with --once")
     except SystemExit as exc:
@@ -5650,6 +5883,8 @@ def _command(args: argparse.Namespace, path: str, env: Mapping[str, str], signal
     signals.install()
     if args.status:
         return _run_status(cfg, env, args.json, signals.stop, say)
+    if args.explain:
+        return _run_explain(cfg, env, args.explain, args.json, signals.stop, say)
     if args.dry_run or args.once:
         return _once_or_dry_run(cfg, env, args.dry_run, signals.stop, say)
     return _run_daemon(args, path, env, signals, say)
@@ -5709,6 +5944,19 @@ def _run_status(cfg: Config, env: Mapping[str, str], as_json: bool, stop: StopFl
     view = combined_view([r.view for r in reports if r.view])
     say(json.dumps(view, indent=1, sort_keys=True) if as_json else format_status(view).rstrip("\n"), sys.stdout)
     return _failed(reports, len(runs) > 1, say)
+
+
+def _run_explain(cfg: Config, env: Mapping[str, str], query: str, as_json: bool, stop: StopFlag,
+                 say: Callable[..., None]) -> int:
+    """--explain: discover, read and plan every target as --status does, then tell one
+    instance's story (explain). Exit 0 served, 1 not served, 2 not found or ambiguous."""
+    runs = _targets(cfg, stop)
+    source = _Remembered(AzureSource(cfg, env))
+    reports = run_cycle(source, runs, stop, dry_run=True)
+    story = explain(query, source.discovery, reports, runs, cfg)
+    say(json.dumps(story, indent=1, sort_keys=True) if as_json else format_explain(story).rstrip("\n"),
+        sys.stdout)
+    return story["exit"]
 
 
 if __name__ == "__main__":  # pragma: no cover

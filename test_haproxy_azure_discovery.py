@@ -3777,3 +3777,142 @@ class TestOnce:
                 if s.get("maintenance") != "enabled"}
         assert live == {f"{arm.estate.find(n).public_ip}:8080" for n in ("vm-0000", "vm-0006")}
         assert arm.counts["vm_instance_view"] == (3 if source == "arm" else 0)   # vm-0000, -0002, -0006
+
+
+# The JSON form of --explain: what an operator's tooling may rely on.
+EXPLAIN_SCHEMA = {
+    "type": "object",
+    "required": ["query", "found", "served", "verdict", "exit"],
+    "properties": {
+        "query": {"type": "string"}, "found": {"type": "boolean"}, "served": {"type": "boolean"},
+        "verdict": {"type": "string", "minLength": 1}, "exit": {"enum": [0, 1, 2]},
+        "matches": {"type": "array", "items": {"type": "string"}},
+        "listed": {"type": "object", "required": ["subscriptions", "resource_groups", "cloud", "source"]},
+        "instance": {"type": "object", "required": ["name", "id"],
+                     "properties": {"kind": {"enum": ["vm", "flexible", "uniform"]},
+                                    "address": {"type": ["string", "null"]}}},
+        "tags": {"type": "object", "additionalProperties": {"type": "string"},
+                 "propertyNames": {"pattern": "^[^A-Z]*$"}},
+        "rules": {"type": "array", "items": {
+            "type": "object", "required": ["rule", "ok", "detail"], "additionalProperties": False,
+            "properties": {"rule": {"type": "string"}, "ok": {"type": ["boolean", "null"]},
+                           "detail": {"type": "string"}}}},
+        "service": {"type": ["object", "null"], "required": ["service", "port", "region"]},
+        "targets": {"type": "array", "items": {
+            "type": "object", "required": ["target", "backend", "slot", "state"],
+            "properties": {"slot": {"type": ["string", "null"]},
+                           "state": {"enum": ["live", "draining", "parked", "missing", "unknown"]},
+                           "seconds_left": {"type": ["integer", "null"]}}}},
+    },
+    "allOf": [{"if": {"properties": {"found": {"const": False}}},
+               "then": {"required": ["listed", "matches"], "properties": {"exit": {"const": 2}}},
+               "else": {"required": ["instance", "rules", "targets"]}},
+              {"if": {"properties": {"served": {"const": True}}},
+               "then": {"properties": {"exit": {"const": 0}}}}],
+}
+
+
+class TestExplain:
+    """--explain over a tricky estate through the real SDK and the emulator: a served VM, a
+    Uniform instance, a denylisted VM, a stopped one, a bad port tag, one past
+    server_slots.max, one draining, one not found."""
+
+    @pytest.fixture
+    def bed(self, tmp_path, arm, arm_config, dataplane, monkeypatch):
+        from fake_arm import make_estate, service_tags
+        arm.estate = make_estate(vms=6, uniform_sets=1, per_set=2, overrides={
+            "vm-0001": {"tags": {**service_tags("web", 8080), "Drain": "yes"}},
+            "vm-0002": {"power_state": "stopped"},
+            "vm-0003": {"tags": service_tags("web", "80a")}})
+        monkeypatch.setenv("DP_PASSWORD", dataplane.password)
+        raw = arm_config.raw(azure={"timeout": 30}, tags={"denylist": {"Drain": "yes"}},
+                             haproxy={"base_url": dataplane.url, "password": "${DP_PASSWORD}", "timeout": 5,
+                                      "server_slots": {"base": 2, "max": 4}})
+        path = write_config(tmp_path, raw)
+        assert m.main(["--once", "-c", path]) == 0
+        return path, dataplane
+
+    def start_drain(self, path, arm, dataplane, name):
+        """`name` leaves with a session open: its server drains. Its slot."""
+        slot = next(n for n, s in dataplane.backends[WEB]["servers"].items()
+                    if s.get("address") == arm.estate.find(name).private_ip)
+        dataplane.sessions[(WEB, slot)] = 1
+        arm.estate.update(name, power_state="deallocating")
+        assert m.main(["--once", "-c", path]) == 0
+        assert dataplane.admin_states == {(WEB, slot): "drain"}
+        return slot
+
+    def explain(self, path, query, capsys):
+        """(exit code, the text form, the JSON form, checked against EXPLAIN_SCHEMA)."""
+        import jsonschema
+        capsys.readouterr()
+        code = m.main(["--explain", query, "-c", path])
+        text = capsys.readouterr().out
+        assert m.main(["--explain", query, "--json", "-c", path]) == code
+        story = json.loads(capsys.readouterr().out)
+        jsonschema.validate(story, EXPLAIN_SCHEMA)
+        assert story["exit"] == code and text.rstrip("\n").splitlines()[-1].endswith(story["verdict"])
+        return code, text, story
+
+    def failed(self, story):
+        return [(r["rule"], r["detail"]) for r in story["rules"] if r["ok"] is False]
+
+    def test_each_verdict_and_exit_code(self, bed, arm, capsys):
+        path, dataplane = bed
+        version = dataplane.version
+        code, text, story = self.explain(path, "VM-0000", capsys)        # any case
+        slot = story["targets"][0]["slot"]
+        assert code == 0 and story["served"] and story["verdict"] == f"served by {slot} on {dataplane.url}"
+        assert story["instance"]["kind"] == "vm" and story["tags"]["haproxy:service:name"] == "web"
+        assert all(r["ok"] for r in story["rules"]) and story["targets"][0]["state"] == "live"
+        assert f"  ok   denylist          no denylist tag present" in text
+
+        code, _, story = self.explain(path, "uvmss-00_0", capsys)
+        assert code == 0 and story["instance"]["kind"] == "uniform"
+        assert "Uniform scale set uvmss-00" in story["instance"]["listing"]
+
+        code, _, story = self.explain(path, "vm-0001", capsys)
+        assert code == 1 and self.failed(story) == [("denylist", "denylist tag Drain=yes")]
+        assert story["verdict"] == "not served: denylist tag Drain=yes"
+
+        code, _, story = self.explain(path, "vm-0002", capsys)
+        assert code == 1 and self.failed(story) == [("power state", "power state stopped (azure.running_only)")]
+
+        code, _, story = self.explain(path, "vm-0003", capsys)
+        assert code == 1 and [r for r, _ in self.failed(story)] == ["service port"]
+        assert '"80a" is not a port' in story["verdict"]
+        assert [r["ok"] for r in story["rules"] if r["rule"] in ("weight", "region")] == [None, None]
+
+        # vm-0000, vm-0004, vm-0005 and uvmss-00_0 fill the 4 slots: the last by id is left out.
+        code, text, story = self.explain(path, "uvmss-00_1", capsys)
+        assert code == 1 and self.failed(story) == [
+            ("server_slots.max", f"backend {WEB} is full (haproxy.server_slots.max = 4)")]
+        assert dataplane.version == version            # nothing was written
+
+        draining_slot = self.start_drain(path, arm, dataplane, "vm-0005")
+        code, text, story = self.explain(path, "vm-0005", capsys)
+        (target,) = story["targets"]
+        assert code == 1 and (target["slot"], target["state"]) == (draining_slot, "draining")
+        assert story["verdict"] == (f"not served: power state deallocating (on its way out); "
+                                    f"draining on {dataplane.url} ({draining_slot})")
+        # Now within the maximum, uvmss-00_1 waits for the draining slot.
+        code, text, story = self.explain(path, "uvmss-00_1", capsys)
+        assert code == 1 and not self.failed(story) and story["verdict"] == (
+            f"not served: waits for a slot: the backend has its 4 (haproxy.server_slots.max), "
+            f"{draining_slot} draining (on {dataplane.url})")
+
+    def test_an_instance_not_found_names_the_scopes_listed(self, bed, capsys):
+        path, _ = bed
+        code, text, story = self.explain(path, "vm-9999", capsys)
+        assert code == 2 and not story["found"] and story["matches"] == []
+        assert story["listed"]["subscriptions"] == [SUB]
+        assert f"subscription(s) {SUB}, every resource group" in story["verdict"]
+        assert "another subscription, resource group or cloud" in text
+
+    def test_explain_by_resource_id(self, bed, arm, capsys):
+        path, _ = bed
+        vm = arm.estate.find("vm-0004")
+        rid = (f"/subscriptions/{vm.subscription}/resourceGroups/{vm.resource_group}"
+               f"/providers/Microsoft.Compute/virtualMachines/vm-0004").upper()
+        code, _, story = self.explain(path, rid, capsys)
+        assert code == 0 and story["instance"]["id"] == rid.lower()
