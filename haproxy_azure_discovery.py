@@ -417,9 +417,8 @@ def wait_any(flags: Sequence[Flag], seconds: float) -> Flag | None:
 # === Domain model ===
 class Instance(typing.NamedTuple):
     """One Azure VM or scale-set instance, as discovery saw it. Immutable like the frozen
-    dataclasses around it, but a named tuple, as Member: the join builds twenty thousand a
-    cycle at the largest estates, and a frozen dataclass's __init__ (a call per field) was a
-    seventh of its CPU."""
+    dataclasses around it, but a named tuple, as Member: the join builds one per instance
+    every cycle, and a frozen dataclass's __init__ costs a call per field (bench/RESULTS.md)."""
     id: str                      # lower-cased ARM resource id: the identity
     name: str                    # for people: printable (instances_from_azure escapes it)
     region: str
@@ -456,7 +455,7 @@ class ServiceKey(typing.NamedTuple):     # a dict key of every cycle: hashed in 
 class Member(typing.NamedTuple):
     """An instance selected to serve a service, at the address and port it serves on. Immutable
     like the frozen dataclasses around it, but a named tuple: one is built per instance every
-    cycle, and a frozen dataclass's __init__ (a call per field) costs five times a tuple's."""
+    cycle, and a frozen dataclass's __init__ costs a call per field."""
     instance: str                # instance id
     label: str                   # instance name, for people
     address: str
@@ -1340,11 +1339,11 @@ def collector_paused() -> Iterator[None]:
     """The cyclic garbage collector off for a block (or a decorated function), back on after
     it unless it was off before. For the cycle's bulk work, which allocates far more objects
     than the collector's thresholds and creates no reference cycles: the collector's passes
-    over everything alive (full ones included) then cost a quarter of it and free nothing.
-    An Azure discovery decodes tens of megabytes of JSON kept until the join (20,000
-    instances: 0.8-1.0 s of 3.3 s of CPU; a collection right after one finds no unreachable
-    object); the core builds members, slots and plans (10,000 instances: 40-80 ms of a cycle).
-    Reference counting frees everything meanwhile; the collector resumes after the block."""
+    over everything alive (full ones included) then cost much of it and free nothing (figures
+    in bench/RESULTS.md). An Azure discovery decodes tens of megabytes of JSON kept until the
+    join (a collection right after one finds no unreachable object); the core builds members,
+    slots and plans. Reference counting frees everything meanwhile; the collector resumes
+    after the block."""
     was_enabled = gc.isenabled()
     gc.disable()
     try:
@@ -2618,8 +2617,8 @@ def _listing_policies(credential: Any, scope: str, retry: Any, hook: Callable[[A
     policies that do nothing for a listing: content decoding (_PageTransport reads a page whole),
     resource-provider registration (acts on writes' 409 only), network trace, distributed tracing
     and HTTP logging (the SDK's loggers stay at WARNING, and INFO is where they speak), and the
-    proxy policy (the transport has the proxy). Each costs CPU on every page; together 15-20% of
-    the pipeline's with requests' transport (1.85-2.1 ms a 64 kB page, from 2.4)."""
+    proxy policy (the transport has the proxy). Each costs CPU on every page (bench/RESULTS.md
+    has what they cost together)."""
     from azure.core.pipeline import policies
     from azure.mgmt.core.policies import ARMChallengeAuthenticationPolicy
     # The same order as the client's own list; the user agent names this program before the SDK.
@@ -2737,9 +2736,8 @@ def nic_address(nic: Mapping, public_ips: Mapping[str, Mapping], cfg: AzureConfi
 
 def _valid_ip(address: Any, version: int) -> str | None:
     if version == 4:
-        # The C parser: a tenth of ipaddress's cost, and as strict (dotted quad, no
-        # leading zeros); twenty thousand addresses a cycle at the largest estates. It
-        # takes only the canonical dotted quad (glibc's and musl's both), so a string it
+        # The C parser: far cheaper than ipaddress, once per instance, and as strict (dotted
+        # quad, no leading zeros). It takes only the canonical dotted quad (glibc's and musl's both), so a string it
         # accepts is already what inet_ntop would write back: no round trip.
         try:
             socket.inet_pton(socket.AF_INET, address)
@@ -2761,7 +2759,8 @@ def _scale_set_of(instance_id: str) -> str:
 def _nics_by_vm(nics: Iterable[Mapping]) -> dict[str, list[Mapping]]:
     """NICs by the lower-cased id of their virtualMachine; a NIC listed twice (ids compared
     lower-cased) counts once, as first seen. (Here and in _power_states, _id and _props are
-    written out: over every NIC and every power state, their calls are a tenth of the join.)"""
+    written out: over every NIC and every power state, their calls cost more than the work in
+    them; bench/RESULTS.md has the join's figures.)"""
     by_vm: dict[str, list[Mapping]] = {}
     seen: set[str] = set()
     for nic in nics:
@@ -2895,7 +2894,6 @@ def impossible(listing: AzureListing, instances: Sequence[Instance], cfg: Config
 def _tags(raw: Mapping) -> dict[str, str] | None:
     """An item's tags as strings; {} without any; None when they are not an object."""
     tags = raw.get("tags")
-    # A comprehension: half the cost of dict(zip(map(...), map(...))) for an instance's few tags.
     if isinstance(tags, dict):
         return {str(k): str(v) for k, v in tags.items()}
     return {} if tags is None else None

@@ -37,7 +37,7 @@ EXAMPLE_ENV = {"AZURE_SUBSCRIPTION_ID": SUB, "DATAPLANE_PASSWORD": "s3cret-pass"
 WEB = "azure-web-8080-eastus"      # the backend of make_instance's default service
 
 
-# --- helpers -------------------------------------------------------------------------
+# === Test bed helpers ===
 def make_config(**sections) -> m.Config:
     """A valid Config; keyword arguments are sections merged over the minimum."""
     raw = {"azure": {"subscription_id": SUB}, "haproxy": {"password": "pw"}}
@@ -107,7 +107,7 @@ def spec_properties(defs, name) -> dict:
     return out
 
 
-# --- Configuration -------------------------------------------------------------------
+# === Configuration ===
 class TestConfig:
     def test_defaults_fill_every_key(self):
         cfg = make_config()
@@ -255,7 +255,7 @@ class TestConfig:
         assert any("Azure Resource Manager read quotas" in w for w in m.config_warnings(cfg))
 
 
-# --- Discovery: filter and group ---------------------------------------------------
+# === Discovery: filter and group ===
     @pytest.mark.parametrize("raw, problem", [
         ({"polling": {"interval_seconds": 86401}}, "polling.interval_seconds: must be at most 86400 s"),
         ({"polling": {"jitter_seconds": 1e9}}, "polling.jitter_seconds: must be at most 86400 s"),
@@ -861,7 +861,7 @@ class TestHostileNames:
                 for b in decision.plan.backends] == [True]
 
 
-# --- Slots and diff ------------------------------------------------------------------
+# === Slots and diff ===
 LINEAR = m.SlotsConfig(10, 1.5, "linear", m.MAX_SLOTS)
 EXPONENTIAL = m.SlotsConfig(10, 1.5, "exponential", m.MAX_SLOTS)
 
@@ -1119,7 +1119,7 @@ class TestSlots:
             "check": "disabled"}
 
 
-# --- Plan ----------------------------------------------------------------------------
+# === Slots and diff: plans, drains and the guard ===
 class TestPlan:
     def synced(self, instances, cfg=None):
         cfg = cfg or make_config()
@@ -1428,7 +1428,7 @@ class TestDraining:
         assert m.drain_wake(30, m.State(draining=drains), self.T + 60) == m.DRAIN_SLACK
 
 
-# --- Azure adapter -------------------------------------------------------------------
+# === Azure: what the listings mean ===
 EXAMPLES = os.path.join(HERE, "testing", "azure-examples")
 
 
@@ -1942,6 +1942,7 @@ class TestAzure:
         assert (m.vm_list_budget_warning(calls, interval) is not None) == warned
 
 
+# === Azure transport ===
 class TestPageTransport:
     """The listings' transport on its own, against loopback sockets that answer what Resource
     Manager's path can: a refusal, a cut-off body, a compressed page."""
@@ -2005,7 +2006,7 @@ class TestPageTransport:
         assert response.headers["x-ms-request-id"] == "r1"          # headers compare case-insensitively
 
 
-# --- Data Plane adapter and apply ------------------------------------------------------
+# === Data Plane API ===
 def dp_section(fake, **haproxy) -> dict:
     """The haproxy section for the emulator `fake`; keyword arguments are keys over it."""
     return {"base_url": fake.url, "username": fake.username, "password": fake.password, "timeout": 3, **haproxy}
@@ -2395,6 +2396,7 @@ def meddled(url, **haproxy):
                                             "timeout": 2, **haproxy}).haproxy)
 
 
+# === Data Plane transport ===
 class TestHostileDataPlane:
     """Whatever answers in the Data Plane API's place: redirects, proxies' HTML, truncated or
     mis-shaped JSON, a body trickled past the deadline, error bodies that echo secrets."""
@@ -2582,6 +2584,7 @@ class TestHostileDataPlane:
             assert PASSWORD[:4] not in str(err.value), (shape, str(err.value)[-40:])
 
 
+# === Data Plane API: hybrid mode and drains ===
 class TestHybrid:
     @pytest.mark.parametrize("limit, added, transactions", [(25, 3, 0), (2, 3, 1)])
     def test_runtime_writes_up_to_the_limit(self, dataplane, limit, added, transactions):
@@ -2746,7 +2749,7 @@ class TestDrainingDataPlane:
         assert h.servers(WEB)["srv2"] == "10.0.0.6:8080" and h.state.draining == {}
 
 
-# --- Logging -------------------------------------------------------------------------
+# === Logging ===
 class TestLogging:
     def capture(self, fmt="json", secrets=("hunter2-secret",)):
         stream = io.StringIO()
@@ -2790,7 +2793,7 @@ class TestLogging:
         assert out.count("***") >= 6
 
 
-# --- Cycle: the core's decisions against an in-memory Target ---------------------------
+# === Cycle: the core's decisions against an in-memory Target ===
 class MemoryTarget:
     """HAProxy as a dict behind the Target protocol: plans applied in memory; `conflicts`
     transactions fail with a conflict first (each moving the version, as a peer's commit does)."""
@@ -3027,7 +3030,7 @@ class TestTargetsCycle:
                         self.runs(("a", Stopping()), ("b", MemoryTarget())), stop)
 
 
-# --- Daemon loop ---------------------------------------------------------------------
+# === Daemon ===
 class ScriptedSource:
     """Discovery results (or exceptions) in order; the last repeats."""
     def __init__(self, *results):
@@ -3304,7 +3307,7 @@ class TestDelay:
         assert m.next_delay(failures, m.PollingConfig(), rand) == want
 
 
-# --- Operations: systemd notifications, metrics, health ------------------------------
+# === Metrics and health endpoint; systemd's notifications ===
 @pytest.fixture
 def notify_socket(tmp_path, monkeypatch):
     """A real datagram socket standing in for systemd's NOTIFY_SOCKET."""
@@ -3508,7 +3511,7 @@ class TestOperations:
             server.server_close()
 
 
-# --- CLI -----------------------------------------------------------------------------
+# === CLI ===
 BLOCK_SDK = "import sys; sys.modules['azure'] = None\nimport haproxy_azure_discovery as m\n"
 
 
@@ -3779,6 +3782,7 @@ class TestOnce:
         assert arm.counts["vm_instance_view"] == (3 if source == "arm" else 0)   # vm-0000, -0002, -0006
 
 
+# === Explain ===
 # The JSON form of --explain: what an operator's tooling may rely on.
 EXPLAIN_SCHEMA = {
     "type": "object",
