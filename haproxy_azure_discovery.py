@@ -1462,12 +1462,13 @@ def select_instances(instances: Iterable[Instance], cfg: Config
     # (tags, region) -> None, a Skip, or (port, weight, the list of the service's members)
     services: dict[tuple, tuple[int, int | None, list[Member]] | Skip | None] = {}
     filtering = bool(cfg.tags.allowlist or cfg.tags.denylist)     # tags_match is True otherwise
+    running_only = cfg.azure.running_only
     for inst in instances:
         iid, name, region, tags, address, power, _ = inst      # one unpacking, not nine lookups
         if iid in seen or (filtering and not tags_match(tags, cfg.tags)):
             continue
         seen.add(iid)
-        if power in LEAVING_STATES or (cfg.azure.running_only and power != "running"):
+        if power in LEAVING_STATES or (running_only and power != "running"):
             continue
         answer = (tuple(tags.items()), region)
         try:
