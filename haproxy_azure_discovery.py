@@ -5312,11 +5312,12 @@ class Signals:
 
 def next_delay(failures: int, cfg: PollingConfig, rand: float) -> float:
     """Seconds to sleep: the interval plus jitter after a success, else exponential
-    backoff from backoff_base_seconds, capped at max_backoff_seconds (rand in [0, 1))."""
+    backoff from backoff_base_seconds with up to 10% jitter, never past max_backoff_seconds
+    (rand in [0, 1))."""
     if failures == 0:
         return cfg.interval_seconds + rand * cfg.jitter_seconds
-    return min(cfg.max_backoff_seconds, cfg.backoff_base_seconds * 2 ** min(failures - 1, 30)) \
-        * (1 + 0.1 * rand)
+    backoff = cfg.backoff_base_seconds * 2 ** min(failures - 1, 30) * (1 + 0.1 * rand)
+    return min(cfg.max_backoff_seconds, backoff)
 
 
 # A cycle woken for a drain's end comes this long after it: never a moment early.

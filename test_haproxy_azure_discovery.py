@@ -3303,6 +3303,17 @@ class TestDelay:
     def test_next_delay(self, failures, rand, want):
         assert m.next_delay(failures, m.PollingConfig(), rand) == want
 
+    from hypothesis import given, settings
+    from hypothesis import strategies as st
+
+    @settings(max_examples=300, deadline=None, derandomize=True)
+    @given(failures=st.integers(1, 10**6), rand=st.floats(0, 1, exclude_max=True),
+           base=st.floats(0.001, 86400), extra=st.floats(0, 86400))
+    def test_backoff_never_exceeds_the_cap(self, failures, rand, base, extra):
+        """Jitter included, a backoff lies between the base and max_backoff_seconds."""
+        cfg = m.PollingConfig(backoff_base_seconds=base, max_backoff_seconds=min(86400, base + extra))
+        assert base <= m.next_delay(failures, cfg, rand) <= cfg.max_backoff_seconds
+
 
 # --- Operations: systemd notifications, metrics, health ------------------------------
 @pytest.fixture
