@@ -2080,6 +2080,11 @@ def utc(seconds: float) -> str:
     return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(seconds))
 
 
+def endpoint(address: Any, port: Any) -> str:
+    """address:port as people read it: an IPv6 address in brackets ([fd00::4]:8080)."""
+    return f"[{address}]:{port}" if ":" in str(address) else f"{address}:{port}"
+
+
 def format_plan(plan: Plan) -> str:
     """The plan as stable text: what --dry-run prints and the tests compare."""
     lines = []
@@ -2101,7 +2106,8 @@ def format_plan(plan: Plan) -> str:
     for h in plan.held:
         lines.append(f"held: {h} stays live (mass-drain guard)")
     for d in plan.draining:
-        lines.append(f"draining: {d.backend}/{d.server} {d.address}:{d.port} since {utc(d.since)}, "
+        where = endpoint(d.address, d.port)
+        lines.append(f"draining: {d.backend}/{d.server} {where} since {utc(d.since)}, "
                      f"parked by {utc(d.until)}")
     for r in plan.ready:
         lines.append(f"ready: {r} (its instance is back)")
@@ -2246,7 +2252,7 @@ def _endpoint(server: Mapping[str, Any] | None) -> str:
         return "?"
     if server.get("maintenance") == "enabled":
         return "parked"
-    return f"{server.get('address')}:{server.get('port')}"
+    return endpoint(server.get("address"), server.get("port"))
 
 
 def _label(change: ServerChange) -> str:
@@ -4792,7 +4798,8 @@ def _log_refused(refused: Mapping[str, str], groups: Mapping[ServiceKey, list[Me
     """One error line per refused backend, naming the instances that wait for it."""
     members = {backend_name(k, cfg.haproxy.backend): ms for k, ms in groups.items()}
     for name, error in sorted(refused.items()):
-        served = ", ".join(f"{m.label} ({m.address}:{m.port})" for m in members.get(name, [])) or "none"
+        served = ", ".join(f"{m.label} ({endpoint(m.address, m.port)})"
+                           for m in members.get(name, [])) or "none"
         log.error("backend %s refused by the Data Plane API, its writes are left out of this cycle "
                   "(retried next cycle): %s; instances: %s", name, error, served,
                   extra={"event": "backend_refused", "backend": name, "count": len(members.get(name, []))})
@@ -4918,8 +4925,8 @@ def _log_report(report: CycleReport, state: State) -> None:
                         len(plan.held), utc(state.drain_since), state.drain_streak,
                         extra={"event": "drain_held_summary", "count": len(plan.held)})
         for d in plan.draining:
-            log.info("server %s/%s (%s:%s) draining since %s, parked by %s at the latest", d.backend, d.server,
-                     d.address, d.port, utc(d.since), utc(d.until),
+            log.info("server %s/%s (%s) draining since %s, parked by %s at the latest", d.backend,
+                     d.server, endpoint(d.address, d.port), utc(d.since), utc(d.until),
                      extra={"event": "draining", "backend": d.backend, "server": d.server})
         for b in plan.backends:
             log.info("backend %s changed: %d servers", b.name, len(b.changes),

@@ -1419,6 +1419,35 @@ class TestDraining:
             m.format_status(view)
         assert m.backend_gauges(view)[("servers_draining", f'target="t",backend="{WEB}"')] == 1
 
+    def test_ipv6_servers_are_shown_in_brackets(self, caplog):
+        """Plan lines, the status table and the log lines of a drain and of a refused backend
+        write an IPv6 server as [ADDRESS]:PORT."""
+        six = [make_instance(i, address=f"fd00::{i}") for i in (1, 2, 3)]
+        actual, state, cfg = self.synced(six[:2], base=3)
+        d = run_plan([six[0], six[2]], actual, state, cfg, drain=30, now=self.T)
+        assert m.format_plan(d.plan).splitlines()[1:3] == [
+            "  ~ srv3 parked -> [fd00::3]:8080 (vm3)",
+            f"draining: {WEB}/srv2 [fd00::2]:8080 since 2027-01-15T08:00:00Z, "
+            "parked by 2027-01-15T08:00:30Z"]
+        groups, skipped = m.select_instances([six[0], six[2]], cfg)
+        seen = m.Seen(groups, skipped, m.fingerprint(groups))
+        view = m.status_view(seen, actual, d, cfg, "t", self.T)
+        rows = m.format_status(view).splitlines()
+        assert rows[4:] == [
+            "    srv1     live     [fd00::1]:8080         vm1",
+            "  ! srv2     live     [fd00::2]:8080         (no discovered instance)  "
+            "<- want draining (its instance left), then parked",
+            "  ! srv3     parked  <- want [fd00::3]:8080 (vm3)"]
+        with caplog.at_level(logging.INFO, logger="haproxy_azure_discovery"):
+            m._log_report(m.CycleReport(result="applied", plan=d.plan), m.State())
+            m._log_refused({WEB: "HTTP 422"}, groups, cfg)
+        lines = [r.getMessage() for r in caplog.records]
+        assert f"server {WEB}/srv2 ([fd00::2]:8080) draining since 2027-01-15T08:00:00Z, " \
+               "parked by 2027-01-15T08:00:30Z at the latest" in lines
+        refused = "instances: vm1 ([fd00::1]:8080), vm3 ([fd00::3]:8080)"
+        assert any(line.endswith(refused) for line in lines)
+        assert m.endpoint("10.0.0.4", 80) == "10.0.0.4:80"
+
     def test_wake_by_the_earliest_drain_deadline(self):
         drains = {WEB: {"srv2": m.Drain(WEB, "srv2", "a", 1, 0, self.T + 4),
                         "srv3": m.Drain(WEB, "srv3", "a", 1, 0, self.T + 9)}}
@@ -3638,6 +3667,27 @@ class TestOnce:
             """)
         assert dataplane.version == version and dataplane.backends == {}
         assert not [r for r in dataplane.requests if r.method != "GET"]
+
+    def test_dry_run_and_status_show_ipv6_servers_in_brackets(self, tmp_path, arm, arm_config,
+                                                              dataplane, monkeypatch, capsys):
+        from fake_arm import make_estate
+        arm.estate = make_estate(vms=2, ipv6_base="fd00::4")
+        monkeypatch.setenv("DP_PASSWORD", dataplane.password)
+        path = self.config(tmp_path, arm_config, dataplane, azure={"ip_version": "ipv6"})
+        assert m.main(["--dry-run", "-c", path]) == 0
+        assert capsys.readouterr().out.splitlines()[1:3] == [
+            "  + srv1 [fd00::4]:8080", "  + srv2 [fd00::5]:8080"]
+        assert m.main(["--once", "-c", path]) == 0
+        assert dataplane.server(WEB, "srv1")["address"] == "fd00::4"
+        capsys.readouterr()
+        assert m.main(["--status", "-c", path]) == 0
+        assert capsys.readouterr().out.splitlines()[4:6] == [
+            "    srv1     live     [fd00::4]:8080         vm-0000",
+            "    srv2     live     [fd00::5]:8080         vm-0001"]
+        assert m.main(["--status", "--json", "-c", path]) == 0
+        servers = json.loads(capsys.readouterr().out)["targets"][0]["backends"][0]["servers"]
+        assert [s.get("address") for s in servers] == [
+            "[fd00::4]:8080", "[fd00::5]:8080", None, None]
 
     def test_status_shows_both_sides_and_marks_drift(self, tmp_path, arm, arm_config, dataplane, monkeypatch, capsys):
         from fake_arm import make_estate
