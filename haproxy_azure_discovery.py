@@ -4879,14 +4879,38 @@ def _reconcile_into(run: TargetRun, p: Pass, report: CycleReport) -> None:
 
 
 def _target_failed(run: TargetRun, p: Pass, report: CycleReport, exc: Exception) -> None:
-    report.result, report.failure = "failed", exc
-    known = isinstance(exc, DiscoveryError)
-    report.error = str(exc) if known else f"unexpected {type(exc).__name__}: {exc}"
+    """A target's failure in its report; a bug's traceback is logged where it happened (the
+    caller logs the cycle_failed record, which knows what comes next)."""
+    report.result, report.failure, report.error = "failed", exc, failure_text(exc)
     report.view = {"discovery": discovery_view(p.seen.groups, p.seen.skipped, run.cfg),
                    "targets": [{"target": run.name, "ok": False, "error": report.error}]}
-    if not known:
+    if not isinstance(exc, DiscoveryError):
         log.exception("cycle failed unexpectedly",
-                      extra={"event": "cycle_failed", "failures": run.failures + 1, "target": run.name})
+                      extra={"event": "unexpected_error", "target": run.name})
+
+
+def failure_text(exc: BaseException) -> str:
+    """Why a cycle failed, in one line: the message of an error the program expects, else
+    the bug's type and message."""
+    if isinstance(exc, DiscoveryError):
+        return str(exc)
+    return f"unexpected {type(exc).__name__}: {exc}"
+
+
+def log_cycle_failed(error: str, failures: int = 0, target: str = "",
+                     next_try: float | None = None) -> None:
+    """The cycle_failed record: why, how many cycles in a row (the daemon), the target that
+    failed alone, and (the daemon) the seconds until the next try."""
+    fields: dict[str, Any] = {"event": "cycle_failed"}
+    if failures:
+        fields["failures"] = failures
+    if target:
+        fields["target"] = target
+    then = ""
+    if next_try is not None:
+        fields["next_try_in_seconds"] = round(next_try, 1)
+        then = f"; next try in {round(next_try, 1):g} s"
+    log.warning("cycle failed: %s%s", error, then, extra=fields)
 
 
 def one_cycle(cfg: Config, source: Source, dp: Target, state: State, stop: StopFlag,
@@ -5385,7 +5409,7 @@ class Daemon:
         and jitter (less when a drain's time is up sooner), or the backoff while every
         target fails. None when a shutdown cut it short."""
         self.notifier.keepalive()
-        due = _due(self.using.runs, self.clocks.monotonic())
+        due, failed = _due(self.using.runs, self.clocks.monotonic()), None
         try:
             self.reports = run_cycle(self.using.source, due, stop, memory=self.using.memory,
                                      clocks=self.clocks)
@@ -5393,29 +5417,37 @@ class Daemon:
             log.info("cycle aborted for shutdown", extra={"event": "shutdown"})
             return None
         except Exception as exc:  # the daemon outlives bugs; they are logged whole
-            self.reports = _discovery_failed(exc, due)
+            self.reports, failed = _discovery_failed(exc, due), exc
         self.cycles += 1
-        delay = self._delay(due)
+        delay = self._delay(due, failed)
         self.metrics.record(self.reports, self.clocks.wall())
         first = self.cycles == 1 and not self.notifier.ready     # else READY came with the start budget
         self.notifier.notify("WATCHDOG=1\nSTATUS=" + _status(self.reports, self.using.runs, first),
                              ready=True)
         return delay
 
-    def _delay(self, due: Sequence[TargetRun]) -> float:
-        """Each target's backoff after this cycle, and the sleep before the next."""
+    def _delay(self, due: Sequence[TargetRun], failed: Exception | None = None) -> float:
+        """Each target's backoff after this cycle, and the sleep before the next; the
+        cycle_failed records (one for a failed discovery, `failed`, else one per failed
+        target), each with its next try: a failed target's comes with the first cycle after
+        its backoff (the loop wakes for it only while every target fails)."""
         now, runs = self.clocks.monotonic(), self.using.runs
         for run, report in zip(due, self.reports):
             run.failures = run.failures + 1 if report.result == "failed" else 0
             run.due = now + next_delay(run.failures, run.cfg.polling, self._rand()) if run.failures else 0.0
-            if isinstance(report.failure, DiscoveryError):     # (a bug was logged whole already)
-                log.warning("cycle failed: %s", report.error,
-                            extra={"event": "cycle_failed", "failures": run.failures, "target": run.name})
         if any(not run.failures for run in runs):
             delay = max(next_delay(0, self.using.cfg.polling, self._rand()), self.reports[0].azure_wait)
             wall = self.clocks.wall()
-            return min(drain_wake(delay, run.state, wall) for run in runs if not run.failures)
-        return max(0.0, round(min(run.due for run in runs) - now, 6))
+            delay = min(drain_wake(delay, run.state, wall) for run in runs if not run.failures)
+        else:
+            delay = max(0.0, round(min(run.due for run in runs) - now, 6))
+        if failed is not None:
+            log_cycle_failed(failure_text(failed), due[0].failures,
+                             next_try=max(delay, min(run.due for run in due) - now))
+        for run, report in zip(due, self.reports):
+            if report.failure is not None:
+                log_cycle_failed(report.error, run.failures, run.name, max(delay, run.due - now))
+        return delay
 
     def reload(self) -> None:
         """SIGHUP: a re-read configuration wholly in use, with all state forgotten, or (with
@@ -5482,15 +5514,13 @@ class Daemon:
 
 
 def _discovery_failed(exc: Exception, due: Sequence[TargetRun]) -> list[CycleReport]:
-    """A failed cycle's reports: every target it was for failed with it."""
+    """A failed cycle's reports: every target it was for failed with it. A bug's traceback is
+    logged here (Daemon._delay logs the cycle_failed record)."""
     known = isinstance(exc, DiscoveryError)
-    reports = [CycleReport(target=run.name, error=str(exc) if known else "unexpected error") for run in due]
-    if known:
-        log.warning("cycle failed: %s", exc, extra={"event": "cycle_failed", "failures": due[0].failures + 1})
-    else:
-        log.exception("cycle failed unexpectedly",
-                      extra={"event": "cycle_failed", "failures": due[0].failures + 1})
-    return reports
+    if not known:
+        log.exception("cycle failed unexpectedly", extra={"event": "unexpected_error"})
+    return [CycleReport(target=run.name, error=str(exc) if known else "unexpected error")
+            for run in due]
 
 
 def _due(runs: Sequence[TargetRun], now: float) -> list[TargetRun]:

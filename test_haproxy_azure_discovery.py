@@ -3100,6 +3100,18 @@ class TestLoop:
         daemon = m.Daemon(lambda: cfg, lambda c: source, lambda c: EmptyDataPlane(), rand=lambda: 0.0)
         assert steps(daemon, 7) == [5, 10, 20, 30, 5, 30]
 
+    def test_a_failure_record_says_when_the_next_try_comes(self, caplog):
+        fail = m.AzureError("listing failed")
+        source = ScriptedSource(fail, fail, m.Discovery(()))
+        cfg = make_config(polling={"jitter_seconds": 0})
+        daemon = m.Daemon(lambda: cfg, lambda c: source, lambda c: EmptyDataPlane(),
+                          rand=lambda: 0.0)
+        assert steps(daemon, 3) == [5, 10]
+        failed = [r for r in caplog.records if getattr(r, "event", "") == "cycle_failed"]
+        assert [(r.getMessage(), r.failures, r.next_try_in_seconds) for r in failed] == [
+            ("cycle failed: listing failed; next try in 5 s", 1, 5),
+            ("cycle failed: listing failed; next try in 10 s", 2, 10)]
+
     def test_unexpected_errors_are_logged_and_the_loop_goes_on(self, caplog):
         source = ScriptedSource(KeyError("bug"), m.Discovery(()))
         daemon = m.Daemon(make_config, lambda c: source, lambda c: EmptyDataPlane(), rand=lambda: 0.0)
@@ -3277,6 +3289,36 @@ class TestTargetBackoff:
         daemon = m.Daemon(lambda: only_b, lambda c: ScriptedSource(m.Discovery(())),
                           lambda c: FailingB(c.haproxy.base_url), clocks=clocks, rand=lambda: 0.0)
         assert steps(daemon, 4, sleep) == [5, 10, 20]     # every target failing: the backoff is the sleep
+
+    def test_a_failing_targets_next_try_comes_with_the_next_cycle_after_its_backoff(self, caplog):
+        """b fails (a DataPlaneError, then a bug) beside a healthy a: b's backoff is 5 s, then
+        10 s, but the next cycle comes after a's interval: the records say so."""
+        cfg = make_config(polling={"jitter_seconds": 0}, haproxy={"password": "p", "targets": [
+            {"base_url": "http://a:5555"}, {"base_url": "http://b:5555"}]})
+        errors = [m.DataPlaneError("refused"), KeyError("bug")]
+
+        class FailingB(EmptyDataPlane):
+            def __init__(self, url):
+                self.url = url
+
+            def version(self):
+                if "b" in self.url:
+                    raise errors.pop(0)
+                return super().version()
+        now = [0.0]
+
+        def sleep(seconds):
+            now[0] += seconds
+        daemon = m.Daemon(lambda: cfg, lambda c: ScriptedSource(m.Discovery(())),
+                          lambda c: FailingB(c.haproxy.base_url),
+                          clocks=m.Clocks(monotonic=lambda: now[0]), rand=lambda: 0.0)
+        assert steps(daemon, 2, sleep) == [30]
+        failed = [r for r in caplog.records if getattr(r, "event", "") == "cycle_failed"]
+        assert [(r.getMessage(), r.target, r.failures, r.next_try_in_seconds) for r in failed] == [
+            ("cycle failed: refused; next try in 30 s", "http://b:5555", 1, 30),
+            ("cycle failed: unexpected KeyError: 'bug'; next try in 30 s", "http://b:5555", 2, 30)]
+        bugs = [r for r in caplog.records if getattr(r, "event", "") == "unexpected_error"]
+        assert len(bugs) == 1 and bugs[0].exc_info and bugs[0].target == "http://b:5555"
 
     def test_status_names_each_target(self):
         runs = [self.run("hap-1"), self.run("hap-2", 3), self.run("hap-3", 1)]
