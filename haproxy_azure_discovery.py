@@ -5710,13 +5710,22 @@ def _run_daemon(args: argparse.Namespace, path: str, env: Mapping[str, str], sig
 def _once_or_dry_run(cfg: Config, env: Mapping[str, str], dry_run: bool, stop: StopFlag,
                      say: Callable[[str], None]) -> int:
     """--once and --dry-run: one cycle over every target; the plans (dry run) on stdout.
-    A failed discovery raises; a failed target is one error line, and exit 1."""
+    A failed discovery raises; a failed target is one error line, and exit 1. A failed
+    --once is logged as the daemon logs it (cycle_failed), besides the error line."""
     runs = _targets(cfg, stop)
-    reports = run_cycle(AzureSource(cfg, env, stop), runs, stop, dry_run=dry_run)
+    try:
+        reports = run_cycle(AzureSource(cfg, env, stop), runs, stop, dry_run=dry_run)
+    except Exception as exc:
+        # A shutdown is no failure, nor a missing Azure SDK (69) or configuration (78) a cycle's.
+        if not dry_run and not stop.is_set() and getattr(exc, "exit_code", EX_FAIL) == EX_FAIL:
+            log_cycle_failed(failure_text(exc))
+        raise
     for report in reports:
         if dry_run and report.plan is not None:
             head = f"target {report.target}:\n" if len(runs) > 1 else ""
             say(head + format_plan(report.plan).rstrip("\n"), sys.stdout)
+        elif report.failure is not None and not dry_run:
+            log_cycle_failed(report.error, target=report.target)
     return _failed(reports, len(runs) > 1, say)
 
 

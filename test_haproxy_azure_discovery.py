@@ -3810,6 +3810,27 @@ class TestOnce:
         assert err[-1].startswith("error: listing network interfaces of subscription") and "HTTP 500" in err[-1]
         assert dataplane.backends == {}
 
+    @pytest.mark.parametrize("where", ["azure", "dataplane"])
+    def test_a_failed_once_logs_cycle_failed_before_its_error_line(self, tmp_path, arm, arm_config,
+                                                                    dataplane, monkeypatch, capsys,
+                                                                    where):
+        """JSON logs: a failed discovery, or a failed target, is a cycle_failed record as in the
+        daemon (no next try: --once has none), then the plain error line."""
+        from fake_dataplane import PATH_VERSION
+        monkeypatch.setenv("DP_PASSWORD", dataplane.password)
+        if where == "azure":
+            arm.add_fault("500", endpoint="nics", times=None)
+        else:
+            dataplane.add_fault("GET", PATH_VERSION, status=500, message="boom", times=None)
+        assert m.main(["--once", "-c", self.config(tmp_path, arm_config, dataplane)]) == 1
+        *logged, last = capsys.readouterr().err.splitlines()
+        failed = [r for r in map(json.loads, logged) if r["event"] == "cycle_failed"]
+        assert len(failed) == 1 and failed[0]["level"] == "warning"
+        assert last.startswith("error: ")
+        assert failed[0]["msg"] == "cycle failed: " + last[len("error: "):]
+        assert "next_try_in_seconds" not in failed[0] and "next try" not in failed[0]["msg"]
+        assert failed[0].get("target") == (None if where == "azure" else dataplane.url)
+
     def test_sigterm_during_once_leaves_no_transaction(self, tmp_path, arm, arm_config, dataplane):
         from fake_arm import make_estate
         arm.estate = make_estate(vms=2)
