@@ -4476,6 +4476,8 @@ class CycleReport:
     ignored: list[str] = field(default_factory=list)    # fields found not kept this cycle (_end_write_loops)
     behind: ReloadFailed | None = None     # the reload HAProxy still owes after the cycle
     held_since: float | None = None        # since when the mass-drain guard holds servers (wall clock)
+    drift: dict[str, list[str]] = field(default_factory=dict)   # backend -> what HAProxy held
+                                           # differently from what this program wrote (drifted)
 
 
 @dataclass(frozen=True)
@@ -4555,8 +4557,10 @@ def _attempt(run: "TargetRun", p: Pass, report: CycleReport, attempt: int) -> Pl
     version = target.version()
     if state.debt is not None and not p.dry_run:
         version = _pay_debt(target, state, version, p.stop, report)
-    if attempt == 1 and not p.dry_run and state.fingerprint == p.seen.fingerprint \
-            and version == state.version and not state.draining:
+    # The discovery our last cycle left HAProxy settled with, and no drain under way: whatever
+    # the plan changes now was changed in HAProxy by someone else (drift), not by Azure.
+    same = state.fingerprint == p.seen.fingerprint and not state.draining
+    if attempt == 1 and not p.dry_run and same and version == state.version:
         report.result = "steady"
         return None
     cfg = without_fields(run.cfg, state.unkept)
@@ -4573,11 +4577,19 @@ def _attempt(run: "TargetRun", p: Pass, report: CycleReport, attempt: int) -> Pl
     except ReloadFailed as exc:
         state.debt, report.reload_failures = exc, report.reload_failures + 1
         raise
+    report.drift = drifted(decision.plan, look.actual) if same else {}
     _runtime_states(decision.plan, target, report)
     _record(decision, new_version, state, report)
     state.rewrites = rewrites
     _conclude(run, p, look, decision, sessions, report)
     return decision.plan
+
+
+def drifted(plan: Plan, actual: Mapping[str, BackendState]) -> dict[str, list[str]]:
+    """For each backend of `plan`, what HAProxy held differently from it: "backend" (gone),
+    "backend.KEY", "server.KEY" (of a server updated), "add.NAME" or "delete.NAME"."""
+    return {b.name: sorted(_differing(b.wanted, actual[b.name].fields, b.changes))
+            if b.name in actual else ["backend"] for b in plan.backends}
 
 
 def _guard_rewrites(run: "TargetRun", p: Pass, look: _Look, decision: "Decision",
@@ -4933,6 +4945,22 @@ def _log_skips(report: CycleReport, state: State) -> None:
     state.skipped = frozenset(reasons)
 
 
+def _log_backends(plan: Plan, drift: Mapping[str, list[str]]) -> None:
+    """One line per backend written: a change in discovery, or drift repaired (`drift`)."""
+    for b in plan.backends:
+        if b.name not in drift:
+            log.info("backend %s changed: %d servers", b.name, len(b.changes),
+                     extra={"event": "backend_changed", "backend": b.name, "count": len(b.changes),
+                            "slots": b.slots, "live": b.live})
+            continue
+        servers = [c.name for c in b.changes]
+        log.warning("backend %s differed from what was written (%s%s), with no change in Azure: "
+                    "repaired", b.name, ", ".join(drift[b.name]),
+                    f"; servers {', '.join(servers)}" if servers else "",
+                    extra={"event": "drift_repaired", "backend": b.name, "fields": drift[b.name],
+                           "servers": servers, "count": len(servers)})
+
+
 def _log_report(report: CycleReport, state: State) -> None:
     plan = report.plan
     if plan is not None:
@@ -4952,10 +4980,7 @@ def _log_report(report: CycleReport, state: State) -> None:
             log.info("server %s/%s (%s) draining since %s, parked by %s at the latest", d.backend,
                      d.server, endpoint(d.address, d.port), utc(d.since), utc(d.until),
                      extra={"event": "draining", "backend": d.backend, "server": d.server})
-        for b in plan.backends:
-            log.info("backend %s changed: %d servers", b.name, len(b.changes),
-                     extra={"event": "backend_changed", "backend": b.name, "count": len(b.changes),
-                            "slots": b.slots, "live": b.live})
+        _log_backends(plan, report.drift)
     log.info("cycle %s", report.result,
              extra={"event": "cycle", "target": report.target, "result": report.result, "instances": report.instances,
                     "skipped": report.skipped, "azure_requests": report.azure_requests,

@@ -2181,6 +2181,46 @@ class TestDataPlane:
         h.cycle(estate)
         assert h.servers(WEB)["srv1"] == "10.0.0.5:8080" and h.servers(WEB)["srv5"] == "parked"
 
+    def test_drift_repair_is_logged_as_such_naming_what_differed(self, dataplane, caplog):
+        """A write with no change in Azure since HAProxy was last left as planned is drift
+        repaired (drift_repaired, naming the fields); a change in discovery is backend_changed,
+        and so is the first write after a restart (nothing to compare with)."""
+        h = Harness(dataplane)
+        estate = [make_instance(i) for i in (1, 2, 3)]
+        said = []
+
+        def events():
+            records = [r for r in caplog.records
+                       if getattr(r, "event", "") in ("drift_repaired", "backend_changed")]
+            said.extend(r.getMessage() for r in records if r.event == "drift_repaired")
+            caplog.clear()
+            return [(r.event, getattr(r, "fields", None), getattr(r, "servers", None))
+                    for r in records]
+        with caplog.at_level(logging.INFO, logger="haproxy_azure_discovery"):
+            h.cycle(estate)
+            assert events() == [("backend_changed", None, None)]
+            dataplane.edit_server(WEB, "srv1", address="10.9.9.9")
+            dataplane.edit_server(WEB, "srv5", maintenance="disabled", address="10.9.9.8")
+            assert h.cycle(estate).result == "applied"
+            assert events() == [("drift_repaired", ["server.address", "server.maintenance"],
+                                 ["srv1", "srv5"])]
+            assert said == [f"backend {WEB} differed from what was written (server.address, "
+                            "server.maintenance; servers srv1, srv5), with no change in Azure: "
+                            "repaired"]
+            assert h.cycle(estate).result == "steady" and events() == []
+            dataplane.edit_server(WEB, "srv2", maintenance="enabled")
+            assert h.cycle([*estate, make_instance(4)]).result == "applied"     # Azure changed too
+            assert events() == [("backend_changed", None, None)]
+            dataplane.edit_server(WEB, "srv2", maintenance="enabled")
+            h.state = m.State()                                             # a restart
+            h.cycle([*estate, make_instance(4)])
+            assert events() == [("backend_changed", None, None)]
+            dataplane.sessions[(WEB, "srv4")] = 1                  # vm4 leaves: srv4 drains ...
+            assert h.cycle(estate).result == "draining" and events() == []
+            later = time.time() + 60                               # ... and is parked in time
+            assert h.cycle(estate, clock=lambda: later).result == "applied"
+            assert events() == [("backend_changed", None, None)]
+
     def test_foreign_backends_and_servers_are_left_alone(self, dataplane):
         dataplane.seed({"be_static": {"mode": "http", "servers": {"s1": {"address": "10.1.1.1", "port": 80}}}})
         h = Harness(dataplane)
