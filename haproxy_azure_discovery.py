@@ -5736,7 +5736,8 @@ def _once_or_dry_run(cfg: Config, env: Mapping[str, str], dry_run: bool, stop: S
                      say: Callable[[str], None]) -> int:
     """--once and --dry-run: one cycle over every target; the plans (dry run) on stdout.
     A failed discovery raises; a failed target is one error line, and exit 1. A failed
-    --once is logged as the daemon logs it (cycle_failed), besides the error line."""
+    --once is logged as the daemon logs it (cycle_failed), besides the error line. A --once
+    that serves no instance while some carry the service tags (all skipped) exits 1 too."""
     runs = _targets(cfg, stop)
     try:
         reports = run_cycle(AzureSource(cfg, env, stop), runs, stop, dry_run=dry_run)
@@ -5751,7 +5752,12 @@ def _once_or_dry_run(cfg: Config, env: Mapping[str, str], dry_run: bool, stop: S
             say(head + format_plan(report.plan).rstrip("\n"), sys.stdout)
         elif report.failure is not None and not dry_run:
             log_cycle_failed(report.error, target=report.target)
-    return _failed(reports, len(runs) > 1, say)
+    code, seen = _failed(reports, len(runs) > 1, say), reports[0]
+    if not dry_run and seen.skipped and not seen.instances:   # tagged instances, and none served
+        say(f"error: every one of the {seen.skipped} tagged instances was skipped; "
+            "see the warnings above")
+        return EX_FAIL
+    return code
 
 
 def _targets(cfg: Config, stop: Flag) -> list[TargetRun]:

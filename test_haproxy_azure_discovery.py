@@ -3871,6 +3871,26 @@ class TestOnce:
         assert "next_try_in_seconds" not in failed[0] and "next try" not in failed[0]["msg"]
         assert failed[0].get("target") == (None if where == "azure" else dataplane.url)
 
+    @pytest.mark.parametrize("tagged, code", [(True, 1), (False, 0)])
+    def test_once_exits_1_when_every_tagged_instance_was_skipped(self, tmp_path, arm, arm_config,
+                                                                 dataplane, monkeypatch, capsys,
+                                                                 tagged, code):
+        """Two tagged VMs, both with a bad port tag: none is served, exit 1 with an error line
+        after the warnings. Nothing tagged at all is an empty estate: exit 0."""
+        from fake_arm import make_estate
+        tags = {"HAProxy:Service:Name": "web", "HAProxy:Service:Port": "80x"} if tagged else {}
+        arm.estate = make_estate(vms=2, overrides={f"vm-000{i}": {"tags": tags} for i in (0, 1)})
+        monkeypatch.setenv("DP_PASSWORD", dataplane.password)
+        assert m.main(["--once", "-c", self.config(tmp_path, arm_config, dataplane)]) == code
+        *logged, last = capsys.readouterr().err.splitlines()
+        skips = [r for r in map(json.loads, logged) if r["event"] == "skip"]
+        assert len(skips) == 2 * tagged
+        if tagged:
+            assert last == ("error: every one of the 2 tagged instances was skipped; "
+                            "see the warnings above")
+        else:
+            assert json.loads(last)["event"] == "cycle"
+
     def test_sigterm_during_once_leaves_no_transaction(self, tmp_path, arm, arm_config, dataplane):
         from fake_arm import make_estate
         arm.estate = make_estate(vms=2)
