@@ -5304,9 +5304,9 @@ def sd_notify(message: str, env: Mapping[str, str] | None = None) -> bool:
 
 
 class Notifier:
-    """systemd notifications from any thread: READY=1 once, and WATCHDOG=1 whenever work
+    """systemd notifications from any thread: READY=1 once, WATCHDOG=1 whenever work
     progresses (after every Azure page, at each cycle's start, in the sleep), so that only
-    a real hang starves the watchdog, however slow Azure is."""
+    a real hang starves the watchdog, however slow Azure is, and STOPPING=1 on the way out."""
 
     def __init__(self, env: Mapping[str, str] | None = None):
         self.env = os.environ if env is None else env
@@ -5514,6 +5514,8 @@ class Daemon:
                     signals.sleep(delay, self.notifier)
         finally:
             budget.cancel()
+            if signals.stop.is_set():      # systemd shows the unit deactivating from here on
+                self.notifier.notify("STOPPING=1\nSTATUS=stopping")
             self.close()
         log.info("stopped", extra={"event": "stopped", "cycles": self.cycles})
         return EX_OK
