@@ -3422,7 +3422,8 @@ class TestDelay:
            base=st.floats(0.001, 86400), extra=st.floats(0, 86400))
     def test_backoff_never_exceeds_the_cap(self, failures, rand, base, extra):
         """Jitter included, a backoff lies between the base and max_backoff_seconds."""
-        cfg = m.PollingConfig(backoff_base_seconds=base, max_backoff_seconds=min(86400, base + extra))
+        cfg = m.PollingConfig(backoff_base_seconds=base,
+                              max_backoff_seconds=min(86400, base + extra))
         assert base <= m.next_delay(failures, cfg, rand) <= cfg.max_backoff_seconds
 
 
