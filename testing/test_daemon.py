@@ -425,7 +425,8 @@ def test_the_daemon_makes_two_failed_reloads_good_and_shows_the_debt_meanwhile(d
         status, body = _get(f"http://127.0.0.1:{port}/healthz")
         seen["health"].add((status, body.strip()))
         metrics = _get(f"http://127.0.0.1:{port}/metrics")[1]
-        seen["behind"].update(line for line in metrics.splitlines() if "haproxy_config_behind" in line)
+        seen["behind"].update(line for line in metrics.splitlines()
+                              if "haproxy_config_behind" in line and not line.startswith("#"))
         return bed.events("config_caught_up")
     wait_for(watch, 60, "the debt made good")
     wait_for(lambda: watch() and any("haproxy_config_behind" in x and x.endswith(" 0") for x in seen["behind"]),
