@@ -2088,6 +2088,11 @@ def utc(seconds: float) -> str:
     return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(seconds))
 
 
+def endpoint(address: Any, port: Any) -> str:
+    """address:port as people read it: an IPv6 address in brackets ([fd00::4]:8080)."""
+    return f"[{address}]:{port}" if ":" in str(address) else f"{address}:{port}"
+
+
 def format_plan(plan: Plan) -> str:
     """The plan as stable text: what --dry-run prints and the tests compare."""
     lines = []
@@ -2109,7 +2114,8 @@ def format_plan(plan: Plan) -> str:
     for h in plan.held:
         lines.append(f"held: {h} stays live (mass-drain guard)")
     for d in plan.draining:
-        lines.append(f"draining: {d.backend}/{d.server} {d.address}:{d.port} since {utc(d.since)}, "
+        where = endpoint(d.address, d.port)
+        lines.append(f"draining: {d.backend}/{d.server} {where} since {utc(d.since)}, "
                      f"parked by {utc(d.until)}")
     for r in plan.ready:
         lines.append(f"ready: {r} (its instance is back)")
@@ -2254,7 +2260,7 @@ def _endpoint(server: Mapping[str, Any] | None) -> str:
         return "?"
     if server.get("maintenance") == "enabled":
         return "parked"
-    return f"{server.get('address')}:{server.get('port')}"
+    return endpoint(server.get("address"), server.get("port"))
 
 
 def _label(change: ServerChange) -> str:
@@ -4477,6 +4483,8 @@ class CycleReport:
     ignored: list[str] = field(default_factory=list)    # fields found not kept this cycle (_end_write_loops)
     behind: ReloadFailed | None = None     # the reload HAProxy still owes after the cycle
     held_since: float | None = None        # since when the mass-drain guard holds servers (wall clock)
+    drift: dict[str, list[str]] = field(default_factory=dict)   # backend -> what HAProxy held
+                                           # differently from what this program wrote (drifted)
 
 
 @dataclass(frozen=True)
@@ -4556,8 +4564,10 @@ def _attempt(run: "TargetRun", p: Pass, report: CycleReport, attempt: int) -> Pl
     version = target.version()
     if state.debt is not None and not p.dry_run:
         version = _pay_debt(target, state, version, p.stop, report)
-    if attempt == 1 and not p.dry_run and state.fingerprint == p.seen.fingerprint \
-            and version == state.version and not state.draining:
+    # The discovery our last cycle left HAProxy settled with, and no drain under way: whatever
+    # the plan changes now was changed in HAProxy by someone else (drift), not by Azure.
+    same = state.fingerprint == p.seen.fingerprint and not state.draining
+    if attempt == 1 and not p.dry_run and same and version == state.version:
         report.result = "steady"
         return None
     cfg = without_fields(run.cfg, state.unkept)
@@ -4574,11 +4584,19 @@ def _attempt(run: "TargetRun", p: Pass, report: CycleReport, attempt: int) -> Pl
     except ReloadFailed as exc:
         state.debt, report.reload_failures = exc, report.reload_failures + 1
         raise
+    report.drift = drifted(decision.plan, look.actual) if same else {}
     _runtime_states(decision.plan, target, report)
     _record(decision, new_version, state, report)
     state.rewrites = rewrites
     _conclude(run, p, look, decision, sessions, report)
     return decision.plan
+
+
+def drifted(plan: Plan, actual: Mapping[str, BackendState]) -> dict[str, list[str]]:
+    """For each backend of `plan`, what HAProxy held differently from it: "backend" (gone),
+    "backend.KEY", "server.KEY" (of a server updated), "add.NAME" or "delete.NAME"."""
+    return {b.name: sorted(_differing(b.wanted, actual[b.name].fields, b.changes))
+            if b.name in actual else ["backend"] for b in plan.backends}
 
 
 def _guard_rewrites(run: "TargetRun", p: Pass, look: _Look, decision: "Decision",
@@ -4799,7 +4817,8 @@ def _log_refused(refused: Mapping[str, str], groups: Mapping[ServiceKey, list[Me
     """One error line per refused backend, naming the instances that wait for it."""
     members = {backend_name(k, cfg.haproxy.backend): ms for k, ms in groups.items()}
     for name, error in sorted(refused.items()):
-        served = ", ".join(f"{m.label} ({m.address}:{m.port})" for m in members.get(name, [])) or "none"
+        served = ", ".join(f"{m.label} ({endpoint(m.address, m.port)})"
+                           for m in members.get(name, [])) or "none"
         log.error("backend %s refused by the Data Plane API, its writes are left out of this cycle "
                   "(retried next cycle): %s; instances: %s", name, error, served,
                   extra={"event": "backend_refused", "backend": name, "count": len(members.get(name, []))})
@@ -4879,14 +4898,38 @@ def _reconcile_into(run: TargetRun, p: Pass, report: CycleReport) -> None:
 
 
 def _target_failed(run: TargetRun, p: Pass, report: CycleReport, exc: Exception) -> None:
-    report.result, report.failure = "failed", exc
-    known = isinstance(exc, DiscoveryError)
-    report.error = str(exc) if known else f"unexpected {type(exc).__name__}: {exc}"
+    """A target's failure in its report; a bug's traceback is logged where it happened (the
+    caller logs the cycle_failed record, which knows what comes next)."""
+    report.result, report.failure, report.error = "failed", exc, failure_text(exc)
     report.view = {"discovery": discovery_view(p.seen.groups, p.seen.skipped, run.cfg),
                    "targets": [{"target": run.name, "ok": False, "error": report.error}]}
-    if not known:
+    if not isinstance(exc, DiscoveryError):
         log.exception("cycle failed unexpectedly",
-                      extra={"event": "cycle_failed", "failures": run.failures + 1, "target": run.name})
+                      extra={"event": "unexpected_error", "target": run.name})
+
+
+def failure_text(exc: BaseException) -> str:
+    """Why a cycle failed, in one line: the message of an error the program expects, else
+    the bug's type and message."""
+    if isinstance(exc, DiscoveryError):
+        return str(exc)
+    return f"unexpected {type(exc).__name__}: {exc}"
+
+
+def log_cycle_failed(error: str, failures: int = 0, target: str = "",
+                     next_try: float | None = None) -> None:
+    """The cycle_failed record: why, how many cycles in a row (the daemon), the target that
+    failed alone, and (the daemon) the seconds until the next try."""
+    fields: dict[str, Any] = {"event": "cycle_failed"}
+    if failures:
+        fields["failures"] = failures
+    if target:
+        fields["target"] = target
+    then = ""
+    if next_try is not None:
+        fields["next_try_in_seconds"] = round(next_try, 1)
+        then = f"; next try in {round(next_try, 1):g} s"
+    log.warning("cycle failed: %s%s", error, then, extra=fields)
 
 
 def one_cycle(cfg: Config, source: Source, dp: Target, state: State, stop: StopFlag,
@@ -4909,6 +4952,22 @@ def _log_skips(report: CycleReport, state: State) -> None:
     state.skipped = frozenset(reasons)
 
 
+def _log_backends(plan: Plan, drift: Mapping[str, list[str]]) -> None:
+    """One line per backend written: a change in discovery, or drift repaired (`drift`)."""
+    for b in plan.backends:
+        if b.name not in drift:
+            log.info("backend %s changed: %d servers", b.name, len(b.changes),
+                     extra={"event": "backend_changed", "backend": b.name, "count": len(b.changes),
+                            "slots": b.slots, "live": b.live})
+            continue
+        servers = [c.name for c in b.changes]
+        log.warning("backend %s differed from what was written (%s%s), with no change in Azure: "
+                    "repaired", b.name, ", ".join(drift[b.name]),
+                    f"; servers {', '.join(servers)}" if servers else "",
+                    extra={"event": "drift_repaired", "backend": b.name, "fields": drift[b.name],
+                           "servers": servers, "count": len(servers)})
+
+
 def _log_report(report: CycleReport, state: State) -> None:
     plan = report.plan
     if plan is not None:
@@ -4925,13 +4984,10 @@ def _log_report(report: CycleReport, state: State) -> None:
                         len(plan.held), utc(state.drain_since), state.drain_streak,
                         extra={"event": "drain_held_summary", "count": len(plan.held)})
         for d in plan.draining:
-            log.info("server %s/%s (%s:%s) draining since %s, parked by %s at the latest", d.backend, d.server,
-                     d.address, d.port, utc(d.since), utc(d.until),
+            log.info("server %s/%s (%s) draining since %s, parked by %s at the latest", d.backend,
+                     d.server, endpoint(d.address, d.port), utc(d.since), utc(d.until),
                      extra={"event": "draining", "backend": d.backend, "server": d.server})
-        for b in plan.backends:
-            log.info("backend %s changed: %d servers", b.name, len(b.changes),
-                     extra={"event": "backend_changed", "backend": b.name, "count": len(b.changes),
-                            "slots": b.slots, "live": b.live})
+        _log_backends(plan, report.drift)
     log.info("cycle %s", report.result,
              extra={"event": "cycle", "target": report.target, "result": report.result, "instances": report.instances,
                     "skipped": report.skipped, "azure_requests": report.azure_requests,
@@ -5255,9 +5311,9 @@ def sd_notify(message: str, env: Mapping[str, str] | None = None) -> bool:
 
 
 class Notifier:
-    """systemd notifications from any thread: READY=1 once, and WATCHDOG=1 whenever work
+    """systemd notifications from any thread: READY=1 once, WATCHDOG=1 whenever work
     progresses (after every Azure page, at each cycle's start, in the sleep), so that only
-    a real hang starves the watchdog, however slow Azure is."""
+    a real hang starves the watchdog, however slow Azure is, and STOPPING=1 on the way out."""
 
     def __init__(self, env: Mapping[str, str] | None = None):
         self.env = os.environ if env is None else env
@@ -5319,11 +5375,12 @@ class Signals:
 
 def next_delay(failures: int, cfg: PollingConfig, rand: float) -> float:
     """Seconds to sleep: the interval plus jitter after a success, else exponential
-    backoff from backoff_base_seconds, capped at max_backoff_seconds (rand in [0, 1))."""
+    backoff from backoff_base_seconds with up to 10% jitter, never past max_backoff_seconds
+    (rand in [0, 1))."""
     if failures == 0:
         return cfg.interval_seconds + rand * cfg.jitter_seconds
-    return min(cfg.max_backoff_seconds, cfg.backoff_base_seconds * 2 ** min(failures - 1, 30)) \
-        * (1 + 0.1 * rand)
+    backoff = cfg.backoff_base_seconds * 2 ** min(failures - 1, 30) * (1 + 0.1 * rand)
+    return min(cfg.max_backoff_seconds, backoff)
 
 
 # A cycle woken for a drain's end comes this long after it: never a moment early.
@@ -5384,7 +5441,7 @@ class Daemon:
         and jitter (less when a drain's time is up sooner), or the backoff while every
         target fails. None when a shutdown cut it short."""
         self.notifier.keepalive()
-        due = _due(self.using.runs, self.clocks.monotonic())
+        due, failed = _due(self.using.runs, self.clocks.monotonic()), None
         try:
             self.reports = run_cycle(self.using.source, due, stop, memory=self.using.memory,
                                      clocks=self.clocks)
@@ -5392,29 +5449,37 @@ class Daemon:
             log.info("cycle aborted for shutdown", extra={"event": "shutdown"})
             return None
         except Exception as exc:  # the daemon outlives bugs; they are logged whole
-            self.reports = _discovery_failed(exc, due)
+            self.reports, failed = _discovery_failed(exc, due), exc
         self.cycles += 1
-        delay = self._delay(due)
+        delay = self._delay(due, failed)
         self.metrics.record(self.reports, self.clocks.wall())
         first = self.cycles == 1 and not self.notifier.ready     # else READY came with the start budget
         self.notifier.notify("WATCHDOG=1\nSTATUS=" + _status(self.reports, self.using.runs, first),
                              ready=True)
         return delay
 
-    def _delay(self, due: Sequence[TargetRun]) -> float:
-        """Each target's backoff after this cycle, and the sleep before the next."""
+    def _delay(self, due: Sequence[TargetRun], failed: Exception | None = None) -> float:
+        """Each target's backoff after this cycle, and the sleep before the next; the
+        cycle_failed records (one for a failed discovery, `failed`, else one per failed
+        target), each with its next try: a failed target's comes with the first cycle after
+        its backoff (the loop wakes for it only while every target fails)."""
         now, runs = self.clocks.monotonic(), self.using.runs
         for run, report in zip(due, self.reports):
             run.failures = run.failures + 1 if report.result == "failed" else 0
             run.due = now + next_delay(run.failures, run.cfg.polling, self._rand()) if run.failures else 0.0
-            if isinstance(report.failure, DiscoveryError):     # (a bug was logged whole already)
-                log.warning("cycle failed: %s", report.error,
-                            extra={"event": "cycle_failed", "failures": run.failures, "target": run.name})
         if any(not run.failures for run in runs):
             delay = max(next_delay(0, self.using.cfg.polling, self._rand()), self.reports[0].azure_wait)
             wall = self.clocks.wall()
-            return min(drain_wake(delay, run.state, wall) for run in runs if not run.failures)
-        return max(0.0, round(min(run.due for run in runs) - now, 6))
+            delay = min(drain_wake(delay, run.state, wall) for run in runs if not run.failures)
+        else:
+            delay = max(0.0, round(min(run.due for run in runs) - now, 6))
+        if failed is not None:
+            log_cycle_failed(failure_text(failed), due[0].failures,
+                             next_try=max(delay, min(run.due for run in due) - now))
+        for run, report in zip(due, self.reports):
+            if report.failure is not None:
+                log_cycle_failed(report.error, run.failures, run.name, max(delay, run.due - now))
+        return delay
 
     def reload(self) -> None:
         """SIGHUP: a re-read configuration wholly in use, with all state forgotten, or (with
@@ -5456,6 +5521,8 @@ class Daemon:
                     signals.sleep(delay, self.notifier)
         finally:
             budget.cancel()
+            if signals.stop.is_set():      # systemd shows the unit deactivating from here on
+                self.notifier.notify("STOPPING=1\nSTATUS=stopping")
             self.close()
         log.info("stopped", extra={"event": "stopped", "cycles": self.cycles})
         return EX_OK
@@ -5481,15 +5548,13 @@ class Daemon:
 
 
 def _discovery_failed(exc: Exception, due: Sequence[TargetRun]) -> list[CycleReport]:
-    """A failed cycle's reports: every target it was for failed with it."""
+    """A failed cycle's reports: every target it was for failed with it. A bug's traceback is
+    logged here (Daemon._delay logs the cycle_failed record)."""
     known = isinstance(exc, DiscoveryError)
-    reports = [CycleReport(target=run.name, error=str(exc) if known else "unexpected error") for run in due]
-    if known:
-        log.warning("cycle failed: %s", exc, extra={"event": "cycle_failed", "failures": due[0].failures + 1})
-    else:
-        log.exception("cycle failed unexpectedly",
-                      extra={"event": "cycle_failed", "failures": due[0].failures + 1})
-    return reports
+    if not known:
+        log.exception("cycle failed unexpectedly", extra={"event": "unexpected_error"})
+    return [CycleReport(target=run.name, error=str(exc) if known else "unexpected error")
+            for run in due]
 
 
 def _due(runs: Sequence[TargetRun], now: float) -> list[TargetRun]:
@@ -5906,14 +5971,29 @@ def _run_daemon(args: argparse.Namespace, path: str, env: Mapping[str, str], sig
 def _once_or_dry_run(cfg: Config, env: Mapping[str, str], dry_run: bool, stop: StopFlag,
                      say: Callable[[str], None]) -> int:
     """--once and --dry-run: one cycle over every target; the plans (dry run) on stdout.
-    A failed discovery raises; a failed target is one error line, and exit 1."""
+    A failed discovery raises; a failed target is one error line, and exit 1. A failed
+    --once is logged as the daemon logs it (cycle_failed), besides the error line. A --once
+    that serves no instance while some carry the service tags (all skipped) exits 1 too."""
     runs = _targets(cfg, stop)
-    reports = run_cycle(AzureSource(cfg, env, stop), runs, stop, dry_run=dry_run)
+    try:
+        reports = run_cycle(AzureSource(cfg, env, stop), runs, stop, dry_run=dry_run)
+    except Exception as exc:
+        # A shutdown is no failure, nor a missing Azure SDK (69) or configuration (78) a cycle's.
+        if not dry_run and not stop.is_set() and getattr(exc, "exit_code", EX_FAIL) == EX_FAIL:
+            log_cycle_failed(failure_text(exc))
+        raise
     for report in reports:
         if dry_run and report.plan is not None:
             head = f"target {report.target}:\n" if len(runs) > 1 else ""
             say(head + format_plan(report.plan).rstrip("\n"), sys.stdout)
-    return _failed(reports, len(runs) > 1, say)
+        elif report.failure is not None and not dry_run:
+            log_cycle_failed(report.error, target=report.target)
+    code, seen = _failed(reports, len(runs) > 1, say), reports[0]
+    if not dry_run and seen.skipped and not seen.instances:   # tagged instances, and none served
+        say(f"error: every one of the {seen.skipped} tagged instances was skipped; "
+            "see the warnings above")
+        return EX_FAIL
+    return code
 
 
 def _targets(cfg: Config, stop: Flag) -> list[TargetRun]:

@@ -1419,6 +1419,35 @@ class TestDraining:
             m.format_status(view)
         assert m.backend_gauges(view)[("servers_draining", f'target="t",backend="{WEB}"')] == 1
 
+    def test_ipv6_servers_are_shown_in_brackets(self, caplog):
+        """Plan lines, the status table and the log lines of a drain and of a refused backend
+        write an IPv6 server as [ADDRESS]:PORT."""
+        six = [make_instance(i, address=f"fd00::{i}") for i in (1, 2, 3)]
+        actual, state, cfg = self.synced(six[:2], base=3)
+        d = run_plan([six[0], six[2]], actual, state, cfg, drain=30, now=self.T)
+        assert m.format_plan(d.plan).splitlines()[1:3] == [
+            "  ~ srv3 parked -> [fd00::3]:8080 (vm3)",
+            f"draining: {WEB}/srv2 [fd00::2]:8080 since 2027-01-15T08:00:00Z, "
+            "parked by 2027-01-15T08:00:30Z"]
+        groups, skipped = m.select_instances([six[0], six[2]], cfg)
+        seen = m.Seen(groups, skipped, m.fingerprint(groups))
+        view = m.status_view(seen, actual, d, cfg, "t", self.T)
+        rows = m.format_status(view).splitlines()
+        assert rows[4:] == [
+            "    srv1     live     [fd00::1]:8080         vm1",
+            "  ! srv2     live     [fd00::2]:8080         (no discovered instance)  "
+            "<- want draining (its instance left), then parked",
+            "  ! srv3     parked  <- want [fd00::3]:8080 (vm3)"]
+        with caplog.at_level(logging.INFO, logger="haproxy_azure_discovery"):
+            m._log_report(m.CycleReport(result="applied", plan=d.plan), m.State())
+            m._log_refused({WEB: "HTTP 422"}, groups, cfg)
+        lines = [r.getMessage() for r in caplog.records]
+        assert f"server {WEB}/srv2 ([fd00::2]:8080) draining since 2027-01-15T08:00:00Z, " \
+               "parked by 2027-01-15T08:00:30Z at the latest" in lines
+        refused = "instances: vm1 ([fd00::1]:8080), vm3 ([fd00::3]:8080)"
+        assert any(line.endswith(refused) for line in lines)
+        assert m.endpoint("10.0.0.4", 80) == "10.0.0.4:80"
+
     def test_wake_by_the_earliest_drain_deadline(self):
         drains = {WEB: {"srv2": m.Drain(WEB, "srv2", "a", 1, 0, self.T + 4),
                         "srv3": m.Drain(WEB, "srv3", "a", 1, 0, self.T + 9)}}
@@ -2152,6 +2181,46 @@ class TestDataPlane:
         dataplane.edit_server(WEB, "srv5", maintenance="disabled", address="10.9.9.8", port=80)
         h.cycle(estate)
         assert h.servers(WEB)["srv1"] == "10.0.0.5:8080" and h.servers(WEB)["srv5"] == "parked"
+
+    def test_drift_repair_is_logged_as_such_naming_what_differed(self, dataplane, caplog):
+        """A write with no change in Azure since HAProxy was last left as planned is drift
+        repaired (drift_repaired, naming the fields); a change in discovery is backend_changed,
+        and so is the first write after a restart (nothing to compare with)."""
+        h = Harness(dataplane)
+        estate = [make_instance(i) for i in (1, 2, 3)]
+        said = []
+
+        def events():
+            records = [r for r in caplog.records
+                       if getattr(r, "event", "") in ("drift_repaired", "backend_changed")]
+            said.extend(r.getMessage() for r in records if r.event == "drift_repaired")
+            caplog.clear()
+            return [(r.event, getattr(r, "fields", None), getattr(r, "servers", None))
+                    for r in records]
+        with caplog.at_level(logging.INFO, logger="haproxy_azure_discovery"):
+            h.cycle(estate)
+            assert events() == [("backend_changed", None, None)]
+            dataplane.edit_server(WEB, "srv1", address="10.9.9.9")
+            dataplane.edit_server(WEB, "srv5", maintenance="disabled", address="10.9.9.8")
+            assert h.cycle(estate).result == "applied"
+            assert events() == [("drift_repaired", ["server.address", "server.maintenance"],
+                                 ["srv1", "srv5"])]
+            assert said == [f"backend {WEB} differed from what was written (server.address, "
+                            "server.maintenance; servers srv1, srv5), with no change in Azure: "
+                            "repaired"]
+            assert h.cycle(estate).result == "steady" and events() == []
+            dataplane.edit_server(WEB, "srv2", maintenance="enabled")
+            assert h.cycle([*estate, make_instance(4)]).result == "applied"     # Azure changed too
+            assert events() == [("backend_changed", None, None)]
+            dataplane.edit_server(WEB, "srv2", maintenance="enabled")
+            h.state = m.State()                                             # a restart
+            h.cycle([*estate, make_instance(4)])
+            assert events() == [("backend_changed", None, None)]
+            dataplane.sessions[(WEB, "srv4")] = 1                  # vm4 leaves: srv4 drains ...
+            assert h.cycle(estate).result == "draining" and events() == []
+            later = time.time() + 60                               # ... and is parked in time
+            assert h.cycle(estate, clock=lambda: later).result == "applied"
+            assert events() == [("backend_changed", None, None)]
 
     def test_foreign_backends_and_servers_are_left_alone(self, dataplane):
         dataplane.seed({"be_static": {"mode": "http", "servers": {"s1": {"address": "10.1.1.1", "port": 80}}}})
@@ -3074,6 +3143,18 @@ class TestLoop:
         daemon = m.Daemon(lambda: cfg, lambda c: source, lambda c: EmptyDataPlane(), rand=lambda: 0.0)
         assert steps(daemon, 7) == [5, 10, 20, 30, 5, 30]
 
+    def test_a_failure_record_says_when_the_next_try_comes(self, caplog):
+        fail = m.AzureError("listing failed")
+        source = ScriptedSource(fail, fail, m.Discovery(()))
+        cfg = make_config(polling={"jitter_seconds": 0})
+        daemon = m.Daemon(lambda: cfg, lambda c: source, lambda c: EmptyDataPlane(),
+                          rand=lambda: 0.0)
+        assert steps(daemon, 3) == [5, 10]
+        failed = [r for r in caplog.records if getattr(r, "event", "") == "cycle_failed"]
+        assert [(r.getMessage(), r.failures, r.next_try_in_seconds) for r in failed] == [
+            ("cycle failed: listing failed; next try in 5 s", 1, 5),
+            ("cycle failed: listing failed; next try in 10 s", 2, 10)]
+
     def test_unexpected_errors_are_logged_and_the_loop_goes_on(self, caplog):
         source = ScriptedSource(KeyError("bug"), m.Discovery(()))
         daemon = m.Daemon(make_config, lambda c: source, lambda c: EmptyDataPlane(), rand=lambda: 0.0)
@@ -3252,6 +3333,36 @@ class TestTargetBackoff:
                           lambda c: FailingB(c.haproxy.base_url), clocks=clocks, rand=lambda: 0.0)
         assert steps(daemon, 4, sleep) == [5, 10, 20]     # every target failing: the backoff is the sleep
 
+    def test_a_failing_targets_next_try_comes_with_the_next_cycle_after_its_backoff(self, caplog):
+        """b fails (a DataPlaneError, then a bug) beside a healthy a: b's backoff is 5 s, then
+        10 s, but the next cycle comes after a's interval: the records say so."""
+        cfg = make_config(polling={"jitter_seconds": 0}, haproxy={"password": "p", "targets": [
+            {"base_url": "http://a:5555"}, {"base_url": "http://b:5555"}]})
+        errors = [m.DataPlaneError("refused"), KeyError("bug")]
+
+        class FailingB(EmptyDataPlane):
+            def __init__(self, url):
+                self.url = url
+
+            def version(self):
+                if "b" in self.url:
+                    raise errors.pop(0)
+                return super().version()
+        now = [0.0]
+
+        def sleep(seconds):
+            now[0] += seconds
+        daemon = m.Daemon(lambda: cfg, lambda c: ScriptedSource(m.Discovery(())),
+                          lambda c: FailingB(c.haproxy.base_url),
+                          clocks=m.Clocks(monotonic=lambda: now[0]), rand=lambda: 0.0)
+        assert steps(daemon, 2, sleep) == [30]
+        failed = [r for r in caplog.records if getattr(r, "event", "") == "cycle_failed"]
+        assert [(r.getMessage(), r.target, r.failures, r.next_try_in_seconds) for r in failed] == [
+            ("cycle failed: refused; next try in 30 s", "http://b:5555", 1, 30),
+            ("cycle failed: unexpected KeyError: 'bug'; next try in 30 s", "http://b:5555", 2, 30)]
+        bugs = [r for r in caplog.records if getattr(r, "event", "") == "unexpected_error"]
+        assert len(bugs) == 1 and bugs[0].exc_info and bugs[0].target == "http://b:5555"
+
     def test_status_names_each_target(self):
         runs = [self.run("hap-1"), self.run("hap-2", 3), self.run("hap-3", 1)]
         reports = [m.CycleReport(result="steady", target="hap-1", instances=4, skips=()),
@@ -3305,6 +3416,18 @@ class TestDelay:
     ])
     def test_next_delay(self, failures, rand, want):
         assert m.next_delay(failures, m.PollingConfig(), rand) == want
+
+    from hypothesis import given, settings
+    from hypothesis import strategies as st
+
+    @settings(max_examples=300, deadline=None, derandomize=True)
+    @given(failures=st.integers(1, 10**6), rand=st.floats(0, 1, exclude_max=True),
+           base=st.floats(0.001, 86400), extra=st.floats(0, 86400))
+    def test_backoff_never_exceeds_the_cap(self, failures, rand, base, extra):
+        """Jitter included, a backoff lies between the base and max_backoff_seconds."""
+        cfg = m.PollingConfig(backoff_base_seconds=base,
+                              max_backoff_seconds=min(86400, base + extra))
+        assert base <= m.next_delay(failures, cfg, rand) <= cfg.max_backoff_seconds
 
 
 # === Metrics and health endpoint; systemd's notifications ===
@@ -3631,6 +3754,27 @@ class TestOnce:
         assert dataplane.version == version and dataplane.backends == {}
         assert not [r for r in dataplane.requests if r.method != "GET"]
 
+    def test_dry_run_and_status_show_ipv6_servers_in_brackets(self, tmp_path, arm, arm_config,
+                                                              dataplane, monkeypatch, capsys):
+        from fake_arm import make_estate
+        arm.estate = make_estate(vms=2, ipv6_base="fd00::4")
+        monkeypatch.setenv("DP_PASSWORD", dataplane.password)
+        path = self.config(tmp_path, arm_config, dataplane, azure={"ip_version": "ipv6"})
+        assert m.main(["--dry-run", "-c", path]) == 0
+        assert capsys.readouterr().out.splitlines()[1:3] == [
+            "  + srv1 [fd00::4]:8080", "  + srv2 [fd00::5]:8080"]
+        assert m.main(["--once", "-c", path]) == 0
+        assert dataplane.server(WEB, "srv1")["address"] == "fd00::4"
+        capsys.readouterr()
+        assert m.main(["--status", "-c", path]) == 0
+        assert capsys.readouterr().out.splitlines()[4:6] == [
+            "    srv1     live     [fd00::4]:8080         vm-0000",
+            "    srv2     live     [fd00::5]:8080         vm-0001"]
+        assert m.main(["--status", "--json", "-c", path]) == 0
+        servers = json.loads(capsys.readouterr().out)["targets"][0]["backends"][0]["servers"]
+        assert [s.get("address") for s in servers] == [
+            "[fd00::4]:8080", "[fd00::5]:8080", None, None]
+
     def test_status_shows_both_sides_and_marks_drift(self, tmp_path, arm, arm_config, dataplane, monkeypatch, capsys):
         from fake_arm import make_estate
         arm.estate = make_estate(vms=3)
@@ -3709,6 +3853,47 @@ class TestOnce:
         err = capsys.readouterr().err.splitlines()
         assert err[-1].startswith("error: listing network interfaces of subscription") and "HTTP 500" in err[-1]
         assert dataplane.backends == {}
+
+    @pytest.mark.parametrize("where", ["azure", "dataplane"])
+    def test_a_failed_once_logs_cycle_failed_before_its_error_line(self, tmp_path, arm, arm_config,
+                                                                    dataplane, monkeypatch, capsys,
+                                                                    where):
+        """JSON logs: a failed discovery, or a failed target, is a cycle_failed record as in the
+        daemon (no next try: --once has none), then the plain error line."""
+        from fake_dataplane import PATH_VERSION
+        monkeypatch.setenv("DP_PASSWORD", dataplane.password)
+        if where == "azure":
+            arm.add_fault("500", endpoint="nics", times=None)
+        else:
+            dataplane.add_fault("GET", PATH_VERSION, status=500, message="boom", times=None)
+        assert m.main(["--once", "-c", self.config(tmp_path, arm_config, dataplane)]) == 1
+        *logged, last = capsys.readouterr().err.splitlines()
+        failed = [r for r in map(json.loads, logged) if r["event"] == "cycle_failed"]
+        assert len(failed) == 1 and failed[0]["level"] == "warning"
+        assert last.startswith("error: ")
+        assert failed[0]["msg"] == "cycle failed: " + last[len("error: "):]
+        assert "next_try_in_seconds" not in failed[0] and "next try" not in failed[0]["msg"]
+        assert failed[0].get("target") == (None if where == "azure" else dataplane.url)
+
+    @pytest.mark.parametrize("tagged, code", [(True, 1), (False, 0)])
+    def test_once_exits_1_when_every_tagged_instance_was_skipped(self, tmp_path, arm, arm_config,
+                                                                 dataplane, monkeypatch, capsys,
+                                                                 tagged, code):
+        """Two tagged VMs, both with a bad port tag: none is served, exit 1 with an error line
+        after the warnings. Nothing tagged at all is an empty estate: exit 0."""
+        from fake_arm import make_estate
+        tags = {"HAProxy:Service:Name": "web", "HAProxy:Service:Port": "80x"} if tagged else {}
+        arm.estate = make_estate(vms=2, overrides={f"vm-000{i}": {"tags": tags} for i in (0, 1)})
+        monkeypatch.setenv("DP_PASSWORD", dataplane.password)
+        assert m.main(["--once", "-c", self.config(tmp_path, arm_config, dataplane)]) == code
+        *logged, last = capsys.readouterr().err.splitlines()
+        skips = [r for r in map(json.loads, logged) if r["event"] == "skip"]
+        assert len(skips) == 2 * tagged
+        if tagged:
+            assert last == ("error: every one of the 2 tagged instances was skipped; "
+                            "see the warnings above")
+        else:
+            assert json.loads(last)["event"] == "cycle"
 
     def test_sigterm_during_once_leaves_no_transaction(self, tmp_path, arm, arm_config, dataplane):
         from fake_arm import make_estate

@@ -211,6 +211,22 @@ def test_sigterm_during_a_slow_listing_exits_within_two_seconds(daemon):
     print(f"\nSIGTERM during a 4 s page: exit {code} after {took:.2f} s, no request after it")
 
 
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT])
+def test_a_stop_is_told_to_systemd_before_the_daemon_finishes(daemon, sig):
+    """SIGTERM or SIGINT during the sleep: STOPPING=1 reaches NOTIFY_SOCKET, after READY=1 and
+    as the last message, and the daemon exits 0."""
+    bed = daemon(interval=30)
+    bed.start()
+    wait_for(lambda: bed.events("cycle"), 30, "the first cycle")
+    bed.proc.send_signal(sig)
+    assert bed.proc.wait(timeout=10) == 0
+    wait_for(lambda: any("STOPPING=1" in msg for _, msg in bed.notify.got), 5, "STOPPING=1")
+    messages = [msg.splitlines() for _, msg in bed.notify.got]
+    assert "READY=1" in messages[0] and messages[-1] == ["STOPPING=1", "STATUS=stopping"]
+    assert sum("STOPPING=1" in msg for msg in messages) == 1
+    assert bed.events("stopped")
+
+
 def test_a_failed_listing_stops_its_siblings(arm, arm_config):
     """The NIC listing fails while the VM listing has slow pages left: discovery fails at once and
     the VM listing requests no further page."""
@@ -409,7 +425,8 @@ def test_the_daemon_makes_two_failed_reloads_good_and_shows_the_debt_meanwhile(d
         status, body = _get(f"http://127.0.0.1:{port}/healthz")
         seen["health"].add((status, body.strip()))
         metrics = _get(f"http://127.0.0.1:{port}/metrics")[1]
-        seen["behind"].update(line for line in metrics.splitlines() if "haproxy_config_behind" in line)
+        seen["behind"].update(line for line in metrics.splitlines()
+                              if "haproxy_config_behind" in line and not line.startswith("#"))
         return bed.events("config_caught_up")
     wait_for(watch, 60, "the debt made good")
     wait_for(lambda: watch() and any("haproxy_config_behind" in x and x.endswith(" 0") for x in seen["behind"]),
