@@ -92,6 +92,10 @@ PARK_ADDRESS, PARK_PORT = "127.0.0.1", 80
 # Power states of an instance on its way out: its server drains at once, even with
 # azure.running_only false ("deleting" is the provisioning state, see power_state).
 LEAVING_STATES = frozenset({"stopping", "deallocating", "deleting"})
+# A Uniform instance's Application Health (its instance view's vmHealth: HealthState/...);
+# azure.require_healthy serves only "healthy", drains "unhealthy" and lets the others wait.
+HEALTH_STATES = ("healthy", "unhealthy", "initializing", "unknown")
+HEALTH_WAITS = frozenset({"initializing", "unknown"})
 # Every pattern is used with fullmatch: a `$` anchor lets a trailing newline through
 # ("web\n"), and a newline in a name would end a line of haproxy.cfg.
 # Names end up in haproxy.cfg: the Data Plane API's own backend-name pattern, and a length
@@ -427,6 +431,7 @@ class Instance(typing.NamedTuple):
     address: str | None          # chosen per azure.address / azure.ip_version; None = none found
     power_state: str = "unknown"  # "running", "stopped", "deallocated", ... or "unknown"
     kind: str = "vm"             # "vm", "flexible" (Flexible scale-set member) or "uniform"
+    health: str | None = None    # Uniform: Application Health (HEALTH_STATES); None: not reported
 
 
 @dataclass(frozen=True)
@@ -1460,7 +1465,7 @@ def select_instances(instances: Iterable[Instance], cfg: Config
     services: dict[tuple, tuple[int, int | None, list[Member]] | Skip | None] = {}
     filtering = bool(cfg.tags.allowlist or cfg.tags.denylist)     # tags_match is True otherwise
     for inst in instances:
-        iid, name, region, tags, address, power, _ = inst      # one unpacking, not nine lookups
+        iid, name, region, tags, address, power, _, _ = inst   # one unpacking, not nine lookups
         if iid in seen or (filtering and not tags_match(tags, cfg.tags)):
             continue
         seen.add(iid)
@@ -2693,6 +2698,20 @@ def power_state(view: Mapping | None) -> str | None:
     return found
 
 
+def vm_health(view: Mapping | None) -> str | None:
+    """The Application Health extension's verdict in a scale-set instance's view (vmHealth,
+    status code HealthState/healthy, .../unhealthy, .../initializing, .../unknown): one of
+    HEALTH_STATES, "unknown" for a code Azure does not document; None without vmHealth (no
+    extension, or none reported yet)."""
+    health = view.get("vmHealth") if isinstance(view, dict) else None
+    status = health.get("status") if isinstance(health, dict) else None
+    code = status.get("code") if isinstance(status, dict) else None
+    if not isinstance(code, str):
+        return None
+    state = code.lower().removeprefix("healthstate/")
+    return state if state in HEALTH_STATES else "unknown"
+
+
 @functools.lru_cache(maxsize=256)       # a handful of distinct codes, forty thousand statuses a cycle
 def _status_code(code: str) -> tuple[str | None, bool]:
     """(the power state it names, whether it says the instance is being deleted) of a status code."""
@@ -2834,10 +2853,12 @@ class _Join:
         nics = self.nics.get(vid)
         nic = _primary(nics) if nics else None
         address = nic_address(nic, self.public_ips, self.cfg) if nic else None
-        state = power_state(props.get("instanceView")) or self.powers.get(vid, "unknown")
+        view = props.get("instanceView")
+        state = power_state(view) or self.powers.get(vid, "unknown")
         kind = "uniform" if uniform else "flexible" if set_id else "vm"
         return Instance(vid, _instance_name(raw, vid, set_id if uniform else ""),
-                        _region(raw.get("location")), tags, address, state, kind)
+                        _region(raw.get("location")), tags, address, state, kind,
+                        vm_health(view) if uniform else None)
 
 
 def _instance_name(raw: Mapping, vid: str, uniform_set: str) -> str:

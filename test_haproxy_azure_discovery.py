@@ -1490,6 +1490,41 @@ class TestAzureParsing:
         statuses = [c if not isinstance(c, str) else {"code": c} for c in codes]
         assert m.power_state({"statuses": statuses}) == want
 
+    @pytest.mark.parametrize("view, want", [
+        ({"vmHealth": {"status": {"code": "HealthState/healthy", "level": "Info"}}}, "healthy"),
+        ({"vmHealth": {"status": {"code": "HealthState/Unhealthy"}}}, "unhealthy"),
+        ({"vmHealth": {"status": {"code": "HealthState/initializing"}}}, "initializing"),
+        ({"vmHealth": {"status": {"code": "HealthState/unknown"}}}, "unknown"),
+        ({"vmHealth": {"status": {"code": "HealthState/degraded"}}}, "unknown"),   # undocumented
+        ({"vmHealth": {"status": {"code": 7}}}, None),
+        ({"vmHealth": {"status": None}}, None),
+        ({"vmHealth": "healthy"}, None),
+        ({"statuses": [{"code": "PowerState/running"}]}, None),     # no extension
+        (None, None),
+    ])
+    def test_health_of_an_instance_view(self, view, want):
+        assert m.vm_health(view) == want
+
+    def test_the_join_reads_the_health_of_uniform_instances_only(self):
+        """A Uniform instance's health is in its scale set's listing; a VM's status-only view
+        is not read for it (the option covers Uniform sets)."""
+        nic = example("VmssNetworkInterfaceList.json")[0]
+        vid = nic["properties"]["virtualMachine"]["id"]
+        view = {"statuses": [{"code": "PowerState/running"}],
+                "vmHealth": {"status": {"code": "HealthState/initializing"}}}
+        uniform = {"id": vid, "instanceId": "0", "properties": {"instanceView": view}}
+        vm = {"id": "/subscriptions/s/resourceGroups/rg/providers/Microsoft.Compute/"
+                    "virtualMachines/vm1", "name": "vm1"}
+        status = {"id": vm["id"], "properties": {"instanceView": view}}
+        listing = m.AzureListing(vms=[vm], statuses=[status], set_instances=[uniform], nics=[nic])
+        found = {i.kind: i for i in m.instances_from_azure(listing, make_config().azure)}
+        assert (found["uniform"].health, found["vm"].health) == ("initializing", None)
+        assert found["vm"].power_state == "running"
+        del view["vmHealth"]
+        [inst] = m.instances_from_azure(m.AzureListing(set_instances=[uniform], nics=[nic]),
+                                        make_config().azure)
+        assert inst.health is None and inst._fields[-1] == "health"
+
     def test_example_shapes_never_crash_the_join(self):
         """Placeholders everywhere (string tags, availability-set ids, odd status codes)."""
         listing = m.AzureListing(
