@@ -671,6 +671,7 @@ class AzureConfig:
     address: str = "private"
     ip_version: str = "ipv4"
     running_only: bool = True
+    require_healthy: bool = False   # Uniform instances: served only while reported Healthy
     timeout: float = 30.0
     retries: int = 3
     workers: int = 8
@@ -1245,6 +1246,9 @@ def _cross_checks(cfg: Config) -> list[str]:
     if polling.max_backoff_seconds < polling.backoff_base_seconds:
         problems.append("polling.max_backoff_seconds: must be at least polling.backoff_base_seconds "
                         f"({polling.max_backoff_seconds} < {polling.backoff_base_seconds})")
+    if cfg.azure.require_healthy and cfg.azure.source == "resource_graph":
+        problems.append('azure.require_healthy: needs azure.source "arm": Resource Graph rows '
+                        "carry no Application Health state (vmHealth); the scale sets' listings do")
     if cfg.haproxy.ca_file and not cfg.haproxy.verify_ssl:
         problems.append("haproxy.ca_file: set, but haproxy.verify_ssl is false")
     if not cfg.haproxy.targets and not cfg.haproxy.password:

@@ -156,6 +156,9 @@ class TestConfig:
         ({"tags": {"allowlist": {"env": 1}}}, "tags.allowlist: must be an object of strings"),
         ({"haproxy": {"base_url": "localhost:5555"}}, "haproxy.base_url: must be an http(s) URL"),
         ({"azure": {"resource_manager_url": "http://arm"}}, "azure.resource_manager_url: must be an https URL"),
+        ({"azure": {"require_healthy": "yes"}}, "azure.require_healthy: must be true or false"),
+        ({"azure": {"require_healthy": True, "source": "resource_graph"}},
+         'azure.require_healthy: needs azure.source "arm": Resource Graph rows carry no'),
         ({"metrics": {"listen": "9777"}}, 'metrics.listen: must be "HOST:PORT"'),
         ({"haproxy": {"server": {"params": {"address": "x"}}}},
          "haproxy.server.params: may not set address (the program sets it)"),
@@ -181,6 +184,12 @@ class TestConfig:
         with pytest.raises(m.ConfigError) as err:
             m.parse_config(base, {})
         assert any(p.startswith(problem) for p in err.value.problems), err.value.problems
+
+    def test_require_healthy_is_off_by_default_and_takes_the_arm_source(self):
+        assert make_config().azure.require_healthy is False
+        cfg = make_config(azure={"require_healthy": "${HEALTHY:-true}"})
+        assert cfg.azure.require_healthy is True
+        assert make_config(azure={"require_healthy": False, "source": "resource_graph"})
 
     def test_every_problem_is_reported_at_once(self, tmp_path, capsys):
         path = write_config(tmp_path, {
