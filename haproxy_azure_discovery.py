@@ -63,7 +63,7 @@ import urllib.error
 import urllib.parse
 import urllib.request
 from dataclasses import dataclass, field
-from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Collection, Iterable, Iterator, Mapping, Sequence
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -466,6 +466,7 @@ class Member(typing.NamedTuple):
     address: str
     port: int
     weight: int | None = None    # from the weight tag; None = not set by a tag
+    waits: bool = False          # azure.require_healthy, not Healthy: keeps a live slot it holds
 
 
 class Drain(typing.NamedTuple):          # a named tuple, as Member: one per leaving server
@@ -1468,12 +1469,16 @@ def select_instances(instances: Iterable[Instance], cfg: Config
     # (tags, region) -> None, a Skip, or (port, weight, the list of the service's members)
     services: dict[tuple, tuple[int, int | None, list[Member]] | Skip | None] = {}
     filtering = bool(cfg.tags.allowlist or cfg.tags.denylist)     # tags_match is True otherwise
+    requiring = cfg.azure.require_healthy
     for inst in instances:
         iid, name, region, tags, address, power, _, _ = inst   # one unpacking, not nine lookups
         if iid in seen or (filtering and not tags_match(tags, cfg.tags)):
             continue
         seen.add(iid)
         if power in LEAVING_STATES or (cfg.azure.running_only and power != "running"):
+            continue
+        waits = requiring and _health_waits(inst, cfg)
+        if waits is None:                   # Unhealthy: not served, as if gone (its server drains)
             continue
         answer = (tuple(tags.items()), region)
         try:
@@ -1489,7 +1494,7 @@ def select_instances(instances: Iterable[Instance], cfg: Config
                                        "primary network interface or IP configuration missing"))
         else:
             port, weight, group = found
-            group.append(Member(iid, name, address, port, weight))
+            group.append(Member(iid, name, address, port, weight, waits))
     # Instances are read in the order they came (the order they sit in memory: reading them by
     # id costs twice as much); members and skips are put in instance-id order at the end.
     return ({k: sorted(ms, key=_by_instance) for k, ms in groups.items() if ms},
@@ -1497,6 +1502,27 @@ def select_instances(instances: Iterable[Instance], cfg: Config
 
 
 _by_instance, _by_id = operator.attrgetter("instance"), operator.attrgetter("id")     # sort keys
+
+
+def health_blocks(inst: Instance, cfg: Config) -> str | None:
+    """Why azure.require_healthy keeps this instance from being served, or None. Only Uniform
+    instances are judged, and one that reports no Application Health (no extension) is served
+    as before. Unhealthy is not served: its server drains as if the instance were gone.
+    Initializing and Unknown wait: not added, while a live server it already holds stays."""
+    health = inst.health
+    if not cfg.azure.require_healthy or inst.kind != "uniform" or health in (None, "healthy"):
+        return None
+    if health in HEALTH_WAITS:
+        return f"Application Health {health}: not added until Healthy (a server it holds stays)"
+    return f"Application Health {health}: not served (its server drains)"
+
+
+def _health_waits(inst: Instance, cfg: Config) -> bool | None:
+    """health_blocks as select_instances reads it: False served, True waits (Member.waits),
+    None not served."""
+    if health_blocks(inst, cfg) is None:
+        return False
+    return True if inst.health in HEALTH_WAITS else None
 
 
 def _service_group(inst: Instance, cfg: Config, groups: dict[ServiceKey, list[Member]]
@@ -1520,7 +1546,8 @@ def fingerprint(groups: Mapping[ServiceKey, list[Member]]) -> str:
     for k in sorted(groups, key=lambda k: (k.name, k.port, k.region)):
         # One string per service; no field holds a newline (names and ids are checked).
         digest.update(f"{k.name}\n{k.port}\n{k.region}\n".encode())
-        digest.update("\n".join(sorted(f"{m.instance} {m.address} {m.port} {m.weight}" for m in groups[k])).encode())
+        digest.update("\n".join(sorted(f"{m.instance} {m.address} {m.port} {m.weight}"
+                                        f"{' waits' * m.waits}" for m in groups[k])).encode())
         digest.update(b"\n\n")
     return digest.hexdigest()[:16]
 
@@ -1584,7 +1611,8 @@ class SlotAssignment:
     parked slot; live servers never move.
     """
 
-    __slots__ = ("ours", "live", "foreign_ids", "previous", "taken", "fresh", "members", "_by_endpoint")
+    __slots__ = ("ours", "live", "foreign_ids", "previous", "taken", "fresh", "members", "waited",
+                 "_by_endpoint")
 
     def __init__(self, servers: Mapping[str, Mapping[str, Any]], previous: Mapping[str, str]):
         ours = self.ours = {i: s for name, s in servers.items() if (i := slot_index(name))}    # by slot number
@@ -1597,11 +1625,13 @@ class SlotAssignment:
         self.taken: dict[int, Member] = {}          # slot number -> the member that holds it
         self.fresh: list[Member] = []               # members that hold no slot yet (their slots change)
         self.members = 0
+        self.waited = 0                             # members that wait and hold no slot
         self._by_endpoint: dict[tuple[Any, Any], list[int]] | None = None    # built when first needed
 
-    def match(self, members: Sequence[Member]) -> SlotAssignment:
-        """Each member to the slot it holds, if any."""
-        taken, previous = self.taken, self.previous
+    def match(self, members: Sequence[Member], draining: Collection[str] = ()) -> SlotAssignment:
+        """Each member to the slot it holds, if any. A member that waits keeps a live slot it
+        holds, unless that server drains (`draining`: server names), and takes no other."""
+        taken, previous, waited = self.taken, self.previous, 0
         for m in members:
             i = slot_index(previous.get(m.instance, ""))
             if i is None or i in taken:
@@ -1612,11 +1642,14 @@ class SlotAssignment:
                         self._by_endpoint.setdefault((s.get("address"), s.get("port")), []).append(j)
                 candidates = self._by_endpoint.get((m.address, m.port))
                 i = next((j for j in candidates if j not in taken), None) if candidates else None
-            if i is None:
+            if m.waits and (i is None or i not in self.live or f"srv{i}" in draining):
+                waited += 1
+            elif i is None:
                 self.fresh.append(m)
             else:
                 taken[i] = m
-        self.members += len(members)
+        self.members += len(members) - waited
+        self.waited += waited
         return self
 
     def leaving(self) -> list[str]:
@@ -1842,7 +1875,7 @@ def plan_cycle(groups: Mapping[ServiceKey, list[Member]], skipped: Sequence[Skip
 
     same = _still_settled(names, desired, actual, state)      # most backends, when few services change
     work = {n: SlotAssignment(actual[n].servers if n in actual else {}, state.assignments.get(n, {}))
-            .match(desired.get(n, ())) for n in names if n not in same}
+            .match(desired.get(n, ()), state.draining.get(n, ())) for n in names if n not in same}
     drains = {n: d for n, a in work.items() if (d := a.leaving())}
     live = sum(len(a.live) for a in work.values()) + sum(len(s.slots) - s.slots.count(None) for s in same.values())
     # Without a drain the guard holds nothing and nothing drains on.
@@ -1861,7 +1894,8 @@ def plan_cycle(groups: Mapping[ServiceKey, list[Member]], skipped: Sequence[Skip
                 ready=tuple(r for n in names if n in state.draining
                             for r in _returned(n, state.draining[n], drains.get(n, ()), slots[n], actual.get(n))),
                 warnings=tuple(w for n in names for w in id_clashes(n, slots[n], taken_ids[n])),
-                live=sum(len(ms) for ms in desired.values()), services=len(desired),
+                live=sum(len(ms) for ms in desired.values()) - _waiting(work, same),
+                services=len(desired),
                 slots=sum(map(len, slots.values())), our_backends=len(names))
     assignments = {n: {m.instance: s for s, m in zip(slot_names(len(slots[n])), slots[n]) if m} for n in names}
     planned = {p.name for p in plans}
@@ -1871,6 +1905,13 @@ def plan_cycle(groups: Mapping[ServiceKey, list[Member]], skipped: Sequence[Skip
     return Decision(plan=plan, assignments=assignments, drain_fingerprint=fp if guard.streak else None,
                     drain_streak=guard.streak, drain_since=guard.since if guard.held else None,
                     draining={n: k for n, k in kept.items() if k}, settled=settled)
+
+
+def _waiting(work: Mapping[str, SlotAssignment], same: Mapping[str, Settled]) -> int:
+    """Members that wait (Member.waits) and hold no slot: discovered, not live. (A settled
+    backend has no drain: its live slots are its placed members.)"""
+    return (sum(a.waited for a in work.values())
+            + sum(len(s.members) - len(s.slots) + s.slots.count(None) for s in same.values()))
 
 
 def rewrite_guard(plan: Plan, actual: Mapping[str, BackendState], before: Mapping[str, Rewrite],
@@ -2039,7 +2080,8 @@ def _beyond_max(desired: dict[str, list[Member]], state: State,
         cfg = settings[name].server_slots
         if len(members) > cfg.max:
             held = state.assignments.get(name, {})
-            ordered = sorted(members, key=lambda mb: (mb.instance not in held, mb.instance))
+            ordered = sorted(members, key=lambda mb: (mb.instance not in held, mb.waits,
+                                                      mb.instance))
             desired[name] = ordered[:cfg.max]
             skips += [Skip(mb.label, f"backend {name} is full (haproxy.server_slots.max = {cfg.max})",
                            mb.instance) for mb in ordered[cfg.max:]]
