@@ -3209,6 +3209,7 @@ class AzureSource:
         self.pager = _ArmPager(cfg, os.environ if env is None else env, self._stop, self._check, progress)
         self._lock = threading.Lock()
         self._warned_fallback = self._warned_budget = False
+        self._warned_health: set[str] = set()    # scale sets said to report no Application Health
         self._vm_list_calls: dict[str, int] = {}    # VM list pages per subscription, this cycle
         self._deadline = math.inf           # of the discovery under way (monotonic)
         if not needs_cloud_metadata(cfg.azure):
@@ -3256,7 +3257,26 @@ class AzureSource:
         problem = impossible(listing, instances, self.cfg, graph)
         if problem:
             raise AzureError(f"Azure's answers cannot be true: {problem}; nothing is applied this cycle")
+        if self.cfg.azure.require_healthy:
+            self._warn_without_health(instances)
         return instances
+
+    def _warn_without_health(self, instances: Sequence[Instance]) -> None:
+        """azure.require_healthy: one warning per scale set (per configuration) whose running,
+        tagged instances report no Application Health; they are served as without the option."""
+        bare: dict[str, int] = {}
+        for i in instances:
+            if i.kind == "uniform" and i.health is None and i.power_state == "running" \
+                    and could_serve(i, self.cfg):
+                bare[_scale_set_of(i.id)] = bare.get(_scale_set_of(i.id), 0) + 1
+        for set_id in sorted(bare.keys() - self._warned_health):
+            self._warned_health.add(set_id)
+            log.warning("scale set %s: %d running instances report no Application Health (no "
+                        "vmHealth in their instance view): served without it, although "
+                        "azure.require_healthy is set; add the Application Health extension",
+                        _printable(set_id.rsplit("/", 1)[-1]), bare[set_id],
+                        extra={"event": "azure_no_health", "scale_set": _printable(set_id),
+                               "count": bare[set_id]})
 
     def _join(self, listing: AzureListing, skipped: list[Skip]) -> list[Instance]:
         """instances_from_azure; an item not shaped as Azure documents it (an item or a field

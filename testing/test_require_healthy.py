@@ -19,8 +19,9 @@ sys.path.insert(0, HERE)
 sys.path.insert(0, os.path.dirname(HERE))
 
 import haproxy_azure_discovery as m  # noqa: E402
-from test_haproxy_azure_discovery import (WEB, apply_to, make_config, make_instance,  # noqa: E402
-                                          run_plan)
+from fake_arm import make_estate  # noqa: E402
+from test_haproxy_azure_discovery import (WEB, apply_to, dp_section, make_config,  # noqa: E402
+                                          make_instance, run_plan)
 
 T = 1_800_000_000.0
 
@@ -144,3 +145,117 @@ class TestPlanner:
         instances = [uniform(1, "unhealthy"), uniform(2, "initializing"), uniform(3, "unknown")]
         d = run_plan(instances, cfg=make_config())
         assert d.plan.live == 3
+
+
+# --- the real SDK against the fake Resource Manager, the real client against the emulator ---------
+DRAIN = 30
+
+
+class Bed:
+    """The daemon's cycles in-process on a clock: AzureSource against the fake (a Uniform set of
+    four: _0 Healthy, _1 Initializing, _2 Unhealthy, _3 without the extension), DataPlane
+    against the emulator."""
+
+    def __init__(self, arm, arm_config, dataplane, **azure):
+        arm.estate = make_estate(uniform_sets=1, per_set=4)
+        for n, health in enumerate(("Healthy", "Initializing", "Unhealthy", None)):
+            arm.estate.update(f"uvmss-00_{n}", health=health)
+        self.arm, self.dp, self.now = arm, dataplane, T
+        self.cfg = arm_config(azure={"timeout": 2, **azure}, haproxy=dp_section(dataplane),
+                              safety={"drain_seconds": DRAIN, "drain_confirm_seconds": 0})
+        self.source, self.client = m.AzureSource(self.cfg), m.DataPlane(self.cfg.haproxy)
+        self.state = m.State()
+
+    def cycle(self, seconds: float = 1.0) -> m.CycleReport:
+        self.now += seconds
+        return m.one_cycle(self.cfg, self.source, self.client, self.state, m.Flag(),
+                           m.Clocks(wall=lambda: self.now))
+
+    def served(self) -> dict[str, str]:
+        """Instance name -> the slot that serves it (live servers only)."""
+        names = {p.inst.private_ip: p.inst.name for p in self.arm.estate.machines()}
+        return {names[s["address"]]: n for n, s in self.dp.backends[WEB]["servers"].items()
+                if s.get("maintenance") != "enabled"}
+
+    def set(self, n: int, health: str | None) -> None:
+        self.arm.estate.update(f"uvmss-00_{n}", health=health)
+
+
+@pytest.fixture
+def bed(arm, arm_config, dataplane):
+    return Bed(arm, arm_config, dataplane, require_healthy=True)
+
+
+def no_health_warnings(caplog) -> list[logging.LogRecord]:
+    return [r for r in caplog.records if getattr(r, "event", "") == "azure_no_health"]
+
+
+def test_healthy_served_initializing_waits_unhealthy_drains_none_served_with_a_warning(bed, caplog):
+    caplog.set_level(logging.WARNING, logger="haproxy_azure_discovery")
+    assert bed.cycle().result == "applied"
+    assert set(bed.served()) == {"uvmss-00_0", "uvmss-00_3"}
+    (warning,) = no_health_warnings(caplog)
+    assert warning.count == 1 and "scale set uvmss-00: 1 running instances" in warning.getMessage()
+    assert warning.scale_set.endswith("/virtualmachinescalesets/uvmss-00")
+    # Initializing turns Healthy: added. One warning per scale set, whatever the cycles.
+    bed.set(1, "Healthy")
+    assert bed.cycle().result == "applied"
+    assert set(bed.served()) == {"uvmss-00_0", "uvmss-00_1", "uvmss-00_3"}
+    assert len(no_health_warnings(caplog)) == 1
+    # A served instance that turns Unknown (or Initializing) keeps its slot: nothing is written.
+    before, version = bed.served(), bed.dp.version
+    bed.set(1, "Unknown")
+    assert bed.cycle().result == "unchanged" and bed.served() == before
+    assert bed.dp.version == version and bed.dp.admin_states == {}
+    assert bed.cycle().result == "steady"
+    # A served instance that turns Unhealthy drains as if gone: live while its sessions finish,
+    # no new ones (runtime drain), parked when drain_seconds are up.
+    slot = before["uvmss-00_0"]
+    bed.dp.sessions[(WEB, slot)] = 2
+    bed.set(0, "Unhealthy")
+    report = bed.cycle()
+    assert report.result == "draining" and bed.dp.admin_states == {(WEB, slot): "drain"}
+    assert [d.server for d in report.plan.draining] == [slot] and "uvmss-00_0" in bed.served()
+    assert bed.cycle(DRAIN / 2).result == "draining"
+    assert bed.cycle(DRAIN / 2).result == "applied"
+    assert set(bed.served()) == {"uvmss-00_1", "uvmss-00_3"}
+    # Once parked, Healthy again is a new arrival; Unhealthy _2 never served.
+    bed.set(0, "Healthy")
+    assert bed.cycle().result == "applied"
+    assert set(bed.served()) == {"uvmss-00_0", "uvmss-00_1", "uvmss-00_3"}
+    assert bed.dp.open_transactions() == []
+
+
+def test_scale_out_joins_once_healthy(bed):
+    bed.cycle()
+    bed.arm.estate.update("uvmss-00", health="Initializing")     # what new instances report
+    bed.arm.estate.scale("uvmss-00", 6)
+    assert bed.cycle().result == "unchanged" and "uvmss-00_4" not in bed.served()
+    bed.set(4, "Healthy")
+    bed.cycle()
+    assert "uvmss-00_4" in bed.served() and "uvmss-00_5" not in bed.served()
+
+
+@pytest.mark.parametrize("address", ["private", "public"])
+def test_no_request_is_added(arm, arm_config, address, caplog):
+    """The health is in the instance views the scale sets' listings already carry: the same
+    requests, endpoint by endpoint, with the option on and off. Off, nothing is said of the
+    instances without the extension; on, once per scale set."""
+    caplog.set_level(logging.WARNING, logger="haproxy_azure_discovery")
+    arm.estate = make_estate(vms=3, uniform_sets=2, flexible_sets=1, per_set=3,
+                             public_ip_base="20.0.0.4")
+    arm.estate.update("uvmss-00_0", health="Unhealthy")
+    arm.estate.update("uvmss-01_1", health="Initializing")
+    counts, served = {}, {}
+    for on in (False, True):
+        arm.reset_counts()
+        cfg = arm_config(azure={"address": address, "require_healthy": on})
+        discovery = m.AzureSource(cfg).discover()
+        counts[on] = ({k: v for k, v in arm.counts.items() if k not in ("token", "total")},
+                      discovery.requests)
+        groups, _ = m.select_instances(discovery.instances, cfg)
+        served[on] = {mb.label for ms in groups.values() for mb in ms if not mb.waits}
+        warned = [r.scale_set.rsplit("/", 1)[1] for r in no_health_warnings(caplog)]
+        assert warned == (["uvmss-00", "uvmss-01"] if on else [])
+    assert counts[True] == counts[False] and counts[True][1] > 0
+    assert served[False] - served[True] == {"uvmss-00_0", "uvmss-01_1"}
