@@ -63,7 +63,7 @@ import urllib.error
 import urllib.parse
 import urllib.request
 from dataclasses import dataclass, field
-from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Collection, Iterable, Iterator, Mapping, Sequence
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -92,6 +92,10 @@ PARK_ADDRESS, PARK_PORT = "127.0.0.1", 80
 # Power states of an instance on its way out: its server drains at once, even with
 # azure.running_only false ("deleting" is the provisioning state, see power_state).
 LEAVING_STATES = frozenset({"stopping", "deallocating", "deleting"})
+# A Uniform instance's Application Health (its instance view's vmHealth: HealthState/...);
+# azure.require_healthy serves only "healthy", drains "unhealthy" and lets the others wait.
+HEALTH_STATES = ("healthy", "unhealthy", "initializing", "unknown")
+HEALTH_WAITS = frozenset({"initializing", "unknown"})
 # Every pattern is used with fullmatch: a `$` anchor lets a trailing newline through
 # ("web\n"), and a newline in a name would end a line of haproxy.cfg.
 # Names end up in haproxy.cfg: the Data Plane API's own backend-name pattern, and a length
@@ -426,6 +430,7 @@ class Instance(typing.NamedTuple):
     address: str | None          # chosen per azure.address / azure.ip_version; None = none found
     power_state: str = "unknown"  # "running", "stopped", "deallocated", ... or "unknown"
     kind: str = "vm"             # "vm", "flexible" (Flexible scale-set member) or "uniform"
+    health: str | None = None    # Uniform: Application Health (HEALTH_STATES); None: not reported
 
 
 @dataclass(frozen=True)
@@ -461,6 +466,7 @@ class Member(typing.NamedTuple):
     address: str
     port: int
     weight: int | None = None    # from the weight tag; None = not set by a tag
+    waits: bool = False          # azure.require_healthy, not Healthy: keeps a live slot it holds
 
 
 class Drain(typing.NamedTuple):          # a named tuple, as Member: one per leaving server
@@ -666,6 +672,7 @@ class AzureConfig:
     address: str = "private"
     ip_version: str = "ipv4"
     running_only: bool = True
+    require_healthy: bool = False   # Uniform instances: served only while reported Healthy
     timeout: float = 30.0
     retries: int = 3
     workers: int = 8
@@ -1240,6 +1247,9 @@ def _cross_checks(cfg: Config) -> list[str]:
     if polling.max_backoff_seconds < polling.backoff_base_seconds:
         problems.append("polling.max_backoff_seconds: must be at least polling.backoff_base_seconds "
                         f"({polling.max_backoff_seconds} < {polling.backoff_base_seconds})")
+    if cfg.azure.require_healthy and cfg.azure.source == "resource_graph":
+        problems.append('azure.require_healthy: needs azure.source "arm": Resource Graph rows '
+                        "carry no Application Health state (vmHealth); the scale sets' listings do")
     if cfg.haproxy.ca_file and not cfg.haproxy.verify_ssl:
         problems.append("haproxy.ca_file: set, but haproxy.verify_ssl is false")
     if not cfg.haproxy.targets and not cfg.haproxy.password:
@@ -1462,13 +1472,16 @@ def select_instances(instances: Iterable[Instance], cfg: Config
     # (tags, region) -> None, a Skip, or (port, weight, the list of the service's members)
     services: dict[tuple, tuple[int, int | None, list[Member]] | Skip | None] = {}
     filtering = bool(cfg.tags.allowlist or cfg.tags.denylist)     # tags_match is True otherwise
-    running_only = cfg.azure.running_only
+    running_only, requiring = cfg.azure.running_only, cfg.azure.require_healthy
     for inst in instances:
-        iid, name, region, tags, address, power, _ = inst      # one unpacking, not nine lookups
+        iid, name, region, tags, address, power, _, _ = inst   # one unpacking, not nine lookups
         if iid in seen or (filtering and not tags_match(tags, cfg.tags)):
             continue
         seen.add(iid)
         if power in LEAVING_STATES or (running_only and power != "running"):
+            continue
+        waits = requiring and _health_waits(inst, cfg)
+        if waits is None:                   # Unhealthy: not served, as if gone (its server drains)
             continue
         answer = (tuple(tags.items()), region)
         try:
@@ -1483,7 +1496,7 @@ def select_instances(instances: Iterable[Instance], cfg: Config
             skipped.append(_skip(inst, no_address(cfg.azure), "address"))
         else:
             port, weight, group = found
-            group.append(Member(iid, name, address, port, weight))
+            group.append(Member(iid, name, address, port, weight, waits))
     # Instances are read in the order they came (the order they sit in memory: reading them by
     # id costs twice as much); members and skips are put in instance-id order at the end.
     return ({k: sorted(ms, key=_by_instance) for k, ms in groups.items() if ms},
@@ -1496,6 +1509,27 @@ _by_instance, _by_id = operator.attrgetter("instance"), operator.attrgetter("id"
 def no_address(cfg: AzureConfig) -> str:
     return (f"no {cfg.address} {cfg.ip_version} address: primary network interface or IP "
             "configuration missing")
+
+
+def health_blocks(inst: Instance, cfg: Config) -> str | None:
+    """Why azure.require_healthy keeps this instance from being served, or None. Only Uniform
+    instances are judged, and one that reports no Application Health (no extension) is served
+    as before. Unhealthy is not served: its server drains as if the instance were gone.
+    Initializing and Unknown wait: not added, while a live server it already holds stays."""
+    health = inst.health
+    if not cfg.azure.require_healthy or inst.kind != "uniform" or health in (None, "healthy"):
+        return None
+    if health in HEALTH_WAITS:
+        return f"Application Health {health}: not added until Healthy (a server it holds stays)"
+    return f"Application Health {health}: not served (its server drains)"
+
+
+def _health_waits(inst: Instance, cfg: Config) -> bool | None:
+    """health_blocks as select_instances reads it: False served, True waits (Member.waits),
+    None not served."""
+    if health_blocks(inst, cfg) is None:
+        return False
+    return True if inst.health in HEALTH_WAITS else None
 
 
 def _service_group(inst: Instance, cfg: Config, groups: dict[ServiceKey, list[Member]]
@@ -1519,7 +1553,8 @@ def fingerprint(groups: Mapping[ServiceKey, list[Member]]) -> str:
     for k in sorted(groups, key=lambda k: (k.name, k.port, k.region)):
         # One string per service; no field holds a newline (names and ids are checked).
         digest.update(f"{k.name}\n{k.port}\n{k.region}\n".encode())
-        digest.update("\n".join(sorted(f"{m.instance} {m.address} {m.port} {m.weight}" for m in groups[k])).encode())
+        digest.update("\n".join(sorted(f"{m.instance} {m.address} {m.port} {m.weight}"
+                                        f"{' waits' * m.waits}" for m in groups[k])).encode())
         digest.update(b"\n\n")
     return digest.hexdigest()[:16]
 
@@ -1583,7 +1618,8 @@ class SlotAssignment:
     parked slot; live servers never move.
     """
 
-    __slots__ = ("ours", "live", "foreign_ids", "previous", "taken", "fresh", "members", "_by_endpoint")
+    __slots__ = ("ours", "live", "foreign_ids", "previous", "taken", "fresh", "members", "waited",
+                 "_by_endpoint")
 
     def __init__(self, servers: Mapping[str, Mapping[str, Any]], previous: Mapping[str, str]):
         ours = self.ours = {i: s for name, s in servers.items() if (i := slot_index(name))}    # by slot number
@@ -1596,11 +1632,13 @@ class SlotAssignment:
         self.taken: dict[int, Member] = {}          # slot number -> the member that holds it
         self.fresh: list[Member] = []               # members that hold no slot yet (their slots change)
         self.members = 0
+        self.waited = 0                             # members that wait and hold no slot
         self._by_endpoint: dict[tuple[Any, Any], list[int]] | None = None    # built when first needed
 
-    def match(self, members: Sequence[Member]) -> SlotAssignment:
-        """Each member to the slot it holds, if any."""
-        taken, previous = self.taken, self.previous
+    def match(self, members: Sequence[Member], draining: Collection[str] = ()) -> SlotAssignment:
+        """Each member to the slot it holds, if any. A member that waits keeps a live slot it
+        holds, unless that server drains (`draining`: server names), and takes no other."""
+        taken, previous, waited = self.taken, self.previous, 0
         for m in members:
             i = slot_index(previous.get(m.instance, ""))
             if i is None or i in taken:
@@ -1611,11 +1649,14 @@ class SlotAssignment:
                         self._by_endpoint.setdefault((s.get("address"), s.get("port")), []).append(j)
                 candidates = self._by_endpoint.get((m.address, m.port))
                 i = next((j for j in candidates if j not in taken), None) if candidates else None
-            if i is None:
+            if m.waits and (i is None or i not in self.live or f"srv{i}" in draining):
+                waited += 1
+            elif i is None:
                 self.fresh.append(m)
             else:
                 taken[i] = m
-        self.members += len(members)
+        self.members += len(members) - waited
+        self.waited += waited
         return self
 
     def leaving(self) -> list[str]:
@@ -1841,7 +1882,7 @@ def plan_cycle(groups: Mapping[ServiceKey, list[Member]], skipped: Sequence[Skip
 
     same = _still_settled(names, desired, actual, state)      # most backends, when few services change
     work = {n: SlotAssignment(actual[n].servers if n in actual else {}, state.assignments.get(n, {}))
-            .match(desired.get(n, ())) for n in names if n not in same}
+            .match(desired.get(n, ()), state.draining.get(n, ())) for n in names if n not in same}
     drains = {n: d for n, a in work.items() if (d := a.leaving())}
     live = sum(len(a.live) for a in work.values()) + sum(len(s.slots) - s.slots.count(None) for s in same.values())
     # Without a drain the guard holds nothing and nothing drains on.
@@ -1860,7 +1901,8 @@ def plan_cycle(groups: Mapping[ServiceKey, list[Member]], skipped: Sequence[Skip
                 ready=tuple(r for n in names if n in state.draining
                             for r in _returned(n, state.draining[n], drains.get(n, ()), slots[n], actual.get(n))),
                 warnings=tuple(w for n in names for w in id_clashes(n, slots[n], taken_ids[n])),
-                live=sum(len(ms) for ms in desired.values()), services=len(desired),
+                live=sum(len(ms) for ms in desired.values()) - _waiting(work, same),
+                services=len(desired),
                 slots=sum(map(len, slots.values())), our_backends=len(names))
     assignments = {n: {m.instance: s for s, m in zip(slot_names(len(slots[n])), slots[n]) if m} for n in names}
     planned = {p.name for p in plans}
@@ -1870,6 +1912,13 @@ def plan_cycle(groups: Mapping[ServiceKey, list[Member]], skipped: Sequence[Skip
     return Decision(plan=plan, assignments=assignments, drain_fingerprint=fp if guard.streak else None,
                     drain_streak=guard.streak, drain_since=guard.since if guard.held else None,
                     draining={n: k for n, k in kept.items() if k}, settled=settled)
+
+
+def _waiting(work: Mapping[str, SlotAssignment], same: Mapping[str, Settled]) -> int:
+    """Members that wait (Member.waits) and hold no slot: discovered, not live. (A settled
+    backend has no drain: its live slots are its placed members.)"""
+    return (sum(a.waited for a in work.values())
+            + sum(len(s.members) - len(s.slots) + s.slots.count(None) for s in same.values()))
 
 
 def rewrite_guard(plan: Plan, actual: Mapping[str, BackendState], before: Mapping[str, Rewrite],
@@ -2038,7 +2087,8 @@ def _beyond_max(desired: dict[str, list[Member]], state: State,
         cfg = settings[name].server_slots
         if len(members) > cfg.max:
             held = state.assignments.get(name, {})
-            ordered = sorted(members, key=lambda mb: (mb.instance not in held, mb.instance))
+            ordered = sorted(members, key=lambda mb: (mb.instance not in held, mb.waits,
+                                                      mb.instance))
             desired[name] = ordered[:cfg.max]
             skips += [Skip(mb.label, f"backend {name} is full (haproxy.server_slots.max = {cfg.max})",
                            mb.instance, "server_slots.max") for mb in ordered[cfg.max:]]
@@ -2707,6 +2757,20 @@ def power_state(view: Mapping | None) -> str | None:
     return found
 
 
+def vm_health(view: Mapping | None) -> str | None:
+    """The Application Health extension's verdict in a scale-set instance's view (vmHealth,
+    status code HealthState/healthy, .../unhealthy, .../initializing, .../unknown): one of
+    HEALTH_STATES, "unknown" for a code Azure does not document; None without vmHealth (no
+    extension, or none reported yet)."""
+    health = view.get("vmHealth") if isinstance(view, dict) else None
+    status = health.get("status") if isinstance(health, dict) else None
+    code = status.get("code") if isinstance(status, dict) else None
+    if not isinstance(code, str):
+        return None
+    state = code.lower().removeprefix("healthstate/")
+    return state if state in HEALTH_STATES else "unknown"
+
+
 @functools.lru_cache(maxsize=256)       # a handful of distinct codes, forty thousand statuses a cycle
 def _status_code(code: str) -> tuple[str | None, bool]:
     """(the power state it names, whether it says the instance is being deleted) of a status code."""
@@ -2848,10 +2912,12 @@ class _Join:
         nics = self.nics.get(vid)
         nic = _primary(nics) if nics else None
         address = nic_address(nic, self.public_ips, self.cfg) if nic else None
-        state = power_state(props.get("instanceView")) or self.powers.get(vid, "unknown")
+        view = props.get("instanceView")
+        state = power_state(view) or self.powers.get(vid, "unknown")
         kind = "uniform" if uniform else "flexible" if set_id else "vm"
         return Instance(vid, _instance_name(raw, vid, set_id if uniform else ""),
-                        _region(raw.get("location")), tags, address, state, kind)
+                        _region(raw.get("location")), tags, address, state, kind,
+                        vm_health(view) if uniform else None)
 
 
 def _instance_name(raw: Mapping, vid: str, uniform_set: str) -> str:
@@ -3155,6 +3221,7 @@ class AzureSource:
         self.pager = _ArmPager(cfg, os.environ if env is None else env, self._stop, self._check, progress)
         self._lock = threading.Lock()
         self._warned_fallback = self._warned_budget = False
+        self._warned_health: set[str] = set()    # scale sets said to report no Application Health
         self._vm_list_calls: dict[str, int] = {}    # VM list pages per subscription, this cycle
         self._deadline = math.inf           # of the discovery under way (monotonic)
         if not needs_cloud_metadata(cfg.azure):
@@ -3202,7 +3269,26 @@ class AzureSource:
         problem = impossible(listing, instances, self.cfg, graph)
         if problem:
             raise AzureError(f"Azure's answers cannot be true: {problem}; nothing is applied this cycle")
+        if self.cfg.azure.require_healthy:
+            self._warn_without_health(instances)
         return instances
+
+    def _warn_without_health(self, instances: Sequence[Instance]) -> None:
+        """azure.require_healthy: one warning per scale set (per configuration) whose running,
+        tagged instances report no Application Health; they are served as without the option."""
+        bare: dict[str, int] = {}
+        for i in instances:
+            if i.kind == "uniform" and i.health is None and i.power_state == "running" \
+                    and could_serve(i, self.cfg):
+                bare[_scale_set_of(i.id)] = bare.get(_scale_set_of(i.id), 0) + 1
+        for set_id in sorted(bare.keys() - self._warned_health):
+            self._warned_health.add(set_id)
+            log.warning("scale set %s: %d running instances report no Application Health (no "
+                        "vmHealth in their instance view): served without it, although "
+                        "azure.require_healthy is set; add the Application Health extension",
+                        _printable(set_id.rsplit("/", 1)[-1]), bare[set_id],
+                        extra={"event": "azure_no_health", "scale_set": _printable(set_id),
+                               "count": bare[set_id]})
 
     def _join(self, listing: AzureListing, skipped: list[Skip]) -> list[Instance]:
         """instances_from_azure; an item not shaped as Azure documents it (an item or a field
@@ -5648,8 +5734,19 @@ def explain(query: str, discovery: Discovery, reports: Sequence[CycleReport],
         story["service"] = {"service": key.name, "port": key.port, "region": key.region}
         story["targets"] = [_slot_story(run, report, key, (inst.address, port))
                             for run, report in zip(runs, reports)]
+        _waits_in_its_slot(rules, story["targets"], inst)
     failed = next((r["detail"] for r in rules if r["ok"] is False), None)
     return {**story, **_verdict(story["targets"], failed)}
+
+
+def _waits_in_its_slot(rules: list[dict[str, Any]], targets: Sequence[Mapping[str, Any]],
+                       inst: Instance) -> None:
+    """An instance that waits for Healthy keeps the live slot it holds: then readiness passes."""
+    if inst.health in HEALTH_WAITS and targets and all(t["state"] == "live" for t in targets):
+        for r in rules:
+            if r["rule"] == "readiness":
+                r.update(ok=True, detail=f"Application Health {inst.health}: it keeps the live "
+                                         "slot it holds until Healthy or gone")
 
 
 def _names_of(name: str, iid: str) -> tuple[str, ...]:
@@ -5707,6 +5804,10 @@ def instance_rules(inst: Instance, cfg: Config, plan_skips: Sequence[Skip]) -> l
         ("power state", not (leaving or stopped), f"power state {inst.power_state}"
          + (" (on its way out)" if leaving else " (azure.running_only)" if stopped else "")),
         ("address", inst.address is not None, inst.address or no_address(a)),
+        ("readiness", (blocked := health_blocks(inst, cfg)) is None, blocked or (
+            "azure.require_healthy is off" if not a.require_healthy
+            else f"Application Health {inst.health}" if inst.health
+            else "no Application Health reported: served as before")),
     ]
     full = next((k for k in plan_skips if k.id == inst.id and k.rule == "server_slots.max"), None)
     rules.append(("server_slots.max", full is None,

@@ -156,6 +156,9 @@ class TestConfig:
         ({"tags": {"allowlist": {"env": 1}}}, "tags.allowlist: must be an object of strings"),
         ({"haproxy": {"base_url": "localhost:5555"}}, "haproxy.base_url: must be an http(s) URL"),
         ({"azure": {"resource_manager_url": "http://arm"}}, "azure.resource_manager_url: must be an https URL"),
+        ({"azure": {"require_healthy": "yes"}}, "azure.require_healthy: must be true or false"),
+        ({"azure": {"require_healthy": True, "source": "resource_graph"}},
+         'azure.require_healthy: needs azure.source "arm": Resource Graph rows carry no'),
         ({"metrics": {"listen": "9777"}}, 'metrics.listen: must be "HOST:PORT"'),
         ({"haproxy": {"server": {"params": {"address": "x"}}}},
          "haproxy.server.params: may not set address (the program sets it)"),
@@ -181,6 +184,12 @@ class TestConfig:
         with pytest.raises(m.ConfigError) as err:
             m.parse_config(base, {})
         assert any(p.startswith(problem) for p in err.value.problems), err.value.problems
+
+    def test_require_healthy_is_off_by_default_and_takes_the_arm_source(self):
+        assert make_config().azure.require_healthy is False
+        cfg = make_config(azure={"require_healthy": "${HEALTHY:-true}"})
+        assert cfg.azure.require_healthy is True
+        assert make_config(azure={"require_healthy": False, "source": "resource_graph"})
 
     def test_every_problem_is_reported_at_once(self, tmp_path, capsys):
         path = write_config(tmp_path, {
@@ -1518,6 +1527,41 @@ class TestAzureParsing:
     def test_power_state_of_an_instance_view(self, codes, want):
         statuses = [c if not isinstance(c, str) else {"code": c} for c in codes]
         assert m.power_state({"statuses": statuses}) == want
+
+    @pytest.mark.parametrize("view, want", [
+        ({"vmHealth": {"status": {"code": "HealthState/healthy", "level": "Info"}}}, "healthy"),
+        ({"vmHealth": {"status": {"code": "HealthState/Unhealthy"}}}, "unhealthy"),
+        ({"vmHealth": {"status": {"code": "HealthState/initializing"}}}, "initializing"),
+        ({"vmHealth": {"status": {"code": "HealthState/unknown"}}}, "unknown"),
+        ({"vmHealth": {"status": {"code": "HealthState/degraded"}}}, "unknown"),   # undocumented
+        ({"vmHealth": {"status": {"code": 7}}}, None),
+        ({"vmHealth": {"status": None}}, None),
+        ({"vmHealth": "healthy"}, None),
+        ({"statuses": [{"code": "PowerState/running"}]}, None),     # no extension
+        (None, None),
+    ])
+    def test_health_of_an_instance_view(self, view, want):
+        assert m.vm_health(view) == want
+
+    def test_the_join_reads_the_health_of_uniform_instances_only(self):
+        """A Uniform instance's health is in its scale set's listing; a VM's status-only view
+        is not read for it (the option covers Uniform sets)."""
+        nic = example("VmssNetworkInterfaceList.json")[0]
+        vid = nic["properties"]["virtualMachine"]["id"]
+        view = {"statuses": [{"code": "PowerState/running"}],
+                "vmHealth": {"status": {"code": "HealthState/initializing"}}}
+        uniform = {"id": vid, "instanceId": "0", "properties": {"instanceView": view}}
+        vm = {"id": "/subscriptions/s/resourceGroups/rg/providers/Microsoft.Compute/"
+                    "virtualMachines/vm1", "name": "vm1"}
+        status = {"id": vm["id"], "properties": {"instanceView": view}}
+        listing = m.AzureListing(vms=[vm], statuses=[status], set_instances=[uniform], nics=[nic])
+        found = {i.kind: i for i in m.instances_from_azure(listing, make_config().azure)}
+        assert (found["uniform"].health, found["vm"].health) == ("initializing", None)
+        assert found["vm"].power_state == "running"
+        del view["vmHealth"]
+        [inst] = m.instances_from_azure(m.AzureListing(set_instances=[uniform], nics=[nic]),
+                                        make_config().azure)
+        assert inst.health is None and inst._fields[-1] == "health"
 
     def test_example_shapes_never_crash_the_join(self):
         """Placeholders everywhere (string tags, availability-set ids, odd status codes)."""
@@ -4105,3 +4149,19 @@ class TestExplain:
                f"/providers/Microsoft.Compute/virtualMachines/vm-0004").upper()
         code, _, story = self.explain(path, rid, capsys)
         assert code == 0 and story["instance"]["id"] == rid.lower()
+
+    @pytest.mark.parametrize("health, required, ok, detail", [
+        ("healthy", True, True, "Application Health healthy"),
+        ("initializing", True, False, "Application Health initializing: not added until Healthy"),
+        ("unhealthy", True, False, "Application Health unhealthy: not served (its server drains)"),
+        (None, True, True, "no Application Health reported: served as before"),
+        ("unhealthy", False, True, "azure.require_healthy is off"),
+    ])
+    def test_the_readiness_rule(self, health, required, ok, detail):
+        cfg = make_config(azure={"require_healthy": required})
+        inst = make_instance(1, kind="uniform", health=health)
+        (rule,) = [r for r in m.instance_rules(inst, cfg, []) if r["rule"] == "readiness"]
+        assert rule["ok"] is ok and rule["detail"].startswith(detail)
+        if not ok:      # the verdict names it
+            story = m.explain("vm1", m.Discovery((inst,)), [], [], cfg)
+            assert story["exit"] == 1 and story["verdict"] == f"not served: {rule['detail']}"

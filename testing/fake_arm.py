@@ -40,7 +40,8 @@ Public API:
         resource_id(name), add_vm(vm), remove(name), update(name, **fields), scale(name, capacity),
         to_json(), Estate.from_json(text). Instance fields: name, private_ip, tags, power_state,
         private_ipv6, public_ip, has_nic, second_nic_ip, provisioning_state ("Succeeded"; "Deleting",
-        "Creating", "Updating", "Failed"...); a ScaleSet has a provisioning_state too.
+        "Creating", "Updating", "Failed"...), health (None; "Healthy", "Unhealthy", "Initializing",
+        "Unknown"); a ScaleSet has a provisioning_state too, and a health its new instances get.
     FakeArm(estate=None, *, page_size=100, port=0, state_dir=None): start(), stop(), context manager;
         url, foreign_url, other_port_url, ca_pem_path, env(), env_workload_identity(token_file),
         env_client_secret(), estate, page_size;
@@ -120,6 +121,10 @@ What is served:
   `properties.provisioningState` ("Deleting") in the VM and scale-set VM lists and Resource Graph rows,
   and as the instance views' first status `ProvisioningState/deleting` (displayStatus "Deleting";
   `ProvisioningState/succeeded` "Provisioning succeeded" otherwise, level Error for "Failed").
+- Application Health: `estate.update(name, health="Unhealthy")` gives a Uniform instance's view (in
+  `vmss_vms` with `$expand=instanceView` and its single GET) `vmHealth.status.code`
+  `HealthState/unhealthy`; None (the default) is an instance without the extension: no `vmHealth`.
+  Standalone and Flexible VMs, the status-only list and Resource Graph rows never carry one.
 - Role scope: `fake.reader_groups = {"rg-a"}` models a principal whose Reader role covers only those
   resource groups: subscription-wide lists and every other group answer 403 `AuthorizationFailed` (in
   Azure's words); the default `None` reads the whole subscription.
@@ -315,6 +320,9 @@ class Instance:
     has_nic: bool = True              # False: the VM names a NIC that no NIC list returns
     second_nic_ip: str | None = None  # a second, non-primary NIC with this private IPv4 address
     provisioning_state: str = "Succeeded"   # Creating, Updating, Deleting, Failed...: properties.provisioningState
+    # Application Health (Healthy, Unhealthy, Initializing, Unknown): a Uniform instance view's
+    # vmHealth, HealthState/{lower-cased}; None: no extension
+    health: str | None = None
 
 
 @dataclass(kw_only=True)
@@ -346,6 +354,7 @@ class ScaleSet:
     instances: list[Instance] = field(default_factory=list)
     next_index: int = 0
     provisioning_state: str = "Succeeded"
+    health: str | None = None          # the Application Health new instances (scale) start with
 
     def __post_init__(self):
         if self.orchestration not in (UNIFORM, FLEXIBLE):
@@ -509,7 +518,8 @@ class Estate:
 
     def _new_instance(self, ss: ScaleSet) -> Instance:
         last = ss.instances[-1] if ss.instances else None
-        inst = Instance(name=f"{ss.name}_{ss.next_index}", private_ip=self._next_address("private_ip"))
+        inst = Instance(name=f"{ss.name}_{ss.next_index}",
+                        private_ip=self._next_address("private_ip"), health=ss.health)
         for attr in ("private_ipv6", "public_ip"):
             if last is not None and getattr(last, attr):
                 setattr(inst, attr, self._next_address(attr))
@@ -623,11 +633,18 @@ def _provisioning_status(state: str) -> dict:
             "displayStatus": display}
 
 
-def _instance_view(inst: Instance) -> dict:
-    return {"statuses": [
+def _instance_view(inst: Instance, uniform: bool = False) -> dict:
+    """Statuses; for a Uniform instance with the Application Health extension, its vmHealth too
+    (VirtualMachineScaleSetVMInstanceView.vmHealth; the status-only VM list never carries one)."""
+    view = {"statuses": [
         _provisioning_status(inst.provisioning_state),
         {"code": f"PowerState/{inst.power_state}", "level": "Info", "displayStatus": f"VM {inst.power_state}"},
     ]}
+    if uniform and inst.health is not None:
+        code = f"HealthState/{inst.health.lower()}"
+        view["vmHealth"] = {"status": {"code": code, "level": "Info", "displayStatus": inst.health,
+                                       "time": "2026-01-01T00:00:00+00:00"}}
+    return view
 
 
 def _nic_references(p: Placed) -> list[dict]:
@@ -670,7 +687,7 @@ def _scale_set_vm_json(p: Placed, *, instance_view: bool) -> dict:
     if p.uniform:   # Azure gives a Flexible member's network profile only in the VM list
         properties["networkProfile"] = {"networkInterfaces": _nic_references(p)}
     if instance_view:
-        properties["instanceView"] = _instance_view(p.inst)
+        properties["instanceView"] = _instance_view(p.inst, p.uniform)
     item = _resource(p.vm_id, "Microsoft.Compute/virtualMachines", p.ss.location, p.inst.tags, properties,
                      name=p.inst.name)   # a Uniform instance's id ends in its index, not its name
     item["instanceId"] = _index_of(p.inst) if p.uniform else p.inst.name
@@ -785,7 +802,7 @@ def _single(lookup: _Lookup, endpoint: str, path: str) -> dict | None:
         found = lookup.nics.get(key)
         return _nic_json(*found) if found is not None and found[0].inst.has_nic else None
     p = lookup.vms.get(key.removesuffix("/instanceview"))
-    return _instance_view(p.inst) if p is not None else None
+    return _instance_view(p.inst, p.uniform) if p is not None else None
 
 
 def _not_found(endpoint: str, groups: dict) -> str:

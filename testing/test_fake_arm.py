@@ -175,6 +175,25 @@ class TestListings:
         assert [power_state(i.instance_view) for i in instances][2] == "PowerState/stopped"
         assert fake.counts["vmss_vms"] == 2
 
+    def test_application_health_is_in_uniform_instance_views_only(self, fake):
+        compute, _ = clients(fake)
+        fake.estate.update("uvmss-00_0", health="Healthy")
+        fake.estate.update("uvmss-00_1", health="Initializing")
+        fake.estate.update("fvmss-00_0", health="Healthy")      # a Flexible member: never in a list
+        scale_set_vms = compute.virtual_machine_scale_set_vms
+        instances = list(scale_set_vms.list("rg-a", "uvmss-00", expand="instanceView"))
+        health = [v.status.code if (v := i.instance_view.vm_health) else None for i in instances]
+        assert health == ["HealthState/healthy", "HealthState/initializing", None]   # _2: none
+        without = list(scale_set_vms.list("rg-a", "uvmss-00"))
+        assert [i.instance_view for i in without] == [None] * 3
+        fake.estate.update("uvmss-00_1", health="Unhealthy")
+        view = scale_set_vms.get_instance_view("rg-a", "uvmss-00", "1")
+        assert view.vm_health.status.code == "HealthState/unhealthy"
+        statuses = list(compute.virtual_machines.list_all(status_only="true"))
+        assert all(s.instance_view.vm_health is None for s in statuses)
+        flexible = scale_set_vms.list("rg-a", "fvmss-00", expand="instanceView")
+        assert all(i.instance_view.vm_health is None for i in flexible)
+
     def test_uniform_nics_and_public_ips_join_case_insensitively(self, fake):
         compute, network = clients(fake)
         [instance, *_] = compute.virtual_machine_scale_set_vms.list("rg-a", "uvmss-00")
@@ -462,6 +481,14 @@ class TestResourceGraph:
                                             "Resources | where type in~ ('microsoft.compute/nosuchthing') | project id"})
         assert (status, page["totalRecords"], page["data"]) == (200, 0, [])
 
+    def test_rows_carry_no_application_health(self, fake):
+        fake.estate.update("uvmss-00_0", health="Unhealthy")
+        query = ("ComputeResources | where type in~ "
+                 "('microsoft.compute/virtualmachinescalesets/virtualmachines') "
+                 "| project id, properties")
+        _, page, _ = graph_post(fake, {"subscriptions": [SUB], "query": query})
+        assert page["totalRecords"] == 3 and "Health" not in json.dumps(page["data"])
+
     def test_uniform_instances_and_their_nics_live_in_compute_resources(self, fake):
         query = ("ComputeResources | where type in~ ('microsoft.compute/virtualmachinescalesets/virtualmachines',"
                  " 'microsoft.compute/virtualmachinescalesets/virtualmachines/networkinterfaces') | project id, type")
@@ -668,6 +695,14 @@ class TestEstate:
         estate.scale("uvmss-00", 2)
         new = estate.find("uvmss-00_1")
         assert (new.private_ip, new.public_ip, new.private_ipv6) == ("10.0.0.6", "20.0.0.6", None)
+
+    def test_new_instances_get_their_scale_sets_health(self):
+        estate = make_estate(uniform_sets=1, per_set=1)
+        estate.update("uvmss-00", health="Initializing")
+        estate.scale("uvmss-00", 3)
+        health = [i.health for i in estate.find("uvmss-00").instances]
+        assert health == [None, "Initializing", "Initializing"]
+        assert Estate.from_json(estate.to_json()) == estate
 
     def test_names_must_exist_and_be_unique(self):
         with pytest.raises(KeyError):
