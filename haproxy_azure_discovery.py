@@ -2862,22 +2862,9 @@ def instances_from_azure(listing: AzureListing, cfg: AzureConfig,
     whose tags are not an object cannot be judged: a Skip in `skipped`. AzureError for an
     item without an id: it could be any instance, and leaving it out would drain it."""
     join = _Join(listing, cfg)          # one pass per listing, then one lookup per instance
-    out: dict[str, Instance] = {}
-    for uniform, raws in ((False, listing.vms), (True, listing.set_instances)):
-        for raw in raws:
-            vid = _id(raw.get("id"))
-            if not vid:
-                raise _without_id(raw, uniform)
-            if vid in out:
-                continue
-            instance = join.instance(raw, vid, uniform)
-            if instance is not None:
-                out[vid] = instance
-            elif skipped is not None:
-                skipped.append(Skip(_printable(vid.rsplit("/", 1)[-1]), "its tags are not an object "
-                                    "(as Azure lists them): it cannot be told whether it serves",
-                                    _printable(vid), "tags"))
-    return list(out.values())
+    join.read(listing.vms, False, skipped)
+    join.read(listing.set_instances, True, skipped)
+    return list(join.instances.values())
 
 
 def _without_id(raw: Mapping, uniform: bool) -> AzureError:
@@ -2896,28 +2883,42 @@ class _Join:
         self.powers = _power_states(listing.statuses)
         self.sets = {_id(s.get("id")): s for s in listing.scale_sets}
         self.set_tags: dict[str, dict[str, str]] = {}
+        self.instances: dict[str, Instance] = {}           # by lower-cased id
 
-    def instance(self, raw: Mapping, vid: str, uniform: bool) -> Instance | None:
-        """The Instance of one listed VM or scale-set instance; None when its tags are not an
-        object. A scale set's tags are its instances' too, theirs taking precedence."""
-        props = _props(raw)
-        set_id = _scale_set_of(vid) if uniform else _id((props.get("virtualMachineScaleSet") or {}).get("id"))
-        tags = _tags(raw)
-        if tags is None:
-            return None
-        if set_id:
-            if set_id not in self.set_tags:
-                self.set_tags[set_id] = _tags(self.sets.get(set_id, {})) or {}
-            tags = {**self.set_tags[set_id], **tags}
-        nics = self.nics.get(vid)
-        nic = _primary(nics) if nics else None
-        address = nic_address(nic, self.public_ips, self.cfg) if nic else None
-        view = props.get("instanceView")
-        state = power_state(view) or self.powers.get(vid, "unknown")
-        kind = "uniform" if uniform else "flexible" if set_id else "vm"
-        return Instance(vid, _instance_name(raw, vid, set_id if uniform else ""),
-                        _region(raw.get("location")), tags, address, state, kind,
-                        vm_health(view) if uniform else None)
+    def read(self, raws: Iterable[Mapping], uniform: bool, skipped: list[Skip] | None) -> None:
+        """Each listed VM or scale-set instance into `instances` (a second sighting counts
+        once); one whose tags are not an object into `skipped`. A scale set's tags are its
+        instances' too, theirs taking precedence."""
+        for raw in raws:
+            vid = _id(raw.get("id"))
+            if not vid:
+                raise _without_id(raw, uniform)
+            if vid in self.instances:
+                continue
+            props, tags = _props(raw), _tags(raw)
+            if tags is None:
+                if skipped is not None:
+                    skipped.append(Skip(_printable(vid.rsplit("/", 1)[-1]), "its tags are not an "
+                                        "object (as Azure lists them): it cannot be told whether "
+                                        "it serves", _printable(vid), "tags"))
+                continue
+            set_id = _scale_set_of(vid) if uniform else _id((props.get("virtualMachineScaleSet") or {}).get("id"))
+            if set_id:
+                tags = {**self._set_tags(set_id), **tags}
+            nics = self.nics.get(vid)
+            nic = _primary(nics) if nics else None
+            view = props.get("instanceView")
+            self.instances[vid] = Instance(
+                vid, _instance_name(raw, vid, set_id if uniform else ""), _region(raw.get("location")),
+                tags, nic_address(nic, self.public_ips, self.cfg) if nic else None,
+                power_state(view) or self.powers.get(vid, "unknown"),
+                "uniform" if uniform else "flexible" if set_id else "vm",
+                vm_health(view) if uniform else None)
+
+    def _set_tags(self, set_id: str) -> dict[str, str]:
+        if set_id not in self.set_tags:
+            self.set_tags[set_id] = _tags(self.sets.get(set_id, {})) or {}
+        return self.set_tags[set_id]
 
 
 def _instance_name(raw: Mapping, vid: str, uniform_set: str) -> str:
