@@ -13,21 +13,23 @@ parks. With haproxy.targets, one discovery feeds several HAProxy hosts, each pla
 applied and backed off on its own.
 
 Usage:
-    haproxy-azure-discovery [-c FILE] [--once [--confirm-drain] | --dry-run | --validate | --status [--json]]
+    haproxy-azure-discovery [-c FILE] [--once [--confirm-drain] | --dry-run | --validate
+                            | --status [--json] | --explain NAME|ID [--json]]
                             [--log-level LEVEL] [--version]
 
     --validate   check the configuration only (no network, no Azure SDK)
     --once       run one full cycle and exit
     --dry-run    discover, read HAProxy, print the plan; change nothing
     --status     discovery and HAProxy's backends side by side, drift marked
+    --explain    why one VM or scale-set instance is (not) served
     (no mode)    run as a daemon: SIGTERM/SIGINT stop, SIGHUP reloads the config
 
 Configuration: JSON (or TOML on Python 3.11+), default
 /etc/haproxy-azure-discovery/config.json, then config.toml. Strings may use
 ${VAR} and ${VAR:-default}. See docs/configuration.md for every key.
 
-Exit codes: 0 ok, 1 cycle failed or unexpected error, 2 usage,
-69 Azure SDK not importable, 78 configuration invalid.
+Exit codes: 0 ok, 1 cycle failed or unexpected error (--explain: not served),
+2 usage (--explain: not found), 69 Azure SDK not importable, 78 configuration invalid.
 """
 from __future__ import annotations
 
@@ -80,7 +82,8 @@ SDK_PACKAGES = ("azure-identity", "azure-mgmt-compute", "azure-core")
 
 DAY, HOUR = 86400.0, 3600.0
 MAX_WEIGHT = 256                  # HAProxy's server weight range is 0-256
-INT_MAX = 2**31 - 1               # HAProxy parses numbers (and times, in ms) as 32-bit signed integers
+# HAProxy parses numbers (and times, in ms) as 32-bit signed integers
+INT_MAX = 2**31 - 1
 # HAProxy's own bounds of int params, where they are narrower than 0..INT_MAX (haproxy -c: "invalid
 # value 0 for argument 'inter'", weights above 256 refused).
 PARAM_BOUNDS = {"weight": (0, MAX_WEIGHT), **{k: (1, INT_MAX) for k in (
@@ -176,7 +179,8 @@ SERVER_PARAM_KINDS = _by_kind({
     "list": "proxy-v2-options",
     "none|required": "verify",
     "re:([A-Za-z0-9.:/]+)(,[A-Za-z0-9.:/]+)*": "resolve-net",
-    "re:(allow-dup-ip|ignore-weight|prevent-dup-ip)(,(allow-dup-ip|ignore-weight|prevent-dup-ip))*": "resolve_opts",
+    "re:(allow-dup-ip|ignore-weight|prevent-dup-ip)(,(allow-dup-ip|ignore-weight|prevent-dup-ip))*":
+        "resolve_opts",
     "shutdown-backup-sessions": "on-marked-up",
     "shutdown-sessions": "on-marked-down",
 })
@@ -206,7 +210,8 @@ BACKEND_PARAM_KINDS = _by_kind({
     "list": "error_files errorfiles_from_http_errors",
     "aggressive|always|never|safe": "http_reuse",
     "global|local|none": "load_server_state_from_file",
-    "httpchk|ldap-check|mysql-check|pgsql-check|redis-check|smtpchk|ssl-hello-chk|tcp-check": "adv_check",
+    "httpchk|ldap-check|mysql-check|pgsql-check|redis-check|smtpchk|ssl-hello-chk|tcp-check":
+        "adv_check",
     "httpclose|http-server-close|http-keep-alive": "http_connection_mode",
     "name": "from",
     "preserve|delete|reject": "http_restrict_req_hdr_names",
@@ -227,9 +232,9 @@ RELOAD_WAIT = 60.0
 RUNTIME_FIELDS = frozenset({"address", "port", "maintenance", "weight", "agent-check",
                             "agent-addr", "agent-send", "health_check_port"})
 
-# A custom cloud's endpoints document: GET {resource_manager_url}/metadata/endpoints (Azure Stack Hub
-# and Azure's own clouds serve it; azure-cli and Terraform read it to register a cloud).
-# Azure's clouds answer 2022-09-01; Azure Stack Hub documents only 2015-01-01 (both shapes carry
+# A custom cloud's endpoints document: GET {resource_manager_url}/metadata/endpoints (Azure Stack
+# Hub and Azure's own clouds serve it; azure-cli and Terraform read it to register a cloud). Azure's
+# clouds answer 2022-09-01; Azure Stack Hub documents only 2015-01-01 (both shapes carry
 # authentication.loginEndpoint and audiences).
 CLOUD_METADATA_APIS = ("2022-09-01", "2015-01-01")
 # (Resource Manager endpoint = token audience, login authority) per azure.cloud.
@@ -298,8 +303,9 @@ class ReloadFailed(DataPlaneError):
         self.reload_id, self.at = reload_id, at if _is_int(at) else None
         self.response = shorten(str(response or "no message"), 300)
         when = f" at {utc(self.at)}" if self.at is not None else ""
-        super().__init__(f"HAProxy runs an older configuration than the Data Plane API shows: reload "
-                         f"{reload_id} failed{when}: {self.response}")
+        super().__init__(
+            f"HAProxy runs an older configuration than the Data Plane API shows: reload "
+            f"{reload_id} failed{when}: {self.response}")
 
 
 # The Data Plane API's answers to a write it refuses: a body its model rejects (422) or a
@@ -316,11 +322,13 @@ class Aborted(DiscoveryError):
 # the managed-identity header, and key=value pairs with a secret-sounding key (not our own
 # key paths such as "haproxy.password: is required").
 _REDACT_RE = re.compile(
-    r"(?i)(authorization[\"']?\s*[:=]\s*[\"']?(?:basic|bearer)?\s*|bearer\s+|x-identity-header[\"']?\s*[:=]\s*|"
+    r"(?i)(authorization[\"']?\s*[:=]\s*[\"']?(?:basic|bearer)?\s*|bearer\s+|"
+    r"x-identity-header[\"']?\s*[:=]\s*|"
     r"(?<![\w.])(?:password|passwd|secret|token|access_token|client_secret)[\"']?\s*[:=]\s*[\"']?)"
     r"[^\s\"',;}&]+")
 # Environment variables whose values are secrets wherever they end up.
-SECRET_VAR_RE = re.compile(r"(?i)(.*_)?(password|passwd|pass|secret|token|key|credentials?|identity_header)(_.*)?")
+SECRET_VAR_RE = re.compile(
+    r"(?i)(.*_)?(password|passwd|pass|secret|token|key|credentials?|identity_header)(_.*)?")
 
 
 def redact(text: str, secrets: Iterable[str]) -> str:
@@ -328,7 +336,8 @@ def redact(text: str, secrets: Iterable[str]) -> str:
     like a credential masked: the one masking path of every printed line. A secret is
     masked as written and as it appears escaped (JSON, a Python repr, URL-quoted) or with
     its whitespace folded, so that no way of printing an answer shows it."""
-    for secret in sorted({v for s in secrets if s and len(s) >= 4 for v in _spellings(s)}, key=len, reverse=True):
+    for secret in sorted({v for s in secrets if s and len(s) >= 4 for v in _spellings(s)}, key=len,
+                         reverse=True):
         text = text.replace(secret, "***")
     return _REDACT_RE.sub(lambda m: m.group(1) + "***", text)
 
@@ -336,7 +345,8 @@ def redact(text: str, secrets: Iterable[str]) -> str:
 @functools.lru_cache(maxsize=256)
 def _spellings(secret: str) -> tuple[str, ...]:
     return tuple({secret, json.dumps(secret)[1:-1], json.dumps(secret, ensure_ascii=False)[1:-1],
-                  repr(secret)[1:-1], urllib.parse.quote(secret, safe=""), urllib.parse.quote_plus(secret),
+                  repr(secret)[1:-1], urllib.parse.quote(secret, safe=""),
+                  urllib.parse.quote_plus(secret),
                   " ".join(secret.split())} - {""})
 
 
@@ -448,10 +458,12 @@ class Discovery:
     skipped: tuple[Skip, ...] = ()
     requests: int = 0
     quota: Mapping[str, int] = field(default_factory=dict)   # Azure's read buckets: the least left
-    wait: float = 0.0            # the next cycle waits this long at least, for the buckets to refill
+    # the next cycle waits this long at least, for the buckets to refill
+    wait: float = 0.0
 
 
-class ServiceKey(typing.NamedTuple):     # a dict key of every cycle: hashed in C, ordered as a tuple
+# a dict key of every cycle: hashed in C, ordered as a tuple
+class ServiceKey(typing.NamedTuple):
     name: str
     port: int
     region: str
@@ -474,7 +486,8 @@ class Drain(typing.NamedTuple):          # a named tuple, as Member: one per lea
     finish. Parked at `until` at the latest, or once its sessions are 0."""
     backend: str
     server: str
-    address: str                 # the endpoint drained: a slot whose server changed is another drain
+    # the endpoint drained: a slot whose server changed is another drain
+    address: str
     port: int | None             # as HAProxy holds it (the model's port is nullable)
     since: float                 # when the drain began (wall clock, seconds)
     until: float                 # since + safety.drain_seconds
@@ -524,8 +537,8 @@ class BackendPlan:
     changes: tuple[ServerChange, ...]
     slots: int
     live: int
-    wanted: Mapping[str, Any] = field(default_factory=dict)   # the fields the program sets (before `fields`
-                                                              # adds what HAProxy holds)
+    # the fields the program sets (before `fields` adds what HAProxy holds)
+    wanted: Mapping[str, Any] = field(default_factory=dict)
 
     @property
     def structural(self) -> bool:
@@ -631,18 +644,23 @@ class State:
     """What the daemon remembers between cycles; SIGHUP replaces it with a fresh one."""
     version: int | None = None            # configuration version after our last cycle
     fingerprint: str | None = None        # of the discovery our last cycle applied
-    assignments: dict[str, dict[str, str]] = field(default_factory=dict)  # backend -> instance -> slot
+    # backend -> instance -> slot
+    assignments: dict[str, dict[str, str]] = field(default_factory=dict)
     drain_fingerprint: str | None = None  # discovery seen behind a mass drain ...
     drain_streak: int = 0                 # ... and in how many cycles in a row
     drain_since: float | None = None      # ... and since when (wall clock), while it is held
-    draining: dict[str, dict[str, Drain]] = field(default_factory=dict)   # backend -> server -> its drain
+    # backend -> server -> its drain
+    draining: dict[str, dict[str, Drain]] = field(default_factory=dict)
     skipped: frozenset[str] = frozenset()  # skip reasons already logged as warnings
     warned: frozenset[str] = frozenset()   # plan warnings already logged
     settled: dict[str, Settled] = field(default_factory=dict)   # backend -> as last found in sync
-    debt: ReloadFailed | None = None      # a reload HAProxy still owes: it may run an older configuration
+    # a reload HAProxy still owes: it may run an older configuration
+    debt: ReloadFailed | None = None
     looked: bool = False                  # _first_look has read what the target tells once
-    rewrites: dict[str, Rewrite] = field(default_factory=dict)   # backend -> its writes of one desired state
-    unkept: frozenset[str] = frozenset()  # "backend.KEY"/"server.KEY" params the target does not keep
+    # backend -> its writes of one desired state
+    rewrites: dict[str, Rewrite] = field(default_factory=dict)
+    # "backend.KEY"/"server.KEY" params the target does not keep
+    unkept: frozenset[str] = frozenset()
 
 
 @dataclass(frozen=True)
@@ -743,7 +761,8 @@ class HAProxyConfig:
     ca_file: str = ""
     apply_mode: str = "transaction"
     hybrid_max_writes: int = 25
-    max_answer_mb: int = 64         # the largest answer read (100,000 servers in full sections: some 30 MiB)
+    # the largest answer read (100,000 servers in full sections: some 30 MiB)
+    max_answer_mb: int = 64
     backend: BackendConfig = BackendConfig()
     server: ServerConfig = ServerConfig()
     server_slots: SlotsConfig = SlotsConfig()
@@ -762,7 +781,8 @@ class PollingConfig:
 class SafetyConfig:
     max_drain_percent: float = 50.0
     drain_confirm_cycles: int = 2
-    drain_confirm_seconds: float = 300.0   # ... and this long since it was first seen, whichever is longer
+    # ... and this long since it was first seen, whichever is longer
+    drain_confirm_seconds: float = 300.0
     drain_seconds: float = 30.0   # a leaving server drains this long at most before it is parked
 
 
@@ -869,15 +889,18 @@ def listen_address(v: str) -> tuple[str, int] | None:
 
 def _listen_address(v: str) -> str | None:
     ok = not v or listen_address(v) is not None
-    return None if ok else ('must be "HOST:PORT", HOST an IPv4 address, [an IPv6 address], localhost or '
-                            f'empty (e.g. "127.0.0.1:9777", "[::1]:9777"), got {json.dumps(v)}')
+    return None if ok else (
+        'must be "HOST:PORT", HOST an IPv4 address, [an IPv6 address], localhost or '
+        f'empty (e.g. "127.0.0.1:9777", "[::1]:9777"), got {json.dumps(v)}')
 
 
-def _params(allowed: frozenset[str], owned: str, kinds: Mapping[str, str]) -> Callable[[Mapping], str | None]:
+def _params(allowed: frozenset[str], owned: str,
+            kinds: Mapping[str, str]) -> Callable[[Mapping], str | None]:
     def check(v: Mapping) -> str | None:
         bad = sorted(k for k in v if k not in allowed)
         if not bad:
-            wrong = [f"{k}: {problem}" for k in sorted(v) if (problem := param_value_problem(v[k], kinds[k], k))]
+            wrong = [f"{k}: {problem}" for k in sorted(v)
+                     if (problem := param_value_problem(v[k], kinds[k], k))]
             return "; ".join(wrong) or None
         owned_keys = [k for k in bad if k in owned.split()]
         if owned_keys:
@@ -897,12 +920,14 @@ def param_value_problem(value: Any, kind: str, name: str = "") -> str | None:
         return None if ok else f"must be an integer {low}-{high}, got {got}"
     if kind in ("bool", "list", "object"):
         ok = isinstance(value, {"bool": bool, "list": list, "object": dict}[kind])
-        return None if ok else f"must be {'true or false' if kind == 'bool' else 'a ' + kind}, got {got}"
+        what = "true or false" if kind == "bool" else f"a {kind}"
+        return None if ok else f"must be {what}, got {got}"
     if not isinstance(value, str) or not value.isprintable():
         return f"must be a string without control characters, got {got}"
     if kind == "word" or kind == "name":
         ok = re.fullmatch(r"[^\s]+" if kind == "word" else r"[A-Za-z0-9_.:-]+", value) is not None
-        return None if ok else f"must be one word{' of A-Z a-z 0-9 _ . : -' if kind == 'name' else ''}, got {got}"
+        which = " of A-Z a-z 0-9 _ . : -" if kind == "name" else ""
+        return None if ok else f"must be one word{which}, got {got}"
     if kind.startswith("re:"):
         return None if re.fullmatch(kind[3:], value) else f"must match {kind[3:]}, got {got}"
     if kind != "text" and value not in kind.split("|"):
@@ -915,7 +940,8 @@ def _at_most(high: float, unit: str = "") -> Callable[[float], str | None]:
 
 
 def _between(low: float, high: float, unit: str = "") -> Callable[[float], str | None]:
-    return lambda v: None if low <= v <= high else f"must be between {low:g} and {high:g}{unit}, got {v:g}"
+    return lambda v: (None if low <= v <= high
+                      else f"must be between {low:g} and {high:g}{unit}, got {v:g}")
 
 
 def _bounded_url(v: str) -> str | None:
@@ -926,7 +952,8 @@ def _bounded_url(v: str) -> str | None:
         return "must not contain spaces or control characters"
     u = urllib.parse.urlsplit(v)
     if u.username is not None or u.password is not None:
-        return "must not carry credentials (user:password@): use haproxy.username and haproxy.password"
+        return ("must not carry credentials (user:password@): use haproxy.username and "
+                "haproxy.password")
     if "?" in v or "#" in v:
         return f"must not have a query or a fragment, got {json.dumps(v)}"
     try:
@@ -960,7 +987,8 @@ def _tag_name(v: str) -> str | None:
 CHECKS: dict[str, Callable[[Any], str | None]] = {
     "azure.subscription_id": lambda v: None if not v or GUID_RE.fullmatch(v) else (
         f"must be a subscription GUID, got {json.dumps(v)}"),
-    "azure.credential_type": _one_of("default", "managed_identity", "workload_identity", "client_secret", "azure_cli"),
+    "azure.credential_type": _one_of("default", "managed_identity", "workload_identity",
+                                     "client_secret", "azure_cli"),
     "azure.cloud": _one_of("", *CLOUDS),
     "azure.resource_manager_url": _optional_https_url,
     "azure.token_audience": _optional_https_url,
@@ -975,10 +1003,13 @@ CHECKS: dict[str, Callable[[Any], str | None]] = {
     "azure.discovery_deadline_seconds": lambda v: _positive(v) or _at_most(HOUR, " s")(v),
     "haproxy.base_url": _bounded_url,
     "haproxy.api_version": _one_of("auto", "v2", "v3"),
-    "haproxy.name": _matches(re.compile(r"[^\s\"\\\x00-\x1f\x7f]{1,100}"),    # a target's (haproxy.targets[i].name)
-                             "must be 1-100 characters without spaces, quotes, backslashes or controls"),
+    # a target's (haproxy.targets[i].name)
+    "haproxy.name": _matches(re.compile(r"[^\s\"\\\x00-\x1f\x7f]{1,100}"),
+                             "must be 1-100 characters without spaces, quotes, backslashes or "
+                             "controls"),
     "haproxy.username": lambda v: None if v else "must not be empty",
-    "haproxy.password": lambda v: None if v else "is required (the Data Plane API always asks for credentials)",
+    "haproxy.password": lambda v: None if v
+        else "is required (the Data Plane API always asks for credentials)",
     "tags.service_name_tag": _tag_name,
     "tags.service_port_tag": _tag_name,
     "tags.instance_port_tag": _tag_name,
@@ -989,11 +1020,14 @@ CHECKS: dict[str, Callable[[Any], str | None]] = {
     "haproxy.max_answer_mb": _between(1, 4096),
     "haproxy.backend.name_prefix": _matches(re.compile(r"[A-Za-z0-9_.:-]{1,32}"),
                                             "must be 1-32 of A-Z a-z 0-9 _ . : -"),
-    "haproxy.backend.name_separator": _matches(re.compile(r"[_.:-]{1,3}"), "must be 1-3 of _ . : -"),
+    "haproxy.backend.name_separator": _matches(re.compile(r"[_.:-]{1,3}"),
+                                               "must be 1-3 of _ . : -"),
     "haproxy.backend.balance": _one_of(*BALANCE_ALGORITHMS),
     "haproxy.backend.mode": _one_of("http", "tcp"),
-    "haproxy.backend.params": _params(BACKEND_PARAMS, "name mode balance servers", BACKEND_PARAM_KINDS),
-    "haproxy.server.params": _params(SERVER_PARAMS, "name address port maintenance", SERVER_PARAM_KINDS),
+    "haproxy.backend.params": _params(BACKEND_PARAMS, "name mode balance servers",
+                                      BACKEND_PARAM_KINDS),
+    "haproxy.server.params": _params(SERVER_PARAMS, "name address port maintenance",
+                                     SERVER_PARAM_KINDS),
     "haproxy.server_slots.base": _between(1, 10000),
     "haproxy.server_slots.max": _between(1, MAX_SLOTS),
     "haproxy.server_slots.growth_factor": lambda v: _positive(v) or _at_most(100)(v),
@@ -1002,7 +1036,8 @@ CHECKS: dict[str, Callable[[Any], str | None]] = {
     "polling.jitter_seconds": lambda v: _not_negative(v) or _at_most(DAY, " s")(v),
     "polling.backoff_base_seconds": lambda v: _positive(v) or _at_most(DAY, " s")(v),
     "polling.max_backoff_seconds": lambda v: _positive(v) or _at_most(DAY, " s")(v),
-    "safety.max_drain_percent": lambda v: None if 0 <= v <= 100 else f"must be between 0 and 100, got {v}",
+    "safety.max_drain_percent": lambda v: None if 0 <= v <= 100
+        else f"must be between 0 and 100, got {v}",
     "safety.drain_confirm_cycles": _between(1, 1000),
     "safety.drain_confirm_seconds": lambda v: _not_negative(v) or _at_most(DAY, " s")(v),
     "safety.drain_seconds": lambda v: _not_negative(v) or _at_most(DAY, " s")(v),
@@ -1044,7 +1079,8 @@ def _coerce(value: Any, hint: Any, path: str, problems: list[str]) -> Any:
             except ValueError:
                 pass
         try:
-            if isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value):
+            if isinstance(value,
+                          (int, float)) and not isinstance(value, bool) and math.isfinite(value):
                 if hint is float or value == int(value):
                     return hint(value)
         except OverflowError:     # an integer too large for a float
@@ -1054,7 +1090,8 @@ def _coerce(value: Any, hint: Any, path: str, problems: list[str]) -> Any:
     elif hint is str:
         if isinstance(value, str):
             return value
-        shown = "(not shown, being a secret)" if _secret_key(path) else json.dumps(value, default=str)
+        shown = "(not shown, being a secret)" if _secret_key(path) else json.dumps(value,
+                                                                                   default=str)
         problems.append(f"{path}: must be a string, got {shown}")
     elif origin is tuple:
         if isinstance(value, list) and all(isinstance(v, str) and v for v in value):
@@ -1062,7 +1099,8 @@ def _coerce(value: Any, hint: Any, path: str, problems: list[str]) -> Any:
         problems.append(f"{path}: must be a list of non-empty strings")
     elif origin in (Mapping, dict):
         want_str = args and args[1] is str
-        if isinstance(value, dict) and all(isinstance(v, str) or not want_str for v in value.values()):
+        if isinstance(value,
+                      dict) and all(isinstance(v, str) or not want_str for v in value.values()):
             return {k: v for k, v in value.items() if not k.startswith("_")}
         problems.append(f"{path}: must be an object" + (" of strings" if want_str else ""))
     return None
@@ -1136,7 +1174,8 @@ def _build_value(raw: Any, hint: Any, env: Mapping[str, str], key: str, problems
     return True, value
 
 
-def _build_services(raw: Any, env: Mapping[str, str], problems: list[str]) -> dict[str, ServiceConfig]:
+def _build_services(raw: Any, env: Mapping[str, str],
+                    problems: list[str]) -> dict[str, ServiceConfig]:
     """services: service name -> overrides, each checked like the haproxy.* key it
     overrides. A name no instance carries yet is fine: it may appear later."""
     if not isinstance(raw, dict):
@@ -1147,7 +1186,8 @@ def _build_services(raw: Any, env: Mapping[str, str], problems: list[str]) -> di
         if name.startswith("_"):
             continue
         if not NAME_RE.fullmatch(name):
-            problems.append(f"services.{_printable(name)}: not a service name (1-64 of A-Z a-z 0-9 _ . : -)")
+            problems.append(
+                f"services.{_printable(name)}: not a service name (1-64 of A-Z a-z 0-9 _ . : -)")
             continue
         out[name] = _build(ServiceConfig, entry, env, f"services.{name}", problems, "haproxy")
     return out
@@ -1156,11 +1196,13 @@ def _build_services(raw: Any, env: Mapping[str, str], problems: list[str]) -> di
 MAX_TARGETS = 100
 
 
-def _build_targets(raw: Any, env: Mapping[str, str], problems: list[str]) -> tuple[TargetConfig, ...]:
+def _build_targets(raw: Any, env: Mapping[str, str],
+                   problems: list[str]) -> tuple[TargetConfig, ...]:
     """haproxy.targets: each entry checked like the haproxy.* connection keys it overrides."""
     if not isinstance(raw, list) or len(raw) > MAX_TARGETS:
-        problems.append(f"haproxy.targets: must be a list of at most {MAX_TARGETS} objects (empty: the one "
-                        "target of haproxy.base_url)")
+        problems.append(
+            f"haproxy.targets: must be a list of at most {MAX_TARGETS} objects (empty: the one "
+            "target of haproxy.base_url)")
         return ()
     return tuple(_build(TargetConfig, entry, env, f"haproxy.targets[{i}]", problems, "haproxy")
                  for i, entry in enumerate(raw))
@@ -1174,7 +1216,8 @@ def target_configs(cfg: Config) -> list[tuple[str, Config]]:
         return [(top.base_url, cfg)]
     out = []
     for t in top.targets:
-        given = {f.name: v for f in dataclasses.fields(t) if f.name != "name" and (v := getattr(t, f.name)) is not None}
+        given = {f.name: v for f in dataclasses.fields(t) if f.name != "name"
+                 and (v := getattr(t, f.name)) is not None}
         haproxy = dataclasses.replace(top, targets=(), **given)
         out.append((t.name or haproxy.base_url, dataclasses.replace(cfg, haproxy=haproxy)))
     return out
@@ -1191,10 +1234,13 @@ def _target_problems(cfg: Config) -> list[str]:
             problems.append(f"{path}.ca_file: set, but verify_ssl is false (here or in haproxy)")
         key = _endpoint_key(h.base_url)
         if key in seen_urls:
-            problems.append(f"{path}.base_url: {h.base_url} is haproxy.targets[{seen_urls[key]}]'s Data Plane API "
-                            "too (the same scheme, host and port: two targets would fight over one HAProxy)")
+            problems.append(
+                f"{path}.base_url: {h.base_url} is haproxy.targets[{seen_urls[key]}]'s Data Plane "
+                "API "
+                "too (the same scheme, host and port: two targets would fight over one HAProxy)")
         if name in seen_names:
-            problems.append(f"{path}.name: {json.dumps(name)} names haproxy.targets[{seen_names[name]}] too")
+            problems.append(
+                f"{path}.name: {json.dumps(name)} names haproxy.targets[{seen_names[name]}] too")
         seen_urls.setdefault(key, i)
         seen_names.setdefault(name, i)
     return problems
@@ -1211,7 +1257,8 @@ def service_haproxy(cfg: Config, service: str | None) -> HAProxyConfig:
         top.backend, balance=b.balance or top.backend.balance, mode=b.mode or top.backend.mode,
         params={**top.backend.params, **(b.params or {})})
     server = ServerConfig({**top.server.params, **(s.params or {})})
-    given = {f.name: v for f in dataclasses.fields(slots) if (v := getattr(slots, f.name)) is not None}
+    given = {f.name: v for f in dataclasses.fields(slots) if (v := getattr(slots, f.name))
+             is not None}
     return dataclasses.replace(top, backend=backend, server=server,
                                server_slots=dataclasses.replace(top.server_slots, **given))
 
@@ -1238,22 +1285,26 @@ def _cross_checks(cfg: Config) -> list[str]:
                             f"got {json.dumps(sub)}")
     for i, rg in enumerate(cfg.azure.resource_groups):
         if not RESOURCE_GROUP_RE.fullmatch(rg):
-            problems.append(f"azure.resource_groups[{i}]: not a resource group name: {json.dumps(rg)}")
+            problems.append(
+                f"azure.resource_groups[{i}]: not a resource group name: {json.dumps(rg)}")
     problems += _slot_problems(cfg.haproxy.server_slots, "haproxy.server_slots")
     for name in cfg.services:
         # The combination counts: a service's base against the top-level max, and so on.
-        problems += _slot_problems(service_haproxy(cfg, name).server_slots, f"services.{name}.server_slots")
+        problems += _slot_problems(service_haproxy(cfg, name).server_slots,
+                                   f"services.{name}.server_slots")
     polling = cfg.polling
     if polling.max_backoff_seconds < polling.backoff_base_seconds:
-        problems.append("polling.max_backoff_seconds: must be at least polling.backoff_base_seconds "
-                        f"({polling.max_backoff_seconds} < {polling.backoff_base_seconds})")
+        problems.append(
+            "polling.max_backoff_seconds: must be at least polling.backoff_base_seconds "
+            f"({polling.max_backoff_seconds} < {polling.backoff_base_seconds})")
     if cfg.azure.require_healthy and cfg.azure.source == "resource_graph":
         problems.append('azure.require_healthy: needs azure.source "arm": Resource Graph rows '
                         "carry no Application Health state (vmHealth); the scale sets' listings do")
     if cfg.haproxy.ca_file and not cfg.haproxy.verify_ssl:
         problems.append("haproxy.ca_file: set, but haproxy.verify_ssl is false")
     if not cfg.haproxy.targets and not cfg.haproxy.password:
-        problems.append("haproxy.password: is required (the Data Plane API always asks for credentials)")
+        problems.append(
+            "haproxy.password: is required (the Data Plane API always asks for credentials)")
     return problems + _target_problems(cfg)
 
 
@@ -1277,10 +1328,13 @@ def config_warnings(cfg: Config) -> list[str]:
         warnings.append(f"polling.interval_seconds is {cfg.polling.interval_seconds}: below 10 s, "
                         "large estates may exhaust Azure Resource Manager read quotas")
     if not cfg.haproxy.verify_ssl:
-        warnings.append("haproxy.verify_ssl is false: the Data Plane API certificate is not checked")
-    warnings += [f"haproxy.targets[{i}].verify_ssl is false: the Data Plane API certificate of {name} is not checked"
-                 for i, (name, c) in enumerate(target_configs(cfg)) if cfg.haproxy.targets
-                 and not c.haproxy.verify_ssl and cfg.haproxy.targets[i].verify_ssl is not None]
+        warnings.append(
+            "haproxy.verify_ssl is false: the Data Plane API certificate is not checked")
+    warnings += [
+        f"haproxy.targets[{i}].verify_ssl is false: the Data Plane API certificate of {name} is "
+        "not checked"
+        for i, (name, c) in enumerate(target_configs(cfg)) if cfg.haproxy.targets
+        and not c.haproxy.verify_ssl and cfg.haproxy.targets[i].verify_ssl is not None]
     return warnings
 
 
@@ -1302,7 +1356,8 @@ def file_problems(cfg: Config) -> list[str]:
     """Files the configuration names must exist and load: the CA bundles as PEM (each
     target's own, by its key path)."""
     given = [("haproxy.ca_file", cfg.haproxy.ca_file)]
-    given += [(f"haproxy.targets[{i}].ca_file", t.ca_file) for i, t in enumerate(cfg.haproxy.targets)]
+    given += [(f"haproxy.targets[{i}].ca_file", t.ca_file) for i, t
+              in enumerate(cfg.haproxy.targets)]
     return [problem for key, path in given if path and (problem := _ca_problem(key, path))]
 
 
@@ -1461,7 +1516,8 @@ def select_instances(instances: Iterable[Instance], cfg: Config
                      ) -> tuple[dict[ServiceKey, list[Member]], list[Skip]]:
     """Group the instances that may serve into services; the rest become Skips.
 
-    Instances filtered out on purpose (no service-name tag, denylist, not running, on its way out) are
+    Instances filtered out on purpose (no service-name tag, denylist, not running, on its way out)
+    are
     not Skips: only instances that carry the service tags but cannot be served are.
     """
     groups: dict[ServiceKey, list[Member]] = {}
@@ -1598,7 +1654,8 @@ def slot_count(n: int, current: int, highest_live: int, cfg: SlotsConfig) -> int
 def slot_index(name: str) -> int | None:
     """N for our slot names srvN, None for any other server."""
     digits = name[3:]
-    if name[:3] == "srv" and digits.isdigit() and digits.isascii() and digits[0] != "0" and len(digits) < 7:
+    if name[:3] == "srv" and digits.isdigit() and digits.isascii() and digits[0] != "0" and len(
+            digits) < 7:
         return int(digits)
     return None
 
@@ -1622,18 +1679,22 @@ class SlotAssignment:
                  "_by_endpoint")
 
     def __init__(self, servers: Mapping[str, Mapping[str, Any]], previous: Mapping[str, str]):
-        ours = self.ours = {i: s for name, s in servers.items() if (i := slot_index(name))}    # by slot number
+        # by slot number
+        ours = self.ours = {i: s for name, s in servers.items() if (i := slot_index(name))}
         self.live = {i for i, s in ours.items() if _is_live(s)}
         # Server ids held by servers of others in the backend: HAProxy refuses two servers with
         # one id, so the slot whose number is taken goes without an explicit id.
         self.foreign_ids = {} if len(ours) == len(servers) else {
-            i: n for n, s in servers.items() if slot_index(n) is None and isinstance(i := s.get("id"), int)}
+            i: n for n, s in servers.items() if slot_index(n) is None
+                and isinstance(i := s.get("id"), int)}
         self.previous = previous
         self.taken: dict[int, Member] = {}          # slot number -> the member that holds it
-        self.fresh: list[Member] = []               # members that hold no slot yet (their slots change)
+        # members that hold no slot yet (their slots change)
+        self.fresh: list[Member] = []
         self.members = 0
         self.waited = 0                             # members that wait and hold no slot
-        self._by_endpoint: dict[tuple[Any, Any], list[int]] | None = None    # built when first needed
+        # built when first needed
+        self._by_endpoint: dict[tuple[Any, Any], list[int]] | None = None
 
     def match(self, members: Sequence[Member], draining: Collection[str] = ()) -> SlotAssignment:
         """Each member to the slot it holds, if any. A member that waits keeps a live slot it
@@ -1646,7 +1707,8 @@ class SlotAssignment:
                     self._by_endpoint = {}
                     for j in sorted(self.live):
                         s = self.ours[j]
-                        self._by_endpoint.setdefault((s.get("address"), s.get("port")), []).append(j)
+                        self._by_endpoint.setdefault((s.get("address"), s.get("port")),
+                                                     []).append(j)
                 candidates = self._by_endpoint.get((m.address, m.port))
                 i = next((j for j in candidates if j not in taken), None) if candidates else None
             if m.waits and (i is None or i not in self.live or f"srv{i}" in draining):
@@ -1672,12 +1734,15 @@ class SlotAssignment:
         HAProxy but not ours this cycle is being parked now; it stays in place for this cycle
         so that shrinking only ever removes parked slots."""
         taken, live = self.taken, self.live
-        count = slot_count(self.members, max(self.ours, default=0), max([*taken, *live], default=0), cfg)
+        count = slot_count(self.members, max(self.ours, default=0), max([*taken, *live], default=0),
+                           cfg)
         if self.fresh:
             # Parked (or new) slots first; a slot whose instance just left only when none is
             # left, rather than growing the backend.
-            free = sorted((j for j in range(1, count + 1) if j not in taken), key=lambda j: (j in live, j))
-            taken = {**taken, **dict(zip(free, self.fresh))}    # free has room for every fresh member
+            free = sorted((j for j in range(1, count + 1) if j not in taken),
+                          key=lambda j: (j in live, j))
+            # free has room for every fresh member
+            taken = {**taken, **dict(zip(free, self.fresh))}
         return [taken.get(j) for j in range(1, count + 1)]
 
 
@@ -1702,9 +1767,11 @@ def slot_fields(cfg: HAProxyConfig) -> tuple[dict[str, Any], dict[str, Any]]:
     live = {"check": "enabled", **cfg.server.params, "maintenance": "disabled"}
     if cfg.apply_mode == "hybrid":
         # Parking and filling must differ only in runtime-capable fields.
-        return live, {"address": PARK_ADDRESS, "port": PARK_PORT, "maintenance": "enabled", "check": "enabled",
+        return live, {"address": PARK_ADDRESS, "port": PARK_PORT, "maintenance": "enabled",
+                      "check": "enabled",
                       **cfg.server.params, "maintenance": "enabled"}  # noqa: F601
-    return live, {"address": PARK_ADDRESS, "port": PARK_PORT, "maintenance": "enabled", "check": "disabled"}
+    return live, {"address": PARK_ADDRESS, "port": PARK_PORT, "maintenance": "enabled",
+                  "check": "disabled"}
 
 
 def server_body(name: str, member: Member | None, cfg: HAProxyConfig, with_id: bool = True,
@@ -1821,13 +1888,15 @@ def plan_backend(name: str, slots: Sequence[Member | None], actual: BackendState
                        live=len(slots) - slots.count(None), wanted=want_fields)
 
 
-def _differing(want: Mapping[str, Any], have: Mapping[str, Any], changes: Sequence[ServerChange]) -> frozenset[str]:
+def _differing(want: Mapping[str, Any], have: Mapping[str, Any],
+               changes: Sequence[ServerChange]) -> frozenset[str]:
     """What differs between a backend's desired state and HAProxy's: "backend.KEY", "server.KEY"
     of an update, "add.NAME", "delete.NAME" (what the rewrite guard compares between cycles)."""
     out = {f"backend.{k}" for k, v in want.items() if not _same_value(v, have.get(k))}
     for c in changes:
         if c.action == "update":
-            out.update(f"server.{k}" for k, v in c.body.items() if not _same_value(v, c.before.get(k)))
+            out.update(f"server.{k}" for k, v in c.body.items() if
+                       not _same_value(v, c.before.get(k)))
         else:
             out.add(f"{c.action}.{c.name}")
     return frozenset(out)
@@ -1857,7 +1926,8 @@ def id_clashes(name: str, slots: Sequence[Member | None], taken: Mapping[int, st
     (`taken`: SlotAssignment.foreign_ids of the backend)."""
     if not taken:
         return []
-    return [f"backend {name}: server {taken[i]} holds id {i}, so slot srv{i} goes without an explicit id"
+    return [f"backend {name}: server {taken[i]} holds id {i}, so slot srv{i} goes without an "
+            "explicit id"
             for i in range(1, len(slots) + 1) if i in taken]
 
 
@@ -1880,36 +1950,46 @@ def plan_cycle(groups: Mapping[ServiceKey, list[Member]], skipped: Sequence[Skip
     settings = backend_settings(names, groups, cfg)
     skipped = [*skipped, *_beyond_max(desired, state, settings)]
 
-    same = _still_settled(names, desired, actual, state)      # most backends, when few services change
-    work = {n: SlotAssignment(actual[n].servers if n in actual else {}, state.assignments.get(n, {}))
+    # most backends, when few services change
+    same = _still_settled(names, desired, actual, state)
+    work = {n: SlotAssignment(actual[n].servers if n in actual else {},
+                              state.assignments.get(n, {}))
             .match(desired.get(n, ()), state.draining.get(n, ())) for n in names if n not in same}
     drains = {n: d for n, a in work.items() if (d := a.leaving())}
-    live = sum(len(a.live) for a in work.values()) + sum(len(s.slots) - s.slots.count(None) for s in same.values())
+    live = sum(len(a.live) for a
+               in work.values()) + sum(len(s.slots) - s.slots.count(None) for s in same.values())
     # Without a drain the guard holds nothing and nothing drains on.
     held, guard, kept, fp = (_drain_decisions(r, drains, work, live) if drains
                              else ({}, Guard(False, 0, None), {}, None))
     _serve_held(r, drains, work, held, kept)
-    slots = {n: same[n].slots if n in same else work[n].slots(settings[n].server_slots) for n in names}
+    slots = {n: same[n].slots if n in same else work[n].slots(settings[n].server_slots) for n
+             in names}
     taken_ids = {n: same[n].foreign_ids if n in same else work[n].foreign_ids for n in names}
     # A member placed this cycle changes its slot: in_sync could only say no, after most of a pass.
     plans = [p for n in names if n not in same
-             and (work[n].fresh or not in_sync(n, slots[n], actual.get(n), settings[n], taken_ids[n]))
+             and (work[n].fresh or
+                  not in_sync(n, slots[n], actual.get(n), settings[n], taken_ids[n]))
              and (p := plan_backend(n, slots[n], actual.get(n), settings[n], taken_ids[n]))]
     plan = Plan(backends=tuple(plans), skipped=tuple(skipped),
                 held=tuple(f"{n}/{s}" for n, d in held.items() for s in d),
                 draining=tuple(d for n in sorted(kept) for d in kept[n].values()),
                 ready=tuple(r for n in names if n in state.draining
-                            for r in _returned(n, state.draining[n], drains.get(n, ()), slots[n], actual.get(n))),
+                            for r in _returned(n, state.draining[n], drains.get(n, ()), slots[n],
+                                               actual.get(n))),
                 warnings=tuple(w for n in names for w in id_clashes(n, slots[n], taken_ids[n])),
                 live=sum(len(ms) for ms in desired.values()) - _waiting(work, same),
                 services=len(desired),
                 slots=sum(map(len, slots.values())), our_backends=len(names))
-    assignments = {n: {m.instance: s for s, m in zip(slot_names(len(slots[n])), slots[n]) if m} for n in names}
+    assignments = {n: {m.instance: s for s, m in zip(slot_names(len(slots[n])), slots[n]) if m}
+                   for n in names}
     planned = {p.name for p in plans}
-    settled = {n: same.get(n) or Settled(desired.get(n, []), actual[n], state.assignments.get(n, {}), slots[n],
+    settled = {n: same.get(n)
+               or Settled(desired.get(n, []), actual[n], state.assignments.get(n, {}), slots[n],
                                          taken_ids[n])
-               for n in names if n in actual and n not in planned and n not in drains and n not in state.draining}
-    return Decision(plan=plan, assignments=assignments, drain_fingerprint=fp if guard.streak else None,
+               for n in names if n in actual and n not in planned and n not in drains and n
+               not in state.draining}
+    return Decision(plan=plan, assignments=assignments, drain_fingerprint=fp if guard.streak
+                    else None,
                     drain_streak=guard.streak, drain_since=guard.since if guard.held else None,
                     draining={n: k for n, k in kept.items() if k}, settled=settled)
 
@@ -1922,7 +2002,8 @@ def _waiting(work: Mapping[str, SlotAssignment], same: Mapping[str, Settled]) ->
 
 
 def rewrite_guard(plan: Plan, actual: Mapping[str, BackendState], before: Mapping[str, Rewrite],
-                  limit: int = REWRITE_LIMIT) -> tuple[dict[str, Rewrite], dict[str, frozenset[str]]]:
+                  limit: int = REWRITE_LIMIT) -> tuple[dict[str, Rewrite],
+                                                       dict[str, frozenset[str]]]:
     """(the rewrites once `plan` is applied, the backends whose write loop ends now, with what
     differed every time). A backend planned with the desired state it was written with the
     cycle before counts on; written so `limit` times and still read back different, the fields
@@ -1950,25 +2031,31 @@ def without_fields(cfg: Config, fields: frozenset[str]) -> Config:
         return cfg
 
     def kept(params: Mapping[str, Any] | None, kind: str) -> Any:
-        return None if params is None else {k: v for k, v in params.items() if f"{kind}.{k}" not in fields}
+        return None if params is None else {k: v for k, v in params.items() if f"{kind}.{k}"
+                                            not in fields}
     top = cfg.haproxy
-    haproxy = dataclasses.replace(top, backend=dataclasses.replace(top.backend, params=kept(top.backend.params, "backend")),
+    haproxy = dataclasses.replace(top, backend=dataclasses.replace(top.backend, params=kept(
+        top.backend.params, "backend")),
                                   server=ServerConfig(kept(top.server.params, "server")))
     services = {n: dataclasses.replace(
         s, backend=dataclasses.replace(s.backend, params=kept(s.backend.params, "backend")),
-        server=ServiceServerConfig(kept(s.server.params, "server"))) for n, s in cfg.services.items()}
+        server=ServiceServerConfig(kept(s.server.params, "server"))) for n, s
+                in cfg.services.items()}
     return dataclasses.replace(cfg, haproxy=haproxy, services=services)
 
 
 def configured_fields(cfg: Config) -> frozenset[str]:
     """Every param the configuration sets, as "backend.KEY" / "server.KEY"."""
-    out = {f"backend.{k}" for k in cfg.haproxy.backend.params} | {f"server.{k}" for k in cfg.haproxy.server.params}
+    out = {f"backend.{k}" for k
+           in cfg.haproxy.backend.params} | {f"server.{k}" for k in cfg.haproxy.server.params}
     for s in cfg.services.values():
-        out |= {f"backend.{k}" for k in s.backend.params or {}} | {f"server.{k}" for k in s.server.params or {}}
+        out |= {f"backend.{k}" for k in s.backend.params
+                or {}} | {f"server.{k}" for k in s.server.params or {}}
     return frozenset(out)
 
 
-def _still_settled(names: Iterable[str], desired: Mapping[str, list[Member]], actual: Mapping[str, BackendState],
+def _still_settled(names: Iterable[str], desired: Mapping[str, list[Member]],
+                   actual: Mapping[str, BackendState],
                    state: State) -> dict[str, Settled]:
     """The backends State.settled holds that are planned from equal members, servers and
     assignments again: their slots stand, with nothing to write and nothing to drain. (A
@@ -1976,7 +2063,8 @@ def _still_settled(names: Iterable[str], desired: Mapping[str, list[Member]], ac
     out = {}
     for n in names:
         s = state.settled.get(n)
-        if s is not None and s.previous == state.assignments.get(n, {}) and s.members == desired.get(n, []) \
+        if s is not None and s.previous == state.assignments.get(
+                n, {}) and s.members == desired.get(n, []) \
                 and s.backend == actual.get(n):
             out[n] = s
     return out
@@ -1993,13 +2081,15 @@ class _Round(typing.NamedTuple):
 
 
 def _drain_decisions(r: _Round, drains: Mapping[str, list[str]], work: Mapping[str, SlotAssignment],
-                     live: int) -> tuple[dict[str, list[str]], Guard, dict[str, dict[str, Drain]], str | None]:
+                     live: int) -> tuple[dict[str, list[str]], Guard, dict[str, dict[str, Drain]],
+                                         str | None]:
     """(the servers the guard holds live, its verdict, the servers that drain on: backend ->
     server -> Drain, the discovery's fingerprint where the guard needs it). The guard counts
     drain starts as parks (a server draining already was counted when it began); a held
     start does not start draining."""
     actual, state, groups, cfg, now = r.actual, r.state, r.groups, r.cfg.safety, r.now
-    before = {n: _drained_before(d, actual[n], state.draining.get(n, {})) for n, d in drains.items()}
+    before = {n: _drained_before(d, actual[n], state.draining.get(n, {})) for n, d
+              in drains.items()}
     starts = {n: [s for s in d if s not in before[n]] for n, d in drains.items()}
     started = sum(map(len, starts.values()))
     live_now = live - sum(map(len, before.values()))
@@ -2026,10 +2116,12 @@ def _serve_held(r: _Round, drains: Mapping[str, list[str]], work: Mapping[str, S
             work[n].match(_held_members(stay, r.actual[n], r.state.assignments.get(n, {})))
 
 
-def _drained_before(names: Sequence[str], actual: BackendState, previous: Mapping[str, Drain]) -> dict[str, Drain]:
+def _drained_before(names: Sequence[str], actual: BackendState,
+                    previous: Mapping[str, Drain]) -> dict[str, Drain]:
     """The drains of earlier cycles that go on: same slot, same address:port still live there."""
     return {n: d for n in names if (d := previous.get(n)) is not None
-            and (d.address, d.port) == (actual.servers[n].get("address"), actual.servers[n].get("port"))}
+            and (d.address, d.port)
+            == (actual.servers[n].get("address"), actual.servers[n].get("port"))}
 
 
 def _keep_draining(r: _Round, name: str, servers: Sequence[str], taken: Mapping[int, Member],
@@ -2037,7 +2129,8 @@ def _keep_draining(r: _Round, name: str, servers: Sequence[str], taken: Mapping[
     """Which of these leaving servers drain on this cycle: not with drain_seconds 0, not
     past their time, not once their sessions are 0. A slot re-pointed to the same
     instance's new address is no drain: that instance did not leave."""
-    actual, previous, now, sessions = r.actual[name], r.state.assignments.get(name, {}), r.now, r.sessions
+    actual, previous, now, sessions = r.actual[name], r.state.assignments.get(name,
+                                                                              {}), r.now, r.sessions
     seconds, kept = r.cfg.safety.drain_seconds, {}
     for s in servers:
         member = taken.get(slot_index(s))
@@ -2046,11 +2139,13 @@ def _keep_draining(r: _Round, name: str, servers: Sequence[str], taken: Mapping[
         since = before[s].since if s in before else now
         if now < since + seconds and (sessions is None or sessions.get(f"{name}/{s}") != 0):
             have = actual.servers[s]
-            kept[s] = Drain(name, s, have.get("address", ""), have.get("port"), since, since + seconds)
+            kept[s] = Drain(name, s, have.get("address", ""), have.get("port"), since, since
+                            + seconds)
     return kept
 
 
-def _returned(name: str, previous: Mapping[str, Drain], leaving: Sequence[str], slots: Sequence[Member | None],
+def _returned(name: str, previous: Mapping[str, Drain], leaving: Sequence[str],
+              slots: Sequence[Member | None],
               actual: BackendState | None) -> list[str]:
     """Servers drained on an earlier cycle whose instance came back to the same slot: HAProxy
     still drains them at runtime, so they are set ready again."""
@@ -2062,7 +2157,8 @@ def _returned(name: str, previous: Mapping[str, Drain], leaving: Sequence[str], 
         member = slots[i - 1] if i and i <= len(slots) else None
         have = actual.servers.get(s) if actual else None
         if member is not None and (member.address, member.port) == (d.address, d.port) \
-                and have is not None and (have.get("address"), have.get("port")) == (d.address, d.port):
+                and have is not None and (have.get("address"),
+                                          have.get("port")) == (d.address, d.port):
             out.append(f"{name}/{s}")
     return out
 
@@ -2070,12 +2166,14 @@ def _returned(name: str, previous: Mapping[str, Drain], leaving: Sequence[str], 
 def backend_settings(names: Iterable[str], groups: Mapping[ServiceKey, list[Member]],
                      cfg: Config) -> dict[str, HAProxyConfig]:
     """haproxy.* for each of our backends, with its service's overrides. A backend whose
-    service was not discovered this cycle is named after it: `{prefix}{sep}NAME{sep}PORT{sep}REGION`,
+    service was not discovered this cycle is named after it:
+    `{prefix}{sep}NAME{sep}PORT{sep}REGION`,
     and neither port nor region can hold the separator, so NAME is what precedes them."""
     b = cfg.haproxy.backend
     named = {backend_name(k, b): k.name for k in groups}
     cut = len(b.name_prefix) + len(b.name_separator)
-    return {n: service_haproxy(cfg, named.get(n) or n[cut:].rsplit(b.name_separator, 2)[0]) for n in names}
+    return {n: service_haproxy(cfg, named.get(n) or n[cut:].rsplit(b.name_separator, 2)[0]) for n
+            in names}
 
 
 def _beyond_max(desired: dict[str, list[Member]], state: State,
@@ -2090,7 +2188,8 @@ def _beyond_max(desired: dict[str, list[Member]], state: State,
             ordered = sorted(members, key=lambda mb: (mb.instance not in held, mb.waits,
                                                       mb.instance))
             desired[name] = ordered[:cfg.max]
-            skips += [Skip(mb.label, f"backend {name} is full (haproxy.server_slots.max = {cfg.max})",
+            skips += [Skip(mb.label,
+                           f"backend {name} is full (haproxy.server_slots.max = {cfg.max})",
                            mb.instance, "server_slots.max") for mb in ordered[cfg.max:]]
     return skips
 
@@ -2103,7 +2202,8 @@ def state_after(actual: Mapping[str, BackendState], plan: Plan) -> dict[str, Bac
 class Guard(typing.NamedTuple):
     """The mass-drain guard's verdict on one cycle's drains."""
     held: bool
-    streak: int                  # cycles in a row the discovery behind them was seen (0: not tripped)
+    # cycles in a row the discovery behind them was seen (0: not tripped)
+    streak: int
     since: float | None          # when it was first seen (wall clock)
 
 
@@ -2118,7 +2218,8 @@ def drain_held(drains: int, live: int, empty: bool, streak: int, since: float | 
     if not (empty and drains) and (drains <= 1 or drains * 100 <= cfg.max_drain_percent * live):
         return Guard(False, 0, None)
     since = now if since is None else since
-    return Guard(streak + 1 < cfg.drain_confirm_cycles or now - since < cfg.drain_confirm_seconds, streak + 1, since)
+    return Guard(streak + 1 < cfg.drain_confirm_cycles or now - since < cfg.drain_confirm_seconds,
+                 streak + 1, since)
 
 
 def _held_members(names: Sequence[str], actual: BackendState | None,
@@ -2128,7 +2229,8 @@ def _held_members(names: Sequence[str], actual: BackendState | None,
     owner = {slot: inst for inst, slot in previous.items()}
     have = actual.servers if actual else {}
     return [Member(owner.get(n, f"held:{n}"), "held", have[n].get("address", PARK_ADDRESS),
-                   have[n].get("port") or PARK_PORT, w if _weight_value(w := have[n].get("weight")) else None)
+                   have[n].get("port") or PARK_PORT, w if _weight_value(w := have[n].get("weight"))
+                   else None)
             for n in names]
 
 
@@ -2160,7 +2262,8 @@ def format_plan(plan: Plan) -> str:
             elif c.action == "delete":
                 lines.append(f"  - {c.name} {_endpoint(c.before)}")
             else:
-                lines.append(f"  ~ {c.name} {_endpoint(c.before)} -> {_endpoint(c.body)}{_label(c)}")
+                lines.append(
+                    f"  ~ {c.name} {_endpoint(c.before)} -> {_endpoint(c.body)}{_label(c)}")
     for h in plan.held:
         lines.append(f"held: {h} stays live (mass-drain guard)")
     for d in plan.draining:
@@ -2190,18 +2293,22 @@ def status_view(seen: "Seen", actual: Mapping[str, BackendState], decision: Deci
     planned = {b.name: b for b in decision.plan.backends}
     held = dict.fromkeys(decision.plan.held, decision.drain_since)
     # The instance serving a slot is the one discovered at the address HAProxy holds.
-    members = {backend_name(k, cfg.haproxy.backend): {(m.address, m.port): m for m in ms} for k, ms in seen.groups.items()}
+    members = {backend_name(k, cfg.haproxy.backend): {(m.address, m.port): m for m in ms} for k, ms
+               in seen.groups.items()}
     backends = [_backend_view(name, actual.get(name), planned.get(name), members.get(name, {}),
-                              _Drains(held, draining.get(name, {}), decision.draining.get(name, {}), now))
+                              _Drains(held, draining.get(name, {}), decision.draining.get(name, {}),
+                                      now))
                 for name in sorted(set(actual) | set(planned))]
-    entry = {"target": target, "ok": True, "backends": backends, "drift": sum(b["drift"] for b in backends)}
+    entry = {"target": target, "ok": True, "backends": backends,
+             "drift": sum(b["drift"] for b in backends)}
     if held:
         entry["held"] = {"servers": len(held), "since": utc(decision.drain_since)
                          if decision.drain_since is not None else None}
     return {"discovery": discovery_view(seen.groups, seen.skipped, cfg), "targets": [entry]}
 
 
-def discovery_view(groups: Mapping[ServiceKey, list[Member]], skipped: Sequence[Skip], cfg: Config) -> dict[str, Any]:
+def discovery_view(groups: Mapping[ServiceKey, list[Member]], skipped: Sequence[Skip],
+                   cfg: Config) -> dict[str, Any]:
     """The discovery half of status_view: the same for every target."""
     return {
         "instances": sum(map(len, groups.values())),
@@ -2234,12 +2341,14 @@ def _backend_view(name: str, actual: BackendState | None, plan: BackendPlan | No
     have = actual.servers if actual else {}
     changes = {c.name: c for c in plan.changes} if plan else {}
     slots = []
-    for sname in sorted({n for n in [*have, *(plan.servers if plan else {})] if slot_index(n)}, key=slot_index):
+    for sname in sorted({n for n in [*have, *(plan.servers if plan else {})] if slot_index(n)},
+                        key=slot_index):
         server = have.get(sname)
         state = "missing" if server is None else "live" if _is_live(server) else "parked"
         entry: dict[str, Any] = {"slot": sname, "state": state}
         if state == "live" and (d := draining.get(sname)):
-            known = not math.isnan(d.since)      # NaN: under way in HAProxy, begun by another process
+            # NaN: under way in HAProxy, begun by another process
+            known = not math.isnan(d.since)
             entry.update(state="draining", since=utc(d.since) if known else None,
                          seconds_left=max(0, math.ceil(d.until - now)) if known else None)
         if entry["state"] in ("live", "draining"):
@@ -2248,33 +2357,42 @@ def _backend_view(name: str, actual: BackendState | None, plan: BackendPlan | No
             entry["instance"] = m.label if m else None        # None: no discovered instance there
         if f"{name}/{sname}" in held:
             since = held[f"{name}/{sname}"]
-            entry["drift"] = "held live by the mass-drain guard" + (f" since {utc(since)}" if since is not None else "")
+            entry["drift"] = "held live by the mass-drain guard" + (f" since {utc(since)}" if since
+                                                                    is not None else "")
         elif sname in to_drain and sname not in draining:
             entry["drift"] = "want draining (its instance left), then parked"
         elif (c := changes.get(sname)) or (plan and plan.create):
             entry["drift"] = _drift(c, plan.servers.get(sname) if plan else None)
         slots.append(entry)
     return {"backend": name, "slots": len([s for s in slots if s["state"] != "missing"]),
-            "live": sum(s["state"] == "live" for s in slots), "parked": sum(s["state"] == "parked" for s in slots),
+            "live": sum(s["state"] == "live" for s in slots),
+            "parked": sum(s["state"] == "parked" for s in slots),
             "draining": sum(s["state"] == "draining" for s in slots),
-            "drift": sum("drift" in s for s in slots) + bool(plan and (plan.create or plan.fields_changed)),
-            "settings_drift": bool(plan and plan.fields_changed), "missing": actual is None, "servers": slots}
+            "drift": sum("drift" in s for s in slots)
+            + bool(plan and (plan.create or plan.fields_changed)),
+            "settings_drift": bool(plan and plan.fields_changed), "missing": actual is None,
+            "servers": slots}
 
 
 def _drift(change: ServerChange | None, want: Mapping[str, Any] | None) -> str:
     if change is not None and change.action == "delete":
         return "to remove (beyond the slot count)"
     want = change.body if change is not None else want
-    if change is not None and change.action == "update" and _endpoint(want) == _endpoint(change.before):
-        return f"settings differ ({', '.join(sorted(k for k in want if not _same_value(want[k], change.before.get(k))))})"
-    return f"want {_endpoint(want)}" + (f" ({change.label})" if change is not None and _label(change) else "")
+    if change is not None and change.action == "update" and _endpoint(want) == _endpoint(
+            change.before):
+        differ = sorted(k for k in want if not _same_value(want[k], change.before.get(k)))
+        return f"settings differ ({', '.join(differ)})"
+    return f"want {_endpoint(want)}" + (f" ({change.label})" if change is not None
+                                        and _label(change) else "")
 
 
 def format_status(view: Mapping[str, Any]) -> str:
     """--status as text: discovery first, then per target and backend one line per slot,
     a `!` before each slot (or backend) that differs from the desired state."""
     d = view["discovery"]
-    lines = [f"discovery: {len(d['services'])} services, {d['instances']} instances, {len(d['skipped'])} skipped"]
+    lines = [
+        f"discovery: {len(d['services'])} services, {d['instances']} instances, "
+        f"{len(d['skipped'])} skipped"]
     lines += [f"  {s['backend']}: {s['instances']} instances" for s in d["services"]]
     lines += [f"  skipped: {s['instance']}: {s['reason']}" for s in d["skipped"]]
     for t in view["targets"]:
@@ -2284,7 +2402,8 @@ def format_status(view: Mapping[str, Any]) -> str:
                 lines.append(f" !{t['behind']}")
             continue
         lines.append(f"target {t['target']}: {len(t['backends'])} backends, "
-                     + (f"{t['drift']} differences from the desired state" if t["drift"] else "in sync"))
+                     + (f"{t['drift']} differences from the desired state" if t["drift"]
+                        else "in sync"))
         if t.get("behind"):
             lines.append(f" !{t['behind']}")
         if t.get("held"):
@@ -2292,15 +2411,19 @@ def format_status(view: Mapping[str, Any]) -> str:
                          + (f" since {t['held']['since']}" if t["held"]["since"] else ""))
         for b in t["backends"]:
             mark = "!" if b["missing"] or b["settings_drift"] else " "
-            what = "missing" if b["missing"] else f"{b['slots']} slots, {b['live']} live, {b['parked']} parked" + (
+            what = "missing" if b[
+                "missing"] else f"{b['slots']} slots, {b['live']} live, {b['parked']} parked" + (
                 f", {b['draining']} draining" if b["draining"] else "")
-            lines.append(f" {mark}backend {b['backend']}: {what}" + (" (settings differ)" if b["settings_drift"] else ""))
+            lines.append(f" {mark}backend {b['backend']}: {what}"
+                         + (" (settings differ)" if b["settings_drift"] else ""))
             for s in b["servers"]:
                 where = s.get("address", "")
                 who = (s["instance"] or "(no discovered instance)") if s["state"] == "live" else (
-                    (f"since {s['since']}, {s['seconds_left']} s left" if s["since"] else "under way")
+                    (f"since {s['since']}, {s['seconds_left']} s left" if s["since"]
+                     else "under way")
                     if s["state"] == "draining" else "")
-                row = f"  {'!' if 'drift' in s else ' '} {s['slot']:<8} {s['state']:<8} {where:<22} {who}".rstrip()
+                mark = "!" if "drift" in s else " "
+                row = f"  {mark} {s['slot']:<8} {s['state']:<8} {where:<22} {who}".rstrip()
                 lines.append(row + (f"  <- {s['drift']}" if "drift" in s else ""))
     return "\n".join(lines) + "\n"
 
@@ -2384,7 +2507,8 @@ def _sdk_transport_error(exc: Exception) -> Exception:
     transport maps requests'."""
     import urllib3
     from azure.core import exceptions as errors
-    if isinstance(exc, urllib3.exceptions.NewConnectionError):       # before ConnectTimeoutError, its base
+    # before ConnectTimeoutError, its base
+    if isinstance(exc, urllib3.exceptions.NewConnectionError):
         return errors.ServiceRequestError(exc, error=exc)
     if isinstance(exc, urllib3.exceptions.ConnectTimeoutError):
         return errors.ServiceRequestTimeoutError(exc, error=exc)
@@ -2417,9 +2541,10 @@ class _PageTransport:
         import urllib3
         self._proxy = (settings.get("proxies") or {}).get("https")
         if self._proxy and urllib3.util.parse_url(self._proxy).scheme not in ("http", "https"):
-            raise AzureError(f"proxy {urllib3.util.parse_url(self._proxy).scheme}:// (HTTPS_PROXY or "
-                             "ALL_PROXY) is not supported for Resource Manager: use an http:// or "
-                             "https:// proxy")
+            raise AzureError(
+                f"proxy {urllib3.util.parse_url(self._proxy).scheme}:// (HTTPS_PROXY or "
+                "ALL_PROXY) is not supported for Resource Manager: use an http:// or "
+                "https:// proxy")
         ca = settings.get("connection_verify") or _default_ca_bundle()
         self._where = {"ca_cert_dir" if os.path.isdir(ca) else "ca_certs": ca, "maxsize": workers}
         self._connect, self._read = connect, read
@@ -2430,8 +2555,10 @@ class _PageTransport:
         import urllib3
         with self._lock:
             if self.pool is None and self._proxy:
-                auth = urllib3.util.parse_url(self._proxy).auth       # user:password in the proxy's URL
-                headers = urllib3.make_headers(proxy_basic_auth=urllib.parse.unquote(auth)) if auth else None
+                # user:password in the proxy's URL
+                auth = urllib3.util.parse_url(self._proxy).auth
+                headers = urllib3.make_headers(proxy_basic_auth=urllib.parse.unquote(
+                    auth)) if auth else None
                 self.pool = urllib3.ProxyManager(self._proxy, proxy_headers=headers, **self._where)
             elif self.pool is None:
                 self.pool = urllib3.PoolManager(**self._where)
@@ -2459,7 +2586,8 @@ class _PageTransport:
             self.open()
             pool = self.pool
         read = options.get("read_timeout", self._read)
-        timeout = urllib3.Timeout(connect=options.get("connection_timeout", self._connect), read=read)
+        timeout = urllib3.Timeout(connect=options.get("connection_timeout", self._connect),
+                                  read=read)
         body = request.content.encode() if isinstance(request.content, str) else request.content
         holder, expired = [], []
         _sockets.holder = holder
@@ -2485,7 +2613,8 @@ class _PageTransport:
 
 
 def _default_ca_bundle() -> str:
-    """requests' CA bundle (certifi's), which the listings used before they had a transport of their own."""
+    """requests' CA bundle (certifi's), which the listings used before they had a transport of
+    their own."""
     from requests.utils import DEFAULT_CA_BUNDLE_PATH
     return DEFAULT_CA_BUNDLE_PATH
 
@@ -2587,7 +2716,8 @@ class _Pool:
             pending = [job for job in jobs if not job.done()]
             if not pending:
                 return
-            concurrent.futures.wait(pending, timeout=WAIT_SLICE, return_when=concurrent.futures.FIRST_EXCEPTION)
+            concurrent.futures.wait(pending, timeout=WAIT_SLICE,
+                                    return_when=concurrent.futures.FIRST_EXCEPTION)
 
     @staticmethod
     def abandoned() -> bool:
@@ -2669,7 +2799,8 @@ def _retry_policy(cfg: AzureConfig, check: Callable[[], None], progress: Callabl
     return CappedRetry(retry_total=cfg.retries)
 
 
-def _listing_policies(credential: Any, scope: str, retry: Any, hook: Callable[[Any], None]) -> list[Any]:
+def _listing_policies(credential: Any, scope: str, retry: Any,
+                      hook: Callable[[Any], None]) -> list[Any]:
     """The management client's pipeline (azure-mgmt-compute's ComputeManagementClient) without the
     policies that do nothing for a listing: content decoding (_PageTransport reads a page whole),
     resource-provider registration (acts on writes' 409 only), network trace, distributed tracing
@@ -2679,9 +2810,11 @@ def _listing_policies(credential: Any, scope: str, retry: Any, hook: Callable[[A
     from azure.core.pipeline import policies
     from azure.mgmt.core.policies import ARMChallengeAuthenticationPolicy
     # The same order as the client's own list; the user agent names this program before the SDK.
-    return [policies.RequestIdPolicy(), policies.UserAgentPolicy(user_agent=f"haproxy-azure-discovery/{__version__}"),
+    return [policies.RequestIdPolicy(),
+            policies.UserAgentPolicy(user_agent=f"haproxy-azure-discovery/{__version__}"),
             retry, ARMChallengeAuthenticationPolicy(credential, scope),
-            policies.CustomHookPolicy(raw_request_hook=hook), policies.SensitiveHeaderCleanupPolicy()]
+            policies.CustomHookPolicy(raw_request_hook=hook),
+            policies.SensitiveHeaderCleanupPolicy()]
 
 
 def _arm_error(response: Any, secrets: Iterable[str] = ()) -> str:
@@ -2746,7 +2879,8 @@ def power_state(view: Mapping | None) -> str | None:
     the provisioning state: its server must drain now, not once it is gone)."""
     found = None
     for status in (view.get("statuses") if view else None) or ():
-        code = status.get("code") if isinstance(status, dict) else None     # JSON: dict, not Mapping (4x)
+        # JSON: dict, not Mapping (4x)
+        code = status.get("code") if isinstance(status, dict) else None
         if not isinstance(code, str):
             continue
         power, deleting = _status_code(code)
@@ -2771,9 +2905,11 @@ def vm_health(view: Mapping | None) -> str | None:
     return state if state in HEALTH_STATES else "unknown"
 
 
-@functools.lru_cache(maxsize=256)       # a handful of distinct codes, forty thousand statuses a cycle
+# a handful of distinct codes, forty thousand statuses a cycle
+@functools.lru_cache(maxsize=256)
 def _status_code(code: str) -> tuple[str | None, bool]:
-    """(the power state it names, whether it says the instance is being deleted) of a status code."""
+    """(the power state it names, whether it says the instance is being deleted) of a status
+    code."""
     if code.startswith("PowerState/"):
         return code[len("PowerState/"):].lower(), False
     return None, code.lower() == "provisioningstate/deleting"
@@ -2795,7 +2931,8 @@ def nic_address(nic: Mapping, public_ips: Mapping[str, Mapping], cfg: AzureConfi
     if version == 4:
         chosen = _primary(configs)
     else:
-        chosen = next((c for c in configs if _props(c).get("privateIPAddressVersion") == "IPv6"), None)
+        chosen = next((c for c in configs if _props(c).get("privateIPAddressVersion") == "IPv6"),
+                      None)
     if chosen is None:
         return None
     if cfg.address == "private":
@@ -2807,9 +2944,9 @@ def nic_address(nic: Mapping, public_ips: Mapping[str, Mapping], cfg: AzureConfi
 
 def _valid_ip(address: Any, version: int) -> str | None:
     if version == 4:
-        # The C parser: far cheaper than ipaddress, once per instance, and as strict (dotted
-        # quad, no leading zeros). It takes only the canonical dotted quad (glibc's and musl's both), so a string it
-        # accepts is already what inet_ntop would write back: no round trip.
+        # The C parser: far cheaper than ipaddress, once per instance, and as strict (dotted quad,
+        # no leading zeros). It takes only the canonical dotted quad (glibc's and musl's both), so a
+        # string it accepts is already what inet_ntop would write back: no round trip.
         try:
             socket.inet_pton(socket.AF_INET, address)
         except (OSError, TypeError, ValueError):
@@ -2868,9 +3005,10 @@ def instances_from_azure(listing: AzureListing, cfg: AzureConfig,
 
 
 def _without_id(raw: Mapping, uniform: bool) -> AzureError:
-    return AzureError(f"the {'scale-set instance' if uniform else 'VM'} listing holds an item without "
-                     f"an id (name {shorten(json.dumps(raw.get('name')), 80)}): its instance cannot "
-                     "be told; nothing is applied this cycle")
+    return AzureError(
+        f"the {'scale-set instance' if uniform else 'VM'} listing holds an item without "
+        f"an id (name {shorten(json.dumps(raw.get('name')), 80)}): its instance cannot "
+        "be told; nothing is applied this cycle")
 
 
 class _Join:
@@ -2902,14 +3040,16 @@ class _Join:
                                         "object (as Azure lists them): it cannot be told whether "
                                         "it serves", _printable(vid), "tags"))
                 continue
-            set_id = _scale_set_of(vid) if uniform else _id((props.get("virtualMachineScaleSet") or {}).get("id"))
+            set_id = _scale_set_of(vid) if uniform else _id((props.get("virtualMachineScaleSet")
+                                                             or {}).get("id"))
             if set_id:
                 tags = {**self._set_tags(set_id), **tags}
             nics = self.nics.get(vid)
             nic = _primary(nics) if nics else None
             view = props.get("instanceView")
             self.instances[vid] = Instance(
-                vid, _instance_name(raw, vid, set_id if uniform else ""), _region(raw.get("location")),
+                vid, _instance_name(raw, vid, set_id if uniform else ""),
+                _region(raw.get("location")),
                 tags, nic_address(nic, self.public_ips, self.cfg) if nic else None,
                 power_state(view) or self.powers.get(vid, "unknown"),
                 "uniform" if uniform else "flexible" if set_id else "vm",
@@ -2935,19 +3075,24 @@ def _region(location: Any) -> str:
     return (location if isinstance(location, str) else str(location or "")).replace(" ", "").lower()
 
 
-def impossible(listing: AzureListing, instances: Sequence[Instance], cfg: Config, graph: bool = False) -> str | None:
+def impossible(listing: AzureListing, instances: Sequence[Instance], cfg: Config,
+               graph: bool = False) -> str | None:
     """Why these answers cannot describe Azure as it is, or None. A few items missing between
     two listings is the normal race (those instances are skipped); these are not: VMs that
     reference network interfaces with none listed at all, no power state for any VM, a tagged
     Uniform scale set with capacity and no instance. Applied, they would park everything."""
     def nic_vm(nic: Mapping) -> str:
         return _id(((nic.get("properties") or {}).get("virtualMachine") or {}).get("id"))
-    referencing = sum(1 for v in listing.vms if ((v.get("properties") or {}).get("networkProfile") or {})
+    referencing = sum(1 for v in listing.vms
+                      if ((v.get("properties") or {}).get("networkProfile") or {})
                       .get("networkInterfaces"))
     if referencing and not any("/virtualmachinescalesets/" not in nic_vm(n) for n in listing.nics):
-        return f"{referencing} VMs reference network interfaces, and the network interface listing has none"
-    if listing.set_instances and not any("/virtualmachinescalesets/" in nic_vm(n) for n in listing.nics):
-        return (f"{len(listing.set_instances)} scale-set instances are listed, and none of their network "
+        return (f"{referencing} VMs reference network interfaces, and the network interface "
+                "listing has none")
+    if listing.set_instances and not any("/virtualmachinescalesets/" in nic_vm(n) for n
+                                         in listing.nics):
+        return (f"{len(listing.set_instances)} scale-set instances are listed, and none of their "
+                "network "
                 "interfaces")
     vms = [i for i in instances if i.kind != "uniform"]
     if cfg.azure.running_only and vms and all(i.power_state == "unknown" for i in vms):
@@ -2958,8 +3103,10 @@ def impossible(listing: AzureListing, instances: Sequence[Instance], cfg: Config
         if _is_int(capacity) and capacity > 0 and _id(s.get("id")) not in listed:
             name = shorten(str(s.get("name") or s.get("id")), 100)
             if graph:
-                return (f"scale set {name} has capacity {capacity}, and Resource Graph's ComputeResources table "
-                        f"has no instance of it (this cloud's ComputeResources may lack Uniform scale-set "
+                return (f"scale set {name} has capacity {capacity}, and Resource Graph's "
+                        "ComputeResources table "
+                        "has no instance of it (this cloud's ComputeResources may lack Uniform "
+                        "scale-set "
                         'instances): use azure.source "arm" in this cloud')
             return f"scale set {name} has capacity {capacity}, and its instance listing is empty"
     return None
@@ -2992,27 +3139,33 @@ def _resource_group(resource_id: str) -> str:
 COMPUTE_API, NETWORK_API, VMSS_NETWORK_API = "2024-07-01", "2024-05-01", "2018-10-01"
 LISTINGS = {
     "VMs": ("/providers/Microsoft.Compute/virtualMachines", COMPUTE_API, {}),
-    "VM power states": ("/providers/Microsoft.Compute/virtualMachines", COMPUTE_API, {"statusOnly": "true"}),
+    "VM power states": ("/providers/Microsoft.Compute/virtualMachines", COMPUTE_API,
+                        {"statusOnly": "true"}),
     "scale sets": ("/providers/Microsoft.Compute/virtualMachineScaleSets", COMPUTE_API, {}),
     "network interfaces": ("/providers/Microsoft.Network/networkInterfaces", NETWORK_API, {}),
     "public IPs": ("/providers/Microsoft.Network/publicIPAddresses", NETWORK_API, {}),
-    "instances of scale set": ("/providers/Microsoft.Compute/virtualMachineScaleSets/{set}/virtualMachines",
-                               COMPUTE_API, {"$expand": "instanceView"}),
+    "instances of scale set": (
+        "/providers/Microsoft.Compute/virtualMachineScaleSets/{set}/virtualMachines",
+        COMPUTE_API, {"$expand": "instanceView"}),
     "network interfaces of scale set": (
-        "/providers/Microsoft.Compute/virtualMachineScaleSets/{set}/networkInterfaces", VMSS_NETWORK_API, {}),
+        "/providers/Microsoft.Compute/virtualMachineScaleSets/{set}/networkInterfaces",
+        VMSS_NETWORK_API, {}),
     "public IPs of scale set": (
-        "/providers/Microsoft.Compute/virtualMachineScaleSets/{set}/publicipaddresses", VMSS_NETWORK_API, {}),
+        "/providers/Microsoft.Compute/virtualMachineScaleSets/{set}/publicipaddresses",
+        VMSS_NETWORK_API, {}),
 }
 
 
-# Azure Resource Graph (azure.source "resource_graph"): POST {arm}/providers/Microsoft.ResourceGraph/
-# resources, one query over every configured subscription, 1,000 rows a page (the documented maximum of
-# options.$top), pages chained by $skipToken. Each row carries only what the join reads; the join is the
-# one the listings use. Resource Graph allows `union` only within one table (or with ResourceContainers),
-# and Uniform scale-set instances live in ComputeResources: they are a second query, sent only when a
-# Uniform scale set carries the service-name tag. Tables, types and columns: Microsoft's "Azure Resource
-# Graph table and resource type reference"; the power state is an extended property
-# (properties.extended.instanceView.powerState.code, "Understanding the Azure Resource Graph query language").
+# Azure Resource Graph (azure.source "resource_graph"): POST
+# {arm}/providers/Microsoft.ResourceGraph/ resources, one query over every configured subscription,
+# 1,000 rows a page (the documented maximum of options.$top), pages chained by $skipToken. Each row
+# carries only what the join reads; the join is the one the listings use. Resource Graph allows
+# `union` only within one table (or with ResourceContainers), and Uniform scale-set instances live
+# in ComputeResources: they are a second query, sent only when a Uniform scale set carries the
+# service-name tag. Tables, types and columns: Microsoft's "Azure Resource Graph table and resource
+# type reference"; the power state is an extended property
+# (properties.extended.instanceView.powerState.code, "Understanding the Azure Resource Graph query
+# language").
 GRAPH_API, GRAPH_PAGE = "2022-10-01", 1000
 GRAPH_QUERY = """\
 {table}
@@ -3033,10 +3186,11 @@ GRAPH_QUERY = """\
 GRAPH_TABLES = {
     "Resources": ("microsoft.compute/virtualmachines", "microsoft.compute/virtualmachinescalesets",
                   "microsoft.network/networkinterfaces", "microsoft.network/publicipaddresses"),
-    "ComputeResources": ("microsoft.compute/virtualmachinescalesets/virtualmachines",
-                         "microsoft.compute/virtualmachinescalesets/virtualmachines/networkinterfaces",
-                         "microsoft.compute/virtualmachinescalesets/virtualmachines/networkinterfaces/"
-                         "ipconfigurations/publicipaddresses"),
+    "ComputeResources": (
+        "microsoft.compute/virtualmachinescalesets/virtualmachines",
+        "microsoft.compute/virtualmachinescalesets/virtualmachines/networkinterfaces",
+        "microsoft.compute/virtualmachinescalesets/virtualmachines/networkinterfaces/"
+        "ipconfigurations/publicipaddresses"),
 }
 
 
@@ -3045,7 +3199,8 @@ def graph_query(table: str, groups: Sequence[str], public: bool = True) -> str:
     without their `where` line. Group names are checked at configuration time (no quote can
     occur in them)."""
     types = [t for t in GRAPH_TABLES[table] if public or not t.endswith("/publicipaddresses")]
-    query = GRAPH_QUERY.replace("{table}", table).replace("{types}", ", ".join(f"'{t}'" for t in types))
+    query = GRAPH_QUERY.replace("{table}",
+                                table).replace("{types}", ", ".join(f"'{t}'" for t in types))
     if not groups:
         return "\n".join(line for line in query.splitlines() if "{groups}" not in line)
     return query.replace("{groups}", ", ".join(f"'{g}'" for g in groups))
@@ -3058,12 +3213,15 @@ def listing_from_graph(rows: Iterable[Mapping]) -> AzureListing:
             "microsoft.compute/virtualmachinescalesets": listing.scale_sets,
             "microsoft.network/networkinterfaces": listing.nics,
             "microsoft.network/publicipaddresses": listing.public_ips}
-    into.update(zip(GRAPH_TABLES["ComputeResources"], (listing.set_instances, listing.nics, listing.public_ips)))
+    into.update(zip(GRAPH_TABLES["ComputeResources"],
+                    (listing.set_instances, listing.nics, listing.public_ips)))
     for n, row in enumerate(rows, 1):
-        if not isinstance(row.get("id"), str) or not row["id"] or not isinstance(row.get("type"), str):
-            raise AzureError(f"Resource Graph row {n} has no id or no type: its resource cannot be told "
-                             f"(id {shorten(json.dumps(row.get('id')), 120)}, type "
-                             f"{shorten(json.dumps(row.get('type')), 80)})")
+        if not isinstance(row.get("id"),
+                          str) or not row["id"] or not isinstance(row.get("type"), str):
+            raise AzureError(
+                f"Resource Graph row {n} has no id or no type: its resource cannot be told "
+                f"(id {shorten(json.dumps(row.get('id')), 120)}, type "
+                f"{shorten(json.dumps(row.get('type')), 80)})")
         target = into.get(row["type"].lower())
         if target is not None:
             target.append(_arm_shape(row))
@@ -3072,12 +3230,14 @@ def listing_from_graph(rows: Iterable[Mapping]) -> AzureListing:
 
 def _arm_shape(row: Mapping) -> dict:
     props: dict[str, Any] = {}
-    for column, key in (("networkInterfaces", "networkProfile"), ("virtualMachineScaleSet", "virtualMachineScaleSet"),
+    for column, key in (("networkInterfaces", "networkProfile"),
+                        ("virtualMachineScaleSet", "virtualMachineScaleSet"),
                         ("virtualMachine", "virtualMachine")):
         if row.get(column):
             props[key] = ({"networkInterfaces": row[column]} if column == "networkInterfaces"
                           else {"id": row[column]})
-    for column in ("orchestrationMode", "primary", "ipConfigurations", "ipAddress", "provisioningState"):
+    for column in ("orchestrationMode", "primary", "ipConfigurations", "ipAddress",
+                   "provisioningState"):
         if row.get(column) is not None:
             props[column] = row[column]
     statuses = [{"code": row["powerState"]}] if row.get("powerState") else []
@@ -3095,7 +3255,8 @@ def _arm_shape(row: Mapping) -> dict:
 def quota_wait(headers: Mapping[str, str]) -> float | None:
     """Seconds until Resource Graph's per-user window resets, when its quota is spent
     (x-ms-user-quota-remaining 0, x-ms-user-quota-resets-after "hh:mm:ss"); else None."""
-    remaining, resets = headers.get("x-ms-user-quota-remaining"), headers.get("x-ms-user-quota-resets-after")
+    remaining, resets = headers.get("x-ms-user-quota-remaining"), headers.get(
+        "x-ms-user-quota-resets-after")
     if remaining is None or resets is None or not (remaining := remaining.strip()).isascii() \
             or not remaining.isdigit() or int(remaining) > 0:
         return None
@@ -3121,7 +3282,8 @@ def vm_list_budget_warning(calls_per_cycle: int, interval: float) -> str | None:
         return None
     return (f"the last cycle made {calls_per_cycle} VM list calls in one subscription: every "
             f"{interval:g} s that is {per_minute:.0f} a minute, over Compute's refill of "
-            f"{VM_LIST_REFILL_PER_MINUTE} a minute for all callers of the subscription (every other host "
+            f"{VM_LIST_REFILL_PER_MINUTE} a minute for all callers of the subscription (every "
+            "other host "
             "polling it adds as much); Azure will throttle. Raise polling.interval_seconds, or set "
             'azure.source to "resource_graph"')
 
@@ -3153,7 +3315,8 @@ def quota_headers(headers: Mapping[str, str]) -> dict[str, int]:
     return found
 
 
-def quota_wait_seconds(left: Mapping[str, int], used: Mapping[str, int], interval: float) -> tuple[float, str]:
+def quota_wait_seconds(left: Mapping[str, int], used: Mapping[str, int],
+                       interval: float) -> tuple[float, str]:
     """How long the next cycle must wait, at least, so that what it will use of each bucket
     (this cycle's use) has refilled: (seconds, the bucket that says so); (0, "") when the
     polling interval is enough. A bucket whose refill is unknown does not count."""
@@ -3198,8 +3361,9 @@ def metadata_endpoints(document: Any, resource_manager_url: str) -> tuple[str, s
     if not (isinstance(audiences, list) and audiences and isinstance(audiences[0], str)
             and _optional_https_url(audiences[0]) is None and isinstance(login, str)
             and login and _optional_https_url(login) is None):
-        raise AzureError(f"cloud metadata of {resource_manager_url}: no https authentication.audiences "
-                         "and loginEndpoint; set azure.token_audience and azure.login_endpoint")
+        raise AzureError(
+            f"cloud metadata of {resource_manager_url}: no https authentication.audiences "
+            "and loginEndpoint; set azure.token_audience and azure.login_endpoint")
     return audiences[0], login.rstrip("/")
 
 
@@ -3215,11 +3379,13 @@ class AzureSource:
     from the listing threads: the daemon's watchdog keep-alive.
     """
 
-    def __init__(self, cfg: Config, env: Mapping[str, str] | None = None, stop: StopFlag | None = None,
+    def __init__(self, cfg: Config, env: Mapping[str, str] | None = None, stop: StopFlag
+                 | None = None,
                  progress: Callable[[], None] = lambda: None):
         self.cfg = cfg
         self._stop, self._progress = stop or Flag(), progress
-        self.pager = _ArmPager(cfg, os.environ if env is None else env, self._stop, self._check, progress)
+        self.pager = _ArmPager(cfg, os.environ if env is None else env, self._stop, self._check,
+                               progress)
         self._lock = threading.Lock()
         self._warned_fallback = self._warned_budget = False
         self._warned_health: set[str] = set()    # scale sets said to report no Application Health
@@ -3258,7 +3424,8 @@ class AzureSource:
         finally:
             pool.close()
         self._check_vm_list_budget()
-        return Discovery(tuple(instances), tuple(skipped), self.requests - before, dict(self.pager.left), self.pager.stretch())
+        return Discovery(tuple(instances), tuple(skipped), self.requests - before,
+                         dict(self.pager.left), self.pager.stretch())
 
     def _discover(self, pool: _Pool, skipped: list[Skip]) -> list[Instance]:
         graph = self.cfg.azure.source == "resource_graph"
@@ -3269,7 +3436,8 @@ class AzureSource:
             instances = self._power_states_one_by_one(pool, instances)
         problem = impossible(listing, instances, self.cfg, graph)
         if problem:
-            raise AzureError(f"Azure's answers cannot be true: {problem}; nothing is applied this cycle")
+            raise AzureError(
+                f"Azure's answers cannot be true: {problem}; nothing is applied this cycle")
         if self.cfg.azure.require_healthy:
             self._warn_without_health(instances)
         return instances
@@ -3298,11 +3466,13 @@ class AzureSource:
         try:
             return instances_from_azure(listing, self.cfg.azure, skipped)
         except (AttributeError, TypeError) as exc:
-            raise AzureError(f"joining the listings failed: an item is not shaped as Azure documents it "
-                             f"({str(exc)[:100]})") from None
+            raise AzureError(
+                f"joining the listings failed: an item is not shaped as Azure documents it "
+                f"({str(exc)[:100]})") from None
 
     def _check_vm_list_budget(self) -> None:
-        """Warn once (per configuration) when this cycle's VM list calls would outrun Compute's refill."""
+        """Warn once (per configuration) when this cycle's VM list calls would outrun Compute's
+        refill."""
         warning = vm_list_budget_warning(max(self._vm_list_calls.values(), default=0),
                                          self.cfg.polling.interval_seconds)
         if warning and not self._warned_budget:
@@ -3361,7 +3531,8 @@ class AzureSource:
             try:
                 listing.statuses += in_resource_groups(job.result(), groups)
             except AzureError as exc:
-                # Reader on resource groups only: subscription-wide lists answer 403 AuthorizationFailed.
+                # Reader on resource groups only: subscription-wide lists answer 403
+                # AuthorizationFailed.
                 if not groups or exc.status != 403:
                     raise
                 denied = True
@@ -3378,10 +3549,12 @@ class AzureSource:
                   and could_serve(i, self.cfg)]
         if not self._warned_fallback:
             self._warned_fallback = True
-            log.warning("the identity may not list VMs subscription-wide (403 AuthorizationFailed): power "
-                        "states cost one instance-view request per tagged VM, %d this cycle; grant Reader on "
-                        "the subscription, or set azure.source to \"resource_graph\"", len(wanted),
-                        extra={"event": "azure_power_state_fallback", "count": len(wanted)})
+            log.warning(
+                "the identity may not list VMs subscription-wide (403 AuthorizationFailed): power "
+                "states cost one instance-view request per tagged VM, %d this cycle; grant Reader "
+                "on "
+                "the subscription, or set azure.source to \"resource_graph\"", len(wanted),
+                extra={"event": "azure_power_state_fallback", "count": len(wanted)})
         jobs = [pool.listing(self._power_state_of, i) for i in wanted]
         pool.wait(jobs, self._stop)
         states = {i.id: job.result() for i, job in zip(wanted, jobs)}
@@ -3390,9 +3563,11 @@ class AzureSource:
     def _power_state_of(self, inst: Instance) -> str | None:
         """GET {vm}/instanceView (VirtualMachines_InstanceView); None when the VM is gone (404)."""
         self._check()
-        url = f"{self.pager.base}{urllib.parse.quote(inst.id)}/instanceView?api-version={COMPUTE_API}"
+        url = (f"{self.pager.base}{urllib.parse.quote(inst.id)}/instanceView"
+               f"?api-version={COMPUTE_API}")
         try:
-            view, _ = self.pager.send(self.pager.request("GET", url), f"instance view of {inst.name}")
+            view, _ = self.pager.send(self.pager.request("GET", url),
+                                      f"instance view of {inst.name}")
         except AzureError as exc:
             if exc.status == 404:
                 return None
@@ -3405,16 +3580,19 @@ class AzureSource:
         groups = self.cfg.azure.resource_groups
         listing = listing_from_graph(self._graph_rows("Resources", groups))
         tagged = {_id(s.get("id")) for s in scale_sets_to_list(listing.scale_sets, self.cfg)}
-        if tagged:     # as the listings do: instances of Uniform sets whose tags can make them match
+        # as the listings do: instances of Uniform sets whose tags can make them match
+        if tagged:
             uniform = listing_from_graph(self._graph_rows("ComputeResources", groups))
-            listing.set_instances = [i for i in uniform.set_instances if _scale_set_of(_id(i.get("id"))) in tagged]
+            listing.set_instances = [i for i in uniform.set_instances
+                                     if _scale_set_of(_id(i.get("id"))) in tagged]
             listing.nics += uniform.nics
             listing.public_ips += uniform.public_ips
         return listing
 
     def _graph_rows(self, table: str, groups: Sequence[str]) -> list[Mapping]:
         """Every row of one Resource Graph query, page by page ($skipToken)."""
-        url = f"{self.pager.base}/providers/Microsoft.ResourceGraph/resources?api-version={GRAPH_API}"
+        url = (f"{self.pager.base}/providers/Microsoft.ResourceGraph/resources"
+               f"?api-version={GRAPH_API}")
         query = graph_query(table, groups, self.cfg.azure.address == "public")
         what, seen = f"Resource Graph query of {table}", set()
 
@@ -3426,8 +3604,10 @@ class AzureSource:
             if page is not None:
                 if not page.get("$skipToken"):
                     return None
-                options["$skipToken"] = self.pager.fresh_link(what, page["$skipToken"], seen, "$skipToken")
-            body = {"subscriptions": list(self.cfg.azure.subscriptions), "query": query, "options": options}
+                options["$skipToken"] = self.pager.fresh_link(what, page["$skipToken"], seen,
+                                                              "$skipToken")
+            body = {"subscriptions": list(self.cfg.azure.subscriptions), "query": query,
+                    "options": options}
             return self.pager.request("POST", url, json=body)
         totals: list[Any] = []
         rows = self.pager.paged(what, next_request, "data", totals)
@@ -3437,9 +3617,10 @@ class AzureSource:
         ids = {str(r.get("id") or "").lower() for r in rows}
         if len(set(map(str, totals))) != 1 or not _is_int(totals[0]) or totals[0] != len(rows) \
                 or len(ids) != len(rows):
-            raise AzureError(f"{what} failed: {len(rows)} rows received ({len(rows) - len(ids)} of them twice), "
-                             f"totalRecords {', '.join(sorted(set(map(str, totals))))}: the pages do not add up "
-                             "(the estate changed while it was paged?); nothing is applied this cycle")
+            raise AzureError(
+                f"{what} failed: {len(rows)} rows received ({len(rows) - len(ids)} of them twice), "
+                f"totalRecords {', '.join(sorted(set(map(str, totals))))}: the pages do not add up "
+                "(the estate changed while it was paged?); nothing is applied this cycle")
         return rows
 
     def _pages(self, kind: str, sub: str, rg: str | None, scale_set: str = "") -> list[Mapping]:
@@ -3480,7 +3661,8 @@ class _ArmPager:
         self.left: dict[str, int] = {}          # each read bucket: the least left, this cycle
         self.used: dict[str, int] = {}          # ... and the answers that reported it
         self._stretched = ""                    # the bucket the polling interval is stretched for
-        self.base = (cfg.azure.resource_manager_url or CLOUDS[cfg.azure.cloud or "public"][0]).rstrip("/")
+        self.base = (cfg.azure.resource_manager_url
+                     or CLOUDS[cfg.azure.cloud or "public"][0]).rstrip("/")
         self._client: Any = None
         self._credential: Any = None
         self.scope = ""
@@ -3503,9 +3685,12 @@ class _ArmPager:
         left, used = self.left, self.used
         wait, bucket = quota_wait_seconds(left, used, interval)
         if bucket and not self._stretched:
-            log.warning("Azure's read bucket %s has %d requests left and a cycle takes %d: the next cycles wait "
-                        "%.0f s (polling.interval_seconds is %g) until it refills", bucket, left[bucket],
-                        used[bucket], wait, interval, extra={"event": "azure_quota_stretch", "bucket": bucket})
+            log.warning(
+                "Azure's read bucket %s has %d requests left and a cycle takes %d: the next cycles "
+                "wait "
+                "%.0f s (polling.interval_seconds is %g) until it refills", bucket, left[bucket],
+                used[bucket], wait, interval,
+                extra={"event": "azure_quota_stretch", "bucket": bucket})
         elif self._stretched and not bucket:
             log.info("Azure's read buckets refilled: polling every %g s again", interval,
                      extra={"event": "azure_quota_normal", "bucket": self._stretched})
@@ -3529,24 +3714,28 @@ class _ArmPager:
         transport = _PageTransport(environment_settings(self.base), azure.workers,
                                     connect=min(10.0, azure.timeout), read=azure.timeout)
         self._client = self._compute(
-            self._credential, azure.subscriptions[0], base_url=self.base, credential_scopes=[self.scope],
+            self._credential, azure.subscriptions[0], base_url=self.base,
+            credential_scopes=[self.scope],
             policies=policies, transport=transport)
 
     def cloud_metadata(self) -> Any:
-        """GET {resource_manager_url}/metadata/endpoints (unauthenticated) for a custom cloud's token
+        """GET {resource_manager_url}/metadata/endpoints (unauthenticated) for a custom cloud's
+        token
         audience and login endpoint; read once, on the first discovery."""
         from azure.core import PipelineClient
         try:
             with PipelineClient(self.base) as client:
                 for version in CLOUD_METADATA_APIS:
                     url = f"{self.base}/metadata/endpoints?api-version={version}"
-                    response = client.send_request(self._request("GET", url), connection_timeout=min(
+                    response = client.send_request(self._request("GET", url),
+                                                   connection_timeout=min(
                         10.0, self.cfg.azure.timeout), read_timeout=self.cfg.azure.timeout)
                     if response.status_code not in (400, 404):    # an api-version it does not serve
                         break
                 document = response.json() if response.status_code == 200 else None
         except self._errors.AzureError as exc:
-            raise AzureError(f"cloud metadata from {url}: {_sdk_message(exc, self._secrets)}") from None
+            raise AzureError(
+                f"cloud metadata from {url}: {_sdk_message(exc, self._secrets)}") from None
         except ValueError as exc:
             raise AzureError(f"cloud metadata from {url}: not JSON ({str(exc)[:100]})") from None
         if document is None:
@@ -3567,7 +3756,9 @@ class _ArmPager:
         try:
             self._credential.get_token(self.scope)
         except self._errors.AzureError as exc:
-            raise AzureError(f"getting a token for {self.scope} failed: {_sdk_message(exc, self._secrets)}") from None
+            raise AzureError(
+                f"getting a token for {self.scope} failed: "
+                f"{_sdk_message(exc, self._secrets)}") from None
 
     def _observe(self, headers: Mapping[str, str]) -> None:
         """An answer's read buckets (quota_headers), kept for this cycle's stretch and gauges."""
@@ -3587,9 +3778,11 @@ class _ArmPager:
             raise AzureError(f"{what} failed: malformed page ({kind} is not a string)")
         shown = shorten(link, 200, self._secrets)
         if kind == "nextLink" and _origin(link) != _origin(self.base):
-            raise AzureError(f"{what} failed: nextLink {shown} leads away from {self.base}: not followed")
+            raise AzureError(
+                f"{what} failed: nextLink {shown} leads away from {self.base}: not followed")
         if link in seen:
-            raise AzureError(f"{what} failed: {kind} {shown} came twice: the listing would never end")
+            raise AzureError(
+                f"{what} failed: {kind} {shown} came twice: the listing would never end")
         seen.add(link)
         return link
 
@@ -3605,7 +3798,8 @@ class _ArmPager:
         while (request := next_request(page)) is not None:
             self.check()
             if (pages := pages + 1) > self.cfg.azure.max_pages:
-                raise AzureError(f"{what} failed: more than azure.max_pages ({self.cfg.azure.max_pages}) pages")
+                raise AzureError(
+                    f"{what} failed: more than azure.max_pages ({self.cfg.azure.max_pages}) pages")
             page, headers = self.send(request, what)
             found = page.get(key)
             if not isinstance(found, list):
@@ -3620,7 +3814,8 @@ class _ArmPager:
                 totals.append(page.get("totalRecords"))
             self._progress()
             pause = quota_wait(headers)
-            if pause is not None:      # Resource Graph's per-user window is spent: wait for its reset
+            # Resource Graph's per-user window is spent: wait for its reset
+            if pause is not None:
                 self.pause(pause)
         return items
 
@@ -3647,18 +3842,23 @@ class _ArmPager:
                 self.pause(pause)
                 response = self.fetch(request)
             if 300 <= response.status_code < 400:
-                location = shorten(str(response.headers.get("Location") or "(none)"), 200, self._secrets)
-                raise AzureError(f"{what} failed: HTTP {response.status_code} redirect to {location} not "
-                                 "followed (Resource Manager answers its list calls itself)", response.status_code)
+                location = shorten(str(response.headers.get("Location") or "(none)"), 200,
+                                   self._secrets)
+                raise AzureError(
+                    f"{what} failed: HTTP {response.status_code} redirect to {location} not "
+                    "followed (Resource Manager answers its list calls itself)",
+                    response.status_code)
             # json.loads on the bytes: the SDK's json() decodes to text first.
             page = json.loads(response.body()) if response.status_code == 200 else None
         except self._errors.AzureError as exc:
-            raise AzureError(f"{what} failed: {_sdk_message(exc, self._secrets)}", getattr(exc, "status_code", None)) from None
+            raise AzureError(f"{what} failed: {_sdk_message(exc, self._secrets)}",
+                             getattr(exc, "status_code", None)) from None
         except ValueError as exc:
             raise AzureError(f"{what} failed: malformed page ({str(exc)[:100]})") from None
         if page is None:
-            raise AzureError(f"{what} failed: HTTP {response.status_code} {_arm_error(response, self._secrets)}",
-                             response.status_code)
+            raise AzureError(
+                f"{what} failed: HTTP {response.status_code} {_arm_error(response, self._secrets)}",
+                response.status_code)
         if not isinstance(page, dict):
             raise AzureError(f"{what} failed: malformed page (not a JSON object)")
         return page, response.headers
@@ -3684,7 +3884,8 @@ def could_serve(inst: Instance, cfg: Config) -> bool:
     return any(k.lower() == name_tag for k in inst.tags) and tags_match(inst.tags, cfg.tags)
 
 
-def _credential(cfg: AzureConfig, identity: Any, authority: str, env: Mapping[str, str]) -> TokenCredential:
+def _credential(cfg: AzureConfig, identity: Any, authority: str,
+                env: Mapping[str, str]) -> TokenCredential:
     """The credential of azure.credential_type, for the cloud's login authority."""
     client_id = cfg.managed_identity_client_id or None
     kind = cfg.credential_type
@@ -3702,13 +3903,15 @@ def _credential(cfg: AzureConfig, identity: Any, authority: str, env: Mapping[st
             names = ("AZURE_TENANT_ID", "AZURE_CLIENT_ID", "AZURE_CLIENT_SECRET")
             missing = [n for n in names if not env.get(n)]
             if missing:
-                raise ConfigError([f"azure.credential_type: client_secret needs {', '.join(missing)} "
-                                   "in the environment"])
+                raise ConfigError([
+                    f"azure.credential_type: client_secret needs {', '.join(missing)} "
+                    "in the environment"])
             return identity.ClientSecretCredential(*(env[n] for n in names), authority=authority,
                                                    disable_instance_discovery=not known)
         # DefaultAzureCredential hands the authority (and the switch) to the credentials it tries:
         # client-secret variables in a private cloud log in at that cloud's endpoint.
-        return identity.DefaultAzureCredential(authority=authority, managed_identity_client_id=client_id,
+        return identity.DefaultAzureCredential(authority=authority,
+                                               managed_identity_client_id=client_id,
                                                disable_instance_discovery=not known)
     except ValueError as exc:  # e.g. workload identity without its environment variables
         raise ConfigError([f"azure.credential_type: {kind}: {exc}"]) from None
@@ -3754,12 +3957,16 @@ class _DeadlineHandler(urllib.request.HTTPHandler, urllib.request.HTTPSHandler):
         return self.do_open(functools.partial(_WatchedHTTP, watch=self._watch), req)
 
     def https_open(self, req: urllib.request.Request) -> Any:
-        return self.do_open(functools.partial(_WatchedHTTPS, watch=self._watch), req, context=self._context)
+        return self.do_open(functools.partial(_WatchedHTTPS, watch=self._watch), req,
+                            context=self._context)
 
 
-MAX_ERROR_BODY = 64 * 1024      # an error answer is read this far, no further (any answer: max_answer_mb)
-CLEANUP_TIMEOUT = 1.5           # seconds the delete of a transaction left behind may take, after a shutdown
-DRAIN_CALL_TIMEOUT = 5.0        # seconds a drain's runtime or stats call may take: it never holds the cycle
+# an error answer is read this far, no further (any answer: max_answer_mb)
+MAX_ERROR_BODY = 64 * 1024
+# seconds the delete of a transaction left behind may take, after a shutdown
+CLEANUP_TIMEOUT = 1.5
+# seconds a drain's runtime or stats call may take: it never holds the cycle
+DRAIN_CALL_TIMEOUT = 5.0
 
 
 def basic_credentials(cfg: HAProxyConfig) -> str:
@@ -3785,7 +3992,8 @@ class _JsonHttp:
     def __init__(self, cfg: HAProxyConfig, stop: Flag | None = None):
         self.cfg = cfg
         self.secrets = [cfg.password, basic_credentials(cfg)]
-        self._headers = {"Authorization": f"Basic {basic_credentials(cfg)}", "Accept": "application/json",
+        self._headers = {"Authorization": f"Basic {basic_credentials(cfg)}",
+                         "Accept": "application/json",
                          "User-Agent": f"haproxy-azure-discovery/{__version__}"}
         self._max_body = cfg.max_answer_mb * 2**20
         self._stop, self._closed = stop or Flag(), Flag()
@@ -3799,15 +4007,19 @@ class _JsonHttp:
         self._opener = urllib.request.build_opener(urllib.request.ProxyHandler({}), _NoRedirect(),
                                                    _DeadlineHandler(context, self._watch))
 
-    def request(self, method: str, url: str, where: str, body: Any = None, shape: Shape | None = None,
-                timeout: float | None = None, urgent: bool = False) -> tuple[int, Any, Mapping[str, str]]:
+    def request(self, method: str, url: str, where: str, body: Any = None, shape: Shape
+                | None = None,
+                timeout: float | None = None,
+                urgent: bool = False) -> tuple[int, Any, Mapping[str, str]]:
         """One request (`where` names it in errors); DataPlaneError (TransactionConflict for
         406/409) on failure, Aborted on shutdown. With a `shape`, a 2xx payload that fails its
         test is an error saying it is not that. `timeout` shortens haproxy.timeout."""
         data = None if body is None else json.dumps(body).encode()
         headers = {**self._headers, **({"Content-Type": "application/json"} if data else {})}
-        status, raw, got = self._exchange(where, urllib.request.Request(url, data, headers, method=method),
-                                          min(timeout or self.cfg.timeout, self.cfg.timeout), urgent)
+        status, raw, got = self._exchange(where,
+                                          urllib.request.Request(url, data, headers, method=method),
+                                          min(timeout or self.cfg.timeout, self.cfg.timeout),
+                                          urgent)
         if 300 <= status < 400:
             location = shorten(str(got.get("Location") or "(none)"), 200, self.secrets)
             raise DataPlaneError(f"{where}: HTTP {status} redirect to {location} not followed "
@@ -3835,7 +4047,8 @@ class _JsonHttp:
         if self._stop.is_set() and not urgent:
             raise Aborted(f"shutdown requested: {where} not sent")
         if self._guard is None:
-            self._guard = threading.Thread(target=self._watch_stop, name="dataplane-stop", daemon=True)
+            self._guard = threading.Thread(target=self._watch_stop, name="dataplane-stop",
+                                           daemon=True)
             self._guard.start()
         self._socket, self._expired, self._urgent = None, False, urgent
         timer = threading.Timer(timeout, self._expire)
@@ -3848,7 +4061,8 @@ class _JsonHttp:
                 raise Aborted(f"shutdown requested: {where} abandoned") from None
             if self._expired:
                 raise DataPlaneError(f"{where}: timed out, {self._late(timeout)}") from None
-            raise DataPlaneError(self.mask(f"{where}: {getattr(exc, 'reason', None) or exc}")) from None
+            raise DataPlaneError(self.mask(
+                f"{where}: {getattr(exc, 'reason', None) or exc}")) from None
         finally:
             timer.cancel()
             self._socket, self._urgent = None, False
@@ -3857,8 +4071,9 @@ class _JsonHttp:
         if self._expired:
             raise DataPlaneError(f"{where}: timed out, {self._late(timeout)}")
         if len(answer[1]) > self._max_body:
-            raise DataPlaneError(f"{where}: HTTP {answer[0]} answer is larger than haproxy.max_answer_mb "
-                                 f"({self.cfg.max_answer_mb} MiB)", answer[0])
+            raise DataPlaneError(
+                f"{where}: HTTP {answer[0]} answer is larger than haproxy.max_answer_mb "
+                f"({self.cfg.max_answer_mb} MiB)", answer[0])
         return answer
 
     def _open(self, req: urllib.request.Request, timeout: float) -> tuple[int, bytes, Any]:
@@ -3907,7 +4122,8 @@ class _JsonHttp:
         except (ValueError, RecursionError):
             raise self._malformed(where, status, headers, raw, "not valid JSON") from None
 
-    def _malformed(self, where: str, status: int, headers: Any, raw: bytes, what: str) -> DataPlaneError:
+    def _malformed(self, where: str, status: int, headers: Any, raw: bytes,
+                   what: str) -> DataPlaneError:
         """The error for a 2xx answer the API does not give: what came, masked and bounded."""
         kind = shorten(str(headers.get("Content-Type") or "no content type"), 80, self.secrets)
         sample = shorten(raw[:MAX_ERROR_BODY].decode("utf-8", "replace"), 200, self.secrets)
@@ -3936,13 +4152,15 @@ class DataPlane:
         self.http = _JsonHttp(cfg, stop)
         self._progress = progress      # the watchdog's keep-alive, while a reload is waited for
         self.api = None if cfg.api_version == "auto" else cfg.api_version
-        self.release: tuple[int, ...] | None = None    # dataplaneapi's (major, minor, patch), from /info
+        # dataplaneapi's (major, minor, patch), from /info
+        self.release: tuple[int, ...] | None = None
         self.requests = 0
 
     def close(self) -> None:
         self.http.close()
 
-    def request(self, method: str, path: str, query: Mapping[str, Any] | None = None, body: Any = None,
+    def request(self, method: str, path: str, query: Mapping[str, Any] | None = None,
+                body: Any = None,
                 shape: Shape | None = None, timeout: float | None = None,
                 urgent: bool = False) -> tuple[int, Any, Mapping[str, str]]:
         """One request to `path` of the API in use (probed first with api_version auto); see
@@ -3952,7 +4170,8 @@ class DataPlane:
         if query:
             url += "?" + urllib.parse.urlencode({k: v for k, v in query.items() if v is not None})
         self.requests += 1
-        return self.http.request(method, url, f"{method} /{api}{path}", body, shape, timeout, urgent)
+        return self.http.request(method, url, f"{method} /{api}{path}", body, shape, timeout,
+                                 urgent)
 
     def _mask(self, text: str) -> str:
         return self.http.mask(text)
@@ -3978,7 +4197,8 @@ class DataPlane:
 
     def version(self) -> int:
         _, payload, _ = self.request("GET", "/services/haproxy/configuration/version",
-                                     shape=Shape(lambda p: _is_int(self._data(p)), "an integer version"))
+                                     shape=Shape(lambda p: _is_int(self._data(p)),
+                                                 "an integer version"))
         return self._data(payload)
 
     def read_backends(self, prefix: str) -> dict[str, BackendState]:
@@ -3992,14 +4212,19 @@ class DataPlane:
         if self.api == "v3":
             _, payload, _ = self.request("GET", f"{conf}/backends", {"full_section": "true"},
                                          shape=Shape(_full_sections, "a list of backends"))
-            return {b["name"]: _backend_state(b) for b in payload or [] if b["name"].startswith(prefix)}
-        _, payload, _ = self.request("GET", f"{conf}/backends", shape=Shape(_wrapped_list, '{"_version": integer, "data": list of backends}'))
+            return {b["name"]: _backend_state(b) for b in payload or []
+                    if b["name"].startswith(prefix)}
+        _, payload, _ = self.request("GET", f"{conf}/backends",
+                                     shape=Shape(_wrapped_list,
+                                                 '{"_version": integer, "data": list of backends}'))
         found = {}
         for b in payload["data"]:
             if b["name"].startswith(prefix):
                 _, servers, _ = self.request("GET", f"{conf}/servers", {"backend": b["name"]},
-                                             shape=Shape(_wrapped_servers, '{"data": list of servers}'))
-                found[b["name"]] = BackendState(b["name"], b, {s["name"]: s for s in servers["data"]})
+                                             shape=Shape(_wrapped_servers,
+                                                         '{"data": list of servers}'))
+                found[b["name"]] = BackendState(b["name"], b,
+                                                {s["name"]: s for s in servers["data"]})
         return found
 
     def dropped_fields(self) -> frozenset[str]:
@@ -4010,7 +4235,8 @@ class DataPlane:
         if self.release is None:
             _, info, _ = self.request("GET", "/info")
             self.release = _release(info)
-        return frozenset(k for k, since in FIELDS_GONE.items() if self.api == "v3" and self.release >= since)
+        return frozenset(k for k, since in FIELDS_GONE.items() if self.api == "v3" and self.release
+                         >= since)
 
     def _server_path(self, backend: str, server: str) -> tuple[str, dict[str, str]]:
         conf = "/services/haproxy/configuration"
@@ -4076,8 +4302,10 @@ class DataPlane:
                 if status == "succeeded":
                     break
                 if status in ("failed", "unknown"):
-                    raise ReloadFailed(reload_id, entry.get("reload_timestamp"), self._mask(str(entry.get(
-                        "response"))) if status == "failed" else "unknown to the Data Plane API (it "
+                    raise ReloadFailed(reload_id, entry.get("reload_timestamp"),
+                                       self._mask(str(entry.get(
+                        "response"))) if status == "failed"
+                                       else "unknown to the Data Plane API (it "
                                        "restarted before reloading?)")
                 if time.monotonic() + pause > deadline:
                     raise ReloadFailed(reload_id, None, f"still {status} after {RELOAD_WAIT:g} s")
@@ -4106,13 +4334,15 @@ class DataPlane:
         are DATE-N, N counting reloads since dataplaneapi started: their order is the records'.
         The records do not outlive a dataplaneapi restart: a debt from before one is known only
         to the daemon that saw it."""
-        _, payload, _ = self.request("GET", "/services/haproxy/reloads", shape=Shape(_reloads, "a list of reloads"))
+        _, payload, _ = self.request("GET", "/services/haproxy/reloads",
+                                     shape=Shape(_reloads, "a list of reloads"))
         done = [r for r in payload or [] if r.get("status") in ("failed", "succeeded")
                 and _reload_order(r.get("id")) is not None]
         latest = max(done, key=lambda r: _reload_order(r["id"]), default=None)
         if latest is None or latest["status"] != "failed":
             return None
-        return ReloadFailed(latest["id"], latest.get("reload_timestamp"), self._mask(str(latest.get("response"))))
+        return ReloadFailed(latest["id"], latest.get("reload_timestamp"),
+                            self._mask(str(latest.get("response"))))
 
     def make_reload(self, version: int, stop: StopFlag) -> Applied:
         """A reload of what the API holds, confirmed: an empty transaction committed at
@@ -4150,7 +4380,8 @@ class DataPlane:
     def admin_state(self, backend: str, server: str) -> str | None:
         """The server's runtime admin state ("ready", "maint", "drain"); None if not given."""
         path, query = self._runtime_server_path(backend, server)
-        _, payload, _ = self.request("GET", path, query, timeout=DRAIN_CALL_TIMEOUT, shape=Shape(lambda p: isinstance(p, dict), "a runtime server"))
+        _, payload, _ = self.request("GET", path, query, timeout=DRAIN_CALL_TIMEOUT,
+                                     shape=Shape(lambda p: isinstance(p, dict), "a runtime server"))
         state = payload.get("admin_state")
         return state if isinstance(state, str) else None
 
@@ -4158,8 +4389,10 @@ class DataPlane:
         """Current sessions (`scur`) of these servers of one backend, from HAProxy's native
         stats: one request for the backend's servers, however many drain at once. None for
         a server the answer does not name or gives no count for."""
-        _, payload, _ = self.request("GET", "/services/haproxy/stats/native", {"type": "server", "parent": backend},
-                                     shape=Shape(_native_stats, "native stats"), timeout=DRAIN_CALL_TIMEOUT)
+        _, payload, _ = self.request("GET", "/services/haproxy/stats/native",
+                                     {"type": "server", "parent": backend},
+                                     shape=Shape(_native_stats, "native stats"),
+                                     timeout=DRAIN_CALL_TIMEOUT)
         counts = current_sessions(payload, backend)
         return {s: counts.get(s) for s in servers}
 
@@ -4187,7 +4420,8 @@ class _Transactions:
             return [("PUT", f"{conf}/backends/{_q(b.name)}", {"full_section": "true"}, full)]
         if b.create:
             return [("POST", f"{conf}/backends", {}, b.fields),
-                    *(("POST", f"{conf}/servers", {"backend": b.name}, body) for body in b.servers.values())]
+                    *(("POST", f"{conf}/servers", {"backend": b.name}, body) for body
+                      in b.servers.values())]
         out = [("PUT", f"{conf}/backends/{_q(b.name)}", {}, b.fields)] if b.fields_changed else []
         for c in b.changes:
             if c.action == "add":
@@ -4261,7 +4495,8 @@ class _Transactions:
                 raise CommitRefused(f"HAProxy refuses the configuration with it: {exc.body}",
                                     400, exc.body) from None
             raise
-        return Applied(_int_header(headers.get("Configuration-Version")), _reload_ids(status, headers))
+        return Applied(_int_header(headers.get("Configuration-Version")),
+                       _reload_ids(status, headers))
 
     def start(self, version: int) -> str:
         """A new transaction at `version`, its id. dataplaneapi refuses one past
@@ -4277,12 +4512,14 @@ class _Transactions:
             except DataPlaneError as exc:
                 if exc.status != 429 or attempt == 2 or not self._delete_dead_transactions(version):
                     if exc.status == 429:
-                        raise DataPlaneError(f"{exc}; {self._transactions_advice(version)}", 429) from None
+                        raise DataPlaneError(f"{exc}; {self._transactions_advice(version)}",
+                                             429) from None
                     raise
         raise AssertionError("unreachable")  # pragma: no cover
 
     def _open_transactions(self) -> list[Mapping[str, Any]]:
-        _, payload, _ = self.dp.request("GET", "/services/haproxy/transactions", shape=Shape(_transactions, "a list of transactions"))
+        _, payload, _ = self.dp.request("GET", "/services/haproxy/transactions",
+                                        shape=Shape(_transactions, "a list of transactions"))
         return payload or []
 
     def _delete_dead_transactions(self, version: int) -> int:
@@ -4292,20 +4529,24 @@ class _Transactions:
         commit: never touched. The number deleted."""
         dead = [t["id"] for t in self._open_transactions()
                 if t.get("status") in ("outdated", "failed")
-                or (t.get("status") == "in_progress" and _is_int(t.get("_version")) and t["_version"] < version)]
+                or (t.get("status") == "in_progress" and _is_int(t.get("_version"))
+                    and t["_version"] < version)]
         for txn in dead:
             self.delete(txn)
         if dead:
-            log.warning("the Data Plane API had too many open transactions: deleted %d that could never "
-                        "commit (outdated, failed or on a version older than %d)", len(dead), version,
-                        extra={"event": "transactions_deleted", "count": len(dead)})
+            log.warning(
+                "the Data Plane API had too many open transactions: deleted %d that could never "
+                "commit (outdated, failed or on a version older than %d)", len(dead), version,
+                extra={"event": "transactions_deleted", "count": len(dead)})
         return len(dead)
 
     def _transactions_advice(self, version: int) -> str:
         live = [t["id"] for t in self._open_transactions() if t.get("status") == "in_progress"]
         return (f"{len(live)} transaction(s) in progress on version {version}, none of them this "
-                "program's: another client's, or leaked by a client that died mid-transaction. They "
-                "are not deleted here (one may be about to commit); if no other client writes to this "
+                "program's: another client's, or leaked by a client that died mid-transaction. "
+                "They "
+                "are not deleted here (one may be about to commit); if no other client writes to "
+                "this "
                 f"HAProxy, delete them (DELETE /{self.dp.api}/services/haproxy/transactions/ID: "
                 f"{', '.join(live[:5])}{' ...' if len(live) > 5 else ''}) or restart dataplaneapi")
 
@@ -4345,7 +4586,8 @@ class _Transactions:
     def delete(self, txn: str) -> None:
         """Delete a transaction; one that is already gone is fine; a failure is logged."""
         try:
-            self.dp.request("DELETE", f"/services/haproxy/transactions/{txn}", timeout=CLEANUP_TIMEOUT, urgent=True)
+            self.dp.request("DELETE", f"/services/haproxy/transactions/{txn}",
+                            timeout=CLEANUP_TIMEOUT, urgent=True)
         except DataPlaneError as exc:
             if exc.status != 404:
                 log.error("could not delete transaction %s: %s", txn, exc,
@@ -4391,7 +4633,8 @@ def _named(items: Any) -> bool:
 
 
 def _full_sections(payload: Any) -> bool:
-    return payload is None or (_named(payload) and all(_server_map(b.get("servers", {})) for b in payload))
+    return payload is None or (_named(payload)
+                               and all(_server_map(b.get("servers", {})) for b in payload))
 
 
 def _server_map(servers: Any) -> bool:
@@ -4401,11 +4644,13 @@ def _server_map(servers: Any) -> bool:
 def _server(s: Any) -> bool:
     """A server object whose fields the planner compares have the model's types."""
     return isinstance(s, dict) and isinstance(s.get("address", ""), str) \
-        and (s.get("port") is None or _is_int(s["port"])) and isinstance(s.get("maintenance", ""), str)
+        and (s.get("port") is None
+             or _is_int(s["port"])) and isinstance(s.get("maintenance", ""), str)
 
 
 def _wrapped_list(payload: Any) -> bool:
-    return isinstance(payload, dict) and _is_int(payload.get("_version", 0)) and _named(payload.get("data"))
+    return isinstance(payload,
+                      dict) and _is_int(payload.get("_version", 0)) and _named(payload.get("data"))
 
 
 def _wrapped_servers(payload: Any) -> bool:
@@ -4423,12 +4668,14 @@ def _transactions(payload: Any) -> bool:
 
 
 def _reloads(payload: Any) -> bool:
-    return payload is None or (isinstance(payload, list) and all(isinstance(r, dict) for r in payload))
+    return payload is None or (isinstance(payload, list)
+                               and all(isinstance(r, dict) for r in payload))
 
 
 def _reload_order(reload_id: Any) -> tuple[str, int] | None:
     """(date, N) of a reload id DATE-N (YYYY-MM-DD-N, the spec's pattern); None for another."""
-    found = re.fullmatch(r"(\d{4}-\d{2}-\d{2})-(\d{1,18})", reload_id) if isinstance(reload_id, str) else None
+    found = re.fullmatch(r"(\d{4}-\d{2}-\d{2})-(\d{1,18})",
+                         reload_id) if isinstance(reload_id, str) else None
     return (found[1], int(found[2])) if found else None
 
 
@@ -4446,7 +4693,8 @@ def current_sessions(payload: Any, backend: str) -> dict[str, int | None]:
     found: dict[str, int | None] = {}
     for c in payload if isinstance(payload, list) else [payload]:
         for i in c.get("stats") or []:
-            if i.get("type") == "server" and i.get("backend_name") == backend and isinstance(i.get("name"), str):
+            if i.get("type") == "server" and i.get("backend_name") == backend and isinstance(i.get(
+                    "name"), str):
                 n = (i.get("stats") or {}).get("scur") if isinstance(i.get("stats"), dict) else None
                 before = found.get(i["name"], 0)
                 found[i["name"]] = before + n if _is_int(n) and before is not None else None
@@ -4464,7 +4712,8 @@ def _q(name: str) -> str:
 
 
 # === Logging ===
-_LOG_RESERVED = frozenset(vars(logging.LogRecord("", 0, "", 0, "", (), None))) | {"message", "asctime"}
+_LOG_RESERVED = frozenset(vars(logging.LogRecord("", 0, "", 0, "", (), None))) | {"message",
+                                                                                  "asctime"}
 
 
 # .target: the HAProxy target the current thread works for; its lines carry it as a field.
@@ -4496,10 +4745,12 @@ class JsonFormatter(_Redacting):
     """One JSON object per line: ts (UTC RFC 3339, ms), level, msg, event, then fields."""
 
     def render(self, record: logging.LogRecord) -> str:
-        ts = time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(record.created)) + f".{int(record.msecs):03d}Z"
+        ts = time.strftime("%Y-%m-%dT%H:%M:%S",
+                           time.gmtime(record.created)) + f".{int(record.msecs):03d}Z"
         out = {"ts": ts, "level": record.levelname.lower(), "msg": record.getMessage(),
                "event": getattr(record, "event", "log")}
-        out.update((k, v) for k, v in vars(record).items() if k not in _LOG_RESERVED and k != "event")
+        out.update((k, v) for k, v in vars(record).items() if k not in _LOG_RESERVED and k
+                   != "event")
         if record.exc_info:
             out["exception"] = self.formatException(record.exc_info)
         return json.dumps(out, default=str, ensure_ascii=False)
@@ -4514,7 +4765,8 @@ class TextFormatter(_Redacting):
 
     def render(self, record: logging.LogRecord) -> str:
         fields = " ".join(f"{k}={v}" for k, v in vars(record).items() if k not in _LOG_RESERVED)
-        line = f"{record.levelname.lower()}: {record.getMessage()}" + (f" [{fields}]" if fields else "")
+        line = f"{record.levelname.lower()}: {record.getMessage()}" + (f" [{fields}]" if fields
+                                                                       else "")
         if self.timestamps:
             line = time.strftime("%Y-%m-%d %H:%M:%S ", time.localtime(record.created)) + line
         if record.exc_info:
@@ -4526,7 +4778,8 @@ def setup_logging(level: str, fmt: str, secrets: Iterable[str], stream: Any = No
                   env: Mapping[str, str] | None = None) -> None:
     handler = logging.StreamHandler(stream or sys.stderr)
     handler.setFormatter(JsonFormatter(secrets) if fmt == "json"
-                         else TextFormatter(secrets, timestamps="JOURNAL_STREAM" not in (os.environ if env is None else env)))
+                         else TextFormatter(secrets, timestamps="JOURNAL_STREAM"
+                                            not in (os.environ if env is None else env)))
     root = logging.getLogger()
     for old in root.handlers[:]:
         root.removeHandler(old)
@@ -4549,13 +4802,15 @@ MAX_ATTEMPTS = 3
 @dataclass
 class CycleReport:
     """What a cycle did, for logs, metrics and the exit code."""
-    result: str = "failed"        # "steady", "unchanged", "draining", "applied", "held", "partial" or "failed"
+    # "steady", "unchanged", "draining", "applied", "held", "partial" or "failed"
+    result: str = "failed"
     plan: Plan | None = None
     instances: int = 0
     skipped: int = 0
     skips: tuple[Skip, ...] | None = None   # None until discovery has succeeded
     azure_requests: int = 0
-    azure_quota: Mapping[str, int] = field(default_factory=dict)   # Azure's read buckets: the least left
+    # Azure's read buckets: the least left
+    azure_quota: Mapping[str, int] = field(default_factory=dict)
     azure_wait: float = 0.0       # the next cycle waits this long at least (Azure's buckets refill)
     dataplane_requests: int = 0
     transactions: dict[str, int] = field(default_factory=dict)   # "committed", "conflict", ...
@@ -4567,9 +4822,11 @@ class CycleReport:
     target: str = ""              # the target's name (haproxy.targets[i].name, else its base_url)
     failure: Exception | None = None       # why this target's cycle failed, when it did
     reload_failures: int = 0      # reloads seen failing (or lost) this cycle
-    ignored: list[str] = field(default_factory=list)    # fields found not kept this cycle (_end_write_loops)
+    # fields found not kept this cycle (_end_write_loops)
+    ignored: list[str] = field(default_factory=list)
     behind: ReloadFailed | None = None     # the reload HAProxy still owes after the cycle
-    held_since: float | None = None        # since when the mass-drain guard holds servers (wall clock)
+    # since when the mass-drain guard holds servers (wall clock)
+    held_since: float | None = None
     drift: dict[str, list[str]] = field(default_factory=dict)   # backend -> what HAProxy held
                                            # differently from what this program wrote (drifted)
 
@@ -4639,7 +4896,8 @@ def reconcile_target(run: "TargetRun", p: Pass, report: CycleReport) -> Plan | N
             return _attempt(run, p, report, attempt)
         except TransactionConflict as exc:
             report.transactions["conflict"] = report.transactions.get("conflict", 0) + 1
-            log.warning("configuration changed under us (attempt %d of %d): %s", attempt, MAX_ATTEMPTS,
+            log.warning("configuration changed under us (attempt %d of %d): %s", attempt,
+                        MAX_ATTEMPTS,
                         exc, extra={"event": "conflict", "attempt": attempt})
     raise DataPlaneError(f"gave up after {MAX_ATTEMPTS} attempts: the configuration kept changing")
 
@@ -4695,12 +4953,14 @@ def _guard_rewrites(run: "TargetRun", p: Pass, look: _Look, decision: "Decision"
     The guard's count, for State.rewrites once the writes are done."""
     rewrites, looping = rewrite_guard(decision.plan, look.actual, run.state.rewrites)
     if looping and _end_write_loops(looping, run.state, run.name, report):
-        look = look._replace(cfg=without_fields(look.cfg, run.state.unkept))   # plan again without them
+        # plan again without them
+        look = look._replace(cfg=without_fields(look.cfg, run.state.unkept))
         decision, sessions = _decide(run, p, look)
         rewrites, looping = rewrite_guard(decision.plan, look.actual, run.state.rewrites)
-    report.refused = {b: f"written with the same desired state {REWRITE_LIMIT} cycles running and read "
-                         f"back different each time ({', '.join(sorted(keys))}): not written again until "
-                         "it changes" for b, keys in looping.items()}
+    report.refused = {
+        b: f"written with the same desired state {REWRITE_LIMIT} cycles running and read "
+        f"back different each time ({', '.join(sorted(keys))}): not written again until "
+        "it changes" for b, keys in looping.items()}
     return decision, sessions, look, rewrites
 
 
@@ -4711,7 +4971,8 @@ def _conclude(run: "TargetRun", p: Pass, look: _Look, decision: "Decision",
     is only taken from one: slots parked now that a later shrink may remove need the next
     cycle to plan again."""
     plan, seen, state = decision.plan, p.seen, run.state
-    done = state_after(look.actual, Plan(tuple(b for b in plan.backends if b.name not in report.refused)))
+    done = state_after(look.actual,
+                       Plan(tuple(b for b in plan.backends if b.name not in report.refused)))
     after = decision if plan.empty else plan_cycle(seen.groups, seen.skipped, done, state, look.cfg,
                                                    look.now, sessions)
     after = dataclasses.replace(after, plan=dataclasses.replace(after.plan, held=plan.held),
@@ -4741,7 +5002,8 @@ def _first_look(run: "TargetRun") -> None:
     state.looked = True
 
 
-def _end_write_loops(looping: Mapping[str, frozenset[str]], state: State, name: str, report: CycleReport) -> bool:
+def _end_write_loops(looping: Mapping[str, frozenset[str]], state: State, name: str,
+                     report: CycleReport) -> bool:
     """The params among the fields `looping` backends were read back without, ignored for this
     target from now on (one warning each); True when there are new ones to plan without. The
     other fields the program owns (addresses, names...): their backends are left out of the
@@ -4751,17 +5013,20 @@ def _end_write_loops(looping: Mapping[str, frozenset[str]], state: State, name: 
         params = {k for k in keys if k.split(".", 1)[1] in
                   {"backend": BACKEND_PARAMS, "server": SERVER_PARAMS}.get(k.split(".", 1)[0], ())}
         for key in sorted(params - state.unkept - new):
-            log.warning("the Data Plane API at %s does not keep %s: backend %s was written with it %d cycles "
-                        "running and read back without it each time; it is ignored from now on", name,
-                        key.replace(".", " field ", 1), backend, REWRITE_LIMIT,
-                        extra={"event": "field_ignored", "field": key, "backend": backend})
+            log.warning(
+                "the Data Plane API at %s does not keep %s: backend %s was written with it %d "
+                "cycles "
+                "running and read back without it each time; it is ignored from now on", name,
+                key.replace(".", " field ", 1), backend, REWRITE_LIMIT,
+                extra={"event": "field_ignored", "field": key, "backend": backend})
         new |= params - state.unkept
     state.unkept |= new
     report.ignored += sorted(new)
     return bool(new)
 
 
-def _pay_debt(target: Target, state: State, version: int, stop: StopFlag, report: CycleReport) -> int:
+def _pay_debt(target: Target, state: State, version: int, stop: StopFlag,
+              report: CycleReport) -> int:
     """Reload HAProxy with what the API shows (State.debt: a reload failed, never confirmed or
     was lost); the version after it. Until that reload succeeds nothing is steady: the cycle
     fails (ReloadFailed) and the next one tries again, after the cycle's backoff."""
@@ -4784,7 +5049,8 @@ def _record(decision: Decision, version: int | None, state: State, report: Cycle
     """What an applied cycle leaves in State. A refused backend keeps the slots HAProxy
     holds: the next cycle plans it afresh."""
     state.version = version
-    state.assignments = {**decision.assignments, **{n: state.assignments.get(n, {}) for n in report.refused}}
+    state.assignments = {**decision.assignments,
+                         **{n: state.assignments.get(n, {}) for n in report.refused}}
     state.drain_fingerprint, state.drain_streak = decision.drain_fingerprint, decision.drain_streak
     state.drain_since = decision.drain_since
     state.draining = decision.draining
@@ -4804,7 +5070,8 @@ def _decide(run: "TargetRun", p: Pass, look: _Look) -> tuple[Decision, dict[str,
         by_backend.setdefault(d.backend, []).append(d.server)
     sessions = {f"{b}/{s}": n for b, servers in by_backend.items()
                 for s, n in _drain(run.dp, b, servers).items()}
-    return plan_cycle(groups, skipped, look.actual, run.state, look.cfg, look.now, sessions), sessions
+    return plan_cycle(groups, skipped, look.actual, run.state, look.cfg, look.now,
+                      sessions), sessions
 
 
 def _drain(target: Target, backend: str, servers: Sequence[str]) -> dict[str, int | None]:
@@ -4814,7 +5081,8 @@ def _drain(target: Target, backend: str, servers: Sequence[str]) -> dict[str, in
     not come (no answer, an error, past DRAIN_CALL_TIMEOUT) is unknown: the server drains
     until its time is up, and the rest of the cycle goes on."""
     results = {s: _admin_state(target, backend, s, "drain") for s in servers}
-    counts: dict[str, int | None] = {s: None if set_ is None else 0 for s, set_ in results.items() if not set_}
+    counts: dict[str, int | None] = {s: None if set_ is None else 0 for s, set_ in results.items()
+                                     if not set_}
     draining = [s for s, set_ in results.items() if set_]
     if not draining:
         return counts
@@ -4824,8 +5092,10 @@ def _drain(target: Target, backend: str, servers: Sequence[str]) -> dict[str, in
         read, why = dict.fromkeys(draining), str(exc)
     for s in draining:
         if read.get(s) is None:
-            log.warning("server %s/%s: sessions not readable, it drains until its time is up: %s", backend,
-                        s, why, extra={"event": "drain_sessions_unknown", "backend": backend, "server": s})
+            log.warning("server %s/%s: sessions not readable, it drains until its time is up: %s",
+                        backend,
+                        s, why,
+                        extra={"event": "drain_sessions_unknown", "backend": backend, "server": s})
     return {**counts, **{s: read.get(s) for s in draining}}
 
 
@@ -4852,7 +5122,8 @@ def _admin_state(target: Target, backend: str, server: str, admin_state: str) ->
         refused = exc.status is not None and 400 <= exc.status < 500
         then = (" (parked now instead)" if refused else " (it drains until its time is up)") \
             if admin_state == "drain" else ""
-        log.warning("server %s/%s: could not set it %s at runtime%s: %s", backend, server, admin_state, then, exc,
+        log.warning("server %s/%s: could not set it %s at runtime%s: %s", backend, server,
+                    admin_state, then, exc,
                     extra={"event": "admin_state_failed", "backend": backend, "server": server})
         return False if refused else None
     return True
@@ -4874,7 +5145,8 @@ def _apply(plan: Plan, target: Target, version: int, stop: StopFlag, cfg: Config
     """Transaction or runtime writes, as the mode and the plan say, leaving out the backends
     already in report.refused (the rewrite guard's); the version it ends at. The backends
     the API refuses join report.refused."""
-    plan = dataclasses.replace(plan, backends=tuple(b for b in plan.backends if b.name not in report.refused))
+    plan = dataclasses.replace(plan, backends=tuple(b for b in plan.backends if b.name
+                                                    not in report.refused))
     if plan.empty:
         return version     # an empty transaction would still reload HAProxy: send none
     # Hybrid: runtime writes need no reload, but the Data Plane API checks the whole
@@ -4900,7 +5172,8 @@ def _apply(plan: Plan, target: Target, version: int, stop: StopFlag, cfg: Config
     return done.version
 
 
-def _log_refused(refused: Mapping[str, str], groups: Mapping[ServiceKey, list[Member]], cfg: Config) -> None:
+def _log_refused(refused: Mapping[str, str], groups: Mapping[ServiceKey, list[Member]],
+                 cfg: Config) -> None:
     """One error line per refused backend, naming the instances that wait for it."""
     members = {backend_name(k, cfg.haproxy.backend): ms for k, ms in groups.items()}
     for name, error in sorted(refused.items()):
@@ -4908,7 +5181,8 @@ def _log_refused(refused: Mapping[str, str], groups: Mapping[ServiceKey, list[Me
                            for m in members.get(name, [])) or "none"
         log.error("backend %s refused by the Data Plane API, its writes are left out of this cycle "
                   "(retried next cycle): %s; instances: %s", name, error, served,
-                  extra={"event": "backend_refused", "backend": name, "count": len(members.get(name, []))})
+                  extra={"event": "backend_refused", "backend": name,
+                         "count": len(members.get(name, []))})
 
 
 # Targets are applied at once, each from its own thread: a hanging HAProxy holds only itself.
@@ -4939,13 +5213,15 @@ def run_cycle(source: Source, runs: Sequence[TargetRun], stop: StopFlag, dry_run
     _log_skips(first, memory or runs[0].state)
     reports = [CycleReport(target=run.name, instances=first.instances, skipped=first.skipped,
                            skips=first.skips, azure_requests=first.azure_requests,
-                           azure_quota=first.azure_quota, azure_wait=first.azure_wait) for run in runs]
+                           azure_quota=first.azure_quota, azure_wait=first.azure_wait) for run
+               in runs]
     if len(runs) == 1:
         _target_cycle(runs[0], p, reports[0])
     else:
         pool = _Pool(min(len(runs), TARGET_WORKERS), "target")
         try:
-            for job in [pool.submit(_target_cycle, run, p, report) for run, report in zip(runs, reports)]:
+            for job in [pool.submit(_target_cycle, run, p, report) for run, report
+                        in zip(runs, reports)]:
                 job.result()
         finally:
             pool.close()
@@ -4979,7 +5255,8 @@ def _reconcile_into(run: TargetRun, p: Pass, report: CycleReport) -> None:
         report.duration = p.clocks.monotonic() - p.started
         report.dataplane_requests = run.dp.requests - before
         report.behind = run.state.debt
-        report.held_since = run.state.drain_since if report.plan is not None and report.plan.held else None
+        held = report.plan is not None and report.plan.held
+        report.held_since = run.state.drain_since if held else None
         for t in report.view["targets"] if report.view and report.behind else ():
             t["behind"] = str(report.behind)
 
@@ -5022,7 +5299,8 @@ def log_cycle_failed(error: str, failures: int = 0, target: str = "",
 def one_cycle(cfg: Config, source: Source, dp: Target, state: State, stop: StopFlag,
               clocks: Clocks = Clocks()) -> CycleReport:
     """run_cycle() for one target (its name: haproxy.base_url); its failure raises."""
-    (report,) = run_cycle(source, [TargetRun(cfg.haproxy.base_url, cfg, dp, state)], stop, clocks=clocks)
+    (report,
+     ) = run_cycle(source, [TargetRun(cfg.haproxy.base_url, cfg, dp, state)], stop, clocks=clocks)
     if report.failure is not None:
         raise report.failure
     return report
@@ -5033,7 +5311,8 @@ def _log_skips(report: CycleReport, state: State) -> None:
     a steady cycle logs nothing else, and skips are not part of its fingerprint."""
     if report.skips is None:       # discovery failed: nothing is known about skips
         return
-    reasons = {f"{s.instance}" + (f" ({s.id})" if s.id else "") + f": {s.reason}" for s in report.skips}
+    reasons = {f"{s.instance}" + (f" ({s.id})" if s.id else "") + f": {s.reason}" for s
+               in report.skips}
     for reason in sorted(reasons - state.skipped):
         log.warning("instance skipped: %s", reason, extra={"event": "skip"})
     state.skipped = frozenset(reasons)
@@ -5062,21 +5341,26 @@ def _log_report(report: CycleReport, state: State) -> None:
             log.warning("%s", warning, extra={"event": "server_id_taken"})
         state.warned = frozenset(plan.warnings)
         for held in plan.held:
-            log.warning("mass-drain guard holds %s live", held, extra={"event": "drain_held", "server": held})
+            log.warning("mass-drain guard holds %s live", held,
+                        extra={"event": "drain_held", "server": held})
         if plan.held and state.drain_since is not None:
-            log.warning("the mass-drain guard holds %d servers live since %s (the same discovery %d cycles in a "
-                        "row); it lets them park once that discovery has lasted safety.drain_confirm_cycles "
-                        "cycles and safety.drain_confirm_seconds. If it is real, apply it now: run --once "
-                        "--confirm-drain, or set safety.drain_confirm_seconds to 0 and send SIGHUP",
-                        len(plan.held), utc(state.drain_since), state.drain_streak,
-                        extra={"event": "drain_held_summary", "count": len(plan.held)})
+            log.warning(
+                "the mass-drain guard holds %d servers live since %s (the same discovery %d cycles "
+                "in a "
+                "row); it lets them park once that discovery has lasted "
+                "safety.drain_confirm_cycles "
+                "cycles and safety.drain_confirm_seconds. If it is real, apply it now: run --once "
+                "--confirm-drain, or set safety.drain_confirm_seconds to 0 and send SIGHUP",
+                len(plan.held), utc(state.drain_since), state.drain_streak,
+                extra={"event": "drain_held_summary", "count": len(plan.held)})
         for d in plan.draining:
             log.info("server %s/%s (%s) draining since %s, parked by %s at the latest", d.backend,
                      d.server, endpoint(d.address, d.port), utc(d.since), utc(d.until),
                      extra={"event": "draining", "backend": d.backend, "server": d.server})
         _log_backends(plan, report.drift)
     log.info("cycle %s", report.result,
-             extra={"event": "cycle", "target": report.target, "result": report.result, "instances": report.instances,
+             extra={"event": "cycle", "target": report.target, "result": report.result,
+                    "instances": report.instances,
                     "skipped": report.skipped, "azure_requests": report.azure_requests,
                     "dataplane_requests": report.dataplane_requests,
                     "duration_ms": round(report.duration * 1000)})
@@ -5130,19 +5414,23 @@ class Metrics:
         self._lock = threading.Lock()
         self.counters: dict[tuple[str, str], float] = {}
         self.gauges: dict[tuple[str, str], float] = {}
-        self.backend_gauges: dict[tuple[str, str], float] = {}   # (name, labels) per target and backend
-        self.discovery: dict[str, Any] | None = None             # the last status view's parts, for /state
+        # (name, labels) per target and backend
+        self.backend_gauges: dict[tuple[str, str], float] = {}
+        # the last status view's parts, for /state
+        self.discovery: dict[str, Any] | None = None
         self.views: dict[str, dict[str, Any]] = {}               # ... by target
         self.targets: list[str] = []                             # the targets in use, in order
         self._success: dict[str, float] = {}        # time.monotonic() of each target's last success
-        self.behind: dict[str, str] = {}            # targets whose HAProxy runs an older configuration
+        # targets whose HAProxy runs an older configuration
+        self.behind: dict[str, str] = {}
 
     def use(self, targets: Sequence[str]) -> None:
         """The targets a (re)loaded configuration runs: one added by a reload has three
         intervals for its first success, as at start; a removed one's views and gauges go."""
         with self._lock:
             started = self.clock()
-            self._success = {t: self._success.get(t, started) for t in targets} if self._success else {}
+            self._success = {t: self._success.get(t, started) for t
+                             in targets} if self._success else {}
             self.views = {t: v for t, v in self.views.items() if t in targets}
             self.behind = {t: v for t, v in self.behind.items() if t in targets}
             labels = {"", *(_target_label(t) for t in targets)}
@@ -5171,7 +5459,8 @@ class Metrics:
         t = _target_label(report.target)
         self._inc("cycles_total", f'{t},result="{report.result}"')
         self._inc("cycle_duration_seconds_count", t)
-        for name, by in (("cycle_duration_seconds_sum", report.duration), ("reloads_total", report.reloads),
+        for name, by in (("cycle_duration_seconds_sum", report.duration),
+                         ("reloads_total", report.reloads),
                          ("dataplane_requests_total", report.dataplane_requests),
                          ("backends_refused_total", len(report.refused)),
                          ("reload_failures_total", report.reload_failures),
@@ -5199,12 +5488,14 @@ class Metrics:
             self.discovery = report.view["discovery"]
             entry = report.view["targets"][0]
             # A target that failed keeps what it held last, marked as not readable now.
-            self.views[report.target] = entry if entry["ok"] else {**self.views.get(report.target, {}), **entry}
+            self.views[report.target] = entry if entry["ok"] else {**self.views.get(report.target,
+                                                                                    {}), **entry}
         if report.result != "failed":
             self._success[report.target] = self.clock()
             self.gauges[("last_success_timestamp_seconds", t)] = now
             if report.view is None and report.target in self.views:
-                self.views[report.target] = {k: v for k, v in self.views[report.target].items() if k != "error"}
+                self.views[report.target] = {k: v for k, v in self.views[report.target].items() if k
+                                             != "error"}
                 self.views[report.target]["ok"] = True
 
     def stale(self, now: float | None = None) -> list[str]:
@@ -5239,7 +5530,8 @@ class Metrics:
         with self._lock:
             if self.discovery is None:
                 return None
-            view = {"discovery": self.discovery, "targets": [self.views[t] for t in self.targets or self.views
+            view = {"discovery": self.discovery,
+                    "targets": [self.views[t] for t in self.targets or self.views
                                                              if t in self.views]}
             return json.dumps(view, indent=1, sort_keys=True) + "\n"
 
@@ -5374,7 +5666,8 @@ def serve_metrics(listen: str, metrics: Metrics) -> http.server.ThreadingHTTPSer
     try:
         server = _MetricsServer((host, port), metrics, family)
     except OSError as exc:
-        raise ConfigError([f"metrics.listen: cannot listen on {listen}: {exc.strerror or exc}"]) from None
+        raise ConfigError([
+            f"metrics.listen: cannot listen on {listen}: {exc.strerror or exc}"]) from None
     threading.Thread(target=server.serve_forever, name="metrics", daemon=True).start()
     return server
 
@@ -5540,7 +5833,8 @@ class Daemon:
         self.cycles += 1
         delay = self._delay(due, failed)
         self.metrics.record(self.reports, self.clocks.wall())
-        first = self.cycles == 1 and not self.notifier.ready     # else READY came with the start budget
+        # else READY came with the start budget
+        first = self.cycles == 1 and not self.notifier.ready
         self.notifier.notify("WATCHDOG=1\nSTATUS=" + _status(self.reports, self.using.runs, first),
                              ready=True)
         return delay
@@ -5553,9 +5847,11 @@ class Daemon:
         now, runs = self.clocks.monotonic(), self.using.runs
         for run, report in zip(due, self.reports):
             run.failures = run.failures + 1 if report.result == "failed" else 0
-            run.due = now + next_delay(run.failures, run.cfg.polling, self._rand()) if run.failures else 0.0
+            run.due = now + next_delay(run.failures, run.cfg.polling,
+                                       self._rand()) if run.failures else 0.0
         if any(not run.failures for run in runs):
-            delay = max(next_delay(0, self.using.cfg.polling, self._rand()), self.reports[0].azure_wait)
+            delay = max(next_delay(0, self.using.cfg.polling, self._rand()),
+                        self.reports[0].azure_wait)
             wall = self.clocks.wall()
             delay = min(drain_wake(delay, run.state, wall) for run in runs if not run.failures)
         else:
@@ -5575,15 +5871,18 @@ class Daemon:
             new = self._put_to_use(self._load(), self.using)
         except Exception as exc:  # noqa: BLE001 - any failure keeps the old configuration running
             self._configure(self.using.cfg)
-            message = str(exc) if isinstance(exc, DiscoveryError) else f"{type(exc).__name__}: {exc}"
+            message = str(exc) if isinstance(exc,
+                                             DiscoveryError) else f"{type(exc).__name__}: {exc}"
             log.error("configuration reload failed, keeping the old one: %s", message,
                       extra={"event": "reload_failed"})
             return
         _retire(self.using, new)
         self.using = new
-        log.info("configuration reloaded; next cycle reconciles everything", extra={"event": "reloaded"})
+        log.info("configuration reloaded; next cycle reconciles everything",
+                 extra={"event": "reloaded"})
         if new.listen != new.cfg.metrics.listen:
-            log.warning("metrics.listen %s needs a restart: %s holds its port", new.cfg.metrics.listen,
+            log.warning("metrics.listen %s needs a restart: %s holds its port",
+                        new.cfg.metrics.listen,
                         new.listen, extra={"event": "restart_needed"})
 
     def run(self, signals: "Signals", max_cycles: int | None = None,
@@ -5591,7 +5890,8 @@ class Daemon:
         """Cycles and sleeps until `signals.stop` (or `max_cycles`); READY=1 after the first
         cycle, or at `start_budget` seconds if that comes first. Returns the exit code."""
         budget = threading.Timer(start_budget, self.notifier.notify, (
-            f"WATCHDOG=1\nSTATUS=ready after the {start_budget:g} s start budget; first cycle still "
+            f"WATCHDOG=1\nSTATUS=ready after the {start_budget:g} s start budget; first cycle "
+            "still "
             "running", True))
         budget.daemon = True
         budget.start()
@@ -5654,13 +5954,16 @@ def _status(reports: Sequence[CycleReport], runs: Sequence[TargetRun], first: bo
     """systemd's STATUS: the last cycle's result, per target when there are several."""
     ready, report = "ready after the first cycle; " if first else "", reports[0]
     if all(r.result == "failed" for r in reports) and (len(runs) == 1 or report.skips is None):
-        return f"{ready}last cycle failed ({max(r.failures for r in runs)} in a row): {report.error}"[:200]
+        failures = max(r.failures for r in runs)
+        return f"{ready}last cycle failed ({failures} in a row): {report.error}"[:200]
     if len(runs) == 1:
-        return f"{ready}last cycle {report.result}: {report.instances} instances, {report.skipped} skipped"
+        return (f"{ready}last cycle {report.result}: {report.instances} instances, "
+                f"{report.skipped} skipped")
     results = {r.target: r.result for r in reports}
     each = ", ".join(f"{run.name} {results.get(run.name, 'backing off')}"
                      + (f" ({run.failures} in a row)" if run.failures else "") for run in runs)
-    return f"{ready}last cycle: {report.instances} instances, {report.skipped} skipped; targets: {each}"[:200]
+    return (f"{ready}last cycle: {report.instances} instances, {report.skipped} skipped; "
+            f"targets: {each}")[:200]
 
 
 def _listener(listen: str, old: _InUse | None, metrics: Metrics) -> tuple[Any, str]:
@@ -5777,12 +6080,14 @@ def _instance_facts(inst: Instance, cfg: Config) -> dict[str, Any]:
     where = {k.lower(): v for k, v in zip(parts[1::2], parts[2::2])}
     listing = {"vm": "the VM listing",
                "flexible": "the VM listing (a Flexible scale-set member)",
-               "uniform": f"the instances of Uniform scale set {where.get('virtualmachinescalesets')}"}
+               "uniform": "the instances of Uniform scale set "
+               f"{where.get('virtualmachinescalesets')}"}
     source = "Resource Graph" if cfg.azure.source == "resource_graph" else "Resource Manager"
     return {"name": inst.name, "id": inst.id, "kind": inst.kind, "region": inst.region,
             "power_state": inst.power_state, "address": inst.address,
             "listing": f"{listing[inst.kind]} ({source})",
-            "subscription": where.get("subscriptions"), "resource_group": where.get("resourcegroups")}
+            "subscription": where.get("subscriptions"),
+            "resource_group": where.get("resourcegroups")}
 
 
 def instance_rules(inst: Instance, cfg: Config, plan_skips: Sequence[Skip]) -> list[dict[str, Any]]:
@@ -5854,7 +6159,8 @@ def _slot_story(run: TargetRun, report: CycleReport, key: ServiceKey,
     at = _endpoint({"address": endpoint[0], "port": endpoint[1]})
     here = next((v for v in slots.values() if v.get("address") == at), None)
     if here is None:
-        planned = next((b for b in report.plan.backends if b.name == backend), None) if report.plan else None
+        planned = next((b for b in report.plan.backends if b.name == backend),
+                       None) if report.plan else None
         name = next((n for n, body in (planned.servers.items() if planned else ())
                      if (body.get("address"), body.get("port")) == endpoint), None)
         if name is None:
@@ -5953,7 +6259,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="haproxy-azure-discovery",
         description="Keep HAProxy backends in sync with tagged Azure VMs and scale-set instances.",
-        epilog="Exit codes: 0 ok, 1 cycle failed, 2 usage, 69 Azure SDK missing, 78 bad configuration. "
+        epilog="Exit codes: 0 ok, 1 cycle failed, 2 usage, 69 Azure SDK missing, 78 bad "
+        "configuration. "
                "Environment: NOTIFY_SOCKET (systemd), JOURNAL_STREAM (no timestamps in text logs), "
                "the Azure SDK's credential variables, and any ${VAR} the configuration names.")
     parser.add_argument("-c", "--config", metavar="FILE",
@@ -5961,16 +6268,22 @@ def build_parser() -> argparse.ArgumentParser:
     mode = parser.add_mutually_exclusive_group()
     mode.add_argument("--once", action="store_true", help="run one cycle and exit")
     parser.add_argument("--confirm-drain", action="store_true",
-                        help="with --once: apply a drain the mass-drain guard holds, at once (it is real)")
+                        help="with --once: apply a drain the mass-drain guard holds, at once (it "
+                        "is real)")
     mode.add_argument("--dry-run", action="store_true", help="print the plan; change nothing")
     mode.add_argument("--validate", action="store_true", help="check the configuration and exit")
     mode.add_argument("--status", action="store_true",
-                      help="print discovery and HAProxy's backends side by side, differences marked; change nothing")
+                      help="print discovery and HAProxy's backends side by side, differences "
+                      "marked; change nothing")
     mode.add_argument("--explain", metavar="NAME|ID",
-                      help="why one VM or scale-set instance is (not) served: its rules, its slot in "
-                           "each target, a verdict; change nothing (exit 0 served, 1 not, 2 not found)")
-    parser.add_argument("--json", action="store_true", help="with --status or --explain: print it as JSON")
-    parser.add_argument("--log-level", choices=("DEBUG", "INFO", "WARNING", "ERROR"), type=str.upper,
+                      help="why one VM or scale-set instance is (not) served: its rules, its slot "
+                      "in "
+                           "each target, a verdict; change nothing (exit 0 served, 1 not, 2 not "
+                      "found)")
+    parser.add_argument("--json", action="store_true",
+                        help="with --status or --explain: print it as JSON")
+    parser.add_argument("--log-level", choices=("DEBUG", "INFO", "WARNING", "ERROR"),
+                        type=str.upper,
                         help="override logging.level")
     parser.add_argument("--version", action=_VersionAction)
     return parser
@@ -5989,7 +6302,8 @@ def main(argv: Sequence[str] | None = None, env: Mapping[str, str] | None = None
         return _command(args, path, env, signals, say)
     except ConfigError as exc:
         for problem in exc.problems:
-            say(f"error: {path}: {problem}" if not problem.startswith(path) else f"error: {problem}")
+            say(f"error: {path}: {problem}" if not problem.startswith(path)
+                else f"error: {problem}")
         return exc.exit_code
     except DiscoveryError as exc:
         if signals.stop.is_set():     # SIGTERM/SIGINT during --once: nothing is left half done
@@ -6110,8 +6424,9 @@ def _failed(reports: Sequence[CycleReport], several: bool, say: Callable[[str], 
         if report.failure is not None:
             say(f"error: {where}{report.error}")
         elif report.refused:      # the rest applied; the refused backends are in the log
-            say(f"error: {where}the Data Plane API refused backend(s) {', '.join(sorted(report.refused))}; "
-                "the rest of the cycle applied")
+            refused = ", ".join(sorted(report.refused))
+            say(f"error: {where}the Data Plane API refused backend(s) {refused}; the rest of the "
+                "cycle applied")
     return EX_FAIL if any(r.failure is not None or r.refused for r in reports) else EX_OK
 
 
@@ -6123,7 +6438,8 @@ def _run_status(cfg: Config, env: Mapping[str, str], as_json: bool, stop: StopFl
     runs = _targets(cfg, stop)
     reports = run_cycle(AzureSource(cfg, env), runs, stop, dry_run=True)
     view = combined_view([r.view for r in reports if r.view])
-    say(json.dumps(view, indent=1, sort_keys=True) if as_json else format_status(view).rstrip("\n"), sys.stdout)
+    say(json.dumps(view, indent=1, sort_keys=True) if as_json else format_status(view).rstrip("\n"),
+        sys.stdout)
     return _failed(reports, len(runs) > 1, say)
 
 
@@ -6135,7 +6451,8 @@ def _run_explain(cfg: Config, env: Mapping[str, str], query: str, as_json: bool,
     source = _Remembered(AzureSource(cfg, env))
     reports = run_cycle(source, runs, stop, dry_run=True)
     story = explain(query, source.discovery, reports, runs, cfg)
-    say(json.dumps(story, indent=1, sort_keys=True) if as_json else format_explain(story).rstrip("\n"),
+    say(json.dumps(story, indent=1, sort_keys=True) if as_json
+        else format_explain(story).rstrip("\n"),
         sys.stdout)
     return story["exit"]
 

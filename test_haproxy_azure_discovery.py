@@ -4098,7 +4098,7 @@ class TestExplain:
         assert code == 0 and story["served"] and story["verdict"] == f"served by {slot} on {dataplane.url}"
         assert story["instance"]["kind"] == "vm" and story["tags"]["haproxy:service:name"] == "web"
         assert all(r["ok"] for r in story["rules"]) and story["targets"][0]["state"] == "live"
-        assert f"  ok   denylist          no denylist tag present" in text
+        assert "  ok   denylist          no denylist tag present" in text
 
         code, _, story = self.explain(path, "uvmss-00_0", capsys)
         assert code == 0 and story["instance"]["kind"] == "uniform"

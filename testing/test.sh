@@ -4,4 +4,5 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 ./testing/setup.sh
+.venv/bin/ruff check .          # pyproject.toml: the program's lines within 100 columns, pyflakes
 exec .venv/bin/python -m pytest "$@"
