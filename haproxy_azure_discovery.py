@@ -1950,48 +1950,58 @@ def plan_cycle(groups: Mapping[ServiceKey, list[Member]], skipped: Sequence[Skip
     settings = backend_settings(names, groups, cfg)
     skipped = [*skipped, *_beyond_max(desired, state, settings)]
 
-    # most backends, when few services change
-    same = _still_settled(names, desired, actual, state)
+    same = _still_settled(names, desired, actual, state)      # most, when few services change
     work = {n: SlotAssignment(actual[n].servers if n in actual else {},
                               state.assignments.get(n, {}))
             .match(desired.get(n, ()), state.draining.get(n, ())) for n in names if n not in same}
     drains = {n: d for n, a in work.items() if (d := a.leaving())}
-    live = sum(len(a.live) for a
-               in work.values()) + sum(len(s.slots) - s.slots.count(None) for s in same.values())
-    # Without a drain the guard holds nothing and nothing drains on.
-    held, guard, kept, fp = (_drain_decisions(r, drains, work, live) if drains
+    held, guard, kept, fp = (_drain_decisions(r, drains, work, _live(work, same)) if drains
                              else ({}, Guard(False, 0, None), {}, None))
     _serve_held(r, drains, work, held, kept)
-    slots = {n: same[n].slots if n in same else work[n].slots(settings[n].server_slots) for n
-             in names}
+    slots = {n: same[n].slots if n in same else work[n].slots(settings[n].server_slots)
+             for n in names}
     taken_ids = {n: same[n].foreign_ids if n in same else work[n].foreign_ids for n in names}
     # A member placed this cycle changes its slot: in_sync could only say no, after most of a pass.
     plans = [p for n in names if n not in same
-             and (work[n].fresh or
-                  not in_sync(n, slots[n], actual.get(n), settings[n], taken_ids[n]))
+             and (work[n].fresh
+                  or not in_sync(n, slots[n], actual.get(n), settings[n], taken_ids[n]))
              and (p := plan_backend(n, slots[n], actual.get(n), settings[n], taken_ids[n]))]
     plan = Plan(backends=tuple(plans), skipped=tuple(skipped),
                 held=tuple(f"{n}/{s}" for n, d in held.items() for s in d),
                 draining=tuple(d for n in sorted(kept) for d in kept[n].values()),
-                ready=tuple(r for n in names if n in state.draining
-                            for r in _returned(n, state.draining[n], drains.get(n, ()), slots[n],
-                                               actual.get(n))),
+                ready=tuple(_all_returned(r, names, drains, slots)),
                 warnings=tuple(w for n in names for w in id_clashes(n, slots[n], taken_ids[n])),
                 live=sum(len(ms) for ms in desired.values()) - _waiting(work, same),
-                services=len(desired),
-                slots=sum(map(len, slots.values())), our_backends=len(names))
-    assignments = {n: {m.instance: s for s, m in zip(slot_names(len(slots[n])), slots[n]) if m}
-                   for n in names}
-    planned = {p.name for p in plans}
-    settled = {n: same.get(n)
-               or Settled(desired.get(n, []), actual[n], state.assignments.get(n, {}), slots[n],
-                                         taken_ids[n])
-               for n in names if n in actual and n not in planned and n not in drains and n
-               not in state.draining}
-    return Decision(plan=plan, assignments=assignments, drain_fingerprint=fp if guard.streak
-                    else None,
-                    drain_streak=guard.streak, drain_since=guard.since if guard.held else None,
-                    draining={n: k for n, k in kept.items() if k}, settled=settled)
+                services=len(desired), slots=sum(map(len, slots.values())), our_backends=len(names))
+    unsettled = {p.name for p in plans} | set(drains) | set(state.draining)
+    return Decision(plan=plan, assignments={n: _assignment(slots[n]) for n in names},
+                    drain_fingerprint=fp if guard.streak else None, drain_streak=guard.streak,
+                    drain_since=guard.since if guard.held else None,
+                    draining={n: k for n, k in kept.items() if k},
+                    settled={n: same.get(n) or Settled(desired.get(n, []), actual[n],
+                                                       state.assignments.get(n, {}), slots[n],
+                                                       taken_ids[n])
+                             for n in names if n in actual and n not in unsettled})
+
+
+def _assignment(slots: Sequence[Member | None]) -> dict[str, str]:
+    """Instance id -> the slot it holds."""
+    return {m.instance: s for s, m in zip(slot_names(len(slots)), slots) if m}
+
+
+def _all_returned(r: _Round, names: Iterable[str], drains: Mapping[str, Sequence[str]],
+                  slots: Mapping[str, Sequence[Member | None]]) -> Iterator[str]:
+    """_returned over every backend with drains under way."""
+    for n in names:
+        if n in r.state.draining:
+            yield from _returned(n, r.state.draining[n], drains.get(n, ()), slots[n],
+                                 r.actual.get(n))
+
+
+def _live(work: Mapping[str, SlotAssignment], same: Mapping[str, Settled]) -> int:
+    """Our servers live in HAProxy before this cycle's changes."""
+    return (sum(len(a.live) for a in work.values())
+            + sum(len(s.slots) - s.slots.count(None) for s in same.values()))
 
 
 def _waiting(work: Mapping[str, SlotAssignment], same: Mapping[str, Settled]) -> int:
