@@ -4294,85 +4294,13 @@ class DataPlane:
         return version + 1 if value is None else value
 
     def await_reloads(self, reloads: Sequence[str], stop: StopFlag) -> None:
-        """Wait (bounded by RELOAD_WAIT) until each reload has run. dataplaneapi reloads on a
-        ticker of reload-delay (5 s) shared by the commits in that window, and says in_progress,
-        succeeded or failed (v2.9 haproxy/reload_agent.go handleReloads, GetReload; the GET
-        blocks while a reload runs). ReloadFailed when one failed, never confirmed, or is
-        unknown (404: dataplaneapi restarted and lost it): HAProxy may then run an older
-        configuration than every GET shows. `stop` ends the wait at once (Aborted); the
-        watchdog hears from every poll."""
-        deadline = time.monotonic() + RELOAD_WAIT
-        for reload_id in reloads:
-            if reload_id == "":
-                continue                     # a reload without an id: nothing to ask about
-            pause = 0.05
-            while True:
-                self._progress()
-                status, entry = self._reload_status(reload_id)
-                if status == "succeeded":
-                    break
-                if status in ("failed", "unknown"):
-                    raise ReloadFailed(reload_id, entry.get("reload_timestamp"),
-                                       self._mask(str(entry.get(
-                        "response"))) if status == "failed"
-                                       else "unknown to the Data Plane API (it "
-                                       "restarted before reloading?)")
-                if time.monotonic() + pause > deadline:
-                    raise ReloadFailed(reload_id, None, f"still {status} after {RELOAD_WAIT:g} s")
-                if stop.wait(pause):
-                    raise Aborted("shutdown requested while waiting for a reload")
-                pause = min(pause * 2, 1.0)
-
-    def _reload_status(self, reload_id: str) -> tuple[str, Mapping[str, Any]]:
-        """("succeeded" | "failed" | "in_progress" | "unknown", the record) of one reload."""
-        try:
-            _, payload, _ = self.request("GET", f"/services/haproxy/reloads/{_q(reload_id)}",
-                                         shape=Shape(lambda p: isinstance(p, dict), "a reload"))
-        except DataPlaneError as exc:
-            if exc.status == 404:
-                return "unknown", {}
-            raise
-        entry = payload.get("data", payload)
-        entry = entry if isinstance(entry, dict) else {}
-        status = entry.get("status")
-        return (status if status in ("succeeded", "failed") else "in_progress"), entry
+        _Reloads(self).wait(reloads, stop)
 
     def reload_debt(self) -> ReloadFailed | None:
-        """The reload HAProxy still owes, from the API's reload records: the latest one failed
-        and none succeeded after it (GET /services/haproxy/reloads: every failed reload kept a
-        day, the last success, the pending one; v2.9 haproxy/reload_agent.go GetReloads). Ids
-        are DATE-N, N counting reloads since dataplaneapi started: their order is the records'.
-        The records do not outlive a dataplaneapi restart: a debt from before one is known only
-        to the daemon that saw it."""
-        _, payload, _ = self.request("GET", "/services/haproxy/reloads",
-                                     shape=Shape(_reloads, "a list of reloads"))
-        done = [r for r in payload or [] if r.get("status") in ("failed", "succeeded")
-                and _reload_order(r.get("id")) is not None]
-        latest = max(done, key=lambda r: _reload_order(r["id"]), default=None)
-        if latest is None or latest["status"] != "failed":
-            return None
-        return ReloadFailed(latest["id"], latest.get("reload_timestamp"),
-                            self._mask(str(latest.get("response"))))
+        return _Reloads(self).debt()
 
     def make_reload(self, version: int, stop: StopFlag) -> Applied:
-        """A reload of what the API holds, confirmed: an empty transaction committed at
-        `version`. A commit writes the API's configuration to the file HAProxy reads
-        (client-native configuration/transaction.go commitTransaction) and schedules a reload
-        (v2.9 handlers/transaction.go CommitTransactionHandlerImpl: 202 + Reload-ID), which
-        the reload agent records when it succeeds (reload_agent.go handleReload, succeedReload)
-        and the records then show the debt paid. (A force_reload commit reloads at once but,
-        with no reload pending, records nothing: a fresh process would read the old failure
-        as the latest record and reload again.) ReloadFailed when it fails too."""
-        transactions = _Transactions(self)
-        txn, committed = transactions.start(version), False
-        try:
-            done = transactions._commit_transaction(txn)
-            committed = True
-        finally:
-            if not committed:
-                transactions.delete(txn)
-        self.await_reloads(done.reloads, stop)
-        return done
+        return _Reloads(self).make(version, stop)
 
     def _runtime_server_path(self, backend: str, server: str) -> tuple[str, dict[str, str]]:
         if (self.api or self.probe()) == "v3":
@@ -4406,6 +4334,93 @@ class DataPlane:
         counts = current_sessions(payload, backend)
         return {s: counts.get(s) for s in servers}
 
+
+
+class _Reloads:
+    """What dataplaneapi's reload agent says of HAProxy's reloads: waiting for them, the debt
+    a failed one leaves, and a reload made to pay it. Sends through its DataPlane."""
+
+    def __init__(self, dp: "DataPlane"):
+        self.dp = dp
+
+    def wait(self, reloads: Sequence[str], stop: StopFlag) -> None:
+        """Wait (bounded by RELOAD_WAIT) until each reload has run. dataplaneapi reloads on a
+        ticker of reload-delay (5 s) shared by the commits in that window, and says in_progress,
+        succeeded or failed (v2.9 haproxy/reload_agent.go handleReloads, GetReload; the GET
+        blocks while a reload runs). ReloadFailed when one failed, never confirmed, or is
+        unknown (404: dataplaneapi restarted and lost it): HAProxy may then run an older
+        configuration than every GET shows. `stop` ends the wait at once (Aborted); the
+        watchdog hears from every poll."""
+        deadline = time.monotonic() + RELOAD_WAIT
+        for reload_id in reloads:
+            if reload_id == "":
+                continue                     # a reload without an id: nothing to ask about
+            pause = 0.05
+            while True:
+                self.dp._progress()
+                status, entry = self.status(reload_id)
+                if status == "succeeded":
+                    break
+                if status in ("failed", "unknown"):
+                    why = (self.dp._mask(str(entry.get("response"))) if status == "failed"
+                           else "unknown to the Data Plane API (it restarted before reloading?)")
+                    raise ReloadFailed(reload_id, entry.get("reload_timestamp"), why)
+                if time.monotonic() + pause > deadline:
+                    raise ReloadFailed(reload_id, None, f"still {status} after {RELOAD_WAIT:g} s")
+                if stop.wait(pause):
+                    raise Aborted("shutdown requested while waiting for a reload")
+                pause = min(pause * 2, 1.0)
+
+    def status(self, reload_id: str) -> tuple[str, Mapping[str, Any]]:
+        """("succeeded" | "failed" | "in_progress" | "unknown", the record) of one reload."""
+        try:
+            _, payload, _ = self.dp.request("GET", f"/services/haproxy/reloads/{_q(reload_id)}",
+                                         shape=Shape(lambda p: isinstance(p, dict), "a reload"))
+        except DataPlaneError as exc:
+            if exc.status == 404:
+                return "unknown", {}
+            raise
+        entry = payload.get("data", payload)
+        entry = entry if isinstance(entry, dict) else {}
+        status = entry.get("status")
+        return (status if status in ("succeeded", "failed") else "in_progress"), entry
+
+    def debt(self) -> ReloadFailed | None:
+        """The reload HAProxy still owes, from the API's reload records: the latest one failed
+        and none succeeded after it (GET /services/haproxy/reloads: every failed reload kept a
+        day, the last success, the pending one; v2.9 haproxy/reload_agent.go GetReloads). Ids
+        are DATE-N, N counting reloads since dataplaneapi started: their order is the records'.
+        The records do not outlive a dataplaneapi restart: a debt from before one is known only
+        to the daemon that saw it."""
+        _, payload, _ = self.dp.request("GET", "/services/haproxy/reloads",
+                                     shape=Shape(_reloads, "a list of reloads"))
+        done = [r for r in payload or [] if r.get("status") in ("failed", "succeeded")
+                and _reload_order(r.get("id")) is not None]
+        latest = max(done, key=lambda r: _reload_order(r["id"]), default=None)
+        if latest is None or latest["status"] != "failed":
+            return None
+        return ReloadFailed(latest["id"], latest.get("reload_timestamp"),
+                            self.dp._mask(str(latest.get("response"))))
+
+    def make(self, version: int, stop: StopFlag) -> Applied:
+        """A reload of what the API holds, confirmed: an empty transaction committed at
+        `version`. A commit writes the API's configuration to the file HAProxy reads
+        (client-native configuration/transaction.go commitTransaction) and schedules a reload
+        (v2.9 handlers/transaction.go CommitTransactionHandlerImpl: 202 + Reload-ID), which
+        the reload agent records when it succeeds (reload_agent.go handleReload, succeedReload)
+        and the records then show the debt paid. (A force_reload commit reloads at once but,
+        with no reload pending, records nothing: a fresh process would read the old failure
+        as the latest record and reload again.) ReloadFailed when it fails too."""
+        transactions = _Transactions(self.dp)
+        txn, committed = transactions.start(version), False
+        try:
+            done = transactions._commit_transaction(txn)
+            committed = True
+        finally:
+            if not committed:
+                transactions.delete(txn)
+        self.wait(done.reloads, stop)
+        return done
 
 
 class _Transactions:
