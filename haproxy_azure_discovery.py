@@ -3377,6 +3377,17 @@ def metadata_endpoints(document: Any, resource_manager_url: str) -> tuple[str, s
     return audiences[0], login.rstrip("/")
 
 
+def without_health(instances: Iterable[Instance], cfg: Config) -> dict[str, int]:
+    """Uniform scale sets (by lower-cased id) whose running instances that could serve report
+    no Application Health, and how many."""
+    bare: dict[str, int] = {}
+    for i in instances:
+        if i.kind == "uniform" and i.health is None and i.power_state == "running" \
+                and could_serve(i, cfg):
+            bare[_scale_set_of(i.id)] = bare.get(_scale_set_of(i.id), 0) + 1
+    return bare
+
+
 class AzureSource:
     """Lists VMs, scale sets, NICs and public IPs through the Azure SDK (azure.source "arm"),
     or asks Azure Resource Graph for them ("resource_graph"): requests grow with pages, never
@@ -3389,9 +3400,8 @@ class AzureSource:
     from the listing threads: the daemon's watchdog keep-alive.
     """
 
-    def __init__(self, cfg: Config, env: Mapping[str, str] | None = None, stop: StopFlag
-                 | None = None,
-                 progress: Callable[[], None] = lambda: None):
+    def __init__(self, cfg: Config, env: Mapping[str, str] | None = None,
+                 stop: StopFlag | None = None, progress: Callable[[], None] = lambda: None):
         self.cfg = cfg
         self._stop, self._progress = stop or Flag(), progress
         self.pager = _ArmPager(cfg, os.environ if env is None else env, self._stop, self._check,
@@ -3455,11 +3465,7 @@ class AzureSource:
     def _warn_without_health(self, instances: Sequence[Instance]) -> None:
         """azure.require_healthy: one warning per scale set (per configuration) whose running,
         tagged instances report no Application Health; they are served as without the option."""
-        bare: dict[str, int] = {}
-        for i in instances:
-            if i.kind == "uniform" and i.health is None and i.power_state == "running" \
-                    and could_serve(i, self.cfg):
-                bare[_scale_set_of(i.id)] = bare.get(_scale_set_of(i.id), 0) + 1
+        bare = without_health(instances, self.cfg)
         for set_id in sorted(bare.keys() - self._warned_health):
             self._warned_health.add(set_id)
             log.warning("scale set %s: %d running instances report no Application Health (no "
@@ -3562,28 +3568,12 @@ class AzureSource:
             log.warning(
                 "the identity may not list VMs subscription-wide (403 AuthorizationFailed): power "
                 "states cost one instance-view request per tagged VM, %d this cycle; grant Reader "
-                "on "
-                "the subscription, or set azure.source to \"resource_graph\"", len(wanted),
+                "on the subscription, or set azure.source to \"resource_graph\"", len(wanted),
                 extra={"event": "azure_power_state_fallback", "count": len(wanted)})
-        jobs = [pool.listing(self._power_state_of, i) for i in wanted]
+        jobs = [pool.listing(self.pager.power_state, i.id, i.name) for i in wanted]
         pool.wait(jobs, self._stop)
         states = {i.id: job.result() for i, job in zip(wanted, jobs)}
         return [i._replace(power_state=states[i.id]) if states.get(i.id) else i for i in instances]
-
-    def _power_state_of(self, inst: Instance) -> str | None:
-        """GET {vm}/instanceView (VirtualMachines_InstanceView); None when the VM is gone (404)."""
-        self._check()
-        url = (f"{self.pager.base}{urllib.parse.quote(inst.id)}/instanceView"
-               f"?api-version={COMPUTE_API}")
-        try:
-            view, _ = self.pager.send(self.pager.request("GET", url),
-                                      f"instance view of {inst.name}")
-        except AzureError as exc:
-            if exc.status == 404:
-                return None
-            raise
-        self._progress()
-        return power_state(view)
 
     def _query_graph(self) -> AzureListing:
         """Resource Graph: Resources, then ComputeResources when a Uniform scale set is tagged."""
@@ -3676,6 +3666,21 @@ class _ArmPager:
         self._client: Any = None
         self._credential: Any = None
         self.scope = ""
+
+    def power_state(self, instance_id: str, name: str) -> str | None:
+        """GET {vm}/instanceView (VirtualMachines_InstanceView): the VM's power state; None when
+        the VM is gone (404)."""
+        self.check()
+        url = (f"{self.base}{urllib.parse.quote(instance_id)}/instanceView"
+               f"?api-version={COMPUTE_API}")
+        try:
+            view, _ = self.send(self.request("GET", url), f"instance view of {name}")
+        except AzureError as exc:
+            if exc.status == 404:
+                return None
+            raise
+        self._progress()
+        return power_state(view)
 
     @property
     def connected(self) -> bool:
