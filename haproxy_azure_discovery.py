@@ -2944,21 +2944,40 @@ def graph_query(table: str, groups: Sequence[str], public: bool = True) -> str:
 
 def listing_from_graph(rows: Iterable[Mapping]) -> AzureListing:
     """Resource Graph rows (GRAPH_QUERY's columns) in the Resource Manager shapes the join reads."""
-    listing = AzureListing()
-    into = {"microsoft.compute/virtualmachines": listing.vms,
-            "microsoft.compute/virtualmachinescalesets": listing.scale_sets,
-            "microsoft.network/networkinterfaces": listing.nics,
-            "microsoft.network/publicipaddresses": listing.public_ips}
-    into.update(zip(GRAPH_TABLES["ComputeResources"], (listing.set_instances, listing.nics, listing.public_ips)))
-    for n, row in enumerate(rows, 1):
-        if not isinstance(row.get("id"), str) or not row["id"] or not isinstance(row.get("type"), str):
-            raise AzureError(f"Resource Graph row {n} has no id or no type: its resource cannot be told "
-                             f"(id {shorten(json.dumps(row.get('id')), 120)}, type "
-                             f"{shorten(json.dumps(row.get('type')), 80)})")
-        target = into.get(row["type"].lower())
-        if target is not None:
-            target.append(_arm_shape(row))
-    return listing
+    shaped = GraphListing()
+    shaped.add(rows)
+    return shaped.listing
+
+
+class GraphListing:
+    """Resource Graph rows shaped as they come, page by page, into an AzureListing (the Resource
+    Manager shapes the join reads), so that a page's rows can go before the next page comes. Counts
+    the rows and their lower-cased ids, for the paging checks of AzureSource._graph_listing."""
+
+    def __init__(self) -> None:
+        self.listing = listing = AzureListing()
+        self.rows = 0
+        self.ids: set[str] = set()
+        self._into = {"microsoft.compute/virtualmachines": listing.vms,
+                      "microsoft.compute/virtualmachinescalesets": listing.scale_sets,
+                      "microsoft.network/networkinterfaces": listing.nics,
+                      "microsoft.network/publicipaddresses": listing.public_ips}
+        self._into.update(zip(GRAPH_TABLES["ComputeResources"],
+                              (listing.set_instances, listing.nics, listing.public_ips)))
+
+    def add(self, rows: Iterable[Mapping]) -> None:
+        """Shape more rows (a page's): AzureError for a row without id or type."""
+        for row in rows:
+            self.rows += 1
+            rid, rtype = row.get("id"), row.get("type")
+            if not isinstance(rid, str) or not rid or not isinstance(rtype, str):
+                raise AzureError(f"Resource Graph row {self.rows} has no id or no type: its "
+                                 f"resource cannot be told (id {shorten(json.dumps(rid), 120)}, "
+                                 f"type {shorten(json.dumps(rtype), 80)})")
+            self.ids.add(rid.lower())
+            target = self._into.get(rtype.lower())
+            if target is not None:
+                target.append(_arm_shape(row))
 
 
 def _arm_shape(row: Mapping) -> dict:
@@ -3274,25 +3293,23 @@ class AzureSource:
     def _query_graph(self) -> AzureListing:
         """Resource Graph: Resources, then ComputeResources when a Uniform scale set is tagged."""
         groups = self.cfg.azure.resource_groups
-        listing = listing_from_graph(self._graph_rows("Resources", groups))
+        listing = self._graph_listing("Resources", groups)
         tagged = {_id(s.get("id")) for s in scale_sets_to_list(listing.scale_sets, self.cfg)}
         if tagged:     # as the listings do: instances of Uniform sets whose tags can make them match
-            uniform = listing_from_graph(self._graph_rows("ComputeResources", groups))
+            uniform = self._graph_listing("ComputeResources", groups)
             listing.set_instances = [i for i in uniform.set_instances if _scale_set_of(_id(i.get("id"))) in tagged]
             listing.nics += uniform.nics
             listing.public_ips += uniform.public_ips
         return listing
 
-    def _graph_rows(self, table: str, groups: Sequence[str]) -> list[Mapping]:
-        """Every row of one Resource Graph query, page by page ($skipToken)."""
+    def _graph_listing(self, table: str, groups: Sequence[str]) -> AzureListing:
+        """Every row of one Resource Graph query, page by page ($skipToken), each page shaped as it
+        comes (GraphListing)."""
         url = f"{self.pager.base}/providers/Microsoft.ResourceGraph/resources?api-version={GRAPH_API}"
         query = graph_query(table, groups, self.cfg.azure.address == "public")
         what, seen = f"Resource Graph query of {table}", set()
 
         def next_request(page: Mapping | None) -> Any:
-            if page is not None and str(page.get("resultTruncated")).lower() == "true":
-                # Rows past the limit are missing, and a missing instance would be drained.
-                raise AzureError(f"Resource Graph query of {table} failed: result truncated")
             options: dict[str, Any] = {"$top": GRAPH_PAGE, "resultFormat": "objectArray"}
             if page is not None:
                 if not page.get("$skipToken"):
@@ -3301,17 +3318,26 @@ class AzureSource:
             body = {"subscriptions": list(self.cfg.azure.subscriptions), "query": query, "options": options}
             return self.pager.request("POST", url, json=body)
         totals: list[Any] = []
-        rows = self.pager.paged(what, next_request, "data", totals)
+        shaped = GraphListing()
+
+        def take(page: Mapping) -> None:
+            if str(page.get("resultTruncated")).lower() == "true":
+                # Rows past the limit are missing, and a missing instance would be drained.
+                raise AzureError(f"Resource Graph query of {table} failed: result truncated")
+            totals.append(page.get("totalRecords"))
+            shaped.add(page["data"])
+        self.pager.paged(what, next_request, "data", take)
         # Paging is exact only when each page agrees on the total and the rows add up to it with
         # no id twice (Microsoft: unsorted results are "random and not repeatable"; a change
         # while paging gives duplicates or missing rows). A missing VM or NIC would be drained.
-        ids = {str(r.get("id") or "").lower() for r in rows}
-        if len(set(map(str, totals))) != 1 or not _is_int(totals[0]) or totals[0] != len(rows) \
-                or len(ids) != len(rows):
-            raise AzureError(f"{what} failed: {len(rows)} rows received ({len(rows) - len(ids)} of them twice), "
-                             f"totalRecords {', '.join(sorted(set(map(str, totals))))}: the pages do not add up "
-                             "(the estate changed while it was paged?); nothing is applied this cycle")
-        return rows
+        rows, ids = shaped.rows, shaped.ids
+        if len(set(map(str, totals))) != 1 or not _is_int(totals[0]) or totals[0] != rows \
+                or len(ids) != rows:
+            totals_seen = ", ".join(sorted(set(map(str, totals))))
+            raise AzureError(f"{what} failed: {rows} rows received ({rows - len(ids)} of them "
+                             f"twice), totalRecords {totals_seen}: the pages do not add up (the "
+                             "estate changed while it was paged?); nothing is applied this cycle")
+        return shaped.listing
 
     def _pages(self, kind: str, sub: str, rg: str | None, scale_set: str = "") -> list[Mapping]:
         """Every item of one Resource Manager listing, following nextLink."""
@@ -3465,11 +3491,12 @@ class _ArmPager:
         return link
 
     def paged(self, what: str, next_request: Callable[[Mapping | None], Any], key: str,
-               totals: list[Any] | None = None) -> list[Mapping]:
+              each: Callable[[Mapping], None] | None = None) -> list[Mapping]:
         """The page loop of every listing and query: `next_request(previous page)` builds the
-        next request (None: done); each page's `key` must be a list of objects; `totals`
-        collects each page's totalRecords. AzureError if any page fails, or past
-        azure.max_pages; Aborted between pages on shutdown; `progress` after every page."""
+        next request (None: done); each page's `key` must be a list of objects, returned all
+        together, or given to `each` page by page (the whole page) as it comes. AzureError if
+        any page fails, or past azure.max_pages; Aborted between pages on shutdown; `progress`
+        after every page."""
         items: list[Mapping] = []
         page: Mapping | None = None
         pages = 0
@@ -3486,9 +3513,10 @@ class _ArmPager:
                 if not isinstance(item, dict):
                     raise AzureError(f"{what} failed: malformed page {pages} (item {n} is "
                                      f"{_json_kind(item)}, not an object)")
-            items += found
-            if totals is not None:
-                totals.append(page.get("totalRecords"))
+            if each is not None:
+                each(page)
+            else:
+                items += found
             self._progress()
             pause = quota_wait(headers)
             if pause is not None:      # Resource Graph's per-user window is spent: wait for its reset

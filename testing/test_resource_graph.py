@@ -1,12 +1,13 @@
 """Azure Resource Graph as the discovery source: the real SDK pipeline against the HTTPS fake, which answers
 POST /providers/Microsoft.ResourceGraph/resources in the documented shape, checks the query's tables, types
 and columns against what Microsoft documents (resource_graph_schema.json) and keeps the per-user quota."""
+import dataclasses
 import time
 
 import pytest
 
 import haproxy_azure_discovery as m
-from fake_arm import GRAPH_SCHEMA, make_estate, parse_graph_query
+from fake_arm import GRAPH_SCHEMA, evaluate_graph_query, make_estate, parse_graph_query
 
 SUB = "00000000-0000-0000-0000-000000000001"
 SUB2 = "00000000-0000-0000-0000-000000000002"
@@ -164,3 +165,131 @@ def test_the_daemon_hooks_reach_resource_graph_pages(arm, arm_config):
     with pytest.raises(m.Aborted):
         source.discover()
     assert arm.counts["graph"] == 1
+
+
+# --- rows shaped page by page -----------------------------------------------------------------------
+# The query and the shaping as they were before rows were shaped page by page, type by type: one
+# shape for every type, every row held until the last page came. The reference the program's
+# shaping must agree with.
+FORMER_GRAPH_QUERY = """\
+{table}
+| where type in~ ({types})
+| project id, name, type, location, tags,
+    powerState = properties.extended.instanceView.powerState.code,
+    provisioningState = properties.provisioningState,
+    capacity = sku.capacity,
+    networkInterfaces = properties.networkProfile.networkInterfaces,
+    virtualMachineScaleSet = properties.virtualMachineScaleSet.id,
+    orchestrationMode = properties.orchestrationMode,
+    virtualMachine = properties.virtualMachine.id,
+    primary = properties.primary,
+    ipConfigurations = properties.ipConfigurations,
+    ipAddress = properties.ipAddress
+| order by id asc"""
+
+
+def former_arm_shape(row):
+    props = {}
+    for column, key in (("networkInterfaces", "networkProfile"), ("virtualMachineScaleSet", "virtualMachineScaleSet"),
+                        ("virtualMachine", "virtualMachine")):
+        if row.get(column):
+            props[key] = ({"networkInterfaces": row[column]} if column == "networkInterfaces"
+                          else {"id": row[column]})
+    for column in ("orchestrationMode", "primary", "ipConfigurations", "ipAddress", "provisioningState"):
+        if row.get(column) is not None:
+            props[column] = row[column]
+    statuses = [{"code": row["powerState"]}] if row.get("powerState") else []
+    if str(row.get("provisioningState") or "").lower() == "deleting":
+        statuses.append({"code": "ProvisioningState/deleting"})
+    if statuses:
+        props["instanceView"] = {"statuses": statuses}
+    shaped = {"id": row.get("id"), "name": row.get("name"), "location": row.get("location"),
+              "tags": row.get("tags"), "properties": props}
+    if row.get("capacity") is not None:
+        shaped["sku"] = {"capacity": row["capacity"]}
+    return shaped
+
+
+def former_listing(estate, table):
+    """AzureListing of one table as the former query and shaping gave it."""
+    types = ", ".join(f"'{t}'" for t in m.GRAPH_TABLES[table])
+    query = parse_graph_query(FORMER_GRAPH_QUERY.replace("{table}", table).replace("{types}", types))
+    listing = m.AzureListing()
+    into = {"microsoft.compute/virtualmachines": listing.vms,
+            "microsoft.compute/virtualmachinescalesets": listing.scale_sets,
+            "microsoft.network/networkinterfaces": listing.nics,
+            "microsoft.network/publicipaddresses": listing.public_ips}
+    into.update(zip(m.GRAPH_TABLES["ComputeResources"], (listing.set_instances, listing.nics, listing.public_ips)))
+    for row in evaluate_graph_query(estate, query, {SUB, SUB2}, None):
+        into[row["type"]].append(former_arm_shape(row))
+    return listing
+
+
+def paged_listing(estate, table, page_size):
+    """AzureListing of one table as the program shapes it, `page_size` rows a page; and the GraphListing."""
+    query = parse_graph_query(m.graph_query(table, ()))
+    rows = evaluate_graph_query(estate, query, {SUB, SUB2}, None)
+    shaped = m.GraphListing()
+    for start in range(0, len(rows), page_size):
+        shaped.add(rows[start:start + page_size])
+    return shaped.listing, shaped, len(rows)
+
+
+def joined(resources, compute, cfg):
+    """_query_graph's merge of the two tables, then the join and the checks."""
+    listing = dataclasses.replace(resources, nics=resources.nics + compute.nics,
+                                  public_ips=resources.public_ips + compute.public_ips)
+    tagged = {m._id(s.get("id")) for s in m.scale_sets_to_list(listing.scale_sets, cfg)}
+    listing.set_instances = [i for i in compute.set_instances if m._scale_set_of(m._id(i.get("id"))) in tagged]
+    instances = m.instances_from_azure(listing, cfg.azure, [])
+    return sorted(instances), m.impossible(listing, instances, cfg, graph=True)
+
+
+def shaping_estates():
+    """The odd estate above; one with scale sets of every kind, machines being deleted (their own
+    provisioning state, and a scale set's), a VM whose NIC is gone and a NIC's second address."""
+    odd = two_subscriptions_odd_nics_estate()
+    varied = make_estate(vms=40, uniform_sets=3, flexible_sets=2, per_set=4, resource_groups=("rg-a", "rg-b"),
+                         ipv6_base="fd00::100", public_ip_base="20.1.0.4", not_running=0.2, seed=11,
+                         overrides={"vm-0004": {"provisioning_state": "Deleting"},
+                                    "uvmss-01_2": {"provisioning_state": "Deleting"},
+                                    "fvmss-00_1": {"provisioning_state": "Deleting", "power_state": "stopped"},
+                                    "vm-0007": {"has_nic": False}, "vm-0009": {"second_nic_ip": "10.8.0.9"}})
+    return {"odd": odd, "varied": varied}
+
+
+@pytest.mark.parametrize("estate_name", ["odd", "varied"])
+@pytest.mark.parametrize("page_size", [1, 7, 1000])
+def test_rows_shaped_page_by_page_take_the_shapes_of_the_former_shaping(estate_name, page_size):
+    estate = shaping_estates()[estate_name]
+    for table in m.GRAPH_TABLES:
+        listing, shaped, rows = paged_listing(estate, table, page_size)
+        assert listing == former_listing(estate, table)
+        assert shaped.rows == rows and len(shaped.ids) == rows
+
+
+@pytest.mark.parametrize("estate_name", ["odd", "varied"])
+@pytest.mark.parametrize("address, ip_version", [("private", "ipv4"), ("public", "ipv4"), ("private", "ipv6")])
+def test_rows_shaped_page_by_page_join_into_the_former_instances(estate_name, address, ip_version):
+    estate = shaping_estates()[estate_name]
+    from test_haproxy_azure_discovery import make_config
+    cfg = make_config(azure={"address": address, "ip_version": ip_version})
+    former = joined(former_listing(estate, "Resources"), former_listing(estate, "ComputeResources"), cfg)
+    for page_size in (1, 7, 1000):
+        now = joined(paged_listing(estate, "Resources", page_size)[0],
+                     paged_listing(estate, "ComputeResources", page_size)[0], cfg)
+        assert now == former
+    instances = former[0]
+    assert {i.kind for i in instances} == {"vm", "flexible", "uniform"} and former[1] is None
+    assert None in {i.address for i in instances}                       # a VM whose NIC is gone
+    assert ("deleting" in {i.power_state for i in instances}) == (estate_name == "varied")
+
+
+def test_a_bad_row_fails_the_discovery_on_its_own_page(arm, arm_config):
+    """Pages are shaped as they come: a row without an id on page 2 ends the query there, counted
+    among all the query's rows."""
+    arm.estate = make_estate(vms=1300)                     # 2,600 rows: three pages
+    arm.add_fault("item_without_id", endpoint="graph", page=2)
+    with pytest.raises(m.AzureError, match=r"Resource Graph row 1001 has no id or no type"):
+        m.AzureSource(arm_config(azure={"source": "resource_graph"})).discover()
+    assert arm.counts["graph"] == 2
