@@ -2949,6 +2949,65 @@ def listing_from_graph(rows: Iterable[Mapping]) -> AzureListing:
     return shaped.listing
 
 
+def _graph_vm(row: Mapping) -> dict:
+    """A VM's or a Uniform instance's row as the join reads it: its power state, and a deletion
+    under way, as its instance view's statuses."""
+    props = _graph_props(row, ("provisioningState",))
+    if row.get("networkInterfaces"):
+        props["networkProfile"] = {"networkInterfaces": row["networkInterfaces"]}
+    if row.get("virtualMachineScaleSet"):
+        props["virtualMachineScaleSet"] = {"id": row["virtualMachineScaleSet"]}
+    statuses = [{"code": row["powerState"]}] if row.get("powerState") else []
+    if str(row.get("provisioningState") or "").lower() == "deleting":
+        statuses.append({"code": "ProvisioningState/deleting"})     # as an instance view says it
+    if statuses:
+        props["instanceView"] = {"statuses": statuses}
+    return _graph_item(row, props)
+
+
+def _graph_nic(row: Mapping) -> dict:
+    props = _graph_props(row, ("primary", "ipConfigurations", "provisioningState"))
+    if row.get("virtualMachine"):
+        props["virtualMachine"] = {"id": row["virtualMachine"]}
+    return _graph_item(row, props)
+
+
+def _graph_scale_set(row: Mapping) -> dict:
+    item = _graph_item(row, _graph_props(row, ("orchestrationMode", "provisioningState")))
+    if row.get("capacity") is not None:
+        item["sku"] = {"capacity": row["capacity"]}
+    return item
+
+
+def _graph_public_ip(row: Mapping) -> dict:
+    return _graph_item(row, _graph_props(row, ("ipAddress", "provisioningState")))
+
+
+def _graph_props(row: Mapping, columns: tuple[str, ...]) -> dict[str, Any]:
+    """Those of the columns that are not null, as properties."""
+    return {column: row[column] for column in columns if row.get(column) is not None}
+
+
+def _graph_item(row: Mapping, props: dict[str, Any]) -> dict:
+    """A row as a Resource Manager item, with these properties."""
+    return {"id": row.get("id"), "name": row.get("name"), "location": row.get("location"),
+            "tags": row.get("tags"), "properties": props}
+
+
+# Each type of GRAPH_TABLES: the list of AzureListing its rows go in, and their shape.
+GRAPH_KINDS = {
+    "microsoft.compute/virtualmachines": ("vms", _graph_vm),
+    "microsoft.compute/virtualmachinescalesets": ("scale_sets", _graph_scale_set),
+    "microsoft.network/networkinterfaces": ("nics", _graph_nic),
+    "microsoft.network/publicipaddresses": ("public_ips", _graph_public_ip),
+    "microsoft.compute/virtualmachinescalesets/virtualmachines": ("set_instances", _graph_vm),
+    "microsoft.compute/virtualmachinescalesets/virtualmachines/networkinterfaces":
+        ("nics", _graph_nic),
+    "microsoft.compute/virtualmachinescalesets/virtualmachines/networkinterfaces/ipconfigurations/"
+    "publicipaddresses": ("public_ips", _graph_public_ip),
+}
+
+
 class GraphListing:
     """Resource Graph rows shaped as they come, page by page, into an AzureListing (the Resource
     Manager shapes the join reads), so that a page's rows can go before the next page comes. Counts
@@ -2958,12 +3017,8 @@ class GraphListing:
         self.listing = listing = AzureListing()
         self.rows = 0
         self.ids: set[str] = set()
-        self._into = {"microsoft.compute/virtualmachines": listing.vms,
-                      "microsoft.compute/virtualmachinescalesets": listing.scale_sets,
-                      "microsoft.network/networkinterfaces": listing.nics,
-                      "microsoft.network/publicipaddresses": listing.public_ips}
-        self._into.update(zip(GRAPH_TABLES["ComputeResources"],
-                              (listing.set_instances, listing.nics, listing.public_ips)))
+        self._kinds = {rtype: (getattr(listing, into), shape)
+                       for rtype, (into, shape) in GRAPH_KINDS.items()}
 
     def add(self, rows: Iterable[Mapping]) -> None:
         """Shape more rows (a page's): AzureError for a row without id or type."""
@@ -2975,31 +3030,10 @@ class GraphListing:
                                  f"resource cannot be told (id {shorten(json.dumps(rid), 120)}, "
                                  f"type {shorten(json.dumps(rtype), 80)})")
             self.ids.add(rid.lower())
-            target = self._into.get(rtype.lower())
-            if target is not None:
-                target.append(_arm_shape(row))
-
-
-def _arm_shape(row: Mapping) -> dict:
-    props: dict[str, Any] = {}
-    for column, key in (("networkInterfaces", "networkProfile"), ("virtualMachineScaleSet", "virtualMachineScaleSet"),
-                        ("virtualMachine", "virtualMachine")):
-        if row.get(column):
-            props[key] = ({"networkInterfaces": row[column]} if column == "networkInterfaces"
-                          else {"id": row[column]})
-    for column in ("orchestrationMode", "primary", "ipConfigurations", "ipAddress", "provisioningState"):
-        if row.get(column) is not None:
-            props[column] = row[column]
-    statuses = [{"code": row["powerState"]}] if row.get("powerState") else []
-    if str(row.get("provisioningState") or "").lower() == "deleting":
-        statuses.append({"code": "ProvisioningState/deleting"})     # as an instance view says it
-    if statuses:
-        props["instanceView"] = {"statuses": statuses}
-    shaped = {"id": row.get("id"), "name": row.get("name"), "location": row.get("location"),
-              "tags": row.get("tags"), "properties": props}
-    if row.get("capacity") is not None:
-        shaped["sku"] = {"capacity": row["capacity"]}
-    return shaped
+            kind = self._kinds.get(rtype.lower())
+            if kind is not None:
+                into, shape = kind
+                into.append(shape(row))
 
 
 def quota_wait(headers: Mapping[str, str]) -> float | None:

@@ -258,6 +258,10 @@ def shaping_estates():
     return {"odd": odd, "varied": varied}
 
 
+def test_every_type_queried_has_a_shape():
+    assert set(m.GRAPH_KINDS) == {t for types in m.GRAPH_TABLES.values() for t in types}
+
+
 @pytest.mark.parametrize("estate_name", ["odd", "varied"])
 @pytest.mark.parametrize("page_size", [1, 7, 1000])
 def test_rows_shaped_page_by_page_take_the_shapes_of_the_former_shaping(estate_name, page_size):
