@@ -2251,7 +2251,8 @@ def _origin(url: str) -> tuple[str, str, int | None]:
 
 
 def _json_kind(value: Any) -> str:
-    return "null" if value is None else {str: "a string", list: "a list", bool: "a boolean"}.get(
+    kinds = {str: "a string", list: "a list", bool: "a boolean", dict: "an object"}
+    return "null" if value is None else kinds.get(
         type(value), "a number" if isinstance(value, (int, float)) else type(value).__name__)
 
 
@@ -2942,56 +2943,75 @@ def graph_query(table: str, groups: Sequence[str], public: bool = True) -> str:
     return query.replace("{groups}", ", ".join(f"'{g}'" for g in groups))
 
 
+class GraphRow(typing.NamedTuple):
+    """A row of GRAPH_QUERY's answer: its columns, in the order it projects them."""
+    id: Any
+    name: Any
+    type: Any
+    location: Any
+    tags: Any
+    powerState: Any
+    provisioningState: Any
+    capacity: Any
+    networkInterfaces: Any
+    virtualMachineScaleSet: Any
+    orchestrationMode: Any
+    virtualMachine: Any
+    primary: Any
+    ipConfigurations: Any
+    ipAddress: Any
+
+
 def listing_from_graph(rows: Iterable[Mapping]) -> AzureListing:
-    """Resource Graph rows (GRAPH_QUERY's columns) in the Resource Manager shapes the join reads."""
+    """Resource Graph rows as objects (GRAPH_QUERY's columns; one missing is null) in the Resource
+    Manager shapes the join reads."""
     shaped = GraphListing()
-    shaped.add(rows)
+    shaped.add(GraphRow(*(row.get(column) for column in GraphRow._fields)) for row in rows)
     return shaped.listing
 
 
-def _graph_vm(row: Mapping) -> dict:
+def _graph_vm(row: GraphRow) -> dict:
     """A VM's or a Uniform instance's row as the join reads it: its power state, and a deletion
     under way, as its instance view's statuses."""
-    props = _graph_props(row, ("provisioningState",))
-    if row.get("networkInterfaces"):
-        props["networkProfile"] = {"networkInterfaces": row["networkInterfaces"]}
-    if row.get("virtualMachineScaleSet"):
-        props["virtualMachineScaleSet"] = {"id": row["virtualMachineScaleSet"]}
-    statuses = [{"code": row["powerState"]}] if row.get("powerState") else []
-    if str(row.get("provisioningState") or "").lower() == "deleting":
+    props: dict[str, Any] = {"provisioningState": row.provisioningState}
+    if row.networkInterfaces:
+        props["networkProfile"] = {"networkInterfaces": row.networkInterfaces}
+    if row.virtualMachineScaleSet:
+        props["virtualMachineScaleSet"] = {"id": row.virtualMachineScaleSet}
+    statuses = [{"code": row.powerState}] if row.powerState else []
+    if str(row.provisioningState or "").lower() == "deleting":
         statuses.append({"code": "ProvisioningState/deleting"})     # as an instance view says it
     if statuses:
         props["instanceView"] = {"statuses": statuses}
     return _graph_item(row, props)
 
 
-def _graph_nic(row: Mapping) -> dict:
-    props = _graph_props(row, ("primary", "ipConfigurations", "provisioningState"))
-    if row.get("virtualMachine"):
-        props["virtualMachine"] = {"id": row["virtualMachine"]}
+def _graph_nic(row: GraphRow) -> dict:
+    props = {"primary": row.primary, "ipConfigurations": row.ipConfigurations,
+             "provisioningState": row.provisioningState}
+    if row.virtualMachine:
+        props["virtualMachine"] = {"id": row.virtualMachine}
     return _graph_item(row, props)
 
 
-def _graph_scale_set(row: Mapping) -> dict:
-    item = _graph_item(row, _graph_props(row, ("orchestrationMode", "provisioningState")))
-    if row.get("capacity") is not None:
-        item["sku"] = {"capacity": row["capacity"]}
+def _graph_scale_set(row: GraphRow) -> dict:
+    item = _graph_item(row, {"orchestrationMode": row.orchestrationMode,
+                             "provisioningState": row.provisioningState})
+    if row.capacity is not None:
+        item["sku"] = {"capacity": row.capacity}
     return item
 
 
-def _graph_public_ip(row: Mapping) -> dict:
-    return _graph_item(row, _graph_props(row, ("ipAddress", "provisioningState")))
+def _graph_public_ip(row: GraphRow) -> dict:
+    return _graph_item(row, {"ipAddress": row.ipAddress,
+                             "provisioningState": row.provisioningState})
 
 
-def _graph_props(row: Mapping, columns: tuple[str, ...]) -> dict[str, Any]:
-    """Those of the columns that are not null, as properties."""
-    return {column: row[column] for column in columns if row.get(column) is not None}
-
-
-def _graph_item(row: Mapping, props: dict[str, Any]) -> dict:
-    """A row as a Resource Manager item, with these properties."""
-    return {"id": row.get("id"), "name": row.get("name"), "location": row.get("location"),
-            "tags": row.get("tags"), "properties": props}
+def _graph_item(row: GraphRow, props: dict[str, Any]) -> dict:
+    """A row as a Resource Manager item, with these properties (a null column is a null property,
+    which the join reads as one Azure leaves out)."""
+    return {"id": row.id, "name": row.name, "location": row.location, "tags": row.tags,
+            "properties": props}
 
 
 # Each type of GRAPH_TABLES: the list of AzureListing its rows go in, and their shape.
@@ -3013,24 +3033,48 @@ class GraphListing:
     Manager shapes the join reads), so that a page's rows can go before the next page comes. Counts
     the rows and their lower-cased ids, for the paging checks of AzureSource._graph_listing."""
 
-    def __init__(self) -> None:
+    def __init__(self, what: str = "Resource Graph query") -> None:
+        self.what = what
         self.listing = listing = AzureListing()
-        self.rows = 0
+        self.rows = self.pages = 0
         self.ids: set[str] = set()
         self._kinds = {rtype: (getattr(listing, into), shape)
                        for rtype, (into, shape) in GRAPH_KINDS.items()}
 
-    def add(self, rows: Iterable[Mapping]) -> None:
-        """Shape more rows (a page's): AzureError for a row without id or type."""
+    def add_table(self, data: Any) -> None:
+        """A page's `data` in resultFormat "table" (the columns named once, each row an array of
+        cells in their order): its rows, shaped. AzureError when it is no such table."""
+        self.pages += 1
+        columns = data.get("columns") if isinstance(data, dict) else None
+        cells = data.get("rows") if isinstance(data, dict) else None
+        if not isinstance(columns, list) or not isinstance(cells, list):
+            # A 200 without the rows would read as an empty estate and park everything.
+            raise AzureError(f'{self.what} failed: malformed page {self.pages} (no "data" table)')
+        names = [column.get("name") if isinstance(column, dict) else None for column in columns]
+        self.add(self._rows(names, cells))
+
+    def _rows(self, names: list[Any], cells: list[Any]) -> Iterable[GraphRow]:
+        """The rows of a table with these columns, as GraphRows (a column it lacks is null)."""
+        for n, row in enumerate(cells, 1):
+            if not isinstance(row, list) or len(row) != len(names):
+                kind = f"a row of {len(row)} cells" if isinstance(row, list) else _json_kind(row)
+                raise AzureError(f"{self.what} failed: malformed page {self.pages} (item {n} is "
+                                 f"{kind}, not a row of {len(names)} cells)")
+        if names == list(GraphRow._fields):          # as Resource Graph answers GRAPH_QUERY
+            return map(GraphRow._make, cells)
+        where = [names.index(column) if column in names else None for column in GraphRow._fields]
+        return (GraphRow._make([None if at is None else row[at] for at in where]) for row in cells)
+
+    def add(self, rows: Iterable[GraphRow]) -> None:
+        """Shape more rows: AzureError for a row without id or type."""
         for row in rows:
             self.rows += 1
-            rid, rtype = row.get("id"), row.get("type")
-            if not isinstance(rid, str) or not rid or not isinstance(rtype, str):
+            if not isinstance(row.id, str) or not row.id or not isinstance(row.type, str):
                 raise AzureError(f"Resource Graph row {self.rows} has no id or no type: its "
-                                 f"resource cannot be told (id {shorten(json.dumps(rid), 120)}, "
-                                 f"type {shorten(json.dumps(rtype), 80)})")
-            self.ids.add(rid.lower())
-            kind = self._kinds.get(rtype.lower())
+                                 f"resource cannot be told (id {shorten(json.dumps(row.id), 120)}, "
+                                 f"type {shorten(json.dumps(row.type), 80)})")
+            self.ids.add(row.id.lower())
+            kind = self._kinds.get(row.type.lower())
             if kind is not None:
                 into, shape = kind
                 into.append(shape(row))
@@ -3344,7 +3388,8 @@ class AzureSource:
         what, seen = f"Resource Graph query of {table}", set()
 
         def next_request(page: Mapping | None) -> Any:
-            options: dict[str, Any] = {"$top": GRAPH_PAGE, "resultFormat": "objectArray"}
+            # A table names the columns once, not in every row: half the decoding of objects.
+            options: dict[str, Any] = {"$top": GRAPH_PAGE, "resultFormat": "table"}
             if page is not None:
                 if not page.get("$skipToken"):
                     return None
@@ -3352,14 +3397,14 @@ class AzureSource:
             body = {"subscriptions": list(self.cfg.azure.subscriptions), "query": query, "options": options}
             return self.pager.request("POST", url, json=body)
         totals: list[Any] = []
-        shaped = GraphListing()
+        shaped = GraphListing(what)
 
         def take(page: Mapping) -> None:
             if str(page.get("resultTruncated")).lower() == "true":
                 # Rows past the limit are missing, and a missing instance would be drained.
                 raise AzureError(f"Resource Graph query of {table} failed: result truncated")
             totals.append(page.get("totalRecords"))
-            shaped.add(page["data"])
+            shaped.add_table(page.get("data"))
         self.pager.paged(what, next_request, "data", take)
         # Paging is exact only when each page agrees on the total and the rows add up to it with
         # no id twice (Microsoft: unsorted results are "random and not repeatable"; a change
@@ -3528,9 +3573,9 @@ class _ArmPager:
               each: Callable[[Mapping], None] | None = None) -> list[Mapping]:
         """The page loop of every listing and query: `next_request(previous page)` builds the
         next request (None: done); each page's `key` must be a list of objects, returned all
-        together, or given to `each` page by page (the whole page) as it comes. AzureError if
-        any page fails, or past azure.max_pages; Aborted between pages on shutdown; `progress`
-        after every page."""
+        together; or each page goes to `each` as it comes, which reads it and checks what it
+        reads. AzureError if any page fails, or past azure.max_pages; Aborted between pages on
+        shutdown; `progress` after every page."""
         items: list[Mapping] = []
         page: Mapping | None = None
         pages = 0
@@ -3539,17 +3584,17 @@ class _ArmPager:
             if (pages := pages + 1) > self.cfg.azure.max_pages:
                 raise AzureError(f"{what} failed: more than azure.max_pages ({self.cfg.azure.max_pages}) pages")
             page, headers = self.send(request, what)
-            found = page.get(key)
-            if not isinstance(found, list):
-                # A 200 without the list would read as an empty estate and park everything.
-                raise AzureError(f'{what} failed: malformed page (no "{key}" list)')
-            for n, item in enumerate(found, 1):
-                if not isinstance(item, dict):
-                    raise AzureError(f"{what} failed: malformed page {pages} (item {n} is "
-                                     f"{_json_kind(item)}, not an object)")
             if each is not None:
                 each(page)
             else:
+                found = page.get(key)
+                if not isinstance(found, list):
+                    # A 200 without the list would read as an empty estate and park everything.
+                    raise AzureError(f'{what} failed: malformed page (no "{key}" list)')
+                for n, item in enumerate(found, 1):
+                    if not isinstance(item, dict):
+                        raise AzureError(f"{what} failed: malformed page {pages} (item {n} is "
+                                         f"{_json_kind(item)}, not an object)")
                 items += found
             self._progress()
             pause = quota_wait(headers)

@@ -7,7 +7,7 @@ import time
 import pytest
 
 import haproxy_azure_discovery as m
-from fake_arm import GRAPH_SCHEMA, evaluate_graph_query, make_estate, parse_graph_query
+from fake_arm import GRAPH_SCHEMA, evaluate_graph_query, graph_table, make_estate, parse_graph_query
 
 SUB = "00000000-0000-0000-0000-000000000001"
 SUB2 = "00000000-0000-0000-0000-000000000002"
@@ -226,12 +226,14 @@ def former_listing(estate, table):
 
 
 def paged_listing(estate, table, page_size):
-    """AzureListing of one table as the program shapes it, `page_size` rows a page; and the GraphListing."""
+    """AzureListing of one table as the program shapes it from pages of `page_size` rows in table
+    format; and the GraphListing."""
     query = parse_graph_query(m.graph_query(table, ()))
+    columns = tuple(name for name, _ in query.columns)
     rows = evaluate_graph_query(estate, query, {SUB, SUB2}, None)
     shaped = m.GraphListing()
     for start in range(0, len(rows), page_size):
-        shaped.add(rows[start:start + page_size])
+        shaped.add_table(graph_table(rows[start:start + page_size], columns))
     return shaped.listing, shaped, len(rows)
 
 
@@ -297,3 +299,42 @@ def test_a_bad_row_fails_the_discovery_on_its_own_page(arm, arm_config):
     with pytest.raises(m.AzureError, match=r"Resource Graph row 1001 has no id or no type"):
         m.AzureSource(arm_config(azure={"source": "resource_graph"})).discover()
     assert arm.counts["graph"] == 2
+
+
+def test_a_table_row_has_the_columns_the_query_projects():
+    for table in m.GRAPH_TABLES:
+        for public in (True, False):
+            query = parse_graph_query(m.graph_query(table, ("rg-a",), public))
+            assert tuple(name for name, _ in query.columns) == m.GraphRow._fields
+
+
+def test_table_columns_are_read_by_name():
+    """Cells are taken by their column's name: another order, a column more or one less (null) read
+    the same."""
+    estate = shaping_estates()["varied"]
+    query = parse_graph_query(m.graph_query("Resources", ()))
+    columns = tuple(name for name, _ in query.columns)
+    rows = evaluate_graph_query(estate, query, {SUB, SUB2}, None)
+    shuffled = tuple(reversed(columns)) + ("zones",)
+    shaped = m.GraphListing()
+    shaped.add_table(graph_table([{**row, "zones": ["1"]} for row in rows], shuffled))
+    assert shaped.listing == paged_listing(estate, "Resources", 1000)[0]
+    without, null = m.GraphListing(), m.GraphListing()
+    without.add_table(graph_table(rows, tuple(c for c in columns if c != "ipAddress")))
+    null.add_table(graph_table([{**row, "ipAddress": None} for row in rows], columns))
+    assert without.listing == null.listing and without.listing.public_ips
+
+
+@pytest.mark.parametrize("data, error", [
+    ([{"id": "x", "type": "y"}], r'malformed page 1 \(no "data" table\)'),
+    ({"columns": [{"name": "id"}]}, r'malformed page 1 \(no "data" table\)'),
+    ({"columns": [{"name": "id"}, {"name": "type"}], "rows": [["a", "b"], ["c"]]},
+     r"malformed page 1 \(item 2 is a row of 1 cells, not a row of 2 cells\)"),
+    ({"columns": [{"name": "id"}, {"name": "type"}], "rows": [{"id": "a", "type": "b"}]},
+     r"malformed page 1 \(item 1 is an object, not a row of 2 cells\)"),
+    ({"columns": [{"name": "id"}, {"name": "type"}], "rows": [["a", None]]},
+     r"Resource Graph row 1 has no id or no type"),
+])
+def test_a_page_that_is_no_table_fails(data, error):
+    with pytest.raises(m.AzureError, match=error):
+        m.GraphListing("Resource Graph query of Resources").add_table(data)
