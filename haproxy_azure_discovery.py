@@ -2987,11 +2987,27 @@ def _graph_vm(row: GraphRow) -> dict:
 
 
 def _graph_nic(row: GraphRow) -> dict:
-    props = {"primary": row.primary, "ipConfigurations": row.ipConfigurations,
+    configs = row.ipConfigurations
+    if isinstance(configs, list):
+        configs = [_graph_ip_configuration(config) for config in configs]
+    props = {"primary": row.primary, "ipConfigurations": configs,
              "provisioningState": row.provisioningState}
     if row.virtualMachine:
         props["virtualMachine"] = {"id": row.virtualMachine}
     return _graph_item(row, props)
+
+
+def _graph_ip_configuration(config: Any) -> Any:
+    """What the join reads of an IP configuration (nic_address): its id, name, subnet and the rest
+    are most of a NIC's memory, and the listing holds a hundred thousand NICs at the largest
+    estates. One not shaped as Azure documents it stays as it is, for the join to refuse."""
+    props = config.get("properties") if isinstance(config, dict) else None
+    if not isinstance(props, dict):
+        return config
+    return {"properties": {"primary": props.get("primary"),
+                           "privateIPAddress": props.get("privateIPAddress"),
+                           "privateIPAddressVersion": props.get("privateIPAddressVersion"),
+                           "publicIPAddress": props.get("publicIPAddress")}}
 
 
 def _graph_scale_set(row: GraphRow) -> dict:

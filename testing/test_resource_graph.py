@@ -8,6 +8,7 @@ import pytest
 
 import haproxy_azure_discovery as m
 from fake_arm import GRAPH_SCHEMA, evaluate_graph_query, graph_table, make_estate, parse_graph_query
+from test_haproxy_azure_discovery import make_config
 
 SUB = "00000000-0000-0000-0000-000000000001"
 SUB2 = "00000000-0000-0000-0000-000000000002"
@@ -264,21 +265,50 @@ def test_every_type_queried_has_a_shape():
     assert set(m.GRAPH_KINDS) == {t for types in m.GRAPH_TABLES.values() for t in types}
 
 
+def read_by_the_join(listing):
+    """The listing with each NIC's IP configurations cut to what the join reads of them."""
+    def config(c):
+        return {"properties": {key: c["properties"].get(key) for key in (
+            "primary", "privateIPAddress", "privateIPAddressVersion", "publicIPAddress")}}
+    nics = [{**nic, "properties": {**nic["properties"], "ipConfigurations": [
+        config(c) for c in nic["properties"]["ipConfigurations"]]}} for nic in listing.nics]
+    return dataclasses.replace(listing, nics=nics)
+
+
 @pytest.mark.parametrize("estate_name", ["odd", "varied"])
 @pytest.mark.parametrize("page_size", [1, 7, 1000])
 def test_rows_shaped_page_by_page_take_the_shapes_of_the_former_shaping(estate_name, page_size):
+    """The same items as before, each NIC's IP configurations cut to what the join reads."""
     estate = shaping_estates()[estate_name]
     for table in m.GRAPH_TABLES:
         listing, shaped, rows = paged_listing(estate, table, page_size)
-        assert listing == former_listing(estate, table)
+        assert listing == read_by_the_join(former_listing(estate, table))
+        # ... NICs of two configurations among them (IPv4 and IPv6)
+        assert any(len(nic["properties"]["ipConfigurations"]) > 1 for nic in listing.nics)
         assert shaped.rows == rows and len(shaped.ids) == rows
+
+
+@pytest.mark.parametrize("configs", [["a string"], [{"properties": "a string"}], [None]])
+def test_an_ip_configuration_not_shaped_as_documented_still_fails_the_join(configs):
+    """Cut to what the join reads, an IP configuration that is no object (or whose properties are
+    none) stays as it came: the join refuses it as it did."""
+    vid = f"/subscriptions/{SUB}/resourceGroups/rg/providers/Microsoft.Compute/virtualMachines/vm1"
+    rows = [{"id": vid, "name": "vm1", "type": "microsoft.compute/virtualmachines",
+             "powerState": "PowerState/running"},
+            {"id": vid + "-nic", "type": "microsoft.network/networkinterfaces",
+             "virtualMachine": vid,
+             "ipConfigurations": [*configs, {"properties": {"primary": True,
+                                                            "privateIPAddress": "10.0.0.4"}}]}]
+    listing = m.listing_from_graph(rows)
+    assert listing.nics[0]["properties"]["ipConfigurations"][0] == configs[0]
+    with pytest.raises((AttributeError, TypeError)):
+        m.instances_from_azure(listing, make_config().azure)
 
 
 @pytest.mark.parametrize("estate_name", ["odd", "varied"])
 @pytest.mark.parametrize("address, ip_version", [("private", "ipv4"), ("public", "ipv4"), ("private", "ipv6")])
 def test_rows_shaped_page_by_page_join_into_the_former_instances(estate_name, address, ip_version):
     estate = shaping_estates()[estate_name]
-    from test_haproxy_azure_discovery import make_config
     cfg = make_config(azure={"address": address, "ip_version": ip_version})
     former = joined(former_listing(estate, "Resources"), former_listing(estate, "ComputeResources"), cfg)
     for page_size in (1, 7, 1000):
