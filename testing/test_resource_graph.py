@@ -168,7 +168,7 @@ def test_the_daemon_hooks_reach_resource_graph_pages(arm, arm_config):
     assert arm.counts["graph"] == 1
 
 
-# --- rows shaped page by page -----------------------------------------------------------------------
+# --- rows shaped page by page -------------------------------------------------------------
 # The query and the shaping as they were before rows were shaped page by page, type by type: one
 # shape for every type, every row held until the last page came. The reference the program's
 # shaping must agree with.
@@ -191,12 +191,14 @@ FORMER_GRAPH_QUERY = """\
 
 def former_arm_shape(row):
     props = {}
-    for column, key in (("networkInterfaces", "networkProfile"), ("virtualMachineScaleSet", "virtualMachineScaleSet"),
+    for column, key in (("networkInterfaces", "networkProfile"),
+                        ("virtualMachineScaleSet", "virtualMachineScaleSet"),
                         ("virtualMachine", "virtualMachine")):
         if row.get(column):
             props[key] = ({"networkInterfaces": row[column]} if column == "networkInterfaces"
                           else {"id": row[column]})
-    for column in ("orchestrationMode", "primary", "ipConfigurations", "ipAddress", "provisioningState"):
+    for column in ("orchestrationMode", "primary", "ipConfigurations", "ipAddress",
+                   "provisioningState"):
         if row.get(column) is not None:
             props[column] = row[column]
     statuses = [{"code": row["powerState"]}] if row.get("powerState") else []
@@ -214,13 +216,15 @@ def former_arm_shape(row):
 def former_listing(estate, table):
     """AzureListing of one table as the former query and shaping gave it."""
     types = ", ".join(f"'{t}'" for t in m.GRAPH_TABLES[table])
-    query = parse_graph_query(FORMER_GRAPH_QUERY.replace("{table}", table).replace("{types}", types))
+    query = parse_graph_query(FORMER_GRAPH_QUERY.replace("{table}", table)
+                              .replace("{types}", types))
     listing = m.AzureListing()
     into = {"microsoft.compute/virtualmachines": listing.vms,
             "microsoft.compute/virtualmachinescalesets": listing.scale_sets,
             "microsoft.network/networkinterfaces": listing.nics,
             "microsoft.network/publicipaddresses": listing.public_ips}
-    into.update(zip(m.GRAPH_TABLES["ComputeResources"], (listing.set_instances, listing.nics, listing.public_ips)))
+    into.update(zip(m.GRAPH_TABLES["ComputeResources"],
+                    (listing.set_instances, listing.nics, listing.public_ips)))
     for row in evaluate_graph_query(estate, query, {SUB, SUB2}, None):
         into[row["type"]].append(former_arm_shape(row))
     return listing
@@ -243,7 +247,8 @@ def joined(resources, compute, cfg):
     listing = dataclasses.replace(resources, nics=resources.nics + compute.nics,
                                   public_ips=resources.public_ips + compute.public_ips)
     tagged = {m._id(s.get("id")) for s in m.scale_sets_to_list(listing.scale_sets, cfg)}
-    listing.set_instances = [i for i in compute.set_instances if m._scale_set_of(m._id(i.get("id"))) in tagged]
+    listing.set_instances = [i for i in compute.set_instances
+                             if m._scale_set_of(m._id(i.get("id"))) in tagged]
     instances = m.instances_from_azure(listing, cfg.azure, [])
     return sorted(instances), m.impossible(listing, instances, cfg, graph=True)
 
@@ -252,12 +257,14 @@ def shaping_estates():
     """The odd estate above; one with scale sets of every kind, machines being deleted (their own
     provisioning state, and a scale set's), a VM whose NIC is gone and a NIC's second address."""
     odd = two_subscriptions_odd_nics_estate()
-    varied = make_estate(vms=40, uniform_sets=3, flexible_sets=2, per_set=4, resource_groups=("rg-a", "rg-b"),
-                         ipv6_base="fd00::100", public_ip_base="20.1.0.4", not_running=0.2, seed=11,
-                         overrides={"vm-0004": {"provisioning_state": "Deleting"},
-                                    "uvmss-01_2": {"provisioning_state": "Deleting"},
-                                    "fvmss-00_1": {"provisioning_state": "Deleting", "power_state": "stopped"},
-                                    "vm-0007": {"has_nic": False}, "vm-0009": {"second_nic_ip": "10.8.0.9"}})
+    deleting = {"provisioning_state": "Deleting"}
+    varied = make_estate(vms=40, uniform_sets=3, flexible_sets=2, per_set=4,
+                         resource_groups=("rg-a", "rg-b"), ipv6_base="fd00::100",
+                         public_ip_base="20.1.0.4", not_running=0.2, seed=11,
+                         overrides={"vm-0004": deleting, "uvmss-01_2": deleting,
+                                    "fvmss-00_1": {**deleting, "power_state": "stopped"},
+                                    "vm-0007": {"has_nic": False},
+                                    "vm-0009": {"second_nic_ip": "10.8.0.9"}})
     return {"odd": odd, "varied": varied}
 
 
@@ -306,11 +313,13 @@ def test_an_ip_configuration_not_shaped_as_documented_still_fails_the_join(confi
 
 
 @pytest.mark.parametrize("estate_name", ["odd", "varied"])
-@pytest.mark.parametrize("address, ip_version", [("private", "ipv4"), ("public", "ipv4"), ("private", "ipv6")])
+@pytest.mark.parametrize("address, ip_version",
+                         [("private", "ipv4"), ("public", "ipv4"), ("private", "ipv6")])
 def test_rows_shaped_page_by_page_join_into_the_former_instances(estate_name, address, ip_version):
     estate = shaping_estates()[estate_name]
     cfg = make_config(azure={"address": address, "ip_version": ip_version})
-    former = joined(former_listing(estate, "Resources"), former_listing(estate, "ComputeResources"), cfg)
+    former = joined(former_listing(estate, "Resources"), former_listing(estate, "ComputeResources"),
+                    cfg)
     for page_size in (1, 7, 1000):
         now = joined(paged_listing(estate, "Resources", page_size)[0],
                      paged_listing(estate, "ComputeResources", page_size)[0], cfg)
