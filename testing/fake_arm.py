@@ -1033,6 +1033,13 @@ def _graph_request(body) -> dict:
     return body
 
 
+def _table_columns(query: GraphQuery, options: dict) -> tuple[str, ...] | None:
+    """The columns of an answer asked for in resultFormat "table"; None for one of objects."""
+    if options.get("resultFormat") != "table":
+        return None
+    return tuple(name for name, _ in query.columns)
+
+
 def graph_table(rows: list, columns: tuple[str, ...]) -> dict:
     """Rows (objects, as resultFormat "objectArray" has them) in resultFormat "table" (the REST
     reference's Table: `columns` [{name, type}] once, `rows` as arrays of cells in the columns'
@@ -1921,9 +1928,8 @@ class FakeArm:
                     "resultTruncated": "true" if more and not pageable else "false"}
         if more and pageable:
             document["$skipToken"] = _write_graph_token(query_key, offset + top)
-        table = (tuple(name for name, _ in query.columns) if options.get("resultFormat") == "table"
-                 else None)
-        return self._mutate(fault, _Reply(200, b"", quota_headers), document, "data", table,
+        return self._mutate(fault, _Reply(200, b"", quota_headers), document, "data",
+                            _table_columns(query, options),
                             repeat_token=_write_graph_token(query_key, top))
 
     def _graph_quota(self) -> tuple[bool, tuple]:
