@@ -2462,7 +2462,8 @@ def _origin(url: str) -> tuple[str, str, int | None]:
 
 
 def _json_kind(value: Any) -> str:
-    return "null" if value is None else {str: "a string", list: "a list", bool: "a boolean"}.get(
+    kinds = {str: "a string", list: "a list", bool: "a boolean", dict: "an object"}
+    return "null" if value is None else kinds.get(
         type(value), "a number" if isinstance(value, (int, float)) else type(value).__name__)
 
 
@@ -3216,50 +3217,157 @@ def graph_query(table: str, groups: Sequence[str], public: bool = True) -> str:
     return query.replace("{groups}", ", ".join(f"'{g}'" for g in groups))
 
 
+class GraphRow(typing.NamedTuple):
+    """A row of GRAPH_QUERY's answer: its columns, in the order it projects them."""
+    id: Any
+    name: Any
+    type: Any
+    location: Any
+    tags: Any
+    powerState: Any
+    provisioningState: Any
+    capacity: Any
+    networkInterfaces: Any
+    virtualMachineScaleSet: Any
+    orchestrationMode: Any
+    virtualMachine: Any
+    primary: Any
+    ipConfigurations: Any
+    ipAddress: Any
+
+
 def listing_from_graph(rows: Iterable[Mapping]) -> AzureListing:
-    """Resource Graph rows (GRAPH_QUERY's columns) in the Resource Manager shapes the join reads."""
-    listing = AzureListing()
-    into = {"microsoft.compute/virtualmachines": listing.vms,
-            "microsoft.compute/virtualmachinescalesets": listing.scale_sets,
-            "microsoft.network/networkinterfaces": listing.nics,
-            "microsoft.network/publicipaddresses": listing.public_ips}
-    into.update(zip(GRAPH_TABLES["ComputeResources"],
-                    (listing.set_instances, listing.nics, listing.public_ips)))
-    for n, row in enumerate(rows, 1):
-        if not isinstance(row.get("id"),
-                          str) or not row["id"] or not isinstance(row.get("type"), str):
-            raise AzureError(
-                f"Resource Graph row {n} has no id or no type: its resource cannot be told "
-                f"(id {shorten(json.dumps(row.get('id')), 120)}, type "
-                f"{shorten(json.dumps(row.get('type')), 80)})")
-        target = into.get(row["type"].lower())
-        if target is not None:
-            target.append(_arm_shape(row))
-    return listing
+    """Resource Graph rows as objects (GRAPH_QUERY's columns; one missing is null) in the Resource
+    Manager shapes the join reads."""
+    shaped = GraphListing()
+    shaped.add(GraphRow(*(row.get(column) for column in GraphRow._fields)) for row in rows)
+    return shaped.listing
 
 
-def _arm_shape(row: Mapping) -> dict:
-    props: dict[str, Any] = {}
-    for column, key in (("networkInterfaces", "networkProfile"),
-                        ("virtualMachineScaleSet", "virtualMachineScaleSet"),
-                        ("virtualMachine", "virtualMachine")):
-        if row.get(column):
-            props[key] = ({"networkInterfaces": row[column]} if column == "networkInterfaces"
-                          else {"id": row[column]})
-    for column in ("orchestrationMode", "primary", "ipConfigurations", "ipAddress",
-                   "provisioningState"):
-        if row.get(column) is not None:
-            props[column] = row[column]
-    statuses = [{"code": row["powerState"]}] if row.get("powerState") else []
-    if str(row.get("provisioningState") or "").lower() == "deleting":
+def _graph_vm(row: GraphRow) -> dict:
+    """A VM's or a Uniform instance's row as the join reads it: its power state, and a deletion
+    under way, as its instance view's statuses."""
+    props: dict[str, Any] = {"provisioningState": row.provisioningState}
+    if row.networkInterfaces:
+        props["networkProfile"] = {"networkInterfaces": row.networkInterfaces}
+    if row.virtualMachineScaleSet:
+        props["virtualMachineScaleSet"] = {"id": row.virtualMachineScaleSet}
+    statuses = [{"code": row.powerState}] if row.powerState else []
+    if str(row.provisioningState or "").lower() == "deleting":
         statuses.append({"code": "ProvisioningState/deleting"})     # as an instance view says it
     if statuses:
         props["instanceView"] = {"statuses": statuses}
-    shaped = {"id": row.get("id"), "name": row.get("name"), "location": row.get("location"),
-              "tags": row.get("tags"), "properties": props}
-    if row.get("capacity") is not None:
-        shaped["sku"] = {"capacity": row["capacity"]}
-    return shaped
+    return _graph_item(row, props)
+
+
+def _graph_nic(row: GraphRow) -> dict:
+    configs = row.ipConfigurations
+    if isinstance(configs, list):
+        configs = [_graph_ip_configuration(config) for config in configs]
+    props = {"primary": row.primary, "ipConfigurations": configs,
+             "provisioningState": row.provisioningState}
+    if row.virtualMachine:
+        props["virtualMachine"] = {"id": row.virtualMachine}
+    return _graph_item(row, props)
+
+
+def _graph_ip_configuration(config: Any) -> Any:
+    """What the join reads of an IP configuration (nic_address): its id, name, subnet and the rest
+    are most of a NIC's memory, and the listing holds a hundred thousand NICs at the largest
+    estates. One not shaped as Azure documents it stays as it is, for the join to refuse."""
+    props = config.get("properties") if isinstance(config, dict) else None
+    if not isinstance(props, dict):
+        return config
+    return {"properties": {"primary": props.get("primary"),
+                           "privateIPAddress": props.get("privateIPAddress"),
+                           "privateIPAddressVersion": props.get("privateIPAddressVersion"),
+                           "publicIPAddress": props.get("publicIPAddress")}}
+
+
+def _graph_scale_set(row: GraphRow) -> dict:
+    item = _graph_item(row, {"orchestrationMode": row.orchestrationMode,
+                             "provisioningState": row.provisioningState})
+    if row.capacity is not None:
+        item["sku"] = {"capacity": row.capacity}
+    return item
+
+
+def _graph_public_ip(row: GraphRow) -> dict:
+    return _graph_item(row, {"ipAddress": row.ipAddress,
+                             "provisioningState": row.provisioningState})
+
+
+def _graph_item(row: GraphRow, props: dict[str, Any]) -> dict:
+    """A row as a Resource Manager item, with these properties (a null column is a null property,
+    which the join reads as one Azure leaves out)."""
+    return {"id": row.id, "name": row.name, "location": row.location, "tags": row.tags,
+            "properties": props}
+
+
+# Each type of GRAPH_TABLES: the list of AzureListing its rows go in, and their shape.
+GRAPH_KINDS = {
+    "microsoft.compute/virtualmachines": ("vms", _graph_vm),
+    "microsoft.compute/virtualmachinescalesets": ("scale_sets", _graph_scale_set),
+    "microsoft.network/networkinterfaces": ("nics", _graph_nic),
+    "microsoft.network/publicipaddresses": ("public_ips", _graph_public_ip),
+    "microsoft.compute/virtualmachinescalesets/virtualmachines": ("set_instances", _graph_vm),
+    "microsoft.compute/virtualmachinescalesets/virtualmachines/networkinterfaces":
+        ("nics", _graph_nic),
+    "microsoft.compute/virtualmachinescalesets/virtualmachines/networkinterfaces/ipconfigurations/"
+    "publicipaddresses": ("public_ips", _graph_public_ip),
+}
+
+
+class GraphListing:
+    """Resource Graph rows shaped as they come, page by page, into an AzureListing (the Resource
+    Manager shapes the join reads), so that a page's rows can go before the next page comes. Counts
+    the rows and their lower-cased ids, for the paging checks of AzureSource._graph_listing."""
+
+    def __init__(self, what: str = "Resource Graph query") -> None:
+        self.what = what
+        self.listing = listing = AzureListing()
+        self.rows = self.pages = 0
+        self.ids: set[str] = set()
+        self._kinds = {rtype: (getattr(listing, into), shape)
+                       for rtype, (into, shape) in GRAPH_KINDS.items()}
+
+    def add_table(self, data: Any) -> None:
+        """A page's `data` in resultFormat "table" (the columns named once, each row an array of
+        cells in their order): its rows, shaped. AzureError when it is no such table."""
+        self.pages += 1
+        columns = data.get("columns") if isinstance(data, dict) else None
+        cells = data.get("rows") if isinstance(data, dict) else None
+        if not isinstance(columns, list) or not isinstance(cells, list):
+            # A 200 without the rows would read as an empty estate and park everything.
+            raise AzureError(f'{self.what} failed: malformed page {self.pages} (no "data" table)')
+        names = [column.get("name") if isinstance(column, dict) else None for column in columns]
+        self.add(self._rows(names, cells))
+
+    def _rows(self, names: list[Any], cells: list[Any]) -> Iterable[GraphRow]:
+        """The rows of a table with these columns, as GraphRows (a column it lacks is null)."""
+        for n, row in enumerate(cells, 1):
+            if not isinstance(row, list) or len(row) != len(names):
+                kind = f"a row of {len(row)} cells" if isinstance(row, list) else _json_kind(row)
+                raise AzureError(f"{self.what} failed: malformed page {self.pages} (item {n} is "
+                                 f"{kind}, not a row of {len(names)} cells)")
+        if names == list(GraphRow._fields):          # as Resource Graph answers GRAPH_QUERY
+            return map(GraphRow._make, cells)
+        where = [names.index(column) if column in names else None for column in GraphRow._fields]
+        return (GraphRow._make([None if at is None else row[at] for at in where]) for row in cells)
+
+    def add(self, rows: Iterable[GraphRow]) -> None:
+        """Shape more rows: AzureError for a row without id or type."""
+        for row in rows:
+            self.rows += 1
+            if not isinstance(row.id, str) or not row.id or not isinstance(row.type, str):
+                raise AzureError(f"Resource Graph row {self.rows} has no id or no type: its "
+                                 f"resource cannot be told (id {shorten(json.dumps(row.id), 120)}, "
+                                 f"type {shorten(json.dumps(row.type), 80)})")
+            self.ids.add(row.id.lower())
+            kind = self._kinds.get(row.type.lower())
+            if kind is not None:
+                into, shape = kind
+                into.append(shape(row))
 
 
 def quota_wait(headers: Mapping[str, str]) -> float | None:
@@ -3578,29 +3686,28 @@ class AzureSource:
     def _query_graph(self) -> AzureListing:
         """Resource Graph: Resources, then ComputeResources when a Uniform scale set is tagged."""
         groups = self.cfg.azure.resource_groups
-        listing = listing_from_graph(self._graph_rows("Resources", groups))
+        listing = self._graph_listing("Resources", groups)
         tagged = {_id(s.get("id")) for s in scale_sets_to_list(listing.scale_sets, self.cfg)}
         # as the listings do: instances of Uniform sets whose tags can make them match
         if tagged:
-            uniform = listing_from_graph(self._graph_rows("ComputeResources", groups))
+            uniform = self._graph_listing("ComputeResources", groups)
             listing.set_instances = [i for i in uniform.set_instances
                                      if _scale_set_of(_id(i.get("id"))) in tagged]
             listing.nics += uniform.nics
             listing.public_ips += uniform.public_ips
         return listing
 
-    def _graph_rows(self, table: str, groups: Sequence[str]) -> list[Mapping]:
-        """Every row of one Resource Graph query, page by page ($skipToken)."""
+    def _graph_listing(self, table: str, groups: Sequence[str]) -> AzureListing:
+        """Every row of one Resource Graph query, page by page ($skipToken), each page shaped as it
+        comes (GraphListing)."""
         url = (f"{self.pager.base}/providers/Microsoft.ResourceGraph/resources"
                f"?api-version={GRAPH_API}")
         query = graph_query(table, groups, self.cfg.azure.address == "public")
         what, seen = f"Resource Graph query of {table}", set()
 
         def next_request(page: Mapping | None) -> Any:
-            if page is not None and str(page.get("resultTruncated")).lower() == "true":
-                # Rows past the limit are missing, and a missing instance would be drained.
-                raise AzureError(f"Resource Graph query of {table} failed: result truncated")
-            options: dict[str, Any] = {"$top": GRAPH_PAGE, "resultFormat": "objectArray"}
+            # A table names the columns once, not in every row: half the decoding of objects.
+            options: dict[str, Any] = {"$top": GRAPH_PAGE, "resultFormat": "table"}
             if page is not None:
                 if not page.get("$skipToken"):
                     return None
@@ -3610,18 +3717,26 @@ class AzureSource:
                     "options": options}
             return self.pager.request("POST", url, json=body)
         totals: list[Any] = []
-        rows = self.pager.paged(what, next_request, "data", totals)
+        shaped = GraphListing(what)
+
+        def take(page: Mapping) -> None:
+            if str(page.get("resultTruncated")).lower() == "true":
+                # Rows past the limit are missing, and a missing instance would be drained.
+                raise AzureError(f"Resource Graph query of {table} failed: result truncated")
+            totals.append(page.get("totalRecords"))
+            shaped.add_table(page.get("data"))
+        self.pager.paged(what, next_request, "data", take)
         # Paging is exact only when each page agrees on the total and the rows add up to it with
         # no id twice (Microsoft: unsorted results are "random and not repeatable"; a change
         # while paging gives duplicates or missing rows). A missing VM or NIC would be drained.
-        ids = {str(r.get("id") or "").lower() for r in rows}
-        if len(set(map(str, totals))) != 1 or not _is_int(totals[0]) or totals[0] != len(rows) \
-                or len(ids) != len(rows):
-            raise AzureError(
-                f"{what} failed: {len(rows)} rows received ({len(rows) - len(ids)} of them twice), "
-                f"totalRecords {', '.join(sorted(set(map(str, totals))))}: the pages do not add up "
-                "(the estate changed while it was paged?); nothing is applied this cycle")
-        return rows
+        rows, ids = shaped.rows, shaped.ids
+        if len(set(map(str, totals))) != 1 or not _is_int(totals[0]) or totals[0] != rows \
+                or len(ids) != rows:
+            totals_seen = ", ".join(sorted(set(map(str, totals))))
+            raise AzureError(f"{what} failed: {rows} rows received ({rows - len(ids)} of them "
+                             f"twice), totalRecords {totals_seen}: the pages do not add up (the "
+                             "estate changed while it was paged?); nothing is applied this cycle")
+        return shaped.listing
 
     def _pages(self, kind: str, sub: str, rg: str | None, scale_set: str = "") -> list[Mapping]:
         """Every item of one Resource Manager listing, following nextLink."""
@@ -3802,11 +3917,12 @@ class _ArmPager:
         return link
 
     def paged(self, what: str, next_request: Callable[[Mapping | None], Any], key: str,
-               totals: list[Any] | None = None) -> list[Mapping]:
+              each: Callable[[Mapping], None] | None = None) -> list[Mapping]:
         """The page loop of every listing and query: `next_request(previous page)` builds the
-        next request (None: done); each page's `key` must be a list of objects; `totals`
-        collects each page's totalRecords. AzureError if any page fails, or past
-        azure.max_pages; Aborted between pages on shutdown; `progress` after every page."""
+        next request (None: done); each page's `key` must be a list of objects, returned all
+        together; or each page goes to `each` as it comes, which reads it and checks what it
+        reads. AzureError if any page fails, or past azure.max_pages; Aborted between pages on
+        shutdown; `progress` after every page."""
         items: list[Mapping] = []
         page: Mapping | None = None
         pages = 0
@@ -3816,17 +3932,18 @@ class _ArmPager:
                 raise AzureError(
                     f"{what} failed: more than azure.max_pages ({self.cfg.azure.max_pages}) pages")
             page, headers = self.send(request, what)
-            found = page.get(key)
-            if not isinstance(found, list):
-                # A 200 without the list would read as an empty estate and park everything.
-                raise AzureError(f'{what} failed: malformed page (no "{key}" list)')
-            for n, item in enumerate(found, 1):
-                if not isinstance(item, dict):
-                    raise AzureError(f"{what} failed: malformed page {pages} (item {n} is "
-                                     f"{_json_kind(item)}, not an object)")
-            items += found
-            if totals is not None:
-                totals.append(page.get("totalRecords"))
+            if each is not None:
+                each(page)
+            else:
+                found = page.get(key)
+                if not isinstance(found, list):
+                    # A 200 without the list would read as an empty estate and park everything.
+                    raise AzureError(f'{what} failed: malformed page (no "{key}" list)')
+                for n, item in enumerate(found, 1):
+                    if not isinstance(item, dict):
+                        raise AzureError(f"{what} failed: malformed page {pages} (item {n} is "
+                                         f"{_json_kind(item)}, not an object)")
+                items += found
             self._progress()
             pause = quota_wait(headers)
             # Resource Graph's per-user window is spent: wait for its reset

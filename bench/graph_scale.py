@@ -29,13 +29,13 @@ client (`Discovery.requests`) and by the fake (`GET /_counts`), and must agree. 
 after the warm-up discovery and after the last one (checked against /proc's VmHWM: the parent stays
 small, since Linux carries ru_maxrss across exec).
 
---profile (needs pyinstrument: `pip install pyinstrument`): one more child at the largest size, five
-Resource Graph discoveries in one fresh process: the first marks VmRSS at each stage of a discovery (each
-query's pages, `listing_from_graph`, the join, the checks) and samples it every 5 ms; the second marks the
-CPU at each stage, with the CPU of `AzureSource._fetch` (a page through the pipeline) and of the program's
-`json.loads` added up; the third marks the Python heap under tracemalloc; the fourth runs under
-pyinstrument, the fifth under cProfile (call counts; its per-call overhead makes its seconds no measure of
-the discovery's).
+--profile (needs pyinstrument: `pip install pyinstrument`): one more child at the largest size,
+five Resource Graph discoveries in one fresh process: the first marks VmRSS at each stage of a
+discovery (each query's pages, shaped as they come, the join, the checks) and samples it every
+5 ms; the second marks the CPU at each stage, with the CPU of `_ArmPager.fetch` (a page through
+the pipeline) and of the program's `json.loads` added up; the third marks the Python heap under
+tracemalloc; the fourth runs under pyinstrument, the fifth under cProfile (call counts; its
+per-call overhead makes its seconds no measure of the discovery's).
 
 --instructions N: one Resource Graph discovery's instructions at N instances under callgrind (a child
 running a warm-up and one discovery, minus one running the warm-up alone), printed as JSON; with
@@ -161,19 +161,20 @@ def _rss_mb() -> float:
 
 
 class _Stages:
-    """Marks at the stages of a Resource Graph discovery: each query's pages, `listing_from_graph`, the
-    join, the checks; with the process's CPU time, VmRSS and (when tracing) the Python heap (tracemalloc's
-    current and the peak since the mark before). Also the CPU of `AzureSource._fetch` (a page through the
-    pipeline) and of `json.loads` in the program (the pages' decoding), added up."""
+    """Marks at the stages of a Resource Graph discovery: each query's pages (shaped as they
+    come), the join, the checks; with the process's CPU time, VmRSS and (when tracing) the Python
+    heap (tracemalloc's current and the peak since the mark before). Also the CPU of
+    `_ArmPager.fetch` (a page through the pipeline) and of `json.loads` in the program (the pages'
+    decoding), added up."""
 
     def __init__(self, m, source):
         self.marks: list[dict] = []
         self.fetch_s = self.decode_s = 0.0
         self.t0 = time.perf_counter()
-        rows_of, fetch = source._graph_rows, source._fetch
-        source._graph_rows = lambda table, groups: self.staged(rows_of, f"query of {table}")(table, groups)
-        for name, label in (("listing_from_graph", "listing_from_graph"), ("instances_from_azure", "join"),
-                            ("impossible", "checks")):
+        listing_of, fetch = source._graph_listing, source.pager.fetch
+        source._graph_listing = lambda table, groups: self.staged(
+            listing_of, f"query of {table}")(table, groups)
+        for name, label in (("instances_from_azure", "join"), ("impossible", "checks")):
             setattr(m, name, self.staged(getattr(m, name), label))
 
         def timed_fetch(request):
@@ -182,7 +183,7 @@ class _Stages:
                 return fetch(request)
             finally:
                 self.fetch_s += time.process_time() - cpu
-        source._fetch = timed_fetch
+        source.pager.fetch = timed_fetch
         stages = self
 
         class Json:                                   # the program's `json`, loads timed
@@ -462,7 +463,8 @@ def profile_section(p: dict, n: int) -> list[str]:
     lines = [f"### Where one Resource Graph discovery of {n:,} instances goes", "",
              "One fresh process, five discoveries in a row: the first (no warm-up) marks the resident memory "
              "(VmRSS) at each stage; the second the CPU (`time.process_time()` at each stage, and the CPU of "
-             "`AzureSource._fetch` and of `json.loads` added up page by page); the third the Python heap under "
+             "`_ArmPager.fetch` and of `json.loads` added up page by page); the third the "
+             "Python heap under "
              "tracemalloc (what is allocated at the end of each stage, and the highest it reached within it); "
              "the fourth runs under pyinstrument and the fifth under cProfile (call counts; its overhead "
              "multiplies the per-item functions' time several times over, so its seconds are not the "

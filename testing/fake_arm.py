@@ -31,7 +31,8 @@ Public API:
     parse_graph_query(text, *, known_types_only=True) -> GraphQuery(table, filters, columns, order),
         graph_candidates(estate, query, subscriptions, readable, compute_types=None),
         order_graph_rows(candidates, query, rng), evaluate_graph_query(estate, query, subscriptions,
-        readable, *, rng=None, compute_types=None), GRAPH_SCHEMA (testing/resource_graph_schema.json),
+        readable, *, rng=None, compute_types=None), graph_table(rows, columns),
+        GRAPH_SCHEMA (testing/resource_graph_schema.json),
         AZURE_CHINA_COMPUTE_TYPES
     make_estate(*, vms, uniform_sets, flexible_sets, per_set, subscriptions, resource_groups, regions,
                 services, ip_base, ipv6_base, public_ip_base, not_running, seed, overrides) -> Estate
@@ -161,7 +162,10 @@ Graph", "Working with large Azure resource data sets", the table and resource ty
   lists matches no row (no error, as in Resource Graph; parse_graph_query's default still refuses it, as
   a check of a query's text). Anything else the fake does not model: 400 with details[0].code InvalidQuery.
 - Answers {totalRecords (all rows), count (rows in this page), data, facets: [], resultTruncated ("true"
-  only for a query without `id` cut at $top), $skipToken (while rows remain)}.
+  only for a query without `id` cut at $top), $skipToken (while rows remain)}. `data` is the rows as
+  objects (options.resultFormat "objectArray", the default), or with "table" a Table: {columns:
+  [{name, type}] in the projection's order, rows: [[cell, ...]]} (graph_table; item faults change
+  the rows first, so a row without an id has a null id cell, a null row stays null).
 - Every page request runs the query again against the estate as it is then (changes through Estate
   methods between pages shift rows: a deleted one makes a later one missed, a new one repeats one).
   Unsorted rows come in a NEW RANDOM ORDER on every request (so paging an unsorted query skips and
@@ -239,8 +243,9 @@ fault waits for a Graph request). `fault.fired` counts.
 - Delays: "slow" (waits `delay` seconds, then answers normally; stop() cuts the wait short); "trickle"
   (the real answer, its headers at once and its body one byte every `delay` seconds, so every read
   succeeds and the page takes len(body) * delay; stop() closes it unfinished). Any endpoint.
-- Items of a Resource Manager listing's `value` or a Graph answer's `data` (count follows): "empty" (no
-  items, no nextLink / $skipToken; Graph totalRecords 0), and on the page's first item:
+- Items of a Resource Manager listing's `value` or a Graph answer's `data` (its rows; in a Table,
+  the rows so changed; count follows): "empty" (no items, no nextLink / $skipToken; Graph
+  totalRecords 0), and on the page's first item:
   "item_without_id", "item_id_not_string" (12345), "item_without_type", "item_name_object" ({"value":
   name}), "item_tags_string" (a string), "null_item" (null), "string_items" (the list is ["a"]).
 - Links of a Resource Manager listing (nextLink set even on a last page): "self_link" (this page's own
@@ -1038,9 +1043,30 @@ def _graph_request(body) -> dict:
     top = options.get("$top", 100)
     if not isinstance(top, int) or not 1 <= top <= GRAPH_SCHEMA["max_top"]:
         raise ValueError(f"options.$top must be 1..{GRAPH_SCHEMA['max_top']}, got {top!r}")
-    if options.get("resultFormat", "objectArray") != "objectArray":
-        raise ValueError("the fake answers resultFormat objectArray only")
+    formats = GRAPH_SCHEMA["result_formats"]
+    if options.get("resultFormat", "objectArray") not in formats:
+        raise ValueError(f"options.resultFormat must be one of {formats}, got "
+                         f"{options['resultFormat']!r}")
     return body
+
+
+def _table_columns(query: GraphQuery, options: dict) -> tuple[str, ...] | None:
+    """The columns of an answer asked for in resultFormat "table"; None for one of objects."""
+    if options.get("resultFormat") != "table":
+        return None
+    return tuple(name for name, _ in query.columns)
+
+
+def graph_table(rows: list, columns: tuple[str, ...]) -> dict:
+    """Rows (objects, as resultFormat "objectArray" has them) in resultFormat "table" (the REST
+    reference's Table: `columns` [{name, type}] once, `rows` as arrays of cells in the columns'
+    order). A row that is no object (as a fault makes it) stays what it is. Column types are the
+    fake's choice: "string" for the documented string columns, "object" for the rest."""
+    strings = {"id", "name", "type", "location"}
+    return {"columns": [{"name": c, "type": "string" if c in strings else "object"}
+                        for c in columns],
+            "rows": [[row.get(c) for c in columns] if isinstance(row, dict) else row
+                     for row in rows]}
 
 
 # === What Azure documents, and refuses ===
@@ -1675,10 +1701,12 @@ class FakeArm:
         return fault
 
     def _mutate(self, fault: Fault | None, reply: _Reply, document: dict | None = None, key: str = "value",
-                **links: str) -> _Reply:
+                table: tuple[str, ...] | None = None, **links: str) -> _Reply:
         """The answer: `document` (the page, when there is one) as `reply`'s body, changed by `fault`.
-        `links`: for link faults, `here` (this page's path and query) and `first` (the first page's);
-        for "repeat_token", `repeat_token`."""
+        `table`: a Graph answer's columns when it was asked for in resultFormat "table" (its `data`
+        becomes a Table once the fault has changed its rows). `links`: for link faults, `here` (this
+        page's path and query) and `first` (the first page's); for "repeat_token",
+        `repeat_token`."""
         kind = fault.kind if fault is not None else None
         headers = reply.headers
         if document is not None:
@@ -1707,6 +1735,8 @@ class FakeArm:
             elif kind == "quota_not_digits":
                 # "¹" is str.isdigit() and not int(): superscript one, not an ASCII digit
                 headers = tuple((n, "¹" if n == "x-ms-user-quota-remaining" else v) for n, v in headers)
+            if table is not None:
+                document[key] = graph_table(document[key], table)
             reply = reply._replace(body=json.dumps(document).encode())
         return reply._replace(headers=headers, trickle=fault.delay if kind == "trickle" else None)
 
@@ -1916,6 +1946,7 @@ class FakeArm:
         if more and pageable:
             document["$skipToken"] = _write_graph_token(query_key, offset + top)
         return self._mutate(fault, _Reply(200, b"", quota_headers), document, "data",
+                            _table_columns(query, options),
                             repeat_token=_write_graph_token(query_key, top))
 
     def _graph_quota(self) -> tuple[bool, tuple]:

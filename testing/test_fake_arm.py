@@ -386,6 +386,30 @@ class TestResourceGraph:
         assert (rest["totalRecords"], rest["count"]) == (6, 2) and "$skipToken" not in rest
         assert [r["name"] for r in rest["data"]] == ["vm-0002", "vm-0001"]   # rg-a before rg-b in the id
 
+    def test_a_table_names_the_columns_once_and_holds_the_same_rows(self, fake):
+        """resultFormat "table" (the REST reference's Table): the projection's columns in its order,
+        each row an array of cells in that order; the same rows, pages and counts as
+        "objectArray"."""
+        body = {"subscriptions": [SUB], "query": self.SORTED, "options": {"$top": 4}}
+        _, objects, _ = graph_post(fake, body)
+        body["options"]["resultFormat"] = "table"
+        status, table, _ = graph_post(fake, body)
+
+        def counts(page):
+            return {k: v for k, v in page.items() if k not in ("data", "$skipToken")}
+        assert status == 200 and counts(table) == counts(objects)
+        assert table["data"]["columns"] == [{"name": "id", "type": "string"},
+                                            {"name": "name", "type": "string"},
+                                            {"name": "powerState", "type": "object"}]
+        rows = [[r["id"], r["name"], r["powerState"]] for r in objects["data"]]
+        assert table["data"]["rows"] == rows
+        body["options"]["$skipToken"] = table["$skipToken"]
+        _, rest, _ = graph_post(fake, body)
+        assert [row[1] for row in rest["data"]["rows"]] == ["vm-0002", "vm-0001"]
+        body["options"]["resultFormat"] = "csv"
+        status, error, _ = graph_post(fake, body)
+        assert status == 400 and error["error"]["details"][0]["code"] == "InvalidQuery"
+
     def test_unsorted_paging_loses_and_repeats_rows_sorted_paging_does_not(self, sdk_env):
         """"Without sorting, results are random and not repeatable" ("Guidance for pagination"): each page
         of an unsorted query is cut from a new order, so 3 pages of 1,000 out of 3,000 rows miss some and

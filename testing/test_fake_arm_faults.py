@@ -44,8 +44,9 @@ def bearer(fake) -> dict:
     return {"Authorization": f"Bearer {fake.token}"}
 
 
-def graph(fake, top=100, token=None, query=QUERY):
-    options = {"$top": top, **({"$skipToken": token} if token else {})}
+def graph(fake, top=100, token=None, query=QUERY, result_format="objectArray"):
+    options = {"$top": top, "resultFormat": result_format,
+               **({"$skipToken": token} if token else {})}
     return graph_post(fake, {"subscriptions": [SUB], "query": query, "options": options})
 
 
@@ -103,6 +104,20 @@ class TestGraphFaults:
         assert page["totalRecords"] == (0 if kind == "empty" else 6)
         _, clean, _ = graph(fake)
         assert all(isinstance(row, dict) and "id" in row for row in clean["data"])
+
+    @pytest.mark.parametrize("kind, check", [
+        ("item_without_id", lambda rows: rows[0][0] is None and rows[0][1] == "fvmss-00_0"),
+        ("null_item", lambda rows: rows[0] is None and len(rows) == 6),
+        ("string_items", lambda rows: rows == ["a"]),
+    ])
+    def test_malformed_rows_of_a_table(self, fake, kind, check):
+        """In resultFormat "table" the fault changes the rows before they become arrays: a row
+        without an id has a null id cell."""
+        fake.add_fault(kind, endpoint="graph")
+        status, page, _ = graph(fake, result_format="table")
+        rows = page["data"]["rows"]
+        assert status == 200 and check(rows) and page["count"] == len(rows)
+        assert [c["name"] for c in page["data"]["columns"]] == ["id", "name", "type"]
 
     def test_a_quota_header_that_is_not_ascii_digits(self, fake):
         fake.add_fault("quota_not_digits", endpoint="graph")

@@ -1,12 +1,14 @@
 """Azure Resource Graph as the discovery source: the real SDK pipeline against the HTTPS fake, which answers
 POST /providers/Microsoft.ResourceGraph/resources in the documented shape, checks the query's tables, types
 and columns against what Microsoft documents (resource_graph_schema.json) and keeps the per-user quota."""
+import dataclasses
 import time
 
 import pytest
 
 import haproxy_azure_discovery as m
-from fake_arm import GRAPH_SCHEMA, make_estate, parse_graph_query
+from fake_arm import GRAPH_SCHEMA, evaluate_graph_query, graph_table, make_estate, parse_graph_query
+from test_haproxy_azure_discovery import make_config
 
 SUB = "00000000-0000-0000-0000-000000000001"
 SUB2 = "00000000-0000-0000-0000-000000000002"
@@ -164,3 +166,214 @@ def test_the_daemon_hooks_reach_resource_graph_pages(arm, arm_config):
     with pytest.raises(m.Aborted):
         source.discover()
     assert arm.counts["graph"] == 1
+
+
+# --- rows shaped page by page -------------------------------------------------------------
+# The query and the shaping as they were before rows were shaped page by page, type by type: one
+# shape for every type, every row held until the last page came. The reference the program's
+# shaping must agree with.
+FORMER_GRAPH_QUERY = """\
+{table}
+| where type in~ ({types})
+| project id, name, type, location, tags,
+    powerState = properties.extended.instanceView.powerState.code,
+    provisioningState = properties.provisioningState,
+    capacity = sku.capacity,
+    networkInterfaces = properties.networkProfile.networkInterfaces,
+    virtualMachineScaleSet = properties.virtualMachineScaleSet.id,
+    orchestrationMode = properties.orchestrationMode,
+    virtualMachine = properties.virtualMachine.id,
+    primary = properties.primary,
+    ipConfigurations = properties.ipConfigurations,
+    ipAddress = properties.ipAddress
+| order by id asc"""
+
+
+def former_arm_shape(row):
+    props = {}
+    for column, key in (("networkInterfaces", "networkProfile"),
+                        ("virtualMachineScaleSet", "virtualMachineScaleSet"),
+                        ("virtualMachine", "virtualMachine")):
+        if row.get(column):
+            props[key] = ({"networkInterfaces": row[column]} if column == "networkInterfaces"
+                          else {"id": row[column]})
+    for column in ("orchestrationMode", "primary", "ipConfigurations", "ipAddress",
+                   "provisioningState"):
+        if row.get(column) is not None:
+            props[column] = row[column]
+    statuses = [{"code": row["powerState"]}] if row.get("powerState") else []
+    if str(row.get("provisioningState") or "").lower() == "deleting":
+        statuses.append({"code": "ProvisioningState/deleting"})
+    if statuses:
+        props["instanceView"] = {"statuses": statuses}
+    shaped = {"id": row.get("id"), "name": row.get("name"), "location": row.get("location"),
+              "tags": row.get("tags"), "properties": props}
+    if row.get("capacity") is not None:
+        shaped["sku"] = {"capacity": row["capacity"]}
+    return shaped
+
+
+def former_listing(estate, table):
+    """AzureListing of one table as the former query and shaping gave it."""
+    types = ", ".join(f"'{t}'" for t in m.GRAPH_TABLES[table])
+    query = parse_graph_query(FORMER_GRAPH_QUERY.replace("{table}", table)
+                              .replace("{types}", types))
+    listing = m.AzureListing()
+    into = {"microsoft.compute/virtualmachines": listing.vms,
+            "microsoft.compute/virtualmachinescalesets": listing.scale_sets,
+            "microsoft.network/networkinterfaces": listing.nics,
+            "microsoft.network/publicipaddresses": listing.public_ips}
+    into.update(zip(m.GRAPH_TABLES["ComputeResources"],
+                    (listing.set_instances, listing.nics, listing.public_ips)))
+    for row in evaluate_graph_query(estate, query, {SUB, SUB2}, None):
+        into[row["type"]].append(former_arm_shape(row))
+    return listing
+
+
+def paged_listing(estate, table, page_size):
+    """AzureListing of one table as the program shapes it from pages of `page_size` rows in table
+    format; and the GraphListing."""
+    query = parse_graph_query(m.graph_query(table, ()))
+    columns = tuple(name for name, _ in query.columns)
+    rows = evaluate_graph_query(estate, query, {SUB, SUB2}, None)
+    shaped = m.GraphListing()
+    for start in range(0, len(rows), page_size):
+        shaped.add_table(graph_table(rows[start:start + page_size], columns))
+    return shaped.listing, shaped, len(rows)
+
+
+def joined(resources, compute, cfg):
+    """_query_graph's merge of the two tables, then the join and the checks."""
+    listing = dataclasses.replace(resources, nics=resources.nics + compute.nics,
+                                  public_ips=resources.public_ips + compute.public_ips)
+    tagged = {m._id(s.get("id")) for s in m.scale_sets_to_list(listing.scale_sets, cfg)}
+    listing.set_instances = [i for i in compute.set_instances
+                             if m._scale_set_of(m._id(i.get("id"))) in tagged]
+    instances = m.instances_from_azure(listing, cfg.azure, [])
+    return sorted(instances), m.impossible(listing, instances, cfg, graph=True)
+
+
+def shaping_estates():
+    """The odd estate above; one with scale sets of every kind, machines being deleted (their own
+    provisioning state, and a scale set's), a VM whose NIC is gone and a NIC's second address."""
+    odd = two_subscriptions_odd_nics_estate()
+    deleting = {"provisioning_state": "Deleting"}
+    varied = make_estate(vms=40, uniform_sets=3, flexible_sets=2, per_set=4,
+                         resource_groups=("rg-a", "rg-b"), ipv6_base="fd00::100",
+                         public_ip_base="20.1.0.4", not_running=0.2, seed=11,
+                         overrides={"vm-0004": deleting, "uvmss-01_2": deleting,
+                                    "fvmss-00_1": {**deleting, "power_state": "stopped"},
+                                    "vm-0007": {"has_nic": False},
+                                    "vm-0009": {"second_nic_ip": "10.8.0.9"}})
+    return {"odd": odd, "varied": varied}
+
+
+def test_every_type_queried_has_a_shape():
+    assert set(m.GRAPH_KINDS) == {t for types in m.GRAPH_TABLES.values() for t in types}
+
+
+def read_by_the_join(listing):
+    """The listing with each NIC's IP configurations cut to what the join reads of them."""
+    def config(c):
+        return {"properties": {key: c["properties"].get(key) for key in (
+            "primary", "privateIPAddress", "privateIPAddressVersion", "publicIPAddress")}}
+    nics = [{**nic, "properties": {**nic["properties"], "ipConfigurations": [
+        config(c) for c in nic["properties"]["ipConfigurations"]]}} for nic in listing.nics]
+    return dataclasses.replace(listing, nics=nics)
+
+
+@pytest.mark.parametrize("estate_name", ["odd", "varied"])
+@pytest.mark.parametrize("page_size", [1, 7, 1000])
+def test_rows_shaped_page_by_page_take_the_shapes_of_the_former_shaping(estate_name, page_size):
+    """The same items as before, each NIC's IP configurations cut to what the join reads."""
+    estate = shaping_estates()[estate_name]
+    for table in m.GRAPH_TABLES:
+        listing, shaped, rows = paged_listing(estate, table, page_size)
+        assert listing == read_by_the_join(former_listing(estate, table))
+        # ... NICs of two configurations among them (IPv4 and IPv6)
+        assert any(len(nic["properties"]["ipConfigurations"]) > 1 for nic in listing.nics)
+        assert shaped.rows == rows and len(shaped.ids) == rows
+
+
+@pytest.mark.parametrize("configs", [["a string"], [{"properties": "a string"}], [None]])
+def test_an_ip_configuration_not_shaped_as_documented_still_fails_the_join(configs):
+    """Cut to what the join reads, an IP configuration that is no object (or whose properties are
+    none) stays as it came: the join refuses it as it did."""
+    vid = f"/subscriptions/{SUB}/resourceGroups/rg/providers/Microsoft.Compute/virtualMachines/vm1"
+    rows = [{"id": vid, "name": "vm1", "type": "microsoft.compute/virtualmachines",
+             "powerState": "PowerState/running"},
+            {"id": vid + "-nic", "type": "microsoft.network/networkinterfaces",
+             "virtualMachine": vid,
+             "ipConfigurations": [*configs, {"properties": {"primary": True,
+                                                            "privateIPAddress": "10.0.0.4"}}]}]
+    listing = m.listing_from_graph(rows)
+    assert listing.nics[0]["properties"]["ipConfigurations"][0] == configs[0]
+    with pytest.raises((AttributeError, TypeError)):
+        m.instances_from_azure(listing, make_config().azure)
+
+
+@pytest.mark.parametrize("estate_name", ["odd", "varied"])
+@pytest.mark.parametrize("address, ip_version",
+                         [("private", "ipv4"), ("public", "ipv4"), ("private", "ipv6")])
+def test_rows_shaped_page_by_page_join_into_the_former_instances(estate_name, address, ip_version):
+    estate = shaping_estates()[estate_name]
+    cfg = make_config(azure={"address": address, "ip_version": ip_version})
+    former = joined(former_listing(estate, "Resources"), former_listing(estate, "ComputeResources"),
+                    cfg)
+    for page_size in (1, 7, 1000):
+        now = joined(paged_listing(estate, "Resources", page_size)[0],
+                     paged_listing(estate, "ComputeResources", page_size)[0], cfg)
+        assert now == former
+    instances = former[0]
+    assert {i.kind for i in instances} == {"vm", "flexible", "uniform"} and former[1] is None
+    assert None in {i.address for i in instances}                       # a VM whose NIC is gone
+    assert ("deleting" in {i.power_state for i in instances}) == (estate_name == "varied")
+
+
+def test_a_bad_row_fails_the_discovery_on_its_own_page(arm, arm_config):
+    """Pages are shaped as they come: a row without an id on page 2 ends the query there, counted
+    among all the query's rows."""
+    arm.estate = make_estate(vms=1300)                     # 2,600 rows: three pages
+    arm.add_fault("item_without_id", endpoint="graph", page=2)
+    with pytest.raises(m.AzureError, match=r"Resource Graph row 1001 has no id or no type"):
+        m.AzureSource(arm_config(azure={"source": "resource_graph"})).discover()
+    assert arm.counts["graph"] == 2
+
+
+def test_a_table_row_has_the_columns_the_query_projects():
+    for table in m.GRAPH_TABLES:
+        for public in (True, False):
+            query = parse_graph_query(m.graph_query(table, ("rg-a",), public))
+            assert tuple(name for name, _ in query.columns) == m.GraphRow._fields
+
+
+def test_table_columns_are_read_by_name():
+    """Cells are taken by their column's name: another order, a column more or one less (null) read
+    the same."""
+    estate = shaping_estates()["varied"]
+    query = parse_graph_query(m.graph_query("Resources", ()))
+    columns = tuple(name for name, _ in query.columns)
+    rows = evaluate_graph_query(estate, query, {SUB, SUB2}, None)
+    shuffled = tuple(reversed(columns)) + ("zones",)
+    shaped = m.GraphListing()
+    shaped.add_table(graph_table([{**row, "zones": ["1"]} for row in rows], shuffled))
+    assert shaped.listing == paged_listing(estate, "Resources", 1000)[0]
+    without, null = m.GraphListing(), m.GraphListing()
+    without.add_table(graph_table(rows, tuple(c for c in columns if c != "ipAddress")))
+    null.add_table(graph_table([{**row, "ipAddress": None} for row in rows], columns))
+    assert without.listing == null.listing and without.listing.public_ips
+
+
+@pytest.mark.parametrize("data, error", [
+    ([{"id": "x", "type": "y"}], r'malformed page 1 \(no "data" table\)'),
+    ({"columns": [{"name": "id"}]}, r'malformed page 1 \(no "data" table\)'),
+    ({"columns": [{"name": "id"}, {"name": "type"}], "rows": [["a", "b"], ["c"]]},
+     r"malformed page 1 \(item 2 is a row of 1 cells, not a row of 2 cells\)"),
+    ({"columns": [{"name": "id"}, {"name": "type"}], "rows": [{"id": "a", "type": "b"}]},
+     r"malformed page 1 \(item 1 is an object, not a row of 2 cells\)"),
+    ({"columns": [{"name": "id"}, {"name": "type"}], "rows": [["a", None]]},
+     r"Resource Graph row 1 has no id or no type"),
+])
+def test_a_page_that_is_no_table_fails(data, error):
+    with pytest.raises(m.AzureError, match=error):
+        m.GraphListing("Resource Graph query of Resources").add_table(data)
