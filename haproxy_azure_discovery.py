@@ -3321,7 +3321,7 @@ GRAPH_KINDS = {
 class GraphListing:
     """Resource Graph rows shaped as they come, page by page, into an AzureListing (the Resource
     Manager shapes the join reads), so that a page's rows can go before the next page comes. Counts
-    the rows and their lower-cased ids, for the paging checks of AzureSource._graph_listing."""
+    the rows and their lower-cased ids, for the paging checks of _graph_listing."""
 
     def __init__(self, what: str = "Resource Graph query") -> None:
         self.what = what
@@ -3496,6 +3496,61 @@ def without_health(instances: Iterable[Instance], cfg: Config) -> dict[str, int]
     return bare
 
 
+def query_graph(pager: "_ArmPager", cfg: Config) -> AzureListing:
+    """Resource Graph: Resources, then ComputeResources when a Uniform scale set is tagged."""
+    listing = _graph_listing(pager, cfg, "Resources")
+    tagged = {_id(s.get("id")) for s in scale_sets_to_list(listing.scale_sets, cfg)}
+    # as the listings do: instances of Uniform sets whose tags can make them match
+    if tagged:
+        uniform = _graph_listing(pager, cfg, "ComputeResources")
+        listing.set_instances = [i for i in uniform.set_instances
+                                 if _scale_set_of(_id(i.get("id"))) in tagged]
+        listing.nics += uniform.nics
+        listing.public_ips += uniform.public_ips
+    return listing
+
+def _graph_listing(pager: "_ArmPager", cfg: Config, table: str) -> AzureListing:
+    """Every row of one Resource Graph query, page by page ($skipToken), each page shaped as it
+    comes (GraphListing)."""
+    url = (f"{pager.base}/providers/Microsoft.ResourceGraph/resources"
+           f"?api-version={GRAPH_API}")
+    query = graph_query(table, cfg.azure.resource_groups, cfg.azure.address == "public")
+    what, seen = f"Resource Graph query of {table}", set()
+
+    def next_request(page: Mapping | None) -> Any:
+        # A table names the columns once, not in every row: half the decoding of objects.
+        options: dict[str, Any] = {"$top": GRAPH_PAGE, "resultFormat": "table"}
+        if page is not None:
+            if not page.get("$skipToken"):
+                return None
+            options["$skipToken"] = pager.fresh_link(what, page["$skipToken"], seen,
+                                                          "$skipToken")
+        body = {"subscriptions": list(cfg.azure.subscriptions), "query": query,
+                "options": options}
+        return pager.request("POST", url, json=body)
+    totals: list[Any] = []
+    shaped = GraphListing(what)
+
+    def take(page: Mapping) -> None:
+        if str(page.get("resultTruncated")).lower() == "true":
+            # Rows past the limit are missing, and a missing instance would be drained.
+            raise AzureError(f"Resource Graph query of {table} failed: result truncated")
+        totals.append(page.get("totalRecords"))
+        shaped.add_table(page.get("data"))
+    pager.paged(what, next_request, "data", take)
+    # Paging is exact only when each page agrees on the total and the rows add up to it with
+    # no id twice (Microsoft: unsorted results are "random and not repeatable"; a change
+    # while paging gives duplicates or missing rows). A missing VM or NIC would be drained.
+    rows, ids = shaped.rows, shaped.ids
+    if len(set(map(str, totals))) != 1 or not _is_int(totals[0]) or totals[0] != rows \
+            or len(ids) != rows:
+        totals_seen = ", ".join(sorted(set(map(str, totals))))
+        raise AzureError(f"{what} failed: {rows} rows received ({rows - len(ids)} of them "
+                         f"twice), totalRecords {totals_seen}: the pages do not add up (the "
+                         "estate changed while it was paged?); nothing is applied this cycle")
+    return shaped.listing
+
+
 class AzureSource:
     """Lists VMs, scale sets, NICs and public IPs through the Azure SDK (azure.source "arm"),
     or asks Azure Resource Graph for them ("resource_graph"): requests grow with pages, never
@@ -3557,7 +3612,7 @@ class AzureSource:
 
     def _discover(self, pool: _Pool, skipped: list[Skip]) -> list[Instance]:
         graph = self.cfg.azure.source == "resource_graph"
-        listing = self._query_graph() if graph else AzureListing()
+        listing = query_graph(self.pager, self.cfg) if graph else AzureListing()
         denied = not graph and self._list_all(pool, listing)
         instances = self._join(listing, skipped)
         if denied:
@@ -3682,61 +3737,6 @@ class AzureSource:
         pool.wait(jobs, self._stop)
         states = {i.id: job.result() for i, job in zip(wanted, jobs)}
         return [i._replace(power_state=states[i.id]) if states.get(i.id) else i for i in instances]
-
-    def _query_graph(self) -> AzureListing:
-        """Resource Graph: Resources, then ComputeResources when a Uniform scale set is tagged."""
-        groups = self.cfg.azure.resource_groups
-        listing = self._graph_listing("Resources", groups)
-        tagged = {_id(s.get("id")) for s in scale_sets_to_list(listing.scale_sets, self.cfg)}
-        # as the listings do: instances of Uniform sets whose tags can make them match
-        if tagged:
-            uniform = self._graph_listing("ComputeResources", groups)
-            listing.set_instances = [i for i in uniform.set_instances
-                                     if _scale_set_of(_id(i.get("id"))) in tagged]
-            listing.nics += uniform.nics
-            listing.public_ips += uniform.public_ips
-        return listing
-
-    def _graph_listing(self, table: str, groups: Sequence[str]) -> AzureListing:
-        """Every row of one Resource Graph query, page by page ($skipToken), each page shaped as it
-        comes (GraphListing)."""
-        url = (f"{self.pager.base}/providers/Microsoft.ResourceGraph/resources"
-               f"?api-version={GRAPH_API}")
-        query = graph_query(table, groups, self.cfg.azure.address == "public")
-        what, seen = f"Resource Graph query of {table}", set()
-
-        def next_request(page: Mapping | None) -> Any:
-            # A table names the columns once, not in every row: half the decoding of objects.
-            options: dict[str, Any] = {"$top": GRAPH_PAGE, "resultFormat": "table"}
-            if page is not None:
-                if not page.get("$skipToken"):
-                    return None
-                options["$skipToken"] = self.pager.fresh_link(what, page["$skipToken"], seen,
-                                                              "$skipToken")
-            body = {"subscriptions": list(self.cfg.azure.subscriptions), "query": query,
-                    "options": options}
-            return self.pager.request("POST", url, json=body)
-        totals: list[Any] = []
-        shaped = GraphListing(what)
-
-        def take(page: Mapping) -> None:
-            if str(page.get("resultTruncated")).lower() == "true":
-                # Rows past the limit are missing, and a missing instance would be drained.
-                raise AzureError(f"Resource Graph query of {table} failed: result truncated")
-            totals.append(page.get("totalRecords"))
-            shaped.add_table(page.get("data"))
-        self.pager.paged(what, next_request, "data", take)
-        # Paging is exact only when each page agrees on the total and the rows add up to it with
-        # no id twice (Microsoft: unsorted results are "random and not repeatable"; a change
-        # while paging gives duplicates or missing rows). A missing VM or NIC would be drained.
-        rows, ids = shaped.rows, shaped.ids
-        if len(set(map(str, totals))) != 1 or not _is_int(totals[0]) or totals[0] != rows \
-                or len(ids) != rows:
-            totals_seen = ", ".join(sorted(set(map(str, totals))))
-            raise AzureError(f"{what} failed: {rows} rows received ({rows - len(ids)} of them "
-                             f"twice), totalRecords {totals_seen}: the pages do not add up (the "
-                             "estate changed while it was paged?); nothing is applied this cycle")
-        return shaped.listing
 
     def _pages(self, kind: str, sub: str, rg: str | None, scale_set: str = "") -> list[Mapping]:
         """Every item of one Resource Manager listing, following nextLink."""

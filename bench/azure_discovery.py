@@ -162,7 +162,7 @@ def child_ours(source_kind: str = "arm") -> dict:
     if source_kind == "arm":                            # the same listing once more, for the join alone
         listing = arm_listing(m, source, cfg)
     else:
-        listing = source._query_graph()
+        listing = m.query_graph(source.pager, source.cfg)
     joins = [join_cpu(m, listing, cfg) for _ in range(3)]
     return dict(requests=found.requests, served=by_endpoint, wall_s=wall, cpu_s=cpu, join_cpu_s=min(joins),
                 rss_mb=rss, own_rss_mb=own_rss, rss_idle_mb=rss_idle, instances=len(found.instances),

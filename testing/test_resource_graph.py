@@ -243,7 +243,7 @@ def paged_listing(estate, table, page_size):
 
 
 def joined(resources, compute, cfg):
-    """_query_graph's merge of the two tables, then the join and the checks."""
+    """query_graph's merge of the two tables, then the join and the checks."""
     listing = dataclasses.replace(resources, nics=resources.nics + compute.nics,
                                   public_ips=resources.public_ips + compute.public_ips)
     tagged = {m._id(s.get("id")) for s in m.scale_sets_to_list(listing.scale_sets, cfg)}
