@@ -171,9 +171,9 @@ class _Stages:
         self.marks: list[dict] = []
         self.fetch_s = self.decode_s = 0.0
         self.t0 = time.perf_counter()
-        listing_of, fetch = source._graph_listing, source.pager.fetch
-        source._graph_listing = lambda table, groups: self.staged(
-            listing_of, f"query of {table}")(table, groups)
+        listing_of, fetch = m._graph_listing, source.pager.fetch
+        m._graph_listing = lambda pager, cfg, table: self.staged(
+            listing_of, f"query of {table}")(pager, cfg, table)
         for name, label in (("instances_from_azure", "join"), ("impossible", "checks")):
             setattr(m, name, self.staged(getattr(m, name), label))
 
