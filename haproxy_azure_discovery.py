@@ -2981,13 +2981,23 @@ def _graph_vm(row: GraphRow) -> dict:
         props["networkProfile"] = {"networkInterfaces": row.networkInterfaces}
     if row.virtualMachineScaleSet:
         props["virtualMachineScaleSet"] = {"id": row.virtualMachineScaleSet}
-    statuses = [{"code": row.powerState}] if row.powerState else []
-    if str(row.provisioningState or "").lower() == "deleting":
-        statuses.append({"code": "ProvisioningState/deleting"})     # as an instance view says it
-    if statuses:
-        props["instanceView"] = {"statuses": statuses}
+    code = row.powerState if isinstance(row.powerState, str) else None    # the join reads no other
+    deleting = str(row.provisioningState or "").lower() == "deleting"
+    if code or deleting:
+        props["instanceView"] = _graph_instance_view(code, deleting)
     return {"id": row.id, "name": row.name, "location": row.location, "tags": row.tags,
             "properties": props}
+
+
+@functools.lru_cache(maxsize=64)
+def _graph_instance_view(code: str | None, deleting: bool) -> dict:
+    """The instance view of a VM in this power state, being deleted or not: its statuses, as Azure's
+    instance views say them. One for every VM in the same state, which the join only reads: a
+    handful of states, where a view of its own for each VM would be 50 MB at 100,000 instances."""
+    statuses = [{"code": code}] if code else []
+    if deleting:
+        statuses.append({"code": "ProvisioningState/deleting"})
+    return {"statuses": statuses}
 
 
 def _graph_nic(row: GraphRow) -> dict:
