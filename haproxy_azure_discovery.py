@@ -2981,7 +2981,7 @@ def _graph_vm(row: GraphRow) -> dict:
         props["networkProfile"] = {"networkInterfaces": row.networkInterfaces}
     if row.virtualMachineScaleSet:
         props["virtualMachineScaleSet"] = {"id": row.virtualMachineScaleSet}
-    code = row.powerState if isinstance(row.powerState, str) else None    # the join reads no other
+    code = row.powerState if isinstance(row.powerState, str) else None   # power_state reads these
     deleting = str(row.provisioningState or "").lower() == "deleting"
     if code or deleting:
         props["instanceView"] = _graph_instance_view(code, deleting)
