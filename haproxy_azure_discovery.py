@@ -3244,37 +3244,51 @@ def listing_from_graph(rows: Iterable[Mapping]) -> AzureListing:
     return shaped.listing
 
 
+# Each shape holds what the join (instances_from_azure) and the checks (impossible) read of an
+# item, and no more: the shaped listing is alive, all of it, while the join runs, and at the largest
+# estates it holds two hundred thousand items. A join that reads more must find it here.
 def _graph_vm(row: GraphRow) -> dict:
-    """A VM's or a Uniform instance's row as the join reads it: its power state, and a deletion
-    under way, as its instance view's statuses."""
-    props: dict[str, Any] = {"provisioningState": row.provisioningState}
+    """A VM or a Uniform instance: its scale set, whether it references NICs, and its power state
+    (and a deletion under way) as its instance view's statuses."""
+    props: dict[str, Any] = {}
     if row.networkInterfaces:
         props["networkProfile"] = {"networkInterfaces": row.networkInterfaces}
     if row.virtualMachineScaleSet:
         props["virtualMachineScaleSet"] = {"id": row.virtualMachineScaleSet}
-    statuses = [{"code": row.powerState}] if row.powerState else []
-    if str(row.provisioningState or "").lower() == "deleting":
-        statuses.append({"code": "ProvisioningState/deleting"})     # as an instance view says it
-    if statuses:
-        props["instanceView"] = {"statuses": statuses}
-    return _graph_item(row, props)
+    code = row.powerState if isinstance(row.powerState, str) else None   # power_state reads these
+    deleting = str(row.provisioningState or "").lower() == "deleting"
+    if code or deleting:
+        props["instanceView"] = _graph_instance_view(code, deleting)
+    return {"id": row.id, "name": row.name, "location": row.location, "tags": row.tags,
+            "properties": props}
+
+
+@functools.lru_cache(maxsize=64)
+def _graph_instance_view(code: str | None, deleting: bool) -> dict:
+    """The instance view of a VM in this power state, being deleted or not: its statuses, as Azure's
+    instance views say them. One for every VM in the same state, which the join only reads: a
+    handful of states, where a view of its own for each VM would be 50 MB at 100,000 instances."""
+    statuses = [{"code": code}] if code else []
+    if deleting:
+        statuses.append({"code": "ProvisioningState/deleting"})
+    return {"statuses": statuses}
 
 
 def _graph_nic(row: GraphRow) -> dict:
+    """A NIC: its VM, whether it is the VM's primary NIC, its IP configurations."""
     configs = row.ipConfigurations
     if isinstance(configs, list):
         configs = [_graph_ip_configuration(config) for config in configs]
-    props = {"primary": row.primary, "ipConfigurations": configs,
-             "provisioningState": row.provisioningState}
+    props = {"primary": row.primary, "ipConfigurations": configs}
     if row.virtualMachine:
         props["virtualMachine"] = {"id": row.virtualMachine}
-    return _graph_item(row, props)
+    return {"id": row.id, "properties": props}
 
 
 def _graph_ip_configuration(config: Any) -> Any:
-    """What the join reads of an IP configuration (nic_address): its id, name, subnet and the rest
-    are most of a NIC's memory, and the listing holds a hundred thousand NICs at the largest
-    estates. One not shaped as Azure documents it stays as it is, for the join to refuse."""
+    """An IP configuration: whether it is primary, its private address and version, its public IP
+    (their ids, names, subnets and the rest were most of a NIC's memory). One not shaped as Azure
+    documents it stays as it is, for the join to refuse."""
     props = config.get("properties") if isinstance(config, dict) else None
     if not isinstance(props, dict):
         return config
@@ -3285,23 +3299,17 @@ def _graph_ip_configuration(config: Any) -> Any:
 
 
 def _graph_scale_set(row: GraphRow) -> dict:
-    item = _graph_item(row, {"orchestrationMode": row.orchestrationMode,
-                             "provisioningState": row.provisioningState})
+    """A scale set: its name and tags, its orchestration mode and capacity."""
+    item = {"id": row.id, "name": row.name, "tags": row.tags,
+            "properties": {"orchestrationMode": row.orchestrationMode}}
     if row.capacity is not None:
         item["sku"] = {"capacity": row.capacity}
     return item
 
 
 def _graph_public_ip(row: GraphRow) -> dict:
-    return _graph_item(row, {"ipAddress": row.ipAddress,
-                             "provisioningState": row.provisioningState})
-
-
-def _graph_item(row: GraphRow, props: dict[str, Any]) -> dict:
-    """A row as a Resource Manager item, with these properties (a null column is a null property,
-    which the join reads as one Azure leaves out)."""
-    return {"id": row.id, "name": row.name, "location": row.location, "tags": row.tags,
-            "properties": props}
+    """A public IP: its address."""
+    return {"id": row.id, "properties": {"ipAddress": row.ipAddress}}
 
 
 # Each type of GRAPH_TABLES: the list of AzureListing its rows go in, and their shape.
