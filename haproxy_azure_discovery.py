@@ -434,7 +434,7 @@ class Instance(typing.NamedTuple):
     dataclasses around it, but a named tuple, as Member: the join builds one per instance
     every cycle, and a frozen dataclass's __init__ costs a call per field (bench/RESULTS.md)."""
     id: str                      # lower-cased ARM resource id: the identity
-    name: str                    # for people: printable (instances_from_azure escapes it)
+    name: str                    # for people: printable (the join escapes it)
     region: str
     tags: Mapping[str, str]
     address: str | None          # chosen per azure.address / azure.ip_version; None = none found
@@ -2862,7 +2862,8 @@ def _azure_sdk() -> tuple[Any, Any, Any, Any]:
 
 @dataclass
 class AzureListing:
-    """Everything one discovery listed, as Resource Manager JSON (REST shapes)."""
+    """Everything the listings (azure.source "arm") gave, as Resource Manager JSON (REST shapes);
+    inventory_of reads it into an Inventory."""
     vms: list[Mapping] = field(default_factory=list)          # standalone and Flexible members
     statuses: list[Mapping] = field(default_factory=list)     # VMs with an instance view
     nics: list[Mapping] = field(default_factory=list)         # every NIC, Uniform sets' included
@@ -2871,17 +2872,58 @@ class AzureListing:
     set_instances: list[Mapping] = field(default_factory=list)  # Uniform scale-set instances
 
 
+# What the join reads of each VM, NIC and IP configuration, whichever source listed it: the
+# listings' REST items (inventory_of) and Resource Graph's rows (GraphListing) are read into these
+# records once, and the join's rules are stated once, over them. Fields are as Azure gave them
+# (the join checks them) unless a comment says otherwise. Records, not the REST objects: at the
+# largest estates the join holds two hundred thousand of them, and a tuple is a fraction of the
+# nested objects' memory and of their cost to build and read.
+class ListedVm(typing.NamedTuple):
+    """A VM or a scale-set instance."""
+    id: Any
+    name: Any
+    location: Any
+    tags: Any
+    scale_set: Any              # a Flexible member's scale set id (a Uniform one's is in its id)
+    instance_id: Any            # a Uniform instance's number
+    power: str | None           # power_state of its instance view; None without one
+    health: str | None          # vm_health of its instance view
+    has_nics: bool              # it references network interfaces (impossible's check)
+
+
+class ListedNic(typing.NamedTuple):
+    id: Any
+    vm: Any                     # its VM's id
+    primary: Any
+    configs: list["IpConfiguration"]
+
+
+class IpConfiguration(typing.NamedTuple):
+    primary: Any
+    private: Any                # privateIPAddress
+    version: Any                # privateIPAddressVersion
+    public: str                 # its public IP's lower-cased id; "" without one
+
+
+@dataclass
+class Inventory:
+    """Everything one discovery listed, as the join reads it (ListedVm, ListedNic); scale sets as
+    Resource Manager JSON, public IPs as (id, address) pairs; the status-only list's power states
+    by lower-cased id."""
+    vms: list[ListedVm] = field(default_factory=list)
+    set_instances: list[ListedVm] = field(default_factory=list)
+    nics: list[ListedNic] = field(default_factory=list)
+    public_ips: list[tuple[Any, Any]] = field(default_factory=list)
+    scale_sets: list[Mapping] = field(default_factory=list)
+    powers: dict[str, str] = field(default_factory=dict)
+
+
 def _id(value: Any) -> str:
     return value.lower() if isinstance(value, str) else ""
 
 
 def _props(raw: Mapping) -> Mapping:
     return raw.get("properties") or {}
-
-
-def _ref(raw: Mapping, key: str) -> str:
-    """The lower-cased id of a sub-resource reference under properties."""
-    return _id((_props(raw).get(key) or {}).get("id"))
 
 
 def power_state(view: Mapping | None) -> str | None:
@@ -2926,30 +2968,26 @@ def _status_code(code: str) -> tuple[str | None, bool]:
     return None, code.lower() == "provisioningstate/deleting"
 
 
-def _primary(items: Sequence[Mapping]) -> Mapping | None:
+def _primary(items: Sequence[ListedNic] | Sequence[IpConfiguration]) -> Any:
     """The one marked primary, or the only one (Azure omits `primary` for a single item)."""
     if len(items) == 1:
         return items[0]
-    marked = [i for i in items if _props(i).get("primary")]
+    marked = [i for i in items if i.primary]
     return marked[0] if len(marked) == 1 else None
 
 
-def nic_address(nic: Mapping, public_ips: Mapping[str, Mapping], cfg: AzureConfig) -> str | None:
+def nic_address(nic: ListedNic, public_ips: Mapping[str, Any], cfg: AzureConfig) -> str | None:
     """The address to serve on: the primary IP configuration for IPv4, the first IPv6
-    configuration for IPv6 (Azure requires the primary one to be IPv4)."""
-    configs = (nic.get("properties") or {}).get("ipConfigurations") or []
+    configuration for IPv6 (Azure requires the primary one to be IPv4); `public_ips` are
+    addresses by lower-cased id."""
     version = 6 if cfg.ip_version == "ipv6" else 4
     if version == 4:
-        chosen = _primary(configs)
+        chosen = _primary(nic.configs) if nic.configs else None
     else:
-        chosen = next((c for c in configs if _props(c).get("privateIPAddressVersion") == "IPv6"),
-                      None)
+        chosen = next((c for c in nic.configs if c.version == "IPv6"), None)
     if chosen is None:
         return None
-    if cfg.address == "private":
-        address = (chosen.get("properties") or {}).get("privateIPAddress")
-    else:
-        address = _props(public_ips.get(_ref(chosen, "publicIPAddress"), {})).get("ipAddress")
+    address = chosen.private if cfg.address == "private" else public_ips.get(chosen.public)
     return _valid_ip(address, version)
 
 
@@ -2975,20 +3013,15 @@ def _scale_set_of(instance_id: str) -> str:
     return instance_id.rsplit("/virtualmachines/", 1)[0]
 
 
-def _nics_by_vm(nics: Iterable[Mapping]) -> dict[str, list[Mapping]]:
-    """NICs by the lower-cased id of their virtualMachine; a NIC listed twice (ids compared
-    lower-cased) counts once, as first seen. (Here and in _power_states, _id and _props are
-    written out: over every NIC and every power state, their calls cost more than the work in
-    them; bench/RESULTS.md has the join's figures.)"""
-    by_vm: dict[str, list[Mapping]] = {}
+def _nics_by_vm(nics: Iterable[ListedNic]) -> dict[str, list[ListedNic]]:
+    """NICs by the lower-cased id of their VM; a NIC listed twice (ids compared lower-cased)
+    counts once, as first seen."""
+    by_vm: dict[str, list[ListedNic]] = {}
     seen: set[str] = set()
     for nic in nics:
-        nid = nic.get("id")
-        nid = nid.lower() if isinstance(nid, str) else ""                  # _id
-        if nid not in seen:
+        if (nid := _id(nic.id)) not in seen:
             seen.add(nid)
-            vid = ((nic.get("properties") or {}).get("virtualMachine") or {}).get("id")
-            by_vm.setdefault(vid.lower() if isinstance(vid, str) else "", []).append(nic)   # _ref
+            by_vm.setdefault(_id(nic.vm), []).append(nic)
     return by_vm
 
 
@@ -2996,75 +3029,120 @@ def _power_states(items: Iterable[Mapping]) -> dict[str, str]:
     """power_state by lower-cased id, for the items (the status-only VM list) that have one."""
     powers: dict[str, str] = {}
     for item in items:
-        if state := power_state((item.get("properties") or {}).get("instanceView")):   # _props
-            vid = item.get("id")
-            powers[vid.lower() if isinstance(vid, str) else ""] = state                 # _id
+        if state := power_state(_props(item).get("instanceView")):
+            powers[_id(item.get("id"))] = state
     return powers
+
+
+def inventory_of(listing: AzureListing) -> Inventory:
+    """The listings' REST items as the join reads them. AttributeError or TypeError for an item
+    not shaped as Azure documents it (an object that is none)."""
+    return Inventory(list(map(listed_vm, listing.vms)), list(map(listed_vm, listing.set_instances)),
+                     list(map(listed_nic, listing.nics)),
+                     [(p.get("id"), _props(p).get("ipAddress")) for p in listing.public_ips],
+                     listing.scale_sets, _power_states(listing.statuses))
+
+
+def listed_vm(raw: Mapping) -> ListedVm:
+    """A VM or scale-set instance of the listings."""
+    props = _props(raw)
+    view = props.get("instanceView")
+    return ListedVm(raw.get("id"), raw.get("name"), raw.get("location"), raw.get("tags"),
+                    (props.get("virtualMachineScaleSet") or {}).get("id"), raw.get("instanceId"),
+                    power_state(view), vm_health(view),
+                    bool((props.get("networkProfile") or {}).get("networkInterfaces")))
+
+
+def listed_nic(raw: Mapping) -> ListedNic:
+    """A network interface of the listings."""
+    props = _props(raw)
+    return ListedNic(raw.get("id"), (props.get("virtualMachine") or {}).get("id"),
+                     props.get("primary"), ip_configurations(props.get("ipConfigurations")))
+
+
+def ip_configurations(configs: Any) -> list[IpConfiguration]:
+    """A NIC's ipConfigurations (as both sources give them: Resource Graph's rows carry the
+    listings' objects). AttributeError or TypeError when they are not a list of objects."""
+    if not configs:
+        return []
+    if not isinstance(configs, list):
+        raise TypeError(f"ipConfigurations is {_json_kind(configs)}, not a list")
+    read = []
+    for config in configs:
+        props = _props(config)
+        public = props.get("publicIPAddress")
+        read.append(IpConfiguration(props.get("primary"), props.get("privateIPAddress"),
+                                    props.get("privateIPAddressVersion"),
+                                    _id(public.get("id")) if public else ""))
+    return read
 
 
 def instances_from_azure(listing: AzureListing, cfg: AzureConfig,
                          skipped: list[Skip] | None = None) -> list[Instance]:
-    """Join the listings into instances: NICs by their lower-cased virtualMachine id,
-    power states and scale sets by lower-cased id. An instance whose NIC or address
-    is missing still comes back (address None); a second sighting counts once. An item
-    whose tags are not an object cannot be judged: a Skip in `skipped`. AzureError for an
-    item without an id: it could be any instance, and leaving it out would drain it."""
-    join = _Join(listing, cfg)          # one pass per listing, then one lookup per instance
-    join.read(listing.vms, False, skipped)
-    join.read(listing.set_instances, True, skipped)
-    return list(join.instances.values())
+    """join, of the listings' REST items."""
+    return join(inventory_of(listing), cfg, skipped)
 
 
-def _without_id(raw: Mapping, uniform: bool) -> AzureError:
+def join(inventory: Inventory, cfg: AzureConfig,
+         skipped: list[Skip] | None = None) -> list[Instance]:
+    """Join what was listed into instances: NICs by their VM's lower-cased id, power states and
+    scale sets by lower-cased id. An instance whose NIC or address is missing still comes back
+    (address None); a second sighting counts once. An item whose tags are not an object cannot
+    be judged: a Skip in `skipped`. AzureError for an item without an id: it could be any
+    instance, and leaving it out would drain it."""
+    joined = _Join(inventory, cfg)          # one pass per listing, then one lookup per instance
+    joined.read(inventory.vms, False, skipped)
+    joined.read(inventory.set_instances, True, skipped)
+    return list(joined.instances.values())
+
+
+def _without_id(vm: ListedVm, uniform: bool) -> AzureError:
     return AzureError(
         f"the {'scale-set instance' if uniform else 'VM'} listing holds an item without "
-        f"an id (name {shorten(json.dumps(raw.get('name')), 80)}): its instance cannot "
+        f"an id (name {shorten(json.dumps(vm.name), 80)}): its instance cannot "
         "be told; nothing is applied this cycle")
 
 
 class _Join:
-    """The listings other than the instances', each read once and keyed by lower-cased id."""
+    """What was listed besides the instances, each read once and keyed by lower-cased id."""
 
-    def __init__(self, listing: AzureListing, cfg: AzureConfig):
+    def __init__(self, inventory: Inventory, cfg: AzureConfig):
         self.cfg = cfg
-        self.nics = _nics_by_vm(listing.nics)
-        self.public_ips = {_id(p.get("id")): p for p in listing.public_ips}
-        self.powers = _power_states(listing.statuses)
-        self.sets = {_id(s.get("id")): s for s in listing.scale_sets}
+        self.nics = _nics_by_vm(inventory.nics)
+        self.public_ips = {_id(pid): address for pid, address in inventory.public_ips}
+        self.powers = inventory.powers
+        self.sets = {_id(s.get("id")): s for s in inventory.scale_sets}
         self.set_tags: dict[str, dict[str, str]] = {}
         self.instances: dict[str, Instance] = {}           # by lower-cased id
 
-    def read(self, raws: Iterable[Mapping], uniform: bool, skipped: list[Skip] | None) -> None:
+    def read(self, vms: Iterable[ListedVm], uniform: bool, skipped: list[Skip] | None) -> None:
         """Each listed VM or scale-set instance into `instances` (a second sighting counts
         once); one whose tags are not an object into `skipped`. A scale set's tags are its
         instances' too, theirs taking precedence."""
-        for raw in raws:
-            vid = _id(raw.get("id"))
+        for vm in vms:
+            vid = _id(vm.id)
             if not vid:
-                raise _without_id(raw, uniform)
+                raise _without_id(vm, uniform)
             if vid in self.instances:
                 continue
-            props, tags = _props(raw), _tags(raw)
+            tags = _tag_values(vm.tags)
             if tags is None:
                 if skipped is not None:
                     skipped.append(Skip(_printable(vid.rsplit("/", 1)[-1]), "its tags are not an "
                                         "object (as Azure lists them): it cannot be told whether "
                                         "it serves", _printable(vid), "tags"))
                 continue
-            set_id = _scale_set_of(vid) if uniform else _id((props.get("virtualMachineScaleSet")
-                                                             or {}).get("id"))
+            set_id = _scale_set_of(vid) if uniform else _id(vm.scale_set)
             if set_id:
                 tags = {**self._set_tags(set_id), **tags}
             nics = self.nics.get(vid)
             nic = _primary(nics) if nics else None
-            view = props.get("instanceView")
             self.instances[vid] = Instance(
-                vid, _instance_name(raw, vid, set_id if uniform else ""),
-                _region(raw.get("location")),
+                vid, _instance_name(vm, vid, set_id if uniform else ""), _region(vm.location),
                 tags, nic_address(nic, self.public_ips, self.cfg) if nic else None,
-                power_state(view) or self.powers.get(vid, "unknown"),
+                vm.power or self.powers.get(vid, "unknown"),
                 "uniform" if uniform else "flexible" if set_id else "vm",
-                vm_health(view) if uniform else None)
+                vm.health if uniform else None)
 
     def _set_tags(self, set_id: str) -> dict[str, str]:
         if set_id not in self.set_tags:
@@ -3072,12 +3150,12 @@ class _Join:
         return self.set_tags[set_id]
 
 
-def _instance_name(raw: Mapping, vid: str, uniform_set: str) -> str:
+def _instance_name(vm: ListedVm, vid: str, uniform_set: str) -> str:
     """A Uniform instance is SET_N, as Azure names its computer; any other its name; escaped
     for a log line."""
-    if uniform_set and raw.get("instanceId") is not None:
-        return _printable(f"{uniform_set.rsplit('/', 1)[-1]}_{raw['instanceId']}")
-    name = raw.get("name")
+    if uniform_set and vm.instance_id is not None:
+        return _printable(f"{uniform_set.rsplit('/', 1)[-1]}_{vm.instance_id}")
+    name = vm.name
     return _printable(name if isinstance(name, str) and name else vid.rsplit("/", 1)[-1])
 
 
@@ -3086,29 +3164,24 @@ def _region(location: Any) -> str:
     return (location if isinstance(location, str) else str(location or "")).replace(" ", "").lower()
 
 
-def impossible(listing: AzureListing, instances: Sequence[Instance], cfg: Config,
+def impossible(listing: Inventory, instances: Sequence[Instance], cfg: Config,
                graph: bool = False) -> str | None:
     """Why these answers cannot describe Azure as it is, or None. A few items missing between
     two listings is the normal race (those instances are skipped); these are not: VMs that
     reference network interfaces with none listed at all, no power state for any VM, a tagged
     Uniform scale set with capacity and no instance. Applied, they would park everything."""
-    def nic_vm(nic: Mapping) -> str:
-        return _id(((nic.get("properties") or {}).get("virtualMachine") or {}).get("id"))
-    referencing = sum(1 for v in listing.vms
-                      if ((v.get("properties") or {}).get("networkProfile") or {})
-                      .get("networkInterfaces"))
-    if referencing and not any("/virtualmachinescalesets/" not in nic_vm(n) for n in listing.nics):
+    referencing = sum(1 for v in listing.vms if v.has_nics)
+    if referencing and not any("/virtualmachinescalesets/" not in _id(n.vm) for n in listing.nics):
         return (f"{referencing} VMs reference network interfaces, and the network interface "
                 "listing has none")
-    if listing.set_instances and not any("/virtualmachinescalesets/" in nic_vm(n) for n
-                                         in listing.nics):
+    if listing.set_instances and not any("/virtualmachinescalesets/" in _id(n.vm)
+                                         for n in listing.nics):
         return (f"{len(listing.set_instances)} scale-set instances are listed, and none of their "
-                "network "
-                "interfaces")
+                "network interfaces")
     vms = [i for i in instances if i.kind != "uniform"]
     if cfg.azure.running_only and vms and all(i.power_state == "unknown" for i in vms):
         return f"none of the {len(vms)} VMs listed has a power state"
-    listed = {_scale_set_of(_id(i.get("id"))) for i in listing.set_instances}
+    listed = {_scale_set_of(_id(i.id)) for i in listing.set_instances}
     for s in scale_sets_to_list(listing.scale_sets, cfg):
         capacity = (s.get("sku") or {}).get("capacity") if isinstance(s.get("sku"), dict) else None
         if _is_int(capacity) and capacity > 0 and _id(s.get("id")) not in listed:
@@ -3125,7 +3198,11 @@ def impossible(listing: AzureListing, instances: Sequence[Instance], cfg: Config
 
 def _tags(raw: Mapping) -> dict[str, str] | None:
     """An item's tags as strings; {} without any; None when they are not an object."""
-    tags = raw.get("tags")
+    return _tag_values(raw.get("tags"))
+
+
+def _tag_values(tags: Any) -> dict[str, str] | None:
+    """Tags as strings; {} for none; None when they are not an object."""
     if isinstance(tags, dict):
         return {str(k): str(v) for k, v in tags.items()}
     return {} if tags is None else None
@@ -3236,70 +3313,42 @@ class GraphRow(typing.NamedTuple):
     ipAddress: Any
 
 
-def listing_from_graph(rows: Iterable[Mapping]) -> AzureListing:
-    """Resource Graph rows as objects (GRAPH_QUERY's columns; one missing is null) in the Resource
-    Manager shapes the join reads."""
+def listing_from_graph(rows: Iterable[Mapping]) -> Inventory:
+    """Resource Graph rows as objects (GRAPH_QUERY's columns; one missing is null) as the join
+    reads them."""
     shaped = GraphListing()
     shaped.add(GraphRow(*(row.get(column) for column in GraphRow._fields)) for row in rows)
-    return shaped.listing
+    return shaped.inventory
 
 
-# Each shape holds what the join (instances_from_azure) and the checks (impossible) read of an
-# item, and no more: the shaped listing is alive, all of it, while the join runs, and at the largest
-# estates it holds two hundred thousand items. A join that reads more must find it here.
-def _graph_vm(row: GraphRow) -> dict:
-    """A VM or a Uniform instance: its scale set, whether it references NICs, and its power state
-    (and a deletion under way) as its instance view's statuses."""
-    props: dict[str, Any] = {}
-    if row.networkInterfaces:
-        props["networkProfile"] = {"networkInterfaces": row.networkInterfaces}
-    if row.virtualMachineScaleSet:
-        props["virtualMachineScaleSet"] = {"id": row.virtualMachineScaleSet}
-    code = row.powerState if isinstance(row.powerState, str) else None   # power_state reads these
-    deleting = str(row.provisioningState or "").lower() == "deleting"
-    if code or deleting:
-        props["instanceView"] = _graph_instance_view(code, deleting)
-    return {"id": row.id, "name": row.name, "location": row.location, "tags": row.tags,
-            "properties": props}
+def _graph_vm(row: GraphRow) -> ListedVm:
+    """A VM or a Uniform instance: its power state, and a deletion under way, as an instance view
+    says them."""
+    code, state = row.powerState, row.provisioningState
+    deleting = isinstance(state, str) and state.lower() == "deleting"
+    return ListedVm(row.id, row.name, row.location, row.tags, row.virtualMachineScaleSet, None,
+                    _graph_power(code if isinstance(code, str) else None, deleting), None,
+                    bool(row.networkInterfaces))
 
 
 @functools.lru_cache(maxsize=64)
-def _graph_instance_view(code: str | None, deleting: bool) -> dict:
-    """The instance view of a VM in this power state, being deleted or not: its statuses, as Azure's
-    instance views say them. One for every VM in the same state, which the join only reads: a
-    handful of states, where a view of its own for each VM would be 50 MB at 100,000 instances."""
+def _graph_power(code: str | None, deleting: bool) -> str | None:
+    """power_state of the instance view that has this power state's code and says whether the
+    instance is being deleted (a handful of states: each read once)."""
     statuses = [{"code": code}] if code else []
     if deleting:
         statuses.append({"code": "ProvisioningState/deleting"})
-    return {"statuses": statuses}
+    return power_state({"statuses": statuses})
 
 
-def _graph_nic(row: GraphRow) -> dict:
-    """A NIC: its VM, whether it is the VM's primary NIC, its IP configurations."""
-    configs = row.ipConfigurations
-    if isinstance(configs, list):
-        configs = [_graph_ip_configuration(config) for config in configs]
-    props = {"primary": row.primary, "ipConfigurations": configs}
-    if row.virtualMachine:
-        props["virtualMachine"] = {"id": row.virtualMachine}
-    return {"id": row.id, "properties": props}
-
-
-def _graph_ip_configuration(config: Any) -> Any:
-    """An IP configuration: whether it is primary, its private address and version, its public IP
-    (their ids, names, subnets and the rest were most of a NIC's memory). One not shaped as Azure
-    documents it stays as it is, for the join to refuse."""
-    props = config.get("properties") if isinstance(config, dict) else None
-    if not isinstance(props, dict):
-        return config
-    return {"properties": {"primary": props.get("primary"),
-                           "privateIPAddress": props.get("privateIPAddress"),
-                           "privateIPAddressVersion": props.get("privateIPAddressVersion"),
-                           "publicIPAddress": props.get("publicIPAddress")}}
+def _graph_nic(row: GraphRow) -> ListedNic:
+    return ListedNic(row.id, row.virtualMachine, row.primary,
+                     ip_configurations(row.ipConfigurations))
 
 
 def _graph_scale_set(row: GraphRow) -> dict:
-    """A scale set: its name and tags, its orchestration mode and capacity."""
+    """A scale set as Resource Manager lists it, as far as scale_sets_to_list and impossible read
+    it: its name and tags, its orchestration mode and capacity."""
     item = {"id": row.id, "name": row.name, "tags": row.tags,
             "properties": {"orchestrationMode": row.orchestrationMode}}
     if row.capacity is not None:
@@ -3307,12 +3356,11 @@ def _graph_scale_set(row: GraphRow) -> dict:
     return item
 
 
-def _graph_public_ip(row: GraphRow) -> dict:
-    """A public IP: its address."""
-    return {"id": row.id, "properties": {"ipAddress": row.ipAddress}}
+def _graph_public_ip(row: GraphRow) -> tuple[Any, Any]:
+    return row.id, row.ipAddress
 
 
-# Each type of GRAPH_TABLES: the list of AzureListing its rows go in, and their shape.
+# Each type of GRAPH_TABLES: the list of the Inventory its rows go in, and their shape.
 GRAPH_KINDS = {
     "microsoft.compute/virtualmachines": ("vms", _graph_vm),
     "microsoft.compute/virtualmachinescalesets": ("scale_sets", _graph_scale_set),
@@ -3327,16 +3375,17 @@ GRAPH_KINDS = {
 
 
 class GraphListing:
-    """Resource Graph rows shaped as they come, page by page, into an AzureListing (the Resource
-    Manager shapes the join reads), so that a page's rows can go before the next page comes. Counts
-    the rows and their lower-cased ids, for the paging checks of _graph_listing."""
+    """Resource Graph rows read as they come, page by page, into an Inventory (the records the
+    join reads), so that a page's rows can go before the next page comes. Counts the rows and
+    their ids, for the paging checks of _graph_listing (a row paged twice has the same id twice,
+    as it is: no need to lower-case two hundred thousand ids)."""
 
     def __init__(self, what: str = "Resource Graph query") -> None:
         self.what = what
-        self.listing = listing = AzureListing()
+        self.inventory = inventory = Inventory()
         self.rows = self.pages = 0
         self.ids: set[str] = set()
-        self._kinds = {rtype: (getattr(listing, into), shape)
+        self._kinds = {rtype: (getattr(inventory, into), shape)
                        for rtype, (into, shape) in GRAPH_KINDS.items()}
 
     def add_table(self, data: Any) -> None:
@@ -3364,18 +3413,27 @@ class GraphListing:
         return (GraphRow._make([None if at is None else row[at] for at in where]) for row in cells)
 
     def add(self, rows: Iterable[GraphRow]) -> None:
-        """Shape more rows: AzureError for a row without id or type."""
+        """Shape more rows: AzureError for a row without id or type, or with a column not shaped
+        as Azure documents it (an IP configuration that is no object: leaving its NIC out would
+        drain its VM)."""
+        kinds, ids = self._kinds, self.ids
         for row in rows:
             self.rows += 1
-            if not isinstance(row.id, str) or not row.id or not isinstance(row.type, str):
+            rid, rtype = row.id, row.type
+            if not isinstance(rid, str) or not rid or not isinstance(rtype, str):
                 raise AzureError(f"Resource Graph row {self.rows} has no id or no type: its "
-                                 f"resource cannot be told (id {shorten(json.dumps(row.id), 120)}, "
-                                 f"type {shorten(json.dumps(row.type), 80)})")
-            self.ids.add(row.id.lower())
-            kind = self._kinds.get(row.type.lower())
+                                 f"resource cannot be told (id {shorten(json.dumps(rid), 120)}, "
+                                 f"type {shorten(json.dumps(rtype), 80)})")
+            ids.add(rid)
+            kind = kinds.get(rtype.lower())
             if kind is not None:
                 into, shape = kind
-                into.append(shape(row))
+                try:
+                    into.append(shape(row))
+                except (AttributeError, TypeError) as exc:
+                    raise AzureError(f"Resource Graph row {self.rows} ({shorten(rid, 200)}) is "
+                                     f"not shaped as Azure documents it ({str(exc)[:100]})"
+                                     ) from None
 
 
 def quota_wait(headers: Mapping[str, str]) -> float | None:
@@ -3504,7 +3562,7 @@ def without_health(instances: Iterable[Instance], cfg: Config) -> dict[str, int]
     return bare
 
 
-def query_graph(pager: "_ArmPager", cfg: Config) -> AzureListing:
+def query_graph(pager: "_ArmPager", cfg: Config) -> Inventory:
     """Resource Graph: Resources, then ComputeResources when a Uniform scale set is tagged."""
     listing = _graph_listing(pager, cfg, "Resources")
     tagged = {_id(s.get("id")) for s in scale_sets_to_list(listing.scale_sets, cfg)}
@@ -3512,12 +3570,12 @@ def query_graph(pager: "_ArmPager", cfg: Config) -> AzureListing:
     if tagged:
         uniform = _graph_listing(pager, cfg, "ComputeResources")
         listing.set_instances = [i for i in uniform.set_instances
-                                 if _scale_set_of(_id(i.get("id"))) in tagged]
+                                 if _scale_set_of(_id(i.id)) in tagged]
         listing.nics += uniform.nics
         listing.public_ips += uniform.public_ips
     return listing
 
-def _graph_listing(pager: "_ArmPager", cfg: Config, table: str) -> AzureListing:
+def _graph_listing(pager: "_ArmPager", cfg: Config, table: str) -> Inventory:
     """Every row of one Resource Graph query, page by page ($skipToken), each page shaped as it
     comes (GraphListing)."""
     url = (f"{pager.base}/providers/Microsoft.ResourceGraph/resources"
@@ -3556,7 +3614,7 @@ def _graph_listing(pager: "_ArmPager", cfg: Config, table: str) -> AzureListing:
         raise AzureError(f"{what} failed: {rows} rows received ({rows - len(ids)} of them "
                          f"twice), totalRecords {totals_seen}: the pages do not add up (the "
                          "estate changed while it was paged?); nothing is applied this cycle")
-    return shaped.listing
+    return shaped.inventory
 
 
 class AzureSource:
@@ -3622,7 +3680,7 @@ class AzureSource:
         graph = self.cfg.azure.source == "resource_graph"
         listing = query_graph(self.pager, self.cfg) if graph else AzureListing()
         denied = not graph and self._list_all(pool, listing)
-        instances = self._join(listing, skipped)
+        listing, instances = self._join(listing, skipped)
         if denied:
             instances = self._power_states_one_by_one(pool, instances)
         problem = impossible(listing, instances, self.cfg, graph)
@@ -3646,12 +3704,14 @@ class AzureSource:
                         extra={"event": "azure_no_health", "scale_set": _printable(set_id),
                                "count": bare[set_id]})
 
-    def _join(self, listing: AzureListing, skipped: list[Skip]) -> list[Instance]:
-        """instances_from_azure; an item not shaped as Azure documents it (an item or a field
-        that should be an object and is not) fails the discovery as a malformed page does:
-        dropping that one item would drain its server."""
+    def _join(self, listing: AzureListing | Inventory,
+              skipped: list[Skip]) -> tuple[Inventory, list[Instance]]:
+        """The listings read (inventory_of) and joined; an item not shaped as Azure documents it
+        (an item or a field that should be an object and is not) fails the discovery as a
+        malformed page does: dropping that one item would drain its server."""
         try:
-            return instances_from_azure(listing, self.cfg.azure, skipped)
+            inventory = listing if isinstance(listing, Inventory) else inventory_of(listing)
+            return inventory, join(inventory, self.cfg.azure, skipped)
         except (AttributeError, TypeError) as exc:
             raise AzureError(
                 f"joining the listings failed: an item is not shaped as Azure documents it "

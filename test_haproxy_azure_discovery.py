@@ -1588,7 +1588,7 @@ class TestAzureParsing:
         nic = {"properties": {"ipConfigurations": [
             {"id": f"c{i}", "properties": {"privateIPAddressVersion": v, "primary": p, "privateIPAddress": a}}
             for i, (v, p, a) in enumerate(configs)]}}
-        assert m.nic_address(nic, {}, make_config(azure={"ip_version": version}).azure) == want
+        assert m.nic_address(m.listed_nic(nic), {}, make_config(azure={"ip_version": version}).azure) == want
 
     def test_only_uniform_sets_with_the_name_tag_are_listed(self):
         sets = [{"name": "a", "tags": {"HAProxy:Service:Name": "web"}, "properties": {"orchestrationMode": "Uniform"}},
@@ -1632,7 +1632,7 @@ class TestAzureParsing:
         assert m.needs_cloud_metadata(cfg) == metadata
         assert m.cloud_endpoints(cfg, document if metadata else None) == want
 
-    def test_graph_rows_take_the_shapes_the_join_reads(self):
+    def test_graph_rows_are_read_into_the_records_the_join_reads(self):
         vid = f"/subscriptions/{SUB}/resourceGroups/rg/providers/Microsoft.Compute/virtualMachines/vm1"
         nic_id = f"/subscriptions/{SUB}/resourceGroups/rg/providers/Microsoft.Network/networkInterfaces/n1"
         rows = [{"id": vid, "name": "vm1", "type": "microsoft.compute/virtualmachines", "location": "eastus",
@@ -1645,7 +1645,7 @@ class TestAzureParsing:
                 {"id": "x", "type": "microsoft.storage/storageaccounts"}]
         listing = m.listing_from_graph(rows)
         assert (len(listing.vms), len(listing.nics), len(listing.set_instances)) == (1, 1, 0)
-        [inst] = m.instances_from_azure(listing, make_config().azure)
+        [inst] = m.join(listing, make_config().azure)
         assert (inst.id, inst.address, inst.power_state, inst.kind) == (vid.lower(), "10.1.2.3", "stopped", "vm")
 
 
@@ -1744,8 +1744,8 @@ class TestAzure:
         from fake_arm import make_estate
         arm.estate = make_estate(vms=3)
         seen = []
-        join = m.instances_from_azure
-        monkeypatch.setattr(m, "instances_from_azure", lambda *a: seen.append(gc.isenabled()) or join(*a))
+        join = m.join
+        monkeypatch.setattr(m, "join", lambda *a: seen.append(gc.isenabled()) or join(*a))
         assert gc.isenabled()
         discovered(arm_config)
         assert seen == [False] and gc.isenabled()

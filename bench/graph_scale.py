@@ -174,7 +174,7 @@ class _Stages:
         listing_of, fetch = m._graph_listing, source.pager.fetch
         m._graph_listing = lambda pager, cfg, table: self.staged(
             listing_of, f"query of {table}")(pager, cfg, table)
-        for name, label in (("instances_from_azure", "join"), ("impossible", "checks")):
+        for name, label in (("join", "join"), ("impossible", "checks")):
             setattr(m, name, self.staged(getattr(m, name), label))
 
         def timed_fetch(request):

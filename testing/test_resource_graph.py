@@ -231,7 +231,7 @@ def former_listing(estate, table):
 
 
 def paged_listing(estate, table, page_size):
-    """AzureListing of one table as the program shapes it from pages of `page_size` rows in table
+    """Inventory of one table as the program reads it from pages of `page_size` rows in table
     format; and the GraphListing."""
     query = parse_graph_query(m.graph_query(table, ()))
     columns = tuple(name for name, _ in query.columns)
@@ -239,17 +239,17 @@ def paged_listing(estate, table, page_size):
     shaped = m.GraphListing()
     for start in range(0, len(rows), page_size):
         shaped.add_table(graph_table(rows[start:start + page_size], columns))
-    return shaped.listing, shaped, len(rows)
+    return shaped.inventory, shaped, len(rows)
 
 
 def joined(resources, compute, cfg):
-    """query_graph's merge of the two tables, then the join and the checks."""
+    """query_graph's merge of the two tables' inventories, then the join and the checks."""
     listing = dataclasses.replace(resources, nics=resources.nics + compute.nics,
                                   public_ips=resources.public_ips + compute.public_ips)
     tagged = {m._id(s.get("id")) for s in m.scale_sets_to_list(listing.scale_sets, cfg)}
     listing.set_instances = [i for i in compute.set_instances
-                             if m._scale_set_of(m._id(i.get("id"))) in tagged]
-    instances = m.instances_from_azure(listing, cfg.azure, [])
+                             if m._scale_set_of(m._id(i.id)) in tagged]
+    instances = m.join(listing, cfg.azure, [])
     return sorted(instances), m.impossible(listing, instances, cfg, graph=True)
 
 
@@ -272,59 +272,58 @@ def test_every_type_queried_has_a_shape():
     assert set(m.GRAPH_KINDS) == {t for types in m.GRAPH_TABLES.values() for t in types}
 
 
-# What the join (instances_from_azure) and the checks (impossible) read of each list's items: keys
-# of the item, keys of its properties; of an IP configuration, keys of its properties.
-READ = {"vms": (("id", "name", "location", "tags"),
-                ("networkProfile", "virtualMachineScaleSet", "instanceView")),
-        "nics": (("id",), ("primary", "ipConfigurations", "virtualMachine")),
-        "public_ips": (("id",), ("ipAddress",)),
-        "scale_sets": (("id", "name", "tags", "sku"), ("orchestrationMode",))}
-READ["set_instances"] = READ["vms"]
-READ_OF_IP_CONFIGURATION = ("primary", "privateIPAddress", "privateIPAddressVersion",
-                            "publicIPAddress")
+# What scale_sets_to_list and impossible read of a scale set: keys of the item, of its properties.
+READ_OF_SCALE_SET = (("id", "name", "tags", "sku"), ("orchestrationMode",))
 
 
-def read_by_the_join(listing):
-    """Each item of the listing as the join and the checks read it (a null is as good as absent)."""
-    def item(raw, keys, property_keys):
-        props = {key: raw["properties"].get(key) for key in property_keys}
-        if props.get("ipConfigurations"):
-            props["ipConfigurations"] = [{"properties": {key: c["properties"].get(key) for key in
-                                                         READ_OF_IP_CONFIGURATION}}
-                                         for c in props["ipConfigurations"]]
-        return {**{key: raw.get(key) for key in keys}, "properties": props}
-    return {name: [item(raw, *READ[name]) for raw in getattr(listing, name)]
-            for name in READ}
+def read_of_scale_sets(inventory):
+    keys, property_keys = READ_OF_SCALE_SET
+    return [{**{key: s.get(key) for key in keys},
+             "properties": {key: s["properties"].get(key) for key in property_keys}}
+            for s in inventory.scale_sets]
 
 
 @pytest.mark.parametrize("estate_name", ["odd", "varied"])
 @pytest.mark.parametrize("page_size", [1, 7, 1000])
-def test_rows_shaped_page_by_page_take_the_shapes_of_the_former_shaping(estate_name, page_size):
-    """The same items as before, as far as the join and the checks read them."""
+def test_rows_read_page_by_page_are_the_records_of_the_former_shaping(estate_name, page_size):
+    """Rows read as they come give the records the listings' reading (inventory_of) gives of the
+    Resource Manager objects the former shaping made of the same rows; scale sets the same as
+    far as they are read."""
     estate = shaping_estates()[estate_name]
     for table in m.GRAPH_TABLES:
-        listing, shaped, rows = paged_listing(estate, table, page_size)
-        assert read_by_the_join(listing) == read_by_the_join(former_listing(estate, table))
-        # ... NICs of two configurations among them (IPv4 and IPv6)
-        assert any(len(nic["properties"]["ipConfigurations"]) > 1 for nic in listing.nics)
+        inventory, shaped, rows = paged_listing(estate, table, page_size)
+        former = m.inventory_of(former_listing(estate, table))
+        assert read_of_scale_sets(inventory) == read_of_scale_sets(former)
+        assert dataclasses.replace(inventory, scale_sets=[]) == dataclasses.replace(
+            former, scale_sets=[])
+        # ... NICs of two configurations among them (IPv4 and IPv6), power states of every kind
+        assert any(len(nic.configs) > 1 for nic in inventory.nics)
         assert shaped.rows == rows and len(shaped.ids) == rows
+    powers = {vm.power for vm in paged_listing(estate, "Resources", page_size)[0].vms}
+    assert {"running", "deallocated"} <= powers
+    assert ("deleting" in powers) == (estate_name == "varied")
 
 
-@pytest.mark.parametrize("configs", [["a string"], [{"properties": "a string"}], [None]])
-def test_an_ip_configuration_not_shaped_as_documented_still_fails_the_join(configs):
-    """Cut to what the join reads, an IP configuration that is no object (or whose properties are
-    none) stays as it came: the join refuses it as it did."""
+@pytest.mark.parametrize("configs", [["a string"], [{"properties": "a string"}], [None],
+                                     "a string", {"properties": {}}])
+def test_an_ip_configuration_not_shaped_as_documented_fails_the_query(configs):
+    """An IP configuration that is no object (or whose properties are none), or configurations
+    that are no list: the query fails naming the row, as the join refuses such a NIC from the
+    listings; leaving the NIC out would drain its VM."""
     vid = f"/subscriptions/{SUB}/resourceGroups/rg/providers/Microsoft.Compute/virtualMachines/vm1"
+    good = {"properties": {"primary": True, "privateIPAddress": "10.0.0.4"}}
     rows = [{"id": vid, "name": "vm1", "type": "microsoft.compute/virtualmachines",
              "powerState": "PowerState/running"},
             {"id": vid + "-nic", "type": "microsoft.network/networkinterfaces",
              "virtualMachine": vid,
-             "ipConfigurations": [*configs, {"properties": {"primary": True,
-                                                            "privateIPAddress": "10.0.0.4"}}]}]
-    listing = m.listing_from_graph(rows)
-    assert listing.nics[0]["properties"]["ipConfigurations"][0] == configs[0]
+             "ipConfigurations": [*configs, good] if isinstance(configs, list) else configs}]
+    with pytest.raises(m.AzureError, match=r"Resource Graph row 2 \(/subscriptions/.*/vm1-nic\) is "
+                                           r"not shaped as Azure documents it"):
+        m.listing_from_graph(rows)
+    nic = {"id": vid + "-nic", "properties": {"virtualMachine": {"id": vid},
+                                              "ipConfigurations": rows[1]["ipConfigurations"]}}
     with pytest.raises((AttributeError, TypeError)):
-        m.instances_from_azure(listing, make_config().azure)
+        m.inventory_of(m.AzureListing(nics=[nic]))
 
 
 @pytest.mark.parametrize("estate_name", ["odd", "varied"])
@@ -333,8 +332,8 @@ def test_an_ip_configuration_not_shaped_as_documented_still_fails_the_join(confi
 def test_rows_shaped_page_by_page_join_into_the_former_instances(estate_name, address, ip_version):
     estate = shaping_estates()[estate_name]
     cfg = make_config(azure={"address": address, "ip_version": ip_version})
-    former = joined(former_listing(estate, "Resources"), former_listing(estate, "ComputeResources"),
-                    cfg)
+    former = joined(m.inventory_of(former_listing(estate, "Resources")),
+                    m.inventory_of(former_listing(estate, "ComputeResources")), cfg)
     for page_size in (1, 7, 1000):
         now = joined(paged_listing(estate, "Resources", page_size)[0],
                      paged_listing(estate, "ComputeResources", page_size)[0], cfg)
@@ -372,11 +371,11 @@ def test_table_columns_are_read_by_name():
     shuffled = tuple(reversed(columns)) + ("zones",)
     shaped = m.GraphListing()
     shaped.add_table(graph_table([{**row, "zones": ["1"]} for row in rows], shuffled))
-    assert shaped.listing == paged_listing(estate, "Resources", 1000)[0]
+    assert shaped.inventory == paged_listing(estate, "Resources", 1000)[0]
     without, null = m.GraphListing(), m.GraphListing()
     without.add_table(graph_table(rows, tuple(c for c in columns if c != "ipAddress")))
     null.add_table(graph_table([{**row, "ipAddress": None} for row in rows], columns))
-    assert without.listing == null.listing and without.listing.public_ips
+    assert without.inventory == null.inventory and without.inventory.public_ips
 
 
 @pytest.mark.parametrize("data, error", [
@@ -392,15 +391,3 @@ def test_table_columns_are_read_by_name():
 def test_a_page_that_is_no_table_fails(data, error):
     with pytest.raises(m.AzureError, match=error):
         m.GraphListing("Resource Graph query of Resources").add_table(data)
-
-
-def test_vms_in_the_same_state_share_one_instance_view():
-    """The join only reads an instance view: VMs in the same power state share one (a view of its
-    own for each VM is 50 MB at 100,000 instances)."""
-    listing = paged_listing(shaping_estates()["varied"], "Resources", 7)[0]
-    views = {}
-    for vm in listing.vms:
-        view = vm["properties"]["instanceView"]
-        views.setdefault(tuple(s["code"] for s in view["statuses"]), set()).add(id(view))
-    assert all(len(ids) == 1 for ids in views.values())
-    assert ("PowerState/running", "ProvisioningState/deleting") in views and len(views) >= 4
