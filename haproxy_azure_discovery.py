@@ -3096,6 +3096,11 @@ def join(inventory: Inventory, cfg: AzureConfig,
     return list(joined.instances.values())
 
 
+def _not_shaped(exc: Exception) -> AzureError:
+    return AzureError(f"joining the listings failed: an item is not shaped as Azure documents it "
+                      f"({str(exc)[:100]})")
+
+
 def _without_id(vm: ListedVm, uniform: bool) -> AzureError:
     return AzureError(
         f"the {'scale-set instance' if uniform else 'VM'} listing holds an item without "
@@ -3678,12 +3683,14 @@ class AzureSource:
 
     def _discover(self, pool: _Pool, skipped: list[Skip]) -> list[Instance]:
         graph = self.cfg.azure.source == "resource_graph"
-        listing = query_graph(self.pager, self.cfg) if graph else AzureListing()
-        denied = not graph and self._list_all(pool, listing)
-        listing, instances = self._join(listing, skipped)
+        if graph:
+            inventory, denied = query_graph(self.pager, self.cfg), False
+        else:
+            inventory, denied = self._listed(pool)
+        instances = self._join(inventory, skipped)
         if denied:
             instances = self._power_states_one_by_one(pool, instances)
-        problem = impossible(listing, instances, self.cfg, graph)
+        problem = impossible(inventory, instances, self.cfg, graph)
         if problem:
             raise AzureError(
                 f"Azure's answers cannot be true: {problem}; nothing is applied this cycle")
@@ -3704,18 +3711,24 @@ class AzureSource:
                         extra={"event": "azure_no_health", "scale_set": _printable(set_id),
                                "count": bare[set_id]})
 
-    def _join(self, listing: AzureListing | Inventory,
-              skipped: list[Skip]) -> tuple[Inventory, list[Instance]]:
-        """The listings read (inventory_of) and joined; an item not shaped as Azure documents it
-        (an item or a field that should be an object and is not) fails the discovery as a
-        malformed page does: dropping that one item would drain its server."""
+    def _listed(self, pool: _Pool) -> tuple[Inventory, bool]:
+        """Everything the listings give (_list_all), read into an Inventory; their JSON goes as
+        this returns, before the join. True when the status-only list was refused."""
+        listing = AzureListing()
+        denied = self._list_all(pool, listing)
         try:
-            inventory = listing if isinstance(listing, Inventory) else inventory_of(listing)
-            return inventory, join(inventory, self.cfg.azure, skipped)
+            return inventory_of(listing), denied
         except (AttributeError, TypeError) as exc:
-            raise AzureError(
-                f"joining the listings failed: an item is not shaped as Azure documents it "
-                f"({str(exc)[:100]})") from None
+            raise _not_shaped(exc) from None
+
+    def _join(self, inventory: Inventory, skipped: list[Skip]) -> list[Instance]:
+        """join; an item not shaped as Azure documents it (an item or a field that should be
+        an object and is not) fails the discovery as a malformed page does: dropping that one
+        item would drain its server."""
+        try:
+            return join(inventory, self.cfg.azure, skipped)
+        except (AttributeError, TypeError) as exc:
+            raise _not_shaped(exc) from None
 
     def _check_vm_list_budget(self) -> None:
         """Warn once (per configuration) when this cycle's VM list calls would outrun Compute's

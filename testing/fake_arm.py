@@ -247,7 +247,8 @@ fault waits for a Graph request). `fault.fired` counts.
   the rows so changed; count follows): "empty" (no items, no nextLink / $skipToken; Graph
   totalRecords 0), and on the page's first item:
   "item_without_id", "item_id_not_string" (12345), "item_without_type", "item_name_object" ({"value":
-  name}), "item_tags_string" (a string), "null_item" (null), "string_items" (the list is ["a"]).
+  name}), "item_tags_string" (a string), "item_properties_string" (its properties a string; a
+  Graph row has none: unchanged), "null_item" (null), "string_items" (the list is ["a"]).
 - Links of a Resource Manager listing (nextLink set even on a last page): "self_link" (this page's own
   URL: a loop), "loop_link" (the listing's first page), "foreign_link" (the next page's path and query at
   `foreign_url`: https://127.0.0.2 on another port), "other_port_link" (at `other_port_url`: 127.0.0.1 on
@@ -1225,7 +1226,7 @@ REDIRECT_STATUSES = (301, 302, 303, 307, 308)
 LINK_KINDS = ("self_link", "loop_link", "foreign_link", "other_port_link", "http_link")
 GRAPH_KINDS = ("repeat_token", "total_mismatch", "quota_not_digits")
 ITEM_KINDS = ("empty", "item_without_id", "item_id_not_string", "item_without_type", "item_name_object",
-              "item_tags_string", "null_item", "string_items")
+              "item_tags_string", "item_properties_string", "null_item", "string_items")
 FAULT_ACTIONS = ("slow", "trickle", *REPLY_KINDS, *LINK_KINDS, *GRAPH_KINDS, *ITEM_KINDS)
 _LIST_ENDPOINTS = ("vms", "vms_status", "vms_rg", "vmss", "vmss_rg", "vmss_vms", "nics", "nics_rg", "vmss_nics",
                    "pips", "pips_rg", "vmss_pips")
@@ -1300,6 +1301,8 @@ def _mutated_items(kind: str, items: list) -> list:
         first["name"] = {"value": first.get("name")}
     elif kind == "item_tags_string":
         first["tags"] = f"{SERVICE_NAME_TAG}=web;{SERVICE_PORT_TAG}=8080"
+    elif kind == "item_properties_string" and "properties" in first:
+        first["properties"] = "a string"
     return [first, *items[1:]]
 
 

@@ -164,6 +164,7 @@ class TestItemFaults:
                 "item_without_type": lambda: "type" not in first,
                 "item_name_object": lambda: first["name"] == {"value": "vm-0000"},
                 "item_tags_string": lambda: isinstance(first["tags"], str),
+                "item_properties_string": lambda: first["properties"] == "a string",
                 "null_item": lambda: first is None and items[1]["name"] == "vm-0001",
                 "string_items": lambda: items == ["a"]}[kind]()
 

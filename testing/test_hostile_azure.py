@@ -182,6 +182,17 @@ def test_an_item_that_breaks_its_listing_is_a_clear_error(arm, arm_config, fault
         m.AzureSource(arm_config(azure={"source": source})).discover()
 
 
+@pytest.mark.parametrize("endpoint", ["vms", "vms_status", "nics", "vmss_vms", "vmss_nics"])
+def test_an_item_whose_properties_are_no_object_fails_the_discovery(arm, arm_config, endpoint):
+    """Read into the join's records, an item whose properties are a string fails the discovery
+    by name, no traceback: leaving it out would drain its instance."""
+    arm.estate = make_estate(vms=3, uniform_sets=1, per_set=2)
+    arm.add_fault("item_properties_string", endpoint=endpoint, times=None)
+    with pytest.raises(m.AzureError, match=r"joining the listings failed: an item is not shaped as "
+                                           r"Azure documents it \('str' object has no attribute 'get'\)"):
+        m.AzureSource(arm_config()).discover()
+
+
 def test_items_not_shaped_as_documented_but_usable_are_served_or_skipped_by_name(arm, arm_config, caplog):
     arm.estate = make_estate(vms=3)
     arm.page_size = 1
