@@ -2844,6 +2844,285 @@ def _sdk_message(exc: Exception, secrets: Iterable[str] = ()) -> str:
     return (f"HTTP {status}: " if status else "") + f"{type(exc).__name__}: {text}"
 
 
+class _ArmPager:
+    """Resource Manager's transport for the listings: one SDK client and its pipeline
+    (credential, retries honouring Retry-After, timeouts) over _PageTransport; a request
+    sent and its page read whole and decoded once; pages followed on the same origin only,
+    never the same link twice, at most azure.max_pages; Resource Graph's window waited
+    for; Azure's read buckets read from every answer. Counts requests. `check` runs between
+    pages and retries (it raises to stop the listing); `progress` after every page."""
+
+    def __init__(self, cfg: Config, env: Mapping[str, str], stop: StopFlag,
+                 check: Callable[[], None], progress: Callable[[], None]):
+        self._identity, self._compute, self._errors, self._request = _azure_sdk()
+        self.cfg, self._env, self._stop = cfg, env, stop
+        self.check, self._progress = check, progress
+        self._secrets = secret_values(env)      # masked before any answer is cut short
+        self._lock = threading.Lock()
+        self.requests = 0
+        self.left: dict[str, int] = {}          # each read bucket: the least left, this cycle
+        self.used: dict[str, int] = {}          # ... and the answers that reported it
+        self._stretched = ""                    # the bucket the polling interval is stretched for
+        self.base = (cfg.azure.resource_manager_url
+                     or CLOUDS[cfg.azure.cloud or "public"][0]).rstrip("/")
+        self._client: Any = None
+        self._credential: Any = None
+        self.scope = ""
+
+    def power_state(self, instance_id: str, name: str) -> str | None:
+        """GET {vm}/instanceView (VirtualMachines_InstanceView): the VM's power state; None when
+        the VM is gone (404)."""
+        self.check()
+        url = (f"{self.base}{urllib.parse.quote(instance_id)}/instanceView"
+               f"?api-version={COMPUTE_API}")
+        try:
+            view, _ = self.send(self.request("GET", url), f"instance view of {name}")
+        except AzureError as exc:
+            if exc.status == 404:
+                return None
+            raise
+        self._progress()
+        return power_state(view)
+
+    @property
+    def connected(self) -> bool:
+        return self._client is not None
+
+    def request(self, method: str, url: str, **kwargs: Any) -> Any:
+        """An SDK HttpRequest for `url` (sent by send)."""
+        return self._request(method, url, **kwargs)
+
+    def new_cycle(self) -> None:
+        self.left, self.used = {}, {}
+
+    def stretch(self) -> float:
+        """The wait Azure's buckets ask for before the next cycle, said once when it begins and
+        once when it ends."""
+        interval = self.cfg.polling.interval_seconds
+        left, used = self.left, self.used
+        wait, bucket = quota_wait_seconds(left, used, interval)
+        if bucket and not self._stretched:
+            log.warning(
+                "Azure's read bucket %s has %d requests left and a cycle takes %d: the next cycles "
+                "wait "
+                "%.0f s (polling.interval_seconds is %g) until it refills", bucket, left[bucket],
+                used[bucket], wait, interval,
+                extra={"event": "azure_quota_stretch", "bucket": bucket})
+        elif self._stretched and not bucket:
+            log.info("Azure's read buckets refilled: polling every %g s again", interval,
+                     extra={"event": "azure_quota_normal", "bucket": self._stretched})
+        self._stretched = bucket
+        return wait
+
+    def credential_only(self) -> None:
+        """Before the cloud's endpoints are known (read at the first discovery): a credential
+        without its environment fails now, not then."""
+        _credential(self.cfg.azure, self._identity, CLOUDS["public"][1], self._env)
+
+    def connect(self, endpoints: tuple[str, str]) -> None:
+        audience, login = endpoints
+        azure = self.cfg.azure
+        self.scope = audience.rstrip("/") + "/.default"
+        self._credential = _SharedToken(_credential(azure, self._identity, login, self._env))
+        # One client carries the pipeline for every listing: all of them go to Resource
+        # Manager, with its endpoint, token scope and read quota.
+        retry = _retry_policy(azure, self.check, self._progress, self._stop)
+        policies = _listing_policies(self._credential, self.scope, retry, self._count)
+        transport = _PageTransport(environment_settings(self.base), azure.workers,
+                                    connect=min(10.0, azure.timeout), read=azure.timeout)
+        self._client = self._compute(
+            self._credential, azure.subscriptions[0], base_url=self.base,
+            credential_scopes=[self.scope],
+            policies=policies, transport=transport)
+
+    def cloud_metadata(self) -> Any:
+        """GET {resource_manager_url}/metadata/endpoints (unauthenticated) for a custom cloud's
+        token
+        audience and login endpoint; read once, on the first discovery."""
+        from azure.core import PipelineClient
+        try:
+            with PipelineClient(self.base) as client:
+                for version in CLOUD_METADATA_APIS:
+                    url = f"{self.base}/metadata/endpoints?api-version={version}"
+                    response = client.send_request(self._request("GET", url),
+                                                   connection_timeout=min(
+                        10.0, self.cfg.azure.timeout), read_timeout=self.cfg.azure.timeout)
+                    if response.status_code not in (400, 404):    # an api-version it does not serve
+                        break
+                document = response.json() if response.status_code == 200 else None
+        except self._errors.AzureError as exc:
+            raise AzureError(
+                f"cloud metadata from {url}: {_sdk_message(exc, self._secrets)}") from None
+        except ValueError as exc:
+            raise AzureError(f"cloud metadata from {url}: not JSON ({str(exc)[:100]})") from None
+        if document is None:
+            raise AzureError(f"cloud metadata from {url}: HTTP {response.status_code}")
+        return document
+
+    def _count(self, _request: Any) -> None:
+        with self._lock:
+            self.requests += 1
+
+    def close(self) -> None:
+        """Close the client's connections and the credential's (a reload replaces both)."""
+        if self._client is not None:
+            self._client.close()
+            self._credential.close()
+
+    def token(self) -> None:
+        try:
+            self._credential.get_token(self.scope)
+        except self._errors.AzureError as exc:
+            raise AzureError(
+                f"getting a token for {self.scope} failed: "
+                f"{_sdk_message(exc, self._secrets)}") from None
+
+    def _observe(self, headers: Mapping[str, str]) -> None:
+        """An answer's read buckets (quota_headers), kept for this cycle's stretch and gauges."""
+        found = quota_headers(headers)
+        if found:
+            with self._lock:
+                for bucket, left in found.items():
+                    self.left[bucket] = min(left, self.left.get(bucket, left))
+                    self.used[bucket] = self.used.get(bucket, 0) + 1
+
+    def fresh_link(self, what: str, link: Any, seen: set[str], kind: str) -> str:
+        """A listing's next link (or Resource Graph's $skipToken) as it may be followed: a
+        string, seen nowhere before in this listing (else the listing would never end), and,
+        for a link, at the configured endpoint's own scheme, host and port (the bearer token
+        goes along: it never leaves for another origin)."""
+        if not isinstance(link, str):
+            raise AzureError(f"{what} failed: malformed page ({kind} is not a string)")
+        shown = shorten(link, 200, self._secrets)
+        if kind == "nextLink" and _origin(link) != _origin(self.base):
+            raise AzureError(
+                f"{what} failed: nextLink {shown} leads away from {self.base}: not followed")
+        if link in seen:
+            raise AzureError(
+                f"{what} failed: {kind} {shown} came twice: the listing would never end")
+        seen.add(link)
+        return link
+
+    def paged(self, what: str, next_request: Callable[[Mapping | None], Any], key: str,
+              each: Callable[[Mapping], None] | None = None) -> list[Mapping]:
+        """The page loop of every listing and query: `next_request(previous page)` builds the
+        next request (None: done); each page's `key` must be a list of objects, returned all
+        together; or each page goes to `each` as it comes, which reads it and checks what it
+        reads. AzureError if any page fails, or past azure.max_pages; Aborted between pages on
+        shutdown; `progress` after every page."""
+        items: list[Mapping] = []
+        page: Mapping | None = None
+        pages = 0
+        while (request := next_request(page)) is not None:
+            self.check()
+            if (pages := pages + 1) > self.cfg.azure.max_pages:
+                raise AzureError(
+                    f"{what} failed: more than azure.max_pages ({self.cfg.azure.max_pages}) pages")
+            page, headers = self.send(request, what)
+            if each is not None:
+                each(page)
+            else:
+                found = page.get(key)
+                if not isinstance(found, list):
+                    # A 200 without the list would read as an empty estate and park everything.
+                    raise AzureError(f'{what} failed: malformed page (no "{key}" list)')
+                for n, item in enumerate(found, 1):
+                    if not isinstance(item, dict):
+                        raise AzureError(f"{what} failed: malformed page {pages} (item {n} is "
+                                         f"{_json_kind(item)}, not an object)")
+                items += found
+            self._progress()
+            pause = quota_wait(headers)
+            # Resource Graph's per-user window is spent: wait for its reset
+            if pause is not None:
+                self.pause(pause)
+        return items
+
+    def pause(self, seconds: float) -> None:
+        """Wait for Resource Graph's per-user window to reset (at most 60 s: quota_wait), in
+        short slices: a shutdown ends the wait; the watchdog hears from every slice."""
+        deadline, heard = time.monotonic() + seconds, -math.inf
+        while (left := deadline - time.monotonic()) > 0:
+            self.check()
+            if time.monotonic() - heard >= 1:
+                self._progress()
+                heard = time.monotonic()
+            time.sleep(min(left, WAIT_SLICE))
+        self.check()
+
+    def send(self, request: Any, what: str) -> tuple[Mapping, Mapping[str, str]]:
+        """One request through the SDK pipeline (credential, retries, timeouts): its JSON object
+        and headers. A 429 that outlives the SDK's retries is tried once more after Resource
+        Graph's window resets, when the answer says when that is."""
+        try:
+            response = self.fetch(request)
+            self._observe(response.headers)
+            if response.status_code == 429 and (pause := quota_wait(response.headers)) is not None:
+                self.pause(pause)
+                response = self.fetch(request)
+            if 300 <= response.status_code < 400:
+                location = shorten(str(response.headers.get("Location") or "(none)"), 200,
+                                   self._secrets)
+                raise AzureError(
+                    f"{what} failed: HTTP {response.status_code} redirect to {location} not "
+                    "followed (Resource Manager answers its list calls itself)",
+                    response.status_code)
+            # json.loads on the bytes: the SDK's json() decodes to text first.
+            page = json.loads(response.body()) if response.status_code == 200 else None
+        except self._errors.AzureError as exc:
+            raise AzureError(f"{what} failed: {_sdk_message(exc, self._secrets)}",
+                             getattr(exc, "status_code", None)) from None
+        except ValueError as exc:
+            raise AzureError(f"{what} failed: malformed page ({str(exc)[:100]})") from None
+        if page is None:
+            raise AzureError(
+                f"{what} failed: HTTP {response.status_code} {_arm_error(response, self._secrets)}",
+                response.status_code)
+        if not isinstance(page, dict):
+            raise AzureError(f"{what} failed: malformed page (not a JSON object)")
+        return page, response.headers
+
+    def fetch(self, request: Any) -> Any:
+        """The response with its body read: _PageTransport reads a page whole, and no policy of
+        the listings' pipeline decodes it (_send decodes its JSON once)."""
+        response = self._client.send_request(request, stream=True)
+        response.read()
+        return response
+
+
+def _credential(cfg: AzureConfig, identity: Any, authority: str,
+                env: Mapping[str, str]) -> TokenCredential:
+    """The credential of azure.credential_type, for the cloud's login authority."""
+    client_id = cfg.managed_identity_client_id or None
+    kind = cfg.credential_type
+    # MSAL checks an authority it does not know with login.microsoftonline.com, which an Azure
+    # Stack Hub or air-gapped cloud cannot reach: its own metadata named it.
+    known = authority in {login for _, login in CLOUDS.values()}
+    try:
+        if kind == "managed_identity":
+            return identity.ManagedIdentityCredential(client_id=client_id)
+        if kind == "workload_identity":
+            return identity.WorkloadIdentityCredential(authority=authority)
+        if kind == "azure_cli":
+            return identity.AzureCliCredential()
+        if kind == "client_secret":
+            names = ("AZURE_TENANT_ID", "AZURE_CLIENT_ID", "AZURE_CLIENT_SECRET")
+            missing = [n for n in names if not env.get(n)]
+            if missing:
+                raise ConfigError([
+                    f"azure.credential_type: client_secret needs {', '.join(missing)} "
+                    "in the environment"])
+            return identity.ClientSecretCredential(*(env[n] for n in names), authority=authority,
+                                                   disable_instance_discovery=not known)
+        # DefaultAzureCredential hands the authority (and the switch) to the credentials it tries:
+        # client-secret variables in a private cloud log in at that cloud's endpoint.
+        return identity.DefaultAzureCredential(authority=authority,
+                                               managed_identity_client_id=client_id,
+                                               disable_instance_discovery=not known)
+    except ValueError as exc:  # e.g. workload identity without its environment variables
+        raise ConfigError([f"azure.credential_type: {kind}: {exc}"]) from None
+
+
 # === Azure: what the listings mean ===
 def _azure_sdk() -> tuple[Any, Any, Any, Any]:
     """Import the Azure SDK on first use; DependencyError (exit 69) if absent."""
@@ -3077,12 +3356,6 @@ def ip_configurations(configs: Any) -> list[IpConfiguration]:
     return read
 
 
-def instances_from_azure(listing: AzureListing, cfg: AzureConfig,
-                         skipped: list[Skip] | None = None) -> list[Instance]:
-    """join, of the listings' REST items."""
-    return join(inventory_of(listing), cfg, skipped)
-
-
 def join(inventory: Inventory, cfg: AzureConfig,
          skipped: list[Skip] | None = None) -> list[Instance]:
     """Join what was listed into instances: NICs by their VM's lower-cased id, power states and
@@ -3169,25 +3442,26 @@ def _region(location: Any) -> str:
     return (location if isinstance(location, str) else str(location or "")).replace(" ", "").lower()
 
 
-def impossible(listing: Inventory, instances: Sequence[Instance], cfg: Config,
+def impossible(inventory: Inventory, instances: Sequence[Instance], cfg: Config,
                graph: bool = False) -> str | None:
     """Why these answers cannot describe Azure as it is, or None. A few items missing between
     two listings is the normal race (those instances are skipped); these are not: VMs that
     reference network interfaces with none listed at all, no power state for any VM, a tagged
     Uniform scale set with capacity and no instance. Applied, they would park everything."""
-    referencing = sum(1 for v in listing.vms if v.has_nics)
-    if referencing and not any("/virtualmachinescalesets/" not in _id(n.vm) for n in listing.nics):
+    referencing = sum(1 for v in inventory.vms if v.has_nics)
+    if referencing and not any("/virtualmachinescalesets/" not in _id(n.vm)
+                               for n in inventory.nics):
         return (f"{referencing} VMs reference network interfaces, and the network interface "
                 "listing has none")
-    if listing.set_instances and not any("/virtualmachinescalesets/" in _id(n.vm)
-                                         for n in listing.nics):
-        return (f"{len(listing.set_instances)} scale-set instances are listed, and none of their "
+    if inventory.set_instances and not any("/virtualmachinescalesets/" in _id(n.vm)
+                                           for n in inventory.nics):
+        return (f"{len(inventory.set_instances)} scale-set instances are listed, and none of their "
                 "network interfaces")
     vms = [i for i in instances if i.kind != "uniform"]
     if cfg.azure.running_only and vms and all(i.power_state == "unknown" for i in vms):
         return f"none of the {len(vms)} VMs listed has a power state"
-    listed = {_scale_set_of(_id(i.id)) for i in listing.set_instances}
-    for s in scale_sets_to_list(listing.scale_sets, cfg):
+    listed = {_scale_set_of(_id(i.id)) for i in inventory.set_instances}
+    for s in scale_sets_to_list(inventory.scale_sets, cfg):
         capacity = (s.get("sku") or {}).get("capacity") if isinstance(s.get("sku"), dict) else None
         if _is_int(capacity) and capacity > 0 and _id(s.get("id")) not in listed:
             name = shorten(str(s.get("name") or s.get("id")), 100)
@@ -3316,14 +3590,6 @@ class GraphRow(typing.NamedTuple):
     primary: Any
     ipConfigurations: Any
     ipAddress: Any
-
-
-def listing_from_graph(rows: Iterable[Mapping]) -> Inventory:
-    """Resource Graph rows as objects (GRAPH_QUERY's columns; one missing is null) as the join
-    reads them."""
-    shaped = GraphListing()
-    shaped.add(GraphRow(*(row.get(column) for column in GraphRow._fields)) for row in rows)
-    return shaped.inventory
 
 
 def _graph_vm(row: GraphRow) -> ListedVm:
@@ -3838,252 +4104,6 @@ class AzureSource:
             return self.pager.request("GET", link) if link else None
         return self.pager.paged(what, next_request, "value")
 
-class _ArmPager:
-    """Resource Manager's transport for the listings: one SDK client and its pipeline
-    (credential, retries honouring Retry-After, timeouts) over _PageTransport; a request
-    sent and its page read whole and decoded once; pages followed on the same origin only,
-    never the same link twice, at most azure.max_pages; Resource Graph's window waited
-    for; Azure's read buckets read from every answer. Counts requests. `check` runs between
-    pages and retries (it raises to stop the listing); `progress` after every page."""
-
-    def __init__(self, cfg: Config, env: Mapping[str, str], stop: StopFlag,
-                 check: Callable[[], None], progress: Callable[[], None]):
-        self._identity, self._compute, self._errors, self._request = _azure_sdk()
-        self.cfg, self._env, self._stop = cfg, env, stop
-        self.check, self._progress = check, progress
-        self._secrets = secret_values(env)      # masked before any answer is cut short
-        self._lock = threading.Lock()
-        self.requests = 0
-        self.left: dict[str, int] = {}          # each read bucket: the least left, this cycle
-        self.used: dict[str, int] = {}          # ... and the answers that reported it
-        self._stretched = ""                    # the bucket the polling interval is stretched for
-        self.base = (cfg.azure.resource_manager_url
-                     or CLOUDS[cfg.azure.cloud or "public"][0]).rstrip("/")
-        self._client: Any = None
-        self._credential: Any = None
-        self.scope = ""
-
-    def power_state(self, instance_id: str, name: str) -> str | None:
-        """GET {vm}/instanceView (VirtualMachines_InstanceView): the VM's power state; None when
-        the VM is gone (404)."""
-        self.check()
-        url = (f"{self.base}{urllib.parse.quote(instance_id)}/instanceView"
-               f"?api-version={COMPUTE_API}")
-        try:
-            view, _ = self.send(self.request("GET", url), f"instance view of {name}")
-        except AzureError as exc:
-            if exc.status == 404:
-                return None
-            raise
-        self._progress()
-        return power_state(view)
-
-    @property
-    def connected(self) -> bool:
-        return self._client is not None
-
-    def request(self, method: str, url: str, **kwargs: Any) -> Any:
-        """An SDK HttpRequest for `url` (sent by send)."""
-        return self._request(method, url, **kwargs)
-
-    def new_cycle(self) -> None:
-        self.left, self.used = {}, {}
-
-    def stretch(self) -> float:
-        """The wait Azure's buckets ask for before the next cycle, said once when it begins and
-        once when it ends."""
-        interval = self.cfg.polling.interval_seconds
-        left, used = self.left, self.used
-        wait, bucket = quota_wait_seconds(left, used, interval)
-        if bucket and not self._stretched:
-            log.warning(
-                "Azure's read bucket %s has %d requests left and a cycle takes %d: the next cycles "
-                "wait "
-                "%.0f s (polling.interval_seconds is %g) until it refills", bucket, left[bucket],
-                used[bucket], wait, interval,
-                extra={"event": "azure_quota_stretch", "bucket": bucket})
-        elif self._stretched and not bucket:
-            log.info("Azure's read buckets refilled: polling every %g s again", interval,
-                     extra={"event": "azure_quota_normal", "bucket": self._stretched})
-        self._stretched = bucket
-        return wait
-
-    def credential_only(self) -> None:
-        """Before the cloud's endpoints are known (read at the first discovery): a credential
-        without its environment fails now, not then."""
-        _credential(self.cfg.azure, self._identity, CLOUDS["public"][1], self._env)
-
-    def connect(self, endpoints: tuple[str, str]) -> None:
-        audience, login = endpoints
-        azure = self.cfg.azure
-        self.scope = audience.rstrip("/") + "/.default"
-        self._credential = _SharedToken(_credential(azure, self._identity, login, self._env))
-        # One client carries the pipeline for every listing: all of them go to Resource
-        # Manager, with its endpoint, token scope and read quota.
-        retry = _retry_policy(azure, self.check, self._progress, self._stop)
-        policies = _listing_policies(self._credential, self.scope, retry, self._count)
-        transport = _PageTransport(environment_settings(self.base), azure.workers,
-                                    connect=min(10.0, azure.timeout), read=azure.timeout)
-        self._client = self._compute(
-            self._credential, azure.subscriptions[0], base_url=self.base,
-            credential_scopes=[self.scope],
-            policies=policies, transport=transport)
-
-    def cloud_metadata(self) -> Any:
-        """GET {resource_manager_url}/metadata/endpoints (unauthenticated) for a custom cloud's
-        token
-        audience and login endpoint; read once, on the first discovery."""
-        from azure.core import PipelineClient
-        try:
-            with PipelineClient(self.base) as client:
-                for version in CLOUD_METADATA_APIS:
-                    url = f"{self.base}/metadata/endpoints?api-version={version}"
-                    response = client.send_request(self._request("GET", url),
-                                                   connection_timeout=min(
-                        10.0, self.cfg.azure.timeout), read_timeout=self.cfg.azure.timeout)
-                    if response.status_code not in (400, 404):    # an api-version it does not serve
-                        break
-                document = response.json() if response.status_code == 200 else None
-        except self._errors.AzureError as exc:
-            raise AzureError(
-                f"cloud metadata from {url}: {_sdk_message(exc, self._secrets)}") from None
-        except ValueError as exc:
-            raise AzureError(f"cloud metadata from {url}: not JSON ({str(exc)[:100]})") from None
-        if document is None:
-            raise AzureError(f"cloud metadata from {url}: HTTP {response.status_code}")
-        return document
-
-    def _count(self, _request: Any) -> None:
-        with self._lock:
-            self.requests += 1
-
-    def close(self) -> None:
-        """Close the client's connections and the credential's (a reload replaces both)."""
-        if self._client is not None:
-            self._client.close()
-            self._credential.close()
-
-    def token(self) -> None:
-        try:
-            self._credential.get_token(self.scope)
-        except self._errors.AzureError as exc:
-            raise AzureError(
-                f"getting a token for {self.scope} failed: "
-                f"{_sdk_message(exc, self._secrets)}") from None
-
-    def _observe(self, headers: Mapping[str, str]) -> None:
-        """An answer's read buckets (quota_headers), kept for this cycle's stretch and gauges."""
-        found = quota_headers(headers)
-        if found:
-            with self._lock:
-                for bucket, left in found.items():
-                    self.left[bucket] = min(left, self.left.get(bucket, left))
-                    self.used[bucket] = self.used.get(bucket, 0) + 1
-
-    def fresh_link(self, what: str, link: Any, seen: set[str], kind: str) -> str:
-        """A listing's next link (or Resource Graph's $skipToken) as it may be followed: a
-        string, seen nowhere before in this listing (else the listing would never end), and,
-        for a link, at the configured endpoint's own scheme, host and port (the bearer token
-        goes along: it never leaves for another origin)."""
-        if not isinstance(link, str):
-            raise AzureError(f"{what} failed: malformed page ({kind} is not a string)")
-        shown = shorten(link, 200, self._secrets)
-        if kind == "nextLink" and _origin(link) != _origin(self.base):
-            raise AzureError(
-                f"{what} failed: nextLink {shown} leads away from {self.base}: not followed")
-        if link in seen:
-            raise AzureError(
-                f"{what} failed: {kind} {shown} came twice: the listing would never end")
-        seen.add(link)
-        return link
-
-    def paged(self, what: str, next_request: Callable[[Mapping | None], Any], key: str,
-              each: Callable[[Mapping], None] | None = None) -> list[Mapping]:
-        """The page loop of every listing and query: `next_request(previous page)` builds the
-        next request (None: done); each page's `key` must be a list of objects, returned all
-        together; or each page goes to `each` as it comes, which reads it and checks what it
-        reads. AzureError if any page fails, or past azure.max_pages; Aborted between pages on
-        shutdown; `progress` after every page."""
-        items: list[Mapping] = []
-        page: Mapping | None = None
-        pages = 0
-        while (request := next_request(page)) is not None:
-            self.check()
-            if (pages := pages + 1) > self.cfg.azure.max_pages:
-                raise AzureError(
-                    f"{what} failed: more than azure.max_pages ({self.cfg.azure.max_pages}) pages")
-            page, headers = self.send(request, what)
-            if each is not None:
-                each(page)
-            else:
-                found = page.get(key)
-                if not isinstance(found, list):
-                    # A 200 without the list would read as an empty estate and park everything.
-                    raise AzureError(f'{what} failed: malformed page (no "{key}" list)')
-                for n, item in enumerate(found, 1):
-                    if not isinstance(item, dict):
-                        raise AzureError(f"{what} failed: malformed page {pages} (item {n} is "
-                                         f"{_json_kind(item)}, not an object)")
-                items += found
-            self._progress()
-            pause = quota_wait(headers)
-            # Resource Graph's per-user window is spent: wait for its reset
-            if pause is not None:
-                self.pause(pause)
-        return items
-
-    def pause(self, seconds: float) -> None:
-        """Wait for Resource Graph's per-user window to reset (at most 60 s: quota_wait), in
-        short slices: a shutdown ends the wait; the watchdog hears from every slice."""
-        deadline, heard = time.monotonic() + seconds, -math.inf
-        while (left := deadline - time.monotonic()) > 0:
-            self.check()
-            if time.monotonic() - heard >= 1:
-                self._progress()
-                heard = time.monotonic()
-            time.sleep(min(left, WAIT_SLICE))
-        self.check()
-
-    def send(self, request: Any, what: str) -> tuple[Mapping, Mapping[str, str]]:
-        """One request through the SDK pipeline (credential, retries, timeouts): its JSON object
-        and headers. A 429 that outlives the SDK's retries is tried once more after Resource
-        Graph's window resets, when the answer says when that is."""
-        try:
-            response = self.fetch(request)
-            self._observe(response.headers)
-            if response.status_code == 429 and (pause := quota_wait(response.headers)) is not None:
-                self.pause(pause)
-                response = self.fetch(request)
-            if 300 <= response.status_code < 400:
-                location = shorten(str(response.headers.get("Location") or "(none)"), 200,
-                                   self._secrets)
-                raise AzureError(
-                    f"{what} failed: HTTP {response.status_code} redirect to {location} not "
-                    "followed (Resource Manager answers its list calls itself)",
-                    response.status_code)
-            # json.loads on the bytes: the SDK's json() decodes to text first.
-            page = json.loads(response.body()) if response.status_code == 200 else None
-        except self._errors.AzureError as exc:
-            raise AzureError(f"{what} failed: {_sdk_message(exc, self._secrets)}",
-                             getattr(exc, "status_code", None)) from None
-        except ValueError as exc:
-            raise AzureError(f"{what} failed: malformed page ({str(exc)[:100]})") from None
-        if page is None:
-            raise AzureError(
-                f"{what} failed: HTTP {response.status_code} {_arm_error(response, self._secrets)}",
-                response.status_code)
-        if not isinstance(page, dict):
-            raise AzureError(f"{what} failed: malformed page (not a JSON object)")
-        return page, response.headers
-
-    def fetch(self, request: Any) -> Any:
-        """The response with its body read: _PageTransport reads a page whole, and no policy of
-        the listings' pipeline decodes it (_send decodes its JSON once)."""
-        response = self._client.send_request(request, stream=True)
-        response.read()
-        return response
-
-
 def in_resource_groups(items: list[Mapping], groups: Sequence[str]) -> list[Mapping]:
     """The items whose resource group is one of `groups` (all of them when none are configured)."""
     wanted = {g.lower() for g in groups}
@@ -4095,39 +4115,6 @@ def could_serve(inst: Instance, cfg: Config) -> bool:
     in Azure) and passes the tag allowlist and denylist."""
     name_tag = cfg.tags.service_name_tag.lower()
     return any(k.lower() == name_tag for k in inst.tags) and tags_match(inst.tags, cfg.tags)
-
-
-def _credential(cfg: AzureConfig, identity: Any, authority: str,
-                env: Mapping[str, str]) -> TokenCredential:
-    """The credential of azure.credential_type, for the cloud's login authority."""
-    client_id = cfg.managed_identity_client_id or None
-    kind = cfg.credential_type
-    # MSAL checks an authority it does not know with login.microsoftonline.com, which an Azure
-    # Stack Hub or air-gapped cloud cannot reach: its own metadata named it.
-    known = authority in {login for _, login in CLOUDS.values()}
-    try:
-        if kind == "managed_identity":
-            return identity.ManagedIdentityCredential(client_id=client_id)
-        if kind == "workload_identity":
-            return identity.WorkloadIdentityCredential(authority=authority)
-        if kind == "azure_cli":
-            return identity.AzureCliCredential()
-        if kind == "client_secret":
-            names = ("AZURE_TENANT_ID", "AZURE_CLIENT_ID", "AZURE_CLIENT_SECRET")
-            missing = [n for n in names if not env.get(n)]
-            if missing:
-                raise ConfigError([
-                    f"azure.credential_type: client_secret needs {', '.join(missing)} "
-                    "in the environment"])
-            return identity.ClientSecretCredential(*(env[n] for n in names), authority=authority,
-                                                   disable_instance_discovery=not known)
-        # DefaultAzureCredential hands the authority (and the switch) to the credentials it tries:
-        # client-secret variables in a private cloud log in at that cloud's endpoint.
-        return identity.DefaultAzureCredential(authority=authority,
-                                               managed_identity_client_id=client_id,
-                                               disable_instance_discovery=not known)
-    except ValueError as exc:  # e.g. workload identity without its environment variables
-        raise ConfigError([f"azure.credential_type: {kind}: {exc}"]) from None
 
 
 # === Data Plane transport ===

@@ -1475,6 +1475,11 @@ def example(name):
         return json.load(f)["responses"]["200"]["body"]["value"]
 
 
+def instances_of(listing, cfg, skipped=None):
+    """The listings' JSON read and joined, as a discovery does it."""
+    return m.join(m.inventory_of(listing), cfg, skipped)
+
+
 class TestAzureParsing:
     """The pure join over the shapes of Azure's own example responses."""
 
@@ -1485,7 +1490,7 @@ class TestAzureParsing:
               "tags": {"HAProxy:Service:Name": "web", "HAProxy:Service:Port": "80"}}
         status = {"id": vm["id"].lower(), "properties": {"instanceView": {"statuses": [
             {"code": "ProvisioningState/succeeded"}, {"code": "PowerState/running"}]}}}
-        [inst] = m.instances_from_azure(m.AzureListing(vms=[vm], statuses=[status], nics=[nic]),
+        [inst] = instances_of(m.AzureListing(vms=[vm], statuses=[status], nics=[nic]),
                                         make_config().azure)
         assert (inst.id, inst.address, inst.power_state) == (vm["id"].lower(), "172.20.2.4", "running")
         assert inst.tags["HAProxy:Service:Name"] == "web" and inst.region == vm["location"]
@@ -1499,7 +1504,7 @@ class TestAzureParsing:
                                                              "HAProxy:Service:Port": "80", "env": "prod"}}
         raw = {**vmss_vm, "id": vid, "tags": {"env": "canary"}, "properties": {
             **vmss_vm["properties"], "instanceView": {"statuses": [{"code": "PowerState/deallocated"}]}}}
-        [inst] = m.instances_from_azure(m.AzureListing(set_instances=[raw], scale_sets=[scale_set], nics=[nic]),
+        [inst] = instances_of(m.AzureListing(set_instances=[raw], scale_sets=[scale_set], nics=[nic]),
                                         make_config().azure)
         assert inst.tags == {**scale_set["tags"], "env": "canary"}
         assert (inst.kind, inst.address, inst.power_state) == ("uniform", "10.0.0.4", "deallocated")
@@ -1512,9 +1517,9 @@ class TestAzureParsing:
                "properties": {**pip["properties"], "ipConfiguration": {"id": config_id}}}
         raw = {"id": nic["properties"]["virtualMachine"]["id"], "instanceId": "0", "location": "eastus"}
         cfg = make_config(azure={"address": "public"}).azure
-        [inst] = m.instances_from_azure(m.AzureListing(set_instances=[raw], nics=[nic], public_ips=[pip]), cfg)
+        [inst] = instances_of(m.AzureListing(set_instances=[raw], nics=[nic], public_ips=[pip]), cfg)
         assert inst.address == "13.67.119.72" and inst.name == "vmss1_0"
-        [inst] = m.instances_from_azure(m.AzureListing(set_instances=[raw], nics=[nic]), cfg)
+        [inst] = instances_of(m.AzureListing(set_instances=[raw], nics=[nic]), cfg)
         assert inst.address is None
 
     @pytest.mark.parametrize("codes, want", [
@@ -1555,11 +1560,11 @@ class TestAzureParsing:
                     "virtualMachines/vm1", "name": "vm1"}
         status = {"id": vm["id"], "properties": {"instanceView": view}}
         listing = m.AzureListing(vms=[vm], statuses=[status], set_instances=[uniform], nics=[nic])
-        found = {i.kind: i for i in m.instances_from_azure(listing, make_config().azure)}
+        found = {i.kind: i for i in instances_of(listing, make_config().azure)}
         assert (found["uniform"].health, found["vm"].health) == ("initializing", None)
         assert found["vm"].power_state == "running"
         del view["vmHealth"]
-        [inst] = m.instances_from_azure(m.AzureListing(set_instances=[uniform], nics=[nic]),
+        [inst] = instances_of(m.AzureListing(set_instances=[uniform], nics=[nic]),
                                         make_config().azure)
         assert inst.health is None and inst._fields[-1] == "health"
 
@@ -1572,7 +1577,7 @@ class TestAzureParsing:
             public_ips=example("PublicIpAddressListAll.json") + example("VmssPublicIpListAll.json"),
             set_instances=example("VirtualMachineScaleSetVM_List_MaximumSet_Gen.json"))
         for address in ("private", "public"):
-            instances = m.instances_from_azure(listing, make_config(azure={"address": address}).azure)
+            instances = instances_of(listing, make_config(azure={"address": address}).azure)
             assert instances and all(i.power_state == "unknown" and i.address is None for i in instances)
             assert run_plan(instances).plan.empty
 
@@ -1643,7 +1648,9 @@ class TestAzureParsing:
                      {"id": "c", "properties": {"primary": True, "privateIPAddress": "10.1.2.3",
                                                 "privateIPAddressVersion": "IPv4"}}]},
                 {"id": "x", "type": "microsoft.storage/storageaccounts"}]
-        listing = m.listing_from_graph(rows)
+        shaped = m.GraphListing()
+        shaped.add(m.GraphRow(*(row.get(c) for c in m.GraphRow._fields)) for row in rows)
+        listing = shaped.inventory
         assert (len(listing.vms), len(listing.nics), len(listing.set_instances)) == (1, 1, 0)
         [inst] = m.join(listing, make_config().azure)
         assert (inst.id, inst.address, inst.power_state, inst.kind) == (vid.lower(), "10.1.2.3", "stopped", "vm")

@@ -14,7 +14,7 @@ ours     `haproxy_azure_discovery.AzureSource(cfg).discover()` with `azure.resou
          requests (`Discovery.requests`, the SDK's own request hook), wall time and CPU time
          (`time.process_time`, all threads). Then the same listing again through the private
          `AzureSource._list_all` (the pages as plain JSON), kept in memory, and the CPU time of the pure
-         join alone (`instances_from_azure` on it, best of 3). Peak RSS (`ru_maxrss`) is read after the
+         join alone (`join(inventory_of(...))` on it, best of 3). Peak RSS (`ru_maxrss`) is read after the
          measured cycle, before that extra listing.
 per-VM   the peer approach (Prometheus's Azure SD, dataplaneapi-style lookups) with the same SDK clients
          options, the same credential (DefaultAzureCredential through the fake's managed identity) and a
@@ -196,7 +196,7 @@ def arm_listing(m, source, cfg):
 
 def join_cpu(m, listing, cfg) -> float:
     started = time.process_time()
-    m.instances_from_azure(listing, cfg.azure)
+    m.join(m.inventory_of(listing), cfg.azure)
     return time.process_time() - started
 
 
@@ -356,7 +356,7 @@ def notes(rows: list[dict], page_size: int) -> list[str]:
         "counters; same result = both found the same (id, address, power state) for every instance.",
         "",
         "CPU = `time.process_time()` of the measuring process (the fake's excluded); wall time includes the fake's "
-        "serving on the same 2 cores. Join = `instances_from_azure` alone on the listed JSON, best of 3. Peak "
+        "serving on the same 2 cores. Join = `join(inventory_of(...))` alone on the listed JSON, best of 3. Peak "
         "RSS = `ru_maxrss` of that process, checked against /proc VmHWM (idle: after imports and client "
         "construction). Min cycle under throttling = "
         f"max(0, (requests − {READ_BURST}) / {READ_REFILL}) s, Resource Manager's read bucket per principal, "

@@ -16,7 +16,7 @@ with one discovery, then measures, all as `time.process_time()` of its own proce
   of its own: CPU per page; and `json.loads` of the same bodies: CPU per page; all with the collector
   paused, as in a discovery, interleaved, median of `--runs`. Apart they say which one a discovery's
   CPU follows;
-- the join alone (`instances_from_azure` on the listed JSON), `--runs` times with the garbage collector
+- the join alone (`join(inventory_of(...))` on the listed JSON), `--runs` times with the garbage collector
   off (it runs at random points of a cycle and would make the figure noisy): best and median.
 """
 import argparse
@@ -87,7 +87,7 @@ def child(runs: int) -> dict:
         gc.collect()
         gc.disable()
         cpu = time.process_time()
-        m.instances_from_azure(listing, cfg.azure)
+        m.join(m.inventory_of(listing), cfg.azure)
         joins.append(time.process_time() - cpu)
         gc.enable()
     return dict(instances=len(found.instances), requests=found.requests, discover_best_s=min(discovers),
@@ -124,7 +124,7 @@ def report(r: dict, runs: int) -> list[str]:
         "through the SDK client's pipeline as a discovery sends it (credential, retry and redirect policies, "
         "the program's urllib3 transport, TLS), body bytes read; requests' = the same pages through the same "
         "policies over azure-core's own transport (requests over urllib3); decoding = `json.loads` of the "
-        "same bytes (both medians, collector paused as in a discovery); join = `instances_from_azure` alone "
+        "same bytes (both medians, collector paused as in a discovery); join = `join(inventory_of(...))` alone "
         f"on the listed JSON, garbage collector off (as in a discovery); {runs} runs of each.", "",
         "| discover CPU s, best / median | pages of the VM list | bytes a page | pipeline CPU ms a page "
         "| the same over requests' transport | JSON decoding CPU ms a page | pipeline / decoding "

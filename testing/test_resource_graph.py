@@ -319,7 +319,8 @@ def test_an_ip_configuration_not_shaped_as_documented_fails_the_query(configs):
              "ipConfigurations": [*configs, good] if isinstance(configs, list) else configs}]
     with pytest.raises(m.AzureError, match=r"Resource Graph row 2 \(/subscriptions/.*/vm1-nic\) is "
                                            r"not shaped as Azure documents it"):
-        m.listing_from_graph(rows)
+        m.GraphListing().add(m.GraphRow(*(row.get(c) for c in m.GraphRow._fields))
+                             for row in rows)
     nic = {"id": vid + "-nic", "properties": {"virtualMachine": {"id": vid},
                                               "ipConfigurations": rows[1]["ipConfigurations"]}}
     with pytest.raises((AttributeError, TypeError)):
