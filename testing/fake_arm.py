@@ -28,7 +28,8 @@ In tests::
 
 Public API:
 
-    parse_graph_query(text, *, known_types_only=True) -> GraphQuery(table, filters, columns, order),
+    parse_graph_query(text, *, known_types_only=True) -> GraphQuery(table, filters, columns, order,
+        extends, order_projected),
         graph_candidates(estate, query, subscriptions, readable, compute_types=None),
         order_graph_rows(candidates, query, rng), evaluate_graph_query(estate, query, subscriptions,
         readable, *, rng=None, compute_types=None), graph_table(rows, columns),
@@ -150,17 +151,26 @@ What is served:
   (Azure documents no order; one order per listing, across its pages).
 
 Resource Graph (sources: "Guidance for pagination", "Guidance for throttled requests in Azure Resource
-Graph", "Working with large Azure resource data sets", the table and resource type reference):
+Graph", "Working with large Azure resource data sets", the table and resource type reference; for KQL,
+the Kusto reference pages resource_graph_schema.json's `_sources.kql_expressions` names):
 
 - The query is checked against the tables and columns Microsoft documents (resource_graph_schema.json) and
-  evaluated as far as the fake models KQL: `Table | where COLUMN in~ ('a', ...) | project column,
-  name = column.path, ... | order by COL [asc|desc], ...` (or `sort by`; before `project` a documented
-  column or a path in one, after it a projected column; KQL's default direction is DESCENDING; nulls first
-  ascending, last descending). Rows are the estate's resources (VMs with
-  properties.extended.instanceView.powerState and properties.provisioningState; Uniform instances, their
-  NICs and public IPs in ComputeResources), only from `reader_groups` when set (no 403). A `type` no table
-  lists matches no row (no error, as in Resource Graph; parse_graph_query's default still refuses it, as
-  a check of a query's text). Anything else the fake does not model: 400 with details[0].code InvalidQuery.
+  evaluated as far as the fake models KQL: `Table | where COLUMN in~ ('a', ...) | extend NAME = EXPR, ...
+  | project column, NAME = EXPR, ... | order by COL [asc|desc], ...` (where, extend and order by in any
+  order before project, but no extend after an order by; after project only order by, or `sort by`; an
+  order names a documented or extended column or a path in one before project, a projected column after
+  it; KQL's default direction is DESCENDING; nulls first ascending, last descending). EXPR: a column
+  (documented or extended; a later extend shadows), a path in a dynamic one (`.member`, `[N]`, N a
+  non-negative integer literal; null where a member or index finds nothing), an integer literal, `X == N`
+  (false for a null X), `A and B` (false if either is false, else null if either is null), parentheses,
+  dynamic(null), array_length(X) (null for a non-array), isnotempty(X) and isempty(X) (null and "" are
+  empty, [] and {} are not), iff(C, A, B) (B when C is false or null), type-checked as Kusto does (string
+  columns, long, bool, dynamic). Only project's columns are answered, in its order. Rows are the estate's
+  resources (VMs with properties.extended.instanceView.powerState and properties.provisioningState;
+  Uniform instances, their NICs and public IPs in ComputeResources), only from `reader_groups` when set
+  (no 403). A `type` no table lists matches no row (no error, as in Resource Graph; parse_graph_query's
+  default still refuses it, as a check of a query's text). Anything else the fake does not model (another
+  operator, function or literal): 400 with details[0].code InvalidQuery, its message naming what.
 - Answers {totalRecords (all rows), count (rows in this page), data, facets: [], resultTruncated ("true"
   only for a query without `id` cut at $top), $skipToken (while rows remain)}. `data` is the rows as
   objects (options.resultFormat "objectArray", the default), or with "table" a Table: {columns:
@@ -836,17 +846,22 @@ AZURE_CHINA_COMPUTE_TYPES = frozenset(
 
 
 class GraphQuery(NamedTuple):
-    """The subset of KQL the fake evaluates: a table, `where COLUMN in~ ('a', ...)` filters, one
-    `project` of documented columns or `name = column.path` expressions, and `order by` / `sort by`
-    (the last one given wins, as in KQL): (document path, descending?) per term, first term first."""
+    """The subset of KQL the fake evaluates: a table, `where COLUMN in~ ('a', ...)` filters, `extend`s
+    and one `project` of compiled expressions ((name, evaluate(row)) pairs, evaluate reading a document
+    with the extended columns so far), and `order by` / `sort by` (the last one given wins, as in KQL):
+    (path, descending?) per term, first term first, the path read from the projected row when the order
+    comes after `project` (`order_projected`), else from the document with its extended columns."""
     table: str
     filters: tuple[tuple[str, frozenset[str]], ...]
-    columns: tuple[tuple[str, tuple[str, ...]], ...]
+    columns: tuple[tuple[str, Callable[[dict], object]], ...]
     order: tuple[tuple[tuple[str, ...], bool], ...] = ()
+    extends: tuple[tuple[str, Callable[[dict], object]], ...] = ()
+    order_projected: bool = False
 
 
 _ORDER = re.compile(r"(?:order|sort)\s+by\s+(.+)", re.DOTALL)
 _ORDER_TERM = re.compile(r"([A-Za-z_][A-Za-z0-9_.]*)(?:\s+(asc|desc))?", re.IGNORECASE)
+_ASSIGNING = re.compile(r"(extend|project)\s+(.+)", re.DOTALL)
 
 
 def parse_graph_query(text: str, *, known_types_only: bool = True) -> GraphQuery:
@@ -860,46 +875,59 @@ def parse_graph_query(text: str, *, known_types_only: bool = True) -> GraphQuery
     table = _TABLES.get(stages[0].lower())
     if table is None:
         raise ValueError(f"table {stages[0]!r} is not a documented Resource Graph table the fake serves")
-    filters, columns, order = [], None, ()
+    filters, extends, extended, columns, projected, order, after = [], [], {}, None, {}, (), False
     for stage in stages[1:]:
         where = re.fullmatch(r"where\s+(\w+)\s+in~\s*\((.*)\)", stage, re.DOTALL)
+        assigning = _ASSIGNING.fullmatch(stage)
         ordered = _ORDER.fullmatch(stage)
+        if columns is not None and not ordered:
+            raise ValueError(f"operator not modelled by the fake after project: {stage[:60]!r}")
         if where:
             column, values = where[1], frozenset(v.lower() for v in re.findall(r"'([^']*)'", where[2]))
+            if column in extended:
+                raise ValueError(f"where on the extended column {column!r} is not modelled by the fake")
             _check_column(column)
             known = {t.lower() for t in GRAPH_SCHEMA["tables"][table]}
             unknown = sorted(values - known) if column == "type" and known_types_only else []
             if unknown:
                 raise ValueError(f"type(s) {', '.join(unknown)} are not documented in table {table}")
             filters.append((column, values))
-        elif stage.startswith("project ") and columns is None:
-            columns = tuple(_projection(item.strip()) for item in stage[len("project "):].split(","))
+        elif assigning and assigning[1] == "extend":
+            if order:
+                raise ValueError("extend after order by is not modelled by the fake")
+            extends += _Expressions(assigning[2], extended).assignments(extending=True)
+        elif assigning:
+            items = _Expressions(assigning[2], extended).assignments(extending=False)
+            projected = {name: kind for name, _, kind in items}
+            if len(projected) < len(items):
+                raise ValueError(f"project names a column twice: {stage[:60]!r}")
+            columns = tuple((name, evaluate) for name, evaluate, _ in items)
         elif ordered:
-            order = tuple(_order_term(term.strip(), columns) for term in ordered[1].split(","))
+            known = projected if columns is not None else extended
+            order = tuple(_order_term(term.strip(), known, columns is not None) for term in ordered[1].split(","))
+            after = columns is not None
         else:
             raise ValueError(f"operator not modelled by the fake: {stage[:60]!r}")
     if not columns:
         raise ValueError("no project: the fake wants the columns named")
-    return GraphQuery(table, tuple(filters), columns, order)
+    return GraphQuery(table, tuple(filters), columns, order,
+                      tuple((name, evaluate) for name, evaluate, _ in extends), after)
 
 
-def _order_term(term: str, columns) -> tuple[tuple[str, ...], bool]:
-    """One `COLUMN [asc|desc]` of an order by: (document path, descending?). KQL sorts descending
-    unless told `asc` ("sort operator", Kusto Query Language reference). Before `project` a term names
-    a documented column (or a path in one); after it, a projected column."""
+def _order_term(term: str, known: dict[str, str], projected: bool) -> tuple[tuple[str, ...], bool]:
+    """One `COLUMN [asc|desc]` of an order by: (path, descending?). KQL sorts descending unless told
+    `asc` ("sort operator", Kusto Query Language reference). Before `project` a term names a documented
+    or extended column (or a path in one); after it, a projected column (or a path in one)."""
     match = _ORDER_TERM.fullmatch(term)
     if not match:
         raise ValueError(f"order by term {term!r} is not `column [asc|desc]`")
     first, *rest = match[1].split(".")
-    if columns is None:
-        _check_column(first)
-        path = (first, *rest)
-    else:
-        projected = dict(columns)
-        if first not in projected:
-            raise ValueError(f"order by {first!r}: not a column of the projection")
-        path = (*projected[first], *rest)
-    return path, (match[2] or "desc").lower() == "desc"
+    if projected and first not in known:
+        raise ValueError(f"order by {first!r}: not a column of the projection")
+    kind = known[first] if first in known else _documented_kind(first)
+    if rest and kind != _DYNAMIC:
+        raise ValueError(f"order by {match[1]!r}: {first!r} is a {kind}, not a dynamic value")
+    return (first, *rest), (match[2] or "desc").lower() == "desc"
 
 
 def _check_column(name: str) -> None:
@@ -907,23 +935,216 @@ def _check_column(name: str) -> None:
         raise ValueError(f"column {name!r} is not a documented Resource Graph column")
 
 
-def _projection(item: str) -> tuple[str, tuple[str, ...]]:
-    alias, _, expression = item.rpartition("=")
-    path = tuple(part.strip() for part in expression.strip().split("."))
-    if not all(_IDENTIFIER.fullmatch(part) for part in path) or (alias and not _IDENTIFIER.fullmatch(alias.strip())):
-        raise ValueError(f"projection {item!r} is not `column` or `name = column.path`")
-    _check_column(path[0])
-    return (alias.strip() or path[0]), path
-
-
-def _dig(document: dict, path: tuple[str, ...]):
-    """A dynamic path as KQL reads it: case-sensitive, null where anything is missing."""
+def _dig(document: dict, path: tuple[str | int, ...]):
+    """A dynamic path as KQL reads it: case-sensitive members, array indexes from 0, null where
+    anything is missing (a member of a non-object, an index of a non-array or past its end)."""
     value = document
-    for part in path:
-        if not isinstance(value, dict):
+    for step in path:
+        if type(step) is int:
+            value = value[step] if type(value) is list and step < len(value) else None
+        elif type(value) is dict:
+            value = value.get(step)
+        else:
             return None
-        value = value.get(part)
     return value
+
+
+# KQL expressions: the types the fake tells apart, and the functions it models. Sources, in
+# resource_graph_schema.json (`_sources.kql_expressions`): Resource Graph supports KQL's scalar functions
+# and operators ("Understanding the Azure Resource Graph query language"); each function's Kusto page.
+_DYNAMIC, _LONG, _BOOL, _STRING = "dynamic", "long", "bool", "string"
+# The documented columns whose cells are strings (ids, names, places); the others hold dynamic values.
+_STRING_COLUMNS = frozenset({"id", "name", "type", "tenantId", "kind", "location", "resourceGroup",
+                             "subscriptionId", "managedBy"})
+_TOKEN = re.compile(r"\s*(\d+|[A-Za-z_][A-Za-z0-9_]*|'[^']*'|\"[^\"]*\"|==|!=|=~|!~|<=|>=|\S)")
+_Compiled = tuple[Callable[[dict], object], str]   # (evaluate(row), its KQL type)
+
+
+def _documented_kind(name: str) -> str:
+    _check_column(name)
+    return _STRING if name in _STRING_COLUMNS else _DYNAMIC
+
+
+def _is_number(value) -> bool:
+    return type(value) in (int, float)
+
+
+def _array_length(array: _Compiled) -> _Compiled:
+    """array_length(): "the number of elements in array, or null if array isn't an array" (a dynamic
+    parameter)."""
+    evaluate, kind = array
+    if kind != _DYNAMIC:
+        raise ValueError(f"array_length() of a {kind}: its parameter is dynamic")
+    return (lambda row: len(value) if type(value := evaluate(row)) is list else None), _LONG
+
+
+def _isnotempty(value: _Compiled) -> _Compiled:
+    """isnotempty(): "true if the argument isn't an empty string, and it isn't null"; an empty array or
+    property bag is not empty (isempty's examples: parsejson("[]") and parsejson("{}") are not)."""
+    evaluate = value[0]
+    return (lambda row: (v := evaluate(row)) is not None and v != ""), _BOOL
+
+
+def _isempty(value: _Compiled) -> _Compiled:
+    """isempty(): "true if the argument is an empty string or is null"."""
+    evaluate = value[0]
+    return (lambda row: (v := evaluate(row)) is None or v == ""), _BOOL
+
+
+def _iff(condition: _Compiled, then: _Compiled, otherwise: _Compiled) -> _Compiled:
+    """iff(): "the then value when the if condition evaluates to true, otherwise ... the else value"
+    (so for a null condition too); the fake wants both of one type."""
+    (test, test_kind), (yes, kind), (no, other_kind) = condition, then, otherwise
+    if test_kind != _BOOL or kind != other_kind:
+        raise ValueError(f"iff({test_kind}, {kind}, {other_kind}) is not modelled by the fake: it wants "
+                         "a bool condition and two values of one type")
+    return (lambda row: yes(row) if test(row) else no(row)), kind
+
+
+_FUNCTIONS = {"array_length": _array_length, "isnotempty": _isnotempty, "isempty": _isempty, "iff": _iff}
+
+
+class _Expressions:
+    """One stage's `NAME = EXPR, ...` items, parsed by recursive descent into closures over a row.
+
+    expression := comparison ('and' comparison)*;  comparison := primary ('==' INTEGER)?;
+    primary := INTEGER | '(' expression ')' | dynamic(null) | FUNCTION '(' expression, ... ')'
+             | COLUMN ('.' MEMBER | '[' INTEGER ']')*
+    Anything else is a ValueError naming it. `extended` maps the extended columns so far to their types.
+    """
+
+    def __init__(self, text: str, extended: dict[str, str]):
+        self.text, self.extended, self.at = text, extended, 0
+        self.tokens = _TOKEN.findall(text.strip())
+
+    def assignments(self, *, extending: bool) -> list[tuple[str, Callable, str]]:
+        """(name, evaluate, type) per item. Project's items may be bare columns, extend's may not;
+        an extend's columns are known to its later items (and stages) as they are defined."""
+        items = []
+        while True:
+            name = self.take()
+            if not _IDENTIFIER.fullmatch(name):
+                raise ValueError(f"{name!r} in {self.text!r}: not a column name")
+            if self.peek() == "=":
+                self.take()
+                evaluate, kind = self.expression()
+            elif extending:
+                raise ValueError(f"extend {name!r}: the fake models only `extend NAME = EXPR`")
+            else:
+                evaluate, kind = self.column(name, ())
+            items.append((name, evaluate, kind))
+            if extending:
+                self.extended[name] = kind     # a later definition shadows an earlier one, as in KQL
+            if self.peek() is None:
+                return items
+            self.take(",")
+
+    def peek(self) -> str | None:
+        return self.tokens[self.at] if self.at < len(self.tokens) else None
+
+    def take(self, expected: str | None = None) -> str:
+        token = self.peek()
+        if token is None or expected not in (None, token):
+            found = "the end" if token is None else repr(token)
+            raise ValueError(f"{found} in {self.text!r} (where {expected or 'more'!r} would do): not modelled "
+                             "by the fake, which knows columns, paths, == N, and, iff, array_length, "
+                             "isnotempty, isempty and dynamic(null)")
+        self.at += 1
+        return token
+
+    def expression(self) -> _Compiled:
+        evaluate, kind = self.comparison()
+        while self.peek() == "and":
+            self.take()
+            right, right_kind = self.comparison()
+            if kind != _BOOL or right_kind != _BOOL:
+                raise ValueError(f"`and` of a {kind} and a {right_kind} in {self.text!r}: not modelled")
+            evaluate = _and(evaluate, right)
+        return evaluate, kind
+
+    def comparison(self) -> _Compiled:
+        evaluate, kind = self.primary()
+        if self.peek() != "==":
+            return evaluate, kind
+        self.take()
+        number = self.integer("==")
+        if kind not in (_LONG, _DYNAMIC):
+            raise ValueError(f"a {kind} == {number} in {self.text!r}: not modelled by the fake")
+        # "Applying the equality operator to a null value and a non-null value yields bool(false)."
+        return (lambda row: _is_number(value := evaluate(row)) and value == number), _BOOL
+
+    def primary(self) -> _Compiled:
+        token = self.take()
+        if token.isdigit():
+            number = int(token)
+            return (lambda row: number), _LONG
+        if token == "(":
+            inner = self.expression()
+            self.take(")")
+            return inner
+        if not _IDENTIFIER.fullmatch(token) or token == "and":
+            raise ValueError(f"{token!r} in {self.text!r}: not modelled by the fake (string literals only "
+                             "in `where COLUMN in~ (...)`; no operators but == N and `and`)")
+        if self.peek() == "(":
+            return self.call(token)
+        steps = []
+        while self.peek() in (".", "["):
+            if self.take() == ".":
+                steps.append(self.take())
+                if not _IDENTIFIER.fullmatch(steps[-1]):
+                    raise ValueError(f"member {steps[-1]!r} in {self.text!r}: not modelled by the fake")
+            else:
+                steps.append(self.integer("["))
+                self.take("]")
+        return self.column(token, tuple(steps))
+
+    def integer(self, after: str) -> int:
+        token = self.take()
+        if not token.isdigit():
+            raise ValueError(f"{token!r} after {after!r} in {self.text!r}: the fake models only a "
+                             "non-negative integer literal there")
+        return int(token)
+
+    def column(self, name: str, steps: tuple) -> _Compiled:
+        kind = self.extended[name] if name in self.extended else _documented_kind(name)
+        if steps and kind != _DYNAMIC:
+            raise ValueError(f"{name!r} is a {kind}: a path in it ({self.text!r}) is not modelled")
+        if not steps:
+            return (lambda row: row.get(name)), kind
+        path = (name, *steps)
+        return (lambda row: _dig(row, path)), _DYNAMIC
+
+    def call(self, name: str) -> _Compiled:
+        self.take("(")
+        if name == "dynamic":
+            if self.take() != "null" or self.take() != ")":
+                raise ValueError(f"a dynamic literal other than dynamic(null) in {self.text!r}: not modelled")
+            return (lambda row: None), _DYNAMIC
+        function = _FUNCTIONS.get(name)
+        if function is None:
+            raise ValueError(f"function {name}() is not modelled by the fake")
+        arguments = [] if self.peek() == ")" else [self.expression()]
+        while self.peek() == ",":
+            self.take()
+            arguments.append(self.expression())
+        self.take(")")
+        try:
+            return function(*arguments)
+        except TypeError:
+            raise ValueError(f"{name}() with {len(arguments)} argument(s) in {self.text!r}") from None
+
+
+def _and(left: Callable, right: Callable) -> Callable:
+    """KQL's `and` as "Null values" states it: false if either side is false, else null if either is
+    null. ("Logical (binary) operators" tabulates `bool(null) and true` as false; no expression the fake
+    models yields a null bool, and iff and where read null as false either way.)"""
+    def both(row):
+        a = left(row)
+        if a is False:
+            return False
+        b = right(row)
+        return False if b is False else (None if a is None or b is None else True)
+    return both
 
 
 def _graph_row(item: dict, rtype: str, p_home: Vm | ScaleSet, power: str | None = None, sku=None) -> dict:
@@ -985,7 +1206,7 @@ def graph_candidates(estate: Estate, query: GraphQuery, subscriptions: set[str],
     """The query's rows before ordering, each with its order-by values: in the given subscriptions, in
     resource groups the principal may read (Resource Graph leaves out what the caller cannot read), of
     the types the cloud has (`compute_types`: those of ComputeResources; None, all documented ones),
-    filtered and projected."""
+    filtered, extended and projected (only project's columns, in its order)."""
     types = next((values for column, values in query.filters if column == "type"), None)
     if query.table == "ComputeResources" and compute_types is not None:
         present = {t.lower() for t in compute_types}
@@ -996,9 +1217,16 @@ def graph_candidates(estate: Estate, query: GraphQuery, subscriptions: set[str],
             continue
         if readable is not None and document["resourceGroup"] not in readable:
             continue
-        if all(str(document.get(column) or "").lower() in values for column, values in query.filters):
-            candidates.append((tuple(_dig(document, path) for path, _ in query.order),
-                               {name: _dig(document, path) for name, path in query.columns}))
+        if not all(str(document.get(column) or "").lower() in values for column, values in query.filters):
+            continue
+        row = document
+        if query.extends:
+            row = dict(document)
+            for name, evaluate in query.extends:
+                row[name] = evaluate(row)
+        projected = {name: evaluate(row) for name, evaluate in query.columns}
+        sorted_on = projected if query.order_projected else row
+        candidates.append((tuple(_dig(sorted_on, path) for path, _ in query.order), projected))
     return candidates
 
 

@@ -22,7 +22,8 @@ from azure.mgmt.compute import ComputeManagementClient
 from azure.mgmt.network import NetworkManagementClient
 
 from fake_arm import (ARM_SCOPE, AZURE_CHINA_COMPUTE_TYPES, DEFAULT_SUBSCRIPTION, ENDPOINTS, FLEXIBLE, SERVICE_NAME_TAG,
-                      SERVICE_PORT_TAG, UNIFORM, Estate, FakeArm, Vm, make_estate, service_tags)
+                      SERVICE_PORT_TAG, UNIFORM, Estate, FakeArm, Vm, evaluate_graph_query, make_estate,
+                      parse_graph_query, service_tags)
 from conftest import azure_env
 
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -549,11 +550,160 @@ class TestResourceGraph:
         assert graph_post(fake, {**body, "options": {"$top": 5000}})[0] == 400
         status, error, _ = graph_post(fake, {**body, "query": "Resources | project id, vmSize"})
         assert status == 400 and error["error"]["details"][0]["code"] == "InvalidQuery"
+        status, error, _ = graph_post(fake, {**body, "query": "Resources | project id, n = strlen(name)"})
+        assert status == 400 and "function strlen() is not modelled" in error["error"]["details"][0]["message"]
 
     def test_rows_only_from_readable_groups_without_a_403(self, fake):
         fake.reader_groups = {"rg-b"}
         status, page, _ = graph_post(fake, {"subscriptions": [SUB], "query": self.QUERY})
         assert status == 200 and [r["name"] for r in page["data"]] == ["vm-0001"]
+
+
+# --- Resource Graph: KQL expressions (extend, project NAME = EXPR) ---
+PROGRAM_QUERY = """\
+Resources
+| where type in~ ('microsoft.compute/virtualmachines', 'microsoft.compute/virtualmachinescalesets',
+    'microsoft.network/networkinterfaces', 'microsoft.network/publicipaddresses')
+| where resourceGroup in~ ('rg-a')
+| extend configs = properties.ipConfigurations
+| extend flat = array_length(configs) == 1 and isnotempty(configs[0].properties.privateIPAddress)
+| project id, name, type, location, tags,
+    powerState = properties.extended.instanceView.powerState.code,
+    provisioningState = properties.provisioningState,
+    capacity = sku.capacity,
+    nics = array_length(properties.networkProfile.networkInterfaces),
+    virtualMachineScaleSet = properties.virtualMachineScaleSet.id,
+    orchestrationMode = properties.orchestrationMode,
+    virtualMachine = properties.virtualMachine.id,
+    primary = properties.primary,
+    ipConfigurations = iff(flat, dynamic(null), configs),
+    privateIPAddress = iff(flat, configs[0].properties.privateIPAddress, dynamic(null)),
+    privateIPAddressVersion = iff(flat, configs[0].properties.privateIPAddressVersion, dynamic(null)),
+    publicIPAddress = iff(flat, configs[0].properties.publicIPAddress.id, dynamic(null)),
+    ipAddress = properties.ipAddress
+| order by id asc"""
+PROJECTED = ("id", "name", "type", "location", "tags", "powerState", "provisioningState", "capacity", "nics",
+             "virtualMachineScaleSet", "orchestrationMode", "virtualMachine", "primary", "ipConfigurations",
+             "privateIPAddress", "privateIPAddressVersion", "publicIPAddress", "ipAddress")
+FLAT = ("privateIPAddress", "privateIPAddressVersion", "publicIPAddress")
+
+
+def graph_rows(estate: Estate, query: str) -> dict[str, dict]:
+    """The query's rows over the estate (one subscription, every group), by name."""
+    return {row["name"]: row for row in evaluate_graph_query(estate, parse_graph_query(query), {SUB}, None)}
+
+
+class TestGraphExpressions:
+    def test_one_addressed_configuration_comes_flat_others_whole(self):
+        """iff(flat, ...): a NIC whose one configuration has an address gives its address, version and
+        public IP id, with ipConfigurations null; two configurations, or one without an address ("" or
+        none), come whole with the flat columns null. A VM's nics count its NICs; rows without the
+        array (NICs, public IPs, scale sets) have nics null, as array_length of a non-array is."""
+        estate = make_estate(vms=5, uniform_sets=1, per_set=1, resource_groups=("rg-a",), public_ip_base="20.2.0.4",
+                             overrides={"vm-0001": {"private_ipv6": "fd00::5"}, "vm-0002": {"private_ip": ""},
+                                        "vm-0003": {"private_ip": None}, "vm-0004": {"second_nic_ip": "10.9.0.3"}})
+        query = parse_graph_query(PROGRAM_QUERY)
+        assert tuple(name for name, _ in query.columns) == PROJECTED and query.order[0] == (("id",), False)
+        rows = graph_rows(estate, PROGRAM_QUERY)
+        assert all(tuple(row) == PROJECTED for row in rows.values())      # extend's columns are not answered
+        vm0 = next(estate.machines())
+        assert rows["vm-0000-nic"]["ipConfigurations"] is None
+        assert [rows["vm-0000-nic"][c] for c in FLAT[:2]] == [vm0.inst.private_ip, "IPv4"]
+        assert rows["vm-0000-nic"]["publicIPAddress"].lower() == vm0.public_ip_id.lower()
+        for name, configs in (("vm-0001-nic", 2), ("vm-0002-nic", 1), ("vm-0003-nic", 1)):
+            assert len(rows[name]["ipConfigurations"]) == configs, name
+            assert [rows[name][c] for c in FLAT] == [None, None, None], name
+        assert rows["vm-0001-nic"]["ipConfigurations"][1]["properties"]["privateIPAddressVersion"] == "IPv6"
+        assert rows["vm-0004-nic2"]["privateIPAddress"] == "10.9.0.3"
+        assert [rows[f"vm-000{n}"]["nics"] for n in range(5)] == [1, 1, 1, 1, 2]
+        assert rows["uvmss-00"]["capacity"] == 1
+        for name in ("vm-0000-nic", "vm-0000-pip", "uvmss-00"):
+            assert rows[name]["nics"] is None and rows[name]["ipConfigurations"] is None, name
+        assert rows["vm-0000-pip"]["ipAddress"] == "20.2.0.4"
+
+    def test_through_the_endpoint_in_table_format(self, fake):
+        status, page, _ = graph_post(fake, {"subscriptions": [SUB], "query": PROGRAM_QUERY,
+                                            "options": {"resultFormat": "table"}})
+        assert status == 200, page
+        assert [c["name"] for c in page["data"]["columns"]] == list(PROJECTED)
+        ids = [row[0] for row in page["data"]["rows"]]
+        assert ids == sorted(ids) and all("/resourceGroups/rg-a/" in i for i in ids)
+        nics = [dict(zip(PROJECTED, row)) for row in page["data"]["rows"] if row[2].endswith("/networkinterfaces")]
+        assert nics and all(n["privateIPAddress"] and n["ipConfigurations"] is None for n in nics)
+
+    def test_dynamic_values_as_kusto_reads_them(self):
+        """array_length of a property bag or a string is null; isnotempty({}) is true (only null and ""
+        are empty); a path past an array's end or through a non-object is null; == N of a string or a
+        null is false; a later extend shadows an earlier one and may use it."""
+        estate = make_estate(vms=2, overrides={"vm-0001": {"tags": {}}})
+        rows = graph_rows(estate, (
+            "Resources | where type in~ ('microsoft.compute/virtualmachines')"
+            " | extend a = properties.networkProfile, b = a.networkInterfaces | extend a = array_length(b)"
+            " | project name, a, bag = array_length(tags), text = array_length(properties.provisioningState),"
+            " tagged = isnotempty(tags), nothing = isempty(properties.nothing),"
+            " first = b[0].id, past = b[1], through = properties.provisioningState.code,"
+            " one = a == 1, textIsOne = properties.provisioningState == 1, nullIsOne = properties.nothing == 1,"
+            " both = (a == 1 and isnotempty(name)) and isempty(properties.nothing)"))
+        vm = rows["vm-0001"]
+        assert (vm["a"], vm["bag"], vm["text"]) == (1, None, None)
+        assert (vm["tagged"], rows["vm-0000"]["tagged"], vm["nothing"]) == (True, True, True)
+        assert vm["first"].endswith("/Microsoft.Network/networkInterfaces/vm-0001-nic")
+        assert (vm["past"], vm["through"]) == (None, None)
+        assert (vm["one"], vm["textIsOne"], vm["nullIsOne"], vm["both"]) == (True, False, False, True)
+
+    def test_order_by_a_projected_expression_and_by_an_extended_column(self):
+        """Descending puts nulls (rows without NICs of their own) last, ascending first; before project an
+        order may name an extended column that project leaves out."""
+        estate = make_estate(vms=3, overrides={"vm-0001": {"second_nic_ip": "10.9.0.3"}})
+        base = ("Resources | where type in~ ('microsoft.compute/virtualmachines', "
+                "'microsoft.network/networkinterfaces')")
+        counted = base + " | project name, nics = array_length(properties.networkProfile.networkInterfaces)"
+
+        def names(query):
+            return [row["name"] for row in evaluate_graph_query(estate, parse_graph_query(query), {SUB}, None)]
+        nics = ["vm-0000-nic", "vm-0001-nic", "vm-0001-nic2", "vm-0002-nic"]
+        assert names(counted + " | order by nics desc, name asc") == ["vm-0001", "vm-0000", "vm-0002", *nics]
+        assert names(counted + " | order by nics asc, name desc") == [*reversed(nics), "vm-0002", "vm-0000",
+                                                                      "vm-0001"]
+        extended = (base + " | extend n = array_length(properties.networkProfile.networkInterfaces)"
+                    " | order by n desc, name asc | project name")
+        assert names(extended) == ["vm-0001", "vm-0000", "vm-0002", *nics]
+        assert parse_graph_query(counted + " | order by nics").order_projected
+
+    @pytest.mark.parametrize("expression, problem", [
+        ("tostring(properties.primary)", "function tostring"),
+        ("properties.primary == 'true'", "non-negative integer literal"),
+        ("array_length(properties.ipConfigurations) != 1", "'!='"),
+        ("properties.ipConfigurations[-1].id", "non-negative integer literal"),
+        ("array_length(properties.ipConfigurations) == 1 or isnotempty(id)", "'or'"),
+        ("1 + 1", "'\\+'"),
+        ("dynamic([1])", "dynamic literal"),
+        ("iff(isnotempty(id), id, dynamic(null))", "iff\\(bool, string, dynamic\\)"),
+        ("iff(properties.primary, 1, 2)", "iff\\(dynamic, long, long\\)"),
+        ("array_length(id)", "array_length\\(\\) of a string"),
+        ("id.segments", "'id' is a string"),
+        ("hostName", "column 'hostName'"),
+        ("iff(isnotempty(id), 1)", "2 argument"),
+    ])
+    def test_what_is_not_modelled_is_refused_by_name(self, expression, problem):
+        with pytest.raises(ValueError, match=problem):
+            parse_graph_query(f"Resources | project id, x = {expression}")
+
+    @pytest.mark.parametrize("stages, problem", [
+        ("| summarize count() by type", "operator not modelled"),
+        ("| extend n | project id", "extend NAME = EXPR"),
+        ("| project id | where type in~ ('microsoft.compute/virtualmachines')", "after project"),
+        ("| project id | extend n = 1", "after project"),
+        ("| extend type = 1 | where type in~ ('a') | project id", "extended column 'type'"),
+        ("| order by id asc | extend n = 1 | project id", "extend after order by"),
+        ("| project id, id", "twice"),
+        ("| project id, properties.primary", "'\\.'"),
+        ("| project id | order by name", "not a column of the projection"),
+        ("| project id | order by id.segment", "'id' is a string"),
+    ])
+    def test_stages_the_fake_does_not_model_are_refused(self, stages, problem):
+        with pytest.raises(ValueError, match=problem):
+            parse_graph_query(f"Resources {stages}")
 
 
 class TestIdentity:

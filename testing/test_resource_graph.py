@@ -75,7 +75,9 @@ def test_queries_name_only_documented_tables_types_and_columns():
      "not documented in table Resources"),
     ("Resources | project id, powerState = properties.extended.instanceView.powerState.code, hostName",
      "column 'hostName'"),
-    ("Resources | extend x = 1 | project id", "operator not modelled"),
+    ("Resources | summarize count() | project id", "operator not modelled"),
+    ("Resources | project id, n = array_sum(properties.networkProfile.networkInterfaces)",
+     r"function array_sum\(\) is not modelled"),
     ("Resources | where type in~ ('microsoft.compute/virtualmachines')", "no project"),
 ])
 def test_the_fake_refuses_undocumented_queries(query, problem):
