@@ -3,6 +3,7 @@ POST /providers/Microsoft.ResourceGraph/resources in the documented shape, check
 and columns against what Microsoft documents (resource_graph_schema.json) and keeps the per-user quota."""
 import dataclasses
 import time
+from pathlib import Path
 
 import pytest
 
@@ -266,7 +267,8 @@ def shaping_estates():
                          overrides={"vm-0004": deleting, "uvmss-01_2": deleting,
                                     "fvmss-00_1": {**deleting, "power_state": "stopped"},
                                     "vm-0007": {"has_nic": False},
-                                    "vm-0009": {"second_nic_ip": "10.8.0.9"}})
+                                    "vm-0009": {"second_nic_ip": "10.8.0.9"},
+                                    "vm-0011": {"private_ip": ""}})
     return {"odd": odd, "varied": varied}
 
 
@@ -285,25 +287,68 @@ def read_of_scale_sets(inventory):
             for s in inventory.scale_sets]
 
 
+def one_configuration_unmarked(inventory):
+    """The inventory with `primary` left out of every NIC's only IP configuration: the join reads
+    a single configuration whether marked or not (Azure may omit it), and the query's flat columns
+    leave it out."""
+    return dataclasses.replace(inventory, scale_sets=[], nics=[
+        nic._replace(configs=[nic.configs[0]._replace(primary=None)]) if len(nic.configs) == 1
+        else nic for nic in inventory.nics])
+
+
 @pytest.mark.parametrize("estate_name", ["odd", "varied"])
 @pytest.mark.parametrize("page_size", [1, 7, 1000])
 def test_rows_read_page_by_page_are_the_records_of_the_former_shaping(estate_name, page_size):
     """Rows read as they come give the records the listings' reading (inventory_of) gives of the
-    Resource Manager objects the former shaping made of the same rows; scale sets the same as
-    far as they are read."""
+    Resource Manager objects the former shaping (whole IP configurations) made of the same
+    resources; scale sets the same as far as they are read."""
     estate = shaping_estates()[estate_name]
     for table in m.GRAPH_TABLES:
         inventory, shaped, rows = paged_listing(estate, table, page_size)
         former = m.inventory_of(former_listing(estate, table))
         assert read_of_scale_sets(inventory) == read_of_scale_sets(former)
-        assert dataclasses.replace(inventory, scale_sets=[]) == dataclasses.replace(
-            former, scale_sets=[])
+        assert one_configuration_unmarked(inventory) == one_configuration_unmarked(former)
         # ... NICs of two configurations among them (IPv4 and IPv6), power states of every kind
         assert any(len(nic.configs) > 1 for nic in inventory.nics)
         assert shaped.rows == rows and len(shaped.ids) == rows
     powers = {vm.power for vm in paged_listing(estate, "Resources", page_size)[0].vms}
     assert {"running", "deallocated"} <= powers
     assert ("deleting" in powers) == (estate_name == "varied")
+
+
+def test_a_nic_with_one_addressed_configuration_comes_as_three_columns():
+    """The query leaves out of a NIC's row what the join does not read: one IP configuration with
+    an address comes as its address, version and public IP's id; two configurations, or one
+    without an address, come whole, as Azure lists them. A VM's NICs come as their number."""
+    estate = make_estate(vms=4, subscriptions=(SUB,), public_ip_base="20.2.0.4",
+                         overrides={"vm-0001": {"private_ipv6": "fd00::5"},
+                                    "vm-0002": {"private_ip": ""},
+                                    "vm-0003": {"second_nic_ip": "10.9.0.3"}})
+    query = parse_graph_query(m.graph_query("Resources", ()))
+    rows = {row["id"].rsplit("/", 1)[-1]: row
+            for row in evaluate_graph_query(estate, query, {SUB}, None)}
+    flat = ("privateIPAddress", "privateIPAddressVersion", "publicIPAddress")
+    vm0 = next(estate.machines())
+    assert rows["vm-0000-nic"]["ipConfigurations"] is None
+    private, version, public = (rows["vm-0000-nic"][c] for c in flat)
+    assert (private, version, public.lower()) == (vm0.inst.private_ip, "IPv4",
+                                                  vm0.public_ip_id.lower())
+    for whole, configs in (("vm-0001-nic", 2), ("vm-0002-nic", 1)):
+        assert len(rows[whole]["ipConfigurations"]) == configs
+        assert [rows[whole][c] for c in flat] == [None, None, None]
+    assert [rows[f"vm-000{n}"]["nics"] for n in range(4)] == [1, 1, 1, 2]
+    assert rows["vm-0000-nic"]["nics"] is None
+    # ... and read into the records the whole configurations give (the public IP's id lower-cased)
+    nic = m._graph_nic(m.GraphRow(*(rows["vm-0000-nic"].get(c) for c in m.GraphRow._fields)))
+    assert nic.configs == [m.IpConfiguration(None, vm0.inst.private_ip, "IPv4",
+                                             vm0.public_ip_id.lower())]
+
+
+def test_the_documented_query_is_the_one_sent():
+    """docs/azure.md shows the query for one resource group and public addresses: as sent."""
+    text = (Path(__file__).resolve().parent.parent / "docs" / "azure.md").read_text()
+    shown = text.split("```kusto\n", 1)[1].split("\n```", 1)[0]
+    assert shown == m.graph_query("Resources", ("rg-a",), True)
 
 
 @pytest.mark.parametrize("configs", [["a string"], [{"properties": "a string"}], [None],
