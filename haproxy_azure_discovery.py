@@ -3535,18 +3535,20 @@ LISTINGS = {
 # language").
 # What a row carries is what the bytes cost: a VM's network interfaces only as their number
 # (impossible's check); a NIC's one IP configuration, when it has an address (nearly every NIC),
-# as three columns (its address, version and public IP's id; `flat`), where Azure's objects carry
-# id, name, type, subnet and more, two fifths of all bytes at 100,000 instances; any other NIC's
-# configurations whole, read as the listings' are. array_length, indexing and the configuration's
-# paths as in Microsoft's sample "List virtual machines with their network interface and public IP".
+# as three columns (its address, version and public IP's id: `oneAddressed`), where Azure's
+# objects carry id, name, type, subnet and more, two fifths of all bytes at 100,000 instances;
+# any other NIC's configurations whole, read as the listings' are. array_length, indexing and
+# the configuration's paths as in Microsoft's sample "List virtual machines with their network
+# interface and public IP".
+# The extended columns' names are camelCase, as Kusto advises, so that none is a keyword of KQL.
 GRAPH_API, GRAPH_PAGE = "2022-10-01", 1000
 GRAPH_QUERY = """\
 {table}
 | where type in~ ({types})
 | where resourceGroup in~ ({groups})
-| extend configs = properties.ipConfigurations
-| extend first = configs[0].properties
-| extend flat = array_length(configs) == 1 and isnotempty(first.privateIPAddress)
+| extend ipConfigs = properties.ipConfigurations
+| extend config0 = ipConfigs[0].properties
+| extend oneAddressed = array_length(ipConfigs) == 1 and isnotempty(config0.privateIPAddress)
 | project id, name, type, location, tags,
     powerState = properties.extended.instanceView.powerState.code,
     provisioningState = properties.provisioningState,
@@ -3556,10 +3558,10 @@ GRAPH_QUERY = """\
     orchestrationMode = properties.orchestrationMode,
     virtualMachine = properties.virtualMachine.id,
     primary = properties.primary,
-    ipConfigurations = iff(flat, dynamic(null), configs),
-    privateIPAddress = iff(flat, first.privateIPAddress, dynamic(null)),
-    privateIPAddressVersion = iff(flat, first.privateIPAddressVersion, dynamic(null)),
-    publicIPAddress = iff(flat, first.publicIPAddress.id, dynamic(null)),
+    ipConfigurations = iff(oneAddressed, dynamic(null), ipConfigs),
+    privateIPAddress = iff(oneAddressed, config0.privateIPAddress, dynamic(null)),
+    privateIPAddressVersion = iff(oneAddressed, config0.privateIPAddressVersion, dynamic(null)),
+    publicIPAddress = iff(oneAddressed, config0.publicIPAddress.id, dynamic(null)),
     ipAddress = properties.ipAddress
 | order by id asc"""
 GRAPH_TABLES = {
