@@ -276,6 +276,7 @@ import argparse
 import base64
 import collections
 import dataclasses
+import functools
 import hashlib
 import ipaddress
 import itertools
@@ -864,6 +865,9 @@ _ORDER_TERM = re.compile(r"([A-Za-z_][A-Za-z0-9_.]*)(?:\s+(asc|desc))?", re.IGNO
 _ASSIGNING = re.compile(r"(extend|project)\s+(.+)", re.DOTALL)
 
 
+# One parse per query text: the same text gives the same GraphQuery (its compiled expressions
+# included), so a query paged again compares equal to the one before.
+@functools.lru_cache(maxsize=64)
 def parse_graph_query(text: str, *, known_types_only: bool = True) -> GraphQuery:
     """ValueError naming the first thing Microsoft does not document (or the fake does not model).
 
