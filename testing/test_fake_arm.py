@@ -560,7 +560,9 @@ class TestResourceGraph:
 
 
 # --- Resource Graph: KQL expressions (extend, project NAME = EXPR) ---
-PROGRAM_QUERY = """\
+# A query of the program's shape (its GRAPH_QUERY flattens a NIC's one addressed IP configuration
+# the same way, with other names; testing/test_resource_graph.py runs the program's own).
+FLATTENING_QUERY = """\
 Resources
 | where type in~ ('microsoft.compute/virtualmachines', 'microsoft.compute/virtualmachinescalesets',
     'microsoft.network/networkinterfaces', 'microsoft.network/publicipaddresses')
@@ -602,9 +604,9 @@ class TestGraphExpressions:
         estate = make_estate(vms=5, uniform_sets=1, per_set=1, resource_groups=("rg-a",), public_ip_base="20.2.0.4",
                              overrides={"vm-0001": {"private_ipv6": "fd00::5"}, "vm-0002": {"private_ip": ""},
                                         "vm-0003": {"private_ip": None}, "vm-0004": {"second_nic_ip": "10.9.0.3"}})
-        query = parse_graph_query(PROGRAM_QUERY)
+        query = parse_graph_query(FLATTENING_QUERY)
         assert tuple(name for name, _ in query.columns) == PROJECTED and query.order[0] == (("id",), False)
-        rows = graph_rows(estate, PROGRAM_QUERY)
+        rows = graph_rows(estate, FLATTENING_QUERY)
         assert all(tuple(row) == PROJECTED for row in rows.values())      # extend's columns are not answered
         vm0 = next(estate.machines())
         assert rows["vm-0000-nic"]["ipConfigurations"] is None
@@ -622,7 +624,7 @@ class TestGraphExpressions:
         assert rows["vm-0000-pip"]["ipAddress"] == "20.2.0.4"
 
     def test_through_the_endpoint_in_table_format(self, fake):
-        status, page, _ = graph_post(fake, {"subscriptions": [SUB], "query": PROGRAM_QUERY,
+        status, page, _ = graph_post(fake, {"subscriptions": [SUB], "query": FLATTENING_QUERY,
                                             "options": {"resultFormat": "table"}})
         assert status == 200, page
         assert [c["name"] for c in page["data"]["columns"]] == list(PROJECTED)
