@@ -2451,6 +2451,21 @@ def _label(change: ServerChange) -> str:
 
 
 # === Azure transport ===
+def _azure_sdk() -> tuple[Any, Any, Any, Any]:
+    """Import the Azure SDK on first use; DependencyError (exit 69) if absent."""
+    try:
+        import azure.core.exceptions
+        import azure.identity
+        from azure.core.rest import HttpRequest
+        from azure.mgmt.compute import ComputeManagementClient
+    except ImportError as exc:
+        raise DependencyError(
+            f"Azure SDK not importable ({exc}); install azure-identity and azure-mgmt-compute "
+            "into the interpreter that runs this program "
+            "(or use the haproxy-azure-discovery.pyz, which carries them)") from exc
+    return azure.identity, ComputeManagementClient, azure.core.exceptions, HttpRequest
+
+
 def _origin(url: str) -> tuple[str, str, int | None]:
     """(scheme, host, port) of a URL, lower-cased, the default port spelt out."""
     u = urllib.parse.urlsplit(url)
@@ -3124,21 +3139,6 @@ def _credential(cfg: AzureConfig, identity: Any, authority: str,
 
 
 # === Azure: what the listings mean ===
-def _azure_sdk() -> tuple[Any, Any, Any, Any]:
-    """Import the Azure SDK on first use; DependencyError (exit 69) if absent."""
-    try:
-        import azure.core.exceptions
-        import azure.identity
-        from azure.core.rest import HttpRequest
-        from azure.mgmt.compute import ComputeManagementClient
-    except ImportError as exc:
-        raise DependencyError(
-            f"Azure SDK not importable ({exc}); install azure-identity and azure-mgmt-compute "
-            "into the interpreter that runs this program "
-            "(or use the haproxy-azure-discovery.pyz, which carries them)") from exc
-    return azure.identity, ComputeManagementClient, azure.core.exceptions, HttpRequest
-
-
 @dataclass
 class AzureListing:
     """Everything the listings (azure.source "arm") gave, as Resource Manager JSON (REST shapes);
@@ -3523,16 +3523,16 @@ LISTINGS = {
 }
 
 
-# Azure Resource Graph (azure.source "resource_graph"): POST
-# {arm}/providers/Microsoft.ResourceGraph/ resources, one query over every configured subscription,
-# 1,000 rows a page (the documented maximum of options.$top), pages chained by $skipToken. Each row
-# carries only what the join reads; the join is the one the listings use. Resource Graph allows
-# `union` only within one table (or with ResourceContainers), and Uniform scale-set instances live
-# in ComputeResources: they are a second query, sent only when a Uniform scale set carries the
-# service-name tag. Tables, types and columns: Microsoft's "Azure Resource Graph table and resource
-# type reference"; the power state is an extended property
-# (properties.extended.instanceView.powerState.code, "Understanding the Azure Resource Graph query
-# language").
+# === Azure Resource Graph ===
+# azure.source "resource_graph": POST {arm}/providers/Microsoft.ResourceGraph/resources, one
+# query over every configured subscription, 1,000 rows a page (the documented maximum of
+# options.$top), pages chained by $skipToken. Each row carries only what the join reads; the join is
+# the one the listings use. Resource Graph allows `union` only within one table (or with
+# ResourceContainers), and Uniform scale-set instances live in ComputeResources: they are a second
+# query, sent only when a Uniform scale set carries the service-name tag. Tables, types and
+# columns: Microsoft's "Azure Resource Graph table and resource type reference"; the power state is
+# an extended property (properties.extended.instanceView.powerState.code, "Understanding the Azure
+# Resource Graph query language").
 # What a row carries is what the bytes cost: a VM's network interfaces only as their number
 # (impossible's check); a NIC's one IP configuration, when it has an address (nearly every NIC),
 # as three columns (its address, version and public IP's id: `oneAddressed`), where Azure's
@@ -3729,6 +3729,62 @@ class GraphListing:
                                      ) from None
 
 
+def query_graph(pager: "_ArmPager", cfg: Config) -> Inventory:
+    """Resource Graph: Resources, then ComputeResources when a Uniform scale set is tagged."""
+    listing = _graph_listing(pager, cfg, "Resources")
+    tagged = {_id(s.get("id")) for s in scale_sets_to_list(listing.scale_sets, cfg)}
+    # as the listings do: instances of Uniform sets whose tags can make them match
+    if tagged:
+        uniform = _graph_listing(pager, cfg, "ComputeResources")
+        listing.set_instances = [i for i in uniform.set_instances
+                                 if _scale_set_of(_id(i.id)) in tagged]
+        listing.nics += uniform.nics
+        listing.public_ips += uniform.public_ips
+    return listing
+
+def _graph_listing(pager: "_ArmPager", cfg: Config, table: str) -> Inventory:
+    """Every row of one Resource Graph query, page by page ($skipToken), each page shaped as it
+    comes (GraphListing)."""
+    url = (f"{pager.base}/providers/Microsoft.ResourceGraph/resources"
+           f"?api-version={GRAPH_API}")
+    query = graph_query(table, cfg.azure.resource_groups, cfg.azure.address == "public")
+    what, seen = f"Resource Graph query of {table}", set()
+
+    def next_request(page: Mapping | None) -> Any:
+        # A table names the columns once, not in every row: half the decoding of objects.
+        options: dict[str, Any] = {"$top": GRAPH_PAGE, "resultFormat": "table"}
+        if page is not None:
+            if not page.get("$skipToken"):
+                return None
+            options["$skipToken"] = pager.fresh_link(what, page["$skipToken"], seen,
+                                                          "$skipToken")
+        body = {"subscriptions": list(cfg.azure.subscriptions), "query": query,
+                "options": options}
+        return pager.request("POST", url, json=body)
+    totals: list[Any] = []
+    shaped = GraphListing(what)
+
+    def take(page: Mapping) -> None:
+        if str(page.get("resultTruncated")).lower() == "true":
+            # Rows past the limit are missing, and a missing instance would be drained.
+            raise AzureError(f"Resource Graph query of {table} failed: result truncated")
+        totals.append(page.get("totalRecords"))
+        shaped.add_table(page.get("data"))
+    pager.paged(what, next_request, "data", take)
+    # Paging is exact only when each page agrees on the total and the rows add up to it with
+    # no id twice (Microsoft: unsorted results are "random and not repeatable"; a change
+    # while paging gives duplicates or missing rows). A missing VM or NIC would be drained.
+    rows, ids = shaped.rows, shaped.ids
+    if len(set(map(str, totals))) != 1 or not _is_int(totals[0]) or totals[0] != rows \
+            or len(ids) != rows:
+        totals_seen = ", ".join(sorted(set(map(str, totals))))
+        raise AzureError(f"{what} failed: {rows} rows received ({rows - len(ids)} of them "
+                         f"twice), totalRecords {totals_seen}: the pages do not add up (the "
+                         "estate changed while it was paged?); nothing is applied this cycle")
+    return shaped.inventory
+
+
+# === Azure quotas and clouds ===
 def quota_wait(headers: Mapping[str, str]) -> float | None:
     """Seconds until Resource Graph's per-user window resets, when its quota is spent
     (x-ms-user-quota-remaining 0, x-ms-user-quota-resets-after "hh:mm:ss"); else None."""
@@ -3844,6 +3900,7 @@ def metadata_endpoints(document: Any, resource_manager_url: str) -> tuple[str, s
     return audiences[0], login.rstrip("/")
 
 
+# === Azure source ===
 def without_health(instances: Iterable[Instance], cfg: Config) -> dict[str, int]:
     """Uniform scale sets (by lower-cased id) whose running instances that could serve report
     no Application Health, and how many."""
@@ -3853,61 +3910,6 @@ def without_health(instances: Iterable[Instance], cfg: Config) -> dict[str, int]
                 and could_serve(i, cfg):
             bare[_scale_set_of(i.id)] = bare.get(_scale_set_of(i.id), 0) + 1
     return bare
-
-
-def query_graph(pager: "_ArmPager", cfg: Config) -> Inventory:
-    """Resource Graph: Resources, then ComputeResources when a Uniform scale set is tagged."""
-    listing = _graph_listing(pager, cfg, "Resources")
-    tagged = {_id(s.get("id")) for s in scale_sets_to_list(listing.scale_sets, cfg)}
-    # as the listings do: instances of Uniform sets whose tags can make them match
-    if tagged:
-        uniform = _graph_listing(pager, cfg, "ComputeResources")
-        listing.set_instances = [i for i in uniform.set_instances
-                                 if _scale_set_of(_id(i.id)) in tagged]
-        listing.nics += uniform.nics
-        listing.public_ips += uniform.public_ips
-    return listing
-
-def _graph_listing(pager: "_ArmPager", cfg: Config, table: str) -> Inventory:
-    """Every row of one Resource Graph query, page by page ($skipToken), each page shaped as it
-    comes (GraphListing)."""
-    url = (f"{pager.base}/providers/Microsoft.ResourceGraph/resources"
-           f"?api-version={GRAPH_API}")
-    query = graph_query(table, cfg.azure.resource_groups, cfg.azure.address == "public")
-    what, seen = f"Resource Graph query of {table}", set()
-
-    def next_request(page: Mapping | None) -> Any:
-        # A table names the columns once, not in every row: half the decoding of objects.
-        options: dict[str, Any] = {"$top": GRAPH_PAGE, "resultFormat": "table"}
-        if page is not None:
-            if not page.get("$skipToken"):
-                return None
-            options["$skipToken"] = pager.fresh_link(what, page["$skipToken"], seen,
-                                                          "$skipToken")
-        body = {"subscriptions": list(cfg.azure.subscriptions), "query": query,
-                "options": options}
-        return pager.request("POST", url, json=body)
-    totals: list[Any] = []
-    shaped = GraphListing(what)
-
-    def take(page: Mapping) -> None:
-        if str(page.get("resultTruncated")).lower() == "true":
-            # Rows past the limit are missing, and a missing instance would be drained.
-            raise AzureError(f"Resource Graph query of {table} failed: result truncated")
-        totals.append(page.get("totalRecords"))
-        shaped.add_table(page.get("data"))
-    pager.paged(what, next_request, "data", take)
-    # Paging is exact only when each page agrees on the total and the rows add up to it with
-    # no id twice (Microsoft: unsorted results are "random and not repeatable"; a change
-    # while paging gives duplicates or missing rows). A missing VM or NIC would be drained.
-    rows, ids = shaped.rows, shaped.ids
-    if len(set(map(str, totals))) != 1 or not _is_int(totals[0]) or totals[0] != rows \
-            or len(ids) != rows:
-        totals_seen = ", ".join(sorted(set(map(str, totals))))
-        raise AzureError(f"{what} failed: {rows} rows received ({rows - len(ids)} of them "
-                         f"twice), totalRecords {totals_seen}: the pages do not add up (the "
-                         "estate changed while it was paged?); nothing is applied this cycle")
-    return shaped.inventory
 
 
 class AzureSource:
