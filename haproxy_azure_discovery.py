@@ -1774,16 +1774,6 @@ def slot_fields(cfg: HAProxyConfig) -> tuple[dict[str, Any], dict[str, Any]]:
                   "check": "disabled"}
 
 
-def server_body(name: str, member: Member | None, cfg: HAProxyConfig, with_id: bool = True,
-                fields: tuple[dict[str, Any], dict[str, Any]] | None = None) -> dict[str, Any]:
-    """The Data Plane server object for slot `name`, serving `member` or parked (None), as a
-    new server (slot_body says what it is over a server on disk); `fields`: slot_fields(cfg),
-    when the caller has it. srvN carries `id` N: HAProxy numbers servers without one in file
-    order, consistent hashing and id-based persistence follow those numbers, and a
-    full-section write reorders the file (see SlotAssignment.foreign_ids)."""
-    return slot_body(name, member, None, cfg, with_id, fields or slot_fields(cfg))
-
-
 def backend_fields(name: str, cfg: BackendConfig) -> dict[str, Any]:
     return {"name": name, "mode": cfg.mode, "balance": {"algorithm": cfg.balance}, **cfg.params}
 

@@ -46,6 +46,11 @@ def make_config(**sections) -> m.Config:
     return m.parse_config(raw, {})
 
 
+def new_server(name, member, cfg):
+    """The server object a plan writes for slot `name` as a new server: serving `member`, or parked."""
+    return m.slot_body(name, member, None, cfg, True, m.slot_fields(cfg))
+
+
 def make_instance(n: int, service="web", port="8080", region="eastus", state="running", **kw) -> m.Instance:
     tags = {"HAProxy:Service:Name": service, "HAProxy:Service:Port": port, **kw.pop("tags", {})}
     return m.Instance(id=kw.pop("id", f"/subscriptions/{SUB}/resourcegroups/rg/providers/microsoft.compute/"
@@ -952,10 +957,10 @@ class TestSlots:
         """After a restart (no memory) an unchanged estate produces an empty plan, even
         when HAProxy's slot order differs from what a first sync would choose."""
         cfg = make_config()
-        servers = {f"srv{i}": m.server_body(f"srv{i}", None, cfg.haproxy) for i in range(1, 11)}
+        servers = {f"srv{i}": new_server(f"srv{i}", None, cfg.haproxy) for i in range(1, 11)}
         for slot, n in (("srv7", 1), ("srv2", 2), ("srv9", 3)):
             inst = make_instance(n)
-            servers[slot] = m.server_body(slot, m.Member(inst.id, inst.name, inst.address, 8080), cfg.haproxy)
+            servers[slot] = new_server(slot, m.Member(inst.id, inst.name, inst.address, 8080), cfg.haproxy)
         backend = m.BackendState("azure-web-8080-eastus", m.backend_fields("azure-web-8080-eastus",
                                                                            cfg.haproxy.backend), servers)
         decision = run_plan([make_instance(n) for n in (1, 2, 3)], {backend.name: backend}, cfg=cfg)
@@ -1118,12 +1123,12 @@ class TestSlots:
     def test_hybrid_parked_slots_differ_only_in_runtime_fields(self):
         cfg = make_config(haproxy={"password": "p", "apply_mode": "hybrid",
                                    "server": {"params": {"inter": 2000, "weight": 50}}})
-        live = m.server_body("srv1", m.Member("id", "vm", "10.0.0.4", 8080), cfg.haproxy)
-        parked = m.server_body("srv1", None, cfg.haproxy)
+        live = new_server("srv1", m.Member("id", "vm", "10.0.0.4", 8080), cfg.haproxy)
+        parked = new_server("srv1", None, cfg.haproxy)
         assert {k for k in live if live[k] != parked.get(k)} == {"address", "port", "maintenance"}
         assert m.ServerChange("update", "srv1", live, parked).runtime_only
         transaction = make_config(haproxy={"password": "p", "server": {"params": {"inter": 2000}}}).haproxy
-        assert parked["check"] == "enabled" and m.server_body("srv1", None, transaction) == {
+        assert parked["check"] == "enabled" and new_server("srv1", None, transaction) == {
             "name": "srv1", "id": 1, "address": "127.0.0.1", "port": 80, "maintenance": "enabled",
             "check": "disabled"}
 
