@@ -569,24 +569,16 @@ Resources
 | where resourceGroup in~ ('rg-a')
 | extend configs = properties.ipConfigurations
 | extend flat = array_length(configs) == 1 and isnotempty(configs[0].properties.privateIPAddress)
-| project id, name, type, location, tags,
-    powerState = properties.extended.instanceView.powerState.code,
-    provisioningState = properties.provisioningState,
-    capacity = sku.capacity,
+| project id, name, type, capacity = sku.capacity,
     nics = array_length(properties.networkProfile.networkInterfaces),
-    virtualMachineScaleSet = properties.virtualMachineScaleSet.id,
-    orchestrationMode = properties.orchestrationMode,
-    virtualMachine = properties.virtualMachine.id,
-    primary = properties.primary,
     ipConfigurations = iff(flat, dynamic(null), configs),
     privateIPAddress = iff(flat, configs[0].properties.privateIPAddress, dynamic(null)),
     privateIPAddressVersion = iff(flat, configs[0].properties.privateIPAddressVersion, dynamic(null)),
     publicIPAddress = iff(flat, configs[0].properties.publicIPAddress.id, dynamic(null)),
     ipAddress = properties.ipAddress
 | order by id asc"""
-PROJECTED = ("id", "name", "type", "location", "tags", "powerState", "provisioningState", "capacity", "nics",
-             "virtualMachineScaleSet", "orchestrationMode", "virtualMachine", "primary", "ipConfigurations",
-             "privateIPAddress", "privateIPAddressVersion", "publicIPAddress", "ipAddress")
+PROJECTED = ("id", "name", "type", "capacity", "nics", "ipConfigurations", "privateIPAddress",
+             "privateIPAddressVersion", "publicIPAddress", "ipAddress")
 FLAT = ("privateIPAddress", "privateIPAddressVersion", "publicIPAddress")
 
 
