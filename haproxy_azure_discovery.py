@@ -3732,6 +3732,7 @@ def query_graph(pager: "_ArmPager", cfg: Config) -> Inventory:
         listing.public_ips += uniform.public_ips
     return listing
 
+
 def _graph_listing(pager: "_ArmPager", cfg: Config, table: str) -> Inventory:
     """Every row of one Resource Graph query, page by page ($skipToken), each page shaped as it
     comes (GraphListing)."""
@@ -4117,6 +4118,7 @@ class AzureSource:
                     self._vm_list_calls[sub] = self._vm_list_calls.get(sub, 0) + 1
             return self.pager.request("GET", link) if link else None
         return self.pager.paged(what, next_request, "value")
+
 
 def in_resource_groups(items: list[Mapping], groups: Sequence[str]) -> list[Mapping]:
     """The items whose resource group is one of `groups` (all of them when none are configured)."""
@@ -4821,6 +4823,7 @@ class _Transactions:
             if exc.status != 404:
                 log.error("could not delete transaction %s: %s", txn, exc,
                           extra={"event": "transaction_leak", "transaction": txn})
+
 
 def _runtime_steps(change: ServerChange) -> list[Mapping[str, Any]]:
     """The bodies of one hybrid write. dataplaneapi lifts maintenance before it changes the
@@ -6228,6 +6231,7 @@ def _retire(using: _InUse, successor: _InUse | None) -> None:
 # --explain NAME|ID: one discovery and every target read and planned as --status does (no
 # write), then one instance's story: where it was found, each rule it passed or failed, its
 # service, its slot in each target, and a verdict.
+
 
 class _Remembered:
     """A Source that keeps the discovery it returned: --explain reads every instance listed,
