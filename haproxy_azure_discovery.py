@@ -3452,15 +3452,15 @@ def impossible(inventory: Inventory, instances: Sequence[Instance], cfg: Config,
         return f"none of the {len(vms)} VMs listed has a power state"
     listed = {_scale_set_of(_id(i.id)) for i in inventory.set_instances}
     for s in scale_sets_to_list(inventory.scale_sets, cfg):
-        capacity = (s.get("sku") or {}).get("capacity") if isinstance(s.get("sku"), dict) else None
+        sku = s.get("sku")
+        capacity = sku.get("capacity") if isinstance(sku, dict) else None
         if _is_int(capacity) and capacity > 0 and _id(s.get("id")) not in listed:
             name = shorten(str(s.get("name") or s.get("id")), 100)
             if graph:
                 return (f"scale set {name} has capacity {capacity}, and Resource Graph's "
-                        "ComputeResources table "
-                        "has no instance of it (this cloud's ComputeResources may lack Uniform "
-                        "scale-set "
-                        'instances): use azure.source "arm" in this cloud')
+                        "ComputeResources table has no instance of it (this cloud's "
+                        "ComputeResources may lack Uniform scale-set instances): use "
+                        'azure.source "arm" in this cloud')
             return f"scale set {name} has capacity {capacity}, and its instance listing is empty"
     return None
 
