@@ -28,6 +28,15 @@ def wait_for(predicate, timeout: float, what: str):
     raise AssertionError(f"timed out after {timeout} s waiting for {what}")
 
 
+def log_lines(path) -> list[str]:
+    """The whole lines of a log a running process appends to: the line it is writing as we read may
+    come in part (a write across a page boundary shows its first page first), and waits for the
+    next read."""
+    with open(path) as f:
+        text = f.read()
+    return text[:text.rfind("\n") + 1].splitlines()
+
+
 def steps(daemon, cycles: int, between=lambda delay: None, stop=None) -> list[float]:
     """Drive `daemon` as its loop does, `cycles` steps at most (fewer if a shutdown cuts one
     short), with `between(delay)` run where the loop would sleep; the sleeps asked for between

@@ -30,7 +30,7 @@ sys.path.insert(0, ROOT)
 import haproxy_azure_discovery as m  # noqa: E402
 from fake_arm import DEFAULT_SUBSCRIPTION, Vm, make_estate, service_tags  # noqa: E402
 from fake_dataplane import FakeDataPlane  # noqa: E402
-from conftest import RELOAD_DELAY, free_port, steps, wait_for  # noqa: E402
+from conftest import RELOAD_DELAY, free_port, log_lines, steps, wait_for  # noqa: E402
 
 
 
@@ -100,7 +100,7 @@ class Daemon:
                                      stdout=subprocess.DEVNULL, stderr=open(self.log_path, "w"))
 
     def lines(self) -> list[str]:
-        return self.log_path.read_text().splitlines()
+        return log_lines(self.log_path)
 
     def events(self, event: str) -> list[dict]:
         out = []

@@ -25,7 +25,7 @@ from fake_dataplane import FakeDataPlane
 from instances import Instances, hits
 from live_haproxy import LiveHAProxy
 
-from conftest import RELOAD_DELAY, free_port, wait_for
+from conftest import RELOAD_DELAY, free_port, log_lines, wait_for
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -126,7 +126,7 @@ class DrainBed:
         return wait_for(count, 10, "HAProxy's master CLI")[0]
 
     def cycles(self) -> list[dict]:
-        return [r for r in map(json.loads, self.log_path.read_text().splitlines()) if r.get("event") == "cycle"]
+        return [r for r in map(json.loads, log_lines(self.log_path)) if r.get("event") == "cycle"]
 
     def close(self) -> None:
         if self.proc is not None and self.proc.poll() is None:

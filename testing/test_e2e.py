@@ -27,7 +27,7 @@ from fake_arm import DEFAULT_SUBSCRIPTION, Vm, make_estate, service_tags  # noqa
 from fake_dataplane import PATH_SERVERS, FakeDataPlane  # noqa: E402
 from instances import Instances, hits  # noqa: E402
 from live_haproxy import LiveHAProxy  # noqa: E402
-from conftest import PERSONALITIES, RELOAD_DELAY, free_port, wait_for  # noqa: E402
+from conftest import PERSONALITIES, RELOAD_DELAY, free_port, log_lines, wait_for  # noqa: E402
 
 DRAIN_TAG = {"maintenance": "drain"}
 
@@ -141,8 +141,7 @@ class Bed:
         return code, time.monotonic() - started
 
     def cycles(self) -> list[dict]:
-        lines = self.log_path.read_text().splitlines()
-        return [r for r in map(json.loads, lines) if r.get("event") == "cycle"]
+        return [r for r in map(json.loads, log_lines(self.log_path)) if r.get("event") == "cycle"]
 
     def close(self) -> None:
         if self.proc and self.proc.poll() is None:
