@@ -37,6 +37,40 @@ def log_lines(path) -> list[str]:
     return text[:text.rfind("\n") + 1].splitlines()
 
 
+def connections_to(*ports: int) -> int:
+    """This process's open TCP connections to one of these loopback ports (the client side of a
+    connection to a fake), once their number stops changing (at most 3 s): the fakes serve from
+    threads of this process and close their side a moment after the client did. The fakes' own
+    side, and sockets of anything else, are not counted."""
+    count, deadline = _connections_to(ports), time.monotonic() + 3
+    while time.monotonic() < deadline:
+        time.sleep(0.1)
+        count, before = _connections_to(ports), count
+        if count == before:
+            break
+    return count
+
+
+def _connections_to(ports) -> int:
+    inodes = set()
+    for fd in os.listdir("/proc/self/fd"):
+        try:
+            target = os.readlink(f"/proc/self/fd/{fd}")
+        except OSError:
+            continue
+        if target.startswith("socket:["):
+            inodes.add(target[8:-1])
+    count = 0
+    for table in ("/proc/self/net/tcp", "/proc/self/net/tcp6"):
+        with open(table) as lines:
+            next(lines)
+            for line in lines:
+                fields = line.split()
+                remote_port = int(fields[2].rsplit(":", 1)[1], 16)
+                count += remote_port in ports and fields[9] in inodes
+    return count
+
+
 def steps(daemon, cycles: int, between=lambda delay: None, stop=None) -> list[float]:
     """Drive `daemon` as its loop does, `cycles` steps at most (fewer if a shutdown cuts one
     short), with `between(delay)` run where the loop would sleep; the sleeps asked for between

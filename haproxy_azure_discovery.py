@@ -6594,13 +6594,14 @@ def _command(args: argparse.Namespace, path: str, env: Mapping[str, str], signal
     for warning in config_warnings(cfg):
         log.warning(warning, extra={"event": "config_warning"})
     signals.install()
-    if args.status:
-        return _run_status(cfg, env, args.json, signals.stop, say)
-    if args.explain:
-        return _run_explain(cfg, env, args.explain, args.json, signals.stop, say)
-    if args.dry_run or args.once:
-        return _once_or_dry_run(cfg, env, args.dry_run, signals.stop, say)
-    return _run_daemon(args, path, env, signals, say)
+    if not (args.status or args.explain or args.dry_run or args.once):
+        return _run_daemon(args, path, env, signals, say)
+    with _one_shot(cfg, env, signals.stop) as (source, runs):
+        if args.status:
+            return _run_status(source, runs, args.json, signals.stop, say)
+        if args.explain:
+            return _run_explain(source, runs, cfg, args.explain, args.json, signals.stop, say)
+        return _once_or_dry_run(source, runs, args.dry_run, signals.stop, say)
 
 
 def _run_daemon(args: argparse.Namespace, path: str, env: Mapping[str, str], signals: Signals,
@@ -6617,15 +6618,30 @@ def _run_daemon(args: argparse.Namespace, path: str, env: Mapping[str, str], sig
                   configure=configure, notifier=notifier).run(signals)
 
 
-def _once_or_dry_run(cfg: Config, env: Mapping[str, str], dry_run: bool, stop: StopFlag,
+@contextlib.contextmanager
+def _one_shot(cfg: Config, env: Mapping[str, str],
+              stop: StopFlag) -> Iterator[tuple[AzureSource, list[TargetRun]]]:
+    """A one-shot command's Azure source and targets (a Data Plane client each), closed when
+    the command ends, however it ends, as the daemon closes its own at a reload and at exit.
+    `stop` (SIGTERM, SIGINT) ends the discovery between pages and the targets' calls."""
+    using = _InUse(cfg, None)
+    try:
+        for name, target_cfg in target_configs(cfg):
+            using.runs.append(TargetRun(name, target_cfg, DataPlane(target_cfg.haproxy, stop=stop)))
+        using.source = AzureSource(cfg, env, stop)
+        yield using.source, using.runs
+    finally:
+        _retire(using, None)
+
+
+def _once_or_dry_run(source: Source, runs: list[TargetRun], dry_run: bool, stop: StopFlag,
                      say: Callable[[str], None]) -> int:
     """--once and --dry-run: one cycle over every target; the plans (dry run) on stdout.
     A failed discovery raises; a failed target is one error line, and exit 1. A failed
     --once is logged as the daemon logs it (cycle_failed), besides the error line. A --once
     that serves no instance while some carry the service tags (all skipped) exits 1 too."""
-    runs = _targets(cfg, stop)
     try:
-        reports = run_cycle(AzureSource(cfg, env, stop), runs, stop, dry_run=dry_run)
+        reports = run_cycle(source, runs, stop, dry_run=dry_run)
     except Exception as exc:
         # A shutdown is no failure, nor a missing Azure SDK (69) or configuration (78) a cycle's.
         if not dry_run and not stop.is_set() and getattr(exc, "exit_code", EX_FAIL) == EX_FAIL:
@@ -6645,10 +6661,6 @@ def _once_or_dry_run(cfg: Config, env: Mapping[str, str], dry_run: bool, stop: S
     return code
 
 
-def _targets(cfg: Config, stop: Flag) -> list[TargetRun]:
-    return [TargetRun(name, c, DataPlane(c.haproxy, stop=stop)) for name, c in target_configs(cfg)]
-
-
 def _failed(reports: Sequence[CycleReport], several: bool, say: Callable[[str], None]) -> int:
     """One `error:` line per target that failed or had backends refused (named when there are
     several); exit 1 if any did, else 0."""
@@ -6663,25 +6675,23 @@ def _failed(reports: Sequence[CycleReport], several: bool, say: Callable[[str], 
     return EX_FAIL if any(r.failure is not None or r.refused for r in reports) else EX_OK
 
 
-def _run_status(cfg: Config, env: Mapping[str, str], as_json: bool, stop: StopFlag,
+def _run_status(source: Source, runs: list[TargetRun], as_json: bool, stop: StopFlag,
                 say: Callable[..., None]) -> int:
     """--status: discover, read every target, print both side by side; change nothing. Drift
     is shown, not an error (the daemon repairs it); a target that cannot be read is shown as
     unreachable and makes the exit code 1, as an unreachable Azure does."""
-    runs = _targets(cfg, stop)
-    reports = run_cycle(AzureSource(cfg, env), runs, stop, dry_run=True)
+    reports = run_cycle(source, runs, stop, dry_run=True)
     view = combined_view([r.view for r in reports if r.view])
     say(json.dumps(view, indent=1, sort_keys=True) if as_json else format_status(view).rstrip("\n"),
         sys.stdout)
     return _failed(reports, len(runs) > 1, say)
 
 
-def _run_explain(cfg: Config, env: Mapping[str, str], query: str, as_json: bool, stop: StopFlag,
-                 say: Callable[..., None]) -> int:
+def _run_explain(source: Source, runs: list[TargetRun], cfg: Config, query: str, as_json: bool,
+                 stop: StopFlag, say: Callable[..., None]) -> int:
     """--explain: discover, read and plan every target as --status does, then tell one
     instance's story (explain). Exit 0 served, 1 not served, 2 not found or ambiguous."""
-    runs = _targets(cfg, stop)
-    source = _Remembered(AzureSource(cfg, env))
+    source = _Remembered(source)
     reports = run_cycle(source, runs, stop, dry_run=True)
     story = explain(query, source.discovery, reports, runs, cfg)
     say(json.dumps(story, indent=1, sort_keys=True) if as_json

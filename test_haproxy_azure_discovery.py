@@ -29,7 +29,7 @@ import urllib.parse
 import pytest
 
 import haproxy_azure_discovery as m
-from conftest import free_port, steps
+from conftest import connections_to, free_port, steps
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 SUB = "00000000-0000-0000-0000-000000000001"
@@ -3791,6 +3791,23 @@ class TestOnce:
         lines = [json.loads(line) for line in err.splitlines()]
         assert lines[-1]["event"] == "cycle" and lines[-1]["result"] == "applied"
         assert dataplane.password not in err and arm.token not in err
+
+    @pytest.mark.parametrize("command, fault, code", [
+        (["--once"], None, 0), (["--dry-run"], None, 0), (["--status"], None, 0),
+        (["--explain", "vm-0001"], None, 1), (["--once"], "500", 1), (["--status"], "500", 1)])
+    def test_a_one_shot_command_closes_its_connections(self, command, fault, code, tmp_path, arm, arm_config,
+                                                       dataplane, monkeypatch, capsys):
+        """--once, --dry-run, --status and --explain close their Azure and Data Plane clients when
+        they end, also when Azure fails them: no connection to either is left open in the process."""
+        from fake_arm import make_estate
+        arm.estate = make_estate(vms=3)
+        if fault:
+            arm.add_fault(fault, endpoint="vms", times=None)
+        monkeypatch.setenv("DP_PASSWORD", dataplane.password)
+        ports = (urllib.parse.urlsplit(arm.url).port, dataplane.port)
+        assert m.main([*command, "-c", self.config(tmp_path, arm_config, dataplane)]) == code
+        assert arm.counts["vms"] >= 1 and (dataplane.requests or fault)     # both were spoken to
+        assert connections_to(*ports) == 0
 
     def test_dry_run_prints_the_plan_and_changes_nothing(self, tmp_path, arm, arm_config, dataplane, monkeypatch,
                                                           capsys):

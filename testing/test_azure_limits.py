@@ -204,3 +204,34 @@ def test_sigterm_during_a_long_retry_after_ends_the_daemon_within_two_seconds(ar
     finally:
         if proc.poll() is None:
             proc.kill()
+
+
+@pytest.mark.parametrize("command", [["--once"], ["--dry-run"], ["--status"], ["--explain", "vm-0000"]])
+def test_sigterm_during_a_long_retry_after_ends_a_one_shot_command_within_two_seconds(command, arm, arm_config,
+                                                                                      tmp_path):
+    """A one-shot command waiting out a 429's Retry-After: 20 ends on SIGTERM at once, with exit 0
+    and a `stopped:` line, having written nothing (the discovery never finished)."""
+    import signal
+    import subprocess
+    arm.estate = make_estate(vms=2)
+    arm.add_fault("429", endpoint="vms", retry_after=20, times=None)
+    raw = arm_config.raw(azure={"retries": 3, "timeout": 30}, logging={"format": "json"})
+    path = tmp_path / "config.json"
+    path.write_text(json.dumps(raw))
+    env = {"PATH": os.environ["PATH"], **arm.env()}
+    proc = subprocess.Popen([sys.executable, os.path.join(os.path.dirname(HERE), "haproxy_azure_discovery.py"),
+                             *command, "-c", str(path)], env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True)
+    try:
+        deadline = time.monotonic() + 20
+        while not arm.counts.get("vms") and time.monotonic() < deadline:
+            time.sleep(0.1)
+        time.sleep(1)
+        started = time.monotonic()
+        proc.send_signal(signal.SIGTERM)
+        out, err = proc.communicate(timeout=5)
+        assert proc.returncode == 0 and time.monotonic() - started < 2, (proc.returncode, err)
+        assert out == "" and [line for line in err.splitlines() if line.startswith("stopped: ")], err
+    finally:
+        if proc.poll() is None:
+            proc.kill()

@@ -30,7 +30,7 @@ sys.path.insert(0, ROOT)
 import haproxy_azure_discovery as m  # noqa: E402
 from fake_arm import DEFAULT_SUBSCRIPTION, Vm, make_estate, service_tags  # noqa: E402
 from fake_dataplane import FakeDataPlane  # noqa: E402
-from conftest import RELOAD_DELAY, free_port, log_lines, steps, wait_for  # noqa: E402
+from conftest import RELOAD_DELAY, connections_to, free_port, log_lines, steps, wait_for  # noqa: E402
 
 
 
@@ -320,40 +320,6 @@ def test_reload_applies_log_format_and_metrics_listen(daemon):
     assert any("configuration reloaded" in line for line in bed.lines())
 
 
-def client_sockets(*ports: int) -> int:
-    """This process's open sockets connected to one of these loopback ports (the client side of a
-    connection to a fake), once their number stops changing (at most 3 s): the fakes serve from
-    threads of this process and close their side of a connection a moment after the client did.
-    Sockets other tests left open, and the fakes' own side, are not counted."""
-    count, deadline = _connected(ports), time.monotonic() + 3
-    while time.monotonic() < deadline:
-        time.sleep(0.1)
-        count, before = _connected(ports), count
-        if count == before:
-            break
-    return count
-
-
-def _connected(ports) -> int:
-    inodes = set()
-    for fd in os.listdir("/proc/self/fd"):
-        try:
-            target = os.readlink(f"/proc/self/fd/{fd}")
-        except OSError:
-            continue
-        if target.startswith("socket:["):
-            inodes.add(target[8:-1])
-    count = 0
-    for table in ("/proc/self/net/tcp", "/proc/self/net/tcp6"):
-        with open(table) as lines:
-            next(lines)
-            for line in lines:
-                fields = line.split()
-                remote_port = int(fields[2].rsplit(":", 1)[1], 16)
-                count += remote_port in ports and fields[9] in inodes
-    return count
-
-
 def test_two_hundred_reloads_leave_the_socket_count_flat(arm, arm_config):
     """Each reload builds a new Azure client and credential and closes the old ones: the connections
     this process holds to Azure and to the Data Plane API after 200 reloads (and cycles) are those
@@ -367,10 +333,10 @@ def test_two_hundred_reloads_leave_the_socket_count_flat(arm, arm_config):
         def reload(_delay):
             reloads = counts["reloads"] = counts.get("reloads", 0) + 1
             if reloads in (10, 200):
-                counts["in use", reloads] = client_sockets(*ports)
+                counts["in use", reloads] = connections_to(*ports)
             daemon.reload()
             if reloads in (10, 200):
-                counts[reloads] = client_sockets(*ports)
+                counts[reloads] = connections_to(*ports)
 
         daemon = m.Daemon(lambda: cfg, lambda c: m.AzureSource(c), lambda c: m.DataPlane(c.haproxy))
         steps(daemon, 202, reload)
