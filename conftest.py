@@ -90,6 +90,24 @@ def steps(daemon, cycles: int, between=lambda delay: None, stop=None) -> list[fl
     return delays
 
 
+@pytest.fixture(autouse=True)
+def clients_closed_after_the_test(monkeypatch):
+    """Every Data Plane client and Azure source a test builds is closed when the test ends. The
+    program closes its own (a reload, a one-shot command's end: tested); tests that build them by
+    hand would leave their connections open in this process, ~1,500 sockets over the suite, more
+    than a soft limit of 1,024 open files allows."""
+    import haproxy_azure_discovery as m
+    built = []
+    for cls in (m.DataPlane, m.AzureSource):
+        def init(self, *args, _init=cls.__init__, **kwargs):
+            _init(self, *args, **kwargs)
+            built.append(self)
+        monkeypatch.setattr(cls, "__init__", init)
+    yield
+    for client in built:
+        client.close()
+
+
 def azure_env(monkeypatch, fake=None) -> None:
     """Clear every variable that could steer the Azure SDK's credentials; with a fake of
     Resource Manager, set the ones that make DefaultAzureCredential ask it for tokens."""
