@@ -6152,10 +6152,8 @@ class Daemon:
 
     def _put_to_use(self, cfg: Config, old: _InUse | None) -> _InUse:
         """Build what `cfg` runs with; whatever fails, what was built so far is closed again."""
-        using = _InUse(cfg, self._make_source(cfg))
+        using = _clients(cfg, self._make_source, self._make_dataplane, old)
         try:
-            for name, target_cfg in target_configs(cfg):
-                using.runs.append(TargetRun(name, target_cfg, self._make_dataplane(target_cfg)))
             using.server, using.listen = _listener(cfg.metrics.listen, old, self.metrics)
             self._configure(cfg)
         except BaseException:
@@ -6212,6 +6210,20 @@ def _listener(listen: str, old: _InUse | None, metrics: Metrics) -> tuple[Any, s
         if not held:
             raise
         return old.server, old.listen
+
+
+def _clients(cfg: Config, make_source: Callable[[Config], Any],
+             make_dataplane: Callable[[Config], Target], old: _InUse | None = None) -> _InUse:
+    """`cfg`'s Azure source, and each of its targets with a Data Plane client; whatever fails,
+    what was built so far is closed again (but for what `old`, still in use, shares)."""
+    using = _InUse(cfg, make_source(cfg))
+    try:
+        for name, target_cfg in target_configs(cfg):
+            using.runs.append(TargetRun(name, target_cfg, make_dataplane(target_cfg)))
+    except BaseException:
+        _retire(using, old)
+        raise
+    return using
 
 
 def _retire(using: _InUse, successor: _InUse | None) -> None:
@@ -6624,11 +6636,9 @@ def _one_shot(cfg: Config, env: Mapping[str, str],
     """A one-shot command's Azure source and targets (a Data Plane client each), closed when
     the command ends, however it ends, as the daemon closes its own at a reload and at exit.
     `stop` (SIGTERM, SIGINT) ends the discovery between pages and the targets' calls."""
-    using = _InUse(cfg, None)
+    using = _clients(cfg, lambda c: AzureSource(c, env, stop),
+                     lambda c: DataPlane(c.haproxy, stop=stop))
     try:
-        for name, target_cfg in target_configs(cfg):
-            using.runs.append(TargetRun(name, target_cfg, DataPlane(target_cfg.haproxy, stop=stop)))
-        using.source = AzureSource(cfg, env, stop)
         yield using.source, using.runs
     finally:
         _retire(using, None)
