@@ -3796,7 +3796,7 @@ class TestOnce:
         (["--once"], None, 0), (["--dry-run"], None, 0), (["--status"], None, 0),
         (["--explain", "vm-0001"], None, 1), (["--once"], "500", 1), (["--status"], "500", 1)])
     def test_a_one_shot_command_closes_its_connections(self, command, fault, code, tmp_path, arm, arm_config,
-                                                       dataplane, monkeypatch, capsys):
+                                                       dataplane, monkeypatch):
         """--once, --dry-run, --status and --explain close their Azure and Data Plane clients when
         they end, also when Azure fails them: no connection to either is left open in the process."""
         from fake_arm import make_estate
