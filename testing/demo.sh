@@ -141,7 +141,17 @@ for _ in 1 2; do     # round robin: one lands on vm-0000, one on vm-0001
 print("    the 8-second request answered (200) by", urllib.request.urlopen(sys.argv[1], timeout=30).read().decode())' \
         "http://127.0.0.1:$frontend/slow?seconds=8" & slow+=($!)
 done
-sleep 0.5
+in_flight() {   # sessions on the backend's servers now, from HAProxy's native stats
+    $py -c 'import base64, json, sys, urllib.request; sys.path.insert(0, ".")
+import haproxy_azure_discovery as m
+auth = "Basic " + base64.b64encode(("admin:" + sys.argv[2]).encode()).decode()
+url = sys.argv[1] + "/v3/services/haproxy/stats/native?type=server&parent=" + sys.argv[3]
+stats = json.load(urllib.request.urlopen(urllib.request.Request(url, headers={"Authorization": auth})))
+print(sum(n or 0 for n in m.current_sessions(stats, sys.argv[3]).values()))' \
+        "http://127.0.0.1:$dataplane" "$DP_PASSWORD" "$backend"
+}
+for _ in $(seq 40); do [ "$(in_flight)" -ge 2 ] && break; sleep 0.25; done   # both requests reached HAProxy
+echo "-- sessions in flight on the backend (HAProxy's native stats): $(in_flight)"
 estate 1                                  # vm-0001 leaves Azure; its server still finishes the request
 state_view() {   # the daemon's /state, printed as --status prints it
     $py -c 'import json, sys, urllib.request; sys.path.insert(0, ".")

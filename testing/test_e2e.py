@@ -259,7 +259,9 @@ def test_demo(tmp_path):
     # 5. graceful draining: the long request finishes on the leaving instance, which gets no new one
     five = out.split("== 5.", 1)[1]
     assert re.search(r"srv\d+ +draining +[\d.]+:\d+ +since \S+Z, \d+ s left", five), five
-    assert "vm-0000       12" in five and "the 8-second request answered (200) by vm-0001" in five
+    assert "sessions in flight on the backend (HAProxy's native stats): 2" in five, five
+    assert "vm-0000       12" in five, five
+    assert "the 8-second request answered (200) by vm-0001" in five, five
     after = five.split("-- its last session ended", 1)[1]
     assert "draining" not in after.split("\n    \"msg\"", 1)[0] and "1 live, 6 parked" in after
     assert "-- HAProxy reloads: 0 to drain, 1 to park" in five
