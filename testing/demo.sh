@@ -113,9 +113,18 @@ $py haproxy_azure_discovery.py -c "$work/config.json" --status | sed 's/^/    /'
 
 say "4. The daemon takes over (a cycle a second), and the estate shrinks to 2 VMs at once"
 $py haproxy_azure_discovery.py -c "$work/daemon.json" 2> "$work/daemon.log" & daemon=$!; pids+=("$daemon")
+state_view() {   # the daemon's /state, printed as --status prints it
+    $py -c 'import json, sys, urllib.request; sys.path.insert(0, ".")
+import haproxy_azure_discovery as m
+print(m.format_status(json.load(urllib.request.urlopen(sys.argv[1], timeout=5))), end="")' \
+        "http://127.0.0.1:$metrics/state" | sed 's/^/    /'
+}
 sleep 2
 estate 2; instances
-sleep 4
+steady() { grep -c '"result": "steady"' "$work/daemon.log" || true; }
+# the guard's two confirmations and 2 s, then the drain (no session: parked at once), then a steady cycle
+for _ in $(seq 120); do state_view 2>/dev/null | grep -q ' 2 live, 5 parked$' && break; sleep 0.25; done
+seen=$(steady); for _ in $(seq 40); do [ "$(steady)" -gt "$seen" ] && break; sleep 0.25; done
 echo "-- the daemon's log (JSON lines, shown here by their msg):"
 grep -o '"msg": "[^"]*"' "$work/daemon.log" | uniq -c | sed 's/^/   /'
 echo "   3 of 5 live servers going at once is more than safety.max_drain_percent (50%):"
@@ -153,12 +162,6 @@ print(sum(n or 0 for n in m.current_sessions(stats, sys.argv[3]).values()))' \
 for _ in $(seq 40); do [ "$(in_flight)" -ge 2 ] && break; sleep 0.25; done   # both requests reached HAProxy
 echo "-- sessions in flight on the backend (HAProxy's native stats): $(in_flight)"
 estate 1                                  # vm-0001 leaves Azure; its server still finishes the request
-state_view() {   # the daemon's /state, printed as --status prints it
-    $py -c 'import json, sys, urllib.request; sys.path.insert(0, ".")
-import haproxy_azure_discovery as m
-print(m.format_status(json.load(urllib.request.urlopen(sys.argv[1], timeout=5))), end="")' \
-        "http://127.0.0.1:$metrics/state" | sed 's/^/    /'
-}
 for _ in $(seq 40); do state_view | grep -q ' draining ' && break; sleep 0.25; done   # the next cycle
 echo "-- the daemon's view (its /state, as --status prints it): the slot drains, no new connection"
 state_view
@@ -167,7 +170,7 @@ echo "-- 12 requests through HAProxy answered by:"
 $py testing/instances.py --hits "http://127.0.0.1:$frontend/" 12
 wait "${slow[@]}"
 # the next cycles see no session left: well within the 20 s of safety.drain_seconds
-for _ in $(seq 24); do sleep 0.25; state_view | grep -q ' draining ' || break; done
+for _ in $(seq 60); do sleep 0.25; state_view | grep -q ' draining ' || break; done
 echo "-- its last session ended: parked at once, without waiting for safety.drain_seconds (20 s)"
 state_view
 grep -o '"msg": "server [^"]*draining[^"]*"' "$work/daemon.log" | uniq | sed 's/^/    /'
