@@ -71,6 +71,17 @@ def _connections_to(ports) -> int:
     return count
 
 
+def one_cycle(cfg, source, dp, state, stop, clocks=None):
+    """run_cycle() for one target (its name: haproxy.base_url), as the daemon runs a cycle with one
+    target; its failure raises."""
+    import haproxy_azure_discovery as m
+    (report,) = m.run_cycle(source, [m.TargetRun(cfg.haproxy.base_url, cfg, dp, state)], stop,
+                            clocks=clocks or m.Clocks())
+    if report.failure is not None:
+        raise report.failure
+    return report
+
+
 def steps(daemon, cycles: int, between=lambda delay: None, stop=None) -> list[float]:
     """Drive `daemon` as its loop does, `cycles` steps at most (fewer if a shutdown cuts one
     short), with `between(delay)` run where the loop would sleep; the sleeps asked for between

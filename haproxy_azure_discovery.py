@@ -5528,16 +5528,6 @@ def log_cycle_failed(error: str, failures: int = 0, target: str = "",
     log.warning("cycle failed: %s%s", error, then, extra=fields)
 
 
-def one_cycle(cfg: Config, source: Source, dp: Target, state: State, stop: StopFlag,
-              clocks: Clocks = Clocks()) -> CycleReport:
-    """run_cycle() for one target (its name: haproxy.base_url); its failure raises."""
-    (report,
-     ) = run_cycle(source, [TargetRun(cfg.haproxy.base_url, cfg, dp, state)], stop, clocks=clocks)
-    if report.failure is not None:
-        raise report.failure
-    return report
-
-
 def _log_skips(report: CycleReport, state: State) -> None:
     """Each skip is warned about once, when it first appears, whatever the cycle's result:
     a steady cycle logs nothing else, and skips are not part of its fingerprint."""

@@ -29,7 +29,7 @@ import urllib.parse
 import pytest
 
 import haproxy_azure_discovery as m
-from conftest import connections_to, free_port, steps
+from conftest import connections_to, free_port, one_cycle, steps
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 SUB = "00000000-0000-0000-0000-000000000001"
@@ -2112,7 +2112,7 @@ class Harness:
     def cycle(self, instances, clock=time.time) -> m.CycleReport:
         """One cycle over these instances; `clock` is the wall clock (drains are timed by it)."""
         self.fake.reset_requests()
-        return m.one_cycle(self.cfg, ScriptedSource(m.Discovery(tuple(instances))), self.dp, self.state,
+        return one_cycle(self.cfg, ScriptedSource(m.Discovery(tuple(instances))), self.dp, self.state,
                            self.stop, m.Clocks(wall=clock))
 
     def writes(self):
@@ -3346,7 +3346,7 @@ class TestLoop:
         results = []
         for _ in range(5):
             try:
-                results.append(m.one_cycle(make_config(), source, dp, state, m.Flag()).result)
+                results.append(one_cycle(make_config(), source, dp, state, m.Flag()).result)
             except m.DiscoveryError:
                 results.append("failed")
         warned = [r.getMessage() for r in caplog.records if getattr(r, "event", "") == "skip"]

@@ -6,8 +6,8 @@ Usage: python bench/dataplane.py [--sizes 1000,5000,10000,20000] [--repeats 3]
 
 Scenarios. For each estate size N: N running instances, 50 per service (N/100 service names in 2
 regions: N/50 backends of 50 live servers in 70 slots with the default slots). The real planner and
-client run in-process: `one_cycle(cfg, source, DataPlane(cfg.haproxy), state, stop)`, with a source
-whose `discover()` returns a `Discovery` built directly (part 1 measures the Azure side). Five
+client run in-process: `run_cycle(source, [TargetRun(name, cfg, DataPlane(cfg.haproxy), state)], stop)`,
+with a source whose `discover()` returns a `Discovery` built directly (part 1 measures the Azure side). Five
 scenarios in a row, on one State, against an emulator that starts empty: first sync; steady cycle;
 one instance added (to a full service); one removed (from another service); 10% churn (10% of the
 instances, drawn at random, replaced by new ones in the same services, as a rolling upgrade does).
@@ -175,7 +175,9 @@ def cycle(m, cfg, source, dp, state, emulator: Emulator, planning: PlanTimer) ->
     """One measured cycle; the emulator's counters checked against the client's."""
     before = emulator.counts()
     plan_before, cpu = planning.seconds, time.process_time()
-    report = m.one_cycle(cfg, source, dp, state, m.Flag())
+    (report,) = m.run_cycle(source, [m.TargetRun(cfg.haproxy.base_url, cfg, dp, state)], m.Flag())
+    if report.failure is not None:
+        raise report.failure
     cpu = time.process_time() - cpu
     after = emulator.counts()
     committed = after["commits"] - before["commits"]
@@ -307,7 +309,7 @@ def report(results: dict) -> list[str]:
         "## 2. Data Plane API: requests, transactions and reloads per scenario (bench/dataplane.py)", "",
         f"Estate: N running instances, {PER_SERVICE} per service (N/{2 * PER_SERVICE} service names in "
         f"{len(REGIONS)} regions = N/{PER_SERVICE} backends of {PER_SERVICE} live servers in 70 slots). The real "
-        "planner and client (`one_cycle` with a source returning the instances directly) against "
+        "planner and client (`run_cycle` with a source returning the instances directly) against "
         "testing/fake_dataplane.py in a process of its own, v3 API, the five scenarios in a row on one state; "
         "10% churn replaces 10% of the instances by new ones in the same services (below the 50% mass-drain "
         "guard; removing one instance is never held).",

@@ -17,7 +17,7 @@ sys.path.insert(0, HERE)
 sys.path.insert(0, os.path.dirname(HERE))
 
 import haproxy_azure_discovery as m  # noqa: E402
-from conftest import azure_env, steps  # noqa: E402
+from conftest import azure_env, one_cycle, steps  # noqa: E402
 from fake_arm import AZURE_CHINA_COMPUTE_TYPES, make_estate  # noqa: E402
 from test_haproxy_azure_discovery import dp_section  # noqa: E402
 
@@ -76,13 +76,13 @@ def test_an_instance_being_deleted_drains_under_resource_graph(arm, arm_config, 
     cfg = arm_config(azure={"source": "resource_graph", "timeout": 30}, haproxy=dp_section(dataplane),
                      safety={"drain_seconds": 30})
     source, client, state = m.AzureSource(cfg), m.DataPlane(cfg.haproxy), m.State()
-    assert m.one_cycle(cfg, source, client, state, m.Flag()).result == "applied"
+    assert one_cycle(cfg, source, client, state, m.Flag()).result == "applied"
     for backend, b in dataplane.backends.items():          # sessions at every server: it must drain
         for server in b["servers"]:
             dataplane.sessions[(backend, server)] = 1
     arm.estate.update("vm-0001", provisioning_state="Deleting")
     assert {i.name: i.power_state for i in source.discover().instances}["vm-0001"] == "deleting"
-    report = m.one_cycle(cfg, source, client, state, m.Flag())
+    report = one_cycle(cfg, source, client, state, m.Flag())
     assert [d.address for d in report.plan.draining] == [next(
         p.inst.private_ip for p in arm.estate.machines() if p.inst.name == "vm-0001")]
 

@@ -42,7 +42,7 @@ sys.path.insert(0, HERE)
 sys.path.insert(0, os.path.dirname(HERE))
 
 import haproxy_azure_discovery as m  # noqa: E402
-from conftest import PERSONALITIES, free_port, wait_for  # noqa: E402
+from conftest import PERSONALITIES, free_port, one_cycle, wait_for  # noqa: E402
 from instances import Instances, hits  # noqa: E402
 
 EXTERNAL = os.environ.get("CONFORMANCE_URL")
@@ -355,7 +355,7 @@ class Daemon:
     def cycle(self, instances) -> m.CycleReport:
         before = self.dp.requests
         try:
-            return m.one_cycle(self.cfg, Scripted(instances), self.dp, self.state, self.stop)
+            return one_cycle(self.cfg, Scripted(instances), self.dp, self.state, self.stop)
         finally:
             self.flow.requests += self.dp.requests - before
             self.flow.cycles += 1

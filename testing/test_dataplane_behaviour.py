@@ -23,7 +23,7 @@ sys.path.insert(0, HERE)
 sys.path.insert(0, os.path.dirname(HERE))
 
 import haproxy_azure_discovery as m  # noqa: E402
-from conftest import PERSONALITIES, RELOAD_DELAY, _emulator  # noqa: E402
+from conftest import PERSONALITIES, RELOAD_DELAY, _emulator, one_cycle  # noqa: E402
 from fake_dataplane import FakeDataPlane  # noqa: E402
 from live_haproxy import LiveHAProxy  # noqa: E402
 from test_fake_dataplane import Api  # noqa: E402
@@ -271,13 +271,13 @@ def test_a_fresh_once_after_a_failed_reload_reloads_and_exits_0(dataplane, tmp_p
     assert dataplane.running_backends != dataplane.backends           # HAProxy is behind the API
     cfg = dp_config(dataplane)
     fresh = m.State()
-    report = m.one_cycle(cfg, ScriptedDiscovery(estate("web", 1, 2)), m.DataPlane(cfg.haproxy), fresh, m.Flag())
+    report = one_cycle(cfg, ScriptedDiscovery(estate("web", 1, 2)), m.DataPlane(cfg.haproxy), fresh, m.Flag())
     assert report.result == "applied" and report.reloads == 1 and fresh.debt is None
     dataplane.wait_reloads()
     assert dataplane.running_backends == dataplane.backends
     # and the next fresh process finds nothing owed: the records show the success after the failure
     again = m.State()
-    assert m.one_cycle(cfg, ScriptedDiscovery(estate("web", 1, 2)), m.DataPlane(cfg.haproxy), again,
+    assert one_cycle(cfg, ScriptedDiscovery(estate("web", 1, 2)), m.DataPlane(cfg.haproxy), again,
                        m.Flag()).result == "unchanged" and again.debt is None
 
 
@@ -311,7 +311,7 @@ def test_two_daemons_on_one_haproxy_agree_without_a_leader(dataplane):
     slot_of: dict[str, str] = {}
 
     def cycle(h, instances):
-        return m.one_cycle(h.cfg, ScriptedDiscovery(instances), h.dp, h.state, h.stop)
+        return one_cycle(h.cfg, ScriptedDiscovery(instances), h.dp, h.state, h.stop)
     for served in events:
         threads = [threading.Thread(target=cycle, args=(h, served)) for h in pair]
         for t in threads:

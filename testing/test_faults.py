@@ -23,7 +23,7 @@ sys.path.insert(0, os.path.dirname(HERE))
 import haproxy_azure_discovery as m  # noqa: E402
 from fake_arm import DEFAULT_SUBSCRIPTION, Vm, make_estate, service_tags  # noqa: E402
 from fake_dataplane import PATH_TRANSACTION, PATH_TRANSACTIONS, FakeDataPlane  # noqa: E402
-from conftest import RELOAD_DELAY, steps  # noqa: E402
+from conftest import RELOAD_DELAY, one_cycle, steps  # noqa: E402
 
 INTERVAL, BASE = 10.0, 1.0
 WEB = "azure-web-8080-eastus"
@@ -174,7 +174,7 @@ def test_soak(bed, arm_config):
             dp.add_fault(rng.choice(["PUT", "POST"]), rng.choice([PATH_TRANSACTION, PATH_TRANSACTIONS]),
                          status=rng.choice([409, 406, 500]))
         try:
-            report = m.one_cycle(cfg, source, client, state, stop)
+            report = one_cycle(cfg, source, client, state, stop)
             results[report.result] = results.get(report.result, 0) + 1
         except m.DiscoveryError:
             results["failed"] += 1
@@ -186,8 +186,8 @@ def test_soak(bed, arm_config):
             rss.append(rss_kb())
     arm.clear_faults()
     dp.clear_faults()
-    m.one_cycle(cfg, source, client, state, stop)
-    m.one_cycle(cfg, source, client, state, stop)
+    one_cycle(cfg, source, client, state, stop)
+    one_cycle(cfg, source, client, state, stop)
     want = {p.inst.private_ip for p in arm.estate.machines()}
     assert live(dp) == want and dp.open_transactions() == [] and list(dp.backends) == [WEB]
     assert results["failed"] >= 10 and results.get("applied", 0) >= 100, results

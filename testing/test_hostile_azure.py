@@ -18,6 +18,7 @@ sys.path.insert(0, HERE)
 sys.path.insert(0, os.path.dirname(HERE))
 
 import haproxy_azure_discovery as m  # noqa: E402
+from conftest import one_cycle  # noqa: E402
 from fake_arm import make_estate  # noqa: E402
 from test_haproxy_azure_discovery import dp_section  # noqa: E402
 
@@ -35,7 +36,7 @@ class Cycles:
 
     def run(self) -> m.CycleReport | Exception:
         try:
-            return m.one_cycle(self.cfg, self.source, self.client, self.state, m.Flag())
+            return one_cycle(self.cfg, self.source, self.client, self.state, m.Flag())
         except m.DiscoveryError as exc:
             return exc
 

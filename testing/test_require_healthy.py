@@ -19,6 +19,7 @@ sys.path.insert(0, HERE)
 sys.path.insert(0, os.path.dirname(HERE))
 
 import haproxy_azure_discovery as m  # noqa: E402
+from conftest import one_cycle  # noqa: E402
 from fake_arm import make_estate  # noqa: E402
 from test_haproxy_azure_discovery import (WEB, apply_to, dp_section, make_config,  # noqa: E402
                                           make_instance, run_plan)
@@ -168,7 +169,7 @@ class Bed:
 
     def cycle(self, seconds: float = 1.0) -> m.CycleReport:
         self.now += seconds
-        return m.one_cycle(self.cfg, self.source, self.client, self.state, m.Flag(),
+        return one_cycle(self.cfg, self.source, self.client, self.state, m.Flag(),
                            m.Clocks(wall=lambda: self.now))
 
     def served(self) -> dict[str, str]:

@@ -19,7 +19,7 @@ from fake_arm import DEFAULT_SUBSCRIPTION, Vm, make_estate, service_tags  # noqa
 from fake_dataplane import FakeDataPlane  # noqa: E402
 from instances import Instances, hits  # noqa: E402
 from live_haproxy import LiveHAProxy  # noqa: E402
-from conftest import RELOAD_DELAY, free_port, wait_for  # noqa: E402
+from conftest import RELOAD_DELAY, free_port, one_cycle, wait_for  # noqa: E402
 
 
 class Scaling:
@@ -59,7 +59,7 @@ class Scaling:
             self.instances.remove(name)
         for name in sorted(set(want) - set(self.instances.servers)):
             self.instances.add(name, want[name])
-        return m.one_cycle(self.cfg, self.source, self.client, self.state, self.stop)
+        return one_cycle(self.cfg, self.source, self.client, self.state, self.stop)
 
     def answering(self, expected: set[str]) -> None:
         """Traffic through HAProxy reaches exactly `expected` (health checks settle first)."""
@@ -135,9 +135,9 @@ def test_partial_listing_is_held_then_applied(scaling):
     bed.answering(everyone - {"vm-0007"})
     for name in ("vm-0001", "vm-0002", "vm-0003", "vm-0004", "vm-0005"):   # 5 of 7 vanish from
         bed.remove(name)                                                      # the listing, not in life
-    report = m.one_cycle(bed.cfg, bed.source, bed.client, bed.state, bed.stop)
+    report = one_cycle(bed.cfg, bed.source, bed.client, bed.state, bed.stop)
     assert report.result == "held" and len(report.plan.held) == 5
     bed.answering(everyone - {"vm-0007"})                   # they still get traffic
-    report = m.one_cycle(bed.cfg, bed.source, bed.client, bed.state, bed.stop)
+    report = one_cycle(bed.cfg, bed.source, bed.client, bed.state, bed.stop)
     assert report.result == "applied" and report.plan.held == ()
     bed.answering({"vm-0000", "vm-0006"})
