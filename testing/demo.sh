@@ -136,12 +136,21 @@ echo "-- a steady cycle costs one Data Plane request:"
 grep '"result": "steady"' "$work/daemon.log" | tail -1 | grep -o '"dataplane_requests": [0-9]*' | sed 's/^/    /'
 
 say "5. Graceful draining: vm-0001 is scaled in while an 8-second request to it is in flight"
-reloads() {   # HAProxy reloads so far, as the Data Plane API numbers them (reload ids DATE-N, N from 0)
-    $py -c 'import base64, json, sys, urllib.request
+dataplane_get() {   # the Data Plane API's JSON answer to GET /v3$1
+    $py -c 'import base64, sys, urllib.request
 auth = "Basic " + base64.b64encode(("admin:" + sys.argv[2]).encode()).decode()
-records = json.load(urllib.request.urlopen(urllib.request.Request(sys.argv[1], headers={"Authorization": auth})))
-print(max((int(r["id"].rsplit("-", 1)[1]) + 1 for r in records if r.get("id", "")[:1].isdigit()), default=0))' \
-        "http://127.0.0.1:$dataplane/v3/services/haproxy/reloads" "$DP_PASSWORD"
+sys.stdout.write(urllib.request.urlopen(urllib.request.Request(sys.argv[1], headers={"Authorization": auth})).read().decode())' \
+        "http://127.0.0.1:$dataplane/v3$1" "$DP_PASSWORD"
+}
+reloads() {   # HAProxy reloads so far, as the Data Plane API numbers them (reload ids DATE-N, N from 0)
+    dataplane_get /services/haproxy/reloads | $py -c 'import json, sys
+print(max((int(r["id"].rsplit("-", 1)[1]) + 1 for r in json.load(sys.stdin) if r.get("id", "")[:1].isdigit()), default=0))'
+}
+in_flight() {   # sessions on the backend's servers now, from HAProxy's native stats
+    dataplane_get "/services/haproxy/stats/native?type=server&parent=$backend" | $py -c 'import json, sys
+sys.path.insert(0, ".")
+import haproxy_azure_discovery as m
+print(sum(n or 0 for n in m.current_sessions(json.load(sys.stdin), sys.argv[1]).values()))' "$backend"
 }
 before=$(reloads)
 slow=()
@@ -150,16 +159,7 @@ for _ in 1 2; do     # round robin: one lands on vm-0000, one on vm-0001
 print("    the 8-second request answered (200) by", urllib.request.urlopen(sys.argv[1], timeout=30).read().decode())' \
         "http://127.0.0.1:$frontend/slow?seconds=8" & slow+=($!)
 done
-in_flight() {   # sessions on the backend's servers now, from HAProxy's native stats
-    $py -c 'import base64, json, sys, urllib.request; sys.path.insert(0, ".")
-import haproxy_azure_discovery as m
-auth = "Basic " + base64.b64encode(("admin:" + sys.argv[2]).encode()).decode()
-url = sys.argv[1] + "/v3/services/haproxy/stats/native?type=server&parent=" + sys.argv[3]
-stats = json.load(urllib.request.urlopen(urllib.request.Request(url, headers={"Authorization": auth})))
-print(sum(n or 0 for n in m.current_sessions(stats, sys.argv[3]).values()))' \
-        "http://127.0.0.1:$dataplane" "$DP_PASSWORD" "$backend"
-}
-for _ in $(seq 40); do [ "$(in_flight)" -ge 2 ] && break; sleep 0.25; done   # both requests reached HAProxy
+for _ in $(seq 40); do n=$(in_flight 2>/dev/null) && [ "$n" -ge 2 ] && break; sleep 0.25; done   # both reached HAProxy
 echo "-- sessions in flight on the backend (HAProxy's native stats): $(in_flight)"
 estate 1                                  # vm-0001 leaves Azure; its server still finishes the request
 park_by=$((SECONDS + 17))                 # before the drain's 20 s bound, which starts after this
