@@ -300,7 +300,7 @@ class ReloadFailed(DataPlaneError):
     back; every GET still answers the new one). A debt the program pays with a reload."""
 
     def __init__(self, reload_id: str, at: Any = None, response: Any = None):
-        self.reload_id, self.at = reload_id, at if _is_int(at) else None
+        self.reload_id, self.at = reload_id, at if _is_count(at) else None
         self.response = shorten(str(response or "no message"), 300)
         when = f" at {utc(self.at)}" if self.at is not None else ""
         super().__init__(
@@ -3454,7 +3454,7 @@ def impossible(inventory: Inventory, instances: Sequence[Instance], cfg: Config,
     for s in scale_sets_to_list(inventory.scale_sets, cfg):
         sku = s.get("sku")
         capacity = sku.get("capacity") if isinstance(sku, dict) else None
-        if _is_int(capacity) and capacity > 0 and _id(s.get("id")) not in listed:
+        if _is_count(capacity) and capacity > 0 and _id(s.get("id")) not in listed:
             name = shorten(str(s.get("name") or s.get("id")), 100)
             if graph:
                 return (f"scale set {name} has capacity {capacity}, and Resource Graph's "
@@ -3766,7 +3766,7 @@ def _graph_listing(pager: "_ArmPager", cfg: Config, table: str) -> Inventory:
     # no id twice (Microsoft: unsorted results are "random and not repeatable"; a change
     # while paging gives duplicates or missing rows). A missing VM or NIC would be drained.
     rows, ids = shaped.rows, shaped.ids
-    if len(set(map(str, totals))) != 1 or not _is_int(totals[0]) or totals[0] != rows \
+    if len(set(map(str, totals))) != 1 or not _is_count(totals[0]) or totals[0] != rows \
             or len(ids) != rows:
         totals_seen = ", ".join(sorted(set(map(str, totals))))
         raise AzureError(f"{what} failed: {rows} rows received ({rows - len(ids)} of them "
@@ -4413,7 +4413,7 @@ class DataPlane:
 
     def version(self) -> int:
         _, payload, _ = self.request("GET", "/services/haproxy/configuration/version",
-                                     shape=Shape(lambda p: _is_int(self._data(p)),
+                                     shape=Shape(lambda p: _is_count(self._data(p)),
                                                  "an integer version"))
         return self._data(payload)
 
@@ -4760,7 +4760,7 @@ class _Transactions:
         commit: never touched. The number deleted."""
         dead = [t["id"] for t in self._open_transactions()
                 if t.get("status") in ("outdated", "failed")
-                or (t.get("status") == "in_progress" and _is_int(t.get("_version"))
+                or (t.get("status") == "in_progress" and _is_count(t.get("_version"))
                     and t["_version"] < version)]
         for txn in dead:
             self.delete(txn)
@@ -4851,7 +4851,9 @@ def _release(info: Any) -> tuple[int, ...]:
 # The shapes of the answers the program reads (testing/spec: version is an integer;
 # transaction {id, status, _version}; backends lists of named objects, v3 full sections
 # carrying servers as a map by name; v2 GET bodies wrapped in {"_version", "data"}).
-def _is_int(value: Any) -> bool:
+def _is_count(value: Any) -> bool:
+    """A JSON number that counts something (a version, a port, a total, a time): an int >= 0,
+    not a bool."""
     return isinstance(value, int) and not isinstance(value, bool) and value >= 0
 
 
@@ -4875,14 +4877,14 @@ def _server_map(servers: Any) -> bool:
 
 def _server(s: Any) -> bool:
     """A server object whose fields the planner compares have the model's types."""
-    return isinstance(s, dict) and isinstance(s.get("address", ""), str) \
-        and (s.get("port") is None
-             or _is_int(s["port"])) and isinstance(s.get("maintenance", ""), str)
+    return (isinstance(s, dict) and isinstance(s.get("address", ""), str)
+            and (s.get("port") is None or _is_count(s["port"]))
+            and isinstance(s.get("maintenance", ""), str))
 
 
 def _wrapped_list(payload: Any) -> bool:
-    return isinstance(payload,
-                      dict) and _is_int(payload.get("_version", 0)) and _named(payload.get("data"))
+    return (isinstance(payload, dict) and _is_count(payload.get("_version", 0))
+            and _named(payload.get("data")))
 
 
 def _wrapped_servers(payload: Any) -> bool:
@@ -4929,7 +4931,7 @@ def current_sessions(payload: Any, backend: str) -> dict[str, int | None]:
                     "name"), str):
                 n = (i.get("stats") or {}).get("scur") if isinstance(i.get("stats"), dict) else None
                 before = found.get(i["name"], 0)
-                found[i["name"]] = before + n if _is_int(n) and before is not None else None
+                found[i["name"]] = before + n if _is_count(n) and before is not None else None
     return found
 
 
